@@ -1,0 +1,4 @@
+//! ember-boot
+#![deny(missing_docs)]
+
+pub mod cpu;

@@ -1,0 +1,2 @@
+//! ember-legacy
+#![deny(missing_docs)]

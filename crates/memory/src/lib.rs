@@ -1,0 +1,2 @@
+//! ember-memory
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! ember-vcpu
+#![deny(missing_docs)]
