@@ -1,2 +1,4 @@
 //! ember-memory
 #![deny(missing_docs)]
+
+pub mod layout;

@@ -1,0 +1,41 @@
+//! The x86_64 guest physical address map.
+//!
+//! ```text
+//! 0 ............................ RAM (up to MMIO32_START) ......... MMIO32_START
+//! MMIO32_START ... device MMIO (allocator) ... IOAPIC_START ... LAPIC ... 4 GiB
+//! 4 GiB ........................ RAM above the gap (if any) .......................
+//! ```
+//!
+//! Guest RAM fills the address space from 0 up to the 32-bit MMIO gap and continues at 4 GiB when
+//! the guest has more memory than fits below the gap.
+
+/// Start of the 32-bit MMIO gap: no RAM between here and [`FIRST_ADDR_PAST_32BITS`].
+pub const MMIO32_START: u64 = 0xd000_0000;
+
+/// Size of the 32-bit MMIO gap (768 MiB).
+pub const MMIO32_SIZE: u64 = FIRST_ADDR_PAST_32BITS - MMIO32_START;
+
+/// First address above 4 GiB, where RAM resumes above the gap.
+pub const FIRST_ADDR_PAST_32BITS: u64 = 1 << 32;
+
+/// The I/O APIC's MMIO registers.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+
+/// The local APIC's MMIO registers.
+pub const LAPIC_START: u64 = 0xfee0_0000;
+
+/// Device MMIO ranges are handed out from `[MMIO32_START, MMIO_DEVICES_END)`, below the APICs.
+pub const MMIO_DEVICES_END: u64 = IOAPIC_START;
+
+/// First interrupt line handed to devices: lines below are the legacy ISA devices' (timer,
+/// keyboard, COM1 on 4, ...).
+pub const IRQ_BASE: u32 = 5;
+
+/// Last interrupt line handed to devices: the I/O APIC has 24 pins.
+pub const IRQ_MAX: u32 = 23;
+
+/// Interrupt line of the first serial port (COM1).
+pub const SERIAL_IRQ: u32 = 4;
+
+/// Interrupt line of the i8042 keyboard controller.
+pub const I8042_IRQ: u32 = 1;
