@@ -384,7 +384,13 @@ mod tests {
         let mut bus = Bus::new();
         bus.insert(BusRange::new(0x100, 0x10).unwrap(), recorder())
             .unwrap();
-        for (base, len) in [(0x0f8, 0x9), (0x10f, 1), (0x100, 0x10), (0x0, 0x1000), (0x104, 2)] {
+        for (base, len) in [
+            (0x0f8, 0x9),
+            (0x10f, 1),
+            (0x100, 0x10),
+            (0x0, 0x1000),
+            (0x104, 2),
+        ] {
             let err = bus
                 .insert(BusRange::new(base, len).unwrap(), recorder())
                 .unwrap_err();
