@@ -9,7 +9,8 @@
 pub struct Segment {
     /// Segment base address.
     pub base: u64,
-    /// Segment limit, in bytes when `granularity` is false, in 4 KiB units otherwise.
+    /// Segment limit in bytes: the descriptor's limit, scaled from 4 KiB units when
+    /// `granularity` is set (a flat 4 GiB segment has 0xffff_ffff), as KVM's `kvm_segment` holds it.
     pub limit: u32,
     /// Selector: index into the GDT shifted left by 3.
     pub selector: u16,
@@ -100,3 +101,18 @@ pub struct CpuState {
     /// Segment, control and descriptor-table registers.
     pub sregs: SpecialRegisters,
 }
+
+/// CR0 bit: protected mode enable.
+pub const X86_CR0_PE: u64 = 1 << 0;
+/// CR0 bit: extension type (always 1 on modern CPUs).
+pub const X86_CR0_ET: u64 = 1 << 4;
+/// CR0 bit: paging enable.
+pub const X86_CR0_PG: u64 = 1 << 31;
+/// CR4 bit: physical address extension, required by long mode.
+pub const X86_CR4_PAE: u64 = 1 << 5;
+/// EFER bit: long mode enable.
+pub const EFER_LME: u64 = 1 << 8;
+/// EFER bit: long mode active.
+pub const EFER_LMA: u64 = 1 << 10;
+/// RFLAGS bit 1, reserved and always set.
+pub const RFLAGS_RESERVED: u64 = 1 << 1;

@@ -1,0 +1,346 @@
+//! The Intel MultiProcessor Specification (1.4) table, which tells the kernel how many CPUs the
+//! guest has and how legacy interrupts reach the I/O APIC.
+//!
+//! The table is written at [`MPTABLE_START`] (the start of the EBDA, where Linux looks for the MP
+//! floating pointer) and consists of:
+//!
+//! - the MP floating pointer structure, pointing to
+//! - the MP configuration table: its header, then one processor entry per vCPU (the first one the
+//!   bootstrap processor), one ISA bus, the I/O APIC, an I/O interrupt entry for each of its 24
+//!   lines, and the two local interrupt entries (ExtINT on LINT0, NMI on LINT1).
+//!
+//! Both structures carry checksums that make their bytes sum to zero. Local APIC ids are the vCPU
+//! indexes, and the I/O APIC takes the id after the last vCPU's.
+
+use ember_memory::layout::{IOAPIC_START, IRQ_MAX, LAPIC_START};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
+
+use crate::layout::{HIMEM_START, MPTABLE_START};
+
+/// Errors of MP table setup.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A guest needs at least one vCPU.
+    #[error("The MP table needs at least one vCPU")]
+    NoVcpus,
+    /// The vCPUs and the I/O APIC would not all get distinct APIC ids below the broadcast id.
+    #[error("{0} vCPUs are more than the {MAX_VCPUS} the MP table can describe")]
+    TooManyVcpus(u8),
+    /// The table could not be written to guest memory.
+    #[error("Cannot write the MP table to guest memory at {MPTABLE_START:#x}")]
+    Write(#[source] GuestMemoryError),
+}
+
+/// Result type of MP table setup.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Most vCPUs the table describes: APIC ids 0..=253 for the vCPUs, 254 for the I/O APIC, 255 is
+/// the broadcast id.
+pub const MAX_VCPUS: u8 = 254;
+
+/// Size of the MP floating pointer structure.
+pub const FLOATING_POINTER_SIZE: usize = 16;
+/// Size of the MP configuration table header.
+pub const CONFIG_HEADER_SIZE: usize = 44;
+/// Size of a processor entry.
+pub const PROCESSOR_ENTRY_SIZE: usize = 20;
+/// Size of the bus, I/O APIC, I/O interrupt and local interrupt entries.
+pub const SMALL_ENTRY_SIZE: usize = 8;
+
+/// MP specification revision 1.4.
+const SPEC_REVISION: u8 = 4;
+/// Local APIC version reported for every CPU and the I/O APIC (integrated APIC).
+const APIC_VERSION: u8 = 0x14;
+
+const ENTRY_PROCESSOR: u8 = 0;
+const ENTRY_BUS: u8 = 1;
+const ENTRY_IOAPIC: u8 = 2;
+const ENTRY_IO_INTERRUPT: u8 = 3;
+const ENTRY_LOCAL_INTERRUPT: u8 = 4;
+
+const CPU_ENABLED: u8 = 1 << 0;
+const CPU_BOOTSTRAP: u8 = 1 << 1;
+/// CPU signature: family 6, model 0, stepping 0.
+const CPU_SIGNATURE: u32 = 0x600;
+/// CPUID feature flags: FPU and on-chip APIC.
+const CPU_FEATURES: u32 = (1 << 0) | (1 << 9);
+
+const IOAPIC_USABLE: u8 = 1;
+
+const INTERRUPT_INT: u8 = 0;
+const INTERRUPT_NMI: u8 = 1;
+const INTERRUPT_EXTINT: u8 = 3;
+/// Polarity and trigger mode "conform to the bus".
+const IRQ_FLAGS_CONFORMING: u16 = 0;
+/// Local interrupt destination meaning "all local APICs".
+const ALL_LOCAL_APICS: u8 = 0xff;
+
+const ISA_BUS_ID: u8 = 0;
+
+/// Number of I/O APIC interrupt lines.
+pub const IOAPIC_LINES: u8 = 24;
+const _: () = assert!(IRQ_MAX + 1 == IOAPIC_LINES as u32);
+
+/// Value that makes `bytes` sum to zero (mod 256) once added.
+fn checksum(bytes: &[u8]) -> u8 {
+    bytes
+        .iter()
+        .fold(0u8, |sum, byte| sum.wrapping_add(*byte))
+        .wrapping_neg()
+}
+
+/// Total size of the floating pointer and configuration table for `vcpus` processors.
+pub const fn mptable_size(vcpus: u8) -> usize {
+    // Widening casts (`usize::from` is not const).
+    FLOATING_POINTER_SIZE
+        + CONFIG_HEADER_SIZE
+        + vcpus as usize * PROCESSOR_ENTRY_SIZE
+        // Bus, I/O APIC, one I/O interrupt per line, two local interrupts.
+        + (2 + IOAPIC_LINES as usize + 2) * SMALL_ENTRY_SIZE
+}
+
+// The largest table stays inside the reserved area below 1 MiB.
+const _: () = assert!(MPTABLE_START as usize + mptable_size(MAX_VCPUS) <= HIMEM_START as usize);
+
+/// Builds the floating pointer and configuration table, as guest memory will hold them at
+/// `base`, for `vcpus` processors (at least 1, at most [`MAX_VCPUS`], checked by the caller).
+fn build(base: u32, vcpus: u8) -> Vec<u8> {
+    let ioapic_id = vcpus;
+    let mut entries = Vec::new();
+    let mut count: u16 = 0;
+    for cpu in 0..vcpus {
+        let flags = if cpu == 0 {
+            CPU_ENABLED | CPU_BOOTSTRAP
+        } else {
+            CPU_ENABLED
+        };
+        entries.extend_from_slice(&[ENTRY_PROCESSOR, cpu, APIC_VERSION, flags]);
+        entries.extend_from_slice(&CPU_SIGNATURE.to_le_bytes());
+        entries.extend_from_slice(&CPU_FEATURES.to_le_bytes());
+        entries.extend_from_slice(&[0; 8]);
+        count += 1;
+    }
+    entries.extend_from_slice(&[ENTRY_BUS, ISA_BUS_ID]);
+    entries.extend_from_slice(b"ISA   ");
+    count += 1;
+    entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, APIC_VERSION, IOAPIC_USABLE]);
+    // The I/O APIC sits below 4 GiB: the cast cannot truncate.
+    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    count += 1;
+    for line in 0..IOAPIC_LINES {
+        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INTERRUPT_INT]);
+        entries.extend_from_slice(&IRQ_FLAGS_CONFORMING.to_le_bytes());
+        entries.extend_from_slice(&[ISA_BUS_ID, line, ioapic_id, line]);
+        count += 1;
+    }
+    for (kind, destination, lint) in [
+        (INTERRUPT_EXTINT, 0, 0),
+        (INTERRUPT_NMI, ALL_LOCAL_APICS, 1),
+    ] {
+        entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, kind]);
+        entries.extend_from_slice(&IRQ_FLAGS_CONFORMING.to_le_bytes());
+        entries.extend_from_slice(&[ISA_BUS_ID, 0, destination, lint]);
+        count += 1;
+    }
+
+    let config_base = base + FLOATING_POINTER_SIZE as u32;
+    // At most mptable_size(MAX_VCPUS), about 5 KiB: fits in u16.
+    let config_len = (CONFIG_HEADER_SIZE + entries.len()) as u16;
+    let mut config = Vec::with_capacity(usize::from(config_len));
+    config.extend_from_slice(b"PCMP");
+    config.extend_from_slice(&config_len.to_le_bytes());
+    config.extend_from_slice(&[SPEC_REVISION, 0]);
+    config.extend_from_slice(b"EMBER   ");
+    config.extend_from_slice(b"MICROVM     ");
+    config.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
+    config.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
+    config.extend_from_slice(&count.to_le_bytes());
+    // The local APIC sits below 4 GiB: the cast cannot truncate.
+    config.extend_from_slice(&(LAPIC_START as u32).to_le_bytes());
+    config.extend_from_slice(&0u32.to_le_bytes()); // extended table length and checksum
+    config.extend_from_slice(&entries);
+    config[7] = checksum(&config);
+
+    let mut table = Vec::with_capacity(FLOATING_POINTER_SIZE + config.len());
+    table.extend_from_slice(b"_MP_");
+    table.extend_from_slice(&config_base.to_le_bytes());
+    // Length in 16-byte units, revision, checksum, then feature bytes: 0 means a configuration
+    // table is present.
+    table.extend_from_slice(&[1, SPEC_REVISION, 0, 0, 0, 0, 0, 0]);
+    table[10] = checksum(&table);
+    table.extend_from_slice(&config);
+    table
+}
+
+/// Writes the MP table for `vcpus` vCPUs at [`MPTABLE_START`].
+///
+/// # Errors
+///
+/// [`Error::NoVcpus`] or [`Error::TooManyVcpus`] when `vcpus` is 0 or above [`MAX_VCPUS`];
+/// [`Error::Write`] when guest memory does not hold the table's addresses.
+pub fn setup_mptable<M: GuestMemory>(mem: &M, vcpus: u8) -> Result<()> {
+    if vcpus == 0 {
+        return Err(Error::NoVcpus);
+    }
+    if vcpus > MAX_VCPUS {
+        return Err(Error::TooManyVcpus(vcpus));
+    }
+    // Below 1 MiB: the cast cannot truncate.
+    let table = build(MPTABLE_START as u32, vcpus);
+    mem.write_slice(&table, GuestAddress(MPTABLE_START))
+        .map_err(Error::Write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b))
+    }
+
+    /// The configuration table written for `vcpus`, as guest memory holds it.
+    fn config_table(mem: &GuestMemoryMmap) -> Vec<u8> {
+        let fp = read(mem, MPTABLE_START, FLOATING_POINTER_SIZE);
+        let base = u64::from(u32::from_le_bytes(fp[4..8].try_into().unwrap()));
+        let header = read(mem, base, CONFIG_HEADER_SIZE);
+        let len = usize::from(u16::from_le_bytes([header[4], header[5]]));
+        read(mem, base, len)
+    }
+
+    /// The entries of a configuration table, as (type, bytes) pairs.
+    fn entries(config: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut rest = &config[CONFIG_HEADER_SIZE..];
+        while let Some(&kind) = rest.first() {
+            let size = if kind == ENTRY_PROCESSOR {
+                PROCESSOR_ENTRY_SIZE
+            } else {
+                SMALL_ENTRY_SIZE
+            };
+            out.push((kind, rest[..size].to_vec()));
+            rest = &rest[size..];
+        }
+        out
+    }
+
+    #[test]
+    fn floating_pointer_is_valid_and_points_to_the_table() {
+        let mem = memory();
+        setup_mptable(&mem, 2).unwrap();
+        let fp = read(&mem, MPTABLE_START, FLOATING_POINTER_SIZE);
+        assert_eq!(&fp[0..4], b"_MP_");
+        assert_eq!(
+            u32::from_le_bytes(fp[4..8].try_into().unwrap()),
+            MPTABLE_START as u32 + 16
+        );
+        assert_eq!(fp[8], 1);
+        assert_eq!(fp[9], 4);
+        assert_eq!(sum(&fp), 0);
+    }
+
+    #[test]
+    fn configuration_table_checksum_and_header_are_valid() {
+        let mem = memory();
+        for vcpus in [1, 4, MAX_VCPUS] {
+            setup_mptable(&mem, vcpus).unwrap();
+            let config = config_table(&mem);
+            assert_eq!(&config[0..4], b"PCMP");
+            assert_eq!(config.len() + FLOATING_POINTER_SIZE, mptable_size(vcpus));
+            assert_eq!(sum(&config), 0, "checksum with {vcpus} vCPUs");
+            let lapic = u32::from_le_bytes(config[36..40].try_into().unwrap());
+            assert_eq!(u64::from(lapic), LAPIC_START);
+            let count = u16::from_le_bytes([config[34], config[35]]);
+            assert_eq!(usize::from(count), entries(&config).len());
+        }
+    }
+
+    #[test]
+    fn one_processor_entry_per_vcpu_with_the_first_as_bootstrap() {
+        let mem = memory();
+        setup_mptable(&mem, 3).unwrap();
+        let cpus: Vec<_> = entries(&config_table(&mem))
+            .into_iter()
+            .filter(|(kind, _)| *kind == ENTRY_PROCESSOR)
+            .map(|(_, bytes)| bytes)
+            .collect();
+        assert_eq!(cpus.len(), 3);
+        for (id, cpu) in cpus.iter().enumerate() {
+            assert_eq!(usize::from(cpu[1]), id, "APIC id");
+            assert_ne!(cpu[3] & CPU_ENABLED, 0);
+            assert_eq!(cpu[3] & CPU_BOOTSTRAP != 0, id == 0);
+        }
+    }
+
+    #[test]
+    fn ioapic_follows_the_vcpus_and_routes_every_line() {
+        let mem = memory();
+        setup_mptable(&mem, 2).unwrap();
+        let all = entries(&config_table(&mem));
+        let ioapic: Vec<_> = all.iter().filter(|(k, _)| *k == ENTRY_IOAPIC).collect();
+        assert_eq!(ioapic.len(), 1);
+        let ioapic = &ioapic[0].1;
+        assert_eq!(ioapic[1], 2, "I/O APIC id is the vCPU count");
+        assert_eq!(ioapic[3], IOAPIC_USABLE);
+        assert_eq!(
+            u64::from(u32::from_le_bytes(ioapic[4..8].try_into().unwrap())),
+            IOAPIC_START
+        );
+        let lines: Vec<_> = all
+            .iter()
+            .filter(|(k, _)| *k == ENTRY_IO_INTERRUPT)
+            .map(|(_, e)| (e[5], e[6], e[7]))
+            .collect();
+        let expected: Vec<_> = (0..IOAPIC_LINES).map(|line| (line, 2, line)).collect();
+        assert_eq!(lines, expected);
+        let bus: Vec<_> = all.iter().filter(|(k, _)| *k == ENTRY_BUS).collect();
+        assert_eq!(bus.len(), 1);
+        assert_eq!(&bus[0].1[2..8], b"ISA   ");
+    }
+
+    #[test]
+    fn local_interrupts_are_extint_on_lint0_and_nmi_on_lint1() {
+        let mem = memory();
+        setup_mptable(&mem, 1).unwrap();
+        let lints: Vec<_> = entries(&config_table(&mem))
+            .into_iter()
+            .filter(|(k, _)| *k == ENTRY_LOCAL_INTERRUPT)
+            .map(|(_, e)| (e[1], e[6], e[7]))
+            .collect();
+        assert_eq!(
+            lints,
+            vec![
+                (INTERRUPT_EXTINT, 0, 0),
+                (INTERRUPT_NMI, ALL_LOCAL_APICS, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn vcpu_count_out_of_range_is_rejected() {
+        let mem = memory();
+        assert!(matches!(setup_mptable(&mem, 0), Err(Error::NoVcpus)));
+        assert!(matches!(
+            setup_mptable(&mem, 255),
+            Err(Error::TooManyVcpus(255))
+        ));
+        assert!(setup_mptable(&mem, MAX_VCPUS).is_ok());
+    }
+
+    #[test]
+    fn table_needs_the_ebda_in_memory() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x9_f000)]).unwrap();
+        assert!(matches!(setup_mptable(&mem, 1), Err(Error::Write(_))));
+    }
+}
