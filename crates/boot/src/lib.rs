@@ -1,28 +1,46 @@
-//! Boot-time setup of x86_64 guest memory: the structures a kernel expects to find when its boot
-//! vCPU starts.
+//! Loading an x86_64 kernel into guest memory and setting up everything it expects at boot.
 //!
-//! - [`cmdline`]: the kernel command line, built with its length checked and written at
-//!   [`layout::CMDLINE_START`].
-//! - [`e820`]: the memory map, derived from guest memory's regions.
-//! - [`mptable`]: the MP table describing the vCPUs and the I/O APIC.
-//! - [`gdt`] and [`paging`]: descriptor tables and identity page tables for the entry mode.
-//! - [`cpu`]: the resulting vCPU state as plain data, which the vCPU crate applies.
+//! A VMM calls these functions in a straight line, after creating guest memory and before
+//! running the boot vCPU:
 //!
-//! Nothing here touches KVM: all of it is tested against plain guest memory, written through
-//! vm-memory's [`Bytes`](vm_memory::Bytes) API at the fixed addresses of [`layout`].
+//! 1. [`load_kernel`] loads an ELF `vmlinux` or a `bzImage` (detected from the image) with
+//!    linux-loader, after validating its headers. An ELF carrying the PVH note boots with the PVH
+//!    protocol, anything else with the Linux 64-bit boot protocol.
+//! 2. [`load_initrd`] places an initrd as high as the kernel allows, page-aligned.
+//! 3. [`build_cmdline`] builds the command line, checked against the 2048 bytes reserved for it.
+//! 4. [`configure_system`] writes the command line, the memory map, the MP table for the vCPUs,
+//!    the zero page or PVH start info, the GDT, IDT and page tables, and returns the
+//!    [`CpuState`] that the vCPU crate loads into the boot vCPU.
+//!
+//! Nothing here touches KVM: all of it is tested against plain guest memory. Every structure is
+//! written through vm-memory's [`Bytes`](vm_memory::Bytes) API, at the fixed addresses of
+//! [`layout`]. Images are treated as untrusted input: sizes and addresses read from them are
+//! checked before use, and a bad image is an error, never a panic.
+//!
+//! Functions that only write guest memory are generic over vm-memory's `GuestMemory`; those that
+//! need its regions (to load through linux-loader, to build the memory map or to place the
+//! initrd) over `GuestMemoryBackend`, which every `GuestMemoryMmap` is.
 //!
 //! # Example
 //!
 //! ```
-//! use ember_boot::{layout, mptable, paging};
-//! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//! use std::io::Cursor;
+//! use ember_boot::{build_cmdline, configure_system, layout, load_initrd, load_kernel};
+//! use ember_boot::test_utils::tiny_elf;
+//! use ember_memory::{MemoryOptions, create_guest_memory, mem_size_from_mib};
 //!
-//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-//! mptable::setup_mptable(&mem, 2)?;
-//! let mut signature = [0u8; 4];
-//! mem.read_slice(&mut signature, GuestAddress(layout::MPTABLE_START)).unwrap();
-//! assert_eq!(&signature, b"_MP_");
-//! assert_eq!(paging::setup_identity_paging(&mem)?, layout::PML4_START);
+//! let mem = create_guest_memory(mem_size_from_mib(64)?, MemoryOptions::default())?;
+//! // A "kernel" that halts: hlt.
+//! let kernel = load_kernel(&mem, &mut Cursor::new(tiny_elf(&[0xf4])))?;
+//! let initrd = load_initrd(&mem, &mut Cursor::new(vec![0x55u8; 5000]), &kernel)?;
+//! let cmdline = build_cmdline("console=ttyS0 reboot=k panic=1", &[])?;
+//! let cpu = configure_system(&mem, &kernel, &cmdline, Some(initrd), 2)?;
+//!
+//! assert_eq!(cpu.regs.rip, kernel.entry.0);
+//! assert_eq!(cpu.regs.rsi, layout::ZERO_PAGE_START);
+//! assert_eq!(cpu.sregs.cr3, layout::PML4_START);
+//! assert!(cpu.sregs.cs.l, "the kernel is entered in 64-bit mode");
+//! assert!(initrd.addr.0 >= kernel.end.0);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![deny(missing_docs)]
@@ -31,10 +49,18 @@ pub mod cmdline;
 pub mod cpu;
 pub mod e820;
 pub mod gdt;
+pub mod initrd;
+pub mod kernel;
 pub mod layout;
 pub mod mptable;
 pub mod paging;
+pub mod system;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 
 pub use cmdline::{build_cmdline, load_cmdline};
 pub use cpu::CpuState;
+pub use initrd::{InitrdRegion, load_initrd};
+pub use kernel::{KernelFormat, LoadedKernel, load_kernel};
 pub use linux_loader::cmdline::Cmdline;
+pub use system::configure_system;
