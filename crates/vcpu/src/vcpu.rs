@@ -639,6 +639,94 @@ fn set_lapic_register(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvm_ioctls::Kvm;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    fn vm() -> Vm {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        Vm::new(&Kvm::new().unwrap(), Arc::new(memory)).unwrap()
+    }
+
+    fn vcpu(vm: &Vm, index: u8, count: u8) -> Vcpu {
+        let pio = Arc::new(PioBus::new());
+        let mmio = Arc::new(MmioBus::new());
+        Vcpu::new(vm, index, count, pio, mmio).unwrap()
+    }
+
+    #[test]
+    fn new_vcpu_has_the_boot_msrs() {
+        let vm = vm();
+        let vcpu = vcpu(&vm, 0, 1);
+        let entries: Vec<_> = BOOT_MSRS
+            .iter()
+            .map(|&(index, _)| kvm_msr_entry {
+                index,
+                data: 0xdead,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).unwrap();
+        assert_eq!(vcpu.fd.get_msrs(&mut msrs).unwrap(), BOOT_MSRS.len());
+        for (read, &(index, value)) in msrs.as_slice().iter().zip(&BOOT_MSRS) {
+            assert_eq!(read.index, index);
+            // KVM takes a host write of 0 to the TSC as "synchronize with the other vCPUs",
+            // so its value is the VM's clock, not 0.
+            if index != 0x10 {
+                assert_eq!(read.data, value, "MSR {index:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn new_vcpu_has_lint_pins_wired_and_fpu_initialized() {
+        let vm = vm();
+        let vcpu = vcpu(&vm, 0, 1);
+        let lapic = vcpu.fd.get_lapic().unwrap();
+        assert_eq!(
+            lapic_register(&lapic, APIC_LVT_LINT0) & APIC_LVT_DELIVERY_MODE_MASK,
+            APIC_DELIVERY_MODE_EXTINT
+        );
+        assert_eq!(
+            lapic_register(&lapic, APIC_LVT_LINT1) & APIC_LVT_DELIVERY_MODE_MASK,
+            APIC_DELIVERY_MODE_NMI
+        );
+        // The legacy region of the XSAVE area: FCW in the first word, MXCSR at byte 24.
+        // (`KVM_GET_FPU` does not report MXCSR on every host.)
+        let xsave = vcpu.fd.get_xsave().unwrap();
+        assert_eq!(xsave.region[0] & 0xffff, u32::from(FPU_FCW_INIT));
+        assert_eq!(xsave.region[6], FPU_MXCSR_INIT);
+    }
+
+    #[test]
+    fn new_vcpu_has_its_own_cpuid() {
+        let vm = vm();
+        let vcpus = [vcpu(&vm, 0, 3), vcpu(&vm, 1, 3), vcpu(&vm, 2, 3)];
+        for vcpu in &vcpus {
+            let cpuid = vcpu
+                .fd
+                .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .unwrap();
+            let leaf1 = cpuid.as_slice().iter().find(|e| e.function == 1).unwrap();
+            assert_eq!(leaf1.ebx >> 24, u32::from(vcpu.index()));
+            assert_ne!(leaf1.ecx & (1 << 31), 0, "hypervisor bit");
+            assert!(
+                cpuid
+                    .as_slice()
+                    .iter()
+                    .any(|e| e.function == 0x4000_0000 && e.ebx == 0x4b4d_564b),
+                "KVM signature"
+            );
+        }
+    }
+
+    #[test]
+    fn reset_state_of_a_new_vcpu_is_real_mode() {
+        let vm = vm();
+        let state = vcpu(&vm, 0, 1).cpu_state().unwrap();
+        assert_eq!(state.regs.rip, 0xfff0);
+        assert_eq!(state.sregs.cs.selector, 0xf000);
+        assert_eq!(state.sregs.cr0 & 1, 0, "protection disabled");
+    }
 
     #[test]
     fn vcpu_count_is_checked_against_zero_and_the_kvm_limit() {
