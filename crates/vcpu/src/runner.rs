@@ -297,6 +297,10 @@ impl VcpuHandle {
     }
 
     /// Makes the vCPU leave the guest once; it goes back in unless paused or stopped.
+    ///
+    /// This and the other methods that act on the thread are for other threads: called from
+    /// the vCPU's own thread (a device on its bus), [`pause`](Self::pause) and
+    /// [`stop`](Self::stop) would wait for themselves.
     pub fn kick(&self) {
         let shared = self.control.lock();
         self.kick_locked(&shared);
@@ -382,7 +386,8 @@ fn kick(shared: &Shared, thread: &JoinHandle<()>, index: u8) {
 impl Vcpu {
     /// Runs the vCPU on a new thread named `ember_vcpu{index}` until the handle stops it or
     /// the vCPU ends the VM, in which case it tells `notifier` why (see [`VcpuEvent::vm_exit`];
-    /// errors are prefixed with the vCPU index) and its thread ends.
+    /// errors are prefixed with the vCPU index) and its thread ends. The VM's other vCPUs go on
+    /// until the VMM stops them.
     ///
     /// # Errors
     ///
@@ -546,9 +551,15 @@ mod tests {
 
     #[test]
     fn error_chain_includes_sources() {
-        let err = crate::vcpu::Error::Run(kvm_ioctls::Error::new(libc::EFAULT));
+        let err = crate::vcpu::Error::Run {
+            rip: Some(0xfff0),
+            source: kvm_ioctls::Error::new(libc::EFAULT),
+        };
         let message = error_chain(&err);
-        assert!(message.starts_with("Cannot run the vCPU: "), "{message}");
-        assert!(message.len() > "Cannot run the vCPU: ".len());
+        let cause = kvm_ioctls::Error::new(libc::EFAULT).to_string();
+        assert_eq!(
+            message,
+            format!("Cannot run the vCPU at guest RIP 0xfff0: {cause}")
+        );
     }
 }

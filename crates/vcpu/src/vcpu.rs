@@ -97,8 +97,14 @@ pub enum Error {
     #[error("Cannot make the vCPU runnable")]
     SetMpState(#[source] kvm_ioctls::Error),
     /// `KVM_RUN` failed other than by being interrupted.
-    #[error("Cannot run the vCPU")]
-    Run(#[source] kvm_ioctls::Error),
+    #[error("Cannot run the vCPU {}", at_rip(*.rip))]
+    Run {
+        /// The guest instruction pointer, if it could be read.
+        rip: Option<u64>,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// Result type of vCPU operations.
@@ -243,8 +249,9 @@ fn at_rip(rip: Option<u64>) -> String {
 /// The `immediate_exit` byte of a vCPU's `kvm_run` page, which other threads set to make the
 /// vCPU's next or current `KVM_RUN` return.
 ///
-/// The page is shared with the kernel, which reads the byte on entry to `KVM_RUN`; this crate
-/// only ever accesses it atomically.
+/// The page is shared with the kernel, which reads the byte on entry to `KVM_RUN`. This crate
+/// writes it only atomically, from the vCPU thread and from threads that kick it; kvm-ioctls
+/// reads exit data from the page but never touches this byte.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ImmediateExit(NonNull<u8>);
 
@@ -267,8 +274,9 @@ impl ImmediateExit {
     /// The [`VcpuFd`] this was taken from must not have been dropped: dropping it unmaps the
     /// `kvm_run` page.
     pub(crate) unsafe fn store(self, value: u8) {
-        // SAFETY: the caller guarantees the `kvm_run` page is mapped; a `u8` is always aligned,
-        // and every access this crate makes to the byte is atomic. KVM reads it with READ_ONCE.
+        // SAFETY: the caller guarantees the `kvm_run` page is mapped; a `u8` is always aligned;
+        // every write to the byte from userspace is this atomic store, and the kernel reads it
+        // with READ_ONCE.
         let byte = unsafe { AtomicU8::from_ptr(self.0.as_ptr()) };
         byte.store(value, Ordering::SeqCst);
     }
@@ -286,7 +294,8 @@ const BOOT_MSRS: [(u32, u64); 11] = [
     (0xc000_0083, 0), // CSTAR
     (0xc000_0102, 0), // KERNEL_GS_BASE
     (0xc000_0084, 0), // SYSCALL_MASK
-    // The time stamp counter starts at zero.
+    // KVM takes a write of 0 from the VMM as the request to keep this vCPU's TSC in step with
+    // the VM's other vCPUs.
     (0x10, 0), // IA32_TSC
     // Fast string operations enabled, as firmware leaves them.
     (0x1a0, 1), // IA32_MISC_ENABLE
@@ -311,8 +320,9 @@ const FPU_MXCSR_INIT: u32 = 0x1f80;
 #[derive(Debug)]
 pub struct Vcpu {
     /// The vCPU file descriptor and its `kvm_run` mapping. Declared first, and so dropped
-    /// before `memory`: see the docs of [`Vm`].
+    /// before `_memory`: see the docs of [`Vm`].
     fd: VcpuFd,
+    /// Points into the `kvm_run` mapping of `fd`.
     immediate_exit: ImmediateExit,
     index: u8,
     pio: Arc<PioBus>,
@@ -349,6 +359,7 @@ impl Vcpu {
         if index >= count {
             return Err(Error::IndexOutOfRange { index, count });
         }
+        // Declared before `fd`, so that an early return drops it after `fd`.
         let memory = vm.memory_keepalive();
         let mut fd = vm
             .fd()
@@ -437,7 +448,12 @@ impl Vcpu {
                 unsafe { self.immediate_exit.store(0) };
                 return Ok(VcpuEvent::Interrupted);
             }
-            Err(err) => return Err(Error::Run(err)),
+            Err(source) => {
+                return Err(Error::Run {
+                    rip: self.rip(),
+                    source,
+                });
+            }
         };
         let event = match exit {
             VcpuExit::IoIn(port, data) => {
