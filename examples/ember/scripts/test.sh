@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests, vCPU tests on /dev/kvm, ember with tiny
+# guests, then the end-to-end tests that boot the project's Linux guest (inside
+# the nested rig where /dev/kvm has no VMX/SVM).
+set -euo pipefail
+scripts=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$scripts/../../.." && pwd)
+cd "$root"
+
+"$scripts/deps.sh"
+
+echo "==> cargo test --workspace"
+cargo test --workspace --locked
+
+echo "==> end-to-end tests with the Linux guest"
+cargo build --release --locked -p ember
+ember=$root/target/release/ember
+guest=$("$scripts/guest.sh" | tail -n 1)
+if "$scripts/rig.sh" needed; then
+    echo "test.sh: running the end-to-end tests inside the nested rig"
+    "$scripts/rig.sh" run --add "$ember:/usr/local/bin/ember" --add "$guest" \
+        --add "$scripts/e2e.sh:/e2e.sh" -- sh /e2e.sh /usr/local/bin/ember "$guest"
+else
+    sh "$scripts/e2e.sh" "$ember" "$guest"
+fi
