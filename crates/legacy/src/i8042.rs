@@ -1,0 +1,251 @@
+//! The i8042 PS/2 controller, for its CPU reset line and a keyboard that can send Ctrl+Alt+Del.
+//!
+//! A Linux guest booted with `reboot=k` reboots by writing the reset command `0xFE` to the
+//! controller's command port. vm-superio's [`I8042Device`](vm_superio::I8042Device) turns that
+//! command into a [`Trigger`] on the reset eventfd, which the VMM's event loop waits on to stop the
+//! VM cleanly. Around it, [`I8042Device`] emulates what the guest's i8042 and keyboard drivers need
+//! to find a controller there, and an output buffer through which the VMM sends the guest the
+//! Ctrl+Alt+Del key sequence (scan code set 2), announced on the keyboard interrupt line (IRQ 1).
+//!
+//! The guest sees:
+//!
+//! | port | read | write |
+//! |------|------|-------|
+//! | 0x60 (offset 0) | next output buffer byte (0 when empty) | parameter of the last command, or a keyboard command (acknowledged with `0xFA`) |
+//! | 0x64 (offset 4) | status register | controller command: `0x20`/`0x60` read/write the control register, `0xD0`/`0xD1` the output port, `0xAA` self-test, `0xFE` CPU reset |
+//!
+//! Other offsets and accesses longer than a byte read as `0xff` and ignore writes. The keyboard
+//! answers commands with an acknowledgement only, so Linux guests want `i8042.dumbkbd` (and
+//! `i8042.noaux i8042.nomux i8042.nopnp` to skip probing what is not there).
+
+use std::collections::VecDeque;
+use std::io;
+
+use ember_bus::BusDeviceMut;
+use vm_superio::Trigger;
+
+use crate::throttle::{Counter, worth_logging};
+use crate::trigger::EventFdTrigger;
+
+/// I/O port of the controller's data register; the range continues to the command port 0x64.
+pub const I8042_PORT: u64 = 0x60;
+
+/// Length of the port range from [`I8042_PORT`] through the command/status port 0x64.
+pub const I8042_PORT_LEN: u64 = 5;
+
+/// Offset of the data port (0x60).
+const DATA_OFFSET: u64 = 0;
+/// Offset of the command (write) and status (read) port (0x64).
+const COMMAND_OFFSET: u64 = 4;
+/// [`COMMAND_OFFSET`] as vm-superio's device takes it.
+const COMMAND_OFFSET_U8: u8 = 4;
+
+/// Controller commands.
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_SELF_TEST: u8 = 0xAA;
+const CMD_READ_OUTP: u8 = 0xD0;
+const CMD_WRITE_OUTP: u8 = 0xD1;
+
+/// Status register: the output buffer holds a byte for the guest.
+const SB_OUT_DATA_AVAIL: u8 = 0x01;
+/// Status register: the last write was a command; the controller expects its parameter.
+const SB_CMD_DATA: u8 = 0x08;
+/// Status register: the keyboard is not inhibited.
+const SB_KBD_ENABLED: u8 = 0x10;
+
+/// Control register: raise the keyboard interrupt when the output buffer fills.
+const CB_KBD_INT: u8 = 0x01;
+/// Control register: the system passed its power-on self-test.
+const CB_POST_OK: u8 = 0x04;
+
+/// Answer to a successful controller self-test.
+const SELF_TEST_OK: u8 = 0x55;
+/// The keyboard's acknowledgement of a command.
+const KBD_ACK: u8 = 0xFA;
+
+/// Ctrl, Alt and Delete pressed, in scan code set 2 (Delete is an extended, two-byte key).
+const CTRL_ALT_DEL: [u8; 4] = [0x14, 0x11, 0xE0, 0x71];
+
+/// Capacity of the output buffer in bytes.
+const BUF_SIZE: usize = 16;
+
+/// What a read of an unhandled port or with an unsupported access length returns.
+const UNHANDLED_READ: u8 = 0xff;
+
+/// Errors of the i8042 controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The guest has not read enough of the output buffer to make room for the key sequence.
+    #[error("The i8042 output buffer has no room for the key sequence")]
+    BufferFull,
+    /// The keyboard interrupt could not be signalled.
+    #[error("Cannot signal the keyboard interrupt")]
+    KbdInterrupt(#[source] io::Error),
+}
+
+/// Result type of the i8042 controller.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// An i8042 controller on the port I/O bus at [`I8042_PORT`], length [`I8042_PORT_LEN`].
+#[derive(Debug)]
+pub struct I8042Device {
+    /// vm-superio's controller, which owns the reset line.
+    reset: vm_superio::I8042Device<EventFdTrigger>,
+    /// Keyboard interrupt line (IRQ 1).
+    kbd_interrupt: EventFdTrigger,
+    /// Control register ("command byte").
+    control: u8,
+    /// Output port.
+    outp: u8,
+    /// A command written to the command port that waits for its parameter on the data port.
+    pending_cmd: Option<u8>,
+    /// Bytes for the guest to read from the data port, at most [`BUF_SIZE`].
+    buf: VecDeque<u8>,
+    reset_errors: Counter,
+    interrupt_errors: Counter,
+}
+
+impl I8042Device {
+    /// Creates a controller that fires `reset_evt` when the guest requests a CPU reset and
+    /// `kbd_interrupt` to raise the keyboard interrupt line.
+    pub fn new(reset_evt: EventFdTrigger, kbd_interrupt: EventFdTrigger) -> Self {
+        I8042Device {
+            reset: vm_superio::I8042Device::new(reset_evt),
+            kbd_interrupt,
+            control: CB_POST_OK | CB_KBD_INT,
+            outp: 0,
+            pending_cmd: None,
+            buf: VecDeque::with_capacity(BUF_SIZE),
+            reset_errors: Counter::default(),
+            interrupt_errors: Counter::default(),
+        }
+    }
+
+    /// The trigger fired when the guest requests a CPU reset; the VMM stops the VM when its
+    /// eventfd becomes readable.
+    pub fn reset_evt(&self) -> &EventFdTrigger {
+        self.reset.reset_evt()
+    }
+
+    /// The keyboard interrupt's trigger, whose eventfd the VMM registers as the irqfd of line 1.
+    pub fn kbd_interrupt(&self) -> &EventFdTrigger {
+        &self.kbd_interrupt
+    }
+
+    /// Queues the Ctrl+Alt+Del key presses for the guest and raises the keyboard interrupt (unless
+    /// the guest disabled it, in which case the keys wait for the guest to poll). A Linux guest
+    /// reboots on it, or runs what its init maps the keys to.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BufferFull`] when the output buffer cannot take the whole sequence (nothing is
+    /// queued then); [`Error::KbdInterrupt`] when the interrupt cannot be signalled (the keys are
+    /// queued).
+    pub fn trigger_ctrl_alt_del(&mut self) -> Result<()> {
+        if BUF_SIZE - self.buf.len() < CTRL_ALT_DEL.len() {
+            return Err(Error::BufferFull);
+        }
+        self.buf.extend(CTRL_ALT_DEL);
+        self.raise_kbd_interrupt().map_err(Error::KbdInterrupt)
+    }
+
+    /// The status register, derived from the controller's state.
+    fn status(&self) -> u8 {
+        let mut status = SB_KBD_ENABLED;
+        if !self.buf.is_empty() {
+            status |= SB_OUT_DATA_AVAIL;
+        }
+        if self.pending_cmd.is_some() {
+            status |= SB_CMD_DATA;
+        }
+        status
+    }
+
+    /// Replaces the output buffer's content with the one-byte answer to a command.
+    fn answer(&mut self, byte: u8) {
+        self.buf.clear();
+        self.buf.push_back(byte);
+    }
+
+    /// Raises the keyboard interrupt if the guest enabled it in the control register.
+    fn raise_kbd_interrupt(&self) -> io::Result<()> {
+        if self.control & CB_KBD_INT == 0 {
+            return Ok(());
+        }
+        self.kbd_interrupt.trigger()
+    }
+
+    /// Raises the keyboard interrupt on behalf of a guest access, logging failures sparingly.
+    fn raise_kbd_interrupt_for_guest(&self) {
+        if let Err(err) = self.raise_kbd_interrupt() {
+            let count = self.interrupt_errors.inc();
+            if worth_logging(count) {
+                log::error!("Cannot signal the keyboard interrupt ({count} failures): {err}");
+            }
+        }
+    }
+
+    fn write_command(&mut self, cmd: u8) {
+        // vm-superio's controller acts on the reset command and ignores the others.
+        if let Err(err) = self.reset.write(COMMAND_OFFSET_U8, cmd) {
+            let count = self.reset_errors.inc();
+            if worth_logging(count) {
+                log::error!("Cannot signal the guest's reset request ({count} failures): {err}");
+            }
+        }
+        match cmd {
+            CMD_READ_CTR => self.answer(self.control),
+            CMD_READ_OUTP => self.answer(self.outp),
+            CMD_SELF_TEST => self.answer(SELF_TEST_OK),
+            CMD_WRITE_CTR | CMD_WRITE_OUTP => {
+                self.buf.clear();
+                self.pending_cmd = Some(cmd);
+            }
+            // The CPU reset, and commands this controller has nothing to do for (enabling or
+            // disabling ports, for instance).
+            _ => {}
+        }
+    }
+
+    fn write_data(&mut self, value: u8) {
+        match self.pending_cmd.take() {
+            Some(CMD_WRITE_CTR) => self.control = value,
+            Some(CMD_WRITE_OUTP) => self.outp = value,
+            Some(_) => {}
+            None => {
+                // A command for the keyboard itself, which acknowledges everything.
+                self.answer(KBD_ACK);
+                self.raise_kbd_interrupt_for_guest();
+            }
+        }
+    }
+
+    fn read_data(&mut self) -> u8 {
+        let byte = self.buf.pop_front().unwrap_or(0);
+        // One interrupt per byte: announce the next one if there is more to read.
+        if !self.buf.is_empty() {
+            self.raise_kbd_interrupt_for_guest();
+        }
+        byte
+    }
+}
+
+impl BusDeviceMut for I8042Device {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        let value = match (offset, data.len()) {
+            (DATA_OFFSET, 1) => self.read_data(),
+            (COMMAND_OFFSET, 1) => self.status(),
+            _ => UNHANDLED_READ,
+        };
+        data.fill(value);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        match (offset, data) {
+            (DATA_OFFSET, &[value]) => self.write_data(value),
+            (COMMAND_OFFSET, &[cmd]) => self.write_command(cmd),
+            _ => {}
+        }
+    }
+}
