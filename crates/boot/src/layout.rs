@@ -8,6 +8,7 @@
 //! 0x9000  PML4   0xa000  PDPT   0xb000..0xf000  four page directories (2 MiB pages, 4 GiB)
 //! 0x20000 kernel command line (at most 2048 bytes with its NUL)
 //! 0x9fc00 MP table, in the EBDA, reserved up to 1 MiB
+//! 0xe0000 ACPI tables, from the RSDP, in the BIOS area Linux scans
 //! 0x100000 the kernel
 //! ```
 //!
@@ -56,6 +57,10 @@ pub const EBDA_START: u64 = 0x9_fc00;
 /// The MP floating pointer and configuration table, at the start of the EBDA where Linux looks
 /// for them.
 pub const MPTABLE_START: u64 = EBDA_START;
+
+/// The ACPI tables, starting with the RSDP, in the read-only BIOS area (0xe0000 to 1 MiB) where
+/// Linux looks for the RSDP when the boot protocol does not give its address.
+pub const ACPI_START: u64 = 0xe_0000;
 
 /// Start of high memory (1 MiB): the kernel is loaded here or above; everything from
 /// [`EBDA_START`] up to here is reserved.

@@ -9,7 +9,7 @@
 //! 2. [`load_initrd`] places an initrd as high as the kernel allows, page-aligned.
 //! 3. [`build_cmdline`] builds the command line, checked against the 2048 bytes reserved for it.
 //! 4. [`configure_system`] writes the command line, the memory map, the MP table for the vCPUs,
-//!    the zero page or PVH start info, the GDT, IDT and page tables, and returns the
+//!    the ACPI tables through which the guest powers off, the zero page or PVH start info, the GDT, IDT and page tables, and returns the
 //!    [`CpuState`] that the vCPU crate loads into the boot vCPU.
 //!
 //! Nothing here touches KVM: all of it is tested against plain guest memory. Every structure is
@@ -45,6 +45,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod acpi;
 pub mod cmdline;
 pub mod cpu;
 pub mod e820;

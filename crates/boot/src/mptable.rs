@@ -82,7 +82,7 @@ pub const IOAPIC_LINES: u8 = 24;
 const _: () = assert!(IRQ_MAX + 1 == IOAPIC_LINES as u32);
 
 /// Value that makes `bytes` sum to zero (mod 256) once added.
-fn checksum(bytes: &[u8]) -> u8 {
+pub(crate) fn checksum(bytes: &[u8]) -> u8 {
     bytes
         .iter()
         .fold(0u8, |sum, byte| sum.wrapping_add(*byte))

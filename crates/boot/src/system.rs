@@ -1,7 +1,7 @@
 //! Everything between a loaded kernel and the boot vCPU's first instruction.
 //!
-//! [`configure_system`] writes the command line, the memory map and the MP table, then the
-//! structures of the kernel's boot protocol, and returns the [`CpuState`] that enters it:
+//! [`configure_system`] writes the command line, the memory map, the MP table and the ACPI
+//! tables, then the structures of the kernel's boot protocol, and returns the [`CpuState`] that enters it:
 //!
 //! - Linux 64-bit boot protocol (ELF without PVH, bzImage): the zero page (`boot_params`) at
 //!   [`ZERO_PAGE_START`] with the e820 map, a GDT with a 64-bit code segment, identity page
@@ -34,7 +34,7 @@ use crate::layout::{
     BOOT_STACK_POINTER, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START,
     ZERO_PAGE_START,
 };
-use crate::{mptable, paging};
+use crate::{acpi, mptable, paging};
 
 /// Errors of boot-time system configuration.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,9 @@ pub enum Error {
     /// The MP table could not be written.
     #[error("Cannot set up the MP table")]
     MpTable(#[source] mptable::Error),
+    /// The ACPI tables could not be written.
+    #[error("Cannot set up the ACPI tables")]
+    Acpi(#[source] acpi::Error),
     /// The GDT or IDT could not be written.
     #[error("Cannot set up the boot descriptor tables")]
     DescriptorTables(#[source] gdt::Error),
@@ -120,7 +123,8 @@ const LDT_AT_RESET: Segment = Segment {
 /// Writes everything the kernel's boot protocol needs besides the kernel and the initrd, and
 /// returns the state the boot vCPU starts in.
 ///
-/// Writes the command line at [`CMDLINE_START`], the MP table for `vcpus` vCPUs, and then the
+/// Writes the command line at [`CMDLINE_START`], the MP table for `vcpus` vCPUs, the ACPI tables
+/// (pointed to by the boot protocol's RSDP address), and then the
 /// zero page, GDT, IDT and page tables (Linux 64-bit boot), or the start info, GDT and IDT (PVH
 /// boot, chosen when `kernel.format` is [`KernelFormat::ElfPvh`]).
 ///
@@ -143,15 +147,16 @@ pub fn configure_system<M: GuestMemoryBackend>(
     }
     let cmdline_size = load_cmdline(mem, cmdline).map_err(Error::Cmdline)?;
     mptable::setup_mptable(mem, vcpus).map_err(Error::MpTable)?;
+    let rsdp = acpi::setup_acpi(mem).map_err(Error::Acpi)?;
 
     match kernel.format {
         KernelFormat::ElfPvh => {
             let entry = kernel.pvh_entry.ok_or(Error::NoPvhEntry)?;
-            write_start_info(mem, &memory_map, initrd)?;
+            write_start_info(mem, &memory_map, initrd, rsdp)?;
             enter_protected_mode(mem, entry)
         }
         KernelFormat::Elf | KernelFormat::BzImage => {
-            write_zero_page(mem, kernel, cmdline_size, &memory_map, initrd)?;
+            write_zero_page(mem, kernel, cmdline_size, &memory_map, initrd, rsdp)?;
             enter_long_mode(mem, kernel.entry)
         }
     }
@@ -171,8 +176,12 @@ fn write_zero_page<M: GuestMemoryBackend>(
     cmdline_size: usize,
     memory_map: &[MemoryMapEntry],
     initrd: Option<InitrdRegion>,
+    rsdp: GuestAddress,
 ) -> Result<()> {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        acpi_rsdp_addr: rsdp.0,
+        ..Default::default()
+    };
     if let (KernelFormat::BzImage, Some(hdr)) = (kernel.format, kernel.setup_header) {
         params.hdr = hdr;
     }
@@ -217,6 +226,7 @@ fn write_start_info<M: GuestMemoryBackend>(
     mem: &M,
     memory_map: &[MemoryMapEntry],
     initrd: Option<InitrdRegion>,
+    rsdp: GuestAddress,
 ) -> Result<()> {
     let memmap: Vec<hvm_memmap_table_entry> = memory_map
         .iter()
@@ -231,6 +241,7 @@ fn write_start_info<M: GuestMemoryBackend>(
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
         cmdline_paddr: CMDLINE_START,
+        rsdp_paddr: rsdp.0,
         memmap_paddr: PVH_MEMMAP_START,
         // At most e820::MAX_ENTRIES (128): fits in u32.
         memmap_entries: memmap.len() as u32,
@@ -381,6 +392,7 @@ mod tests {
         assert_eq!({ params.hdr.kernel_alignment }, 0x0100_0000);
         assert_eq!(u64::from(params.hdr.ramdisk_image), initrd.addr.0);
         assert_eq!({ params.hdr.ramdisk_size }, 0x2345);
+        assert_eq!({ params.acpi_rsdp_addr }, acpi::RSDP_ADDR);
         let mut cmdline = vec![0u8; CMDLINE.len() + 1];
         b.mem
             .read_slice(&mut cmdline, GuestAddress(CMDLINE_START))
@@ -494,7 +506,7 @@ mod tests {
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.version, 1);
         assert_eq!(info.cmdline_paddr, CMDLINE_START);
-        assert_eq!(info.rsdp_paddr, 0);
+        assert_eq!(info.rsdp_paddr, acpi::RSDP_ADDR);
         assert_eq!(info.nr_modules, 1);
         assert_eq!(info.modlist_paddr, PVH_MODLIST_START);
         let module: hvm_modlist_entry = b.mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();

@@ -39,3 +39,16 @@ pub const SERIAL_IRQ: u32 = 4;
 
 /// Interrupt line of the i8042 keyboard controller.
 pub const I8042_IRQ: u32 = 1;
+
+/// Interrupt line of the ACPI system control interrupt (SCI). Line 3 (COM2 on a PC) is free in
+/// ember's guests and outside the lines handed to devices, which keeps the SCI unshared; ember
+/// never raises it.
+pub const ACPI_SCI_IRQ: u32 = 3;
+
+/// I/O port of the ACPI PM1a event block (status and enable registers, 2 bytes each); the PM1a
+/// control block follows at [`ACPI_PM1_CNT_PORT`]. A guest powers off by writing its sleep type
+/// and "sleep enable" to the control register.
+pub const ACPI_PM1_EVT_PORT: u64 = 0x600;
+
+/// I/O port of the ACPI PM1a control register (2 bytes).
+pub const ACPI_PM1_CNT_PORT: u64 = ACPI_PM1_EVT_PORT + 4;
