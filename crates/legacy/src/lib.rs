@@ -5,6 +5,7 @@
 //!   bounded FIFO with back-pressure.
 //! - [`I8042Device`]: the PS/2 controller, whose CPU reset command is how a Linux guest booted
 //!   with `reboot=k` asks the VMM to stop, and through which the VMM can send Ctrl+Alt+Del.
+//! - [`AcpiPmDevice`]: the ACPI PM1a registers, through which an ACPI guest powers off.
 //! - [`BootTimer`]: an MMIO register the guest's init writes to when it has booted; the VMM logs
 //!   how long that took.
 //!
@@ -38,12 +39,14 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod acpi_pm;
 pub mod boot_timer;
 pub mod i8042;
 pub mod serial;
 mod throttle;
 pub mod trigger;
 
+pub use acpi_pm::{ACPI_PM_LEN, AcpiPmDevice};
 pub use boot_timer::{BOOT_COMPLETE_MAGIC, BOOT_TIMER_LEN, BootTime, BootTimer};
 pub use i8042::{I8042_PORT, I8042_PORT_LEN, I8042Device};
 pub use serial::{
