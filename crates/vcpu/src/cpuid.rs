@@ -5,6 +5,9 @@
 //! - its APIC id in leaf 1, the x2APIC topology leaves 0xb and 0x1f, and AMD's 0x8000_001e;
 //! - a topology of `count` single-threaded cores in one package (leaves 1, 4, 0xb, 0x1f and AMD's
 //!   0x8000_0001, 0x8000_0008, 0x8000_001d);
+//! - the TSC-deadline mode of the APIC timer (leaf 1 ECX bit 24) where KVM emulates it, which
+//!   `KVM_GET_SUPPORTED_CPUID` leaves out because it depends on the in-kernel local APIC (with
+//!   it, Linux skips the 100 ms calibration of the APIC timer at boot);
 //! - the hypervisor bit (leaf 1 ECX bit 31); KVM's signature and feature leaves from 0x4000_0000
 //!   stay as KVM reports them, so the guest finds kvmclock and the other paravirtual features;
 //! - no power management beyond an always-running APIC timer (leaf 6) and no performance
@@ -12,6 +15,8 @@
 
 use kvm_bindings::{CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, kvm_cpuid_entry2};
 
+/// Leaf 1 ECX: the APIC timer has a TSC-deadline mode.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 ECX: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX: the package has more than one logical processor (hyper-threading technology).
@@ -95,6 +100,16 @@ impl Topology {
         match self.count {
             0 | 1 => 0,
             n => u8::BITS - (n - 1).leading_zeros(),
+        }
+    }
+}
+
+/// Adds the TSC-deadline timer to leaf 1 of `supported`, for a VM whose in-kernel local APIC
+/// emulates it (`KVM_CAP_TSC_DEADLINE_TIMER`).
+pub(crate) fn add_tsc_deadline_timer(supported: &mut CpuId) {
+    for entry in supported.as_mut_slice() {
+        if entry.function == 0x1 {
+            entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
         }
     }
 }
@@ -292,6 +307,24 @@ mod tests {
         let single = find(&vcpu_cpuid(&base, 0, 1).unwrap(), 1, 0);
         assert_eq!(single.edx & (1 << 28), 0);
         assert_eq!((single.ebx >> 16) & 0xff, 1);
+    }
+
+    #[test]
+    fn tsc_deadline_timer_is_added_to_leaf_1_only() {
+        let mut base = supported(b"AuthenticAMD");
+        for entry in base.as_mut_slice() {
+            entry.ecx &= !(1 << 24);
+        }
+        let before: Vec<_> = base.as_slice().to_vec();
+        add_tsc_deadline_timer(&mut base);
+        assert_ne!(find(&base, 1, 0).ecx & (1 << 24), 0);
+        for (old, new) in before.iter().zip(base.as_slice()) {
+            if old.function != 1 {
+                assert_eq!(old, new);
+            }
+        }
+        let leaf1 = find(&vcpu_cpuid(&base, 0, 2).unwrap(), 1, 0);
+        assert_ne!(leaf1.ecx & (1 << 24), 0, "kept in every vCPU's CPUID");
     }
 
     #[test]

@@ -18,10 +18,12 @@ use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
     kvm_userspace_memory_region,
 };
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::cpuid::add_tsc_deadline_timer;
 
 /// Guest physical address of the three pages KVM uses for the real-mode TSS on Intel hosts. It
 /// lies in the 32-bit MMIO gap, above the local APIC, where no RAM or device is.
@@ -197,9 +199,12 @@ impl<B: Bitmap + Send + Sync + 'static> Vm<B> {
         };
         fd.create_pit2(pit).map_err(Error::CreatePit)?;
 
-        let supported_cpuid = kvm
+        let mut supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::GetSupportedCpuid)?;
+        if kvm.check_extension(Cap::TscDeadlineTimer) {
+            add_tsc_deadline_timer(&mut supported_cpuid);
+        }
         let max_vcpus = kvm.get_max_vcpus();
 
         Ok(Vm {
