@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use ember_boot::acpi::S5_SLEEP_TYPE;
 use ember_boot::{CpuState, build_cmdline, configure_system, load_initrd, load_kernel};
 use ember_bus::{BusRange, MmioBus, PioBus};
 use ember_legacy::{
-    BOOT_TIMER_LEN, BootTimer, COM1_PORT, EventFdTrigger, I8042_PORT, I8042_PORT_LEN, I8042Device,
-    SERIAL_PORT_LEN, SerialDevice, SerialOut,
+    ACPI_PM_LEN, AcpiPmDevice, BOOT_TIMER_LEN, BootTimer, COM1_PORT, EventFdTrigger, I8042_PORT,
+    I8042_PORT_LEN, I8042Device, SERIAL_PORT_LEN, SerialDevice, SerialOut,
 };
-use ember_memory::layout::{I8042_IRQ, SERIAL_IRQ};
+use ember_memory::layout::{ACPI_PM1_EVT_PORT, I8042_IRQ, SERIAL_IRQ};
 use ember_memory::{GuestMemoryMmap, MemoryOptions, ResourceAllocator};
 use ember_vcpu::{Kvm, Vcpu, VcpuHandle, Vm, VmExit, VmExitNotifier};
 use log::{debug, info, warn};
@@ -142,6 +143,8 @@ pub enum GuestExit {
     Reset,
     /// The guest asked for a power-off through a system event.
     Shutdown,
+    /// The guest powered off through the ACPI PM1a control register (Linux `poweroff`).
+    AcpiPowerOff,
 }
 
 impl fmt::Display for GuestExit {
@@ -150,6 +153,7 @@ impl fmt::Display for GuestExit {
             GuestExit::I8042Reset => write!(f, "The guest reset the VM through the i8042"),
             GuestExit::Reset => write!(f, "The guest reset its CPUs"),
             GuestExit::Shutdown => write!(f, "The guest powered off"),
+            GuestExit::AcpiPowerOff => write!(f, "The guest powered off through ACPI"),
         }
     }
 }
@@ -158,6 +162,7 @@ impl fmt::Display for GuestExit {
 struct Legacy {
     serial: Arc<Mutex<SerialDevice<SerialOut>>>,
     reset_evt: EventFd,
+    power_off_evt: EventFd,
 }
 
 /// Builds the VM `cli` describes, runs it until the guest reboots, powers off or fails.
@@ -220,7 +225,7 @@ fn check_vcpu_count(requested: u8, kvm_max: usize) -> Result<()> {
     Ok(())
 }
 
-/// COM1 on IRQ 4 and the i8042 on IRQ 1, on the port bus.
+/// COM1 on IRQ 4, the i8042 on IRQ 1 and the ACPI PM registers, on the port bus.
 fn attach_legacy_devices(vm: &Vm, pio: &mut PioBus, serial: &SerialOutput) -> Result<Legacy> {
     let out = match serial {
         SerialOutput::Stdio => SerialOut::stdout(),
@@ -248,7 +253,19 @@ fn attach_legacy_devices(vm: &Vm, pio: &mut PioBus, serial: &SerialOutput) -> Re
     pio.insert(range, i8042)
         .map_err(|e| Error::Bus("i8042", e))?;
 
-    Ok(Legacy { serial, reset_evt })
+    let power_off = EventFdTrigger::new().map_err(Error::EventFd)?;
+    let power_off_evt = power_off.eventfd().try_clone().map_err(Error::EventFd)?;
+    let pm = Arc::new(Mutex::new(AcpiPmDevice::new(power_off, S5_SLEEP_TYPE)));
+    let range = BusRange::new(ACPI_PM1_EVT_PORT, ACPI_PM_LEN)
+        .map_err(|e| Error::Bus("ACPI PM registers", e))?;
+    pio.insert(range, pm)
+        .map_err(|e| Error::Bus("ACPI PM registers", e))?;
+
+    Ok(Legacy {
+        serial,
+        reset_evt,
+        power_off_evt,
+    })
 }
 
 /// The boot timer takes the first MMIO range, which the guest's init knows (0xd0000000).
@@ -334,6 +351,7 @@ const TOKEN_STDIN: u64 = 0;
 const TOKEN_SERIAL_READY: u64 = 1;
 const TOKEN_RESET: u64 = 2;
 const TOKEN_VM_EXIT: u64 = 3;
+const TOKEN_POWER_OFF: u64 = 4;
 
 /// Waits for the guest to end the VM, feeding stdin to the serial console meanwhile.
 ///
@@ -350,6 +368,7 @@ fn event_loop(legacy: &Legacy, exit: &VmExitNotifier, stdio: bool) -> Result<Gue
         )
     };
     watch(legacy.reset_evt.as_raw_fd(), TOKEN_RESET).map_err(Error::EventLoop)?;
+    watch(legacy.power_off_evt.as_raw_fd(), TOKEN_POWER_OFF).map_err(Error::EventLoop)?;
     watch(exit.event_fd().as_raw_fd(), TOKEN_VM_EXIT).map_err(Error::EventLoop)?;
     let serial_ready = lock(&legacy.serial)
         .input_ready_evt()
@@ -377,6 +396,7 @@ fn event_loop(legacy: &Legacy, exit: &VmExitNotifier, stdio: bool) -> Result<Gue
         for event in &events[..n] {
             match event.data() {
                 TOKEN_RESET => return Ok(GuestExit::I8042Reset),
+                TOKEN_POWER_OFF => return Ok(GuestExit::AcpiPowerOff),
                 TOKEN_VM_EXIT => {
                     return match exit.exit() {
                         Some(VmExit::Reset) => Ok(GuestExit::Reset),

@@ -14,6 +14,13 @@ use ember_boot::test_utils::{tiny_bzimage, tiny_elf};
 const SET_DX_COM1: [u8; 4] = [0x66, 0xba, 0xf8, 0x03];
 /// `mov al, 0xfe; out 0x64, al; hlt; jmp .-1`: reset through the i8042, as Linux `reboot=k` does.
 const I8042_RESET: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+/// `mov dx, 0x604; mov ax, 0x1400; out dx, ax; mov ax, 0x3400; out dx, ax; hlt; jmp .-1`: the
+/// soft-off sleep type into the ACPI PM1a control register, then again with "sleep enable", as
+/// Linux `poweroff` does.
+const ACPI_POWER_OFF: [u8; 17] = [
+    0x66, 0xba, 0x04, 0x06, 0x66, 0xb8, 0x00, 0x14, 0x66, 0xef, 0x66, 0xb8, 0x00, 0x34, 0x66, 0xef,
+    0xf4,
+];
 /// `mov rax, 0xd0000000; mov byte [rax], 123`: tell the boot timer the guest is up.
 const BOOT_TIMER_WRITE: [u8; 13] = [
     0x48, 0xb8, 0x00, 0x00, 0x00, 0xd0, 0x00, 0x00, 0x00, 0x00, 0xc6, 0x00, 0x7b,
@@ -106,6 +113,21 @@ fn elf_guest_prints_on_the_serial_console_and_reboots_with_exit_0() {
     assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
     assert_eq!(stdout(&output), "hello from the guest\n");
     assert!(stderr(&output).contains("i8042"), "{}", stderr(&output));
+}
+
+#[test]
+fn acpi_power_off_exits_0() {
+    let dir = Scratch::new("poweroff");
+    let code = [print("bye\n"), ACPI_POWER_OFF.to_vec()].concat();
+    let kernel = dir.file("poweroff.elf", &tiny_elf(&code));
+    let output = ember_with_kernel(&kernel, &["--memory", "32"]);
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    assert_eq!(stdout(&output), "bye\n");
+    assert!(
+        stderr(&output).contains("powered off through ACPI"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
