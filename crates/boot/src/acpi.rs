@@ -7,27 +7,35 @@
 //! [`S5_SLEEP_TYPE`]. Powering off is then a write of that sleep type with "sleep enable" to the
 //! PM1a control register, which the VMM's PM device turns into a clean stop.
 //!
-//! Only power management goes through ACPI: there is no MADT, so the kernel keeps taking its CPUs
-//! and interrupt routing from the MP table, and the FADT says there is no VGA, no CMOS clock, no
-//! MSI and no i8042 to probe.
+//! A kernel that uses ACPI takes its CPUs and interrupt controllers from the MADT and ignores the
+//! MP table, so the MADT says what the MP table says: one local APIC per vCPU (APIC id = vCPU
+//! index), the I/O APIC after them with its lines identity-mapped from GSI 0 (no overrides, as
+//! KVM routes them), the legacy PICs present, and NMI on every CPU's LINT1. The FADT says there is
+//! no VGA, no CMOS clock, no MSI and no i8042 to probe.
 //!
 //! ```text
 //! ACPI_START + 0x000  RSDP (revision 2)  -> XSDT
 //! ACPI_START + 0x040  FACS
-//! ACPI_START + 0x080  XSDT               -> FADT
+//! ACPI_START + 0x080  XSDT               -> FADT, MADT
 //! ACPI_START + 0x0c0  FADT (revision 6)  -> FACS, DSDT, PM1a event/control ports, SCI
 //! ACPI_START + 0x200  DSDT               Name (_S5_, Package () { 5, 0, 0, 0 })
+//! ACPI_START + 0x280  MADT               local APICs, I/O APIC, LINT1 NMI
 //! ```
 
-use ember_memory::layout::{ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_PORT, ACPI_SCI_IRQ};
+use ember_memory::layout::{
+    ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_PORT, ACPI_SCI_IRQ, IOAPIC_START, LAPIC_START,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 use crate::layout::{ACPI_START, HIMEM_START};
-use crate::mptable::checksum;
+use crate::mptable::{MAX_VCPUS, checksum};
 
 /// Errors of ACPI table setup.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The MADT describes 1 to [`MAX_VCPUS`] vCPUs, as the MP table does.
+    #[error("The ACPI tables cannot describe {0} vCPUs (1 to {MAX_VCPUS})")]
+    VcpuCount(u8),
     /// The tables could not be written to guest memory.
     #[error("Cannot write the ACPI tables to guest memory at {ACPI_START:#x}")]
     Write(#[source] GuestMemoryError),
@@ -45,6 +53,7 @@ const FACS_OFFSET: u64 = 0x40;
 const XSDT_OFFSET: u64 = 0x80;
 const FADT_OFFSET: u64 = 0xc0;
 const DSDT_OFFSET: u64 = 0x200;
+const MADT_OFFSET: u64 = 0x280;
 
 const RSDP_SIZE: usize = 36;
 /// Bytes of the RSDP covered by its ACPI 1.0 checksum.
@@ -52,6 +61,11 @@ const RSDP_V1_SIZE: usize = 20;
 const FACS_SIZE: usize = 64;
 const HEADER_SIZE: usize = 36;
 const FADT_SIZE: usize = 276;
+/// MADT: the header, the local APIC address and the flags.
+const MADT_FIXED_SIZE: usize = HEADER_SIZE + 8;
+const MADT_LAPIC_SIZE: usize = 8;
+const MADT_IOAPIC_SIZE: usize = 12;
+const MADT_LAPIC_NMI_SIZE: usize = 6;
 
 const OEM_ID: &[u8; 6] = b"EMBER ";
 const OEM_TABLE_ID: &[u8; 8] = b"MICROVM ";
@@ -87,21 +101,39 @@ const S5_AML: [u8; 13] = [
     0x00, // ZeroOp x 3
 ];
 
-// Every table stays inside the BIOS area below 1 MiB.
-const _: () =
-    assert!(ACPI_START + DSDT_OFFSET + (HEADER_SIZE + S5_AML.len()) as u64 <= HIMEM_START);
+/// MADT flags: the PC-AT dual 8259 PICs are present (and to be masked).
+const MADT_PCAT_COMPAT: u32 = 1;
+/// MADT local APIC flags: enabled.
+const MADT_LAPIC_ENABLED: u32 = 1;
+/// MADT processor UID meaning every processor.
+const MADT_ALL_PROCESSORS: u8 = 0xff;
+
+/// Size of the MADT for `vcpus` vCPUs.
+const fn madt_size(vcpus: u8) -> usize {
+    // Widening cast (`usize::from` is not const).
+    MADT_FIXED_SIZE + vcpus as usize * MADT_LAPIC_SIZE + MADT_IOAPIC_SIZE + MADT_LAPIC_NMI_SIZE
+}
+
+// The tables do not overlap, and all stay inside the BIOS area below 1 MiB.
 const _: () = assert!(FADT_OFFSET + FADT_SIZE as u64 <= DSDT_OFFSET);
+const _: () = assert!(DSDT_OFFSET + (HEADER_SIZE + S5_AML.len()) as u64 <= MADT_OFFSET);
+const _: () = assert!(ACPI_START + MADT_OFFSET + madt_size(MAX_VCPUS) as u64 <= HIMEM_START);
 
 /// Address of the RSDP: what the boot protocol's `acpi_rsdp_addr` (Linux) or `rsdp_paddr` (PVH)
 /// points to.
 pub const RSDP_ADDR: u64 = ACPI_START + RSDP_OFFSET;
 
-/// Writes the RSDP, FACS, XSDT, FADT and DSDT at [`ACPI_START`] and returns the RSDP's address.
+/// Writes the RSDP, FACS, XSDT, FADT, DSDT and the MADT for `vcpus` vCPUs at [`ACPI_START`],
+/// and returns the RSDP's address.
 ///
 /// # Errors
 ///
-/// [`Error::Write`] when guest memory does not hold the BIOS area below 1 MiB.
-pub fn setup_acpi<M: GuestMemory>(mem: &M) -> Result<GuestAddress> {
+/// [`Error::VcpuCount`] when `vcpus` is 0 or above [`MAX_VCPUS`]; [`Error::Write`] when guest
+/// memory does not hold the BIOS area below 1 MiB.
+pub fn setup_acpi<M: GuestMemory>(mem: &M, vcpus: u8) -> Result<GuestAddress> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(Error::VcpuCount(vcpus));
+    }
     let write = |bytes: &[u8], offset: u64| {
         mem.write_slice(bytes, GuestAddress(ACPI_START + offset))
             .map_err(Error::Write)
@@ -111,6 +143,7 @@ pub fn setup_acpi<M: GuestMemory>(mem: &M) -> Result<GuestAddress> {
     write(&xsdt(), XSDT_OFFSET)?;
     write(&fadt(), FADT_OFFSET)?;
     write(&dsdt(), DSDT_OFFSET)?;
+    write(&madt(vcpus), MADT_OFFSET)?;
     Ok(GuestAddress(RSDP_ADDR))
 }
 
@@ -156,7 +189,11 @@ fn facs() -> [u8; FACS_SIZE] {
 }
 
 fn xsdt() -> Vec<u8> {
-    table(b"XSDT", 1, &(ACPI_START + FADT_OFFSET).to_le_bytes())
+    let entries: Vec<u8> = [FADT_OFFSET, MADT_OFFSET]
+        .iter()
+        .flat_map(|offset| (ACPI_START + offset).to_le_bytes())
+        .collect();
+    table(b"XSDT", 1, &entries)
 }
 
 fn fadt() -> Vec<u8> {
@@ -186,6 +223,26 @@ fn fadt() -> Vec<u8> {
 
 fn dsdt() -> Vec<u8> {
     table(b"DSDT", 2, &S5_AML)
+}
+
+/// The MADT for `vcpus` vCPUs (1 to [`MAX_VCPUS`], checked by the caller).
+fn madt(vcpus: u8) -> Vec<u8> {
+    let mut body = Vec::with_capacity(madt_size(vcpus) - HEADER_SIZE);
+    // The APICs sit below 4 GiB: the casts cannot truncate.
+    body.extend_from_slice(&(LAPIC_START as u32).to_le_bytes());
+    body.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    for cpu in 0..vcpus {
+        // Processor local APIC: type 0; ACPI processor UID and APIC id are the vCPU index.
+        body.extend_from_slice(&[0, MADT_LAPIC_SIZE as u8, cpu, cpu]);
+        body.extend_from_slice(&MADT_LAPIC_ENABLED.to_le_bytes());
+    }
+    // I/O APIC: type 1; its id follows the vCPUs' as in the MP table; GSIs from 0.
+    body.extend_from_slice(&[1, MADT_IOAPIC_SIZE as u8, vcpus, 0]);
+    body.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    // Local APIC NMI: type 4; every processor, conforming polarity and trigger, LINT1.
+    body.extend_from_slice(&[4, MADT_LAPIC_NMI_SIZE as u8, MADT_ALL_PROCESSORS, 0, 0, 1]);
+    table(b"APIC", 5, &body)
 }
 
 #[cfg(test)]
@@ -227,7 +284,7 @@ mod tests {
     #[test]
     fn rsdp_leads_through_the_xsdt_to_the_fadt_and_dsdt() {
         let mem = memory();
-        let rsdp_addr = setup_acpi(&mem).unwrap();
+        let rsdp_addr = setup_acpi(&mem, 1).unwrap();
         assert_eq!(rsdp_addr, GuestAddress(RSDP_ADDR));
         assert_eq!(RSDP_ADDR % 16, 0, "the RSDP is found on 16-byte boundaries");
 
@@ -239,7 +296,8 @@ mod tests {
         assert_eq!(u32_at(&rsdp, 20) as usize, RSDP_SIZE);
 
         let xsdt = sdt(&mem, u64_at(&rsdp, 24), b"XSDT");
-        assert_eq!(xsdt.len(), HEADER_SIZE + 8, "one entry");
+        assert_eq!(xsdt.len(), HEADER_SIZE + 16, "two entries");
+        sdt(&mem, u64_at(&xsdt, HEADER_SIZE + 8), b"APIC");
         let fadt = sdt(&mem, u64_at(&xsdt, HEADER_SIZE), b"FACP");
         assert_eq!(fadt.len(), FADT_SIZE);
         assert_eq!(fadt[8], 6, "FADT revision");
@@ -263,7 +321,7 @@ mod tests {
     #[test]
     fn fadt_puts_the_pm1a_registers_on_the_layout_ports_with_full_hardware() {
         let mem = memory();
-        setup_acpi(&mem).unwrap();
+        setup_acpi(&mem, 1).unwrap();
         let fadt = sdt(&mem, ACPI_START + FADT_OFFSET, b"FACP");
         assert_eq!(u64::from(u32_at(&fadt, 56)), ACPI_PM1_EVT_PORT);
         assert_eq!(u64::from(u32_at(&fadt, 64)), ACPI_PM1_CNT_PORT);
@@ -297,9 +355,67 @@ mod tests {
         assert_eq!((S5_AML[8], u16::from(S5_AML[9])), (0x0a, S5_SLEEP_TYPE));
     }
 
+    /// The MADT's entries after its fixed part, as (type, body) pairs.
+    fn madt_entries(madt: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut entries = Vec::new();
+        let mut at = MADT_FIXED_SIZE;
+        while at < madt.len() {
+            let len = usize::from(madt[at + 1]);
+            assert!(
+                len >= 2 && at + len <= madt.len(),
+                "entry at {at} overruns the table"
+            );
+            entries.push((madt[at], madt[at + 2..at + len].to_vec()));
+            at += len;
+        }
+        entries
+    }
+
+    #[test]
+    fn madt_says_what_the_mp_table_says() {
+        let mem = memory();
+        setup_acpi(&mem, 3).unwrap();
+        let madt = sdt(&mem, ACPI_START + MADT_OFFSET, b"APIC");
+        assert_eq!(madt.len(), madt_size(3));
+        assert_eq!(u64::from(u32_at(&madt, HEADER_SIZE)), LAPIC_START);
+        assert_eq!(u32_at(&madt, HEADER_SIZE + 4), 1, "PC-AT compatible PICs");
+        let entries = madt_entries(&madt);
+        let lapics: Vec<_> = entries.iter().filter(|(kind, _)| *kind == 0).collect();
+        assert_eq!(lapics.len(), 3);
+        for (cpu, (_, body)) in lapics.iter().enumerate() {
+            assert_eq!(usize::from(body[0]), cpu, "processor UID");
+            assert_eq!(usize::from(body[1]), cpu, "APIC id");
+            assert_eq!(u32_at(body, 2), 1, "enabled");
+        }
+        let ioapic = &entries.iter().find(|(kind, _)| *kind == 1).unwrap().1;
+        assert_eq!(ioapic[0], 3, "I/O APIC id after the vCPUs'");
+        assert_eq!(u64::from(u32_at(ioapic, 2)), IOAPIC_START);
+        assert_eq!(u32_at(ioapic, 6), 0, "GSI base");
+        let nmi = &entries.iter().find(|(kind, _)| *kind == 4).unwrap().1;
+        assert_eq!((nmi[0], nmi[3]), (0xff, 1), "all CPUs, LINT1");
+        assert!(
+            !entries.iter().any(|(kind, _)| *kind == 2),
+            "no interrupt source overrides: KVM routes GSIs identity"
+        );
+    }
+
+    #[test]
+    fn largest_madt_fits_and_vcpu_counts_out_of_range_are_errors() {
+        let mem = memory();
+        setup_acpi(&mem, MAX_VCPUS).unwrap();
+        let madt = sdt(&mem, ACPI_START + MADT_OFFSET, b"APIC");
+        let lapics = madt_entries(&madt).iter().filter(|(k, _)| *k == 0).count();
+        assert_eq!(lapics, usize::from(MAX_VCPUS));
+        assert!(matches!(setup_acpi(&mem, 0), Err(Error::VcpuCount(0))));
+        assert!(matches!(
+            setup_acpi(&mem, MAX_VCPUS + 1),
+            Err(Error::VcpuCount(255))
+        ));
+    }
+
     #[test]
     fn memory_without_the_bios_area_is_an_error() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
-        assert!(matches!(setup_acpi(&mem), Err(Error::Write(_))));
+        assert!(matches!(setup_acpi(&mem, 1), Err(Error::Write(_))));
     }
 }

@@ -147,7 +147,7 @@ pub fn configure_system<M: GuestMemoryBackend>(
     }
     let cmdline_size = load_cmdline(mem, cmdline).map_err(Error::Cmdline)?;
     mptable::setup_mptable(mem, vcpus).map_err(Error::MpTable)?;
-    let rsdp = acpi::setup_acpi(mem).map_err(Error::Acpi)?;
+    let rsdp = acpi::setup_acpi(mem, vcpus).map_err(Error::Acpi)?;
 
     match kernel.format {
         KernelFormat::ElfPvh => {
