@@ -65,8 +65,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// ```
 pub fn build_cmdline(base: &str, extra: &[&str]) -> Result<Cmdline> {
     match build_with_capacity(base, extra, CMDLINE_MAX_SIZE) {
+        // A base line longer than the capacity fails in `Cmdline::try_from` with
+        // `InvalidCapacity`, a longer line made of several parts in `insert_str` with `TooLarge`.
         Err(Error::InvalidArgument {
-            source: CmdlineError::TooLarge,
+            source: CmdlineError::TooLarge | CmdlineError::InvalidCapacity,
             ..
         }) => {
             // Built again without a limit, to report how long the line would be.
@@ -87,6 +89,10 @@ fn build_with_capacity(base: &str, extra: &[&str], capacity: usize) -> Result<Cm
         let arg = arg.to_string();
         move |source| Error::InvalidArgument { arg, source }
     };
+    // `Cmdline::try_from` takes the base line as it is; the extra arguments `insert_str` checks.
+    if !base.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(invalid(base)(CmdlineError::InvalidAscii));
+    }
     let mut line = Cmdline::try_from(base, capacity).map_err(invalid(base))?;
     for arg in extra {
         line.insert_str(arg).map_err(invalid(arg))?;
@@ -151,6 +157,32 @@ mod tests {
         let err = build_cmdline(&base, &["bbbb"]).unwrap_err();
         assert!(matches!(err, Error::TooLong { len } if len == CMDLINE_MAX_SIZE + 2));
         assert!(err.to_string().contains("2050 bytes"), "{err}");
+    }
+
+    #[test]
+    fn too_long_base_alone_is_rejected_with_its_length() {
+        let err = build_cmdline(&"a".repeat(CMDLINE_MAX_SIZE), &[]).unwrap_err();
+        assert!(matches!(err, Error::TooLong { len } if len == CMDLINE_MAX_SIZE + 1));
+    }
+
+    #[test]
+    fn base_with_nul_control_or_non_ascii_characters_is_rejected() {
+        for base in [
+            "console=ttyS0 \0\0 panic=0",
+            "\x1a",
+            "a\tb",
+            "\x1b[2J",
+            "caf\u{e9}",
+        ] {
+            let err = build_cmdline(base, &[]).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument { ref arg, source: CmdlineError::InvalidAscii } if arg == base
+                ),
+                "{base:?}: {err:?}"
+            );
+        }
     }
 
     #[test]
