@@ -219,6 +219,10 @@ mod tests {
         ("longest", true),
         ("too-long", false),
         ("control-char", false),
+        // Found by fuzzing: a NUL, a control character and a base line too long on its own.
+        ("nul-in-base", false),
+        ("control-in-base", false),
+        ("base-too-long", false),
     ];
 
     fn corpus_dir(target: &str) -> PathBuf {
@@ -332,6 +336,9 @@ mod tests {
                 text(&format!("{}\nbb", "a".repeat(CMDLINE_MAX_SIZE - 2))),
             ),
             ("control-char", text("console=ttyS0\nbad\targ")),
+            ("nul-in-base", vec![0x00, 0x02]),
+            ("control-in-base", vec![0x1a]),
+            ("base-too-long", text(&"a".repeat(CMDLINE_MAX_SIZE))),
         ]
     }
 
