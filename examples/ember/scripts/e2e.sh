@@ -82,10 +82,13 @@ boot bzimage --kernel "$guest/bzImage" --initrd "$guest/initramfs.cpio.gz" \
     --vcpus 2 --cmdline "$base ember.action=reboot"
 expect bzimage_boots_to_userspace 0 '^EMBER-GUEST-UP cpus=2'
 
+# poweroff goes through ACPI: the kernel finds ember's tables and writes the
+# soft-off sleep type to the PM1a control register.
 fresh
 boot poweroff --kernel "$guest/vmlinux" --initrd "$guest/initramfs.cpio.gz" \
     --cmdline "$base ember.action=poweroff"
-expect guest_poweroff_exits_0 0 '^EMBER-GUEST-UP cpus=1' 'reboot: Power down'
+expect guest_poweroff_exits_0 0 '^EMBER-GUEST-UP cpus=1' 'reboot: Power down' \
+    'powered off through ACPI'
 
 # The guest sees the memory ember gave it: the kernel's "Memory: A/TK available"
 # line counts T KiB of RAM, a little under 256 MiB once firmware holes are out.

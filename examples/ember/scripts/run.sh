@@ -13,7 +13,7 @@ root=$(cd "$scripts/../../.." && pwd)
 "$scripts/deps.sh"
 echo "run.sh: building ember" >&2
 (cd "$root" && cargo build --release --locked -p ember)
-ember=$root/target/release/ember
+ember=$root/target/x86_64-unknown-linux-gnu/release/ember
 guest=$("$scripts/guest.sh" | tail -n 1)
 args=(--kernel "$guest/vmlinux" --initrd "$guest/initramfs.cpio.gz" --boot-timer
     --cmdline "console=ttyS0 reboot=k panic=1 pci=off ember.action=shell" "$@")

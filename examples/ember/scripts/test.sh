@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, vCPU tests on /dev/kvm, ember with tiny
-# guests, then the end-to-end tests that boot the project's Linux guest (inside
-# the nested rig where /dev/kvm has no VMX/SVM).
+# guests, the fuzz targets' corpus, then the end-to-end tests that boot the
+# project's Linux guest (inside the nested rig where /dev/kvm has no VMX/SVM).
 set -euo pipefail
 scripts=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$scripts/../../.." && pwd)
@@ -12,9 +12,12 @@ cd "$root"
 echo "==> cargo test --workspace"
 cargo test --workspace --locked
 
+echo "==> fuzz corpus replay (cargo test in fuzz/)"
+cargo test --locked --manifest-path fuzz/Cargo.toml
+
 echo "==> end-to-end tests with the Linux guest"
 cargo build --release --locked -p ember
-ember=$root/target/release/ember
+ember=$root/target/x86_64-unknown-linux-gnu/release/ember
 guest=$("$scripts/guest.sh" | tail -n 1)
 if "$scripts/rig.sh" needed; then
     echo "test.sh: running the end-to-end tests inside the nested rig"

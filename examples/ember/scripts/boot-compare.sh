@@ -1,0 +1,87 @@
+#!/bin/sh
+# Boot time of ember beside QEMU's microvm machine: the same kernel, initramfs
+# and command line, timed from the VMM's start to the guest's userspace marker
+# (`EMBER-GUEST-UP`, printed by the guest's init). Runs with busybox sh inside
+# the nested rig (with rig.sh --qemu), or with any POSIX sh on a host with
+# VMX/SVM. Runs alternate between the two VMMs so that drift in the machine's
+# speed hits both alike.
+#
+# usage: boot-compare.sh EMBER GUEST_DIR [RUNS]
+#   EMBER      the ember binary
+#   GUEST_DIR  the directory guest.sh built (vmlinux, initramfs.cpio.gz)
+#   RUNS       boots of each VMM (default 5)
+#
+# Prints one line per boot, then `BOOT-COMPARE ember median=<s> qemu
+# median=<s> ratio=<ember/qemu>`. Times come from /proc/uptime (10 ms steps).
+# The kernel logs at `quiet` level so that console speed, which differs between
+# the two VMMs' UARTs, does not decide the result.
+set -u
+
+ember=$1
+guest=$2
+runs=${3:-5}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkfifo "$work/console"
+cmdline="console=ttyS0 panic=1 pci=off quiet ember.action=reboot"
+mem=256
+
+now() { cut -d' ' -f1 /proc/uptime; }
+
+# time_boot NAME COMMAND...: seconds from starting COMMAND to the marker on its
+# stdout, or "fail"; the command must end by itself.
+time_boot() {
+    name=$1
+    shift
+    start=$(now)
+    "$@" >"$work/console" 2>"$work/stderr" </dev/null &
+    pid=$!
+    up=
+    while IFS= read -r line; do
+        case "$line" in
+        *EMBER-GUEST-UP*) [ -n "$up" ] || up=$(now) ;;
+        esac
+    done <"$work/console"
+    wait "$pid"
+    status=$?
+    if [ -z "$up" ] || [ "$status" != 0 ]; then
+        echo "BOOT-COMPARE $name failed: exit status $status" >&2
+        cat "$work/stderr" >&2
+        echo fail
+        return
+    fi
+    awk -v a="$start" -v b="$up" 'BEGIN { printf "%.2f\n", b - a }'
+}
+
+median() {
+    tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "none"; else print v[int((NR + 1) / 2)] }'
+}
+
+ember_times=
+qemu_times=
+i=1
+while [ "$i" -le "$runs" ]; do
+    t=$(time_boot ember "$ember" --kernel "$guest/vmlinux" --initrd "$guest/initramfs.cpio.gz" \
+        --memory "$mem" --cmdline "$cmdline reboot=k")
+    echo "BOOT-COMPARE run $i ember $t"
+    [ "$t" = fail ] || ember_times="$ember_times $t"
+    # microvm without option ROMs, legacy PIC/PIT/RTC off where ember has none
+    # either; the guest resets with a triple fault (reboot=t) and -no-reboot
+    # turns that into QEMU's exit.
+    t=$(time_boot qemu qemu-system-x86_64 -M microvm,x-option-roms=off,isa-serial=on,rtc=off \
+        -accel kvm -cpu host -m "$mem" -smp 1 -nodefaults -no-user-config -nographic \
+        -serial stdio -no-reboot -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio.gz" \
+        -append "$cmdline reboot=t")
+    echo "BOOT-COMPARE run $i qemu $t"
+    [ "$t" = fail ] || qemu_times="$qemu_times $t"
+    i=$((i + 1))
+done
+
+e=$(echo "$ember_times" | median)
+q=$(echo "$qemu_times" | median)
+if [ "$e" = none ] || [ "$q" = none ]; then
+    echo "BOOT-COMPARE incomplete: ember runs [$ember_times ] qemu runs [$qemu_times ]"
+    exit 1
+fi
+ratio=$(awk -v e="$e" -v q="$q" 'BEGIN { printf "%.2f\n", e / q }')
+echo "BOOT-COMPARE ember median=${e}s qemu median=${q}s ratio=$ratio (runs: ember [$ember_times ] qemu [$qemu_times ])"
