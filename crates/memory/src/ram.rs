@@ -201,8 +201,10 @@ fn map_region(
         // SAFETY: `mapping` owns a live mapping of `mapping.size()` bytes starting at the
         // page-aligned `mapping.as_ptr()`. MADV_MERGEABLE and MADV_HUGEPAGE only change how the
         // kernel backs the pages, never their contents or the validity of the mapping.
-        let ret =
-            unsafe { libc::madvise(mapping.as_ptr().cast(), mapping.size(), advice.as_raw()) };
+        let ret = unsafe {
+            let (addr, len) = (mapping.as_ptr().cast(), mapping.size());
+            libc::madvise(addr, len, advice.as_raw())
+        };
         if ret != 0 {
             return Err(madvise_error(advice, base, io::Error::last_os_error()));
         }
