@@ -943,3 +943,662 @@ impl Queue {
 fn need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestMemoryMmap;
+
+    use super::*;
+    use crate::mock::{
+        DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MockBuffer, MockDriver, RawDescriptor,
+        guest_memory,
+    };
+
+    const QUEUE_SIZE: u16 = 16;
+    const MEM_SIZE: usize = 0x10000;
+
+    /// Guest memory with a ready queue of 16 entries laid out at address 0.
+    fn setup() -> (GuestMemoryMmap<()>, MockDriver, Queue) {
+        let mem = guest_memory(MEM_SIZE).unwrap();
+        let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        let queue = driver.queue();
+        queue.validate(&mem).unwrap();
+        (mem, driver, queue)
+    }
+
+    /// An address in the data area, `n` pages in.
+    fn data(driver: &MockDriver, n: u64) -> u64 {
+        driver.data().raw_value().next_multiple_of(0x1000) + n * 0x1000
+    }
+
+    /// Writes `descs` at indices 0.. of the descriptor table and publishes index 0.
+    fn publish_raw(mem: &GuestMemoryMmap<()>, driver: &mut MockDriver, descs: &[RawDescriptor]) {
+        for (i, desc) in descs.iter().enumerate() {
+            driver
+                .write_descriptor(mem, u16::try_from(i).unwrap(), *desc)
+                .unwrap();
+        }
+        driver.publish(mem, 0).unwrap();
+    }
+
+    /// Writes `descs` as an indirect table at `table`.
+    fn write_table(mem: &GuestMemoryMmap<()>, table: u64, descs: &[RawDescriptor]) {
+        for (i, desc) in descs.iter().enumerate() {
+            let mut bytes = [0u8; 16];
+            bytes[..8].copy_from_slice(&desc.addr.to_le_bytes());
+            bytes[8..12].copy_from_slice(&desc.len.to_le_bytes());
+            bytes[12..14].copy_from_slice(&desc.flags.to_le_bytes());
+            bytes[14..].copy_from_slice(&desc.next.to_le_bytes());
+            let addr = GuestAddress(table + 16 * u64::try_from(i).unwrap());
+            mem.write_obj(bytes, addr).unwrap();
+        }
+    }
+
+    fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor {
+            addr,
+            len,
+            flags,
+            next,
+        }
+    }
+
+    #[test]
+    fn avail_idx_more_than_size_ahead_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        driver.set_avail_idx(&mem, QUEUE_SIZE + 1).unwrap();
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::AvailIdxTooFar {
+                    avail_idx: 17,
+                    next_avail: 0,
+                    size: QUEUE_SIZE
+                }
+            ),
+            "{err:?}"
+        );
+        // Nothing was consumed.
+        assert_eq!(queue.next_avail(), 0);
+    }
+
+    #[test]
+    fn avail_idx_exactly_size_ahead_across_the_wrap_is_accepted() {
+        let (mem, mut driver, mut queue) = setup();
+        let buffer = data(&driver, 0);
+        for i in 0..QUEUE_SIZE {
+            driver
+                .write_descriptor(&mem, i, raw(buffer, 8, 0, 0))
+                .unwrap();
+        }
+        queue.set_next_avail(65530);
+        driver.set_avail_idx(&mem, 65530).unwrap();
+        for head in 0..QUEUE_SIZE {
+            driver.publish(&mem, head).unwrap();
+        }
+        assert_eq!(driver.avail_idx(), 65530u16.wrapping_add(QUEUE_SIZE));
+        for head in 0..QUEUE_SIZE {
+            assert_eq!(queue.pop(&mem).unwrap().unwrap().head_index(), head);
+        }
+        assert!(queue.pop(&mem).unwrap().is_none());
+    }
+
+    #[test]
+    fn head_index_out_of_range_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        driver.publish(&mem, QUEUE_SIZE).unwrap();
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::HeadIndexOutOfRange {
+                    index: QUEUE_SIZE,
+                    size: QUEUE_SIZE
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn next_index_out_of_range_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        let buffer = data(&driver, 0);
+        publish_raw(&mem, &mut driver, &[raw(buffer, 8, DESC_F_NEXT, 200)]);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::NextIndexOutOfRange {
+                    index: 200,
+                    table_len: 16
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn descriptor_loop_ends_at_the_ttl() {
+        let (mem, mut driver, mut queue) = setup();
+        let buffer = data(&driver, 0);
+        publish_raw(
+            &mem,
+            &mut driver,
+            &[
+                raw(buffer, 8, DESC_F_NEXT, 1),
+                raw(buffer, 8, DESC_F_NEXT, 0),
+            ],
+        );
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(matches!(err, Error::ChainTooLong { ttl: 16 }), "{err:?}");
+    }
+
+    #[test]
+    fn descriptor_loop_in_an_indirect_table_ends_at_its_length() {
+        let (mem, mut driver, mut queue) = setup();
+        let buffer = data(&driver, 0);
+        let table = data(&driver, 1);
+        write_table(
+            &mem,
+            table,
+            &[
+                raw(buffer, 8, DESC_F_NEXT, 1),
+                raw(buffer, 8, DESC_F_NEXT, 0),
+            ],
+        );
+        publish_raw(&mem, &mut driver, &[raw(table, 32, DESC_F_INDIRECT, 0)]);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(matches!(err, Error::ChainTooLong { ttl: 2 }), "{err:?}");
+    }
+
+    #[test]
+    fn indirect_table_of_length_zero_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        let table = data(&driver, 1);
+        publish_raw(&mem, &mut driver, &[raw(table, 0, DESC_F_INDIRECT, 0)]);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidIndirectTableLength { len: 0 }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn indirect_table_length_not_a_multiple_of_16_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        let table = data(&driver, 1);
+        publish_raw(&mem, &mut driver, &[raw(table, 24, DESC_F_INDIRECT, 0)]);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidIndirectTableLength { len: 24 }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn indirect_table_of_more_than_65535_descriptors_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        let len = 16 * 65536;
+        publish_raw(&mem, &mut driver, &[raw(0, len, DESC_F_INDIRECT, 0)]);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidIndirectTableLength { len: 0x10_0000 }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn indirect_table_outside_memory_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        let table = u64::try_from(MEM_SIZE).unwrap() - 16;
+        publish_raw(&mem, &mut driver, &[raw(table, 32, DESC_F_INDIRECT, 0)]);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(
+            matches!(err, Error::IndirectTableOutsideMemory { addr, len: 32 } if addr == table),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn nested_indirect_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        let outer = data(&driver, 1);
+        let inner = data(&driver, 2);
+        write_table(&mem, inner, &[raw(data(&driver, 0), 8, 0, 0)]);
+        write_table(&mem, outer, &[raw(inner, 16, DESC_F_INDIRECT, 0)]);
+        publish_raw(&mem, &mut driver, &[raw(outer, 16, DESC_F_INDIRECT, 0)]);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(matches!(err, Error::NestedIndirect), "{err:?}");
+    }
+
+    #[test]
+    fn indirect_with_next_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        let table = data(&driver, 1);
+        let buffer = data(&driver, 0);
+        write_table(&mem, table, &[raw(buffer, 8, 0, 0)]);
+        publish_raw(
+            &mem,
+            &mut driver,
+            &[
+                raw(table, 16, DESC_F_INDIRECT | DESC_F_NEXT, 1),
+                raw(buffer, 8, 0, 0),
+            ],
+        );
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(matches!(err, Error::IndirectWithNext), "{err:?}");
+    }
+
+    #[test]
+    fn buffer_beyond_guest_memory_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        let addr = u64::try_from(MEM_SIZE).unwrap() - 8;
+        publish_raw(&mem, &mut driver, &[raw(addr, 16, 0, 0)]);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(
+            matches!(err, Error::BufferOutsideMemory { addr: a, len: 16 } if a == addr),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn zero_length_buffer_outside_guest_memory_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        let addr = u64::try_from(MEM_SIZE).unwrap();
+        publish_raw(&mem, &mut driver, &[raw(addr, 0, DESC_F_WRITE, 0)]);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(
+            matches!(err, Error::BufferOutsideMemory { len: 0, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn buffer_wrapping_the_address_space_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        publish_raw(&mem, &mut driver, &[raw(u64::MAX - 7, 16, 0, 0)]);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(
+            matches!(err, Error::BufferOverflow { len: 16, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn chain_longer_than_u32_max_bytes_is_an_error() {
+        // Two 2 GiB buffers over the same 2 GiB of (untouched, so uncommitted) guest memory.
+        let half = 0x8000_0000u32;
+        let mem = guest_memory(usize::try_from(half).unwrap()).unwrap();
+        let mut driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        let mut queue = driver.queue();
+        publish_raw(
+            &mem,
+            &mut driver,
+            &[raw(0, half, DESC_F_NEXT, 1), raw(0, half, 0, 0)],
+        );
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(matches!(err, Error::ChainLengthOverflow), "{err:?}");
+    }
+
+    #[test]
+    fn readable_after_writable_is_an_error_and_consumes_the_entry() {
+        let (mem, mut driver, mut queue) = setup();
+        let buffer = data(&driver, 0);
+        publish_raw(
+            &mem,
+            &mut driver,
+            &[
+                raw(buffer, 8, DESC_F_WRITE | DESC_F_NEXT, 1),
+                raw(buffer, 8, 0, 0),
+            ],
+        );
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(matches!(err, Error::ReadableAfterWritable), "{err:?}");
+
+        // The bad chain does not wedge the queue: the next one is served.
+        driver
+            .write_descriptor(&mem, 2, raw(buffer, 8, 0, 0))
+            .unwrap();
+        driver.publish(&mem, 2).unwrap();
+        assert_eq!(queue.pop(&mem).unwrap().unwrap().head_index(), 2);
+    }
+
+    #[test]
+    fn queue_not_ready_is_an_error() {
+        let (mem, _driver, mut queue) = setup();
+        queue.set_ready(false);
+        assert!(matches!(queue.pop(&mem), Err(Error::NotReady)));
+        assert!(matches!(queue.add_used(&mem, 0, 0), Err(Error::NotReady)));
+        assert!(matches!(
+            queue.needs_notification(&mem),
+            Err(Error::NotReady)
+        ));
+    }
+
+    #[test]
+    fn add_used_rejects_a_head_outside_the_table() {
+        let (mem, _driver, mut queue) = setup();
+        let err = queue.add_used(&mem, QUEUE_SIZE, 0).unwrap_err();
+        assert!(
+            matches!(err, Error::HeadIndexOutOfRange { index: 16, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn validate_rejects_sizes_that_are_not_powers_of_two_up_to_the_maximum() {
+        let (mem, _driver, mut queue) = setup();
+        for size in [0, 12, 32] {
+            queue.set_size(size);
+            let err = queue.validate(&mem).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidSize { size: s, max: 16 } if s == size),
+                "{err:?}"
+            );
+            queue.set_ready(true);
+            assert!(matches!(queue.pop(&mem), Err(Error::InvalidSize { .. })));
+        }
+        queue.set_size(8);
+        queue.validate(&mem).unwrap();
+    }
+
+    #[test]
+    fn validate_rejects_misaligned_rings() {
+        let (mem, driver, _queue) = setup();
+        let cases = [
+            (Ring::DescriptorTable, 16, 8),
+            (Ring::AvailRing, 2, 1),
+            (Ring::UsedRing, 4, 2),
+        ];
+        for (ring, align, shift) in cases {
+            let mut queue = driver.queue();
+            match ring {
+                Ring::DescriptorTable => queue.set_desc_table(GuestAddress(0x1000 + shift)),
+                Ring::AvailRing => queue.set_avail_ring(GuestAddress(0x1000 + shift)),
+                Ring::UsedRing => queue.set_used_ring(GuestAddress(0x1000 + shift)),
+            }
+            let err = queue.validate(&mem).unwrap_err();
+            assert!(
+                matches!(err, Error::MisalignedRing { ring: r, align: a, .. } if r == ring && a == align),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn validate_rejects_rings_outside_guest_memory() {
+        let (mem, driver, _queue) = setup();
+        let end = u64::try_from(MEM_SIZE).unwrap();
+        // How far before the end of memory each ring starts: less than its length (event field
+        // included) and aligned, so that its last bytes fall outside memory.
+        let cases = [
+            (Ring::DescriptorTable, 16 * 16 - 16),
+            (Ring::AvailRing, 6 + 2 * 16 - 2),
+            (Ring::UsedRing, 6 + 8 * 16 - 2),
+        ];
+        for (ring, back) in cases {
+            for addr in [end - back, u64::MAX - 15] {
+                let mut queue = driver.queue();
+                match ring {
+                    Ring::DescriptorTable => queue.set_desc_table(GuestAddress(addr)),
+                    Ring::AvailRing => queue.set_avail_ring(GuestAddress(addr)),
+                    Ring::UsedRing => queue.set_used_ring(GuestAddress(addr)),
+                }
+                let err = queue.validate(&mem).unwrap_err();
+                assert!(
+                    matches!(err, Error::RingOutsideMemory { ring: r, addr: a } if r == ring && a == addr),
+                    "{ring} at {addr:#x}: {err:?}"
+                );
+            }
+            // One alignment unit lower, the ring fits.
+            let mut queue = driver.queue();
+            let fits = GuestAddress(
+                end - back
+                    - match ring {
+                        Ring::DescriptorTable => 16,
+                        Ring::AvailRing => 2,
+                        Ring::UsedRing => 4,
+                    },
+            );
+            match ring {
+                Ring::DescriptorTable => queue.set_desc_table(fits),
+                Ring::AvailRing => queue.set_avail_ring(fits),
+                Ring::UsedRing => queue.set_used_ring(fits),
+            }
+            queue.validate(&mem).unwrap();
+        }
+    }
+
+    #[test]
+    fn one_descriptor_chain_round_trips() {
+        let (mem, mut driver, mut queue) = setup();
+        let buffer = data(&driver, 0);
+        let head = driver
+            .add_chain(&mem, &[MockBuffer::writable(buffer, 64)])
+            .unwrap();
+        let chain = queue.pop(&mem).unwrap().unwrap();
+        assert_eq!(chain.head_index(), head);
+        assert_eq!(
+            chain.descriptors(),
+            &[Descriptor {
+                addr: GuestAddress(buffer),
+                len: 64,
+                writable: true
+            }]
+        );
+        assert_eq!(chain.write_from(&mem, &[0xab; 100]).unwrap(), 64);
+        queue.add_used(&mem, chain.head_index(), 64).unwrap();
+
+        assert_eq!(driver.used_idx(&mem).unwrap(), 1);
+        assert_eq!(driver.used_elem(&mem, 0).unwrap(), (u32::from(head), 64));
+        let mut written = [0u8; 65];
+        mem.read_slice(&mut written, GuestAddress(buffer)).unwrap();
+        assert_eq!(&written[..64], &[0xab; 64]);
+        assert_eq!(written[64], 0, "the write stayed inside the buffer");
+        assert!(queue.pop(&mem).unwrap().is_none());
+    }
+
+    #[test]
+    fn three_descriptor_chain_round_trips() {
+        let (mem, mut driver, mut queue) = setup();
+        let (a, b, c) = (data(&driver, 0), data(&driver, 1), data(&driver, 2));
+        mem.write_slice(b"head", GuestAddress(a)).unwrap();
+        mem.write_slice(b"body", GuestAddress(b)).unwrap();
+        let buffers = [
+            MockBuffer::readable(a, 4),
+            MockBuffer::readable(b, 4),
+            MockBuffer::writable(c, 16),
+        ];
+        // A first chain moves the free descriptors along, so the second wraps the table.
+        for round in 0..QUEUE_SIZE {
+            let head = driver.add_chain(&mem, &buffers).unwrap();
+            let chain = queue.pop(&mem).unwrap().unwrap();
+            assert_eq!(chain.head_index(), head);
+            assert_eq!(chain.descriptors().len(), 3);
+            assert_eq!(chain.readable_len(), 8);
+            assert_eq!(chain.writable_len(), 16);
+            let mut request = [0u8; 8];
+            assert_eq!(chain.read_to(&mem, &mut request).unwrap(), 8);
+            assert_eq!(&request, b"headbody");
+            assert_eq!(chain.write_from(&mem, b"ok").unwrap(), 2);
+            queue.add_used(&mem, head, 2).unwrap();
+            assert_eq!(driver.used_idx(&mem).unwrap(), round + 1);
+            assert_eq!(driver.used_elem(&mem, round).unwrap(), (u32::from(head), 2));
+        }
+    }
+
+    #[test]
+    fn indirect_chain_round_trips() {
+        let (mem, mut driver, mut queue) = setup();
+        let (a, b, table) = (data(&driver, 0), data(&driver, 1), data(&driver, 2));
+        mem.write_slice(b"request", GuestAddress(a)).unwrap();
+        let head = driver
+            .add_indirect_chain(
+                &mem,
+                GuestAddress(table),
+                &[MockBuffer::readable(a, 7), MockBuffer::writable(b, 32)],
+            )
+            .unwrap();
+        let chain = queue.pop(&mem).unwrap().unwrap();
+        assert_eq!(chain.head_index(), head);
+        assert_eq!(
+            chain.descriptors(),
+            &[
+                Descriptor {
+                    addr: GuestAddress(a),
+                    len: 7,
+                    writable: false
+                },
+                Descriptor {
+                    addr: GuestAddress(b),
+                    len: 32,
+                    writable: true
+                },
+            ]
+        );
+        let mut request = [0u8; 16];
+        assert_eq!(chain.read_to(&mem, &mut request).unwrap(), 7);
+        assert_eq!(&request[..7], b"request");
+        queue.add_used(&mem, head, 0).unwrap();
+        assert_eq!(driver.used_elem(&mem, 0).unwrap(), (u32::from(head), 0));
+    }
+
+    #[test]
+    fn indices_wrap_past_65535() {
+        let (mem, mut driver, mut queue) = setup();
+        let start = 65534u16;
+        driver.set_avail_idx(&mem, start).unwrap();
+        queue.set_next_avail(start);
+        queue.set_next_used(start);
+        let buffer = data(&driver, 0);
+        let mut heads = Vec::new();
+        for _ in 0..4 {
+            heads.push(
+                driver
+                    .add_chain(&mem, &[MockBuffer::writable(buffer, 8)])
+                    .unwrap(),
+            );
+        }
+        assert_eq!(driver.avail_idx(), 2);
+        for (i, head) in heads.iter().enumerate() {
+            let chain = queue.pop(&mem).unwrap().unwrap();
+            assert_eq!(chain.head_index(), *head);
+            let len = u32::try_from(i).unwrap();
+            queue.add_used(&mem, *head, len).unwrap();
+        }
+        assert!(queue.pop(&mem).unwrap().is_none());
+        assert_eq!(queue.next_avail(), 2);
+        assert_eq!(queue.next_used(), 2);
+        assert_eq!(driver.used_idx(&mem).unwrap(), 2);
+        for (i, head) in heads.iter().enumerate() {
+            let idx = start.wrapping_add(u16::try_from(i).unwrap());
+            let len = u32::try_from(i).unwrap();
+            assert_eq!(
+                driver.used_elem(&mem, idx).unwrap(),
+                (u32::from(*head), len)
+            );
+        }
+    }
+
+    #[test]
+    fn notification_follows_no_interrupt_without_event_idx() {
+        let (mem, driver, mut queue) = setup();
+        queue.add_used(&mem, 0, 0).unwrap();
+        assert!(queue.needs_notification(&mem).unwrap());
+        driver.set_avail_flags(&mem, AVAIL_F_NO_INTERRUPT).unwrap();
+        queue.add_used(&mem, 1, 0).unwrap();
+        assert!(!queue.needs_notification(&mem).unwrap());
+        driver.set_avail_flags(&mem, 0).unwrap();
+        assert!(queue.needs_notification(&mem).unwrap());
+    }
+
+    #[test]
+    fn notification_follows_used_event_with_event_idx() {
+        let (mem, driver, mut queue) = setup();
+        queue.set_event_idx(true);
+        // The first check has nothing to compare with, so it notifies.
+        assert!(queue.needs_notification(&mem).unwrap());
+        // The driver wants an interrupt once the used entry at index 2 is filled.
+        driver.set_used_event(&mem, 2).unwrap();
+        // The flag is ignored with EVENT_IDX.
+        driver.set_avail_flags(&mem, AVAIL_F_NO_INTERRUPT).unwrap();
+        let mut notified = Vec::new();
+        for head in 0..4 {
+            queue.add_used(&mem, head, 0).unwrap();
+            notified.push(queue.needs_notification(&mem).unwrap());
+        }
+        assert_eq!(notified, [false, false, true, false]);
+    }
+
+    #[test]
+    fn notification_with_event_idx_wraps_past_65535() {
+        let (mem, driver, mut queue) = setup();
+        queue.set_event_idx(true);
+        queue.set_next_used(65534);
+        assert!(queue.needs_notification(&mem).unwrap());
+        driver.set_used_event(&mem, 65535).unwrap();
+        queue.add_used(&mem, 0, 0).unwrap();
+        assert!(!queue.needs_notification(&mem).unwrap());
+        // Two entries at once, 65535 and 0, cross used_event across the wrap.
+        queue.add_used(&mem, 1, 0).unwrap();
+        queue.add_used(&mem, 2, 0).unwrap();
+        assert_eq!(queue.next_used(), 1);
+        assert!(queue.needs_notification(&mem).unwrap());
+    }
+
+    #[test]
+    fn need_event_matches_the_spec_formula() {
+        assert!(need_event(0, 1, 0));
+        assert!(!need_event(1, 1, 0));
+        assert!(need_event(65535, 1, 65535));
+        assert!(!need_event(5, 5, 5));
+    }
+
+    #[test]
+    fn enable_and_disable_notification_without_event_idx() {
+        let (mem, mut driver, queue) = setup();
+        queue.disable_notification(&mem).unwrap();
+        assert_eq!(driver.used_flags(&mem).unwrap(), USED_F_NO_NOTIFY);
+        assert!(!queue.enable_notification(&mem).unwrap());
+        assert_eq!(driver.used_flags(&mem).unwrap(), 0);
+        driver.publish(&mem, 0).unwrap();
+        assert!(
+            queue.enable_notification(&mem).unwrap(),
+            "an entry is already available"
+        );
+    }
+
+    #[test]
+    fn enable_notification_with_event_idx_sets_avail_event() {
+        let (mem, mut driver, mut queue) = setup();
+        queue.set_event_idx(true);
+        queue.set_next_avail(7);
+        driver.set_avail_idx(&mem, 7).unwrap();
+        assert!(!queue.enable_notification(&mem).unwrap());
+        assert_eq!(driver.avail_event(&mem).unwrap(), 7);
+        queue.set_avail_event(&mem, 9).unwrap();
+        assert_eq!(driver.avail_event(&mem).unwrap(), 9);
+        // Disabling leaves avail_event alone and never touches the flags.
+        queue.disable_notification(&mem).unwrap();
+        assert_eq!(driver.avail_event(&mem).unwrap(), 9);
+        assert_eq!(driver.used_flags(&mem).unwrap(), 0);
+    }
+
+    #[test]
+    fn reset_returns_the_initial_state() {
+        let (mem, mut driver, mut queue) = setup();
+        driver
+            .add_chain(&mem, &[MockBuffer::writable(data(&driver, 0), 8)])
+            .unwrap();
+        queue.set_event_idx(true);
+        queue.pop(&mem).unwrap().unwrap();
+        queue.add_used(&mem, 0, 0).unwrap();
+        queue.needs_notification(&mem).unwrap();
+        queue.reset();
+        assert_eq!(queue, Queue::new(QUEUE_SIZE));
+        assert!(!queue.ready());
+        assert_eq!(queue.next_avail(), 0);
+    }
+}
