@@ -20,6 +20,11 @@ args=(--kernel "$guest/vmlinux" --initrd "$guest/initramfs.cpio.gz" --boot-timer
 
 if "$scripts/rig.sh" needed >&2; then
     echo "run.sh: this host's KVM has no VMX/SVM: running ember inside the nested rig" >&2
-    exec "$scripts/rig.sh" shell --add "$ember:/usr/local/bin/ember" --add "$guest" -- ember "${args[@]}"
+    # The rig runs its command with sh -c: quote each argument for it.
+    quoted=
+    for arg in "${args[@]}"; do
+        quoted+=" '${arg//\'/\'\\\'\'}'"
+    done
+    exec "$scripts/rig.sh" shell --add "$ember:/usr/local/bin/ember" --add "$guest" -- "ember$quoted"
 fi
 exec "$ember" "${args[@]}"
