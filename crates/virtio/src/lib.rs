@@ -52,8 +52,13 @@
 
 #![deny(missing_docs)]
 
+pub mod device;
+pub mod iov;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 pub mod queue;
+pub mod worker;
 
+pub use device::{ActivateError, ActivateParams, Interrupt, IrqTrigger, VirtioDevice};
 pub use queue::{Descriptor, DescriptorChain, Error, Queue, Result, Ring};
+pub use worker::{EventHandler, EventOps, Worker};

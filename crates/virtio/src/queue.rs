@@ -446,6 +446,18 @@ impl DescriptorChain {
         self.writable().map(|d| d.len).sum()
     }
 
+    /// The bytes `[offset, offset + len)` of the device-readable part of the chain, as the
+    /// pieces of its buffers that hold them, in order. A range past the end is cut short.
+    pub fn readable_range(&self, offset: u32, len: u32) -> impl Iterator<Item = Descriptor> + '_ {
+        sub_range(self.readable(), offset, len)
+    }
+
+    /// The bytes `[offset, offset + len)` of the device-writable part of the chain, as in
+    /// [`DescriptorChain::readable_range`].
+    pub fn writable_range(&self, offset: u32, len: u32) -> impl Iterator<Item = Descriptor> + '_ {
+        sub_range(self.writable(), offset, len)
+    }
+
     /// Copies the device-readable part of the chain, in order, into `buf`.
     ///
     /// Copies `min(buf.len(), readable_len())` bytes and returns how many.
@@ -454,18 +466,28 @@ impl DescriptorChain {
     ///
     /// [`Error::GuestMemory`] if guest memory cannot be read.
     pub fn read_to<M: GuestMemory + ?Sized>(&self, mem: &M, buf: &mut [u8]) -> Result<usize> {
+        self.read_at(mem, 0, buf)
+    }
+
+    /// Copies the device-readable part of the chain from byte `offset` on into `buf`.
+    ///
+    /// Copies as many bytes as both hold and returns how many.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GuestMemory`] if guest memory cannot be read.
+    pub fn read_at<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        offset: u32,
+        buf: &mut [u8],
+    ) -> Result<usize> {
         let mut done = 0;
-        for desc in self.readable() {
-            let Some(rest) = buf.get_mut(done..) else {
-                break;
-            };
-            let count = rest.len().min(len_usize(desc.len));
-            if count == 0 {
-                continue;
-            }
-            if let Some(dst) = rest.get_mut(..count) {
+        for desc in self.readable_range(offset, len_u32(buf.len())) {
+            let end = done + len_usize(desc.len);
+            if let Some(dst) = buf.get_mut(done..end) {
                 mem.read_slice(dst, desc.addr)?;
-                done += count;
+                done = end;
             }
         }
         Ok(done)
@@ -479,22 +501,66 @@ impl DescriptorChain {
     ///
     /// [`Error::GuestMemory`] if guest memory cannot be written.
     pub fn write_from<M: GuestMemory + ?Sized>(&self, mem: &M, buf: &[u8]) -> Result<usize> {
+        self.write_at(mem, 0, buf)
+    }
+
+    /// Copies `buf` into the device-writable part of the chain from byte `offset` on.
+    ///
+    /// Copies as many bytes as both hold and returns how many.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GuestMemory`] if guest memory cannot be written.
+    pub fn write_at<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        offset: u32,
+        buf: &[u8],
+    ) -> Result<usize> {
         let mut done = 0;
-        for desc in self.writable() {
-            let Some(rest) = buf.get(done..) else {
-                break;
-            };
-            let count = rest.len().min(len_usize(desc.len));
-            if count == 0 {
-                continue;
-            }
-            if let Some(src) = rest.get(..count) {
+        for desc in self.writable_range(offset, len_u32(buf.len())) {
+            let end = done + len_usize(desc.len);
+            if let Some(src) = buf.get(done..end) {
                 mem.write_slice(src, desc.addr)?;
-                done += count;
+                done = end;
             }
         }
         Ok(done)
     }
+}
+
+/// The pieces of `descs` that hold their bytes `[offset, offset + len)`, taken as one sequence.
+fn sub_range<'a>(
+    descs: impl Iterator<Item = &'a Descriptor>,
+    offset: u32,
+    len: u32,
+) -> impl Iterator<Item = Descriptor> {
+    let mut skip = offset;
+    let mut left = len;
+    descs.filter_map(move |desc| {
+        if left == 0 {
+            return None;
+        }
+        if skip >= desc.len {
+            skip -= desc.len;
+            return None;
+        }
+        let start = std::mem::take(&mut skip);
+        let count = (desc.len - start).min(left);
+        left -= count;
+        // Cannot fail: `start` < `desc.len`, and `addr + len` was checked to fit.
+        let addr = desc.addr.checked_add(u64::from(start))?;
+        Some(Descriptor {
+            addr,
+            len: count,
+            writable: desc.writable,
+        })
+    })
+}
+
+/// A buffer length as `u32`, saturating: chains never hold more than `u32::MAX` bytes.
+fn len_u32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
 }
 
 /// A buffer length as `usize`, saturating on targets where `usize` is narrower than 32 bits.
@@ -1263,6 +1329,52 @@ mod tests {
             .unwrap();
         driver.publish(&mem, 2).unwrap();
         assert_eq!(queue.pop(&mem).unwrap().unwrap().head_index(), 2);
+    }
+
+    #[test]
+    fn byte_ranges_span_buffers_and_stop_at_the_end() {
+        let (mem, mut driver, mut queue) = setup();
+        let (a, b, c) = (data(&driver, 0), data(&driver, 1), data(&driver, 2));
+        mem.write_slice(b"0123", GuestAddress(a)).unwrap();
+        mem.write_slice(b"456789", GuestAddress(b)).unwrap();
+        driver
+            .add_chain(
+                &mem,
+                &[
+                    MockBuffer::readable(a, 4),
+                    MockBuffer::readable(b, 6),
+                    MockBuffer::writable(c, 8),
+                ],
+            )
+            .unwrap();
+        let chain = queue.pop(&mem).unwrap().unwrap();
+
+        let pieces: Vec<_> = chain.readable_range(2, 5).collect();
+        assert_eq!(
+            pieces,
+            [
+                Descriptor {
+                    addr: GuestAddress(a + 2),
+                    len: 2,
+                    writable: false
+                },
+                Descriptor {
+                    addr: GuestAddress(b),
+                    len: 3,
+                    writable: false
+                },
+            ]
+        );
+        let mut buf = [0u8; 16];
+        assert_eq!(chain.read_at(&mem, 3, &mut buf).unwrap(), 7);
+        assert_eq!(&buf[..7], b"3456789");
+        assert_eq!(chain.read_at(&mem, 10, &mut buf).unwrap(), 0);
+        assert_eq!(chain.readable_range(u32::MAX, u32::MAX).count(), 0);
+
+        assert_eq!(chain.write_at(&mem, 6, b"xyz").unwrap(), 2);
+        let mut written = [0u8; 8];
+        mem.read_slice(&mut written, GuestAddress(c)).unwrap();
+        assert_eq!(&written, b"\0\0\0\0\0\0xy");
     }
 
     #[test]

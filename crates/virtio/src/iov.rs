@@ -1,0 +1,204 @@
+//! Guest buffers as host `iovec`s, so that a device moves data between guest memory and a file
+//! or a TAP with one `preadv`/`pwritev`/`readv`/`writev` and no copy.
+//!
+//! [`GuestIoVecs`] borrows guest memory for as long as it lives, so the host addresses it hands
+//! out stay mapped; data the host writes into guest memory through them is marked dirty with
+//! [`GuestIoVecs::mark_written`].
+
+use std::fmt;
+
+use vm_memory::bitmap::{BS, Bitmap};
+use vm_memory::volatile_memory::PtrGuardMut;
+use vm_memory::{GuestMemory, GuestMemoryError, Permissions, VolatileSlice};
+
+use crate::queue::Descriptor;
+
+/// The most `iovec`s one `readv`/`writev` takes (Linux's `UIO_MAXIOV`).
+pub const IOV_MAX: usize = 1024;
+
+/// Guest buffers, validated and mapped, as a list of host `iovec`s.
+pub struct GuestIoVecs<'a, M: GuestMemory + ?Sized + 'a> {
+    slices: Vec<VolatileSlice<'a, BS<'a, M::Bitmap>>>,
+    // Keep the host mappings behind `iovecs` alive (they matter for backends that map guest
+    // memory on demand).
+    _guards: Vec<PtrGuardMut>,
+    iovecs: Vec<libc::iovec>,
+    len: usize,
+}
+
+impl<M: GuestMemory + ?Sized> fmt::Debug for GuestIoVecs<'_, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestIoVecs")
+            .field("iovecs", &self.iovecs.len())
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl<'a, M: GuestMemory + ?Sized> GuestIoVecs<'a, M> {
+    /// Maps `descriptors` for `access`: each buffer becomes one `iovec` per guest memory region
+    /// it lies in; empty buffers are left out.
+    ///
+    /// # Errors
+    ///
+    /// When a buffer is not inside guest memory.
+    pub fn new(
+        mem: &'a M,
+        descriptors: impl IntoIterator<Item = Descriptor>,
+        access: Permissions,
+    ) -> Result<Self, GuestMemoryError> {
+        let mut slices = Vec::new();
+        for desc in descriptors {
+            let count = usize::try_from(desc.len)
+                .map_err(|_| GuestMemoryError::InvalidGuestAddress(desc.addr))?;
+            if count == 0 {
+                continue;
+            }
+            for slice in mem.get_slices(desc.addr, count, access)? {
+                slices.push(slice?);
+            }
+        }
+        let guards: Vec<PtrGuardMut> = slices.iter().map(VolatileSlice::ptr_guard_mut).collect();
+        let iovecs = guards
+            .iter()
+            .map(|guard| libc::iovec {
+                iov_base: guard.as_ptr().cast(),
+                iov_len: guard.len(),
+            })
+            .collect();
+        let len = slices
+            .iter()
+            .map(VolatileSlice::len)
+            .fold(0, usize::saturating_add);
+        Ok(GuestIoVecs {
+            slices,
+            _guards: guards,
+            iovecs,
+            len,
+        })
+    }
+
+    /// The `iovec`s, in buffer order. Their memory stays mapped while `self` lives.
+    pub fn iovecs(&self) -> &[libc::iovec] {
+        &self.iovecs
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffers hold no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Marks the first `count` bytes dirty, after the host wrote them through the `iovec`s
+    /// (writes through raw host addresses bypass vm-memory's dirty tracking).
+    pub fn mark_written(&self, count: usize) {
+        let mut left = count;
+        for slice in &self.slices {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(slice.len());
+            slice.bitmap().mark_dirty(0, n);
+            left -= n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::fd::AsRawFd;
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+
+    fn desc(addr: u64, len: u32, writable: bool) -> Descriptor {
+        Descriptor {
+            addr: GuestAddress(addr),
+            len,
+            writable,
+        }
+    }
+
+    #[test]
+    fn buffers_across_regions_become_one_iovec_per_region() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0x1000),
+        ])
+        .unwrap();
+        let iov = GuestIoVecs::new(
+            &mem,
+            [
+                desc(0xff0, 0x20, true),
+                desc(0x1800, 0, true),
+                desc(0x100, 4, true),
+            ],
+            Permissions::Write,
+        )
+        .unwrap();
+        assert_eq!(iov.iovecs().len(), 3);
+        assert_eq!(iov.len(), 0x24);
+        let lens: Vec<usize> = iov.iovecs().iter().map(|v| v.iov_len).collect();
+        assert_eq!(lens, [0x10, 0x10, 4]);
+    }
+
+    #[test]
+    fn buffers_outside_guest_memory_are_refused() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let err = GuestIoVecs::new(&mem, [desc(0xff0, 0x20, false)], Permissions::Read);
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn a_host_read_through_the_iovecs_lands_in_guest_memory() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        let mut file = tempfile();
+        file.write_all(b"hello, guest").unwrap();
+        let iov = GuestIoVecs::new(
+            &mem,
+            [desc(0x100, 5, true), desc(0x1000, 7, true)],
+            Permissions::Write,
+        )
+        .unwrap();
+        // SAFETY: the iovecs point at `iov.len()` bytes of guest memory that `iov` keeps mapped.
+        let n = unsafe {
+            libc::preadv(
+                file.as_raw_fd(),
+                iov.iovecs().as_ptr(),
+                i32::try_from(iov.iovecs().len()).unwrap(),
+                0,
+            )
+        };
+        assert_eq!(n, 12);
+        iov.mark_written(12);
+        let mut a = [0u8; 5];
+        let mut b = [0u8; 7];
+        mem.read_slice(&mut a, GuestAddress(0x100)).unwrap();
+        mem.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!((&a, &b), (b"hello", b", guest"));
+        file.seek(SeekFrom::Start(0)).unwrap();
+        let mut back = String::new();
+        file.read_to_string(&mut back).unwrap();
+        assert_eq!(back, "hello, guest");
+    }
+
+    fn tempfile() -> std::fs::File {
+        let dir = std::env::temp_dir();
+        let path = dir.join(format!("ember-iov-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+}
