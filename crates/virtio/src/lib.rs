@@ -54,6 +54,7 @@
 
 pub mod device;
 pub mod iov;
+pub mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 pub mod queue;

@@ -1,0 +1,1022 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2, section 4.2.2): the register page through
+//! which a guest driver discovers a [`VirtioDevice`], negotiates features, lays out the queues
+//! and starts the device.
+//!
+//! The device status follows an explicit table of transitions ([`TRANSITIONS`]): each write to
+//! the status register either matches a row, or sets FAILED, or resets the device (0); anything
+//! else is ignored. Features are accepted only while the driver negotiates them (status
+//! ACKNOWLEDGE | DRIVER), checked when it sets FEATURES_OK, and queues can only be configured
+//! between FEATURES_OK and DRIVER_OK; a queue becomes ready only with a valid size and rings
+//! inside guest memory. DRIVER_OK activates the device.
+//!
+//! Queue notifications go to one eventfd per queue: a KVM VMM registers each as an ioeventfd on
+//! [`QUEUE_NOTIFY_OFFSET`] with the queue index as datamatch, so the write never leaves the
+//! kernel; without that registration the transport writes the eventfd itself. Interrupts go
+//! through the device's [`Interrupt`].
+//!
+//! The guest describes the device to Linux on its command line with [`cmdline_device`].
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use log::{debug, warn};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::{GuestAddress, GuestMemory};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{ActivateParams, Interrupt, IrqTrigger, VirtioDevice};
+use crate::queue::Queue;
+
+/// Size of a device's MMIO register page.
+pub const MMIO_SIZE: u64 = 0x1000;
+
+/// Offset of the QueueNotify register, where a VMM registers the queues' ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+
+/// Offset of the device configuration space in the register page.
+pub const CONFIG_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
+
+/// "virt", little-endian.
+const MAGIC_VALUE: u32 = 0x7472_6976;
+/// The virtio-mmio version: 2, the modern (virtio 1.x) interface.
+const MMIO_VERSION: u32 = 2;
+/// The vendor ID the device reports.
+pub const VENDOR_ID: u32 = 0;
+
+const ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+const FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+const DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+const FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+const NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
+
+/// What the transport does when a status write makes a transition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusStep {
+    /// Only record the new status.
+    Record,
+    /// Check the features the driver accepted; set FEATURES_OK only if they are valid.
+    CheckFeatures,
+    /// Activate the device.
+    Activate,
+}
+
+/// The device status transitions a driver may make (virtio 1.2, 3.1.1), as (current status,
+/// status written, what the transport does). Besides these, the driver may set FAILED at any
+/// time and reset the device by writing 0.
+pub const TRANSITIONS: [(u32, u32, StatusStep); 4] = [
+    (0, ACKNOWLEDGE, StatusStep::Record),
+    (ACKNOWLEDGE, ACKNOWLEDGE | DRIVER, StatusStep::Record),
+    (
+        ACKNOWLEDGE | DRIVER,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK,
+        StatusStep::CheckFeatures,
+    ),
+    (
+        ACKNOWLEDGE | DRIVER | FEATURES_OK,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        StatusStep::Activate,
+    ),
+];
+
+/// The `virtio_mmio.device=` parameter by which a Linux guest (with
+/// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`) finds a device whose register page is at `base`, on
+/// interrupt line `irq`.
+pub fn cmdline_device(base: GuestAddress, irq: u32) -> String {
+    format!("virtio_mmio.device=4K@{:#x}:{irq}", base.0)
+}
+
+/// A virtio device behind its MMIO register page.
+pub struct MmioTransport<M> {
+    device: Box<dyn VirtioDevice<M>>,
+    mem: Arc<M>,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    shm_sel: u32,
+}
+
+impl<M> fmt::Debug for MmioTransport<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .field("driver_features", &self.driver_features)
+            .field("queues", &self.queues)
+            .field("interrupt", &self.interrupt)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> MmioTransport<M> {
+    /// Puts `device` behind a register page, in reset, raising its interrupt with `trigger`.
+    ///
+    /// # Errors
+    ///
+    /// When the queue notification eventfds cannot be created.
+    pub fn new(
+        mem: Arc<M>,
+        device: Box<dyn VirtioDevice<M>>,
+        trigger: impl IrqTrigger + 'static,
+    ) -> io::Result<Self> {
+        let queues: Vec<Queue> = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max))
+            .collect();
+        let queue_evts = queues
+            .iter()
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt: Arc::new(Interrupt::new(trigger)),
+            queues,
+            queue_evts,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            shm_sel: 0,
+        })
+    }
+
+    /// The queues' notification eventfds, in queue order: register each as an ioeventfd on
+    /// [`QUEUE_NOTIFY_OFFSET`] with its index as datamatch.
+    pub fn queue_evts(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The device's interrupt state.
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    /// The device status register as the driver reads it.
+    pub fn status(&self) -> u32 {
+        if self.interrupt.needs_reset() {
+            self.status | NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
+    /// Whether the driver started the device (DRIVER_OK).
+    pub fn is_activated(&self) -> bool {
+        self.status & DRIVER_OK != 0
+    }
+
+    /// The features the driver accepted.
+    pub fn driver_features(&self) -> u64 {
+        self.driver_features
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice<M> {
+        self.device.as_ref()
+    }
+
+    /// Handles a read of `data.len()` bytes at `offset` in the register page. Registers are
+    /// read 32 bits at a time; other reads of them read as 0.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            self.device.read_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        data.fill(0);
+        let Ok(word) = <&mut [u8; 4]>::try_from(&mut *data) else {
+            debug!(
+                "virtio-mmio: ignored {}-byte read at {offset:#x}",
+                data.len()
+            );
+            return;
+        };
+        let Ok(register) = u32::try_from(offset) else {
+            return;
+        };
+        let value = match register {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC_VALUE,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => {
+                feature_page(self.device.features(), self.device_features_sel)
+            }
+            VIRTIO_MMIO_QUEUE_NUM_MAX => {
+                self.selected_queue().map_or(0, |q| u32::from(q.max_size()))
+            }
+            VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => self.status(),
+            // The device has no shared memory regions: their length reads as all ones.
+            VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
+            VIRTIO_MMIO_SHM_BASE_LOW | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.interrupt.config_generation(),
+            _ => {
+                debug!("virtio-mmio: read of unknown or write-only register {offset:#x}");
+                0
+            }
+        };
+        *word = value.to_le_bytes();
+    }
+
+    /// Handles a write of `data` at `offset` in the register page. Registers are written 32
+    /// bits at a time; other writes of them are ignored.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            if self.status & DRIVER != 0 && self.status & FAILED == 0 {
+                self.device.write_config(offset - CONFIG_OFFSET, data);
+            } else {
+                debug!("virtio-mmio: config write before the driver was found, ignored");
+            }
+            return;
+        }
+        let (Ok(word), Ok(register)) = (<[u8; 4]>::try_from(data), u32::try_from(offset)) else {
+            debug!(
+                "virtio-mmio: ignored {}-byte write at {offset:#x}",
+                data.len()
+            );
+            return;
+        };
+        let value = u32::from_le_bytes(word);
+        match register {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => self.write_driver_features(value),
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_NUM
+            | VIRTIO_MMIO_QUEUE_READY
+            | VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH => self.write_queue_register(register, value),
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
+            VIRTIO_MMIO_STATUS => self.write_status(value),
+            VIRTIO_MMIO_SHM_SEL => self.shm_sel = value,
+            _ => debug!("virtio-mmio: write of unknown or read-only register {offset:#x}"),
+        }
+    }
+
+    fn selected_queue(&self) -> Option<&Queue> {
+        self.queues.get(usize::try_from(self.queue_sel).ok()?)
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        if self.status != ACKNOWLEDGE | DRIVER {
+            debug!("virtio-mmio: driver features written outside feature negotiation, ignored");
+            return;
+        }
+        let shift = match self.driver_features_sel {
+            0 => 0,
+            1 => 32,
+            _ => return,
+        };
+        let mask = u64::from(u32::MAX) << shift;
+        self.driver_features = (self.driver_features & !mask) | (u64::from(value) << shift);
+    }
+
+    /// Queue registers are writable between FEATURES_OK and DRIVER_OK, for a queue that exists.
+    fn write_queue_register(&mut self, register: u32, value: u32) {
+        if self.status != ACKNOWLEDGE | DRIVER | FEATURES_OK {
+            debug!(
+                "virtio-mmio: queue register {register:#x} written outside queue setup, ignored"
+            );
+            return;
+        }
+        let mem = Arc::clone(&self.mem);
+        let Some(queue) = usize::try_from(self.queue_sel)
+            .ok()
+            .and_then(|index| self.queues.get_mut(index))
+        else {
+            debug!(
+                "virtio-mmio: queue register written for absent queue {}",
+                self.queue_sel
+            );
+            return;
+        };
+        if register == VIRTIO_MMIO_QUEUE_READY {
+            if value == 0 {
+                queue.set_ready(false);
+            } else if let Err(err) = queue.validate(mem.as_ref()) {
+                // The driver sees the queue stay not ready.
+                debug!("virtio-mmio: queue {} refused: {err}", self.queue_sel);
+            } else {
+                queue.set_ready(true);
+            }
+            return;
+        }
+        if queue.ready() {
+            debug!(
+                "virtio-mmio: queue {} changed while ready, ignored",
+                self.queue_sel
+            );
+            return;
+        }
+        let set_low =
+            |addr: GuestAddress| GuestAddress((addr.0 & !u64::from(u32::MAX)) | u64::from(value));
+        let set_high = |addr: GuestAddress| {
+            GuestAddress((addr.0 & u64::from(u32::MAX)) | (u64::from(value) << 32))
+        };
+        match register {
+            VIRTIO_MMIO_QUEUE_NUM => {
+                // A size that does not fit 16 bits is invalid; u16::MAX is never a power of two
+                // and `validate` refuses it.
+                queue.set_size(u16::try_from(value).unwrap_or(u16::MAX));
+            }
+            VIRTIO_MMIO_QUEUE_DESC_LOW => queue.set_desc_table(set_low(queue.desc_table())),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => queue.set_desc_table(set_high(queue.desc_table())),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => queue.set_avail_ring(set_low(queue.avail_ring())),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => queue.set_avail_ring(set_high(queue.avail_ring())),
+            VIRTIO_MMIO_QUEUE_USED_LOW => queue.set_used_ring(set_low(queue.used_ring())),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => queue.set_used_ring(set_high(queue.used_ring())),
+            _ => {}
+        }
+    }
+
+    fn notify(&self, index: u32) {
+        if !self.is_activated() {
+            debug!("virtio-mmio: notification of queue {index} before DRIVER_OK, ignored");
+            return;
+        }
+        let Some(evt) = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.queue_evts.get(i))
+        else {
+            debug!("virtio-mmio: notification of absent queue {index}, ignored");
+            return;
+        };
+        if let Err(err) = evt.write(1) {
+            warn!("virtio-mmio: cannot signal queue {index}: {err}");
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        if value == self.status | FAILED {
+            self.status = value;
+            return;
+        }
+        let step = TRANSITIONS
+            .iter()
+            .find(|&&(from, to, _)| from == self.status && to == value)
+            .map(|&(_, _, step)| step);
+        match step {
+            Some(StatusStep::Record) => self.status = value,
+            Some(StatusStep::CheckFeatures) => {
+                if self.features_valid() {
+                    self.status = value;
+                } else {
+                    debug!("virtio-mmio: features {:#x} refused", self.driver_features);
+                }
+            }
+            Some(StatusStep::Activate) => {
+                self.status = value;
+                self.activate();
+            }
+            None => debug!(
+                "virtio-mmio: status change {:#x} -> {value:#x} is not allowed, ignored",
+                self.status
+            ),
+        }
+    }
+
+    /// The driver accepted VERSION_1 and nothing the device did not offer.
+    fn features_valid(&self) -> bool {
+        let version_1 = 1u64 << VIRTIO_F_VERSION_1;
+        self.driver_features & !self.device.features() == 0 && self.driver_features & version_1 != 0
+    }
+
+    fn activate(&mut self) {
+        if let Some(index) = self.queues.iter().position(|q| !q.ready()) {
+            warn!("virtio-mmio: the driver started the device with queue {index} not ready");
+            self.fail_activation();
+            return;
+        }
+        let event_idx = self.driver_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut queues = self.queues.clone();
+        for queue in &mut queues {
+            queue.set_event_idx(event_idx);
+        }
+        let queue_evts = match self.queue_evts.iter().map(EventFd::try_clone).collect() {
+            Ok(evts) => evts,
+            Err(err) => {
+                warn!("virtio-mmio: cannot share the queue eventfds: {err}");
+                self.fail_activation();
+                return;
+            }
+        };
+        let params = ActivateParams {
+            mem: Arc::clone(&self.mem),
+            features: self.driver_features,
+            queues,
+            queue_evts,
+            interrupt: Arc::clone(&self.interrupt),
+        };
+        if let Err(err) = self.device.activate(params) {
+            warn!("virtio-mmio: cannot activate the device: {err}");
+            self.fail_activation();
+        }
+    }
+
+    fn fail_activation(&self) {
+        if let Err(err) = self.interrupt.set_needs_reset() {
+            warn!("virtio-mmio: cannot signal DEVICE_NEEDS_RESET: {err}");
+        }
+    }
+
+    /// Returns the device and the transport to their initial state.
+    fn reset(&mut self) {
+        if self.is_activated() {
+            self.device.reset();
+        }
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        // Notifications the old driver left behind must not reach the next activation.
+        for evt in &self.queue_evts {
+            let _ = evt.read();
+        }
+        self.interrupt.reset();
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.shm_sel = 0;
+    }
+}
+
+/// Page `sel` (0: bits 0-31, 1: bits 32-63) of a feature word; other pages are 0.
+fn feature_page(features: u64, sel: u32) -> u32 {
+    let page = match sel {
+        0 => features,
+        1 => features >> 32,
+        _ => 0,
+    };
+    u32::try_from(page & u64::from(u32::MAX)).unwrap_or_default()
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> ember_bus::BusDeviceMut for MmioTransport<M> {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        MmioTransport::write(self, offset, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use vm_memory::GuestMemoryMmap;
+
+    use super::*;
+    use crate::device::{ActivateError, INT_CONFIG, INT_USED_RING, read_config_bytes};
+    use crate::mock::{MockDriver, guest_memory};
+
+    const MEM_SIZE: usize = 0x10000;
+    const QUEUE_MAX: u16 = 16;
+    const DEVICE_TYPE: u32 = 42;
+    const OFFERED: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | 0b101;
+
+    /// What the test device saw of its lifecycle.
+    #[derive(Debug, Default)]
+    struct Seen {
+        activations: Vec<(u64, Vec<Queue>)>,
+        resets: usize,
+        config_writes: Vec<(u64, Vec<u8>)>,
+        fail_activation: bool,
+    }
+
+    struct TestDevice {
+        seen: Arc<Mutex<Seen>>,
+        sizes: Vec<u16>,
+        config: [u8; 8],
+    }
+
+    impl VirtioDevice<GuestMemoryMmap<()>> for TestDevice {
+        fn device_type(&self) -> u32 {
+            DEVICE_TYPE
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn features(&self) -> u64 {
+            OFFERED
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            read_config_bytes(&self.config, offset, data);
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.seen
+                .lock()
+                .unwrap()
+                .config_writes
+                .push((offset, data.to_vec()));
+        }
+        fn activate(
+            &mut self,
+            params: ActivateParams<GuestMemoryMmap<()>>,
+        ) -> Result<(), ActivateError> {
+            let mut seen = self.seen.lock().unwrap();
+            if seen.fail_activation {
+                return Err(ActivateError::AlreadyActive);
+            }
+            assert_eq!(params.queue_evts.len(), params.queues.len());
+            seen.activations.push((params.features, params.queues));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.seen.lock().unwrap().resets += 1;
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Trigger(Arc<AtomicUsize>);
+
+    impl IrqTrigger for Trigger {
+        fn trigger(&self) -> io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    struct Setup {
+        transport: MmioTransport<GuestMemoryMmap<()>>,
+        seen: Arc<Mutex<Seen>>,
+        drivers: Vec<MockDriver>,
+    }
+
+    fn setup_with_queues(count: usize) -> Setup {
+        let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let device = TestDevice {
+            seen: seen.clone(),
+            sizes: vec![QUEUE_MAX; count],
+            config: *b"config!!",
+        };
+        let transport = MmioTransport::new(mem, Box::new(device), Trigger::default()).unwrap();
+        let drivers = (0..count)
+            .map(|i| {
+                MockDriver::new(
+                    QUEUE_MAX,
+                    GuestAddress(0x1000 * (u64::try_from(i).unwrap() + 1)),
+                )
+            })
+            .collect();
+        Setup {
+            transport,
+            seen,
+            drivers,
+        }
+    }
+
+    fn setup() -> Setup {
+        setup_with_queues(2)
+    }
+
+    fn read(t: &MmioTransport<GuestMemoryMmap<()>>, offset: u32) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(u64::from(offset), &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write(t: &mut MmioTransport<GuestMemoryMmap<()>>, offset: u32, value: u32) {
+        t.write(u64::from(offset), &value.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport<GuestMemoryMmap<()>>, features: u64) {
+        write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE);
+        write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER);
+        for page in 0..2u32 {
+            write(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, page);
+            write(t, VIRTIO_MMIO_DRIVER_FEATURES, feature_page(features, page));
+        }
+        write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    }
+
+    fn configure_queue(
+        t: &mut MmioTransport<GuestMemoryMmap<()>>,
+        index: u32,
+        driver: &MockDriver,
+        size: u32,
+    ) {
+        write(t, VIRTIO_MMIO_QUEUE_SEL, index);
+        write(t, VIRTIO_MMIO_QUEUE_NUM, size);
+        let rings = [
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, driver.desc_table()),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, driver.avail_ring()),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, driver.used_ring()),
+        ];
+        for (low, addr) in rings {
+            write(t, low, feature_page(addr.0, 0));
+            write(t, low + 4, feature_page(addr.0, 1));
+        }
+        write(t, VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    /// Negotiates `features`, configures every queue and sets DRIVER_OK.
+    fn start(s: &mut Setup, features: u64) {
+        negotiate(&mut s.transport, features);
+        for (i, driver) in s.drivers.iter().enumerate() {
+            configure_queue(
+                &mut s.transport,
+                u32::try_from(i).unwrap(),
+                driver,
+                u32::from(QUEUE_MAX),
+            );
+        }
+        write(
+            &mut s.transport,
+            VIRTIO_MMIO_STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+    }
+
+    /// Every register a driver can read, for comparing whole transport states.
+    fn registers(t: &mut MmioTransport<GuestMemoryMmap<()>>) -> Vec<u32> {
+        let mut values = Vec::new();
+        for sel in 0..3 {
+            write(t, VIRTIO_MMIO_QUEUE_SEL, sel);
+            write(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, sel);
+            for offset in (0..0x100).step_by(4) {
+                values.push(read(t, offset));
+            }
+        }
+        write(t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        write(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+        values
+    }
+
+    #[test]
+    fn identity_registers_read_as_virtio_mmio_version_2() {
+        let s = setup();
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_DEVICE_ID), DEVICE_TYPE);
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_VENDOR_ID), VENDOR_ID);
+        assert_eq!(
+            read(&s.transport, VIRTIO_MMIO_QUEUE_NUM_MAX),
+            u32::from(QUEUE_MAX)
+        );
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_SHM_LEN_LOW), u32::MAX);
+    }
+
+    #[test]
+    fn device_features_are_read_in_two_pages() {
+        let mut s = setup();
+        assert_eq!(
+            read(&s.transport, VIRTIO_MMIO_DEVICE_FEATURES),
+            feature_page(OFFERED, 0)
+        );
+        write(&mut s.transport, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_DEVICE_FEATURES), 1);
+        write(&mut s.transport, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 2);
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_DEVICE_FEATURES), 0);
+    }
+
+    #[test]
+    fn registers_are_only_accessed_32_bits_at_a_time() {
+        let mut s = setup();
+        let mut half = [0xffu8; 2];
+        s.transport
+            .read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut half);
+        assert_eq!(half, [0, 0]);
+        s.transport.write(u64::from(VIRTIO_MMIO_STATUS), &[1]);
+        s.transport
+            .write(u64::from(VIRTIO_MMIO_STATUS), &1u64.to_le_bytes());
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_STATUS), 0);
+    }
+
+    #[test]
+    fn status_follows_the_transition_table() {
+        let mut s = setup();
+        let t = &mut s.transport;
+        // Each step can only be taken from the one before it.
+        for skipped in [
+            DRIVER,
+            ACKNOWLEDGE | DRIVER,
+            ACKNOWLEDGE | FEATURES_OK,
+            DRIVER_OK,
+        ] {
+            write(t, VIRTIO_MMIO_STATUS, skipped);
+            assert_eq!(read(t, VIRTIO_MMIO_STATUS), 0, "{skipped:#x} from 0");
+        }
+        write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE);
+        assert_eq!(read(t, VIRTIO_MMIO_STATUS), ACKNOWLEDGE);
+        write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_eq!(read(t, VIRTIO_MMIO_STATUS), ACKNOWLEDGE);
+        write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER);
+        assert_eq!(read(t, VIRTIO_MMIO_STATUS), ACKNOWLEDGE | DRIVER);
+        // Bits cannot be cleared one by one.
+        write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE);
+        assert_eq!(read(t, VIRTIO_MMIO_STATUS), ACKNOWLEDGE | DRIVER);
+        // FAILED can be set at any point.
+        write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER | FAILED);
+        assert_eq!(read(t, VIRTIO_MMIO_STATUS), ACKNOWLEDGE | DRIVER | FAILED);
+        // And then nothing goes forward.
+        write(
+            t,
+            VIRTIO_MMIO_STATUS,
+            ACKNOWLEDGE | DRIVER | FAILED | FEATURES_OK,
+        );
+        assert_eq!(read(t, VIRTIO_MMIO_STATUS), ACKNOWLEDGE | DRIVER | FAILED);
+    }
+
+    #[test]
+    fn features_ok_needs_version_1_and_only_offered_features() {
+        for (features, accepted) in [
+            (1u64 << VIRTIO_F_VERSION_1, true),
+            (OFFERED, true),
+            (0b1, false),
+            (OFFERED | 0b10, false),
+            (OFFERED | (1 << 40), false),
+        ] {
+            let mut s = setup();
+            negotiate(&mut s.transport, features);
+            let status = read(&s.transport, VIRTIO_MMIO_STATUS);
+            assert_eq!(
+                status & FEATURES_OK != 0,
+                accepted,
+                "features {features:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn driver_features_are_only_written_during_negotiation() {
+        let mut s = setup();
+        write(&mut s.transport, VIRTIO_MMIO_DRIVER_FEATURES, 0b1);
+        assert_eq!(s.transport.driver_features(), 0);
+        negotiate(&mut s.transport, OFFERED);
+        write(&mut s.transport, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        write(&mut s.transport, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+        assert_eq!(s.transport.driver_features(), OFFERED);
+    }
+
+    #[test]
+    fn queues_are_only_configured_between_features_ok_and_driver_ok() {
+        let mut s = setup();
+        let driver = s.drivers[0].clone();
+        // Before FEATURES_OK.
+        write(&mut s.transport, VIRTIO_MMIO_STATUS, ACKNOWLEDGE);
+        write(&mut s.transport, VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER);
+        configure_queue(&mut s.transport, 0, &driver, 8);
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_QUEUE_READY), 0);
+        write(&mut s.transport, VIRTIO_MMIO_STATUS, 0);
+
+        // After DRIVER_OK.
+        start(&mut s, OFFERED);
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_SEL, 0);
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_READY, 0);
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_NUM, 4);
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_QUEUE_READY), 1);
+        let (_, queues) = &s.seen.lock().unwrap().activations[0];
+        assert_eq!(queues[0].size(), QUEUE_MAX);
+    }
+
+    #[test]
+    fn a_queue_with_an_invalid_size_does_not_become_ready() {
+        for size in [0, 3, u32::from(QUEUE_MAX) * 2, 0x1_0000 + 8] {
+            let mut s = setup();
+            negotiate(&mut s.transport, OFFERED);
+            let driver = s.drivers[0].clone();
+            configure_queue(&mut s.transport, 0, &driver, size);
+            assert_eq!(
+                read(&s.transport, VIRTIO_MMIO_QUEUE_READY),
+                0,
+                "size {size}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_queue_with_rings_outside_guest_memory_does_not_become_ready() {
+        let mut s = setup();
+        negotiate(&mut s.transport, OFFERED);
+        let outside = MockDriver::new(
+            QUEUE_MAX,
+            GuestAddress(u64::try_from(MEM_SIZE).unwrap() - 0x100),
+        );
+        configure_queue(&mut s.transport, 0, &outside, u32::from(QUEUE_MAX));
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_QUEUE_READY), 0);
+        let above_4g = MockDriver::new(QUEUE_MAX, GuestAddress(1 << 32));
+        configure_queue(&mut s.transport, 0, &above_4g, u32::from(QUEUE_MAX));
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_QUEUE_READY), 0);
+        let inside = s.drivers[0].clone();
+        configure_queue(&mut s.transport, 0, &inside, u32::from(QUEUE_MAX));
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_QUEUE_READY), 1);
+    }
+
+    #[test]
+    fn a_ready_queue_cannot_be_moved() {
+        let mut s = setup();
+        negotiate(&mut s.transport, OFFERED);
+        let driver = s.drivers[0].clone();
+        configure_queue(&mut s.transport, 0, &driver, u32::from(QUEUE_MAX));
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x8000);
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_NUM, 4);
+        let driver1 = s.drivers[1].clone();
+        configure_queue(&mut s.transport, 1, &driver1, u32::from(QUEUE_MAX));
+        write(
+            &mut s.transport,
+            VIRTIO_MMIO_STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        let (_, queues) = &s.seen.lock().unwrap().activations[0];
+        assert_eq!(queues[0].desc_table(), driver.desc_table());
+        assert_eq!(queues[0].size(), QUEUE_MAX);
+    }
+
+    #[test]
+    fn driver_ok_activates_with_the_negotiated_features_and_queues() {
+        let mut s = setup();
+        start(&mut s, OFFERED);
+        assert!(s.transport.is_activated());
+        let seen = s.seen.lock().unwrap();
+        assert_eq!(seen.activations.len(), 1);
+        let (features, queues) = &seen.activations[0];
+        assert_eq!(*features, OFFERED);
+        assert_eq!(queues.len(), 2);
+        for (queue, driver) in queues.iter().zip(&s.drivers) {
+            assert!(queue.ready());
+            assert!(queue.event_idx_enabled());
+            assert_eq!(queue.desc_table(), driver.desc_table());
+            assert_eq!(queue.avail_ring(), driver.avail_ring());
+            assert_eq!(queue.used_ring(), driver.used_ring());
+        }
+    }
+
+    #[test]
+    fn event_idx_is_off_when_not_negotiated() {
+        let mut s = setup();
+        start(&mut s, 1 << VIRTIO_F_VERSION_1);
+        let seen = s.seen.lock().unwrap();
+        assert!(!seen.activations[0].1[0].event_idx_enabled());
+    }
+
+    #[test]
+    fn driver_ok_with_a_queue_not_ready_needs_reset() {
+        let mut s = setup();
+        negotiate(&mut s.transport, OFFERED);
+        let driver = s.drivers[0].clone();
+        configure_queue(&mut s.transport, 0, &driver, u32::from(QUEUE_MAX));
+        write(
+            &mut s.transport,
+            VIRTIO_MMIO_STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(s.seen.lock().unwrap().activations.is_empty());
+        assert_ne!(read(&s.transport, VIRTIO_MMIO_STATUS) & NEEDS_RESET, 0);
+        assert_ne!(
+            read(&s.transport, VIRTIO_MMIO_INTERRUPT_STATUS) & INT_CONFIG,
+            0
+        );
+    }
+
+    #[test]
+    fn a_failed_activation_needs_reset() {
+        let mut s = setup();
+        s.seen.lock().unwrap().fail_activation = true;
+        start(&mut s, OFFERED);
+        assert_ne!(read(&s.transport, VIRTIO_MMIO_STATUS) & NEEDS_RESET, 0);
+        // A reset clears it, and the driver can start again.
+        write(&mut s.transport, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_STATUS), 0);
+        s.seen.lock().unwrap().fail_activation = false;
+        start(&mut s, OFFERED);
+        assert_eq!(
+            read(&s.transport, VIRTIO_MMIO_STATUS),
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
+        );
+    }
+
+    #[test]
+    fn queue_notify_signals_that_queues_eventfd_once_started() {
+        let mut s = setup();
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        assert!(
+            s.transport.queue_evts()[1].read().is_err(),
+            "not before DRIVER_OK"
+        );
+        start(&mut s, OFFERED);
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        assert_eq!(s.transport.queue_evts()[1].read().unwrap(), 1);
+        assert!(s.transport.queue_evts()[0].read().is_err());
+        // Queues that do not exist are ignored.
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 2);
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_NOTIFY, u32::MAX);
+    }
+
+    #[test]
+    fn interrupt_status_is_acknowledged_bit_by_bit() {
+        let mut s = setup();
+        start(&mut s, OFFERED);
+        s.transport.interrupt().signal_used_queue().unwrap();
+        s.transport.interrupt().signal_config_change().unwrap();
+        assert_eq!(
+            read(&s.transport, VIRTIO_MMIO_INTERRUPT_STATUS),
+            INT_USED_RING | INT_CONFIG
+        );
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_CONFIG_GENERATION), 1);
+        write(&mut s.transport, VIRTIO_MMIO_INTERRUPT_ACK, INT_USED_RING);
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_INTERRUPT_STATUS), INT_CONFIG);
+    }
+
+    #[test]
+    fn config_space_is_bounded_and_writable_once_the_driver_is_found() {
+        let mut s = setup();
+        let mut data = [0xffu8; 8];
+        s.transport.read(CONFIG_OFFSET + 4, &mut data);
+        assert_eq!(&data, b"ig!!\0\0\0\0");
+        s.transport.read(CONFIG_OFFSET + 0xf00, &mut data[..1]);
+        assert_eq!(data[0], 0);
+        s.transport.write(CONFIG_OFFSET + 1, &[7]);
+        assert!(s.seen.lock().unwrap().config_writes.is_empty());
+        write(&mut s.transport, VIRTIO_MMIO_STATUS, ACKNOWLEDGE);
+        write(&mut s.transport, VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER);
+        s.transport.write(CONFIG_OFFSET + 1, &[7]);
+        assert_eq!(s.seen.lock().unwrap().config_writes, [(1, vec![7])]);
+    }
+
+    #[test]
+    fn reset_returns_everything_to_its_initial_state() {
+        let mut fresh = setup();
+        let initial = registers(&mut fresh.transport);
+
+        let mut s = setup();
+        start(&mut s, OFFERED);
+        s.transport.interrupt().signal_used_queue().unwrap();
+        s.transport.interrupt().set_needs_reset().unwrap();
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_SEL, 1);
+        write(&mut s.transport, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        write(&mut s.transport, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write(&mut s.transport, VIRTIO_MMIO_STATUS, 0);
+
+        assert_eq!(s.seen.lock().unwrap().resets, 1);
+        assert_eq!(s.transport.driver_features(), 0);
+        assert!(
+            s.transport.queue_evts()[0].read().is_err(),
+            "stale notification dropped"
+        );
+        // Only the configuration generation keeps counting across a reset.
+        let mut after = registers(&mut s.transport);
+        let generation = usize::try_from(VIRTIO_MMIO_CONFIG_GENERATION / 4).unwrap();
+        for sel in 0..3 {
+            after[sel * 64 + generation] = initial[sel * 64 + generation];
+        }
+        assert_eq!(after, initial);
+        // The driver can go through the whole sequence again.
+        start(&mut s, OFFERED);
+        assert_eq!(s.seen.lock().unwrap().activations.len(), 2);
+    }
+
+    #[test]
+    fn reset_before_driver_ok_does_not_reset_the_device() {
+        let mut s = setup();
+        negotiate(&mut s.transport, OFFERED);
+        write(&mut s.transport, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(s.seen.lock().unwrap().resets, 0);
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_STATUS), 0);
+    }
+
+    #[test]
+    fn cmdline_names_the_page_and_the_line() {
+        assert_eq!(
+            cmdline_device(GuestAddress(0xd000_1000), 5),
+            "virtio_mmio.device=4K@0xd0001000:5"
+        );
+    }
+
+    #[test]
+    fn a_device_without_queues_reports_size_zero() {
+        let mut s = setup_with_queues(0);
+        assert_eq!(read(&s.transport, VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
+        start(&mut s, OFFERED);
+        assert_eq!(s.seen.lock().unwrap().activations.len(), 1);
+    }
+}
