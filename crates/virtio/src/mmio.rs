@@ -106,6 +106,8 @@ pub struct MmioTransport<M> {
     driver_features: u64,
     queue_sel: u32,
     shm_sel: u32,
+    /// Whether the device was activated and not reset since.
+    active: bool,
 }
 
 impl<M> fmt::Debug for MmioTransport<M> {
@@ -152,6 +154,7 @@ impl<M: GuestMemory + Send + Sync + 'static> MmioTransport<M> {
             driver_features: 0,
             queue_sel: 0,
             shm_sel: 0,
+            active: false,
         })
     }
 
@@ -175,9 +178,10 @@ impl<M: GuestMemory + Send + Sync + 'static> MmioTransport<M> {
         }
     }
 
-    /// Whether the driver started the device (DRIVER_OK).
+    /// Whether the device is serving its queues: the driver set DRIVER_OK and the device
+    /// started.
     pub fn is_activated(&self) -> bool {
-        self.status & DRIVER_OK != 0
+        self.active
     }
 
     /// The features the driver accepted.
@@ -432,9 +436,12 @@ impl<M: GuestMemory + Send + Sync + 'static> MmioTransport<M> {
             queue_evts,
             interrupt: Arc::clone(&self.interrupt),
         };
-        if let Err(err) = self.device.activate(params) {
-            warn!("virtio-mmio: cannot activate the device: {err}");
-            self.fail_activation();
+        match self.device.activate(params) {
+            Ok(()) => self.active = true,
+            Err(err) => {
+                warn!("virtio-mmio: cannot activate the device: {err}");
+                self.fail_activation();
+            }
         }
     }
 
@@ -446,7 +453,7 @@ impl<M: GuestMemory + Send + Sync + 'static> MmioTransport<M> {
 
     /// Returns the device and the transport to their initial state.
     fn reset(&mut self) {
-        if self.is_activated() {
+        if std::mem::take(&mut self.active) {
             self.device.reset();
         }
         for queue in &mut self.queues {
@@ -494,65 +501,13 @@ mod tests {
     use vm_memory::GuestMemoryMmap;
 
     use super::*;
-    use crate::device::{ActivateError, INT_CONFIG, INT_USED_RING, read_config_bytes};
-    use crate::mock::{MockDriver, guest_memory};
+    use crate::device::{INT_CONFIG, INT_USED_RING};
+    use crate::mock::{MockDevice, MockDeviceLog, MockDriver, guest_memory};
 
     const MEM_SIZE: usize = 0x10000;
     const QUEUE_MAX: u16 = 16;
     const DEVICE_TYPE: u32 = 42;
     const OFFERED: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | 0b101;
-
-    /// What the test device saw of its lifecycle.
-    #[derive(Debug, Default)]
-    struct Seen {
-        activations: Vec<(u64, Vec<Queue>)>,
-        resets: usize,
-        config_writes: Vec<(u64, Vec<u8>)>,
-        fail_activation: bool,
-    }
-
-    struct TestDevice {
-        seen: Arc<Mutex<Seen>>,
-        sizes: Vec<u16>,
-        config: [u8; 8],
-    }
-
-    impl VirtioDevice<GuestMemoryMmap<()>> for TestDevice {
-        fn device_type(&self) -> u32 {
-            DEVICE_TYPE
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &self.sizes
-        }
-        fn features(&self) -> u64 {
-            OFFERED
-        }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            read_config_bytes(&self.config, offset, data);
-        }
-        fn write_config(&mut self, offset: u64, data: &[u8]) {
-            self.seen
-                .lock()
-                .unwrap()
-                .config_writes
-                .push((offset, data.to_vec()));
-        }
-        fn activate(
-            &mut self,
-            params: ActivateParams<GuestMemoryMmap<()>>,
-        ) -> Result<(), ActivateError> {
-            let mut seen = self.seen.lock().unwrap();
-            if seen.fail_activation {
-                return Err(ActivateError::AlreadyActive);
-            }
-            assert_eq!(params.queue_evts.len(), params.queues.len());
-            seen.activations.push((params.features, params.queues));
-            Ok(())
-        }
-        fn reset(&mut self) {
-            self.seen.lock().unwrap().resets += 1;
-        }
-    }
 
     #[derive(Clone, Default)]
     struct Trigger(Arc<AtomicUsize>);
@@ -566,18 +521,14 @@ mod tests {
 
     struct Setup {
         transport: MmioTransport<GuestMemoryMmap<()>>,
-        seen: Arc<Mutex<Seen>>,
+        seen: Arc<Mutex<MockDeviceLog>>,
         drivers: Vec<MockDriver>,
     }
 
     fn setup_with_queues(count: usize) -> Setup {
         let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let device = TestDevice {
-            seen: seen.clone(),
-            sizes: vec![QUEUE_MAX; count],
-            config: *b"config!!",
-        };
+        let (device, seen) =
+            MockDevice::new(DEVICE_TYPE, &vec![QUEUE_MAX; count], OFFERED, b"config!!");
         let transport = MmioTransport::new(mem, Box::new(device), Trigger::default()).unwrap();
         let drivers = (0..count)
             .map(|i| {

@@ -1,15 +1,21 @@
-//! A mock guest driver for tests, fuzz targets and benches (feature `test-utils`).
+//! A mock guest driver and a mock device for tests, fuzz targets and benches (feature
+//! `test-utils`).
 //!
 //! [`MockDriver`] lays a split virtqueue's rings out in real guest memory, the way a guest
 //! driver would, builds descriptor chains (direct or indirect), publishes them in the available
 //! ring and reads back what the device put in the used ring. It also writes raw, invalid
 //! descriptors and indices, to drive the device side into its error paths.
+//!
+//! [`MockDevice`] is a [`VirtioDevice`] that only records what its transport does to it, for
+//! testing transports.
 
 use std::sync::atomic::{Ordering, fence};
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
+use crate::device::{ActivateError, ActivateParams, VirtioDevice, read_config_bytes};
 use crate::queue::{DESCRIPTOR_SIZE, Queue, USED_ELEMENT_SIZE};
 
 /// Descriptor flag: the chain continues at `next`.
@@ -387,5 +393,95 @@ impl MockDriver {
             .used_ring
             .unchecked_add(4 + USED_ELEMENT_SIZE * u64::from(self.size));
         mem.read_obj::<u16>(addr).map(u16::from_le)
+    }
+}
+
+/// What a [`MockDevice`] saw of its lifecycle, and how it answers the next activation.
+#[derive(Debug, Default)]
+pub struct MockDeviceLog {
+    /// The features and queues of each activation, in order.
+    pub activations: Vec<(u64, Vec<Queue>)>,
+    /// How many times the device was reset.
+    pub resets: usize,
+    /// Each configuration space write, as (offset, data).
+    pub config_writes: Vec<(u64, Vec<u8>)>,
+    /// Whether the next activations fail.
+    pub fail_activation: bool,
+}
+
+/// A device that does nothing but record what its transport does to it in a shared
+/// [`MockDeviceLog`].
+#[derive(Debug)]
+pub struct MockDevice {
+    log: Arc<Mutex<MockDeviceLog>>,
+    device_type: u32,
+    queue_sizes: Vec<u16>,
+    features: u64,
+    config: Vec<u8>,
+}
+
+impl MockDevice {
+    /// A device of type `device_type` with one queue per entry of `queue_sizes`, offering
+    /// `features`, with configuration space `config`; returns it with its log.
+    pub fn new(
+        device_type: u32,
+        queue_sizes: &[u16],
+        features: u64,
+        config: &[u8],
+    ) -> (Self, Arc<Mutex<MockDeviceLog>>) {
+        let log = Arc::new(Mutex::new(MockDeviceLog::default()));
+        let device = MockDevice {
+            log: log.clone(),
+            device_type,
+            queue_sizes: queue_sizes.to_vec(),
+            features,
+            config: config.to_vec(),
+        };
+        (device, log)
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, MockDeviceLog> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<M> VirtioDevice<M> for MockDevice {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.log().config_writes.push((offset, data.to_vec()));
+    }
+
+    fn activate(&mut self, params: ActivateParams<M>) -> std::result::Result<(), ActivateError> {
+        let mut log = self.log();
+        if log.fail_activation {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if params.queue_evts.len() != params.queues.len() {
+            return Err(ActivateError::QueueCount {
+                expected: params.queues.len(),
+                given: params.queue_evts.len(),
+            });
+        }
+        log.activations.push((params.features, params.queues));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.log().resets += 1;
     }
 }
