@@ -31,6 +31,8 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod virtio;
+
 use std::io::Cursor;
 
 use ember_boot::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, PAGE_SIZE};
@@ -225,7 +227,7 @@ mod tests {
         ("base-too-long", false),
     ];
 
-    fn corpus_dir(target: &str) -> PathBuf {
+    pub(crate) fn corpus_dir(target: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("corpus")
             .join(target)
@@ -247,7 +249,7 @@ mod tests {
     }
 
     /// Replays the corpus of `target` through `run`, and checks each seed's outcome.
-    fn replay<T: PartialEq + std::fmt::Debug>(
+    pub(crate) fn replay<T: PartialEq + std::fmt::Debug>(
         target: &str,
         seeds: &[(&str, T)],
         run: impl Fn(&[u8]) -> T,

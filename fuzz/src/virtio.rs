@@ -1,0 +1,515 @@
+//! The virtio targets: descriptor chains a guest lays out, and the MMIO register interface it
+//! drives.
+
+use std::sync::Arc;
+
+use ember_virtio::mmio::{CONFIG_OFFSET, MmioTransport};
+use ember_virtio::mock::{MockDevice, MockDriver};
+use ember_virtio::{DescriptorChain, IrqTrigger, Queue};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Guest memory of the virtio targets: two regions with a hole between them, so that buffers
+/// can straddle the hole or run off the end.
+pub const REGIONS: [(u64, usize); 2] = [(0, 0x8000), (0xc000, 0x4000)];
+
+/// The largest queue the virtqueue target lays out.
+pub const MAX_QUEUE_SIZE: u16 = 256;
+
+/// Fresh guest memory for one input.
+pub fn guest_memory() -> GuestMemoryMmap {
+    let ranges: Vec<(GuestAddress, usize)> = REGIONS
+        .iter()
+        .map(|&(addr, len)| (GuestAddress(addr), len))
+        .collect();
+    // Does not depend on the input: a failure is the host's, not a finding.
+    GuestMemoryMmap::from_ranges(&ranges).expect("cannot map guest memory")
+}
+
+/// Takes `n` bytes off the front of `data` (fewer if it is shorter).
+fn take<'a>(data: &mut &'a [u8], n: usize) -> &'a [u8] {
+    let (head, tail) = data.split_at(n.min(data.len()));
+    *data = tail;
+    head
+}
+
+fn take_u16(data: &mut &[u8]) -> u16 {
+    let bytes = take(data, 2);
+    u16::from_le_bytes([
+        bytes.first().copied().unwrap_or(0),
+        bytes.get(1).copied().unwrap_or(0),
+    ])
+}
+
+fn take_u8(data: &mut &[u8]) -> u8 {
+    take(data, 1).first().copied().unwrap_or(0)
+}
+
+/// What the virtqueue target made of an input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueOutcome {
+    /// Chains popped, served and returned.
+    pub chains: usize,
+    /// Entries the queue refused as invalid.
+    pub errors: usize,
+}
+
+/// Lays out a queue from `data` and serves it until it is empty.
+///
+/// Input: one byte whose value mod 9 is log2 of the queue size, one flags byte (bit 0:
+/// EVENT_IDX), the available index, the device's next available index and `used_event` (16 bits
+/// each, little-endian); the rest is copied into guest memory from the descriptor table on:
+/// descriptors, the available ring's entries and, past them, indirect tables and buffers.
+///
+/// Every chain the queue hands out must hold validated buffers inside guest memory, readable
+/// ones first, of a total length that fits in 32 bits, and be handed back; every invalid one
+/// must be an error; the queue must run dry within one pass over the ring.
+///
+/// # Panics
+///
+/// Only on a finding.
+pub fn virtqueue(mut data: &[u8]) -> QueueOutcome {
+    let data = &mut data;
+    let size = 1u16 << (take_u8(data) % 9);
+    let flags = take_u8(data);
+    let avail_idx = take_u16(data);
+    let next_avail = take_u16(data);
+    let used_event = take_u16(data);
+
+    let mem = guest_memory();
+    let mut driver = MockDriver::new(size, GuestAddress(0));
+    // Writes what fits of the rest into the first region, from the descriptor table on.
+    let rest = take(data, REGIONS[0].1);
+    mem.write_slice(rest, driver.desc_table())
+        .expect("the first region holds the copy");
+    driver
+        .set_avail_idx(&mem, avail_idx)
+        .expect("the ring is in memory");
+    driver
+        .set_used_event(&mem, used_event)
+        .expect("the ring is in memory");
+
+    let mut queue = driver.queue();
+    queue
+        .validate(&mem)
+        .expect("the mock driver's rings are valid");
+    queue.set_event_idx(flags & 1 != 0);
+    queue.set_next_avail(next_avail);
+    queue.set_next_used(next_avail);
+
+    let mut outcome = QueueOutcome::default();
+    // Each pop consumes an entry or ends the loop, so one pass over the ring is the most work.
+    for _ in 0..=usize::from(size) {
+        match queue.pop(&mem) {
+            Ok(Some(chain)) => {
+                check_chain(&mem, &queue, &chain);
+                let written = chain
+                    .write_from(&mem, &[0xa5; 64])
+                    .expect("validated buffers are writable");
+                let written = u32::try_from(written).expect("at most 64 bytes");
+                queue
+                    .add_used(&mem, chain.head_index(), written)
+                    .expect("a popped head goes back");
+                outcome.chains += 1;
+            }
+            Ok(None) => break,
+            Err(_) => outcome.errors += 1,
+        }
+    }
+    assert!(
+        matches!(queue.pop(&mem), Ok(None) | Err(_)),
+        "the queue serves more chains than its ring holds"
+    );
+    queue
+        .needs_notification(&mem)
+        .expect("the used ring is in memory");
+    queue
+        .enable_notification(&mem)
+        .expect("the rings are in memory");
+    outcome
+}
+
+fn check_chain(mem: &GuestMemoryMmap, queue: &Queue, chain: &DescriptorChain) {
+    assert!(chain.head_index() < queue.size(), "head outside the table");
+    assert!(!chain.descriptors().is_empty(), "a chain without buffers");
+    let mut total = 0u64;
+    let mut seen_writable = false;
+    for desc in chain.descriptors() {
+        let len = usize::try_from(desc.len).expect("32-bit lengths fit");
+        assert!(
+            len == 0 || GuestMemoryBackend::check_range(mem, desc.addr, len),
+            "buffer {desc:?} outside guest memory"
+        );
+        assert!(
+            desc.writable || !seen_writable,
+            "readable buffer after a writable one"
+        );
+        seen_writable |= desc.writable;
+        total += u64::from(desc.len);
+    }
+    assert!(total <= u64::from(u32::MAX), "chain longer than 4 GiB");
+    assert_eq!(
+        u64::from(chain.readable_len()) + u64::from(chain.writable_len()),
+        total
+    );
+}
+
+/// An interrupt trigger that delivers nowhere.
+#[derive(Debug)]
+struct NoIrq;
+
+impl IrqTrigger for NoIrq {
+    fn trigger(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The features the transport target's device offers: VERSION_1, EVENT_IDX and bit 0.
+pub const TRANSPORT_FEATURES: u64 = (1 << 32) | (1 << 29) | 1;
+
+/// What the transport target made of an input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransportOutcome {
+    /// Register accesses made.
+    pub accesses: usize,
+    /// Times the device was activated.
+    pub activations: usize,
+}
+
+/// Drives an MMIO transport (over a device with two queues of up to 16 entries) through a
+/// sequence of register accesses.
+///
+/// Input: accesses of 8 bytes each: a kind byte (bit 0: write), the offset in the register
+/// page (16 bits, little-endian, taken mod 0x200: registers and some configuration space), a
+/// size byte (mod 4 selects 1, 2, 4 or 8 bytes) and a 32-bit value.
+///
+/// After every access the status must be one the transition table reaches, the device must be
+/// active exactly when DRIVER_OK is set without DEVICE_NEEDS_RESET, and every activation must
+/// hand over ready, valid queues.
+///
+/// # Panics
+///
+/// Only on a finding.
+pub fn mmio_transport(mut data: &[u8]) -> TransportOutcome {
+    let data = &mut data;
+    let mem = Arc::new(guest_memory());
+    let (device, log) = MockDevice::new(2, &[16, 16], TRANSPORT_FEATURES, &[1, 2, 3, 4, 5, 6]);
+    let mut transport =
+        MmioTransport::new(mem.clone(), Box::new(device), NoIrq).expect("eventfds are available");
+    let mut outcome = TransportOutcome::default();
+    while data.len() >= 8 {
+        let kind = take_u8(data);
+        let offset = u64::from(take_u16(data) % 0x200);
+        let len = [1, 2, 4, 8][usize::from(take_u8(data) % 4)];
+        let value = take(data, 4);
+        let mut bytes = [0u8; 8];
+        bytes[..4].copy_from_slice(value);
+        if kind & 1 == 0 {
+            transport.read(offset, &mut bytes[..len]);
+            if offset >= CONFIG_OFFSET + 6 {
+                assert!(
+                    bytes[..len].iter().all(|&b| b == 0),
+                    "config read past its end"
+                );
+            }
+        } else {
+            transport.write(offset, &bytes[..len]);
+        }
+        outcome.accesses += 1;
+        check_transport(&transport, mem.as_ref(), &log.lock().expect("not poisoned"));
+    }
+    outcome.activations = log.lock().expect("not poisoned").activations.len();
+    outcome
+}
+
+fn check_transport(
+    transport: &MmioTransport<GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    log: &ember_virtio::mock::MockDeviceLog,
+) {
+    const FAILED: u32 = 0x80;
+    const NEEDS_RESET: u32 = 0x40;
+    let status = transport.status() & !(FAILED | NEEDS_RESET);
+    assert!(
+        [0, 1, 3, 11, 15].contains(&status),
+        "status {status:#x} is not reachable"
+    );
+    let active = log.activations.len().checked_sub(log.resets);
+    assert!(
+        matches!(active, Some(0 | 1)),
+        "{} activations, {} resets",
+        log.activations.len(),
+        log.resets
+    );
+    if let Some((features, queues)) = log.activations.last().filter(|_| active == Some(1)) {
+        assert!(transport.is_activated(), "device active without DRIVER_OK");
+        assert_eq!(features & !TRANSPORT_FEATURES, 0, "unoffered features");
+        for queue in queues {
+            assert!(queue.ready(), "activated with a queue not ready");
+            queue
+                .validate(mem)
+                .expect("activated with an invalid queue");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use ember_virtio::mock::{DESC_F_NEXT, MockBuffer, RawDescriptor};
+
+    use super::*;
+    use crate::tests::{corpus_dir, replay};
+
+    /// The virtqueue target's seeds and what it makes of them.
+    const QUEUE_SEEDS: &[(&str, QueueOutcome)] = &[
+        (
+            "empty",
+            QueueOutcome {
+                chains: 0,
+                errors: 0,
+            },
+        ),
+        (
+            "one-chain",
+            QueueOutcome {
+                chains: 1,
+                errors: 0,
+            },
+        ),
+        (
+            "mixed-chains",
+            QueueOutcome {
+                chains: 3,
+                errors: 0,
+            },
+        ),
+        (
+            "looping-chain",
+            QueueOutcome {
+                chains: 0,
+                errors: 1,
+            },
+        ),
+        (
+            "avail-too-far",
+            QueueOutcome {
+                chains: 0,
+                errors: 17,
+            },
+        ),
+    ];
+
+    /// The transport target's seeds and what it makes of them.
+    const TRANSPORT_SEEDS: &[(&str, TransportOutcome)] = &[
+        (
+            "driver-init",
+            TransportOutcome {
+                accesses: 25,
+                activations: 1,
+            },
+        ),
+        (
+            "init-reset-init",
+            TransportOutcome {
+                accesses: 51,
+                activations: 2,
+            },
+        ),
+        (
+            "skip-features-ok",
+            TransportOutcome {
+                accesses: 4,
+                activations: 0,
+            },
+        ),
+    ];
+
+    /// A virtqueue input: the header fields, then region 0 from the descriptor table on as
+    /// `build` leaves it.
+    fn queue_input(
+        size_log2: u8,
+        avail_idx: Option<u16>,
+        build: impl FnOnce(&GuestMemoryMmap, &mut MockDriver),
+    ) -> Vec<u8> {
+        let mem = guest_memory();
+        let mut driver = MockDriver::new(1 << size_log2, GuestAddress(0));
+        build(&mem, &mut driver);
+        let avail_idx = avail_idx.unwrap_or(driver.avail_idx());
+        let mut input = vec![size_log2, 1];
+        input.extend_from_slice(&avail_idx.to_le_bytes());
+        input.extend_from_slice(&0u16.to_le_bytes());
+        input.extend_from_slice(&0u16.to_le_bytes());
+        // Up to the end of the buffers the seeds use, without the zeros at the end.
+        let mut region = vec![0u8; 0x4000];
+        mem.read_slice(&mut region, GuestAddress(0)).unwrap();
+        let used = region.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        input.extend_from_slice(&region[..used]);
+        input
+    }
+
+    fn queue_seeds() -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("empty", vec![]),
+            (
+                "one-chain",
+                queue_input(4, None, |mem, driver| {
+                    driver
+                        .add_chain(mem, &[MockBuffer::writable(0x1000, 64)])
+                        .unwrap();
+                }),
+            ),
+            (
+                "mixed-chains",
+                queue_input(4, None, |mem, driver| {
+                    driver
+                        .add_chain(
+                            mem,
+                            &[
+                                MockBuffer::readable(0x1000, 16),
+                                MockBuffer::readable(0x7ff0, 16),
+                                MockBuffer::writable(0x2000, 512),
+                            ],
+                        )
+                        .unwrap();
+                    driver
+                        .add_indirect_chain(
+                            mem,
+                            GuestAddress(0x3000),
+                            &[
+                                MockBuffer::readable(0x1000, 16),
+                                MockBuffer::writable(0x2000, 1),
+                            ],
+                        )
+                        .unwrap();
+                    driver
+                        .add_chain(mem, &[MockBuffer::readable(0x1000, 0)])
+                        .unwrap();
+                }),
+            ),
+            (
+                "looping-chain",
+                queue_input(4, None, |mem, driver| {
+                    let desc = RawDescriptor {
+                        addr: 0x1000,
+                        len: 8,
+                        flags: DESC_F_NEXT,
+                        next: 0,
+                    };
+                    driver.write_descriptor(mem, 0, desc).unwrap();
+                    driver.publish(mem, 0).unwrap();
+                }),
+            ),
+            ("avail-too-far", queue_input(4, Some(17), |_, _| {})),
+        ]
+    }
+
+    /// One access of the transport target.
+    fn access(write: bool, offset: u16, value: u32) -> [u8; 8] {
+        let mut bytes = [0u8; 8];
+        bytes[0] = u8::from(write);
+        bytes[1..3].copy_from_slice(&offset.to_le_bytes());
+        // Size code 2: 4 bytes.
+        bytes[3] = 2;
+        bytes[4..].copy_from_slice(&value.to_le_bytes());
+        bytes
+    }
+
+    /// The accesses of a Linux driver bringing up the transport target's device: 25 of them.
+    fn driver_init() -> Vec<u8> {
+        let mut ops = vec![
+            access(false, 0x000, 0),
+            access(false, 0x004, 0),
+            access(true, 0x070, 1),
+            access(true, 0x070, 3),
+            access(true, 0x024, 0),
+            access(true, 0x020, 1 | (1 << 29)),
+            access(true, 0x024, 1),
+            access(true, 0x020, 1),
+            access(true, 0x070, 11),
+        ];
+        for (queue, base) in [(0u32, 0x1000u32), (1, 0x2000)] {
+            let driver = MockDriver::new(16, GuestAddress(u64::from(base)));
+            let low = |addr: GuestAddress| u32::try_from(addr.0).unwrap();
+            ops.extend([
+                access(true, 0x030, queue),
+                access(true, 0x038, 16),
+                access(true, 0x080, low(driver.desc_table())),
+                access(true, 0x090, low(driver.avail_ring())),
+                access(true, 0x0a0, low(driver.used_ring())),
+                access(true, 0x044, 1),
+            ]);
+        }
+        ops.extend([
+            access(true, 0x070, 15),
+            access(true, 0x050, 0),
+            access(false, 0x060, 0),
+            access(true, 0x064, 1),
+        ]);
+        ops.concat()
+    }
+
+    fn transport_seeds() -> Vec<(&'static str, Vec<u8>)> {
+        let init = driver_init();
+        let mut twice = init.clone();
+        twice.extend_from_slice(&access(true, 0x070, 0));
+        twice.extend_from_slice(&init);
+        let skip = [
+            access(true, 0x070, 1),
+            access(true, 0x070, 3),
+            access(true, 0x070, 7),
+            access(false, 0x070, 0),
+        ]
+        .concat();
+        vec![
+            ("driver-init", init),
+            ("init-reset-init", twice),
+            ("skip-features-ok", skip),
+        ]
+    }
+
+    #[test]
+    fn virtqueue_corpus_replays() {
+        replay("virtqueue", QUEUE_SEEDS, virtqueue);
+    }
+
+    #[test]
+    fn mmio_transport_corpus_replays() {
+        replay("mmio_transport", TRANSPORT_SEEDS, mmio_transport);
+    }
+
+    #[test]
+    fn seeds_on_disk_are_the_generated_ones() {
+        for (target, seeds) in [
+            ("virtqueue", queue_seeds()),
+            ("mmio_transport", transport_seeds()),
+        ] {
+            for (name, data) in seeds {
+                let path = corpus_dir(target).join(name);
+                assert_eq!(fs::read(&path).unwrap(), data, "{}", path.display());
+            }
+        }
+    }
+
+    #[test]
+    fn short_inputs_are_an_empty_queue() {
+        assert_eq!(virtqueue(&[]), QueueOutcome::default());
+        assert_eq!(mmio_transport(&[1, 2, 3]), TransportOutcome::default());
+    }
+
+    /// Writes the seed files. They are checked in; run this only to regenerate them.
+    #[test]
+    #[ignore = "rewrites the checked-in seed corpus"]
+    fn write_virtio_seed_corpus() {
+        for (target, seeds) in [
+            ("virtqueue", queue_seeds()),
+            ("mmio_transport", transport_seeds()),
+        ] {
+            let dir = corpus_dir(target);
+            fs::create_dir_all(&dir).unwrap();
+            for (name, data) in seeds {
+                fs::write(dir.join(name), data).unwrap();
+            }
+        }
+    }
+}
