@@ -5,6 +5,8 @@
 #   bzImage            the same kernel as a compressed boot image
 #   initramfs.cpio.gz  busybox-static, with guest/init as /init
 #   rootfs.ext4        64 MiB ext4 root filesystem: busybox, guest/init as /sbin/init
+#   rootfs-part.img    the same file system as partition 1 of an MBR-partitioned
+#                      disk (root=/dev/vda1)
 #   config             the kernel .config that was built
 #   inputs             what the cache key was computed from
 #
@@ -158,6 +160,22 @@ build_rootfs() {
     install -m 0755 "$init" "$root/sbin/init"
     mkfs.ext4 -q -F -L ember-root -E root_owner=0:0 -d "$root" "$dest/rootfs.ext4" "$rootfs_size" >&2 ||
         die "mkfs.ext4 could not build the rootfs image."
+    build_partitioned "$dest/rootfs.ext4" "$dest/rootfs-part.img"
+}
+
+# Puts a file system image in partition 1 (type 0x83, from sector 2048) of an
+# MBR-partitioned disk image.
+build_partitioned() {
+    local fs=$1 disk=$2 start=2048 sectors
+    sectors=$(($(stat -c %s "$fs") / 512))
+    # One partition entry: not bootable, CHS fields unused (0xfe 0xff 0xff), type
+    # 0x83, first sector and sector count as little-endian 32-bit numbers.
+    le32() { printf '\\%03o\\%03o\\%03o\\%03o' $(($1 & 255)) $(($1 >> 8 & 255)) $(($1 >> 16 & 255)) $(($1 >> 24 & 255)); }
+    truncate -s $(((start + sectors) * 512)) "$disk"
+    dd if="$fs" of="$disk" bs=512 seek="$start" conv=notrunc status=none
+    printf "\\000\\376\\377\\377\\203\\376\\377\\377$(le32 "$start")$(le32 "$sectors")" |
+        dd of="$disk" bs=1 seek=446 conv=notrunc status=none
+    printf '\125\252' | dd of="$disk" bs=1 seek=510 conv=notrunc status=none
 }
 
 # --- cache keys -----------------------------------------------------------------
