@@ -158,7 +158,7 @@ pub struct ActivateParams<M> {
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     /// The device was given a number of queues other than the number it has.
-    #[error("The device has {expected} queues but was given {given}.")]
+    #[error("The device has {expected} queues but was given {given}")]
     QueueCount {
         /// Queues the device has.
         expected: usize,
@@ -166,13 +166,13 @@ pub enum ActivateError {
         given: usize,
     },
     /// The device is already active, or its backend is gone.
-    #[error("The device is already active.")]
+    #[error("The device is already active")]
     AlreadyActive,
     /// The device's backend cannot be set up for the negotiated features.
-    #[error("Cannot set up the device's backend.")]
+    #[error("Cannot set up the device's backend")]
     Backend(#[source] io::Error),
     /// The device's worker thread cannot be started.
-    #[error("Cannot start the device's worker thread.")]
+    #[error("Cannot start the device's worker thread")]
     Worker(#[source] io::Error),
 }
 

@@ -49,10 +49,10 @@ const AVAIL_ENTRY_SIZE: u64 = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The queue was used before the driver set it ready.
-    #[error("The queue is not ready.")]
+    #[error("The queue is not ready")]
     NotReady,
     /// The configured queue size is zero, not a power of two, or above the maximum.
-    #[error("The queue size {size} is not a power of two between 1 and {max}.")]
+    #[error("The queue size {size} is not a power of two between 1 and {max}")]
     InvalidSize {
         /// The configured size.
         size: u16,
@@ -60,7 +60,7 @@ pub enum Error {
         max: u16,
     },
     /// A ring's address does not have the alignment the spec requires.
-    #[error("The {ring} at {addr:#x} is not aligned to {align} bytes.")]
+    #[error("The {ring} at {addr:#x} is not aligned to {align} bytes")]
     MisalignedRing {
         /// Which ring.
         ring: Ring,
@@ -70,7 +70,7 @@ pub enum Error {
         align: u64,
     },
     /// A ring does not fit in guest memory.
-    #[error("The {ring} at {addr:#x} does not fit in guest memory.")]
+    #[error("The {ring} at {addr:#x} does not fit in guest memory")]
     RingOutsideMemory {
         /// Which ring.
         ring: Ring,
@@ -80,7 +80,7 @@ pub enum Error {
     /// The driver's available index is more than a queue size ahead of the device's.
     #[error(
         "The available index {avail_idx} is more than the queue size {size} ahead of the next \
-         index to process, {next_avail}."
+         index to process, {next_avail}"
     )]
     AvailIdxTooFar {
         /// The available index the driver published.
@@ -91,7 +91,7 @@ pub enum Error {
         size: u16,
     },
     /// The available ring names a chain head outside the descriptor table.
-    #[error("The chain head index {index} is outside the descriptor table of {size} entries.")]
+    #[error("The chain head index {index} is outside the descriptor table of {size} entries")]
     HeadIndexOutOfRange {
         /// The head index read from the available ring.
         index: u16,
@@ -99,7 +99,7 @@ pub enum Error {
         size: u16,
     },
     /// A descriptor's `next` field points outside its table.
-    #[error("The next descriptor index {index} is outside the table of {table_len} entries.")]
+    #[error("The next descriptor index {index} is outside the table of {table_len} entries")]
     NextIndexOutOfRange {
         /// The index read from the `next` field.
         index: u16,
@@ -107,7 +107,7 @@ pub enum Error {
         table_len: u32,
     },
     /// A chain has more descriptors than its table holds, so it loops.
-    #[error("The descriptor chain is longer than its table of {ttl} entries; it loops.")]
+    #[error("The descriptor chain is longer than its table of {ttl} entries; it loops")]
     ChainTooLong {
         /// The largest number of descriptors the chain could hold.
         ttl: u32,
@@ -115,20 +115,20 @@ pub enum Error {
     /// An indirect table's length is zero, not a multiple of 16, or above 65535 descriptors.
     #[error(
         "The indirect descriptor table length {len} is not a non-zero multiple of 16 bytes of at \
-         most 65535 descriptors."
+         most 65535 descriptors"
     )]
     InvalidIndirectTableLength {
         /// The length in bytes from the indirect descriptor.
         len: u32,
     },
     /// An indirect table holds another indirect descriptor.
-    #[error("An indirect descriptor table holds another indirect descriptor.")]
+    #[error("An indirect descriptor table holds another indirect descriptor")]
     NestedIndirect,
     /// A descriptor has both the INDIRECT and the NEXT flag.
-    #[error("A descriptor has both the INDIRECT and the NEXT flag.")]
+    #[error("A descriptor has both the INDIRECT and the NEXT flag")]
     IndirectWithNext,
     /// An indirect table does not fit in guest memory.
-    #[error("The indirect descriptor table at {addr:#x} of {len} bytes is outside guest memory.")]
+    #[error("The indirect descriptor table at {addr:#x} of {len} bytes is outside guest memory")]
     IndirectTableOutsideMemory {
         /// The table's guest physical address.
         addr: u64,
@@ -136,7 +136,7 @@ pub enum Error {
         len: u32,
     },
     /// A buffer's end address does not fit in 64 bits.
-    #[error("The buffer at {addr:#x} of {len} bytes wraps around the address space.")]
+    #[error("The buffer at {addr:#x} of {len} bytes wraps around the address space")]
     BufferOverflow {
         /// The buffer's guest physical address.
         addr: u64,
@@ -144,7 +144,7 @@ pub enum Error {
         len: u32,
     },
     /// A buffer does not fit in guest memory.
-    #[error("The buffer at {addr:#x} of {len} bytes is outside guest memory.")]
+    #[error("The buffer at {addr:#x} of {len} bytes is outside guest memory")]
     BufferOutsideMemory {
         /// The buffer's guest physical address.
         addr: u64,
@@ -152,13 +152,13 @@ pub enum Error {
         len: u32,
     },
     /// The lengths of a chain's buffers add up to more than `u32::MAX`.
-    #[error("The total length of the descriptor chain does not fit in 32 bits.")]
+    #[error("The total length of the descriptor chain does not fit in 32 bits")]
     ChainLengthOverflow,
     /// A device-readable descriptor follows a device-writable one (spec 2.7.4.2).
-    #[error("A device-readable descriptor follows a device-writable one in the chain.")]
+    #[error("A device-readable descriptor follows a device-writable one in the chain")]
     ReadableAfterWritable,
     /// Accessing the rings or buffers in guest memory failed.
-    #[error("Cannot access the virtqueue in guest memory.")]
+    #[error("Cannot access the virtqueue in guest memory")]
     GuestMemory(#[source] GuestMemoryError),
 }
 
