@@ -11,6 +11,10 @@
 //! vm-memory's [`GuestMemory`](vm_memory::GuestMemory) and [`Bytes`](vm_memory::Bytes) traits,
 //! so the queue works over any vm-memory backend and never holds a reference into guest memory.
 //!
+//! The devices sit on top of the queue: [`block`] is the virtio block device, a disk backed by a
+//! raw image file or a host block device, which serves its queue on a [`Worker`] thread of its
+//! own.
+//!
 //! With the `test-utils` feature, `mock::MockDriver` plays the guest driver for tests, fuzz
 //! targets and benches.
 //!
@@ -52,6 +56,7 @@
 
 #![deny(missing_docs)]
 
+pub mod block;
 pub mod device;
 pub mod iov;
 pub mod mmio;

@@ -1,0 +1,577 @@
+//! The disk behind a block device: a raw image file or a host block device, and the execution
+//! of parsed requests against it.
+//!
+//! Reads and writes go straight between the file and guest memory: the request's data buffers
+//! become host `iovec`s ([`GuestIoVecs`]) and one `preadv`/`pwritev` moves them, more only when
+//! the kernel transfers less than asked or the buffers need more than [`IOV_MAX`] `iovec`s.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+
+use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
+use vm_memory::{GuestMemory, Permissions};
+
+use super::request::{
+    Request, RequestType, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, Segment, write_guest,
+};
+use super::{Config, Error, Result, SECTOR_SIZE};
+use crate::iov::{GuestIoVecs, IOV_MAX};
+use crate::queue::DescriptorChain;
+
+/// Length of the device ID string that GET_ID returns.
+pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// Bytes of zeroes written at a time where the file system cannot zero a range itself.
+const ZERO_CHUNK: usize = 64 * 1024;
+
+/// How a request ended: the status byte for the driver, and how many bytes of data the device
+/// wrote into the chain before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The status byte.
+    pub status: u8,
+    /// Bytes of data written into the chain's writable buffers, the status byte not counted.
+    pub data_written: u32,
+}
+
+impl Completion {
+    fn status(status: u8) -> Self {
+        Completion {
+            status,
+            data_written: 0,
+        }
+    }
+}
+
+/// An open disk image and what it supports.
+pub struct Disk {
+    file: File,
+    capacity: u64,
+    read_only: bool,
+    discard: bool,
+    zero_range: bool,
+    discard_alignment: u32,
+    id: [u8; ID_BYTES],
+    zeroes: Vec<u8>,
+    io_error_logged: bool,
+}
+
+impl fmt::Debug for Disk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let id_len = self.id.iter().position(|&b| b == 0).unwrap_or(ID_BYTES);
+        let id = String::from_utf8_lossy(self.id.get(..id_len).unwrap_or(&[]));
+        f.debug_struct("Disk")
+            .field("capacity", &self.capacity)
+            .field("read_only", &self.read_only)
+            .field("discard", &self.discard)
+            .field("zero_range", &self.zero_range)
+            .field("id", &id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Disk {
+    /// Opens the image `config` names, read-only or read-write, and finds out its size and
+    /// whether it can punch holes (the probe punches one past the end of the file, which
+    /// changes nothing).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::IdTooLong`] or [`Error::IdNotPrintable`] for a bad ID, [`Error::Open`] if the
+    /// image cannot be opened, [`Error::NotADisk`] if it is neither a regular file nor a block
+    /// device, [`Error::Size`] if its size cannot be read, and [`Error::SizeNotSectorMultiple`]
+    /// if the size is not a whole number of sectors.
+    pub fn open(config: &Config) -> Result<Self> {
+        let id = id_bytes(&config.id)?;
+        let path = &config.path;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(path)
+            .map_err(|source| Error::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let size_error = |source| Error::Size {
+            path: path.clone(),
+            source,
+        };
+        let metadata = file.metadata().map_err(size_error)?;
+        let file_type = metadata.file_type();
+        if !file_type.is_file() && !file_type.is_block_device() {
+            return Err(Error::NotADisk { path: path.clone() });
+        }
+        // A block device's metadata says 0 bytes; seeking to its end gives its size.
+        let size = {
+            let mut f = &file;
+            io::Seek::seek(&mut f, io::SeekFrom::End(0)).map_err(size_error)?
+        };
+        if size % SECTOR_SIZE != 0 {
+            return Err(Error::SizeNotSectorMultiple {
+                path: path.clone(),
+                size,
+            });
+        }
+        let block_size = metadata.blksize();
+        let discard_alignment = u32::try_from(block_size / SECTOR_SIZE).unwrap_or(1).max(1);
+        let discard = !config.read_only && probe_punch_hole(&file, size);
+        Ok(Disk {
+            file,
+            capacity: size / SECTOR_SIZE,
+            read_only: config.read_only,
+            discard,
+            zero_range: true,
+            discard_alignment,
+            id,
+            zeroes: Vec::new(),
+            io_error_logged: false,
+        })
+    }
+
+    /// A second handle on the same disk, sharing the open file.
+    ///
+    /// # Errors
+    ///
+    /// When the file descriptor cannot be duplicated.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Disk {
+            file: self.file.try_clone()?,
+            capacity: self.capacity,
+            read_only: self.read_only,
+            discard: self.discard,
+            zero_range: self.zero_range,
+            discard_alignment: self.discard_alignment,
+            id: self.id,
+            zeroes: Vec::new(),
+            io_error_logged: self.io_error_logged,
+        })
+    }
+
+    /// The disk's size in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether the disk refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether the disk carries out discards (writable, on a file that can punch holes).
+    pub fn discard_supported(&self) -> bool {
+        self.discard
+    }
+
+    /// The granularity of discards, in sectors: the host file system's block size.
+    pub fn discard_alignment(&self) -> u32 {
+        self.discard_alignment
+    }
+
+    /// The ID string GET_ID returns, NUL-padded to [`ID_BYTES`].
+    pub fn id(&self) -> &[u8; ID_BYTES] {
+        &self.id
+    }
+
+    /// Parses and carries out the request in `chain`, writes its status byte, and returns the
+    /// used length to hand the chain back with: the bytes written into it, data and status.
+    /// A chain without a writable status byte is handed back with used length 0.
+    pub fn handle<M: GuestMemory + ?Sized>(&mut self, mem: &M, chain: &DescriptorChain) -> u32 {
+        let (completion, status_addr) = match Request::parse(chain, mem, self.capacity) {
+            Ok(request) => (self.execute(mem, &request), request.status_addr()),
+            Err(err) => {
+                let Some(status) = err.status() else {
+                    log::debug!("A block request was dropped: {err}");
+                    return 0;
+                };
+                let Some(addr) = super::request::status_addr(chain) else {
+                    return 0;
+                };
+                log::debug!("A block request failed: {err}");
+                (Completion::status(status), addr)
+            }
+        };
+        if let Err(err) = write_guest(mem, status_addr, &[completion.status]) {
+            log::debug!("Cannot write a block request's status byte: {err}");
+            return completion.data_written;
+        }
+        completion.data_written.saturating_add(1)
+    }
+
+    /// Carries out a parsed request. Writes on a read-only disk fail with IOERR and write
+    /// nothing; discards on a disk that does not support them are UNSUPP.
+    pub fn execute<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        request: &Request<'_>,
+    ) -> Completion {
+        let writes = matches!(
+            request.request_type(),
+            RequestType::Out { .. } | RequestType::Discard(_) | RequestType::WriteZeroes(_)
+        );
+        if writes && self.read_only {
+            return Completion::status(STATUS_IOERR);
+        }
+        match request.request_type() {
+            RequestType::In { sector, len } => self.read(mem, request, sector, len),
+            RequestType::Out { sector, len } => self.write(mem, request, sector, len),
+            RequestType::Flush => {
+                let result = self.file.sync_data();
+                self.finish(result, "flush")
+            }
+            RequestType::GetId { len } => self.get_id(mem, request, len),
+            RequestType::Discard(segment) => {
+                if !self.discard {
+                    return Completion::status(STATUS_UNSUPP);
+                }
+                let result = byte_range(segment).and_then(|(offset, len)| {
+                    // fallocate refuses an empty range, and there is nothing to do.
+                    if len == 0 {
+                        return Ok(());
+                    }
+                    fallocate(&self.file, PUNCH_HOLE, offset, len)
+                });
+                self.finish(result, "discard")
+            }
+            RequestType::WriteZeroes(segment) => {
+                let result = self.write_zeroes(segment);
+                self.finish(result, "write zeroes")
+            }
+        }
+    }
+
+    fn read<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        request: &Request<'_>,
+        sector: u64,
+        len: u32,
+    ) -> Completion {
+        let iov = match GuestIoVecs::new(mem, request.data(), Permissions::Write) {
+            Ok(iov) => iov,
+            Err(err) => return self.failed(&io::Error::other(err), "read"),
+        };
+        let (done, result) = match sector_offset(sector) {
+            Ok(offset) => transfer(&self.file, iov.iovecs(), offset, Direction::Read),
+            Err(err) => (0, Err(err)),
+        };
+        iov.mark_written(done);
+        let mut completion = self.finish(result, "read");
+        completion.data_written = u32::try_from(done).unwrap_or(len).min(len);
+        completion
+    }
+
+    fn write<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        request: &Request<'_>,
+        sector: u64,
+        _len: u32,
+    ) -> Completion {
+        let iov = match GuestIoVecs::new(mem, request.data(), Permissions::Read) {
+            Ok(iov) => iov,
+            Err(err) => return self.failed(&io::Error::other(err), "write"),
+        };
+        let result = sector_offset(sector)
+            .and_then(|offset| transfer(&self.file, iov.iovecs(), offset, Direction::Write).1);
+        self.finish(result, "write")
+    }
+
+    fn get_id<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        request: &Request<'_>,
+        len: u32,
+    ) -> Completion {
+        let count = usize::try_from(len).unwrap_or(ID_BYTES).min(ID_BYTES);
+        let id = self.id.get(..count).unwrap_or(&[]);
+        match request.chain().write_at(mem, 0, id) {
+            Ok(written) => Completion {
+                status: STATUS_OK,
+                data_written: u32::try_from(written).unwrap_or(0),
+            },
+            Err(err) => self.failed(&io::Error::other(err), "get id"),
+        }
+    }
+
+    /// Zeroes a range: by deallocating it where the driver allows it and the file can, else by
+    /// asking the file system to zero it, else by writing zeroes.
+    fn write_zeroes(&mut self, segment: Segment) -> io::Result<()> {
+        let (offset, len) = byte_range(segment)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if segment.unmap && self.discard {
+            match fallocate(&self.file, PUNCH_HOLE, offset, len) {
+                Err(err) if refused(&err) => {}
+                other => return other,
+            }
+        }
+        if self.zero_range {
+            match fallocate(&self.file, ZERO_RANGE, offset, len) {
+                // The file system cannot: write zeroes from now on.
+                Err(err) if refused(&err) => self.zero_range = false,
+                other => return other,
+            }
+        }
+        if self.zeroes.is_empty() {
+            self.zeroes = vec![0; ZERO_CHUNK];
+        }
+        let mut pos = offset;
+        let end = offset.checked_add(len).ok_or_else(out_of_range)?;
+        while pos < end {
+            let count = usize::try_from(end - pos).map_or(ZERO_CHUNK, |n| n.min(ZERO_CHUNK));
+            let chunk = self.zeroes.get(..count).ok_or_else(out_of_range)?;
+            self.file.write_all_at(chunk, pos)?;
+            // Cannot overflow: `pos + count <= end`.
+            pos += u64::try_from(count).map_err(|_| out_of_range())?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, result: io::Result<()>, what: &str) -> Completion {
+        match result {
+            Ok(()) => Completion::status(STATUS_OK),
+            Err(err) => self.failed(&err, what),
+        }
+    }
+
+    /// An I/O error: IOERR for the driver, and a log line the first time only, since the guest
+    /// can repeat the request as often as it likes.
+    fn failed(&mut self, err: &io::Error, what: &str) -> Completion {
+        if self.io_error_logged {
+            log::debug!("A block {what} request failed: {err}");
+        } else {
+            self.io_error_logged = true;
+            log::warn!(
+                "A block {what} request failed (further failures are logged at debug): {err}"
+            );
+        }
+        Completion::status(STATUS_IOERR)
+    }
+}
+
+/// The NUL-padded ID string of `id`, which must be printable ASCII of at most [`ID_BYTES`].
+fn id_bytes(id: &str) -> Result<[u8; ID_BYTES]> {
+    if id.len() > ID_BYTES {
+        return Err(Error::IdTooLong { len: id.len() });
+    }
+    if !id.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        return Err(Error::IdNotPrintable);
+    }
+    let mut bytes = [0u8; ID_BYTES];
+    for (dst, src) in bytes.iter_mut().zip(id.bytes()) {
+        *dst = src;
+    }
+    Ok(bytes)
+}
+
+const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+/// Whether `file` can punch holes: punches one just past its end, which changes nothing.
+fn probe_punch_hole(file: &File, size: u64) -> bool {
+    fallocate(file, PUNCH_HOLE, size, SECTOR_SIZE).is_ok()
+}
+
+/// Whether an error says the file system does not do this kind of `fallocate`.
+fn refused(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS))
+}
+
+fn out_of_range() -> io::Error {
+    io::Error::from(io::ErrorKind::InvalidInput)
+}
+
+fn sector_offset(sector: u64) -> io::Result<u64> {
+    sector.checked_mul(SECTOR_SIZE).ok_or_else(out_of_range)
+}
+
+/// A segment's byte offset and length.
+fn byte_range(segment: Segment) -> io::Result<(u64, u64)> {
+    let offset = sector_offset(segment.sector)?;
+    let len = u64::from(segment.num_sectors)
+        .checked_mul(SECTOR_SIZE)
+        .ok_or_else(out_of_range)?;
+    Ok((offset, len))
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let offset = libc::off_t::try_from(offset).map_err(|_| out_of_range())?;
+    let len = libc::off_t::try_from(len).map_err(|_| out_of_range())?;
+    loop {
+        // SAFETY: fallocate takes no pointers; the descriptor is the open file `file` owns.
+        let ret = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+        if ret == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    /// From the file into the buffers.
+    Read,
+    /// From the buffers into the file.
+    Write,
+}
+
+/// Moves the bytes of `iovecs` between them and `file` at `offset`, with as few
+/// `preadv`/`pwritev` calls as the kernel allows: again after a short transfer or EINTR, and in
+/// batches of at most [`IOV_MAX`] `iovec`s. Returns the bytes moved, and the error that stopped
+/// it short, if one did (reaching the end of the file counts as one).
+///
+/// The `iovecs` must point at memory that stays mapped, writable for [`Direction::Read`], for
+/// the whole call: the guest memory a [`GuestIoVecs`] keeps mapped.
+fn transfer(
+    file: &File,
+    iovecs: &[libc::iovec],
+    offset: u64,
+    direction: Direction,
+) -> (usize, io::Result<()>) {
+    let total = iovecs
+        .iter()
+        .map(|iov| iov.iov_len)
+        .fold(0, usize::saturating_add);
+    let mut done = 0usize;
+    let mut pending: &[libc::iovec] = iovecs;
+    // A copy of the iovecs left, made only when a short transfer stops inside one.
+    let mut rest: Vec<libc::iovec>;
+    while done < total {
+        let Some(pos) = offset.checked_add(u64::try_from(done).unwrap_or(u64::MAX)) else {
+            return (done, Err(out_of_range()));
+        };
+        let Ok(pos) = libc::off_t::try_from(pos) else {
+            return (done, Err(out_of_range()));
+        };
+        let batch = pending.get(..pending.len().min(IOV_MAX)).unwrap_or(&[]);
+        // Cannot fail: IOV_MAX fits in a c_int.
+        let count = libc::c_int::try_from(batch.len()).unwrap_or(0);
+        let fd = file.as_raw_fd();
+        let ret = match direction {
+            // SAFETY: `batch` holds `count` iovecs that point at mapped memory the caller keeps
+            // writable for the whole call; preadv writes at most their lengths into it.
+            Direction::Read => unsafe { libc::preadv(fd, batch.as_ptr(), count, pos) },
+            // SAFETY: as above; pwritev only reads through the iovecs.
+            Direction::Write => unsafe { libc::pwritev(fd, batch.as_ptr(), count, pos) },
+        };
+        let moved = match usize::try_from(ret) {
+            Ok(0) => {
+                let kind = match direction {
+                    Direction::Read => io::ErrorKind::UnexpectedEof,
+                    Direction::Write => io::ErrorKind::WriteZero,
+                };
+                return (done, Err(io::Error::from(kind)));
+            }
+            Ok(moved) => moved,
+            Err(_) => {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return (done, Err(err));
+            }
+        };
+        done = done.saturating_add(moved);
+        if done >= total {
+            break;
+        }
+        // Skip the iovecs moved whole; start the next call inside the one moved in part.
+        let mut left = moved;
+        let mut skip = 0;
+        for iov in pending {
+            if left < iov.iov_len {
+                break;
+            }
+            left -= iov.iov_len;
+            skip += 1;
+        }
+        let remaining = pending.get(skip..).unwrap_or(&[]);
+        if left == 0 {
+            pending = remaining;
+        } else {
+            rest = remaining.to_vec();
+            if let Some(first) = rest.first_mut() {
+                first.iov_base = first.iov_base.cast::<u8>().wrapping_add(left).cast();
+                first.iov_len -= left;
+            }
+            pending = &rest;
+        }
+    }
+    (done, Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_nul_padded_and_checked() {
+        let id = id_bytes("disk0").unwrap();
+        assert_eq!(&id[..5], b"disk0");
+        assert!(id[5..].iter().all(|&b| b == 0));
+        let full = "a".repeat(ID_BYTES);
+        assert_eq!(id_bytes(&full).unwrap(), [b'a'; ID_BYTES]);
+        assert!(matches!(
+            id_bytes(&"a".repeat(ID_BYTES + 1)),
+            Err(Error::IdTooLong { len: 21 })
+        ));
+        assert!(matches!(id_bytes("a\0b"), Err(Error::IdNotPrintable)));
+        assert!(matches!(id_bytes("é"), Err(Error::IdNotPrintable)));
+    }
+
+    fn scratch_file(name: &str) -> File {
+        let path = std::env::temp_dir().join(format!("ember-disk-{name}-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+
+    fn iovec(buf: &mut [u8]) -> libc::iovec {
+        libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }
+    }
+
+    #[test]
+    fn a_transfer_over_more_than_iov_max_iovecs_moves_every_byte() {
+        let file = scratch_file("iovmax");
+        let data: Vec<u8> = (0..IOV_MAX * 2 + 3).map(|i| (i % 251) as u8).collect();
+        file.write_all_at(&data, 0).unwrap();
+        let mut back = vec![0u8; data.len()];
+        let mut iovecs: Vec<libc::iovec> = back.chunks_mut(1).map(iovec).collect();
+        let (done, result) = transfer(&file, &iovecs, 0, Direction::Read);
+        result.unwrap();
+        assert_eq!(done, data.len());
+        iovecs.clear();
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn a_read_past_the_end_of_the_file_stops_with_what_it_got() {
+        let file = scratch_file("eof");
+        file.write_all_at(&[7u8; 700], 0).unwrap();
+        let mut a = [0u8; 512];
+        let mut b = [0u8; 512];
+        let iovecs = [iovec(&mut a), iovec(&mut b)];
+        // The kernel stops at the end of the file, inside the second iovec.
+        let (done, result) = transfer(&file, &iovecs, 0, Direction::Read);
+        assert_eq!(done, 700);
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert!(b[..188].iter().all(|&x| x == 7));
+        assert!(b[188..].iter().all(|&x| x == 0));
+    }
+}

@@ -1,0 +1,1409 @@
+//! The virtio block device (virtio 1.2, section 5.2): a disk backed by a raw image file or a host
+//! block device, with one request queue.
+//!
+//! [`Block`] is what the transport sees: the device's features, its configuration space and its
+//! lifecycle ([`VirtioDevice`]). Activation hands the queue to a [`BlockWorker`] on a thread of
+//! its own ([`Worker`]), which serves the queue whenever the driver notifies it: it pops every
+//! chain, parses it ([`request::Request::parse`]), carries it out against the [`Disk`], writes
+//! the status byte and hands the chain back, then raises the interrupt if the driver wants one.
+//! [`VirtioDevice::reset`] stops the thread and takes the disk back.
+//!
+//! The guest is not trusted: every request is checked against the disk's capacity and the
+//! device's limits before any I/O, malformed requests complete with an error status, and a driver
+//! that breaks the queue protocol puts the device in DEVICE_NEEDS_RESET instead of making the
+//! worker panic or spin.
+//!
+//! # Example
+//!
+//! Serving a read without the worker thread, the way benches and fuzz targets do:
+//!
+//! ```
+//! use std::sync::Arc;
+//!
+//! use ember_virtio::Interrupt;
+//! use ember_virtio::block::{BlockWorker, Config, Disk};
+//! use ember_virtio::mock::{MockBuffer, MockDriver, guest_memory};
+//! use vm_memory::{Bytes, GuestAddress};
+//! use vmm_sys_util::eventfd::EventFd;
+//!
+//! let path = std::env::temp_dir().join(format!("ember-blk-doc-{}", std::process::id()));
+//! std::fs::write(&path, [0xab; 4096]).unwrap();
+//! let config = Config { path: path.clone(), read_only: true, id: "doc".into() };
+//! let disk = Disk::open(&config).unwrap();
+//! assert_eq!(disk.capacity(), 8);
+//!
+//! let mem = Arc::new(guest_memory(0x10000).unwrap());
+//! let mut driver = MockDriver::new(16, GuestAddress(0));
+//! let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+//! let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+//! let mut worker = BlockWorker::new(disk, driver.queue(), mem.clone(), interrupt);
+//!
+//! // The driver asks for sector 1: a header (type IN = 0, sector 1), a data buffer, a status.
+//! let mut header = [0u8; 16];
+//! header[8..].copy_from_slice(&1u64.to_le_bytes());
+//! mem.write_slice(&header, GuestAddress(0x1000)).unwrap();
+//! let head = driver
+//!     .add_chain(
+//!         &*mem,
+//!         &[
+//!             MockBuffer::readable(0x1000, 16),
+//!             MockBuffer::writable(0x2000, 512),
+//!             MockBuffer::writable(0x3000, 1),
+//!         ],
+//!     )
+//!     .unwrap();
+//!
+//! assert_eq!(worker.process_queue().unwrap(), 1);
+//! let status: u8 = mem.read_obj(GuestAddress(0x3000)).unwrap();
+//! assert_eq!(status, 0); // VIRTIO_BLK_S_OK
+//! assert_eq!(driver.used_elem(&*mem, 0).unwrap(), (u32::from(head), 513));
+//! let mut data = [0u8; 512];
+//! mem.read_slice(&mut data, GuestAddress(0x2000)).unwrap();
+//! assert_eq!(data, [0xab; 512]);
+//! assert_eq!(irq.read().unwrap(), 1);
+//! std::fs::remove_file(&path).unwrap();
+//! ```
+
+mod disk;
+pub mod request;
+
+use std::fmt;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::GuestMemory;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use disk::{Completion, Disk, ID_BYTES};
+pub use request::{STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
+
+use crate::device::{ActivateError, ActivateParams, Interrupt, VirtioDevice, read_config_bytes};
+use crate::queue::{self, Queue};
+use crate::worker::{EventHandler, EventOps, Worker};
+
+/// Size in bytes of a sector, the unit of the protocol's sector numbers and of the capacity.
+pub const SECTOR_SIZE: u64 = 512;
+/// The size of the device's one queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The most data buffers a read or write may use (`seg_max`): the queue size less the header
+/// and the status, so that a request fits in the ring even without indirect descriptors.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// The most data bytes one read or write may move: 256 MiB, far above what Linux sends unless
+/// told to (`max_sectors_kb`). Larger requests complete with IOERR.
+pub const MAX_DATA_LEN: u32 = 256 << 20;
+/// The most sectors one discard segment may cover (`max_discard_sectors`): 1 GiB.
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// The most segments one discard may hold (`max_discard_seg`).
+pub const MAX_DISCARD_SEG: u32 = 1;
+/// The most sectors one write zeroes segment may cover (`max_write_zeroes_sectors`): 1 GiB.
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 21;
+/// The most segments one write zeroes may hold (`max_write_zeroes_seg`).
+pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
+/// The most chains [`BlockWorker::process_queue`] serves in one call, so that a driver that
+/// keeps the queue full cannot keep the worker from its other events.
+pub const MAX_BATCH: usize = QUEUE_SIZE as usize;
+/// Length of the configuration space: `struct virtio_blk_config` up to and including the write
+/// zeroes fields.
+pub const CONFIG_LEN: usize = 60;
+
+// Offsets of the fields of `struct virtio_blk_config` (virtio 1.2, 5.2.4).
+const CONFIG_CAPACITY: usize = 0;
+const CONFIG_SEG_MAX: usize = 12;
+const CONFIG_MAX_DISCARD_SECTORS: usize = 36;
+const CONFIG_MAX_DISCARD_SEG: usize = 40;
+const CONFIG_DISCARD_SECTOR_ALIGNMENT: usize = 44;
+const CONFIG_MAX_WRITE_ZEROES_SECTORS: usize = 48;
+const CONFIG_MAX_WRITE_ZEROES_SEG: usize = 52;
+const CONFIG_WRITE_ZEROES_MAY_UNMAP: usize = 56;
+
+/// The epoll token of the queue's notification eventfd.
+const QUEUE_TOKEN: u64 = 0;
+
+/// Errors of setting up a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image cannot be opened.
+    #[error("Cannot open the disk image {}", path.display())]
+    Open {
+        /// The image's path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The image is neither a regular file nor a block device.
+    #[error("The disk image {} is neither a regular file nor a block device", path.display())]
+    NotADisk {
+        /// The image's path.
+        path: PathBuf,
+    },
+    /// The image's size cannot be read.
+    #[error("Cannot read the size of the disk image {}", path.display())]
+    Size {
+        /// The image's path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The image is not a whole number of 512-byte sectors.
+    #[error("The disk image {} is {size} bytes long, not a multiple of 512 bytes", path.display())]
+    SizeNotSectorMultiple {
+        /// The image's path.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// The ID is longer than the 20 bytes GET_ID returns.
+    #[error("The disk ID is {len} bytes long; it can be at most 20 bytes")]
+    IdTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The ID holds something other than printable ASCII characters.
+    #[error("The disk ID holds characters other than printable ASCII")]
+    IdNotPrintable,
+}
+
+/// Result of setting up a block device.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What a block device is made from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Path of the raw disk image, or of a host block device; its size must be a multiple of
+    /// 512 bytes.
+    pub path: PathBuf,
+    /// Whether the guest may only read the disk.
+    pub read_only: bool,
+    /// The device ID string GET_ID returns: printable ASCII of at most [`ID_BYTES`] (20) bytes,
+    /// NUL-padded to 20. Longer IDs are refused ([`Error::IdTooLong`]), not cut short, so that
+    /// two disks cannot end up with the same ID. It also names the worker thread.
+    pub id: String,
+}
+
+/// A virtio block device.
+pub struct Block {
+    id: String,
+    features: u64,
+    config_space: [u8; CONFIG_LEN],
+    state: State,
+}
+
+/// Where the disk is: with the device, or with the worker serving the queue.
+enum State {
+    Ready(Disk),
+    Active(Box<dyn ActiveWorker>),
+    /// The worker thread panicked and took the disk with it.
+    Lost,
+}
+
+impl fmt::Debug for Block {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Ready(_) => "ready",
+            State::Active(_) => "active",
+            State::Lost => "lost",
+        };
+        f.debug_struct("Block")
+            .field("id", &self.id)
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl Block {
+    /// Opens the disk `config` names.
+    ///
+    /// The device offers VERSION_1, EVENT_IDX, INDIRECT_DESC, FLUSH and SEG_MAX; RO for a
+    /// read-only disk; WRITE_ZEROES for a writable one, and DISCARD too where the image's file
+    /// system can punch holes.
+    ///
+    /// # Errors
+    ///
+    /// As [`Disk::open`].
+    pub fn new(config: &Config) -> Result<Self> {
+        let disk = Disk::open(config)?;
+        Ok(Block {
+            id: config.id.clone(),
+            features: features(&disk),
+            config_space: config_space(&disk),
+            state: State::Ready(disk),
+        })
+    }
+
+    /// The device's ID string.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether a worker is serving the queue.
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, State::Active(_))
+    }
+
+    fn stop_worker(&mut self) {
+        if !matches!(self.state, State::Active(_)) {
+            return;
+        }
+        let State::Active(worker) = std::mem::replace(&mut self.state, State::Lost) else {
+            return;
+        };
+        match worker.stop() {
+            Ok(disk) => self.state = State::Ready(disk),
+            Err(err) => log::error!("The block device {} lost its disk: {err}", self.id),
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Every field is read-only: without CONFIG_WCE there is nothing the driver may write.
+        log::debug!(
+            "The block device {} ignored a {}-byte configuration write at {offset:#x}",
+            self.id,
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, params: ActivateParams<M>) -> std::result::Result<(), ActivateError> {
+        let ActivateParams {
+            mem,
+            features,
+            queues,
+            queue_evts,
+            interrupt,
+        } = params;
+        for given in [queues.len(), queue_evts.len()] {
+            if given != 1 {
+                return Err(ActivateError::QueueCount { expected: 1, given });
+            }
+        }
+        let (Some(mut queue), Some(queue_evt)) =
+            (queues.into_iter().next(), queue_evts.into_iter().next())
+        else {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                given: 0,
+            });
+        };
+        let State::Ready(disk) = &self.state else {
+            return Err(ActivateError::AlreadyActive);
+        };
+        // A second handle on the disk, in case the worker cannot start and drops the first.
+        let spare = disk.try_clone().map_err(ActivateError::Backend)?;
+        let State::Ready(disk) = std::mem::replace(&mut self.state, State::Ready(spare)) else {
+            return Err(ActivateError::AlreadyActive);
+        };
+        queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        let handler = BlockHandler {
+            worker: BlockWorker::new(disk, queue, mem, interrupt),
+            queue_evt,
+            id: self.id.clone(),
+        };
+        let name = if self.id.is_empty() {
+            "ember-blk".to_string()
+        } else {
+            format!("ember-blk-{}", self.id)
+        };
+        let worker = Worker::spawn(name, handler).map_err(ActivateError::Worker)?;
+        self.state = State::Active(Box::new(worker));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+    }
+}
+
+/// The features a device on `disk` offers.
+fn features(disk: &Disk) -> u64 {
+    let mut features = (1 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        | (1 << VIRTIO_BLK_F_FLUSH)
+        | (1 << VIRTIO_BLK_F_SEG_MAX);
+    if disk.read_only() {
+        features |= 1 << VIRTIO_BLK_F_RO;
+    } else {
+        features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        if disk.discard_supported() {
+            features |= 1 << VIRTIO_BLK_F_DISCARD;
+        }
+    }
+    features
+}
+
+/// The configuration space of a device on `disk`, little-endian; the fields of features it
+/// does not offer stay 0.
+fn config_space(disk: &Disk) -> [u8; CONFIG_LEN] {
+    let mut config = [0u8; CONFIG_LEN];
+    let mut put = |offset: usize, bytes: &[u8]| {
+        let end = offset.saturating_add(bytes.len());
+        if let Some(field) = config.get_mut(offset..end) {
+            field.copy_from_slice(bytes);
+        }
+    };
+    put(CONFIG_CAPACITY, &disk.capacity().to_le_bytes());
+    put(CONFIG_SEG_MAX, &SEG_MAX.to_le_bytes());
+    if disk.discard_supported() {
+        put(
+            CONFIG_MAX_DISCARD_SECTORS,
+            &MAX_DISCARD_SECTORS.to_le_bytes(),
+        );
+        put(CONFIG_MAX_DISCARD_SEG, &MAX_DISCARD_SEG.to_le_bytes());
+        put(
+            CONFIG_DISCARD_SECTOR_ALIGNMENT,
+            &disk.discard_alignment().to_le_bytes(),
+        );
+    }
+    if !disk.read_only() {
+        put(
+            CONFIG_MAX_WRITE_ZEROES_SECTORS,
+            &MAX_WRITE_ZEROES_SECTORS.to_le_bytes(),
+        );
+        put(
+            CONFIG_MAX_WRITE_ZEROES_SEG,
+            &MAX_WRITE_ZEROES_SEG.to_le_bytes(),
+        );
+        put(
+            CONFIG_WRITE_ZEROES_MAY_UNMAP,
+            &[u8::from(disk.discard_supported())],
+        );
+    }
+    config
+}
+
+/// Serves a block device's queue: the request path, without the thread around it.
+///
+/// [`BlockWorker::process_queue`] is what the worker thread runs on every notification; tests
+/// and benches call it directly.
+pub struct BlockWorker<M> {
+    disk: Disk,
+    queue: Queue,
+    mem: Arc<M>,
+    interrupt: Arc<Interrupt>,
+    irq_error_logged: bool,
+}
+
+impl<M> fmt::Debug for BlockWorker<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlockWorker")
+            .field("disk", &self.disk)
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: GuestMemory> BlockWorker<M> {
+    /// Serves `queue`, which the driver set up in `mem`, from `disk`, raising `interrupt`.
+    pub fn new(disk: Disk, queue: Queue, mem: Arc<M>, interrupt: Arc<Interrupt>) -> Self {
+        BlockWorker {
+            disk,
+            queue,
+            mem,
+            interrupt,
+            irq_error_logged: false,
+        }
+    }
+
+    /// Serves the chains the driver made available and returns how many.
+    ///
+    /// Notifications stay off while the queue is drained, and are turned back on before it
+    /// stops; chains made available in between are served too, so none waits for a
+    /// notification that will not come. When done, it raises the interrupt if the driver wants
+    /// one (VIRTQ_AVAIL_F_NO_INTERRUPT, or `used_event` with EVENT_IDX).
+    ///
+    /// It serves at most [`MAX_BATCH`] chains per call: when it returns `MAX_BATCH`, chains may
+    /// be left, and notifications may still be off; call it again.
+    ///
+    /// # Errors
+    ///
+    /// A [`queue::Error`] when the driver broke the queue protocol (or the rings cannot be
+    /// reached): the device should then be put in DEVICE_NEEDS_RESET. The chains served before
+    /// the error have been handed back.
+    pub fn process_queue(&mut self) -> std::result::Result<usize, queue::Error> {
+        let BlockWorker {
+            disk,
+            queue,
+            mem,
+            interrupt,
+            irq_error_logged,
+        } = self;
+        let mem = &**mem;
+        let mut served = 0;
+        let result = loop {
+            if let Err(err) = queue.disable_notification(mem) {
+                break Err(err);
+            }
+            match drain(disk, queue, mem, &mut served) {
+                Ok(()) if served >= MAX_BATCH => break Ok(()),
+                Ok(()) => {}
+                Err(err) => break Err(err),
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => {}
+                Ok(false) => break Ok(()),
+                Err(err) => break Err(err),
+            }
+        };
+        if served > 0 && queue.needs_notification(mem)? {
+            if let Err(err) = interrupt.signal_used_queue() {
+                if !*irq_error_logged {
+                    *irq_error_logged = true;
+                    log::error!("A block device cannot raise its interrupt: {err}");
+                }
+            }
+        }
+        result.map(|()| served)
+    }
+
+    /// The queue being served.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// The disk requests are served from.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// Gives the disk back.
+    pub fn into_disk(self) -> Disk {
+        self.disk
+    }
+}
+
+/// Serves available chains until there are none or `served` reaches [`MAX_BATCH`].
+fn drain<M: GuestMemory>(
+    disk: &mut Disk,
+    queue: &mut Queue,
+    mem: &M,
+    served: &mut usize,
+) -> std::result::Result<(), queue::Error> {
+    while *served < MAX_BATCH {
+        let Some(chain) = queue.pop(mem)? else {
+            return Ok(());
+        };
+        let used = disk.handle(mem, &chain);
+        queue.add_used(mem, chain.head_index(), used)?;
+        *served += 1;
+    }
+    Ok(())
+}
+
+/// The worker thread's event handler: a [`BlockWorker`] and the queue's notification eventfd.
+struct BlockHandler<M> {
+    worker: BlockWorker<M>,
+    queue_evt: EventFd,
+    id: String,
+}
+
+impl<M> fmt::Debug for BlockHandler<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlockHandler")
+            .field("worker", &self.worker)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> EventHandler for BlockHandler<M> {
+    fn init(&mut self, ops: &mut EventOps<'_>) -> io::Result<()> {
+        ops.add(self.queue_evt.as_raw_fd(), EventSet::IN, QUEUE_TOKEN)
+    }
+
+    fn handle_event(&mut self, ops: &mut EventOps<'_>, token: u64, _events: EventSet) {
+        if token != QUEUE_TOKEN {
+            return;
+        }
+        // Clears the notification; the queue itself says what there is to do.
+        if let Err(err) = self.queue_evt.read() {
+            if err.kind() != io::ErrorKind::WouldBlock {
+                log::debug!(
+                    "The block device {} cannot read its queue eventfd: {err}",
+                    self.id
+                );
+            }
+        }
+        match self.worker.process_queue() {
+            // Chains may be left: come back to them after the other events.
+            Ok(served) if served >= MAX_BATCH => {
+                if let Err(err) = self.queue_evt.write(1) {
+                    log::error!(
+                        "The block device {} cannot requeue its work: {err}",
+                        self.id
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(err) => {
+                log::error!(
+                    "The block device {} stops serving its queue until the driver resets it: {}",
+                    self.id,
+                    error_chain(&err)
+                );
+                // Notifications are no longer read, so they must no longer wake the thread.
+                if let Err(err) = ops.remove(self.queue_evt.as_raw_fd()) {
+                    log::error!(
+                        "The block device {} cannot stop watching its queue: {err}",
+                        self.id
+                    );
+                }
+                if let Err(err) = self.worker.interrupt.set_needs_reset() {
+                    log::error!(
+                        "The block device {} cannot signal DEVICE_NEEDS_RESET: {err}",
+                        self.id
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// An error and its sources, as one line.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        line.push_str(": ");
+        line.push_str(&err.to_string());
+        source = err.source();
+    }
+    line
+}
+
+/// A running worker, whatever guest memory type it serves.
+trait ActiveWorker: Send {
+    /// Stops the thread and gives the disk back.
+    fn stop(self: Box<Self>) -> io::Result<Disk>;
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> ActiveWorker for Worker<BlockHandler<M>> {
+    fn stop(self: Box<Self>) -> io::Result<Disk> {
+        Worker::stop(*self).map(|handler| handler.worker.into_disk())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+        VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    };
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::device::{INT_CONFIG, INT_USED_RING, IrqTrigger};
+    use crate::mock::{MockBuffer, MockDriver, guest_memory};
+
+    type Mem = GuestMemoryMmap<()>;
+
+    const SECTORS: u64 = 64;
+    const HDR: u64 = 0x10000;
+    const DATA: u64 = 0x20000;
+    const STATUS: u64 = 0x40000;
+    const SEG: u64 = 0x41000;
+    const TABLE: u64 = 0x50000;
+
+    /// A disk image that is removed when dropped. Sector `n` holds the byte `n + 1`.
+    struct Image {
+        path: PathBuf,
+    }
+
+    impl Image {
+        fn new(dir: &Path, len: u64) -> Self {
+            static COUNT: AtomicUsize = AtomicUsize::new(0);
+            let n = COUNT.fetch_add(1, Ordering::Relaxed);
+            let path = dir.join(format!("ember-blk-test-{}-{n}", std::process::id()));
+            let bytes: Vec<u8> = (0..len)
+                .map(|i| u8::try_from(i / SECTOR_SIZE % 250 + 1).unwrap())
+                .collect();
+            std::fs::write(&path, bytes).unwrap();
+            Image { path }
+        }
+
+        /// An image on tmpfs, which punches holes but does not zero ranges.
+        fn on_tmpfs() -> Self {
+            let shm = Path::new("/dev/shm");
+            let dir = if shm.is_dir() {
+                shm.to_path_buf()
+            } else {
+                std::env::temp_dir()
+            };
+            Image::new(&dir, SECTORS * SECTOR_SIZE)
+        }
+
+        fn config(&self, read_only: bool) -> Config {
+            Config {
+                path: self.path.clone(),
+                read_only,
+                id: "disk0".into(),
+            }
+        }
+
+        fn contents(&self) -> Vec<u8> {
+            std::fs::read(&self.path).unwrap()
+        }
+    }
+
+    impl Drop for Image {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    #[derive(Default)]
+    struct CountingTrigger(Arc<AtomicUsize>);
+
+    impl IrqTrigger for CountingTrigger {
+        fn trigger(&self) -> io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A guest driving a [`BlockWorker`] synchronously.
+    struct Guest {
+        mem: Arc<Mem>,
+        driver: MockDriver,
+        worker: BlockWorker<Mem>,
+        irqs: Arc<AtomicUsize>,
+    }
+
+    impl Guest {
+        fn new(image: &Image, read_only: bool) -> Self {
+            Guest::with_queue(image, read_only, false)
+        }
+
+        fn with_queue(image: &Image, read_only: bool, event_idx: bool) -> Self {
+            let mem = Arc::new(guest_memory(0x100000).unwrap());
+            let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+            let mut queue = driver.queue();
+            queue.set_event_idx(event_idx);
+            queue.validate(&*mem).unwrap();
+            let irqs = Arc::new(AtomicUsize::new(0));
+            let interrupt = Arc::new(Interrupt::new(CountingTrigger(irqs.clone())));
+            let disk = Disk::open(&image.config(read_only)).unwrap();
+            let worker = BlockWorker::new(disk, queue, mem.clone(), interrupt);
+            Guest {
+                mem,
+                driver,
+                worker,
+                irqs,
+            }
+        }
+
+        fn header(&self, type_: u32, sector: u64) {
+            write_header(&self.mem, HDR, type_, sector);
+        }
+
+        fn segment(&self, sector: u64, num_sectors: u32, flags: u32) {
+            let mut bytes = [0u8; 16];
+            bytes[..8].copy_from_slice(&sector.to_le_bytes());
+            bytes[8..12].copy_from_slice(&num_sectors.to_le_bytes());
+            bytes[12..].copy_from_slice(&flags.to_le_bytes());
+            self.mem.write_slice(&bytes, GuestAddress(SEG)).unwrap();
+        }
+
+        /// Publishes `buffers` as a chain, serves the queue, and returns the used length and
+        /// the byte at STATUS (0xff if the device did not write it).
+        fn submit(&mut self, buffers: &[MockBuffer]) -> (u32, u8) {
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let head = self.driver.add_chain(&*self.mem, buffers).unwrap();
+            self.serve(head)
+        }
+
+        fn submit_indirect(&mut self, buffers: &[MockBuffer]) -> (u32, u8) {
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let head = self
+                .driver
+                .add_indirect_chain(&*self.mem, GuestAddress(TABLE), buffers)
+                .unwrap();
+            self.serve(head)
+        }
+
+        fn serve(&mut self, head: u16) -> (u32, u8) {
+            assert_eq!(self.worker.process_queue().unwrap(), 1);
+            let used_idx = self.driver.used_idx(&*self.mem).unwrap();
+            let (id, len) = self
+                .driver
+                .used_elem(&*self.mem, used_idx.wrapping_sub(1))
+                .unwrap();
+            assert_eq!(id, u32::from(head));
+            (len, self.mem.read_obj(GuestAddress(STATUS)).unwrap())
+        }
+
+        fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut buf = vec![0u8; len];
+            self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+            buf
+        }
+
+        fn fill(&self, addr: u64, byte: u8, len: usize) {
+            self.mem
+                .write_slice(&vec![byte; len], GuestAddress(addr))
+                .unwrap();
+        }
+    }
+
+    fn write_header(mem: &Mem, addr: u64, type_: u32, sector: u64) {
+        let mut bytes = [0u8; 16];
+        bytes[..4].copy_from_slice(&type_.to_le_bytes());
+        bytes[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
+    }
+
+    fn hdr() -> MockBuffer {
+        MockBuffer::readable(HDR, 16)
+    }
+
+    fn status() -> MockBuffer {
+        MockBuffer::writable(STATUS, 1)
+    }
+
+    /// What the image holds in sectors `first..first + count`, as `Image::new` wrote it.
+    fn pattern(first: u64, count: u64) -> Vec<u8> {
+        (first..first + count)
+            .flat_map(|s| [u8::try_from(s % 250 + 1).unwrap(); 512])
+            .collect()
+    }
+
+    #[test]
+    fn a_read_copies_sectors_into_guest_memory() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        g.header(VIRTIO_BLK_T_IN, 3);
+        let used = g.submit(&[hdr(), MockBuffer::writable(DATA, 1024), status()]);
+        assert_eq!(used, (1024 + 1, STATUS_OK));
+        assert_eq!(g.read(DATA, 1024), pattern(3, 2));
+        assert_eq!(g.irqs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_write_reaches_the_image() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        g.header(VIRTIO_BLK_T_OUT, 2);
+        g.fill(DATA, 0xee, 512);
+        let used = g.submit(&[hdr(), MockBuffer::readable(DATA, 512), status()]);
+        assert_eq!(used, (1, STATUS_OK));
+        let contents = image.contents();
+        assert_eq!(&contents[1024..1536], &[0xee; 512][..]);
+        assert_eq!(&contents[..1024], &pattern(0, 2)[..]);
+        assert_eq!(&contents[1536..2048], &pattern(3, 1)[..]);
+    }
+
+    #[test]
+    fn data_over_several_descriptors_moves_in_chain_order() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        // Reads into three buffers, out of address order and of uneven lengths.
+        g.header(VIRTIO_BLK_T_IN, 4);
+        let pieces = [(DATA + 0x4000, 100), (DATA, 412), (DATA + 0x2000, 1024)];
+        let mut buffers = vec![hdr()];
+        buffers.extend(pieces.iter().map(|&(a, l)| MockBuffer::writable(a, l)));
+        buffers.push(status());
+        assert_eq!(g.submit(&buffers), (1536 + 1, STATUS_OK));
+        let expected = pattern(4, 3);
+        let mut got = Vec::new();
+        for (addr, len) in pieces {
+            got.extend(g.read(addr, usize::try_from(len).unwrap()));
+        }
+        assert_eq!(got, expected);
+
+        // Writes them back two sectors further on, through an indirect table.
+        g.header(VIRTIO_BLK_T_OUT, 6);
+        let mut buffers = vec![hdr()];
+        buffers.extend(pieces.iter().map(|&(a, l)| MockBuffer::readable(a, l)));
+        buffers.push(status());
+        assert_eq!(g.submit_indirect(&buffers), (1, STATUS_OK));
+        assert_eq!(&image.contents()[6 * 512..9 * 512], &expected[..]);
+    }
+
+    #[test]
+    fn data_may_share_a_descriptor_with_the_header_or_the_status() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        // A write whose data follows the header in one buffer.
+        g.header(VIRTIO_BLK_T_OUT, 1);
+        g.fill(HDR + 16, 0x5a, 512);
+        let used = g.submit(&[MockBuffer::readable(HDR, 16 + 512), status()]);
+        assert_eq!(used, (1, STATUS_OK));
+        assert_eq!(&image.contents()[512..1024], &[0x5a; 512][..]);
+
+        // A read whose status byte ends its data buffer.
+        g.header(VIRTIO_BLK_T_IN, 1);
+        let data = STATUS - 512;
+        let used = g.submit(&[hdr(), MockBuffer::writable(data, 513)]);
+        assert_eq!(used, (513, STATUS_OK));
+        assert_eq!(g.read(data, 512), vec![0x5a; 512]);
+    }
+
+    #[test]
+    fn a_flush_succeeds() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        g.header(VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(g.submit(&[hdr(), status()]), (1, STATUS_OK));
+    }
+
+    #[test]
+    fn get_id_returns_the_nul_padded_id() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, true);
+        g.header(VIRTIO_BLK_T_GET_ID, 0);
+        g.fill(DATA, 0xff, 20);
+        let used = g.submit(&[hdr(), MockBuffer::writable(DATA, 20), status()]);
+        assert_eq!(used, (21, STATUS_OK));
+        let mut expected = b"disk0".to_vec();
+        expected.resize(20, 0);
+        assert_eq!(g.read(DATA, 20), expected);
+    }
+
+    #[test]
+    fn an_unsupported_type_completes_with_unsupp() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        // VIRTIO_BLK_T_GET_LIFETIME, which the device does not offer.
+        g.header(10, 0);
+        assert_eq!(g.submit(&[hdr(), status()]), (1, STATUS_UNSUPP));
+    }
+
+    #[test]
+    fn a_read_only_disk_refuses_writes_discards_and_write_zeroes() {
+        let image = Image::on_tmpfs();
+        let before = image.contents();
+        let mut g = Guest::new(&image, true);
+        g.header(VIRTIO_BLK_T_OUT, 0);
+        let used = g.submit(&[hdr(), MockBuffer::readable(DATA, 512), status()]);
+        assert_eq!(used, (1, STATUS_IOERR));
+        g.segment(0, 8, 0);
+        for type_ in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            g.header(type_, 0);
+            let used = g.submit(&[hdr(), MockBuffer::readable(SEG, 16), status()]);
+            assert_eq!(used, (1, STATUS_IOERR));
+        }
+        assert_eq!(image.contents(), before);
+        // Reads still work.
+        g.header(VIRTIO_BLK_T_IN, 0);
+        let used = g.submit(&[hdr(), MockBuffer::writable(DATA, 512), status()]);
+        assert_eq!(used, (513, STATUS_OK));
+    }
+
+    #[test]
+    fn a_sector_past_the_end_is_an_io_error() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        g.fill(DATA, 0x11, 1024);
+        g.header(VIRTIO_BLK_T_IN, SECTORS - 1);
+        let used = g.submit(&[hdr(), MockBuffer::writable(DATA, 1024), status()]);
+        assert_eq!(used, (1, STATUS_IOERR));
+        assert_eq!(g.read(DATA, 1024), vec![0x11; 1024]);
+        g.header(VIRTIO_BLK_T_OUT, u64::MAX);
+        let used = g.submit(&[hdr(), MockBuffer::readable(DATA, 512), status()]);
+        assert_eq!(used, (1, STATUS_IOERR));
+    }
+
+    #[test]
+    fn a_length_not_a_multiple_of_512_is_an_io_error() {
+        let image = Image::on_tmpfs();
+        let before = image.contents();
+        let mut g = Guest::new(&image, false);
+        g.header(VIRTIO_BLK_T_OUT, 0);
+        let used = g.submit(&[hdr(), MockBuffer::readable(DATA, 511), status()]);
+        assert_eq!(used, (1, STATUS_IOERR));
+        assert_eq!(image.contents(), before);
+    }
+
+    #[test]
+    fn data_in_more_than_seg_max_buffers_is_an_io_error() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        g.header(VIRTIO_BLK_T_IN, 0);
+        // SEG_MAX + 1 buffers of 64 bytes but one of 128: 32 sectors.
+        let mut buffers = vec![hdr(), MockBuffer::writable(DATA + 0x8000, 128)];
+        for i in 0..SEG_MAX {
+            buffers.push(MockBuffer::writable(DATA + 64 * u64::from(i), 64));
+        }
+        buffers.push(status());
+        assert_eq!(g.submit_indirect(&buffers), (1, STATUS_IOERR));
+        // SEG_MAX buffers are fine: two of 128 bytes, the others of 64.
+        let mut buffers = vec![
+            hdr(),
+            MockBuffer::writable(DATA + 0x8000, 128),
+            MockBuffer::writable(DATA + 0x9000, 128),
+        ];
+        for i in 2..SEG_MAX {
+            buffers.push(MockBuffer::writable(DATA + 64 * u64::from(i), 64));
+        }
+        buffers.push(status());
+        let (len, status) = g.submit_indirect(&buffers);
+        assert_eq!((len, status), (32 * 512 + 1, STATUS_OK));
+    }
+
+    #[test]
+    fn a_chain_without_a_status_byte_is_returned_with_used_length_0() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        g.header(VIRTIO_BLK_T_IN, 0);
+        assert_eq!(g.submit(&[hdr()]), (0, 0xff));
+    }
+
+    #[test]
+    fn a_status_byte_in_a_readable_descriptor_is_not_written() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        g.header(VIRTIO_BLK_T_FLUSH, 0);
+        let used = g.submit(&[hdr(), MockBuffer::readable(STATUS, 1)]);
+        assert_eq!(used, (0, 0xff));
+    }
+
+    #[test]
+    fn a_header_too_short_is_an_io_error() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        g.header(VIRTIO_BLK_T_IN, 0);
+        let used = g.submit(&[MockBuffer::readable(HDR, 12), status()]);
+        assert_eq!(used, (1, STATUS_IOERR));
+    }
+
+    #[test]
+    fn a_discard_reads_back_as_zeroes() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        assert!(g.worker.disk().discard_supported(), "tmpfs punches holes");
+        g.header(VIRTIO_BLK_T_DISCARD, 0);
+        g.segment(8, 8, 0);
+        let used = g.submit(&[hdr(), MockBuffer::readable(SEG, 16), status()]);
+        assert_eq!(used, (1, STATUS_OK));
+        let contents = image.contents();
+        assert!(contents[8 * 512..16 * 512].iter().all(|&b| b == 0));
+        assert_eq!(&contents[..8 * 512], &pattern(0, 8)[..]);
+        assert_eq!(&contents[16 * 512..17 * 512], &pattern(16, 1)[..]);
+        assert_eq!(contents.len(), 64 * 512);
+    }
+
+    /// Write zeroes over sectors 4..12, then 20..28 with UNMAP, and checks both read back as
+    /// zeroes and nothing else changed.
+    fn check_write_zeroes(image: &Image) {
+        let mut g = Guest::new(image, false);
+        g.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        for (sector, flags) in [(4, 0), (20, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)] {
+            g.segment(sector, 8, flags);
+            let used = g.submit(&[hdr(), MockBuffer::readable(SEG, 16), status()]);
+            assert_eq!(used, (1, STATUS_OK));
+        }
+        let contents = image.contents();
+        let mut expected = pattern(0, SECTORS);
+        expected[4 * 512..12 * 512].fill(0);
+        expected[20 * 512..28 * 512].fill(0);
+        assert_eq!(contents, expected);
+    }
+
+    #[test]
+    fn write_zeroes_reads_back_as_zeroes_where_zero_range_is_refused() {
+        // tmpfs refuses FALLOC_FL_ZERO_RANGE: the device writes zeroes itself.
+        check_write_zeroes(&Image::on_tmpfs());
+    }
+
+    #[test]
+    fn write_zeroes_reads_back_as_zeroes_on_the_temp_dir() {
+        // Usually a disk file system, which zeroes ranges itself.
+        check_write_zeroes(&Image::new(&std::env::temp_dir(), SECTORS * SECTOR_SIZE));
+    }
+
+    #[test]
+    fn an_image_size_not_a_multiple_of_512_is_refused() {
+        let image = Image::new(&std::env::temp_dir(), 1000);
+        let err = Block::new(&image.config(false)).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::SizeNotSectorMultiple { size: 1000, .. }
+        ));
+    }
+
+    #[test]
+    fn a_directory_is_not_a_disk() {
+        let config = Config {
+            path: std::env::temp_dir(),
+            read_only: true,
+            id: String::new(),
+        };
+        assert!(matches!(Block::new(&config), Err(Error::NotADisk { .. })));
+    }
+
+    #[test]
+    fn an_empty_discard_or_write_zeroes_succeeds() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        g.segment(4, 0, 0);
+        for type_ in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            g.header(type_, 0);
+            let used = g.submit(&[hdr(), MockBuffer::readable(SEG, 16), status()]);
+            assert_eq!(used, (1, STATUS_OK));
+        }
+        assert_eq!(image.contents(), pattern(0, SECTORS));
+    }
+
+    #[test]
+    fn a_missing_image_is_refused() {
+        let config = Config {
+            path: std::env::temp_dir().join("ember-blk-test-no-such-image"),
+            read_only: false,
+            id: String::new(),
+        };
+        let err = Block::new(&config).unwrap_err();
+        assert!(matches!(err, Error::Open { .. }));
+        // The message names the path; the source says why.
+        assert!(err.to_string().contains("no-such-image"));
+        let source = std::error::Error::source(&err).unwrap();
+        assert_eq!(
+            source.downcast_ref::<io::Error>().unwrap().kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn an_id_longer_than_20_bytes_is_refused() {
+        let image = Image::on_tmpfs();
+        let mut config = image.config(false);
+        config.id = "a".repeat(21);
+        assert!(matches!(
+            Block::new(&config),
+            Err(Error::IdTooLong { len: 21 })
+        ));
+    }
+
+    fn config_of(block: &Block) -> [u8; CONFIG_LEN] {
+        let mut config = [0u8; CONFIG_LEN];
+        VirtioDevice::<Mem>::read_config(block, 0, &mut config);
+        config
+    }
+
+    fn le32(config: &[u8], offset: usize) -> u32 {
+        u32::from_le_bytes(config[offset..offset + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn the_config_space_holds_capacity_seg_max_and_the_discard_and_write_zeroes_limits() {
+        let image = Image::on_tmpfs();
+        let block = Block::new(&image.config(false)).unwrap();
+        let config = config_of(&block);
+        assert_eq!(u64::from_le_bytes(config[..8].try_into().unwrap()), SECTORS);
+        assert_eq!(le32(&config, 12), SEG_MAX);
+        assert_eq!(le32(&config, 36), MAX_DISCARD_SECTORS);
+        assert_eq!(le32(&config, 40), 1);
+        assert!(le32(&config, 44) >= 1);
+        assert_eq!(le32(&config, 48), MAX_WRITE_ZEROES_SECTORS);
+        assert_eq!(le32(&config, 52), 1);
+        assert_eq!(config[56], 1);
+        // Reads past the end are zero; a partial read of capacity works.
+        let mut tail = [0xffu8; 8];
+        VirtioDevice::<Mem>::read_config(&block, 58, &mut tail);
+        assert_eq!(tail, [0; 8]);
+        let mut low = [0u8; 1];
+        VirtioDevice::<Mem>::read_config(&block, 0, &mut low);
+        assert_eq!(low[0], 64);
+    }
+
+    #[test]
+    fn a_read_only_config_space_has_no_discard_or_write_zeroes_limits() {
+        let image = Image::on_tmpfs();
+        let block = Block::new(&image.config(true)).unwrap();
+        let config = config_of(&block);
+        assert_eq!(le32(&config, 12), SEG_MAX);
+        assert!(config[36..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn config_writes_are_ignored() {
+        let image = Image::on_tmpfs();
+        let mut block = Block::new(&image.config(false)).unwrap();
+        let before = config_of(&block);
+        VirtioDevice::<Mem>::write_config(&mut block, 0, &[0xff; 8]);
+        assert_eq!(config_of(&block), before);
+    }
+
+    #[test]
+    fn features_follow_the_read_only_flag() {
+        let base = (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX);
+        let image = Image::on_tmpfs();
+        let rw = Block::new(&image.config(false)).unwrap();
+        assert_eq!(
+            VirtioDevice::<Mem>::features(&rw),
+            base | (1 << VIRTIO_BLK_F_WRITE_ZEROES) | (1 << VIRTIO_BLK_F_DISCARD)
+        );
+        let ro = Block::new(&image.config(true)).unwrap();
+        assert_eq!(
+            VirtioDevice::<Mem>::features(&ro),
+            base | (1 << VIRTIO_BLK_F_RO)
+        );
+        assert_eq!(VirtioDevice::<Mem>::device_type(&ro), VIRTIO_ID_BLOCK);
+        assert_eq!(VirtioDevice::<Mem>::queue_max_sizes(&ro), &[QUEUE_SIZE]);
+    }
+
+    #[test]
+    fn interrupts_follow_used_event_with_event_idx() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::with_queue(&image, false, true);
+        g.header(VIRTIO_BLK_T_FLUSH, 0);
+        // The first batch always interrupts.
+        g.submit(&[hdr(), status()]);
+        assert_eq!(g.irqs.load(Ordering::SeqCst), 1);
+        // The driver wants an interrupt only once used index 3 is passed.
+        g.driver.set_used_event(&*g.mem, 3).unwrap();
+        g.submit(&[hdr(), status()]);
+        g.submit(&[hdr(), status()]);
+        assert_eq!(g.irqs.load(Ordering::SeqCst), 1);
+        g.submit(&[hdr(), status()]);
+        assert_eq!(g.irqs.load(Ordering::SeqCst), 2);
+        // The device asked to be notified at the next entry.
+        assert_eq!(g.driver.avail_event(&*g.mem).unwrap(), 4);
+    }
+
+    #[test]
+    fn no_interrupt_when_the_driver_asks_for_none() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        g.driver.set_avail_flags(&*g.mem, 1).unwrap();
+        g.header(VIRTIO_BLK_T_FLUSH, 0);
+        g.submit(&[hdr(), status()]);
+        assert_eq!(g.irqs.load(Ordering::SeqCst), 0);
+        // Notifications are back on after the batch.
+        assert_eq!(g.driver.used_flags(&*g.mem).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_batch_serves_every_available_chain_and_interrupts_once() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        g.header(VIRTIO_BLK_T_FLUSH, 0);
+        for _ in 0..10 {
+            g.driver.add_chain(&*g.mem, &[hdr(), status()]).unwrap();
+        }
+        assert_eq!(g.worker.process_queue().unwrap(), 10);
+        assert_eq!(g.driver.used_idx(&*g.mem).unwrap(), 10);
+        assert_eq!(g.irqs.load(Ordering::SeqCst), 1);
+        assert_eq!(g.worker.process_queue().unwrap(), 0);
+        assert_eq!(g.irqs.load(Ordering::SeqCst), 1);
+    }
+
+    /// A guest driving an activated [`Block`] through eventfds.
+    struct Activated {
+        mem: Arc<Mem>,
+        driver: MockDriver,
+        queue_evt: EventFd,
+        irq: EventFd,
+        interrupt: Arc<Interrupt>,
+    }
+
+    fn activate(block: &mut Block) -> Activated {
+        let mem = Arc::new(guest_memory(0x100000).unwrap());
+        let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        let queue_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+        let params = ActivateParams {
+            mem: mem.clone(),
+            features: VirtioDevice::<Mem>::features(block),
+            queues: vec![driver.queue()],
+            queue_evts: vec![queue_evt.try_clone().unwrap()],
+            interrupt: interrupt.clone(),
+        };
+        block.activate(params).unwrap();
+        Activated {
+            mem,
+            driver,
+            queue_evt,
+            irq,
+            interrupt,
+        }
+    }
+
+    /// Waits for the interrupt eventfd to be written, for at most 5 seconds.
+    fn wait_irq(irq: &EventFd) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match irq.read() {
+                Ok(count) => return count,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "no interrupt came");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(err) => panic!("cannot read the interrupt eventfd: {err}"),
+            }
+        }
+    }
+
+    fn read_sector_through_worker(a: &mut Activated, sector: u64) -> Vec<u8> {
+        write_header(&a.mem, HDR, VIRTIO_BLK_T_IN, sector);
+        a.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        // With EVENT_IDX, as a driver does: interrupt once this request is used.
+        let used_idx = a.driver.used_idx(&*a.mem).unwrap();
+        a.driver.set_used_event(&*a.mem, used_idx).unwrap();
+        a.driver
+            .add_chain(&*a.mem, &[hdr(), MockBuffer::writable(DATA, 512), status()])
+            .unwrap();
+        a.queue_evt.write(1).unwrap();
+        wait_irq(&a.irq);
+        assert_eq!(a.interrupt.status() & INT_USED_RING, INT_USED_RING);
+        assert_eq!(a.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+        let mut data = vec![0u8; 512];
+        a.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        data
+    }
+
+    #[test]
+    fn the_worker_serves_requests_until_reset_and_again_after_activation() {
+        let image = Image::on_tmpfs();
+        let mut block = Block::new(&image.config(false)).unwrap();
+        let mut a = activate(&mut block);
+        assert!(block.is_active());
+        assert_eq!(read_sector_through_worker(&mut a, 5), pattern(5, 1));
+        assert_eq!(read_sector_through_worker(&mut a, 6), pattern(6, 1));
+        // A second activation while active is refused.
+        let params = ActivateParams {
+            mem: a.mem.clone(),
+            features: 0,
+            queues: vec![a.driver.queue()],
+            queue_evts: vec![a.queue_evt.try_clone().unwrap()],
+            interrupt: a.interrupt.clone(),
+        };
+        assert!(matches!(
+            block.activate(params),
+            Err(ActivateError::AlreadyActive)
+        ));
+
+        VirtioDevice::<Mem>::reset(&mut block);
+        assert!(!block.is_active());
+        // A notification after the reset reaches no worker.
+        a.queue_evt.write(1).unwrap();
+
+        let mut b = activate(&mut block);
+        assert_eq!(read_sector_through_worker(&mut b, 7), pattern(7, 1));
+        VirtioDevice::<Mem>::reset(&mut block);
+    }
+
+    #[test]
+    fn activation_needs_exactly_one_queue() {
+        let image = Image::on_tmpfs();
+        let mut block = Block::new(&image.config(false)).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let params = ActivateParams {
+            mem: Arc::new(guest_memory(0x10000).unwrap()),
+            features: 0,
+            queues: vec![],
+            queue_evts: vec![],
+            interrupt: Arc::new(Interrupt::new(irq)),
+        };
+        assert!(matches!(
+            block.activate(params),
+            Err(ActivateError::QueueCount {
+                expected: 1,
+                given: 0
+            })
+        ));
+        assert!(!block.is_active());
+    }
+
+    /// CPU time, in clock ticks, of this process's thread named `name`.
+    fn thread_cpu_ticks(name: &str) -> u64 {
+        for entry in std::fs::read_dir("/proc/self/task").unwrap() {
+            let dir = entry.unwrap().path();
+            let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+                continue;
+            };
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+            let (_, rest) = stat.rsplit_once(')').unwrap();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
+            let utime: u64 = fields[11].parse().unwrap();
+            let stime: u64 = fields[12].parse().unwrap();
+            return utime + stime;
+        }
+        panic!("no thread named {name}");
+    }
+
+    #[test]
+    fn a_protocol_error_sets_needs_reset_and_the_worker_waits_without_spinning() {
+        let image = Image::on_tmpfs();
+        let mut config = image.config(false);
+        config.id = "spin".into();
+        let mut block = Block::new(&config).unwrap();
+        let mut a = activate(&mut block);
+        assert_eq!(read_sector_through_worker(&mut a, 1), pattern(1, 1));
+
+        // The driver publishes more entries than the ring holds.
+        let too_far = a.driver.avail_idx().wrapping_add(QUEUE_SIZE + 1);
+        a.driver.set_avail_idx(&*a.mem, too_far).unwrap();
+        a.queue_evt.write(1).unwrap();
+        wait_irq(&a.irq);
+        assert!(a.interrupt.needs_reset());
+        assert_eq!(a.interrupt.status() & INT_CONFIG, INT_CONFIG);
+
+        // Further notifications are not read, and cost the worker no CPU time.
+        let before = thread_cpu_ticks("ember-blk-spin");
+        for _ in 0..100 {
+            a.queue_evt.write(1).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let after = thread_cpu_ticks("ember-blk-spin");
+        assert!(
+            after - before <= 2,
+            "the worker used {} ticks",
+            after - before
+        );
+        assert_eq!(a.queue_evt.read().unwrap(), 100);
+        assert_eq!(a.irq.read().unwrap_err().kind(), io::ErrorKind::WouldBlock);
+
+        // The worker is still there to be stopped, and the device can start over.
+        VirtioDevice::<Mem>::reset(&mut block);
+        let mut b = activate(&mut block);
+        assert_eq!(read_sector_through_worker(&mut b, 2), pattern(2, 1));
+    }
+}
