@@ -63,6 +63,7 @@ pub mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 pub mod queue;
+pub mod tap;
 pub mod worker;
 
 pub use device::{ActivateError, ActivateParams, Interrupt, IrqTrigger, VirtioDevice};
