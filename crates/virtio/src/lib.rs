@@ -15,6 +15,10 @@
 //! raw image file or a host block device, which serves its queue on a [`Worker`] thread of its
 //! own.
 //!
+//! [`net`] is the virtio network device: Ethernet frames between the guest and a [`tap`]
+//! interface, or any descriptor with datagram semantics, served on a [`Worker`] thread of its
+//! own.
+//!
 //! With the `test-utils` feature, `mock::MockDriver` plays the guest driver for tests, fuzz
 //! targets and benches.
 //!
@@ -62,6 +66,7 @@ pub mod iov;
 pub mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
+pub mod net;
 pub mod queue;
 pub mod tap;
 pub mod worker;

@@ -1,0 +1,1274 @@
+//! The work of an active virtio-net device: moving frames from the transmit queue to the backend
+//! and from the backend to the receive queue, on the device's worker thread.
+//!
+//! [`NetHandler::process_tx`] and [`NetHandler::process_rx`] are the two steps; the
+//! [`EventHandler`] implementation calls them when the driver notifies a queue or the backend
+//! becomes readable or writable, and keeps the worker's interest in the backend in line with
+//! what the steps can do next ([`NetHandler::backend_interest`]): it stops reading the backend
+//! while the guest has no room for the frame it holds, and waits for the backend to become
+//! writable only while a transmitted frame is held back. Neither step ever spins: each returns
+//! when the work it could do is done.
+
+use std::fmt;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{Ordering, fence};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Address, Bytes, GuestMemory, Permissions};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::NetBackend;
+use super::{Error, ErrorChain, MAX_BUFFER_LEN, NUM_QUEUES, Result, VNET_HDR_LEN, has_feature};
+use crate::device::{ActivateError, ActivateParams, Interrupt};
+use crate::iov::{GuestIoVecs, IOV_MAX};
+use crate::queue::{self, DescriptorChain, Queue, Ring, USED_ELEMENT_SIZE};
+use crate::worker::{EventHandler, EventOps};
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// The worker's token for the receive queue's notification eventfd.
+pub const RX_QUEUE_TOKEN: u64 = 0;
+/// The worker's token for the transmit queue's notification eventfd.
+pub const TX_QUEUE_TOKEN: u64 = 1;
+/// The worker's token for the backend.
+pub const BACKEND_TOKEN: u64 = 2;
+
+/// The most frames [`NetHandler::process_rx`] takes from the backend in one call, so that a
+/// flood of received frames does not hold back transmission; the backend stays readable, so the
+/// worker comes back for the rest.
+pub const RX_BUDGET: usize = 256;
+/// The most chains [`NetHandler::process_tx`] sends in one call; past it the handler notifies
+/// its own transmit eventfd, so that the worker comes back after the events waiting behind.
+pub const TX_BUDGET: usize = 256;
+
+/// Offset of `num_buffers` in `virtio_net_hdr_v1`.
+const NUM_BUFFERS_OFFSET: usize = 10;
+/// Offset of the index in the used ring, after its flags.
+const USED_IDX_OFFSET: u64 = 2;
+/// Offset of the used ring's first element, after its flags and index.
+const USED_RING_OFFSET: u64 = 4;
+/// How often each kind of dropped frame may be logged.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Logs one kind of event at most once per [`LOG_INTERVAL`], so that a guest cannot flood the
+/// log, and counts those it held back.
+#[derive(Debug, Default)]
+struct LogLimiter {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl LogLimiter {
+    /// Whether to log now; if so, how many events went unlogged since the last time.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < LOG_INTERVAL => {
+                self.held_back = self.held_back.saturating_add(1);
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held_back))
+            }
+        }
+    }
+}
+
+/// What became of one transmitted chain.
+enum TxOutcome {
+    /// The backend took the frame.
+    Sent,
+    /// The frame was not sent: the chain was malformed or the backend refused it.
+    Dropped,
+    /// The backend is full; the chain waits until it is writable.
+    Blocked,
+}
+
+/// What became of one received frame.
+enum RxOutcome {
+    /// The frame is in the receive queue.
+    Delivered,
+    /// No chain, or no set of chains with MRG_RXBUF, can hold the frame: it is dropped, and the
+    /// chains stay available for the next one.
+    TooBig,
+    /// The driver has not made room for the frame yet; `seen` is the available index the
+    /// handler got to.
+    NoBuffers {
+        /// The available index when the queue ran dry.
+        seen: u16,
+    },
+}
+
+/// The device's state while active: its queues, its backend, and the frames in flight.
+pub struct NetHandler<M, B> {
+    mem: Arc<M>,
+    backend: B,
+    rx: Queue,
+    tx: Queue,
+    rx_evt: EventFd,
+    tx_evt: EventFd,
+    interrupt: Arc<Interrupt>,
+    mrg_rxbuf: bool,
+    /// The receive buffer: one frame from the backend, header included.
+    rx_frame: Vec<u8>,
+    /// The length of the frame in `rx_frame` not yet delivered, if there is one.
+    rx_pending: Option<usize>,
+    /// The chains taken for the frame being delivered.
+    rx_chains: Vec<DescriptorChain>,
+    /// Whether the handler waits for the driver to add receive buffers.
+    rx_starved: bool,
+    /// Whether the driver is asked to notify the receive queue.
+    rx_notify: bool,
+    /// The transmit chain the backend could not take yet.
+    tx_pending: Option<DescriptorChain>,
+    /// Whether the backend failed for good; the handler stops reading it.
+    backend_failed: bool,
+    /// Whether the driver broke the protocol; the handler serves nothing until reset.
+    broken: bool,
+    /// The events the worker waits for on the backend.
+    watched: EventSet,
+    tx_dropped: u64,
+    rx_dropped: u64,
+    tx_log: LogLimiter,
+    rx_log: LogLimiter,
+    irq_log: LogLimiter,
+}
+
+impl<M, B> fmt::Debug for NetHandler<M, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NetHandler")
+            .field("mrg_rxbuf", &self.mrg_rxbuf)
+            .field("rx_pending", &self.rx_pending)
+            .field("rx_starved", &self.rx_starved)
+            .field("tx_pending", &self.tx_pending.is_some())
+            .field("backend_failed", &self.backend_failed)
+            .field("broken", &self.broken)
+            .field("tx_dropped", &self.tx_dropped)
+            .field("rx_dropped", &self.rx_dropped)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M, B> NetHandler<M, B>
+where
+    M: GuestMemory + Send + Sync + 'static,
+    B: NetBackend,
+{
+    /// Takes over `backend` and what the transport handed the device at activation: the
+    /// receive queue first, then the transmit queue, and their eventfds. The backend's offloads
+    /// must already match the negotiated features (see [`super::offload_flags`]).
+    ///
+    /// # Errors
+    ///
+    /// [`ActivateError::QueueCount`] unless there are two queues and two eventfds.
+    pub fn new(backend: B, params: ActivateParams<M>) -> std::result::Result<Self, ActivateError> {
+        let ActivateParams {
+            mem,
+            features,
+            queues,
+            queue_evts,
+            interrupt,
+        } = params;
+        let given = if queues.len() == NUM_QUEUES {
+            queue_evts.len()
+        } else {
+            queues.len()
+        };
+        let mut queues = queues.into_iter();
+        let mut evts = queue_evts.into_iter();
+        let (Some(mut rx), Some(mut tx), None, Some(rx_evt), Some(tx_evt), None) = (
+            queues.next(),
+            queues.next(),
+            queues.next(),
+            evts.next(),
+            evts.next(),
+            evts.next(),
+        ) else {
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                given,
+            });
+        };
+        let event_idx = has_feature(features, VIRTIO_RING_F_EVENT_IDX);
+        rx.set_event_idx(event_idx);
+        tx.set_event_idx(event_idx);
+        Ok(NetHandler {
+            mem,
+            backend,
+            rx,
+            tx,
+            rx_evt,
+            tx_evt,
+            interrupt,
+            mrg_rxbuf: has_feature(features, VIRTIO_NET_F_MRG_RXBUF),
+            rx_frame: vec![0; MAX_BUFFER_LEN],
+            rx_pending: None,
+            rx_chains: Vec::new(),
+            rx_starved: false,
+            // The driver starts with notifications on.
+            rx_notify: true,
+            tx_pending: None,
+            backend_failed: false,
+            broken: false,
+            watched: EventSet::empty(),
+            tx_dropped: 0,
+            rx_dropped: 0,
+            tx_log: LogLimiter::default(),
+            rx_log: LogLimiter::default(),
+            irq_log: LogLimiter::default(),
+        })
+    }
+
+    /// Gives the backend back, when the device is reset.
+    pub fn into_backend(self) -> B {
+        self.backend
+    }
+
+    /// The events the handler needs from the backend now: readable unless the guest has no
+    /// room for the frame the handler holds, writable while a transmitted frame waits for room.
+    pub fn backend_interest(&self) -> EventSet {
+        let mut events = EventSet::empty();
+        if self.broken || self.backend_failed {
+            return events;
+        }
+        if !self.rx_starved {
+            events |= EventSet::IN;
+        }
+        if self.tx_pending.is_some() {
+            events |= EventSet::OUT;
+        }
+        events
+    }
+
+    /// How many transmitted frames were dropped: malformed chains, and frames the backend
+    /// refused.
+    pub fn tx_dropped(&self) -> u64 {
+        self.tx_dropped
+    }
+
+    /// How many received frames were dropped: too big for the guest's buffers, or malformed.
+    pub fn rx_dropped(&self) -> u64 {
+        self.rx_dropped
+    }
+
+    /// Whether the driver broke the protocol, so that the handler serves nothing until reset.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Sends what the driver put in the transmit queue: each chain's device-readable part, the
+    /// virtio-net header and the frame, goes to the backend with one `writev` straight from
+    /// guest memory, and the chain goes back with a used length of 0. Chains shorter than the
+    /// header, longer than [`MAX_BUFFER_LEN`] or of more than [`IOV_MAX`] pieces are dropped
+    /// and counted. When the backend is full, the chain waits until the next call
+    /// (the worker makes it when the backend becomes writable): no frame is lost.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Queue`] when the driver broke the protocol of the transmit queue.
+    pub fn process_tx(&mut self) -> Result<()> {
+        if self.broken {
+            return Ok(());
+        }
+        let mut used = false;
+        let result = self.send_frames(&mut used);
+        if used {
+            let notify = self.tx.needs_notification(&*self.mem).map_err(Error::tx)?;
+            if notify {
+                self.signal_used();
+            }
+        }
+        result
+    }
+
+    /// Drains the transmit queue, with notifications off while it does (virtio 1.2, 2.7.10).
+    fn send_frames(&mut self, used: &mut bool) -> Result<()> {
+        let mut sent = 0usize;
+        loop {
+            self.tx
+                .disable_notification(&*self.mem)
+                .map_err(Error::tx)?;
+            loop {
+                let chain = match self.tx_pending.take() {
+                    Some(chain) => chain,
+                    None => match self.tx.pop(&*self.mem).map_err(Error::tx)? {
+                        Some(chain) => chain,
+                        None => break,
+                    },
+                };
+                if sent >= TX_BUDGET {
+                    // Come back after the other events; notifications stay off meanwhile.
+                    self.tx_pending = Some(chain);
+                    if let Err(err) = self.tx_evt.write(1) {
+                        log::error!(
+                            "Cannot wake the virtio-net worker for more transmission: {err}"
+                        );
+                    }
+                    return Ok(());
+                }
+                match self.send_chain(&chain) {
+                    TxOutcome::Blocked => {
+                        // Notifications stay off: the backend becoming writable resumes.
+                        self.tx_pending = Some(chain);
+                        return Ok(());
+                    }
+                    TxOutcome::Sent => {}
+                    TxOutcome::Dropped => self.tx_dropped = self.tx_dropped.saturating_add(1),
+                }
+                sent = sent.saturating_add(1);
+                self.tx
+                    .add_used(&*self.mem, chain.head_index(), 0)
+                    .map_err(Error::tx)?;
+                *used = true;
+            }
+            // The driver may have added chains after the last pop and before it saw
+            // notifications back on.
+            if !self.tx.enable_notification(&*self.mem).map_err(Error::tx)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Hands one chain's frame to the backend.
+    fn send_chain(&mut self, chain: &DescriptorChain) -> TxOutcome {
+        let len = usize::try_from(chain.readable_len()).unwrap_or(usize::MAX);
+        if !(VNET_HDR_LEN..=MAX_BUFFER_LEN).contains(&len) {
+            return dropped_tx(
+                &mut self.tx_log,
+                format_args!(
+                    "the chain holds {len} bytes, not the {VNET_HDR_LEN}-byte header and a \
+                     frame of at most {} bytes",
+                    MAX_BUFFER_LEN - VNET_HDR_LEN
+                ),
+            );
+        }
+        let pieces = chain.readable().count();
+        if pieces > IOV_MAX {
+            return dropped_tx(
+                &mut self.tx_log,
+                format_args!(
+                    "the chain has {pieces} buffers, more than the {IOV_MAX} one write takes"
+                ),
+            );
+        }
+        let frame = match GuestIoVecs::new(&*self.mem, chain.readable().copied(), Permissions::Read)
+        {
+            Ok(frame) if frame.iovecs().len() <= IOV_MAX => frame,
+            Ok(frame) => {
+                let pieces = frame.iovecs().len();
+                return dropped_tx(
+                    &mut self.tx_log,
+                    format_args!(
+                        "the chain spans {pieces} pieces of guest memory, more than the \
+                         {IOV_MAX} one write takes"
+                    ),
+                );
+            }
+            Err(err) => {
+                return dropped_tx(
+                    &mut self.tx_log,
+                    format_args!("its buffers cannot be mapped: {err}"),
+                );
+            }
+        };
+        loop {
+            match self.backend.write_frame(&frame) {
+                Ok(_) => return TxOutcome::Sent,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock && !self.backend_failed => {
+                    return TxOutcome::Blocked;
+                }
+                Err(err) => {
+                    return dropped_tx(
+                        &mut self.tx_log,
+                        format_args!("the backend refused it: {err}"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Delivers frames from the backend to the receive queue, each in one chain, or with
+    /// MRG_RXBUF over as many chains as it needs with `num_buffers` saying how many. A frame no
+    /// chain can hold is dropped and counted, never truncated. When the driver has no room for
+    /// a frame, the handler keeps it, asks the driver to notify the receive queue once it adds
+    /// buffers, and stops reading the backend ([`NetHandler::backend_interest`]) until the next
+    /// call, which the worker makes at that notification.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Queue`] when the driver broke the protocol of the receive queue.
+    pub fn process_rx(&mut self) -> Result<()> {
+        if self.broken {
+            return Ok(());
+        }
+        // The handler reads the backend for as long as the guest has room, so the driver's
+        // notifications are only wanted once it runs out.
+        if self.rx_notify {
+            self.rx
+                .disable_notification(&*self.mem)
+                .map_err(Error::rx)?;
+            self.rx_notify = false;
+        }
+        self.rx_starved = false;
+        let mut used = false;
+        let result = self.receive_frames(&mut used);
+        if used {
+            let notify = self.rx.needs_notification(&*self.mem).map_err(Error::rx)?;
+            if notify {
+                self.signal_used();
+            }
+        }
+        result
+    }
+
+    fn receive_frames(&mut self, used: &mut bool) -> Result<()> {
+        for _ in 0..RX_BUDGET {
+            let len = match self.rx_pending {
+                Some(len) => len,
+                None => match self.read_frame() {
+                    Some(len) => len,
+                    None => return Ok(()),
+                },
+            };
+            self.rx_pending = Some(len);
+            match self.deliver(len).map_err(Error::rx)? {
+                RxOutcome::Delivered => {
+                    self.rx_pending = None;
+                    *used = true;
+                }
+                RxOutcome::TooBig => {
+                    self.rx_pending = None;
+                    let mrg = if self.mrg_rxbuf {
+                        "the whole receive queue"
+                    } else {
+                        "the next receive buffer"
+                    };
+                    self.drop_rx(format_args!("{len} bytes do not fit in {mrg}"));
+                }
+                RxOutcome::NoBuffers { seen } => {
+                    if self.wait_for_rx_buffers(seen).map_err(Error::rx)? {
+                        // The driver added buffers before it saw the request: try again.
+                        continue;
+                    }
+                    self.rx_starved = true;
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the next frame from the backend into `rx_frame`: its length, or `None` when the
+    /// backend has none. Malformed frames are dropped here.
+    fn read_frame(&mut self) -> Option<usize> {
+        if self.backend_failed {
+            return None;
+        }
+        loop {
+            match self.backend.read_frame(&mut self.rx_frame) {
+                Ok(len) if (VNET_HDR_LEN..=self.rx_frame.len()).contains(&len) => {
+                    return Some(len);
+                }
+                Ok(len) => self.drop_rx(format_args!(
+                    "the backend handed over {len} bytes, not the {VNET_HDR_LEN}-byte header and \
+                     a frame of at most {} bytes",
+                    MAX_BUFFER_LEN - VNET_HDR_LEN
+                )),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(err) => {
+                    log::error!(
+                        "virtio-net cannot read from its backend and stops receiving until the \
+                         device is reset: {err}"
+                    );
+                    self.backend_failed = true;
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn drop_rx(&mut self, why: fmt::Arguments<'_>) {
+        self.rx_dropped = self.rx_dropped.saturating_add(1);
+        if let Some(held_back) = self.rx_log.allow() {
+            log::warn!(
+                "virtio-net dropped a received frame: {why} ({held_back} more dropped since the \
+                 last report)"
+            );
+        }
+    }
+
+    /// Places the `len`-byte frame in `rx_frame` in the receive queue. Chains are taken only
+    /// when the whole frame fits: otherwise the queue is wound back to where it was, so that
+    /// the chains stay available.
+    fn deliver(&mut self, len: usize) -> queue::Result<RxOutcome> {
+        let mem = &*self.mem;
+        let start = self.rx.next_avail();
+        let max_chains = usize::from(self.rx.size());
+        self.rx_chains.clear();
+        let mut room = 0usize;
+        while room < len {
+            if self.rx_chains.len() >= max_chains || (!self.mrg_rxbuf && !self.rx_chains.is_empty())
+            {
+                self.rx_chains.clear();
+                self.rx.set_next_avail(start);
+                return Ok(RxOutcome::TooBig);
+            }
+            let Some(chain) = self.rx.pop(mem)? else {
+                let seen = self.rx.next_avail();
+                self.rx_chains.clear();
+                self.rx.set_next_avail(start);
+                return Ok(RxOutcome::NoBuffers { seen });
+            };
+            let chain_room = usize::try_from(chain.writable_len()).unwrap_or(usize::MAX);
+            room = room.saturating_add(chain_room);
+            self.rx_chains.push(chain);
+        }
+
+        // A chain count fits: it is at most the queue size.
+        let num_buffers = u16::try_from(self.rx_chains.len()).unwrap_or(u16::MAX);
+        if let Some(field) = self
+            .rx_frame
+            .get_mut(NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2)
+        {
+            field.copy_from_slice(&num_buffers.to_le_bytes());
+        }
+        let frame = self.rx_frame.get(..len).unwrap_or_default();
+        let mut used = Vec::with_capacity(self.rx_chains.len());
+        let mut offset = 0usize;
+        for chain in &self.rx_chains {
+            let rest = frame.get(offset..).unwrap_or_default();
+            let written = chain.write_from(mem, rest)?;
+            offset = offset.saturating_add(written);
+            // At most the chain's writable length, which is a u32.
+            used.push((
+                chain.head_index(),
+                u32::try_from(written).unwrap_or(u32::MAX),
+            ));
+        }
+        self.rx_chains.clear();
+        add_used_all(&mut self.rx, mem, &used)?;
+        Ok(RxOutcome::Delivered)
+    }
+
+    /// Asks the driver to notify the receive queue once it makes entries past `seen` available,
+    /// and returns whether it already did (the handler must then look again, since the driver
+    /// may have added them before it saw the request).
+    fn wait_for_rx_buffers(&mut self, seen: u16) -> queue::Result<bool> {
+        let mem = &*self.mem;
+        if self.rx.event_idx_enabled() {
+            // Not `next_avail`, which may lag behind with MRG_RXBUF: the driver must notify at
+            // the next entry it adds, whatever the handler already looked at.
+            self.rx.set_avail_event(mem, seen)?;
+        } else {
+            self.rx.enable_notification(mem)?;
+        }
+        self.rx_notify = true;
+        // The request must be visible before the available index is read again.
+        fence(Ordering::SeqCst);
+        Ok(self.rx.avail_idx(mem)? != seen)
+    }
+
+    fn signal_used(&mut self) {
+        if let Err(err) = self.interrupt.signal_used_queue() {
+            if let Some(held_back) = self.irq_log.allow() {
+                log::error!(
+                    "virtio-net cannot raise its interrupt: {err} ({held_back} more failures since \
+                     the last report)"
+                );
+            }
+        }
+    }
+
+    /// Stops reading the backend after it reported an error or a hang-up, and drops the frame
+    /// waiting for room in it.
+    fn backend_gone(&mut self) -> Result<()> {
+        if !self.backend_failed {
+            log::error!(
+                "virtio-net's backend reported an error or hang-up; the device stops using it \
+                 until reset"
+            );
+            self.backend_failed = true;
+        }
+        if let Some(chain) = self.tx_pending.take() {
+            self.tx_dropped = self.tx_dropped.saturating_add(1);
+            self.tx
+                .add_used(&*self.mem, chain.head_index(), 0)
+                .map_err(Error::tx)?;
+            if self.tx.needs_notification(&*self.mem).map_err(Error::tx)? {
+                self.signal_used();
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the worker wait on the backend for [`NetHandler::backend_interest`].
+    fn sync_interest(&mut self, ops: &mut EventOps<'_>) -> Result<()> {
+        let want = self.backend_interest();
+        if want == self.watched {
+            return Ok(());
+        }
+        let fd = self.backend.as_raw_fd();
+        let result = if self.watched.is_empty() {
+            ops.add(fd, want, BACKEND_TOKEN)
+        } else if want.is_empty() {
+            // Removed rather than left with no events: epoll would still report errors and
+            // hang-ups.
+            ops.remove(fd)
+        } else {
+            ops.modify(fd, want, BACKEND_TOKEN)
+        };
+        result.map_err(Error::Epoll)?;
+        self.watched = want;
+        Ok(())
+    }
+
+    /// Stops serving after the driver broke the protocol: the device asks for a reset and the
+    /// worker waits on nothing but its stop event, so it does not spin.
+    fn fail(&mut self, ops: &mut EventOps<'_>, err: &Error) {
+        log::error!(
+            "virtio-net stops serving its queues until the driver resets it: {}",
+            ErrorChain(err)
+        );
+        self.broken = true;
+        if let Err(err) = self.interrupt.set_needs_reset() {
+            log::error!("virtio-net cannot raise its interrupt: {err}");
+        }
+        // Errors are ignored: the descriptors are going anyway, and the log already says why.
+        let _ = ops.remove(self.rx_evt.as_raw_fd());
+        let _ = ops.remove(self.tx_evt.as_raw_fd());
+        if !self.watched.is_empty() {
+            let _ = ops.remove(self.backend.as_raw_fd());
+            self.watched = EventSet::empty();
+        }
+    }
+}
+
+impl<M, B> EventHandler for NetHandler<M, B>
+where
+    M: GuestMemory + Send + Sync + 'static,
+    B: NetBackend,
+{
+    fn init(&mut self, ops: &mut EventOps<'_>) -> io::Result<()> {
+        ops.add(self.rx_evt.as_raw_fd(), EventSet::IN, RX_QUEUE_TOKEN)?;
+        ops.add(self.tx_evt.as_raw_fd(), EventSet::IN, TX_QUEUE_TOKEN)?;
+        let want = self.backend_interest();
+        if !want.is_empty() {
+            ops.add(self.backend.as_raw_fd(), want, BACKEND_TOKEN)?;
+        }
+        self.watched = want;
+        Ok(())
+    }
+
+    fn handle_event(&mut self, ops: &mut EventOps<'_>, token: u64, events: EventSet) {
+        if self.broken {
+            return;
+        }
+        let result = match token {
+            RX_QUEUE_TOKEN => {
+                // Clears the notification; the count does not matter.
+                let _ = self.rx_evt.read();
+                self.process_rx()
+            }
+            TX_QUEUE_TOKEN => {
+                let _ = self.tx_evt.read();
+                self.process_tx()
+            }
+            BACKEND_TOKEN if events.intersects(EventSet::ERROR | EventSet::HANG_UP) => {
+                self.backend_gone()
+            }
+            BACKEND_TOKEN => {
+                let rx = if events.contains(EventSet::IN) {
+                    self.process_rx()
+                } else {
+                    Ok(())
+                };
+                rx.and_then(|()| {
+                    if events.contains(EventSet::OUT) {
+                        self.process_tx()
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
+            _ => Ok(()),
+        };
+        if let Err(err) = result.and_then(|()| self.sync_interest(ops)) {
+            self.fail(ops, &err);
+        }
+    }
+}
+
+/// Logs, within `log`'s limit, why a transmitted frame was dropped.
+fn dropped_tx(log: &mut LogLimiter, why: fmt::Arguments<'_>) -> TxOutcome {
+    if let Some(held_back) = log.allow() {
+        log::warn!(
+            "virtio-net dropped a transmitted frame: {why} ({held_back} more dropped since the \
+             last report)"
+        );
+    }
+    TxOutcome::Dropped
+}
+
+/// Hands chains back to the driver all at once: writes their used elements, then moves the used
+/// index past all of them with one Release store. A frame spread over several buffers must not
+/// reach the driver in parts: Linux drops a merged frame whose buffers are not all there yet.
+fn add_used_all<M: GuestMemory + ?Sized>(
+    queue: &mut Queue,
+    mem: &M,
+    used: &[(u16, u32)],
+) -> queue::Result<()> {
+    if let [(head, len)] = used {
+        return queue.add_used(mem, *head, *len);
+    }
+    if !queue.ready() {
+        return Err(queue::Error::NotReady);
+    }
+    let size = queue.size();
+    if size == 0 || !size.is_power_of_two() {
+        return Err(queue::Error::InvalidSize {
+            size,
+            max: queue.max_size(),
+        });
+    }
+    let ring = queue.used_ring();
+    let outside = queue::Error::RingOutsideMemory {
+        ring: Ring::UsedRing,
+        addr: ring.raw_value(),
+    };
+    let mut next_used = queue.next_used();
+    for &(head, len) in used {
+        if head >= size {
+            return Err(queue::Error::HeadIndexOutOfRange { index: head, size });
+        }
+        let slot = u64::from(next_used & size.wrapping_sub(1));
+        let Some(addr) = slot
+            .checked_mul(USED_ELEMENT_SIZE)
+            .and_then(|off| off.checked_add(USED_RING_OFFSET))
+            .and_then(|off| ring.checked_add(off))
+        else {
+            return Err(outside);
+        };
+        let mut element = [0u8; 8];
+        let (id, length) = element.split_at_mut(4);
+        id.copy_from_slice(&u32::from(head).to_le_bytes());
+        length.copy_from_slice(&len.to_le_bytes());
+        mem.write_obj(element, addr)?;
+        next_used = next_used.wrapping_add(1);
+    }
+    let Some(idx_addr) = ring.checked_add(USED_IDX_OFFSET) else {
+        return Err(outside);
+    };
+    // The elements must be visible to the driver before the index that publishes them.
+    fence(Ordering::Release);
+    mem.store(next_used.to_le(), idx_addr, Ordering::Release)?;
+    queue.set_next_used(next_used);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixDatagram;
+
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::mock::{MockBuffer, MockDriver, guest_memory};
+    use crate::net::QUEUE_SIZE;
+
+    const MEM_SIZE: usize = 0x40_0000;
+    const RX_RING: u64 = 0;
+    const TX_RING: u64 = 0x4000;
+    const BUFFERS: u64 = 0x1_0000;
+    const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
+    const MRG_RXBUF: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
+    const EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
+
+    type Handler = NetHandler<GuestMemoryMmap<()>, UnixDatagram>;
+
+    /// A handler over one end of a socket pair, with the mock driver on both queues.
+    struct Rig {
+        mem: Arc<GuestMemoryMmap<()>>,
+        rx: MockDriver,
+        tx: MockDriver,
+        handler: Handler,
+        /// The other end of the socket pair: the network.
+        peer: UnixDatagram,
+        /// The handler's end, duplicated, to fill its send buffer.
+        device_end: UnixDatagram,
+        irq: EventFd,
+        next_buffer: u64,
+    }
+
+    fn rig(features: u64) -> Rig {
+        let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
+        let rx = MockDriver::new(QUEUE_SIZE, GuestAddress(RX_RING));
+        let tx = MockDriver::new(QUEUE_SIZE, GuestAddress(TX_RING));
+        let (device, peer) = UnixDatagram::pair().unwrap();
+        device.set_nonblocking(true).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        let device_end = device.try_clone().unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (rx_queue, tx_queue) = (rx.queue(), tx.queue());
+        rx_queue.validate(&*mem).unwrap();
+        tx_queue.validate(&*mem).unwrap();
+        let params = ActivateParams {
+            mem: mem.clone(),
+            features,
+            queues: vec![rx_queue, tx_queue],
+            queue_evts: vec![
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ],
+            interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+        };
+        let handler = NetHandler::new(device, params).unwrap();
+        Rig {
+            mem,
+            rx,
+            tx,
+            handler,
+            peer,
+            device_end,
+            irq,
+            next_buffer: BUFFERS,
+        }
+    }
+
+    /// A frame of `len` bytes, header included: a zero header, then bytes that differ with
+    /// `seed` and their position.
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        let mut frame = vec![0u8; len];
+        for (i, byte) in frame.iter_mut().enumerate().skip(VNET_HDR_LEN) {
+            *byte = seed.wrapping_add((i % 251) as u8);
+        }
+        frame
+    }
+
+    impl Rig {
+        /// Room for `len` bytes in guest memory, after the rings.
+        fn alloc(&mut self, len: usize) -> u64 {
+            let addr = self.next_buffer;
+            self.next_buffer = (addr + len as u64).next_multiple_of(16);
+            assert!(
+                self.next_buffer <= MEM_SIZE as u64,
+                "the rig is out of memory"
+            );
+            addr
+        }
+
+        /// Offers `bytes` for transmission in one chain, cut into pieces of the given lengths
+        /// (the last piece takes the rest).
+        fn offer_tx(&mut self, bytes: &[u8], cuts: &[usize]) -> u16 {
+            let mut buffers = Vec::new();
+            let mut rest = bytes;
+            for &cut in cuts {
+                let (piece, tail) = rest.split_at(cut);
+                buffers.push(self.readable(piece));
+                rest = tail;
+            }
+            buffers.push(self.readable(rest));
+            self.tx.add_chain(&*self.mem, &buffers).unwrap()
+        }
+
+        fn readable(&mut self, piece: &[u8]) -> MockBuffer {
+            let addr = self.alloc(piece.len());
+            self.mem.write_slice(piece, GuestAddress(addr)).unwrap();
+            MockBuffer::readable(addr, u32::try_from(piece.len()).unwrap())
+        }
+
+        /// Offers one receive chain of one `len`-byte buffer; returns its head and address.
+        fn offer_rx(&mut self, len: u32) -> (u16, u64) {
+            let addr = self.alloc(len as usize);
+            let head = self
+                .rx
+                .add_chain(&*self.mem, &[MockBuffer::writable(addr, len)])
+                .unwrap();
+            (head, addr)
+        }
+
+        fn read_guest(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut bytes = vec![0u8; len];
+            self.mem.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
+            bytes
+        }
+
+        /// What the network received, one datagram, if any.
+        fn network_recv(&self) -> Option<Vec<u8>> {
+            let mut buf = vec![0u8; MAX_BUFFER_LEN + 1];
+            match self.peer.recv(&mut buf) {
+                Ok(len) => {
+                    buf.truncate(len);
+                    Some(buf)
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => None,
+                Err(err) => panic!("{err}"),
+            }
+        }
+
+        /// Interrupts raised since last asked.
+        fn interrupts(&self) -> u64 {
+            match self.irq.read() {
+                Ok(count) => count,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(err) => panic!("{err}"),
+            }
+        }
+
+        /// Fills the handler's send buffer, so that its next write finds the backend full.
+        fn fill_backend(&self) {
+            let filler = [0u8; 32 * 1024];
+            loop {
+                match self.device_end.send(&filler) {
+                    Ok(_) => {}
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(err) => panic!("{err}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tx_of_a_one_descriptor_frame_arrives_byte_exact() {
+        let mut rig = rig(VERSION_1);
+        let sent = frame(1500, 1);
+        let head = rig.offer_tx(&sent, &[]);
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.network_recv().unwrap(), sent);
+        assert_eq!(rig.network_recv(), None);
+        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 1);
+        assert_eq!(
+            rig.tx.used_elem(&*rig.mem, 0).unwrap(),
+            (u32::from(head), 0)
+        );
+        assert_eq!(rig.interrupts(), 1);
+        assert_eq!(rig.handler.tx_dropped(), 0);
+    }
+
+    #[test]
+    fn tx_of_a_frame_over_several_descriptors_arrives_byte_exact() {
+        let mut rig = rig(VERSION_1);
+        // The header alone, then the frame in uneven pieces.
+        let first = frame(9000, 2);
+        rig.offer_tx(&first, &[VNET_HDR_LEN, 1, 4000, 3]);
+        // The header split too, and the chain in an indirect table.
+        let second = frame(600, 3);
+        let mut buffers = Vec::new();
+        for piece in [&second[..5], &second[5..300], &second[300..]] {
+            buffers.push(rig.readable(piece));
+        }
+        let table = rig.alloc(16 * buffers.len());
+        rig.tx
+            .add_indirect_chain(&*rig.mem, GuestAddress(table), &buffers)
+            .unwrap();
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.network_recv().unwrap(), first);
+        assert_eq!(rig.network_recv().unwrap(), second);
+        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_tx_chain_shorter_than_the_header_is_dropped_and_the_next_frame_still_goes_out() {
+        let mut rig = rig(VERSION_1);
+        let short = rig.offer_tx(&[0u8; VNET_HDR_LEN - 1], &[]);
+        let good = frame(100, 4);
+        let head = rig.offer_tx(&good, &[]);
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.network_recv().unwrap(), good);
+        assert_eq!(rig.network_recv(), None);
+        assert_eq!(rig.handler.tx_dropped(), 1);
+        // Both chains go back to the driver.
+        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 2);
+        assert_eq!(
+            rig.tx.used_elem(&*rig.mem, 0).unwrap(),
+            (u32::from(short), 0)
+        );
+        assert_eq!(
+            rig.tx.used_elem(&*rig.mem, 1).unwrap(),
+            (u32::from(head), 0)
+        );
+    }
+
+    #[test]
+    fn tx_chains_too_long_or_of_too_many_pieces_are_dropped() {
+        let mut rig = rig(VERSION_1);
+        rig.offer_tx(&frame(MAX_BUFFER_LEN + 1, 5), &[]);
+        // IOV_MAX + 1 one-byte pieces, in an indirect table (the ring holds only 256).
+        let bytes = frame(IOV_MAX + 1, 6);
+        let buffers: Vec<MockBuffer> = bytes.chunks(1).map(|b| rig.readable(b)).collect();
+        let table = rig.alloc(16 * buffers.len());
+        rig.tx
+            .add_indirect_chain(&*rig.mem, GuestAddress(table), &buffers)
+            .unwrap();
+        // The longest frame still goes out.
+        let longest = frame(MAX_BUFFER_LEN, 7);
+        rig.offer_tx(&longest, &[]);
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.handler.tx_dropped(), 2);
+        assert_eq!(rig.network_recv().unwrap(), longest);
+        assert_eq!(rig.network_recv(), None);
+        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_full_backend_holds_the_tx_chain_until_it_is_writable() {
+        let mut rig = rig(VERSION_1);
+        rig.fill_backend();
+        let sent = frame(1500, 8);
+        let head = rig.offer_tx(&sent, &[]);
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 0, "the chain is held");
+        assert!(rig.handler.backend_interest().contains(EventSet::OUT));
+        assert_eq!(rig.interrupts(), 0);
+        // Still full: the chain stays held, and nothing spins or drops.
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 0);
+
+        while rig.network_recv().is_some_and(|d| d.len() != sent.len()) {}
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.network_recv().unwrap(), sent);
+        assert_eq!(
+            rig.tx.used_elem(&*rig.mem, 0).unwrap(),
+            (u32::from(head), 0)
+        );
+        assert!(!rig.handler.backend_interest().contains(EventSet::OUT));
+        assert_eq!(rig.handler.tx_dropped(), 0);
+        assert_eq!(rig.interrupts(), 1);
+    }
+
+    #[test]
+    fn rx_of_a_small_frame_fills_one_chain() {
+        let mut rig = rig(VERSION_1);
+        let (head, addr) = rig.offer_rx(1526);
+        let received = frame(60, 9);
+        rig.peer.send(&received).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 1);
+        assert_eq!(
+            rig.rx.used_elem(&*rig.mem, 0).unwrap(),
+            (u32::from(head), 60)
+        );
+        let mut expected = received.clone();
+        // num_buffers is 1 without MRG_RXBUF.
+        expected[NUM_BUFFERS_OFFSET] = 1;
+        assert_eq!(rig.read_guest(addr, 60), expected);
+        assert_eq!(rig.interrupts(), 1);
+        assert!(rig.handler.backend_interest().contains(EventSet::IN));
+    }
+
+    #[test]
+    fn rx_of_a_64k_frame_spreads_over_chains_with_mrg_rxbuf() {
+        let mut rig = rig(VERSION_1 | MRG_RXBUF);
+        let chains: Vec<(u16, u64)> = (0..20).map(|_| rig.offer_rx(4096)).collect();
+        let received = frame(VNET_HDR_LEN + 65536, 10);
+        rig.peer.send(&received).unwrap();
+        rig.handler.process_rx().unwrap();
+
+        // 65548 bytes: 16 full chains and 12 bytes in a 17th.
+        assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 17);
+        let mut gathered = Vec::new();
+        for (i, &(head, addr)) in chains.iter().take(17).enumerate() {
+            let len = if i < 16 { 4096 } else { 12 };
+            let idx = u16::try_from(i).unwrap();
+            assert_eq!(
+                rig.rx.used_elem(&*rig.mem, idx).unwrap(),
+                (u32::from(head), len)
+            );
+            gathered.extend(rig.read_guest(addr, len as usize));
+        }
+        let num_buffers = u16::from_le_bytes([gathered[10], gathered[11]]);
+        assert_eq!(num_buffers, 17);
+        gathered[10..12].fill(0);
+        assert_eq!(gathered, received);
+        assert_eq!(rig.interrupts(), 1);
+
+        // The next frame starts in the 18th chain.
+        rig.peer.send(&frame(100, 11)).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(
+            rig.rx.used_elem(&*rig.mem, 17).unwrap(),
+            (u32::from(chains[17].0), 100)
+        );
+    }
+
+    #[test]
+    fn without_mrg_rxbuf_a_frame_too_big_for_the_chain_is_dropped_and_the_next_delivered() {
+        let mut rig = rig(VERSION_1);
+        let (head, addr) = rig.offer_rx(1526);
+        rig.peer.send(&frame(1527, 12)).unwrap();
+        let next = frame(1526, 13);
+        rig.peer.send(&next).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.handler.rx_dropped(), 1);
+        // The chain the big frame did not fit stays for the next one.
+        assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 1);
+        assert_eq!(
+            rig.rx.used_elem(&*rig.mem, 0).unwrap(),
+            (u32::from(head), 1526)
+        );
+        let delivered = rig.read_guest(addr, 1526);
+        assert_eq!(delivered[VNET_HDR_LEN..], next[VNET_HDR_LEN..]);
+        // Nothing was written past the chain.
+        assert_eq!(rig.read_guest(addr + 1526, 1), [0]);
+    }
+
+    #[test]
+    fn without_rx_buffers_the_frame_waits_unwatched_until_the_driver_adds_some() {
+        let mut rig = rig(VERSION_1);
+        let first = frame(200, 14);
+        let second = frame(300, 15);
+        rig.peer.send(&first).unwrap();
+        rig.peer.send(&second).unwrap();
+        rig.handler.process_rx().unwrap();
+        // The handler holds the frame, stops reading the backend and asks to be notified.
+        assert!(!rig.handler.backend_interest().contains(EventSet::IN));
+        assert_eq!(rig.rx.used_flags(&*rig.mem).unwrap(), 0);
+        assert_eq!(rig.interrupts(), 0);
+        assert_eq!(rig.handler.rx_dropped(), 0);
+        // A second look, without buffers, changes nothing.
+        rig.handler.process_rx().unwrap();
+        assert!(!rig.handler.backend_interest().contains(EventSet::IN));
+
+        // The driver adds buffers and notifies: both frames arrive, in order.
+        let (_, a) = rig.offer_rx(1526);
+        let (_, b) = rig.offer_rx(1526);
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 2);
+        assert_eq!(rig.read_guest(a + 12, 188), first[12..]);
+        assert_eq!(rig.read_guest(b + 12, 288), second[12..]);
+        assert!(rig.handler.backend_interest().contains(EventSet::IN));
+        // The handler reads the backend again, so it no longer wants notifications.
+        assert_eq!(
+            rig.rx.used_flags(&*rig.mem).unwrap(),
+            VRING_USED_F_NO_NOTIFY as u16
+        );
+        assert_eq!(rig.interrupts(), 1);
+    }
+
+    #[test]
+    fn with_mrg_rxbuf_too_few_buffers_leave_the_frame_waiting_and_the_chains_available() {
+        let mut rig = rig(VERSION_1 | MRG_RXBUF | EVENT_IDX);
+        let a = rig.offer_rx(4096);
+        let b = rig.offer_rx(4096);
+        let received = frame(10000, 16);
+        rig.peer.send(&received).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 0);
+        assert!(!rig.handler.backend_interest().contains(EventSet::IN));
+        // The driver is to notify at the next buffer it adds.
+        assert_eq!(rig.rx.avail_event(&*rig.mem).unwrap(), 2);
+
+        let c = rig.offer_rx(4096);
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 3);
+        let lens = [4096, 4096, 10000 - 8192];
+        for (i, ((head, _), len)) in [a, b, c].iter().zip(lens).enumerate() {
+            let idx = u16::try_from(i).unwrap();
+            assert_eq!(
+                rig.rx.used_elem(&*rig.mem, idx).unwrap(),
+                (u32::from(*head), len)
+            );
+        }
+        assert_eq!(rig.read_guest(a.1 + 10, 2), [3, 0], "num_buffers");
+        assert_eq!(rig.read_guest(c.1, 1808), received[8192..]);
+    }
+
+    #[test]
+    fn rx_frames_shorter_than_the_header_are_dropped() {
+        let mut rig = rig(VERSION_1);
+        let (head, _) = rig.offer_rx(1526);
+        rig.peer.send(&[1, 2, 3]).unwrap();
+        rig.peer.send(&frame(64, 17)).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.handler.rx_dropped(), 1);
+        assert_eq!(
+            rig.rx.used_elem(&*rig.mem, 0).unwrap(),
+            (u32::from(head), 64)
+        );
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts_as_the_driver_asks() {
+        let mut rig = rig(VERSION_1 | EVENT_IDX);
+        // The driver wants an interrupt once the used entry at index 2 is filled.
+        rig.tx.set_used_event(&*rig.mem, 2).unwrap();
+        let mut interrupts = Vec::new();
+        for seed in 0..4 {
+            rig.offer_tx(&frame(64, seed), &[]);
+            rig.handler.process_tx().unwrap();
+            interrupts.push(rig.interrupts());
+        }
+        // The first check has nothing to compare with, so it interrupts.
+        assert_eq!(interrupts, [1, 0, 1, 0]);
+        // The handler asks to be notified at the next chain.
+        assert_eq!(rig.tx.avail_event(&*rig.mem).unwrap(), 4);
+
+        // Three chains in one go pass used_event = 5 once: one interrupt.
+        rig.tx.set_used_event(&*rig.mem, 5).unwrap();
+        for seed in 0..3 {
+            rig.offer_tx(&frame(64, seed), &[]);
+        }
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.interrupts(), 1);
+
+        // The same on the receive side.
+        rig.rx.set_used_event(&*rig.mem, 0).unwrap();
+        rig.offer_rx(1526);
+        rig.offer_rx(1526);
+        rig.peer.send(&frame(64, 18)).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.interrupts(), 1);
+        rig.peer.send(&frame(64, 19)).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.interrupts(), 0, "used_event 0 is behind");
+    }
+
+    #[test]
+    fn no_interrupt_flag_suppresses_interrupts_without_event_idx() {
+        let mut rig = rig(VERSION_1);
+        rig.tx
+            .set_avail_flags(&*rig.mem, VRING_AVAIL_F_NO_INTERRUPT as u16)
+            .unwrap();
+        rig.offer_tx(&frame(64, 20), &[]);
+        rig.handler.process_tx().unwrap();
+        assert!(rig.network_recv().is_some());
+        assert_eq!(rig.interrupts(), 0);
+    }
+
+    #[test]
+    fn a_broken_transmit_queue_is_an_error() {
+        let mut rig = rig(VERSION_1);
+        // A head index outside the descriptor table.
+        rig.tx.set_avail_entry(&*rig.mem, 0, QUEUE_SIZE).unwrap();
+        rig.tx.set_avail_idx(&*rig.mem, 1).unwrap();
+        let err = rig.handler.process_tx().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Queue {
+                    queue: "transmit",
+                    source: queue::Error::HeadIndexOutOfRange { .. }
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(rig.network_recv(), None);
+    }
+
+    #[test]
+    fn log_limiter_lets_one_through_per_interval_and_counts_the_rest() {
+        let mut limiter = LogLimiter::default();
+        assert_eq!(limiter.allow(), Some(0));
+        assert_eq!(limiter.allow(), None);
+        assert_eq!(limiter.allow(), None);
+        limiter.last = Instant::now().checked_sub(LOG_INTERVAL);
+        assert_eq!(limiter.allow(), Some(2));
+    }
+}

@@ -1,0 +1,831 @@
+//! A virtio-net device (virtio 1.2, section 5.1) over a TAP or any backend with datagram
+//! semantics.
+//!
+//! [`Net`] has a receive queue (0) and a transmit queue (1), no control queue, and offers
+//! checksum and TCP segmentation offloads both ways, merged receive buffers and, when one is
+//! configured, a MAC address. Every frame carries the 12-byte `virtio_net_hdr_v1`, which goes to
+//! and comes from the backend as is: a [`Tap`](crate::tap::Tap) opened with `IFF_VNET_HDR`
+//! understands it, so the offloads the guest asks for are the host stack's to do.
+//!
+//! Once activated, the device serves its queues on a worker thread ([`crate::worker`]) with a
+//! [`NetHandler`]; [`VirtioDevice::reset`] stops it and takes the backend back, so that the
+//! device can be activated again.
+//!
+//! # Example
+//!
+//! A device over one end of a socket pair, as the tests use it:
+//!
+//! ```
+//! use std::os::unix::net::UnixDatagram;
+//!
+//! use ember_virtio::VirtioDevice;
+//! use ember_virtio::net::{MacAddr, Net};
+//! use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+//! use vm_memory::GuestMemoryMmap;
+//!
+//! let (backend, _peer) = UnixDatagram::pair().unwrap();
+//! backend.set_nonblocking(true).unwrap();
+//! let mac: MacAddr = "06:00:00:00:00:01".parse().unwrap();
+//! let net = Net::new(backend, Some(mac));
+//! let device: &dyn VirtioDevice<GuestMemoryMmap> = &net;
+//! assert_eq!(device.device_type(), VIRTIO_ID_NET);
+//! let mut config = [0u8; 6];
+//! device.read_config(0, &mut config);
+//! assert_eq!(config, mac.bytes());
+//! ```
+
+mod backend;
+mod handler;
+pub mod mac;
+
+use std::fmt;
+use std::io;
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::GuestMemory;
+
+pub use backend::NetBackend;
+pub use handler::{
+    BACKEND_TOKEN, NetHandler, RX_BUDGET, RX_QUEUE_TOKEN, TX_BUDGET, TX_QUEUE_TOKEN,
+};
+pub use mac::MacAddr;
+
+use crate::device::{ActivateError, ActivateParams, VirtioDevice, read_config_bytes};
+use crate::queue;
+use crate::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+use crate::worker::Worker;
+
+/// The receive queue's index.
+pub const RX_QUEUE: usize = 0;
+/// The transmit queue's index.
+pub const TX_QUEUE: usize = 1;
+/// The number of queues: one receive and one transmit queue, no control queue.
+pub const NUM_QUEUES: usize = 2;
+/// The largest size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The size of the virtio-net header in front of every frame (`virtio_net_hdr_v1`).
+pub const VNET_HDR_LEN: usize = crate::tap::VNET_HDR_LEN;
+/// The longest frame the device moves, without its header: a 64 KiB TCP segment with its
+/// Ethernet and VLAN headers.
+pub const MAX_FRAME_LEN: usize = 65550;
+/// The longest frame the device moves, with its header.
+pub const MAX_BUFFER_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
+
+/// The features the device offers whatever its configuration. No UFO: recent Linux TAPs do not
+/// take it any more.
+pub const BASE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << VIRTIO_NET_F_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_TSO4)
+    | (1 << VIRTIO_NET_F_GUEST_TSO6)
+    | (1 << VIRTIO_NET_F_HOST_TSO4)
+    | (1 << VIRTIO_NET_F_HOST_TSO6)
+    | (1 << VIRTIO_NET_F_MRG_RXBUF);
+
+const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
+
+/// Errors of an active device. Each stops the device until the driver resets it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The driver broke the virtqueue protocol on one of the queues.
+    #[error("The driver broke the protocol of the {queue} queue")]
+    Queue {
+        /// Which queue: "receive" or "transmit".
+        queue: &'static str,
+        /// What was wrong.
+        #[source]
+        source: queue::Error,
+    },
+    /// The worker cannot change the events it waits for on the backend.
+    #[error("Cannot change the events the device's worker waits for on its backend")]
+    Epoll(#[source] io::Error),
+}
+
+impl Error {
+    fn rx(source: queue::Error) -> Self {
+        Error::Queue {
+            queue: "receive",
+            source,
+        }
+    }
+
+    fn tx(source: queue::Error) -> Self {
+        Error::Queue {
+            queue: "transmit",
+            source,
+        }
+    }
+}
+
+/// Result of an active device's steps.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// An error and its sources, joined by colons, for the log.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
+    }
+}
+
+fn has_feature(features: u64, bit: u32) -> bool {
+    1u64.checked_shl(bit)
+        .is_some_and(|mask| features & mask != 0)
+}
+
+/// The `TUN_F_*` offloads a backend may use in the frames it hands the guest, given the
+/// features the driver accepted: [`TUN_F_CSUM`] with GUEST_CSUM, and with it [`TUN_F_TSO4`] and
+/// [`TUN_F_TSO6`] for GUEST_TSO4 and GUEST_TSO6 (segmentation offloads need the checksum one, in
+/// the spec as in Linux's TAP).
+pub fn offload_flags(features: u64) -> u32 {
+    if !has_feature(features, VIRTIO_NET_F_GUEST_CSUM) {
+        return 0;
+    }
+    let mut flags = TUN_F_CSUM;
+    if has_feature(features, VIRTIO_NET_F_GUEST_TSO4) {
+        flags |= TUN_F_TSO4;
+    }
+    if has_feature(features, VIRTIO_NET_F_GUEST_TSO6) {
+        flags |= TUN_F_TSO6;
+    }
+    flags
+}
+
+/// A worker serving a device, whatever its guest memory type, that gives the backend back when
+/// stopped.
+trait Running<B>: Send {
+    fn stop(self: Box<Self>) -> io::Result<B>;
+}
+
+impl<M, B> Running<B> for Worker<NetHandler<M, B>>
+where
+    M: GuestMemory + Send + Sync + 'static,
+    B: NetBackend,
+{
+    fn stop(self: Box<Self>) -> io::Result<B> {
+        Worker::stop(*self).map(NetHandler::into_backend)
+    }
+}
+
+enum State<B> {
+    /// Reset: the device holds the backend.
+    Ready(B),
+    /// Active: the worker holds the backend.
+    Active(Box<dyn Running<B>>),
+    /// The backend went with a worker that could not start or stop.
+    Lost,
+}
+
+/// A virtio-net device.
+pub struct Net<B = crate::tap::Tap> {
+    mac: Option<MacAddr>,
+    features: u64,
+    state: State<B>,
+}
+
+impl<B> fmt::Debug for Net<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Ready(_) => "ready",
+            State::Active(_) => "active",
+            State::Lost => "backend lost",
+        };
+        f.debug_struct("Net")
+            .field("mac", &self.mac)
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<B: NetBackend> Net<B> {
+    /// A device whose frames go to and come from `backend`, which must be non-blocking. With a
+    /// `mac`, the device offers VIRTIO_NET_F_MAC and the driver uses that address; without one,
+    /// the driver makes one up.
+    pub fn new(backend: B, mac: Option<MacAddr>) -> Self {
+        let mut features = BASE_FEATURES;
+        if mac.is_some() {
+            features |= 1 << VIRTIO_NET_F_MAC;
+        }
+        Net {
+            mac,
+            features,
+            state: State::Ready(backend),
+        }
+    }
+
+    /// The MAC address the device gives the driver, if any.
+    pub fn mac(&self) -> Option<MacAddr> {
+        self.mac
+    }
+
+    /// Whether the device is serving its queues.
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, State::Active(_))
+    }
+
+    /// The configuration space: the MAC address (zeros without one).
+    fn config(&self) -> [u8; mac::MAC_LEN] {
+        self.mac.map(|mac| mac.bytes()).unwrap_or_default()
+    }
+}
+
+impl<M, B> VirtioDevice<M> for Net<B>
+where
+    M: GuestMemory + Send + Sync + 'static,
+    B: NetBackend,
+{
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC address is read-only for a VERSION_1 driver.
+        log::debug!(
+            "virtio-net ignored a {}-byte configuration write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, params: ActivateParams<M>) -> std::result::Result<(), ActivateError> {
+        let State::Ready(backend) = &mut self.state else {
+            return Err(ActivateError::AlreadyActive);
+        };
+        // Checked here too, so that the backend stays with the device on this error.
+        for given in [params.queues.len(), params.queue_evts.len()] {
+            if given != NUM_QUEUES {
+                return Err(ActivateError::QueueCount {
+                    expected: NUM_QUEUES,
+                    given,
+                });
+            }
+        }
+        backend
+            .set_offload(offload_flags(params.features))
+            .map_err(ActivateError::Backend)?;
+        let State::Ready(backend) = std::mem::replace(&mut self.state, State::Lost) else {
+            return Err(ActivateError::AlreadyActive);
+        };
+        let handler = NetHandler::new(backend, params)?;
+        let worker = Worker::spawn("ember-net".into(), handler).map_err(ActivateError::Worker)?;
+        self.state = State::Active(Box::new(worker));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.state = match std::mem::replace(&mut self.state, State::Lost) {
+            State::Active(worker) => match worker.stop() {
+                Ok(backend) => State::Ready(backend),
+                Err(err) => {
+                    log::error!(
+                        "virtio-net lost its backend when its worker stopped, so it cannot be \
+                         activated again: {err}"
+                    );
+                    State::Lost
+                }
+            },
+            state => state,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::net::UnixDatagram;
+    use std::process::Command;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+
+    use virtio_bindings::virtio_net::{
+        VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_UFO,
+    };
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::device::Interrupt;
+    use crate::iov::GuestIoVecs;
+    use crate::mock::{MockBuffer, MockDriver, guest_memory};
+    use crate::tap::Tap;
+
+    const MEM_SIZE: usize = 0x20_0000;
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX);
+
+    fn mac() -> MacAddr {
+        "06:00:00:00:00:01".parse().unwrap()
+    }
+
+    fn socket_pair() -> (UnixDatagram, UnixDatagram) {
+        let (device, peer) = UnixDatagram::pair().unwrap();
+        device.set_nonblocking(true).unwrap();
+        peer.set_read_timeout(Some(TIMEOUT)).unwrap();
+        (device, peer)
+    }
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        let mut frame = vec![0u8; len];
+        for (i, byte) in frame.iter_mut().enumerate().skip(VNET_HDR_LEN) {
+            *byte = seed.wrapping_add((i % 251) as u8);
+        }
+        frame
+    }
+
+    /// The guest side of one activation: fresh memory, both queues, their notification
+    /// eventfds and the interrupt.
+    struct Guest {
+        mem: Arc<GuestMemoryMmap<()>>,
+        rx: MockDriver,
+        tx: MockDriver,
+        rx_kick: EventFd,
+        tx_kick: EventFd,
+        irq: EventFd,
+        interrupt: Arc<Interrupt>,
+        next_buffer: u64,
+    }
+
+    impl Guest {
+        fn new() -> Self {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            Guest {
+                mem: Arc::new(guest_memory(MEM_SIZE).unwrap()),
+                rx: MockDriver::new(QUEUE_SIZE, GuestAddress(0)),
+                tx: MockDriver::new(QUEUE_SIZE, GuestAddress(0x4000)),
+                rx_kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                tx_kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+                irq,
+                next_buffer: 0x1_0000,
+            }
+        }
+
+        fn params(&self, features: u64) -> ActivateParams<GuestMemoryMmap<()>> {
+            ActivateParams {
+                mem: self.mem.clone(),
+                features,
+                queues: vec![self.rx.queue(), self.tx.queue()],
+                queue_evts: vec![
+                    self.rx_kick.try_clone().unwrap(),
+                    self.tx_kick.try_clone().unwrap(),
+                ],
+                interrupt: self.interrupt.clone(),
+            }
+        }
+
+        fn alloc(&mut self, len: usize) -> u64 {
+            let addr = self.next_buffer;
+            self.next_buffer = (addr + len as u64).next_multiple_of(16);
+            addr
+        }
+
+        /// Offers `bytes` for transmission and notifies the transmit queue.
+        fn transmit(&mut self, bytes: &[u8]) {
+            let addr = self.alloc(bytes.len());
+            self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+            let len = u32::try_from(bytes.len()).unwrap();
+            self.tx
+                .add_chain(&*self.mem, &[MockBuffer::readable(addr, len)])
+                .unwrap();
+            self.tx_kick.write(1).unwrap();
+        }
+
+        /// Offers a receive buffer and notifies the receive queue; returns its address.
+        fn give_rx_buffer(&mut self, len: u32) -> u64 {
+            let addr = self.alloc(len as usize);
+            self.rx
+                .add_chain(&*self.mem, &[MockBuffer::writable(addr, len)])
+                .unwrap();
+            self.rx_kick.write(1).unwrap();
+            addr
+        }
+
+        /// Waits until the device raises its interrupt.
+        fn wait_interrupt(&self) {
+            let deadline = Instant::now() + TIMEOUT;
+            loop {
+                match self.irq.read() {
+                    Ok(_) => return,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => panic!("{err}"),
+                }
+                assert!(Instant::now() < deadline, "no interrupt");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        fn read_guest(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut bytes = vec![0u8; len];
+            self.mem.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
+            bytes
+        }
+    }
+
+    /// Receives from `peer` until a datagram of `len` bytes comes, skipping shorter ones.
+    fn recv_len(peer: &UnixDatagram, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; MAX_BUFFER_LEN];
+        loop {
+            let n = peer.recv(&mut buf).unwrap();
+            if n == len {
+                buf.truncate(n);
+                return buf;
+            }
+        }
+    }
+
+    #[test]
+    fn features_offer_mac_only_when_configured_and_never_ufo_or_a_control_queue() {
+        let (with, _peer) = socket_pair();
+        let (without, _peer2) = socket_pair();
+        let with = Net::new(with, Some(mac()));
+        let without = Net::new(without, None);
+        let with_features = VirtioDevice::<GuestMemoryMmap<()>>::features(&with);
+        let without_features = VirtioDevice::<GuestMemoryMmap<()>>::features(&without);
+        assert_eq!(with_features, BASE_FEATURES | (1 << VIRTIO_NET_F_MAC));
+        assert_eq!(without_features, BASE_FEATURES);
+        for bit in [
+            VIRTIO_NET_F_GUEST_UFO,
+            VIRTIO_NET_F_HOST_UFO,
+            VIRTIO_NET_F_CTRL_VQ,
+        ] {
+            assert!(!has_feature(with_features, bit), "bit {bit}");
+        }
+        for bit in [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_TSO6,
+        ] {
+            assert!(has_feature(without_features, bit), "bit {bit}");
+        }
+        assert_eq!(
+            VirtioDevice::<GuestMemoryMmap<()>>::device_type(&with),
+            VIRTIO_ID_NET
+        );
+        assert_eq!(
+            VirtioDevice::<GuestMemoryMmap<()>>::queue_max_sizes(&with),
+            [256, 256]
+        );
+    }
+
+    #[test]
+    fn config_space_is_the_mac_then_zeros_and_ignores_writes() {
+        let (backend, _peer) = socket_pair();
+        let mut net = Net::new(backend, Some(mac()));
+        let device: &mut dyn VirtioDevice<GuestMemoryMmap<()>> = &mut net;
+        let mut data = [0xffu8; 6];
+        device.read_config(0, &mut data);
+        assert_eq!(data, mac().bytes());
+        let mut data = [0xffu8; 4];
+        device.read_config(4, &mut data);
+        assert_eq!(data, [0, 1, 0, 0]);
+        device.read_config(u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
+        device.write_config(0, &[0xaa; 6]);
+        let mut data = [0u8; 6];
+        device.read_config(0, &mut data);
+        assert_eq!(data, mac().bytes());
+
+        let (backend, _peer) = socket_pair();
+        let net = Net::new(backend, None);
+        let mut data = [0xffu8; 6];
+        VirtioDevice::<GuestMemoryMmap<()>>::read_config(&net, 0, &mut data);
+        assert_eq!(data, [0; 6]);
+    }
+
+    #[test]
+    fn offloads_follow_the_guest_features_and_tso_needs_csum() {
+        let bit = |b: u32| 1u64 << b;
+        assert_eq!(offload_flags(0), 0);
+        assert_eq!(offload_flags(bit(VIRTIO_NET_F_GUEST_CSUM)), TUN_F_CSUM);
+        assert_eq!(
+            offload_flags(
+                bit(VIRTIO_NET_F_GUEST_CSUM)
+                    | bit(VIRTIO_NET_F_GUEST_TSO4)
+                    | bit(VIRTIO_NET_F_GUEST_TSO6)
+            ),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+        );
+        assert_eq!(offload_flags(bit(VIRTIO_NET_F_GUEST_TSO4)), 0);
+        // Host offloads are the guest's to send, not the TAP's to hand over.
+        assert_eq!(
+            offload_flags(bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4)),
+            0
+        );
+    }
+
+    /// A socket backend that records the offloads it was given.
+    struct Recording {
+        socket: UnixDatagram,
+        offloads: Arc<AtomicU32>,
+    }
+
+    impl AsRawFd for Recording {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.socket.as_raw_fd()
+        }
+    }
+
+    impl NetBackend for Recording {
+        fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.socket.read_frame(buf)
+        }
+
+        fn write_frame<M: GuestMemory + ?Sized>(
+            &mut self,
+            frame: &GuestIoVecs<'_, M>,
+        ) -> io::Result<usize> {
+            self.socket.write_frame(frame)
+        }
+
+        fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+            self.offloads.store(flags, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn activation_sets_the_backend_offloads_from_the_negotiated_features() {
+        let (socket, _peer) = socket_pair();
+        let offloads = Arc::new(AtomicU32::new(u32::MAX));
+        let mut net = Net::new(
+            Recording {
+                socket,
+                offloads: offloads.clone(),
+            },
+            None,
+        );
+        let guest = Guest::new();
+        let features = FEATURES
+            | (1 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1 << VIRTIO_NET_F_HOST_TSO6);
+        net.activate(guest.params(features)).unwrap();
+        assert_eq!(offloads.load(Ordering::SeqCst), TUN_F_CSUM | TUN_F_TSO4);
+        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+    }
+
+    #[test]
+    fn activate_serves_both_queues_on_the_worker_then_reset_and_activate_again() {
+        let (backend, peer) = socket_pair();
+        let mut net = Net::new(backend, Some(mac()));
+        for round in 0..2u8 {
+            let mut guest = Guest::new();
+            net.activate(guest.params(FEATURES)).unwrap();
+            assert!(net.is_active());
+
+            let sent = frame(1500, round);
+            guest.transmit(&sent);
+            guest.wait_interrupt();
+            assert_eq!(recv_len(&peer, sent.len()), sent);
+            assert_eq!(guest.tx.used_idx(&*guest.mem).unwrap(), 1);
+
+            // A frame before the guest has buffers waits for them.
+            let received = frame(900, round + 100);
+            peer.send(&received).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(guest.rx.used_idx(&*guest.mem).unwrap(), 0);
+            let addr = guest.give_rx_buffer(1526);
+            guest.wait_interrupt();
+            assert_eq!(guest.rx.used_idx(&*guest.mem).unwrap(), 1);
+            assert_eq!(guest.read_guest(addr + 12, 888), received[12..]);
+
+            VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+            assert!(!net.is_active());
+        }
+    }
+
+    #[test]
+    fn activating_an_active_device_or_with_the_wrong_queues_is_refused() {
+        let (backend, _peer) = socket_pair();
+        let mut net = Net::new(backend, None);
+        let guest = Guest::new();
+        let mut params = guest.params(FEATURES);
+        params.queues.pop();
+        let err = net.activate(params).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ActivateError::QueueCount {
+                    expected: 2,
+                    given: 1
+                }
+            ),
+            "{err:?}"
+        );
+        // The device kept its backend.
+        net.activate(guest.params(FEATURES)).unwrap();
+        let err = net.activate(guest.params(FEATURES)).unwrap_err();
+        assert!(matches!(err, ActivateError::AlreadyActive), "{err:?}");
+        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        // Reset twice is harmless.
+        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        net.activate(guest.params(FEATURES)).unwrap();
+        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+    }
+
+    #[test]
+    fn a_full_backend_resumes_on_the_worker_once_writable() {
+        let (backend, peer) = socket_pair();
+        let filler_end = backend.try_clone().unwrap();
+        let mut net = Net::new(backend, None);
+        let mut guest = Guest::new();
+        net.activate(guest.params(FEATURES)).unwrap();
+        let filler = [0u8; 30000];
+        while filler_end.send(&filler).is_ok() {}
+
+        let sent = frame(1500, 7);
+        guest.transmit(&sent);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            guest.tx.used_idx(&*guest.mem).unwrap(),
+            0,
+            "the chain waits"
+        );
+        // The network reads everything: the filler, then the frame.
+        assert_eq!(recv_len(&peer, sent.len()), sent);
+        guest.wait_interrupt();
+        assert_eq!(guest.tx.used_idx(&*guest.mem).unwrap(), 1);
+        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+    }
+
+    #[test]
+    fn a_driver_that_breaks_the_protocol_gets_needs_reset() {
+        let (backend, peer) = socket_pair();
+        let mut net = Net::new(backend, None);
+        let mut guest = Guest::new();
+        net.activate(guest.params(FEATURES)).unwrap();
+        guest
+            .tx
+            .set_avail_entry(&*guest.mem, 0, QUEUE_SIZE)
+            .unwrap();
+        guest.tx.set_avail_idx(&*guest.mem, 1).unwrap();
+        guest.tx_kick.write(1).unwrap();
+        guest.wait_interrupt();
+        assert!(guest.interrupt.needs_reset());
+        // The device serves nothing more, and notifications go unanswered.
+        guest.give_rx_buffer(1526);
+        peer.send(&frame(100, 1)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(guest.rx.used_idx(&*guest.mem).unwrap(), 0);
+        // A reset brings it back.
+        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        let mut guest = Guest::new();
+        net.activate(guest.params(FEATURES)).unwrap();
+        let addr = guest.give_rx_buffer(1526);
+        guest.wait_interrupt();
+        assert_eq!(guest.read_guest(addr + 12, 88), frame(100, 1)[12..]);
+        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+    }
+
+    /// A TAP for a test, up and with IPv6 off so that the host sends nothing through it of its
+    /// own accord; or why there cannot be one here.
+    fn test_tap() -> std::result::Result<Tap, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not running as root".into());
+        }
+        let tap = Tap::open("embn%d").map_err(|err| ErrorChain(&err).to_string())?;
+        let ipv6 = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name());
+        // Without IPv6 on the host, there is nothing to turn off.
+        let _ = std::fs::write(ipv6, "1");
+        let status = Command::new("ip")
+            .args(["link", "set", "dev", tap.name(), "up"])
+            .status()
+            .map_err(|err| format!("cannot run ip: {err}"))?;
+        if !status.success() {
+            return Err(format!("ip link set dev {} up failed", tap.name()));
+        }
+        Ok(tap)
+    }
+
+    fn tap_statistic(name: &str, counter: &str) -> u64 {
+        let path = format!("/sys/class/net/{name}/statistics/{counter}");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| panic!("{path}: {err}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Sends `frame`, an Ethernet frame, out of the interface `name` with a packet socket: the
+    /// TAP behind it hands it to its reader.
+    fn send_out_of(name: &str, frame: &[u8]) {
+        let cname = CString::new(name).unwrap();
+        // SAFETY: `cname` is NUL-terminated and lives across the call.
+        let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        assert_ne!(index, 0, "{}", io::Error::last_os_error());
+        // SAFETY: socket has no memory preconditions; protocol 0 receives nothing.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "{}", io::Error::last_os_error());
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data, for which all zeros is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = i32::try_from(index).unwrap();
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: `frame` and `addr` are valid for reads of the lengths given, for the call.
+        let sent = unsafe {
+            libc::sendto(
+                socket.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap(),
+            )
+        };
+        assert_eq!(
+            usize::try_from(sent).ok(),
+            Some(frame.len()),
+            "{}",
+            io::Error::last_os_error()
+        );
+    }
+
+    /// An Ethernet frame to everyone from `mac`, of the local experimental EtherType, so that
+    /// the host stack has no use for it.
+    fn ethernet_frame(mac: MacAddr, payload: usize, seed: u8) -> Vec<u8> {
+        let mut frame = vec![0xff; 6];
+        frame.extend(mac.bytes());
+        frame.extend([0x88, 0xb5]);
+        frame.extend((0..payload).map(|i| seed.wrapping_add((i % 251) as u8)));
+        frame
+    }
+
+    #[test]
+    fn net_over_a_real_tap_moves_frames_both_ways() {
+        let tap = match test_tap() {
+            Ok(tap) => tap,
+            Err(why) => {
+                println!("skipped: cannot set up a TAP here: {why}");
+                return;
+            }
+        };
+        let name = tap.name().to_owned();
+        let mut net = Net::new(tap, Some(mac()));
+        let mut guest = Guest::new();
+        let features = FEATURES
+            | (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | (1 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1 << VIRTIO_NET_F_GUEST_TSO6);
+        net.activate(guest.params(features)).unwrap();
+
+        // The guest sends: the host sees the TAP receive a frame.
+        let before = tap_statistic(&name, "rx_packets");
+        let mut sent = vec![0u8; VNET_HDR_LEN];
+        sent.extend(ethernet_frame(mac(), 1000, 1));
+        guest.transmit(&sent);
+        guest.wait_interrupt();
+        assert_eq!(guest.tx.used_idx(&*guest.mem).unwrap(), 1);
+        assert_eq!(tap_statistic(&name, "rx_packets"), before + 1);
+
+        // The host sends out of the TAP: the guest receives the frame behind a header.
+        let addr = guest.give_rx_buffer(4096);
+        let received = ethernet_frame("06:00:00:00:00:02".parse().unwrap(), 500, 2);
+        send_out_of(&name, &received);
+        guest.wait_interrupt();
+        let (_, len) = guest.rx.used_elem(&*guest.mem, 0).unwrap();
+        assert_eq!(len as usize, VNET_HDR_LEN + received.len());
+        let delivered = guest.read_guest(addr, len as usize);
+        assert_eq!(&delivered[VNET_HDR_LEN..], &received[..]);
+        // No offload in it, and one buffer.
+        assert_eq!(&delivered[..2], [0, 0]);
+        assert_eq!(&delivered[10..12], [1, 0]);
+        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+    }
+}
