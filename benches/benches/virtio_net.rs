@@ -1,0 +1,179 @@
+//! virtio-net's transmit path into a TAP, beside plain `write(2)`s of the same bytes on the same
+//! TAP.
+//!
+//! Each frame is one 1500-byte descriptor: the 12-byte virtio-net header (no offload) and a
+//! 1488-byte Ethernet frame (a 14-byte header to a unicast address that is not the TAP's, of the
+//! local experimental EtherType, and 1474 bytes of payload), so that the host stack drops it as
+//! soon as it looks. The device path is what [`NetHandler::process_tx`] does per chain:
+//! notifications off, pop and validate the chain, map it to iovecs, one `writev` on the TAP, the
+//! used element, notifications back on, and the interrupt decision (the interrupt itself is a
+//! no-op here, where a VMM writes an irqfd). The mock driver publishes the chains outside the
+//! timed part; `device_1` gets one chain per notification, `device_burst64` 64.
+//!
+//! The bench needs a TAP, so root and `/dev/net/tun`; it brings the TAP up with `ip link`,
+//! since a TAP that is down refuses writes with EIO. Without one it says why and measures
+//! nothing.
+
+use std::hint::black_box;
+use std::io;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use ember_virtio::mock::{MockBuffer, MockDriver, guest_memory};
+use ember_virtio::net::{NetHandler, QUEUE_SIZE, VNET_HDR_LEN};
+use ember_virtio::tap::Tap;
+use ember_virtio::{ActivateParams, Interrupt, IrqTrigger};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// Bytes per chain: the virtio-net header and the Ethernet frame.
+const CHAIN_LEN: usize = 1500;
+/// Where the frame lies in guest memory, after both rings.
+const FRAME_ADDR: u64 = 0x1_0000;
+
+/// An interrupt line that goes nowhere.
+struct NoIrq;
+
+impl IrqTrigger for NoIrq {
+    fn trigger(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The bytes of one chain.
+fn chain_bytes() -> Vec<u8> {
+    let mut bytes = vec![0u8; VNET_HDR_LEN];
+    bytes.extend([0x06, 0, 0, 0, 0, 0x02]);
+    bytes.extend([0x06, 0, 0, 0, 0, 0x01]);
+    bytes.extend([0x88, 0xb5]);
+    bytes.resize(CHAIN_LEN, 0x5a);
+    bytes
+}
+
+/// A TAP that is up, with IPv6 off so that the host sends nothing through it; or why there
+/// cannot be one.
+fn open_tap() -> Result<Tap, String> {
+    let tap = Tap::open("embbench%d").map_err(|err| {
+        let source = std::error::Error::source(&err)
+            .map(|source| format!(": {source}"))
+            .unwrap_or_default();
+        format!("{err}{source}")
+    })?;
+    // Without IPv6 on the host there is nothing to turn off.
+    let _ = std::fs::write(
+        format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name()),
+        "1",
+    );
+    let status = Command::new("ip")
+        .args(["link", "set", "dev", tap.name(), "up"])
+        .status()
+        .map_err(|err| format!("cannot run ip: {err}"))?;
+    if !status.success() {
+        return Err(format!("ip link set dev {} up failed", tap.name()));
+    }
+    Ok(tap)
+}
+
+/// The transmit side of a device over `tap`, with the mock driver on its queues.
+struct Transmitter {
+    mem: Arc<GuestMemoryMmap<()>>,
+    tx: MockDriver,
+    handler: NetHandler<GuestMemoryMmap<()>, Tap>,
+}
+
+impl Transmitter {
+    fn new(tap: Tap) -> Self {
+        let mem = Arc::new(guest_memory(0x2_0000).expect("cannot map guest memory"));
+        let rx = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        let tx = MockDriver::new(QUEUE_SIZE, GuestAddress(0x4000));
+        mem.write_slice(&chain_bytes(), GuestAddress(FRAME_ADDR))
+            .expect("the frame fits in guest memory");
+        let eventfd = || EventFd::new(EFD_NONBLOCK).expect("cannot create an eventfd");
+        let params = ActivateParams {
+            mem: mem.clone(),
+            features: 1 << VIRTIO_F_VERSION_1,
+            queues: vec![rx.queue(), tx.queue()],
+            queue_evts: vec![eventfd(), eventfd()],
+            interrupt: Arc::new(Interrupt::new(NoIrq)),
+        };
+        let handler = NetHandler::new(tap, params).expect("two queues and two eventfds");
+        Transmitter { mem, tx, handler }
+    }
+
+    /// Publishes `count` chains, each the whole frame.
+    fn publish(&mut self, count: u64) {
+        let chain = [MockBuffer::readable(FRAME_ADDR, CHAIN_LEN as u32)];
+        for _ in 0..count {
+            self.tx
+                .add_chain(&*self.mem, &chain)
+                .expect("the ring is in guest memory");
+        }
+    }
+
+    /// Times `iters` chains through the device, `burst` per notification.
+    fn run(&mut self, iters: u64, burst: u64) -> Duration {
+        let mut total = Duration::ZERO;
+        let mut left = iters;
+        while left > 0 {
+            let count = left.min(burst);
+            self.publish(count);
+            let start = Instant::now();
+            self.handler
+                .process_tx()
+                .expect("the mock driver keeps to the protocol");
+            total += start.elapsed();
+            left -= count;
+        }
+        total
+    }
+}
+
+fn bench_tx(c: &mut Criterion) {
+    let tap = match open_tap() {
+        Ok(tap) => tap,
+        Err(why) => {
+            println!("virtio_net: skipped, cannot set up a TAP here: {why}");
+            return;
+        }
+    };
+    let bytes = chain_bytes();
+    let mut group = c.benchmark_group("virtio_net/tx_1500");
+    group.throughput(Throughput::Bytes(CHAIN_LEN as u64));
+
+    let mut transmitter = Transmitter::new(tap);
+    // What is measured sends every frame.
+    transmitter.run(4, 1);
+    assert_eq!(
+        transmitter.handler.tx_dropped(),
+        0,
+        "the TAP takes the frames"
+    );
+    group.bench_function("device_1", |b| {
+        b.iter_custom(|iters| transmitter.run(iters, 1))
+    });
+    group.bench_function("device_burst64", |b| {
+        b.iter_custom(|iters| transmitter.run(iters, 64))
+    });
+    assert_eq!(
+        transmitter.handler.tx_dropped(),
+        0,
+        "the TAP took every frame"
+    );
+
+    let tap = transmitter.handler.into_backend();
+    group.bench_function("raw_write", |b| {
+        b.iter(|| {
+            let written = tap
+                .write(black_box(&bytes))
+                .expect("the TAP takes the frame");
+            assert_eq!(written, CHAIN_LEN);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_tx);
+criterion_main!(benches);
