@@ -1,0 +1,212 @@
+//! The virtio block device's request path: a 4 KiB read and a 4 KiB write, each a chain of
+//! header, data and status that the mock driver publishes, served by
+//! [`BlockWorker::process_queue`] from a disk image on tmpfs (`/dev/shm`): pop, parse, one
+//! `preadv`/`pwritev` straight between the file and guest memory, the status byte, the used
+//! element, notification suppression and the interrupt decision.
+//!
+//! Beside them, in the same group, a plain `pread`/`pwrite` of 4 KiB on the same file: the
+//! physical limit, which the request path is measured against.
+//!
+//! Each request is served on its own (a batch of one), so every request pays the whole
+//! per-batch cost, and the driver asks for an interrupt for each (EVENT_IDX, as Linux negotiates
+//! it). The driver publishes each chain outside the timed part. The interrupt is a counter:
+//! delivering it (an irqfd write in a VMM) is the transport's cost, not the device's.
+
+use std::fs::{File, OpenOptions};
+use std::hint::black_box;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use ember_virtio::block::{BlockWorker, Config, Disk, STATUS_OK};
+use ember_virtio::mock::{MockBuffer, MockDriver, guest_memory};
+use ember_virtio::{Interrupt, IrqTrigger};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const IMAGE_LEN: usize = 1 << 20;
+const BLOCK: u32 = 4096;
+/// The sector both paths read and write, 4 KiB aligned.
+const SECTOR: u64 = 8;
+const OFFSET: u64 = SECTOR * 512;
+
+const HEADER: u64 = 0x10000;
+const DATA: u64 = 0x11000;
+const STATUS: u64 = 0x12000;
+
+const VIRTIO_BLK_T_IN: u32 = 0;
+const VIRTIO_BLK_T_OUT: u32 = 1;
+
+/// Counts interrupts instead of delivering them.
+#[derive(Debug, Default)]
+struct Counter(Arc<AtomicU64>);
+
+impl IrqTrigger for Counter {
+    fn trigger(&self) -> io::Result<()> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A disk image on tmpfs, removed when dropped.
+struct Image(PathBuf);
+
+impl Image {
+    fn new() -> Self {
+        let path = PathBuf::from(format!("/dev/shm/ember-bench-blk-{}", std::process::id()));
+        std::fs::write(&path, vec![0x5a; IMAGE_LEN]).expect("cannot write the image on /dev/shm");
+        Image(path)
+    }
+
+    fn open(&self) -> File {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.0)
+            .expect("cannot open the image")
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A guest with a block device on the image.
+struct Guest {
+    mem: Arc<GuestMemoryMmap<()>>,
+    driver: MockDriver,
+    worker: BlockWorker<GuestMemoryMmap<()>>,
+    irqs: Arc<AtomicU64>,
+}
+
+impl Guest {
+    fn new(image: &Image) -> Self {
+        let disk = Disk::open(&Config {
+            path: image.0.clone(),
+            read_only: false,
+            id: "bench".into(),
+        })
+        .expect("cannot open the disk");
+        let mem = Arc::new(guest_memory(0x100000).expect("cannot map guest memory"));
+        let driver = MockDriver::new(256, GuestAddress(0));
+        let irqs = Arc::new(AtomicU64::new(0));
+        let interrupt = Arc::new(Interrupt::new(Counter(irqs.clone())));
+        // EVENT_IDX, as a Linux guest negotiates it.
+        let mut queue = driver.queue();
+        queue.set_event_idx(true);
+        let worker = BlockWorker::new(disk, queue, mem.clone(), interrupt);
+        Guest {
+            mem,
+            driver,
+            worker,
+            irqs,
+        }
+    }
+
+    /// Times `iters` requests of `type_`, each published untimed and served on its own.
+    fn time(&mut self, type_: u32, iters: u64) -> Duration {
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&type_.to_le_bytes());
+        header[8..].copy_from_slice(&SECTOR.to_le_bytes());
+        self.mem
+            .write_slice(&header, GuestAddress(HEADER))
+            .expect("the header is in guest memory");
+        let chain = [
+            MockBuffer::readable(HEADER, 16),
+            MockBuffer {
+                addr: GuestAddress(DATA),
+                len: BLOCK,
+                writable: type_ == VIRTIO_BLK_T_IN,
+            },
+            MockBuffer::writable(STATUS, 1),
+        ];
+        let mut elapsed = Duration::ZERO;
+        for _ in 0..iters {
+            // The driver wants an interrupt for this request, as a Linux guest does.
+            let used = self
+                .driver
+                .used_idx(&*self.mem)
+                .expect("the ring is readable");
+            self.driver
+                .set_used_event(&*self.mem, used)
+                .expect("the ring is in guest memory");
+            self.driver
+                .add_chain(&*self.mem, &chain)
+                .expect("the ring is in guest memory");
+            let start = Instant::now();
+            let served = self.worker.process_queue().expect("the queue is valid");
+            elapsed += start.elapsed();
+            black_box(served);
+        }
+        elapsed
+    }
+
+    fn status(&self) -> u8 {
+        self.mem
+            .read_obj(GuestAddress(STATUS))
+            .expect("the status is in guest memory")
+    }
+}
+
+fn bench_4k(c: &mut Criterion) {
+    let image = Image::new();
+    let file = image.open();
+    let mut guest = Guest::new(&image);
+
+    // What is measured below: requests that succeed and move the data.
+    guest
+        .mem
+        .write_slice(&[0xa5; BLOCK as usize], GuestAddress(DATA))
+        .expect("the data buffer is in guest memory");
+    guest.time(VIRTIO_BLK_T_OUT, 1);
+    assert_eq!(guest.status(), STATUS_OK);
+    let mut back = [0u8; BLOCK as usize];
+    file.read_exact_at(&mut back, OFFSET)
+        .expect("the image is readable");
+    assert_eq!(back, [0xa5; BLOCK as usize]);
+    file.write_all_at(&[0x3c; BLOCK as usize], OFFSET)
+        .expect("the image is writable");
+    guest.time(VIRTIO_BLK_T_IN, 1);
+    assert_eq!(guest.status(), STATUS_OK);
+    let mut data = [0u8; BLOCK as usize];
+    guest
+        .mem
+        .read_slice(&mut data, GuestAddress(DATA))
+        .expect("the data buffer is in guest memory");
+    assert_eq!(data, [0x3c; BLOCK as usize]);
+    assert_eq!(
+        guest.irqs.load(Ordering::Relaxed),
+        2,
+        "each request interrupts"
+    );
+
+    let mut group = c.benchmark_group("virtio_block/4k");
+    let mut buf = vec![0u8; BLOCK as usize];
+    group.bench_function("raw_pread", |b| {
+        b.iter(|| {
+            file.read_exact_at(black_box(&mut buf), black_box(OFFSET))
+                .expect("the image is readable")
+        })
+    });
+    group.bench_function("ember_read", |b| {
+        b.iter_custom(|iters| guest.time(VIRTIO_BLK_T_IN, iters))
+    });
+    group.bench_function("raw_pwrite", |b| {
+        b.iter(|| {
+            file.write_all_at(black_box(&buf), black_box(OFFSET))
+                .expect("the image is writable")
+        })
+    });
+    group.bench_function("ember_write", |b| {
+        b.iter_custom(|iters| guest.time(VIRTIO_BLK_T_OUT, iters))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_4k);
+criterion_main!(benches);
