@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
+use ember_virtio::net::MacAddr;
 
 /// Kernel command line used when `--cmdline` is not given: serial console, reset through the i8042
 /// keyboard controller on reboot, reboot one second after a panic, and no PCI probing (ember has no
@@ -36,6 +37,18 @@ pub struct Cli {
     /// Where the guest's serial console goes: `stdio`, `file:PATH` or `none`.
     #[arg(long, value_name = "DEST", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialOutput,
+
+    /// Add a virtio block device backed by a raw disk image or a host block device (repeatable).
+    /// `ro`: the guest may only read it; `root`: it is the root file system (`root=/dev/vda`,
+    /// first disk only); `id=NAME`: its ID, which the guest reads as its serial (default
+    /// `diskN`, N counting from 0).
+    #[arg(long = "disk", value_name = "PATH[,ro][,root][,id=NAME]", value_parser = parse_disk)]
+    pub disks: Vec<DiskSpec>,
+
+    /// Add a virtio network device on the TAP interface NAME (repeatable); `mac=MAC` gives it a
+    /// MAC address, else the guest picks a random one.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    pub nets: Vec<NetSpec>,
 
     /// Add the boot-timer device: the guest writes 123 to it and ember logs the time since start.
     #[arg(long)]
@@ -77,6 +90,92 @@ fn parse_serial(value: &str) -> Result<SerialOutput, String> {
             )),
         },
     }
+}
+
+/// A disk given with `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The image.
+    pub path: PathBuf,
+    /// Whether the guest may only read it.
+    pub read_only: bool,
+    /// Whether it holds the root file system.
+    pub root: bool,
+    /// Its ID, when one was given.
+    pub id: Option<String>,
+}
+
+/// A network interface given with `--net`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The TAP interface's name.
+    pub tap: String,
+    /// The guest's MAC address, when one was given.
+    pub mac: Option<MacAddr>,
+}
+
+/// Splits `PATH,opt,...`: the first field and the options after it.
+fn fields(value: &str) -> (&str, impl Iterator<Item = &str>) {
+    let mut parts = value.split(',');
+    (parts.next().unwrap_or_default(), parts)
+}
+
+fn parse_disk(value: &str) -> Result<DiskSpec, String> {
+    let (path, options) = fields(value);
+    if path.is_empty() {
+        return Err("a disk needs the path of its image first, as in rootfs.ext4,ro".into());
+    }
+    let mut disk = DiskSpec {
+        path: PathBuf::from(path),
+        read_only: false,
+        root: false,
+        id: None,
+    };
+    for option in options {
+        let repeated = match option {
+            "ro" => std::mem::replace(&mut disk.read_only, true),
+            "root" => std::mem::replace(&mut disk.root, true),
+            _ => match option.strip_prefix("id=") {
+                Some("") => return Err("id= needs a name, as in id=rootfs".into()),
+                Some(id) => disk.id.replace(id.to_string()).is_some(),
+                None => {
+                    return Err(format!(
+                        "unknown disk option `{option}`: expected ro, root or id=NAME"
+                    ));
+                }
+            },
+        };
+        if repeated {
+            return Err(format!("the disk option `{option}` is given twice"));
+        }
+    }
+    Ok(disk)
+}
+
+fn parse_net(value: &str) -> Result<NetSpec, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for option in value.split(',') {
+        let repeated = if let Some(name) = option.strip_prefix("tap=") {
+            if name.is_empty() {
+                return Err("tap= needs an interface name, as in tap=tap0".into());
+            }
+            tap.replace(name.to_string()).is_some()
+        } else if let Some(text) = option.strip_prefix("mac=") {
+            let parsed: MacAddr = text.parse().map_err(|e| format!("{e}"))?;
+            mac.replace(parsed).is_some()
+        } else {
+            return Err(format!(
+                "unknown network option `{option}`: expected tap=NAME or mac=MAC"
+            ));
+        };
+        if repeated {
+            return Err(format!("the network option `{option}` is given twice"));
+        }
+    }
+    let tap =
+        tap.ok_or("a network interface needs tap=NAME, as in tap=tap0,mac=06:00:00:00:00:01")?;
+    Ok(NetSpec { tap, mac })
 }
 
 /// Levels of `--log-level`.
@@ -136,6 +235,79 @@ mod tests {
     fn serial_rejects_unknown_destinations() {
         assert!(parse(&["--serial", "tcp:1234"]).is_err());
         assert!(parse(&["--serial", "file:"]).is_err());
+    }
+
+    #[test]
+    fn disks_take_ro_root_and_id_in_any_order() {
+        let cli = parse(&[
+            "--disk",
+            "rootfs.ext4,root",
+            "--disk",
+            "data.img,id=data,ro",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.disks,
+            [
+                DiskSpec {
+                    path: "rootfs.ext4".into(),
+                    read_only: false,
+                    root: true,
+                    id: None
+                },
+                DiskSpec {
+                    path: "data.img".into(),
+                    read_only: true,
+                    root: false,
+                    id: Some("data".into())
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn disks_reject_unknown_repeated_and_empty_options() {
+        for bad in [
+            "",
+            ",ro",
+            "a.img,rw",
+            "a.img,ro,ro",
+            "a.img,id=",
+            "a.img,id=x,id=y",
+        ] {
+            assert!(parse(&["--disk", bad]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn nets_take_a_tap_and_a_mac() {
+        let cli = parse(&[
+            "--net",
+            "tap=tap0,mac=06:00:00:00:00:01",
+            "--net",
+            "tap=tap1",
+        ])
+        .unwrap();
+        assert_eq!(cli.nets[0].tap, "tap0");
+        assert_eq!(cli.nets[0].mac.unwrap().to_string(), "06:00:00:00:00:01");
+        assert_eq!(cli.nets[1].mac, None);
+    }
+
+    #[test]
+    fn nets_reject_a_missing_tap_and_a_malformed_mac() {
+        for bad in [
+            "",
+            "mac=06:00:00:00:00:01",
+            "tap=",
+            "tap=a,tap=b",
+            "tap=a,mac=06:00:00:00:00",
+            "tap=a,mac=zz:00:00:00:00:01",
+            "tap=a,mac=01:00:5e:00:00:01",
+            "tap=a,speed=10",
+        ] {
+            let err = parse(&["--net", bad]).unwrap_err().to_string();
+            assert!(err.contains("--net"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

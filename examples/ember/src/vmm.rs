@@ -16,14 +16,21 @@ use ember_legacy::{
     ACPI_PM_LEN, AcpiPmDevice, BOOT_TIMER_LEN, BootTimer, COM1_PORT, EventFdTrigger, I8042_PORT,
     I8042_PORT_LEN, I8042Device, SERIAL_PORT_LEN, SerialDevice, SerialOut,
 };
-use ember_memory::layout::{ACPI_PM1_EVT_PORT, I8042_IRQ, SERIAL_IRQ};
+use ember_memory::layout::{
+    ACPI_PM1_EVT_PORT, I8042_IRQ, IRQ_BASE, MMIO_DEVICES_END, MMIO32_START, SERIAL_IRQ,
+};
 use ember_memory::{GuestMemoryMmap, MemoryOptions, ResourceAllocator};
-use ember_vcpu::{Kvm, Vcpu, VcpuHandle, Vm, VmExit, VmExitNotifier};
+use ember_vcpu::{IoEventAddress, Kvm, Vcpu, VcpuHandle, Vm, VmExit, VmExitNotifier};
+use ember_virtio::VirtioDevice;
+use ember_virtio::block::{self, Block};
+use ember_virtio::mmio::{MMIO_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, cmdline_device};
+use ember_virtio::net::Net;
+use ember_virtio::tap::{self, Tap};
 use log::{debug, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::cli::{Cli, SerialOutput};
+use crate::cli::{Cli, DiskSpec, NetSpec, SerialOutput};
 use crate::terminal::RawStdin;
 
 /// Everything that can stop `ember` before or while the guest runs.
@@ -116,10 +123,45 @@ pub enum Error {
     Allocate(#[source] ember_memory::allocator::Error),
     /// A device cannot be put on a bus.
     #[error("Cannot register the {0} on its bus")]
-    Bus(&'static str, #[source] ember_bus::Error),
+    Bus(String, #[source] ember_bus::Error),
+    /// Two disks have the same ID.
+    #[error("Two disks have the ID {0}")]
+    DuplicateDiskId(String),
+    /// A disk other than the first is marked as the root device.
+    #[error("Only the first disk can be the root device (/dev/vda); disk {0} is marked root")]
+    RootNotFirst(String),
+    /// A disk cannot be set up.
+    #[error("Cannot set up disk {id}")]
+    Disk {
+        /// The disk's ID.
+        id: String,
+        /// Why.
+        #[source]
+        source: block::Error,
+    },
+    /// A TAP interface cannot be opened.
+    #[error("Cannot open the TAP interface {name}")]
+    Tap {
+        /// The interface's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: tap::Error,
+    },
+    /// A virtio device's transport cannot be set up.
+    #[error("Cannot set up the MMIO transport of {0}")]
+    Transport(String, #[source] io::Error),
+    /// An interrupt line cannot be allocated.
+    #[error(
+        "Cannot allocate an interrupt line for {0} (a guest has at most {MAX_VIRTIO_DEVICES} virtio devices)"
+    )]
+    AllocateIrq(String, #[source] ember_memory::allocator::Error),
+    /// A queue notification cannot be connected.
+    #[error("Cannot connect the queue notifications of {0}")]
+    Ioevent(String, #[source] ember_vcpu::vm::Error),
     /// An interrupt line cannot be connected.
     #[error("Cannot connect the {0} to its interrupt line")]
-    Irq(&'static str, #[source] ember_vcpu::vm::Error),
+    Irq(String, #[source] ember_vcpu::vm::Error),
     /// The terminal cannot be switched to raw mode.
     #[error("Cannot put the terminal in raw mode")]
     Terminal(#[source] io::Error),
@@ -130,6 +172,14 @@ pub enum Error {
     #[error("The guest stopped: {0}")]
     Guest(String),
 }
+
+/// Last interrupt line of the devices declared on the kernel command line. A Linux guest that
+/// boots with ACPI maps the ISA lines (0-15) by itself, but lines 16-23 only for devices its
+/// ACPI tables describe: a virtio-mmio device on line 16 fails to probe.
+const CMDLINE_DEVICE_IRQ_MAX: u32 = 15;
+
+/// How many virtio devices fit on the lines from `IRQ_BASE` to `CMDLINE_DEVICE_IRQ_MAX`.
+const MAX_VIRTIO_DEVICES: u32 = CMDLINE_DEVICE_IRQ_MAX - IRQ_BASE + 1;
 
 /// Result type of building and running a VM.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -177,14 +227,26 @@ pub fn run(cli: &Cli, start: Instant) -> Result<GuestExit> {
     // Devices.
     let mut pio = PioBus::new();
     let mut mmio = MmioBus::new();
-    let mut allocator = ResourceAllocator::new();
+    let mut allocator = ResourceAllocator::with_ranges(
+        MMIO32_START..MMIO_DEVICES_END,
+        IRQ_BASE..=CMDLINE_DEVICE_IRQ_MAX,
+    );
     let legacy = attach_legacy_devices(&vm, &mut pio, &cli.serial)?;
     if cli.boot_timer {
         attach_boot_timer(&mut mmio, &mut allocator, start)?;
     }
+    let mut virtio = VirtioAttacher {
+        vm: &vm,
+        mmio: &mut mmio,
+        allocator: &mut allocator,
+        cmdline: Vec::new(),
+    };
+    attach_disks(&mut virtio, &cli.disks)?;
+    attach_nets(&mut virtio, &cli.nets)?;
+    let cmdline_extra = virtio.cmdline;
 
     // Kernel, initrd, command line, boot parameters.
-    let boot_state = load_guest(cli, &memory)?;
+    let boot_state = load_guest(cli, &memory, &cmdline_extra)?;
 
     // vCPUs, then the loop that waits for the guest to finish.
     let exit = VmExitNotifier::new().map_err(|source| Error::StartVcpu { index: 0, source })?;
@@ -234,32 +296,33 @@ fn attach_legacy_devices(vm: &Vm, pio: &mut PioBus, serial: &SerialOutput) -> Re
     };
     let serial_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
     vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
-        .map_err(|e| Error::Irq("serial console", e))?;
+        .map_err(|e| Error::Irq("serial console".into(), e))?;
     let serial = Arc::new(Mutex::new(
         SerialDevice::new(serial_irq, out).map_err(Error::Serial)?,
     ));
-    let range =
-        BusRange::new(COM1_PORT, SERIAL_PORT_LEN).map_err(|e| Error::Bus("serial console", e))?;
+    let range = BusRange::new(COM1_PORT, SERIAL_PORT_LEN)
+        .map_err(|e| Error::Bus("serial console".into(), e))?;
     pio.insert(range, serial.clone())
-        .map_err(|e| Error::Bus("serial console", e))?;
+        .map_err(|e| Error::Bus("serial console".into(), e))?;
 
     let reset = EventFdTrigger::new().map_err(Error::EventFd)?;
     let reset_evt = reset.eventfd().try_clone().map_err(Error::EventFd)?;
     let kbd_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
     vm.register_irqfd(kbd_irq.eventfd(), I8042_IRQ)
-        .map_err(|e| Error::Irq("i8042", e))?;
+        .map_err(|e| Error::Irq("i8042".into(), e))?;
     let i8042 = Arc::new(Mutex::new(I8042Device::new(reset, kbd_irq)));
-    let range = BusRange::new(I8042_PORT, I8042_PORT_LEN).map_err(|e| Error::Bus("i8042", e))?;
+    let range =
+        BusRange::new(I8042_PORT, I8042_PORT_LEN).map_err(|e| Error::Bus("i8042".into(), e))?;
     pio.insert(range, i8042)
-        .map_err(|e| Error::Bus("i8042", e))?;
+        .map_err(|e| Error::Bus("i8042".into(), e))?;
 
     let power_off = EventFdTrigger::new().map_err(Error::EventFd)?;
     let power_off_evt = power_off.eventfd().try_clone().map_err(Error::EventFd)?;
     let pm = Arc::new(Mutex::new(AcpiPmDevice::new(power_off, S5_SLEEP_TYPE)));
     let range = BusRange::new(ACPI_PM1_EVT_PORT, ACPI_PM_LEN)
-        .map_err(|e| Error::Bus("ACPI PM registers", e))?;
+        .map_err(|e| Error::Bus("ACPI PM registers".into(), e))?;
     pio.insert(range, pm)
-        .map_err(|e| Error::Bus("ACPI PM registers", e))?;
+        .map_err(|e| Error::Bus("ACPI PM registers".into(), e))?;
 
     Ok(Legacy {
         serial,
@@ -277,10 +340,113 @@ fn attach_boot_timer(
     let addr = allocator
         .allocate_mmio(BOOT_TIMER_LEN)
         .map_err(Error::Allocate)?;
-    let range = BusRange::new(addr.0, BOOT_TIMER_LEN).map_err(|e| Error::Bus("boot timer", e))?;
+    let range =
+        BusRange::new(addr.0, BOOT_TIMER_LEN).map_err(|e| Error::Bus("boot timer".into(), e))?;
     mmio.insert(range, Arc::new(Mutex::new(BootTimer::new(start))))
-        .map_err(|e| Error::Bus("boot timer", e))?;
+        .map_err(|e| Error::Bus("boot timer".into(), e))?;
     debug!("Boot timer at {:#x}", addr.0);
+    Ok(())
+}
+
+/// Puts virtio devices on the MMIO bus, each with a page of MMIO, an interrupt line, an irqfd
+/// and one ioeventfd per queue, and collects the command line that tells the guest where they
+/// are.
+struct VirtioAttacher<'a> {
+    vm: &'a Vm,
+    mmio: &'a mut MmioBus,
+    allocator: &'a mut ResourceAllocator,
+    cmdline: Vec<String>,
+}
+
+impl VirtioAttacher<'_> {
+    fn attach(
+        &mut self,
+        name: String,
+        device: Box<dyn VirtioDevice<GuestMemoryMmap>>,
+    ) -> Result<()> {
+        let addr = self
+            .allocator
+            .allocate_mmio(MMIO_SIZE)
+            .map_err(Error::Allocate)?;
+        let irq = self
+            .allocator
+            .allocate_irq()
+            .map_err(|e| Error::AllocateIrq(name.clone(), e))?;
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        self.vm
+            .register_irqfd(&irq_evt, irq)
+            .map_err(|e| Error::Irq(name.clone(), e))?;
+        let transport = MmioTransport::new(self.vm.memory().clone(), device, irq_evt)
+            .map_err(|e| Error::Transport(name.clone(), e))?;
+        let notify = IoEventAddress::Mmio(addr.0 + QUEUE_NOTIFY_OFFSET);
+        for (index, evt) in (0u32..).zip(transport.queue_evts()) {
+            self.vm
+                .register_ioevent(evt, notify, index)
+                .map_err(|e| Error::Ioevent(name.clone(), e))?;
+        }
+        let range = BusRange::new(addr.0, MMIO_SIZE).map_err(|e| Error::Bus(name.clone(), e))?;
+        self.mmio
+            .insert(range, Arc::new(Mutex::new(transport)))
+            .map_err(|e| Error::Bus(name.clone(), e))?;
+        debug!("{name} at {:#x}, IRQ {irq}", addr.0);
+        self.cmdline.push(cmdline_device(addr, irq));
+        Ok(())
+    }
+}
+
+/// The disks, in order: the first is `/dev/vda`, and the root device when marked so.
+fn attach_disks(virtio: &mut VirtioAttacher<'_>, disks: &[DiskSpec]) -> Result<()> {
+    let ids = disk_ids(disks)?;
+    for (disk, id) in disks.iter().zip(ids) {
+        let config = block::Config {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            id: id.clone(),
+        };
+        let block = Block::new(&config).map_err(|source| Error::Disk {
+            id: id.clone(),
+            source,
+        })?;
+        if disk.root {
+            virtio.cmdline.push("root=/dev/vda".into());
+            virtio
+                .cmdline
+                .push(if disk.read_only { "ro" } else { "rw" }.into());
+        }
+        virtio.attach(format!("disk {id}"), Box::new(block))?;
+    }
+    Ok(())
+}
+
+/// Each disk's ID (`diskN` unless given), checked: distinct, and only the first disk is root.
+fn disk_ids(disks: &[DiskSpec]) -> Result<Vec<String>> {
+    let ids: Vec<String> = disks
+        .iter()
+        .enumerate()
+        .map(|(index, disk)| disk.id.clone().unwrap_or_else(|| format!("disk{index}")))
+        .collect();
+    for (index, id) in ids.iter().enumerate() {
+        if ids.get(..index).is_some_and(|before| before.contains(id)) {
+            return Err(Error::DuplicateDiskId(id.clone()));
+        }
+        if index > 0 && disks.get(index).is_some_and(|d| d.root) {
+            return Err(Error::RootNotFirst(id.clone()));
+        }
+    }
+    Ok(ids)
+}
+
+fn attach_nets(virtio: &mut VirtioAttacher<'_>, nets: &[NetSpec]) -> Result<()> {
+    for net in nets {
+        let tap = Tap::open(&net.tap).map_err(|source| Error::Tap {
+            name: net.tap.clone(),
+            source,
+        })?;
+        virtio.attach(
+            format!("network interface {}", net.tap),
+            Box::new(Net::new(tap, net.mac)),
+        )?;
+    }
     Ok(())
 }
 
@@ -294,7 +460,7 @@ fn open(what: &'static str, path: &Path) -> Result<File> {
 
 /// Loads kernel and initrd, writes the command line and boot tables; returns the boot vCPU's
 /// initial state.
-fn load_guest(cli: &Cli, memory: &GuestMemoryMmap) -> Result<CpuState> {
+fn load_guest(cli: &Cli, memory: &GuestMemoryMmap, cmdline_extra: &[String]) -> Result<CpuState> {
     let kernel =
         load_kernel(memory, &mut open("kernel image", &cli.kernel)?).map_err(|source| {
             Error::Kernel {
@@ -317,7 +483,8 @@ fn load_guest(cli: &Cli, memory: &GuestMemoryMmap) -> Result<CpuState> {
         ),
         None => None,
     };
-    let cmdline = build_cmdline(&cli.cmdline, &[]).map_err(Error::Cmdline)?;
+    let extra: Vec<&str> = cmdline_extra.iter().map(String::as_str).collect();
+    let cmdline = build_cmdline(&cli.cmdline, &extra).map_err(Error::Cmdline)?;
     configure_system(memory, &kernel, &cmdline, initrd, cli.vcpus).map_err(Error::Boot)
 }
 
@@ -448,6 +615,41 @@ fn lock<T>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn disk(id: Option<&str>, root: bool) -> DiskSpec {
+        DiskSpec {
+            path: "disk.img".into(),
+            read_only: false,
+            root,
+            id: id.map(String::from),
+        }
+    }
+
+    #[test]
+    fn disks_are_named_disk_n_unless_given_an_id() {
+        let ids = disk_ids(&[
+            disk(None, true),
+            disk(Some("data"), false),
+            disk(None, false),
+        ])
+        .unwrap();
+        assert_eq!(ids, ["disk0", "data", "disk2"]);
+    }
+
+    #[test]
+    fn disk_ids_must_differ() {
+        let err = disk_ids(&[disk(Some("a"), false), disk(Some("a"), false)]).unwrap_err();
+        assert!(matches!(err, Error::DuplicateDiskId(id) if id == "a"));
+        // A default name counts too.
+        let err = disk_ids(&[disk(Some("disk1"), false), disk(None, false)]).unwrap_err();
+        assert!(matches!(err, Error::DuplicateDiskId(id) if id == "disk1"));
+    }
+
+    #[test]
+    fn only_the_first_disk_can_be_root() {
+        let err = disk_ids(&[disk(None, false), disk(None, true)]).unwrap_err();
+        assert!(matches!(err, Error::RootNotFirst(id) if id == "disk1"));
+    }
 
     #[test]
     fn vcpu_count_must_be_between_one_and_the_limit() {

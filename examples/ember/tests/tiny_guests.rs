@@ -316,3 +316,141 @@ fn malformed_flags_are_rejected_by_the_parser() {
     assert!(stderr(&output).contains("--vcpus"));
     assert!(!stderr(&output).contains("panicked"));
 }
+
+/// Code that reads the 32-bit register at `addr` and prints its four bytes, lowest first.
+fn print_register_bytes(addr: u32) -> Vec<u8> {
+    let mut code = vec![0x48, 0xb8]; // mov rax, addr
+    code.extend_from_slice(&u64::from(addr).to_le_bytes());
+    code.extend_from_slice(&[0x8b, 0x18]); // mov ebx, [rax]
+    code.extend_from_slice(&SET_DX_COM1);
+    for _ in 0..4 {
+        // mov al, bl; out dx, al; shr ebx, 8
+        code.extend_from_slice(&[0x88, 0xd8, 0xee, 0xc1, 0xeb, 0x08]);
+    }
+    code
+}
+
+/// Code that reads the 32-bit register at `addr` and prints its low byte as a digit.
+fn print_register_digit(addr: u32) -> Vec<u8> {
+    let mut code = vec![0x48, 0xb8]; // mov rax, addr
+    code.extend_from_slice(&u64::from(addr).to_le_bytes());
+    code.extend_from_slice(&[0x8b, 0x00, 0x04, b'0']); // mov eax, [rax]; add al, '0'
+    code.extend_from_slice(&SET_DX_COM1);
+    code.push(0xee); // out dx, al
+    code
+}
+
+#[test]
+fn disks_appear_as_virtio_mmio_block_devices_in_allocation_order() {
+    let dir = Scratch::new("virtio-disk");
+    // Magic and device ID of the first two register pages.
+    let code = [
+        print_register_bytes(0xd000_0000),
+        print_register_digit(0xd000_0008),
+        print_register_digit(0xd000_1008),
+        print_register_digit(0xd000_2008),
+        I8042_RESET.to_vec(),
+    ]
+    .concat();
+    let kernel = dir.file("virtio.elf", &tiny_elf(&code));
+    let a = dir.file("a.img", &[0u8; 4096]);
+    let b = dir.file("b.img", &[0u8; 512]);
+    let output = ember_with_kernel(
+        &kernel,
+        &[
+            "--memory",
+            "32",
+            "--disk",
+            a.to_str().unwrap(),
+            "--disk",
+            &format!("{},ro", b.display()),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    // Two block devices (ID 2), then nothing: a read of no device returns zeros.
+    assert_eq!(stdout(&output), "virt220");
+}
+
+#[test]
+fn missing_disk_image_is_an_error() {
+    let dir = Scratch::new("disk-missing");
+    let kernel = dir.file("k.elf", &tiny_elf(&I8042_RESET));
+    assert_fails_with(
+        &ember_with_kernel(&kernel, &["--disk", "/nonexistent/rootfs.ext4"]),
+        "Cannot set up disk disk0",
+    );
+}
+
+#[test]
+fn disk_image_of_part_of_a_sector_is_an_error() {
+    let dir = Scratch::new("disk-size");
+    let kernel = dir.file("k.elf", &tiny_elf(&I8042_RESET));
+    let image = dir.file("odd.img", &[0u8; 1000]);
+    let output = ember_with_kernel(&kernel, &["--disk", image.to_str().unwrap()]);
+    assert_fails_with(&output, "1000 bytes long, not a multiple of 512 bytes");
+}
+
+#[test]
+fn duplicate_disk_ids_and_a_late_root_are_errors() {
+    let dir = Scratch::new("disk-ids");
+    let kernel = dir.file("k.elf", &tiny_elf(&I8042_RESET));
+    let image = dir.file("a.img", &[0u8; 512]);
+    let a = format!("{},id=data", image.display());
+    assert_fails_with(
+        &ember_with_kernel(&kernel, &["--disk", &a, "--disk", &a]),
+        "Two disks have the ID data",
+    );
+    let root = format!("{},root", image.display());
+    assert_fails_with(
+        &ember_with_kernel(
+            &kernel,
+            &["--disk", image.to_str().unwrap(), "--disk", &root],
+        ),
+        "Only the first disk can be the root device",
+    );
+}
+
+#[test]
+fn tap_that_cannot_be_opened_is_an_error() {
+    let dir = Scratch::new("tap");
+    let kernel = dir.file("k.elf", &tiny_elf(&I8042_RESET));
+    // Longer than an interface name can be: refused before the kernel is asked.
+    let output = ember_with_kernel(&kernel, &["--net", "tap=a-name-far-too-long-for-linux"]);
+    assert_fails_with(
+        &output,
+        "Cannot open the TAP interface a-name-far-too-long-for-linux",
+    );
+}
+
+#[test]
+fn malformed_mac_is_rejected_by_the_parser() {
+    let output = ember(&["--kernel", "k", "--net", "tap=tap0,mac=06:00:00:00:00"]);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(
+        err.contains("--net") && err.contains("06:00:00:00:00"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn more_virtio_devices_than_interrupt_lines_is_an_error() {
+    let dir = Scratch::new("many-disks");
+    let kernel = dir.file("k.elf", &tiny_elf(&I8042_RESET));
+    let image = dir.file("a.img", &[0u8; 512]);
+    let specs: Vec<String> = (0..12)
+        .map(|i| format!("{},id=d{i}", image.display()))
+        .collect();
+    let mut args = vec!["--memory", "32"];
+    for spec in &specs[..11] {
+        args.extend(["--disk", spec.as_str()]);
+    }
+    let output = ember_with_kernel(&kernel, &args);
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    args.extend(["--disk", specs[11].as_str()]);
+    assert_fails_with(
+        &ember_with_kernel(&kernel, &args),
+        "Cannot allocate an interrupt line for disk d11 (a guest has at most 11 virtio devices)",
+    );
+}
