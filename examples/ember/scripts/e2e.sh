@@ -29,6 +29,10 @@ fail() {
     cat "$work/out" 2>/dev/null
     echo "---- log of $1"
     cat "$work/err" 2>/dev/null
+    if [ -s "$work/host" ]; then
+        echo "---- host side of $1"
+        cat "$work/host"
+    fi
     echo "----"
     failed=$((failed + 1))
 }
@@ -44,7 +48,7 @@ boot() {
 }
 
 # expect NAME STATUS PATTERN...: the last boot exited with STATUS and its
-# console holds each PATTERN (grep -E), each on a line.
+# console, log or host-side notes hold each PATTERN (grep -E), each on a line.
 expect() {
     name=$1
     want=$2
@@ -54,7 +58,8 @@ expect() {
         return 1
     fi
     for pattern in "$@"; do
-        if ! grep -Eq "$pattern" "$work/out" "$work/err"; then
+        # The console ends its lines with CR LF.
+        if ! cat "$work/out" "$work/err" "$work/host" 2>/dev/null | tr -d '\r' | grep -Eq "$pattern"; then
             fail "$name" "no line matching '$pattern'"
             return 1
         fi
@@ -62,7 +67,8 @@ expect() {
     pass "$name"
 }
 
-fresh() { rm -f "$work/out" "$work/err" "$work/stdout"; }
+# $work/host holds what a test observed on this side of the VM.
+fresh() { rm -f "$work/out" "$work/err" "$work/stdout" "$work/host"; }
 
 # vmlinux carries the PVH note: ember enters it through PVH. The guest's init
 # prints its marker, writes the boot timer and reboots; ember exits 0.
@@ -100,6 +106,123 @@ if [ "$status" = 0 ] && [ -n "$total" ] && [ "$total" -gt 250000 ] && [ "$total"
     pass guest_sees_256_mib_of_ram
 else
     fail guest_sees_256_mib_of_ram "exit status $status, kernel counted '${total}' KiB"
+fi
+
+# --- virtio-blk ------------------------------------------------------------------
+
+# script_disk FILE: stdin, then `exit`, as a raw disk image of whole sectors. The
+# guest's init runs it with `ember.run=/dev/vdX`; `exit` keeps sh from reading the
+# padding.
+script_disk() {
+    { cat; printf '\nexit\n'; } >"$1"
+    size=$(wc -c <"$1")
+    truncate -s $(((size + 511) / 512 * 512)) "$1"
+}
+
+# The root file system on virtio-blk, read-write: the guest writes a file, syncs
+# and reboots. A second boot of the same image finds the file, and sees its second
+# disk, a read-only one, refuse writes.
+cp "$guest/rootfs.ext4" "$work/root.ext4"
+token="ember-e2e-$$-$(date +%s)"
+script_disk "$work/write.disk" <<SCRIPT
+echo "$token" >/persisted
+sync
+echo "DISKS \$(ls /sys/block | tr '\n' ' ')"
+echo "ROOT \$(grep ' / ' /proc/mounts)"
+SCRIPT
+fresh
+boot rootfs_write --kernel "$guest/vmlinux" --disk "$work/root.ext4,root" \
+    --disk "$work/write.disk,ro,id=script" --cmdline "$base ember.run=/dev/vdb"
+expect rootfs_on_virtio_blk_boots_and_runs_a_script 0 '^EMBER-GUEST-UP' \
+    '^ROOT /dev/root / ext4 rw' '^EMBER-RUN-EXIT 0' 'reset the VM through the i8042'
+expect two_disks_are_both_visible 0 '^DISKS vda vdb $'
+
+script_disk "$work/read.disk" <<'SCRIPT'
+echo "PERSISTED $(cat /persisted)"
+echo "RO-FLAG $(cat /sys/block/vdb/ro)"
+if dd if=/dev/zero of=/dev/vdb bs=512 count=1 2>/dev/null; then
+    echo "RO-WRITE allowed"
+else
+    echo "RO-WRITE refused"
+fi
+echo "SERIAL $(cat /sys/block/vdb/serial)"
+SCRIPT
+fresh
+boot rootfs_read --kernel "$guest/vmlinux" --disk "$work/root.ext4,root" \
+    --disk "$work/read.disk,ro,id=script-disk" --cmdline "$base ember.run=/dev/vdb"
+expect a_file_written_and_synced_survives_a_reboot 0 "^PERSISTED $token\$" '^EMBER-RUN-EXIT 0'
+expect a_read_only_disk_refuses_writes 0 '^RO-FLAG 1$' '^RO-WRITE refused$'
+expect the_disk_serial_is_its_id 0 '^SERIAL script-disk$'
+
+# A partitioned disk: the root file system in partition 1.
+cp "$guest/rootfs-part.img" "$work/part.img"
+fresh
+boot partition --kernel "$guest/vmlinux" --disk "$work/part.img" \
+    --cmdline "$base root=/dev/vda1 rw ember.action=reboot"
+expect root_on_a_partition_boots 0 ' vda: vda1' '^EMBER-GUEST-UP' \
+    'reset the VM through the i8042'
+
+# --- virtio-net -------------------------------------------------------------------
+
+# A TAP on this side at 169.254.77.1, the guest at 169.254.77.2 behind it: ping
+# both ways, then 4 MiB over TCP each way (busybox nc), compared by checksum.
+tap=ember-e2e0
+host_ip=169.254.77.1
+guest_ip=169.254.77.2
+if ! [ -c /dev/net/tun ] || ! { ip tuntap add dev "$tap" mode tap 2>/dev/null || tunctl -t "$tap" >/dev/null 2>&1; }; then
+    fail network "cannot create the TAP $tap here (needs root and /dev/net/tun)"
+else
+    ip addr add "$host_ip/24" dev "$tap"
+    ip link set "$tap" up
+    dd if=/dev/urandom of="$work/data" bs=1M count=4 2>/dev/null
+    sum=$(md5sum <"$work/data" | cut -d' ' -f1)
+    # nc's listener half-closes when its stdin ends: hold stdin open with a FIFO.
+    mkfifo "$work/hold"
+    exec 7<>"$work/hold"
+    nc -l -p 5001 <"$work/hold" >"$work/from-guest" &
+    listener=$!
+    script_disk "$work/net.disk" <<SCRIPT
+ip addr add $guest_ip/24 dev eth0
+ip link set eth0 up
+n=0
+until ping -c 1 -W 1 $host_ip >/dev/null 2>&1 || [ \$n -ge 30 ]; do
+    n=\$((n + 1))
+done
+ping -c 3 -W 2 $host_ip >/dev/null && echo "PING host ok"
+dd if=/dev/vdb bs=1M count=4 2>/dev/null | nc $host_ip 5001
+echo "SENT \$?"
+mkfifo /tmp/hold
+exec 7<>/tmp/hold
+nc -l -p 5002 </tmp/hold >/tmp/from-host
+echo "RECEIVED \$(md5sum </tmp/from-host | cut -d' ' -f1)"
+SCRIPT
+    fresh
+    timeout 300 "$ember" --serial "file:$work/out" --kernel "$guest/vmlinux" \
+        --disk "$work/root.ext4,root" --disk "$work/data,ro" --disk "$work/net.disk,ro" \
+        --net "tap=$tap,mac=02:00:a9:fe:4d:02" \
+        --cmdline "$base ember.run=/dev/vdc" >"$work/stdout" 2>"$work/err" </dev/null &
+    vm=$!
+    # Host to guest, once the guest has sent its data and listens.
+    n=0
+    until grep -q '^SENT' "$work/out" 2>/dev/null || ! kill -0 "$vm" 2>/dev/null || [ $n -ge 240 ]; do
+        sleep 1
+        n=$((n + 1))
+    done
+    if ping -c 3 -W 2 "$guest_ip" >/dev/null; then echo "PING guest ok" >>"$work/host"; fi
+    n=0
+    until ! kill -0 "$vm" 2>/dev/null || nc "$guest_ip" 5002 <"$work/data" >/dev/null 2>&1 || [ $n -ge 30 ]; do
+        sleep 1
+        n=$((n + 1))
+    done
+    wait "$vm"
+    status=$?
+    kill "$listener" 2>/dev/null
+    exec 7>&-
+    echo "FROM-GUEST $(md5sum <"$work/from-guest" | cut -d' ' -f1)" >>"$work/host"
+    expect guest_pings_the_host_and_the_host_the_guest 0 '^PING host ok$' '^PING guest ok$'
+    expect tcp_transfer_from_the_guest_arrives_intact 0 '^SENT 0$' "^FROM-GUEST $sum\$"
+    expect tcp_transfer_to_the_guest_arrives_intact 0 "^RECEIVED $sum\$"
+    ip link del "$tap" 2>/dev/null || tunctl -d "$tap" >/dev/null 2>&1
 fi
 
 echo "$passed passed, $failed failed"
