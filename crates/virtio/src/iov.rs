@@ -7,29 +7,35 @@
 
 use std::fmt;
 
-use vm_memory::bitmap::{BS, Bitmap};
+use smallvec::SmallVec;
 use vm_memory::volatile_memory::PtrGuardMut;
-use vm_memory::{GuestMemory, GuestMemoryError, Permissions, VolatileSlice};
+use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
+use crate::guest;
 use crate::queue::Descriptor;
 
 /// The most `iovec`s one `readv`/`writev` takes (Linux's `UIO_MAXIOV`).
 pub const IOV_MAX: usize = 1024;
 
+/// How many pieces [`GuestIoVecs`] holds without allocating: as many as a chain has inline.
+const INLINE: usize = 4;
+
 /// Guest buffers, validated and mapped, as a list of host `iovec`s.
-pub struct GuestIoVecs<'a, M: GuestMemory + ?Sized + 'a> {
-    slices: Vec<VolatileSlice<'a, BS<'a, M::Bitmap>>>,
+pub struct GuestIoVecs<'a, M: GuestMemory + ?Sized> {
+    mem: &'a M,
+    /// The guest range behind each `iovec`, to mark what the host wrote dirty.
+    ranges: SmallVec<[(GuestAddress, usize); INLINE]>,
     // Keep the host mappings behind `iovecs` alive (they matter for backends that map guest
     // memory on demand).
-    _guards: Vec<PtrGuardMut>,
-    iovecs: Vec<libc::iovec>,
+    _guards: SmallVec<[PtrGuardMut; INLINE]>,
+    iovecs: SmallVec<[libc::iovec; INLINE]>,
     len: usize,
 }
 
 impl<M: GuestMemory + ?Sized> fmt::Debug for GuestIoVecs<'_, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GuestIoVecs")
-            .field("iovecs", &self.iovecs.len())
+            .field("ranges", &self.ranges)
             .field("len", &self.len)
             .finish()
     }
@@ -47,35 +53,44 @@ impl<'a, M: GuestMemory + ?Sized> GuestIoVecs<'a, M> {
         descriptors: impl IntoIterator<Item = Descriptor>,
         access: Permissions,
     ) -> Result<Self, GuestMemoryError> {
-        let mut slices = Vec::new();
+        let mut iov = GuestIoVecs {
+            mem,
+            ranges: SmallVec::new(),
+            _guards: SmallVec::new(),
+            iovecs: SmallVec::new(),
+            len: 0,
+        };
         for desc in descriptors {
             let count = usize::try_from(desc.len)
                 .map_err(|_| GuestMemoryError::InvalidGuestAddress(desc.addr))?;
             if count == 0 {
                 continue;
             }
+            // Most buffers lie in one region, reached directly.
+            if let Some(slice) = guest::region_slice(mem, desc.addr, count) {
+                iov.push(desc.addr, slice.ptr_guard_mut());
+                continue;
+            }
+            let mut addr = desc.addr;
             for slice in mem.get_slices(desc.addr, count, access)? {
-                slices.push(slice?);
+                let slice = slice?;
+                let len = u64::try_from(slice.len()).unwrap_or(u64::MAX);
+                iov.push(addr, slice.ptr_guard_mut());
+                // The pieces together are the buffer, whose end was checked to fit.
+                addr = addr.checked_add(len).unwrap_or(addr);
             }
         }
-        let guards: Vec<PtrGuardMut> = slices.iter().map(VolatileSlice::ptr_guard_mut).collect();
-        let iovecs = guards
-            .iter()
-            .map(|guard| libc::iovec {
-                iov_base: guard.as_ptr().cast(),
-                iov_len: guard.len(),
-            })
-            .collect();
-        let len = slices
-            .iter()
-            .map(VolatileSlice::len)
-            .fold(0, usize::saturating_add);
-        Ok(GuestIoVecs {
-            slices,
-            _guards: guards,
-            iovecs,
-            len,
-        })
+        Ok(iov)
+    }
+
+    fn push(&mut self, addr: GuestAddress, guard: PtrGuardMut) {
+        self.iovecs.push(libc::iovec {
+            iov_base: guard.as_ptr().cast(),
+            iov_len: guard.len(),
+        });
+        self.ranges.push((addr, guard.len()));
+        self.len = self.len.saturating_add(guard.len());
+        self._guards.push(guard);
     }
 
     /// The `iovec`s, in buffer order. Their memory stays mapped while `self` lives.
@@ -97,12 +112,12 @@ impl<'a, M: GuestMemory + ?Sized> GuestIoVecs<'a, M> {
     /// (writes through raw host addresses bypass vm-memory's dirty tracking).
     pub fn mark_written(&self, count: usize) {
         let mut left = count;
-        for slice in &self.slices {
+        for &(addr, len) in &self.ranges {
             if left == 0 {
                 break;
             }
-            let n = left.min(slice.len());
-            slice.bitmap().mark_dirty(0, n);
+            let n = left.min(len);
+            guest::mark_dirty(self.mem, addr, n);
             left -= n;
         }
     }

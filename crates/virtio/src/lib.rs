@@ -62,6 +62,7 @@
 
 pub mod block;
 pub mod device;
+pub mod guest;
 pub mod iov;
 pub mod mmio;
 #[cfg(any(test, feature = "test-utils"))]

@@ -15,7 +15,11 @@ use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
 };
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
+use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
+
+use smallvec::SmallVec;
+
+use crate::guest;
 
 /// Size in bytes of one descriptor in a descriptor table.
 pub const DESCRIPTOR_SIZE: u64 = 16;
@@ -269,7 +273,7 @@ impl Table {
                 table_len: self.len,
             },
         )?;
-        let bytes: [u8; 16] = mem.read_obj(addr)?;
+        let bytes: [u8; 16] = guest::read_obj(mem, addr)?;
         Ok(RawDescriptor::from_le_bytes(bytes))
     }
 }
@@ -285,7 +289,12 @@ fn offset(base: GuestAddress, index: u64, stride: u64) -> Option<GuestAddress> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DescriptorChain {
     head_index: u16,
-    descriptors: Vec<Descriptor>,
+    // Inline for the few buffers most chains have (a block request has three).
+    descriptors: SmallVec<[Descriptor; 4]>,
+    /// How many of `descriptors` are device-readable: they come first.
+    readable_count: usize,
+    readable_len: u32,
+    writable_len: u32,
 }
 
 impl DescriptorChain {
@@ -305,9 +314,13 @@ impl DescriptorChain {
         // The number of descriptors the chain may still hold in the table being walked.
         let mut ttl = table.len;
         let mut index = head_index;
-        let mut total_len: u32 = 0;
-        let mut seen_writable = false;
-        let mut descriptors = Vec::new();
+        let mut chain = DescriptorChain {
+            head_index,
+            descriptors: SmallVec::new(),
+            readable_count: 0,
+            readable_len: 0,
+            writable_len: 0,
+        };
 
         loop {
             ttl = ttl
@@ -330,26 +343,30 @@ impl DescriptorChain {
             }
 
             let writable = desc.has(DESC_F_WRITE);
-            if writable {
-                seen_writable = true;
-            } else if seen_writable {
+            if !writable && chain.has_writable() {
                 return Err(Error::ReadableAfterWritable);
             }
             let addr = Self::check_buffer(mem, &desc, writable)?;
-            total_len = total_len
-                .checked_add(desc.len)
+            chain
+                .readable_len
+                .checked_add(chain.writable_len)
+                .and_then(|total| total.checked_add(desc.len))
                 .ok_or(Error::ChainLengthOverflow)?;
-            descriptors.push(Descriptor {
+            // Cannot overflow: the total fits, checked just above.
+            if writable {
+                chain.writable_len += desc.len;
+            } else {
+                chain.readable_len += desc.len;
+                chain.readable_count += 1;
+            }
+            chain.descriptors.push(Descriptor {
                 addr,
                 len: desc.len,
                 writable,
             });
 
             if !desc.has(DESC_F_NEXT) {
-                return Ok(DescriptorChain {
-                    head_index,
-                    descriptors,
-                });
+                return Ok(chain);
             }
             index = desc.next;
         }
@@ -374,7 +391,8 @@ impl DescriptorChain {
         let Ok(count) = usize::try_from(desc.len) else {
             return Err(outside);
         };
-        if addr.checked_add(len_bytes).is_none() || !mem.check_range(addr, count, Permissions::Read)
+        if addr.checked_add(len_bytes).is_none()
+            || !guest::check_range(mem, addr, count, Permissions::Read)
         {
             return Err(outside);
         }
@@ -407,7 +425,7 @@ impl DescriptorChain {
             return Err(outside);
         };
         // A zero-length buffer is never accessed, so only its address is checked.
-        if !mem.check_range(addr, count.max(1), access) {
+        if !guest::check_range(mem, addr, count.max(1), access) {
             return Err(outside);
         }
         Ok(addr)
@@ -423,27 +441,35 @@ impl DescriptorChain {
         &self.descriptors
     }
 
+    /// Whether a device-writable buffer was taken already.
+    fn has_writable(&self) -> bool {
+        self.descriptors.len() > self.readable_count
+    }
+
     /// The device-readable buffers.
     pub fn readable(&self) -> impl Iterator<Item = &Descriptor> {
-        self.descriptors.iter().filter(|d| !d.writable)
+        self.descriptors
+            .get(..self.readable_count)
+            .unwrap_or_default()
+            .iter()
     }
 
     /// The device-writable buffers.
     pub fn writable(&self) -> impl Iterator<Item = &Descriptor> {
-        self.descriptors.iter().filter(|d| d.writable)
+        self.descriptors
+            .get(self.readable_count..)
+            .unwrap_or_default()
+            .iter()
     }
 
     /// Total length in bytes of the device-readable buffers.
     pub fn readable_len(&self) -> u32 {
-        // Cannot overflow: the sum of all lengths was checked to fit in a u32 when the chain was
-        // read.
-        self.readable().map(|d| d.len).sum()
+        self.readable_len
     }
 
     /// Total length in bytes of the device-writable buffers.
     pub fn writable_len(&self) -> u32 {
-        // Cannot overflow, as in `readable_len`.
-        self.writable().map(|d| d.len).sum()
+        self.writable_len
     }
 
     /// The bytes `[offset, offset + len)` of the device-readable part of the chain, as the
@@ -486,7 +512,7 @@ impl DescriptorChain {
         for desc in self.readable_range(offset, len_u32(buf.len())) {
             let end = done + len_usize(desc.len);
             if let Some(dst) = buf.get_mut(done..end) {
-                mem.read_slice(dst, desc.addr)?;
+                guest::read_slice(mem, dst, desc.addr)?;
                 done = end;
             }
         }
@@ -521,7 +547,7 @@ impl DescriptorChain {
         for desc in self.writable_range(offset, len_u32(buf.len())) {
             let end = done + len_usize(desc.len);
             if let Some(src) = buf.get(done..end) {
-                mem.write_slice(src, desc.addr)?;
+                guest::write_slice(mem, src, desc.addr)?;
                 done = end;
             }
         }
@@ -750,7 +776,8 @@ impl Queue {
                 Ring::DescriptorTable => Permissions::Read,
                 Ring::AvailRing | Ring::UsedRing => Permissions::ReadWrite,
             };
-            if addr.checked_add(len).is_none() || !mem.check_range(addr, count, permissions) {
+            if addr.checked_add(len).is_none() || !guest::check_range(mem, addr, count, permissions)
+            {
                 return Err(outside);
             }
         }
@@ -810,7 +837,7 @@ impl Queue {
     /// [`Error::GuestMemory`] or [`Error::RingOutsideMemory`] if the ring cannot be read.
     pub fn avail_idx<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<u16> {
         let addr = Self::ring_field(self.avail_ring, Ring::AvailRing, RING_IDX_OFFSET)?;
-        let idx = u16::from_le(mem.load::<u16>(addr, Ordering::Relaxed)?);
+        let idx = u16::from_le(guest::load::<u16, _>(mem, addr, Ordering::Relaxed)?);
         fence(Ordering::Acquire);
         Ok(idx)
     }
@@ -851,7 +878,7 @@ impl Queue {
             ring: Ring::AvailRing,
             addr: self.avail_ring.raw_value(),
         })?;
-        let head_index = u16::from_le(mem.read_obj::<u16>(entry)?);
+        let head_index = u16::from_le(guest::read_obj::<u16, _>(mem, entry)?);
         self.next_avail = self.next_avail.wrapping_add(1);
 
         if head_index >= self.size {
@@ -902,13 +929,13 @@ impl Queue {
         let (id, length) = bytes.split_at_mut(4);
         id.copy_from_slice(&u32::from(head_index).to_le_bytes());
         length.copy_from_slice(&len.to_le_bytes());
-        mem.write_obj(bytes, elem)?;
+        guest::write_obj(mem, bytes, elem)?;
 
         let next_used = self.next_used.wrapping_add(1);
         let idx_addr = Self::ring_field(self.used_ring, Ring::UsedRing, RING_IDX_OFFSET)?;
         // The element must be visible to the driver before the index that publishes it.
         fence(Ordering::Release);
-        mem.store(next_used.to_le(), idx_addr, Ordering::Release)?;
+        guest::store(mem, next_used.to_le(), idx_addr, Ordering::Release)?;
         self.next_used = next_used;
         Ok(())
     }
@@ -931,12 +958,12 @@ impl Queue {
         let used_idx = self.next_used;
 
         if !self.event_idx_enabled {
-            let flags: u16 = u16::from_le(mem.read_obj(self.avail_ring)?);
+            let flags = u16::from_le(guest::read_obj::<u16, _>(mem, self.avail_ring)?);
             return Ok(flags & AVAIL_F_NO_INTERRUPT == 0);
         }
 
         let used_event_addr = self.event_field(Ring::AvailRing)?;
-        let used_event = u16::from_le(mem.read_obj::<u16>(used_event_addr)?);
+        let used_event = u16::from_le(guest::read_obj::<u16, _>(mem, used_event_addr)?);
         let Some(old) = self.signalled_used.replace(used_idx) else {
             return Ok(true);
         };
@@ -957,7 +984,7 @@ impl Queue {
     ) -> Result<()> {
         self.check_size()?;
         let addr = self.event_field(Ring::UsedRing)?;
-        mem.write_obj(avail_event.to_le(), addr)?;
+        guest::write_obj(mem, avail_event.to_le(), addr)?;
         Ok(())
     }
 
@@ -999,7 +1026,7 @@ impl Queue {
             return Ok(());
         }
         let flags = if enable { 0 } else { USED_F_NO_NOTIFY };
-        mem.write_obj(flags.to_le(), self.used_ring)?;
+        guest::write_obj(mem, flags.to_le(), self.used_ring)?;
         Ok(())
     }
 }
@@ -1012,7 +1039,7 @@ fn need_event(event: u16, new: u16, old: u16) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
     use super::*;
     use crate::mock::{

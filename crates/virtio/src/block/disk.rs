@@ -14,10 +14,9 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 use vm_memory::{GuestMemory, Permissions};
 
-use super::request::{
-    Request, RequestType, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, Segment, write_guest,
-};
+use super::request::{Request, RequestType, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, Segment};
 use super::{Config, Error, Result, SECTOR_SIZE};
+use crate::guest;
 use crate::iov::{GuestIoVecs, IOV_MAX};
 use crate::queue::DescriptorChain;
 
@@ -193,7 +192,7 @@ impl Disk {
                 (Completion::status(status), addr)
             }
         };
-        if let Err(err) = write_guest(mem, status_addr, &[completion.status]) {
+        if let Err(err) = guest::write_slice(mem, &[completion.status], status_addr) {
             log::debug!("Cannot write a block request's status byte: {err}");
             return completion.data_written;
         }
@@ -454,12 +453,21 @@ fn transfer(
         // Cannot fail: IOV_MAX fits in a c_int.
         let count = libc::c_int::try_from(batch.len()).unwrap_or(0);
         let fd = file.as_raw_fd();
-        let ret = match direction {
+        let ret = match (direction, batch) {
+            // One buffer, as most requests have: pread and pwrite skip the kernel's copy of the
+            // iovec array.
+            // SAFETY: the iovec points at `iov_len` bytes of mapped memory the caller keeps
+            // writable for the whole call; pread writes at most that many.
+            (Direction::Read, [one]) => unsafe { libc::pread(fd, one.iov_base, one.iov_len, pos) },
+            // SAFETY: as above; pwrite only reads the buffer.
+            (Direction::Write, [one]) => unsafe {
+                libc::pwrite(fd, one.iov_base, one.iov_len, pos)
+            },
             // SAFETY: `batch` holds `count` iovecs that point at mapped memory the caller keeps
             // writable for the whole call; preadv writes at most their lengths into it.
-            Direction::Read => unsafe { libc::preadv(fd, batch.as_ptr(), count, pos) },
+            (Direction::Read, _) => unsafe { libc::preadv(fd, batch.as_ptr(), count, pos) },
             // SAFETY: as above; pwritev only reads through the iovecs.
-            Direction::Write => unsafe { libc::pwritev(fd, batch.as_ptr(), count, pos) },
+            (Direction::Write, _) => unsafe { libc::pwritev(fd, batch.as_ptr(), count, pos) },
         };
         let moved = match usize::try_from(ret) {
             Ok(0) => {

@@ -28,15 +28,13 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
-    MemoryRegionAddress,
-};
+use vm_memory::{GuestAddress, GuestMemory};
 
 use super::{
     MAX_DATA_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS,
     MAX_WRITE_ZEROES_SEG, SECTOR_SIZE, SEG_MAX,
 };
+use crate::guest;
 use crate::queue::{self, Descriptor, DescriptorChain};
 
 /// Length in bytes of the request header: type, reserved, sector.
@@ -410,7 +408,7 @@ fn read_header<M: GuestMemory + ?Sized>(
 ) -> Result<[u8; HEADER_LEN as usize], RequestError> {
     let mut header = [0u8; HEADER_LEN as usize];
     if let Some(first) = chain.readable().next() {
-        if first.len >= HEADER_LEN && read_guest(mem, first.addr, &mut header).is_ok() {
+        if first.len >= HEADER_LEN && guest::read_slice(mem, &mut header, first.addr).is_ok() {
             return Ok(header);
         }
     }
@@ -423,65 +421,6 @@ fn read_header<M: GuestMemory + ?Sized>(
         });
     }
     Ok(header)
-}
-
-/// Copies guest memory at `addr` into `buf`.
-///
-/// Where guest memory is plain physical memory (no IOMMU) and the bytes lie in one region, the
-/// copy goes through that region's volatile slice, several times cheaper than the generic
-/// [`Bytes`] path, which [`read_guest`] falls back on otherwise.
-///
-/// # Errors
-///
-/// When the bytes are not all in guest memory.
-pub(super) fn read_guest<M: GuestMemory + ?Sized>(
-    mem: &M,
-    addr: GuestAddress,
-    buf: &mut [u8],
-) -> Result<(), GuestMemoryError> {
-    if let Some((region, offset)) = region_of(mem, addr) {
-        if let Ok(slice) = region.get_slice(offset, buf.len()) {
-            if slice.read_slice(buf, 0).is_ok() {
-                return Ok(());
-            }
-        }
-    }
-    mem.read_slice(buf, addr)
-}
-
-/// Copies `buf` into guest memory at `addr`, as [`read_guest`] reads: through the volatile
-/// slice of the one region that holds it where it can, which keeps dirty tracking.
-///
-/// # Errors
-///
-/// When the bytes are not all in guest memory.
-pub(super) fn write_guest<M: GuestMemory + ?Sized>(
-    mem: &M,
-    addr: GuestAddress,
-    buf: &[u8],
-) -> Result<(), GuestMemoryError> {
-    if let Some((region, offset)) = region_of(mem, addr) {
-        if let Ok(slice) = region.get_slice(offset, buf.len()) {
-            if slice.write_slice(buf, 0).is_ok() {
-                return Ok(());
-            }
-        }
-    }
-    mem.write_slice(buf, addr)
-}
-
-/// The region of physical guest memory that holds `addr`, and the offset of `addr` in it;
-/// `None` where guest memory is reached through an IOMMU.
-fn region_of<M: GuestMemory + ?Sized>(
-    mem: &M,
-    addr: GuestAddress,
-) -> Option<(
-    &<M::PhysicalMemory as GuestMemoryBackend>::R,
-    MemoryRegionAddress,
-)> {
-    let region = mem.physical_memory()?.find_region(addr)?;
-    let offset = region.to_region_addr(addr)?;
-    Some((region, offset))
 }
 
 /// Checks that `sectors` sectors from `sector` lie on a disk of `capacity` sectors.
