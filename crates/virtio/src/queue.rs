@@ -907,33 +907,47 @@ impl Queue {
         head_index: u16,
         len: u32,
     ) -> Result<()> {
+        self.add_used_batch(mem, &[(head_index, len)])
+    }
+
+    /// Hands several chains back at once, as `(head index, bytes written)` pairs in order, and
+    /// publishes them with one store of the used index: the driver sees all of them or none, as
+    /// a frame received over several buffers needs (VIRTIO_NET_F_MRG_RXBUF).
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::add_used`]. When a head is out of range nothing is published.
+    pub fn add_used_batch<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        used: &[(u16, u32)],
+    ) -> Result<()> {
         self.check_usable()?;
-        if head_index >= self.size {
+        if let Some(&(index, _)) = used.iter().find(|&&(head, _)| head >= self.size) {
             return Err(Error::HeadIndexOutOfRange {
-                index: head_index,
+                index,
                 size: self.size,
             });
         }
-        let outside = Error::RingOutsideMemory {
+        let outside = || Error::RingOutsideMemory {
             ring: Ring::UsedRing,
             addr: self.used_ring.raw_value(),
         };
-        let elem = offset(
-            self.used_ring,
-            self.ring_slot(self.next_used),
-            USED_ELEMENT_SIZE,
-        )
-        .and_then(|a| a.checked_add(RING_ENTRIES_OFFSET))
-        .ok_or(outside)?;
-        let mut bytes = [0u8; 8];
-        let (id, length) = bytes.split_at_mut(4);
-        id.copy_from_slice(&u32::from(head_index).to_le_bytes());
-        length.copy_from_slice(&len.to_le_bytes());
-        guest::write_obj(mem, bytes, elem)?;
+        let mut next_used = self.next_used;
+        for &(head_index, len) in used {
+            let elem = offset(self.used_ring, self.ring_slot(next_used), USED_ELEMENT_SIZE)
+                .and_then(|a| a.checked_add(RING_ENTRIES_OFFSET))
+                .ok_or_else(outside)?;
+            let mut bytes = [0u8; 8];
+            let (id, length) = bytes.split_at_mut(4);
+            id.copy_from_slice(&u32::from(head_index).to_le_bytes());
+            length.copy_from_slice(&len.to_le_bytes());
+            guest::write_obj(mem, bytes, elem)?;
+            next_used = next_used.wrapping_add(1);
+        }
 
-        let next_used = self.next_used.wrapping_add(1);
         let idx_addr = Self::ring_field(self.used_ring, Ring::UsedRing, RING_IDX_OFFSET)?;
-        // The element must be visible to the driver before the index that publishes it.
+        // The elements must be visible to the driver before the index that publishes them.
         fence(Ordering::Release);
         guest::store(mem, next_used.to_le(), idx_addr, Ordering::Release)?;
         self.next_used = next_used;
@@ -1639,6 +1653,27 @@ mod tests {
                 (u32::from(*head), len)
             );
         }
+    }
+
+    #[test]
+    fn a_batch_of_used_elements_is_published_with_one_index() {
+        let (mem, driver, mut queue) = setup();
+        queue
+            .add_used_batch(&mem, &[(3, 10), (5, 20), (7, 30)])
+            .unwrap();
+        assert_eq!(driver.used_idx(&mem).unwrap(), 3);
+        assert_eq!(driver.used_elem(&mem, 0).unwrap(), (3, 10));
+        assert_eq!(driver.used_elem(&mem, 2).unwrap(), (7, 30));
+        // A bad head anywhere publishes nothing.
+        let err = queue
+            .add_used_batch(&mem, &[(1, 0), (QUEUE_SIZE, 0)])
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::HeadIndexOutOfRange { index: 16, .. }),
+            "{err:?}"
+        );
+        assert_eq!(driver.used_idx(&mem).unwrap(), 3);
+        assert_eq!(queue.next_used(), 3);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -69,10 +70,34 @@ impl EventOps<'_> {
 }
 
 /// A thread running an [`EventHandler`] until [`Worker::stop`].
-#[derive(Debug)]
 pub struct Worker<H> {
     stop: EventFd,
-    thread: JoinHandle<H>,
+    thread: JoinHandle<Option<H>>,
+}
+
+impl<H> std::fmt::Debug for Worker<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("thread", &self.thread.thread().name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a [`Worker`] did not start, with the handler it was given, so that the device keeps its
+/// backend.
+pub struct SpawnError<H> {
+    /// What failed.
+    pub error: io::Error,
+    /// The handler, untouched by any thread.
+    pub handler: H,
+}
+
+impl<H> std::fmt::Debug for SpawnError<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpawnError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<H: EventHandler> Worker<H> {
@@ -81,17 +106,43 @@ impl<H: EventHandler> Worker<H> {
     /// # Errors
     ///
     /// When the epoll instance or the stop eventfd cannot be created, the handler's
-    /// [`EventHandler::init`] fails, or the thread cannot be spawned.
-    pub fn spawn(name: String, mut handler: H) -> io::Result<Self> {
-        let epoll = Epoll::new()?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let mut ops = EventOps { epoll: &epoll };
-        ops.add(stop.as_raw_fd(), EventSet::IN, STOP_TOKEN)?;
-        handler.init(&mut ops)?;
-        let thread = thread::Builder::new()
-            .name(name)
-            .spawn(move || run(&epoll, handler))?;
-        Ok(Worker { stop, thread })
+    /// [`EventHandler::init`] fails, or the thread cannot be spawned; the handler comes back in
+    /// the [`SpawnError`].
+    pub fn spawn(name: String, mut handler: H) -> Result<Self, SpawnError<H>> {
+        let setup = |handler: &mut H| -> io::Result<(Epoll, EventFd)> {
+            let epoll = Epoll::new()?;
+            let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+            let mut ops = EventOps { epoll: &epoll };
+            ops.add(stop.as_raw_fd(), EventSet::IN, STOP_TOKEN)?;
+            handler.init(&mut ops)?;
+            Ok((epoll, stop))
+        };
+        let (epoll, stop) = match setup(&mut handler) {
+            Ok(ready) => ready,
+            Err(error) => return Err(SpawnError { error, handler }),
+        };
+        // The handler goes to the thread only once it runs: a thread that cannot be spawned
+        // would drop whatever it had been given.
+        let (give, take) = mpsc::sync_channel::<H>(1);
+        let spawned = thread::Builder::new().name(name).spawn(move || {
+            // The sender is dropped without sending only when `spawn` failed, and then this
+            // thread does not run.
+            match take.recv() {
+                Ok(handler) => Some(run(&epoll, handler)),
+                Err(_) => None,
+            }
+        });
+        match spawned {
+            Ok(thread) => match give.send(handler) {
+                Ok(()) => Ok(Worker { stop, thread }),
+                // Cannot happen: the thread holds the receiver until it has the handler.
+                Err(mpsc::SendError(handler)) => Err(SpawnError {
+                    error: io::Error::other("the device worker thread ended before it started"),
+                    handler,
+                }),
+            },
+            Err(error) => Err(SpawnError { error, handler }),
+        }
     }
 
     /// Stops the thread after the event it is handling, and returns the handler.
@@ -103,7 +154,9 @@ impl<H: EventHandler> Worker<H> {
         self.stop.write(1)?;
         self.thread
             .join()
-            .map_err(|_| io::Error::other("the device worker thread panicked"))
+            .ok()
+            .flatten()
+            .ok_or_else(|| io::Error::other("the device worker thread panicked"))
     }
 }
 
@@ -130,8 +183,6 @@ fn run<H: EventHandler>(epoll: &Epoll, mut handler: H) -> H {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc;
-
     use super::*;
 
     /// Counts writes to an eventfd, and stops watching it after the third.
@@ -178,7 +229,8 @@ mod tests {
         assert!(seen.try_recv().is_err());
     }
 
-    struct FailingInit;
+    /// A handler whose descriptor epoll refuses; it carries a value to recognise it by.
+    struct FailingInit(u32);
 
     impl EventHandler for FailingInit {
         fn init(&mut self, ops: &mut EventOps<'_>) -> io::Result<()> {
@@ -189,7 +241,9 @@ mod tests {
     }
 
     #[test]
-    fn a_handler_whose_init_fails_is_not_started() {
-        assert!(Worker::spawn("test-worker".into(), FailingInit).is_err());
+    fn a_handler_whose_init_fails_is_not_started_and_comes_back() {
+        let err = Worker::spawn("test-worker".into(), FailingInit(7)).unwrap_err();
+        assert_eq!(err.error.raw_os_error(), Some(libc::EBADF));
+        assert_eq!(err.handler.0, 7);
     }
 }

@@ -130,25 +130,6 @@ impl Disk {
         })
     }
 
-    /// A second handle on the same disk, sharing the open file.
-    ///
-    /// # Errors
-    ///
-    /// When the file descriptor cannot be duplicated.
-    pub fn try_clone(&self) -> io::Result<Self> {
-        Ok(Disk {
-            file: self.file.try_clone()?,
-            capacity: self.capacity,
-            read_only: self.read_only,
-            discard: self.discard,
-            zero_range: self.zero_range,
-            discard_alignment: self.discard_alignment,
-            id: self.id,
-            zeroes: Vec::new(),
-            io_error_logged: self.io_error_logged,
-        })
-    }
-
     /// The disk's size in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.capacity

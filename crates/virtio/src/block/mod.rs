@@ -320,12 +320,10 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
                 given: 0,
             });
         };
-        let State::Ready(disk) = &self.state else {
+        if !matches!(self.state, State::Ready(_)) {
             return Err(ActivateError::AlreadyActive);
-        };
-        // A second handle on the disk, in case the worker cannot start and drops the first.
-        let spare = disk.try_clone().map_err(ActivateError::Backend)?;
-        let State::Ready(disk) = std::mem::replace(&mut self.state, State::Ready(spare)) else {
+        }
+        let State::Ready(disk) = std::mem::replace(&mut self.state, State::Lost) else {
             return Err(ActivateError::AlreadyActive);
         };
         queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
@@ -339,9 +337,16 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
         } else {
             format!("ember-blk-{}", self.id)
         };
-        let worker = Worker::spawn(name, handler).map_err(ActivateError::Worker)?;
-        self.state = State::Active(Box::new(worker));
-        Ok(())
+        match Worker::spawn(name, handler) {
+            Ok(worker) => {
+                self.state = State::Active(Box::new(worker));
+                Ok(())
+            }
+            Err(err) => {
+                self.state = State::Ready(err.handler.worker.into_disk());
+                Err(ActivateError::Worker(err.error))
+            }
+        }
     }
 
     fn reset(&mut self) {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Address, Bytes, GuestMemory, Permissions};
+use vm_memory::{GuestMemory, Permissions};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,7 +24,7 @@ use super::backend::NetBackend;
 use super::{Error, ErrorChain, MAX_BUFFER_LEN, NUM_QUEUES, Result, VNET_HDR_LEN, has_feature};
 use crate::device::{ActivateError, ActivateParams, Interrupt};
 use crate::iov::{GuestIoVecs, IOV_MAX};
-use crate::queue::{self, DescriptorChain, Queue, Ring, USED_ELEMENT_SIZE};
+use crate::queue::{self, DescriptorChain, Queue};
 use crate::worker::{EventHandler, EventOps};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -46,10 +46,6 @@ pub const TX_BUDGET: usize = 256;
 
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
-/// Offset of the index in the used ring, after its flags.
-const USED_IDX_OFFSET: u64 = 2;
-/// Offset of the used ring's first element, after its flags and index.
-const USED_RING_OFFSET: u64 = 4;
 /// How often each kind of dropped frame may be logged.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -552,7 +548,7 @@ where
             ));
         }
         self.rx_chains.clear();
-        add_used_all(&mut self.rx, mem, &used)?;
+        self.rx.add_used_batch(mem, &used)?;
         Ok(RxOutcome::Delivered)
     }
 
@@ -715,69 +711,13 @@ fn dropped_tx(log: &mut LogLimiter, why: fmt::Arguments<'_>) -> TxOutcome {
     TxOutcome::Dropped
 }
 
-/// Hands chains back to the driver all at once: writes their used elements, then moves the used
-/// index past all of them with one Release store. A frame spread over several buffers must not
-/// reach the driver in parts: Linux drops a merged frame whose buffers are not all there yet.
-fn add_used_all<M: GuestMemory + ?Sized>(
-    queue: &mut Queue,
-    mem: &M,
-    used: &[(u16, u32)],
-) -> queue::Result<()> {
-    if let [(head, len)] = used {
-        return queue.add_used(mem, *head, *len);
-    }
-    if !queue.ready() {
-        return Err(queue::Error::NotReady);
-    }
-    let size = queue.size();
-    if size == 0 || !size.is_power_of_two() {
-        return Err(queue::Error::InvalidSize {
-            size,
-            max: queue.max_size(),
-        });
-    }
-    let ring = queue.used_ring();
-    let outside = queue::Error::RingOutsideMemory {
-        ring: Ring::UsedRing,
-        addr: ring.raw_value(),
-    };
-    let mut next_used = queue.next_used();
-    for &(head, len) in used {
-        if head >= size {
-            return Err(queue::Error::HeadIndexOutOfRange { index: head, size });
-        }
-        let slot = u64::from(next_used & size.wrapping_sub(1));
-        let Some(addr) = slot
-            .checked_mul(USED_ELEMENT_SIZE)
-            .and_then(|off| off.checked_add(USED_RING_OFFSET))
-            .and_then(|off| ring.checked_add(off))
-        else {
-            return Err(outside);
-        };
-        let mut element = [0u8; 8];
-        let (id, length) = element.split_at_mut(4);
-        id.copy_from_slice(&u32::from(head).to_le_bytes());
-        length.copy_from_slice(&len.to_le_bytes());
-        mem.write_obj(element, addr)?;
-        next_used = next_used.wrapping_add(1);
-    }
-    let Some(idx_addr) = ring.checked_add(USED_IDX_OFFSET) else {
-        return Err(outside);
-    };
-    // The elements must be visible to the driver before the index that publishes them.
-    fence(Ordering::Release);
-    mem.store(next_used.to_le(), idx_addr, Ordering::Release)?;
-    queue.set_next_used(next_used);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::net::UnixDatagram;
 
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
     use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
     use crate::mock::{MockBuffer, MockDriver, guest_memory};

@@ -294,9 +294,16 @@ where
             return Err(ActivateError::AlreadyActive);
         };
         let handler = NetHandler::new(backend, params)?;
-        let worker = Worker::spawn("ember-net".into(), handler).map_err(ActivateError::Worker)?;
-        self.state = State::Active(Box::new(worker));
-        Ok(())
+        match Worker::spawn("ember-net".into(), handler) {
+            Ok(worker) => {
+                self.state = State::Active(Box::new(worker));
+                Ok(())
+            }
+            Err(err) => {
+                self.state = State::Ready(err.handler.into_backend());
+                Err(ActivateError::Worker(err.error))
+            }
+        }
     }
 
     fn reset(&mut self) {
