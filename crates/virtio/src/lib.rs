@@ -1,26 +1,31 @@
-//! Virtio building blocks for ember: the device side of a split virtqueue (virtio 1.x,
-//! section 2.7), hardened against a malicious guest.
+//! Virtio over MMIO for ember: a split virtqueue hardened against a malicious guest, the
+//! virtio-mmio transport, and block and network devices.
 //!
-//! A [`Queue`] reads the rings a guest driver laid out in guest memory. [`Queue::pop`] takes the
-//! next descriptor chain the driver made available and returns it as a [`DescriptorChain`] of
-//! validated [`Descriptor`]s; [`Queue::add_used`] hands it back; [`Queue::needs_notification`]
-//! says whether the driver wants an interrupt for it. The queue knows nothing of KVM or of how
-//! notifications are delivered: the transport and the devices do.
+//! - [`queue`]: a [`Queue`] reads the rings a guest driver laid out in guest memory.
+//!   [`Queue::pop`] takes the next descriptor chain the driver made available and returns it as a
+//!   [`DescriptorChain`] of validated [`Descriptor`]s; [`Queue::add_used`] hands it back;
+//!   [`Queue::needs_notification`] says whether the driver wants an interrupt for it.
+//! - [`mmio`]: the virtio-mmio (version 2) register page through which the driver finds a device,
+//!   negotiates features and sets up its queues; its device status follows an explicit table of
+//!   transitions.
+//! - [`device`]: what a device is to its transport ([`VirtioDevice`]), and the [`Interrupt`] it
+//!   raises through an [`IrqTrigger`] (an irqfd in a KVM VMM).
+//! - [`worker`]: the epoll thread an active device serves its queues on.
+//! - [`block`]: virtio-blk on a raw image file or a host block device.
+//! - [`net`] and [`tap`]: virtio-net on a TAP interface (or any descriptor with datagram
+//!   semantics), with checksum and segmentation offloads and merged receive buffers.
+//! - [`iov`] and [`guest`]: guest buffers as host iovecs, and guest memory accesses for the hot
+//!   paths.
 //!
-//! Every value the guest wrote is checked before use, and guest memory is only reached through
-//! vm-memory's [`GuestMemory`](vm_memory::GuestMemory) and [`Bytes`](vm_memory::Bytes) traits,
-//! so the queue works over any vm-memory backend and never holds a reference into guest memory.
+//! Nothing here knows of KVM: queue notifications arrive on eventfds and interrupts leave through
+//! a trait, so every piece runs in tests without `/dev/kvm`. Every value the guest wrote is
+//! checked before use, and guest memory is only reached through vm-memory's
+//! [`GuestMemory`](vm_memory::GuestMemory) and [`Bytes`](vm_memory::Bytes) traits (or the
+//! volatile slices of its regions), so the crate works over any vm-memory backend and never
+//! holds a Rust reference into guest memory.
 //!
-//! The devices sit on top of the queue: [`block`] is the virtio block device, a disk backed by a
-//! raw image file or a host block device, which serves its queue on a [`Worker`] thread of its
-//! own.
-//!
-//! [`net`] is the virtio network device: Ethernet frames between the guest and a [`tap`]
-//! interface, or any descriptor with datagram semantics, served on a [`Worker`] thread of its
-//! own.
-//!
-//! With the `test-utils` feature, `mock::MockDriver` plays the guest driver for tests, fuzz
-//! targets and benches.
+//! With the `test-utils` feature, `mock::MockDriver` plays the guest driver and
+//! `mock::MockDevice` a device, for tests, fuzz targets and benches.
 //!
 //! # Example
 //!
