@@ -1,8 +1,11 @@
 //! The virtio targets: descriptor chains a guest lays out, and the MMIO register interface it
 //! drives.
 
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, OnceLock};
 
+use ember_virtio::block::request::{Request, RequestType, status_addr};
+use ember_virtio::block::{self, Disk, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 use ember_virtio::mmio::{CONFIG_OFFSET, MmioTransport};
 use ember_virtio::mock::{MockDevice, MockDriver};
 use ember_virtio::{DescriptorChain, IrqTrigger, Queue};
@@ -67,7 +70,19 @@ pub struct QueueOutcome {
 /// # Panics
 ///
 /// Only on a finding.
-pub fn virtqueue(mut data: &[u8]) -> QueueOutcome {
+pub fn virtqueue(data: &[u8]) -> QueueOutcome {
+    let (mem, mut queue) = lay_out_queue(data);
+    serve(&mem, &mut queue, |chain| {
+        check_chain(&mem, chain);
+        let written = chain
+            .write_from(&mem, &[0xa5; 64])
+            .expect("validated buffers are writable");
+        u32::try_from(written).expect("at most 64 bytes")
+    })
+}
+
+/// The guest memory and the queue an input of the queue targets lays out (see [`virtqueue`]).
+fn lay_out_queue(mut data: &[u8]) -> (GuestMemoryMmap, Queue) {
     let data = &mut data;
     let size = 1u16 << (take_u8(data) % 9);
     let flags = take_u8(data);
@@ -95,19 +110,25 @@ pub fn virtqueue(mut data: &[u8]) -> QueueOutcome {
     queue.set_event_idx(flags & 1 != 0);
     queue.set_next_avail(next_avail);
     queue.set_next_used(next_avail);
+    (mem, queue)
+}
 
+/// Pops every chain the queue hands out, serves it with `serve` (which returns the used
+/// length) and hands it back; checks that the queue runs dry within one pass over the ring.
+fn serve(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    mut serve: impl FnMut(&DescriptorChain) -> u32,
+) -> QueueOutcome {
     let mut outcome = QueueOutcome::default();
     // Each pop consumes an entry or ends the loop, so one pass over the ring is the most work.
-    for _ in 0..=usize::from(size) {
-        match queue.pop(&mem) {
+    for _ in 0..=usize::from(queue.size()) {
+        match queue.pop(mem) {
             Ok(Some(chain)) => {
-                check_chain(&mem, &queue, &chain);
-                let written = chain
-                    .write_from(&mem, &[0xa5; 64])
-                    .expect("validated buffers are writable");
-                let written = u32::try_from(written).expect("at most 64 bytes");
+                assert!(chain.head_index() < queue.size(), "head outside the table");
+                let used = serve(&chain);
                 queue
-                    .add_used(&mem, chain.head_index(), written)
+                    .add_used(mem, chain.head_index(), used)
                     .expect("a popped head goes back");
                 outcome.chains += 1;
             }
@@ -116,20 +137,19 @@ pub fn virtqueue(mut data: &[u8]) -> QueueOutcome {
         }
     }
     assert!(
-        matches!(queue.pop(&mem), Ok(None) | Err(_)),
+        matches!(queue.pop(mem), Ok(None) | Err(_)),
         "the queue serves more chains than its ring holds"
     );
     queue
-        .needs_notification(&mem)
+        .needs_notification(mem)
         .expect("the used ring is in memory");
     queue
-        .enable_notification(&mem)
+        .enable_notification(mem)
         .expect("the rings are in memory");
     outcome
 }
 
-fn check_chain(mem: &GuestMemoryMmap, queue: &Queue, chain: &DescriptorChain) {
-    assert!(chain.head_index() < queue.size(), "head outside the table");
+fn check_chain(mem: &GuestMemoryMmap, chain: &DescriptorChain) {
     assert!(!chain.descriptors().is_empty(), "a chain without buffers");
     let mut total = 0u64;
     let mut seen_writable = false;
@@ -151,6 +171,103 @@ fn check_chain(mem: &GuestMemoryMmap, queue: &Queue, chain: &DescriptorChain) {
         u64::from(chain.readable_len()) + u64::from(chain.writable_len()),
         total
     );
+}
+
+/// Sectors of the block target's disk.
+pub const DISK_SECTORS: u64 = 128;
+
+/// The block target's disk image, made once per process: an unlinked file, reached through
+/// its descriptor, so that nothing is left behind.
+fn disk_image() -> &'static std::path::Path {
+    static IMAGE: OnceLock<(std::fs::File, std::path::PathBuf)> = OnceLock::new();
+    let (_, path) = IMAGE.get_or_init(|| {
+        let name = std::env::temp_dir().join(format!("ember-fuzz-disk-{}", std::process::id()));
+        let len = usize::try_from(DISK_SECTORS * 512).expect("64 KiB fit");
+        std::fs::write(&name, vec![0x5a; len]).expect("cannot write the disk image");
+        let file = std::fs::File::open(&name).expect("cannot open the disk image");
+        std::fs::remove_file(&name).expect("cannot unlink the disk image");
+        let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        (file, path)
+    });
+    path
+}
+
+/// What the block target made of an input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockOutcome {
+    /// Chains served and errors, as for [`virtqueue`].
+    pub queue: QueueOutcome,
+    /// Chains that parsed as requests.
+    pub requests: usize,
+    /// Requests that completed with VIRTIO_BLK_S_OK.
+    pub ok: usize,
+}
+
+/// Lays out a queue from `data` as [`virtqueue`] does, and serves every chain as a block
+/// request against a 64 KiB disk (read-only when bit 1 of the flags byte is set).
+///
+/// Every chain that parses must be a request inside the disk, of whole sectors for reads and
+/// writes, and its status byte must end up OK, IOERR or UNSUPP; the used length never exceeds
+/// the chain's writable part.
+///
+/// # Panics
+///
+/// Only on a finding.
+pub fn block_request(data: &[u8]) -> BlockOutcome {
+    let read_only = data.get(1).is_some_and(|flags| flags & 2 != 0);
+    let (mem, mut queue) = lay_out_queue(data);
+    let config = block::Config {
+        path: disk_image().to_path_buf(),
+        read_only,
+        id: "fuzz".into(),
+    };
+    let mut disk = Disk::open(&config).expect("the image opens");
+    let mut outcome = BlockOutcome::default();
+    outcome.queue = serve(&mem, &mut queue, |chain| {
+        let parsed = Request::parse(chain, &mem, DISK_SECTORS);
+        if let Ok(request) = &parsed {
+            outcome.requests += 1;
+            check_request(request, chain);
+        }
+        let used = disk.handle(&mem, chain);
+        assert!(used <= chain.writable_len(), "used length past the chain");
+        if let Some(addr) = status_addr(chain).filter(|_| used > 0) {
+            let status: u8 = mem.read_obj(addr).expect("the status byte is in memory");
+            assert!(
+                [STATUS_OK, STATUS_IOERR, STATUS_UNSUPP].contains(&status),
+                "status {status}"
+            );
+            if parsed.is_ok() && status == STATUS_OK {
+                outcome.ok += 1;
+            }
+        }
+        used
+    });
+    outcome
+}
+
+fn check_request(request: &Request<'_>, chain: &DescriptorChain) {
+    let inside = |sector: u64, sectors: u64| {
+        sector
+            .checked_add(sectors)
+            .is_some_and(|end| end <= DISK_SECTORS)
+    };
+    match request.request_type() {
+        RequestType::In { sector, len } | RequestType::Out { sector, len } => {
+            assert_eq!(len % 512, 0, "a read or write of part of a sector");
+            assert!(inside(sector, u64::from(len) / 512), "I/O past the disk");
+            let data: u64 = request.data().map(|d| u64::from(d.len)).sum();
+            assert_eq!(data, u64::from(len), "data buffers of another length");
+        }
+        RequestType::Discard(segment) | RequestType::WriteZeroes(segment) => {
+            assert!(
+                inside(segment.sector, u64::from(segment.num_sectors)),
+                "a segment past the disk"
+            );
+        }
+        RequestType::Flush | RequestType::GetId { .. } => {}
+    }
+    assert!(chain.writable_len() >= 1, "a request without a status byte");
 }
 
 /// An interrupt trigger that delivers nowhere.
@@ -300,6 +417,99 @@ mod tests {
         ),
     ];
 
+    /// The block target's seeds and what it makes of them.
+    const BLOCK_SEEDS: &[(&str, BlockOutcome)] = &[
+        ("read", block_outcome(1, 1, 1)),
+        ("write", block_outcome(1, 1, 1)),
+        ("get-id", block_outcome(1, 1, 1)),
+        ("write-zeroes", block_outcome(1, 1, 1)),
+        ("past-the-end", block_outcome(1, 0, 0)),
+        ("no-status", block_outcome(1, 0, 0)),
+        ("read-write-flush", block_outcome(3, 3, 3)),
+    ];
+
+    const fn block_outcome(chains: usize, requests: usize, ok: usize) -> BlockOutcome {
+        BlockOutcome {
+            queue: QueueOutcome { chains, errors: 0 },
+            requests,
+            ok,
+        }
+    }
+
+    /// A block request for the seeds.
+    #[derive(Clone, Copy)]
+    struct Req {
+        /// Which 8 KiB from 0x1000 it is laid out in.
+        slot: u64,
+        type_: u32,
+        sector: u64,
+        /// Bytes of data, at 0x100 in the slot; writable for reads.
+        data: u32,
+        data_writable: bool,
+        /// Bytes for the status, at 0x1f00 in the slot; 0 for none.
+        status: u32,
+    }
+
+    /// Lays `req` out (header at the start of its slot) and publishes it.
+    fn add_request(mem: &GuestMemoryMmap, driver: &mut MockDriver, req: Req) {
+        let base = 0x1000 + req.slot * 0x2000;
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&req.type_.to_le_bytes());
+        header[8..].copy_from_slice(&req.sector.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(base)).unwrap();
+        let mut buffers = vec![MockBuffer::readable(base, 16)];
+        if req.data > 0 {
+            buffers.push(MockBuffer {
+                addr: GuestAddress(base + 0x100),
+                len: req.data,
+                writable: req.data_writable,
+            });
+        }
+        if req.status > 0 {
+            buffers.push(MockBuffer::writable(base + 0x1f00, req.status));
+        }
+        driver.add_chain(mem, &buffers).unwrap();
+    }
+
+    fn req(slot: u64, type_: u32, sector: u64, data: u32, data_writable: bool, status: u32) -> Req {
+        Req {
+            slot,
+            type_,
+            sector,
+            data,
+            data_writable,
+            status,
+        }
+    }
+
+    fn block_seeds() -> Seeds {
+        let one = |r: Req| queue_input(4, None, move |mem, driver| add_request(mem, driver, r));
+        let write_zeroes = queue_input(4, None, |mem, driver| {
+            // One segment: sector 4, 2 sectors, no flags.
+            let mut segment = [0u8; 16];
+            segment[..8].copy_from_slice(&4u64.to_le_bytes());
+            segment[8..12].copy_from_slice(&2u32.to_le_bytes());
+            mem.write_slice(&segment, GuestAddress(0x1100)).unwrap();
+            add_request(mem, driver, req(0, 13, 0, 16, false, 1));
+        });
+        vec![
+            ("read", one(req(0, 0, 1, 512, true, 1))),
+            ("write", one(req(0, 1, 2, 1024, false, 1))),
+            ("get-id", one(req(0, 8, 0, 20, true, 1))),
+            ("write-zeroes", write_zeroes),
+            ("past-the-end", one(req(0, 0, 127, 1024, true, 1))),
+            ("no-status", one(req(0, 0, 1, 512, false, 0))),
+            (
+                "read-write-flush",
+                queue_input(4, None, |mem, driver| {
+                    add_request(mem, driver, req(0, 0, 0, 4096, true, 1));
+                    add_request(mem, driver, req(1, 1, 8, 4096, false, 1));
+                    add_request(mem, driver, req(2, 4, 0, 0, false, 1));
+                }),
+            ),
+        ]
+    }
+
     /// The transport target's seeds and what it makes of them.
     const TRANSPORT_SEEDS: &[(&str, TransportOutcome)] = &[
         (
@@ -340,15 +550,15 @@ mod tests {
         input.extend_from_slice(&avail_idx.to_le_bytes());
         input.extend_from_slice(&0u16.to_le_bytes());
         input.extend_from_slice(&0u16.to_le_bytes());
-        // Up to the end of the buffers the seeds use, without the zeros at the end.
-        let mut region = vec![0u8; 0x4000];
+        // The first region, without the zeros at its end.
+        let mut region = vec![0u8; REGIONS[0].1];
         mem.read_slice(&mut region, GuestAddress(0)).unwrap();
         let used = region.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
         input.extend_from_slice(&region[..used]);
         input
     }
 
-    fn queue_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    fn queue_seeds() -> Seeds {
         vec![
             ("empty", vec![]),
             (
@@ -449,7 +659,7 @@ mod tests {
         ops.concat()
     }
 
-    fn transport_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    fn transport_seeds() -> Seeds {
         let init = driver_init();
         let mut twice = init.clone();
         twice.extend_from_slice(&access(true, 0x070, 0));
@@ -474,16 +684,30 @@ mod tests {
     }
 
     #[test]
+    fn block_request_corpus_replays() {
+        replay("block_request", BLOCK_SEEDS, block_request);
+    }
+
+    #[test]
     fn mmio_transport_corpus_replays() {
         replay("mmio_transport", TRANSPORT_SEEDS, mmio_transport);
     }
 
+    /// A target's seed files, by name.
+    type Seeds = Vec<(&'static str, Vec<u8>)>;
+
+    /// Each target's seeds, by target.
+    fn all_seeds() -> [(&'static str, Seeds); 3] {
+        [
+            ("virtqueue", queue_seeds()),
+            ("block_request", block_seeds()),
+            ("mmio_transport", transport_seeds()),
+        ]
+    }
+
     #[test]
     fn seeds_on_disk_are_the_generated_ones() {
-        for (target, seeds) in [
-            ("virtqueue", queue_seeds()),
-            ("mmio_transport", transport_seeds()),
-        ] {
+        for (target, seeds) in all_seeds() {
             for (name, data) in seeds {
                 let path = corpus_dir(target).join(name);
                 assert_eq!(fs::read(&path).unwrap(), data, "{}", path.display());
@@ -501,10 +725,7 @@ mod tests {
     #[test]
     #[ignore = "rewrites the checked-in seed corpus"]
     fn write_virtio_seed_corpus() {
-        for (target, seeds) in [
-            ("virtqueue", queue_seeds()),
-            ("mmio_transport", transport_seeds()),
-        ] {
+        for (target, seeds) in all_seeds() {
             let dir = corpus_dir(target);
             fs::create_dir_all(&dir).unwrap();
             for (name, data) in seeds {
