@@ -16,7 +16,6 @@
 
 use std::hint::black_box;
 use std::io;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,30 +50,6 @@ fn chain_bytes() -> Vec<u8> {
     bytes.extend([0x88, 0xb5]);
     bytes.resize(CHAIN_LEN, 0x5a);
     bytes
-}
-
-/// A TAP that is up, with IPv6 off so that the host sends nothing through it; or why there
-/// cannot be one.
-fn open_tap() -> Result<Tap, String> {
-    let tap = Tap::open("embbench%d").map_err(|err| {
-        let source = std::error::Error::source(&err)
-            .map(|source| format!(": {source}"))
-            .unwrap_or_default();
-        format!("{err}{source}")
-    })?;
-    // Without IPv6 on the host there is nothing to turn off.
-    let _ = std::fs::write(
-        format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name()),
-        "1",
-    );
-    let status = Command::new("ip")
-        .args(["link", "set", "dev", tap.name(), "up"])
-        .status()
-        .map_err(|err| format!("cannot run ip: {err}"))?;
-    if !status.success() {
-        return Err(format!("ip link set dev {} up failed", tap.name()));
-    }
-    Ok(tap)
 }
 
 /// The transmit side of a device over `tap`, with the mock driver on its queues.
@@ -132,7 +107,7 @@ impl Transmitter {
 }
 
 fn bench_tx(c: &mut Criterion) {
-    let tap = match open_tap() {
+    let tap = match ember_virtio::mock::test_tap("embbench%d") {
         Ok(tap) => tap,
         Err(why) => {
             println!("virtio_net: skipped, cannot set up a TAP here: {why}");

@@ -173,7 +173,7 @@ mod tests {
     #[test]
     fn a_host_read_through_the_iovecs_lands_in_guest_memory() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
-        let mut file = tempfile();
+        let mut file = crate::mock::scratch_file().unwrap();
         file.write_all(b"hello, guest").unwrap();
         let iov = GuestIoVecs::new(
             &mem,
@@ -201,19 +201,5 @@ mod tests {
         let mut back = String::new();
         file.read_to_string(&mut back).unwrap();
         assert_eq!(back, "hello, guest");
-    }
-
-    fn tempfile() -> std::fs::File {
-        let dir = std::env::temp_dir();
-        let path = dir.join(format!("ember-iov-{}", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        file
     }
 }

@@ -9,6 +9,8 @@
 //! [`MockDevice`] is a [`VirtioDevice`] that only records what its transport does to it, for
 //! testing transports.
 
+use std::fs::File;
+use std::process::Command;
 use std::sync::atomic::{Ordering, fence};
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +19,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap}
 
 use crate::device::{ActivateError, ActivateParams, VirtioDevice, read_config_bytes};
 use crate::queue::{DESCRIPTOR_SIZE, Queue, USED_ELEMENT_SIZE};
+use crate::tap::Tap;
 
 /// Descriptor flag: the chain continues at `next`.
 pub const DESC_F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
@@ -484,4 +487,55 @@ impl<M> VirtioDevice<M> for MockDevice {
     fn reset(&mut self) {
         self.log().resets += 1;
     }
+}
+
+/// An empty file, open for reading and writing and already unlinked: a scratch disk image.
+///
+/// # Errors
+///
+/// When the temporary directory cannot hold it.
+pub fn scratch_file() -> std::io::Result<File> {
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("ember-scratch-{}-{n}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
+}
+
+/// A TAP for tests and benches, named after `pattern` (`%d` lets the kernel number it), up and
+/// with IPv6 off so that the host sends nothing through it of its own accord; or why there
+/// cannot be one here (it takes root, `/dev/net/tun` and `ip`).
+///
+/// # Errors
+///
+/// Why the TAP cannot be made or brought up, as a sentence.
+pub fn test_tap(pattern: &str) -> std::result::Result<Tap, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not running as root".into());
+    }
+    let tap = Tap::open(pattern).map_err(|err| {
+        let source = std::error::Error::source(&err)
+            .map(|source| format!(": {source}"))
+            .unwrap_or_default();
+        format!("{err}{source}")
+    })?;
+    // Without IPv6 on the host there is nothing to turn off.
+    let _ = std::fs::write(
+        format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name()),
+        "1",
+    );
+    let status = Command::new("ip")
+        .args(["link", "set", "dev", tap.name(), "up"])
+        .status()
+        .map_err(|err| format!("cannot run ip: {err}"))?;
+    if !status.success() {
+        return Err(format!("ip link set dev {} up failed", tap.name()));
+    }
+    Ok(tap)
 }

@@ -515,19 +515,6 @@ mod tests {
         assert!(matches!(id_bytes("é"), Err(Error::IdNotPrintable)));
     }
 
-    fn scratch_file(name: &str) -> File {
-        let path = std::env::temp_dir().join(format!("ember-disk-{name}-{}", std::process::id()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        file
-    }
-
     fn iovec(buf: &mut [u8]) -> libc::iovec {
         libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
@@ -537,7 +524,7 @@ mod tests {
 
     #[test]
     fn a_transfer_over_more_than_iov_max_iovecs_moves_every_byte() {
-        let file = scratch_file("iovmax");
+        let file = crate::mock::scratch_file().unwrap();
         let data: Vec<u8> = (0..IOV_MAX * 2 + 3).map(|i| (i % 251) as u8).collect();
         file.write_all_at(&data, 0).unwrap();
         let mut back = vec![0u8; data.len()];
@@ -551,7 +538,7 @@ mod tests {
 
     #[test]
     fn a_read_past_the_end_of_the_file_stops_with_what_it_got() {
-        let file = scratch_file("eof");
+        let file = crate::mock::scratch_file().unwrap();
         file.write_all_at(&[7u8; 700], 0).unwrap();
         let mut a = [0u8; 512];
         let mut b = [0u8; 512];

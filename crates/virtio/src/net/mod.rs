@@ -328,7 +328,6 @@ mod tests {
     use std::ffi::CString;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::os::unix::net::UnixDatagram;
-    use std::process::Command;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
@@ -343,7 +342,6 @@ mod tests {
     use crate::device::Interrupt;
     use crate::iov::GuestIoVecs;
     use crate::mock::{MockBuffer, MockDriver, guest_memory};
-    use crate::tap::Tap;
 
     const MEM_SIZE: usize = 0x20_0000;
     const TIMEOUT: Duration = Duration::from_secs(10);
@@ -716,27 +714,6 @@ mod tests {
         VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
     }
 
-    /// A TAP for a test, up and with IPv6 off so that the host sends nothing through it of its
-    /// own accord; or why there cannot be one here.
-    fn test_tap() -> std::result::Result<Tap, String> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("not running as root".into());
-        }
-        let tap = Tap::open("embn%d").map_err(|err| ErrorChain(&err).to_string())?;
-        let ipv6 = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name());
-        // Without IPv6 on the host, there is nothing to turn off.
-        let _ = std::fs::write(ipv6, "1");
-        let status = Command::new("ip")
-            .args(["link", "set", "dev", tap.name(), "up"])
-            .status()
-            .map_err(|err| format!("cannot run ip: {err}"))?;
-        if !status.success() {
-            return Err(format!("ip link set dev {} up failed", tap.name()));
-        }
-        Ok(tap)
-    }
-
     fn tap_statistic(name: &str, counter: &str) -> u64 {
         let path = format!("/sys/class/net/{name}/statistics/{counter}");
         std::fs::read_to_string(&path)
@@ -795,7 +772,7 @@ mod tests {
 
     #[test]
     fn net_over_a_real_tap_moves_frames_both_ways() {
-        let tap = match test_tap() {
+        let tap = match crate::mock::test_tap("embn%d") {
             Ok(tap) => tap,
             Err(why) => {
                 println!("skipped: cannot set up a TAP here: {why}");
