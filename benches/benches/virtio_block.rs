@@ -14,17 +14,15 @@
 
 use std::fs::{File, OpenOptions};
 use std::hint::black_box;
-use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use ember_virtio::Interrupt;
 use ember_virtio::block::{BlockWorker, Config, Disk, STATUS_OK};
-use ember_virtio::mock::{MockBuffer, MockDriver, guest_memory};
-use ember_virtio::{Interrupt, IrqTrigger};
+use ember_virtio::mock::{CountingTrigger, MockBuffer, MockDriver, guest_memory};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const IMAGE_LEN: usize = 1 << 20;
@@ -39,17 +37,6 @@ const STATUS: u64 = 0x12000;
 
 const VIRTIO_BLK_T_IN: u32 = 0;
 const VIRTIO_BLK_T_OUT: u32 = 1;
-
-/// Counts interrupts instead of delivering them.
-#[derive(Debug, Default)]
-struct Counter(Arc<AtomicU64>);
-
-impl IrqTrigger for Counter {
-    fn trigger(&self) -> io::Result<()> {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-}
 
 /// A disk image on tmpfs, removed when dropped.
 struct Image(PathBuf);
@@ -81,7 +68,7 @@ struct Guest {
     mem: Arc<GuestMemoryMmap<()>>,
     driver: MockDriver,
     worker: BlockWorker<GuestMemoryMmap<()>>,
-    irqs: Arc<AtomicU64>,
+    irqs: CountingTrigger,
 }
 
 impl Guest {
@@ -94,8 +81,8 @@ impl Guest {
         .expect("cannot open the disk");
         let mem = Arc::new(guest_memory(0x100000).expect("cannot map guest memory"));
         let driver = MockDriver::new(256, GuestAddress(0));
-        let irqs = Arc::new(AtomicU64::new(0));
-        let interrupt = Arc::new(Interrupt::new(Counter(irqs.clone())));
+        let irqs = CountingTrigger::default();
+        let interrupt = Arc::new(Interrupt::new(irqs.clone()));
         // EVENT_IDX, as a Linux guest negotiates it.
         let mut queue = driver.queue();
         queue.set_event_idx(true);
@@ -179,11 +166,7 @@ fn bench_4k(c: &mut Criterion) {
         .read_slice(&mut data, GuestAddress(DATA))
         .expect("the data buffer is in guest memory");
     assert_eq!(data, [0x3c; BLOCK as usize]);
-    assert_eq!(
-        guest.irqs.load(Ordering::Relaxed),
-        2,
-        "each request interrupts"
-    );
+    assert_eq!(guest.irqs.count(), 2, "each request interrupts");
 
     let mut group = c.benchmark_group("virtio_block/4k");
     let mut buf = vec![0u8; BLOCK as usize];

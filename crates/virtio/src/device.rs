@@ -227,24 +227,13 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
-
     use super::*;
-
-    #[derive(Default)]
-    struct CountingTrigger(Arc<AtomicUsize>);
-
-    impl IrqTrigger for CountingTrigger {
-        fn trigger(&self) -> io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
+    use crate::mock::CountingTrigger;
 
     #[test]
     fn signals_set_status_bits_until_acknowledged() {
-        let count = Arc::new(AtomicUsize::new(0));
-        let interrupt = Interrupt::new(CountingTrigger(count.clone()));
+        let count = CountingTrigger::default();
+        let interrupt = Interrupt::new(count.clone());
         interrupt.signal_used_queue().unwrap();
         assert_eq!(interrupt.status(), INT_USED_RING);
         interrupt.signal_config_change().unwrap();
@@ -252,18 +241,18 @@ mod tests {
         assert_eq!(interrupt.config_generation(), 1);
         interrupt.ack(INT_USED_RING);
         assert_eq!(interrupt.status(), INT_CONFIG);
-        assert_eq!(count.load(Ordering::SeqCst), 2);
+        assert_eq!(count.count(), 2);
     }
 
     #[test]
     fn needs_reset_signals_a_config_change_once() {
-        let count = Arc::new(AtomicUsize::new(0));
-        let interrupt = Interrupt::new(CountingTrigger(count.clone()));
+        let count = CountingTrigger::default();
+        let interrupt = Interrupt::new(count.clone());
         interrupt.set_needs_reset().unwrap();
         interrupt.set_needs_reset().unwrap();
         assert!(interrupt.needs_reset());
         assert_eq!(interrupt.status(), INT_CONFIG);
-        assert_eq!(count.load(Ordering::SeqCst), 1);
+        assert_eq!(count.count(), 1);
         interrupt.reset();
         assert!(!interrupt.needs_reset());
         assert_eq!(interrupt.status(), 0);

@@ -496,28 +496,17 @@ impl<M: GuestMemory + Send + Sync + 'static> ember_bus::BusDeviceMut for MmioTra
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use vm_memory::GuestMemoryMmap;
 
     use super::*;
     use crate::device::{INT_CONFIG, INT_USED_RING};
-    use crate::mock::{MockDevice, MockDeviceLog, MockDriver, guest_memory};
+    use crate::mock::{CountingTrigger, MockDevice, MockDeviceLog, MockDriver, guest_memory};
 
     const MEM_SIZE: usize = 0x10000;
     const QUEUE_MAX: u16 = 16;
     const DEVICE_TYPE: u32 = 42;
     const OFFERED: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | 0b101;
-
-    #[derive(Clone, Default)]
-    struct Trigger(Arc<AtomicUsize>);
-
-    impl IrqTrigger for Trigger {
-        fn trigger(&self) -> io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
 
     struct Setup {
         transport: MmioTransport<GuestMemoryMmap<()>>,
@@ -529,7 +518,8 @@ mod tests {
         let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
         let (device, seen) =
             MockDevice::new(DEVICE_TYPE, &vec![QUEUE_MAX; count], OFFERED, b"config!!");
-        let transport = MmioTransport::new(mem, Box::new(device), Trigger::default()).unwrap();
+        let transport =
+            MmioTransport::new(mem, Box::new(device), CountingTrigger::default()).unwrap();
         let drivers = (0..count)
             .map(|i| {
                 MockDriver::new(

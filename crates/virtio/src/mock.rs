@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
-use crate::device::{ActivateError, ActivateParams, VirtioDevice, read_config_bytes};
+use crate::device::{ActivateError, ActivateParams, IrqTrigger, VirtioDevice, read_config_bytes};
 use crate::queue::{DESCRIPTOR_SIZE, Queue, USED_ELEMENT_SIZE};
 use crate::tap::Tap;
 
@@ -538,4 +538,23 @@ pub fn test_tap(pattern: &str) -> std::result::Result<Tap, String> {
         return Err(format!("ip link set dev {} up failed", tap.name()));
     }
     Ok(tap)
+}
+
+/// An interrupt trigger that counts the interrupts raised through it, in a counter its clones
+/// share, instead of delivering them.
+#[derive(Clone, Debug, Default)]
+pub struct CountingTrigger(Arc<std::sync::atomic::AtomicUsize>);
+
+impl CountingTrigger {
+    /// How many interrupts were raised so far.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl IrqTrigger for CountingTrigger {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
 }

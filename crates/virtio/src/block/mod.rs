@@ -636,8 +636,8 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
-    use crate::device::{INT_CONFIG, INT_USED_RING, IrqTrigger};
-    use crate::mock::{MockBuffer, MockDriver, guest_memory};
+    use crate::device::{INT_CONFIG, INT_USED_RING};
+    use crate::mock::{CountingTrigger, MockBuffer, MockDriver, guest_memory};
 
     type Mem = GuestMemoryMmap<()>;
 
@@ -695,22 +695,12 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct CountingTrigger(Arc<AtomicUsize>);
-
-    impl IrqTrigger for CountingTrigger {
-        fn trigger(&self) -> io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
     /// A guest driving a [`BlockWorker`] synchronously.
     struct Guest {
         mem: Arc<Mem>,
         driver: MockDriver,
         worker: BlockWorker<Mem>,
-        irqs: Arc<AtomicUsize>,
+        irqs: CountingTrigger,
     }
 
     impl Guest {
@@ -724,8 +714,8 @@ mod tests {
             let mut queue = driver.queue();
             queue.set_event_idx(event_idx);
             queue.validate(&*mem).unwrap();
-            let irqs = Arc::new(AtomicUsize::new(0));
-            let interrupt = Arc::new(Interrupt::new(CountingTrigger(irqs.clone())));
+            let irqs = CountingTrigger::default();
+            let interrupt = Arc::new(Interrupt::new(irqs.clone()));
             let disk = Disk::open(&image.config(read_only)).unwrap();
             let worker = BlockWorker::new(disk, queue, mem.clone(), interrupt);
             Guest {
@@ -819,7 +809,7 @@ mod tests {
         let used = g.submit(&[hdr(), MockBuffer::writable(DATA, 1024), status()]);
         assert_eq!(used, (1024 + 1, STATUS_OK));
         assert_eq!(g.read(DATA, 1024), pattern(3, 2));
-        assert_eq!(g.irqs.load(Ordering::SeqCst), 1);
+        assert_eq!(g.irqs.count(), 1);
     }
 
     #[test]
@@ -1196,14 +1186,14 @@ mod tests {
         g.header(VIRTIO_BLK_T_FLUSH, 0);
         // The first batch always interrupts.
         g.submit(&[hdr(), status()]);
-        assert_eq!(g.irqs.load(Ordering::SeqCst), 1);
+        assert_eq!(g.irqs.count(), 1);
         // The driver wants an interrupt only once used index 3 is passed.
         g.driver.set_used_event(&*g.mem, 3).unwrap();
         g.submit(&[hdr(), status()]);
         g.submit(&[hdr(), status()]);
-        assert_eq!(g.irqs.load(Ordering::SeqCst), 1);
+        assert_eq!(g.irqs.count(), 1);
         g.submit(&[hdr(), status()]);
-        assert_eq!(g.irqs.load(Ordering::SeqCst), 2);
+        assert_eq!(g.irqs.count(), 2);
         // The device asked to be notified at the next entry.
         assert_eq!(g.driver.avail_event(&*g.mem).unwrap(), 4);
     }
@@ -1215,7 +1205,7 @@ mod tests {
         g.driver.set_avail_flags(&*g.mem, 1).unwrap();
         g.header(VIRTIO_BLK_T_FLUSH, 0);
         g.submit(&[hdr(), status()]);
-        assert_eq!(g.irqs.load(Ordering::SeqCst), 0);
+        assert_eq!(g.irqs.count(), 0);
         // Notifications are back on after the batch.
         assert_eq!(g.driver.used_flags(&*g.mem).unwrap(), 0);
     }
@@ -1230,9 +1220,9 @@ mod tests {
         }
         assert_eq!(g.worker.process_queue().unwrap(), 10);
         assert_eq!(g.driver.used_idx(&*g.mem).unwrap(), 10);
-        assert_eq!(g.irqs.load(Ordering::SeqCst), 1);
+        assert_eq!(g.irqs.count(), 1);
         assert_eq!(g.worker.process_queue().unwrap(), 0);
-        assert_eq!(g.irqs.load(Ordering::SeqCst), 1);
+        assert_eq!(g.irqs.count(), 1);
     }
 
     /// A guest driving an activated [`Block`] through eventfds.
