@@ -7,8 +7,8 @@ use std::sync::{Arc, OnceLock};
 use ember_virtio::block::request::{Request, RequestType, status_addr};
 use ember_virtio::block::{self, Disk, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 use ember_virtio::mmio::{CONFIG_OFFSET, MmioTransport};
-use ember_virtio::mock::{MockDevice, MockDriver};
-use ember_virtio::{DescriptorChain, IrqTrigger, Queue};
+use ember_virtio::mock::{CountingTrigger, MockDevice, MockDriver};
+use ember_virtio::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Guest memory of the virtio targets: two regions with a hole between them, so that buffers
@@ -270,16 +270,6 @@ fn check_request(request: &Request<'_>, chain: &DescriptorChain) {
     assert!(chain.writable_len() >= 1, "a request without a status byte");
 }
 
-/// An interrupt trigger that delivers nowhere.
-#[derive(Debug)]
-struct NoIrq;
-
-impl IrqTrigger for NoIrq {
-    fn trigger(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The features the transport target's device offers: VERSION_1, EVENT_IDX and bit 0.
 pub const TRANSPORT_FEATURES: u64 = (1 << 32) | (1 << 29) | 1;
 
@@ -311,7 +301,8 @@ pub fn mmio_transport(mut data: &[u8]) -> TransportOutcome {
     let mem = Arc::new(guest_memory());
     let (device, log) = MockDevice::new(2, &[16, 16], TRANSPORT_FEATURES, &[1, 2, 3, 4, 5, 6]);
     let mut transport =
-        MmioTransport::new(mem.clone(), Box::new(device), NoIrq).expect("eventfds are available");
+        MmioTransport::new(mem.clone(), Box::new(device), CountingTrigger::default())
+            .expect("eventfds are available");
     let mut outcome = TransportOutcome::default();
     while data.len() >= 8 {
         let kind = take_u8(data);
