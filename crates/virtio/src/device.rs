@@ -146,7 +146,7 @@ pub struct ActivateParams<M> {
     /// The features the driver accepted: a subset of [`VirtioDevice::features`].
     pub features: u64,
     /// The queues as the driver configured them, ready and validated, one per
-    /// [`VirtioDevice::queue_max_sizes`] entry.
+    /// [`VirtioDevice::queue_max_sizes`] entry, with EVENT_IDX on when it was negotiated.
     pub queues: Vec<Queue>,
     /// One eventfd per queue, written when the driver notifies that queue.
     pub queue_evts: Vec<EventFd>,

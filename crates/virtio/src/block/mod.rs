@@ -302,7 +302,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
     fn activate(&mut self, params: ActivateParams<M>) -> std::result::Result<(), ActivateError> {
         let ActivateParams {
             mem,
-            features,
+            features: _,
             queues,
             queue_evts,
             interrupt,
@@ -312,7 +312,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
                 return Err(ActivateError::QueueCount { expected: 1, given });
             }
         }
-        let (Some(mut queue), Some(queue_evt)) =
+        let (Some(queue), Some(queue_evt)) =
             (queues.into_iter().next(), queue_evts.into_iter().next())
         else {
             return Err(ActivateError::QueueCount {
@@ -326,7 +326,6 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
         let State::Ready(disk) = std::mem::replace(&mut self.state, State::Lost) else {
             return Err(ActivateError::AlreadyActive);
         };
-        queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         let handler = BlockHandler {
             worker: BlockWorker::new(disk, queue, mem, interrupt),
             queue_evt,

@@ -27,7 +27,6 @@ use crate::iov::{GuestIoVecs, IOV_MAX};
 use crate::queue::{self, DescriptorChain, Queue};
 use crate::worker::{EventHandler, EventOps};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// The worker's token for the receive queue's notification eventfd.
 pub const RX_QUEUE_TOKEN: u64 = 0;
@@ -176,7 +175,7 @@ where
         };
         let mut queues = queues.into_iter();
         let mut evts = queue_evts.into_iter();
-        let (Some(mut rx), Some(mut tx), None, Some(rx_evt), Some(tx_evt), None) = (
+        let (Some(rx), Some(tx), None, Some(rx_evt), Some(tx_evt), None) = (
             queues.next(),
             queues.next(),
             queues.next(),
@@ -189,9 +188,6 @@ where
                 given,
             });
         };
-        let event_idx = has_feature(features, VIRTIO_RING_F_EVENT_IDX);
-        rx.set_event_idx(event_idx);
-        tx.set_event_idx(event_idx);
         Ok(NetHandler {
             mem,
             backend,
@@ -716,6 +712,7 @@ mod tests {
     use std::os::unix::net::UnixDatagram;
 
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
     use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -756,9 +753,14 @@ mod tests {
         peer.set_nonblocking(true).unwrap();
         let device_end = device.try_clone().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let (rx_queue, tx_queue) = (rx.queue(), tx.queue());
+        let (mut rx_queue, mut tx_queue) = (rx.queue(), tx.queue());
         rx_queue.validate(&*mem).unwrap();
         tx_queue.validate(&*mem).unwrap();
+        // As the transport hands them over: EVENT_IDX set as negotiated.
+        let event_idx =
+            features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+        rx_queue.set_event_idx(event_idx);
+        tx_queue.set_event_idx(event_idx);
         let params = ActivateParams {
             mem: mem.clone(),
             features,
