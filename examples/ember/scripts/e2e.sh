@@ -40,18 +40,24 @@ fail() {
 # boot NAME ARGS...: runs ember with a time limit; console in $work/out, log in
 # $work/err, exit status in $status.
 #
-# A guest kernel that stops before userspace is booted once more, and the retry
-# is printed: in the nested rig (emulated SVM) a guest kernel has been seen to
-# triple-fault during initialisation about once in a few dozen boots (a 2-vCPU
-# bzImage boot; 16 more in a row then passed). A second stop is a failure.
+# A guest that crashes is booted once more, and the retry is printed: in the
+# nested rig (emulated SVM) guests triple-fault now and then, during kernel
+# start or later (seen in about one boot in 20 of the bzImage test and one run
+# in 7 of the network test). A second crash is a failure.
 boot() {
     name=$1
     shift
     run_ember "$@"
-    if ! tr -d '\r' <"$work/out" | grep -q '^EMBER-GUEST-UP'; then
-        echo "E2E RETRY $name: the guest stopped before userspace (exit status $status: $(tail -n 1 "$work/err"))"
+    if crashed; then
+        echo "E2E RETRY $name: the guest crashed (KVM_EXIT_SHUTDOWN)"
         run_ember "$@"
     fi
+}
+
+# crashed: the last guest ended in a triple fault (KVM_EXIT_SHUTDOWN, which ember
+# logs as "The guest powered off"); no test guest powers off that way.
+crashed() {
+    grep -q 'The guest powered off$' "$work/err"
 }
 
 run_ember() {
@@ -178,39 +184,14 @@ expect root_on_a_partition_boots 0 ' vda: vda1' '^EMBER-GUEST-UP' \
 
 # --- virtio-net -------------------------------------------------------------------
 
-# A TAP on this side at 169.254.77.1, the guest at 169.254.77.2 behind it: ping
-# both ways, then 4 MiB over TCP each way (busybox nc), compared by checksum.
-tap=ember-e2e0
-host_ip=169.254.77.1
-guest_ip=169.254.77.2
-if ! [ -c /dev/net/tun ] || ! { ip tuntap add dev "$tap" mode tap 2>/dev/null || tunctl -t "$tap" >/dev/null 2>&1; }; then
-    fail network "cannot create the TAP $tap here (needs root and /dev/net/tun)"
-else
-    ip addr add "$host_ip/24" dev "$tap"
-    ip link set "$tap" up
-    dd if=/dev/urandom of="$work/data" bs=1M count=4 2>/dev/null
-    sum=$(md5sum <"$work/data" | cut -d' ' -f1)
+# net_run: one boot of the network test guest, with the host side of the test
+# beside it; the guest's console in $work/out, what the host saw in $work/host.
+net_run() {
+    fresh
     # nc's listener half-closes when its stdin ends: hold stdin open with a FIFO.
-    mkfifo "$work/hold"
     exec 7<>"$work/hold"
     nc -l -p 5001 <"$work/hold" >"$work/from-guest" &
     listener=$!
-    script_disk "$work/net.disk" <<SCRIPT
-ip addr add $guest_ip/24 dev eth0
-ip link set eth0 up
-n=0
-until ping -c 1 -W 1 $host_ip >/dev/null 2>&1 || [ \$n -ge 30 ]; do
-    n=\$((n + 1))
-done
-ping -c 3 -W 2 $host_ip >/dev/null && echo "PING host ok"
-dd if=/dev/vdb bs=1M count=4 2>/dev/null | nc $host_ip 5001
-echo "SENT \$?"
-mkfifo /tmp/hold
-exec 7<>/tmp/hold
-nc -l -p 5002 </tmp/hold >/tmp/from-host
-echo "RECEIVED \$(md5sum </tmp/from-host | cut -d' ' -f1)"
-SCRIPT
-    fresh
     timeout 300 "$ember" --serial "file:$work/out" --kernel "$guest/vmlinux" \
         --disk "$work/root.ext4,root" --disk "$work/data,ro" --disk "$work/net.disk,ro" \
         --net "tap=$tap,mac=02:00:a9:fe:4d:02" \
@@ -233,6 +214,41 @@ SCRIPT
     kill "$listener" 2>/dev/null
     exec 7>&-
     echo "FROM-GUEST $(md5sum <"$work/from-guest" | cut -d' ' -f1)" >>"$work/host"
+}
+
+# A TAP on this side at 169.254.77.1, the guest at 169.254.77.2 behind it: ping
+# both ways, then 4 MiB over TCP each way (busybox nc), compared by checksum.
+tap=ember-e2e0
+host_ip=169.254.77.1
+guest_ip=169.254.77.2
+if ! [ -c /dev/net/tun ] || ! { ip tuntap add dev "$tap" mode tap 2>/dev/null || tunctl -t "$tap" >/dev/null 2>&1; }; then
+    fail network "cannot create the TAP $tap here (needs root and /dev/net/tun)"
+else
+    ip addr add "$host_ip/24" dev "$tap"
+    ip link set "$tap" up
+    dd if=/dev/urandom of="$work/data" bs=1M count=4 2>/dev/null
+    sum=$(md5sum <"$work/data" | cut -d' ' -f1)
+    mkfifo "$work/hold"
+    script_disk "$work/net.disk" <<SCRIPT
+ip addr add $guest_ip/24 dev eth0
+ip link set eth0 up
+n=0
+until ping -c 1 -W 1 $host_ip >/dev/null 2>&1 || [ \$n -ge 30 ]; do
+    n=\$((n + 1))
+done
+ping -c 3 -W 2 $host_ip >/dev/null && echo "PING host ok"
+dd if=/dev/vdb bs=1M count=4 2>/dev/null | nc $host_ip 5001
+echo "SENT \$?"
+mkfifo /tmp/hold
+exec 7<>/tmp/hold
+nc -l -p 5002 </tmp/hold >/tmp/from-host
+echo "RECEIVED \$(md5sum </tmp/from-host | cut -d' ' -f1)"
+SCRIPT
+    net_run
+    if crashed; then
+        echo "E2E RETRY network: the guest crashed (KVM_EXIT_SHUTDOWN) during the test"
+        net_run
+    fi
     expect guest_pings_the_host_and_the_host_the_guest 0 '^PING host ok$' '^PING guest ok$'
     expect tcp_transfer_from_the_guest_arrives_intact 0 '^SENT 0$' "^FROM-GUEST $sum\$"
     expect tcp_transfer_to_the_guest_arrives_intact 0 "^RECEIVED $sum\$"
