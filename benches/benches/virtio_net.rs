@@ -23,7 +23,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ember_virtio::mock::{MockBuffer, MockDriver, guest_memory};
 use ember_virtio::net::{NetHandler, QUEUE_SIZE, VNET_HDR_LEN};
 use ember_virtio::tap::Tap;
-use ember_virtio::{ActivateParams, Interrupt, IrqTrigger};
+use ember_virtio::{ActivateParams, Interrupt, IrqTrigger, WorkerGate};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -73,6 +73,7 @@ impl Transmitter {
             queues: vec![rx.queue(), tx.queue()],
             queue_evts: vec![eventfd(), eventfd()],
             interrupt: Arc::new(Interrupt::new(NoIrq)),
+            gate: WorkerGate::new(),
         };
         let handler = NetHandler::new(tap, params).expect("two queues and two eventfds");
         Transmitter { mem, tx, handler }

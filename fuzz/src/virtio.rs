@@ -8,7 +8,7 @@ use ember_virtio::block::request::{Request, RequestType, status_addr};
 use ember_virtio::block::{self, Disk, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 use ember_virtio::mmio::{CONFIG_OFFSET, MmioTransport};
 use ember_virtio::mock::{CountingTrigger, MockDevice, MockDriver};
-use ember_virtio::{DescriptorChain, Queue};
+use ember_virtio::{DescriptorChain, Queue, WorkerGate};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Guest memory of the virtio targets: two regions with a hole between them, so that buffers
@@ -300,9 +300,13 @@ pub fn mmio_transport(mut data: &[u8]) -> TransportOutcome {
     let data = &mut data;
     let mem = Arc::new(guest_memory());
     let (device, log) = MockDevice::new(2, &[16, 16], TRANSPORT_FEATURES, &[1, 2, 3, 4, 5, 6]);
-    let mut transport =
-        MmioTransport::new(mem.clone(), Box::new(device), CountingTrigger::default())
-            .expect("eventfds are available");
+    let mut transport = MmioTransport::new(
+        mem.clone(),
+        Box::new(device),
+        CountingTrigger::default(),
+        WorkerGate::new(),
+    )
+    .expect("eventfds are available");
     let mut outcome = TransportOutcome::default();
     while data.len() >= 8 {
         let kind = take_u8(data);
@@ -330,7 +334,7 @@ pub fn mmio_transport(mut data: &[u8]) -> TransportOutcome {
 }
 
 fn check_transport(
-    transport: &MmioTransport<GuestMemoryMmap>,
+    transport: &MmioTransport<GuestMemoryMmap, MockDevice>,
     mem: &GuestMemoryMmap,
     log: &ember_virtio::mock::MockDeviceLog,
 ) {

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::queue::Queue;
+use crate::worker::WorkerGate;
 
 /// Interrupt status bit: the device used buffers in a queue (VIRTIO_MMIO_INT_VRING).
 pub const INT_USED_RING: u32 = 1;
@@ -152,6 +153,8 @@ pub struct ActivateParams<M> {
     pub queue_evts: Vec<EventFd>,
     /// The device's interrupt.
     pub interrupt: Arc<Interrupt>,
+    /// The gate the device's worker is to be spawned with, so the VMM can pause it.
+    pub gate: WorkerGate,
 }
 
 /// Why a device could not be activated.

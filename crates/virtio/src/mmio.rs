@@ -33,6 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{ActivateParams, Interrupt, IrqTrigger, VirtioDevice};
 use crate::queue::Queue;
+use crate::worker::WorkerGate;
 
 /// Size of a device's MMIO register page.
 pub const MMIO_SIZE: u64 = 0x1000;
@@ -94,9 +95,14 @@ pub fn cmdline_device(base: GuestAddress, irq: u32) -> String {
 }
 
 /// A virtio device behind its MMIO register page.
-pub struct MmioTransport<M> {
-    device: Box<dyn VirtioDevice<M>>,
+///
+/// `D` is the device: any [`VirtioDevice`] by default, or a concrete type, so that a VMM that
+/// keeps the transport can reach the device's own methods (a new rate limit for a disk) through
+/// [`device_mut`](MmioTransport::device_mut).
+pub struct MmioTransport<M, D: ?Sized = dyn VirtioDevice<M>> {
+    device: Box<D>,
     mem: Arc<M>,
+    gate: WorkerGate,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
@@ -110,7 +116,7 @@ pub struct MmioTransport<M> {
     active: bool,
 }
 
-impl<M> fmt::Debug for MmioTransport<M> {
+impl<M, D: VirtioDevice<M> + ?Sized> fmt::Debug for MmioTransport<M, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MmioTransport")
             .field("device_type", &self.device.device_type())
@@ -122,16 +128,18 @@ impl<M> fmt::Debug for MmioTransport<M> {
     }
 }
 
-impl<M: GuestMemory + Send + Sync + 'static> MmioTransport<M> {
-    /// Puts `device` behind a register page, in reset, raising its interrupt with `trigger`.
+impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTransport<M, D> {
+    /// Puts `device` behind a register page, in reset, raising its interrupt with `trigger`;
+    /// the device's worker, once activated, pauses and resumes with `gate`.
     ///
     /// # Errors
     ///
     /// When the queue notification eventfds cannot be created.
     pub fn new(
         mem: Arc<M>,
-        device: Box<dyn VirtioDevice<M>>,
+        device: Box<D>,
         trigger: impl IrqTrigger + 'static,
+        gate: WorkerGate,
     ) -> io::Result<Self> {
         let queues: Vec<Queue> = device
             .queue_max_sizes()
@@ -145,6 +153,7 @@ impl<M: GuestMemory + Send + Sync + 'static> MmioTransport<M> {
         Ok(MmioTransport {
             device,
             mem,
+            gate,
             interrupt: Arc::new(Interrupt::new(trigger)),
             queues,
             queue_evts,
@@ -190,8 +199,14 @@ impl<M: GuestMemory + Send + Sync + 'static> MmioTransport<M> {
     }
 
     /// The device behind the transport.
-    pub fn device(&self) -> &dyn VirtioDevice<M> {
-        self.device.as_ref()
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The device behind the transport, to change it; what the transport negotiated with the
+    /// driver stays as it is.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
     }
 
     /// Handles a read of `data.len()` bytes at `offset` in the register page. Registers are
@@ -435,6 +450,7 @@ impl<M: GuestMemory + Send + Sync + 'static> MmioTransport<M> {
             queues,
             queue_evts,
             interrupt: Arc::clone(&self.interrupt),
+            gate: self.gate.clone(),
         };
         match self.device.activate(params) {
             Ok(()) => self.active = true,
@@ -483,7 +499,9 @@ fn feature_page(features: u64, sel: u32) -> u32 {
     u32::try_from(page & u64::from(u32::MAX)).unwrap_or_default()
 }
 
-impl<M: GuestMemory + Send + Sync + 'static> ember_bus::BusDeviceMut for MmioTransport<M> {
+impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> ember_bus::BusDeviceMut
+    for MmioTransport<M, D>
+{
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         MmioTransport::read(self, offset, data);
     }
@@ -509,7 +527,7 @@ mod tests {
     const OFFERED: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | 0b101;
 
     struct Setup {
-        transport: MmioTransport<GuestMemoryMmap<()>>,
+        transport: MmioTransport<GuestMemoryMmap<()>, MockDevice>,
         seen: Arc<Mutex<MockDeviceLog>>,
         drivers: Vec<MockDriver>,
     }
@@ -518,8 +536,13 @@ mod tests {
         let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
         let (device, seen) =
             MockDevice::new(DEVICE_TYPE, &vec![QUEUE_MAX; count], OFFERED, b"config!!");
-        let transport =
-            MmioTransport::new(mem, Box::new(device), CountingTrigger::default()).unwrap();
+        let transport = MmioTransport::new(
+            mem,
+            Box::new(device),
+            CountingTrigger::default(),
+            WorkerGate::new(),
+        )
+        .unwrap();
         let drivers = (0..count)
             .map(|i| {
                 MockDriver::new(
@@ -539,17 +562,17 @@ mod tests {
         setup_with_queues(2)
     }
 
-    fn read(t: &MmioTransport<GuestMemoryMmap<()>>, offset: u32) -> u32 {
+    fn read(t: &MmioTransport<GuestMemoryMmap<()>, MockDevice>, offset: u32) -> u32 {
         let mut data = [0u8; 4];
         t.read(u64::from(offset), &mut data);
         u32::from_le_bytes(data)
     }
 
-    fn write(t: &mut MmioTransport<GuestMemoryMmap<()>>, offset: u32, value: u32) {
+    fn write(t: &mut MmioTransport<GuestMemoryMmap<()>, MockDevice>, offset: u32, value: u32) {
         t.write(u64::from(offset), &value.to_le_bytes());
     }
 
-    fn negotiate(t: &mut MmioTransport<GuestMemoryMmap<()>>, features: u64) {
+    fn negotiate(t: &mut MmioTransport<GuestMemoryMmap<()>, MockDevice>, features: u64) {
         write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE);
         write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER);
         for page in 0..2u32 {
@@ -560,7 +583,7 @@ mod tests {
     }
 
     fn configure_queue(
-        t: &mut MmioTransport<GuestMemoryMmap<()>>,
+        t: &mut MmioTransport<GuestMemoryMmap<()>, MockDevice>,
         index: u32,
         driver: &MockDriver,
         size: u32,
@@ -598,7 +621,7 @@ mod tests {
     }
 
     /// Every register a driver can read, for comparing whole transport states.
-    fn registers(t: &mut MmioTransport<GuestMemoryMmap<()>>) -> Vec<u32> {
+    fn registers(t: &mut MmioTransport<GuestMemoryMmap<()>, MockDevice>) -> Vec<u32> {
         let mut values = Vec::new();
         for sel in 0..3 {
             write(t, VIRTIO_MMIO_QUEUE_SEL, sel);

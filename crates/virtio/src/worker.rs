@@ -5,17 +5,27 @@
 //! The handler registers its descriptors with [`EventOps`] and may change what it waits for at
 //! any event: a network device stops watching its TAP while the guest has no receive buffers, so
 //! that a waiting frame does not make the loop spin.
+//!
+//! Between two events, a worker also runs what other threads ask of it:
+//!
+//! - [`Worker::call`] runs a closure on the worker thread with the handler, and returns its
+//!   result: how a VMM changes a running device (a new rate limit, a new backing file) without
+//!   sharing the handler's state under a lock.
+//! - A [`WorkerGate`] pauses every worker spawned with it, at a point between two events, and
+//!   resumes them. While paused, a worker handles no event (they wait in the kernel: eventfds
+//!   count, sockets buffer) but still runs calls.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-/// The token the worker keeps for its own stop eventfd; handlers use any other.
-pub const STOP_TOKEN: u64 = u64::MAX;
+/// The token the worker keeps for its own control eventfd (stop, calls, pause); handlers use
+/// any other.
+pub const CONTROL_TOKEN: u64 = u64::MAX;
 
 /// A device's event handling, run by a [`Worker`].
 pub trait EventHandler: Send + 'static {
@@ -69,9 +79,20 @@ impl EventOps<'_> {
     }
 }
 
+/// A closure [`Worker::call`] runs on the worker thread.
+type Call<H> = Box<dyn FnOnce(&mut H, &mut EventOps<'_>) + Send>;
+
+/// What other threads ask of a worker thread, in order.
+enum Message<H> {
+    Call(Call<H>),
+    Stop,
+}
+
 /// A thread running an [`EventHandler`] until [`Worker::stop`].
 pub struct Worker<H> {
-    stop: EventFd,
+    control: Arc<EventFd>,
+    messages: mpsc::Sender<Message<H>>,
+    gate: WorkerGate,
     thread: JoinHandle<Option<H>>,
 }
 
@@ -101,40 +122,61 @@ impl<H> std::fmt::Debug for SpawnError<H> {
 }
 
 impl<H: EventHandler> Worker<H> {
-    /// Registers the handler's descriptors and starts the thread, named `name`.
+    /// Registers the handler's descriptors and starts the thread, named `name`, paused and
+    /// resumed with `gate`.
     ///
     /// # Errors
     ///
-    /// When the epoll instance or the stop eventfd cannot be created, the handler's
+    /// When the epoll instance or the control eventfd cannot be created, the handler's
     /// [`EventHandler::init`] fails, or the thread cannot be spawned; the handler comes back in
     /// the [`SpawnError`].
-    pub fn spawn(name: String, mut handler: H) -> Result<Self, SpawnError<H>> {
-        let setup = |handler: &mut H| -> io::Result<(Epoll, EventFd)> {
+    pub fn spawn(name: String, mut handler: H, gate: &WorkerGate) -> Result<Self, SpawnError<H>> {
+        let setup = |handler: &mut H| -> io::Result<(Epoll, Epoll, Arc<EventFd>)> {
             let epoll = Epoll::new()?;
-            let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+            let paused = Epoll::new()?;
+            let control = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+            EventOps { epoll: &paused }.add(control.as_raw_fd(), EventSet::IN, CONTROL_TOKEN)?;
             let mut ops = EventOps { epoll: &epoll };
-            ops.add(stop.as_raw_fd(), EventSet::IN, STOP_TOKEN)?;
+            ops.add(control.as_raw_fd(), EventSet::IN, CONTROL_TOKEN)?;
             handler.init(&mut ops)?;
-            Ok((epoll, stop))
+            Ok((epoll, paused, control))
         };
-        let (epoll, stop) = match setup(&mut handler) {
+        let (epoll, paused, control) = match setup(&mut handler) {
             Ok(ready) => ready,
             Err(error) => return Err(SpawnError { error, handler }),
         };
         // The handler goes to the thread only once it runs: a thread that cannot be spawned
         // would drop whatever it had been given.
         let (give, take) = mpsc::sync_channel::<H>(1);
+        let (messages, inbox) = mpsc::channel();
+        let thread_gate = gate.clone();
+        let thread_control = control.clone();
         let spawned = thread::Builder::new().name(name).spawn(move || {
             // The sender is dropped without sending only when `spawn` failed, and then this
             // thread does not run.
-            match take.recv() {
-                Ok(handler) => Some(run(&epoll, handler)),
-                Err(_) => None,
-            }
+            let handler = take.recv().ok()?;
+            let mut thread = WorkerThread {
+                epoll,
+                paused,
+                control: thread_control,
+                inbox,
+                gate: thread_gate,
+                handler,
+            };
+            thread.run();
+            Some(thread.handler)
         });
         match spawned {
             Ok(thread) => match give.send(handler) {
-                Ok(()) => Ok(Worker { stop, thread }),
+                Ok(()) => {
+                    gate.register(&control);
+                    Ok(Worker {
+                        control,
+                        messages,
+                        gate: gate.clone(),
+                        thread,
+                    })
+                }
                 // Cannot happen: the thread holds the receiver until it has the handler.
                 Err(mpsc::SendError(handler)) => Err(SpawnError {
                     error: io::Error::other("the device worker thread ended before it started"),
@@ -145,39 +187,264 @@ impl<H: EventHandler> Worker<H> {
         }
     }
 
+    /// Runs `f` on the worker thread, between two events (or while the worker is paused), and
+    /// returns what it returns.
+    ///
+    /// Must not be called from the worker thread itself, which would wait for itself.
+    ///
+    /// # Errors
+    ///
+    /// When the control eventfd cannot be written, or the thread is gone (it panicked).
+    pub fn call<R, F>(&self, f: F) -> io::Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut H, &mut EventOps<'_>) -> R + Send + 'static,
+    {
+        let (reply, result) = mpsc::sync_channel(1);
+        let call: Call<H> = Box::new(move |handler, ops| {
+            // The caller waits for this reply; it is gone only if it stopped waiting.
+            let _ = reply.send(f(handler, ops));
+        });
+        self.send(Message::Call(call))?;
+        result.recv().map_err(|_| gone())
+    }
+
     /// Stops the thread after the event it is handling, and returns the handler.
     ///
     /// # Errors
     ///
-    /// When the stop eventfd cannot be written or the thread panicked.
+    /// When the control eventfd cannot be written or the thread panicked.
     pub fn stop(self) -> io::Result<H> {
-        self.stop.write(1)?;
+        self.gate.unregister(&self.control);
+        self.send(Message::Stop)?;
         self.thread
             .join()
             .ok()
             .flatten()
             .ok_or_else(|| io::Error::other("the device worker thread panicked"))
     }
+
+    fn send(&self, message: Message<H>) -> io::Result<()> {
+        self.messages.send(message).map_err(|_| gone())?;
+        self.control.write(1)
+    }
 }
 
-fn run<H: EventHandler>(epoll: &Epoll, mut handler: H) -> H {
-    let mut events = vec![EpollEvent::default(); 16];
-    loop {
-        let count = match epoll.wait(-1, &mut events) {
-            Ok(count) => count,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) => {
-                log::error!("A device worker stopped: epoll_wait failed: {err}");
-                return handler;
+fn gone() -> io::Error {
+    io::Error::other("the device worker thread is gone")
+}
+
+/// What the worker thread owns.
+struct WorkerThread<H> {
+    epoll: Epoll,
+    control: Arc<EventFd>,
+    /// An epoll set with only the control eventfd, waited on while paused.
+    paused: Epoll,
+    inbox: mpsc::Receiver<Message<H>>,
+    gate: WorkerGate,
+    handler: H,
+}
+
+impl<H: EventHandler> WorkerThread<H> {
+    fn run(&mut self) {
+        let mut events = vec![EpollEvent::default(); 16];
+        loop {
+            let count = match self.epoll.wait(-1, &mut events) {
+                Ok(count) => count,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    log::error!("A device worker stopped: epoll_wait failed: {err}");
+                    return;
+                }
+            };
+            for event in events.iter().take(count) {
+                if event.data() == CONTROL_TOKEN {
+                    if !self.control_event() {
+                        return;
+                    }
+                    continue;
+                }
+                let mut ops = EventOps { epoll: &self.epoll };
+                self.handler
+                    .handle_event(&mut ops, event.data(), event.event_set());
             }
-        };
-        for event in events.iter().take(count) {
-            if event.data() == STOP_TOKEN {
-                return handler;
-            }
-            let mut ops = EventOps { epoll };
-            handler.handle_event(&mut ops, event.data(), event.event_set());
         }
+    }
+
+    /// Runs the calls that arrived, and stays paused while the gate is closed. Returns `false`
+    /// when the thread is to stop.
+    fn control_event(&mut self) -> bool {
+        if !self.serve_messages() {
+            return false;
+        }
+        if !self.gate.park_if_paused() {
+            return true;
+        }
+        // Paused: only the control eventfd is watched, through an epoll set of its own, until
+        // the gate opens.
+        let mut events = [EpollEvent::default()];
+        loop {
+            match self.paused.wait(-1, &mut events) {
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    log::error!("A paused device worker resumes: epoll_wait failed: {err}");
+                    self.gate.unpark();
+                    return true;
+                }
+            }
+            if !self.serve_messages() {
+                self.gate.unpark();
+                return false;
+            }
+            if self.gate.unpark_if_open() {
+                return true;
+            }
+        }
+    }
+
+    /// Clears the control eventfd and runs every message waiting; `false` on a stop.
+    fn serve_messages(&mut self) -> bool {
+        // A non-blocking eventfd already cleared reads EAGAIN: nothing is lost, the messages
+        // are in the channel.
+        let _ = self.control.read();
+        while let Ok(message) = self.inbox.try_recv() {
+            match message {
+                Message::Call(call) => {
+                    let mut ops = EventOps { epoll: &self.epoll };
+                    call(&mut self.handler, &mut ops);
+                }
+                Message::Stop => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Pauses and resumes, together, every [`Worker`] spawned with it (clones share one gate).
+///
+/// [`pause`](WorkerGate::pause) returns once every worker has finished the event it was
+/// handling and waits; [`resume`](WorkerGate::resume) lets them go on. A VMM that pauses a VM
+/// stops its vCPUs first, so that no driver notification can activate a device meanwhile, then
+/// closes the gate.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerGate {
+    inner: Arc<GateInner>,
+}
+
+#[derive(Debug, Default)]
+struct GateInner {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    paused: bool,
+    /// The control eventfds of the running workers.
+    workers: Vec<Arc<EventFd>>,
+    /// How many of them wait for the gate to open.
+    parked: usize,
+}
+
+impl WorkerGate {
+    /// Creates an open gate with no workers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Pauses every worker and waits until each one does.
+    ///
+    /// # Errors
+    ///
+    /// When a worker's control eventfd cannot be written; the workers reached are paused, and
+    /// [`resume`](WorkerGate::resume) resumes them.
+    pub fn pause(&self) -> io::Result<()> {
+        let mut state = self.lock();
+        state.paused = true;
+        for control in &state.workers {
+            control.write(1)?;
+        }
+        let _paused = self
+            .inner
+            .changed
+            .wait_while(state, |s| s.parked < s.workers.len())
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(())
+    }
+
+    /// Lets every paused worker go on.
+    ///
+    /// # Errors
+    ///
+    /// When a worker's control eventfd cannot be written.
+    pub fn resume(&self) -> io::Result<()> {
+        let mut state = self.lock();
+        state.paused = false;
+        for control in &state.workers {
+            control.write(1)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the gate is closed.
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// How many workers run behind the gate.
+    pub fn workers(&self) -> usize {
+        self.lock().workers.len()
+    }
+
+    fn register(&self, control: &Arc<EventFd>) {
+        let mut state = self.lock();
+        state.workers.push(control.clone());
+        if state.paused {
+            // A worker spawned while the gate is closed pauses at once.
+            if let Err(err) = control.write(1) {
+                log::error!("A device worker started while paused cannot be paused: {err}");
+            }
+        }
+    }
+
+    fn unregister(&self, control: &Arc<EventFd>) {
+        let mut state = self.lock();
+        state.workers.retain(|c| !Arc::ptr_eq(c, control));
+        self.inner.changed.notify_all();
+    }
+
+    /// Counts the calling worker as paused if the gate is closed; returns whether it is.
+    fn park_if_paused(&self) -> bool {
+        let mut state = self.lock();
+        if state.paused {
+            state.parked = state.parked.saturating_add(1);
+            self.inner.changed.notify_all();
+        }
+        state.paused
+    }
+
+    /// Counts a paused worker as running again if the gate is open; returns whether it is. The
+    /// check and the count are one step, so a [`pause`](WorkerGate::pause) that follows a
+    /// resume at once never counts a worker that is on its way out.
+    fn unpark_if_open(&self) -> bool {
+        let mut state = self.lock();
+        if !state.paused {
+            state.parked = state.parked.saturating_sub(1);
+        }
+        !state.paused
+    }
+
+    fn unpark(&self) {
+        let mut state = self.lock();
+        state.parked = state.parked.saturating_sub(1);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -217,7 +484,7 @@ mod tests {
             seen: 0,
             done,
         };
-        let worker = Worker::spawn("test-worker".into(), handler).unwrap();
+        let worker = Worker::spawn("test-worker".into(), handler, &WorkerGate::new()).unwrap();
         for expected in 1..=3 {
             evt.write(1).unwrap();
             assert_eq!(seen.recv().unwrap(), expected);
@@ -227,6 +494,102 @@ mod tests {
         let handler = worker.stop().unwrap();
         assert_eq!(handler.seen, 3);
         assert!(seen.try_recv().is_err());
+    }
+
+    fn counter() -> (EventFd, mpsc::Receiver<u64>, Counter) {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (done, seen) = mpsc::channel();
+        let handler = Counter {
+            evt: evt.try_clone().unwrap(),
+            seen: 0,
+            done,
+        };
+        (evt, seen, handler)
+    }
+
+    #[test]
+    fn call_runs_on_the_worker_thread_with_the_handler() {
+        let (evt, seen, handler) = counter();
+        let worker = Worker::spawn("test-call".into(), handler, &WorkerGate::new()).unwrap();
+        evt.write(1).unwrap();
+        assert_eq!(seen.recv().unwrap(), 1);
+        let (count, thread) = worker
+            .call(|handler, _| {
+                handler.seen += 10;
+                (handler.seen, thread::current().name().map(String::from))
+            })
+            .unwrap();
+        assert_eq!(count, 11);
+        assert_eq!(thread.as_deref(), Some("test-call"));
+        assert_eq!(worker.stop().unwrap().seen, 11);
+    }
+
+    #[test]
+    fn a_paused_worker_handles_no_event_but_runs_calls_until_resumed() {
+        let gate = WorkerGate::new();
+        let (evt, seen, handler) = counter();
+        let worker = Worker::spawn("test-pause".into(), handler, &gate).unwrap();
+        assert_eq!(gate.workers(), 1);
+        gate.pause().unwrap();
+        assert!(gate.is_paused());
+        evt.write(1).unwrap();
+        // Served while paused, and the event is still waiting.
+        assert_eq!(worker.call(|handler, _| handler.seen).unwrap(), 0);
+        assert!(seen.try_recv().is_err());
+        gate.resume().unwrap();
+        assert_eq!(seen.recv().unwrap(), 1);
+        // Paused again at once after a resume: the pause waits for the worker to be back.
+        gate.pause().unwrap();
+        evt.write(1).unwrap();
+        assert_eq!(worker.call(|handler, _| handler.seen).unwrap(), 1);
+        // Stopped while paused: the handler comes back, the gate forgets the worker.
+        assert_eq!(worker.stop().unwrap().seen, 1);
+        assert_eq!(gate.workers(), 0);
+        gate.resume().unwrap();
+    }
+
+    #[test]
+    fn a_worker_spawned_behind_a_closed_gate_starts_paused() {
+        let gate = WorkerGate::new();
+        gate.pause().unwrap();
+        let (evt, seen, handler) = counter();
+        let worker = Worker::spawn("test-closed".into(), handler, &gate).unwrap();
+        evt.write(1).unwrap();
+        // The pause went ahead of the event: the worker counted as paused first.
+        gate.pause().unwrap();
+        assert_eq!(worker.call(|handler, _| handler.seen).unwrap(), 0);
+        assert!(seen.try_recv().is_err());
+        gate.resume().unwrap();
+        assert_eq!(seen.recv().unwrap(), 1);
+        worker.stop().unwrap();
+    }
+
+    #[test]
+    fn pause_waits_for_every_worker() {
+        let gate = WorkerGate::new();
+        let mut workers = Vec::new();
+        let mut evts = Vec::new();
+        for i in 0..4 {
+            let (evt, seen, handler) = counter();
+            workers.push((
+                Worker::spawn(format!("test-{i}"), handler, &gate).unwrap(),
+                seen,
+            ));
+            evts.push(evt);
+        }
+        gate.pause().unwrap();
+        for evt in &evts {
+            evt.write(1).unwrap();
+        }
+        for (worker, seen) in &workers {
+            assert_eq!(worker.call(|handler, _| handler.seen).unwrap(), 0);
+            assert!(seen.try_recv().is_err());
+        }
+        gate.resume().unwrap();
+        for (worker, seen) in workers {
+            assert_eq!(seen.recv().unwrap(), 1);
+            worker.stop().unwrap();
+        }
     }
 
     /// A handler whose descriptor epoll refuses; it carries a value to recognise it by.
@@ -242,7 +605,8 @@ mod tests {
 
     #[test]
     fn a_handler_whose_init_fails_is_not_started_and_comes_back() {
-        let err = Worker::spawn("test-worker".into(), FailingInit(7)).unwrap_err();
+        let err =
+            Worker::spawn("test-worker".into(), FailingInit(7), &WorkerGate::new()).unwrap_err();
         assert_eq!(err.error.raw_os_error(), Some(libc::EBADF));
         assert_eq!(err.handler.0, 7);
     }

@@ -21,11 +21,11 @@ use ember_memory::layout::{
 };
 use ember_memory::{GuestMemoryMmap, MemoryOptions, ResourceAllocator};
 use ember_vcpu::{IoEventAddress, Kvm, Vcpu, VcpuHandle, Vm, VmExit, VmExitNotifier};
-use ember_virtio::VirtioDevice;
 use ember_virtio::block::{self, Block};
 use ember_virtio::mmio::{MMIO_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, cmdline_device};
 use ember_virtio::net::Net;
 use ember_virtio::tap::{self, Tap};
+use ember_virtio::{VirtioDevice, WorkerGate};
 use log::{debug, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -376,8 +376,9 @@ impl VirtioAttacher<'_> {
         self.vm
             .register_irqfd(&irq_evt, irq)
             .map_err(|e| Error::Irq(name.clone(), e))?;
-        let transport = MmioTransport::new(self.vm.memory().clone(), device, irq_evt)
-            .map_err(|e| Error::Transport(name.clone(), e))?;
+        let transport =
+            MmioTransport::new(self.vm.memory().clone(), device, irq_evt, WorkerGate::new())
+                .map_err(|e| Error::Transport(name.clone(), e))?;
         let notify = IoEventAddress::Mmio(addr.0 + QUEUE_NOTIFY_OFFSET);
         for (index, evt) in (0u32..).zip(transport.queue_evts()) {
             self.vm

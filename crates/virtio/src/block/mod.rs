@@ -306,6 +306,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
             queues,
             queue_evts,
             interrupt,
+            gate,
         } = params;
         for given in [queues.len(), queue_evts.len()] {
             if given != 1 {
@@ -336,7 +337,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
         } else {
             format!("ember-blk-{}", self.id)
         };
-        match Worker::spawn(name, handler) {
+        match Worker::spawn(name, handler, &gate) {
             Ok(worker) => {
                 self.state = State::Active(Box::new(worker));
                 Ok(())
@@ -637,6 +638,7 @@ mod tests {
     use super::*;
     use crate::device::{INT_CONFIG, INT_USED_RING};
     use crate::mock::{CountingTrigger, MockBuffer, MockDriver, guest_memory};
+    use crate::worker::WorkerGate;
 
     type Mem = GuestMemoryMmap<()>;
 
@@ -1245,6 +1247,7 @@ mod tests {
             queues: vec![driver.queue()],
             queue_evts: vec![queue_evt.try_clone().unwrap()],
             interrupt: interrupt.clone(),
+            gate: WorkerGate::new(),
         };
         block.activate(params).unwrap();
         Activated {
@@ -1304,6 +1307,7 @@ mod tests {
             queues: vec![a.driver.queue()],
             queue_evts: vec![a.queue_evt.try_clone().unwrap()],
             interrupt: a.interrupt.clone(),
+            gate: WorkerGate::new(),
         };
         assert!(matches!(
             block.activate(params),
@@ -1331,6 +1335,7 @@ mod tests {
             queues: vec![],
             queue_evts: vec![],
             interrupt: Arc::new(Interrupt::new(irq)),
+            gate: WorkerGate::new(),
         };
         assert!(matches!(
             block.activate(params),

@@ -167,6 +167,7 @@ where
             queues,
             queue_evts,
             interrupt,
+            gate: _,
         } = params;
         let given = if queues.len() == NUM_QUEUES {
             queue_evts.len()
@@ -719,6 +720,7 @@ mod tests {
     use super::*;
     use crate::mock::{MockBuffer, MockDriver, guest_memory};
     use crate::net::QUEUE_SIZE;
+    use crate::worker::WorkerGate;
 
     const MEM_SIZE: usize = 0x40_0000;
     const RX_RING: u64 = 0;
@@ -770,6 +772,7 @@ mod tests {
                 EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             ],
             interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+            gate: WorkerGate::new(),
         };
         let handler = NetHandler::new(device, params).unwrap();
         Rig {

@@ -293,8 +293,9 @@ where
         let State::Ready(backend) = std::mem::replace(&mut self.state, State::Lost) else {
             return Err(ActivateError::AlreadyActive);
         };
+        let gate = params.gate.clone();
         let handler = NetHandler::new(backend, params)?;
-        match Worker::spawn("ember-net".into(), handler) {
+        match Worker::spawn("ember-net".into(), handler, &gate) {
             Ok(worker) => {
                 self.state = State::Active(Box::new(worker));
                 Ok(())
@@ -342,6 +343,7 @@ mod tests {
     use crate::device::Interrupt;
     use crate::iov::GuestIoVecs;
     use crate::mock::{MockBuffer, MockDriver, guest_memory};
+    use crate::worker::WorkerGate;
 
     const MEM_SIZE: usize = 0x20_0000;
     const TIMEOUT: Duration = Duration::from_secs(10);
@@ -404,6 +406,7 @@ mod tests {
                     self.tx_kick.try_clone().unwrap(),
                 ],
                 interrupt: self.interrupt.clone(),
+                gate: WorkerGate::new(),
             }
         }
 
