@@ -6,8 +6,9 @@
 #   EMBER      the ember binary
 #   GUEST_DIR  the directory guest.sh built (vmlinux, bzImage, initramfs.cpio.gz)
 #
-# Prints `E2E PASS <name>` or `E2E FAIL <name>` per test, then `N passed, N failed`;
-# exits non-zero when a test failed.
+# Prints `E2E START <boot>` before each boot, `E2E PASS <name>` or `E2E FAIL <name>`
+# per test, then `N passed, N failed`; exits 1 when a test failed, 3 when the run
+# was aborted because ember could not be killed (see `await`).
 set -u
 
 ember=$1
@@ -47,10 +48,10 @@ fail() {
 boot() {
     name=$1
     shift
-    run_ember "$@"
+    run_ember "$name" "$@"
     if crashed; then
         echo "E2E RETRY $name: the guest crashed (KVM_EXIT_SHUTDOWN)"
-        run_ember "$@"
+        run_ember "$name" "$@"
     fi
 }
 
@@ -61,10 +62,72 @@ crashed() {
 }
 
 run_ember() {
+    started "$1"
+    shift
     rm -f "$work/out"
-    timeout 300 "$ember" --serial "file:$work/out" "$@" >"$work/stdout" 2>"$work/err" </dev/null
-    status=$?
+    "$ember" --serial "file:$work/out" "$@" >"$work/stdout" 2>"$work/err" </dev/null &
+    await $! 300
     : >>"$work/out"
+}
+
+# started NAME: the boot that follows, with the clock, so that a run that stops
+# shows where.
+started() {
+    echo "E2E START $1 at $(cut -d' ' -f1 /proc/uptime) s"
+}
+
+# alive PID: PID runs (a zombie does not).
+alive() {
+    state=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
+# await PID SECONDS: waits for the background job PID, at most SECONDS, and sets
+# $status: its exit status, or 124 when it ran too long and was killed. A process
+# that SIGKILL does not end within 10 s is stuck in the kernel (KVM), and nothing
+# after it could be trusted: the run ends there with what the kernel says of it.
+await() {
+    ticks=0
+    while alive "$1" && [ "$ticks" -lt $(($2 * 5)) ]; do
+        sleep 0.2
+        ticks=$((ticks + 1))
+    done
+    if alive "$1"; then
+        echo "E2E TIMEOUT: process $1 still runs after $2 s; killing it"
+        kill -TERM "$1" 2>/dev/null
+        sleep 2
+        kill -KILL "$1" 2>/dev/null
+        ticks=0
+        while alive "$1" && [ "$ticks" -lt 50 ]; do
+            sleep 0.2
+            ticks=$((ticks + 1))
+        done
+        if alive "$1"; then
+            stuck "$1"
+        fi
+        wait "$1"
+        status=124
+        return
+    fi
+    wait "$1"
+    status=$?
+}
+
+# stuck PID: reports a process that survived SIGKILL and ends the run (exit 3).
+stuck() {
+    echo "E2E ABORT: process $1 survived SIGKILL; its threads:"
+    for task in /proc/"$1"/task/*; do
+        echo "-- $(cat "$task/comm" 2>/dev/null) $(grep '^State' "$task/status" 2>/dev/null)"
+        cat "$task/stack" 2>/dev/null
+    done
+    echo "---- console"
+    cat "$work/out" 2>/dev/null
+    echo "---- log"
+    cat "$work/err" 2>/dev/null
+    echo "---- kernel messages"
+    dmesg 2>/dev/null | tail -n 60
+    echo "$passed passed, $((failed + 1)) failed (run aborted)"
+    exit 3
 }
 
 # expect NAME STATUS PATTERN...: the last boot exited with STATUS and its
@@ -192,25 +255,25 @@ net_run() {
     exec 7<>"$work/hold"
     nc -l -p 5001 <"$work/hold" >"$work/from-guest" &
     listener=$!
-    timeout 300 "$ember" --serial "file:$work/out" --kernel "$guest/vmlinux" \
+    started network
+    "$ember" --serial "file:$work/out" --kernel "$guest/vmlinux" \
         --disk "$work/root.ext4,root" --disk "$work/data,ro" --disk "$work/net.disk,ro" \
         --net "tap=$tap,mac=02:00:a9:fe:4d:02" \
         --cmdline "$base ember.run=/dev/vdc" >"$work/stdout" 2>"$work/err" </dev/null &
     vm=$!
     # Host to guest, once the guest has sent its data and listens.
     n=0
-    until grep -q '^SENT' "$work/out" 2>/dev/null || ! kill -0 "$vm" 2>/dev/null || [ $n -ge 240 ]; do
+    until grep -q '^SENT' "$work/out" 2>/dev/null || ! alive "$vm" || [ $n -ge 240 ]; do
         sleep 1
         n=$((n + 1))
     done
     if ping -c 3 -W 2 "$guest_ip" >/dev/null; then echo "PING guest ok" >>"$work/host"; fi
     n=0
-    until ! kill -0 "$vm" 2>/dev/null || nc "$guest_ip" 5002 <"$work/data" >/dev/null 2>&1 || [ $n -ge 30 ]; do
+    until ! alive "$vm" || nc "$guest_ip" 5002 <"$work/data" >/dev/null 2>&1 || [ $n -ge 30 ]; do
         sleep 1
         n=$((n + 1))
     done
-    wait "$vm"
-    status=$?
+    await "$vm" 300
     kill "$listener" 2>/dev/null
     exec 7>&-
     echo "FROM-GUEST $(md5sum <"$work/from-guest" | cut -d' ' -f1)" >>"$work/host"

@@ -381,7 +381,7 @@ cmd_run() {
 
     local qemu=(qemu-system-x86_64 -nodefaults -no-user-config -accel tcg -cpu EPYC
         -smp "$smp" -m "$mem" -display none -kernel "$rig_dir/vmlinuz" -initrd "$tmp/initrd.cpio"
-        -append "console=ttyS0 panic=-1 quiet loglevel=3" -no-reboot)
+        -append "console=ttyS0 panic=-1 quiet loglevel=4" -no-reboot)
     local limit=()
     [ -z "$timeout" ] || limit=(timeout --foreground -k 10 "$timeout")
     local log=$tmp/console.log rc=0 started=$SECONDS
