@@ -12,9 +12,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
-use vm_memory::{GuestMemory, Permissions};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
-use super::request::{Request, RequestType, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, Segment};
+use super::request::{
+    Request, RequestError, RequestType, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, Segment,
+};
 use super::{Config, Error, Result, SECTOR_SIZE};
 use crate::guest;
 use crate::iov::{GuestIoVecs, IOV_MAX};
@@ -159,25 +161,13 @@ impl Disk {
     /// used length to hand the chain back with: the bytes written into it, data and status.
     /// A chain without a writable status byte is handed back with used length 0.
     pub fn handle<M: GuestMemory + ?Sized>(&mut self, mem: &M, chain: &DescriptorChain) -> u32 {
-        let (completion, status_addr) = match Request::parse(chain, mem, self.capacity) {
-            Ok(request) => (self.execute(mem, &request), request.status_addr()),
-            Err(err) => {
-                let Some(status) = err.status() else {
-                    log::debug!("A block request was dropped: {err}");
-                    return 0;
-                };
-                let Some(addr) = super::request::status_addr(chain) else {
-                    return 0;
-                };
-                log::debug!("A block request failed: {err}");
-                (Completion::status(status), addr)
+        match Request::parse(chain, mem, self.capacity) {
+            Ok(request) => {
+                let completion = self.execute(mem, &request);
+                complete(mem, request.status_addr(), completion)
             }
-        };
-        if let Err(err) = guest::write_slice(mem, &[completion.status], status_addr) {
-            log::debug!("Cannot write a block request's status byte: {err}");
-            return completion.data_written;
+            Err(err) => refuse(mem, chain, &err),
         }
-        completion.data_written.saturating_add(1)
     }
 
     /// Carries out a parsed request. Writes on a read-only disk fail with IOERR and write
@@ -331,6 +321,36 @@ impl Disk {
         }
         Completion::status(STATUS_IOERR)
     }
+}
+
+/// Writes the status byte of a request that `completion` ended at `status_addr`, and returns
+/// the used length to hand its chain back with: the data written and the status byte, or the
+/// data alone if the status byte cannot be written.
+pub(super) fn complete<M: GuestMemory + ?Sized>(
+    mem: &M,
+    status_addr: GuestAddress,
+    completion: Completion,
+) -> u32 {
+    if let Err(err) = guest::write_slice(mem, &[completion.status], status_addr) {
+        log::debug!("Cannot write a block request's status byte: {err}");
+        return completion.data_written;
+    }
+    completion.data_written.saturating_add(1)
+}
+
+/// Completes `chain`, which `err` says is not a valid request, with the status byte the error
+/// calls for, and returns the used length; 0 for a chain without a status byte.
+pub(super) fn refuse<M: GuestMemory + ?Sized>(
+    mem: &M,
+    chain: &DescriptorChain,
+    err: &RequestError,
+) -> u32 {
+    let (Some(status), Some(addr)) = (err.status(), super::request::status_addr(chain)) else {
+        log::debug!("A block request was dropped: {err}");
+        return 0;
+    };
+    log::debug!("A block request failed: {err}");
+    complete(mem, addr, Completion::status(status))
 }
 
 /// The NUL-padded ID string of `id`, which must be printable ASCII of at most [`ID_BYTES`].

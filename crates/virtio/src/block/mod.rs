@@ -65,6 +65,7 @@
 //! ```
 
 mod disk;
+pub mod metrics;
 pub mod request;
 
 use std::fmt;
@@ -85,11 +86,14 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use disk::{Completion, Disk, ID_BYTES};
+pub use metrics::BlockMetrics;
 pub use request::{STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
 use crate::device::{ActivateError, ActivateParams, Interrupt, VirtioDevice, read_config_bytes};
-use crate::queue::{self, Queue};
+use crate::queue::{self, DescriptorChain, Queue};
 use crate::worker::{EventHandler, EventOps, Worker};
+use metrics::inc;
+use request::Request;
 
 /// Size in bytes of a sector, the unit of the protocol's sector numbers and of the capacity.
 pub const SECTOR_SIZE: u64 = 512;
@@ -198,6 +202,7 @@ pub struct Block {
     features: u64,
     config_space: [u8; CONFIG_LEN],
     state: State,
+    metrics: Arc<BlockMetrics>,
 }
 
 /// Where the disk is: with the device, or with the worker serving the queue.
@@ -240,7 +245,13 @@ impl Block {
             features: features(&disk),
             config_space: config_space(&disk),
             state: State::Ready(disk),
+            metrics: Arc::default(),
         })
+    }
+
+    /// The device's counters, which its worker updates while it runs.
+    pub fn metrics(&self) -> &Arc<BlockMetrics> {
+        &self.metrics
     }
 
     /// The device's ID string.
@@ -287,11 +298,15 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
+        if !config_range_ok(offset, data.len()) {
+            inc(&self.metrics.cfg_fails);
+        }
         read_config_bytes(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Every field is read-only: without CONFIG_WCE there is nothing the driver may write.
+        inc(&self.metrics.cfg_fails);
         log::debug!(
             "The block device {} ignored a {}-byte configuration write at {offset:#x}",
             self.id,
@@ -300,6 +315,24 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
     }
 
     fn activate(&mut self, params: ActivateParams<M>) -> std::result::Result<(), ActivateError> {
+        let result = self.start_worker(params);
+        if result.is_err() {
+            inc(&self.metrics.activate_fails);
+        }
+        result
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl Block {
+    /// Hands the disk and the queue to a worker thread.
+    fn start_worker<M: GuestMemory + Send + Sync + 'static>(
+        &mut self,
+        params: ActivateParams<M>,
+    ) -> std::result::Result<(), ActivateError> {
         let ActivateParams {
             mem,
             features: _,
@@ -328,7 +361,8 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
             return Err(ActivateError::AlreadyActive);
         };
         let handler = BlockHandler {
-            worker: BlockWorker::new(disk, queue, mem, interrupt),
+            worker: BlockWorker::new(disk, queue, mem, interrupt)
+                .with_metrics(self.metrics.clone()),
             queue_evt,
             id: self.id.clone(),
         };
@@ -348,10 +382,15 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
             }
         }
     }
+}
 
-    fn reset(&mut self) {
-        self.stop_worker();
-    }
+/// Whether a configuration access of `len` bytes at `offset` lies inside the configuration
+/// space.
+fn config_range_ok(offset: u64, len: usize) -> bool {
+    usize::try_from(offset)
+        .ok()
+        .and_then(|start| start.checked_add(len))
+        .is_some_and(|end| end <= CONFIG_LEN)
 }
 
 /// The features a device on `disk` offers.
@@ -422,6 +461,7 @@ pub struct BlockWorker<M> {
     mem: Arc<M>,
     interrupt: Arc<Interrupt>,
     irq_error_logged: bool,
+    metrics: Arc<BlockMetrics>,
 }
 
 impl<M> fmt::Debug for BlockWorker<M> {
@@ -434,7 +474,8 @@ impl<M> fmt::Debug for BlockWorker<M> {
 }
 
 impl<M: GuestMemory> BlockWorker<M> {
-    /// Serves `queue`, which the driver set up in `mem`, from `disk`, raising `interrupt`.
+    /// Serves `queue`, which the driver set up in `mem`, from `disk`, raising `interrupt`. It
+    /// counts into counters of its own until given others ([`BlockWorker::with_metrics`]).
     pub fn new(disk: Disk, queue: Queue, mem: Arc<M>, interrupt: Arc<Interrupt>) -> Self {
         BlockWorker {
             disk,
@@ -442,7 +483,19 @@ impl<M: GuestMemory> BlockWorker<M> {
             mem,
             interrupt,
             irq_error_logged: false,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts into `metrics`, a device's counters, from now on.
+    pub fn with_metrics(mut self, metrics: Arc<BlockMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The counters the worker updates.
+    pub fn metrics(&self) -> &Arc<BlockMetrics> {
+        &self.metrics
     }
 
     /// Serves the chains the driver made available and returns how many.
@@ -467,6 +520,7 @@ impl<M: GuestMemory> BlockWorker<M> {
             mem,
             interrupt,
             irq_error_logged,
+            metrics,
         } = self;
         let mem = &**mem;
         let mut served = 0;
@@ -474,7 +528,7 @@ impl<M: GuestMemory> BlockWorker<M> {
             if let Err(err) = queue.disable_notification(mem) {
                 break Err(err);
             }
-            match drain(disk, queue, mem, &mut served) {
+            match drain(disk, queue, mem, metrics, &mut served) {
                 Ok(()) if served >= MAX_BATCH => break Ok(()),
                 Ok(()) => {}
                 Err(err) => break Err(err),
@@ -487,6 +541,7 @@ impl<M: GuestMemory> BlockWorker<M> {
         };
         if served > 0 && queue.needs_notification(mem)? {
             if let Err(err) = interrupt.signal_used_queue() {
+                inc(&metrics.event_fails);
                 if !*irq_error_logged {
                     *irq_error_logged = true;
                     log::error!("A block device cannot raise its interrupt: {err}");
@@ -517,17 +572,39 @@ fn drain<M: GuestMemory>(
     disk: &mut Disk,
     queue: &mut Queue,
     mem: &M,
+    metrics: &BlockMetrics,
     served: &mut usize,
 ) -> std::result::Result<(), queue::Error> {
     while *served < MAX_BATCH {
         let Some(chain) = queue.pop(mem)? else {
             return Ok(());
         };
-        let used = disk.handle(mem, &chain);
+        let used = serve(disk, mem, metrics, &chain);
         queue.add_used(mem, chain.head_index(), used)?;
         *served += 1;
     }
     Ok(())
+}
+
+/// Parses and carries out the request in `chain`, counts it, and returns the used length to
+/// hand the chain back with (as [`Disk::handle`]).
+fn serve<M: GuestMemory>(
+    disk: &mut Disk,
+    mem: &M,
+    metrics: &BlockMetrics,
+    chain: &DescriptorChain,
+) -> u32 {
+    match Request::parse(chain, mem, disk.capacity()) {
+        Ok(request) => {
+            let completion = disk.execute(mem, &request);
+            metrics.completed(request.request_type(), completion);
+            disk::complete(mem, request.status_addr(), completion)
+        }
+        Err(err) => {
+            inc(&metrics.invalid_reqs_count);
+            disk::refuse(mem, chain, &err)
+        }
+    }
 }
 
 /// The worker thread's event handler: a [`BlockWorker`] and the queue's notification eventfd.
@@ -555,9 +632,12 @@ impl<M: GuestMemory + Send + Sync + 'static> EventHandler for BlockHandler<M> {
         if token != QUEUE_TOKEN {
             return;
         }
+        let metrics = self.worker.metrics.clone();
+        inc(&metrics.queue_event_count);
         // Clears the notification; the queue itself says what there is to do.
         if let Err(err) = self.queue_evt.read() {
             if err.kind() != io::ErrorKind::WouldBlock {
+                inc(&metrics.event_fails);
                 log::debug!(
                     "The block device {} cannot read its queue eventfd: {err}",
                     self.id
@@ -568,12 +648,14 @@ impl<M: GuestMemory + Send + Sync + 'static> EventHandler for BlockHandler<M> {
             // Chains may be left: come back to them after the other events.
             Ok(served) if served >= MAX_BATCH => {
                 if let Err(err) = self.queue_evt.write(1) {
+                    inc(&metrics.event_fails);
                     log::error!(
                         "The block device {} cannot requeue its work: {err}",
                         self.id
                     );
                 }
             }
+            Ok(0) => inc(&metrics.no_avail_buffer),
             Ok(_) => {}
             Err(err) => {
                 log::error!(
@@ -583,12 +665,14 @@ impl<M: GuestMemory + Send + Sync + 'static> EventHandler for BlockHandler<M> {
                 );
                 // Notifications are no longer read, so they must no longer wake the thread.
                 if let Err(err) = ops.remove(self.queue_evt.as_raw_fd()) {
+                    inc(&metrics.event_fails);
                     log::error!(
                         "The block device {} cannot stop watching its queue: {err}",
                         self.id
                     );
                 }
                 if let Err(err) = self.worker.interrupt.set_needs_reset() {
+                    inc(&metrics.event_fails);
                     log::error!(
                         "The block device {} cannot signal DEVICE_NEEDS_RESET: {err}",
                         self.id
@@ -1226,6 +1310,89 @@ mod tests {
         assert_eq!(g.irqs.count(), 1);
     }
 
+    /// The counters that moved between two readings of [`BlockMetrics::values`], by how much.
+    fn moved(
+        before: &[(&'static str, u64)],
+        after: &[(&'static str, u64)],
+    ) -> Vec<(&'static str, u64)> {
+        before
+            .iter()
+            .zip(after)
+            .filter(|(b, a)| a.1 != b.1)
+            .map(|(&(name, b), &(_, a))| (name, a.wrapping_sub(b)))
+            .collect()
+    }
+
+    #[test]
+    fn reads_writes_flushes_and_bad_requests_move_their_counters_by_their_amounts() {
+        let image = Image::on_tmpfs();
+        let mut g = Guest::new(&image, false);
+        let metrics = g.worker.metrics().clone();
+        let step = |g: &mut Guest, buffers: &[MockBuffer], expected: &[(&str, u64)]| {
+            let before = metrics.values();
+            g.submit(buffers);
+            assert_eq!(moved(&before, &metrics.values()), expected);
+        };
+        g.header(VIRTIO_BLK_T_IN, 3);
+        step(
+            &mut g,
+            &[hdr(), MockBuffer::writable(DATA, 1024), status()],
+            &[("read_bytes", 1024), ("read_count", 1)],
+        );
+        g.header(VIRTIO_BLK_T_OUT, 3);
+        step(
+            &mut g,
+            &[hdr(), MockBuffer::readable(DATA, 1536), status()],
+            &[("write_bytes", 1536), ("write_count", 1)],
+        );
+        g.header(VIRTIO_BLK_T_FLUSH, 0);
+        step(&mut g, &[hdr(), status()], &[("flush_count", 1)]);
+        // A length that is not whole sectors, a type the device does not know, no status.
+        g.header(VIRTIO_BLK_T_IN, 0);
+        step(
+            &mut g,
+            &[hdr(), MockBuffer::writable(DATA, 511), status()],
+            &[("invalid_reqs_count", 1)],
+        );
+        g.header(0x42, 0);
+        step(&mut g, &[hdr(), status()], &[("invalid_reqs_count", 1)]);
+        step(&mut g, &[hdr()], &[("invalid_reqs_count", 1)]);
+        // GET_ID moves nothing but completes.
+        g.header(VIRTIO_BLK_T_GET_ID, 0);
+        step(
+            &mut g,
+            &[hdr(), MockBuffer::writable(DATA, 20), status()],
+            &[],
+        );
+
+        // A write to a read-only disk parses, and fails.
+        let mut ro = Guest::new(&image, true);
+        let before = ro.worker.metrics().values();
+        ro.header(VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(
+            ro.submit(&[hdr(), MockBuffer::readable(DATA, 512), status()]),
+            (1, STATUS_IOERR)
+        );
+        assert_eq!(
+            moved(&before, &ro.worker.metrics().values()),
+            [("execute_fails", 1)]
+        );
+    }
+
+    #[test]
+    fn config_writes_and_reads_past_the_end_count_as_config_failures() {
+        let image = Image::on_tmpfs();
+        let mut block = Block::new(&image.config(false)).unwrap();
+        let mut data = [0u8; 8];
+        VirtioDevice::<Mem>::read_config(&block, 0, &mut data);
+        VirtioDevice::<Mem>::read_config(&block, 52, &mut data);
+        assert_eq!(block.metrics().get("cfg_fails"), Some(0));
+        VirtioDevice::<Mem>::read_config(&block, 53, &mut data);
+        VirtioDevice::<Mem>::read_config(&block, u64::MAX, &mut data);
+        VirtioDevice::<Mem>::write_config(&mut block, 0, &data);
+        assert_eq!(block.metrics().get("cfg_fails"), Some(3));
+    }
+
     /// A guest driving an activated [`Block`] through eventfds.
     struct Activated {
         mem: Arc<Mem>,
@@ -1313,6 +1480,13 @@ mod tests {
             block.activate(params),
             Err(ActivateError::AlreadyActive)
         ));
+        // Two reads, each one notification; the refused activation counts.
+        let metrics = block.metrics();
+        assert_eq!(metrics.get("queue_event_count"), Some(2));
+        assert_eq!(metrics.get("read_count"), Some(2));
+        assert_eq!(metrics.get("read_bytes"), Some(1024));
+        assert_eq!(metrics.get("activate_fails"), Some(1));
+        assert_eq!(metrics.get("no_avail_buffer"), Some(0));
 
         VirtioDevice::<Mem>::reset(&mut block);
         assert!(!block.is_active());
@@ -1321,6 +1495,18 @@ mod tests {
 
         let mut b = activate(&mut block);
         assert_eq!(read_sector_through_worker(&mut b, 7), pattern(7, 1));
+        // The counters go on across activations; a notification with nothing to do counts.
+        b.queue_evt.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while block.metrics().get("no_avail_buffer") != Some(1) {
+            assert!(
+                Instant::now() < deadline,
+                "the notification was not counted"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(block.metrics().get("read_count"), Some(3));
+        assert_eq!(block.metrics().get("queue_event_count"), Some(4));
         VirtioDevice::<Mem>::reset(&mut block);
     }
 
@@ -1345,6 +1531,7 @@ mod tests {
             })
         ));
         assert!(!block.is_active());
+        assert_eq!(block.metrics().get("activate_fails"), Some(1));
     }
 
     /// CPU time, in clock ticks, of this process's thread named `name`.

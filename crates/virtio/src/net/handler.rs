@@ -21,6 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::NetBackend;
+use super::metrics::{NetMetrics, add, inc};
 use super::{Error, ErrorChain, MAX_BUFFER_LEN, NUM_QUEUES, Result, VNET_HDR_LEN, has_feature};
 use crate::device::{ActivateError, ActivateParams, Interrupt};
 use crate::iov::{GuestIoVecs, IOV_MAX};
@@ -75,8 +76,8 @@ impl LogLimiter {
 
 /// What became of one transmitted chain.
 enum TxOutcome {
-    /// The backend took the frame.
-    Sent,
+    /// The backend took the frame, of this many bytes.
+    Sent(usize),
     /// The frame was not sent: the chain was malformed or the backend refused it.
     Dropped,
     /// The backend is full; the chain waits until it is writable.
@@ -131,6 +132,7 @@ pub struct NetHandler<M, B> {
     tx_log: LogLimiter,
     rx_log: LogLimiter,
     irq_log: LogLimiter,
+    metrics: Arc<NetMetrics>,
 }
 
 impl<M, B> fmt::Debug for NetHandler<M, B> {
@@ -213,7 +215,20 @@ where
             tx_log: LogLimiter::default(),
             rx_log: LogLimiter::default(),
             irq_log: LogLimiter::default(),
+            metrics: Arc::default(),
         })
+    }
+
+    /// Counts into `metrics`, a device's counters, from now on; a handler starts with counters
+    /// of its own.
+    pub fn with_metrics(mut self, metrics: Arc<NetMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The counters the handler updates.
+    pub fn metrics(&self) -> &Arc<NetMetrics> {
+        &self.metrics
     }
 
     /// Gives the backend back, when the device is reset.
@@ -297,6 +312,7 @@ where
                     // Come back after the other events; notifications stay off meanwhile.
                     self.tx_pending = Some(chain);
                     if let Err(err) = self.tx_evt.write(1) {
+                        inc(&self.metrics.event_fails);
                         log::error!(
                             "Cannot wake the virtio-net worker for more transmission: {err}"
                         );
@@ -309,7 +325,14 @@ where
                         self.tx_pending = Some(chain);
                         return Ok(());
                     }
-                    TxOutcome::Sent => {}
+                    TxOutcome::Sent(len) => {
+                        inc(&self.metrics.tx_packets_count);
+                        inc(&self.metrics.tx_count);
+                        add(
+                            &self.metrics.tx_bytes_count,
+                            u64::try_from(len).unwrap_or(u64::MAX),
+                        );
+                    }
                     TxOutcome::Dropped => self.tx_dropped = self.tx_dropped.saturating_add(1),
                 }
                 sent = sent.saturating_add(1);
@@ -330,6 +353,7 @@ where
     fn send_chain(&mut self, chain: &DescriptorChain) -> TxOutcome {
         let len = usize::try_from(chain.readable_len()).unwrap_or(usize::MAX);
         if !(VNET_HDR_LEN..=MAX_BUFFER_LEN).contains(&len) {
+            inc(&self.metrics.tx_malformed_frames);
             return dropped_tx(
                 &mut self.tx_log,
                 format_args!(
@@ -341,6 +365,7 @@ where
         }
         let pieces = chain.readable().count();
         if pieces > IOV_MAX {
+            inc(&self.metrics.tx_malformed_frames);
             return dropped_tx(
                 &mut self.tx_log,
                 format_args!(
@@ -352,6 +377,7 @@ where
         {
             Ok(frame) if frame.iovecs().len() <= IOV_MAX => frame,
             Ok(frame) => {
+                inc(&self.metrics.tx_malformed_frames);
                 let pieces = frame.iovecs().len();
                 return dropped_tx(
                     &mut self.tx_log,
@@ -362,6 +388,7 @@ where
                 );
             }
             Err(err) => {
+                inc(&self.metrics.tx_malformed_frames);
                 return dropped_tx(
                     &mut self.tx_log,
                     format_args!("its buffers cannot be mapped: {err}"),
@@ -370,12 +397,13 @@ where
         };
         loop {
             match self.backend.write_frame(&frame) {
-                Ok(_) => return TxOutcome::Sent,
+                Ok(written) => return TxOutcome::Sent(written),
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock && !self.backend_failed => {
                     return TxOutcome::Blocked;
                 }
                 Err(err) => {
+                    inc(&self.metrics.tx_fails);
                     return dropped_tx(
                         &mut self.tx_log,
                         format_args!("the backend refused it: {err}"),
@@ -432,6 +460,11 @@ where
             match self.deliver(len).map_err(Error::rx)? {
                 RxOutcome::Delivered => {
                     self.rx_pending = None;
+                    inc(&self.metrics.rx_packets_count);
+                    add(
+                        &self.metrics.rx_bytes_count,
+                        u64::try_from(len).unwrap_or(u64::MAX),
+                    );
                     *used = true;
                 }
                 RxOutcome::TooBig => {
@@ -448,6 +481,7 @@ where
                         // The driver added buffers before it saw the request: try again.
                         continue;
                     }
+                    inc(&self.metrics.no_rx_avail_buffer);
                     self.rx_starved = true;
                     return Ok(());
                 }
@@ -463,7 +497,11 @@ where
             return None;
         }
         loop {
-            match self.backend.read_frame(&mut self.rx_frame) {
+            let read = self.backend.read_frame(&mut self.rx_frame);
+            if read.is_ok() {
+                inc(&self.metrics.rx_count);
+            }
+            match read {
                 Ok(len) if (VNET_HDR_LEN..=self.rx_frame.len()).contains(&len) => {
                     return Some(len);
                 }
@@ -475,6 +513,7 @@ where
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return None,
                 Err(err) => {
+                    inc(&self.metrics.rx_fails);
                     log::error!(
                         "virtio-net cannot read from its backend and stops receiving until the \
                          device is reset: {err}"
@@ -488,6 +527,7 @@ where
 
     fn drop_rx(&mut self, why: fmt::Arguments<'_>) {
         self.rx_dropped = self.rx_dropped.saturating_add(1);
+        inc(&self.metrics.rx_fails);
         if let Some(held_back) = self.rx_log.allow() {
             log::warn!(
                 "virtio-net dropped a received frame: {why} ({held_back} more dropped since the \
@@ -569,6 +609,7 @@ where
 
     fn signal_used(&mut self) {
         if let Err(err) = self.interrupt.signal_used_queue() {
+            inc(&self.metrics.event_fails);
             if let Some(held_back) = self.irq_log.allow() {
                 log::error!(
                     "virtio-net cannot raise its interrupt: {err} ({held_back} more failures since \
@@ -590,6 +631,7 @@ where
         }
         if let Some(chain) = self.tx_pending.take() {
             self.tx_dropped = self.tx_dropped.saturating_add(1);
+            inc(&self.metrics.tx_fails);
             self.tx
                 .add_used(&*self.mem, chain.head_index(), 0)
                 .map_err(Error::tx)?;
@@ -629,7 +671,11 @@ where
             ErrorChain(err)
         );
         self.broken = true;
+        if matches!(err, Error::Epoll(_)) {
+            inc(&self.metrics.event_fails);
+        }
         if let Err(err) = self.interrupt.set_needs_reset() {
+            inc(&self.metrics.event_fails);
             log::error!("virtio-net cannot raise its interrupt: {err}");
         }
         // Errors are ignored: the descriptors are going anyway, and the log already says why.
@@ -664,19 +710,22 @@ where
         }
         let result = match token {
             RX_QUEUE_TOKEN => {
-                // Clears the notification; the count does not matter.
-                let _ = self.rx_evt.read();
+                inc(&self.metrics.rx_queue_event_count);
+                clear(&self.rx_evt, &self.metrics);
                 self.process_rx()
             }
             TX_QUEUE_TOKEN => {
-                let _ = self.tx_evt.read();
+                inc(&self.metrics.tx_queue_event_count);
+                clear(&self.tx_evt, &self.metrics);
                 self.process_tx()
             }
             BACKEND_TOKEN if events.intersects(EventSet::ERROR | EventSet::HANG_UP) => {
+                inc(&self.metrics.event_fails);
                 self.backend_gone()
             }
             BACKEND_TOKEN => {
                 let rx = if events.contains(EventSet::IN) {
+                    inc(&self.metrics.rx_tap_event_count);
                     self.process_rx()
                 } else {
                     Ok(())
@@ -693,6 +742,15 @@ where
         };
         if let Err(err) = result.and_then(|()| self.sync_interest(ops)) {
             self.fail(ops, &err);
+        }
+    }
+}
+
+/// Clears a queue's notification eventfd; the count does not matter.
+fn clear(evt: &EventFd, metrics: &NetMetrics) {
+    if let Err(err) = evt.read() {
+        if err.kind() != io::ErrorKind::WouldBlock {
+            inc(&metrics.event_fails);
         }
     }
 }
@@ -1205,6 +1263,119 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(rig.network_recv(), None);
+    }
+
+    /// The counters that moved between two readings of [`super::NetMetrics::values`], by how
+    /// much.
+    fn moved(
+        before: &[(&'static str, u64)],
+        after: &[(&'static str, u64)],
+    ) -> Vec<(&'static str, u64)> {
+        before
+            .iter()
+            .zip(after)
+            .filter(|(b, a)| a.1 != b.1)
+            .map(|(&(name, b), &(_, a))| (name, a.wrapping_sub(b)))
+            .collect()
+    }
+
+    #[test]
+    fn tx_frames_move_their_counters_by_their_amounts() {
+        let mut rig = rig(VERSION_1);
+        let metrics = rig.handler.metrics().clone();
+        let before = metrics.values();
+        rig.offer_tx(&frame(1500, 1), &[100]);
+        rig.offer_tx(&frame(60, 2), &[]);
+        rig.handler.process_tx().unwrap();
+        assert_eq!(
+            moved(&before, &metrics.values()),
+            [
+                ("tx_bytes_count", 1560),
+                ("tx_packets_count", 2),
+                ("tx_count", 2)
+            ]
+        );
+
+        // A chain shorter than the header, and one too long.
+        let before = metrics.values();
+        rig.offer_tx(&[0u8; VNET_HDR_LEN - 1], &[]);
+        rig.offer_tx(&frame(MAX_BUFFER_LEN + 1, 3), &[]);
+        rig.handler.process_tx().unwrap();
+        assert_eq!(
+            moved(&before, &metrics.values()),
+            [("tx_malformed_frames", 2)]
+        );
+
+        // A frame held back by a full backend counts once, when it goes.
+        rig.fill_backend();
+        let sent = frame(700, 4);
+        rig.offer_tx(&sent, &[]);
+        rig.handler.process_tx().unwrap();
+        let before = metrics.values();
+        while rig.network_recv().is_some_and(|d| d.len() != sent.len()) {}
+        rig.handler.process_tx().unwrap();
+        assert_eq!(
+            moved(&before, &metrics.values()),
+            [
+                ("tx_bytes_count", 700),
+                ("tx_packets_count", 1),
+                ("tx_count", 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn rx_frames_move_their_counters_by_their_amounts() {
+        let mut rig = rig(VERSION_1);
+        let metrics = rig.handler.metrics().clone();
+        rig.offer_rx(1526);
+        rig.offer_rx(1526);
+        let before = metrics.values();
+        rig.peer.send(&frame(60, 1)).unwrap();
+        rig.peer.send(&frame(1526, 2)).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(
+            moved(&before, &metrics.values()),
+            [
+                ("rx_bytes_count", 1586),
+                ("rx_packets_count", 2),
+                ("rx_count", 2)
+            ]
+        );
+
+        // Too short, too big for the one chain: read, and dropped.
+        rig.offer_rx(1526);
+        let before = metrics.values();
+        rig.peer.send(&[1, 2, 3]).unwrap();
+        rig.peer.send(&frame(1527, 3)).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(
+            moved(&before, &metrics.values()),
+            [("rx_fails", 2), ("rx_count", 2)]
+        );
+
+        // The chain the big frame did not fit is left for the next frame; the one after it
+        // waits for a buffer, and counts as delivered once it is.
+        let before = metrics.values();
+        rig.peer.send(&frame(100, 4)).unwrap();
+        rig.peer.send(&frame(200, 5)).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(
+            moved(&before, &metrics.values()),
+            [
+                ("no_rx_avail_buffer", 1),
+                ("rx_bytes_count", 100),
+                ("rx_packets_count", 1),
+                ("rx_count", 2)
+            ]
+        );
+        rig.offer_rx(1526);
+        let before = metrics.values();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(
+            moved(&before, &metrics.values()),
+            [("rx_bytes_count", 200), ("rx_packets_count", 1)]
+        );
     }
 
     #[test]

@@ -37,9 +37,11 @@
 mod backend;
 mod handler;
 pub mod mac;
+pub mod metrics;
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -55,6 +57,7 @@ pub use handler::{
     BACKEND_TOKEN, NetHandler, RX_BUDGET, RX_QUEUE_TOKEN, TX_BUDGET, TX_QUEUE_TOKEN,
 };
 pub use mac::MacAddr;
+pub use metrics::NetMetrics;
 
 use crate::device::{ActivateError, ActivateParams, VirtioDevice, read_config_bytes};
 use crate::queue;
@@ -196,6 +199,7 @@ pub struct Net<B = crate::tap::Tap> {
     mac: Option<MacAddr>,
     features: u64,
     state: State<B>,
+    metrics: Arc<NetMetrics>,
 }
 
 impl<B> fmt::Debug for Net<B> {
@@ -226,7 +230,13 @@ impl<B: NetBackend> Net<B> {
             mac,
             features,
             state: State::Ready(backend),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The device's counters, which its worker updates while it runs.
+    pub fn metrics(&self) -> &Arc<NetMetrics> {
+        &self.metrics
     }
 
     /// The MAC address the device gives the driver, if any.
@@ -263,11 +273,19 @@ where
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let inside = usize::try_from(offset)
+            .ok()
+            .and_then(|start| start.checked_add(data.len()))
+            .is_some_and(|end| end <= mac::MAC_LEN);
+        if !inside {
+            metrics::inc(&self.metrics.cfg_fails);
+        }
         read_config_bytes(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The MAC address is read-only for a VERSION_1 driver.
+        metrics::inc(&self.metrics.cfg_fails);
         log::debug!(
             "virtio-net ignored a {}-byte configuration write at {offset:#x}",
             data.len()
@@ -275,6 +293,36 @@ where
     }
 
     fn activate(&mut self, params: ActivateParams<M>) -> std::result::Result<(), ActivateError> {
+        let result = self.start_worker(params);
+        if result.is_err() {
+            metrics::inc(&self.metrics.activate_fails);
+        }
+        result
+    }
+
+    fn reset(&mut self) {
+        self.state = match std::mem::replace(&mut self.state, State::Lost) {
+            State::Active(worker) => match worker.stop() {
+                Ok(backend) => State::Ready(backend),
+                Err(err) => {
+                    log::error!(
+                        "virtio-net lost its backend when its worker stopped, so it cannot be \
+                         activated again: {err}"
+                    );
+                    State::Lost
+                }
+            },
+            state => state,
+        };
+    }
+}
+
+impl<B: NetBackend> Net<B> {
+    /// Hands the backend and the queues to a worker thread.
+    fn start_worker<M: GuestMemory + Send + Sync + 'static>(
+        &mut self,
+        params: ActivateParams<M>,
+    ) -> std::result::Result<(), ActivateError> {
         let State::Ready(backend) = &mut self.state else {
             return Err(ActivateError::AlreadyActive);
         };
@@ -294,7 +342,7 @@ where
             return Err(ActivateError::AlreadyActive);
         };
         let gate = params.gate.clone();
-        let handler = NetHandler::new(backend, params)?;
+        let handler = NetHandler::new(backend, params)?.with_metrics(self.metrics.clone());
         match Worker::spawn("ember-net".into(), handler, &gate) {
             Ok(worker) => {
                 self.state = State::Active(Box::new(worker));
@@ -305,22 +353,6 @@ where
                 Err(ActivateError::Worker(err.error))
             }
         }
-    }
-
-    fn reset(&mut self) {
-        self.state = match std::mem::replace(&mut self.state, State::Lost) {
-            State::Active(worker) => match worker.stop() {
-                Ok(backend) => State::Ready(backend),
-                Err(err) => {
-                    log::error!(
-                        "virtio-net lost its backend when its worker stopped, so it cannot be \
-                         activated again: {err}"
-                    );
-                    State::Lost
-                }
-            },
-            state => state,
-        };
     }
 }
 
@@ -524,6 +556,8 @@ mod tests {
         let mut data = [0u8; 6];
         device.read_config(0, &mut data);
         assert_eq!(data, mac().bytes());
+        // Two reads reached past the MAC address, and the write was refused.
+        assert_eq!(net.metrics().get("cfg_fails"), Some(3));
 
         let (backend, _peer) = socket_pair();
         let net = Net::new(backend, None);
@@ -632,6 +666,17 @@ mod tests {
             VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
             assert!(!net.is_active());
         }
+        // Counted across both activations, by the workers.
+        let metrics = net.metrics();
+        assert_eq!(metrics.get("tx_packets_count"), Some(2));
+        assert_eq!(metrics.get("tx_bytes_count"), Some(3000));
+        assert_eq!(metrics.get("rx_packets_count"), Some(2));
+        assert_eq!(metrics.get("rx_bytes_count"), Some(1800));
+        assert_eq!(metrics.get("tx_queue_event_count"), Some(2));
+        assert_eq!(metrics.get("rx_queue_event_count"), Some(2));
+        // The backend became readable once per round, when the peer sent.
+        assert_eq!(metrics.get("rx_tap_event_count"), Some(2));
+        assert_eq!(metrics.get("activate_fails"), Some(0));
     }
 
     #[test]
@@ -656,6 +701,7 @@ mod tests {
         net.activate(guest.params(FEATURES)).unwrap();
         let err = net.activate(guest.params(FEATURES)).unwrap_err();
         assert!(matches!(err, ActivateError::AlreadyActive), "{err:?}");
+        assert_eq!(net.metrics().get("activate_fails"), Some(2));
         VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
         // Reset twice is harmless.
         VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
