@@ -75,12 +75,14 @@
 #![deny(missing_docs)]
 
 mod cpuid;
+pub mod metrics;
 mod regs;
 pub mod runner;
 pub mod vcpu;
 pub mod vm;
 
 pub use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch};
+pub use metrics::VcpuMetrics;
 pub use runner::{VcpuHandle, VcpuState, VmExit, VmExitNotifier, kick_signal};
 pub use vcpu::{SystemEvent, Vcpu, VcpuEvent};
 pub use vm::Vm;

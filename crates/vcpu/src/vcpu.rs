@@ -23,6 +23,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::bitmap::Bitmap;
 
 use crate::cpuid::vcpu_cpuid;
+use crate::metrics::VcpuMetrics;
 use crate::regs;
 use crate::vm::{MemoryKeepalive, Vm};
 
@@ -329,6 +330,8 @@ pub struct Vcpu {
     mmio: Arc<MmioBus>,
     /// Guest accesses that hit no device, counted to keep their logging sparse.
     unhandled: u64,
+    /// The VM's exit counters, shared by its vCPUs.
+    metrics: Arc<VcpuMetrics>,
     /// Keeps the guest memory mapped while `fd`, which holds the VM and its memory slots alive
     /// in the kernel, is open.
     _memory: MemoryKeepalive,
@@ -385,6 +388,7 @@ impl Vcpu {
             pio,
             mmio,
             unhandled: 0,
+            metrics: vm.vcpu_metrics().clone(),
             _memory: memory,
         })
     }
@@ -441,6 +445,23 @@ impl Vcpu {
     /// [`Error::Run`] when `KVM_RUN` fails for a reason other than a signal or a kick, which
     /// give [`VcpuEvent::Interrupted`].
     pub fn run_once(&mut self) -> Result<VcpuEvent> {
+        let outcome = self.run_and_handle();
+        let metrics = &self.metrics;
+        match &outcome {
+            Ok(VcpuEvent::IoIn { .. }) => metrics.exit_io_in.inc(),
+            Ok(VcpuEvent::IoOut { .. }) => metrics.exit_io_out.inc(),
+            Ok(VcpuEvent::MmioRead { .. }) => metrics.exit_mmio_read.inc(),
+            Ok(VcpuEvent::MmioWrite { .. }) => metrics.exit_mmio_write.inc(),
+            Ok(VcpuEvent::Interrupted) => metrics.exit_interrupted.inc(),
+            Ok(VcpuEvent::Hlt | VcpuEvent::Shutdown | VcpuEvent::SystemEvent(_)) => {
+                metrics.exit_system.inc()
+            }
+            Ok(_) | Err(_) => metrics.failures.inc(),
+        }
+        outcome
+    }
+
+    fn run_and_handle(&mut self) -> Result<VcpuEvent> {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(err) if matches!(err.errno(), libc::EINTR | libc::EAGAIN) => {

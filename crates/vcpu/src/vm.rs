@@ -24,6 +24,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion}
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::cpuid::add_tsc_deadline_timer;
+use crate::metrics::VcpuMetrics;
 
 /// Guest physical address of the three pages KVM uses for the real-mode TSS on Intel hosts. It
 /// lies in the 32-bit MMIO gap, above the local APIC, where no RAM or device is.
@@ -147,6 +148,8 @@ pub struct Vm<B: Bitmap + 'static = ()> {
     max_vcpus: usize,
     /// The guest memory the memory slots point into. Dropped after `fd`.
     memory: Arc<GuestMemoryMmap<B>>,
+    /// The exit counters of the VM's vCPUs.
+    vcpu_metrics: Arc<VcpuMetrics>,
 }
 
 impl<B: Bitmap + Send + Sync + 'static> Vm<B> {
@@ -212,7 +215,13 @@ impl<B: Bitmap + Send + Sync + 'static> Vm<B> {
             supported_cpuid,
             max_vcpus,
             memory,
+            vcpu_metrics: Arc::default(),
         })
+    }
+
+    /// The exit counters every vCPU of this VM counts into.
+    pub fn vcpu_metrics(&self) -> &Arc<VcpuMetrics> {
+        &self.vcpu_metrics
     }
 
     /// The guest memory the VM runs on.

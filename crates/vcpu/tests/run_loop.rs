@@ -68,6 +68,13 @@ fn mmio_writes_reach_the_device_and_reads_come_back_into_registers() {
         guest.mmio().reads,
         [(MMIO_BASE + 0x20, 1), (MMIO_BASE + 0x24, 4)]
     );
+    // The VM counted each exit by its reason.
+    let metrics = guest.vm.vcpu_metrics();
+    assert_eq!(metrics.exit_mmio_write.get(), 1);
+    assert_eq!(metrics.exit_mmio_read.get(), 2);
+    assert_eq!(metrics.exit_io_out.get(), 2);
+    assert_eq!(metrics.exit_io_in.get(), 0);
+    assert_eq!(metrics.failures.get(), 0);
     assert_eq!(guest.port_writes(0x80), [vec![0x78]]);
     assert_eq!(
         guest.port_writes(0x84),
