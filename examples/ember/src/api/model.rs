@@ -1,0 +1,1617 @@
+//! The JSON bodies of the API, as Firecracker's `OpenAPI` description (`firecracker.yaml`) names
+//! them, and the checks of what ember can honour.
+//!
+//! Each type deserializes with `deny_unknown_fields`, so a misspelt or unsupported key is a 400
+//! that names it, and serializes back to the same JSON (for `GET /machine-config`,
+//! `GET /vm/config`). Optional keys that are absent stay absent when serialized.
+//!
+//! Deserializing checks the shape; each type's `validate` checks the values, and refuses with a
+//! [`ModelError`] what ember cannot do rather than silently ignoring it: SMT, CPU templates,
+//! hugetlbfs pages, dirty page tracking, the `Async` I/O engine, vhost-user drives and a guest
+//! MTU. The same checks serve a configuration file ([`FullVmConfiguration`]).
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+/// The longest resource ID (`drive_id`, `iface_id`) accepted.
+pub const MAX_ID_LEN: usize = 64;
+
+/// The most vCPUs a microVM can have, as in Firecracker.
+pub const MAX_VCPUS: u8 = 32;
+
+/// The default number of vCPUs, before any `PUT /machine-config`.
+pub const DEFAULT_VCPUS: u8 = 1;
+
+/// The default memory size in MiB, before any `PUT /machine-config`.
+pub const DEFAULT_MEM_SIZE_MIB: u64 = 128;
+
+/// The longest name of a host network interface (`IFNAMSIZ` less its NUL).
+pub const MAX_HOST_DEV_NAME_LEN: usize = 15;
+
+/// Nanoseconds in a millisecond: a token bucket's `refill_time` is in ms and must fit in a `u64`
+/// once turned into ns.
+const NS_PER_MS: u64 = 1_000_000;
+
+/// Why a well-formed body asks for something ember refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// A resource ID is empty (Firecracker's message).
+    #[error("The ID cannot be empty.")]
+    EmptyId,
+    /// A resource ID holds a character other than `[A-Za-z0-9_]` (Firecracker's message).
+    #[error("API Resource IDs can only contain alphanumeric characters and underscores.")]
+    InvalidId,
+    /// A resource ID is longer than [`MAX_ID_LEN`].
+    #[error("API Resource IDs can be at most {MAX_ID_LEN} characters long.")]
+    IdTooLong,
+    /// `vcpu_count` is outside `1..=MAX_VCPUS`.
+    #[error("The number of vCPUs must be between 1 and {MAX_VCPUS}, not {0}.")]
+    VcpuCount(u8),
+    /// `mem_size_mib` is 0.
+    #[error("The memory size (MiB) must be greater than 0.")]
+    ZeroMemory,
+    /// `mem_size_mib` is more bytes than a 64-bit address space holds.
+    #[error("The memory size of {0} MiB is larger than the address space.")]
+    MemoryTooLarge(u64),
+    /// `smt` is true.
+    #[error("Simultaneous multithreading (smt) is not supported by ember.")]
+    Smt,
+    /// `cpu_template` names a template.
+    #[error("The CPU template {0} is not supported by ember: only \"None\" is accepted.")]
+    CpuTemplate(CpuTemplate),
+    /// `huge_pages` is `"2M"`.
+    #[error(
+        "Huge pages \"2M\" (hugetlbfs) are not supported by ember: use \"Transparent\" or \"None\"."
+    )]
+    HugetlbfsPages,
+    /// `track_dirty_pages` is true.
+    #[error("Dirty page tracking (track_dirty_pages) is not supported by ember.")]
+    DirtyPageTracking,
+    /// A path field is the empty string.
+    #[error("The {0} cannot be empty.")]
+    EmptyPath(&'static str),
+    /// A drive names a vhost-user `socket`.
+    #[error(
+        "vhost-user block devices (socket) are not supported by ember: give path_on_host instead."
+    )]
+    VhostUserBlock,
+    /// A drive has no `path_on_host`.
+    #[error("The drive has no path_on_host.")]
+    MissingDrivePath,
+    /// A drive asks for the `Async` I/O engine.
+    #[error("The io_engine \"Async\" is not supported by ember: use \"Sync\".")]
+    AsyncIoEngine,
+    /// `host_dev_name` is not a possible interface name.
+    #[error(
+        "The host_dev_name must be the name of a TAP interface: 1 to {MAX_HOST_DEV_NAME_LEN} bytes, without '/' or NUL."
+    )]
+    HostDevName,
+    /// `guest_mac` is not six hexadecimal octets separated by `:`.
+    #[error("The guest_mac {0:?} is not a MAC address of the form 06:00:ac:10:00:02.")]
+    GuestMac(String),
+    /// A network interface gives an `mtu`.
+    #[error("Setting the mtu of a network interface is not supported by ember.")]
+    Mtu,
+    /// A token bucket's `refill_time` overflows once turned into nanoseconds.
+    #[error("The refill_time of {0} ms is too large.")]
+    RefillTime(u64),
+    /// Two drives of a configuration have the same ID.
+    #[error("The drive ID {0:?} is used twice.")]
+    DuplicateDrive(String),
+    /// Two network interfaces of a configuration have the same ID.
+    #[error("The network interface ID {0:?} is used twice.")]
+    DuplicateInterface(String),
+    /// More than one drive of a configuration is the root device.
+    #[error("Only one drive can be the root device.")]
+    TwoRootDevices,
+}
+
+/// The result of a check of this module.
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// Checks a resource ID (`drive_id`, `iface_id`, or the ID in the path): not empty, at most
+/// [`MAX_ID_LEN`] characters of `[A-Za-z0-9_]`.
+///
+/// # Errors
+///
+/// [`ModelError::EmptyId`], [`ModelError::IdTooLong`] or [`ModelError::InvalidId`].
+pub fn validate_id(id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(ModelError::EmptyId);
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(ModelError::InvalidId);
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(ModelError::IdTooLong);
+    }
+    Ok(())
+}
+
+/// Checks that a path field, when given, is not empty.
+fn validate_path(field: &'static str, path: Option<&str>) -> Result<()> {
+    match path {
+        Some("") => Err(ModelError::EmptyPath(field)),
+        _ => Ok(()),
+    }
+}
+
+/// The body of `PUT /boot-source`: the guest kernel, its command line and initrd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// Host path of the kernel image.
+    pub kernel_image_path: String,
+    /// Host path of the initrd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+    /// The kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+impl BootSource {
+    /// Checks that the paths are not empty.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::EmptyPath`].
+    pub fn validate(&self) -> Result<()> {
+        validate_path("kernel_image_path", Some(&self.kernel_image_path))?;
+        validate_path("initrd_path", self.initrd_path.as_deref())
+    }
+}
+
+/// The CPU templates of Firecracker; ember applies none of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CpuTemplate {
+    /// Intel C3.
+    C3,
+    /// Intel T2.
+    T2,
+    /// Intel T2S.
+    T2S,
+    /// Intel T2CL.
+    T2CL,
+    /// AMD T2A.
+    T2A,
+    /// Arm V1N1.
+    V1N1,
+    /// No template: the guest sees the host's CPU features, filtered by KVM.
+    None,
+}
+
+impl fmt::Display for CpuTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self:?}\"")
+    }
+}
+
+/// How guest memory is backed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    /// Ordinary 4 KiB pages.
+    #[default]
+    None,
+    /// Transparent huge pages (`madvise(MADV_HUGEPAGE)`).
+    Transparent,
+    /// hugetlbfs 2 MiB pages; ember refuses them.
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
+}
+
+/// The body of `PUT /machine-config` and of `GET /machine-config`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfiguration {
+    /// Number of vCPUs, `1..=32`.
+    pub vcpu_count: u8,
+    /// Guest memory in MiB.
+    pub mem_size_mib: u64,
+    /// Simultaneous multithreading; ember accepts only `false`.
+    #[serde(default)]
+    pub smt: bool,
+    /// A CPU template; ember accepts only `"None"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<CpuTemplate>,
+    /// Dirty page tracking; ember accepts only `false`.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// How guest memory is backed; ember accepts `"None"` and `"Transparent"`.
+    #[serde(default)]
+    pub huge_pages: HugePages,
+}
+
+impl Default for MachineConfiguration {
+    /// Firecracker's defaults: 1 vCPU, 128 MiB, nothing else.
+    fn default() -> Self {
+        MachineConfiguration {
+            vcpu_count: DEFAULT_VCPUS,
+            mem_size_mib: DEFAULT_MEM_SIZE_MIB,
+            smt: false,
+            cpu_template: None,
+            track_dirty_pages: false,
+            huge_pages: HugePages::None,
+        }
+    }
+}
+
+impl MachineConfiguration {
+    /// Checks the values and refuses what ember cannot honour.
+    ///
+    /// # Errors
+    ///
+    /// The [`ModelError`] of the first field refused.
+    pub fn validate(&self) -> Result<()> {
+        validate_vcpus(self.vcpu_count)?;
+        validate_memory(self.mem_size_mib)?;
+        validate_machine_options(
+            self.smt,
+            self.cpu_template,
+            self.track_dirty_pages,
+            self.huge_pages,
+        )
+    }
+
+    /// This configuration with the fields that `update` gives replaced, checked.
+    ///
+    /// # Errors
+    ///
+    /// The [`ModelError`] of the first field of the result refused.
+    pub fn update(&self, update: &MachineConfigurationUpdate) -> Result<MachineConfiguration> {
+        let updated = MachineConfiguration {
+            vcpu_count: update.vcpu_count.unwrap_or(self.vcpu_count),
+            mem_size_mib: update.mem_size_mib.unwrap_or(self.mem_size_mib),
+            smt: update.smt.unwrap_or(self.smt),
+            cpu_template: update.cpu_template.or(self.cpu_template),
+            track_dirty_pages: update.track_dirty_pages.unwrap_or(self.track_dirty_pages),
+            huge_pages: update.huge_pages.unwrap_or(self.huge_pages),
+        };
+        updated.validate()?;
+        Ok(updated)
+    }
+}
+
+fn validate_vcpus(vcpu_count: u8) -> Result<()> {
+    if (1..=MAX_VCPUS).contains(&vcpu_count) {
+        Ok(())
+    } else {
+        Err(ModelError::VcpuCount(vcpu_count))
+    }
+}
+
+fn validate_memory(mem_size_mib: u64) -> Result<()> {
+    if mem_size_mib == 0 {
+        return Err(ModelError::ZeroMemory);
+    }
+    match mem_size_mib.checked_mul(1 << 20) {
+        Some(_) => Ok(()),
+        None => Err(ModelError::MemoryTooLarge(mem_size_mib)),
+    }
+}
+
+fn validate_machine_options(
+    smt: bool,
+    cpu_template: Option<CpuTemplate>,
+    track_dirty_pages: bool,
+    huge_pages: HugePages,
+) -> Result<()> {
+    if smt {
+        return Err(ModelError::Smt);
+    }
+    match cpu_template {
+        None | Some(CpuTemplate::None) => {}
+        Some(template) => return Err(ModelError::CpuTemplate(template)),
+    }
+    if track_dirty_pages {
+        return Err(ModelError::DirtyPageTracking);
+    }
+    if huge_pages == HugePages::Hugetlbfs2M {
+        return Err(ModelError::HugetlbfsPages);
+    }
+    Ok(())
+}
+
+/// The body of `PATCH /machine-config`: the fields to change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigurationUpdate {
+    /// Number of vCPUs, `1..=32`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_count: Option<u8>,
+    /// Guest memory in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_size_mib: Option<u64>,
+    /// Simultaneous multithreading; ember accepts only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smt: Option<bool>,
+    /// A CPU template; ember accepts only `"None"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<CpuTemplate>,
+    /// Dirty page tracking; ember accepts only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// How guest memory is backed; ember accepts `"None"` and `"Transparent"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<HugePages>,
+}
+
+impl MachineConfigurationUpdate {
+    /// Whether the update changes nothing (`{}`), which Firecracker refuses.
+    pub fn is_empty(&self) -> bool {
+        self == &MachineConfigurationUpdate::default()
+    }
+
+    /// Checks the fields given, each on its own.
+    ///
+    /// # Errors
+    ///
+    /// The [`ModelError`] of the first field refused.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(vcpu_count) = self.vcpu_count {
+            validate_vcpus(vcpu_count)?;
+        }
+        if let Some(mem_size_mib) = self.mem_size_mib {
+            validate_memory(mem_size_mib)?;
+        }
+        validate_machine_options(
+            self.smt.unwrap_or(false),
+            self.cpu_template,
+            self.track_dirty_pages.unwrap_or(false),
+            self.huge_pages.unwrap_or_default(),
+        )
+    }
+}
+
+/// A token bucket of a rate limiter.
+///
+/// As in Firecracker, a bucket whose `size` or `refill_time` is 0 does not limit: see
+/// [`TokenBucket::limits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    /// The most tokens the bucket holds.
+    pub size: u64,
+    /// Tokens available once at the start, on top of `size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    /// Milliseconds to refill the bucket from empty to `size`.
+    pub refill_time: u64,
+}
+
+impl TokenBucket {
+    /// Whether the bucket limits anything: Firecracker disables a bucket whose `size` or
+    /// `refill_time` is 0.
+    pub fn limits(&self) -> bool {
+        self.size != 0 && self.refill_time != 0
+    }
+
+    /// Checks that `refill_time` can be counted in nanoseconds.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::RefillTime`].
+    pub fn validate(&self) -> Result<()> {
+        match self.refill_time.checked_mul(NS_PER_MS) {
+            Some(_) => Ok(()),
+            None => Err(ModelError::RefillTime(self.refill_time)),
+        }
+    }
+}
+
+/// A rate limiter: independent limits on bytes and on operations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiter {
+    /// The bucket whose tokens are bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    /// The bucket whose tokens are operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+impl RateLimiter {
+    /// Checks both buckets.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::RefillTime`].
+    pub fn validate(&self) -> Result<()> {
+        self.bandwidth
+            .iter()
+            .chain(&self.ops)
+            .try_for_each(TokenBucket::validate)
+    }
+}
+
+fn validate_rate_limiter(limiter: Option<&RateLimiter>) -> Result<()> {
+    limiter.map_or(Ok(()), RateLimiter::validate)
+}
+
+/// The caching strategy of a drive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    /// Flush requests from the guest are not required to reach the disk.
+    #[default]
+    Unsafe,
+    /// Flush requests from the guest reach the disk.
+    Writeback,
+}
+
+/// The I/O engine of a drive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IoEngine {
+    /// Blocking reads and writes on the device's own thread.
+    #[default]
+    Sync,
+    /// `io_uring`; ember refuses it.
+    Async,
+}
+
+/// The body of `PUT /drives/{drive_id}`: a virtio block device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// The drive's ID, equal to the one in the path.
+    pub drive_id: String,
+    /// The unique ID of the root partition, used when this is the root device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// Whether the guest mounts its root file system from this drive.
+    pub is_root_device: bool,
+    /// The caching strategy.
+    #[serde(default)]
+    pub cache_type: CacheType,
+    /// Whether the guest may only read the drive; `false` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_read_only: Option<bool>,
+    /// Host path of the disk image or block device; required by ember.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    /// Limits on the drive's I/O.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+    /// The I/O engine; ember accepts only `"Sync"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<IoEngine>,
+    /// The socket of a vhost-user block backend; ember refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+impl Drive {
+    /// Whether the guest may only read the drive.
+    pub fn read_only(&self) -> bool {
+        self.is_read_only.unwrap_or(false)
+    }
+
+    /// Checks the drive and refuses what ember cannot honour.
+    ///
+    /// # Errors
+    ///
+    /// The [`ModelError`] of the first field refused.
+    pub fn validate(&self) -> Result<()> {
+        validate_id(&self.drive_id)?;
+        if self.socket.is_some() {
+            return Err(ModelError::VhostUserBlock);
+        }
+        match self.path_on_host.as_deref() {
+            None => return Err(ModelError::MissingDrivePath),
+            path => validate_path("path_on_host", path)?,
+        }
+        if self.io_engine == Some(IoEngine::Async) {
+            return Err(ModelError::AsyncIoEngine);
+        }
+        validate_rate_limiter(self.rate_limiter.as_ref())
+    }
+}
+
+/// The body of `PATCH /drives/{drive_id}`: a new backing file or rate limiter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// The drive's ID, equal to the one in the path.
+    pub drive_id: String,
+    /// A new host path for the drive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    /// New limits on the drive's I/O.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+impl PartialDrive {
+    /// Checks the update.
+    ///
+    /// # Errors
+    ///
+    /// The [`ModelError`] of the first field refused.
+    pub fn validate(&self) -> Result<()> {
+        validate_id(&self.drive_id)?;
+        validate_path("path_on_host", self.path_on_host.as_deref())?;
+        validate_rate_limiter(self.rate_limiter.as_ref())
+    }
+}
+
+/// The body of `PUT /network-interfaces/{iface_id}`: a virtio network device on a TAP interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// The interface's ID, equal to the one in the path.
+    pub iface_id: String,
+    /// The name of the host's TAP interface.
+    pub host_dev_name: String,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// An MTU to advertise to the guest; ember refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// Limits on what the guest receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// Limits on what the guest sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+impl NetworkInterface {
+    /// Checks the interface and refuses what ember cannot honour.
+    ///
+    /// # Errors
+    ///
+    /// The [`ModelError`] of the first field refused.
+    pub fn validate(&self) -> Result<()> {
+        validate_id(&self.iface_id)?;
+        let name = self.host_dev_name.as_bytes();
+        if name.is_empty()
+            || name.len() > MAX_HOST_DEV_NAME_LEN
+            || name.iter().any(|&b| b == b'/' || b == 0)
+        {
+            return Err(ModelError::HostDevName);
+        }
+        if let Some(mac) = self.guest_mac.as_ref().filter(|mac| !is_mac_address(mac)) {
+            return Err(ModelError::GuestMac(mac.clone()));
+        }
+        if self.mtu.is_some() {
+            return Err(ModelError::Mtu);
+        }
+        validate_rate_limiter(self.rx_rate_limiter.as_ref())?;
+        validate_rate_limiter(self.tx_rate_limiter.as_ref())
+    }
+}
+
+/// Whether `text` is six octets of two hexadecimal digits separated by `:`.
+fn is_mac_address(text: &str) -> bool {
+    let mut octets = 0usize;
+    for octet in text.split(':') {
+        if octet.len() != 2 || !octet.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return false;
+        }
+        octets = octets.saturating_add(1);
+    }
+    octets == 6
+}
+
+/// The body of `PATCH /network-interfaces/{iface_id}`: new rate limiters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// The interface's ID, equal to the one in the path.
+    pub iface_id: String,
+    /// New limits on what the guest receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// New limits on what the guest sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+impl PartialNetworkInterface {
+    /// Checks the update.
+    ///
+    /// # Errors
+    ///
+    /// The [`ModelError`] of the first field refused.
+    pub fn validate(&self) -> Result<()> {
+        validate_id(&self.iface_id)?;
+        validate_rate_limiter(self.rx_rate_limiter.as_ref())?;
+        validate_rate_limiter(self.tx_rate_limiter.as_ref())
+    }
+}
+
+/// What `PUT /actions` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActionType {
+    /// Write the metrics now.
+    FlushMetrics,
+    /// Boot the configured microVM.
+    InstanceStart,
+    /// Press Ctrl+Alt+Del on the guest's keyboard.
+    SendCtrlAltDel,
+}
+
+/// The body of `PUT /actions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceActionInfo {
+    /// The action.
+    pub action_type: ActionType,
+}
+
+/// The state `PATCH /vm` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// Stop running the vCPUs.
+    Paused,
+    /// Run the vCPUs again.
+    Resumed,
+}
+
+/// The body of `PATCH /vm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    /// The state asked for.
+    pub state: VmState,
+}
+
+/// A log level, read without regard to case as Firecracker does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Errors and warnings (`"Warning"`, also read as `"Warn"`).
+    Warning,
+    /// Also information.
+    Info,
+    /// Also debugging details.
+    Debug,
+    /// Everything.
+    Trace,
+    /// Nothing.
+    Off,
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        const LEVELS: &[&str] = &["Error", "Warning", "Info", "Debug", "Trace", "Off"];
+        let text = String::deserialize(deserializer)?;
+        let level = match text.to_ascii_lowercase().as_str() {
+            "error" => LogLevel::Error,
+            "warning" | "warn" => LogLevel::Warning,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" => LogLevel::Trace,
+            "off" => LogLevel::Off,
+            _ => return Err(de::Error::unknown_variant(&text, LEVELS)),
+        };
+        Ok(level)
+    }
+}
+
+/// The body of `PUT /logger`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    /// The file or named pipe the log goes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+    /// The most verbose level written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<LogLevel>,
+    /// Whether each line shows its level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Whether each line shows the file and line it comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+    /// Only messages from this module path are written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+impl Logger {
+    /// Checks that the path, when given, is not empty.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::EmptyPath`].
+    pub fn validate(&self) -> Result<()> {
+        validate_path("log_path", self.log_path.as_deref())
+    }
+}
+
+/// The body of `PUT /metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// The file or named pipe the JSON metrics go to.
+    pub metrics_path: String,
+}
+
+impl Metrics {
+    /// Checks that the path is not empty.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::EmptyPath`].
+    pub fn validate(&self) -> Result<()> {
+        validate_path("metrics_path", Some(&self.metrics_path))
+    }
+}
+
+/// The state of the microVM in [`InstanceInfo`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    /// Being configured: `InstanceStart` has not been asked for.
+    #[serde(rename = "Not started")]
+    NotStarted,
+    /// The vCPUs run.
+    Running,
+    /// The vCPUs are paused.
+    Paused,
+}
+
+/// The answer to `GET /`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceInfo {
+    /// The VMM's name.
+    pub app_name: String,
+    /// The microVM's ID.
+    pub id: String,
+    /// The microVM's state.
+    pub state: InstanceState,
+    /// The VMM's version.
+    pub vmm_version: String,
+}
+
+/// The answer to `GET /version` (`FirecrackerVersion` in the spec).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmmVersion {
+    /// The VMM's version, under the key clients of Firecracker read.
+    pub firecracker_version: String,
+}
+
+/// The body of every error answer (`Error` in the spec).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultMessage {
+    /// What went wrong.
+    pub fault_message: String,
+}
+
+/// The whole configuration of a microVM: the answer to `GET /vm/config`, and the format of a
+/// configuration file.
+///
+/// Keys of Firecracker's configuration that ember does not implement (`balloon`, `cpu-config`,
+/// `entropy`, `memory-hotplug`, `mmds-config`, `pmem`, `vsock`) are accepted only when `null`
+/// (or, for the list `pmem`, empty), so that a configuration written for Firecracker without them
+/// loads unchanged; they are never written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FullVmConfiguration {
+    /// The kernel, its command line and initrd.
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub boot_source: Option<BootSource>,
+    /// The block devices.
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    /// vCPUs and memory.
+    #[serde(
+        rename = "machine-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub machine_config: Option<MachineConfiguration>,
+    /// The network devices.
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+    /// Where the log goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<Logger>,
+    /// Where the metrics go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    #[serde(default, skip_serializing, deserialize_with = "reject_balloon")]
+    balloon: Unsupported,
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing,
+        deserialize_with = "reject_cpu_config"
+    )]
+    cpu_config: Unsupported,
+    #[serde(default, skip_serializing, deserialize_with = "reject_entropy")]
+    entropy: Unsupported,
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing,
+        deserialize_with = "reject_memory_hotplug"
+    )]
+    memory_hotplug: Unsupported,
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing,
+        deserialize_with = "reject_mmds_config"
+    )]
+    mmds_config: Unsupported,
+    #[serde(default, skip_serializing, deserialize_with = "reject_pmem")]
+    pmem: Unsupported,
+    #[serde(default, skip_serializing, deserialize_with = "reject_vsock")]
+    vsock: Unsupported,
+}
+
+impl FullVmConfiguration {
+    /// Checks every part, and that IDs are unique and at most one drive is the root device.
+    ///
+    /// # Errors
+    ///
+    /// The [`ModelError`] of the first value refused.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(boot_source) = &self.boot_source {
+            boot_source.validate()?;
+        }
+        if let Some(machine_config) = &self.machine_config {
+            machine_config.validate()?;
+        }
+        let mut drive_ids = HashSet::new();
+        let mut has_root = false;
+        for drive in &self.drives {
+            drive.validate()?;
+            if !drive_ids.insert(drive.drive_id.as_str()) {
+                return Err(ModelError::DuplicateDrive(drive.drive_id.clone()));
+            }
+            if drive.is_root_device && std::mem::replace(&mut has_root, true) {
+                return Err(ModelError::TwoRootDevices);
+            }
+        }
+        let mut iface_ids = HashSet::new();
+        for iface in &self.network_interfaces {
+            iface.validate()?;
+            if !iface_ids.insert(iface.iface_id.as_str()) {
+                return Err(ModelError::DuplicateInterface(iface.iface_id.clone()));
+            }
+        }
+        if let Some(logger) = &self.logger {
+            logger.validate()?;
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// A key of Firecracker's configuration that ember does not implement, present only as `null`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Unsupported;
+
+/// Defines a `deserialize_with` function that refuses anything but `null` (or `[]`) under `key`.
+macro_rules! reject_key {
+    ($name:ident, $key:literal) => {
+        fn $name<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> std::result::Result<Unsupported, D::Error> {
+            deserializer.deserialize_any(RejectVisitor($key))
+        }
+    };
+}
+
+reject_key!(reject_balloon, "balloon");
+reject_key!(reject_cpu_config, "cpu-config");
+reject_key!(reject_entropy, "entropy");
+reject_key!(reject_memory_hotplug, "memory-hotplug");
+reject_key!(reject_mmds_config, "mmds-config");
+reject_key!(reject_pmem, "pmem");
+reject_key!(reject_vsock, "vsock");
+
+/// Accepts `null` and `[]`, and refuses any other value with a message that names the key.
+struct RejectVisitor(&'static str);
+
+impl RejectVisitor {
+    fn refuse<E: de::Error>(&self) -> E {
+        E::custom(format!(
+            "\"{}\" is not supported by ember: remove it or set it to null",
+            self.0
+        ))
+    }
+}
+
+impl<'de> Visitor<'de> for RejectVisitor {
+    type Value = Unsupported;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "null: ember does not support \"{}\"", self.0)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> std::result::Result<Unsupported, E> {
+        Ok(Unsupported)
+    }
+
+    fn visit_none<E: de::Error>(self) -> std::result::Result<Unsupported, E> {
+        Ok(Unsupported)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Unsupported, A::Error> {
+        match seq.next_element::<IgnoredAny>()? {
+            None => Ok(Unsupported),
+            Some(_) => Err(self.refuse()),
+        }
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(
+        self,
+        _map: A,
+    ) -> std::result::Result<Unsupported, A::Error> {
+        Err(self.refuse())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> std::result::Result<Unsupported, E> {
+        Err(self.refuse())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> std::result::Result<Unsupported, E> {
+        Err(self.refuse())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> std::result::Result<Unsupported, E> {
+        Err(self.refuse())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> std::result::Result<Unsupported, E> {
+        Err(self.refuse())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> std::result::Result<Unsupported, E> {
+        Err(self.refuse())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::de::DeserializeOwned;
+
+    use super::*;
+
+    /// Deserializes `json`, serializes the result and deserializes that again: both values must be
+    /// equal, and the second JSON must equal `json` once both are normalized.
+    fn round_trip<T>(json: &str) -> T
+    where
+        T: DeserializeOwned + Serialize + PartialEq + fmt::Debug,
+    {
+        let value: T = serde_json::from_str(json).unwrap();
+        let written = serde_json::to_string(&value).unwrap();
+        let again: T = serde_json::from_str(&written).unwrap();
+        assert_eq!(value, again);
+        let expected: serde_json::Value = serde_json::from_str(json).unwrap();
+        let actual: serde_json::Value = serde_json::from_str(&written).unwrap();
+        assert_eq!(actual, expected, "{written}");
+        value
+    }
+
+    fn error_of<T: DeserializeOwned + fmt::Debug>(json: &str) -> String {
+        serde_json::from_str::<T>(json).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn ids_allow_only_ascii_alphanumerics_and_underscores() {
+        validate_id("rootfs").unwrap();
+        validate_id("Drive_1").unwrap();
+        validate_id(&"a".repeat(MAX_ID_LEN)).unwrap();
+        assert_eq!(validate_id(""), Err(ModelError::EmptyId));
+        for id in ["a/b", "..", "a-b", "a b", "é", "a%2f", "x\0"] {
+            assert_eq!(validate_id(id), Err(ModelError::InvalidId), "{id:?}");
+        }
+        assert_eq!(
+            validate_id(&"a".repeat(MAX_ID_LEN + 1)),
+            Err(ModelError::IdTooLong)
+        );
+        assert_eq!(
+            ModelError::InvalidId.to_string(),
+            "API Resource IDs can only contain alphanumeric characters and underscores."
+        );
+    }
+
+    #[test]
+    fn boot_source_round_trips() {
+        let boot: BootSource = round_trip(
+            r#"{"kernel_image_path":"/k","initrd_path":"/i","boot_args":"console=ttyS0"}"#,
+        );
+        boot.validate().unwrap();
+        let boot: BootSource = round_trip(r#"{"kernel_image_path":"/k"}"#);
+        assert_eq!(boot.initrd_path, None);
+    }
+
+    #[test]
+    fn boot_source_refuses_missing_unknown_and_empty_fields() {
+        assert!(
+            error_of::<BootSource>(r#"{"boot_args":"x"}"#)
+                .contains("missing field `kernel_image_path`")
+        );
+        assert!(
+            error_of::<BootSource>(r#"{"kernel_image_path":"/k","kernel":"x"}"#)
+                .contains("unknown field `kernel`")
+        );
+        assert!(
+            error_of::<BootSource>(r#"{"kernel_image_path":1}"#)
+                .contains("invalid type: integer `1`, expected a string")
+        );
+        let boot: BootSource = serde_json::from_str(r#"{"kernel_image_path":""}"#).unwrap();
+        assert_eq!(
+            boot.validate().unwrap_err().to_string(),
+            "The kernel_image_path cannot be empty."
+        );
+    }
+
+    #[test]
+    fn machine_configuration_round_trips_and_defaults() {
+        let config: MachineConfiguration = round_trip(
+            r#"{"vcpu_count":2,"mem_size_mib":256,"smt":false,"track_dirty_pages":false,
+                "huge_pages":"Transparent","cpu_template":"None"}"#,
+        );
+        config.validate().unwrap();
+        let config: MachineConfiguration =
+            serde_json::from_str(r#"{"vcpu_count":1,"mem_size_mib":128}"#).unwrap();
+        assert_eq!(config, MachineConfiguration::default());
+        assert_eq!(
+            serde_json::to_string(&config).unwrap(),
+            r#"{"vcpu_count":1,"mem_size_mib":128,"smt":false,"track_dirty_pages":false,"huge_pages":"None"}"#
+        );
+    }
+
+    #[test]
+    fn machine_configuration_refuses_bad_shapes() {
+        assert!(
+            error_of::<MachineConfiguration>(r#"{"mem_size_mib":128}"#)
+                .contains("missing field `vcpu_count`")
+        );
+        assert!(
+            error_of::<MachineConfiguration>(r#"{"vcpu_count":1}"#)
+                .contains("missing field `mem_size_mib`")
+        );
+        assert!(
+            error_of::<MachineConfiguration>(r#"{"vcpu_count":256,"mem_size_mib":1}"#)
+                .contains("expected u8")
+        );
+        assert!(
+            error_of::<MachineConfiguration>(r#"{"vcpu_count":-1,"mem_size_mib":1}"#)
+                .contains("expected u8")
+        );
+        assert!(
+            error_of::<MachineConfiguration>(r#"{"vcpu_count":"2","mem_size_mib":1}"#)
+                .contains("invalid type")
+        );
+        assert!(
+            error_of::<MachineConfiguration>(
+                r#"{"vcpu_count":1,"mem_size_mib":1,"huge_pages":"7M"}"#
+            )
+            .contains("unknown variant `7M`")
+        );
+        assert!(
+            error_of::<MachineConfiguration>(r#"{"vcpu_count":1,"mem_size_mib":1,"gdb":"x"}"#)
+                .contains("unknown field `gdb`")
+        );
+    }
+
+    #[test]
+    fn machine_configuration_refuses_what_ember_cannot_honour() {
+        let base = MachineConfiguration::default();
+        let cases = [
+            (
+                MachineConfiguration {
+                    vcpu_count: 0,
+                    ..base.clone()
+                },
+                ModelError::VcpuCount(0),
+            ),
+            (
+                MachineConfiguration {
+                    vcpu_count: 33,
+                    ..base.clone()
+                },
+                ModelError::VcpuCount(33),
+            ),
+            (
+                MachineConfiguration {
+                    mem_size_mib: 0,
+                    ..base.clone()
+                },
+                ModelError::ZeroMemory,
+            ),
+            (
+                MachineConfiguration {
+                    mem_size_mib: u64::MAX,
+                    ..base.clone()
+                },
+                ModelError::MemoryTooLarge(u64::MAX),
+            ),
+            (
+                MachineConfiguration {
+                    smt: true,
+                    ..base.clone()
+                },
+                ModelError::Smt,
+            ),
+            (
+                MachineConfiguration {
+                    cpu_template: Some(CpuTemplate::T2),
+                    ..base.clone()
+                },
+                ModelError::CpuTemplate(CpuTemplate::T2),
+            ),
+            (
+                MachineConfiguration {
+                    track_dirty_pages: true,
+                    ..base.clone()
+                },
+                ModelError::DirtyPageTracking,
+            ),
+            (
+                MachineConfiguration {
+                    huge_pages: HugePages::Hugetlbfs2M,
+                    ..base.clone()
+                },
+                ModelError::HugetlbfsPages,
+            ),
+        ];
+        for (config, expected) in cases {
+            assert_eq!(config.validate(), Err(expected), "{config:?}");
+        }
+        MachineConfiguration {
+            vcpu_count: MAX_VCPUS,
+            ..base
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            ModelError::CpuTemplate(CpuTemplate::T2).to_string(),
+            "The CPU template \"T2\" is not supported by ember: only \"None\" is accepted."
+        );
+    }
+
+    #[test]
+    fn machine_configuration_update_round_trips_and_applies() {
+        let update: MachineConfigurationUpdate = round_trip(r#"{"vcpu_count":4}"#);
+        assert!(!update.is_empty());
+        update.validate().unwrap();
+        let updated = MachineConfiguration::default().update(&update).unwrap();
+        assert_eq!(updated.vcpu_count, 4);
+        assert_eq!(updated.mem_size_mib, DEFAULT_MEM_SIZE_MIB);
+
+        let empty: MachineConfigurationUpdate = round_trip("{}");
+        assert!(empty.is_empty());
+
+        let bad: MachineConfigurationUpdate =
+            serde_json::from_str(r#"{"mem_size_mib":0}"#).unwrap();
+        assert_eq!(bad.validate(), Err(ModelError::ZeroMemory));
+        assert_eq!(
+            MachineConfiguration::default().update(&bad),
+            Err(ModelError::ZeroMemory)
+        );
+        let smt: MachineConfigurationUpdate = serde_json::from_str(r#"{"smt":true}"#).unwrap();
+        assert_eq!(smt.validate(), Err(ModelError::Smt));
+        assert!(
+            error_of::<MachineConfigurationUpdate>(r#"{"vcpus":1}"#)
+                .contains("unknown field `vcpus`")
+        );
+    }
+
+    #[test]
+    fn token_buckets_of_zero_do_not_limit() {
+        let bucket: TokenBucket =
+            round_trip(r#"{"size":1000,"one_time_burst":10,"refill_time":100}"#);
+        assert!(bucket.limits());
+        let zero_size: TokenBucket = round_trip(r#"{"size":0,"refill_time":100}"#);
+        assert!(!zero_size.limits());
+        let zero_time: TokenBucket = round_trip(r#"{"size":10,"refill_time":0}"#);
+        assert!(!zero_time.limits());
+        zero_time.validate().unwrap();
+    }
+
+    #[test]
+    fn token_buckets_refuse_bad_shapes_and_huge_refill_times() {
+        assert!(error_of::<TokenBucket>(r#"{"size":100}"#).contains("missing field `refill_time`"));
+        assert!(error_of::<TokenBucket>(r#"{"size":-1,"refill_time":1}"#).contains("expected u64"));
+        assert!(
+            error_of::<TokenBucket>(r#"{"size":1,"refill_time":1,"rate":1}"#)
+                .contains("unknown field `rate`")
+        );
+        let huge = TokenBucket {
+            size: 1,
+            one_time_burst: None,
+            refill_time: u64::MAX / 1000,
+        };
+        assert_eq!(
+            huge.validate(),
+            Err(ModelError::RefillTime(u64::MAX / 1000))
+        );
+        let limiter = RateLimiter {
+            bandwidth: None,
+            ops: Some(huge),
+        };
+        assert!(limiter.validate().is_err());
+    }
+
+    #[test]
+    fn rate_limiters_round_trip() {
+        let limiter: RateLimiter = round_trip(
+            r#"{"bandwidth":{"size":1048576,"refill_time":1000},"ops":{"size":100,"one_time_burst":50,"refill_time":1000}}"#,
+        );
+        limiter.validate().unwrap();
+        let empty: RateLimiter = round_trip("{}");
+        assert_eq!(empty, RateLimiter::default());
+        assert!(error_of::<RateLimiter>(r#"{"iops":{}}"#).contains("unknown field `iops`"));
+    }
+
+    #[test]
+    fn drives_round_trip() {
+        let drive: Drive = round_trip(
+            r#"{"drive_id":"rootfs","path_on_host":"/r.ext4","is_root_device":true,
+                "is_read_only":true,"partuuid":"0eaa91a0-01","cache_type":"Writeback",
+                "io_engine":"Sync","rate_limiter":{"ops":{"size":10,"refill_time":10}}}"#,
+        );
+        drive.validate().unwrap();
+        assert!(drive.read_only());
+        let drive: Drive = serde_json::from_str(
+            r#"{"drive_id":"data","path_on_host":"/d","is_root_device":false}"#,
+        )
+        .unwrap();
+        drive.validate().unwrap();
+        assert!(!drive.read_only());
+        assert_eq!(drive.cache_type, CacheType::Unsafe);
+        // Serialized, the default cache type is written out.
+        assert_eq!(
+            serde_json::to_string(&drive).unwrap(),
+            r#"{"drive_id":"data","is_root_device":false,"cache_type":"Unsafe","path_on_host":"/d"}"#
+        );
+    }
+
+    #[test]
+    fn drives_refuse_what_ember_cannot_honour() {
+        let drive = |extra: &str| -> Drive {
+            serde_json::from_str(&format!(
+                r#"{{"drive_id":"d","is_root_device":false{extra}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(
+            drive(r#","socket":"/vhost.sock""#).validate(),
+            Err(ModelError::VhostUserBlock)
+        );
+        assert_eq!(
+            drive(r#","path_on_host":"/d","socket":"/s""#).validate(),
+            Err(ModelError::VhostUserBlock)
+        );
+        assert_eq!(drive("").validate(), Err(ModelError::MissingDrivePath));
+        assert_eq!(
+            drive(r#","path_on_host":"""#).validate(),
+            Err(ModelError::EmptyPath("path_on_host"))
+        );
+        assert_eq!(
+            drive(r#","path_on_host":"/d","io_engine":"Async""#).validate(),
+            Err(ModelError::AsyncIoEngine)
+        );
+        let mut bad_id = drive(r#","path_on_host":"/d""#);
+        bad_id.drive_id = "../etc".into();
+        assert_eq!(bad_id.validate(), Err(ModelError::InvalidId));
+        assert!(
+            ModelError::VhostUserBlock
+                .to_string()
+                .contains("vhost-user")
+        );
+    }
+
+    #[test]
+    fn drives_refuse_bad_shapes() {
+        assert!(
+            error_of::<Drive>(r#"{"drive_id":"d","path_on_host":"/d"}"#)
+                .contains("missing field `is_root_device`")
+        );
+        assert!(
+            error_of::<Drive>(r#"{"drive_id":"d","is_root_device":"yes"}"#)
+                .contains("invalid type: string \"yes\", expected a boolean")
+        );
+        assert!(
+            error_of::<Drive>(r#"{"drive_id":"d","is_root_device":true,"cache_type":"None"}"#)
+                .contains("unknown variant `None`, expected `Unsafe` or `Writeback`")
+        );
+        assert!(
+            error_of::<Drive>(r#"{"drive_id":"d","is_root_device":true,"direct":true}"#)
+                .contains("unknown field `direct`")
+        );
+    }
+
+    #[test]
+    fn partial_drives_round_trip_and_are_checked() {
+        let patch: PartialDrive = round_trip(r#"{"drive_id":"d","path_on_host":"/new"}"#);
+        patch.validate().unwrap();
+        let patch: PartialDrive = round_trip(
+            r#"{"drive_id":"d","rate_limiter":{"bandwidth":{"size":0,"refill_time":0}}}"#,
+        );
+        patch.validate().unwrap();
+        assert!(
+            error_of::<PartialDrive>(r#"{"drive_id":"d","is_read_only":true}"#)
+                .contains("unknown field `is_read_only`")
+        );
+        assert!(
+            error_of::<PartialDrive>(r#"{"path_on_host":"/x"}"#)
+                .contains("missing field `drive_id`")
+        );
+        let empty: PartialDrive =
+            serde_json::from_str(r#"{"drive_id":"d","path_on_host":""}"#).unwrap();
+        assert_eq!(empty.validate(), Err(ModelError::EmptyPath("path_on_host")));
+    }
+
+    #[test]
+    fn network_interfaces_round_trip() {
+        let iface: NetworkInterface = round_trip(
+            r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"06:00:AC:10:00:02",
+                "rx_rate_limiter":{"bandwidth":{"size":1,"refill_time":1}},
+                "tx_rate_limiter":{"ops":{"size":1,"refill_time":1}}}"#,
+        );
+        iface.validate().unwrap();
+        let iface: NetworkInterface = round_trip(r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#);
+        iface.validate().unwrap();
+    }
+
+    #[test]
+    fn network_interfaces_refuse_bad_values() {
+        let iface = |name: &str, mac: Option<&str>| NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: name.into(),
+            guest_mac: mac.map(Into::into),
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        for name in ["", "a/b", "sixteen_chars_xx", "a\0b"] {
+            assert_eq!(
+                iface(name, None).validate(),
+                Err(ModelError::HostDevName),
+                "{name:?}"
+            );
+        }
+        iface("fifteen_chars_x", None).validate().unwrap();
+        for mac in [
+            "",
+            "06:00:ac:10:00",
+            "06:00:ac:10:00:02:03",
+            "06-00-ac-10-00-02",
+            "g6:00:ac:10:00:02",
+            "6:00:ac:10:00:02",
+        ] {
+            assert_eq!(
+                iface("tap0", Some(mac)).validate(),
+                Err(ModelError::GuestMac(mac.into())),
+                "{mac:?}"
+            );
+        }
+        let mut with_mtu = iface("tap0", None);
+        with_mtu.mtu = Some(1500);
+        assert_eq!(with_mtu.validate(), Err(ModelError::Mtu));
+        assert!(
+            error_of::<NetworkInterface>(r#"{"iface_id":"e"}"#)
+                .contains("missing field `host_dev_name`")
+        );
+        assert!(
+            error_of::<NetworkInterface>(r#"{"iface_id":"e","host_dev_name":"t","mtu":70000}"#)
+                .contains("expected u16")
+        );
+    }
+
+    #[test]
+    fn partial_network_interfaces_round_trip_and_are_checked() {
+        let patch: PartialNetworkInterface = round_trip(
+            r#"{"iface_id":"eth0","rx_rate_limiter":{"ops":{"size":5,"refill_time":5}}}"#,
+        );
+        patch.validate().unwrap();
+        assert!(
+            error_of::<PartialNetworkInterface>(r#"{"iface_id":"e","host_dev_name":"t"}"#)
+                .contains("unknown field `host_dev_name`")
+        );
+        let bad = PartialNetworkInterface {
+            iface_id: "a.b".into(),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        assert_eq!(bad.validate(), Err(ModelError::InvalidId));
+    }
+
+    #[test]
+    fn actions_and_vm_states_round_trip() {
+        for action in ["FlushMetrics", "InstanceStart", "SendCtrlAltDel"] {
+            round_trip::<InstanceActionInfo>(&format!(r#"{{"action_type":"{action}"}}"#));
+        }
+        assert!(
+            error_of::<InstanceActionInfo>(r#"{"action_type":"Reboot"}"#)
+                .contains("unknown variant `Reboot`")
+        );
+        assert!(
+            error_of::<InstanceActionInfo>(r#"{"action_type":"InstanceStart","payload":1}"#)
+                .contains("unknown field `payload`")
+        );
+        assert_eq!(
+            round_trip::<Vm>(r#"{"state":"Paused"}"#).state,
+            VmState::Paused
+        );
+        assert_eq!(
+            round_trip::<Vm>(r#"{"state":"Resumed"}"#).state,
+            VmState::Resumed
+        );
+        assert!(error_of::<Vm>(r#"{"state":"Running"}"#).contains("unknown variant `Running`"));
+        assert!(error_of::<Vm>("{}").contains("missing field `state`"));
+    }
+
+    #[test]
+    fn loggers_read_levels_without_regard_to_case() {
+        let logger: Logger = round_trip(
+            r#"{"log_path":"/l","level":"Debug","show_level":true,"show_log_origin":false,"module":"ember::api"}"#,
+        );
+        logger.validate().unwrap();
+        for (text, level) in [
+            ("error", LogLevel::Error),
+            ("WARNING", LogLevel::Warning),
+            ("Warn", LogLevel::Warning),
+            ("info", LogLevel::Info),
+            ("dEbUg", LogLevel::Debug),
+            ("trace", LogLevel::Trace),
+            ("off", LogLevel::Off),
+        ] {
+            let logger: Logger = serde_json::from_str(&format!(r#"{{"level":"{text}"}}"#)).unwrap();
+            assert_eq!(logger.level, Some(level));
+        }
+        assert!(error_of::<Logger>(r#"{"level":"loud"}"#).contains("unknown variant `loud`"));
+        assert_eq!(round_trip::<Logger>("{}"), Logger::default());
+        let empty: Logger = serde_json::from_str(r#"{"log_path":""}"#).unwrap();
+        assert_eq!(empty.validate(), Err(ModelError::EmptyPath("log_path")));
+    }
+
+    #[test]
+    fn metrics_round_trip() {
+        let metrics: Metrics = round_trip(r#"{"metrics_path":"/m.fifo"}"#);
+        metrics.validate().unwrap();
+        assert!(error_of::<Metrics>("{}").contains("missing field `metrics_path`"));
+        assert!(
+            error_of::<Metrics>(r#"{"metrics_path":"/m","emit_id":true}"#)
+                .contains("unknown field `emit_id`")
+        );
+    }
+
+    #[test]
+    fn instance_info_and_version_round_trip() {
+        for state in ["Not started", "Running", "Paused"] {
+            round_trip::<InstanceInfo>(&format!(
+                r#"{{"app_name":"ember","id":"vm0","state":"{state}","vmm_version":"0.1.0"}}"#
+            ));
+        }
+        let info = InstanceInfo {
+            app_name: "ember".into(),
+            id: "anonymous-instance".into(),
+            state: InstanceState::NotStarted,
+            vmm_version: "0.1.0".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&info).unwrap(),
+            r#"{"app_name":"ember","id":"anonymous-instance","state":"Not started","vmm_version":"0.1.0"}"#
+        );
+        round_trip::<VmmVersion>(r#"{"firecracker_version":"1.0.0"}"#);
+        round_trip::<FaultMessage>(r#"{"fault_message":"x"}"#);
+    }
+
+    #[test]
+    fn full_configurations_round_trip() {
+        let config: FullVmConfiguration = round_trip(
+            r#"{
+                "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
+                "drives": [{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true,
+                            "cache_type": "Unsafe"}],
+                "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false,
+                                   "track_dirty_pages": false, "huge_pages": "None"},
+                "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
+                "logger": {"level": "Info"},
+                "metrics": {"metrics_path": "/m"}
+            }"#,
+        );
+        config.validate().unwrap();
+        let empty: FullVmConfiguration = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, FullVmConfiguration::default());
+        assert_eq!(
+            serde_json::to_string(&empty).unwrap(),
+            r#"{"drives":[],"network-interfaces":[]}"#
+        );
+    }
+
+    #[test]
+    fn full_configurations_accept_unimplemented_keys_only_when_null() {
+        let config: FullVmConfiguration = serde_json::from_str(
+            r#"{"balloon": null, "cpu-config": null, "entropy": null, "memory-hotplug": null,
+                "mmds-config": null, "pmem": [], "vsock": null}"#,
+        )
+        .unwrap();
+        assert_eq!(config, FullVmConfiguration::default());
+        assert_eq!(
+            serde_json::to_string(&config).unwrap(),
+            r#"{"drives":[],"network-interfaces":[]}"#
+        );
+        for (key, value) in [
+            ("balloon", r#"{"amount_mib":1,"deflate_on_oom":false}"#),
+            ("vsock", r#"{"guest_cid":3,"uds_path":"/v"}"#),
+            ("pmem", r#"[{"id":"p","path_on_host":"/p"}]"#),
+            ("mmds-config", "1"),
+            ("entropy", "true"),
+            ("cpu-config", r#""x""#),
+        ] {
+            let err = error_of::<FullVmConfiguration>(&format!(r#"{{"{key}": {value}}}"#));
+            assert!(
+                err.contains(&format!("\"{key}\" is not supported by ember")),
+                "{key}: {err}"
+            );
+        }
+        assert!(
+            error_of::<FullVmConfiguration>(r#"{"serial": null}"#)
+                .contains("unknown field `serial`")
+        );
+    }
+
+    #[test]
+    fn full_configurations_refuse_duplicates_and_two_roots() {
+        let drive = |id: &str, root: bool| Drive {
+            drive_id: id.into(),
+            partuuid: None,
+            is_root_device: root,
+            cache_type: CacheType::Unsafe,
+            is_read_only: None,
+            path_on_host: Some("/d".into()),
+            rate_limiter: None,
+            io_engine: None,
+            socket: None,
+        };
+        let mut config = FullVmConfiguration {
+            drives: vec![drive("a", true), drive("a", false)],
+            ..FullVmConfiguration::default()
+        };
+        assert_eq!(
+            config.validate(),
+            Err(ModelError::DuplicateDrive("a".into()))
+        );
+        config.drives = vec![drive("a", true), drive("b", true)];
+        assert_eq!(config.validate(), Err(ModelError::TwoRootDevices));
+        config.drives = vec![drive("a", true), drive("b", false)];
+        config.validate().unwrap();
+        let iface = NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: None,
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        config.network_interfaces = vec![iface.clone(), iface];
+        assert_eq!(
+            config.validate(),
+            Err(ModelError::DuplicateInterface("eth0".into()))
+        );
+        config.network_interfaces.clear();
+        config.machine_config = Some(MachineConfiguration {
+            smt: true,
+            ..MachineConfiguration::default()
+        });
+        assert_eq!(config.validate(), Err(ModelError::Smt));
+    }
+}
