@@ -220,6 +220,7 @@ pub fn block_request(data: &[u8]) -> BlockOutcome {
         path: disk_image().to_path_buf(),
         read_only,
         id: "fuzz".into(),
+        ..block::Config::default()
     };
     let mut disk = Disk::open(&config).expect("the image opens");
     let mut outcome = BlockOutcome::default();

@@ -10,6 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::Path;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
@@ -86,24 +87,30 @@ impl Disk {
     /// device, [`Error::Size`] if its size cannot be read, and [`Error::SizeNotSectorMultiple`]
     /// if the size is not a whole number of sectors.
     pub fn open(config: &Config) -> Result<Self> {
-        let id = id_bytes(&config.id)?;
-        let path = &config.path;
+        Disk::open_image(&config.path, config.read_only, &config.id)
+    }
+
+    /// As [`Disk::open`], for the image at `path`, read-only or not, with the ID `id`.
+    pub(super) fn open_image(path: &Path, read_only: bool, id: &str) -> Result<Self> {
+        let id = id_bytes(id)?;
         let file = OpenOptions::new()
             .read(true)
-            .write(!config.read_only)
+            .write(!read_only)
             .open(path)
             .map_err(|source| Error::Open {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source,
             })?;
         let size_error = |source| Error::Size {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         };
         let metadata = file.metadata().map_err(size_error)?;
         let file_type = metadata.file_type();
         if !file_type.is_file() && !file_type.is_block_device() {
-            return Err(Error::NotADisk { path: path.clone() });
+            return Err(Error::NotADisk {
+                path: path.to_path_buf(),
+            });
         }
         // A block device's metadata says 0 bytes; seeking to its end gives its size.
         let size = {
@@ -112,17 +119,17 @@ impl Disk {
         };
         if size % SECTOR_SIZE != 0 {
             return Err(Error::SizeNotSectorMultiple {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 size,
             });
         }
         let block_size = metadata.blksize();
         let discard_alignment = u32::try_from(block_size / SECTOR_SIZE).unwrap_or(1).max(1);
-        let discard = !config.read_only && probe_punch_hole(&file, size);
+        let discard = !read_only && probe_punch_hole(&file, size);
         Ok(Disk {
             file,
             capacity: size / SECTOR_SIZE,
-            read_only: config.read_only,
+            read_only,
             discard,
             zero_range: true,
             discard_alignment,

@@ -36,6 +36,12 @@ pub struct BlockMetrics {
     pub flush_count: AtomicU64,
     /// Queue notifications the worker handled.
     pub queue_event_count: AtomicU64,
+    /// Events of the rate limiter's timer the worker handled.
+    pub rate_limiter_event_count: AtomicU64,
+    /// Successful changes of the disk image or the rate limiter, made while the device exists.
+    pub update_count: AtomicU64,
+    /// Changes of the disk image or the rate limiter that failed.
+    pub update_fails: AtomicU64,
     /// Bytes read from the disk into guest memory by the reads completed.
     pub read_bytes: AtomicU64,
     /// Bytes written to the disk from guest memory by the writes completed.
@@ -44,11 +50,13 @@ pub struct BlockMetrics {
     pub read_count: AtomicU64,
     /// Writes completed.
     pub write_count: AtomicU64,
+    /// Times the rate limiter held a request back, each retry of the same request included.
+    pub rate_limiter_throttled_events: AtomicU64,
 }
 
 impl BlockMetrics {
     /// The number of counters, the length of [`BlockMetrics::values`].
-    pub const LEN: usize = 12;
+    pub const LEN: usize = 16;
 
     /// Every counter's name and value, always in the same order.
     ///
@@ -73,10 +81,20 @@ impl BlockMetrics {
             ("invalid_reqs_count", get(&self.invalid_reqs_count)),
             ("flush_count", get(&self.flush_count)),
             ("queue_event_count", get(&self.queue_event_count)),
+            (
+                "rate_limiter_event_count",
+                get(&self.rate_limiter_event_count),
+            ),
+            ("update_count", get(&self.update_count)),
+            ("update_fails", get(&self.update_fails)),
             ("read_bytes", get(&self.read_bytes)),
             ("write_bytes", get(&self.write_bytes)),
             ("read_count", get(&self.read_count)),
             ("write_count", get(&self.write_count)),
+            (
+                "rate_limiter_throttled_events",
+                get(&self.rate_limiter_throttled_events),
+            ),
         ]
     }
 
@@ -130,7 +148,7 @@ mod tests {
         let values = metrics.values();
         let mut names: Vec<&str> = values.iter().map(|&(name, _)| name).collect();
         assert_eq!(names.first(), Some(&"activate_fails"));
-        assert_eq!(names.last(), Some(&"write_count"));
+        assert_eq!(names.last(), Some(&"rate_limiter_throttled_events"));
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), BlockMetrics::LEN);

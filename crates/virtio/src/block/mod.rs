@@ -20,6 +20,7 @@
 //! ```
 //! use std::sync::Arc;
 //!
+//! use ember_rate_limiter::RateLimiter;
 //! use ember_virtio::Interrupt;
 //! use ember_virtio::block::{BlockWorker, Config, Disk};
 //! use ember_virtio::mock::{MockBuffer, MockDriver, guest_memory};
@@ -28,7 +29,12 @@
 //!
 //! let path = std::env::temp_dir().join(format!("ember-blk-doc-{}", std::process::id()));
 //! std::fs::write(&path, [0xab; 4096]).unwrap();
-//! let config = Config { path: path.clone(), read_only: true, id: "doc".into() };
+//! let config = Config {
+//!     path: path.clone(),
+//!     read_only: true,
+//!     id: "doc".into(),
+//!     ..Config::default()
+//! };
 //! let disk = Disk::open(&config).unwrap();
 //! assert_eq!(disk.capacity(), 8);
 //!
@@ -36,7 +42,9 @@
 //! let mut driver = MockDriver::new(16, GuestAddress(0));
 //! let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
 //! let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
-//! let mut worker = BlockWorker::new(disk, driver.queue(), mem.clone(), interrupt);
+//! // No limit on what the driver asks.
+//! let limiter = RateLimiter::default();
+//! let mut worker = BlockWorker::new(disk, driver.queue(), mem.clone(), interrupt, limiter);
 //!
 //! // The driver asks for sector 1: a header (type IN = 0, sector 1), a data buffer, a status.
 //! let mut header = [0u8; 16];
@@ -71,9 +79,10 @@ pub mod request;
 use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ember_rate_limiter::{BucketUpdate, RateLimiter, TokenType};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_WRITE_ZEROES,
@@ -132,8 +141,10 @@ const CONFIG_WRITE_ZEROES_MAY_UNMAP: usize = 56;
 
 /// The epoll token of the queue's notification eventfd.
 const QUEUE_TOKEN: u64 = 0;
+/// The epoll token of the rate limiter's timerfd.
+const RATE_LIMITER_TOKEN: u64 = 1;
 
-/// Errors of setting up a block device.
+/// Errors of setting up or changing a block device.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The image cannot be opened.
@@ -177,13 +188,20 @@ pub enum Error {
     /// The ID holds something other than printable ASCII characters.
     #[error("The disk ID holds characters other than printable ASCII")]
     IdNotPrintable,
+    /// The worker thread serving the active device did not answer.
+    #[error("Cannot reach the block device's worker thread")]
+    Worker(#[source] io::Error),
+    /// The device lost its disk and rate limiter with a worker thread that panicked; only a
+    /// new device can replace it.
+    #[error("The block device lost its disk when its worker thread stopped")]
+    Lost,
 }
 
-/// Result of setting up a block device.
+/// Result of setting up or changing a block device.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// What a block device is made from.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Config {
     /// Path of the raw disk image, or of a host block device; its size must be a multiple of
     /// 512 bytes.
@@ -194,21 +212,37 @@ pub struct Config {
     /// NUL-padded to 20. Longer IDs are refused ([`Error::IdTooLong`]), not cut short, so that
     /// two disks cannot end up with the same ID. It also names the worker thread.
     pub id: String,
+    /// What the device lets through: each request takes one operation, and a read or write its
+    /// data length in bytes. The default lets everything through.
+    pub rate_limiter: RateLimiter,
 }
 
 /// A virtio block device.
 pub struct Block {
     id: String,
+    read_only: bool,
     features: u64,
     config_space: [u8; CONFIG_LEN],
     state: State,
     metrics: Arc<BlockMetrics>,
 }
 
-/// Where the disk is: with the device, or with the worker serving the queue.
+/// Where the disk and the rate limiter are: with the device, or with the worker serving the
+/// queue.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a device has one state, which moves only when the device is activated or reset"
+)]
 enum State {
-    Ready(Disk),
-    Active(Box<dyn ActiveWorker>),
+    Ready {
+        disk: Disk,
+        rate_limiter: RateLimiter,
+    },
+    Active {
+        worker: Box<dyn ActiveWorker>,
+        /// The device's interrupt, for configuration changes.
+        interrupt: Arc<Interrupt>,
+    },
     /// The worker thread panicked and took the disk with it.
     Lost,
 }
@@ -216,12 +250,13 @@ enum State {
 impl fmt::Debug for Block {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match self.state {
-            State::Ready(_) => "ready",
-            State::Active(_) => "active",
+            State::Ready { .. } => "ready",
+            State::Active { .. } => "active",
             State::Lost => "lost",
         };
         f.debug_struct("Block")
             .field("id", &self.id)
+            .field("read_only", &self.read_only)
             .field("features", &format_args!("{:#x}", self.features))
             .field("state", &state)
             .finish()
@@ -229,7 +264,7 @@ impl fmt::Debug for Block {
 }
 
 impl Block {
-    /// Opens the disk `config` names.
+    /// Opens the disk `config` names, behind `config`'s rate limiter.
     ///
     /// The device offers VERSION_1, EVENT_IDX, INDIRECT_DESC, FLUSH and SEG_MAX; RO for a
     /// read-only disk; WRITE_ZEROES for a writable one, and DISCARD too where the image's file
@@ -238,13 +273,17 @@ impl Block {
     /// # Errors
     ///
     /// As [`Disk::open`].
-    pub fn new(config: &Config) -> Result<Self> {
-        let disk = Disk::open(config)?;
+    pub fn new(config: Config) -> Result<Self> {
+        let disk = Disk::open(&config)?;
         Ok(Block {
-            id: config.id.clone(),
+            id: config.id,
+            read_only: config.read_only,
             features: features(&disk),
             config_space: config_space(&disk),
-            state: State::Ready(disk),
+            state: State::Ready {
+                disk,
+                rate_limiter: config.rate_limiter,
+            },
             metrics: Arc::default(),
         })
     }
@@ -261,18 +300,118 @@ impl Block {
 
     /// Whether a worker is serving the queue.
     pub fn is_active(&self) -> bool {
-        matches!(self.state, State::Active(_))
+        matches!(self.state, State::Active { .. })
+    }
+
+    /// The disk's size in 512-byte sectors, as the driver reads it in the configuration space.
+    pub fn capacity(&self) -> u64 {
+        let mut capacity = [0u8; 8];
+        let end = CONFIG_CAPACITY.saturating_add(capacity.len());
+        if let Some(field) = self.config_space.get(CONFIG_CAPACITY..end) {
+            capacity.copy_from_slice(field);
+        }
+        u64::from_le_bytes(capacity)
+    }
+
+    /// Changes the rate limiter's buckets; a bucket given [`BucketUpdate::None`] keeps its
+    /// state (tokens, debt and burst). On an active device the change is made on the worker
+    /// thread, between two events, and a request the old limits held back is retried at once
+    /// under the new ones; otherwise it is kept for the next activation. Counted in
+    /// `update_count`, or `update_fails`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Worker`] when the worker thread does not answer, [`Error::Lost`] when the device
+    /// lost its rate limiter with a worker that panicked.
+    pub fn update_rate_limiter(
+        &mut self,
+        bandwidth: BucketUpdate,
+        ops: BucketUpdate,
+    ) -> Result<()> {
+        let result = match &mut self.state {
+            State::Ready { rate_limiter, .. } => {
+                rate_limiter.update_buckets(bandwidth, ops);
+                Ok(())
+            }
+            State::Active { worker, .. } => worker
+                .update_rate_limiter(bandwidth, ops)
+                .map_err(Error::Worker),
+            State::Lost => Err(Error::Lost),
+        };
+        self.count_update(&result);
+        result
+    }
+
+    /// Replaces the disk with the image at `path`, opened as [`Block::new`] opens one, with the
+    /// device's read-only flag and ID. On an active device the new disk takes over on the worker
+    /// thread between two requests (a request the rate limiter holds back is checked again
+    /// against the new capacity), and the driver is told through a configuration change
+    /// interrupt to read the new capacity. The features stay as negotiated: if the new image
+    /// cannot punch holes where the old one could, discards complete with UNSUPP. Counted in
+    /// `update_count`, or `update_fails`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Disk::open`] when the new image cannot be used (the old one stays);
+    /// [`Error::Worker`] when the worker thread does not answer, [`Error::Lost`] when the device
+    /// lost its disk with a worker that panicked.
+    pub fn update_disk(&mut self, path: &Path) -> Result<()> {
+        let result = self.replace_disk(path);
+        self.count_update(&result);
+        result
+    }
+
+    fn replace_disk(&mut self, path: &Path) -> Result<()> {
+        if matches!(self.state, State::Lost) {
+            return Err(Error::Lost);
+        }
+        let disk = Disk::open_image(path, self.read_only, &self.id)?;
+        let capacity = disk.capacity();
+        let interrupt = match &mut self.state {
+            State::Ready { disk: old, .. } => {
+                *old = disk;
+                None
+            }
+            State::Active { worker, interrupt } => {
+                // The old disk is closed here, once the worker no longer uses it.
+                drop(worker.replace_disk(disk).map_err(Error::Worker)?);
+                Some(interrupt.clone())
+            }
+            State::Lost => return Err(Error::Lost),
+        };
+        put_config(
+            &mut self.config_space,
+            CONFIG_CAPACITY,
+            &capacity.to_le_bytes(),
+        );
+        if let Some(interrupt) = interrupt {
+            if let Err(err) = interrupt.signal_config_change() {
+                inc(&self.metrics.event_fails);
+                log::error!(
+                    "The block device {} cannot tell the driver its new capacity: {err}",
+                    self.id
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn count_update(&self, result: &Result<()>) {
+        match result {
+            Ok(()) => inc(&self.metrics.update_count),
+            Err(_) => inc(&self.metrics.update_fails),
+        }
     }
 
     fn stop_worker(&mut self) {
-        if !matches!(self.state, State::Active(_)) {
+        if !matches!(self.state, State::Active { .. }) {
             return;
         }
-        let State::Active(worker) = std::mem::replace(&mut self.state, State::Lost) else {
+        let State::Active { worker, .. } = std::mem::replace(&mut self.state, State::Lost) else {
             return;
         };
         match worker.stop() {
-            Ok(disk) => self.state = State::Ready(disk),
+            Ok((disk, rate_limiter)) => self.state = State::Ready { disk, rate_limiter },
             Err(err) => log::error!("The block device {} lost its disk: {err}", self.id),
         }
     }
@@ -328,7 +467,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
 }
 
 impl Block {
-    /// Hands the disk and the queue to a worker thread.
+    /// Hands the disk, the rate limiter and the queue to a worker thread.
     fn start_worker<M: GuestMemory + Send + Sync + 'static>(
         &mut self,
         params: ActivateParams<M>,
@@ -354,17 +493,19 @@ impl Block {
                 given: 0,
             });
         };
-        if !matches!(self.state, State::Ready(_)) {
+        if !matches!(self.state, State::Ready { .. }) {
             return Err(ActivateError::AlreadyActive);
         }
-        let State::Ready(disk) = std::mem::replace(&mut self.state, State::Lost) else {
+        let State::Ready { disk, rate_limiter } = std::mem::replace(&mut self.state, State::Lost)
+        else {
             return Err(ActivateError::AlreadyActive);
         };
         let handler = BlockHandler {
-            worker: BlockWorker::new(disk, queue, mem, interrupt)
+            worker: BlockWorker::new(disk, queue, mem, interrupt.clone(), rate_limiter)
                 .with_metrics(self.metrics.clone()),
             queue_evt,
             id: self.id.clone(),
+            broken: false,
         };
         let name = if self.id.is_empty() {
             "ember-blk".to_string()
@@ -373,11 +514,15 @@ impl Block {
         };
         match Worker::spawn(name, handler, &gate) {
             Ok(worker) => {
-                self.state = State::Active(Box::new(worker));
+                self.state = State::Active {
+                    worker: Box::new(worker),
+                    interrupt,
+                };
                 Ok(())
             }
             Err(err) => {
-                self.state = State::Ready(err.handler.worker.into_disk());
+                let (disk, rate_limiter) = err.handler.worker.into_parts();
+                self.state = State::Ready { disk, rate_limiter };
                 Err(ActivateError::Worker(err.error))
             }
         }
@@ -415,12 +560,7 @@ fn features(disk: &Disk) -> u64 {
 /// does not offer stay 0.
 fn config_space(disk: &Disk) -> [u8; CONFIG_LEN] {
     let mut config = [0u8; CONFIG_LEN];
-    let mut put = |offset: usize, bytes: &[u8]| {
-        let end = offset.saturating_add(bytes.len());
-        if let Some(field) = config.get_mut(offset..end) {
-            field.copy_from_slice(bytes);
-        }
-    };
+    let mut put = |offset: usize, bytes: &[u8]| put_config(&mut config, offset, bytes);
     put(CONFIG_CAPACITY, &disk.capacity().to_le_bytes());
     put(CONFIG_SEG_MAX, &SEG_MAX.to_le_bytes());
     if disk.discard_supported() {
@@ -451,51 +591,88 @@ fn config_space(disk: &Disk) -> [u8; CONFIG_LEN] {
     config
 }
 
+/// Writes `bytes` into the field at `offset` of the configuration space `config`.
+fn put_config(config: &mut [u8; CONFIG_LEN], offset: usize, bytes: &[u8]) {
+    let end = offset.saturating_add(bytes.len());
+    if let Some(field) = config.get_mut(offset..end) {
+        field.copy_from_slice(bytes);
+    }
+}
+
 /// Serves a block device's queue: the request path, without the thread around it.
 ///
 /// [`BlockWorker::process_queue`] is what the worker thread runs on every notification; tests
 /// and benches call it directly.
+///
+/// Every request goes through the rate limiter first: one operation, and for a read or a write
+/// its data length in bytes. A request the limiter refuses is not lost nor failed: the worker
+/// keeps its chain, stops serving the queue ([`BlockWorker::is_throttled`]) and serves that
+/// chain first when called again, once the limiter's timerfd has fired and
+/// [`RateLimiter::event_handler`] has been called.
 pub struct BlockWorker<M> {
-    disk: Disk,
+    server: Server,
     queue: Queue,
     mem: Arc<M>,
     interrupt: Arc<Interrupt>,
     irq_error_logged: bool,
+}
+
+/// What carries out the requests of a queue: the disk, the rate limiter in front of it, and
+/// the counters.
+struct Server {
+    disk: Disk,
+    rate_limiter: RateLimiter,
+    /// The chain the rate limiter held back, served before any other.
+    throttled: Option<DescriptorChain>,
     metrics: Arc<BlockMetrics>,
 }
 
 impl<M> fmt::Debug for BlockWorker<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlockWorker")
-            .field("disk", &self.disk)
+            .field("disk", &self.server.disk)
             .field("queue", &self.queue)
+            .field("rate_limiter", &self.server.rate_limiter)
+            .field("throttled", &self.server.throttled.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl<M: GuestMemory> BlockWorker<M> {
-    /// Serves `queue`, which the driver set up in `mem`, from `disk`, raising `interrupt`. It
-    /// counts into counters of its own until given others ([`BlockWorker::with_metrics`]).
-    pub fn new(disk: Disk, queue: Queue, mem: Arc<M>, interrupt: Arc<Interrupt>) -> Self {
+    /// Serves `queue`, which the driver set up in `mem`, from `disk`, as fast as
+    /// `rate_limiter` lets it (`RateLimiter::default()` lets everything through), raising
+    /// `interrupt`. It counts into counters of its own until given others
+    /// ([`BlockWorker::with_metrics`]).
+    pub fn new(
+        disk: Disk,
+        queue: Queue,
+        mem: Arc<M>,
+        interrupt: Arc<Interrupt>,
+        rate_limiter: RateLimiter,
+    ) -> Self {
         BlockWorker {
-            disk,
+            server: Server {
+                disk,
+                rate_limiter,
+                throttled: None,
+                metrics: Arc::default(),
+            },
             queue,
             mem,
             interrupt,
             irq_error_logged: false,
-            metrics: Arc::default(),
         }
     }
 
     /// Counts into `metrics`, a device's counters, from now on.
     pub fn with_metrics(mut self, metrics: Arc<BlockMetrics>) -> Self {
-        self.metrics = metrics;
+        self.server.metrics = metrics;
         self
     }
 
     /// The counters the worker updates.
     pub fn metrics(&self) -> &Arc<BlockMetrics> {
-        &self.metrics
+        &self.server.metrics
     }
 
     /// Serves the chains the driver made available and returns how many.
@@ -506,7 +683,9 @@ impl<M: GuestMemory> BlockWorker<M> {
     /// one (VIRTQ_AVAIL_F_NO_INTERRUPT, or `used_event` with EVENT_IDX).
     ///
     /// It serves at most [`MAX_BATCH`] chains per call: when it returns `MAX_BATCH`, chains may
-    /// be left, and notifications may still be off; call it again.
+    /// be left, and notifications may still be off; call it again. When the rate limiter
+    /// refuses a request, it stops there with notifications off and the chain kept
+    /// ([`BlockWorker::is_throttled`]): call it again once the limiter's timer has fired.
     ///
     /// # Errors
     ///
@@ -515,12 +694,11 @@ impl<M: GuestMemory> BlockWorker<M> {
     /// the error have been handed back.
     pub fn process_queue(&mut self) -> std::result::Result<usize, queue::Error> {
         let BlockWorker {
-            disk,
+            server,
             queue,
             mem,
             interrupt,
             irq_error_logged,
-            metrics,
         } = self;
         let mem = &**mem;
         let mut served = 0;
@@ -528,9 +706,10 @@ impl<M: GuestMemory> BlockWorker<M> {
             if let Err(err) = queue.disable_notification(mem) {
                 break Err(err);
             }
-            match drain(disk, queue, mem, metrics, &mut served) {
-                Ok(()) if served >= MAX_BATCH => break Ok(()),
-                Ok(()) => {}
+            match server.drain(queue, mem, &mut served) {
+                Ok(Drained::Empty) => {}
+                // Notifications stay off: the caller comes back, or the limiter's timer does.
+                Ok(Drained::Full | Drained::Throttled) => break Ok(()),
                 Err(err) => break Err(err),
             }
             match queue.enable_notification(mem) {
@@ -541,7 +720,7 @@ impl<M: GuestMemory> BlockWorker<M> {
         };
         if served > 0 && queue.needs_notification(mem)? {
             if let Err(err) = interrupt.signal_used_queue() {
-                inc(&metrics.event_fails);
+                inc(&server.metrics.event_fails);
                 if !*irq_error_logged {
                     *irq_error_logged = true;
                     log::error!("A block device cannot raise its interrupt: {err}");
@@ -551,6 +730,23 @@ impl<M: GuestMemory> BlockWorker<M> {
         result.map(|()| served)
     }
 
+    /// Whether the rate limiter holds a request back: [`BlockWorker::process_queue`] serves
+    /// nothing more until the limiter's timer fires.
+    pub fn is_throttled(&self) -> bool {
+        self.server.throttled.is_some()
+    }
+
+    /// The rate limiter requests go through.
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.server.rate_limiter
+    }
+
+    /// The rate limiter requests go through, to handle its timer's event
+    /// ([`RateLimiter::event_handler`]) or change its buckets.
+    pub fn rate_limiter_mut(&mut self) -> &mut RateLimiter {
+        &mut self.server.rate_limiter
+    }
+
     /// The queue being served.
     pub fn queue(&self) -> &Queue {
         &self.queue
@@ -558,60 +754,134 @@ impl<M: GuestMemory> BlockWorker<M> {
 
     /// The disk requests are served from.
     pub fn disk(&self) -> &Disk {
-        &self.disk
+        &self.server.disk
+    }
+
+    /// Serves the requests from `disk` from now on, and gives back the disk they were served
+    /// from. A request the rate limiter holds back is checked against the new disk when it goes.
+    pub fn replace_disk(&mut self, disk: Disk) -> Disk {
+        std::mem::replace(&mut self.server.disk, disk)
     }
 
     /// Gives the disk back.
     pub fn into_disk(self) -> Disk {
-        self.disk
+        self.server.disk
+    }
+
+    /// Gives the disk and the rate limiter back.
+    pub fn into_parts(self) -> (Disk, RateLimiter) {
+        (self.server.disk, self.server.rate_limiter)
     }
 }
 
-/// Serves available chains until there are none or `served` reaches [`MAX_BATCH`].
-fn drain<M: GuestMemory>(
-    disk: &mut Disk,
-    queue: &mut Queue,
-    mem: &M,
-    metrics: &BlockMetrics,
-    served: &mut usize,
-) -> std::result::Result<(), queue::Error> {
-    while *served < MAX_BATCH {
-        let Some(chain) = queue.pop(mem)? else {
-            return Ok(());
+/// Why [`Server::drain`] stopped.
+enum Drained {
+    /// No chain is left.
+    Empty,
+    /// [`MAX_BATCH`] chains were served.
+    Full,
+    /// The rate limiter held a request back.
+    Throttled,
+}
+
+/// What became of one chain.
+enum Served {
+    /// Handed back with this used length.
+    Used(u32),
+    /// Held back by the rate limiter.
+    Throttled,
+}
+
+impl Server {
+    /// Serves the chain held back, then available chains, until there are none, `served`
+    /// reaches [`MAX_BATCH`], or the rate limiter holds one back.
+    fn drain<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        served: &mut usize,
+    ) -> std::result::Result<Drained, queue::Error> {
+        while *served < MAX_BATCH {
+            let chain = match self.throttled.take() {
+                Some(chain) => chain,
+                None => match queue.pop(mem)? {
+                    Some(chain) => chain,
+                    None => return Ok(Drained::Empty),
+                },
+            };
+            match self.serve(mem, &chain) {
+                Served::Used(used) => {
+                    queue.add_used(mem, chain.head_index(), used)?;
+                    *served += 1;
+                }
+                Served::Throttled => {
+                    self.throttled = Some(chain);
+                    return Ok(Drained::Throttled);
+                }
+            }
+        }
+        Ok(Drained::Full)
+    }
+
+    /// Parses the request in `chain`, lets it through the rate limiter, carries it out and
+    /// counts it (as [`Disk::handle`], with the limiter and the counters).
+    ///
+    /// Every chain takes an operation, malformed ones too, so that a driver cannot get round
+    /// an operations limit with requests that fail; a read or a write also takes its data
+    /// length in bytes. Other requests move no data through guest memory beyond an ID.
+    fn serve<M: GuestMemory>(&mut self, mem: &M, chain: &DescriptorChain) -> Served {
+        let parsed = Request::parse(chain, mem, self.disk.capacity());
+        let bytes = match &parsed {
+            Ok(request) => match request.request_type() {
+                request::RequestType::In { len, .. } | request::RequestType::Out { len, .. } => {
+                    u64::from(len)
+                }
+                _ => 0,
+            },
+            Err(_) => 0,
         };
-        let used = serve(disk, mem, metrics, &chain);
-        queue.add_used(mem, chain.head_index(), used)?;
-        *served += 1;
+        if !self.admit(bytes) {
+            inc(&self.metrics.rate_limiter_throttled_events);
+            return Served::Throttled;
+        }
+        Served::Used(match parsed {
+            Ok(request) => {
+                let completion = self.disk.execute(mem, &request);
+                self.metrics.completed(request.request_type(), completion);
+                disk::complete(mem, request.status_addr(), completion)
+            }
+            Err(err) => {
+                inc(&self.metrics.invalid_reqs_count);
+                disk::refuse(mem, chain, &err)
+            }
+        })
     }
-    Ok(())
-}
 
-/// Parses and carries out the request in `chain`, counts it, and returns the used length to
-/// hand the chain back with (as [`Disk::handle`]).
-fn serve<M: GuestMemory>(
-    disk: &mut Disk,
-    mem: &M,
-    metrics: &BlockMetrics,
-    chain: &DescriptorChain,
-) -> u32 {
-    match Request::parse(chain, mem, disk.capacity()) {
-        Ok(request) => {
-            let completion = disk.execute(mem, &request);
-            metrics.completed(request.request_type(), completion);
-            disk::complete(mem, request.status_addr(), completion)
+    /// Takes an operation and `bytes` bytes from the rate limiter, or nothing if it refuses
+    /// either.
+    fn admit(&mut self, bytes: u64) -> bool {
+        if !self.rate_limiter.consume(1, TokenType::Ops) {
+            return false;
         }
-        Err(err) => {
-            inc(&metrics.invalid_reqs_count);
-            disk::refuse(mem, chain, &err)
+        if bytes > 0 && !self.rate_limiter.consume(bytes, TokenType::Bytes) {
+            self.rate_limiter.replenish(1, TokenType::Ops);
+            return false;
         }
+        true
     }
 }
 
 /// The worker thread's event handler: a [`BlockWorker`] and the queue's notification eventfd.
+///
+/// It waits on the notification eventfd and the rate limiter's timerfd. While the limiter
+/// holds a request back, notifications are read and ignored (the driver is not asked for them
+/// either: the queue's notifications stay off), and the timer's event resumes the queue.
 struct BlockHandler<M> {
     worker: BlockWorker<M>,
     queue_evt: EventFd,
     id: String,
+    /// Whether the driver broke the protocol: the handler serves nothing until reset.
+    broken: bool,
 }
 
 impl<M> fmt::Debug for BlockHandler<M> {
@@ -619,20 +889,36 @@ impl<M> fmt::Debug for BlockHandler<M> {
         f.debug_struct("BlockHandler")
             .field("worker", &self.worker)
             .field("id", &self.id)
+            .field("broken", &self.broken)
             .finish_non_exhaustive()
     }
 }
 
 impl<M: GuestMemory + Send + Sync + 'static> EventHandler for BlockHandler<M> {
     fn init(&mut self, ops: &mut EventOps<'_>) -> io::Result<()> {
-        ops.add(self.queue_evt.as_raw_fd(), EventSet::IN, QUEUE_TOKEN)
+        ops.add(self.queue_evt.as_raw_fd(), EventSet::IN, QUEUE_TOKEN)?;
+        ops.add(
+            self.worker.rate_limiter().as_raw_fd(),
+            EventSet::IN,
+            RATE_LIMITER_TOKEN,
+        )
     }
 
     fn handle_event(&mut self, ops: &mut EventOps<'_>, token: u64, _events: EventSet) {
-        if token != QUEUE_TOKEN {
+        if self.broken {
             return;
         }
-        let metrics = self.worker.metrics.clone();
+        match token {
+            QUEUE_TOKEN => self.queue_event(ops),
+            RATE_LIMITER_TOKEN => self.rate_limiter_event(ops),
+            _ => {}
+        }
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> BlockHandler<M> {
+    fn queue_event(&mut self, ops: &mut EventOps<'_>) {
+        let metrics = self.worker.metrics().clone();
         inc(&metrics.queue_event_count);
         // Clears the notification; the queue itself says what there is to do.
         if let Err(err) = self.queue_evt.read() {
@@ -644,9 +930,43 @@ impl<M: GuestMemory + Send + Sync + 'static> EventHandler for BlockHandler<M> {
                 );
             }
         }
+        // The new requests wait behind the one held back, for the timer.
+        if !self.worker.is_throttled() {
+            self.serve(ops, true);
+        }
+    }
+
+    fn rate_limiter_event(&mut self, ops: &mut EventOps<'_>) {
+        let metrics = self.worker.metrics().clone();
+        inc(&metrics.rate_limiter_event_count);
+        match self.worker.rate_limiter_mut().event_handler() {
+            Ok(()) => {}
+            // The timer was re-armed after epoll saw it (the buckets changed): it fires again.
+            Err(ember_rate_limiter::Error::SpuriousEvent) => return,
+            Err(err) => {
+                // The limiter would stay blocked, and its timerfd readable: stop.
+                inc(&metrics.event_fails);
+                log::error!(
+                    "The block device {} stops serving its queue until the driver resets it: {}",
+                    self.id,
+                    error_chain(&err)
+                );
+                self.fail(ops);
+                return;
+            }
+        }
+        if self.worker.is_throttled() {
+            self.serve(ops, false);
+        }
+    }
+
+    /// Serves the queue; with `count_empty`, finding nothing to serve counts as
+    /// `no_avail_buffer`.
+    fn serve(&mut self, ops: &mut EventOps<'_>, count_empty: bool) {
+        let metrics = self.worker.metrics().clone();
         match self.worker.process_queue() {
             // Chains may be left: come back to them after the other events.
-            Ok(served) if served >= MAX_BATCH => {
+            Ok(served) if served >= MAX_BATCH && !self.worker.is_throttled() => {
                 if let Err(err) = self.queue_evt.write(1) {
                     inc(&metrics.event_fails);
                     log::error!(
@@ -655,7 +975,9 @@ impl<M: GuestMemory + Send + Sync + 'static> EventHandler for BlockHandler<M> {
                     );
                 }
             }
-            Ok(0) => inc(&metrics.no_avail_buffer),
+            Ok(0) if count_empty && !self.worker.is_throttled() => {
+                inc(&metrics.no_avail_buffer);
+            }
             Ok(_) => {}
             Err(err) => {
                 log::error!(
@@ -663,22 +985,35 @@ impl<M: GuestMemory + Send + Sync + 'static> EventHandler for BlockHandler<M> {
                     self.id,
                     error_chain(&err)
                 );
-                // Notifications are no longer read, so they must no longer wake the thread.
-                if let Err(err) = ops.remove(self.queue_evt.as_raw_fd()) {
-                    inc(&metrics.event_fails);
-                    log::error!(
-                        "The block device {} cannot stop watching its queue: {err}",
-                        self.id
-                    );
-                }
-                if let Err(err) = self.worker.interrupt.set_needs_reset() {
-                    inc(&metrics.event_fails);
-                    log::error!(
-                        "The block device {} cannot signal DEVICE_NEEDS_RESET: {err}",
-                        self.id
-                    );
-                }
+                self.fail(ops);
             }
+        }
+    }
+
+    /// Stops serving the queue and asks the driver for a reset. The handler's descriptors no
+    /// longer wake the thread, which waits for its stop without spinning.
+    fn fail(&mut self, ops: &mut EventOps<'_>) {
+        let metrics = self.worker.metrics().clone();
+        self.broken = true;
+        let fds = [
+            self.queue_evt.as_raw_fd(),
+            self.worker.rate_limiter().as_raw_fd(),
+        ];
+        for fd in fds {
+            if let Err(err) = ops.remove(fd) {
+                inc(&metrics.event_fails);
+                log::error!(
+                    "The block device {} cannot stop watching a descriptor: {err}",
+                    self.id
+                );
+            }
+        }
+        if let Err(err) = self.worker.interrupt.set_needs_reset() {
+            inc(&metrics.event_fails);
+            log::error!(
+                "The block device {} cannot signal DEVICE_NEEDS_RESET: {err}",
+                self.id
+            );
         }
     }
 }
@@ -697,13 +1032,35 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 
 /// A running worker, whatever guest memory type it serves.
 trait ActiveWorker: Send {
-    /// Stops the thread and gives the disk back.
-    fn stop(self: Box<Self>) -> io::Result<Disk>;
+    /// Stops the thread and gives the disk and the rate limiter back.
+    fn stop(self: Box<Self>) -> io::Result<(Disk, RateLimiter)>;
+
+    /// Changes the rate limiter's buckets on the worker thread.
+    fn update_rate_limiter(&self, bandwidth: BucketUpdate, ops: BucketUpdate) -> io::Result<()>;
+
+    /// Serves the requests from `disk` from now on, and gives back the disk they were served
+    /// from.
+    fn replace_disk(&self, disk: Disk) -> io::Result<Disk>;
 }
 
 impl<M: GuestMemory + Send + Sync + 'static> ActiveWorker for Worker<BlockHandler<M>> {
-    fn stop(self: Box<Self>) -> io::Result<Disk> {
-        Worker::stop(*self).map(|handler| handler.worker.into_disk())
+    fn stop(self: Box<Self>) -> io::Result<(Disk, RateLimiter)> {
+        Worker::stop(*self).map(|handler| handler.worker.into_parts())
+    }
+
+    fn update_rate_limiter(&self, bandwidth: BucketUpdate, ops: BucketUpdate) -> io::Result<()> {
+        // A blocked limiter re-arms its timer to fire at once, so that a request held back
+        // under the old limits is retried under the new ones.
+        self.call(move |handler, _| {
+            handler
+                .worker
+                .rate_limiter_mut()
+                .update_buckets(bandwidth, ops);
+        })
+    }
+
+    fn replace_disk(&self, disk: Disk) -> io::Result<Disk> {
+        self.call(move |handler, _| handler.worker.replace_disk(disk))
     }
 }
 
@@ -713,11 +1070,13 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
+    use ember_rate_limiter::BucketConfig;
     use virtio_bindings::virtio_blk::{
         VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
         VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     };
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 
     use super::*;
     use crate::device::{INT_CONFIG, INT_USED_RING};
@@ -766,6 +1125,7 @@ mod tests {
                 path: self.path.clone(),
                 read_only,
                 id: "disk0".into(),
+                ..Config::default()
             }
         }
 
@@ -794,6 +1154,19 @@ mod tests {
         }
 
         fn with_queue(image: &Image, read_only: bool, event_idx: bool) -> Self {
+            Guest::with_parts(image, read_only, event_idx, RateLimiter::default())
+        }
+
+        fn with_limiter(image: &Image, rate_limiter: RateLimiter) -> Self {
+            Guest::with_parts(image, false, false, rate_limiter)
+        }
+
+        fn with_parts(
+            image: &Image,
+            read_only: bool,
+            event_idx: bool,
+            rate_limiter: RateLimiter,
+        ) -> Self {
             let mem = Arc::new(guest_memory(0x100000).unwrap());
             let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
             let mut queue = driver.queue();
@@ -802,7 +1175,7 @@ mod tests {
             let irqs = CountingTrigger::default();
             let interrupt = Arc::new(Interrupt::new(irqs.clone()));
             let disk = Disk::open(&image.config(read_only)).unwrap();
-            let worker = BlockWorker::new(disk, queue, mem.clone(), interrupt);
+            let worker = BlockWorker::new(disk, queue, mem.clone(), interrupt, rate_limiter);
             Guest {
                 mem,
                 driver,
@@ -1133,7 +1506,7 @@ mod tests {
     #[test]
     fn an_image_size_not_a_multiple_of_512_is_refused() {
         let image = Image::new(&std::env::temp_dir(), 1000);
-        let err = Block::new(&image.config(false)).unwrap_err();
+        let err = Block::new(image.config(false)).unwrap_err();
         assert!(matches!(
             err,
             Error::SizeNotSectorMultiple { size: 1000, .. }
@@ -1145,9 +1518,9 @@ mod tests {
         let config = Config {
             path: std::env::temp_dir(),
             read_only: true,
-            id: String::new(),
+            ..Config::default()
         };
-        assert!(matches!(Block::new(&config), Err(Error::NotADisk { .. })));
+        assert!(matches!(Block::new(config), Err(Error::NotADisk { .. })));
     }
 
     #[test]
@@ -1167,10 +1540,9 @@ mod tests {
     fn a_missing_image_is_refused() {
         let config = Config {
             path: std::env::temp_dir().join("ember-blk-test-no-such-image"),
-            read_only: false,
-            id: String::new(),
+            ..Config::default()
         };
-        let err = Block::new(&config).unwrap_err();
+        let err = Block::new(config).unwrap_err();
         assert!(matches!(err, Error::Open { .. }));
         // The message names the path; the source says why.
         assert!(err.to_string().contains("no-such-image"));
@@ -1187,7 +1559,7 @@ mod tests {
         let mut config = image.config(false);
         config.id = "a".repeat(21);
         assert!(matches!(
-            Block::new(&config),
+            Block::new(config),
             Err(Error::IdTooLong { len: 21 })
         ));
     }
@@ -1205,7 +1577,7 @@ mod tests {
     #[test]
     fn the_config_space_holds_capacity_seg_max_and_the_discard_and_write_zeroes_limits() {
         let image = Image::on_tmpfs();
-        let block = Block::new(&image.config(false)).unwrap();
+        let block = Block::new(image.config(false)).unwrap();
         let config = config_of(&block);
         assert_eq!(u64::from_le_bytes(config[..8].try_into().unwrap()), SECTORS);
         assert_eq!(le32(&config, 12), SEG_MAX);
@@ -1227,7 +1599,7 @@ mod tests {
     #[test]
     fn a_read_only_config_space_has_no_discard_or_write_zeroes_limits() {
         let image = Image::on_tmpfs();
-        let block = Block::new(&image.config(true)).unwrap();
+        let block = Block::new(image.config(true)).unwrap();
         let config = config_of(&block);
         assert_eq!(le32(&config, 12), SEG_MAX);
         assert!(config[36..].iter().all(|&b| b == 0));
@@ -1236,7 +1608,7 @@ mod tests {
     #[test]
     fn config_writes_are_ignored() {
         let image = Image::on_tmpfs();
-        let mut block = Block::new(&image.config(false)).unwrap();
+        let mut block = Block::new(image.config(false)).unwrap();
         let before = config_of(&block);
         VirtioDevice::<Mem>::write_config(&mut block, 0, &[0xff; 8]);
         assert_eq!(config_of(&block), before);
@@ -1250,12 +1622,12 @@ mod tests {
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_SEG_MAX);
         let image = Image::on_tmpfs();
-        let rw = Block::new(&image.config(false)).unwrap();
+        let rw = Block::new(image.config(false)).unwrap();
         assert_eq!(
             VirtioDevice::<Mem>::features(&rw),
             base | (1 << VIRTIO_BLK_F_WRITE_ZEROES) | (1 << VIRTIO_BLK_F_DISCARD)
         );
-        let ro = Block::new(&image.config(true)).unwrap();
+        let ro = Block::new(image.config(true)).unwrap();
         assert_eq!(
             VirtioDevice::<Mem>::features(&ro),
             base | (1 << VIRTIO_BLK_F_RO)
@@ -1382,7 +1754,7 @@ mod tests {
     #[test]
     fn config_writes_and_reads_past_the_end_count_as_config_failures() {
         let image = Image::on_tmpfs();
-        let mut block = Block::new(&image.config(false)).unwrap();
+        let mut block = Block::new(image.config(false)).unwrap();
         let mut data = [0u8; 8];
         VirtioDevice::<Mem>::read_config(&block, 0, &mut data);
         VirtioDevice::<Mem>::read_config(&block, 52, &mut data);
@@ -1441,28 +1813,72 @@ mod tests {
         }
     }
 
-    fn read_sector_through_worker(a: &mut Activated, sector: u64) -> Vec<u8> {
-        write_header(&a.mem, HDR, VIRTIO_BLK_T_IN, sector);
+    /// Publishes a request of `type_` at `sector` with `buffers` between its header and its
+    /// status byte, and notifies the queue.
+    fn submit_through_worker(a: &mut Activated, type_: u32, sector: u64, buffers: &[MockBuffer]) {
+        write_header(&a.mem, HDR, type_, sector);
         a.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         // With EVENT_IDX, as a driver does: interrupt once this request is used.
         let used_idx = a.driver.used_idx(&*a.mem).unwrap();
         a.driver.set_used_event(&*a.mem, used_idx).unwrap();
-        a.driver
-            .add_chain(&*a.mem, &[hdr(), MockBuffer::writable(DATA, 512), status()])
-            .unwrap();
+        let mut chain = vec![hdr()];
+        chain.extend_from_slice(buffers);
+        chain.push(status());
+        a.driver.add_chain(&*a.mem, &chain).unwrap();
         a.queue_evt.write(1).unwrap();
+    }
+
+    /// Waits for the request [`submit_through_worker`] published, and returns its status.
+    fn finish_through_worker(a: &mut Activated) -> u8 {
         wait_irq(&a.irq);
         assert_eq!(a.interrupt.status() & INT_USED_RING, INT_USED_RING);
-        assert_eq!(a.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+        a.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap()
+    }
+
+    fn read_sector_through_worker(a: &mut Activated, sector: u64) -> Vec<u8> {
+        let data = [MockBuffer::writable(DATA, 512)];
+        submit_through_worker(a, VIRTIO_BLK_T_IN, sector, &data);
+        assert_eq!(finish_through_worker(a), STATUS_OK);
         let mut data = vec![0u8; 512];
         a.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
         data
     }
 
+    fn bucket(size: u64, refill_time: u64) -> Option<BucketConfig> {
+        Some(BucketConfig {
+            size,
+            one_time_burst: 0,
+            refill_time,
+        })
+    }
+
+    /// Waits for the rate limiter's timerfd to become readable, for at most 5 seconds.
+    fn wait_timer(limiter: &RateLimiter) {
+        let epoll = Epoll::new().unwrap();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                limiter.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .unwrap();
+        let mut events = [EpollEvent::default()];
+        assert_eq!(epoll.wait(5000, &mut events).unwrap(), 1, "no timer event");
+    }
+
+    /// Waits until `done` holds, for at most 5 seconds.
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn the_worker_serves_requests_until_reset_and_again_after_activation() {
         let image = Image::on_tmpfs();
-        let mut block = Block::new(&image.config(false)).unwrap();
+        let mut block = Block::new(image.config(false)).unwrap();
         let mut a = activate(&mut block);
         assert!(block.is_active());
         assert_eq!(read_sector_through_worker(&mut a, 5), pattern(5, 1));
@@ -1513,7 +1929,7 @@ mod tests {
     #[test]
     fn activation_needs_exactly_one_queue() {
         let image = Image::on_tmpfs();
-        let mut block = Block::new(&image.config(false)).unwrap();
+        let mut block = Block::new(image.config(false)).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let params = ActivateParams {
             mem: Arc::new(guest_memory(0x10000).unwrap()),
@@ -1532,6 +1948,339 @@ mod tests {
         ));
         assert!(!block.is_active());
         assert_eq!(block.metrics().get("activate_fails"), Some(1));
+    }
+
+    #[test]
+    fn a_throttled_queue_stops_and_resumes_when_the_timer_fires() {
+        let image = Image::new(&std::env::temp_dir(), 16 * 4096);
+        // 4 KiB per 100 ms, the bucket full at the start.
+        let limiter = RateLimiter::new(bucket(4096, 100), None).unwrap();
+        let mut g = Guest::with_limiter(&image, limiter);
+        let mut heads = Vec::new();
+        for i in 0..3u64 {
+            write_header(&g.mem, HDR + 16 * i, VIRTIO_BLK_T_IN, 8 * i);
+            let chain = [
+                MockBuffer::readable(HDR + 16 * i, 16),
+                MockBuffer::writable(DATA + 0x1000 * i, 4096),
+                MockBuffer::writable(STATUS + i, 1),
+            ];
+            heads.push(g.driver.add_chain(&*g.mem, &chain).unwrap());
+        }
+        // The first read takes the whole bucket; the second is held back.
+        assert_eq!(g.worker.process_queue().unwrap(), 1);
+        let mut refused_at = Instant::now();
+        assert!(g.worker.is_throttled());
+        assert!(g.worker.rate_limiter().is_blocked());
+        assert_eq!(g.irqs.count(), 1, "what was served is signalled");
+        // Called again before the timer fires: nothing goes, nothing is lost.
+        assert_eq!(g.worker.process_queue().unwrap(), 0);
+        assert_eq!(g.driver.used_idx(&*g.mem).unwrap(), 1);
+        for served in 2..=3u16 {
+            wait_timer(g.worker.rate_limiter());
+            // The timer waited for the 4096 bytes to refill: 100 ms.
+            assert!(refused_at.elapsed() >= Duration::from_millis(90));
+            g.worker.rate_limiter_mut().event_handler().unwrap();
+            assert_eq!(g.worker.process_queue().unwrap(), 1);
+            refused_at = Instant::now();
+            assert_eq!(g.driver.used_idx(&*g.mem).unwrap(), served);
+        }
+        assert!(!g.worker.is_throttled());
+        for (i, &head) in heads.iter().enumerate() {
+            let idx = u16::try_from(i).unwrap();
+            assert_eq!(
+                g.driver.used_elem(&*g.mem, idx).unwrap(),
+                (u32::from(head), 4097)
+            );
+            let i = u64::try_from(i).unwrap();
+            assert_eq!(g.read(STATUS + i, 1), [STATUS_OK]);
+            assert_eq!(g.read(DATA + 0x1000 * i, 4096), pattern(8 * i, 8));
+        }
+        let metrics = g.worker.metrics();
+        assert_eq!(metrics.get("read_count"), Some(3));
+        assert_eq!(metrics.get("read_bytes"), Some(3 * 4096));
+        // The second request was refused twice, the third once.
+        assert_eq!(metrics.get("rate_limiter_throttled_events"), Some(3));
+    }
+
+    #[test]
+    fn a_request_the_limiter_refuses_keeps_its_place_and_malformed_ones_take_an_operation() {
+        let image = Image::on_tmpfs();
+        // One operation per 10 s, and no byte limit.
+        let limiter = RateLimiter::new(None, bucket(1, 10_000)).unwrap();
+        let mut g = Guest::with_limiter(&image, limiter);
+        // A malformed request takes its operation too.
+        g.header(0x42, 0);
+        g.driver.add_chain(&*g.mem, &[hdr(), status()]).unwrap();
+        write_header(&g.mem, HDR + 16, VIRTIO_BLK_T_FLUSH, 0);
+        let flush = [MockBuffer::readable(HDR + 16, 16), status()];
+        g.driver.add_chain(&*g.mem, &flush).unwrap();
+        assert_eq!(g.worker.process_queue().unwrap(), 1);
+        assert_eq!(g.read(STATUS, 1), [STATUS_UNSUPP]);
+        assert!(g.worker.is_throttled());
+        // Lifted: the flush held back goes first, then a new one.
+        g.worker
+            .rate_limiter_mut()
+            .update_buckets(BucketUpdate::None, BucketUpdate::Disabled);
+        wait_timer(g.worker.rate_limiter());
+        g.worker.rate_limiter_mut().event_handler().unwrap();
+        g.driver.add_chain(&*g.mem, &flush).unwrap();
+        assert_eq!(g.worker.process_queue().unwrap(), 2);
+        assert_eq!(g.driver.used_idx(&*g.mem).unwrap(), 3);
+        let metrics = g.worker.metrics();
+        assert_eq!(metrics.get("flush_count"), Some(2));
+        assert_eq!(metrics.get("invalid_reqs_count"), Some(1));
+    }
+
+    #[test]
+    fn a_throttled_worker_drops_nothing_ignores_notifications_and_takes_an_update() {
+        let image = Image::on_tmpfs();
+        let mut config = image.config(false);
+        config.id = "thr".into();
+        // One request per 10 s: the first goes, the others wait.
+        config.rate_limiter = RateLimiter::new(None, bucket(1, 10_000)).unwrap();
+        let mut block = Block::new(config).unwrap();
+        let mut a = activate(&mut block);
+        const N: u64 = 20;
+        for i in 0..N {
+            write_header(&a.mem, HDR + 16 * i, VIRTIO_BLK_T_OUT, i);
+            a.mem
+                .write_slice(
+                    &[u8::try_from(i + 100).unwrap(); 512],
+                    GuestAddress(DATA + 512 * i),
+                )
+                .unwrap();
+            a.mem.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+            let chain = [
+                MockBuffer::readable(HDR + 16 * i, 16),
+                MockBuffer::readable(DATA + 512 * i, 512),
+                MockBuffer::writable(STATUS + i, 1),
+            ];
+            a.driver.add_chain(&*a.mem, &chain).unwrap();
+        }
+        a.queue_evt.write(1).unwrap();
+        wait_irq(&a.irq);
+        let metrics = block.metrics().clone();
+        wait_until("the second request to be held back", || {
+            metrics.get("rate_limiter_throttled_events") >= Some(1)
+        });
+        assert_eq!(a.driver.used_idx(&*a.mem).unwrap(), 1);
+
+        // Notifications while throttled are read and ignored, and cost the worker no CPU time.
+        let before = thread_cpu_ticks("ember-blk-thr");
+        for _ in 0..100 {
+            a.queue_evt.write(1).unwrap();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let after = thread_cpu_ticks("ember-blk-thr");
+        assert!(
+            after - before <= 2,
+            "the worker used {} ticks",
+            after - before
+        );
+        assert_eq!(a.driver.used_idx(&*a.mem).unwrap(), 1);
+        assert!(metrics.get("queue_event_count") > Some(1));
+
+        // Lifting the operations limit lets every request through, in order, at once.
+        block
+            .update_rate_limiter(BucketUpdate::None, BucketUpdate::Disabled)
+            .unwrap();
+        wait_until("every request to complete", || {
+            a.driver.used_idx(&*a.mem).unwrap() == u16::try_from(N).unwrap()
+        });
+        let contents = image.contents();
+        for i in 0..N {
+            assert_eq!(a.mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), 0);
+            let sector = usize::try_from(i).unwrap() * 512;
+            assert_eq!(
+                contents[sector..sector + 512],
+                [u8::try_from(i + 100).unwrap(); 512]
+            );
+        }
+        assert_eq!(metrics.get("write_count"), Some(N));
+        assert_eq!(metrics.get("update_count"), Some(1));
+        assert!(metrics.get("rate_limiter_event_count") >= Some(1));
+        VirtioDevice::<Mem>::reset(&mut block);
+    }
+
+    #[test]
+    fn an_update_while_reset_waits_for_the_next_activation_and_spares_the_other_bucket() {
+        let image = Image::on_tmpfs();
+        let mut config = image.config(false);
+        // Two requests per 10 s, and no byte limit.
+        config.rate_limiter = RateLimiter::new(None, bucket(2, 10_000)).unwrap();
+        let mut block = Block::new(config).unwrap();
+        let mut a = activate(&mut block);
+        assert_eq!(read_sector_through_worker(&mut a, 1), pattern(1, 1));
+        assert_eq!(read_sector_through_worker(&mut a, 2), pattern(2, 1));
+        VirtioDevice::<Mem>::reset(&mut block);
+
+        // A byte limit arrives while the device is reset; the operations bucket stays empty.
+        let bandwidth = BucketConfig {
+            size: 1 << 20,
+            one_time_burst: 0,
+            refill_time: 1000,
+        };
+        block
+            .update_rate_limiter(bandwidth.into(), BucketUpdate::None)
+            .unwrap();
+        let mut b = activate(&mut block);
+        submit_through_worker(
+            &mut b,
+            VIRTIO_BLK_T_IN,
+            3,
+            &[MockBuffer::writable(DATA, 512)],
+        );
+        let metrics = block.metrics().clone();
+        wait_until("the read to be held back", || {
+            metrics.get("rate_limiter_throttled_events") >= Some(1)
+        });
+        assert_eq!(b.driver.used_idx(&*b.mem).unwrap(), 0);
+        // No operation limit: the read goes, under the byte limit.
+        block
+            .update_rate_limiter(BucketUpdate::None, BucketUpdate::Disabled)
+            .unwrap();
+        assert_eq!(finish_through_worker(&mut b), STATUS_OK);
+        assert_eq!(b.driver.used_elem(&*b.mem, 0).unwrap().1, 513);
+        assert_eq!(metrics.get("update_count"), Some(2));
+        assert_eq!(metrics.get("update_fails"), Some(0));
+        VirtioDevice::<Mem>::reset(&mut block);
+    }
+
+    #[test]
+    fn update_disk_swaps_the_image_changes_the_capacity_and_raises_a_config_interrupt() {
+        let image = Image::on_tmpfs();
+        let bigger = Image::new(&std::env::temp_dir(), 2 * SECTORS * SECTOR_SIZE);
+        let mut block = Block::new(image.config(false)).unwrap();
+        let mut a = activate(&mut block);
+        assert_eq!(block.capacity(), SECTORS);
+        // Sector 100 is past the end of the first image.
+        let data = [MockBuffer::writable(DATA, 512)];
+        submit_through_worker(&mut a, VIRTIO_BLK_T_IN, 100, &data);
+        assert_eq!(finish_through_worker(&mut a), STATUS_IOERR);
+
+        let generation = a.interrupt.config_generation();
+        block.update_disk(&bigger.path).unwrap();
+        assert_eq!(block.capacity(), 2 * SECTORS);
+        let config = config_of(&block);
+        assert_eq!(
+            u64::from_le_bytes(config[..8].try_into().unwrap()),
+            2 * SECTORS
+        );
+        assert_eq!(a.interrupt.config_generation(), generation.wrapping_add(1));
+        assert_eq!(a.interrupt.status() & INT_CONFIG, INT_CONFIG);
+        assert_eq!(a.irq.read().unwrap(), 1);
+        assert_eq!(read_sector_through_worker(&mut a, 100), pattern(100, 1));
+
+        // What is not a disk leaves the device as it was.
+        let missing = std::env::temp_dir().join("ember-blk-test-no-such-image");
+        assert!(matches!(
+            block.update_disk(&missing),
+            Err(Error::Open { .. })
+        ));
+        let odd = Image::new(&std::env::temp_dir(), 1000);
+        assert!(matches!(
+            block.update_disk(&odd.path),
+            Err(Error::SizeNotSectorMultiple { size: 1000, .. })
+        ));
+        assert_eq!(block.capacity(), 2 * SECTORS);
+        assert_eq!(read_sector_through_worker(&mut a, 127), pattern(127, 1));
+
+        // While reset, the image changes with no interrupt, and the next activation uses it.
+        VirtioDevice::<Mem>::reset(&mut block);
+        block.update_disk(&image.path).unwrap();
+        assert_eq!(block.capacity(), SECTORS);
+        assert_eq!(a.irq.read().unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        let mut b = activate(&mut block);
+        assert_eq!(read_sector_through_worker(&mut b, 5), pattern(5, 1));
+        let metrics = block.metrics();
+        assert_eq!(metrics.get("update_count"), Some(2));
+        assert_eq!(metrics.get("update_fails"), Some(2));
+        VirtioDevice::<Mem>::reset(&mut block);
+    }
+
+    #[test]
+    fn update_disk_keeps_the_device_read_only() {
+        let image = Image::on_tmpfs();
+        let other = Image::on_tmpfs();
+        let before = other.contents();
+        let mut block = Block::new(image.config(true)).unwrap();
+        let features = VirtioDevice::<Mem>::features(&block);
+        block.update_disk(&other.path).unwrap();
+        assert_eq!(VirtioDevice::<Mem>::features(&block), features);
+        let mut a = activate(&mut block);
+        a.mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
+        let data = [MockBuffer::readable(DATA, 512)];
+        submit_through_worker(&mut a, VIRTIO_BLK_T_OUT, 0, &data);
+        assert_eq!(finish_through_worker(&mut a), STATUS_IOERR);
+        assert_eq!(other.contents(), before);
+        VirtioDevice::<Mem>::reset(&mut block);
+    }
+
+    /// Drives an activated device with 16 KiB reads for `duration`, keeping up to 32 of them in
+    /// the queue, and returns the bytes the device read and how long since `start`.
+    fn keep_reading(
+        a: &mut Activated,
+        metrics: &BlockMetrics,
+        start: Instant,
+        duration: Duration,
+    ) -> (u64, Duration) {
+        const LEN: u32 = 16 << 10;
+        const IN_FLIGHT: u16 = 32;
+        write_header(&a.mem, HDR, VIRTIO_BLK_T_IN, 0);
+        let chain = [hdr(), MockBuffer::writable(DATA, LEN), status()];
+        let mut published: u16 = 0;
+        while start.elapsed() < duration {
+            let used = a.driver.used_idx(&*a.mem).unwrap();
+            let mut added = false;
+            while published.wrapping_sub(used) < IN_FLIGHT {
+                a.driver.add_chain(&*a.mem, &chain).unwrap();
+                published = published.wrapping_add(1);
+                added = true;
+            }
+            if added {
+                a.queue_evt.write(1).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // The bytes first, then the time: the bound below holds at the instant measured.
+        let bytes = metrics
+            .read_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (bytes, start.elapsed())
+    }
+
+    #[test]
+    fn a_throttled_device_moves_data_at_the_configured_rate() {
+        // 1 MiB/s: 128 KiB per 125 ms, the bucket full at the start.
+        const SIZE: u64 = 128 << 10;
+        const REFILL_MS: u64 = 125;
+        const RATE: u128 = 1 << 20;
+        let image = Image::on_tmpfs();
+        let mut config = image.config(false);
+        let start = Instant::now();
+        config.rate_limiter = RateLimiter::new(bucket(SIZE, REFILL_MS), None).unwrap();
+        let mut block = Block::new(config).unwrap();
+        let mut a = activate(&mut block);
+        let metrics = block.metrics().clone();
+        let (bytes, elapsed) = keep_reading(&mut a, &metrics, start, Duration::from_millis(1500));
+        VirtioDevice::<Mem>::reset(&mut block);
+
+        // The limiter is exact: never more than the first bucketful and what refilled since it
+        // was made, give or take one request for the rounding of a refill to whole bytes.
+        let allowed = u128::from(SIZE) + RATE * elapsed.as_nanos() / 1_000_000_000;
+        let bytes = u128::from(bytes);
+        assert!(
+            bytes <= allowed + (16 << 10),
+            "{bytes} bytes in {elapsed:?}, more than the {allowed} allowed"
+        );
+        // And not much less: a worker the machine holds up loses nothing while the bucket holds
+        // its 125 ms of tokens, so half the rate leaves room for a very busy machine.
+        assert!(
+            bytes >= allowed / 2,
+            "{bytes} bytes in {elapsed:?}, less than half the {allowed} allowed"
+        );
+        assert!(metrics.get("rate_limiter_throttled_events") >= Some(1));
     }
 
     /// CPU time, in clock ticks, of this process's thread named `name`.
@@ -1560,7 +2309,7 @@ mod tests {
         let image = Image::on_tmpfs();
         let mut config = image.config(false);
         config.id = "spin".into();
-        let mut block = Block::new(&config).unwrap();
+        let mut block = Block::new(config).unwrap();
         let mut a = activate(&mut block);
         assert_eq!(read_sector_through_worker(&mut a, 1), pattern(1, 1));
 

@@ -8,6 +8,12 @@
 //! while the guest has no room for the frame it holds, and waits for the backend to become
 //! writable only while a transmitted frame is held back. Neither step ever spins: each returns
 //! when the work it could do is done.
+//!
+//! Each direction has a rate limiter ([`NetRateLimiters`]); every frame takes one operation and
+//! its length in bytes, header included, before it moves. When a limiter refuses a frame, that
+//! direction stops (the frame waits in the handler, a received one in its buffer and the next
+//! ones in the backend) until the limiter's timerfd fires, and the handler waits neither on the
+//! backend nor on the queue for that direction meanwhile.
 
 use std::fmt;
 use std::io;
@@ -16,13 +22,17 @@ use std::sync::Arc;
 use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
+use ember_rate_limiter::{BucketUpdate, RateLimiter, TokenType};
 use vm_memory::{GuestMemory, Permissions};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::NetBackend;
 use super::metrics::{NetMetrics, add, inc};
-use super::{Error, ErrorChain, MAX_BUFFER_LEN, NUM_QUEUES, Result, VNET_HDR_LEN, has_feature};
+use super::{
+    Error, ErrorChain, MAX_BUFFER_LEN, NUM_QUEUES, NetRateLimiters, Result, VNET_HDR_LEN,
+    has_feature,
+};
 use crate::device::{ActivateError, ActivateParams, Interrupt};
 use crate::iov::{GuestIoVecs, IOV_MAX};
 use crate::queue::{self, DescriptorChain, Queue};
@@ -35,6 +45,10 @@ pub const RX_QUEUE_TOKEN: u64 = 0;
 pub const TX_QUEUE_TOKEN: u64 = 1;
 /// The worker's token for the backend.
 pub const BACKEND_TOKEN: u64 = 2;
+/// The worker's token for the receive rate limiter's timerfd.
+pub const RX_RATE_LIMITER_TOKEN: u64 = 3;
+/// The worker's token for the transmit rate limiter's timerfd.
+pub const TX_RATE_LIMITER_TOKEN: u64 = 4;
 
 /// The most frames [`NetHandler::process_rx`] takes from the backend in one call, so that a
 /// flood of received frames does not hold back transmission; the backend stays readable, so the
@@ -119,8 +133,17 @@ pub struct NetHandler<M, B> {
     rx_starved: bool,
     /// Whether the driver is asked to notify the receive queue.
     rx_notify: bool,
-    /// The transmit chain the backend could not take yet.
+    /// The transmit chain the backend or the rate limiter held back.
     tx_pending: Option<DescriptorChain>,
+    /// Whether the transmit limiter already let `tx_pending` through.
+    tx_paid: bool,
+    /// Whether the receive limiter already let the frame in `rx_frame` through.
+    rx_paid: bool,
+    /// Whether the transmit limiter refused a frame: transmission waits for its timer.
+    tx_throttled: bool,
+    /// Whether the receive limiter refused a frame: reception waits for its timer.
+    rx_throttled: bool,
+    rate_limiters: NetRateLimiters,
     /// Whether the backend failed for good; the handler stops reading it.
     backend_failed: bool,
     /// Whether the driver broke the protocol; the handler serves nothing until reset.
@@ -142,6 +165,9 @@ impl<M, B> fmt::Debug for NetHandler<M, B> {
             .field("rx_pending", &self.rx_pending)
             .field("rx_starved", &self.rx_starved)
             .field("tx_pending", &self.tx_pending.is_some())
+            .field("rx_throttled", &self.rx_throttled)
+            .field("tx_throttled", &self.tx_throttled)
+            .field("rate_limiters", &self.rate_limiters)
             .field("backend_failed", &self.backend_failed)
             .field("broken", &self.broken)
             .field("tx_dropped", &self.tx_dropped)
@@ -155,14 +181,19 @@ where
     M: GuestMemory + Send + Sync + 'static,
     B: NetBackend,
 {
-    /// Takes over `backend` and what the transport handed the device at activation: the
-    /// receive queue first, then the transmit queue, and their eventfds. The backend's offloads
-    /// must already match the negotiated features (see [`super::offload_flags`]).
+    /// Takes over `backend`, the `rate_limiters` frames go through, and what the transport
+    /// handed the device at activation: the receive queue first, then the transmit queue, and
+    /// their eventfds. The backend's offloads must already match the negotiated features (see
+    /// [`super::offload_flags`]).
     ///
     /// # Errors
     ///
     /// [`ActivateError::QueueCount`] unless there are two queues and two eventfds.
-    pub fn new(backend: B, params: ActivateParams<M>) -> std::result::Result<Self, ActivateError> {
+    pub fn new(
+        backend: B,
+        rate_limiters: NetRateLimiters,
+        params: ActivateParams<M>,
+    ) -> std::result::Result<Self, ActivateError> {
         let ActivateParams {
             mem,
             features,
@@ -207,6 +238,11 @@ where
             // The driver starts with notifications on.
             rx_notify: true,
             tx_pending: None,
+            tx_paid: false,
+            rx_paid: false,
+            tx_throttled: false,
+            rx_throttled: false,
+            rate_limiters,
             backend_failed: false,
             broken: false,
             watched: EventSet::empty(),
@@ -236,17 +272,54 @@ where
         self.backend
     }
 
+    /// Gives the backend and the rate limiters back, when the device is reset.
+    pub fn into_parts(self) -> (B, NetRateLimiters) {
+        (self.backend, self.rate_limiters)
+    }
+
+    /// The rate limiters frames go through.
+    pub fn rate_limiters(&self) -> &NetRateLimiters {
+        &self.rate_limiters
+    }
+
+    /// Changes the rate limiters' buckets; a bucket given [`BucketUpdate::None`] keeps its
+    /// state. A direction held back under the old limits is retried at once under the new
+    /// ones: its limiter's timer fires right away.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx_bandwidth: BucketUpdate,
+        rx_ops: BucketUpdate,
+        tx_bandwidth: BucketUpdate,
+        tx_ops: BucketUpdate,
+    ) {
+        self.rate_limiters.rx.update_buckets(rx_bandwidth, rx_ops);
+        self.rate_limiters.tx.update_buckets(tx_bandwidth, tx_ops);
+    }
+
+    /// Whether the receive limiter holds a frame back, so that nothing is received until its
+    /// timer fires.
+    pub fn is_rx_throttled(&self) -> bool {
+        self.rx_throttled
+    }
+
+    /// Whether the transmit limiter holds a frame back, so that nothing is sent until its timer
+    /// fires.
+    pub fn is_tx_throttled(&self) -> bool {
+        self.tx_throttled
+    }
+
     /// The events the handler needs from the backend now: readable unless the guest has no
-    /// room for the frame the handler holds, writable while a transmitted frame waits for room.
+    /// room for the frame the handler holds or the receive limiter holds it back, writable
+    /// while a transmitted frame waits for room (not while the transmit limiter holds it).
     pub fn backend_interest(&self) -> EventSet {
         let mut events = EventSet::empty();
         if self.broken || self.backend_failed {
             return events;
         }
-        if !self.rx_starved {
+        if !self.rx_starved && !self.rx_throttled {
             events |= EventSet::IN;
         }
-        if self.tx_pending.is_some() {
+        if self.tx_pending.is_some() && !self.tx_throttled {
             events |= EventSet::OUT;
         }
         events
@@ -273,13 +346,15 @@ where
     /// guest memory, and the chain goes back with a used length of 0. Chains shorter than the
     /// header, longer than [`MAX_BUFFER_LEN`] or of more than [`IOV_MAX`] pieces are dropped
     /// and counted. When the backend is full, the chain waits until the next call
-    /// (the worker makes it when the backend becomes writable): no frame is lost.
+    /// (the worker makes it when the backend becomes writable): no frame is lost. Likewise
+    /// when the transmit limiter refuses a frame: nothing is sent until its timer fires
+    /// ([`NetHandler::is_tx_throttled`]).
     ///
     /// # Errors
     ///
     /// [`Error::Queue`] when the driver broke the protocol of the transmit queue.
     pub fn process_tx(&mut self) -> Result<()> {
-        if self.broken {
+        if self.broken || self.tx_throttled {
             return Ok(());
         }
         let mut used = false;
@@ -301,16 +376,17 @@ where
                 .disable_notification(&*self.mem)
                 .map_err(Error::tx)?;
             loop {
-                let chain = match self.tx_pending.take() {
-                    Some(chain) => chain,
+                let (chain, paid) = match self.tx_pending.take() {
+                    Some(chain) => (chain, std::mem::take(&mut self.tx_paid)),
                     None => match self.tx.pop(&*self.mem).map_err(Error::tx)? {
-                        Some(chain) => chain,
+                        Some(chain) => (chain, false),
                         None => break,
                     },
                 };
                 if sent >= TX_BUDGET {
                     // Come back after the other events; notifications stay off meanwhile.
                     self.tx_pending = Some(chain);
+                    self.tx_paid = paid;
                     if let Err(err) = self.tx_evt.write(1) {
                         inc(&self.metrics.event_fails);
                         log::error!(
@@ -319,10 +395,18 @@ where
                     }
                     return Ok(());
                 }
+                if !paid && !self.pay_tx(&chain) {
+                    // Notifications stay off: the transmit limiter's timer resumes.
+                    self.tx_pending = Some(chain);
+                    self.tx_throttled = true;
+                    inc(&self.metrics.tx_rate_limiter_throttled);
+                    return Ok(());
+                }
                 match self.send_chain(&chain) {
                     TxOutcome::Blocked => {
                         // Notifications stay off: the backend becoming writable resumes.
                         self.tx_pending = Some(chain);
+                        self.tx_paid = true;
                         return Ok(());
                     }
                     TxOutcome::Sent(len) => {
@@ -347,6 +431,16 @@ where
                 return Ok(());
             }
         }
+    }
+
+    /// Takes the transmit limiter's tokens for `chain`: an operation, and the frame's length in
+    /// bytes unless it is malformed (it is then dropped without being read).
+    fn pay_tx(&mut self, chain: &DescriptorChain) -> bool {
+        let len = chain.readable_len();
+        let frame =
+            usize::try_from(len).is_ok_and(|len| (VNET_HDR_LEN..=MAX_BUFFER_LEN).contains(&len));
+        let bytes = if frame { u64::from(len) } else { 0 };
+        admit(&mut self.rate_limiters.tx, bytes)
     }
 
     /// Hands one chain's frame to the backend.
@@ -418,13 +512,15 @@ where
     /// chain can hold is dropped and counted, never truncated. When the driver has no room for
     /// a frame, the handler keeps it, asks the driver to notify the receive queue once it adds
     /// buffers, and stops reading the backend ([`NetHandler::backend_interest`]) until the next
-    /// call, which the worker makes at that notification.
+    /// call, which the worker makes at that notification. When the receive limiter refuses a
+    /// frame, the handler keeps it likewise and reads nothing more until the limiter's timer
+    /// fires ([`NetHandler::is_rx_throttled`]).
     ///
     /// # Errors
     ///
     /// [`Error::Queue`] when the driver broke the protocol of the receive queue.
     pub fn process_rx(&mut self) -> Result<()> {
-        if self.broken {
+        if self.broken || self.rx_throttled {
             return Ok(());
         }
         // The handler reads the backend for as long as the guest has room, so the driver's
@@ -457,9 +553,20 @@ where
                 },
             };
             self.rx_pending = Some(len);
+            let bytes = u64::try_from(len).unwrap_or(u64::MAX);
+            if !self.rx_paid {
+                if !admit(&mut self.rate_limiters.rx, bytes) {
+                    // The frame stays in `rx_frame`, the next ones in the backend.
+                    self.rx_throttled = true;
+                    inc(&self.metrics.rx_rate_limiter_throttled);
+                    return Ok(());
+                }
+                self.rx_paid = true;
+            }
             match self.deliver(len).map_err(Error::rx)? {
                 RxOutcome::Delivered => {
                     self.rx_pending = None;
+                    self.rx_paid = false;
                     inc(&self.metrics.rx_packets_count);
                     add(
                         &self.metrics.rx_bytes_count,
@@ -469,6 +576,10 @@ where
                 }
                 RxOutcome::TooBig => {
                     self.rx_pending = None;
+                    // Nothing reached the guest: the tokens go back.
+                    self.rx_paid = false;
+                    self.rate_limiters.rx.replenish(1, TokenType::Ops);
+                    self.rate_limiters.rx.replenish(bytes, TokenType::Bytes);
                     let mrg = if self.mrg_rxbuf {
                         "the whole receive queue"
                     } else {
@@ -630,6 +741,7 @@ where
             self.backend_failed = true;
         }
         if let Some(chain) = self.tx_pending.take() {
+            self.tx_paid = false;
             self.tx_dropped = self.tx_dropped.saturating_add(1);
             inc(&self.metrics.tx_fails);
             self.tx
@@ -640,6 +752,40 @@ where
             }
         }
         Ok(())
+    }
+
+    /// Handles the timer event of the receive (`rx`) or transmit rate limiter: the direction it
+    /// held back goes on.
+    fn rate_limiter_event(&mut self, rx: bool) -> Result<()> {
+        let (limiter, count, direction) = if rx {
+            (
+                &mut self.rate_limiters.rx,
+                &self.metrics.rx_event_rate_limiter_count,
+                "receive",
+            )
+        } else {
+            (
+                &mut self.rate_limiters.tx,
+                &self.metrics.tx_rate_limiter_event_count,
+                "transmit",
+            )
+        };
+        inc(count);
+        match limiter.event_handler() {
+            Ok(()) => {}
+            // Re-armed after epoll saw it (the buckets changed): it fires again.
+            Err(ember_rate_limiter::Error::SpuriousEvent) => return Ok(()),
+            Err(source) => return Err(Error::RateLimiter { direction, source }),
+        }
+        if rx && self.rx_throttled {
+            self.rx_throttled = false;
+            self.process_rx()
+        } else if !rx && self.tx_throttled {
+            self.tx_throttled = false;
+            self.process_tx()
+        } else {
+            Ok(())
+        }
     }
 
     /// Makes the worker wait on the backend for [`NetHandler::backend_interest`].
@@ -671,7 +817,7 @@ where
             ErrorChain(err)
         );
         self.broken = true;
-        if matches!(err, Error::Epoll(_)) {
+        if matches!(err, Error::Epoll(_) | Error::RateLimiter { .. }) {
             inc(&self.metrics.event_fails);
         }
         if let Err(err) = self.interrupt.set_needs_reset() {
@@ -681,6 +827,9 @@ where
         // Errors are ignored: the descriptors are going anyway, and the log already says why.
         let _ = ops.remove(self.rx_evt.as_raw_fd());
         let _ = ops.remove(self.tx_evt.as_raw_fd());
+        // An expired timer would stay readable.
+        let _ = ops.remove(self.rate_limiters.rx.as_raw_fd());
+        let _ = ops.remove(self.rate_limiters.tx.as_raw_fd());
         if !self.watched.is_empty() {
             let _ = ops.remove(self.backend.as_raw_fd());
             self.watched = EventSet::empty();
@@ -696,6 +845,16 @@ where
     fn init(&mut self, ops: &mut EventOps<'_>) -> io::Result<()> {
         ops.add(self.rx_evt.as_raw_fd(), EventSet::IN, RX_QUEUE_TOKEN)?;
         ops.add(self.tx_evt.as_raw_fd(), EventSet::IN, TX_QUEUE_TOKEN)?;
+        ops.add(
+            self.rate_limiters.rx.as_raw_fd(),
+            EventSet::IN,
+            RX_RATE_LIMITER_TOKEN,
+        )?;
+        ops.add(
+            self.rate_limiters.tx.as_raw_fd(),
+            EventSet::IN,
+            TX_RATE_LIMITER_TOKEN,
+        )?;
         let want = self.backend_interest();
         if !want.is_empty() {
             ops.add(self.backend.as_raw_fd(), want, BACKEND_TOKEN)?;
@@ -719,6 +878,8 @@ where
                 clear(&self.tx_evt, &self.metrics);
                 self.process_tx()
             }
+            RX_RATE_LIMITER_TOKEN => self.rate_limiter_event(true),
+            TX_RATE_LIMITER_TOKEN => self.rate_limiter_event(false),
             BACKEND_TOKEN if events.intersects(EventSet::ERROR | EventSet::HANG_UP) => {
                 inc(&self.metrics.event_fails);
                 self.backend_gone()
@@ -746,6 +907,18 @@ where
     }
 }
 
+/// Takes an operation and `bytes` bytes from `limiter`, or nothing if it refuses either.
+fn admit(limiter: &mut RateLimiter, bytes: u64) -> bool {
+    if !limiter.consume(1, TokenType::Ops) {
+        return false;
+    }
+    if bytes > 0 && !limiter.consume(bytes, TokenType::Bytes) {
+        limiter.replenish(1, TokenType::Ops);
+        return false;
+    }
+    true
+}
+
 /// Clears a queue's notification eventfd; the count does not matter.
 fn clear(evt: &EventFd, metrics: &NetMetrics) {
     if let Err(err) = evt.read() {
@@ -770,10 +943,12 @@ fn dropped_tx(log: &mut LogLimiter, why: fmt::Arguments<'_>) -> TxOutcome {
 mod tests {
     use std::os::unix::net::UnixDatagram;
 
+    use ember_rate_limiter::BucketConfig;
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
     use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
     use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 
     use super::*;
     use crate::mock::{MockBuffer, MockDriver, guest_memory};
@@ -805,6 +980,10 @@ mod tests {
     }
 
     fn rig(features: u64) -> Rig {
+        rig_with(features, NetRateLimiters::default())
+    }
+
+    fn rig_with(features: u64, rate_limiters: NetRateLimiters) -> Rig {
         let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
         let rx = MockDriver::new(QUEUE_SIZE, GuestAddress(RX_RING));
         let tx = MockDriver::new(QUEUE_SIZE, GuestAddress(TX_RING));
@@ -832,7 +1011,7 @@ mod tests {
             interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
             gate: WorkerGate::new(),
         };
-        let handler = NetHandler::new(device, params).unwrap();
+        let handler = NetHandler::new(device, rate_limiters, params).unwrap();
         Rig {
             mem,
             rx,
@@ -1375,6 +1554,181 @@ mod tests {
         assert_eq!(
             moved(&before, &metrics.values()),
             [("rx_bytes_count", 200), ("rx_packets_count", 1)]
+        );
+    }
+
+    fn bucket(size: u64, refill_time: u64) -> Option<BucketConfig> {
+        Some(BucketConfig {
+            size,
+            one_time_burst: 0,
+            refill_time,
+        })
+    }
+
+    /// Waits for a rate limiter's timerfd to become readable, for at most 5 seconds.
+    fn wait_timer(limiter: &RateLimiter) {
+        let epoll = Epoll::new().unwrap();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                limiter.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .unwrap();
+        let mut events = [EpollEvent::default()];
+        assert_eq!(epoll.wait(5000, &mut events).unwrap(), 1, "no timer event");
+    }
+
+    #[test]
+    fn a_throttled_tx_stops_and_resumes_when_the_timer_fires_and_drops_nothing() {
+        // 4 KiB per 100 ms, the bucket full at the start: two 1500-byte frames go at once.
+        let limiters = NetRateLimiters {
+            tx: RateLimiter::new(bucket(4096, 100), None).unwrap(),
+            ..NetRateLimiters::default()
+        };
+        let mut rig = rig_with(VERSION_1, limiters);
+        let start = Instant::now();
+        let frames: Vec<Vec<u8>> = (0..5).map(|seed| frame(1500, seed)).collect();
+        for sent in &frames {
+            rig.offer_tx(sent, &[]);
+        }
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 2);
+        assert!(rig.handler.is_tx_throttled());
+        // The frame held back waits for the timer, not for the backend.
+        assert!(!rig.handler.backend_interest().contains(EventSet::OUT));
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 2);
+        let mut timer_events = 0;
+        while rig.tx.used_idx(&*rig.mem).unwrap() < 5 {
+            wait_timer(&rig.handler.rate_limiters().tx);
+            rig.handler.rate_limiter_event(false).unwrap();
+            timer_events += 1;
+            assert!(timer_events <= 10, "the frames do not go");
+        }
+        // 7500 bytes through a bucket of 4096 refilled at 4096 per 100 ms: at least 83 ms.
+        assert!(start.elapsed() >= Duration::from_millis(80));
+        for sent in &frames {
+            assert_eq!(&rig.network_recv().unwrap(), sent);
+        }
+        assert_eq!(rig.network_recv(), None);
+        assert_eq!(rig.handler.tx_dropped(), 0);
+        let metrics = rig.handler.metrics();
+        assert_eq!(metrics.get("tx_packets_count"), Some(5));
+        assert_eq!(
+            metrics.get("tx_rate_limiter_event_count"),
+            Some(timer_events)
+        );
+        assert!(metrics.get("tx_rate_limiter_throttled") >= Some(timer_events));
+    }
+
+    #[test]
+    fn a_throttled_rx_leaves_the_next_frames_in_the_backend_until_the_timer_fires() {
+        // Two frames per 100 ms.
+        let limiters = NetRateLimiters {
+            rx: RateLimiter::new(None, bucket(2, 100)).unwrap(),
+            ..NetRateLimiters::default()
+        };
+        let mut rig = rig_with(VERSION_1, limiters);
+        let buffers: Vec<u64> = (0..5).map(|_| rig.offer_rx(1526).1).collect();
+        let frames: Vec<Vec<u8>> = (0..5).map(|seed| frame(200, seed)).collect();
+        for received in &frames {
+            rig.peer.send(received).unwrap();
+        }
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 2);
+        assert!(rig.handler.is_rx_throttled());
+        assert!(!rig.handler.backend_interest().contains(EventSet::IN));
+        // The handler read the frame it holds and left the others in the backend.
+        let metrics = rig.handler.metrics().clone();
+        assert_eq!(metrics.get("rx_count"), Some(3));
+        // A notification of the receive queue does not get round the limiter.
+        rig.handler.process_rx().unwrap();
+        assert_eq!(metrics.get("rx_count"), Some(3));
+        let mut timer_events = 0;
+        while rig.rx.used_idx(&*rig.mem).unwrap() < 5 {
+            wait_timer(&rig.handler.rate_limiters().rx);
+            rig.handler.rate_limiter_event(true).unwrap();
+            timer_events += 1;
+            assert!(timer_events <= 10, "the frames do not arrive");
+        }
+        assert!(rig.handler.backend_interest().contains(EventSet::IN));
+        for (addr, received) in buffers.iter().zip(&frames) {
+            assert_eq!(rig.read_guest(addr + 12, 188), received[12..]);
+        }
+        assert_eq!(metrics.get("rx_packets_count"), Some(5));
+        assert_eq!(metrics.get("rx_fails"), Some(0));
+        assert_eq!(
+            metrics.get("rx_event_rate_limiter_count"),
+            Some(timer_events)
+        );
+        assert!(metrics.get("rx_rate_limiter_throttled") >= Some(timer_events));
+    }
+
+    #[test]
+    fn a_frame_paid_for_is_not_charged_again_when_it_waits_for_buffers_or_the_backend() {
+        // One operation per 10 s each way.
+        let limiters = NetRateLimiters {
+            rx: RateLimiter::new(None, bucket(1, 10_000)).unwrap(),
+            tx: RateLimiter::new(None, bucket(1, 10_000)).unwrap(),
+        };
+        let mut rig = rig_with(VERSION_1, limiters);
+        // No receive buffer yet: the frame is paid for and waits for one.
+        let received = frame(300, 1);
+        rig.peer.send(&received).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert!(!rig.handler.is_rx_throttled());
+        let (_, addr) = rig.offer_rx(1526);
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.read_guest(addr + 12, 288), received[12..]);
+        // A full backend: the frame is paid for and waits for room.
+        rig.fill_backend();
+        let sent = frame(700, 2);
+        rig.offer_tx(&sent, &[]);
+        rig.handler.process_tx().unwrap();
+        assert!(!rig.handler.is_tx_throttled());
+        assert!(rig.handler.backend_interest().contains(EventSet::OUT));
+        while rig.network_recv().is_some_and(|d| d.len() != sent.len()) {}
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.network_recv().unwrap(), sent);
+        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 1);
+    }
+
+    #[test]
+    fn an_update_lifts_a_throttled_direction_at_once_and_keeps_the_other() {
+        let limiters = NetRateLimiters {
+            rx: RateLimiter::new(None, bucket(1, 10_000)).unwrap(),
+            tx: RateLimiter::new(None, bucket(1, 10_000)).unwrap(),
+        };
+        let mut rig = rig_with(VERSION_1, limiters);
+        for seed in 0..3 {
+            rig.offer_tx(&frame(100, seed), &[]);
+        }
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 1);
+        assert!(rig.handler.is_tx_throttled());
+        rig.handler.update_rate_limiters(
+            BucketUpdate::None,
+            BucketUpdate::None,
+            BucketUpdate::None,
+            BucketUpdate::Disabled,
+        );
+        // The timer fires at once, and the rest goes.
+        wait_timer(&rig.handler.rate_limiters().tx);
+        rig.handler.rate_limiter_event(false).unwrap();
+        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 3);
+        assert!(!rig.handler.is_tx_throttled());
+        // The receive limiter kept its bucket: one frame, then the wait.
+        rig.offer_rx(1526);
+        rig.offer_rx(1526);
+        rig.peer.send(&frame(100, 1)).unwrap();
+        rig.peer.send(&frame(100, 2)).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 1);
+        assert!(rig.handler.is_rx_throttled());
+        assert_eq!(
+            rig.handler.rate_limiters().rx.ops().map(|b| b.config()),
+            bucket(1, 10_000)
         );
     }
 

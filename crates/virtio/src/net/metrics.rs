@@ -32,6 +32,10 @@ pub struct NetMetrics {
     pub rx_queue_event_count: AtomicU64,
     /// Times the worker found the backend readable.
     pub rx_tap_event_count: AtomicU64,
+    /// Events of the receive rate limiter's timer the worker handled.
+    pub rx_event_rate_limiter_count: AtomicU64,
+    /// Times the receive rate limiter held a frame back, each retry of the same frame included.
+    pub rx_rate_limiter_throttled: AtomicU64,
     /// Bytes of the frames delivered to the guest.
     pub rx_bytes_count: AtomicU64,
     /// Frames delivered to the guest.
@@ -52,6 +56,11 @@ pub struct NetMetrics {
     pub tx_count: AtomicU64,
     /// Transmit queue notifications the worker handled.
     pub tx_queue_event_count: AtomicU64,
+    /// Events of the transmit rate limiter's timer the worker handled.
+    pub tx_rate_limiter_event_count: AtomicU64,
+    /// Times the transmit rate limiter held a frame back, each retry of the same frame
+    /// included.
+    pub tx_rate_limiter_throttled: AtomicU64,
     /// Transmit chains dropped as malformed: shorter than the header, longer than the longest
     /// frame, in more pieces than one write takes, or outside guest memory.
     pub tx_malformed_frames: AtomicU64,
@@ -59,7 +68,7 @@ pub struct NetMetrics {
 
 impl NetMetrics {
     /// The number of counters, the length of [`NetMetrics::values`].
-    pub const LEN: usize = 16;
+    pub const LEN: usize = 20;
 
     /// Every counter's name and value, always in the same order.
     ///
@@ -82,6 +91,14 @@ impl NetMetrics {
             ("no_rx_avail_buffer", get(&self.no_rx_avail_buffer)),
             ("rx_queue_event_count", get(&self.rx_queue_event_count)),
             ("rx_tap_event_count", get(&self.rx_tap_event_count)),
+            (
+                "rx_event_rate_limiter_count",
+                get(&self.rx_event_rate_limiter_count),
+            ),
+            (
+                "rx_rate_limiter_throttled",
+                get(&self.rx_rate_limiter_throttled),
+            ),
             ("rx_bytes_count", get(&self.rx_bytes_count)),
             ("rx_packets_count", get(&self.rx_packets_count)),
             ("rx_fails", get(&self.rx_fails)),
@@ -91,6 +108,14 @@ impl NetMetrics {
             ("tx_fails", get(&self.tx_fails)),
             ("tx_count", get(&self.tx_count)),
             ("tx_queue_event_count", get(&self.tx_queue_event_count)),
+            (
+                "tx_rate_limiter_event_count",
+                get(&self.tx_rate_limiter_event_count),
+            ),
+            (
+                "tx_rate_limiter_throttled",
+                get(&self.tx_rate_limiter_throttled),
+            ),
             ("tx_malformed_frames", get(&self.tx_malformed_frames)),
         ]
     }

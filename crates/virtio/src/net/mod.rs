@@ -11,6 +11,9 @@
 //! [`NetHandler`]; [`VirtioDevice::reset`] stops it and takes the backend back, so that the
 //! device can be activated again.
 //!
+//! Each direction goes through a rate limiter of its own ([`NetRateLimiters`]), which
+//! [`Net::update_rate_limiters`] changes while the device runs.
+//!
 //! # Example
 //!
 //! A device over one end of a socket pair, as the tests use it:
@@ -43,6 +46,7 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 
+use ember_rate_limiter::{BucketUpdate, RateLimiter};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
@@ -54,7 +58,8 @@ use vm_memory::GuestMemory;
 
 pub use backend::NetBackend;
 pub use handler::{
-    BACKEND_TOKEN, NetHandler, RX_BUDGET, RX_QUEUE_TOKEN, TX_BUDGET, TX_QUEUE_TOKEN,
+    BACKEND_TOKEN, NetHandler, RX_BUDGET, RX_QUEUE_TOKEN, RX_RATE_LIMITER_TOKEN, TX_BUDGET,
+    TX_QUEUE_TOKEN, TX_RATE_LIMITER_TOKEN,
 };
 pub use mac::MacAddr;
 pub use metrics::NetMetrics;
@@ -95,7 +100,9 @@ pub const BASE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
 
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
 
-/// Errors of an active device. Each stops the device until the driver resets it.
+/// Errors of a network device: those of an active device, each of which stops it until the
+/// driver resets it ([`Error::Queue`], [`Error::Epoll`], [`Error::RateLimiter`]), and those of
+/// changing one ([`Error::Worker`], [`Error::Lost`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The driver broke the virtqueue protocol on one of the queues.
@@ -110,6 +117,33 @@ pub enum Error {
     /// The worker cannot change the events it waits for on the backend.
     #[error("Cannot change the events the device's worker waits for on its backend")]
     Epoll(#[source] io::Error),
+    /// A rate limiter's timer cannot be read, so that it would never let frames through again.
+    #[error("The device's {direction} rate limiter failed")]
+    RateLimiter {
+        /// Which direction: "receive" or "transmit".
+        direction: &'static str,
+        /// What failed.
+        #[source]
+        source: ember_rate_limiter::Error,
+    },
+    /// The worker thread serving the active device did not answer a change.
+    #[error("Cannot reach the network device's worker thread")]
+    Worker(#[source] io::Error),
+    /// The device lost its backend and rate limiters with a worker thread that could not start
+    /// or stop; only a new device can replace them.
+    #[error("The network device lost its rate limiters when its worker thread stopped")]
+    Lost,
+}
+
+/// The rate limiters of a network device, one per direction. Each frame takes one operation
+/// and its length in bytes, the virtio-net header included. The default lets everything
+/// through.
+#[derive(Debug, Default)]
+pub struct NetRateLimiters {
+    /// What the device hands the guest: frames read from the backend.
+    pub rx: RateLimiter,
+    /// What the device hands the backend: frames the guest transmits.
+    pub tx: RateLimiter,
 }
 
 impl Error {
@@ -128,7 +162,7 @@ impl Error {
     }
 }
 
-/// Result of an active device's steps.
+/// Result of an active device's steps, and of changing a device.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// An error and its sources, joined by colons, for the log.
@@ -172,7 +206,11 @@ pub fn offload_flags(features: u64) -> u32 {
 /// A worker serving a device, whatever its guest memory type, that gives the backend back when
 /// stopped.
 trait Running<B>: Send {
-    fn stop(self: Box<Self>) -> io::Result<B>;
+    fn stop(self: Box<Self>) -> io::Result<(B, NetRateLimiters)>;
+
+    /// Changes the rate limiters on the worker thread: receive bandwidth and operations, then
+    /// transmit bandwidth and operations.
+    fn update_rate_limiters(&self, updates: [BucketUpdate; 4]) -> io::Result<()>;
 }
 
 impl<M, B> Running<B> for Worker<NetHandler<M, B>>
@@ -180,15 +218,29 @@ where
     M: GuestMemory + Send + Sync + 'static,
     B: NetBackend,
 {
-    fn stop(self: Box<Self>) -> io::Result<B> {
-        Worker::stop(*self).map(NetHandler::into_backend)
+    fn stop(self: Box<Self>) -> io::Result<(B, NetRateLimiters)> {
+        Worker::stop(*self).map(NetHandler::into_parts)
+    }
+
+    fn update_rate_limiters(&self, updates: [BucketUpdate; 4]) -> io::Result<()> {
+        self.call(move |handler, _| {
+            let [rx_bandwidth, rx_ops, tx_bandwidth, tx_ops] = updates;
+            handler.update_rate_limiters(rx_bandwidth, rx_ops, tx_bandwidth, tx_ops);
+        })
     }
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a device has one state, which moves only when the device is activated or reset"
+)]
 enum State<B> {
-    /// Reset: the device holds the backend.
-    Ready(B),
-    /// Active: the worker holds the backend.
+    /// Reset: the device holds the backend and the rate limiters.
+    Ready {
+        backend: B,
+        rate_limiters: NetRateLimiters,
+    },
+    /// Active: the worker holds them.
     Active(Box<dyn Running<B>>),
     /// The backend went with a worker that could not start or stop.
     Lost,
@@ -205,7 +257,7 @@ pub struct Net<B = crate::tap::Tap> {
 impl<B> fmt::Debug for Net<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match self.state {
-            State::Ready(_) => "ready",
+            State::Ready { .. } => "ready",
             State::Active(_) => "active",
             State::Lost => "backend lost",
         };
@@ -220,7 +272,12 @@ impl<B> fmt::Debug for Net<B> {
 impl<B: NetBackend> Net<B> {
     /// A device whose frames go to and come from `backend`, which must be non-blocking. With a
     /// `mac`, the device offers VIRTIO_NET_F_MAC and the driver uses that address; without one,
-    /// the driver makes one up.
+    /// the driver makes one up. Nothing limits its rate (see [`Net::with_rate_limiters`]).
+    ///
+    /// # Panics
+    ///
+    /// As [`RateLimiter::default`], when the process is out of file descriptors for the
+    /// limiters' timerfds.
     pub fn new(backend: B, mac: Option<MacAddr>) -> Self {
         let mut features = BASE_FEATURES;
         if mac.is_some() {
@@ -229,8 +286,56 @@ impl<B: NetBackend> Net<B> {
         Net {
             mac,
             features,
-            state: State::Ready(backend),
+            state: State::Ready {
+                backend,
+                rate_limiters: NetRateLimiters::default(),
+            },
             metrics: Arc::default(),
+        }
+    }
+
+    /// The device, with what it receives going through `rx` and what it transmits through
+    /// `tx`: meant right after [`Net::new`], before the device is attached. On an active
+    /// device, whose limiters are with its worker, the limiters given are dropped and the
+    /// change is logged; use [`Net::update_rate_limiters`] there.
+    pub fn with_rate_limiters(mut self, rx: RateLimiter, tx: RateLimiter) -> Self {
+        match &mut self.state {
+            State::Ready { rate_limiters, .. } => *rate_limiters = NetRateLimiters { rx, tx },
+            State::Active(_) | State::Lost => log::warn!(
+                "virtio-net ignored new rate limiters given while it is active or lost its \
+                 backend"
+            ),
+        }
+        self
+    }
+
+    /// Changes the buckets of the receive and transmit rate limiters; a bucket given
+    /// [`BucketUpdate::None`] keeps its state (tokens, debt and burst). On an active device the
+    /// change is made on the worker thread, between two events, and a direction held back under
+    /// the old limits is retried at once under the new ones; otherwise it is kept for the next
+    /// activation.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Worker`] when the worker thread does not answer, [`Error::Lost`] when the
+    /// device lost its rate limiters with a worker that could not start or stop.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx_bandwidth: BucketUpdate,
+        rx_ops: BucketUpdate,
+        tx_bandwidth: BucketUpdate,
+        tx_ops: BucketUpdate,
+    ) -> Result<()> {
+        match &mut self.state {
+            State::Ready { rate_limiters, .. } => {
+                rate_limiters.rx.update_buckets(rx_bandwidth, rx_ops);
+                rate_limiters.tx.update_buckets(tx_bandwidth, tx_ops);
+                Ok(())
+            }
+            State::Active(worker) => worker
+                .update_rate_limiters([rx_bandwidth, rx_ops, tx_bandwidth, tx_ops])
+                .map_err(Error::Worker),
+            State::Lost => Err(Error::Lost),
         }
     }
 
@@ -303,7 +408,10 @@ where
     fn reset(&mut self) {
         self.state = match std::mem::replace(&mut self.state, State::Lost) {
             State::Active(worker) => match worker.stop() {
-                Ok(backend) => State::Ready(backend),
+                Ok((backend, rate_limiters)) => State::Ready {
+                    backend,
+                    rate_limiters,
+                },
                 Err(err) => {
                     log::error!(
                         "virtio-net lost its backend when its worker stopped, so it cannot be \
@@ -323,7 +431,7 @@ impl<B: NetBackend> Net<B> {
         &mut self,
         params: ActivateParams<M>,
     ) -> std::result::Result<(), ActivateError> {
-        let State::Ready(backend) = &mut self.state else {
+        let State::Ready { backend, .. } = &mut self.state else {
             return Err(ActivateError::AlreadyActive);
         };
         // Checked here too, so that the backend stays with the device on this error.
@@ -338,18 +446,27 @@ impl<B: NetBackend> Net<B> {
         backend
             .set_offload(offload_flags(params.features))
             .map_err(ActivateError::Backend)?;
-        let State::Ready(backend) = std::mem::replace(&mut self.state, State::Lost) else {
+        let State::Ready {
+            backend,
+            rate_limiters,
+        } = std::mem::replace(&mut self.state, State::Lost)
+        else {
             return Err(ActivateError::AlreadyActive);
         };
         let gate = params.gate.clone();
-        let handler = NetHandler::new(backend, params)?.with_metrics(self.metrics.clone());
+        let handler =
+            NetHandler::new(backend, rate_limiters, params)?.with_metrics(self.metrics.clone());
         match Worker::spawn("ember-net".into(), handler, &gate) {
             Ok(worker) => {
                 self.state = State::Active(Box::new(worker));
                 Ok(())
             }
             Err(err) => {
-                self.state = State::Ready(err.handler.into_backend());
+                let (backend, rate_limiters) = err.handler.into_parts();
+                self.state = State::Ready {
+                    backend,
+                    rate_limiters,
+                };
                 Err(ActivateError::Worker(err.error))
             }
         }
@@ -760,6 +877,98 @@ mod tests {
         let addr = guest.give_rx_buffer(1526);
         guest.wait_interrupt();
         assert_eq!(guest.read_guest(addr + 12, 88), frame(100, 1)[12..]);
+        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+    }
+
+    fn bucket(size: u64, refill_time: u64) -> Option<ember_rate_limiter::BucketConfig> {
+        Some(ember_rate_limiter::BucketConfig {
+            size,
+            one_time_burst: 0,
+            refill_time,
+        })
+    }
+
+    /// Waits until `done` holds, for at most [`TIMEOUT`].
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn throttled_directions_wait_on_the_worker_without_spinning_and_take_updates() {
+        let (backend, peer) = socket_pair();
+        // One frame per 10 s each way.
+        let mut net = Net::new(backend, None).with_rate_limiters(
+            RateLimiter::new(None, bucket(1, 10_000)).unwrap(),
+            RateLimiter::new(None, bucket(1, 10_000)).unwrap(),
+        );
+        let metrics = net.metrics().clone();
+        let mut guest = Guest::new();
+        net.activate(guest.params(FEATURES)).unwrap();
+
+        let sent: Vec<Vec<u8>> = (0..3).map(|seed| frame(1000, seed)).collect();
+        for frame in &sent {
+            guest.transmit(frame);
+        }
+        let addrs: Vec<u64> = (0..3).map(|_| guest.give_rx_buffer(1526)).collect();
+        let received: Vec<Vec<u8>> = (0..3).map(|seed| frame(500, seed + 50)).collect();
+        for frame in &received {
+            peer.send(frame).unwrap();
+        }
+        wait_until("both directions to be held back", || {
+            metrics.get("tx_rate_limiter_throttled") >= Some(1)
+                && metrics.get("rx_rate_limiter_throttled") >= Some(1)
+        });
+        assert_eq!(recv_len(&peer, 1000), sent[0]);
+        // Frames wait in the backend, readable, without waking the worker.
+        let tap_events = metrics.get("rx_tap_event_count");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(metrics.get("rx_tap_event_count"), tap_events);
+        assert_eq!(guest.tx.used_idx(&*guest.mem).unwrap(), 1);
+        assert_eq!(guest.rx.used_idx(&*guest.mem).unwrap(), 1);
+
+        // Lifted on the worker thread: everything goes, in order.
+        net.update_rate_limiters(
+            BucketUpdate::None,
+            BucketUpdate::Disabled,
+            BucketUpdate::None,
+            BucketUpdate::Disabled,
+        )
+        .unwrap();
+        for frame in &sent[1..] {
+            assert_eq!(&recv_len(&peer, 1000), frame);
+        }
+        wait_until("every frame to be received", || {
+            guest.rx.used_idx(&*guest.mem).unwrap() == 3
+        });
+        for (addr, frame) in addrs.iter().zip(&received) {
+            assert_eq!(guest.read_guest(addr + 12, 488), frame[12..]);
+        }
+        assert!(metrics.get("tx_rate_limiter_event_count") >= Some(1));
+        assert!(metrics.get("rx_event_rate_limiter_count") >= Some(1));
+        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+
+        // While reset, a limit is kept for the next activation.
+        net.update_rate_limiters(
+            BucketUpdate::None,
+            BucketUpdate::None,
+            BucketUpdate::None,
+            bucket(1, 10_000).unwrap().into(),
+        )
+        .unwrap();
+        let mut guest = Guest::new();
+        net.activate(guest.params(FEATURES)).unwrap();
+        let throttled = metrics.get("tx_rate_limiter_throttled");
+        guest.transmit(&frame(100, 1));
+        guest.transmit(&frame(100, 2));
+        wait_until("the second frame to be held back", || {
+            metrics.get("tx_rate_limiter_throttled") > throttled
+        });
+        assert_eq!(recv_len(&peer, 100), frame(100, 1));
+        assert_eq!(guest.tx.used_idx(&*guest.mem).unwrap(), 1);
         VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
     }
 
