@@ -11,7 +11,8 @@
 //! MP table, so the MADT says what the MP table says: one local APIC per vCPU (APIC id = vCPU
 //! index), the I/O APIC after them with its lines identity-mapped from GSI 0 (no overrides, as
 //! KVM routes them), the legacy PICs present, and NMI on every CPU's LINT1. The FADT says there is
-//! no VGA, no CMOS clock, no MSI and no i8042 to probe.
+//! an i8042 (so that Linux probes its keyboard, through which the VMM sends Ctrl+Alt+Del, without
+//! a PNP entry for it), and no VGA, no CMOS clock and no MSI.
 //!
 //! ```text
 //! ACPI_START + 0x000  RSDP (revision 2)  -> XSDT
@@ -75,8 +76,8 @@ const CREATOR_ID: &[u8; 4] = b"EMBR";
 const FADT_WBINVD: u32 = 1;
 const FADT_PWR_BUTTON: u32 = 1 << 4;
 const FADT_SLP_BUTTON: u32 = 1 << 5;
-/// FADT IA-PC boot architecture flags: no VGA, no MSI, no CMOS clock. Bit 1 (an i8042 is
-/// present) stays clear: ember's i8042 only has the reset line, not worth a driver's probe.
+/// FADT IA-PC boot architecture flags: an i8042, no VGA, no MSI, no CMOS clock.
+const BOOT_ARCH_8042: u16 = 1 << 1;
 const BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 const BOOT_ARCH_MSI_NOT_SUPPORTED: u16 = 1 << 3;
 const BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
@@ -209,8 +210,10 @@ fn fadt() -> Vec<u8> {
     put(56, &(ACPI_PM1_EVT_PORT as u32).to_le_bytes()); // PM1a_EVT_BLK
     put(64, &(ACPI_PM1_CNT_PORT as u32).to_le_bytes()); // PM1a_CNT_BLK
     put(88, &[PM1_EVT_LEN, PM1_CNT_LEN]); // PM1_EVT_LEN, PM1_CNT_LEN
-    let boot_arch =
-        BOOT_ARCH_VGA_NOT_PRESENT | BOOT_ARCH_MSI_NOT_SUPPORTED | BOOT_ARCH_CMOS_RTC_NOT_PRESENT;
+    let boot_arch = BOOT_ARCH_8042
+        | BOOT_ARCH_VGA_NOT_PRESENT
+        | BOOT_ARCH_MSI_NOT_SUPPORTED
+        | BOOT_ARCH_CMOS_RTC_NOT_PRESENT;
     put(109, &boot_arch.to_le_bytes()); // IAPC_BOOT_ARCH
     put(
         112,
@@ -339,7 +342,7 @@ mod tests {
             "not hardware-reduced: the PIC and PIT stay"
         );
         let boot_arch = u16::from_le_bytes([fadt[109], fadt[110]]);
-        assert_eq!(boot_arch & 0b10, 0, "no i8042 to probe");
+        assert_ne!(boot_arch & 0b10, 0, "an i8042 to probe");
         assert_ne!(boot_arch & (1 << 5), 0, "no CMOS clock");
     }
 
