@@ -6,25 +6,56 @@ use clap::{Parser, ValueEnum};
 use ember_virtio::net::MacAddr;
 
 /// Kernel command line used when `--cmdline` is not given: serial console, reset through the i8042
-/// keyboard controller on reboot, reboot one second after a panic, and no PCI probing (ember has no
-/// PCI bus).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// keyboard controller on reboot, reboot one second after a panic, no PCI probing (ember has no
+/// PCI bus), and an i8042 keyboard without probing (ember's answers every command with an
+/// acknowledgement), through which Ctrl+Alt+Del reaches the guest.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// The microVM's ID when `--id` is not given, as in Firecracker.
+pub const DEFAULT_INSTANCE_ID: &str = "anonymous-instance";
 
 /// Boot a Linux guest in a microVM.
+///
+/// The microVM is described by the flags (`--kernel` and what follows it), by a configuration
+/// file (`--config-file`, the JSON of Firecracker's `GET /vm/config`), or through the API
+/// socket (`--api-sock`, Firecracker's REST API) before `InstanceStart`. With flags or a
+/// configuration file the guest boots at once, and the API, when there is one, serves the
+/// running microVM.
 #[derive(Debug, Parser)]
 #[command(name = "ember", version, about)]
+#[command(group = clap::ArgGroup::new("source").args(["kernel", "config_file", "api_sock"]).multiple(true).required(true))]
+#[command(group = clap::ArgGroup::new("vm_flags").args(["initrd", "cmdline", "vcpus", "memory", "disks", "nets", "hugepages"]).multiple(true).requires("kernel").conflicts_with("config_file"))]
 pub struct Cli {
     /// Guest kernel: an uncompressed ELF vmlinux or a bzImage (the format is detected).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", conflicts_with = "config_file")]
+    pub kernel: Option<PathBuf>,
 
     /// Initial ramdisk loaded beside the kernel.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
 
     /// Kernel command line.
-    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
-    pub cmdline: String,
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+
+    /// Boot the microVM a JSON file describes, in the format of Firecracker's `GET /vm/config`
+    /// (`boot-source`, `machine-config`, `drives`, `network-interfaces`, `logger`, `metrics`).
+    #[arg(long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+
+    /// Serve Firecracker's REST API on a Unix socket at PATH (which must not exist).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
+    pub api_sock: Option<PathBuf>,
+
+    /// Serve no API (the default unless `--api-sock` is given; accepted for Firecracker's
+    /// command lines).
+    #[arg(long)]
+    pub no_api: bool,
+
+    /// The microVM's ID, as `GET /` reports it.
+    #[arg(long, value_name = "ID", default_value = DEFAULT_INSTANCE_ID)]
+    pub id: String,
 
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -42,12 +73,20 @@ pub struct Cli {
     /// `ro`: the guest may only read it; `root`: it is the root file system (`root=/dev/vda`,
     /// first disk only); `id=NAME`: its ID, which the guest reads as its serial (default
     /// `diskN`, N counting from 0).
-    #[arg(long = "disk", value_name = "PATH[,ro][,root][,id=NAME]", value_parser = parse_disk)]
+    #[arg(
+        long = "disk",
+        value_name = "PATH[,ro][,root][,id=NAME]",
+        value_parser = parse_disk
+    )]
     pub disks: Vec<DiskSpec>,
 
     /// Add a virtio network device on the TAP interface NAME (repeatable); `mac=MAC` gives it a
     /// MAC address, else the guest picks a random one.
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    #[arg(
+        long = "net",
+        value_name = "tap=NAME[,mac=MAC]",
+        value_parser = parse_net
+    )]
     pub nets: Vec<NetSpec>,
 
     /// Add the boot-timer device: the guest writes 123 to it and ember logs the time since start.
@@ -219,7 +258,8 @@ mod tests {
         assert_eq!(cli.vcpus, 1);
         assert_eq!(cli.memory, 128);
         assert_eq!(cli.serial, SerialOutput::Stdio);
-        assert_eq!(cli.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(cli.cmdline, None);
+        assert_eq!(cli.id, DEFAULT_INSTANCE_ID);
         assert!(!cli.boot_timer && !cli.ksm && !cli.hugepages);
     }
 
@@ -311,8 +351,28 @@ mod tests {
     }
 
     #[test]
-    fn kernel_is_required_and_numbers_are_checked() {
+    fn a_kernel_a_config_file_or_an_api_socket_is_required() {
         assert!(Cli::try_parse_from(["ember"]).is_err());
+        assert!(Cli::try_parse_from(["ember", "--config-file", "vm.json"]).is_ok());
+        assert!(Cli::try_parse_from(["ember", "--api-sock", "/tmp/api.sock"]).is_ok());
+        let cli = Cli::try_parse_from(["ember", "--config-file", "vm.json", "--no-api"]).unwrap();
+        assert!(cli.no_api && cli.api_sock.is_none());
+        // The flags that describe a microVM need the kernel flag; a file describes it whole.
+        for flags in [
+            &["--config-file", "vm.json", "--kernel", "vmlinux"][..],
+            &["--config-file", "vm.json", "--disk", "a.img"],
+            &["--api-sock", "s", "--initrd", "initrd"],
+            &["--api-sock", "s", "--no-api"],
+        ] {
+            assert!(
+                Cli::try_parse_from(["ember"].iter().chain(flags)).is_err(),
+                "{flags:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn kernel_flags_and_numbers_are_checked() {
         assert!(parse(&["--vcpus", "256"]).is_err());
         assert!(parse(&["--vcpus", "-1"]).is_err());
         assert!(parse(&["--memory", "lots"]).is_err());

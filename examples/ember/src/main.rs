@@ -1,41 +1,75 @@
 //! `ember`: an example microVM monitor built from the ember crates.
 //!
-//! It boots a Linux guest from a kernel (ELF vmlinux, PVH or bzImage) and an optional initrd, with a
-//! serial console, an i8042 whose reset line ends the VM, and an optional boot-timer device. It
-//! exits 0 when the guest reboots or powers off, and non-zero with a one-line error otherwise.
+//! It boots a Linux guest from a kernel (ELF vmlinux, PVH or bzImage) and an optional initrd, with
+//! a serial console, virtio block and network devices, an i8042 whose reset line ends the VM, and
+//! an optional boot-timer device. The microVM is described by flags, by a configuration file, or
+//! through Firecracker's REST API on a Unix socket, which also serves the running microVM (pause,
+//! resume, rate limits, metrics). It exits 0 when the guest reboots or powers off, and non-zero
+//! with a one-line error otherwise.
 
+mod api;
 mod cli;
+mod controller;
 mod logger;
+mod metrics;
+mod resources;
 mod terminal;
 mod vmm;
 
-use std::error::Error as _;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+
+use crate::api::ApiServer;
+use crate::controller::{Controller, error_chain};
+use crate::resources::VmResources;
 
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = cli::Cli::parse();
     logger::init(start, cli.log_level.into());
 
-    match vmm::run(&cli, start) {
+    match run(&cli, start) {
         Ok(exit) => {
             log::info!("{exit}");
             ExitCode::SUCCESS
         }
-        Err(err) => {
-            // One line: the error and each of its sources.
-            let mut line = err.to_string();
-            let mut source = err.source();
-            while let Some(cause) = source {
-                line.push_str(": ");
-                line.push_str(&cause.to_string());
-                source = cause.source();
-            }
+        Err(line) => {
             eprintln!("ember: {line}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the microVM the command line describes; an error comes back as one line, with each of
+/// its sources.
+fn run(cli: &cli::Cli, start: Instant) -> Result<vmm::GuestExit, String> {
+    let resources = VmResources::from_cli(cli).map_err(|e| error_chain(&e))?;
+    // Flags or a configuration file describe a microVM to boot at once; otherwise the API does.
+    let boot = cli.kernel.is_some() || cli.config_file.is_some();
+    let mut controller = Controller::new(cli.id.clone(), resources);
+    controller
+        .apply_logging()
+        .map_err(|e| format!("Cannot set up the logger or metrics: {e}"))?;
+    let server = match &cli.api_sock {
+        Some(path) if !cli.no_api => {
+            let server = ApiServer::spawn(path).map_err(|e| error_chain(&e))?;
+            log::info!(
+                "API server listening on {}",
+                server.0.socket_path().display()
+            );
+            Some(server)
+        }
+        _ => None,
+    };
+    let api = server.as_ref().map(|(_, requests)| requests);
+    let control = vmm::Control {
+        api,
+        controller: &mut controller,
+    };
+    let outcome = vmm::run(control, boot, start).map_err(|e| error_chain(&e));
+    controller.finish();
+    drop(server);
+    outcome
 }

@@ -1,5 +1,6 @@
-//! Building and running one microVM, as a straight line:
-//! config → memory → VM → devices → kernel → boot params → vCPUs → event loop.
+//! Building and running one microVM: [`Vmm::boot`] goes, as a straight line, from its
+//! description to memory → VM → devices → kernel → boot params → vCPUs; [`run`] is the event
+//! loop that serves the API before and while the guest runs, and ends with the guest.
 
 use std::fmt;
 use std::fs::File;
@@ -20,17 +21,24 @@ use ember_memory::layout::{
     ACPI_PM1_EVT_PORT, I8042_IRQ, IRQ_BASE, MMIO_DEVICES_END, MMIO32_START, SERIAL_IRQ,
 };
 use ember_memory::{GuestMemoryMmap, MemoryOptions, ResourceAllocator};
+use ember_rate_limiter::{BucketConfig, BucketUpdate, RateLimiter};
 use ember_vcpu::{IoEventAddress, Kvm, Vcpu, VcpuHandle, Vm, VmExit, VmExitNotifier};
 use ember_virtio::block::{self, Block};
 use ember_virtio::mmio::{MMIO_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, cmdline_device};
-use ember_virtio::net::Net;
+use ember_virtio::net::{MacAddr, Net};
 use ember_virtio::tap::{self, Tap};
 use ember_virtio::{VirtioDevice, WorkerGate};
 use log::{debug, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
-use crate::cli::{Cli, DiskSpec, NetSpec, SerialOutput};
+use crate::api::ApiRequests;
+use crate::api::model;
+use crate::cli::SerialOutput;
+use crate::controller::Controller;
+use crate::metrics::{FLUSH_INTERVAL, Group, Kind, Snapshot};
+use crate::resources::VmResources;
 use crate::terminal::RawStdin;
 
 /// Everything that can stop `ember` before or while the guest runs.
@@ -124,12 +132,36 @@ pub enum Error {
     /// A device cannot be put on a bus.
     #[error("Cannot register the {0} on its bus")]
     Bus(String, #[source] ember_bus::Error),
-    /// Two disks have the same ID.
-    #[error("Two disks have the ID {0}")]
-    DuplicateDiskId(String),
-    /// A disk other than the first is marked as the root device.
-    #[error("Only the first disk can be the root device (/dev/vda); disk {0} is marked root")]
-    RootNotFirst(String),
+    /// The description has no kernel.
+    #[error("Cannot start microvm without kernel configuration.")]
+    NoKernel,
+    /// `InstanceStart` came twice.
+    #[error("The microVM is already started.")]
+    AlreadyStarted,
+    /// A drive or interface the request names does not exist.
+    #[error("There is no {0} with the ID {1}.")]
+    NoSuchDevice(&'static str, String),
+    /// A rate limiter cannot be set up.
+    #[error("Cannot set up a rate limiter")]
+    RateLimiter(#[source] ember_rate_limiter::Error),
+    /// A guest MAC address is malformed.
+    #[error("Invalid guest MAC address {0}: {1}")]
+    Mac(String, String),
+    /// A network interface refuses new rate limits.
+    #[error("Cannot update network interface {id}")]
+    NetUpdate {
+        /// The interface's ID.
+        id: String,
+        /// Why.
+        #[source]
+        source: ember_virtio::net::Error,
+    },
+    /// The device workers cannot be paused or resumed.
+    #[error("Cannot pause or resume the device workers")]
+    Pause(#[source] io::Error),
+    /// Ctrl+Alt+Del cannot be sent.
+    #[error("Cannot send Ctrl+Alt+Del to the guest")]
+    CtrlAltDel(#[source] ember_legacy::i8042::Error),
     /// A disk cannot be set up.
     #[error("Cannot set up disk {id}")]
     Disk {
@@ -211,69 +243,322 @@ impl fmt::Display for GuestExit {
 /// The legacy devices the event loop talks to.
 struct Legacy {
     serial: Arc<Mutex<SerialDevice<SerialOut>>>,
+    i8042: Arc<Mutex<I8042Device>>,
     reset_evt: EventFd,
     power_off_evt: EventFd,
 }
 
-/// Builds the VM `cli` describes, runs it until the guest reboots, powers off or fails.
-pub fn run(cli: &Cli, start: Instant) -> Result<GuestExit> {
-    // Guest memory and the VM around it. Memory is registered before the irqchip exists,
-    // which `Vm::new` does in that order.
-    let memory = create_memory(cli)?;
-    let kvm = Kvm::new().map_err(Error::Kvm)?;
-    let vm = Vm::new(&kvm, memory.clone()).map_err(Error::Vm)?;
-    check_vcpu_count(cli.vcpus, vm.max_vcpus())?;
+/// A drive's transport, kept to reach the running device.
+type BlockTransport = Arc<Mutex<MmioTransport<GuestMemoryMmap, Block>>>;
+/// A network interface's transport, kept to reach the running device.
+type NetTransport = Arc<Mutex<MmioTransport<GuestMemoryMmap, Net>>>;
 
-    // Devices.
-    let mut pio = PioBus::new();
-    let mut mmio = MmioBus::new();
-    let mut allocator = ResourceAllocator::with_ranges(
-        MMIO32_START..MMIO_DEVICES_END,
-        IRQ_BASE..=CMDLINE_DEVICE_IRQ_MAX,
-    );
-    let legacy = attach_legacy_devices(&vm, &mut pio, &cli.serial)?;
-    if cli.boot_timer {
-        attach_boot_timer(&mut mmio, &mut allocator, start)?;
-    }
-    let mut virtio = VirtioAttacher {
-        vm: &vm,
-        mmio: &mut mmio,
-        allocator: &mut allocator,
-        cmdline: Vec::new(),
-    };
-    attach_disks(&mut virtio, &cli.disks)?;
-    attach_nets(&mut virtio, &cli.nets)?;
-    let cmdline_extra = virtio.cmdline;
-
-    // Kernel, initrd, command line, boot parameters.
-    let boot_state = load_guest(cli, &memory, &cmdline_extra)?;
-
-    // vCPUs, then the loop that waits for the guest to finish.
-    let exit = VmExitNotifier::new().map_err(|source| Error::StartVcpu { index: 0, source })?;
-    let vcpus = start_vcpus(&vm, cli.vcpus, &boot_state, pio, mmio, &exit)?;
-    info!(
-        "Started {} vCPU(s) with {} MiB of memory",
-        cli.vcpus, cli.memory
-    );
-
-    let outcome = event_loop(&legacy, &exit, matches!(cli.serial, SerialOutput::Stdio));
-    for vcpu in vcpus {
-        if let Err(err) = vcpu.stop() {
-            warn!("{err}");
-        }
-    }
-    outcome
+/// A booted microVM: its vCPUs run until the guest ends the VM or the VMM stops it.
+///
+/// Dropping it stops the vCPUs first (their handles join the threads), then the devices and
+/// their workers, then the VM.
+pub struct Vmm {
+    vcpus: Vec<VcpuHandle>,
+    drives: Vec<(String, BlockTransport)>,
+    nets: Vec<(String, NetTransport)>,
+    legacy: Legacy,
+    boot_timer: Option<Arc<Mutex<BootTimer>>>,
+    gate: WorkerGate,
+    exit: VmExitNotifier,
+    paused: bool,
+    vm: Vm,
 }
 
-fn create_memory(cli: &Cli) -> Result<Arc<GuestMemoryMmap>> {
+impl fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus.len())
+            .field("drives", &self.drives.len())
+            .field("nets", &self.nets.len())
+            .field("paused", &self.paused)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vmm {
+    /// Builds the VM `resources` describe and starts its vCPUs.
+    ///
+    /// # Errors
+    ///
+    /// When any part cannot be set up; nothing of it is left running.
+    pub fn boot(resources: &VmResources, start: Instant) -> Result<Vmm> {
+        let Some(boot_source) = resources.boot_source() else {
+            return Err(Error::NoKernel);
+        };
+        let machine = resources.machine();
+        // Guest memory and the VM around it. Memory is registered before the irqchip exists,
+        // which `Vm::new` does in that order.
+        let memory = create_memory(resources)?;
+        let kvm = Kvm::new().map_err(Error::Kvm)?;
+        let vm = Vm::new(&kvm, memory.clone()).map_err(Error::Vm)?;
+        check_vcpu_count(machine.vcpu_count, vm.max_vcpus())?;
+
+        // Devices.
+        let mut pio = PioBus::new();
+        let mut mmio = MmioBus::new();
+        let mut allocator = ResourceAllocator::with_ranges(
+            MMIO32_START..MMIO_DEVICES_END,
+            IRQ_BASE..=CMDLINE_DEVICE_IRQ_MAX,
+        );
+        let legacy = attach_legacy_devices(&vm, &mut pio, &resources.serial)?;
+        let boot_timer = if resources.boot_timer {
+            Some(attach_boot_timer(&mut mmio, &mut allocator, start)?)
+        } else {
+            None
+        };
+        let gate = WorkerGate::new();
+        let mut virtio = VirtioAttacher {
+            vm: &vm,
+            mmio: &mut mmio,
+            allocator: &mut allocator,
+            gate: &gate,
+            cmdline: Vec::new(),
+        };
+        let drives = attach_drives(&mut virtio, resources.drives())?;
+        let nets = attach_nets(&mut virtio, resources.nets())?;
+        let mut cmdline_extra = virtio.cmdline;
+
+        // Kernel, initrd, command line, boot parameters.
+        let (cmdline, root) = resources.cmdline();
+        cmdline_extra.extend(root);
+        let boot_state = load_guest(
+            boot_source,
+            &cmdline,
+            &memory,
+            &cmdline_extra,
+            machine.vcpu_count,
+        )?;
+
+        // vCPUs.
+        let exit = VmExitNotifier::new().map_err(|source| Error::StartVcpu { index: 0, source })?;
+        let vcpus = start_vcpus(&vm, machine.vcpu_count, &boot_state, pio, mmio, &exit)?;
+        info!(
+            "Started {} vCPU(s) with {} MiB of memory",
+            machine.vcpu_count, machine.mem_size_mib
+        );
+        Ok(Vmm {
+            vcpus,
+            drives,
+            nets,
+            legacy,
+            boot_timer,
+            gate,
+            exit,
+            paused: false,
+            vm,
+        })
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stops every vCPU, then every device worker, each between two of its events: nothing
+    /// of the guest runs until [`resume`](Self::resume).
+    ///
+    /// # Errors
+    ///
+    /// When a worker cannot be told to pause; the VM is resumed then.
+    pub fn pause(&mut self) -> Result<()> {
+        if self.paused {
+            return Ok(());
+        }
+        for vcpu in &self.vcpus {
+            vcpu.pause();
+        }
+        // The vCPUs are out of the guest: no driver can activate a device meanwhile.
+        if let Err(err) = self.gate.pause() {
+            if let Err(resume) = self.resume_all() {
+                warn!("{resume}");
+            }
+            return Err(Error::Pause(err));
+        }
+        self.paused = true;
+        info!("Paused the VM");
+        Ok(())
+    }
+
+    /// Lets the devices and the vCPUs go on.
+    ///
+    /// # Errors
+    ///
+    /// When a worker cannot be told to resume.
+    pub fn resume(&mut self) -> Result<()> {
+        if !self.paused {
+            return Ok(());
+        }
+        self.paused = false;
+        self.resume_all()?;
+        info!("Resumed the VM");
+        Ok(())
+    }
+
+    fn resume_all(&self) -> Result<()> {
+        let gate = self.gate.resume().map_err(Error::Pause);
+        for vcpu in &self.vcpus {
+            vcpu.resume();
+        }
+        gate
+    }
+
+    /// Presses Ctrl+Alt+Del on the guest's keyboard (the i8042), which a Linux guest answers
+    /// by shutting down cleanly and rebooting.
+    ///
+    /// # Errors
+    ///
+    /// When the i8042 cannot take the keys.
+    pub fn send_ctrl_alt_del(&self) -> Result<()> {
+        lock(&self.legacy.i8042)
+            .trigger_ctrl_alt_del()
+            .map_err(Error::CtrlAltDel)
+    }
+
+    /// `PATCH /drives/{id}` on the running drive: a new backing file, new limits.
+    ///
+    /// # Errors
+    ///
+    /// When there is no such drive, or the device refuses the change (its state is unchanged).
+    pub fn update_drive(&self, update: &model::PartialDrive) -> Result<()> {
+        let transport = self
+            .drives
+            .iter()
+            .find(|(id, _)| *id == update.drive_id)
+            .map(|(_, t)| t)
+            .ok_or_else(|| Error::NoSuchDevice("drive", update.drive_id.clone()))?;
+        let mut transport = lock(transport);
+        let block = transport.device_mut();
+        if let Some(path) = &update.path_on_host {
+            block
+                .update_disk(Path::new(path))
+                .map_err(|source| Error::Disk {
+                    id: update.drive_id.clone(),
+                    source,
+                })?;
+        }
+        if let Some(limiter) = &update.rate_limiter {
+            let (bandwidth, ops) = bucket_updates(limiter);
+            block
+                .update_rate_limiter(bandwidth, ops)
+                .map_err(|source| Error::Disk {
+                    id: update.drive_id.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}` on the running interface: new limits.
+    ///
+    /// # Errors
+    ///
+    /// When there is no such interface, or the device refuses the change.
+    pub fn update_net(&self, update: &model::PartialNetworkInterface) -> Result<()> {
+        let transport = self
+            .nets
+            .iter()
+            .find(|(id, _)| *id == update.iface_id)
+            .map(|(_, t)| t)
+            .ok_or_else(|| Error::NoSuchDevice("network interface", update.iface_id.clone()))?;
+        let none = model::RateLimiter::default();
+        let (rx_bandwidth, rx_ops) =
+            bucket_updates(update.rx_rate_limiter.as_ref().unwrap_or(&none));
+        let (tx_bandwidth, tx_ops) =
+            bucket_updates(update.tx_rate_limiter.as_ref().unwrap_or(&none));
+        lock(transport)
+            .device_mut()
+            .update_rate_limiters(rx_bandwidth, rx_ops, tx_bandwidth, tx_ops)
+            .map_err(|source| Error::NetUpdate {
+                id: update.iface_id.clone(),
+                source,
+            })
+    }
+
+    /// What the VM's counters read now.
+    pub fn metrics(&self, snapshot: &mut Snapshot) {
+        snapshot.push(Group::counters(
+            "vcpu",
+            None,
+            self.vm.vcpu_metrics().values(),
+        ));
+        if let Some(boot) = self.boot_timer.as_ref().and_then(|t| lock(t).boot_time()) {
+            let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+            snapshot.push(Group {
+                kind: "vmm",
+                device: None,
+                values: vec![
+                    ("boot_time_us", Kind::Gauge, us(boot.wall)),
+                    ("boot_cpu_time_us", Kind::Gauge, us(boot.cpu)),
+                ],
+            });
+        }
+        for (id, transport) in &self.drives {
+            let values = lock(transport).device().metrics().values();
+            snapshot.push(Group::counters("block", Some(id.clone()), values));
+        }
+        for (id, transport) in &self.nets {
+            let values = lock(transport).device().metrics().values();
+            snapshot.push(Group::counters("net", Some(id.clone()), values));
+        }
+    }
+
+    /// Stops the vCPUs and the devices.
+    pub fn stop(mut self) {
+        // Paused workers would keep waiting: open the gate for them to stop.
+        if let Err(err) = self.resume() {
+            warn!("{err}");
+        }
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            if let Err(err) = vcpu.stop() {
+                warn!("{err}");
+            }
+        }
+    }
+}
+
+/// The bucket updates of a limiter in a PATCH: a bucket given replaces the old one (or removes
+/// it when it limits nothing), a bucket not given stays.
+fn bucket_updates(limiter: &model::RateLimiter) -> (BucketUpdate, BucketUpdate) {
+    let update = |bucket: Option<model::TokenBucket>| match bucket {
+        Some(bucket) => BucketUpdate::from(bucket_config(bucket)),
+        None => BucketUpdate::None,
+    };
+    (update(limiter.bandwidth), update(limiter.ops))
+}
+
+fn bucket_config(bucket: model::TokenBucket) -> BucketConfig {
+    BucketConfig {
+        size: bucket.size,
+        one_time_burst: bucket.one_time_burst.unwrap_or(0),
+        refill_time: bucket.refill_time,
+    }
+}
+
+/// The rate limiter a drive or interface is configured with (unlimited when absent).
+fn rate_limiter(limiter: Option<&model::RateLimiter>) -> Result<RateLimiter> {
+    let limiter = limiter.copied().unwrap_or_default();
+    RateLimiter::new(
+        limiter.bandwidth.map(bucket_config),
+        limiter.ops.map(bucket_config),
+    )
+    .map_err(Error::RateLimiter)
+}
+
+fn create_memory(resources: &VmResources) -> Result<Arc<GuestMemoryMmap>> {
+    let machine = resources.machine();
     let memory_error = |source| Error::Memory {
-        mib: cli.memory,
+        mib: machine.mem_size_mib,
         source,
     };
-    let size = ember_memory::mem_size_from_mib(cli.memory).map_err(memory_error)?;
+    let size = ember_memory::mem_size_from_mib(machine.mem_size_mib).map_err(memory_error)?;
     let options = MemoryOptions {
-        ksm: cli.ksm,
-        hugepages: cli.hugepages,
+        ksm: resources.ksm,
+        hugepages: machine.huge_pages == model::HugePages::Transparent,
     };
     let memory = ember_memory::create_guest_memory(size, options).map_err(memory_error)?;
     Ok(Arc::new(memory))
@@ -313,7 +598,7 @@ fn attach_legacy_devices(vm: &Vm, pio: &mut PioBus, serial: &SerialOutput) -> Re
     let i8042 = Arc::new(Mutex::new(I8042Device::new(reset, kbd_irq)));
     let range =
         BusRange::new(I8042_PORT, I8042_PORT_LEN).map_err(|e| Error::Bus("i8042".into(), e))?;
-    pio.insert(range, i8042)
+    pio.insert(range, i8042.clone())
         .map_err(|e| Error::Bus("i8042".into(), e))?;
 
     let power_off = EventFdTrigger::new().map_err(Error::EventFd)?;
@@ -326,6 +611,7 @@ fn attach_legacy_devices(vm: &Vm, pio: &mut PioBus, serial: &SerialOutput) -> Re
 
     Ok(Legacy {
         serial,
+        i8042,
         reset_evt,
         power_off_evt,
     })
@@ -336,16 +622,17 @@ fn attach_boot_timer(
     mmio: &mut MmioBus,
     allocator: &mut ResourceAllocator,
     start: Instant,
-) -> Result<()> {
+) -> Result<Arc<Mutex<BootTimer>>> {
     let addr = allocator
         .allocate_mmio(BOOT_TIMER_LEN)
         .map_err(Error::Allocate)?;
     let range =
         BusRange::new(addr.0, BOOT_TIMER_LEN).map_err(|e| Error::Bus("boot timer".into(), e))?;
-    mmio.insert(range, Arc::new(Mutex::new(BootTimer::new(start))))
+    let timer = Arc::new(Mutex::new(BootTimer::new(start)));
+    mmio.insert(range, timer.clone())
         .map_err(|e| Error::Bus("boot timer".into(), e))?;
     debug!("Boot timer at {:#x}", addr.0);
-    Ok(())
+    Ok(timer)
 }
 
 /// Puts virtio devices on the MMIO bus, each with a page of MMIO, an interrupt line, an irqfd
@@ -355,15 +642,16 @@ struct VirtioAttacher<'a> {
     vm: &'a Vm,
     mmio: &'a mut MmioBus,
     allocator: &'a mut ResourceAllocator,
+    gate: &'a WorkerGate,
     cmdline: Vec<String>,
 }
 
 impl VirtioAttacher<'_> {
-    fn attach(
+    fn attach<D: VirtioDevice<GuestMemoryMmap> + 'static>(
         &mut self,
         name: String,
-        device: Box<dyn VirtioDevice<GuestMemoryMmap>>,
-    ) -> Result<()> {
+        device: D,
+    ) -> Result<Arc<Mutex<MmioTransport<GuestMemoryMmap, D>>>> {
         let addr = self
             .allocator
             .allocate_mmio(MMIO_SIZE)
@@ -376,9 +664,13 @@ impl VirtioAttacher<'_> {
         self.vm
             .register_irqfd(&irq_evt, irq)
             .map_err(|e| Error::Irq(name.clone(), e))?;
-        let transport =
-            MmioTransport::new(self.vm.memory().clone(), device, irq_evt, WorkerGate::new())
-                .map_err(|e| Error::Transport(name.clone(), e))?;
+        let transport = MmioTransport::new(
+            self.vm.memory().clone(),
+            Box::new(device),
+            irq_evt,
+            self.gate.clone(),
+        )
+        .map_err(|e| Error::Transport(name.clone(), e))?;
         let notify = IoEventAddress::Mmio(addr.0 + QUEUE_NOTIFY_OFFSET);
         for (index, evt) in (0u32..).zip(transport.queue_evts()) {
             self.vm
@@ -386,69 +678,76 @@ impl VirtioAttacher<'_> {
                 .map_err(|e| Error::Ioevent(name.clone(), e))?;
         }
         let range = BusRange::new(addr.0, MMIO_SIZE).map_err(|e| Error::Bus(name.clone(), e))?;
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio
-            .insert(range, Arc::new(Mutex::new(transport)))
+            .insert(range, transport.clone())
             .map_err(|e| Error::Bus(name.clone(), e))?;
         debug!("{name} at {:#x}, IRQ {irq}", addr.0);
         self.cmdline.push(cmdline_device(addr, irq));
-        Ok(())
+        Ok(transport)
     }
 }
 
-/// The disks, in order: the first is `/dev/vda`, and the root device when marked so.
-fn attach_disks(virtio: &mut VirtioAttacher<'_>, disks: &[DiskSpec]) -> Result<()> {
-    let ids = disk_ids(disks)?;
-    for (disk, id) in disks.iter().zip(ids) {
-        let config = block::Config {
-            path: disk.path.clone(),
-            read_only: disk.read_only,
+/// The drives, in order: the first is `/dev/vda`.
+fn attach_drives(
+    virtio: &mut VirtioAttacher<'_>,
+    drives: &[model::Drive],
+) -> Result<Vec<(String, BlockTransport)>> {
+    let mut attached = Vec::with_capacity(drives.len());
+    for drive in drives {
+        let id = drive.drive_id.clone();
+        let disk_error = |source| Error::Disk {
             id: id.clone(),
+            source,
         };
-        let block = Block::new(&config).map_err(|source| Error::Disk {
-            id: id.clone(),
-            source,
-        })?;
-        if disk.root {
-            virtio.cmdline.push("root=/dev/vda".into());
-            virtio
-                .cmdline
-                .push(if disk.read_only { "ro" } else { "rw" }.into());
-        }
-        virtio.attach(format!("disk {id}"), Box::new(block))?;
+        let config = block::Config {
+            path: drive.path_on_host.clone().unwrap_or_default().into(),
+            read_only: drive.read_only(),
+            id: serial_of(&id),
+            rate_limiter: rate_limiter(drive.rate_limiter.as_ref())?,
+        };
+        let block = Block::new(config).map_err(disk_error)?;
+        let transport = virtio.attach(format!("disk {id}"), block)?;
+        attached.push((id, transport));
     }
-    Ok(())
+    Ok(attached)
 }
 
-/// Each disk's ID (`diskN` unless given), checked: distinct, and only the first disk is root.
-fn disk_ids(disks: &[DiskSpec]) -> Result<Vec<String>> {
-    let ids: Vec<String> = disks
-        .iter()
-        .enumerate()
-        .map(|(index, disk)| disk.id.clone().unwrap_or_else(|| format!("disk{index}")))
-        .collect();
-    for (index, id) in ids.iter().enumerate() {
-        if ids.get(..index).is_some_and(|before| before.contains(id)) {
-            return Err(Error::DuplicateDiskId(id.clone()));
-        }
-        if index > 0 && disks.get(index).is_some_and(|d| d.root) {
-            return Err(Error::RootNotFirst(id.clone()));
-        }
+/// The serial number a drive's guest reads (virtio-blk GET_ID): its ID when it fits in the 20
+/// bytes of the field, else none, rather than a cut that two drives could share.
+fn serial_of(id: &str) -> String {
+    if id.len() <= block::ID_BYTES {
+        id.to_string()
+    } else {
+        String::new()
     }
-    Ok(ids)
 }
 
-fn attach_nets(virtio: &mut VirtioAttacher<'_>, nets: &[NetSpec]) -> Result<()> {
+fn attach_nets(
+    virtio: &mut VirtioAttacher<'_>,
+    nets: &[model::NetworkInterface],
+) -> Result<Vec<(String, NetTransport)>> {
+    let mut attached = Vec::with_capacity(nets.len());
     for net in nets {
-        let tap = Tap::open(&net.tap).map_err(|source| Error::Tap {
-            name: net.tap.clone(),
+        let tap = Tap::open(&net.host_dev_name).map_err(|source| Error::Tap {
+            name: net.host_dev_name.clone(),
             source,
         })?;
-        virtio.attach(
-            format!("network interface {}", net.tap),
-            Box::new(Net::new(tap, net.mac)),
-        )?;
+        let mac = match &net.guest_mac {
+            Some(text) => Some(
+                text.parse::<MacAddr>()
+                    .map_err(|e| Error::Mac(text.clone(), e.to_string()))?,
+            ),
+            None => None,
+        };
+        let device = Net::new(tap, mac).with_rate_limiters(
+            rate_limiter(net.rx_rate_limiter.as_ref())?,
+            rate_limiter(net.tx_rate_limiter.as_ref())?,
+        );
+        let transport = virtio.attach(format!("network interface {}", net.iface_id), device)?;
+        attached.push((net.iface_id.clone(), transport));
     }
-    Ok(())
+    Ok(attached)
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File> {
@@ -461,11 +760,18 @@ fn open(what: &'static str, path: &Path) -> Result<File> {
 
 /// Loads kernel and initrd, writes the command line and boot tables; returns the boot vCPU's
 /// initial state.
-fn load_guest(cli: &Cli, memory: &GuestMemoryMmap, cmdline_extra: &[String]) -> Result<CpuState> {
+fn load_guest(
+    boot_source: &model::BootSource,
+    cmdline: &str,
+    memory: &GuestMemoryMmap,
+    cmdline_extra: &[String],
+    vcpus: u8,
+) -> Result<CpuState> {
+    let kernel_path = PathBuf::from(&boot_source.kernel_image_path);
     let kernel =
-        load_kernel(memory, &mut open("kernel image", &cli.kernel)?).map_err(|source| {
+        load_kernel(memory, &mut open("kernel image", &kernel_path)?).map_err(|source| {
             Error::Kernel {
-                path: cli.kernel.clone(),
+                path: kernel_path.clone(),
                 source,
             }
         })?;
@@ -473,20 +779,19 @@ fn load_guest(cli: &Cli, memory: &GuestMemoryMmap, cmdline_extra: &[String]) -> 
         "Kernel {:?} entered at {:#x}",
         kernel.format, kernel.entry.0
     );
-    let initrd = match &cli.initrd {
-        Some(path) => Some(
-            load_initrd(memory, &mut open("initrd", path)?, &kernel).map_err(|source| {
-                Error::Initrd {
-                    path: path.clone(),
-                    source,
-                }
-            })?,
-        ),
+    let initrd = match &boot_source.initrd_path {
+        Some(path) => {
+            let path = PathBuf::from(path);
+            Some(
+                load_initrd(memory, &mut open("initrd", &path)?, &kernel)
+                    .map_err(|source| Error::Initrd { path, source })?,
+            )
+        }
         None => None,
     };
     let extra: Vec<&str> = cmdline_extra.iter().map(String::as_str).collect();
-    let cmdline = build_cmdline(&cli.cmdline, &extra).map_err(Error::Cmdline)?;
-    configure_system(memory, &kernel, &cmdline, initrd, cli.vcpus).map_err(Error::Boot)
+    let cmdline = build_cmdline(cmdline, &extra).map_err(Error::Cmdline)?;
+    configure_system(memory, &kernel, &cmdline, initrd, vcpus).map_err(Error::Boot)
 }
 
 fn start_vcpus(
@@ -520,13 +825,26 @@ const TOKEN_SERIAL_READY: u64 = 1;
 const TOKEN_RESET: u64 = 2;
 const TOKEN_VM_EXIT: u64 = 3;
 const TOKEN_POWER_OFF: u64 = 4;
+const TOKEN_API: u64 = 5;
+const TOKEN_METRICS: u64 = 6;
 
-/// Waits for the guest to end the VM, feeding stdin to the serial console meanwhile.
+/// What the event loop serves besides the VM: the API and the metrics.
+pub struct Control<'a> {
+    /// The requests of the API server, when there is one.
+    pub api: Option<&'a ApiRequests>,
+    /// Answers them, and owns the VM description and the metrics.
+    pub controller: &'a mut Controller,
+}
+
+/// Runs the VMM: boots at once when `boot` (flags or a configuration file), or when the API
+/// asks, then waits for the guest to end the VM, feeding stdin to the serial console and
+/// serving the API meanwhile.
 ///
-/// Stdin is watched only while the serial receive FIFO has room: when it is full, stdin leaves
-/// the epoll set until the guest drains the FIFO, so a fast producer neither spins the loop nor
-/// grows a buffer.
-fn event_loop(legacy: &Legacy, exit: &VmExitNotifier, stdio: bool) -> Result<GuestExit> {
+/// Stdin is watched only while the serial receive FIFO has room and the VM runs: when it is
+/// full, stdin leaves the epoll set until the guest drains the FIFO, so a fast producer neither
+/// spins the loop nor grows a buffer.
+pub fn run(control: Control<'_>, boot: bool, start: Instant) -> Result<GuestExit> {
+    let Control { api, controller } = control;
     let epoll = Epoll::new().map_err(Error::EventLoop)?;
     let watch = |fd: i32, token: u64| {
         epoll.ctl(
@@ -535,15 +853,63 @@ fn event_loop(legacy: &Legacy, exit: &VmExitNotifier, stdio: bool) -> Result<Gue
             EpollEvent::new(EventSet::IN, token),
         )
     };
-    watch(legacy.reset_evt.as_raw_fd(), TOKEN_RESET).map_err(Error::EventLoop)?;
-    watch(legacy.power_off_evt.as_raw_fd(), TOKEN_POWER_OFF).map_err(Error::EventLoop)?;
-    watch(exit.event_fd().as_raw_fd(), TOKEN_VM_EXIT).map_err(Error::EventLoop)?;
-    let serial_ready = lock(&legacy.serial)
+    if let Some(api) = api {
+        watch(api.as_raw_fd(), TOKEN_API).map_err(Error::EventLoop)?;
+    }
+    let timer_error = |e: vmm_sys_util::errno::Error| Error::EventLoop(e.into());
+    let mut metrics_timer = TimerFd::new().map_err(timer_error)?;
+    metrics_timer
+        .reset(FLUSH_INTERVAL, Some(FLUSH_INTERVAL))
+        .map_err(timer_error)?;
+    watch(metrics_timer.as_raw_fd(), TOKEN_METRICS).map_err(Error::EventLoop)?;
+
+    if boot {
+        controller.start_instance(start)?;
+    } else {
+        // Until the API starts the VM, only the API is served.
+        let mut events = vec![EpollEvent::default(); 4];
+        while !controller.is_started() {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(Error::EventLoop(err)),
+            };
+            for event in events.iter().take(n) {
+                match event.data() {
+                    TOKEN_API => {
+                        if let Some(api) = api {
+                            serve_api(api, controller, start);
+                        }
+                    }
+                    TOKEN_METRICS => {
+                        let _ = metrics_timer.wait();
+                        controller.flush_metrics_quietly();
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let Some(vmm) = controller.vmm() else {
+        return Err(Error::NoKernel);
+    };
+    let legacy_fds = (
+        vmm.legacy.reset_evt.as_raw_fd(),
+        vmm.legacy.power_off_evt.as_raw_fd(),
+        vmm.exit.event_fd().as_raw_fd(),
+    );
+    watch(legacy_fds.0, TOKEN_RESET).map_err(Error::EventLoop)?;
+    watch(legacy_fds.1, TOKEN_POWER_OFF).map_err(Error::EventLoop)?;
+    watch(legacy_fds.2, TOKEN_VM_EXIT).map_err(Error::EventLoop)?;
+    let serial = vmm.legacy.serial.clone();
+    let exit = vmm.exit.clone();
+    let serial_ready = lock(&serial)
         .input_ready_evt()
         .try_clone()
         .map_err(Error::EventFd)?;
     watch(serial_ready.as_raw_fd(), TOKEN_SERIAL_READY).map_err(Error::EventLoop)?;
 
+    let stdio = matches!(controller.resources().serial, SerialOutput::Stdio);
     let _raw = if stdio {
         Some(RawStdin::enable().map_err(Error::Terminal)?)
     } else {
@@ -553,15 +919,24 @@ fn event_loop(legacy: &Legacy, exit: &VmExitNotifier, stdio: bool) -> Result<Gue
     // Regular files and /dev/null cannot be watched with epoll; such a stdin gives no input.
     let mut stdin_watched = stdio && watch(stdin_fd, TOKEN_STDIN).is_ok();
     let mut stdin_open = stdin_watched;
+    let unwatch_stdin = |watched: &mut bool| -> Result<()> {
+        if *watched {
+            epoll
+                .ctl(ControlOperation::Delete, stdin_fd, EpollEvent::default())
+                .map_err(Error::EventLoop)?;
+            *watched = false;
+        }
+        Ok(())
+    };
 
-    let mut events = vec![EpollEvent::default(); 4];
+    let mut events = vec![EpollEvent::default(); 8];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
             Err(err) => return Err(Error::EventLoop(err)),
         };
-        for event in &events[..n] {
+        for event in events.iter().take(n) {
             match event.data() {
                 TOKEN_RESET => return Ok(GuestExit::I8042Reset),
                 TOKEN_POWER_OFF => return Ok(GuestExit::AcpiPowerOff),
@@ -573,16 +948,33 @@ fn event_loop(legacy: &Legacy, exit: &VmExitNotifier, stdio: bool) -> Result<Gue
                         None => continue,
                     };
                 }
+                TOKEN_API => {
+                    if let Some(api) = api {
+                        serve_api(api, controller, start);
+                    }
+                    // A paused VM takes no input; a resumed one takes it again.
+                    let paused = controller.vmm().is_some_and(Vmm::is_paused);
+                    if paused {
+                        unwatch_stdin(&mut stdin_watched)?;
+                    } else if stdin_open && !stdin_watched {
+                        stdin_watched = watch(stdin_fd, TOKEN_STDIN).is_ok();
+                    }
+                }
+                TOKEN_METRICS => {
+                    let _ = metrics_timer.wait();
+                    controller.flush_metrics_quietly();
+                }
                 TOKEN_SERIAL_READY => {
                     // Clearing a non-blocking eventfd that another event already cleared is
                     // fine.
                     let _ = serial_ready.read();
-                    if stdin_open && !stdin_watched {
+                    let paused = controller.vmm().is_some_and(Vmm::is_paused);
+                    if stdin_open && !stdin_watched && !paused {
                         stdin_watched = watch(stdin_fd, TOKEN_STDIN).is_ok();
                     }
                 }
                 TOKEN_STDIN => {
-                    let outcome = lock(&legacy.serial).feed_from(&mut io::stdin().lock());
+                    let outcome = lock(&serial).feed_from(&mut io::stdin().lock());
                     let stop_watching = match outcome {
                         Ok(outcome) if outcome.eof => {
                             stdin_open = false;
@@ -595,11 +987,8 @@ fn event_loop(legacy: &Legacy, exit: &VmExitNotifier, stdio: bool) -> Result<Gue
                             true
                         }
                     };
-                    if stop_watching && stdin_watched {
-                        epoll
-                            .ctl(ControlOperation::Delete, stdin_fd, EpollEvent::default())
-                            .map_err(Error::EventLoop)?;
-                        stdin_watched = false;
+                    if stop_watching {
+                        unwatch_stdin(&mut stdin_watched)?;
                     }
                 }
                 _ => {}
@@ -608,49 +997,21 @@ fn event_loop(legacy: &Legacy, exit: &VmExitNotifier, stdio: bool) -> Result<Gue
     }
 }
 
+/// Answers every API request waiting.
+fn serve_api(api: &ApiRequests, controller: &mut Controller, start: Instant) {
+    while let Some((request, responder)) = api.try_recv() {
+        responder.send(controller.handle(request, start));
+    }
+}
+
 /// Locks a device, going on with its state if a vCPU thread panicked while holding it.
-fn lock<T>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     device.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn disk(id: Option<&str>, root: bool) -> DiskSpec {
-        DiskSpec {
-            path: "disk.img".into(),
-            read_only: false,
-            root,
-            id: id.map(String::from),
-        }
-    }
-
-    #[test]
-    fn disks_are_named_disk_n_unless_given_an_id() {
-        let ids = disk_ids(&[
-            disk(None, true),
-            disk(Some("data"), false),
-            disk(None, false),
-        ])
-        .unwrap();
-        assert_eq!(ids, ["disk0", "data", "disk2"]);
-    }
-
-    #[test]
-    fn disk_ids_must_differ() {
-        let err = disk_ids(&[disk(Some("a"), false), disk(Some("a"), false)]).unwrap_err();
-        assert!(matches!(err, Error::DuplicateDiskId(id) if id == "a"));
-        // A default name counts too.
-        let err = disk_ids(&[disk(Some("disk1"), false), disk(None, false)]).unwrap_err();
-        assert!(matches!(err, Error::DuplicateDiskId(id) if id == "disk1"));
-    }
-
-    #[test]
-    fn only_the_first_disk_can_be_root() {
-        let err = disk_ids(&[disk(None, false), disk(None, true)]).unwrap_err();
-        assert!(matches!(err, Error::RootNotFirst(id) if id == "disk1"));
-    }
 
     #[test]
     fn vcpu_count_must_be_between_one_and_the_limit() {
@@ -671,5 +1032,32 @@ mod tests {
             check_vcpu_count(255, 1024),
             Err(Error::VcpuCount { max: 254, .. })
         ));
+    }
+
+    #[test]
+    fn a_drive_id_is_its_serial_when_it_fits() {
+        assert_eq!(serial_of("rootfs"), "rootfs");
+        assert_eq!(serial_of(&"a".repeat(20)), "a".repeat(20));
+        assert_eq!(serial_of(&"a".repeat(21)), "");
+    }
+
+    #[test]
+    fn a_patch_replaces_the_buckets_it_gives_and_keeps_the_others() {
+        let bucket = |size| model::TokenBucket {
+            size,
+            one_time_burst: Some(5),
+            refill_time: 100,
+        };
+        let (bandwidth, ops) = bucket_updates(&model::RateLimiter {
+            bandwidth: Some(bucket(1000)),
+            ops: None,
+        });
+        assert!(matches!(&bandwidth, BucketUpdate::Update(b) if b.size() == 1000));
+        assert_eq!(ops, BucketUpdate::None);
+        let (bandwidth, _) = bucket_updates(&model::RateLimiter {
+            bandwidth: Some(bucket(0)),
+            ops: None,
+        });
+        assert_eq!(bandwidth, BucketUpdate::Disabled);
     }
 }

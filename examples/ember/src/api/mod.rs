@@ -8,13 +8,10 @@
 //! - [`routes`]: from method, path and body to a typed [`ApiRequest`], and the [`ApiResponse`]
 //!   that answers it;
 //! - [`server`]: the `ember_api` thread that serves the socket and hands each [`ApiRequest`] to
-//!   the VMM with a [`Responder`].
+//!   the VMM with a [`Responder`](server::Responder).
 //!
 //! The VMM starts it with [`ApiServer::spawn`], registers the returned [`ApiRequests`] in its
-//! epoll loop, and answers each request it drains with [`Responder::send`].
-
-// The VMM does not serve the API yet: remove this once it does.
-#![allow(dead_code, unused_imports)]
+//! epoll loop, and answers each request it drains with [`Responder::send`](server::Responder::send).
 
 pub mod http;
 pub mod model;
@@ -22,4 +19,4 @@ pub mod routes;
 pub mod server;
 
 pub use routes::{ApiRequest, ApiResponse};
-pub use server::{ApiRequests, ApiServer, Responder, ServerError};
+pub use server::{ApiRequests, ApiServer};

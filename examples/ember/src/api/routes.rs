@@ -368,11 +368,6 @@ impl ApiResponse {
         self.status
     }
 
-    /// The body.
-    pub fn body(&self) -> &ResponseBody {
-        &self.body
-    }
-
     /// The HTTP response that carries this answer.
     pub fn to_http(&self) -> http::Response {
         let (content_type, body) = match &self.body {
@@ -703,7 +698,7 @@ mod tests {
         let response = ApiResponse::from(put("/foo", "{}").unwrap_err());
         assert_eq!(response.status(), StatusCode::BadRequest);
         assert_eq!(
-            response.body(),
+            &response.body,
             &ResponseBody::Json(
                 r#"{"fault_message":"Invalid request method and/or path: PUT foo."}"#.into()
             )
@@ -730,7 +725,7 @@ mod tests {
         let response = ApiResponse::bad_request("say \"no\"");
         assert_eq!(response.status(), StatusCode::BadRequest);
         assert_eq!(
-            response.body(),
+            &response.body,
             &ResponseBody::Json(r#"{"fault_message":"say \"no\""}"#.into())
         );
         assert_eq!(

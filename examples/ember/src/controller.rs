@@ -1,0 +1,327 @@
+//! The VMM's answers to API requests: the microVM's description before it boots, the running
+//! [`Vmm`] after, the logger and the metrics.
+//!
+//! What is refused is refused as Firecracker refuses it, with a 400 and a `fault_message`, and
+//! leaves everything as it was: a call that configures the microVM after it booted, one that
+//! changes a running device before it booted, `InstanceStart` twice or without a kernel.
+
+use std::io;
+use std::path::Path;
+use std::time::Instant;
+
+use log::{LevelFilter, info, warn};
+
+use crate::api::model::{
+    self, ActionType, InstanceInfo, InstanceState, LogLevel, VmState, VmmVersion,
+};
+use crate::api::{ApiRequest, ApiResponse};
+use crate::logger;
+use crate::metrics::{self, Group, MetricsWriter, Snapshot};
+use crate::resources::VmResources;
+use crate::vmm::{self, Vmm};
+
+/// The message of a call that only a microVM not yet started accepts (Firecracker's).
+pub const AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
+
+/// The message of a call that only a started microVM accepts (Firecracker's).
+pub const BEFORE_START: &str =
+    "The requested operation is not supported before starting the microVM.";
+
+/// The application name `GET /` reports.
+pub const APP_NAME: &str = "ember";
+
+/// The microVM, configured or running, and what the API changes around it.
+#[derive(Debug)]
+pub struct Controller {
+    id: String,
+    resources: VmResources,
+    vmm: Option<Vmm>,
+    metrics: Option<MetricsWriter>,
+    logger_configured: bool,
+    requests: u64,
+    failed_requests: u64,
+}
+
+impl Controller {
+    /// A controller for the microVM `resources` describe, named `id`.
+    pub fn new(id: String, resources: VmResources) -> Self {
+        Controller {
+            id,
+            resources,
+            vmm: None,
+            metrics: None,
+            logger_configured: false,
+            requests: 0,
+            failed_requests: 0,
+        }
+    }
+
+    /// Applies the `logger` and `metrics` of the description (a configuration file's).
+    ///
+    /// # Errors
+    ///
+    /// When the log or metrics file cannot be opened.
+    pub fn apply_logging(&mut self) -> io::Result<()> {
+        let config = self.resources.vm_config().clone();
+        if let Some(logger) = &config.logger {
+            configure_logger(logger)?;
+            self.logger_configured = true;
+        }
+        if let Some(metrics) = &config.metrics {
+            self.metrics = Some(MetricsWriter::open(Path::new(&metrics.metrics_path))?);
+        }
+        Ok(())
+    }
+
+    /// Whether the microVM was started.
+    pub fn is_started(&self) -> bool {
+        self.vmm.is_some()
+    }
+
+    /// The running microVM.
+    pub fn vmm(&self) -> Option<&Vmm> {
+        self.vmm.as_ref()
+    }
+
+    /// The microVM's description.
+    pub fn resources(&self) -> &VmResources {
+        &self.resources
+    }
+
+    /// Boots the described microVM.
+    ///
+    /// # Errors
+    ///
+    /// When it is started already, has no kernel, or cannot be built.
+    pub fn start_instance(&mut self, start: Instant) -> vmm::Result<()> {
+        if self.vmm.is_some() {
+            return Err(vmm::Error::AlreadyStarted);
+        }
+        self.vmm = Some(Vmm::boot(&self.resources, start)?);
+        Ok(())
+    }
+
+    /// Answers one API request.
+    pub fn handle(&mut self, request: ApiRequest, start: Instant) -> ApiResponse {
+        self.requests = self.requests.saturating_add(1);
+        let response = self.answer(request, start);
+        if response.status().code() >= 400 {
+            self.failed_requests = self.failed_requests.saturating_add(1);
+        }
+        response
+    }
+
+    fn answer(&mut self, request: ApiRequest, start: Instant) -> ApiResponse {
+        let started = self.vmm.is_some();
+        match request {
+            ApiRequest::GetInstanceInfo => ApiResponse::ok_json(&self.instance_info()),
+            ApiRequest::GetVersion => ApiResponse::ok_json(&VmmVersion {
+                firecracker_version: env!("CARGO_PKG_VERSION").to_string(),
+            }),
+            ApiRequest::GetMachineConfig => ApiResponse::ok_json(&self.resources.machine()),
+            ApiRequest::GetVmConfig => ApiResponse::ok_json(self.resources.vm_config()),
+            ApiRequest::GetMetrics => {
+                ApiResponse::ok_prometheus(metrics::prometheus(&self.snapshot()))
+            }
+            ApiRequest::PutBootSource(boot_source) if !started => {
+                answer(self.resources.set_boot_source(boot_source))
+            }
+            ApiRequest::PutMachineConfig(machine) if !started => {
+                answer(self.resources.set_machine(machine))
+            }
+            ApiRequest::PatchMachineConfig(update) if !started => {
+                answer(self.resources.update_machine(&update))
+            }
+            ApiRequest::PutDrive(drive) if !started => answer(self.resources.put_drive(drive)),
+            ApiRequest::PutNetworkInterface(net) if !started => answer(self.resources.put_net(net)),
+            ApiRequest::PutLogger(config) if !started => self.put_logger(config),
+            ApiRequest::PutMetrics(config) if !started => self.put_metrics(config),
+            ApiRequest::Action(ActionType::InstanceStart) if !started => {
+                if self.resources.boot_source().is_none() {
+                    return ApiResponse::bad_request(
+                        "Cannot start microvm without kernel configuration.",
+                    );
+                }
+                match self.start_instance(start) {
+                    Ok(()) => ApiResponse::no_content(),
+                    Err(err) => ApiResponse::bad_request(error_chain(&err)),
+                }
+            }
+            ApiRequest::Action(ActionType::FlushMetrics) => match self.flush_metrics() {
+                Ok(()) => ApiResponse::no_content(),
+                Err(err) => ApiResponse::bad_request(err),
+            },
+            ApiRequest::PutBootSource(_)
+            | ApiRequest::PutMachineConfig(_)
+            | ApiRequest::PatchMachineConfig(_)
+            | ApiRequest::PutDrive(_)
+            | ApiRequest::PutNetworkInterface(_)
+            | ApiRequest::PutLogger(_)
+            | ApiRequest::PutMetrics(_)
+            | ApiRequest::Action(ActionType::InstanceStart) => {
+                ApiResponse::bad_request(AFTER_START)
+            }
+            ApiRequest::Action(ActionType::SendCtrlAltDel) => {
+                self.with_vmm(|vmm| vmm.send_ctrl_alt_del())
+            }
+            ApiRequest::PatchDrive(update) => {
+                let response = self.with_vmm(|vmm| vmm.update_drive(&update));
+                if response.status().code() < 400 {
+                    self.resources.patched_drive(&update);
+                }
+                response
+            }
+            ApiRequest::PatchNetworkInterface(update) => {
+                let response = self.with_vmm(|vmm| vmm.update_net(&update));
+                if response.status().code() < 400 {
+                    self.resources.patched_net(&update);
+                }
+                response
+            }
+            ApiRequest::PatchVm(model::Vm { state }) => self.with_vmm(|vmm| match state {
+                VmState::Paused => vmm.pause(),
+                VmState::Resumed => vmm.resume(),
+            }),
+        }
+    }
+
+    /// Runs `f` on the running microVM: 204 when it succeeds, 400 with the error when it fails
+    /// or the microVM was not started.
+    fn with_vmm(&mut self, f: impl FnOnce(&mut Vmm) -> vmm::Result<()>) -> ApiResponse {
+        let Some(vmm) = self.vmm.as_mut() else {
+            return ApiResponse::bad_request(BEFORE_START);
+        };
+        match f(vmm) {
+            Ok(()) => ApiResponse::no_content(),
+            Err(err) => ApiResponse::bad_request(error_chain(&err)),
+        }
+    }
+
+    fn instance_info(&self) -> InstanceInfo {
+        let state = match &self.vmm {
+            None => InstanceState::NotStarted,
+            Some(vmm) if vmm.is_paused() => InstanceState::Paused,
+            Some(_) => InstanceState::Running,
+        };
+        InstanceInfo {
+            app_name: APP_NAME.to_string(),
+            id: self.id.clone(),
+            state,
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    fn put_logger(&mut self, config: model::Logger) -> ApiResponse {
+        if let Err(err) = configure_logger(&config) {
+            return ApiResponse::bad_request(format!("Cannot configure the logger: {err}"));
+        }
+        self.logger_configured = true;
+        self.resources.set_logger(config);
+        ApiResponse::no_content()
+    }
+
+    fn put_metrics(&mut self, config: model::Metrics) -> ApiResponse {
+        if self.metrics.is_some() {
+            return ApiResponse::bad_request("Reinitialization of metrics not allowed.");
+        }
+        match MetricsWriter::open(Path::new(&config.metrics_path)) {
+            Ok(writer) => {
+                self.metrics = Some(writer);
+                self.resources.set_metrics(config);
+                ApiResponse::no_content()
+            }
+            Err(err) => ApiResponse::bad_request(format!(
+                "Cannot open the metrics file {}: {err}",
+                config.metrics_path
+            )),
+        }
+    }
+
+    /// What every counter reads now.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        if let Some(vmm) = &self.vmm {
+            vmm.metrics(&mut snapshot);
+        }
+        snapshot.push(Group::counters(
+            "api_server",
+            None,
+            [
+                ("requests", self.requests),
+                ("failed_requests", self.failed_requests),
+            ],
+        ));
+        snapshot
+    }
+
+    /// Writes a line of metrics.
+    ///
+    /// # Errors
+    ///
+    /// When no metrics path is set or the line cannot be written, in words.
+    pub fn flush_metrics(&mut self) -> Result<(), String> {
+        let snapshot = self.snapshot();
+        let Some(writer) = self.metrics.as_mut() else {
+            return Err("The metrics system is not initialized: PUT /metrics first.".into());
+        };
+        writer
+            .write(&snapshot)
+            .map_err(|err| format!("Cannot write the metrics: {err}"))
+    }
+
+    /// Writes a line of metrics if there is a metrics path, logging a failure.
+    pub fn flush_metrics_quietly(&mut self) {
+        if self.metrics.is_some() {
+            if let Err(err) = self.flush_metrics() {
+                warn!("{err}");
+            }
+        }
+    }
+
+    /// Writes the last line of metrics and stops the microVM.
+    pub fn finish(mut self) {
+        self.flush_metrics_quietly();
+        if let Some(vmm) = self.vmm.take() {
+            vmm.stop();
+            info!("Stopped the VM");
+        }
+    }
+}
+
+fn answer(result: crate::resources::Result<()>) -> ApiResponse {
+    match result {
+        Ok(()) => ApiResponse::no_content(),
+        Err(err) => ApiResponse::bad_request(err.to_string()),
+    }
+}
+
+fn configure_logger(config: &model::Logger) -> io::Result<()> {
+    let level = config.level.map(|level| match level {
+        LogLevel::Error => LevelFilter::Error,
+        LogLevel::Warning => LevelFilter::Warn,
+        LogLevel::Info => LevelFilter::Info,
+        LogLevel::Debug => LevelFilter::Debug,
+        LogLevel::Trace => LevelFilter::Trace,
+        LogLevel::Off => LevelFilter::Off,
+    });
+    logger::configure(&logger::Config {
+        path: config.log_path.as_deref().map(Path::new),
+        level,
+        show_level: config.show_level,
+        show_origin: config.show_log_origin,
+        module: config.module.as_deref(),
+    })
+}
+
+/// An error and its sources, on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}

@@ -1,0 +1,566 @@
+//! What a microVM is made of, before and while it runs: one description, whether it comes from
+//! the command line, a configuration file or the API.
+//!
+//! The description is Firecracker's: [`FullVmConfiguration`], the body of `GET /vm/config`,
+//! which is also the format of `--config-file`. The flags `--kernel`, `--disk`, `--net` and the
+//! others fill in the same structure, so the VM is built one way whatever described it. What
+//! Firecracker's configuration has no place for (the serial console's destination, the boot
+//! timer, KSM) comes from the command line only.
+//!
+//! Drives keep Firecracker's order: the root device first (it is `/dev/vda`), the others in the
+//! order they were added; putting a drive that exists replaces it where it is.
+
+use std::path::{Path, PathBuf};
+
+use crate::api::model::{
+    self, BootSource, Drive, FullVmConfiguration, HugePages, MachineConfiguration,
+    MachineConfigurationUpdate, ModelError, NetworkInterface,
+};
+use crate::cli::{Cli, DEFAULT_CMDLINE, DiskSpec, NetSpec, SerialOutput};
+
+/// Why a description of a microVM is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A value the API's checks refuse.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Two disks given with `--disk` have the same ID.
+    #[error("Two disks have the ID {0}")]
+    DuplicateDiskId(String),
+    /// A disk other than the first is marked as the root device on the command line.
+    #[error("Only the first disk can be the root device (/dev/vda); disk {0} is marked root")]
+    RootNotFirst(String),
+    /// The configuration file cannot be read.
+    #[error("Cannot read the configuration file {}", path.display())]
+    ReadConfig {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration file is not a valid configuration.
+    #[error("Invalid configuration file {}: {message}", path.display())]
+    ParseConfig {
+        /// Its path.
+        path: PathBuf,
+        /// What is wrong, as the JSON parser or the checks say it.
+        message: String,
+    },
+}
+
+/// Result type of this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A microVM's description, and the few settings only the command line gives.
+#[derive(Debug, Clone)]
+pub struct VmResources {
+    config: FullVmConfiguration,
+    /// Where the guest's serial console goes.
+    pub serial: SerialOutput,
+    /// Whether the boot-timer device is attached.
+    pub boot_timer: bool,
+    /// Whether KSM may merge guest pages.
+    pub ksm: bool,
+}
+
+impl VmResources {
+    /// An empty description with Firecracker's default machine (1 vCPU, 128 MiB) and the
+    /// command line's settings, to be filled in through the API.
+    pub fn new(cli: &Cli) -> Self {
+        let mut config = FullVmConfiguration::default();
+        config.machine_config = Some(MachineConfiguration::default());
+        VmResources {
+            config,
+            serial: cli.serial.clone(),
+            boot_timer: cli.boot_timer,
+            ksm: cli.ksm,
+        }
+    }
+
+    /// The description the flags give (`--kernel` and the flags after it), or the
+    /// configuration file's, or an empty one when the API is to give it.
+    ///
+    /// # Errors
+    ///
+    /// When the flags or the file describe a microVM the API would refuse.
+    pub fn from_cli(cli: &Cli) -> Result<Self> {
+        let mut resources = VmResources::new(cli);
+        if let Some(path) = &cli.config_file {
+            resources.load_config_file(path)?;
+        } else if let Some(kernel) = &cli.kernel {
+            resources.config.boot_source = Some(BootSource {
+                kernel_image_path: path_string(kernel),
+                initrd_path: cli.initrd.as_deref().map(path_string),
+                boot_args: cli.cmdline.clone(),
+            });
+            let machine = MachineConfiguration {
+                vcpu_count: cli.vcpus,
+                mem_size_mib: cli.memory,
+                huge_pages: if cli.hugepages {
+                    HugePages::Transparent
+                } else {
+                    HugePages::None
+                },
+                ..MachineConfiguration::default()
+            };
+            resources.config.machine_config = Some(machine);
+            resources.config.drives = drives_from_flags(&cli.disks)?;
+            resources.config.network_interfaces = nets_from_flags(&cli.nets);
+        }
+        Ok(resources)
+    }
+
+    fn load_config_file(&mut self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let parse_error = |message: String| Error::ParseConfig {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut config: FullVmConfiguration =
+            serde_json::from_str(&text).map_err(|e| parse_error(e.to_string()))?;
+        config.validate().map_err(|e| parse_error(e.to_string()))?;
+        if config.boot_source.is_none() {
+            return Err(parse_error("it has no boot-source".into()));
+        }
+        if config.machine_config.is_none() {
+            config.machine_config = Some(MachineConfiguration::default());
+        }
+        // The root device first, as when drives are put one by one.
+        config.drives.sort_by_key(|drive| !drive.is_root_device);
+        self.config = config;
+        Ok(())
+    }
+
+    /// The whole description, as `GET /vm/config` returns it.
+    pub fn vm_config(&self) -> &FullVmConfiguration {
+        &self.config
+    }
+
+    /// Whether there is a kernel to boot.
+    pub fn boot_source(&self) -> Option<&BootSource> {
+        self.config.boot_source.as_ref()
+    }
+
+    /// vCPUs and memory.
+    pub fn machine(&self) -> MachineConfiguration {
+        self.config.machine_config.clone().unwrap_or_default()
+    }
+
+    /// The drives, the root device first.
+    pub fn drives(&self) -> &[Drive] {
+        &self.config.drives
+    }
+
+    /// The network interfaces, in the order they were added.
+    pub fn nets(&self) -> &[NetworkInterface] {
+        &self.config.network_interfaces
+    }
+
+    /// The kernel command line: the boot source's, or ember's default, then `root=` for the
+    /// root drive.
+    pub fn cmdline(&self) -> (String, Vec<String>) {
+        let base = self
+            .config
+            .boot_source
+            .as_ref()
+            .and_then(|b| b.boot_args.clone())
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        let mut extra = Vec::new();
+        if let Some(root) = self.config.drives.first().filter(|d| d.is_root_device) {
+            extra.push(match &root.partuuid {
+                Some(uuid) => format!("root=PARTUUID={uuid}"),
+                None => "root=/dev/vda".to_string(),
+            });
+            extra.push(if root.read_only() { "ro" } else { "rw" }.to_string());
+        }
+        (base, extra)
+    }
+
+    /// `PUT /boot-source`.
+    ///
+    /// # Errors
+    ///
+    /// When a path is empty.
+    pub fn set_boot_source(&mut self, boot_source: BootSource) -> Result<()> {
+        boot_source.validate()?;
+        self.config.boot_source = Some(boot_source);
+        Ok(())
+    }
+
+    /// `PUT /machine-config`.
+    ///
+    /// # Errors
+    ///
+    /// When a value is out of range or asks for what ember cannot do.
+    pub fn set_machine(&mut self, machine: MachineConfiguration) -> Result<()> {
+        machine.validate()?;
+        self.config.machine_config = Some(machine);
+        Ok(())
+    }
+
+    /// `PATCH /machine-config`: the fields given replace the current ones.
+    ///
+    /// # Errors
+    ///
+    /// When the result would be refused by [`set_machine`](Self::set_machine).
+    pub fn update_machine(&mut self, update: &MachineConfigurationUpdate) -> Result<()> {
+        let machine = self.machine().update(update)?;
+        self.config.machine_config = Some(machine);
+        Ok(())
+    }
+
+    /// `PUT /drives/{id}`: adds the drive, or replaces the one with its ID.
+    ///
+    /// # Errors
+    ///
+    /// When the drive is refused, or it is a root device and another drive already is.
+    pub fn put_drive(&mut self, drive: Drive) -> Result<()> {
+        drive.validate()?;
+        let drives = &mut self.config.drives;
+        let existing = drives.iter().position(|d| d.drive_id == drive.drive_id);
+        if drive.is_root_device
+            && drives
+                .iter()
+                .any(|d| d.is_root_device && d.drive_id != drive.drive_id)
+        {
+            return Err(ModelError::TwoRootDevices.into());
+        }
+        match existing {
+            // A drive that becomes the root device moves to the front.
+            Some(index) if drive.is_root_device => {
+                drives.remove(index);
+                drives.insert(0, drive);
+            }
+            Some(index) => {
+                if let Some(slot) = drives.get_mut(index) {
+                    *slot = drive;
+                }
+            }
+            None if drive.is_root_device => drives.insert(0, drive),
+            None => drives.push(drive),
+        }
+        Ok(())
+    }
+
+    /// Records what `PATCH /drives/{id}` changed on a running drive.
+    pub fn patched_drive(&mut self, update: &model::PartialDrive) {
+        if let Some(drive) = self
+            .config
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == update.drive_id)
+        {
+            if let Some(path) = &update.path_on_host {
+                drive.path_on_host = Some(path.clone());
+            }
+            if let Some(limiter) = update.rate_limiter {
+                drive.rate_limiter = Some(merge_limiter(drive.rate_limiter, limiter));
+            }
+        }
+    }
+
+    /// `PUT /network-interfaces/{id}`: adds the interface, or replaces the one with its ID.
+    ///
+    /// # Errors
+    ///
+    /// When the interface is refused.
+    pub fn put_net(&mut self, net: NetworkInterface) -> Result<()> {
+        net.validate()?;
+        let nets = &mut self.config.network_interfaces;
+        match nets.iter_mut().find(|n| n.iface_id == net.iface_id) {
+            Some(slot) => *slot = net,
+            None => nets.push(net),
+        }
+        Ok(())
+    }
+
+    /// Records what `PATCH /network-interfaces/{id}` changed on a running interface.
+    pub fn patched_net(&mut self, update: &model::PartialNetworkInterface) {
+        if let Some(net) = self
+            .config
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == update.iface_id)
+        {
+            if let Some(limiter) = update.rx_rate_limiter {
+                net.rx_rate_limiter = Some(merge_limiter(net.rx_rate_limiter, limiter));
+            }
+            if let Some(limiter) = update.tx_rate_limiter {
+                net.tx_rate_limiter = Some(merge_limiter(net.tx_rate_limiter, limiter));
+            }
+        }
+    }
+
+    /// `PUT /logger`, recorded for `GET /vm/config`.
+    pub fn set_logger(&mut self, logger: model::Logger) {
+        self.config.logger = Some(logger);
+    }
+
+    /// `PUT /metrics`, recorded for `GET /vm/config`.
+    pub fn set_metrics(&mut self, metrics: model::Metrics) {
+        self.config.metrics = Some(metrics);
+    }
+}
+
+/// A limiter after an update: the buckets the update gives replace the old ones, a bucket that
+/// no longer limits (size or refill time 0) goes, the others stay.
+pub fn merge_limiter(
+    old: Option<model::RateLimiter>,
+    update: model::RateLimiter,
+) -> model::RateLimiter {
+    let merge = |old: Option<model::TokenBucket>, new: Option<model::TokenBucket>| match new {
+        Some(bucket) if bucket.limits() => Some(bucket),
+        Some(_) => None,
+        None => old,
+    };
+    let old = old.unwrap_or_default();
+    model::RateLimiter {
+        bandwidth: merge(old.bandwidth, update.bandwidth),
+        ops: merge(old.ops, update.ops),
+    }
+}
+
+fn path_string(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// The `--disk` flags as drives: IDs `diskN` unless given, distinct, and only the first may be
+/// the root device (the flags name `/dev/vda` by their order).
+fn drives_from_flags(disks: &[DiskSpec]) -> Result<Vec<Drive>> {
+    let mut drives: Vec<Drive> = Vec::with_capacity(disks.len());
+    for (index, disk) in disks.iter().enumerate() {
+        let id = disk.id.clone().unwrap_or_else(|| format!("disk{index}"));
+        if drives.iter().any(|d| d.drive_id == id) {
+            return Err(Error::DuplicateDiskId(id));
+        }
+        if index > 0 && disk.root {
+            return Err(Error::RootNotFirst(id));
+        }
+        drives.push(Drive {
+            drive_id: id,
+            partuuid: None,
+            is_root_device: disk.root,
+            cache_type: model::CacheType::default(),
+            is_read_only: Some(disk.read_only),
+            path_on_host: Some(path_string(&disk.path)),
+            rate_limiter: None,
+            io_engine: None,
+            socket: None,
+        });
+    }
+    Ok(drives)
+}
+
+/// The `--net` flags as network interfaces `netN`.
+fn nets_from_flags(nets: &[NetSpec]) -> Vec<NetworkInterface> {
+    nets.iter()
+        .enumerate()
+        .map(|(index, net)| NetworkInterface {
+            iface_id: format!("net{index}"),
+            host_dev_name: net.tap.clone(),
+            guest_mac: net.mac.map(|mac| mac.to_string()),
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(["ember"].iter().chain(args)).unwrap()
+    }
+
+    fn drive(id: &str, root: bool) -> Drive {
+        Drive {
+            drive_id: id.into(),
+            partuuid: None,
+            is_root_device: root,
+            cache_type: model::CacheType::default(),
+            is_read_only: None,
+            path_on_host: Some(format!("/images/{id}.ext4")),
+            rate_limiter: None,
+            io_engine: None,
+            socket: None,
+        }
+    }
+
+    fn ids(resources: &VmResources) -> Vec<&str> {
+        resources
+            .drives()
+            .iter()
+            .map(|d| d.drive_id.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn flags_describe_the_same_vm_as_the_api_would() {
+        let resources = VmResources::from_cli(&cli(&[
+            "--kernel",
+            "vmlinux",
+            "--vcpus",
+            "2",
+            "--memory",
+            "256",
+            "--disk",
+            "root.ext4,root,ro",
+            "--disk",
+            "data.img,id=data",
+            "--net",
+            "tap=tap0,mac=06:00:00:00:00:01",
+        ]))
+        .unwrap();
+        let config = resources.vm_config();
+        let boot = config.boot_source.as_ref().unwrap();
+        assert_eq!(boot.kernel_image_path, "vmlinux");
+        assert_eq!(boot.boot_args, None);
+        let machine = resources.machine();
+        assert_eq!((machine.vcpu_count, machine.mem_size_mib), (2, 256));
+        assert_eq!(ids(&resources), ["disk0", "data"]);
+        assert!(resources.drives()[0].is_root_device && resources.drives()[0].read_only());
+        assert_eq!(resources.nets()[0].iface_id, "net0");
+        assert_eq!(resources.nets()[0].host_dev_name, "tap0");
+        assert_eq!(
+            resources.nets()[0].guest_mac.as_deref(),
+            Some("06:00:00:00:00:01")
+        );
+        assert_eq!(
+            resources.cmdline(),
+            (
+                DEFAULT_CMDLINE.to_string(),
+                vec!["root=/dev/vda".into(), "ro".into()]
+            )
+        );
+    }
+
+    #[test]
+    fn disk_flags_keep_their_rules() {
+        let err = VmResources::from_cli(&cli(&[
+            "--kernel", "k", "--disk", "a,id=x", "--disk", "b,id=x",
+        ]))
+        .unwrap_err();
+        assert!(matches!(err, Error::DuplicateDiskId(id) if id == "x"));
+        // A default name counts too.
+        let err = VmResources::from_cli(&cli(&[
+            "--kernel",
+            "k",
+            "--disk",
+            "a,id=disk1",
+            "--disk",
+            "b",
+        ]))
+        .unwrap_err();
+        assert!(matches!(err, Error::DuplicateDiskId(id) if id == "disk1"));
+        let err =
+            VmResources::from_cli(&cli(&["--kernel", "k", "--disk", "a", "--disk", "b,root"]))
+                .unwrap_err();
+        assert!(matches!(err, Error::RootNotFirst(id) if id == "disk1"));
+    }
+
+    #[test]
+    fn the_root_drive_goes_first_and_a_put_replaces_in_place() {
+        let mut resources = VmResources::new(&cli(&["--api-sock", "s"]));
+        resources.put_drive(drive("data", false)).unwrap();
+        resources.put_drive(drive("scratch", false)).unwrap();
+        resources.put_drive(drive("rootfs", true)).unwrap();
+        assert_eq!(ids(&resources), ["rootfs", "data", "scratch"]);
+        let mut replaced = drive("data", false);
+        replaced.is_read_only = Some(true);
+        resources.put_drive(replaced).unwrap();
+        assert_eq!(ids(&resources), ["rootfs", "data", "scratch"]);
+        assert!(resources.drives()[1].read_only());
+        // A second root device is refused, and nothing changes.
+        let before = resources.vm_config().clone();
+        let err = resources.put_drive(drive("other", true)).unwrap_err();
+        assert!(matches!(err, Error::Model(ModelError::TwoRootDevices)));
+        assert_eq!(resources.vm_config(), &before);
+        // The root device itself may be put again.
+        resources.put_drive(drive("rootfs", true)).unwrap();
+        assert_eq!(ids(&resources), ["rootfs", "data", "scratch"]);
+    }
+
+    #[test]
+    fn a_partuuid_names_the_root_partition() {
+        let mut resources = VmResources::new(&cli(&["--api-sock", "s"]));
+        let mut root = drive("rootfs", true);
+        root.partuuid = Some("0eaa91a0-01".into());
+        resources.put_drive(root).unwrap();
+        assert_eq!(resources.cmdline().1, ["root=PARTUUID=0eaa91a0-01", "rw"]);
+    }
+
+    #[test]
+    fn a_limiter_update_replaces_only_the_buckets_it_gives() {
+        let bucket = |size| model::TokenBucket {
+            size,
+            one_time_burst: None,
+            refill_time: 1000,
+        };
+        let old = model::RateLimiter {
+            bandwidth: Some(bucket(1)),
+            ops: Some(bucket(2)),
+        };
+        let merged = merge_limiter(
+            Some(old),
+            model::RateLimiter {
+                bandwidth: Some(bucket(3)),
+                ops: None,
+            },
+        );
+        assert_eq!(merged.bandwidth, Some(bucket(3)));
+        assert_eq!(merged.ops, Some(bucket(2)));
+        let disabled = merge_limiter(
+            Some(old),
+            model::RateLimiter {
+                bandwidth: Some(bucket(0)),
+                ops: None,
+            },
+        );
+        assert_eq!(disabled.bandwidth, None);
+        assert_eq!(disabled.ops, Some(bucket(2)));
+    }
+
+    #[test]
+    fn a_config_file_loads_with_the_root_drive_first() {
+        let dir = std::env::temp_dir().join(format!("ember-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.json");
+        std::fs::write(
+            &path,
+            r#"{
+                "boot-source": {"kernel_image_path": "vmlinux", "boot_args": "console=ttyS0"},
+                "drives": [
+                    {"drive_id": "data", "path_on_host": "d.img", "is_root_device": false},
+                    {"drive_id": "rootfs", "path_on_host": "r.ext4", "is_root_device": true}
+                ],
+                "machine-config": {"vcpu_count": 2, "mem_size_mib": 512}
+            }"#,
+        )
+        .unwrap();
+        let path_arg = path.to_str().unwrap();
+        let resources = VmResources::from_cli(&cli(&["--config-file", path_arg])).unwrap();
+        assert_eq!(ids(&resources), ["rootfs", "data"]);
+        assert_eq!(resources.machine().vcpu_count, 2);
+        assert_eq!(resources.cmdline().0, "console=ttyS0");
+
+        std::fs::write(
+            &path,
+            r#"{"boot-source": {"kernel_image_path": "k"}, "drivez": []}"#,
+        )
+        .unwrap();
+        let err = VmResources::from_cli(&cli(&["--config-file", path_arg])).unwrap_err();
+        assert!(err.to_string().contains("drivez"), "{err}");
+        std::fs::write(&path, r#"{"drives": []}"#).unwrap();
+        let err = VmResources::from_cli(&cli(&["--config-file", path_arg])).unwrap_err();
+        assert!(err.to_string().contains("no boot-source"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

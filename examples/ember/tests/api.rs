@@ -1,0 +1,652 @@
+//! The API of `ember` as a client sees it: a real `ember` process, requests over its Unix
+//! socket, and the answers Firecracker gives, byte for byte where Firecracker's clients look.
+//!
+//! Guests here are tiny (a few bytes of code in an ELF, run on the host's `/dev/kvm`); the
+//! Linux guest driven with `curl` is in `scripts/e2e.sh`.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ember_boot::test_utils::tiny_elf;
+use serde_json::{Value, json};
+
+/// `mov dx, 0x3f8; mov al, 'U'; out dx, al`, then wait for a key on the i8042 (status bit 0),
+/// then reset through it: the guest runs until `SendCtrlAltDel`, exiting to the VMM on every
+/// poll, which the vCPU counters see.
+const WAIT_FOR_KEY_THEN_RESET: [u8; 20] = [
+    0x66, 0xba, 0xf8, 0x03, 0xb0, b'U', 0xee, // print U
+    0xe4, 0x64, 0xa8, 0x01, 0x74, 0xfa, // in al, 0x64; test al, 1; jz back
+    0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd, // reset through the i8042
+];
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ember-api-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
+        let path = self.path(name);
+        fs::write(&path, contents).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `ember --api-sock`, killed when dropped.
+struct Ember {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Ember {
+    fn start(scratch: &Scratch, extra: &[&str]) -> Self {
+        let socket = scratch.path("api.sock");
+        let serial = scratch.path("console");
+        let child = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .arg("--api-sock")
+            .arg(&socket)
+            .arg("--serial")
+            .arg(format!("file:{}", serial.display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ember starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "the API socket never accepted");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ember { child, socket }
+    }
+
+    /// Sends raw bytes on a new connection and reads one response.
+    fn raw(&self, request: &[u8]) -> Response {
+        let mut stream = UnixStream::connect(&self.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(request).unwrap();
+        read_response(&mut stream)
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
+        self.raw(&encode(method, path, body.map(Value::to_string).as_deref()))
+    }
+
+    fn get(&self, path: &str) -> Response {
+        self.request("GET", path, None)
+    }
+
+    fn put(&self, path: &str, body: Value) -> Response {
+        self.request("PUT", path, Some(&body))
+    }
+
+    fn patch(&self, path: &str, body: Value) -> Response {
+        self.request("PATCH", path, Some(&body))
+    }
+
+    /// Waits for the process to end, at most 10 s; its exit status and stderr.
+    fn wait(mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut stderr) = self.child.stderr.take() {
+                    stderr.read_to_string(&mut err).unwrap();
+                }
+                return (status.code(), err);
+            }
+            assert!(Instant::now() < deadline, "ember did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Ember {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn encode(method: &str, path: &str, body: Option<&str>) -> Vec<u8> {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
+    request.into_bytes()
+}
+
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Response {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
+    }
+
+    fn fault(&self) -> String {
+        self.json()["fault_message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no fault_message in {:?}", self.body))
+            .to_string()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn read_response(stream: &mut UnixStream) -> Response {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos;
+        }
+        let n = stream.read(&mut chunk).expect("a response");
+        assert!(n > 0, "connection closed before a response: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (n, v) = l.split_once(':').unwrap();
+            (n.trim().to_string(), v.trim().to_string())
+        })
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .map_or(0, |(_, v)| v.parse().unwrap());
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed inside the body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Response {
+        status,
+        headers,
+        body: String::from_utf8(body).unwrap(),
+    }
+}
+
+/// A configured microVM with the waiting guest and metrics at `metrics`.
+fn configure_waiting_guest(ember: &Ember, scratch: &Scratch) -> PathBuf {
+    let kernel = scratch.file("kernel", &tiny_elf(&WAIT_FOR_KEY_THEN_RESET));
+    let metrics = scratch.path("metrics.json");
+    assert_eq!(
+        ember
+            .put(
+                "/boot-source",
+                json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"})
+            )
+            .status,
+        204
+    );
+    assert_eq!(
+        ember
+            .put("/metrics", json!({"metrics_path": metrics}))
+            .status,
+        204
+    );
+    metrics
+}
+
+fn prometheus_value(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn before_boot_the_api_describes_and_configures_the_microvm() {
+    let scratch = Scratch::new("configure");
+    let ember = Ember::start(&scratch, &["--id", "vm_under_test"]);
+
+    let info = ember.get("/");
+    assert_eq!(info.status, 200);
+    assert_eq!(info.header("Content-Type"), Some("application/json"));
+    let info = info.json();
+    assert_eq!(info["id"], "vm_under_test");
+    assert_eq!(info["state"], "Not started");
+    assert_eq!(info["app_name"], "ember");
+    assert_eq!(
+        ember.get("/version").json()["firecracker_version"],
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let machine = ember.get("/machine-config").json();
+    assert_eq!(machine["vcpu_count"], 1);
+    assert_eq!(machine["mem_size_mib"], 128);
+    assert_eq!(
+        ember
+            .put(
+                "/machine-config",
+                json!({"vcpu_count": 2, "mem_size_mib": 256})
+            )
+            .status,
+        204
+    );
+    assert_eq!(
+        ember
+            .patch("/machine-config", json!({"mem_size_mib": 512}))
+            .status,
+        204
+    );
+    let machine = ember.get("/machine-config").json();
+    assert_eq!(
+        (
+            machine["vcpu_count"].clone(),
+            machine["mem_size_mib"].clone()
+        ),
+        (json!(2), json!(512))
+    );
+
+    let disk = scratch.file("data.img", &[0u8; 4096]);
+    let limiter = json!({"bandwidth": {"size": 1048576, "refill_time": 1000}});
+    for (id, root) in [("data", false), ("rootfs", true)] {
+        let response = ember.put(
+            &format!("/drives/{id}"),
+            json!({"drive_id": id, "path_on_host": disk, "is_root_device": root,
+                   "is_read_only": !root, "rate_limiter": limiter}),
+        );
+        assert_eq!(response.status, 204, "{}", response.body);
+        assert!(response.body.is_empty());
+    }
+    let response = ember.put(
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02",
+               "rx_rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+
+    let config = ember.get("/vm/config").json();
+    assert_eq!(config["machine-config"]["mem_size_mib"], 512);
+    // The root device goes first, as in Firecracker.
+    assert_eq!(config["drives"][0]["drive_id"], "rootfs");
+    assert_eq!(config["drives"][1]["drive_id"], "data");
+    assert_eq!(config["drives"][1]["rate_limiter"], limiter);
+    assert_eq!(config["network-interfaces"][0]["host_dev_name"], "tap0");
+    assert_eq!(
+        config["network-interfaces"][0]["rx_rate_limiter"]["ops"]["size"],
+        100
+    );
+}
+
+#[test]
+fn bad_requests_get_a_400_with_a_fault_message_and_change_nothing() {
+    let scratch = Scratch::new("bad");
+    let ember = Ember::start(&scratch, &[]);
+    let disk = scratch.file("disk.img", &[0u8; 512]);
+    assert_eq!(
+        ember
+            .put(
+                "/drives/rootfs",
+                json!({"drive_id": "rootfs", "path_on_host": disk, "is_root_device": true})
+            )
+            .status,
+        204
+    );
+    let before = ember.get("/vm/config").body;
+
+    let raw_cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "malformed JSON",
+            encode("PUT", "/machine-config", Some("{\"vcpu_count\": 2,")),
+            "",
+        ),
+        (
+            "unknown field",
+            encode(
+                "PUT",
+                "/machine-config",
+                Some(r#"{"vcpu_count": 2, "mem_size_mib": 256, "turbo": true}"#),
+            ),
+            "turbo",
+        ),
+        (
+            "wrong type",
+            encode(
+                "PUT",
+                "/machine-config",
+                Some(r#"{"vcpu_count": "two", "mem_size_mib": 256}"#),
+            ),
+            "",
+        ),
+        (
+            "missing field",
+            encode("PUT", "/machine-config", Some(r#"{"vcpu_count": 2}"#)),
+            "mem_size_mib",
+        ),
+        (
+            "unknown path",
+            encode("GET", "/snapshots", None),
+            "Invalid request method and/or path",
+        ),
+        (
+            "wrong method",
+            encode("DELETE", "/machine-config", None),
+            "",
+        ),
+        (
+            "drive id with path characters",
+            encode(
+                "PUT",
+                "/drives/..%2Fetc",
+                Some(r#"{"drive_id": "../etc", "path_on_host": "x", "is_root_device": false}"#),
+            ),
+            "",
+        ),
+        (
+            "drive id with a slash in the path",
+            encode(
+                "PUT",
+                "/drives/a/b",
+                Some(r#"{"drive_id": "a", "path_on_host": "x", "is_root_device": false}"#),
+            ),
+            "",
+        ),
+        (
+            "ids that differ",
+            encode(
+                "PUT",
+                "/drives/data",
+                Some(r#"{"drive_id": "other", "path_on_host": "x", "is_root_device": false}"#),
+            ),
+            "does not match",
+        ),
+        (
+            "a second root device",
+            encode(
+                "PUT",
+                "/drives/second",
+                Some(r#"{"drive_id": "second", "path_on_host": "x", "is_root_device": true}"#),
+            ),
+            "root",
+        ),
+        (
+            "invalid rate limiter",
+            encode(
+                "PUT",
+                "/drives/data",
+                Some(
+                    r#"{"drive_id": "data", "path_on_host": "x", "is_root_device": false,
+                        "rate_limiter": {"bandwidth": {"size": -1, "refill_time": 100}}}"#,
+                ),
+            ),
+            "",
+        ),
+        (
+            "rate limiter with an unknown field",
+            encode(
+                "PUT",
+                "/drives/data",
+                Some(
+                    r#"{"drive_id": "data", "path_on_host": "x", "is_root_device": false,
+                        "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1, "rate": 2}}}"#,
+                ),
+            ),
+            "rate",
+        ),
+        (
+            "too many vCPUs",
+            encode(
+                "PUT",
+                "/machine-config",
+                Some(r#"{"vcpu_count": 200, "mem_size_mib": 256}"#),
+            ),
+            "vCPUs",
+        ),
+        (
+            "a running-device update before boot",
+            encode(
+                "PATCH",
+                "/drives/rootfs",
+                Some(r#"{"drive_id": "rootfs", "path_on_host": "y"}"#),
+            ),
+            "before starting",
+        ),
+        (
+            "pause before boot",
+            encode("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)),
+            "before starting",
+        ),
+        (
+            "InstanceStart without a kernel",
+            encode(
+                "PUT",
+                "/actions",
+                Some(r#"{"action_type": "InstanceStart"}"#),
+            ),
+            "without kernel",
+        ),
+        (
+            "an unknown action",
+            encode("PUT", "/actions", Some(r#"{"action_type": "Explode"}"#)),
+            "",
+        ),
+        (
+            "FlushMetrics without metrics",
+            encode(
+                "PUT",
+                "/actions",
+                Some(r#"{"action_type": "FlushMetrics"}"#),
+            ),
+            "metrics",
+        ),
+    ];
+    for (what, request, expected) in raw_cases {
+        let response = ember.raw(&request);
+        assert_eq!(response.status, 400, "{what}: {}", response.body);
+        let fault = response.fault();
+        assert!(!fault.is_empty(), "{what}");
+        assert!(
+            fault.contains(expected),
+            "{what}: {fault:?} lacks {expected:?}"
+        );
+        assert_eq!(
+            ember.get("/vm/config").body,
+            before,
+            "{what} changed the state"
+        );
+    }
+
+    // A body over the limit (51200 bytes, as in Firecracker).
+    let big = format!(r#"{{"kernel_image_path": "{}"}}"#, "k".repeat(60_000));
+    let response = ember.raw(&encode("PUT", "/boot-source", Some(&big)));
+    assert_eq!(response.status, 400, "{}", response.body);
+    assert!(response.fault().contains("51200"), "{}", response.fault());
+    assert_eq!(ember.get("/vm/config").body, before);
+    assert_eq!(ember.get("/").json()["state"], "Not started");
+}
+
+#[test]
+fn a_client_that_disconnects_mid_request_does_not_stop_the_api() {
+    let scratch = Scratch::new("disconnect");
+    let ember = Ember::start(&scratch, &[]);
+    for partial in [
+        &b"PUT /machine-config HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"vcpu"[..],
+        b"GET /machine-con",
+        b"",
+    ] {
+        let mut stream = UnixStream::connect(&ember.socket).unwrap();
+        stream.write_all(partial).unwrap();
+        drop(stream);
+    }
+    assert_eq!(ember.get("/machine-config").json()["vcpu_count"], 1);
+    // Two requests on one connection are both answered.
+    let mut stream = UnixStream::connect(&ember.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut both = encode("GET", "/", None);
+    both.extend(encode("GET", "/version", None));
+    stream.write_all(&both).unwrap();
+    assert_eq!(read_response(&mut stream).json()["state"], "Not started");
+    assert!(read_response(&mut stream).json()["firecracker_version"].is_string());
+}
+
+#[test]
+fn a_started_guest_is_paused_resumed_measured_and_reset_by_ctrl_alt_del() {
+    let scratch = Scratch::new("lifecycle");
+    let ember = Ember::start(&scratch, &[]);
+    let metrics = configure_waiting_guest(&ember, &scratch);
+
+    let response = ember.put("/actions", json!({"action_type": "InstanceStart"}));
+    assert_eq!(response.status, 204, "{}", response.body);
+    assert_eq!(ember.get("/").json()["state"], "Running");
+
+    // Configuring after the start, and starting again, are refused.
+    let response = ember.put(
+        "/machine-config",
+        json!({"vcpu_count": 2, "mem_size_mib": 64}),
+    );
+    assert_eq!(response.status, 400);
+    assert!(
+        response.fault().contains("after starting"),
+        "{}",
+        response.fault()
+    );
+    let response = ember.put("/actions", json!({"action_type": "InstanceStart"}));
+    assert_eq!(response.status, 400);
+    assert!(response.fault().contains("after starting"));
+    assert_eq!(ember.get("/machine-config").json()["vcpu_count"], 1);
+
+    // The guest polls the i8042: its port reads grow while it runs, and stop while paused.
+    let io_in = || {
+        let response = ember.get("/metrics");
+        assert_eq!(response.status, 200);
+        assert!(
+            response
+                .header("Content-Type")
+                .unwrap()
+                .starts_with("text/plain")
+        );
+        prometheus_value(&response.body, "ember_vcpu_exit_io_in")
+    };
+    let running = io_in();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(io_in() > running, "the guest runs");
+    assert_eq!(ember.patch("/vm", json!({"state": "Paused"})).status, 204);
+    assert_eq!(ember.get("/").json()["state"], "Paused");
+    let paused = io_in();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(io_in(), paused, "a paused guest makes no exits");
+    // Pausing twice is fine, as in Firecracker.
+    assert_eq!(ember.patch("/vm", json!({"state": "Paused"})).status, 204);
+    assert_eq!(ember.patch("/vm", json!({"state": "Resumed"})).status, 204);
+    assert_eq!(ember.get("/").json()["state"], "Running");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(io_in() > paused, "a resumed guest runs again");
+
+    // FlushMetrics writes a JSON line: counters since the line before.
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "FlushMetrics"}))
+            .status,
+        204
+    );
+    let text = fs::read_to_string(&metrics).unwrap();
+    let line: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(line["utc_timestamp_ms"].as_u64().unwrap() > 0);
+    assert!(line["vcpu"]["exit_io_in"].as_u64().unwrap() > 0);
+    assert!(line["vcpu"]["exit_io_out"].as_u64().unwrap() >= 1);
+    assert!(line["api_server"]["requests"].as_u64().unwrap() > 0);
+
+    // Ctrl+Alt+Del: the guest sees the keys and resets; ember exits 0.
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "SendCtrlAltDel"}))
+            .status,
+        204
+    );
+    let console = scratch.path("console");
+    let (code, err) = ember.wait();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("reset the VM through the i8042"), "{err}");
+    assert_eq!(fs::read_to_string(console).unwrap(), "U");
+    // The last metrics line was written at exit.
+    assert!(fs::read_to_string(&metrics).unwrap().lines().count() >= 2);
+    // The socket is gone with the process.
+    assert!(!scratch.path("api.sock").exists());
+}
+
+#[test]
+fn a_config_file_boots_without_api_calls_and_the_api_serves_the_running_vm() {
+    let scratch = Scratch::new("config-file");
+    let kernel = scratch.file("kernel", &tiny_elf(&WAIT_FOR_KEY_THEN_RESET));
+    let config = json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+    });
+    let config_path = scratch.file("vm.json", config.to_string().as_bytes());
+    let ember = Ember::start(&scratch, &["--config-file", config_path.to_str().unwrap()]);
+    assert_eq!(ember.get("/").json()["state"], "Running");
+    let served = ember.get("/vm/config").json();
+    assert_eq!(served["machine-config"]["mem_size_mib"], 64);
+    assert_eq!(served["boot-source"], config["boot-source"]);
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "SendCtrlAltDel"}))
+            .status,
+        204
+    );
+    let (code, err) = ember.wait();
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn a_socket_path_that_exists_is_refused() {
+    let scratch = Scratch::new("exists");
+    let socket = scratch.file("api.sock", b"");
+    let output = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .arg("--api-sock")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains(&*socket.to_string_lossy()), "{err}");
+    // The file is left as it was.
+    assert!(Path::new(&socket).exists());
+}
