@@ -17,6 +17,8 @@ packages=(
     qemu-system-x86
     # tests: TAP devices and addresses on hosts with hardware virtualization
     iproute2
+    # tests: the API driven as Firecracker's guide does, with curl --unix-socket
+    curl
 )
 
 die() {

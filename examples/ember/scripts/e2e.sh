@@ -17,7 +17,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 passed=0
 failed=0
-base="console=ttyS0 reboot=k panic=1 pci=off"
+base="console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
 
 pass() {
     echo "E2E PASS $1"
@@ -34,6 +34,10 @@ fail() {
         echo "---- host side of $1"
         cat "$work/host"
     fi
+    echo "---- files of $1"
+    ls -la "$work"
+    echo "---- processes"
+    ps 2>/dev/null | grep -v ' \[' | tail -n 20
     echo "----"
     failed=$((failed + 1))
 }
@@ -244,6 +248,191 @@ boot partition --kernel "$guest/vmlinux" --disk "$work/part.img" \
     --cmdline "$base root=/dev/vda1 rw ember.action=reboot"
 expect root_on_a_partition_boots 0 ' vda: vda1' '^EMBER-GUEST-UP' \
     'reset the VM through the i8042'
+
+# --- the API -----------------------------------------------------------------------
+
+# api_start NAME ARGS...: starts ember with an API socket at $sock (and ARGS) in the
+# background, as $vm, and waits for the socket.
+api_start() {
+    fresh
+    started "$1"
+    shift
+    sock=$work/api.sock
+    rm -f "$sock"
+    "$ember" --api-sock "$sock" --serial "file:$work/out" "$@" \
+        >"$work/stdout" 2>"$work/err" </dev/null &
+    vm=$!
+    echo "E2E PID $vm"
+    n=0
+    until [ -S "$sock" ] || ! alive "$vm" || [ $n -ge 100 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+}
+
+# api METHOD PATH [BODY]: one request; the HTTP status in $code, the body in
+# $work/api.out, and a line of both in $work/host.
+api() {
+    code=$(curl -s --unix-socket "$sock" -X "$1" "http://localhost$2" \
+        -H 'Accept: application/json' -H 'Content-Type: application/json' \
+        ${3:+-d "$3"} -o "$work/api.out" -w '%{http_code}')
+    echo "API $1 $2 $code $(cat "$work/api.out")" >>"$work/host"
+}
+
+# console_wait PATTERN [SECONDS]: waits for a console line matching PATTERN.
+console_wait() {
+    n=0
+    until tr -d '\r' <"$work/out" 2>/dev/null | grep -Eq "$1" || ! alive "$vm" ||
+        [ $n -ge $((${2:-120} * 5)) ]; do
+        sleep 0.2
+        n=$((n + 1))
+    done
+}
+
+if ! command -v curl >/dev/null; then
+    fail api "curl is not installed"
+else
+    # Firecracker's getting-started guide, request for request (curl -i shows the
+    # status lines), then Ctrl+Alt+Del, which the guest's init answers by
+    # rebooting.
+    cp "$guest/rootfs.ext4" "$work/api-root.ext4"
+    api_start getting_started
+    {
+        curl --unix-socket "$sock" -i \
+            -X PUT 'http://localhost/boot-source' \
+            -H 'Accept: application/json' \
+            -H 'Content-Type: application/json' \
+            -d "{
+                  \"kernel_image_path\": \"$guest/vmlinux\",
+                  \"boot_args\": \"console=ttyS0 reboot=k panic=1 pci=off\"
+             }"
+        curl --unix-socket "$sock" -i \
+            -X PUT 'http://localhost/drives/rootfs' \
+            -H 'Accept: application/json' \
+            -H 'Content-Type: application/json' \
+            -d "{
+                  \"drive_id\": \"rootfs\",
+                  \"path_on_host\": \"$work/api-root.ext4\",
+                  \"is_root_device\": true,
+                  \"is_read_only\": false
+             }"
+        curl --unix-socket "$sock" -i \
+            -X PUT 'http://localhost/actions' \
+            -H 'Accept: application/json' \
+            -H 'Content-Type: application/json' \
+            -d '{
+                  "action_type": "InstanceStart"
+             }'
+        curl --unix-socket "$sock" -i -X GET 'http://localhost/machine-config' \
+            -H 'Accept: application/json'
+        echo
+    } 2>&1 | tr -d '\r' | sed 's/^/CURL /' >>"$work/host"
+    console_wait '^EMBER-GUEST-UP'
+    api PUT /actions '{"action_type": "SendCtrlAltDel"}'
+    await "$vm" 120
+    # Three 204s, then the machine configuration with its defaults.
+    if [ "$(grep -c '^CURL HTTP/1.1 204' "$work/host")" = 3 ]; then
+        echo "THREE-204" >>"$work/host"
+    fi
+    expect the_getting_started_sequence_boots_the_guest 0 'THREE-204' \
+        '^CURL HTTP/1.1 200' '"vcpu_count": ?1' '"mem_size_mib": ?128' \
+        '^EMBER-GUEST-UP' 'API PUT /actions 204'
+    expect send_ctrl_alt_del_reboots_the_guest_cleanly 0 '^EMBER-CTRL-ALT-DEL$' \
+        'reset the VM through the i8042'
+
+    # A disk limited to 1 MiB/s, read from inside the guest with O_DIRECT, then
+    # PATCHed to 4 MiB/s while the guest runs. Each rate is measured once the
+    # bucket's first fill is spent and a first stretch has taken up what refilled
+    # meanwhile: over the second stretch only, from its start to its end. The
+    # guest waits for the host to say the PATCH is done on a disk of its own.
+    # A root file system only ever mounted read-only (the others were left for
+    # their journal to be replayed, which a read-only mount refuses).
+    cp "$guest/rootfs.ext4" "$work/ro-root.ext4"
+    dd if=/dev/urandom of="$work/limited" bs=1M count=20 2>/dev/null
+    dd if=/dev/zero of="$work/signal" bs=512 count=1 2>/dev/null
+    script_disk "$work/rate.disk" <<'SCRIPT'
+now() { cut -d' ' -f1 /proc/uptime; }
+read64k() { dd if=/dev/vdb of=/dev/null bs=64k count=$1 skip=$2 iflag=direct 2>/dev/null; }
+# rate DRAIN FIRST SECOND AT: reads DRAIN, FIRST, then SECOND blocks of 64 KiB
+# from block AT on, and prints the bytes per second of the SECOND stretch.
+rate() {
+    read64k $1 $4
+    read64k $2 $(($4 + $1))
+    t0=$(now)
+    read64k $3 $(($4 + $1 + $2))
+    t1=$(now)
+    awk "BEGIN { printf \"%d\", $3 * 65536 / ($t1 - $t0) }"
+}
+echo "RATE1 $(rate 16 16 32 0)"
+echo "PATCH-NOW"
+n=0
+until dd if=/dev/vdd bs=512 count=1 iflag=direct 2>/dev/null | grep -q PATCHED || [ $n -ge 300 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+echo "RATE2 $(rate 64 64 128 64)"
+SCRIPT
+    cat >"$work/rate.json" <<JSON
+{
+  "boot-source": {"kernel_image_path": "$guest/vmlinux", "boot_args": "$base ember.run=/dev/vdc"},
+  "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+  "drives": [
+    {"drive_id": "rootfs", "path_on_host": "$work/ro-root.ext4", "is_root_device": true, "is_read_only": true},
+    {"drive_id": "limited", "path_on_host": "$work/limited", "is_root_device": false, "is_read_only": true,
+     "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 1000}}},
+    {"drive_id": "script", "path_on_host": "$work/rate.disk", "is_root_device": false, "is_read_only": true},
+    {"drive_id": "signal", "path_on_host": "$work/signal", "is_root_device": false, "is_read_only": true}
+  ]
+}
+JSON
+    api_start rate_limit --config-file "$work/rate.json"
+    console_wait '^PATCH-NOW' 180
+    api PATCH /drives/limited '{"drive_id": "limited", "rate_limiter": {"bandwidth": {"size": 4194304, "refill_time": 1000}}}'
+    printf PATCHED | dd of="$work/signal" conv=notrunc 2>/dev/null
+    await "$vm" 240
+    rate1=$(tr -d '\r' <"$work/out" | sed -n 's/^RATE1 \([0-9]*\)$/\1/p')
+    rate2=$(tr -d '\r' <"$work/out" | sed -n 's/^RATE2 \([0-9]*\)$/\1/p')
+    echo "MEASURED ${rate1:-none} B/s at 1 MiB/s, ${rate2:-none} B/s at 4 MiB/s" >>"$work/host"
+    within() { [ -n "$1" ] && [ "$1" -ge $(($2 * 9 / 10)) ] && [ "$1" -le $(($2 * 11 / 10)) ]; }
+    if within "$rate1" 1048576; then echo "RATE1-OK" >>"$work/host"; fi
+    if within "$rate2" 4194304; then echo "RATE2-OK" >>"$work/host"; fi
+    grep MEASURED "$work/host"
+    expect a_disk_limited_to_1_mib_per_s_reads_at_that_rate 0 'RATE1-OK' '^EMBER-RUN-EXIT 0'
+    expect a_runtime_patch_of_the_limit_changes_the_rate 0 'API PATCH /drives/limited 204' 'RATE2-OK'
+
+    # Pause and resume a running guest: its ticks stop while paused and go on
+    # after; the state shows in GET /.
+    script_disk "$work/tick.disk" <<'SCRIPT'
+i=0
+while [ $i -lt 600 ]; do
+    echo "TICK $i"
+    i=$((i + 1))
+    sleep 0.1
+done
+SCRIPT
+    api_start pause --kernel "$guest/vmlinux" --disk "$work/ro-root.ext4,root,ro" \
+        --disk "$work/tick.disk,ro" --cmdline "$base ember.run=/dev/vdb"
+    console_wait '^TICK 5'
+    ticks() { tr -d '\r' <"$work/out" | grep -c '^TICK'; }
+    api PATCH /vm '{"state": "Paused"}'
+    api GET /
+    sleep 1
+    before=$(ticks)
+    sleep 2
+    after=$(ticks)
+    echo "PAUSED ticks $before then $after" >>"$work/host"
+    [ "$before" = "$after" ] && echo "PAUSE-HOLDS" >>"$work/host"
+    api PATCH /vm '{"state": "Resumed"}'
+    sleep 2
+    resumed=$(ticks)
+    echo "RESUMED ticks $resumed" >>"$work/host"
+    [ "$resumed" -gt "$after" ] && echo "RESUME-GOES-ON" >>"$work/host"
+    api PUT /actions '{"action_type": "SendCtrlAltDel"}'
+    await "$vm" 120
+    expect pause_stops_a_running_guest_and_resume_continues_it 0 \
+        'API PATCH /vm 204' '"state": ?"Paused"' 'PAUSE-HOLDS' 'RESUME-GOES-ON' \
+        '^EMBER-CTRL-ALT-DEL$'
+fi
 
 # --- virtio-net -------------------------------------------------------------------
 

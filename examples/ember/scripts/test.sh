@@ -27,7 +27,8 @@ if "$scripts/rig.sh" needed; then
         echo "test.sh: running the end-to-end tests inside the nested rig"
         rc=0
         "$scripts/rig.sh" run --timeout 900 --add "$ember:/usr/local/bin/ember" --add "$guest" \
-            --add "$scripts/e2e.sh:/e2e.sh" -- sh /e2e.sh /usr/local/bin/ember "$guest" || rc=$?
+            --add "$(command -v curl):/usr/bin/curl" --add "$scripts/e2e.sh:/e2e.sh" \
+            -- sh /e2e.sh /usr/local/bin/ember "$guest" || rc=$?
         case "$rc" in
         3 | 124 | 125) [ "$attempt" = 1 ] && echo "test.sh: the rig failed (status $rc), not a test: booting it again" ;;
         *) exit "$rc" ;;
