@@ -7,7 +7,7 @@
 
 use std::io;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{LevelFilter, info, warn};
 
@@ -16,7 +16,7 @@ use crate::api::model::{
 };
 use crate::api::{ApiRequest, ApiResponse};
 use crate::logger;
-use crate::metrics::{self, Group, MetricsWriter, Snapshot};
+use crate::metrics::{self, Group, Kind, MetricsWriter, Snapshot};
 use crate::resources::VmResources;
 use crate::vmm::{self, Vmm};
 
@@ -41,6 +41,8 @@ pub struct Controller {
     logger_configured: bool,
     requests: u64,
     failed_requests: u64,
+    /// Wall-clock and CPU time from the process's start to the API socket listening.
+    startup: Option<(Duration, Duration)>,
 }
 
 impl Controller {
@@ -54,7 +56,14 @@ impl Controller {
             logger_configured: false,
             requests: 0,
             failed_requests: 0,
+            startup: None,
         }
+    }
+
+    /// Records how long the process took, in wall-clock and CPU time, to have its API socket
+    /// listening: Firecracker's `process_startup_time_us` and `process_startup_time_cpu_us`.
+    pub fn set_startup_time(&mut self, wall: Duration, cpu: Duration) {
+        self.startup = Some((wall, cpu));
     }
 
     /// Applies the `logger` and `metrics` of the description (a configuration file's).
@@ -244,14 +253,22 @@ impl Controller {
         if let Some(vmm) = &self.vmm {
             vmm.metrics(&mut snapshot);
         }
-        snapshot.push(Group::counters(
+        let mut api = Group::counters(
             "api_server",
             None,
             [
                 ("requests", self.requests),
                 ("failed_requests", self.failed_requests),
             ],
-        ));
+        );
+        if let Some((wall, cpu)) = self.startup {
+            let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+            api.values
+                .push(("process_startup_time_us", Kind::Gauge, us(wall)));
+            api.values
+                .push(("process_startup_time_cpu_us", Kind::Gauge, us(cpu)));
+        }
+        snapshot.push(api);
         snapshot
     }
 

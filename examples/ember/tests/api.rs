@@ -611,6 +611,123 @@ fn a_started_guest_is_paused_resumed_measured_and_reset_by_ctrl_alt_del() {
 }
 
 #[test]
+fn a_running_drive_takes_a_new_image_and_limits_and_bad_patches_change_nothing() {
+    let scratch = Scratch::new("patch");
+    let ember = Ember::start(&scratch, &[]);
+    configure_waiting_guest(&ember, &scratch);
+    let first = scratch.file("first.img", &[0u8; 4096]);
+    let second = scratch.file("second.img", &[0u8; 8192]);
+    let odd = scratch.file("odd.img", &[0u8; 1000]);
+    let response = ember.put(
+        "/drives/data",
+        json!({"drive_id": "data", "path_on_host": first, "is_root_device": false}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "InstanceStart"}))
+            .status,
+        204
+    );
+    // Adding a drive after the start is refused.
+    let response = ember.put(
+        "/drives/late",
+        json!({"drive_id": "late", "path_on_host": second, "is_root_device": false}),
+    );
+    assert_eq!(response.status, 400);
+    assert!(response.fault().contains("after starting"));
+
+    let response = ember.patch(
+        "/drives/data",
+        json!({"drive_id": "data", "path_on_host": second,
+               "rate_limiter": {"ops": {"size": 10, "refill_time": 100}}}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+    let drive = &ember.get("/vm/config").json()["drives"][0];
+    assert_eq!(drive["path_on_host"], json!(second));
+    assert_eq!(drive["rate_limiter"]["ops"]["size"], 10);
+
+    let before = ember.get("/vm/config").body;
+    for (what, path, body, expected) in [
+        (
+            "an image that is not whole sectors",
+            "/drives/data",
+            json!({"drive_id": "data", "path_on_host": odd}),
+            "512",
+        ),
+        (
+            "an image that does not exist",
+            "/drives/data",
+            json!({"drive_id": "data", "path_on_host": scratch.path("missing.img")}),
+            "missing.img",
+        ),
+        (
+            "a drive that does not exist",
+            "/drives/other",
+            json!({"drive_id": "other", "path_on_host": second}),
+            "other",
+        ),
+        (
+            "an interface that does not exist",
+            "/network-interfaces/eth9",
+            json!({"iface_id": "eth9", "rx_rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}),
+            "eth9",
+        ),
+    ] {
+        let response = ember.patch(path, body);
+        assert_eq!(response.status, 400, "{what}: {}", response.body);
+        assert!(
+            response.fault().contains(expected),
+            "{what}: {}",
+            response.fault()
+        );
+        assert_eq!(ember.get("/vm/config").body, before, "{what}");
+    }
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "SendCtrlAltDel"}))
+            .status,
+        204
+    );
+    let (code, err) = ember.wait();
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn put_logger_sends_the_log_to_a_file_with_the_level_asked_for() {
+    let scratch = Scratch::new("logger");
+    let ember = Ember::start(&scratch, &[]);
+    let log = scratch.path("ember.log");
+    let response = ember.put(
+        "/logger",
+        json!({"log_path": log, "level": "Debug", "show_level": true, "show_log_origin": true}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+    configure_waiting_guest(&ember, &scratch);
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "InstanceStart"}))
+            .status,
+        204
+    );
+    assert_eq!(ember.get("/vm/config").json()["logger"]["level"], "Debug");
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "SendCtrlAltDel"}))
+            .status,
+        204
+    );
+    let (code, err) = ember.wait();
+    assert_eq!(code, Some(0), "{err}");
+    let text = fs::read_to_string(&log).unwrap();
+    // Debug lines, with their level and origin, went to the file and not to stderr.
+    assert!(text.contains("DEBUG"), "{text}");
+    assert!(text.contains("Started 1 vCPU(s)"), "{text}");
+    assert!(text.contains(".rs:"), "{text}");
+    assert!(!err.contains("Started 1 vCPU(s)"), "{err}");
+}
+
+#[test]
 fn a_config_file_boots_without_api_calls_and_the_api_serves_the_running_vm() {
     let scratch = Scratch::new("config-file");
     let kernel = scratch.file("kernel", &tiny_elf(&WAIT_FOR_KEY_THEN_RESET));
