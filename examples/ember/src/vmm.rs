@@ -425,13 +425,7 @@ impl Vmm {
     ///
     /// When there is no such drive, or the device refuses the change (its state is unchanged).
     pub fn update_drive(&self, update: &model::PartialDrive) -> Result<()> {
-        let transport = self
-            .drives
-            .iter()
-            .find(|(id, _)| *id == update.drive_id)
-            .map(|(_, t)| t)
-            .ok_or_else(|| Error::NoSuchDevice("drive", update.drive_id.clone()))?;
-        let mut transport = lock(transport);
+        let mut transport = lock(find(&self.drives, "drive", &update.drive_id)?);
         let block = transport.device_mut();
         if let Some(path) = &update.path_on_host {
             block
@@ -459,12 +453,7 @@ impl Vmm {
     ///
     /// When there is no such interface, or the device refuses the change.
     pub fn update_net(&self, update: &model::PartialNetworkInterface) -> Result<()> {
-        let transport = self
-            .nets
-            .iter()
-            .find(|(id, _)| *id == update.iface_id)
-            .map(|(_, t)| t)
-            .ok_or_else(|| Error::NoSuchDevice("network interface", update.iface_id.clone()))?;
+        let transport = find(&self.nets, "network interface", &update.iface_id)?;
         let none = model::RateLimiter::default();
         let (rx_bandwidth, rx_ops) =
             bucket_updates(update.rx_rate_limiter.as_ref().unwrap_or(&none));
@@ -519,6 +508,15 @@ impl Vmm {
             }
         }
     }
+}
+
+/// The device named `id` among `devices`, which are of the `kind` named.
+fn find<'a, T>(devices: &'a [(String, T)], kind: &'static str, id: &str) -> Result<&'a T> {
+    devices
+        .iter()
+        .find(|(name, _)| name == id)
+        .map(|(_, device)| device)
+        .ok_or_else(|| Error::NoSuchDevice(kind, id.to_string()))
 }
 
 /// The bucket updates of a limiter in a PATCH: a bucket given replaces the old one (or removes
