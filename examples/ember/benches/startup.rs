@@ -10,6 +10,18 @@
 //!   of the guest memory mapping is what the VMM itself costs. Prints the median of 5 runs, and
 //!   the guest pages seen resident as a check that the guest's touches are counted on its side.
 //!
+//! - **Creation rate**: microVMs of [`SMALL_MIB`] MiB and 1 vCPU whose guest writes the boot
+//!   timer and resets at once, started back to back, two per core in flight, for
+//!   `EMBER_BENCH_SECONDS` (default 10): how many reach their first instruction (and exit 0)
+//!   per second per core.
+//! - **Density**: idle microVMs of [`SMALL_MIB`] MiB (the guest writes the boot timer, touches
+//!   [`DENSITY_TOUCH_PAGES`] pages and halts with interrupts off) started one after the other
+//!   until one fails to start, the host's available memory falls under [`DENSITY_MEM_FLOOR_MIB`]
+//!   or [`DENSITY_CAP`] run at once; once without and once with KSM (`--ksm`, with `ksmd`
+//!   running meanwhile). Prints how many ran, the host memory they used (the fall in
+//!   `MemAvailable`, in which pages KSM merged count once), their summed RSS (in which they count
+//!   in every process) and, with KSM, the pages `ksmd` shared.
+//!
 //! Run with `cargo bench -p ember --bench startup`.
 
 use std::fs;
@@ -25,6 +37,14 @@ const EMBER: &str = env!("CARGO_BIN_EXE_ember");
 const MEMORY_MIB: u64 = 128;
 /// Pages the footprint guest touches (4 MiB).
 const TOUCH_PAGES: u32 = 1024;
+/// Guest memory of the creation-rate and density microVMs, in MiB.
+const SMALL_MIB: u64 = 32;
+/// Pages each idle microVM of the density run touches (1 MiB).
+const DENSITY_TOUCH_PAGES: u32 = 256;
+/// The most microVMs the density run starts: a safe cap, well inside a 24 GiB machine.
+const DENSITY_CAP: usize = 1000;
+/// The density run stops once the host has less memory available than this.
+const DENSITY_MEM_FLOOR_MIB: u64 = 4096;
 
 /// `mov rax, 0xd0000000; mov byte [rax], 123`: the boot-timer write.
 const BOOT_TIMER_WRITE: [u8; 13] = [
@@ -56,10 +76,14 @@ fn scratch() -> PathBuf {
 }
 
 fn ember(kernel: &Path) -> Command {
+    ember_with_memory(kernel, MEMORY_MIB)
+}
+
+fn ember_with_memory(kernel: &Path, mib: u64) -> Command {
     let mut cmd = Command::new(EMBER);
     cmd.arg("--kernel")
         .arg(kernel)
-        .args(["--memory", &MEMORY_MIB.to_string(), "--boot-timer"])
+        .args(["--memory", &mib.to_string(), "--boot-timer"])
         .args(["--serial", "none"])
         .stdin(Stdio::null())
         .stdout(Stdio::null());
@@ -164,6 +188,174 @@ fn memory_overhead(dir: &Path) {
     );
 }
 
+fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+fn creation_rate(dir: &Path, seconds: u64) {
+    let kernel = dir.join("create.elf");
+    let code = [BOOT_TIMER_WRITE.to_vec(), I8042_RESET.to_vec()].concat();
+    fs::write(&kernel, tiny_elf(&code)).expect("cannot write the guest");
+    let cores = online_cpus();
+    let spawn = || {
+        ember_with_memory(&kernel, SMALL_MIB)
+            .args(["--log-level", "error"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot run ember")
+    };
+    let start = std::time::Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let mut running: Vec<Child> = (0..2 * cores).map(|_| spawn()).collect();
+    let (mut started, mut failed) = (0u64, 0u64);
+    while !running.is_empty() {
+        let mut index = 0;
+        while index < running.len() {
+            match running[index].try_wait().expect("cannot wait for ember") {
+                Some(status) => {
+                    if status.success() {
+                        started += 1;
+                    } else {
+                        failed += 1;
+                    }
+                    if std::time::Instant::now() < deadline {
+                        running[index] = spawn();
+                        index += 1;
+                    } else {
+                        running.swap_remove(index);
+                    }
+                }
+                None => index += 1,
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    println!(
+        "creation rate ({SMALL_MIB} MiB, 1 vCPU, {} in flight, {elapsed:.1} s): {started} microVMs \
+         reached their first instruction, {:.0} per second, {:.0} per second per core \
+         ({cores} cores); {failed} failed",
+        2 * cores,
+        started as f64 / elapsed,
+        started as f64 / elapsed / cores as f64
+    );
+}
+
+/// `MemAvailable` of the host, in MiB.
+fn mem_available_mib() -> u64 {
+    let info = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0)
+}
+
+fn ksm_value(name: &str) -> u64 {
+    fs::read_to_string(format!("/sys/kernel/mm/ksm/{name}"))
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Turns `ksmd` on for the duration, and back to what it was when dropped.
+struct KsmRunning(Option<String>);
+
+impl KsmRunning {
+    fn start() -> Self {
+        let path = "/sys/kernel/mm/ksm/run";
+        let before = fs::read_to_string(path).ok();
+        if fs::write(path, "1").is_err() {
+            println!("(cannot start ksmd: pages are marked mergeable but not merged)");
+        }
+        KsmRunning(before)
+    }
+}
+
+impl Drop for KsmRunning {
+    fn drop(&mut self) {
+        if let Some(before) = &self.0 {
+            let _ = fs::write("/sys/kernel/mm/ksm/run", before.trim());
+        }
+    }
+}
+
+fn density(dir: &Path, ksm: bool) {
+    let kernel = dir.join("density.elf");
+    let code = [
+        BOOT_TIMER_WRITE.to_vec(),
+        touch_pages(DENSITY_TOUCH_PAGES),
+        HALT_FOREVER.to_vec(),
+    ]
+    .concat();
+    fs::write(&kernel, tiny_elf(&code)).expect("cannot write the guest");
+    let _ksmd = ksm.then(KsmRunning::start);
+    let available_before = mem_available_mib();
+    let mut running: Vec<Child> = Vec::new();
+    let stop = loop {
+        if running.len() >= DENSITY_CAP {
+            break format!("the cap of {DENSITY_CAP}");
+        }
+        if mem_available_mib() < DENSITY_MEM_FLOOR_MIB {
+            break format!("the host's available memory under {DENSITY_MEM_FLOOR_MIB} MiB");
+        }
+        let mut cmd = ember_with_memory(&kernel, SMALL_MIB);
+        if ksm {
+            cmd.arg("--ksm");
+        }
+        let mut child = match cmd.stderr(Stdio::piped()).spawn() {
+            Ok(child) => child,
+            Err(err) => break format!("a start that failed: {err}"),
+        };
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let mut lines = BufReader::new(stderr).lines();
+        let booted = lines.any(|line| line.map(|l| boot_time_us(&l).is_some()).unwrap_or(false));
+        if !booted {
+            let _ = child.kill();
+            let _ = child.wait();
+            break "a microVM that did not boot".to_string();
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        running.push(child);
+    };
+    // Let the guests' touches land and, with KSM, give ksmd a few passes.
+    std::thread::sleep(Duration::from_secs(if ksm { 10 } else { 1 }));
+    let total_kib: u64 = running.iter().map(|c| rss_kib(c.id())).sum();
+    let host_used = available_before.saturating_sub(mem_available_mib());
+    let count = running.len().max(1) as u64;
+    let shared = if ksm {
+        format!(
+            ", ksmd sharing {} pages for {} mappings",
+            ksm_value("pages_shared"),
+            ksm_value("pages_sharing")
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "density ({SMALL_MIB} MiB idle microVMs, KSM {}): {} running at once, stopped by {stop}; \
+         host memory used {host_used} MiB ({} KiB per microVM), summed RSS {} MiB{shared}",
+        if ksm { "on" } else { "off" },
+        running.len(),
+        host_used * 1024 / count,
+        total_kib / 1024,
+    );
+    for mut child in running {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 fn main() {
     // `cargo bench -- FILTER` passes arguments; `cargo test --benches` passes `--bench`-less
     // ones too. Only run when asked to bench.
@@ -174,8 +366,15 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    let seconds = std::env::var("EMBER_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
     let dir = scratch();
     start_to_first_instruction(&dir, runs);
     memory_overhead(&dir);
+    creation_rate(&dir, seconds);
+    density(&dir, false);
+    density(&dir, true);
     let _ = fs::remove_dir_all(&dir);
 }
