@@ -6,24 +6,19 @@
 //! through Firecracker's REST API on a Unix socket, which also serves the running microVM (pause,
 //! resume, rate limits, metrics). It exits 0 when the guest reboots or powers off, and non-zero
 //! with a one-line error otherwise.
-
-mod api;
-mod cli;
-mod controller;
-mod logger;
-mod metrics;
-mod resources;
-mod terminal;
-mod vmm;
+//!
+//! The VMM itself is the `ember_vmm` library of this package; this binary parses the command line
+//! and runs it.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
 
-use crate::api::ApiServer;
-use crate::controller::{Controller, error_chain};
-use crate::resources::VmResources;
+use ember_vmm::api::ApiServer;
+use ember_vmm::controller::{Controller, error_chain};
+use ember_vmm::resources::VmResources;
+use ember_vmm::{cli, logger, vmm};
 
 fn main() -> ExitCode {
     let start = Instant::now();

@@ -827,6 +827,7 @@ const TOKEN_API: u64 = 5;
 const TOKEN_METRICS: u64 = 6;
 
 /// What the event loop serves besides the VM: the API and the metrics.
+#[derive(Debug)]
 pub struct Control<'a> {
     /// The requests of the API server, when there is one.
     pub api: Option<&'a ApiRequests>,

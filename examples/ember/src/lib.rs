@@ -1,0 +1,40 @@
+//! `ember_vmm`: the example microVM monitor built from the ember crates, as a library.
+//!
+//! The `ember` binary is a thin `main` over it; the library exists so that other code can reach
+//! the VMM's parts without a process: the fuzz targets drive the API's HTTP codec and routes and
+//! the configuration file's parsing and checks.
+//!
+//! The modules, in the order a microVM goes through them:
+//!
+//! - [`cli`]: the command line;
+//! - [`resources`]: the microVM's description, from flags, a configuration file or the API;
+//! - [`api`]: Firecracker's REST API on a Unix socket;
+//! - [`controller`]: applies the API's requests to the resources and the running microVM;
+//! - [`logger`] and [`metrics`]: where the VMM's log lines and counters go;
+//! - [`vmm`]: builds the microVM and runs its event loop;
+//! - [`terminal`]: the host terminal the serial console reads from.
+//!
+//! # Example
+//!
+//! ```
+//! use ember_vmm::api::{self, ApiRequest};
+//!
+//! // A request as a client sends it on the API socket, through the HTTP codec and the routes.
+//! let bytes = b"GET /machine-config HTTP/1.1\r\nHost: localhost\r\n\r\n";
+//! let (request, consumed) = api::http::parse_request(bytes)?.expect("the request is complete");
+//! assert_eq!(consumed, bytes.len());
+//! let route = api::routes::parse(&request.method, &request.path, &request.body);
+//! assert!(matches!(route, Ok(ApiRequest::GetMachineConfig)));
+//! # Ok::<(), api::http::HttpError>(())
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod cli;
+pub mod controller;
+pub mod logger;
+pub mod metrics;
+pub mod resources;
+pub mod terminal;
+pub mod vmm;
