@@ -1,7 +1,10 @@
 //! The boot path: guest memory creation, kernel loading and boot-time system configuration.
 //!
-//! The kernels are ember-boot's tiny test images, so `load_kernel` measures the header checks,
-//! format detection and linux-loader's copy of a few bytes, not the copy of a real kernel.
+//! `boot/load_kernel` uses ember-boot's tiny test images, so it measures the header checks,
+//! format detection and linux-loader's copy of a few bytes. `boot/load_guest_kernel` loads the
+//! project's guest kernel, the ELF `vmlinux` and the `bzImage` that `guest.sh` builds, from the
+//! directory `EMBER_GUEST` names (`EMBER_GUEST=$(examples/ember/scripts/guest.sh | tail -n 1)
+//! cargo bench -p ember-benches --bench boot`); without it that group is skipped, and says so.
 
 use std::hint::black_box;
 use std::io::Cursor;
@@ -58,6 +61,28 @@ fn bench_load_kernel(c: &mut Criterion) {
     group.finish();
 }
 
+fn bench_load_guest_kernel(c: &mut Criterion) {
+    let Some(dir) = std::env::var_os("EMBER_GUEST").map(std::path::PathBuf::from) else {
+        println!(
+            "boot/load_guest_kernel: skipped (set EMBER_GUEST to the directory guest.sh prints)"
+        );
+        return;
+    };
+    let mem = guest_memory();
+    let mut group = c.benchmark_group("boot/load_guest_kernel");
+    group.sample_size(20);
+    for name in ["vmlinux", "bzImage"] {
+        let path = dir.join(name);
+        let image = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("cannot read the guest kernel {}: {e}", path.display()));
+        group.throughput(criterion::Throughput::Bytes(image.len() as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| load_kernel(&mem, &mut Cursor::new(black_box(image.as_slice()))).unwrap())
+        });
+    }
+    group.finish();
+}
+
 fn bench_configure_system(c: &mut Criterion) {
     let mem = guest_memory();
     let cmdline = cmdline();
@@ -76,6 +101,7 @@ criterion_group!(
     benches,
     bench_create_guest_memory,
     bench_load_kernel,
+    bench_load_guest_kernel,
     bench_configure_system
 );
 criterion_main!(benches);
