@@ -50,7 +50,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 ///
 /// [`Error::TooLong`] naming the needed size when the result would not fit;
 /// [`Error::InvalidArgument`] when a part holds characters other than printable ASCII, or
-/// misplaced quotes.
+/// misplaced quotes, or when the line would hold init arguments and no boot argument.
 ///
 /// # Example
 ///
@@ -97,7 +97,13 @@ fn build_with_capacity(base: &str, extra: &[&str], capacity: usize) -> Result<Cm
     for arg in extra {
         line.insert_str(arg).map_err(invalid(arg))?;
     }
-    Ok(line)
+    // linux-loader takes init arguments without boot arguments (`-- init`) but cannot render
+    // the line it makes of them: refuse it now rather than when it is loaded.
+    match line.as_cstring() {
+        Ok(_) => Ok(line),
+        Err(source @ CmdlineError::NoBootArgsInserted) => Err(invalid(base)(source)),
+        Err(source) => Err(Error::Render(source)),
+    }
 }
 
 /// Writes `cmdline` with its NUL at [`CMDLINE_START`] and returns the number of bytes written.
@@ -190,6 +196,25 @@ mod tests {
         let mut line = build_cmdline(&"a".repeat(CMDLINE_MAX_SIZE - 3), &[]).unwrap();
         assert!(line.insert_str("b").is_ok());
         assert!(line.insert_str("c").is_err());
+    }
+
+    #[test]
+    fn init_arguments_without_boot_arguments_are_rejected() {
+        // Found by fuzzing: linux-loader builds such a line, then cannot render it.
+        for base in [" -- --verbose", "  -- init", "   --   x"] {
+            let err = build_cmdline(base, &[]).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument { ref arg, source: CmdlineError::NoBootArgsInserted }
+                        if arg == base
+                ),
+                "{base:?}: {err:?}"
+            );
+        }
+        // An extra argument is a boot argument: the line renders.
+        let line = build_cmdline(" -- init", &["reboot=k"]).unwrap();
+        assert_eq!(line.as_cstring().unwrap().as_bytes(), b"reboot=k -- init");
     }
 
     #[test]
