@@ -185,7 +185,7 @@ impl Receiver {
             .set_nonblocking(true)
             .expect("cannot make the socket non-blocking");
         let eventfd = || EventFd::new(EFD_NONBLOCK).expect("cannot create an eventfd");
-        let (mut rx_queue, mut tx_queue) = (rx.queue(), tx.queue());
+        let (rx_queue, tx_queue) = (rx.queue(), tx.queue());
         rx_queue
             .validate(&*mem)
             .expect("the rings are in guest memory");
