@@ -13,6 +13,10 @@
 //!   segment addresses, a bzImage's setup header) travel through all the address arithmetic
 //!   they feed.
 //! - [`cmdline`]: the bytes are a command line and extra arguments, one per line.
+//! - [`virtio`]: descriptor chains, block requests, the MMIO transport's registers and
+//!   virtio-net's frames, as a guest lays them out.
+//! - [`serial`]: the guest's accesses to the serial console's registers, and the VMM's input.
+//! - [`api`]: the bytes a client sends on the API socket, and a configuration file.
 //!
 //! # Example
 //!
@@ -31,6 +35,8 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod serial;
 pub mod virtio;
 
 use std::io::Cursor;
@@ -225,6 +231,8 @@ mod tests {
         ("nul-in-base", false),
         ("control-in-base", false),
         ("base-too-long", false),
+        // Found by fuzzing: init arguments and no boot argument, a line that does not render.
+        ("init-args-only", false),
     ];
 
     pub(crate) fn corpus_dir(target: &str) -> PathBuf {
@@ -246,6 +254,21 @@ mod tests {
             .collect();
         files.sort();
         files
+    }
+
+    /// A target's seed files, by name.
+    pub(crate) type Seeds = Vec<(&'static str, Vec<u8>)>;
+
+    /// Checks that the seed files of each target on disk are the ones generated.
+    pub(crate) fn check_seeds(targets: &[(&str, Seeds)]) {
+        for (target, seeds) in targets {
+            for (name, data) in seeds {
+                let path = corpus_dir(target).join(name);
+                let on_disk = fs::read(&path)
+                    .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+                assert_eq!(&on_disk, data, "{}", path.display());
+            }
+        }
     }
 
     /// Replays the corpus of `target` through `run`, and checks each seed's outcome.
@@ -341,6 +364,7 @@ mod tests {
             ("nul-in-base", vec![0x00, 0x02]),
             ("control-in-base", vec![0x1a]),
             ("base-too-long", text(&"a".repeat(CMDLINE_MAX_SIZE))),
+            ("init-args-only", text(" -- --verbose")),
         ]
     }
 

@@ -1,15 +1,20 @@
 //! The virtio targets: descriptor chains a guest lays out, and the MMIO register interface it
 //! drives.
 
+use std::collections::HashMap;
+use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, OnceLock};
 
 use ember_virtio::block::request::{Request, RequestType, status_addr};
 use ember_virtio::block::{self, Disk, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 use ember_virtio::mmio::{CONFIG_OFFSET, MmioTransport};
 use ember_virtio::mock::{CountingTrigger, MockDevice, MockDriver};
-use ember_virtio::{DescriptorChain, Queue, WorkerGate};
+use ember_virtio::net::{MAX_BUFFER_LEN, NetHandler, NetRateLimiters, VNET_HDR_LEN};
+use ember_virtio::{ActivateParams, Descriptor, DescriptorChain, Interrupt, Queue, WorkerGate};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Guest memory of the virtio targets: two regions with a hole between them, so that buffers
 /// can straddle the hole or run off the end.
@@ -29,13 +34,13 @@ pub fn guest_memory() -> GuestMemoryMmap {
 }
 
 /// Takes `n` bytes off the front of `data` (fewer if it is shorter).
-fn take<'a>(data: &mut &'a [u8], n: usize) -> &'a [u8] {
+pub(crate) fn take<'a>(data: &mut &'a [u8], n: usize) -> &'a [u8] {
     let (head, tail) = data.split_at(n.min(data.len()));
     *data = tail;
     head
 }
 
-fn take_u16(data: &mut &[u8]) -> u16 {
+pub(crate) fn take_u16(data: &mut &[u8]) -> u16 {
     let bytes = take(data, 2);
     u16::from_le_bytes([
         bytes.first().copied().unwrap_or(0),
@@ -43,7 +48,7 @@ fn take_u16(data: &mut &[u8]) -> u16 {
     ])
 }
 
-fn take_u8(data: &mut &[u8]) -> u8 {
+pub(crate) fn take_u8(data: &mut &[u8]) -> u8 {
     take(data, 1).first().copied().unwrap_or(0)
 }
 
@@ -365,6 +370,273 @@ fn check_transport(
     }
 }
 
+/// Where the net target lays out its receive queue.
+pub const NET_RX_RING: u64 = 0;
+/// Where the net target lays out its transmit queue.
+pub const NET_TX_RING: u64 = 0x2000;
+/// The most frames the net target's network sends the device in one input.
+pub const NET_MAX_FRAMES: u8 = 8;
+
+/// VIRTIO_F_VERSION_1.
+const VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_EVENT_IDX.
+const EVENT_IDX: u64 = 1 << 29;
+/// VIRTIO_NET_F_MRG_RXBUF.
+const MRG_RXBUF: u64 = 1 << 15;
+
+/// What the net target made of an input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetOutcome {
+    /// Frames the network received from the device.
+    pub sent: usize,
+    /// Used elements the device returned on the transmit queue.
+    pub tx_used: usize,
+    /// Used elements the device returned on the receive queue.
+    pub rx_used: usize,
+    /// Transmit chains the device dropped.
+    pub tx_dropped: u64,
+    /// Received frames the device dropped.
+    pub rx_dropped: u64,
+}
+
+/// One queue of the net target: its header fields in the input, its driver and the chains its
+/// ring held before the device ran.
+struct NetQueue {
+    driver: MockDriver,
+    queue: Queue,
+    avail_idx: u16,
+    used_event: u16,
+    next_avail: u16,
+}
+
+impl NetQueue {
+    /// Reads the queue's header fields off `data`: the size's log2 (mod 9), the available
+    /// index, the device's next available index and `used_event`.
+    fn decode(data: &mut &[u8], base: u64) -> Self {
+        let size = 1u16 << (take_u8(data) % 9);
+        let avail_idx = take_u16(data);
+        let next_avail = take_u16(data);
+        let used_event = take_u16(data);
+        let driver = MockDriver::new(size, GuestAddress(base));
+        let queue = driver.queue();
+        NetQueue {
+            driver,
+            queue,
+            avail_idx,
+            used_event,
+            next_avail,
+        }
+    }
+
+    /// Writes the indices to guest memory and hands the queue over as the transport does.
+    fn activate(&mut self, mem: &GuestMemoryMmap, event_idx: bool) -> Queue {
+        self.driver
+            .set_avail_idx(mem, self.avail_idx)
+            .expect("the ring is in memory");
+        self.driver
+            .set_used_event(mem, self.used_event)
+            .expect("the ring is in memory");
+        self.queue
+            .validate(mem)
+            .expect("the mock driver's rings are valid");
+        self.queue.set_event_idx(event_idx);
+        self.queue.set_next_avail(self.next_avail);
+        self.queue.set_next_used(self.next_avail);
+        // The device never reads the used index; setting it to where the device starts tells
+        // the elements it adds from what the guest left there.
+        let used_idx = GuestAddress(self.driver.used_ring().0 + 2);
+        mem.write_obj(self.next_avail.to_le(), used_idx)
+            .expect("the ring is in memory");
+        self.queue.clone()
+    }
+
+    /// The chains the ring holds now, by head, popped from a copy of the queue.
+    fn chains(&self, mem: &GuestMemoryMmap) -> HashMap<u16, Vec<Descriptor>> {
+        let mut queue = self.queue.clone();
+        let mut chains = HashMap::new();
+        for _ in 0..=usize::from(queue.size()) {
+            match queue.pop(mem) {
+                Ok(Some(chain)) => {
+                    chains.insert(chain.head_index(), chain.descriptors().to_vec());
+                }
+                Ok(None) => break,
+                Err(_) => {}
+            }
+        }
+        chains
+    }
+
+    /// The guest memory of the rings: the descriptor table to the end of the used ring.
+    fn rings(&self) -> (u64, u64) {
+        let end = self.driver.used_ring().0 + 6 + 8 * u64::from(self.driver.size());
+        (self.driver.desc_table().0, end)
+    }
+
+    /// The used elements the device added, as (head, length); empty when the ring's index in
+    /// memory says more than a ring's worth.
+    fn used(&self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
+        let used_idx = self.driver.used_idx(mem).expect("the ring is in memory");
+        let count = used_idx.wrapping_sub(self.next_avail);
+        if count > self.driver.size() {
+            return Vec::new();
+        }
+        (0..count)
+            .map(|i| {
+                self.driver
+                    .used_elem(mem, self.next_avail.wrapping_add(i))
+                    .expect("the ring is in memory")
+            })
+            .collect()
+    }
+}
+
+/// Runs a virtio-net device over a socket pair (the network at the other end) with queues
+/// and frames decoded from `data`: what it transmits, and what it receives.
+///
+/// Input: a features byte (bit 0: EVENT_IDX, bit 1: MRG_RXBUF; VERSION_1 always), the receive
+/// queue's and then the transmit queue's header (log2 of the size mod 9, the available index,
+/// the device's next available index and `used_event`, 16 bits each, little-endian), a count of
+/// frames the network sends (mod [`NET_MAX_FRAMES`] + 1) and each frame, its length (16 bits)
+/// then its bytes, the virtio-net header first; the rest is copied into guest memory from 0 on,
+/// where the receive queue lies, the transmit queue at [`NET_TX_RING`], and the buffers and
+/// indirect tables after them.
+///
+/// The device transmits, the network sends its frames, and the device receives and transmits
+/// again. Every frame the network gets must be a header and at most one largest frame; a
+/// transmit chain comes back with a used length of 0, a receive chain with at most the bytes
+/// it can hold, and the receive chains at most the bytes the network sent. The lengths are
+/// checked against the chains the rings held before the device ran when the device cannot have
+/// changed the rings meanwhile: no writable buffer overlaps them, and the chains pop the same
+/// after as before.
+///
+/// # Panics
+///
+/// Only on a finding.
+pub fn virtio_net(mut data: &[u8]) -> NetOutcome {
+    let data = &mut data;
+    let flags = take_u8(data);
+    let mut features = VERSION_1;
+    if flags & 1 != 0 {
+        features |= EVENT_IDX;
+    }
+    if flags & 2 != 0 {
+        features |= MRG_RXBUF;
+    }
+    let mut rx = NetQueue::decode(data, NET_RX_RING);
+    let mut tx = NetQueue::decode(data, NET_TX_RING);
+    let frame_count = take_u8(data) % (NET_MAX_FRAMES + 1);
+    let frames: Vec<&[u8]> = (0..frame_count)
+        .map(|_| {
+            let len = take_u16(data);
+            take(data, usize::from(len))
+        })
+        .collect();
+
+    let mem = Arc::new(guest_memory());
+    mem.write_slice(take(data, REGIONS[0].1), GuestAddress(0))
+        .expect("the first region holds the copy");
+    let event_idx = features & EVENT_IDX != 0;
+    let queues = vec![rx.activate(&mem, event_idx), tx.activate(&mem, event_idx)];
+    let rx_before = rx.chains(&mem);
+    let tx_before = tx.chains(&mem);
+
+    let (device, network) = UnixDatagram::pair().expect("sockets are available");
+    device
+        .set_nonblocking(true)
+        .expect("a socket turns non-blocking");
+    network
+        .set_nonblocking(true)
+        .expect("a socket turns non-blocking");
+    let eventfd = || EventFd::new(EFD_NONBLOCK).expect("eventfds are available");
+    let params = ActivateParams {
+        mem: mem.clone(),
+        features,
+        queues,
+        queue_evts: vec![eventfd(), eventfd()],
+        interrupt: Arc::new(Interrupt::new(CountingTrigger::default())),
+        gate: WorkerGate::new(),
+    };
+    let mut handler = NetHandler::new(device, NetRateLimiters::default(), params)
+        .expect("two queues and two eventfds");
+
+    let mut outcome = NetOutcome::default();
+    // An error is the guest's (a ring that breaks the protocol): the device stops, no finding.
+    let _ = handler.process_tx();
+    outcome.sent += drain_network(&network);
+    let mut rx_bytes = 0u64;
+    for frame in &frames {
+        if network.send(frame).is_ok() {
+            rx_bytes += frame.len() as u64;
+        }
+    }
+    let _ = handler.process_rx();
+    let _ = handler.process_tx();
+    outcome.sent += drain_network(&network);
+    outcome.tx_dropped = handler.tx_dropped();
+    outcome.rx_dropped = handler.rx_dropped();
+
+    let tx_used = tx.used(&mem);
+    let rx_used = rx.used(&mem);
+    outcome.tx_used = tx_used.len();
+    outcome.rx_used = rx_used.len();
+    let rings = [rx.rings(), tx.rings()];
+    let untouched = |before: &HashMap<u16, Vec<Descriptor>>, queue: &NetQueue| {
+        let writes_rings = [&rx_before, &tx_before].iter().any(|chains| {
+            chains.values().flatten().any(|desc| {
+                let (start, end) = (desc.addr.0, desc.addr.0 + u64::from(desc.len));
+                desc.writable && rings.iter().any(|&(lo, hi)| start < hi && lo < end)
+            })
+        });
+        !writes_rings && queue.chains(&mem) == *before
+    };
+    if untouched(&tx_before, &tx) {
+        for &(head, len) in &tx_used {
+            assert!(
+                tx_before.contains_key(&u16::try_from(head).expect("a 16-bit head")),
+                "head {head} was not available"
+            );
+            assert_eq!(len, 0, "a transmit chain used with {len} bytes");
+        }
+    }
+    if untouched(&rx_before, &rx) {
+        let mut total = 0u64;
+        for &(head, len) in &rx_used {
+            let chain = u16::try_from(head)
+                .ok()
+                .and_then(|head| rx_before.get(&head))
+                .unwrap_or_else(|| panic!("head {head} was not available"));
+            let room: u64 = chain
+                .iter()
+                .filter(|desc| desc.writable)
+                .map(|desc| u64::from(desc.len))
+                .sum();
+            assert!(u64::from(len) <= room, "{len} bytes used of {room}");
+            total += u64::from(len);
+        }
+        assert!(total <= rx_bytes, "{total} bytes received of {rx_bytes}");
+    }
+    outcome
+}
+
+/// Reads every frame the device sent the network, checks its length, and returns how many.
+fn drain_network(network: &UnixDatagram) -> usize {
+    let mut buf = vec![0u8; MAX_BUFFER_LEN + 1];
+    let mut frames = 0;
+    loop {
+        match network.recv(&mut buf) {
+            Ok(len) => {
+                assert!(
+                    (VNET_HDR_LEN..=MAX_BUFFER_LEN).contains(&len),
+                    "a {len}-byte frame sent"
+                );
+                frames += 1;
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return frames,
+            Err(err) => panic!("the network cannot read: {err}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -372,7 +644,7 @@ mod tests {
     use ember_virtio::mock::{DESC_F_NEXT, MockBuffer, RawDescriptor};
 
     use super::*;
-    use crate::tests::{corpus_dir, replay};
+    use crate::tests::{Seeds, corpus_dir, replay};
 
     /// The virtqueue target's seeds and what it makes of them.
     const QUEUE_SEEDS: &[(&str, QueueOutcome)] = &[
@@ -674,6 +946,146 @@ mod tests {
         ]
     }
 
+    const fn net(
+        sent: usize,
+        tx_used: usize,
+        rx_used: usize,
+        tx_dropped: u64,
+        rx_dropped: u64,
+    ) -> NetOutcome {
+        NetOutcome {
+            sent,
+            tx_used,
+            rx_used,
+            tx_dropped,
+            rx_dropped,
+        }
+    }
+
+    /// The net target's seeds and what it makes of them.
+    const NET_SEEDS: &[(&str, NetOutcome)] = &[
+        ("empty", net(0, 0, 0, 0, 0)),
+        ("one-tx-frame", net(1, 1, 0, 0, 0)),
+        ("tx-indirect", net(1, 1, 0, 0, 0)),
+        ("tx-too-short", net(0, 1, 0, 1, 0)),
+        ("one-rx-frame", net(0, 0, 1, 0, 0)),
+        ("rx-too-big", net(0, 0, 0, 0, 1)),
+        ("mrg-rxbuf", net(0, 0, 3, 0, 0)),
+        ("tx-and-rx-event-idx", net(2, 2, 2, 0, 0)),
+    ];
+
+    /// A frame of `len` bytes behind a zero virtio-net header.
+    fn net_frame(len: usize, seed: u8) -> Vec<u8> {
+        let mut frame = vec![0u8; VNET_HDR_LEN];
+        frame.extend((0..len).map(|i| seed.wrapping_add(i as u8)));
+        frame
+    }
+
+    /// A net input: the features byte, both queues of 16 entries as `build` leaves them (the
+    /// receive queue's driver first), the frames the network sends, then the first region.
+    fn net_input(
+        flags: u8,
+        frames: &[Vec<u8>],
+        build: impl FnOnce(&GuestMemoryMmap, &mut MockDriver, &mut MockDriver),
+    ) -> Vec<u8> {
+        let mem = guest_memory();
+        let mut rx = MockDriver::new(16, GuestAddress(NET_RX_RING));
+        let mut tx = MockDriver::new(16, GuestAddress(NET_TX_RING));
+        build(&mem, &mut rx, &mut tx);
+        let mut input = vec![flags];
+        for driver in [&rx, &tx] {
+            input.push(4);
+            input.extend_from_slice(&driver.avail_idx().to_le_bytes());
+            input.extend_from_slice(&0u16.to_le_bytes());
+            input.extend_from_slice(&0u16.to_le_bytes());
+        }
+        input.push(u8::try_from(frames.len()).unwrap());
+        for frame in frames {
+            input.extend_from_slice(&u16::try_from(frame.len()).unwrap().to_le_bytes());
+            input.extend_from_slice(frame);
+        }
+        let mut region = vec![0u8; REGIONS[0].1];
+        mem.read_slice(&mut region, GuestAddress(0)).unwrap();
+        let used = region.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        input.extend_from_slice(&region[..used]);
+        input
+    }
+
+    /// Writes `bytes` at `addr` and returns a readable buffer of them.
+    fn readable(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> MockBuffer {
+        mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+        MockBuffer::readable(addr, u32::try_from(bytes.len()).unwrap())
+    }
+
+    fn net_seeds() -> Seeds {
+        let frame = net_frame(60, 1);
+        vec![
+            ("empty", vec![]),
+            (
+                "one-tx-frame",
+                net_input(0, &[], |mem, _, tx| {
+                    let buffer = readable(mem, 0x4000, &frame);
+                    tx.add_chain(mem, &[buffer]).unwrap();
+                }),
+            ),
+            (
+                "tx-indirect",
+                net_input(0, &[], |mem, _, tx| {
+                    let header = readable(mem, 0x4000, &frame[..VNET_HDR_LEN]);
+                    let body = readable(mem, 0x4100, &frame[VNET_HDR_LEN..]);
+                    tx.add_indirect_chain(mem, GuestAddress(0x5000), &[header, body])
+                        .unwrap();
+                }),
+            ),
+            (
+                "tx-too-short",
+                net_input(0, &[], |mem, _, tx| {
+                    let buffer = readable(mem, 0x4000, &frame[..8]);
+                    tx.add_chain(mem, &[buffer]).unwrap();
+                }),
+            ),
+            (
+                "one-rx-frame",
+                net_input(0, &[net_frame(62, 2)], |mem, rx, _| {
+                    rx.add_chain(mem, &[MockBuffer::writable(0x4000, 2048)])
+                        .unwrap();
+                }),
+            ),
+            (
+                "rx-too-big",
+                net_input(0, &[net_frame(1000, 3)], |mem, rx, _| {
+                    rx.add_chain(mem, &[MockBuffer::writable(0x4000, 100)])
+                        .unwrap();
+                }),
+            ),
+            (
+                "mrg-rxbuf",
+                net_input(2, &[net_frame(1200, 4)], |mem, rx, _| {
+                    for i in 0..4 {
+                        rx.add_chain(mem, &[MockBuffer::writable(0x4000 + i * 0x200, 512)])
+                            .unwrap();
+                    }
+                }),
+            ),
+            (
+                "tx-and-rx-event-idx",
+                net_input(1, &[net_frame(100, 5), net_frame(200, 6)], |mem, rx, tx| {
+                    for i in 0..2 {
+                        rx.add_chain(mem, &[MockBuffer::writable(0x4000 + i * 0x800, 0x800)])
+                            .unwrap();
+                        let buffer = readable(mem, 0x6000 + i * 0x100, &frame);
+                        tx.add_chain(mem, &[buffer]).unwrap();
+                    }
+                }),
+            ),
+        ]
+    }
+
+    #[test]
+    fn virtio_net_corpus_replays() {
+        replay("virtio_net", NET_SEEDS, virtio_net);
+    }
+
     #[test]
     fn virtqueue_corpus_replays() {
         replay("virtqueue", QUEUE_SEEDS, virtqueue);
@@ -689,15 +1101,13 @@ mod tests {
         replay("mmio_transport", TRANSPORT_SEEDS, mmio_transport);
     }
 
-    /// A target's seed files, by name.
-    type Seeds = Vec<(&'static str, Vec<u8>)>;
-
     /// Each target's seeds, by target.
-    fn all_seeds() -> [(&'static str, Seeds); 3] {
+    fn all_seeds() -> [(&'static str, Seeds); 4] {
         [
             ("virtqueue", queue_seeds()),
             ("block_request", block_seeds()),
             ("mmio_transport", transport_seeds()),
+            ("virtio_net", net_seeds()),
         ]
     }
 
