@@ -120,3 +120,50 @@ impl BusDeviceMut for BootTimer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_magic_write_records_the_boot_time_once() {
+        let mut timer = BootTimer::new(Instant::now());
+        let mut data = [0xffu8; 4];
+        timer.read(0, 0, &mut data);
+        assert_eq!(data, [0; 4]);
+        // Another value, another offset or a wider write do not count.
+        timer.write(0, 0, &[BOOT_COMPLETE_MAGIC - 1]);
+        timer.write(0, 1, &[BOOT_COMPLETE_MAGIC]);
+        timer.write(0, 0, &[BOOT_COMPLETE_MAGIC, 0]);
+        assert_eq!(timer.boot_time(), None);
+        std::thread::sleep(Duration::from_millis(2));
+        timer.write(0, 0, &[BOOT_COMPLETE_MAGIC]);
+        let first = timer.boot_time().expect("recorded");
+        assert!(first.wall >= Duration::from_millis(2));
+        timer.write(0, 0, &[BOOT_COMPLETE_MAGIC]);
+        assert_eq!(timer.boot_time(), Some(first), "later writes are ignored");
+    }
+
+    #[test]
+    fn boot_time_reads_as_the_log_line() {
+        let time = BootTime {
+            wall: Duration::from_micros(112_345),
+            cpu: Duration::from_micros(98_765),
+        };
+        assert_eq!(
+            time.to_string(),
+            "Guest-boot-time = 112345 us 112 ms, 98765 CPU us 98 CPU ms"
+        );
+    }
+
+    #[test]
+    fn the_process_has_used_cpu_time() {
+        let before = process_cpu_time().unwrap();
+        // Some work, so the clock moves on.
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = std::hint::black_box(x.wrapping_add(i));
+        }
+        assert!(process_cpu_time().unwrap() > before);
+    }
+}

@@ -249,3 +249,140 @@ impl BusDeviceMut for I8042Device {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A controller and the triggers it fires, to count.
+    struct Rig {
+        dev: I8042Device,
+        reset: EventFdTrigger,
+        kbd: EventFdTrigger,
+    }
+
+    fn rig() -> Rig {
+        let reset = EventFdTrigger::new().unwrap();
+        let kbd = EventFdTrigger::new().unwrap();
+        let dev = I8042Device::new(reset.try_clone().unwrap(), kbd.try_clone().unwrap());
+        Rig { dev, reset, kbd }
+    }
+
+    /// How often `trigger` fired since the last look.
+    fn fired(trigger: &EventFdTrigger) -> u64 {
+        trigger.eventfd().read().unwrap_or(0)
+    }
+
+    impl Rig {
+        fn inb(&mut self, offset: u64) -> u8 {
+            let mut data = [0u8];
+            self.dev.read(I8042_PORT, offset, &mut data);
+            data[0]
+        }
+
+        fn outb(&mut self, offset: u64, value: u8) {
+            self.dev.write(I8042_PORT, offset, &[value]);
+        }
+    }
+
+    #[test]
+    fn the_reset_command_fires_the_reset_line_and_nothing_else_does() {
+        let mut rig = rig();
+        for cmd in [CMD_READ_CTR, CMD_SELF_TEST, 0xA7, 0xAD] {
+            rig.outb(COMMAND_OFFSET, cmd);
+        }
+        assert_eq!(fired(&rig.reset), 0);
+        rig.outb(COMMAND_OFFSET, 0xFE);
+        assert_eq!(fired(&rig.reset), 1);
+        // The triggers the device hands out are the ones it was given.
+        rig.dev.reset_evt().trigger().unwrap();
+        assert_eq!(fired(&rig.reset), 1);
+        rig.dev.kbd_interrupt().trigger().unwrap();
+        assert_eq!(fired(&rig.kbd), 1);
+    }
+
+    #[test]
+    fn the_control_register_and_output_port_round_trip() {
+        let mut rig = rig();
+        // Power-on state: the keyboard interrupt on, the self-test passed.
+        rig.outb(COMMAND_OFFSET, CMD_READ_CTR);
+        assert_eq!(
+            rig.inb(COMMAND_OFFSET) & SB_OUT_DATA_AVAIL,
+            SB_OUT_DATA_AVAIL
+        );
+        assert_eq!(rig.inb(DATA_OFFSET), CB_POST_OK | CB_KBD_INT);
+        assert_eq!(rig.inb(COMMAND_OFFSET) & SB_OUT_DATA_AVAIL, 0);
+
+        rig.outb(COMMAND_OFFSET, CMD_WRITE_CTR);
+        assert_ne!(
+            rig.inb(COMMAND_OFFSET) & SB_CMD_DATA,
+            0,
+            "a parameter is expected"
+        );
+        rig.outb(DATA_OFFSET, 0x45);
+        assert_eq!(rig.inb(COMMAND_OFFSET) & SB_CMD_DATA, 0);
+        rig.outb(COMMAND_OFFSET, CMD_READ_CTR);
+        assert_eq!(rig.inb(DATA_OFFSET), 0x45);
+
+        rig.outb(COMMAND_OFFSET, CMD_WRITE_OUTP);
+        rig.outb(DATA_OFFSET, 0x03);
+        rig.outb(COMMAND_OFFSET, CMD_READ_OUTP);
+        assert_eq!(rig.inb(DATA_OFFSET), 0x03);
+
+        rig.outb(COMMAND_OFFSET, CMD_SELF_TEST);
+        assert_eq!(rig.inb(DATA_OFFSET), SELF_TEST_OK);
+        // An empty output buffer reads as 0.
+        assert_eq!(rig.inb(DATA_OFFSET), 0);
+        assert_ne!(rig.inb(COMMAND_OFFSET) & SB_KBD_ENABLED, 0);
+    }
+
+    #[test]
+    fn keyboard_commands_are_acknowledged_with_an_interrupt() {
+        let mut rig = rig();
+        rig.outb(DATA_OFFSET, 0xF2);
+        assert_eq!(fired(&rig.kbd), 1);
+        assert_eq!(rig.inb(DATA_OFFSET), KBD_ACK);
+        // Without the interrupt enabled in the control register, none is raised.
+        rig.outb(COMMAND_OFFSET, CMD_WRITE_CTR);
+        rig.outb(DATA_OFFSET, CB_POST_OK);
+        rig.outb(DATA_OFFSET, 0xED);
+        assert_eq!(fired(&rig.kbd), 0);
+        assert_eq!(rig.inb(DATA_OFFSET), KBD_ACK);
+    }
+
+    #[test]
+    fn ctrl_alt_del_queues_the_keys_one_interrupt_per_byte() {
+        let mut rig = rig();
+        rig.dev.trigger_ctrl_alt_del().unwrap();
+        assert_eq!(fired(&rig.kbd), 1);
+        let mut keys = Vec::new();
+        while rig.inb(COMMAND_OFFSET) & SB_OUT_DATA_AVAIL != 0 {
+            keys.push(rig.inb(DATA_OFFSET));
+        }
+        assert_eq!(keys, CTRL_ALT_DEL);
+        // One interrupt announced each byte after the first.
+        assert_eq!(fired(&rig.kbd), 3);
+        // A guest that never reads fills the buffer; the next sequence is refused whole.
+        for _ in 0..BUF_SIZE / CTRL_ALT_DEL.len() {
+            rig.dev.trigger_ctrl_alt_del().unwrap();
+        }
+        assert!(matches!(
+            rig.dev.trigger_ctrl_alt_del(),
+            Err(Error::BufferFull)
+        ));
+        assert_eq!(rig.dev.buf.len(), BUF_SIZE);
+    }
+
+    #[test]
+    fn other_offsets_and_widths_read_all_ones_and_ignore_writes() {
+        let mut rig = rig();
+        let mut wide = [0u8; 2];
+        rig.dev.read(I8042_PORT, DATA_OFFSET, &mut wide);
+        assert_eq!(wide, [UNHANDLED_READ; 2]);
+        assert_eq!(rig.inb(2), UNHANDLED_READ);
+        rig.dev.write(I8042_PORT, COMMAND_OFFSET, &[0xFE, 0xFE]);
+        rig.outb(1, 0xFE);
+        assert_eq!(fired(&rig.reset), 0);
+        assert_eq!(fired(&rig.kbd), 0);
+    }
+}
