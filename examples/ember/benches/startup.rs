@@ -222,7 +222,8 @@ fn creation_rate(dir: &Path, seconds: u64) {
                         running[index] = spawn();
                         index += 1;
                     } else {
-                        running.swap_remove(index);
+                        // Already reaped by `try_wait`: this returns its status at once.
+                        let _ = running.swap_remove(index).wait();
                     }
                 }
                 None => index += 1,
