@@ -26,7 +26,7 @@ if "$scripts/rig.sh" needed; then
     for attempt in 1 2; do
         echo "test.sh: running the end-to-end tests inside the nested rig"
         rc=0
-        "$scripts/rig.sh" run --timeout 900 --add "$ember:/usr/local/bin/ember" --add "$guest" \
+        "$scripts/rig.sh" run --timeout 600 --add "$ember:/usr/local/bin/ember" --add "$guest" \
             --add "$(command -v curl):/usr/bin/curl" --add "$scripts/e2e.sh:/e2e.sh" \
             -- sh /e2e.sh /usr/local/bin/ember "$guest" || rc=$?
         case "$rc" in
