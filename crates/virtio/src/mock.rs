@@ -10,12 +10,15 @@
 //! testing transports.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{Ordering, fence};
 use std::sync::{Arc, Mutex};
 
+use ember_rate_limiter::{BucketConfig, RateLimiter};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::device::{ActivateError, ActivateParams, IrqTrigger, VirtioDevice, read_config_bytes};
 use crate::queue::{DESCRIPTOR_SIZE, Queue, USED_ELEMENT_SIZE};
@@ -557,4 +560,35 @@ impl IrqTrigger for CountingTrigger {
         self.0.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// A bucket of `size` tokens refilled every `refill_time` ms, without a one-time burst.
+pub fn bucket(size: u64, refill_time: u64) -> Option<BucketConfig> {
+    Some(BucketConfig {
+        size,
+        one_time_burst: 0,
+        refill_time,
+    })
+}
+
+/// Waits for `limiter`'s timerfd to become readable, for at most 5 seconds.
+///
+/// # Panics
+///
+/// When it does not, or epoll fails.
+pub fn wait_timer(limiter: &RateLimiter) {
+    let epoll = Epoll::new().expect("an epoll instance");
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            limiter.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, 0),
+        )
+        .expect("the timerfd joins the epoll set");
+    let mut events = [EpollEvent::default()];
+    assert_eq!(
+        epoll.wait(5000, &mut events).expect("epoll_wait"),
+        1,
+        "no timer event"
+    );
 }

@@ -1076,11 +1076,10 @@ mod tests {
         VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     };
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 
     use super::*;
     use crate::device::{INT_CONFIG, INT_USED_RING};
-    use crate::mock::{CountingTrigger, MockBuffer, MockDriver, guest_memory};
+    use crate::mock::{CountingTrigger, MockBuffer, MockDriver, bucket, guest_memory, wait_timer};
     use crate::worker::WorkerGate;
 
     type Mem = GuestMemoryMmap<()>;
@@ -1842,28 +1841,6 @@ mod tests {
         let mut data = vec![0u8; 512];
         a.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
         data
-    }
-
-    fn bucket(size: u64, refill_time: u64) -> Option<BucketConfig> {
-        Some(BucketConfig {
-            size,
-            one_time_burst: 0,
-            refill_time,
-        })
-    }
-
-    /// Waits for the rate limiter's timerfd to become readable, for at most 5 seconds.
-    fn wait_timer(limiter: &RateLimiter) {
-        let epoll = Epoll::new().unwrap();
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                limiter.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, 0),
-            )
-            .unwrap();
-        let mut events = [EpollEvent::default()];
-        assert_eq!(epoll.wait(5000, &mut events).unwrap(), 1, "no timer event");
     }
 
     /// Waits until `done` holds, for at most 5 seconds.

@@ -943,15 +943,13 @@ fn dropped_tx(log: &mut LogLimiter, why: fmt::Arguments<'_>) -> TxOutcome {
 mod tests {
     use std::os::unix::net::UnixDatagram;
 
-    use ember_rate_limiter::BucketConfig;
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
     use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
     use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 
     use super::*;
-    use crate::mock::{MockBuffer, MockDriver, guest_memory};
+    use crate::mock::{MockBuffer, MockDriver, bucket, guest_memory, wait_timer};
     use crate::net::QUEUE_SIZE;
     use crate::worker::WorkerGate;
 
@@ -1555,28 +1553,6 @@ mod tests {
             moved(&before, &metrics.values()),
             [("rx_bytes_count", 200), ("rx_packets_count", 1)]
         );
-    }
-
-    fn bucket(size: u64, refill_time: u64) -> Option<BucketConfig> {
-        Some(BucketConfig {
-            size,
-            one_time_burst: 0,
-            refill_time,
-        })
-    }
-
-    /// Waits for a rate limiter's timerfd to become readable, for at most 5 seconds.
-    fn wait_timer(limiter: &RateLimiter) {
-        let epoll = Epoll::new().unwrap();
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                limiter.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, 0),
-            )
-            .unwrap();
-        let mut events = [EpollEvent::default()];
-        assert_eq!(epoll.wait(5000, &mut events).unwrap(), 1, "no timer event");
     }
 
     #[test]
