@@ -5,7 +5,7 @@
 //! Linux guest driven with `curl` is in `scripts/e2e.sh`.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -86,7 +86,7 @@ impl Ember {
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         stream.write_all(request).unwrap();
-        read_response(&mut stream)
+        read_response(&mut BufReader::new(stream))
     }
 
     fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
@@ -169,37 +169,33 @@ impl Response {
     }
 }
 
-fn read_response(stream: &mut UnixStream) -> Response {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break pos;
-        }
-        let n = stream.read(&mut chunk).expect("a response");
-        assert!(n > 0, "connection closed before a response: {buf:?}");
-        buf.extend_from_slice(&chunk[..n]);
+/// Reads one response; bytes after it stay in `stream` for the next one.
+fn read_response(stream: &mut impl BufRead) -> Response {
+    let mut read_line = || {
+        let mut line = String::new();
+        let n = stream.read_line(&mut line).expect("a response");
+        assert!(n > 0, "connection closed inside a response head");
+        line.trim_end_matches(['\r', '\n']).to_string()
     };
-    let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
+    let status_line = read_line();
     let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = lines
-        .map(|l| {
-            let (n, v) = l.split_once(':').unwrap();
-            (n.trim().to_string(), v.trim().to_string())
-        })
-        .collect();
+    let mut headers = Vec::new();
+    loop {
+        let header = read_line();
+        if header.is_empty() {
+            break;
+        }
+        let (n, v) = header.split_once(':').unwrap();
+        headers.push((n.trim().to_string(), v.trim().to_string()));
+    }
     let length: usize = headers
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
         .map_or(0, |(_, v)| v.parse().unwrap());
-    let mut body = buf[head_end + 4..].to_vec();
-    while body.len() < length {
-        let n = stream.read(&mut chunk).unwrap();
-        assert!(n > 0, "connection closed inside the body");
-        body.extend_from_slice(&chunk[..n]);
-    }
+    let mut body = vec![0; length];
+    stream
+        .read_exact(&mut body)
+        .expect("the whole body of a response");
     Response {
         status,
         headers,
@@ -521,6 +517,7 @@ fn a_client_that_disconnects_mid_request_does_not_stop_the_api() {
     let mut both = encode("GET", "/", None);
     both.extend(encode("GET", "/version", None));
     stream.write_all(&both).unwrap();
+    let mut stream = BufReader::new(stream);
     assert_eq!(read_response(&mut stream).json()["state"], "Not started");
     assert!(read_response(&mut stream).json()["firecracker_version"].is_string());
 }
