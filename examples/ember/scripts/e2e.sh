@@ -282,7 +282,7 @@ api() {
 # console_wait PATTERN [SECONDS]: waits for a console line matching PATTERN.
 console_wait() {
     n=0
-    until tr -d '\r' <"$work/out" 2>/dev/null | grep -Eq "$1" || ! alive "$vm" ||
+    until tr -d '\r' 2>/dev/null <"$work/out" | grep -Eq "$1" || ! alive "$vm" ||
         [ $n -ge $((${2:-120} * 5)) ]; do
         sleep 0.2
         n=$((n + 1))
