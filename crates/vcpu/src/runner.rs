@@ -57,10 +57,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Why a vCPU ended the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
-    /// The guest asked for a reset.
+    /// The guest reset the machine: a reset request, or a triple fault (`KVM_EXIT_SHUTDOWN`),
+    /// which resets an x86 machine (Linux `reboot=t` resets that way).
     Reset,
-    /// The guest shut the machine down: a triple fault (`KVM_EXIT_SHUTDOWN`), a power-off
-    /// request, or a halt that nothing can end.
+    /// The guest shut the machine down: a power-off request, or a halt that nothing can end.
     Shutdown,
     /// The vCPU could not go on; the sentence says why and where.
     Error(String),
@@ -79,8 +79,8 @@ impl fmt::Display for VmExit {
 impl VcpuEvent {
     /// The VM exit this event calls for, or `None` when the vCPU goes on running.
     ///
-    /// Port and MMIO accesses and interruptions do not end the VM; a reset request does; a
-    /// shutdown, a power-off request and a halt without an in-kernel local APIC shut it down;
+    /// Port and MMIO accesses and interruptions do not end the VM; a reset request and a triple
+    /// fault reset it; a power-off request and a halt without an in-kernel local APIC shut it down;
     /// internal errors, entry failures, unexpected exits and guest crashes are errors described
     /// by [`VcpuEvent::failure`].
     pub fn vm_exit(&self) -> Option<VmExit> {
@@ -88,10 +88,10 @@ impl VcpuEvent {
             return Some(VmExit::Error(failure));
         }
         match self {
-            VcpuEvent::SystemEvent(SystemEvent::Reset) => Some(VmExit::Reset),
-            VcpuEvent::Shutdown
-            | VcpuEvent::SystemEvent(SystemEvent::Shutdown)
-            | VcpuEvent::Hlt => Some(VmExit::Shutdown),
+            VcpuEvent::SystemEvent(SystemEvent::Reset) | VcpuEvent::Shutdown => Some(VmExit::Reset),
+            VcpuEvent::SystemEvent(SystemEvent::Shutdown) | VcpuEvent::Hlt => {
+                Some(VmExit::Shutdown)
+            }
             _ => None,
         }
     }
@@ -516,7 +516,7 @@ mod tests {
 
     #[test]
     fn events_map_to_vm_exits() {
-        assert_eq!(VcpuEvent::Shutdown.vm_exit(), Some(VmExit::Shutdown));
+        assert_eq!(VcpuEvent::Shutdown.vm_exit(), Some(VmExit::Reset));
         assert_eq!(VcpuEvent::Hlt.vm_exit(), Some(VmExit::Shutdown));
         assert_eq!(
             VcpuEvent::SystemEvent(SystemEvent::Shutdown).vm_exit(),

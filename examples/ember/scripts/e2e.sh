@@ -60,9 +60,9 @@ boot() {
 }
 
 # crashed: the last guest ended in a triple fault (KVM_EXIT_SHUTDOWN, which ember
-# logs as "The guest powered off"); no test guest powers off that way.
+# logs as "The guest reset its CPUs"); every test guest resets through the i8042.
 crashed() {
-    grep -q 'The guest powered off$' "$work/err"
+    grep -q 'The guest reset its CPUs$' "$work/err"
 }
 
 run_ember() {

@@ -131,6 +131,22 @@ fn acpi_power_off_exits_0() {
 }
 
 #[test]
+fn a_triple_fault_resets_the_guest_and_exits_0() {
+    let dir = Scratch::new("triple-fault");
+    // ud2 with no IDT: #UD, then #DF, then a triple fault, as Linux's `reboot=t` does.
+    let code = [print("faulting\n"), vec![0x0f, 0x0b]].concat();
+    let kernel = dir.file("fault.elf", &tiny_elf(&code));
+    let output = ember_with_kernel(&kernel, &["--memory", "32"]);
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    assert_eq!(stdout(&output), "faulting\n");
+    assert!(
+        stderr(&output).contains("The guest reset its CPUs"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn bzimage_guest_boots_through_the_64_bit_entry() {
     let dir = Scratch::new("bzimage");
     let code = [print("bz\n"), I8042_RESET.to_vec()].concat();
