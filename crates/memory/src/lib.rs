@@ -7,7 +7,8 @@
 //! - [`ram_regions`] lays a memory size out on that map and [`create_guest_memory`] maps it as
 //!   vm-memory's [`GuestMemoryMmap`]: private anonymous memory that the host commits only as the
 //!   guest touches it, optionally open to KSM merging and transparent huge pages
-//!   ([`MemoryOptions`]).
+//!   ([`MemoryOptions`]), mapped at 2 MiB-aligned host addresses so that KVM can map the host's
+//!   huge pages whole.
 //! - [`ResourceAllocator`] hands out non-overlapping MMIO ranges from the gap and interrupt lines
 //!   [`layout::IRQ_BASE`]`..=`[`layout::IRQ_MAX`].
 //!

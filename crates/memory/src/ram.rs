@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io;
 
-use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder, MmapRegionError};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionCollectionError, GuestRegionMmap};
 
 use crate::layout;
@@ -13,6 +13,12 @@ pub const PAGE_SIZE: u64 = 0x1000;
 
 /// Number of bytes in a MiB.
 const MIB: u64 = 1 << 20;
+
+/// Size of a huge page on the host: the alignment guest RAM is mapped at.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// How many mappings [`map_anonymous`] makes at most to find a 2 MiB-aligned one.
+const ALIGN_ATTEMPTS: usize = 4;
 
 /// Errors of guest memory sizing and creation.
 #[derive(Debug, thiserror::Error)]
@@ -159,8 +165,10 @@ pub fn ram_regions(size: u64) -> Result<Vec<(GuestAddress, usize)>> {
 /// Creates `size` bytes of guest RAM laid out by [`ram_regions`].
 ///
 /// Each region is a private anonymous mapping made with `MAP_NORESERVE`: the host commits memory
-/// as the guest touches pages, so a guest larger than what the host has free can start. The
-/// `options` are applied to every region with `madvise`.
+/// as the guest touches pages, so a guest larger than what the host has free can start. Regions
+/// of 2 MiB or more start at 2 MiB-aligned host addresses wherever the host's placement of
+/// mappings allows it (see `map_anonymous`). The `options` are applied to every region with
+/// `madvise`.
 ///
 /// # Errors
 ///
@@ -184,15 +192,11 @@ fn map_region(
     size: u64,
     options: MemoryOptions,
 ) -> Result<GuestRegionMmap> {
-    let mapping = MmapRegionBuilder::new(len)
-        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-        .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
-        .build()
-        .map_err(|source| Error::Mmap {
-            base: base.0,
-            len,
-            source,
-        })?;
+    let mapping = map_anonymous(len).map_err(|source| Error::Mmap {
+        base: base.0,
+        len,
+        source,
+    })?;
     let advices = [
         (options.ksm, Advice::Mergeable),
         (options.hugepages, Advice::HugePage),
@@ -212,6 +216,105 @@ fn map_region(
     // Cannot fail for regions from `ram_regions`, which checked that they end inside the
     // address space.
     GuestRegionMmap::new(mapping, base).ok_or(Error::SizeOverflow(size))
+}
+
+/// Maps `len` bytes of private anonymous memory for guest RAM, at a 2 MiB-aligned host address
+/// where the kernel's placement allows it.
+///
+/// KVM maps guest memory with huge pages in its second-level page tables only where the host
+/// address and the guest address are aligned alike within 2 MiB. RAM regions start at 2
+/// MiB-aligned guest addresses, so on a 2 MiB-aligned mapping every huge page the host backs RAM
+/// with (transparent huge pages) is mapped whole, and the guest faults once per 2 MiB it first
+/// touches instead of once per 4 KiB. Linux 6.7 and later align large anonymous mappings
+/// themselves; earlier kernels place them on any page.
+///
+/// vm-memory makes the mapping, at an address the kernel picks: the top of the highest free
+/// range that fits, so a second mapping of the same length goes right below the first when there
+/// is room. When a mapping is not aligned, an inaccessible pad is put below it, just long enough
+/// for the next mapping under the pad to start on a 2 MiB boundary, and the mapping is made
+/// again, while the first one stays, so that a try that finds no room below lands lower the
+/// next time. Once one is aligned, the others and the pads are unmapped. When none is after
+/// [`ALIGN_ATTEMPTS`] (the process lays mappings out bottom-up, other threads map meanwhile),
+/// the last one is kept as it is, which costs speed, never correctness.
+fn map_anonymous(len: usize) -> std::result::Result<MmapRegion, MmapRegionError> {
+    let map = || {
+        MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+            .build()
+    };
+    let mut mapping = map()?;
+    // A region smaller than a huge page can hold none.
+    if len < HUGE_PAGE {
+        return Ok(mapping);
+    }
+    // The mappings tried before, kept until the end so that each try lands somewhere new.
+    let mut tried = Vec::new();
+    for _ in 1..ALIGN_ATTEMPTS {
+        let start = mapping.as_ptr().addr();
+        if start % HUGE_PAGE == 0 {
+            break;
+        }
+        // Where the next mapping would start, below this one, is this far past a boundary.
+        let pad_len = start.wrapping_sub(len) % HUGE_PAGE;
+        let pad = match pad_len {
+            0 => None,
+            _ => match start
+                .checked_sub(pad_len)
+                .and_then(|at| Pad::map(at, pad_len))
+            {
+                Some(pad) => Some(pad),
+                None => break,
+            },
+        };
+        let Ok(next) = map() else {
+            break;
+        };
+        drop(pad);
+        tried.push(std::mem::replace(&mut mapping, next));
+    }
+    Ok(mapping)
+}
+
+/// An inaccessible mapping at a chosen address, unmapped when dropped: it keeps the kernel from
+/// placing guest RAM there.
+struct Pad {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Pad {
+    /// Maps `len` inaccessible bytes at `addr`; `None` when that range is not free.
+    fn map(addr: usize, len: usize) -> Option<Self> {
+        // SAFETY: with MAP_FIXED_NOREPLACE the kernel maps only if the range is free, so no
+        // existing mapping is replaced or touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::without_provenance_mut(addr),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_NORESERVE
+                    | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        let pad = Self { addr: ptr, len };
+        // Kernels before 4.17 take the address as a hint only, and may map elsewhere.
+        (ptr.addr() == addr).then_some(pad)
+    }
+}
+
+impl Drop for Pad {
+    fn drop(&mut self) {
+        // SAFETY: `Pad::map` made this mapping of `len` bytes, and nothing else uses it.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
 }
 
 /// Turns a failed `madvise` into an error; `EINVAL` on an anonymous private mapping means the
