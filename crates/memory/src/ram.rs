@@ -257,15 +257,16 @@ fn map_anonymous(len: usize) -> std::result::Result<MmapRegion, MmapRegionError>
         }
         // Where the next mapping would start, below this one, is this far past a boundary.
         let pad_len = start.wrapping_sub(len) % HUGE_PAGE;
-        let pad = match pad_len {
-            0 => None,
-            _ => match start
+        let pad = if pad_len == 0 {
+            None
+        } else {
+            let Some(pad) = start
                 .checked_sub(pad_len)
                 .and_then(|at| Pad::map(at, pad_len))
-            {
-                Some(pad) => Some(pad),
-                None => break,
-            },
+            else {
+                break;
+            };
+            Some(pad)
         };
         let Ok(next) = map() else {
             break;
