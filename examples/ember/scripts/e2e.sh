@@ -452,6 +452,68 @@ SCRIPT
     expect pause_stops_a_running_guest_and_resume_continues_it 0 \
         'API PATCH /vm 204' '"state": ?"Paused"' 'PAUSE-HOLDS' 'RESUME-GOES-ON' \
         '^EMBER-CTRL-ALT-DEL$'
+
+    # A microVM set up request by request, its log going to a named pipe that a
+    # reader drains and its metrics to a file: the guest reads a disk, the host
+    # swaps the disk's image while the guest runs, and the guest sees the new
+    # size and contents; FlushMetrics writes a line. The guest reads with O_DIRECT,
+    # past its page cache.
+    { printf 'AAAA'; head -c 1048572 /dev/zero; } >"$work/swap-a"
+    { printf 'BBBB'; head -c 2097148 /dev/zero; } >"$work/swap-b"
+    script_disk "$work/swap.disk" <<'SCRIPT'
+first() { dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | head -c 4; }
+echo "SIZE1 $(cat /sys/block/vdb/size) $(first)"
+echo "SWAP-NOW"
+n=0
+until dd if=/dev/vdd bs=512 count=1 iflag=direct 2>/dev/null | grep -q PATCHED || [ $n -ge 300 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+echo "SIZE2 $(cat /sys/block/vdb/size) $(first)"
+sleep 600
+SCRIPT
+    swap_run() {
+        dd if=/dev/zero of="$work/signal" bs=512 count=1 2>/dev/null
+        rm -f "$work/log.fifo" "$work/log.txt" "$work/metrics.json"
+        mkfifo "$work/log.fifo"
+        cat "$work/log.fifo" >"$work/log.txt" &
+        reader=$!
+        api_start drive_swap
+        api PUT /logger "{\"log_path\": \"$work/log.fifo\", \"level\": \"Info\", \"show_level\": true}"
+        api PUT /metrics "{\"metrics_path\": \"$work/metrics.json\"}"
+        api PUT /boot-source "{\"kernel_image_path\": \"$guest/vmlinux\", \"boot_args\": \"$base ember.run=/dev/vdc\"}"
+        api PUT /drives/rootfs "{\"drive_id\": \"rootfs\", \"path_on_host\": \"$work/ro-root.ext4\", \"is_root_device\": true, \"is_read_only\": true}"
+        api PUT /drives/swap "{\"drive_id\": \"swap\", \"path_on_host\": \"$work/swap-a\", \"is_root_device\": false, \"is_read_only\": true}"
+        api PUT /drives/script "{\"drive_id\": \"script\", \"path_on_host\": \"$work/swap.disk\", \"is_root_device\": false, \"is_read_only\": true}"
+        api PUT /drives/signal "{\"drive_id\": \"signal\", \"path_on_host\": \"$work/signal\", \"is_root_device\": false, \"is_read_only\": true}"
+        api PUT /actions '{"action_type": "InstanceStart"}'
+        console_wait '^SWAP-NOW'
+        api PATCH /drives/swap "{\"drive_id\": \"swap\", \"path_on_host\": \"$work/swap-b\"}"
+        printf PATCHED | dd of="$work/signal" conv=notrunc 2>/dev/null
+        console_wait '^SIZE2'
+        api PUT /actions '{"action_type": "FlushMetrics"}'
+        api PUT /actions '{"action_type": "SendCtrlAltDel"}'
+        await "$vm" 120
+        # The reader ends when ember closes the pipe; one that never saw a writer
+        # is stopped.
+        n=0
+        while alive "$reader" && [ $n -lt 25 ]; do
+            sleep 0.2
+            n=$((n + 1))
+        done
+        kill "$reader" 2>/dev/null
+        wait "$reader"
+        if grep -q 'Started 1 vCPU' "$work/log.txt"; then echo "LOG-FIFO-OK" >>"$work/host"; fi
+        # One line from FlushMetrics, one at exit.
+        if [ "$(grep -c '"block_swap"' "$work/metrics.json")" -ge 2 ]; then
+            echo "METRICS-FLUSHED" >>"$work/host"
+        fi
+    }
+    retry_crashed drive_swap swap_run
+    expect a_drive_swapped_while_the_guest_runs_shows_its_new_image 0 \
+        '^SIZE1 2048 AAAA$' 'API PATCH /drives/swap 204' '^SIZE2 4096 BBBB$' '^EMBER-CTRL-ALT-DEL$'
+    expect the_log_goes_to_a_named_pipe_and_metrics_flush_on_request 0 \
+        'API PUT /logger 204' 'LOG-FIFO-OK' 'API PUT /actions 204' 'METRICS-FLUSHED'
 fi
 
 # --- virtio-net -------------------------------------------------------------------
