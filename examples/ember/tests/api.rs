@@ -58,9 +58,23 @@ struct Ember {
 
 impl Ember {
     fn start(scratch: &Scratch, extra: &[&str]) -> Self {
+        Ember::spawn(scratch, extra, Command::new(env!("CARGO_BIN_EXE_ember")))
+    }
+
+    /// Starts ember from a shell that sets the umask first.
+    fn start_under_umask(scratch: &Scratch, umask: &str) -> Self {
+        let mut shell = Command::new("/bin/sh");
+        shell
+            .arg("-c")
+            .arg(format!("umask {umask} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_ember"));
+        Ember::spawn(scratch, &[], shell)
+    }
+
+    fn spawn(scratch: &Scratch, extra: &[&str], mut command: Command) -> Self {
         let socket = scratch.path("api.sock");
         let serial = scratch.path("console");
-        let child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        let child = command
             .arg("--api-sock")
             .arg(&socket)
             .arg("--serial")
@@ -763,4 +777,15 @@ fn a_socket_path_that_exists_is_refused() {
     assert!(err.contains(&*socket.to_string_lossy()), "{err}");
     // The file is left as it was.
     assert!(Path::new(&socket).exists());
+}
+
+#[test]
+fn the_socket_is_private_under_a_permissive_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = Scratch::new("umask");
+    let ember = Ember::start_under_umask(&scratch, "000");
+    let mode = fs::metadata(&ember.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    // The socket serves its owner.
+    assert_eq!(ember.get("/").status, 200);
 }

@@ -32,11 +32,15 @@
 //! client does not read its answers) is closed after [`Timeouts::idle`]. The request is parsed as
 //! it arrives ([`http::RequestParser`]), so a client that sends a byte at a time costs work in
 //! proportion to what it sends.
+//!
+//! The socket is created with mode 0600 whatever the umask: only its owner (and root) can connect.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -57,6 +61,12 @@ pub const THREAD_NAME: &str = "ember_api";
 
 /// The most client connections open at once, as Firecracker's `micro_http` allows.
 pub const MAX_CONNECTIONS: usize = 10;
+
+/// The mode of the socket file: read and write (connect) for its owner alone.
+pub const SOCKET_MODE: u32 = 0o600;
+
+/// The backlog of the listening socket: connections the kernel holds until they are accepted.
+const LISTEN_BACKLOG: i32 = 128;
 
 /// How often the API thread, waiting for the VMM's answer, checks whether it should stop.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -242,7 +252,7 @@ impl ApiServer {
         if socket_path.symlink_metadata().is_ok() {
             return Err(ServerError::SocketPathExists(socket_path));
         }
-        let listener = UnixListener::bind(&socket_path).map_err(|source| ServerError::Bind {
+        let listener = bind_private(&socket_path).map_err(|source| ServerError::Bind {
             path: socket_path.clone(),
             source,
         })?;
@@ -338,6 +348,74 @@ impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Creates a listening Unix socket at `path` whose file has mode [`SOCKET_MODE`], whatever the
+/// umask.
+///
+/// The file is created by `bind` with the umask applied and changed to [`SOCKET_MODE`] before
+/// `listen`: until `listen`, a `connect` to it is refused, so no client can connect while the
+/// mode is still the umask's. Setting the umask around `bind` instead would change it for the
+/// whole process, and a file another thread created meanwhile (a log or metrics file) would get
+/// the restrictive umask, or this socket the permissive one. The directory the socket is in is
+/// the operator's: whoever can write there could as well replace the socket after it is made.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    // SAFETY: a plain system call with constant arguments; its result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+
+    // SAFETY: `sockaddr_un` is plain data, for which all zeroes is a valid value.
+    let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    address.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let bytes = path.as_os_str().as_bytes();
+    // The path and its terminating NUL must fit.
+    if bytes.len() >= address.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the socket path is longer than 107 bytes or holds a NUL",
+        ));
+    }
+    for (slot, &byte) in address.sun_path.iter_mut().zip(bytes) {
+        *slot = libc::c_char::from_ne_bytes([byte]);
+    }
+    let length = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `address` is a valid `sockaddr_un` of `length` bytes, `socket` a valid socket.
+    let bound = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            std::ptr::from_ref(&address).cast::<libc::sockaddr>(),
+            length,
+        )
+    };
+    if bound < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let listen = || {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+        // SAFETY: `socket` is a valid, bound socket.
+        if unsafe { libc::listen(socket.as_raw_fd(), LISTEN_BACKLOG) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    if let Err(err) = listen() {
+        // The file is the one bound above: nobody could connect to it yet.
+        let _ = std::fs::remove_file(path);
+        return Err(err);
+    }
+    Ok(UnixListener::from(socket))
 }
 
 /// The state of the API thread.
@@ -1429,10 +1507,8 @@ mod tests {
             let path = dir.as_path().join("api.sock");
             let clock = ManualClock(Arc::new(std::sync::Mutex::new(Instant::now())));
             let (to_vmm, _) = mpsc::channel();
-            let listener = UnixListener::bind(&path).unwrap();
-            listener.set_nonblocking(true).unwrap();
             let event_loop = EventLoop::new(
-                listener,
+                bind_private(&path).unwrap(),
                 EventFd::new(EFD_NONBLOCK).unwrap(),
                 Arc::new(AtomicBool::new(false)),
                 to_vmm,
@@ -1620,5 +1696,26 @@ mod tests {
         let response = String::from_utf8(received).unwrap();
         assert!(response.starts_with("HTTP/1.1 408"), "{response}");
         assert!(requests.try_recv().is_none());
+    }
+
+    #[test]
+    fn the_socket_is_created_private_whatever_the_umask() {
+        let fixture = start();
+        let mode = std::fs::metadata(&fixture.path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, SOCKET_MODE);
+    }
+
+    #[test]
+    fn a_socket_path_too_long_is_refused() {
+        let dir = TempDir::new_with_prefix("/tmp/ember-api-").unwrap();
+        let path = dir.as_path().join("s".repeat(120));
+        assert!(matches!(
+            ApiServer::spawn(&path),
+            Err(ServerError::Bind { .. })
+        ));
+        assert!(!path.exists());
     }
 }
