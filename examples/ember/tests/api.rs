@@ -789,3 +789,90 @@ fn the_socket_is_private_under_a_permissive_umask() {
     // The socket serves its owner.
     assert_eq!(ember.get("/").status, 200);
 }
+
+/// A connection to `ember`'s socket whose reads give up after 10 s.
+fn connect(ember: &Ember) -> UnixStream {
+    let stream = UnixStream::connect(&ember.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// Sends a request on `stream` and reads its answer.
+fn ask(stream: &mut BufReader<UnixStream>, method: &str, path: &str) -> Response {
+    stream
+        .get_mut()
+        .write_all(&encode(method, path, None))
+        .unwrap();
+    read_response(stream)
+}
+
+#[test]
+fn idle_connections_cannot_shut_out_a_client_being_served() {
+    let scratch = Scratch::new("connection-cap");
+    let ember = Ember::start(&scratch, &[]);
+    // The connections made while waiting for the socket are gone once the server saw them close.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut served = BufReader::new(connect(&ember));
+    assert_eq!(ask(&mut served, "GET", "/machine-config").status, 200);
+
+    // Nine idle connections take the other slots of the ten.
+    let _idle: Vec<UnixStream> = (0..9).map(|_| connect(&ember)).collect();
+    let mut extra = BufReader::new(connect(&ember));
+    let refused = read_response(&mut extra);
+    assert_eq!(refused.status, 503);
+    assert_eq!(
+        refused.fault(),
+        "Too many open connections to the API socket."
+    );
+    let mut rest = Vec::new();
+    extra.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+
+    // The client already connected is still served, on the same connection.
+    for _ in 0..3 {
+        assert_eq!(ask(&mut served, "GET", "/machine-config").status, 200);
+    }
+}
+
+#[test]
+fn a_slowloris_client_is_cut_off_while_others_are_served() {
+    let scratch = Scratch::new("slowloris");
+    let ember = Ember::start(&scratch, &[]);
+    let mut slow = connect(&ember);
+    slow.set_nonblocking(true).unwrap();
+    let started = Instant::now();
+    let mut received = Vec::new();
+    // One byte every 200 ms of a head that never ends.
+    for byte in b"GET /machine-config HTTP/1.1\r\nX-Slow: ".iter().cycle() {
+        let mut chunk = [0u8; 512];
+        match slow.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(count) => received.extend_from_slice(&chunk[..count]),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(err) => panic!("{err}"),
+        }
+        if !received.is_empty() || slow.write_all(&[*byte]).is_err() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the slow client is still connected"
+        );
+        // Others are served meanwhile.
+        assert_eq!(ember.get("/machine-config").status, 200);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The default header timeout is 5 s.
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    slow.set_nonblocking(false).unwrap();
+    // The end of the connection: EOF, or a reset when it closed with a byte of ours unread.
+    if let Err(err) = slow.read_to_end(&mut received) {
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    }
+    let response = read_response(&mut BufReader::new(received.as_slice()));
+    assert_eq!(response.status, 408);
+    assert_eq!(response.header("Connection"), Some("close"));
+    assert_eq!(response.fault(), "The request did not arrive in time.");
+}
