@@ -876,3 +876,107 @@ fn a_slowloris_client_is_cut_off_while_others_are_served() {
     assert_eq!(response.header("Connection"), Some("close"));
     assert_eq!(response.fault(), "The request did not arrive in time.");
 }
+
+/// Files of every kind a drive cannot be backed by, in `scratch`: (path, what the error says).
+fn unusable_drive_files(scratch: &Scratch) -> Vec<(PathBuf, &'static str)> {
+    let directory = scratch.path("directory");
+    fs::create_dir(&directory).unwrap();
+    let fifo = scratch.path("fifo");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    let socket = scratch.path("socket");
+    // The socket file stays when the listener is dropped.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    vec![
+        (directory, "is a directory"),
+        (fifo, "is a FIFO"),
+        (socket, "is a socket"),
+        (PathBuf::from("/dev/null"), "is a character device"),
+    ]
+}
+
+#[test]
+fn a_drive_that_is_not_a_file_or_block_device_is_refused_with_a_400() {
+    let scratch = Scratch::new("drive-kinds");
+    let ember = Ember::start(&scratch, &[]);
+    configure_waiting_guest(&ember, &scratch);
+    let unusable = unusable_drive_files(&scratch);
+    for (path, kind) in &unusable {
+        let response = ember.put(
+            "/drives/data",
+            json!({"drive_id": "data", "path_on_host": path, "is_root_device": false}),
+        );
+        assert_eq!(response.status, 400, "{}", response.body);
+        assert_eq!(
+            response.fault(),
+            format!(
+                "The drive file {} {kind}: a drive must be a regular file or a block device.",
+                path.display()
+            )
+        );
+    }
+    assert_eq!(ember.get("/vm/config").json()["drives"], json!([]));
+
+    // The same for a new image of a running drive; the FIFO is never opened, so never waited on.
+    let image = scratch.file("data.img", &[0u8; 4096]);
+    let response = ember.put(
+        "/drives/data",
+        json!({"drive_id": "data", "path_on_host": image, "is_root_device": false}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "InstanceStart"}))
+            .status,
+        204
+    );
+    for (path, kind) in &unusable {
+        let response = ember.patch(
+            "/drives/data",
+            json!({"drive_id": "data", "path_on_host": path}),
+        );
+        assert_eq!(response.status, 400, "{}", response.body);
+        assert!(response.fault().contains(kind), "{}", response.body);
+    }
+    let drive = &ember.get("/vm/config").json()["drives"][0];
+    assert_eq!(drive["path_on_host"], json!(image));
+}
+
+#[test]
+fn a_disk_flag_or_config_file_drive_that_is_not_a_file_is_refused() {
+    let scratch = Scratch::new("drive-kinds-flags");
+    let kernel = scratch.file("kernel", &tiny_elf(&WAIT_FOR_KEY_THEN_RESET));
+    for (path, kind) in unusable_drive_files(&scratch) {
+        let message = format!(
+            "The drive file {} {kind}: a drive must be a regular file or a block device.",
+            path.display()
+        );
+        let output = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--disk")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(err.contains(&message), "{err}");
+
+        let config = json!({
+            "boot-source": {"kernel_image_path": kernel},
+            "drives": [{"drive_id": "rootfs", "path_on_host": path, "is_root_device": true}],
+        });
+        let config_path = scratch.file("vm.json", config.to_string().as_bytes());
+        let output = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .arg("--config-file")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(err.contains(&message), "{err}");
+        assert!(err.contains("vm.json"), "{err}");
+    }
+}
