@@ -980,3 +980,71 @@ fn a_disk_flag_or_config_file_drive_that_is_not_a_file_is_refused() {
         assert!(err.contains("vm.json"), "{err}");
     }
 }
+
+/// Sends `signal` to the `ember` process.
+fn send_signal(ember: &Ember, signal: i32) {
+    let pid = i32::try_from(ember.child.id()).unwrap();
+    // SAFETY: a plain system call; `pid` is our child, which is not yet waited for.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+/// The lines of the metrics file, after a flush asked for through the API.
+fn flushed_metrics_lines(ember: &Ember, metrics: &Path) -> usize {
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "FlushMetrics"}))
+            .status,
+        204
+    );
+    fs::read_to_string(metrics).unwrap().lines().count()
+}
+
+#[test]
+fn sigterm_stops_a_running_guest_cleanly() {
+    let scratch = Scratch::new("sigterm");
+    let ember = Ember::start(&scratch, &[]);
+    let metrics = configure_waiting_guest(&ember, &scratch);
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "InstanceStart"}))
+            .status,
+        204
+    );
+    assert_eq!(ember.get("/").json()["state"], "Running");
+    let lines = flushed_metrics_lines(&ember, &metrics);
+    let socket = ember.socket.clone();
+
+    send_signal(&ember, libc::SIGTERM);
+    let (code, err) = ember.wait();
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{err}");
+    assert!(err.contains("ember: stopped by SIGTERM"), "{err}");
+    assert!(!socket.exists(), "the API socket is left behind");
+    let text = fs::read_to_string(&metrics).unwrap();
+    assert_eq!(text.lines().count(), lines + 1, "no final metrics line");
+    // The final line is whole JSON.
+    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(last.is_object());
+}
+
+#[test]
+fn sigint_before_boot_stops_ember_cleanly() {
+    let scratch = Scratch::new("sigint");
+    let ember = Ember::start(&scratch, &[]);
+    let metrics = scratch.path("metrics.json");
+    assert_eq!(
+        ember
+            .put("/metrics", json!({"metrics_path": metrics}))
+            .status,
+        204
+    );
+    let lines = flushed_metrics_lines(&ember, &metrics);
+    let socket = ember.socket.clone();
+
+    send_signal(&ember, libc::SIGINT);
+    let (code, err) = ember.wait();
+    assert_eq!(code, Some(128 + libc::SIGINT), "{err}");
+    assert!(err.contains("ember: stopped by SIGINT"), "{err}");
+    assert!(!socket.exists(), "the API socket is left behind");
+    let text = fs::read_to_string(&metrics).unwrap();
+    assert_eq!(text.lines().count(), lines + 1, "no final metrics line");
+}
