@@ -1048,3 +1048,108 @@ fn sigint_before_boot_stops_ember_cleanly() {
     let text = fs::read_to_string(&metrics).unwrap();
     assert_eq!(text.lines().count(), lines + 1, "no final metrics line");
 }
+
+/// CPU seconds the process `pid` has used (user and system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which ends with the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: a plain query of a constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / per_second as f64
+}
+
+/// The latency of `GET /machine-config` on a kept-alive connection while 10 slowloris clients
+/// (one byte every millisecond of a head that never ends, reconnecting when cut off) attack,
+/// and whether new connections get in meanwhile. Not a test: a measurement, printed.
+///
+/// `cargo test -p ember --test api -- --ignored --nocapture api_latency_under_slowloris`;
+/// `EMBER_BIN=path` measures another build of `ember`.
+#[test]
+#[ignore]
+fn api_latency_under_slowloris() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let scratch = Scratch::new("measure-slowloris");
+    let bin = std::env::var("EMBER_BIN").unwrap_or(env!("CARGO_BIN_EXE_ember").to_string());
+    let ember = Ember::spawn(&scratch, &[], Command::new(bin));
+    let mut client = BufReader::new(connect(&ember));
+    assert_eq!(ask(&mut client, "GET", "/machine-config").status, 200);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let cut_off = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let attackers: Vec<_> = (0..10)
+        .map(|_| {
+            let (socket, stop, cut_off) = (ember.socket.clone(), stop.clone(), cut_off.clone());
+            std::thread::spawn(move || {
+                let head = b"GET /machine-config HTTP/1.1\r\nX-Slow: ";
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut stream) = UnixStream::connect(&socket) else {
+                        continue;
+                    };
+                    let mut sent = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        let byte = head.get(sent).copied().unwrap_or(b'a');
+                        if stream.write_all(&[byte]).is_err() {
+                            cut_off.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        sent += 1;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            })
+        })
+        .collect();
+    // Let the heads grow.
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu_before = cpu_seconds(ember.child.id());
+    let wall = Instant::now();
+    let mut latencies = Vec::new();
+    let (mut new_served, mut new_refused) = (0, 0);
+    for index in 0..200 {
+        let asked = Instant::now();
+        assert_eq!(ask(&mut client, "GET", "/machine-config").status, 200);
+        latencies.push(asked.elapsed());
+        if index % 10 == 0 {
+            // A newcomer: one request on a new connection.
+            let served = UnixStream::connect(&ember.socket).is_ok_and(|mut stream| {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                // Refused: a 503, or the connection closed before the request was written.
+                let mut answer = [0u8; 12];
+                stream
+                    .write_all(&encode("GET", "/machine-config", None))
+                    .is_ok()
+                    && stream.read_exact(&mut answer).is_ok()
+                    && answer.starts_with(b"HTTP/1.1 200")
+            });
+            if served {
+                new_served += 1;
+            } else {
+                new_refused += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cpu = cpu_seconds(ember.child.id()) - cpu_before;
+    let wall = wall.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for attacker in attackers {
+        attacker.join().unwrap();
+    }
+    latencies.sort();
+    println!(
+        "GET /machine-config over {} requests with 10 slowloris clients: median {:?}, max {:?}; \
+         ember used {cpu:.2} CPU s in {:.2} s; newcomers served {new_served}, refused \
+         {new_refused}; slowloris connections cut off {}",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1],
+        wall.as_secs_f64(),
+        cut_off.load(Ordering::Relaxed),
+    );
+}
