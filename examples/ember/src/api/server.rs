@@ -525,19 +525,19 @@ impl EventLoop {
     }
 
     /// Closes every connection past its deadline: a request in progress is answered 408 first.
+    ///
+    /// What a client sent while the thread was busy (waiting for the VMM's answer to another
+    /// request) is read and served first: a request that arrived in time is not refused because
+    /// the thread looked late.
     fn expire(&mut self) {
         let now = self.clock.now();
-        let expired: Vec<u64> = self
-            .connections
-            .iter()
-            .filter(|(_, connection)| {
-                connection
-                    .deadline(&self.timeouts)
-                    .is_some_and(|deadline| deadline <= now)
-            })
-            .map(|(&token, _)| token)
-            .collect();
+        let expired: Vec<u64> = self.past_deadline(now);
         for token in expired {
+            self.serve_connection(token, EventSet::IN);
+            let now = self.clock.now();
+            if !self.past_deadline(now).contains(&token) {
+                continue;
+            }
             let Some(mut connection) = self.connections.remove(&token) else {
                 continue;
             };
@@ -562,6 +562,19 @@ impl EventLoop {
                 self.keep(token, connection);
             }
         }
+    }
+
+    /// The connections whose deadline is at or before `now`.
+    fn past_deadline(&self, now: Instant) -> Vec<u64> {
+        self.connections
+            .iter()
+            .filter(|(_, connection)| {
+                connection
+                    .deadline(&self.timeouts)
+                    .is_some_and(|deadline| deadline <= now)
+            })
+            .map(|(&token, _)| token)
+            .collect()
     }
 
     /// Accepts every pending connection.
@@ -1650,6 +1663,19 @@ mod tests {
         assert_eq!(stepped.open_connections(), 1);
         stepped.advance(TICK);
         assert!(read_response(&mut client).starts_with("HTTP/1.1 408"));
+    }
+
+    #[test]
+    fn bytes_that_arrived_while_the_thread_was_busy_are_served_before_a_timeout() {
+        let mut stepped = Stepped::new();
+        let mut client = stepped.connect();
+        send(&mut stepped, &mut client, b"GET /nowhere HTTP/1.1\r\n");
+        // The end of the head arrives in time, but the thread only looks after the deadline.
+        client.write_all(b"\r\n").unwrap();
+        stepped.clock.advance(SHORT.header);
+        stepped.event_loop.expire();
+        assert!(read_response(&mut client).starts_with("HTTP/1.1 400 Bad Request"));
+        assert_eq!(stepped.open_connections(), 1);
     }
 
     #[test]
