@@ -1153,3 +1153,69 @@ fn api_latency_under_slowloris() {
         cut_off.load(Ordering::Relaxed),
     );
 }
+
+#[test]
+fn sigterm_restores_the_terminal_the_console_put_in_raw_mode() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    let scratch = Scratch::new("sigterm-tty");
+    let kernel = scratch.file("kernel", &tiny_elf(&WAIT_FOR_KEY_THEN_RESET));
+    let (mut controller, mut terminal) = (-1, -1);
+    // SAFETY: both fd pointers are valid; no name, termios or window size is asked for.
+    let opened = unsafe {
+        libc::openpty(
+            &raw mut controller,
+            &raw mut terminal,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(opened, 0);
+    // SAFETY: both fds were just opened by openpty, and nothing else owns them.
+    let (_controller, terminal) = unsafe {
+        (
+            OwnedFd::from_raw_fd(controller),
+            OwnedFd::from_raw_fd(terminal),
+        )
+    };
+    let canonical = |fd: &OwnedFd| {
+        // SAFETY: `termios` is plain data, for which all zeroes is a valid value.
+        let mut termios: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is a terminal and `termios` a writable termios.
+        let got = unsafe { libc::tcgetattr(fd.as_raw_fd(), &raw mut termios) };
+        assert_eq!(got, 0);
+        termios.c_lflag & libc::ICANON != 0
+    };
+    assert!(canonical(&terminal));
+
+    let socket = scratch.path("api.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .arg("--api-sock")
+        .arg(&socket)
+        .arg("--kernel")
+        .arg(&kernel)
+        .stdin(Stdio::from(terminal.try_clone().unwrap()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ember = Ember {
+        child,
+        socket: socket.clone(),
+    };
+    // Raw once the guest runs with the console on the terminal.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while canonical(&terminal) {
+        assert!(
+            Instant::now() < deadline,
+            "the console never took the terminal"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    send_signal(&ember, libc::SIGTERM);
+    let (code, err) = ember.wait();
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{err}");
+    assert!(canonical(&terminal), "the terminal is left in raw mode");
+    assert!(!socket.exists());
+}
