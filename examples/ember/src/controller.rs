@@ -175,6 +175,11 @@ impl Controller {
                 self.with_vmm(|vmm| vmm.send_ctrl_alt_del())
             }
             ApiRequest::PatchDrive(update) => {
+                // Looked at before the device is locked: opening a FIFO would block.
+                let path = update.path_on_host.as_deref().unwrap_or_default();
+                if let Err(err) = model::check_drive_file(path) {
+                    return ApiResponse::bad_request(err.to_string());
+                }
                 let response = self.with_vmm(|vmm| vmm.update_drive(&update));
                 if response.status().code() < 400 {
                     self.resources.patched_drive(&update);

@@ -12,7 +12,8 @@
 //! - [`controller`]: applies the API's requests to the resources and the running microVM;
 //! - [`logger`] and [`metrics`]: where the VMM's log lines and counters go;
 //! - [`vmm`]: builds the microVM and runs its event loop;
-//! - [`terminal`]: the host terminal the serial console reads from.
+//! - [`terminal`]: the host terminal the serial console reads from;
+//! - [`signals`]: SIGTERM and SIGINT, which end the event loop cleanly.
 //!
 //! # Example
 //!
@@ -36,5 +37,6 @@ pub mod controller;
 pub mod logger;
 pub mod metrics;
 pub mod resources;
+pub mod signals;
 pub mod terminal;
 pub mod vmm;

@@ -5,7 +5,10 @@
 //! an optional boot-timer device. The microVM is described by flags, by a configuration file, or
 //! through Firecracker's REST API on a Unix socket, which also serves the running microVM (pause,
 //! resume, rate limits, metrics). It exits 0 when the guest reboots or powers off, and non-zero
-//! with a one-line error otherwise.
+//! with a one-line error otherwise. SIGTERM and SIGINT stop it cleanly, before or after boot: the
+//! vCPUs stopped, the terminal restored, the final metrics line written and the API socket
+//! removed, then it exits with status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT)
+//! after the line `ember: stopped by SIGTERM` (or `SIGINT`).
 //!
 //! The VMM itself is the `ember_vmm` library of this package; this binary parses the command line
 //! and runs it.
@@ -18,14 +21,28 @@ use clap::Parser;
 use ember_vmm::api::ApiServer;
 use ember_vmm::controller::{Controller, error_chain};
 use ember_vmm::resources::VmResources;
+use ember_vmm::signals::{self, TerminationSignals};
 use ember_vmm::{cli, logger, vmm};
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    // Before any thread starts, so that every thread has SIGTERM and SIGINT blocked and they wait
+    // for the event loop in the signalfd.
+    let signals = match TerminationSignals::block() {
+        Ok(signals) => signals,
+        Err(err) => {
+            eprintln!("ember: {}", error_chain(&err));
+            return ExitCode::FAILURE;
+        }
+    };
     let cli = cli::Cli::parse();
     logger::init(start, cli.log_level.into());
 
-    match run(&cli, start) {
+    match run(&cli, start, &signals) {
+        Ok(vmm::GuestExit::Signal(signal)) => {
+            eprintln!("ember: stopped by {}", signals::name(signal));
+            ExitCode::from(signals::exit_status(signal))
+        }
         Ok(exit) => {
             log::info!("{exit}");
             ExitCode::SUCCESS
@@ -39,7 +56,11 @@ fn main() -> ExitCode {
 
 /// Runs the microVM the command line describes; an error comes back as one line, with each of
 /// its sources.
-fn run(cli: &cli::Cli, start: Instant) -> Result<vmm::GuestExit, String> {
+fn run(
+    cli: &cli::Cli,
+    start: Instant,
+    signals: &TerminationSignals,
+) -> Result<vmm::GuestExit, String> {
     let resources = VmResources::from_cli(cli).map_err(|e| error_chain(&e))?;
     // Flags or a configuration file describe a microVM to boot at once; otherwise the API does.
     let boot = cli.kernel.is_some() || cli.config_file.is_some();
@@ -68,6 +89,7 @@ fn run(cli: &cli::Cli, start: Instant) -> Result<vmm::GuestExit, String> {
     let control = vmm::Control {
         api,
         controller: &mut controller,
+        signals: Some(signals),
     };
     let outcome = vmm::run(control, boot, start).map_err(|e| error_chain(&e));
     controller.finish();

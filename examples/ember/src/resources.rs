@@ -123,6 +123,10 @@ impl VmResources {
         let mut config: FullVmConfiguration =
             serde_json::from_str(&text).map_err(|e| parse_error(e.to_string()))?;
         config.validate().map_err(|e| parse_error(e.to_string()))?;
+        for drive in &config.drives {
+            model::check_drive_file(drive.path_on_host.as_deref().unwrap_or_default())
+                .map_err(|e| parse_error(e.to_string()))?;
+        }
         if config.boot_source.is_none() {
             return Err(parse_error("it has no boot-source".into()));
         }
@@ -220,6 +224,7 @@ impl VmResources {
     /// When the drive is refused, or it is a root device and another drive already is.
     pub fn put_drive(&mut self, drive: Drive) -> Result<()> {
         drive.validate()?;
+        model::check_drive_file(drive.path_on_host.as_deref().unwrap_or_default())?;
         let drives = &mut self.config.drives;
         let existing = drives.iter().position(|d| d.drive_id == drive.drive_id);
         if drive.is_root_device
@@ -340,6 +345,7 @@ fn drives_from_flags(disks: &[DiskSpec]) -> Result<Vec<Drive>> {
         if index > 0 && disk.root {
             return Err(Error::RootNotFirst(id));
         }
+        model::check_drive_file(&path_string(&disk.path))?;
         drives.push(Drive {
             drive_id: id,
             partuuid: None,

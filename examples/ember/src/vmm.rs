@@ -39,6 +39,7 @@ use crate::cli::SerialOutput;
 use crate::controller::Controller;
 use crate::metrics::{FLUSH_INTERVAL, Group, Kind, Snapshot};
 use crate::resources::VmResources;
+use crate::signals::{self, TerminationSignals};
 use crate::terminal::RawStdin;
 
 /// Everything that can stop `ember` before or while the guest runs.
@@ -216,7 +217,7 @@ const MAX_VIRTIO_DEVICES: u32 = CMDLINE_DEVICE_IRQ_MAX - IRQ_BASE + 1;
 /// Result type of building and running a VM.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// How a guest that stopped cleanly stopped.
+/// How a guest that stopped cleanly stopped, or `ember` was told to stop it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestExit {
     /// The guest reset the machine through the i8042 keyboard controller (Linux `reboot=k`).
@@ -227,6 +228,8 @@ pub enum GuestExit {
     Shutdown,
     /// The guest powered off through the ACPI PM1a control register (Linux `poweroff`).
     AcpiPowerOff,
+    /// `ember` received this termination signal (SIGTERM or SIGINT), before or after boot.
+    Signal(i32),
 }
 
 impl fmt::Display for GuestExit {
@@ -236,6 +239,7 @@ impl fmt::Display for GuestExit {
             GuestExit::Reset => write!(f, "The guest reset its CPUs"),
             GuestExit::Shutdown => write!(f, "The guest powered off"),
             GuestExit::AcpiPowerOff => write!(f, "The guest powered off through ACPI"),
+            GuestExit::Signal(signal) => write!(f, "Stopped by {}", signals::name(*signal)),
         }
     }
 }
@@ -825,6 +829,7 @@ const TOKEN_VM_EXIT: u64 = 3;
 const TOKEN_POWER_OFF: u64 = 4;
 const TOKEN_API: u64 = 5;
 const TOKEN_METRICS: u64 = 6;
+const TOKEN_SIGNAL: u64 = 7;
 
 /// What the event loop serves besides the VM: the API and the metrics.
 #[derive(Debug)]
@@ -833,6 +838,8 @@ pub struct Control<'a> {
     pub api: Option<&'a ApiRequests>,
     /// Answers them, and owns the VM description and the metrics.
     pub controller: &'a mut Controller,
+    /// SIGTERM and SIGINT, which end the loop with [`GuestExit::Signal`], when watched.
+    pub signals: Option<&'a TerminationSignals>,
 }
 
 /// Runs the VMM: boots at once when `boot` (flags or a configuration file), or when the API
@@ -843,7 +850,11 @@ pub struct Control<'a> {
 /// full, stdin leaves the epoll set until the guest drains the FIFO, so a fast producer neither
 /// spins the loop nor grows a buffer.
 pub fn run(control: Control<'_>, boot: bool, start: Instant) -> Result<GuestExit> {
-    let Control { api, controller } = control;
+    let Control {
+        api,
+        controller,
+        signals,
+    } = control;
     let epoll = Epoll::new().map_err(Error::EventLoop)?;
     let watch = |fd: i32, token: u64| {
         epoll.ctl(
@@ -855,6 +866,14 @@ pub fn run(control: Control<'_>, boot: bool, start: Instant) -> Result<GuestExit
     if let Some(api) = api {
         watch(api.as_raw_fd(), TOKEN_API).map_err(Error::EventLoop)?;
     }
+    if let Some(signals) = signals {
+        watch(signals.as_raw_fd(), TOKEN_SIGNAL).map_err(Error::EventLoop)?;
+    }
+    let stop_signal = || {
+        signals
+            .and_then(TerminationSignals::read)
+            .map(GuestExit::Signal)
+    };
     let timer_error = |e: vmm_sys_util::errno::Error| Error::EventLoop(e.into());
     let mut metrics_timer = TimerFd::new().map_err(timer_error)?;
     metrics_timer
@@ -883,6 +902,11 @@ pub fn run(control: Control<'_>, boot: bool, start: Instant) -> Result<GuestExit
                     TOKEN_METRICS => {
                         let _ = metrics_timer.wait();
                         controller.flush_metrics_quietly();
+                    }
+                    TOKEN_SIGNAL => {
+                        if let Some(exit) = stop_signal() {
+                            return Ok(exit);
+                        }
                     }
                     _ => {}
                 }
@@ -938,6 +962,11 @@ pub fn run(control: Control<'_>, boot: bool, start: Instant) -> Result<GuestExit
         for event in events.iter().take(n) {
             match event.data() {
                 TOKEN_RESET => return Ok(GuestExit::I8042Reset),
+                TOKEN_SIGNAL => {
+                    if let Some(exit) = stop_signal() {
+                        return Ok(exit);
+                    }
+                }
                 TOKEN_POWER_OFF => return Ok(GuestExit::AcpiPowerOff),
                 TOKEN_VM_EXIT => {
                     return match exit.exit() {

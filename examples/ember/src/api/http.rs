@@ -2,7 +2,8 @@
 //!
 //! [`parse_request`] is a pure function over the bytes a client sent so far: it returns a complete
 //! [`Request`] and how many bytes it took, `None` when more bytes are needed, or an [`HttpError`]
-//! that ends the connection. It never panics and does no unchecked arithmetic or indexing, as its
+//! that ends the connection. [`RequestParser`] does the same for bytes that arrive in pieces,
+//! examining each byte once however many pieces it takes. It never panics and does no unchecked arithmetic or indexing, as its
 //! input comes straight from whoever can open the socket; a fuzz target can call it as it is.
 //!
 //! What it accepts:
@@ -193,6 +194,9 @@ pub struct Request {
 
 /// Parses one request from the start of `buf`.
 ///
+/// A one-shot [`RequestParser`]: a caller that receives a request in pieces keeps a
+/// [`RequestParser`] instead, so that each byte is examined once.
+///
 /// # Returns
 ///
 /// `Some((request, consumed))` once the whole request is in `buf`: the bytes after `consumed`
@@ -202,28 +206,7 @@ pub struct Request {
 ///
 /// An [`HttpError`] as soon as the bytes cannot be the start of a request ember serves.
 pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
-    let Some(head) = parse_head(buf)? else {
-        return Ok(None);
-    };
-    // Both terms are bounded by the limits, so the sum cannot overflow; checked all the same.
-    let end = head
-        .head_len
-        .checked_add(head.content_length)
-        .ok_or(HttpError::PayloadTooLarge {
-            size: u64::MAX,
-            limit: MAX_BODY_LEN,
-        })?;
-    let Some(body) = buf.get(head.head_len..end) else {
-        return Ok(None);
-    };
-    let request = Request {
-        method: head.method,
-        path: head.path,
-        version: head.version,
-        keep_alive: head.keep_alive,
-        body: body.to_vec(),
-    };
-    Ok(Some((request, end)))
+    RequestParser::new().parse(buf)
 }
 
 /// Parses the request line and headers at the start of `buf`.
@@ -240,87 +223,185 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> 
 /// An [`HttpError`] when the lines so far are not a valid head, or when the head does not end
 /// within [`MAX_HEAD_LEN`] bytes.
 pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> {
-    let window = buf.get(..MAX_HEAD_LEN).unwrap_or(buf);
-    let incomplete = || {
-        if window.len() >= MAX_HEAD_LEN {
-            Err(HttpError::HeadTooLarge {
-                limit: MAX_HEAD_LEN,
-            })
-        } else {
-            Ok(None)
-        }
-    };
-
-    // A server should ignore empty lines before a request line (RFC 9112, section 2.2): some
-    // clients send one after a body.
-    let mut rest = window;
-    while let Some(after) = rest.strip_prefix(b"\r\n") {
-        rest = after;
-    }
-
-    let Some((line, after)) = split_line(rest)? else {
-        return incomplete();
-    };
-    let (method, path, version) = parse_request_line(line)?;
-    rest = after;
-
-    let mut headers = Headers::default();
-    loop {
-        let Some((line, after)) = split_line(rest)? else {
-            return incomplete();
-        };
-        rest = after;
-        if line.is_empty() {
-            break;
-        }
-        headers.parse_line(line)?;
-    }
-
-    let head_len = window
-        .len()
-        .checked_sub(rest.len())
-        .ok_or(HttpError::InvalidRequestLine)?;
-    let keep_alive = match version {
-        Version::Http11 => !headers.close,
-        Version::Http10 => headers.keep_alive && !headers.close,
-    };
-    Ok(Some(RequestHead {
-        method,
-        path,
-        version,
-        content_length: headers.content_length,
-        // A 100-continue expectation in an HTTP/1.0 request is to be ignored (RFC 9110,
-        // section 10.1.1).
-        expect_continue: headers.expect_continue && version == Version::Http11,
-        keep_alive,
-        head_len,
-    }))
+    RequestParser::new().parse_head(buf)
 }
 
-/// A line without its CR LF, and the bytes after it.
-type LineAndRest<'a> = (&'a [u8], &'a [u8]);
-
-/// Splits the first line off `bytes`: the line without its CR LF, and what follows.
+/// An incremental parser of one request, for bytes that arrive in pieces.
 ///
-/// `None` when `bytes` holds no LF yet.
-fn split_line(bytes: &[u8]) -> Result<Option<LineAndRest<'_>>, HttpError> {
-    let Some(lf) = bytes.iter().position(|&b| b == b'\n') else {
-        // A CR that is not last cannot be followed by LF any more.
-        let before_last = bytes.split_last().map_or(&[][..], |(_, init)| init);
-        if before_last.contains(&b'\r') {
-            return Err(HttpError::BadLineEnding);
-        }
-        return Ok(None);
-    };
-    let (with_cr, from_lf) = bytes.split_at_checked(lf).ok_or(HttpError::BadLineEnding)?;
-    let rest = from_lf.get(1..).unwrap_or_default();
-    let line = with_cr
-        .strip_suffix(b"\r")
-        .ok_or(HttpError::BadLineEnding)?;
-    if line.contains(&b'\r') {
-        return Err(HttpError::BadLineEnding);
+/// It remembers where it stopped: the start of the line being read, where the search for its LF
+/// resumes, and what the lines before it said. Given the same buffer again with more bytes at its
+/// end, it examines only the new ones, so a request that arrives one byte at a time costs work in
+/// proportion to its length, not to its square. [`RequestParser::bytes_scanned`] counts that work.
+///
+/// ```
+/// use ember_vmm::api::http::RequestParser;
+///
+/// let request = b"GET /version HTTP/1.1\r\n\r\n";
+/// let mut parser = RequestParser::new();
+/// for end in 1..request.len() {
+///     assert!(parser.parse(&request[..end]).unwrap().is_none());
+/// }
+/// let (parsed, used) = parser.parse(request).unwrap().unwrap();
+/// assert_eq!((parsed.path.as_str(), used), ("/version", request.len()));
+/// assert_eq!(parser.bytes_scanned(), request.len());
+/// ```
+#[derive(Debug, Default, Clone)]
+pub struct RequestParser {
+    /// Where the line being read starts.
+    line_start: usize,
+    /// Where the search for the end of the line resumes: every byte before it was examined.
+    scan_from: usize,
+    /// The request line, once it is complete.
+    request_line: Option<(Method, String, Version)>,
+    /// What the complete header lines said.
+    headers: Headers,
+    /// The head, once the empty line that ends it was read.
+    head: Option<RequestHead>,
+    /// Bytes of the head examined so far, over every call.
+    scanned: usize,
+}
+
+impl RequestParser {
+    /// A parser at the start of a request.
+    pub fn new() -> RequestParser {
+        RequestParser::default()
     }
-    Ok(Some((line, rest)))
+
+    /// Parses the request at the start of `buf`.
+    ///
+    /// `buf` must start with the bytes given at the previous call (more may follow them); start
+    /// a new parser, or call [`RequestParser::reset`], for the next request.
+    ///
+    /// # Returns
+    ///
+    /// `Some((request, consumed))` once the whole request is in `buf`: the bytes after
+    /// `consumed` belong to the next one. `None` while the request is incomplete but valid so far.
+    ///
+    /// # Errors
+    ///
+    /// An [`HttpError`] as soon as the bytes cannot be the start of a request ember serves.
+    pub fn parse(&mut self, buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
+        let Some(head) = self.parse_head(buf)? else {
+            return Ok(None);
+        };
+        // Both terms are bounded by the limits, so the sum cannot overflow; checked all the same.
+        let end =
+            head.head_len
+                .checked_add(head.content_length)
+                .ok_or(HttpError::PayloadTooLarge {
+                    size: u64::MAX,
+                    limit: MAX_BODY_LEN,
+                })?;
+        let Some(body) = buf.get(head.head_len..end) else {
+            return Ok(None);
+        };
+        let request = Request {
+            method: head.method,
+            path: head.path,
+            version: head.version,
+            keep_alive: head.keep_alive,
+            body: body.to_vec(),
+        };
+        Ok(Some((request, end)))
+    }
+
+    /// Parses the request line and headers at the start of `buf`, examining only the bytes that
+    /// are new since the previous call.
+    ///
+    /// # Returns
+    ///
+    /// The head once the empty line that ends it is in `buf`, `None` before.
+    ///
+    /// # Errors
+    ///
+    /// An [`HttpError`] when the lines so far are not a valid head, or when the head does not end
+    /// within [`MAX_HEAD_LEN`] bytes.
+    pub fn parse_head(&mut self, buf: &[u8]) -> Result<Option<RequestHead>, HttpError> {
+        if let Some(head) = &self.head {
+            return Ok(Some(head.clone()));
+        }
+        let window = buf.get(..MAX_HEAD_LEN).unwrap_or(buf);
+        while let Some(lf) = self.find_line_end(window)? {
+            // The scan checked that the line ends with CR LF and holds no other CR or LF.
+            let line_end = lf.checked_sub(1).ok_or(HttpError::BadLineEnding)?;
+            let line = window
+                .get(self.line_start..line_end)
+                .ok_or(HttpError::BadLineEnding)?;
+            let next_line = lf.checked_add(1).ok_or(HttpError::BadLineEnding)?;
+            match &self.request_line {
+                // A server should ignore empty lines before a request line (RFC 9112, section
+                // 2.2): some clients send one after a body.
+                None if line.is_empty() => {}
+                None => self.request_line = Some(parse_request_line(line)?),
+                Some(_) if !line.is_empty() => self.headers.parse_line(line)?,
+                Some((method, path, version)) => {
+                    let head = self.headers.head(method, path, *version, next_line);
+                    self.head = Some(head.clone());
+                    return Ok(Some(head));
+                }
+            }
+            self.line_start = next_line;
+        }
+        if window.len() >= MAX_HEAD_LEN {
+            return Err(HttpError::HeadTooLarge {
+                limit: MAX_HEAD_LEN,
+            });
+        }
+        Ok(None)
+    }
+
+    /// Looks for the LF that ends the line being read, among the bytes of `window` not yet
+    /// examined, and checks the line endings on the way.
+    ///
+    /// Returns its offset in `window`, `None` when it is not there yet.
+    fn find_line_end(&mut self, window: &[u8]) -> Result<Option<usize>, HttpError> {
+        let start = self.scan_from;
+        let Some(new) = window.get(start..) else {
+            return Ok(None);
+        };
+        // The byte before the first new one, when it belongs to the line being read.
+        let mut previous = start
+            .checked_sub(1)
+            .filter(|&before| before >= self.line_start)
+            .and_then(|before| window.get(before).copied());
+        for (offset, &byte) in new.iter().enumerate() {
+            self.scanned = self.scanned.saturating_add(1);
+            let at = start.checked_add(offset).ok_or(HttpError::BadLineEnding)?;
+            self.scan_from = at.checked_add(1).ok_or(HttpError::BadLineEnding)?;
+            let after_cr = previous == Some(b'\r');
+            if byte == b'\n' {
+                if !after_cr {
+                    return Err(HttpError::BadLineEnding);
+                }
+                return Ok(Some(at));
+            }
+            // A CR must be followed by LF.
+            if after_cr {
+                return Err(HttpError::BadLineEnding);
+            }
+            previous = Some(byte);
+        }
+        Ok(None)
+    }
+
+    /// Forgets the request parsed so far, to parse the next one from the start of a buffer.
+    pub fn reset(&mut self) {
+        *self = RequestParser {
+            scanned: self.scanned,
+            ..RequestParser::default()
+        };
+    }
+
+    /// The head of the request, once it was parsed.
+    pub fn head(&self) -> Option<&RequestHead> {
+        self.head.as_ref()
+    }
+
+    /// How many bytes of request heads this parser has examined in all its calls: each byte
+    /// once, however many calls it took to arrive.
+    pub fn bytes_scanned(&self) -> usize {
+        self.scanned
+    }
 }
 
 /// Whether `b` may appear in a token (RFC 9110, section 5.6.2): method and header names.
@@ -404,7 +485,7 @@ fn trim_ows(bytes: &[u8]) -> &[u8] {
 }
 
 /// What the headers of a request say, as far as ember reads them.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Headers {
     content_length: usize,
     seen_content_length: bool,
@@ -414,6 +495,25 @@ struct Headers {
 }
 
 impl Headers {
+    /// The head of a request with these headers, whose empty line ends before `head_len`.
+    fn head(&self, method: &Method, path: &str, version: Version, head_len: usize) -> RequestHead {
+        let keep_alive = match version {
+            Version::Http11 => !self.close,
+            Version::Http10 => self.keep_alive && !self.close,
+        };
+        RequestHead {
+            method: method.clone(),
+            path: path.to_string(),
+            version,
+            content_length: self.content_length,
+            // A 100-continue expectation in an HTTP/1.0 request is to be ignored (RFC 9110,
+            // section 10.1.1).
+            expect_continue: self.expect_continue && version == Version::Http11,
+            keep_alive,
+            head_len,
+        }
+    }
+
     /// Checks one header line and records what it says.
     fn parse_line(&mut self, line: &[u8]) -> Result<(), HttpError> {
         // An obsolete line folding (a line that starts with white space) is refused (RFC 9112,
@@ -493,6 +593,8 @@ pub enum StatusCode {
     NoContent,
     /// 400 Bad Request: the request is malformed, unknown or was refused.
     BadRequest,
+    /// 408 Request Timeout: a request did not arrive in time.
+    RequestTimeout,
     /// 417 Expectation Failed: an `Expect` other than `100-continue`.
     ExpectationFailed,
     /// 500 Internal Server Error: the VMM did not answer.
@@ -512,6 +614,7 @@ impl StatusCode {
             StatusCode::Ok => 200,
             StatusCode::NoContent => 204,
             StatusCode::BadRequest => 400,
+            StatusCode::RequestTimeout => 408,
             StatusCode::ExpectationFailed => 417,
             StatusCode::InternalServerError => 500,
             StatusCode::NotImplemented => 501,
@@ -526,6 +629,7 @@ impl StatusCode {
             StatusCode::Ok => "OK",
             StatusCode::NoContent => "No Content",
             StatusCode::BadRequest => "Bad Request",
+            StatusCode::RequestTimeout => "Request Timeout",
             StatusCode::ExpectationFailed => "Expectation Failed",
             StatusCode::InternalServerError => "Internal Server Error",
             StatusCode::NotImplemented => "Not Implemented",
@@ -928,6 +1032,81 @@ mod tests {
         parse_one(b"GET / HTTP/1.1\r\nUser-Agent: caf\xc3\xa9\r\n\r\n");
     }
 
+    /// Feeds `bytes` to one parser a byte at a time, as a client that writes one byte per
+    /// `write` does; returns the last outcome and the parser.
+    fn feed_byte_by_byte(
+        bytes: &[u8],
+    ) -> (Result<Option<(Request, usize)>, HttpError>, RequestParser) {
+        let mut parser = RequestParser::new();
+        let mut outcome = Ok(None);
+        for end in 0..=bytes.len() {
+            outcome = parser.parse(&bytes[..end]);
+            if !matches!(outcome, Ok(None)) {
+                break;
+            }
+        }
+        (outcome, parser)
+    }
+
+    #[test]
+    fn a_head_fed_one_byte_at_a_time_is_scanned_once() {
+        // The largest head: a request line, then headers up to the limit.
+        let mut head = b"PUT /machine-config HTTP/1.1\r\nContent-Length: 2\r\n".to_vec();
+        while head.len() + 40 < MAX_HEAD_LEN {
+            head.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        let request = [head.as_slice(), b"{}"].concat();
+        let (outcome, parser) = feed_byte_by_byte(&request);
+        let (parsed, used) = outcome.unwrap().unwrap();
+        assert_eq!(
+            (parsed.body.as_slice(), used),
+            (b"{}".as_slice(), request.len())
+        );
+        // Linear: each byte of the head once, where parsing the whole buffer again at every
+        // byte would examine about head.len()^2 / 2 of them.
+        assert_eq!(parser.bytes_scanned(), head.len());
+    }
+
+    #[test]
+    fn the_incremental_parser_agrees_with_the_one_shot_parser() {
+        let requests: [&[u8]; 8] = [
+            b"\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+            b"PUT /drives/rootfs HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nabc",
+            b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /next HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad\rHeader: x\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: x\r\n\r\n",
+            b"GET / HTTP/2.0\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+            b"GET / HTTP/1.1\r\n Folded: x\r\n\r\n",
+        ];
+        for request in requests {
+            let mut expected = Ok(None);
+            for end in 0..=request.len() {
+                expected = parse_request(&request[..end]);
+                if !matches!(expected, Ok(None)) {
+                    break;
+                }
+            }
+            let (outcome, _) = feed_byte_by_byte(request);
+            assert_eq!(outcome, expected, "{}", String::from_utf8_lossy(request));
+        }
+    }
+
+    #[test]
+    fn a_reset_parser_parses_the_next_request() {
+        let bytes = b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n";
+        let mut parser = RequestParser::new();
+        let (first, used) = parser.parse(bytes).unwrap().unwrap();
+        assert_eq!(first.path, "/a");
+        assert!(parser.head().is_some());
+        parser.reset();
+        assert!(parser.head().is_none());
+        let (second, _) = parser.parse(&bytes[used..]).unwrap().unwrap();
+        assert_eq!(second.path, "/b");
+        assert_eq!(parser.bytes_scanned(), bytes.len());
+    }
+
     #[test]
     fn garbage_never_panics() {
         // A cheap deterministic fuzz: every error path is reachable from these.
@@ -947,6 +1126,7 @@ mod tests {
             }
             let _ = parse_request(&bytes);
             let _ = parse_request(&[b"PUT /x HTTP/1.1\r\n".as_slice(), &bytes].concat());
+            let _ = feed_byte_by_byte(&bytes);
         }
     }
 
@@ -979,6 +1159,7 @@ mod tests {
             (StatusCode::Ok, 200),
             (StatusCode::NoContent, 204),
             (StatusCode::BadRequest, 400),
+            (StatusCode::RequestTimeout, 408),
             (StatusCode::ExpectationFailed, 417),
             (StatusCode::InternalServerError, 500),
             (StatusCode::NotImplemented, 501),

@@ -107,6 +107,14 @@ pub enum ModelError {
     /// More than one drive of a configuration is the root device.
     #[error("Only one drive can be the root device.")]
     TwoRootDevices,
+    /// A drive's host file is of a kind that cannot back a drive.
+    #[error("The drive file {path} is {kind}: a drive must be a regular file or a block device.")]
+    DriveFileKind {
+        /// The path, as given.
+        path: String,
+        /// What it is: "a directory", "a FIFO", "a socket" or "a character device".
+        kind: &'static str,
+    },
 }
 
 /// The result of a check of this module.
@@ -129,6 +137,42 @@ pub fn validate_id(id: &str) -> Result<()> {
         return Err(ModelError::IdTooLong);
     }
     Ok(())
+}
+
+/// Checks that the file at `path`, when it exists, can back a drive: a regular file or a block
+/// device, not a directory, a FIFO, a socket or a character device.
+///
+/// Host paths are the API client's to give, as in Firecracker: this is no confinement (the
+/// jailer's job), only a clear refusal of files that would fail or hang later. It looks with
+/// `stat` (following symbolic links) and never opens the file: opening a FIFO would block until
+/// a writer came. A path that does not exist, or cannot be looked at, passes: opening it later
+/// reports why.
+///
+/// # Errors
+///
+/// [`ModelError::DriveFileKind`].
+pub fn check_drive_file(path: &str) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+
+    let Ok(metadata) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let file_type = metadata.file_type();
+    let kind = if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else {
+        return Ok(());
+    };
+    Err(ModelError::DriveFileKind {
+        path: path.to_string(),
+        kind,
+    })
 }
 
 /// Checks that a path field, when given, is not empty.
@@ -1613,5 +1657,46 @@ mod tests {
             ..MachineConfiguration::default()
         });
         assert_eq!(config.validate(), Err(ModelError::Smt));
+    }
+
+    #[test]
+    fn a_drive_file_that_is_not_a_file_or_block_device_is_refused() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-model-").unwrap();
+        let at = |name: &str| dir.as_path().join(name).to_string_lossy().into_owned();
+        let fifo = at("fifo");
+        let c_fifo = std::ffi::CString::new(fifo.clone()).unwrap();
+        // SAFETY: `c_fifo` is a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+        let socket = at("socket");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let link_to_dir = at("link");
+        std::os::unix::fs::symlink(dir.as_path(), &link_to_dir).unwrap();
+        for (path, kind) in [
+            (at(""), "a directory"),
+            (link_to_dir, "a directory"),
+            (fifo, "a FIFO"),
+            (socket, "a socket"),
+            ("/dev/null".to_string(), "a character device"),
+        ] {
+            let err = check_drive_file(&path).unwrap_err();
+            assert_eq!(
+                err,
+                ModelError::DriveFileKind {
+                    path: path.clone(),
+                    kind
+                }
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "The drive file {path} is {kind}: a drive must be a regular file or a block device."
+                )
+            );
+        }
+        let file = at("disk.img");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(check_drive_file(&file), Ok(()));
+        // Opening it will say why.
+        assert_eq!(check_drive_file(&at("missing")), Ok(()));
     }
 }

@@ -25,10 +25,22 @@
 //! holds at most [`MAX_CONNECTIONS`] of them (another one is answered 503 and closed). A
 //! malformed request is answered with its error and the connection is closed; a client that goes
 //! away mid-request is dropped. A request the VMM drops without answering is a 500.
+//!
+//! Nor can a client hold a connection for ever ([`Timeouts`]): the head of a request must arrive
+//! within [`Timeouts::header`] of its first byte, its body within [`Timeouts::body`] of its head,
+//! or the connection is answered 408 and closed; a connection with no request in progress (or whose
+//! client does not read its answers) is closed after [`Timeouts::idle`]. The request is parsed as
+//! it arrives ([`http::RequestParser`]), so a client that sends a byte at a time costs work in
+//! proportion to what it sends.
+//!
+//! The socket is created with mode 0600 whatever the umask: only its owner (and root) can connect.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -36,7 +48,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -47,8 +59,14 @@ use super::routes::{self, ApiRequest, ApiResponse};
 /// The name of the API thread.
 pub const THREAD_NAME: &str = "ember_api";
 
-/// The most client connections open at once; Firecracker's `micro_http` allows 10.
-pub const MAX_CONNECTIONS: usize = 64;
+/// The most client connections open at once, as Firecracker's `micro_http` allows.
+pub const MAX_CONNECTIONS: usize = 10;
+
+/// The mode of the socket file: read and write (connect) for its owner alone.
+pub const SOCKET_MODE: u32 = 0o600;
+
+/// The backlog of the listening socket: connections the kernel holds until they are accepted.
+const LISTEN_BACKLOG: i32 = 128;
 
 /// How often the API thread, waiting for the VMM's answer, checks whether it should stop.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -104,6 +122,52 @@ pub enum ServerError {
 
 /// The result of starting the API server.
 pub type Result<T> = std::result::Result<T, ServerError>;
+
+/// How long a connection may take over each part of its life before it is closed.
+///
+/// Firecracker's API server has no such limits; ember has them so that a client that opens
+/// connections and sends nothing, or a byte now and then, cannot hold the [`MAX_CONNECTIONS`]
+/// slots for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From the first byte of a request to the end of its head (request line and headers); past
+    /// it the client gets a 408 and the connection closes.
+    pub header: Duration,
+    /// From the end of a request's head to the end of its body; past it, a 408 and a close.
+    pub body: Duration,
+    /// How long a connection may stay open with no request in progress, or with answers its
+    /// client does not read; past it the connection closes without an answer, as HTTP lets a
+    /// server close an idle persistent connection.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    /// 5 s for a head, 5 s for a body (at most [`http::MAX_BODY_LEN`] bytes on a local socket),
+    /// 30 s idle.
+    fn default() -> Timeouts {
+        Timeouts {
+            header: Duration::from_secs(5),
+            body: Duration::from_secs(5),
+            idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where the API thread reads the time its [`Timeouts`] are measured against.
+pub trait Clock: Send + fmt::Debug + 'static {
+    /// The current time.
+    fn now(&self) -> Instant;
+}
+
+/// The monotonic clock of the system, [`Instant::now`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MonotonicClock;
+
+impl Clock for MonotonicClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
 
 /// Answers one request; sent with it to the VMM.
 ///
@@ -171,11 +235,24 @@ impl ApiServer {
     /// [`ServerError`] when the socket, the epoll instance, an event fd or the thread cannot be
     /// set up.
     pub fn spawn(path: impl AsRef<Path>) -> Result<(ApiServer, ApiRequests)> {
+        ApiServer::spawn_with(path, Timeouts::default(), Box::new(MonotonicClock))
+    }
+
+    /// [`ApiServer::spawn`], with the given timeouts measured against `clock`.
+    ///
+    /// # Errors
+    ///
+    /// As [`ApiServer::spawn`].
+    pub fn spawn_with(
+        path: impl AsRef<Path>,
+        timeouts: Timeouts,
+        clock: Box<dyn Clock>,
+    ) -> Result<(ApiServer, ApiRequests)> {
         let socket_path = path.as_ref().to_path_buf();
         if socket_path.symlink_metadata().is_ok() {
             return Err(ServerError::SocketPathExists(socket_path));
         }
-        let listener = UnixListener::bind(&socket_path).map_err(|source| ServerError::Bind {
+        let listener = bind_private(&socket_path).map_err(|source| ServerError::Bind {
             path: socket_path.clone(),
             source,
         })?;
@@ -207,6 +284,8 @@ impl ApiServer {
             Arc::clone(&server.stop_flag),
             to_vmm,
             vmm_event.try_clone().map_err(ServerError::EventFd)?,
+            timeouts,
+            clock,
         )?;
         let thread = thread::Builder::new()
             .name(THREAD_NAME.to_string())
@@ -271,6 +350,74 @@ impl Drop for ApiServer {
     }
 }
 
+/// Creates a listening Unix socket at `path` whose file has mode [`SOCKET_MODE`], whatever the
+/// umask.
+///
+/// The file is created by `bind` with the umask applied and changed to [`SOCKET_MODE`] before
+/// `listen`: until `listen`, a `connect` to it is refused, so no client can connect while the
+/// mode is still the umask's. Setting the umask around `bind` instead would change it for the
+/// whole process, and a file another thread created meanwhile (a log or metrics file) would get
+/// the restrictive umask, or this socket the permissive one. The directory the socket is in is
+/// the operator's: whoever can write there could as well replace the socket after it is made.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    // SAFETY: a plain system call with constant arguments; its result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+
+    // SAFETY: `sockaddr_un` is plain data, for which all zeroes is a valid value.
+    let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    address.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let bytes = path.as_os_str().as_bytes();
+    // The path and its terminating NUL must fit.
+    if bytes.len() >= address.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the socket path is longer than 107 bytes or holds a NUL",
+        ));
+    }
+    for (slot, &byte) in address.sun_path.iter_mut().zip(bytes) {
+        *slot = libc::c_char::from_ne_bytes([byte]);
+    }
+    let length = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `address` is a valid `sockaddr_un` of `length` bytes, `socket` a valid socket.
+    let bound = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            std::ptr::from_ref(&address).cast::<libc::sockaddr>(),
+            length,
+        )
+    };
+    if bound < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let listen = || {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+        // SAFETY: `socket` is a valid, bound socket.
+        if unsafe { libc::listen(socket.as_raw_fd(), LISTEN_BACKLOG) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    if let Err(err) = listen() {
+        // The file is the one bound above: nobody could connect to it yet.
+        let _ = std::fs::remove_file(path);
+        return Err(err);
+    }
+    Ok(UnixListener::from(socket))
+}
+
 /// The state of the API thread.
 struct EventLoop {
     epoll: Epoll,
@@ -282,6 +429,8 @@ struct EventLoop {
     vmm_event: EventFd,
     connections: HashMap<u64, Connection>,
     next_token: u64,
+    timeouts: Timeouts,
+    clock: Box<dyn Clock>,
 }
 
 impl EventLoop {
@@ -291,6 +440,8 @@ impl EventLoop {
         stop_flag: Arc<AtomicBool>,
         to_vmm: Sender<(ApiRequest, Responder)>,
         vmm_event: EventFd,
+        timeouts: Timeouts,
+        clock: Box<dyn Clock>,
     ) -> Result<EventLoop> {
         let epoll = Epoll::new().map_err(ServerError::Epoll)?;
         for (fd, token) in [
@@ -314,6 +465,8 @@ impl EventLoop {
             vmm_event,
             connections: HashMap::new(),
             next_token: FIRST_CONNECTION_TOKEN,
+            timeouts,
+            clock,
         })
     }
 
@@ -324,25 +477,104 @@ impl EventLoop {
     fn run(mut self) {
         let mut events = vec![EpollEvent::default(); EVENT_BATCH];
         while !self.stopping() {
-            let count = match self.epoll.wait(-1, &mut events) {
-                Ok(count) => count,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(err) => {
-                    log::error!("The API server stops: cannot wait for events: {err}");
-                    return;
-                }
-            };
-            for event in events.iter().take(count) {
-                match event.data() {
-                    STOP_TOKEN => return,
-                    LISTENER_TOKEN => self.accept(),
-                    token => self.serve_connection(token, event.event_set()),
-                }
-                if self.stopping() {
-                    return;
-                }
+            let timeout = self.wait_timeout();
+            if !self.turn(&mut events, timeout) {
+                return;
             }
         }
+    }
+
+    /// Waits up to `timeout_ms` (-1: without end) for events, handles them, then closes the
+    /// connections past their deadlines. Returns whether the loop goes on.
+    fn turn(&mut self, events: &mut [EpollEvent], timeout_ms: i32) -> bool {
+        let count = match self.epoll.wait(timeout_ms, events) {
+            Ok(count) => count,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => 0,
+            Err(err) => {
+                log::error!("The API server stops: cannot wait for events: {err}");
+                return false;
+            }
+        };
+        for event in events.iter().take(count) {
+            match event.data() {
+                STOP_TOKEN => return false,
+                LISTENER_TOKEN => self.accept(),
+                token => self.serve_connection(token, event.event_set()),
+            }
+            if self.stopping() {
+                return false;
+            }
+        }
+        self.expire();
+        true
+    }
+
+    /// How long `epoll_wait` may wait: until the earliest deadline of a connection, in
+    /// milliseconds rounded up, or -1 when no connection has one.
+    fn wait_timeout(&self) -> i32 {
+        let now = self.clock.now();
+        self.connections
+            .values()
+            .filter_map(|connection| connection.deadline(&self.timeouts))
+            .min()
+            .map_or(-1, |deadline| {
+                let left = deadline.saturating_duration_since(now);
+                let millis = left.as_nanos().div_ceil(1_000_000);
+                i32::try_from(millis).unwrap_or(i32::MAX)
+            })
+    }
+
+    /// Closes every connection past its deadline: a request in progress is answered 408 first.
+    ///
+    /// What a client sent while the thread was busy (waiting for the VMM's answer to another
+    /// request) is read and served first: a request that arrived in time is not refused because
+    /// the thread looked late.
+    fn expire(&mut self) {
+        let now = self.clock.now();
+        let expired: Vec<u64> = self.past_deadline(now);
+        for token in expired {
+            self.serve_connection(token, EventSet::IN);
+            let now = self.clock.now();
+            if !self.past_deadline(now).contains(&token) {
+                continue;
+            }
+            let Some(mut connection) = self.connections.remove(&token) else {
+                continue;
+            };
+            if !connection.in_request() {
+                log::debug!("The API server closes an idle connection");
+                continue;
+            }
+            log::debug!("The API server closes a connection whose request did not arrive in time");
+            let response = ApiResponse::fault(
+                StatusCode::RequestTimeout,
+                "The request did not arrive in time.",
+            );
+            connection.incoming.clear();
+            connection.parser.reset();
+            connection.discard_input();
+            connection.outgoing.clear();
+            connection.queue(&response.to_http(), false);
+            connection.closing = true;
+            if connection.flush() && !connection.done() {
+                // The 408 waits for the client to read it, within the idle timeout.
+                connection.touch(now);
+                self.keep(token, connection);
+            }
+        }
+    }
+
+    /// The connections whose deadline is at or before `now`.
+    fn past_deadline(&self, now: Instant) -> Vec<u64> {
+        self.connections
+            .iter()
+            .filter(|(_, connection)| {
+                connection
+                    .deadline(&self.timeouts)
+                    .is_some_and(|deadline| deadline <= now)
+            })
+            .map(|(&token, _)| token)
+            .collect()
     }
 
     /// Accepts every pending connection.
@@ -388,7 +620,8 @@ impl EventLoop {
             stream.as_raw_fd(),
             EpollEvent::new(EventSet::IN, token),
         )?;
-        self.connections.insert(token, Connection::new(stream));
+        let now = self.clock.now();
+        self.connections.insert(token, Connection::new(stream, now));
         Ok(())
     }
 
@@ -413,6 +646,13 @@ impl EventLoop {
             // Closing the fd removes it from the epoll instance.
             return;
         }
+        let now = self.clock.now();
+        connection.touch(now);
+        self.keep(token, connection);
+    }
+
+    /// Keeps `connection`, registered for the events it now waits for.
+    fn keep(&mut self, token: u64, mut connection: Connection) {
         let wanted = connection.interest();
         if wanted != connection.registered {
             if let Err(err) = self.epoll.ctl(
@@ -433,11 +673,14 @@ impl EventLoop {
     /// Returns whether the connection is still usable.
     fn serve_requests(&mut self, connection: &mut Connection) -> bool {
         while connection.outgoing.is_empty() && !connection.closing {
-            match http::parse_request(&connection.incoming) {
+            match connection.parser.parse(&connection.incoming) {
                 Ok(Some((request, used))) => {
                     connection
                         .incoming
                         .drain(..used.min(connection.incoming.len()));
+                    connection.parser.reset();
+                    // The clock of what comes next starts now, not with this request.
+                    connection.phase = None;
                     connection.continue_sent = false;
                     let response = self.serve(&request);
                     connection.queue(&response.to_http(), request.keep_alive);
@@ -450,9 +693,9 @@ impl EventLoop {
                         // What is left is an incomplete request nobody will finish.
                         connection.closing = true;
                     } else if !connection.continue_sent {
-                        let wants_continue = http::parse_head(&connection.incoming)
-                            .ok()
-                            .flatten()
+                        let wants_continue = connection
+                            .parser
+                            .head()
                             .is_some_and(|head| head.expect_continue && head.content_length > 0);
                         if wants_continue {
                             connection
@@ -469,6 +712,7 @@ impl EventLoop {
                     connection.queue(&response.to_http(), false);
                     connection.closing = true;
                     connection.incoming.clear();
+                    connection.parser.reset();
                 }
             }
             if !connection.flush() {
@@ -531,11 +775,31 @@ impl EventLoop {
     }
 }
 
+/// What a connection is doing, for its timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No request in progress and no answer to write.
+    Idle,
+    /// Part of a request's head arrived.
+    Head,
+    /// A request's head arrived, and part of its body.
+    Body,
+    /// Answers wait for the client to read them.
+    Answering,
+}
+
 /// One client connection.
 struct Connection {
     stream: UnixStream,
     /// Bytes read and not yet parsed, at most [`http::MAX_REQUEST_LEN`].
     incoming: Vec<u8>,
+    /// Where the parse of the request at the start of `incoming` stands.
+    parser: http::RequestParser,
+    /// What the connection was doing when last looked at; `None` once a request was served,
+    /// so that the clock restarts.
+    phase: Option<Phase>,
+    /// When it started doing it.
+    since: Instant,
     /// Bytes of answers not yet written.
     outgoing: Vec<u8>,
     /// Whether the current request was answered `100 Continue`.
@@ -549,16 +813,59 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(stream: UnixStream) -> Connection {
+    fn new(stream: UnixStream, now: Instant) -> Connection {
         Connection {
             stream,
             incoming: Vec::new(),
+            parser: http::RequestParser::new(),
+            phase: Some(Phase::Idle),
+            since: now,
             outgoing: Vec::new(),
             continue_sent: false,
             closing: false,
             peer_closed: false,
             registered: EventSet::IN,
         }
+    }
+
+    /// What the connection is doing now.
+    fn current_phase(&self) -> Phase {
+        if !self.incoming.is_empty() && !self.closing {
+            if self.parser.head().is_some() {
+                Phase::Body
+            } else {
+                Phase::Head
+            }
+        } else if self.outgoing.is_empty() {
+            Phase::Idle
+        } else {
+            Phase::Answering
+        }
+    }
+
+    /// Notes, at `now`, what the connection is doing: its clock restarts when that changed.
+    fn touch(&mut self, now: Instant) {
+        let phase = Some(self.current_phase());
+        if phase != self.phase {
+            self.phase = phase;
+            self.since = now;
+        }
+    }
+
+    /// Whether a request is in progress: one the client is sending.
+    fn in_request(&self) -> bool {
+        matches!(self.phase, Some(Phase::Head | Phase::Body))
+    }
+
+    /// When the connection closes unless it does something else first.
+    fn deadline(&self, timeouts: &Timeouts) -> Option<Instant> {
+        let limit = match self.phase.unwrap_or(Phase::Idle) {
+            Phase::Idle | Phase::Answering => timeouts.idle,
+            Phase::Head => timeouts.header,
+            Phase::Body => timeouts.body,
+        };
+        // Past the end of `Instant`: never.
+        self.since.checked_add(limit)
     }
 
     /// Whether bytes from the client are still wanted.
@@ -612,6 +919,16 @@ impl Connection {
                 Err(_) => return false,
             }
         }
+    }
+
+    /// Reads and drops what the client sent and was not read yet, up to [`READ_CHUNK`] bytes.
+    ///
+    /// Closing a Unix socket that holds unread bytes makes the client's next read fail with
+    /// ECONNRESET, which some clients report before the answer they were sent; this makes that
+    /// less likely without reading without end.
+    fn discard_input(&mut self) {
+        let mut chunk = [0u8; READ_CHUNK];
+        let _ = self.stream.read(&mut chunk);
     }
 
     /// Queues the bytes of an answer.
@@ -891,7 +1208,9 @@ mod tests {
     #[test]
     fn many_clients_at_once_are_served() {
         let fixture = start();
-        let mut clients: Vec<UnixStream> = (0..20).map(|_| connect(&fixture.path)).collect();
+        let mut clients: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| connect(&fixture.path))
+            .collect();
         for client in &mut clients {
             client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         }
@@ -1171,5 +1490,272 @@ mod tests {
             .as_ref()
             .and_then(|thread| thread.thread().name().map(str::to_string));
         assert_eq!(name.as_deref(), Some(THREAD_NAME));
+    }
+
+    /// A clock that moves only when told to.
+    #[derive(Debug, Clone)]
+    struct ManualClock(Arc<std::sync::Mutex<Instant>>);
+
+    impl ManualClock {
+        fn advance(&self, by: Duration) {
+            let mut now = self.0.lock().unwrap();
+            *now += by;
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Instant {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    const SHORT: Timeouts = Timeouts {
+        header: Duration::from_secs(2),
+        body: Duration::from_secs(3),
+        idle: Duration::from_secs(10),
+    };
+    const TICK: Duration = Duration::from_millis(1);
+
+    /// An event loop run by the test, one turn at a time, on a manual clock.
+    struct Stepped {
+        _dir: TempDir,
+        path: PathBuf,
+        event_loop: EventLoop,
+        clock: ManualClock,
+        events: Vec<EpollEvent>,
+    }
+
+    impl Stepped {
+        fn new() -> Stepped {
+            let dir = TempDir::new_with_prefix("/tmp/ember-api-").unwrap();
+            let path = dir.as_path().join("api.sock");
+            let clock = ManualClock(Arc::new(std::sync::Mutex::new(Instant::now())));
+            let (to_vmm, _) = mpsc::channel();
+            let event_loop = EventLoop::new(
+                bind_private(&path).unwrap(),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+                Arc::new(AtomicBool::new(false)),
+                to_vmm,
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+                SHORT,
+                Box::new(clock.clone()),
+            )
+            .unwrap();
+            Stepped {
+                _dir: dir,
+                path,
+                event_loop,
+                clock,
+                events: vec![EpollEvent::default(); EVENT_BATCH],
+            }
+        }
+
+        /// Runs the loop until it has nothing left to do now.
+        fn settle(&mut self) {
+            for _ in 0..4 {
+                assert!(self.event_loop.turn(&mut self.events, 0));
+            }
+        }
+
+        fn connect(&mut self) -> UnixStream {
+            let client = connect(&self.path);
+            self.settle();
+            client
+        }
+
+        /// Moves the clock on by `by` and lets the loop see it.
+        fn advance(&mut self, by: Duration) {
+            self.clock.advance(by);
+            self.settle();
+        }
+
+        fn open_connections(&self) -> usize {
+            self.event_loop.connections.len()
+        }
+    }
+
+    fn send(stepped: &mut Stepped, client: &mut UnixStream, bytes: &[u8]) {
+        client.write_all(bytes).unwrap();
+        stepped.settle();
+    }
+
+    #[test]
+    fn an_idle_connection_is_closed_after_the_idle_timeout() {
+        let mut stepped = Stepped::new();
+        let mut client = stepped.connect();
+        stepped.advance(SHORT.idle - TICK);
+        assert_eq!(stepped.open_connections(), 1);
+        stepped.advance(TICK);
+        assert_eq!(stepped.open_connections(), 0);
+        // Closed without an answer: no request was in progress.
+        assert!(is_closed(&mut client));
+    }
+
+    #[test]
+    fn a_served_request_restarts_the_idle_clock() {
+        let mut stepped = Stepped::new();
+        let mut client = stepped.connect();
+        stepped.advance(SHORT.idle - TICK);
+        send(&mut stepped, &mut client, b"GET /nowhere HTTP/1.1\r\n\r\n");
+        assert!(read_response(&mut client).starts_with("HTTP/1.1 400"));
+        stepped.advance(SHORT.idle - TICK);
+        assert_eq!(stepped.open_connections(), 1);
+        stepped.advance(TICK);
+        assert_eq!(stepped.open_connections(), 0);
+    }
+
+    #[test]
+    fn a_head_that_does_not_arrive_in_time_gets_a_408() {
+        let mut stepped = Stepped::new();
+        let mut client = stepped.connect();
+        // The header clock starts at the first byte, not at the connection.
+        stepped.advance(SHORT.idle - TICK);
+        send(&mut stepped, &mut client, b"G");
+        // A slow client: a byte now and then does not restart the clock.
+        let rest = b"ET /machine-config HTTP/1.1\r\n";
+        for byte in rest {
+            stepped.advance(SHORT.header / 40);
+            send(&mut stepped, &mut client, &[*byte]);
+        }
+        let waited = SHORT.header / 40 * u32::try_from(rest.len()).unwrap();
+        stepped.advance(SHORT.header - waited - TICK);
+        assert_eq!(stepped.open_connections(), 1);
+        stepped.advance(TICK);
+        let response = read_response(&mut client);
+        assert!(
+            response.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{response}"
+        );
+        assert!(response.contains("Connection: close\r\n"));
+        assert!(response.ends_with(r#"{"fault_message":"The request did not arrive in time."}"#));
+        assert!(is_closed(&mut client));
+        assert_eq!(stepped.open_connections(), 0);
+    }
+
+    #[test]
+    fn a_body_that_does_not_arrive_in_time_gets_a_408() {
+        let mut stepped = Stepped::new();
+        let mut client = stepped.connect();
+        send(
+            &mut stepped,
+            &mut client,
+            b"PUT /boot-source HTTP/1.1\r\nContent-Length: 26\r\n\r\n{\"kernel",
+        );
+        // The body has its own clock, from the end of the head.
+        stepped.advance(SHORT.body - TICK);
+        send(&mut stepped, &mut client, b"_image");
+        assert_eq!(stepped.open_connections(), 1);
+        stepped.advance(TICK);
+        assert!(read_response(&mut client).starts_with("HTTP/1.1 408"));
+        assert!(is_closed(&mut client));
+    }
+
+    #[test]
+    fn the_next_pipelined_request_gets_a_clock_of_its_own() {
+        let mut stepped = Stepped::new();
+        let mut client = stepped.connect();
+        send(&mut stepped, &mut client, b"GET /nowhere HTTP/1.1\r\n");
+        stepped.advance(SHORT.header - TICK);
+        // The end of the first request and the start of the second, in one write.
+        send(&mut stepped, &mut client, b"\r\nGET /nowh");
+        assert!(read_response(&mut client).starts_with("HTTP/1.1 400"));
+        stepped.advance(SHORT.header - TICK);
+        assert_eq!(stepped.open_connections(), 1);
+        stepped.advance(TICK);
+        assert!(read_response(&mut client).starts_with("HTTP/1.1 408"));
+    }
+
+    #[test]
+    fn bytes_that_arrived_while_the_thread_was_busy_are_served_before_a_timeout() {
+        let mut stepped = Stepped::new();
+        let mut client = stepped.connect();
+        send(&mut stepped, &mut client, b"GET /nowhere HTTP/1.1\r\n");
+        // The end of the head arrives in time, but the thread only looks after the deadline.
+        client.write_all(b"\r\n").unwrap();
+        stepped.clock.advance(SHORT.header);
+        stepped.event_loop.expire();
+        assert!(read_response(&mut client).starts_with("HTTP/1.1 400 Bad Request"));
+        assert_eq!(stepped.open_connections(), 1);
+    }
+
+    #[test]
+    fn the_loop_wakes_at_the_earliest_deadline() {
+        let mut stepped = Stepped::new();
+        assert_eq!(stepped.event_loop.wait_timeout(), -1);
+        let _idle = stepped.connect();
+        let idle_ms = i32::try_from(SHORT.idle.as_millis()).unwrap();
+        assert_eq!(stepped.event_loop.wait_timeout(), idle_ms);
+        let mut sending = stepped.connect();
+        send(&mut stepped, &mut sending, b"GET");
+        let header_ms = i32::try_from(SHORT.header.as_millis()).unwrap();
+        assert_eq!(stepped.event_loop.wait_timeout(), header_ms);
+        stepped.advance(SHORT.header + TICK);
+        // The one left is the idle connection, with less time to go.
+        assert_eq!(stepped.event_loop.wait_timeout(), idle_ms - header_ms - 1);
+    }
+
+    #[test]
+    fn a_slowloris_client_is_cut_off_on_the_systems_clock() {
+        let timeouts = Timeouts {
+            header: Duration::from_millis(300),
+            ..Timeouts::default()
+        };
+        let dir = TempDir::new_with_prefix("/tmp/ember-api-").unwrap();
+        let path = dir.as_path().join("api.sock");
+        let (_server, requests) =
+            ApiServer::spawn_with(&path, timeouts, Box::new(MonotonicClock)).unwrap();
+        let mut slow = connect(&path);
+        let started = Instant::now();
+        let mut received = Vec::new();
+        for byte in b"GET /machine-config HTTP/1.1\r\nX-Slow: ".iter().cycle() {
+            if slow.write_all(&[*byte]).is_err() || started.elapsed() > TIMEOUT {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+            // The 408 may already be there.
+            slow.set_nonblocking(true).unwrap();
+            let mut chunk = [0u8; 512];
+            if let Ok(count) = slow.read(&mut chunk) {
+                received.extend_from_slice(&chunk[..count]);
+            }
+            slow.set_nonblocking(false).unwrap();
+            if !received.is_empty() {
+                break;
+            }
+        }
+        assert!(started.elapsed() >= timeouts.header);
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "the slow client was never cut off"
+        );
+        // The rest of the answer, then the end of the connection: EOF, or a reset when it closed
+        // with a byte of ours unread.
+        if let Err(err) = slow.read_to_end(&mut received) {
+            assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+        }
+        let response = String::from_utf8(received).unwrap();
+        assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+        assert!(requests.try_recv().is_none());
+    }
+
+    #[test]
+    fn the_socket_is_created_private_whatever_the_umask() {
+        let fixture = start();
+        let mode = std::fs::metadata(&fixture.path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, SOCKET_MODE);
+    }
+
+    #[test]
+    fn a_socket_path_too_long_is_refused() {
+        let dir = TempDir::new_with_prefix("/tmp/ember-api-").unwrap();
+        let path = dir.as_path().join("s".repeat(120));
+        assert!(matches!(
+            ApiServer::spawn(&path),
+            Err(ServerError::Bind { .. })
+        ));
+        assert!(!path.exists());
     }
 }
