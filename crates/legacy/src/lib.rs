@@ -3,6 +3,9 @@
 //! - [`SerialDevice`]: the 16550A UART on COM1 that carries the guest's console, with its output
 //!   on standard output or a file and its input fed from the VMM's standard input through a
 //!   bounded FIFO with back-pressure.
+//! - [`BoundedWriter`]: a writer for the console's output that never blocks the vCPU: a bounded
+//!   buffer that a thread of its own drains into the real sink, dropping and counting what does
+//!   not fit.
 //! - [`I8042Device`]: the PS/2 controller, whose CPU reset command is how a Linux guest booted
 //!   with `reboot=k` asks the VMM to stop, and through which the VMM can send Ctrl+Alt+Del.
 //! - [`AcpiPmDevice`]: the ACPI PM1a registers, through which an ACPI guest powers off.
@@ -41,6 +44,7 @@
 
 pub mod acpi_pm;
 pub mod boot_timer;
+pub mod bounded_writer;
 pub mod i8042;
 pub mod serial;
 mod throttle;
@@ -48,6 +52,7 @@ pub mod trigger;
 
 pub use acpi_pm::{ACPI_PM_LEN, AcpiPmDevice};
 pub use boot_timer::{BOOT_COMPLETE_MAGIC, BOOT_TIMER_LEN, BootTime, BootTimer};
+pub use bounded_writer::{BoundedWriter, BoundedWriterStats, BoundedWriterThread};
 pub use i8042::{I8042_PORT, I8042_PORT_LEN, I8042Device};
 pub use serial::{
     COM1_PORT, FIFO_SIZE, FeedOutcome, SERIAL_PORT_LEN, SerialDevice, SerialOut, SerialStats,

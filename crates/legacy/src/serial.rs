@@ -4,6 +4,15 @@
 //! goes to a writer the VMM picks ([`SerialOut`]: standard output or a file); what the VMM reads
 //! from its own input (standard input) goes into the UART's receive FIFO.
 //!
+//! # Output that never blocks a vCPU
+//!
+//! The device writes each byte the guest transmits from the vCPU thread, holding the device's
+//! lock. A writer that can block (a terminal nobody reads, a full pipe, a stalled network file
+//! system) would stall that vCPU and whatever waits for it. A VMM facing a guest it does not
+//! trust puts a [`BoundedWriter`](crate::BoundedWriter) in front of the [`SerialOut`]: the vCPU
+//! only appends to a bounded buffer, and a thread of the writer's own does the blocking writes;
+//! what does not fit is dropped and counted.
+//!
 //! # Input and back-pressure
 //!
 //! The receive FIFO holds [`FIFO_SIZE`] bytes and nothing else buffers input: a guest that stops
@@ -115,6 +124,19 @@ impl SerialOut {
     /// Output discarded.
     pub fn sink() -> Self {
         SerialOut::Sink(io::sink())
+    }
+
+    /// The size of the file written to, when it is a regular file (not a pipe or a device), for
+    /// a size cap to count what it already holds.
+    pub fn regular_file_len(&self) -> Option<u64> {
+        match self {
+            SerialOut::File(file) => file
+                .metadata()
+                .ok()
+                .filter(|meta| meta.is_file())
+                .map(|meta| meta.len()),
+            SerialOut::Stdout(_) | SerialOut::Sink(_) => None,
+        }
     }
 }
 
@@ -782,6 +804,22 @@ mod tests {
             write_reg(&mut serial, 0, byte);
         }
         assert_eq!(std::fs::read(file.as_path()).unwrap(), b"before\nguest\n");
+    }
+
+    #[test]
+    fn only_a_regular_file_has_a_length_to_cap() {
+        let file = TempFile::new().unwrap();
+        std::fs::write(file.as_path(), b"12345").unwrap();
+        assert_eq!(
+            SerialOut::file(file.as_path()).unwrap().regular_file_len(),
+            Some(5)
+        );
+        assert_eq!(
+            SerialOut::file("/dev/null").unwrap().regular_file_len(),
+            None
+        );
+        assert_eq!(SerialOut::stdout().regular_file_len(), None);
+        assert_eq!(SerialOut::sink().regular_file_len(), None);
     }
 
     #[test]

@@ -12,6 +12,10 @@ use ember_virtio::net::MacAddr;
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
+/// The most bytes `--serial file:PATH` lets the file hold when `--serial-max-bytes` is not given:
+/// 64 MiB.
+pub const DEFAULT_SERIAL_MAX_BYTES: u64 = 64 << 20;
+
 /// The microVM's ID when `--id` is not given, as in Firecracker.
 pub const DEFAULT_INSTANCE_ID: &str = "anonymous-instance";
 
@@ -68,6 +72,12 @@ pub struct Cli {
     /// Where the guest's serial console goes: `stdio`, `file:PATH` or `none`.
     #[arg(long, value_name = "DEST", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialOutput,
+
+    /// The most bytes the file of `--serial file:PATH` may hold, what it held before included;
+    /// guest output past it is dropped and counted (`uart.missed_write_count`). 0: no cap. Pipes
+    /// and devices have no cap.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SERIAL_MAX_BYTES)]
+    pub serial_max_bytes: u64,
 
     /// Add a virtio block device backed by a raw disk image or a host block device (repeatable).
     /// `ro`: the guest may only read it; `root`: it is the root file system (`root=/dev/vda`,
@@ -258,6 +268,7 @@ mod tests {
         assert_eq!(cli.vcpus, 1);
         assert_eq!(cli.memory, 128);
         assert_eq!(cli.serial, SerialOutput::Stdio);
+        assert_eq!(cli.serial_max_bytes, 64 * 1024 * 1024);
         assert_eq!(cli.cmdline, None);
         assert_eq!(cli.id, DEFAULT_INSTANCE_ID);
         assert!(!cli.boot_timer && !cli.ksm && !cli.hugepages);
@@ -269,6 +280,9 @@ mod tests {
         assert_eq!(cli.serial, SerialOutput::File("/tmp/out".into()));
         let cli = parse(&["--serial", "none"]).unwrap();
         assert_eq!(cli.serial, SerialOutput::None);
+        let cli = parse(&["--serial-max-bytes", "0"]).unwrap();
+        assert_eq!(cli.serial_max_bytes, 0);
+        assert!(parse(&["--serial-max-bytes", "-1"]).is_err());
     }
 
     #[test]

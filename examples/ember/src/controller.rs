@@ -5,7 +5,6 @@
 //! leaves everything as it was: a call that configures the microVM after it booted, one that
 //! changes a running device before it booted, `InstanceStart` twice or without a kernel.
 
-use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -70,15 +69,17 @@ impl Controller {
     ///
     /// # Errors
     ///
-    /// When the log or metrics file cannot be opened.
-    pub fn apply_logging(&mut self) -> io::Result<()> {
+    /// When the log or metrics file cannot be opened, in words.
+    pub fn apply_logging(&mut self) -> Result<(), String> {
         let config = self.resources.vm_config().clone();
         if let Some(logger) = &config.logger {
-            configure_logger(logger)?;
+            configure_logger(logger).map_err(|e| error_chain(&e))?;
             self.logger_configured = true;
         }
         if let Some(metrics) = &config.metrics {
-            self.metrics = Some(MetricsWriter::open(Path::new(&metrics.metrics_path))?);
+            let writer = MetricsWriter::open(Path::new(&metrics.metrics_path))
+                .map_err(|e| error_chain(&e))?;
+            self.metrics = Some(writer);
         }
         Ok(())
     }
@@ -228,7 +229,10 @@ impl Controller {
 
     fn put_logger(&mut self, config: model::Logger) -> ApiResponse {
         if let Err(err) = configure_logger(&config) {
-            return ApiResponse::bad_request(format!("Cannot configure the logger: {err}"));
+            return ApiResponse::bad_request(format!(
+                "Cannot configure the logger: {}",
+                error_chain(&err)
+            ));
         }
         self.logger_configured = true;
         self.resources.set_logger(config);
@@ -245,10 +249,7 @@ impl Controller {
                 self.resources.set_metrics(config);
                 ApiResponse::no_content()
             }
-            Err(err) => ApiResponse::bad_request(format!(
-                "Cannot open the metrics file {}: {err}",
-                config.metrics_path
-            )),
+            Err(err) => ApiResponse::bad_request(error_chain(&err)),
         }
     }
 
@@ -274,6 +275,23 @@ impl Controller {
                 .push(("process_startup_time_cpu_us", Kind::Gauge, us(cpu)));
         }
         snapshot.push(api);
+        let log = logger::stats();
+        let metrics = self
+            .metrics
+            .as_ref()
+            .map(MetricsWriter::stats)
+            .unwrap_or_default();
+        snapshot.push(Group::counters(
+            "logger",
+            None,
+            [
+                ("missed_metrics_count", metrics.missed_metrics_count),
+                ("metrics_fails", metrics.metrics_fails),
+                ("missed_log_count", log.missed_log_count),
+                ("log_fails", log.log_fails),
+                ("rate_limited_log_count", log.rate_limited_log_count),
+            ],
+        ));
         snapshot
     }
 
@@ -318,7 +336,7 @@ fn answer(result: crate::resources::Result<()>) -> ApiResponse {
     }
 }
 
-fn configure_logger(config: &model::Logger) -> io::Result<()> {
+fn configure_logger(config: &model::Logger) -> logger::Result<()> {
     let level = config.level.map(|level| match level {
         LogLevel::Error => LevelFilter::Error,
         LogLevel::Warning => LevelFilter::Warn,

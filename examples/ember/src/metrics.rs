@@ -13,13 +13,20 @@
 //!   `FlushMetrics`, every [`FLUSH_INTERVAL`] while the VM runs, and when the VMM exits.
 //! - **Prometheus** ([`prometheus`]): counters as they are (`ember_block_read_bytes{drive=
 //!   "rootfs"} 4096`), for a scraper that computes rates itself.
+//!
+//! The metrics file is opened like the log's ([`logger::open_sink`]): non-blocking, and a named
+//! pipe must have a reader. A line is written with one `write`; when the pipe's reader does not
+//! keep up, the line is dropped and counted (`logger.missed_metrics_count`, Firecracker's name),
+//! the counters' growth it held goes into the next line, and the VMM thread never waits.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write as _};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::logger;
 
 /// How often the metrics are written while the VM runs, as in Firecracker.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(60);
@@ -118,30 +125,89 @@ pub struct MetricsWriter {
     file: File,
     /// What each counter read at the previous line, by group key and name.
     last: HashMap<(String, &'static str), u64>,
+    /// The sink took only part of the last line: the next one starts with a newline.
+    cut: bool,
+    stats: MetricsWriterStats,
+}
+
+/// Counters of a [`MetricsWriter`], with Firecracker's names (its `logger` group).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetricsWriterStats {
+    /// Lines dropped, whole or in part, because the sink did not take them at once (a pipe
+    /// whose reader does not keep up).
+    pub missed_metrics_count: u64,
+    /// Lines the sink failed to take for another reason.
+    pub metrics_fails: u64,
 }
 
 impl MetricsWriter {
-    /// Opens `path` for appending (a named pipe is opened for writing, as Firecracker does).
+    /// Opens `path` for appending, non-blocking ([`logger::open_sink`]).
     ///
     /// # Errors
     ///
-    /// When the file cannot be opened or created.
-    pub fn open(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new().append(true).create(true).open(path)?;
+    /// When the file cannot be opened or created, or is a named pipe nobody reads.
+    pub fn open(path: &Path) -> logger::Result<Self> {
         Ok(MetricsWriter {
-            file,
+            file: logger::open_sink("metrics file", path)?,
             last: HashMap::new(),
+            cut: false,
+            stats: MetricsWriterStats::default(),
         })
     }
 
-    /// Writes one line for `snapshot`.
+    /// The writer's counters.
+    pub fn stats(&self) -> MetricsWriterStats {
+        self.stats
+    }
+
+    /// Writes one line for `snapshot`, with one `write`. A line the sink does not take whole
+    /// is dropped (what the sink took of it ends with the next line's newline), and the growth
+    /// it held goes into the next line.
     ///
     /// # Errors
     ///
-    /// When the line cannot be written.
+    /// When the line is dropped: the sink would block or took part of it
+    /// ([`MetricsWriterStats::missed_metrics_count`]), or failed
+    /// ([`MetricsWriterStats::metrics_fails`]).
     pub fn write(&mut self, snapshot: &Snapshot) -> io::Result<()> {
-        let line = self.line(snapshot, utc_timestamp_ms());
-        self.file.write_all(line.as_bytes())
+        let last = self.last.clone();
+        let mut line = self.line(snapshot, utc_timestamp_ms());
+        if self.cut {
+            line.insert(0, '\n');
+        }
+        let result = match self.file.write(line.as_bytes()) {
+            Ok(n) if n == line.len() => {
+                self.cut = false;
+                return Ok(());
+            }
+            Ok(n) => {
+                self.cut = self.cut || n > 0;
+                self.stats.missed_metrics_count = self.stats.missed_metrics_count.saturating_add(1);
+                Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the metrics sink took part of the line; the rest was dropped",
+                ))
+            }
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                self.stats.missed_metrics_count = self.stats.missed_metrics_count.saturating_add(1);
+                Err(io::Error::new(
+                    err.kind(),
+                    "the reader of the metrics pipe does not keep up; the line was dropped",
+                ))
+            }
+            Err(err) => {
+                self.stats.metrics_fails = self.stats.metrics_fails.saturating_add(1);
+                Err(err)
+            }
+        };
+        // The growth of the dropped line is counted in the next one.
+        self.last = last;
+        result
     }
 
     /// The line for `snapshot` at `timestamp_ms`, remembering the counters for the next one.
@@ -268,6 +334,54 @@ mod tests {
         let written = std::fs::read_to_string(&path).unwrap();
         assert_eq!(written.lines().count(), 1);
         assert!(written.ends_with('\n'));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_metrics_pipe_nobody_reads_drops_lines_and_their_growth_goes_to_the_next() {
+        use std::io::Read;
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::OpenOptionsExt;
+
+        let path = std::env::temp_dir().join(format!("ember-metrics-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c_path` is a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let mut reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let exits = |n| {
+            let mut snapshot = Snapshot::default();
+            snapshot.push(Group::counters("vcpu", None, [("exit_io_out", n)]));
+            snapshot
+        };
+        let mut writer = MetricsWriter::open(&path).unwrap();
+        writer.write(&exits(5)).unwrap();
+
+        // Another writer fills the pipe.
+        let mut filler = logger::open_sink("metrics file", &path).unwrap();
+        while filler.write(&[b'\n'; 4096]).is_ok() {}
+        let err = writer.write(&exits(8)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(
+            writer.stats(),
+            MetricsWriterStats {
+                missed_metrics_count: 1,
+                metrics_fails: 0
+            }
+        );
+
+        let mut drained = Vec::new();
+        let _ = reader.read_to_end(&mut drained);
+        writer.write(&exits(10)).unwrap();
+        let mut read = Vec::new();
+        let _ = reader.read_to_end(&mut read);
+        let line: serde_json::Value = serde_json::from_slice(&read).unwrap();
+        // The growth since the last line written, the dropped one's included.
+        assert_eq!(line["vcpu"]["exit_io_out"], 5);
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -58,6 +58,8 @@ pub struct VmResources {
     config: FullVmConfiguration,
     /// Where the guest's serial console goes.
     pub serial: SerialOutput,
+    /// The most bytes a serial output file may hold; 0 for no cap.
+    pub serial_max_bytes: u64,
     /// Whether the boot-timer device is attached.
     pub boot_timer: bool,
     /// Whether KSM may merge guest pages.
@@ -73,6 +75,7 @@ impl VmResources {
         VmResources {
             config,
             serial: cli.serial.clone(),
+            serial_max_bytes: cli.serial_max_bytes,
             boot_timer: cli.boot_timer,
             ksm: cli.ksm,
         }

@@ -4,15 +4,16 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io;
-use std::os::fd::AsRawFd;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ember_boot::acpi::S5_SLEEP_TYPE;
 use ember_boot::{CpuState, build_cmdline, configure_system, load_initrd, load_kernel};
 use ember_bus::{BusRange, MmioBus, PioBus};
+use ember_legacy::bounded_writer::{self, BoundedWriter, BoundedWriterThread};
 use ember_legacy::{
     ACPI_PM_LEN, AcpiPmDevice, BOOT_TIMER_LEN, BootTimer, COM1_PORT, EventFdTrigger, I8042_PORT,
     I8042_PORT_LEN, I8042Device, SERIAL_PORT_LEN, SerialDevice, SerialOut,
@@ -124,6 +125,10 @@ pub enum Error {
     /// The serial console cannot be set up.
     #[error("Cannot set up the serial console")]
     Serial(#[source] ember_legacy::serial::Error),
+    /// The serial console's output (a duplicate of stdout, the thread that writes it) cannot be
+    /// set up.
+    #[error("Cannot set up the serial console's output thread")]
+    ConsoleThread(#[source] io::Error),
     /// An eventfd cannot be created.
     #[error("Cannot create an eventfd")]
     EventFd(#[source] io::Error),
@@ -244,9 +249,20 @@ impl fmt::Display for GuestExit {
     }
 }
 
+/// The name of the thread that writes the guest's console output to stdout or its file.
+pub const CONSOLE_THREAD: &str = "ember_console";
+
+/// How long a stopping VMM lets the console thread write what the guest printed last; a stdout
+/// or file that stalls longer loses it, rather than hold up the exit.
+pub const CONSOLE_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// The legacy devices the event loop talks to.
 struct Legacy {
-    serial: Arc<Mutex<SerialDevice<SerialOut>>>,
+    /// The console: its output goes to a [`BoundedWriter`] (or nowhere), so that a vCPU never
+    /// waits for stdout or a file.
+    serial: Arc<Mutex<SerialDevice<Box<dyn Write + Send>>>>,
+    /// The thread that drains the console's output, when it goes somewhere.
+    console: Option<BoundedWriterThread>,
     i8042: Arc<Mutex<I8042Device>>,
     reset_evt: EventFd,
     power_off_evt: EventFd,
@@ -309,7 +325,8 @@ impl Vmm {
             MMIO32_START..MMIO_DEVICES_END,
             IRQ_BASE..=CMDLINE_DEVICE_IRQ_MAX,
         );
-        let legacy = attach_legacy_devices(&vm, &mut pio, &resources.serial)?;
+        let legacy =
+            attach_legacy_devices(&vm, &mut pio, &resources.serial, resources.serial_max_bytes)?;
         let boot_timer = if resources.boot_timer {
             Some(attach_boot_timer(&mut mmio, &mut allocator, start)?)
         } else {
@@ -490,6 +507,30 @@ impl Vmm {
                 ],
             });
         }
+        let serial = lock(&self.legacy.serial).stats();
+        let console = self.legacy.console.as_ref().map(BoundedWriterThread::stats);
+        // Without a console thread, what the device wrote went to the sink and was done with.
+        let written = console.map_or(serial.bytes_out, |c| c.written);
+        let (dropped, errors) = console.map_or((0, 0), |c| (c.dropped(), c.errors));
+        snapshot.push(Group::counters(
+            "uart",
+            None,
+            [
+                ("write_count", written),
+                (
+                    "missed_write_count",
+                    serial.bytes_lost.saturating_add(dropped),
+                ),
+                ("read_count", serial.bytes_in),
+                (
+                    "error_count",
+                    serial
+                        .interrupt_errors
+                        .saturating_add(serial.invalid_accesses)
+                        .saturating_add(errors),
+                ),
+            ],
+        ));
         for (id, transport) in &self.drives {
             let values = lock(transport).device().metrics().values();
             snapshot.push(Group::counters("block", Some(id.clone()), values));
@@ -509,6 +550,18 @@ impl Vmm {
         for vcpu in std::mem::take(&mut self.vcpus) {
             if let Err(err) = vcpu.stop() {
                 warn!("{err}");
+            }
+        }
+        if let Some(console) = self.legacy.console.as_mut() {
+            if !console.finish(CONSOLE_FLUSH_TIMEOUT) {
+                warn!(
+                    "The serial console's output did not drain within {} ms; the rest is dropped",
+                    CONSOLE_FLUSH_TIMEOUT.as_millis()
+                );
+            }
+            let dropped = console.stats().dropped();
+            if dropped > 0 {
+                warn!("The serial console dropped {dropped} bytes of the guest's output");
             }
         }
     }
@@ -574,13 +627,49 @@ fn check_vcpu_count(requested: u8, kvm_max: usize) -> Result<()> {
     Ok(())
 }
 
-/// COM1 on IRQ 4, the i8042 on IRQ 1 and the ACPI PM registers, on the port bus.
-fn attach_legacy_devices(vm: &Vm, pio: &mut PioBus, serial: &SerialOutput) -> Result<Legacy> {
-    let out = match serial {
-        SerialOutput::Stdio => SerialOut::stdout(),
-        SerialOutput::File(path) => SerialOut::file(path).map_err(Error::Serial)?,
-        SerialOutput::None => SerialOut::sink(),
+/// Where the guest's console output goes: a [`BoundedWriter`] and its thread in front of stdout
+/// or the file (capped at `max_bytes` when it is a regular file, 0 for no cap), or nowhere.
+fn console_output(
+    serial: &SerialOutput,
+    max_bytes: u64,
+) -> Result<(Box<dyn Write + Send>, Option<BoundedWriterThread>)> {
+    let (out, max_bytes) = match serial {
+        SerialOutput::Stdio => {
+            // A duplicate of stdout, written without std's lock and line buffer: the thread
+            // allocates nothing, and nothing else that prints waits for it.
+            let stdout = io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(Error::ConsoleThread)?;
+            (SerialOut::File(File::from(stdout)), None)
+        }
+        SerialOutput::File(path) => {
+            let out = SerialOut::file(path).map_err(Error::Serial)?;
+            let max_bytes = match (max_bytes, out.regular_file_len()) {
+                (0, _) | (_, None) => None,
+                (max, Some(len)) => Some(max.saturating_sub(len)),
+            };
+            (out, max_bytes)
+        }
+        SerialOutput::None => return Ok((Box::new(io::sink()), None)),
     };
+    let config = bounded_writer::Config {
+        capacity: bounded_writer::DEFAULT_CAPACITY,
+        max_bytes,
+    };
+    let (writer, thread) =
+        BoundedWriter::spawn(CONSOLE_THREAD, out, config).map_err(Error::ConsoleThread)?;
+    Ok((Box::new(writer), Some(thread)))
+}
+
+/// COM1 on IRQ 4, the i8042 on IRQ 1 and the ACPI PM registers, on the port bus.
+fn attach_legacy_devices(
+    vm: &Vm,
+    pio: &mut PioBus,
+    serial: &SerialOutput,
+    serial_max_bytes: u64,
+) -> Result<Legacy> {
+    let (out, console) = console_output(serial, serial_max_bytes)?;
     let serial_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
     vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
         .map_err(|e| Error::Irq("serial console".into(), e))?;
@@ -613,6 +702,7 @@ fn attach_legacy_devices(vm: &Vm, pio: &mut PioBus, serial: &SerialOutput) -> Re
 
     Ok(Legacy {
         serial,
+        console,
         i8042,
         reset_evt,
         power_off_evt,

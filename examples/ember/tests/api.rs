@@ -58,7 +58,23 @@ struct Ember {
 
 impl Ember {
     fn start(scratch: &Scratch, extra: &[&str]) -> Self {
-        Ember::spawn(scratch, extra, Command::new(env!("CARGO_BIN_EXE_ember")))
+        let serial = format!("file:{}", scratch.path("console").display());
+        Ember::spawn(
+            scratch,
+            &serial,
+            extra,
+            Command::new(env!("CARGO_BIN_EXE_ember")),
+        )
+    }
+
+    /// Starts `ember` with `--serial serial`; its stdout is a pipe nobody reads.
+    fn start_with_serial(scratch: &Scratch, serial: &str, extra: &[&str]) -> Self {
+        Ember::spawn(
+            scratch,
+            serial,
+            extra,
+            Command::new(env!("CARGO_BIN_EXE_ember")),
+        )
     }
 
     /// Starts ember from a shell that sets the umask first.
@@ -68,17 +84,17 @@ impl Ember {
             .arg("-c")
             .arg(format!("umask {umask} && exec \"$0\" \"$@\""))
             .arg(env!("CARGO_BIN_EXE_ember"));
-        Ember::spawn(scratch, &[], shell)
+        let serial = format!("file:{}", scratch.path("console").display());
+        Ember::spawn(scratch, &serial, &[], shell)
     }
 
-    fn spawn(scratch: &Scratch, extra: &[&str], mut command: Command) -> Self {
+    fn spawn(scratch: &Scratch, serial: &str, extra: &[&str], mut command: Command) -> Self {
         let socket = scratch.path("api.sock");
-        let serial = scratch.path("console");
         let child = command
             .arg("--api-sock")
             .arg(&socket)
             .arg("--serial")
-            .arg(format!("file:{}", serial.display()))
+            .arg(serial)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -621,6 +637,79 @@ fn a_started_guest_is_paused_resumed_measured_and_reset_by_ctrl_alt_del() {
     assert!(!scratch.path("api.sock").exists());
 }
 
+/// Print `x` on COM1 until a key comes on the i8042, then reset through it: a guest that
+/// fills its console as fast as it can until `SendCtrlAltDel`.
+const PRINT_UNTIL_KEY_THEN_RESET: [u8; 20] = [
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'x', 0xee, // loop: print x
+    0xe4, 0x64, 0xa8, 0x01, 0x74, 0xf7, // in al, 0x64; test al, 1; jz loop
+    0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd, // reset through the i8042
+];
+
+#[test]
+fn a_guest_filling_a_console_nobody_reads_is_paused_measured_and_stopped() {
+    let scratch = Scratch::new("stalled-console");
+    // The console on stdout, a pipe this test never reads.
+    let ember = Ember::start_with_serial(&scratch, "stdio", &[]);
+    let kernel = scratch.file("kernel", &tiny_elf(&PRINT_UNTIL_KEY_THEN_RESET));
+    let metrics = scratch.path("metrics.json");
+    let boot = json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"});
+    assert_eq!(ember.put("/boot-source", boot).status, 204);
+    assert_eq!(
+        ember
+            .put("/metrics", json!({"metrics_path": metrics}))
+            .status,
+        204
+    );
+    let response = ember.put("/actions", json!({"action_type": "InstanceStart"}));
+    assert_eq!(response.status, 204, "{}", response.body);
+
+    // Once the pipe and the console's buffer are full, output is dropped and counted.
+    let missed = || prometheus_value(&ember.get("/metrics").body, "ember_uart_missed_write_count");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while missed() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the console never dropped output"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Pause and resume complete at once: no vCPU waits on the console.
+    let started = Instant::now();
+    assert_eq!(ember.patch("/vm", json!({"state": "Paused"})).status, 204);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(ember.get("/").json()["state"], "Paused");
+    assert_eq!(ember.patch("/vm", json!({"state": "Resumed"})).status, 204);
+
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "FlushMetrics"}))
+            .status,
+        204
+    );
+    let text = fs::read_to_string(&metrics).unwrap();
+    let line: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(line["uart"]["missed_write_count"].as_u64().unwrap() > 0);
+    assert!(line["uart"]["write_count"].as_u64().unwrap() > 0);
+    assert_eq!(line["logger"]["missed_metrics_count"], 0);
+
+    // The guest stops, and ember exits, with its stdout still unread.
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "SendCtrlAltDel"}))
+            .status,
+        204
+    );
+    let (code, err) = ember.wait();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("bytes of the guest's output"), "{err}");
+}
+
 #[test]
 fn a_running_drive_takes_a_new_image_and_limits_and_bad_patches_change_nothing() {
     let scratch = Scratch::new("patch");
@@ -1074,7 +1163,8 @@ fn api_latency_under_slowloris() {
 
     let scratch = Scratch::new("measure-slowloris");
     let bin = std::env::var("EMBER_BIN").unwrap_or(env!("CARGO_BIN_EXE_ember").to_string());
-    let ember = Ember::spawn(&scratch, &[], Command::new(bin));
+    let serial = format!("file:{}", scratch.path("console").display());
+    let ember = Ember::spawn(&scratch, &serial, &[], Command::new(bin));
     let mut client = BufReader::new(connect(&ember));
     assert_eq!(ask(&mut client, "GET", "/machine-config").status, 200);
 

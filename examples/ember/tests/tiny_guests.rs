@@ -5,8 +5,9 @@
 //! Linux guests are tested by `scripts/e2e.sh`.
 
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, ExitStatus, Output, Stdio};
 
 use ember_boot::test_utils::{tiny_bzimage, tiny_elf};
 
@@ -185,6 +186,96 @@ fn serial_output_goes_to_a_file_when_asked() {
     assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
     assert_eq!(stdout(&output), "");
     assert_eq!(fs::read_to_string(&console).unwrap(), "to a file\n");
+}
+
+/// Code that prints `count` times the byte `x` on COM1, in a loop.
+fn print_many(count: u32) -> Vec<u8> {
+    let mut code = SET_DX_COM1.to_vec();
+    // mov ecx, count
+    code.push(0xb9);
+    code.extend_from_slice(&count.to_le_bytes());
+    // loop: mov al, 'x'; out dx, al; dec ecx; jnz loop
+    code.extend_from_slice(&[0xb0, b'x', 0xee, 0xff, 0xc9, 0x75, 0xf9]);
+    code
+}
+
+/// Waits for `child` to exit, at most `limit`; kills it and fails past that.
+fn wait_at_most(child: &mut std::process::Child, limit: std::time::Duration) -> ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ember did not exit within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_guest_printing_to_a_stdout_nobody_reads_still_reboots() {
+    let dir = Scratch::new("stalled-stdout");
+    // Twice what the console buffers (64 KiB) and a pipe holds (64 KiB by default) together.
+    let total: u32 = 256 * 1024;
+    let code = [print_many(total), I8042_RESET.to_vec()].concat();
+    let kernel = dir.file("chatty.elf", &tiny_elf(&code));
+    let log = dir.0.join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "32"])
+        .stdin(Stdio::null())
+        // A pipe whose reader never reads.
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_at_most(&mut child, std::time::Duration::from_secs(120));
+    let err = fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "stderr: {err}");
+    assert!(err.contains("i8042"), "{err}");
+    // What the pipe did not take was dropped, and said so.
+    assert!(err.contains("bytes of the guest's output"), "{err}");
+    let mut printed = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut printed)
+        .unwrap();
+    assert!(!printed.is_empty() && printed.len() < total as usize);
+    assert!(printed.iter().all(|&b| b == b'x'));
+}
+
+#[test]
+fn serial_output_file_stops_growing_at_its_cap() {
+    let dir = Scratch::new("serial-cap");
+    let code = [print_many(10_000), I8042_RESET.to_vec()].concat();
+    let kernel = dir.file("chatty.elf", &tiny_elf(&code));
+    let console = dir.file("console.log", b"earlier run\n");
+    let serial = format!("file:{}", console.display());
+    let output = ember_with_kernel(
+        &kernel,
+        &[
+            "--memory",
+            "32",
+            "--serial",
+            &serial,
+            "--serial-max-bytes",
+            "1000",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    // The cap counts what the file held before.
+    let written = fs::read(&console).unwrap();
+    assert_eq!(written.len(), 1000);
+    assert!(written.starts_with(b"earlier run\nxxxx"));
+    assert!(
+        stderr(&output).contains("dropped 9012 bytes"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
