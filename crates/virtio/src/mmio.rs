@@ -27,7 +27,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -432,9 +432,11 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
             return;
         }
         let event_idx = self.driver_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let indirect = self.driver_features & (1u64 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
         let mut queues = self.queues.clone();
         for queue in &mut queues {
             queue.set_event_idx(event_idx);
+            queue.set_indirect(indirect);
         }
         let queue_evts = match self.queue_evts.iter().map(EventFd::try_clone).collect() {
             Ok(evts) => evts,
@@ -524,7 +526,10 @@ mod tests {
     const MEM_SIZE: usize = 0x10000;
     const QUEUE_MAX: u16 = 16;
     const DEVICE_TYPE: u32 = 42;
-    const OFFERED: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | 0b101;
+    const OFFERED: u64 = (1 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        | 0b101;
 
     struct Setup {
         transport: MmioTransport<GuestMemoryMmap<()>, MockDevice>,
@@ -828,6 +833,7 @@ mod tests {
         for (queue, driver) in queues.iter().zip(&s.drivers) {
             assert!(queue.ready());
             assert!(queue.event_idx_enabled());
+            assert!(queue.indirect_enabled());
             assert_eq!(queue.desc_table(), driver.desc_table());
             assert_eq!(queue.avail_ring(), driver.avail_ring());
             assert_eq!(queue.used_ring(), driver.used_ring());
@@ -840,6 +846,14 @@ mod tests {
         start(&mut s, 1 << VIRTIO_F_VERSION_1);
         let seen = s.seen.lock().unwrap();
         assert!(!seen.activations[0].1[0].event_idx_enabled());
+    }
+
+    #[test]
+    fn indirect_descriptors_are_off_when_not_negotiated() {
+        let mut s = setup();
+        start(&mut s, 1 << VIRTIO_F_VERSION_1);
+        let seen = s.seen.lock().unwrap();
+        assert!(seen.activations[0].1.iter().all(|q| !q.indirect_enabled()));
     }
 
     #[test]

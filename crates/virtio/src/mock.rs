@@ -138,12 +138,14 @@ impl MockDriver {
         }
     }
 
-    /// A queue configured with this layout, ready, of maximum size `size`.
+    /// A queue configured with this layout, ready, of maximum size `size`, with
+    /// VIRTIO_RING_F_INDIRECT_DESC negotiated (see [`Queue::set_indirect`]).
     pub fn queue(&self) -> Queue {
         let mut queue = Queue::new(self.size);
         queue.set_desc_table(self.desc_table);
         queue.set_avail_ring(self.avail_ring);
         queue.set_used_ring(self.used_ring);
+        queue.set_indirect(true);
         queue.set_ready(true);
         queue
     }
