@@ -82,7 +82,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ember_rate_limiter::{BucketUpdate, RateLimiter, TokenType};
+use ember_rate_limiter::{BucketUpdate, Clock, MonotonicClock, RateLimiter, TokenType};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_WRITE_ZEROES,
@@ -212,8 +212,9 @@ pub struct Config {
     /// NUL-padded to 20. Longer IDs are refused ([`Error::IdTooLong`]), not cut short, so that
     /// two disks cannot end up with the same ID. It also names the worker thread.
     pub id: String,
-    /// What the device lets through: each request takes one operation, and a read or write its
-    /// data length in bytes. The default lets everything through.
+    /// What the device lets through: each request takes one operation, and a read, a write, a
+    /// discard or a write zeroes the bytes it covers on the disk. The default lets everything
+    /// through.
     pub rate_limiter: RateLimiter,
 }
 
@@ -604,13 +605,16 @@ fn put_config(config: &mut [u8; CONFIG_LEN], offset: usize, bytes: &[u8]) {
 /// [`BlockWorker::process_queue`] is what the worker thread runs on every notification; tests
 /// and benches call it directly.
 ///
-/// Every request goes through the rate limiter first: one operation, and for a read or a write
-/// its data length in bytes. A request the limiter refuses is not lost nor failed: the worker
+/// Every request goes through the rate limiter first: one operation, and the bytes it covers on
+/// the disk (the data of a read or a write, the range of a discard or a write zeroes, which the
+/// host writes or deallocates as surely as a write). A request the limiter refuses is not lost
+/// nor failed: the worker
 /// keeps its chain, stops serving the queue ([`BlockWorker::is_throttled`]) and serves that
 /// chain first when called again, once the limiter's timerfd has fired and
-/// [`RateLimiter::event_handler`] has been called.
-pub struct BlockWorker<M> {
-    server: Server,
+/// [`RateLimiter::event_handler`] has been called. The limiter reads the time from `C`, the
+/// monotonic clock unless a test gives it another.
+pub struct BlockWorker<M, C: Clock = MonotonicClock> {
+    server: Server<C>,
     queue: Queue,
     mem: Arc<M>,
     interrupt: Arc<Interrupt>,
@@ -619,15 +623,15 @@ pub struct BlockWorker<M> {
 
 /// What carries out the requests of a queue: the disk, the rate limiter in front of it, and
 /// the counters.
-struct Server {
+struct Server<C: Clock> {
     disk: Disk,
-    rate_limiter: RateLimiter,
+    rate_limiter: RateLimiter<C>,
     /// The chain the rate limiter held back, served before any other.
     throttled: Option<DescriptorChain>,
     metrics: Arc<BlockMetrics>,
 }
 
-impl<M> fmt::Debug for BlockWorker<M> {
+impl<M, C: Clock + fmt::Debug> fmt::Debug for BlockWorker<M, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlockWorker")
             .field("disk", &self.server.disk)
@@ -638,7 +642,7 @@ impl<M> fmt::Debug for BlockWorker<M> {
     }
 }
 
-impl<M: GuestMemory> BlockWorker<M> {
+impl<M: GuestMemory, C: Clock> BlockWorker<M, C> {
     /// Serves `queue`, which the driver set up in `mem`, from `disk`, as fast as
     /// `rate_limiter` lets it (`RateLimiter::default()` lets everything through), raising
     /// `interrupt`. It counts into counters of its own until given others
@@ -648,7 +652,7 @@ impl<M: GuestMemory> BlockWorker<M> {
         queue: Queue,
         mem: Arc<M>,
         interrupt: Arc<Interrupt>,
-        rate_limiter: RateLimiter,
+        rate_limiter: RateLimiter<C>,
     ) -> Self {
         BlockWorker {
             server: Server {
@@ -737,13 +741,13 @@ impl<M: GuestMemory> BlockWorker<M> {
     }
 
     /// The rate limiter requests go through.
-    pub fn rate_limiter(&self) -> &RateLimiter {
+    pub fn rate_limiter(&self) -> &RateLimiter<C> {
         &self.server.rate_limiter
     }
 
     /// The rate limiter requests go through, to handle its timer's event
     /// ([`RateLimiter::event_handler`]) or change its buckets.
-    pub fn rate_limiter_mut(&mut self) -> &mut RateLimiter {
+    pub fn rate_limiter_mut(&mut self) -> &mut RateLimiter<C> {
         &mut self.server.rate_limiter
     }
 
@@ -769,7 +773,7 @@ impl<M: GuestMemory> BlockWorker<M> {
     }
 
     /// Gives the disk and the rate limiter back.
-    pub fn into_parts(self) -> (Disk, RateLimiter) {
+    pub fn into_parts(self) -> (Disk, RateLimiter<C>) {
         (self.server.disk, self.server.rate_limiter)
     }
 }
@@ -792,7 +796,7 @@ enum Served {
     Throttled,
 }
 
-impl Server {
+impl<C: Clock> Server<C> {
     /// Serves the chain held back, then available chains, until there are none, `served`
     /// reaches [`MAX_BATCH`], or the rate limiter holds one back.
     fn drain<M: GuestMemory>(
@@ -827,19 +831,16 @@ impl Server {
     /// counts it (as [`Disk::handle`], with the limiter and the counters).
     ///
     /// Every chain takes an operation, malformed ones too, so that a driver cannot get round
-    /// an operations limit with requests that fail; a read or a write also takes its data
-    /// length in bytes. Other requests move no data through guest memory beyond an ID.
+    /// an operations limit with requests that fail. A read or a write also takes its data
+    /// length in bytes, and a discard or a write zeroes the length of its range (at most
+    /// [`MAX_DISCARD_SECTORS`] or [`MAX_WRITE_ZEROES_SECTORS`] sectors), so that a throttled
+    /// guest cannot have the host write or deallocate more than its bandwidth allows. Flushes
+    /// and GET_ID move no data through the disk.
     fn serve<M: GuestMemory>(&mut self, mem: &M, chain: &DescriptorChain) -> Served {
         let parsed = Request::parse(chain, mem, self.disk.capacity());
-        let bytes = match &parsed {
-            Ok(request) => match request.request_type() {
-                request::RequestType::In { len, .. } | request::RequestType::Out { len, .. } => {
-                    u64::from(len)
-                }
-                _ => 0,
-            },
-            Err(_) => 0,
-        };
+        let bytes = parsed
+            .as_ref()
+            .map_or(0, |request| disk_bytes(request.request_type()));
         if !self.admit(bytes) {
             inc(&self.metrics.rate_limiter_throttled_events);
             return Served::Throttled;
@@ -868,6 +869,18 @@ impl Server {
             return false;
         }
         true
+    }
+}
+
+/// The bytes a request covers on the disk, which the bandwidth bucket is charged.
+fn disk_bytes(request_type: request::RequestType) -> u64 {
+    use request::RequestType;
+    match request_type {
+        RequestType::In { len, .. } | RequestType::Out { len, .. } => u64::from(len),
+        RequestType::Discard(segment) | RequestType::WriteZeroes(segment) => {
+            u64::from(segment.num_sectors).saturating_mul(SECTOR_SIZE)
+        }
+        RequestType::Flush | RequestType::GetId { .. } => 0,
     }
 }
 
@@ -1489,6 +1502,58 @@ mod tests {
         expected[4 * 512..12 * 512].fill(0);
         expected[20 * 512..28 * 512].fill(0);
         assert_eq!(contents, expected);
+    }
+
+    #[test]
+    fn discards_and_write_zeroes_are_charged_the_bytes_they_cover() {
+        use ember_rate_limiter::ManualClock;
+
+        let image = Image::on_tmpfs();
+        let mem = Arc::new(guest_memory(0x100000).unwrap());
+        let mut driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        let queue = driver.queue();
+        let clock = ManualClock::new(0);
+        // 4 KiB per second, no operations limit.
+        let limiter = RateLimiter::with_clock(bucket(4096, 1000), None, clock.clone()).unwrap();
+        let disk = Disk::open(&image.config(false)).unwrap();
+        assert!(disk.discard_supported(), "tmpfs punches holes");
+        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let mut worker = BlockWorker::new(disk, queue, mem.clone(), interrupt, limiter);
+        let request = |driver: &mut MockDriver, type_: u32, seg: u64, sectors: u32| {
+            write_header(&mem, HDR + seg, type_, 0);
+            let mut bytes = [0u8; 16];
+            bytes[8..12].copy_from_slice(&sectors.to_le_bytes());
+            mem.write_slice(&bytes, GuestAddress(SEG + seg)).unwrap();
+            driver
+                .add_chain(
+                    &*mem,
+                    &[
+                        MockBuffer::readable(HDR + seg, 16),
+                        MockBuffer::readable(SEG + seg, 16),
+                        MockBuffer::writable(STATUS + seg, 1),
+                    ],
+                )
+                .unwrap();
+        };
+        // A discard of 32 sectors (16 KiB) goes on a full bucket, and leaves 12 KiB of debt.
+        request(&mut driver, VIRTIO_BLK_T_DISCARD, 0, 32);
+        // A write zeroes of one sector waits for the debt and its own 512 bytes.
+        request(&mut driver, VIRTIO_BLK_T_WRITE_ZEROES, 0x100, 1);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        assert!(worker.is_throttled());
+        assert_eq!(
+            worker.rate_limiter().retry_after(),
+            Some(Duration::from_millis(3125)),
+            "(12288 + 512) bytes at 4096 bytes per second"
+        );
+        assert_eq!(driver.used_idx(&*mem).unwrap(), 1);
+        assert_eq!(
+            worker
+                .metrics()
+                .rate_limiter_throttled_events
+                .load(Ordering::Relaxed),
+            1
+        );
     }
 
     #[test]
