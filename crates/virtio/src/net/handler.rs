@@ -102,8 +102,9 @@ enum TxOutcome {
 enum RxOutcome {
     /// The frame is in the receive queue.
     Delivered,
-    /// No chain, or no set of chains with MRG_RXBUF, can hold the frame: it is dropped, and the
-    /// chains stay available for the next one.
+    /// No chain, or no set of chains with MRG_RXBUF, can hold the frame within the queue size
+    /// of chains and of descriptors: it is dropped, and the chains stay available for the next
+    /// one.
     TooBig,
     /// The driver has not made room for the frame yet; `seen` is the available index the
     /// handler got to.
@@ -127,8 +128,11 @@ pub struct NetHandler<M, B> {
     rx_frame: Vec<u8>,
     /// The length of the frame in `rx_frame` not yet delivered, if there is one.
     rx_pending: Option<usize>,
-    /// The chains taken for the frame being delivered.
+    /// The chains taken for the frame being delivered: at most the queue size of them, with at
+    /// most the queue size of descriptors among them. Allocated once, for that many chains.
     rx_chains: Vec<DescriptorChain>,
+    /// The used elements of the frame being delivered, one per chain. Allocated once.
+    rx_used: Vec<(u16, u32)>,
     /// Whether the handler waits for the driver to add receive buffers.
     rx_starved: bool,
     /// Whether the driver is asked to notify the receive queue.
@@ -222,6 +226,8 @@ where
                 given,
             });
         };
+        let rx_chains = Vec::with_capacity(usize::from(rx.size()));
+        let rx_used = Vec::with_capacity(usize::from(rx.size()));
         Ok(NetHandler {
             mem,
             backend,
@@ -233,7 +239,8 @@ where
             mrg_rxbuf: has_feature(features, VIRTIO_NET_F_MRG_RXBUF),
             rx_frame: vec![0; MAX_BUFFER_LEN],
             rx_pending: None,
-            rx_chains: Vec::new(),
+            rx_chains,
+            rx_used,
             rx_starved: false,
             // The driver starts with notifications on.
             rx_notify: true,
@@ -650,12 +657,20 @@ where
     /// Places the `len`-byte frame in `rx_frame` in the receive queue. Chains are taken only
     /// when the whole frame fits: otherwise the queue is wound back to where it was, so that
     /// the chains stay available.
+    ///
+    /// With MRG_RXBUF a frame takes only as many chains as its bytes need, and never more than
+    /// the queue size of chains nor of descriptors, indirect ones included; a frame that needs
+    /// more is [`RxOutcome::TooBig`]. So one frame reads at most a few queue sizes of
+    /// descriptors, and holds no more than a queue size of them in `rx_chains`, whatever the
+    /// driver put in the ring.
     fn deliver(&mut self, len: usize) -> queue::Result<RxOutcome> {
         let mem = &*self.mem;
         let start = self.rx.next_avail();
         let max_chains = usize::from(self.rx.size());
+        let max_descriptors = usize::from(self.rx.size());
         self.rx_chains.clear();
         let mut room = 0usize;
+        let mut descriptors = 0usize;
         while room < len {
             if self.rx_chains.len() >= max_chains || (!self.mrg_rxbuf && !self.rx_chains.is_empty())
             {
@@ -669,6 +684,12 @@ where
                 self.rx.set_next_avail(start);
                 return Ok(RxOutcome::NoBuffers { seen });
             };
+            descriptors = descriptors.saturating_add(chain.descriptors().len());
+            if descriptors > max_descriptors {
+                self.rx_chains.clear();
+                self.rx.set_next_avail(start);
+                return Ok(RxOutcome::TooBig);
+            }
             let chain_room = usize::try_from(chain.writable_len()).unwrap_or(usize::MAX);
             room = room.saturating_add(chain_room);
             self.rx_chains.push(chain);
@@ -683,20 +704,20 @@ where
             field.copy_from_slice(&num_buffers.to_le_bytes());
         }
         let frame = self.rx_frame.get(..len).unwrap_or_default();
-        let mut used = Vec::with_capacity(self.rx_chains.len());
+        self.rx_used.clear();
         let mut offset = 0usize;
         for chain in &self.rx_chains {
             let rest = frame.get(offset..).unwrap_or_default();
             let written = chain.write_from(mem, rest)?;
             offset = offset.saturating_add(written);
             // At most the chain's writable length, which is a u32.
-            used.push((
+            self.rx_used.push((
                 chain.head_index(),
                 u32::try_from(written).unwrap_or(u32::MAX),
             ));
         }
         self.rx_chains.clear();
-        self.rx.add_used_batch(mem, &used)?;
+        self.rx.add_used_batch(mem, &self.rx_used)?;
         Ok(RxOutcome::Delivered)
     }
 
@@ -1375,6 +1396,38 @@ mod tests {
         }
         assert_eq!(rig.read_guest(a.1 + 10, 2), [3, 0], "num_buffers");
         assert_eq!(rig.read_guest(c.1, 1808), received[8192..]);
+    }
+
+    #[test]
+    fn with_mrg_rxbuf_a_frame_takes_at_most_the_queue_size_of_descriptors() {
+        let mut rig = rig(VERSION_1 | MRG_RXBUF);
+        // Three chains, each an indirect table of 100 buffers of 64 bytes: 6400 bytes.
+        let mut heads = Vec::new();
+        for _ in 0..3 {
+            let buffers: Vec<MockBuffer> = (0..100)
+                .map(|_| MockBuffer::writable(rig.alloc(64), 64))
+                .collect();
+            let table = rig.alloc(16 * buffers.len());
+            let head = rig
+                .rx
+                .add_indirect_chain(&*rig.mem, GuestAddress(table), &buffers)
+                .unwrap();
+            heads.push(head);
+        }
+        // 300 descriptors would hold this frame: more than the queue's 256.
+        rig.peer.send(&frame(3 * 6400, 18)).unwrap();
+        // Two chains, 200 descriptors, hold this one.
+        rig.peer.send(&frame(2 * 6400, 19)).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.handler.rx_dropped(), 1);
+        assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 2);
+        for (i, head) in heads.iter().take(2).enumerate() {
+            let idx = u16::try_from(i).unwrap();
+            assert_eq!(
+                rig.rx.used_elem(&*rig.mem, idx).unwrap(),
+                (u32::from(*head), 6400)
+            );
+        }
     }
 
     #[test]
