@@ -1557,6 +1557,82 @@ mod tests {
     }
 
     #[test]
+    fn calls_and_pauses_are_served_within_a_few_batches_while_the_ring_stays_full() {
+        let image = Image::on_tmpfs();
+        let mem = Arc::new(guest_memory(0x100000).unwrap());
+        let mut driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        // Every entry of the ring is a GET_ID, which costs the device no system call.
+        write_header(&mem, HDR, VIRTIO_BLK_T_GET_ID, 0);
+        let request = [hdr(), MockBuffer::writable(DATA, 20), status()];
+        for _ in 0..QUEUE_SIZE {
+            driver
+                .add_indirect_chain(&*mem, GuestAddress(TABLE), &request)
+                .unwrap();
+        }
+        let queue = driver.queue();
+        queue.validate(&*mem).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let disk = Disk::open(&image.config(false)).unwrap();
+        let handler = BlockHandler {
+            worker: BlockWorker::new(disk, queue, mem.clone(), interrupt, RateLimiter::default()),
+            queue_evt: kick.try_clone().unwrap(),
+            id: "storm".into(),
+            broken: false,
+        };
+        let gate = WorkerGate::new();
+        let worker = Worker::spawn("test-blk-storm".into(), handler, &gate).unwrap();
+
+        // The guest hands every chain back as soon as it is used, and notifies without end.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guest = {
+            let (mem, mut driver, stop) = (mem.clone(), driver.clone(), stop.clone());
+            let kick = kick.try_clone().unwrap();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    driver.refill(&*mem).unwrap();
+                    let _ = kick.write(1);
+                    std::thread::yield_now();
+                }
+            })
+        };
+        kick.write(1).unwrap();
+        while driver.used_idx(&*mem).unwrap() == 0 {
+            std::thread::yield_now();
+        }
+        // At most the batch under way and one more for each of the two events that can come
+        // first out of epoll: the bound holds whatever the timing.
+        let bound = 3 * MAX_BATCH;
+        for _ in 0..3 {
+            let before = driver.used_idx(&*mem).unwrap();
+            let at = worker.call(|h, _| h.worker.queue().next_used()).unwrap();
+            assert!(usize::from(at.wrapping_sub(before)) <= bound);
+        }
+        let before = driver.used_idx(&*mem).unwrap();
+        gate.pause().unwrap();
+        let paused_at = driver.used_idx(&*mem).unwrap();
+        assert!(usize::from(paused_at.wrapping_sub(before)) <= bound);
+        // Paused, it serves nothing however full the ring.
+        assert_eq!(
+            worker.call(|h, _| h.worker.queue().next_used()).unwrap(),
+            paused_at
+        );
+        gate.resume().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        guest.join().unwrap();
+        let handler = worker.stop().unwrap();
+        assert!(!handler.broken);
+        assert!(
+            handler
+                .worker
+                .metrics()
+                .queue_event_count
+                .load(Ordering::Relaxed)
+                > 0
+        );
+    }
+
+    #[test]
     fn write_zeroes_reads_back_as_zeroes_where_zero_range_is_refused() {
         // tmpfs refuses FALLOC_FL_ZERO_RANGE: the device writes zeroes itself.
         check_write_zeroes(&Image::on_tmpfs());

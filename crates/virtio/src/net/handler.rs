@@ -610,11 +610,14 @@ where
 
     /// Reads the next frame from the backend into `rx_frame`: its length, or `None` when the
     /// backend has none. Malformed frames are dropped here.
+    ///
+    /// It drops at most [`RX_BUDGET`] malformed frames per call, then returns `None` with the
+    /// backend still readable, so that the worker comes back after its other events.
     fn read_frame(&mut self) -> Option<usize> {
         if self.backend_failed {
             return None;
         }
-        loop {
+        for _ in 0..RX_BUDGET {
             let read = self.backend.read_frame(&mut self.rx_frame);
             if read.is_ok() {
                 inc(&self.metrics.rx_count);
@@ -641,6 +644,7 @@ where
                 }
             }
         }
+        None
     }
 
     fn drop_rx(&mut self, why: fmt::Arguments<'_>) {
@@ -1428,6 +1432,92 @@ mod tests {
                 (u32::from(*head), 6400)
             );
         }
+    }
+
+    #[test]
+    fn calls_and_pauses_are_served_within_a_few_budgets_while_both_directions_flood() {
+        use crate::mock::EndlessNetwork;
+        use crate::worker::Worker;
+        use std::sync::atomic::AtomicBool;
+
+        let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
+        let mut rx = MockDriver::new(QUEUE_SIZE, GuestAddress(RX_RING));
+        let mut tx = MockDriver::new(QUEUE_SIZE, GuestAddress(TX_RING));
+        // One receive buffer too small for any frame of the network, which never runs dry:
+        // every frame read is dropped, and the buffer stays.
+        rx.add_chain(&*mem, &[MockBuffer::writable(BUFFERS, 20)])
+            .unwrap();
+        // A transmit ring full of frames, which the guest offers again as soon as they are
+        // used.
+        for _ in 0..QUEUE_SIZE {
+            tx.add_chain(&*mem, &[MockBuffer::readable(BUFFERS + 0x1000, 60)])
+                .unwrap();
+        }
+        let (rx_kick, tx_kick) = (
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        let params = ActivateParams {
+            mem: mem.clone(),
+            features: VERSION_1,
+            queues: vec![rx.queue(), tx.queue()],
+            queue_evts: vec![rx_kick.try_clone().unwrap(), tx_kick.try_clone().unwrap()],
+            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+            gate: WorkerGate::new(),
+        };
+        let handler = NetHandler::new(
+            EndlessNetwork::new(100).unwrap(),
+            NetRateLimiters::default(),
+            params,
+        )
+        .unwrap();
+        let metrics = handler.metrics().clone();
+        let gate = WorkerGate::new();
+        let worker = Worker::spawn("test-net-storm".into(), handler, &gate).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let guest = {
+            let (mem, mut tx, stop) = (mem.clone(), tx.clone(), stop.clone());
+            let kick = tx_kick.try_clone().unwrap();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    tx.refill(&*mem).unwrap();
+                    let _ = kick.write(1);
+                    std::thread::yield_now();
+                }
+            })
+        };
+        tx_kick.write(1).unwrap();
+        while tx.used_idx(&*mem).unwrap() == 0 || metrics.rx_fails.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        let dropped = || metrics.rx_fails.load(Ordering::Relaxed);
+        for _ in 0..3 {
+            let (sent, received) = (tx.used_idx(&*mem).unwrap(), dropped());
+            let (sent_at, received_at) = worker
+                .call(|h, _| {
+                    (
+                        h.tx.next_used(),
+                        h.metrics().rx_fails.load(Ordering::Relaxed),
+                    )
+                })
+                .unwrap();
+            assert!(usize::from(sent_at.wrapping_sub(sent)) <= 3 * TX_BUDGET);
+            assert!(received_at - received <= 3 * RX_BUDGET as u64);
+        }
+        let (sent, received) = (tx.used_idx(&*mem).unwrap(), dropped());
+        gate.pause().unwrap();
+        let (sent_at, received_at) = (tx.used_idx(&*mem).unwrap(), dropped());
+        assert!(usize::from(sent_at.wrapping_sub(sent)) <= 3 * TX_BUDGET);
+        assert!(received_at - received <= 3 * RX_BUDGET as u64);
+        // Paused, it moves nothing.
+        assert_eq!(worker.call(|h, _| h.tx.next_used()).unwrap(), sent_at);
+        assert_eq!(dropped(), received_at);
+        gate.resume().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        guest.join().unwrap();
+        let handler = worker.stop().unwrap();
+        assert!(!handler.is_broken());
+        assert_eq!(rx.used_idx(&*mem).unwrap(), 0, "no frame fit the buffer");
     }
 
     #[test]
