@@ -383,17 +383,9 @@ where
                 .disable_notification(&*self.mem)
                 .map_err(Error::tx)?;
             loop {
-                let (chain, paid) = match self.tx_pending.take() {
-                    Some(chain) => (chain, std::mem::take(&mut self.tx_paid)),
-                    None => match self.tx.pop(&*self.mem).map_err(Error::tx)? {
-                        Some(chain) => (chain, false),
-                        None => break,
-                    },
-                };
                 if sent >= TX_BUDGET {
-                    // Come back after the other events; notifications stay off meanwhile.
-                    self.tx_pending = Some(chain);
-                    self.tx_paid = paid;
+                    // Come back after the other events; notifications stay off meanwhile. No
+                    // chain is held, so that the backend is not watched for room as well.
                     if let Err(err) = self.tx_evt.write(1) {
                         inc(&self.metrics.event_fails);
                         log::error!(
@@ -402,6 +394,13 @@ where
                     }
                     return Ok(());
                 }
+                let (chain, paid) = match self.tx_pending.take() {
+                    Some(chain) => (chain, std::mem::take(&mut self.tx_paid)),
+                    None => match self.tx.pop(&*self.mem).map_err(Error::tx)? {
+                        Some(chain) => (chain, false),
+                        None => break,
+                    },
+                };
                 if !paid && !self.pay_tx(&chain) {
                     // Notifications stay off: the transmit limiter's timer resumes.
                     self.tx_pending = Some(chain);
