@@ -79,8 +79,9 @@ pub mod request;
 use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ember_rate_limiter::{BucketUpdate, Clock, MonotonicClock, RateLimiter, TokenType};
 use virtio_bindings::virtio_blk::{
@@ -100,7 +101,7 @@ pub use request::{STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
 use crate::device::{ActivateError, ActivateParams, Interrupt, VirtioDevice, read_config_bytes};
 use crate::queue::{self, DescriptorChain, Queue};
-use crate::worker::{EventHandler, EventOps, Worker};
+use crate::worker::{EventHandler, EventOps, Reply, Worker};
 use metrics::inc;
 use request::Request;
 
@@ -195,6 +196,9 @@ pub enum Error {
     /// new device can replace it.
     #[error("The block device lost its disk when its worker thread stopped")]
     Lost,
+    /// A new disk was not opened with the device's read-only flag and ID.
+    #[error("The new disk was not opened with the block device's read-only flag and ID")]
+    DiskMismatch,
 }
 
 /// Result of setting up or changing a block device.
@@ -223,7 +227,10 @@ pub struct Block {
     id: String,
     read_only: bool,
     features: u64,
+    /// The configuration space, but for the capacity, which `capacity` holds.
     config_space: [u8; CONFIG_LEN],
+    /// The capacity in sectors, which the worker changes when it takes a new disk.
+    capacity: Arc<AtomicU64>,
     state: State,
     metrics: Arc<BlockMetrics>,
 }
@@ -241,8 +248,6 @@ enum State {
     },
     Active {
         worker: Box<dyn ActiveWorker>,
-        /// The device's interrupt, for configuration changes.
-        interrupt: Arc<Interrupt>,
     },
     /// The worker thread panicked and took the disk with it.
     Lost,
@@ -281,6 +286,7 @@ impl Block {
             read_only: config.read_only,
             features: features(&disk),
             config_space: config_space(&disk),
+            capacity: Arc::new(AtomicU64::new(disk.capacity())),
             state: State::Ready {
                 disk,
                 rate_limiter: config.rate_limiter,
@@ -304,103 +310,95 @@ impl Block {
         matches!(self.state, State::Active { .. })
     }
 
+    /// Whether the guest may only read the disk.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
     /// The disk's size in 512-byte sectors, as the driver reads it in the configuration space.
     pub fn capacity(&self) -> u64 {
-        let mut capacity = [0u8; 8];
-        let end = CONFIG_CAPACITY.saturating_add(capacity.len());
-        if let Some(field) = self.config_space.get(CONFIG_CAPACITY..end) {
-            capacity.copy_from_slice(field);
-        }
-        u64::from_le_bytes(capacity)
+        self.capacity.load(Ordering::Acquire)
     }
 
     /// Changes the rate limiter's buckets; a bucket given [`BucketUpdate::None`] keeps its
-    /// state (tokens, debt and burst). On an active device the change is made on the worker
-    /// thread, between two events, and a request the old limits held back is retried at once
-    /// under the new ones; otherwise it is kept for the next activation. Counted in
-    /// `update_count`, or `update_fails`.
+    /// state (tokens, debt and burst). On an active device the change is handed to the worker
+    /// thread, which makes it between two events (a request the old limits held back is then
+    /// retried at once under the new ones); otherwise it is kept for the next activation.
+    /// Counted in `update_count`, or `update_fails`.
+    ///
+    /// It never waits for the worker: the caller waits on the [`PendingUpdate`] it returns,
+    /// after it released whatever lock it holds the device under (the transport, which vCPUs
+    /// take).
     ///
     /// # Errors
     ///
-    /// [`Error::Worker`] when the worker thread does not answer, [`Error::Lost`] when the device
-    /// lost its rate limiter with a worker that panicked.
+    /// [`Error::Worker`] when the worker thread is gone, [`Error::Lost`] when the device lost
+    /// its rate limiter with a worker that panicked.
     pub fn update_rate_limiter(
         &mut self,
         bandwidth: BucketUpdate,
         ops: BucketUpdate,
-    ) -> Result<()> {
-        let result = match &mut self.state {
+    ) -> Result<PendingUpdate> {
+        let pending = match &mut self.state {
             State::Ready { rate_limiter, .. } => {
                 rate_limiter.update_buckets(bandwidth, ops);
-                Ok(())
+                inc(&self.metrics.update_count);
+                Ok(PendingUpdate::done(&self.metrics))
             }
             State::Active { worker, .. } => worker
                 .update_rate_limiter(bandwidth, ops)
+                .map(|reply| PendingUpdate::waiting(reply, &self.metrics))
                 .map_err(Error::Worker),
             State::Lost => Err(Error::Lost),
         };
-        self.count_update(&result);
-        result
+        if pending.is_err() {
+            inc(&self.metrics.update_fails);
+        }
+        pending
     }
 
-    /// Replaces the disk with the image at `path`, opened as [`Block::new`] opens one, with the
-    /// device's read-only flag and ID. On an active device the new disk takes over on the worker
-    /// thread between two requests (a request the rate limiter holds back is checked again
-    /// against the new capacity), and the driver is told through a configuration change
-    /// interrupt to read the new capacity. The features stay as negotiated: if the new image
-    /// cannot punch holes where the old one could, discards complete with UNSUPP. Counted in
-    /// `update_count`, or `update_fails`.
+    /// Replaces the disk with `disk`, which the caller opened with [`Disk::open_image`] and the
+    /// device's [`read_only`](Block::read_only) flag and [`id`](Block::id), so that no lock on
+    /// the device is held while a slow file system opens it. On an active device the worker
+    /// thread takes the new disk between two requests (a request the rate limiter holds back is
+    /// checked again against the new capacity), then sets the new capacity and tells the driver
+    /// through a configuration change interrupt. The features stay as negotiated: if the new
+    /// image cannot punch holes where the old one could, discards complete with UNSUPP.
+    /// Counted in `update_count`, or `update_fails`.
+    ///
+    /// It never waits for the worker: the caller waits on the [`PendingUpdate`] it returns,
+    /// after it released whatever lock it holds the device under; the old disk is closed then,
+    /// on the caller's thread.
     ///
     /// # Errors
     ///
-    /// As [`Disk::open`] when the new image cannot be used (the old one stays);
-    /// [`Error::Worker`] when the worker thread does not answer, [`Error::Lost`] when the device
-    /// lost its disk with a worker that panicked.
-    pub fn update_disk(&mut self, path: &Path) -> Result<()> {
-        let result = self.replace_disk(path);
-        self.count_update(&result);
-        result
+    /// [`Error::DiskMismatch`] when `disk` was opened read-write for a read-only device, or
+    /// with another ID (the old disk stays); [`Error::Worker`] when the worker thread is gone,
+    /// [`Error::Lost`] when the device lost its disk with a worker that panicked.
+    pub fn update_disk(&mut self, disk: Disk) -> Result<PendingUpdate> {
+        let pending = self.replace_disk(disk);
+        if pending.is_err() {
+            inc(&self.metrics.update_fails);
+        }
+        pending
     }
 
-    fn replace_disk(&mut self, path: &Path) -> Result<()> {
-        if matches!(self.state, State::Lost) {
-            return Err(Error::Lost);
+    fn replace_disk(&mut self, disk: Disk) -> Result<PendingUpdate> {
+        if disk.read_only() != self.read_only || disk.id() != &disk::id_bytes(&self.id)? {
+            return Err(Error::DiskMismatch);
         }
-        let disk = Disk::open_image(path, self.read_only, &self.id)?;
-        let capacity = disk.capacity();
-        let interrupt = match &mut self.state {
+        match &mut self.state {
             State::Ready { disk: old, .. } => {
+                self.capacity.store(disk.capacity(), Ordering::Release);
                 *old = disk;
-                None
+                inc(&self.metrics.update_count);
+                Ok(PendingUpdate::done(&self.metrics))
             }
-            State::Active { worker, interrupt } => {
-                // The old disk is closed here, once the worker no longer uses it.
-                drop(worker.replace_disk(disk).map_err(Error::Worker)?);
-                Some(interrupt.clone())
-            }
-            State::Lost => return Err(Error::Lost),
-        };
-        put_config(
-            &mut self.config_space,
-            CONFIG_CAPACITY,
-            &capacity.to_le_bytes(),
-        );
-        if let Some(interrupt) = interrupt {
-            if let Err(err) = interrupt.signal_config_change() {
-                inc(&self.metrics.event_fails);
-                log::error!(
-                    "The block device {} cannot tell the driver its new capacity: {err}",
-                    self.id
-                );
-            }
-        }
-        Ok(())
-    }
-
-    fn count_update(&self, result: &Result<()>) {
-        match result {
-            Ok(()) => inc(&self.metrics.update_count),
-            Err(_) => inc(&self.metrics.update_fails),
+            State::Active { worker, .. } => worker
+                .replace_disk(disk, self.capacity.clone())
+                .map(|reply| PendingUpdate::waiting(reply, &self.metrics))
+                .map_err(Error::Worker),
+            State::Lost => Err(Error::Lost),
         }
     }
 
@@ -441,7 +439,9 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
         if !config_range_ok(offset, data.len()) {
             inc(&self.metrics.cfg_fails);
         }
-        read_config_bytes(&self.config_space, offset, data);
+        let mut config = self.config_space;
+        put_config(&mut config, CONFIG_CAPACITY, &self.capacity().to_le_bytes());
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -502,7 +502,7 @@ impl Block {
             return Err(ActivateError::AlreadyActive);
         };
         let handler = BlockHandler {
-            worker: BlockWorker::new(disk, queue, mem, interrupt.clone(), rate_limiter)
+            worker: BlockWorker::new(disk, queue, mem, interrupt, rate_limiter)
                 .with_metrics(self.metrics.clone()),
             queue_evt,
             id: self.id.clone(),
@@ -517,7 +517,6 @@ impl Block {
             Ok(worker) => {
                 self.state = State::Active {
                     worker: Box::new(worker),
-                    interrupt,
                 };
                 Ok(())
             }
@@ -1031,6 +1030,52 @@ impl<M: GuestMemory + Send + Sync + 'static> BlockHandler<M> {
     }
 }
 
+/// A change handed to a block device's worker thread ([`Block::update_disk`],
+/// [`Block::update_rate_limiter`]), to wait for once the device's lock is released.
+#[derive(Debug)]
+#[must_use = "the change may still be under way, and may fail"]
+pub struct PendingUpdate {
+    /// The worker's answer, with the disk it no longer uses; `None` when the change is made.
+    reply: Option<Reply<Option<Disk>>>,
+    metrics: Arc<BlockMetrics>,
+}
+
+impl PendingUpdate {
+    fn done(metrics: &Arc<BlockMetrics>) -> Self {
+        PendingUpdate {
+            reply: None,
+            metrics: metrics.clone(),
+        }
+    }
+
+    fn waiting(reply: Reply<Option<Disk>>, metrics: &Arc<BlockMetrics>) -> Self {
+        PendingUpdate {
+            reply: Some(reply),
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// Waits until the worker made the change, and closes the disk it replaced. The change is
+    /// made whether or not this is called.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Worker`] when the worker thread ended before it made the change.
+    pub fn wait(self) -> Result<()> {
+        let Some(reply) = self.reply else {
+            return Ok(());
+        };
+        match reply.wait() {
+            // The old disk, if any, is closed here, on the caller's thread.
+            Ok(_old) => Ok(()),
+            Err(err) => {
+                inc(&self.metrics.update_fails);
+                Err(Error::Worker(err))
+            }
+        }
+    }
+}
+
 /// An error and its sources, as one line.
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut line = err.to_string();
@@ -1048,12 +1093,17 @@ trait ActiveWorker: Send {
     /// Stops the thread and gives the disk and the rate limiter back.
     fn stop(self: Box<Self>) -> io::Result<(Disk, RateLimiter)>;
 
-    /// Changes the rate limiter's buckets on the worker thread.
-    fn update_rate_limiter(&self, bandwidth: BucketUpdate, ops: BucketUpdate) -> io::Result<()>;
+    /// Has the worker thread change the rate limiter's buckets.
+    fn update_rate_limiter(
+        &self,
+        bandwidth: BucketUpdate,
+        ops: BucketUpdate,
+    ) -> io::Result<Reply<Option<Disk>>>;
 
-    /// Serves the requests from `disk` from now on, and gives back the disk they were served
-    /// from.
-    fn replace_disk(&self, disk: Disk) -> io::Result<Disk>;
+    /// Has the worker thread serve the requests from `disk` from now on, store its capacity in
+    /// `capacity` and tell the driver; the reply gives back the disk they were served from.
+    fn replace_disk(&self, disk: Disk, capacity: Arc<AtomicU64>)
+    -> io::Result<Reply<Option<Disk>>>;
 }
 
 impl<M: GuestMemory + Send + Sync + 'static> ActiveWorker for Worker<BlockHandler<M>> {
@@ -1061,19 +1111,44 @@ impl<M: GuestMemory + Send + Sync + 'static> ActiveWorker for Worker<BlockHandle
         Worker::stop(*self).map(|handler| handler.worker.into_parts())
     }
 
-    fn update_rate_limiter(&self, bandwidth: BucketUpdate, ops: BucketUpdate) -> io::Result<()> {
+    fn update_rate_limiter(
+        &self,
+        bandwidth: BucketUpdate,
+        ops: BucketUpdate,
+    ) -> io::Result<Reply<Option<Disk>>> {
         // A blocked limiter re-arms its timer to fire at once, so that a request held back
         // under the old limits is retried under the new ones.
-        self.call(move |handler, _| {
+        self.post(move |handler, _| {
             handler
                 .worker
                 .rate_limiter_mut()
                 .update_buckets(bandwidth, ops);
+            inc(&handler.worker.metrics().update_count);
+            None
         })
     }
 
-    fn replace_disk(&self, disk: Disk) -> io::Result<Disk> {
-        self.call(move |handler, _| handler.worker.replace_disk(disk))
+    fn replace_disk(
+        &self,
+        disk: Disk,
+        capacity: Arc<AtomicU64>,
+    ) -> io::Result<Reply<Option<Disk>>> {
+        self.post(move |handler, _| {
+            let new_capacity = disk.capacity();
+            let old = handler.worker.replace_disk(disk);
+            // The capacity the driver reads changes with the disk, before it is told.
+            capacity.store(new_capacity, Ordering::Release);
+            let metrics = handler.worker.metrics().clone();
+            inc(&metrics.update_count);
+            if let Err(err) = handler.worker.interrupt.signal_config_change() {
+                inc(&metrics.event_fails);
+                log::error!(
+                    "The block device {} cannot tell the driver its new capacity: {err}",
+                    handler.id
+                );
+            }
+            Some(old)
+        })
     }
 }
 
@@ -2203,6 +2278,8 @@ mod tests {
         // Lifting the operations limit lets every request through, in order, at once.
         block
             .update_rate_limiter(BucketUpdate::None, BucketUpdate::Disabled)
+            .unwrap()
+            .wait()
             .unwrap();
         wait_until("every request to complete", || {
             a.driver.used_idx(&*a.mem).unwrap() == u16::try_from(N).unwrap()
@@ -2242,6 +2319,8 @@ mod tests {
         };
         block
             .update_rate_limiter(bandwidth.into(), BucketUpdate::None)
+            .unwrap()
+            .wait()
             .unwrap();
         let mut b = activate(&mut block);
         submit_through_worker(
@@ -2258,6 +2337,8 @@ mod tests {
         // No operation limit: the read goes, under the byte limit.
         block
             .update_rate_limiter(BucketUpdate::None, BucketUpdate::Disabled)
+            .unwrap()
+            .wait()
             .unwrap();
         assert_eq!(finish_through_worker(&mut b), STATUS_OK);
         assert_eq!(b.driver.used_elem(&*b.mem, 0).unwrap().1, 513);
@@ -2279,7 +2360,7 @@ mod tests {
         assert_eq!(finish_through_worker(&mut a), STATUS_IOERR);
 
         let generation = a.interrupt.config_generation();
-        block.update_disk(&bigger.path).unwrap();
+        swap_disk(&mut block, &bigger.path).unwrap();
         assert_eq!(block.capacity(), 2 * SECTORS);
         let config = config_of(&block);
         assert_eq!(
@@ -2294,12 +2375,12 @@ mod tests {
         // What is not a disk leaves the device as it was.
         let missing = std::env::temp_dir().join("ember-blk-test-no-such-image");
         assert!(matches!(
-            block.update_disk(&missing),
+            swap_disk(&mut block, &missing),
             Err(Error::Open { .. })
         ));
         let odd = Image::new(&std::env::temp_dir(), 1000);
         assert!(matches!(
-            block.update_disk(&odd.path),
+            swap_disk(&mut block, &odd.path),
             Err(Error::SizeNotSectorMultiple { size: 1000, .. })
         ));
         assert_eq!(block.capacity(), 2 * SECTORS);
@@ -2307,15 +2388,87 @@ mod tests {
 
         // While reset, the image changes with no interrupt, and the next activation uses it.
         VirtioDevice::<Mem>::reset(&mut block);
-        block.update_disk(&image.path).unwrap();
+        swap_disk(&mut block, &image.path).unwrap();
         assert_eq!(block.capacity(), SECTORS);
         assert_eq!(a.irq.read().unwrap_err().kind(), io::ErrorKind::WouldBlock);
         let mut b = activate(&mut block);
         assert_eq!(read_sector_through_worker(&mut b, 5), pattern(5, 1));
         let metrics = block.metrics();
         assert_eq!(metrics.get("update_count"), Some(2));
-        assert_eq!(metrics.get("update_fails"), Some(2));
+        // An image that cannot be opened never reaches the device.
+        assert_eq!(metrics.get("update_fails"), Some(0));
         VirtioDevice::<Mem>::reset(&mut block);
+    }
+
+    /// Opens the image at `path` as a VMM does, without the device, and hands it over.
+    fn swap_disk(block: &mut Block, path: &Path) -> Result<()> {
+        let disk = Disk::open_image(path, block.read_only(), block.id())?;
+        block.update_disk(disk)?.wait()
+    }
+
+    #[test]
+    fn update_disk_hands_the_disk_over_without_waiting_for_a_busy_worker() {
+        let image = Image::on_tmpfs();
+        let bigger = Image::new(&std::env::temp_dir(), 2 * SECTORS * SECTOR_SIZE);
+        let mut block = Block::new(image.config(false)).unwrap();
+        let mem = Arc::new(guest_memory(0x100000).unwrap());
+        let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        let irqs = CountingTrigger::default();
+        let interrupt = Arc::new(Interrupt::new(irqs.clone()));
+        let State::Ready { disk, rate_limiter } = std::mem::replace(&mut block.state, State::Lost)
+        else {
+            panic!("a new device holds its disk");
+        };
+        let handler = BlockHandler {
+            worker: BlockWorker::new(disk, driver.queue(), mem, interrupt, rate_limiter)
+                .with_metrics(block.metrics().clone()),
+            queue_evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            id: "busy".into(),
+            broken: false,
+        };
+        let worker = Worker::spawn("test-blk-busy".into(), handler, &WorkerGate::new()).unwrap();
+        // The worker is stuck (in a slow write, say) until told to go on.
+        let (go_on, stuck) = std::sync::mpsc::channel::<()>();
+        let busy = worker
+            .post(move |_, _| {
+                let _ = stuck.recv();
+            })
+            .unwrap();
+        block.state = State::Active {
+            worker: Box::new(worker),
+        };
+
+        // Handing the disk and the limits over returns at once: a VMM releases the transport
+        // before it waits.
+        let disk = Disk::open_image(&bigger.path, false, block.id()).unwrap();
+        let swapped = block.update_disk(disk).unwrap();
+        let limited = block
+            .update_rate_limiter(BucketUpdate::None, BucketUpdate::Disabled)
+            .unwrap();
+        assert_eq!(block.capacity(), SECTORS, "not yet taken over");
+        assert_eq!(irqs.count(), 0);
+        go_on.send(()).unwrap();
+        busy.wait().unwrap();
+        swapped.wait().unwrap();
+        limited.wait().unwrap();
+        assert_eq!(block.capacity(), 2 * SECTORS);
+        assert_eq!(config_of(&block)[..8], (2 * SECTORS).to_le_bytes());
+        assert_eq!(irqs.count(), 1, "one configuration change interrupt");
+        assert_eq!(block.metrics().get("update_count"), Some(2));
+        VirtioDevice::<Mem>::reset(&mut block);
+        assert!(!block.is_active());
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let path = std::env::temp_dir().join(format!("ember-blk-fifo-{}", std::process::id()));
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c_path` is a NUL-terminated path that lives across the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Opened read-only, a FIFO with no writer would block the opener for ever.
+        let result = Disk::open_image(&path, true, "fifo");
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(result, Err(Error::NotADisk { .. })));
     }
 
     #[test]
@@ -2325,7 +2478,18 @@ mod tests {
         let before = other.contents();
         let mut block = Block::new(image.config(true)).unwrap();
         let features = VirtioDevice::<Mem>::features(&block);
-        block.update_disk(&other.path).unwrap();
+        // A disk opened read-write, or under another ID, is refused.
+        let writable = Disk::open_image(&other.path, false, block.id()).unwrap();
+        assert!(matches!(
+            block.update_disk(writable),
+            Err(Error::DiskMismatch)
+        ));
+        let renamed = Disk::open_image(&other.path, true, "other").unwrap();
+        assert!(matches!(
+            block.update_disk(renamed),
+            Err(Error::DiskMismatch)
+        ));
+        swap_disk(&mut block, &other.path).unwrap();
         assert_eq!(VirtioDevice::<Mem>::features(&block), features);
         let mut a = activate(&mut block);
         a.mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
