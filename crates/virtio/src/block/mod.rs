@@ -126,6 +126,10 @@ pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
 /// The most chains [`BlockWorker::process_queue`] serves in one call, so that a driver that
 /// keeps the queue full cannot keep the worker from its other events.
 pub const MAX_BATCH: usize = QUEUE_SIZE as usize;
+/// The bytes on the disk after which [`BlockWorker::process_queue`] stops serving chains in
+/// one call (the request that crosses it completes): 64 MiB, so that a batch of the largest
+/// requests cannot keep the worker from its other events for long either.
+pub const MAX_BATCH_BYTES: u64 = 64 << 20;
 /// Length of the configuration space: `struct virtio_blk_config` up to and including the write
 /// zeroes fields.
 pub const CONFIG_LEN: usize = 60;
@@ -618,6 +622,8 @@ pub struct BlockWorker<M, C: Clock = MonotonicClock> {
     mem: Arc<M>,
     interrupt: Arc<Interrupt>,
     irq_error_logged: bool,
+    /// Whether the last call stopped on its budget, with chains maybe left.
+    budget_spent: bool,
 }
 
 /// What carries out the requests of a queue: the disk, the rate limiter in front of it, and
@@ -664,6 +670,7 @@ impl<M: GuestMemory, C: Clock> BlockWorker<M, C> {
             mem,
             interrupt,
             irq_error_logged: false,
+            budget_spent: false,
         }
     }
 
@@ -685,9 +692,13 @@ impl<M: GuestMemory, C: Clock> BlockWorker<M, C> {
     /// notification that will not come. When done, it raises the interrupt if the driver wants
     /// one (VIRTQ_AVAIL_F_NO_INTERRUPT, or `used_event` with EVENT_IDX).
     ///
-    /// It serves at most [`MAX_BATCH`] chains per call: when it returns `MAX_BATCH`, chains may
-    /// be left, and notifications may still be off; call it again. When the rate limiter
-    /// refuses a request, it stops there with notifications off and the chain kept
+    /// It serves at most [`MAX_BATCH`] chains, and stops after the request that takes the
+    /// chains served past [`MAX_BATCH_BYTES`] on the disk: then chains may be left, and
+    /// notifications may still be off ([`BlockWorker::budget_spent`]); call it again. It
+    /// looks at the ring again after turning notifications back on at most [`MAX_BATCH`]
+    /// times, so that a driver that moves its available index back and forth cannot keep it
+    /// there either; it then returns with notifications on. When the rate limiter refuses a
+    /// request, it stops there with notifications off and the chain kept
     /// ([`BlockWorker::is_throttled`]): call it again once the limiter's timer has fired.
     ///
     /// # Errors
@@ -702,25 +713,34 @@ impl<M: GuestMemory, C: Clock> BlockWorker<M, C> {
             mem,
             interrupt,
             irq_error_logged,
+            budget_spent,
         } = self;
         let mem = &**mem;
-        let mut served = 0;
+        let mut budget = Budget::default();
+        *budget_spent = false;
+        let mut passes = 0usize;
         let result = loop {
             if let Err(err) = queue.disable_notification(mem) {
                 break Err(err);
             }
-            match server.drain(queue, mem, &mut served) {
+            match server.drain(queue, mem, &mut budget) {
                 Ok(Drained::Empty) => {}
                 // Notifications stay off: the caller comes back, or the limiter's timer does.
-                Ok(Drained::Full | Drained::Throttled) => break Ok(()),
+                Ok(Drained::Full) => {
+                    *budget_spent = true;
+                    break Ok(());
+                }
+                Ok(Drained::Throttled) => break Ok(()),
                 Err(err) => break Err(err),
             }
             match queue.enable_notification(mem) {
-                Ok(true) => {}
-                Ok(false) => break Ok(()),
+                // With notifications on, a driver that makes more chains available notifies.
+                Ok(true) if passes < MAX_BATCH => passes += 1,
+                Ok(_) => break Ok(()),
                 Err(err) => break Err(err),
             }
         };
+        let served = budget.chains;
         if served > 0 && queue.needs_notification(mem)? {
             if let Err(err) = interrupt.signal_used_queue() {
                 inc(&server.metrics.event_fails);
@@ -731,6 +751,12 @@ impl<M: GuestMemory, C: Clock> BlockWorker<M, C> {
             }
         }
         result.map(|()| served)
+    }
+
+    /// Whether the last [`BlockWorker::process_queue`] stopped on its budget of chains or
+    /// bytes, so that chains may be left: the caller calls it again after its other events.
+    pub fn budget_spent(&self) -> bool {
+        self.budget_spent
     }
 
     /// Whether the rate limiter holds a request back: [`BlockWorker::process_queue`] serves
@@ -777,11 +803,24 @@ impl<M: GuestMemory, C: Clock> BlockWorker<M, C> {
     }
 }
 
+/// What one [`BlockWorker::process_queue`] call served so far.
+#[derive(Debug, Default)]
+struct Budget {
+    chains: usize,
+    bytes: u64,
+}
+
+impl Budget {
+    fn spent(&self) -> bool {
+        self.chains >= MAX_BATCH || self.bytes >= MAX_BATCH_BYTES
+    }
+}
+
 /// Why [`Server::drain`] stopped.
 enum Drained {
     /// No chain is left.
     Empty,
-    /// [`MAX_BATCH`] chains were served.
+    /// The budget of one call is spent.
     Full,
     /// The rate limiter held a request back.
     Throttled,
@@ -789,22 +828,22 @@ enum Drained {
 
 /// What became of one chain.
 enum Served {
-    /// Handed back with this used length.
-    Used(u32),
+    /// Handed back with this used length, after moving this many bytes on the disk.
+    Used(u32, u64),
     /// Held back by the rate limiter.
     Throttled,
 }
 
 impl<C: Clock> Server<C> {
-    /// Serves the chain held back, then available chains, until there are none, `served`
-    /// reaches [`MAX_BATCH`], or the rate limiter holds one back.
+    /// Serves the chain held back, then available chains, until there are none, the `budget`
+    /// is spent, or the rate limiter holds one back.
     fn drain<M: GuestMemory>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        served: &mut usize,
+        budget: &mut Budget,
     ) -> std::result::Result<Drained, queue::Error> {
-        while *served < MAX_BATCH {
+        while !budget.spent() {
             let chain = match self.throttled.take() {
                 Some(chain) => chain,
                 None => match queue.pop(mem)? {
@@ -813,9 +852,10 @@ impl<C: Clock> Server<C> {
                 },
             };
             match self.serve(mem, &chain) {
-                Served::Used(used) => {
+                Served::Used(used, bytes) => {
                     queue.add_used(mem, chain.head_index(), used)?;
-                    *served += 1;
+                    budget.chains += 1;
+                    budget.bytes = budget.bytes.saturating_add(bytes);
                 }
                 Served::Throttled => {
                     self.throttled = Some(chain);
@@ -844,7 +884,7 @@ impl<C: Clock> Server<C> {
             inc(&self.metrics.rate_limiter_throttled_events);
             return Served::Throttled;
         }
-        Served::Used(match parsed {
+        let used = match parsed {
             Ok(request) => {
                 let completion = self.disk.execute(mem, &request);
                 self.metrics.completed(request.request_type(), completion);
@@ -854,7 +894,8 @@ impl<C: Clock> Server<C> {
                 inc(&self.metrics.invalid_reqs_count);
                 disk::refuse(mem, chain, &err)
             }
-        })
+        };
+        Served::Used(used, bytes)
     }
 
     /// Takes an operation and `bytes` bytes from the rate limiter, or nothing if it refuses
@@ -978,7 +1019,7 @@ impl<M: GuestMemory + Send + Sync + 'static> BlockHandler<M> {
         let metrics = self.worker.metrics().clone();
         match self.worker.process_queue() {
             // Chains may be left: come back to them after the other events.
-            Ok(served) if served >= MAX_BATCH && !self.worker.is_throttled() => {
+            Ok(_) if self.worker.budget_spent() => {
                 if let Err(err) = self.queue_evt.write(1) {
                     inc(&metrics.event_fails);
                     log::error!(
@@ -1705,6 +1746,66 @@ mod tests {
                 .load(Ordering::Relaxed)
                 > 0
         );
+    }
+
+    #[test]
+    fn a_call_stops_after_the_request_that_spends_its_byte_budget() {
+        let dir = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let path = dir.join(format!("ember-blk-budget-{}", std::process::id()));
+        // Sparse: 128 MiB that take no room.
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(2 * MAX_BATCH_BYTES)
+            .unwrap();
+        let disk = Disk::open_image(&path, false, "budget").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mem = Arc::new(guest_memory(0x100000).unwrap());
+        let mut driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let mut worker = BlockWorker::new(
+            disk,
+            driver.queue(),
+            mem.clone(),
+            interrupt,
+            RateLimiter::default(),
+        );
+        // Three write zeroes of half the budget each.
+        let sectors = u32::try_from(MAX_BATCH_BYTES / 2 / SECTOR_SIZE).unwrap();
+        for i in 0..3u32 {
+            let seg = SEG + 16 * u64::from(i);
+            write_header(&mem, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+            let mut bytes = [0u8; 16];
+            bytes[..8].copy_from_slice(
+                &(u64::from(i * sectors) % (2 * u64::from(sectors))).to_le_bytes(),
+            );
+            bytes[8..12].copy_from_slice(&sectors.to_le_bytes());
+            bytes[12..].copy_from_slice(&VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP.to_le_bytes());
+            mem.write_slice(&bytes, GuestAddress(seg)).unwrap();
+            driver
+                .add_chain(
+                    &*mem,
+                    &[
+                        hdr(),
+                        MockBuffer::readable(seg, 16),
+                        MockBuffer::writable(STATUS + u64::from(i), 1),
+                    ],
+                )
+                .unwrap();
+        }
+        assert_eq!(worker.process_queue().unwrap(), 2);
+        assert!(worker.budget_spent());
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        assert!(!worker.budget_spent());
+        for i in 0..3 {
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+                STATUS_OK
+            );
+        }
     }
 
     #[test]

@@ -376,9 +376,13 @@ where
     }
 
     /// Drains the transmit queue, with notifications off while it does (virtio 1.2, 2.7.10).
+    ///
+    /// It looks at the ring again after turning notifications back on at most [`TX_BUDGET`]
+    /// times, so that a driver that moves its available index back and forth cannot keep it
+    /// there; it then returns with notifications on, and the driver notifies for more.
     fn send_frames(&mut self, used: &mut bool) -> Result<()> {
         let mut sent = 0usize;
-        loop {
+        for _ in 0..TX_BUDGET {
             self.tx
                 .disable_notification(&*self.mem)
                 .map_err(Error::tx)?;
@@ -437,6 +441,7 @@ where
                 return Ok(());
             }
         }
+        Ok(())
     }
 
     /// Takes the transmit limiter's tokens for `chain`: an operation, and the frame's length in
