@@ -114,6 +114,9 @@ pub struct MmioTransport<M, D: ?Sized = dyn VirtioDevice<M>> {
     shm_sel: u32,
     /// Whether the device was activated and not reset since.
     active: bool,
+    /// Whether a failed activation was logged as a warning: the next ones are logged at debug
+    /// level, since a driver can fail one at every reset.
+    activate_failure_logged: bool,
 }
 
 impl<M, D: VirtioDevice<M> + ?Sized> fmt::Debug for MmioTransport<M, D> {
@@ -164,6 +167,7 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
             queue_sel: 0,
             shm_sel: 0,
             active: false,
+            activate_failure_logged: false,
         })
     }
 
@@ -427,8 +431,9 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
 
     fn activate(&mut self) {
         if let Some(index) = self.queues.iter().position(|q| !q.ready()) {
-            warn!("virtio-mmio: the driver started the device with queue {index} not ready");
-            self.fail_activation();
+            self.activation_failed(format_args!(
+                "the driver started the device with queue {index} not ready"
+            ));
             return;
         }
         let event_idx = self.driver_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
@@ -441,8 +446,7 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
         let queue_evts = match self.queue_evts.iter().map(EventFd::try_clone).collect() {
             Ok(evts) => evts,
             Err(err) => {
-                warn!("virtio-mmio: cannot share the queue eventfds: {err}");
-                self.fail_activation();
+                self.activation_failed(format_args!("cannot share the queue eventfds: {err}"));
                 return;
             }
         };
@@ -457,10 +461,19 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
         match self.device.activate(params) {
             Ok(()) => self.active = true,
             Err(err) => {
-                warn!("virtio-mmio: cannot activate the device: {err}");
-                self.fail_activation();
+                self.activation_failed(format_args!("cannot activate the device: {err}"));
             }
         }
+    }
+
+    /// Logs a failed activation, as a warning the first time only, and asks for a reset.
+    fn activation_failed(&mut self, why: fmt::Arguments<'_>) {
+        if std::mem::replace(&mut self.activate_failure_logged, true) {
+            debug!("virtio-mmio: {why}");
+        } else {
+            warn!("virtio-mmio: {why} (further failed activations are logged at debug level)");
+        }
+        self.fail_activation();
     }
 
     fn fail_activation(&self) {

@@ -1033,7 +1033,9 @@ impl<M: GuestMemory + Send + Sync + 'static> BlockHandler<M> {
             }
             Ok(_) => {}
             Err(err) => {
-                log::error!(
+                // The guest can do this at every activation: counted, and a warning only.
+                inc(&metrics.queue_fails);
+                log::warn!(
                     "The block device {} stops serving its queue until the driver resets it: {}",
                     self.id,
                     error_chain(&err)
@@ -2704,6 +2706,7 @@ mod tests {
         wait_irq(&a.irq);
         assert!(a.interrupt.needs_reset());
         assert_eq!(a.interrupt.status() & INT_CONFIG, INT_CONFIG);
+        assert_eq!(block.metrics().get("queue_fails"), Some(1));
 
         // Further notifications are not read, and cost the worker no CPU time.
         let before = thread_cpu_ticks("ember-blk-spin");

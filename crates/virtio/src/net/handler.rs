@@ -841,13 +841,20 @@ where
     /// Stops serving after the driver broke the protocol: the device asks for a reset and the
     /// worker waits on nothing but its stop event, so it does not spin.
     fn fail(&mut self, ops: &mut EventOps<'_>, err: &Error) {
-        log::error!(
-            "virtio-net stops serving its queues until the driver resets it: {}",
-            ErrorChain(err)
-        );
         self.broken = true;
         if matches!(err, Error::Epoll(_) | Error::RateLimiter { .. }) {
             inc(&self.metrics.event_fails);
+            log::error!(
+                "virtio-net stops serving its queues until the driver resets it: {}",
+                ErrorChain(err)
+            );
+        } else {
+            // The guest can do this at every activation: counted, and a warning only.
+            inc(&self.metrics.queue_fails);
+            log::warn!(
+                "virtio-net stops serving its queues until the driver resets it: {}",
+                ErrorChain(err)
+            );
         }
         if let Err(err) = self.interrupt.set_needs_reset() {
             inc(&self.metrics.event_fails);
