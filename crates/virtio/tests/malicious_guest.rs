@@ -439,6 +439,8 @@ fn a_net_device_flooded_both_ways_lets_updates_pause_and_reset_through() {
                 BucketUpdate::Disabled,
                 BucketUpdate::None,
             )
+            .unwrap()
+            .wait()
             .unwrap();
             gate.pause().unwrap();
             let sent = tx.used_idx(&*mem).unwrap();
