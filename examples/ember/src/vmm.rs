@@ -557,6 +557,7 @@ fn create_memory(resources: &VmResources) -> Result<Arc<GuestMemoryMmap>> {
     let options = MemoryOptions {
         ksm: resources.ksm,
         hugepages: machine.huge_pages == model::HugePages::Transparent,
+        include_in_core_dumps: false,
     };
     let memory = ember_memory::create_guest_memory(size, options).map_err(memory_error)?;
     Ok(Arc::new(memory))
