@@ -269,6 +269,11 @@ impl Controller {
                 .push(("process_startup_time_cpu_us", Kind::Gauge, us(cpu)));
         }
         snapshot.push(api);
+        snapshot.push(Group::counters(
+            "seccomp",
+            None,
+            [("num_faults", crate::seccomp::num_faults())],
+        ));
         snapshot
     }
 

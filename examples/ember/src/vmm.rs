@@ -39,6 +39,7 @@ use crate::cli::SerialOutput;
 use crate::controller::Controller;
 use crate::metrics::{FLUSH_INTERVAL, Group, Kind, Snapshot};
 use crate::resources::VmResources;
+use crate::seccomp::{Filters, ThreadKind};
 use crate::terminal::RawStdin;
 
 /// Everything that can stop `ember` before or while the guest runs.
@@ -53,6 +54,9 @@ pub enum Error {
         #[source]
         source: ember_memory::Error,
     },
+    /// The main thread's seccomp filter could not be installed.
+    #[error("Cannot install the seccomp filter of the VMM thread")]
+    Seccomp(#[source] crate::seccomp::Error),
     /// `/dev/kvm` cannot be opened.
     #[error("Cannot open /dev/kvm")]
     Kvm(#[source] kvm_ioctls::Error),
@@ -312,6 +316,9 @@ impl Vmm {
             None
         };
         let gate = WorkerGate::new();
+        if let Some(filters) = &resources.seccomp {
+            gate.set_thread_hook(Some(filters.worker_hook()));
+        }
         let mut virtio = VirtioAttacher {
             vm: &vm,
             mmio: &mut mmio,
@@ -336,7 +343,22 @@ impl Vmm {
 
         // vCPUs.
         let exit = VmExitNotifier::new().map_err(|source| Error::StartVcpu { index: 0, source })?;
-        let vcpus = start_vcpus(&vm, machine.vcpu_count, &boot_state, pio, mmio, &exit)?;
+        let seccomp = resources.seccomp.as_ref();
+        let vcpus = start_vcpus(
+            &vm,
+            machine.vcpu_count,
+            &boot_state,
+            pio,
+            mmio,
+            &exit,
+            seccomp,
+        )?;
+        // The main thread's filter comes after the vCPU threads exist, so that they do not
+        // inherit it (filters stack); it is in place before the event loop serves anything
+        // the running guest or the API can reach.
+        if let Some(filters) = &resources.seccomp {
+            filters.install(ThreadKind::Vmm).map_err(Error::Seccomp)?;
+        }
         info!(
             "Started {} vCPU(s) with {} MiB of memory",
             machine.vcpu_count, machine.mem_size_mib
@@ -557,7 +579,7 @@ fn create_memory(resources: &VmResources) -> Result<Arc<GuestMemoryMmap>> {
     let options = MemoryOptions {
         ksm: resources.ksm,
         hugepages: machine.huge_pages == model::HugePages::Transparent,
-        include_in_core_dumps: false,
+        include_in_core_dumps: resources.dump_guest_memory,
     };
     let memory = ember_memory::create_guest_memory(size, options).map_err(memory_error)?;
     Ok(Arc::new(memory))
@@ -800,6 +822,7 @@ fn start_vcpus(
     pio: PioBus,
     mmio: MmioBus,
     exit: &VmExitNotifier,
+    seccomp: Option<&Arc<Filters>>,
 ) -> Result<Vec<VcpuHandle>> {
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
@@ -811,8 +834,9 @@ fn start_vcpus(
             vcpu.set_boot_state(boot_state)
                 .map_err(|source| Error::Vcpu { index, source })?;
         }
+        let hook = seccomp.map(|filters| filters.thread_hook(ThreadKind::Vcpu));
         let handle = vcpu
-            .start(exit.clone())
+            .start_with_hook(exit.clone(), hook)
             .map_err(|source| Error::StartVcpu { index, source })?;
         handles.push(handle);
     }

@@ -100,7 +100,14 @@ pub enum ServerError {
     /// The thread could not be started.
     #[error("Cannot start the API server thread")]
     Spawn(#[source] io::Error),
+    /// The thread's start hook failed; the thread ended without serving.
+    #[error("The API server thread's start hook failed")]
+    ThreadHook(#[source] io::Error),
 }
+
+/// Code the API thread runs first, before it accepts a connection: a seccomp filter, CPU
+/// pinning. An error stops the thread and makes [`ApiServer::spawn_with_hook`] fail.
+pub type ThreadHook = Box<dyn FnOnce() -> io::Result<()> + Send>;
 
 /// The result of starting the API server.
 pub type Result<T> = std::result::Result<T, ServerError>;
@@ -171,6 +178,18 @@ impl ApiServer {
     /// [`ServerError`] when the socket, the epoll instance, an event fd or the thread cannot be
     /// set up.
     pub fn spawn(path: impl AsRef<Path>) -> Result<(ApiServer, ApiRequests)> {
+        Self::spawn_with_hook(path, None)
+    }
+
+    /// As [`spawn`](Self::spawn), but the API thread first runs `hook`, and this waits for it.
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn`](Self::spawn); [`ServerError::ThreadHook`] when the hook fails.
+    pub fn spawn_with_hook(
+        path: impl AsRef<Path>,
+        hook: Option<ThreadHook>,
+    ) -> Result<(ApiServer, ApiRequests)> {
         let socket_path = path.as_ref().to_path_buf();
         if socket_path.symlink_metadata().is_ok() {
             return Err(ServerError::SocketPathExists(socket_path));
@@ -208,11 +227,24 @@ impl ApiServer {
             to_vmm,
             vmm_event.try_clone().map_err(ServerError::EventFd)?,
         )?;
+        let (started, hook_result) = mpsc::sync_channel(1);
         let thread = thread::Builder::new()
             .name(THREAD_NAME.to_string())
-            .spawn(move || event_loop.run())
+            .spawn(move || {
+                let result = hook.map_or(Ok(()), |hook| hook());
+                let failed = result.is_err();
+                // `spawn_with_hook` waits for this.
+                let _ = started.send(result);
+                if !failed {
+                    event_loop.run();
+                }
+            })
             .map_err(ServerError::Spawn)?;
         server.thread = Some(thread);
+        hook_result
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the API thread panicked")))
+            .map_err(ServerError::ThreadHook)?;
         log::debug!("API server listening on {}", server.socket_path.display());
         Ok((
             server,
@@ -1171,5 +1203,29 @@ mod tests {
             .as_ref()
             .and_then(|thread| thread.thread().name().map(str::to_string));
         assert_eq!(name.as_deref(), Some(THREAD_NAME));
+    }
+
+    #[test]
+    fn the_thread_hook_runs_on_the_api_thread_and_a_failure_stops_the_server() {
+        let dir = std::env::temp_dir().join(format!("ember-api-hook-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let ran_on = Arc::new(std::sync::Mutex::new(None));
+        let hook: ThreadHook = Box::new({
+            let ran_on = ran_on.clone();
+            move || {
+                *ran_on.lock().unwrap() = thread::current().name().map(str::to_string);
+                Ok(())
+            }
+        });
+        let (server, _requests) = ApiServer::spawn_with_hook(&path, Some(hook)).unwrap();
+        assert_eq!(ran_on.lock().unwrap().as_deref(), Some(THREAD_NAME));
+        drop(server);
+
+        let hook: ThreadHook = Box::new(|| Err(io::Error::other("no filter")));
+        let err = ApiServer::spawn_with_hook(&path, Some(hook)).unwrap_err();
+        assert!(matches!(err, ServerError::ThreadHook(_)), "{err}");
+        assert!(!path.exists(), "the socket file is removed");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
