@@ -478,15 +478,15 @@ pub fn num_faults() -> u64 {
     NUM_FAULTS.load(Ordering::Relaxed)
 }
 
-/// The longest thread name Linux keeps (15 bytes and the terminating zero).
-const THREAD_NAME_LEN: usize = 16;
+/// The longest thread name the `SIGSYS` handler's line shows; ember's are shorter.
+const THREAD_NAME_LEN: usize = 32;
 
 thread_local! {
     /// The kind of filter the thread installed, for the `SIGSYS` handler, which can make no
     /// system call to find out. Constant-initialised, without a destructor: reading it is a
     /// plain thread-local load, safe in a signal handler.
     static KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
-    /// The thread's name, cut to what Linux keeps, and its length.
+    /// The thread's name, cut to [`THREAD_NAME_LEN`] bytes, and its length.
     static NAME: Cell<([u8; THREAD_NAME_LEN], usize)> = const { Cell::new(([0; THREAD_NAME_LEN], 0)) };
 }
 
@@ -494,7 +494,7 @@ fn remember_thread(kind: ThreadKind) {
     let mut name = [0u8; THREAD_NAME_LEN];
     let current = std::thread::current();
     let given = current.name().unwrap_or("main").as_bytes();
-    let len = given.len().min(THREAD_NAME_LEN - 1);
+    let len = given.len().min(THREAD_NAME_LEN);
     name[..len].copy_from_slice(&given[..len]);
     KIND.set(Some(kind));
     NAME.set((name, len));
