@@ -4,7 +4,9 @@
 //! still start a device worker that installs its own filter.
 //!
 //! Each case runs in a fresh process, this test binary run again with `EMBER_SECCOMP_CHILD` set
-//! to `kind:action`, so that a filter never lands on the test harness.
+//! to `kind:action`, so that a filter never lands on the test harness. The last cases run the
+//! `ember` binary itself on a tiny guest: with its filters, without, with a filter file that
+//! refuses a vCPU everything, and with bad filter files.
 
 use std::io::Write as _;
 use std::os::fd::AsRawFd;
@@ -153,6 +155,148 @@ fn a_worker_under_its_own_filter_cannot_do_what_its_vcpu_may() {
             "thread ember-blk-rootfs (block filter) made the forbidden system call {}",
             libc::SYS_ioctl
         )),
+        "{stderr}"
+    );
+}
+
+/// `mov al, 0xfe; out 0x64, al; hlt; jmp .-1`: reset through the i8042.
+const I8042_RESET: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
+/// A scratch directory with a tiny guest that resets at once.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("ember-seccomp-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("reset.elf"),
+            ember_boot::test_utils::tiny_elf(&I8042_RESET),
+        )
+        .unwrap();
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the `ember` binary on the scratch guest with `args`.
+fn ember(scratch: &Scratch, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["--kernel", &scratch.path("reset.elf"), "--memory", "32"])
+        .args(["--serial", "none"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A filter file with ember's filters, but for `kind`, which gets the filter of `from`.
+fn filters_swapping(kind: ThreadKind, from: ThreadKind) -> Vec<u8> {
+    let builtin = Filters::builtin();
+    let mut bytes = 6u64.to_le_bytes().to_vec();
+    for other in ThreadKind::ALL {
+        let name = other.name().as_bytes();
+        bytes.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(name);
+        let program = builtin.program(if other == kind { from } else { other });
+        bytes.extend_from_slice(&(program.len() as u64).to_le_bytes());
+        for insn in program {
+            bytes.extend_from_slice(&insn.code.to_le_bytes());
+            bytes.extend_from_slice(&[insn.jt, insn.jf]);
+            bytes.extend_from_slice(&insn.k.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+#[test]
+fn the_ember_binary_runs_a_guest_with_its_filters_and_without() {
+    let scratch = Scratch::new("on-off");
+    for args in [&[][..], &["--no-seccomp"]] {
+        let output = ember(&scratch, args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.contains("seccomp filters are off"),
+            !args.is_empty(),
+            "{stderr}"
+        );
+    }
+    let builtin = scratch.path("builtin.bpf");
+    std::fs::write(&builtin, Filters::builtin().to_bytes()).unwrap();
+    let output = ember(&scratch, &["--seccomp-filter", &builtin]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn a_vcpu_whose_filter_refuses_kvm_run_ends_the_ember_binary_with_148_and_a_line() {
+    let scratch = Scratch::new("refused");
+    // The vCPUs get the API thread's filter, which has no KVM_RUN.
+    let file = scratch.path("no-kvm-run.bpf");
+    std::fs::write(&file, filters_swapping(ThreadKind::Vcpu, ThreadKind::Api)).unwrap();
+    let output = ember(&scratch, &["--seccomp-filter", &file]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_CODE_BAD_SYSCALL),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "ember: seccomp: thread ember_vcpu0 (vcpu filter) made the forbidden system call"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_filter_file_is_a_clear_error_before_anything_starts() {
+    let scratch = Scratch::new("bad-file");
+    let missing = scratch.path("missing.bpf");
+    let output = ember(&scratch, &["--seccomp-filter", &missing]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("Cannot read the seccomp filter file"),
+        "{stderr}"
+    );
+
+    // Firecracker's three kinds only.
+    let three = scratch.path("three.bpf");
+    let parsed = Filters::builtin();
+    let mut bytes = 3u64.to_le_bytes().to_vec();
+    for kind in [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu] {
+        let program = parsed.program(kind);
+        bytes.extend_from_slice(&(kind.name().len() as u64).to_le_bytes());
+        bytes.extend_from_slice(kind.name().as_bytes());
+        bytes.extend_from_slice(&(program.len() as u64).to_le_bytes());
+        for insn in program {
+            bytes.extend_from_slice(&insn.code.to_le_bytes());
+            bytes.extend_from_slice(&[insn.jt, insn.jf]);
+            bytes.extend_from_slice(&insn.k.to_le_bytes());
+        }
+    }
+    std::fs::write(&three, bytes).unwrap();
+    let output = ember(&scratch, &["--seccomp-filter", &three]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("The seccomp filter file has no filter for the `block` threads"),
         "{stderr}"
     );
 }
