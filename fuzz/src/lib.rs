@@ -17,6 +17,7 @@
 //!   virtio-net's frames, as a guest lays them out.
 //! - [`serial`]: the guest's accesses to the serial console's registers, and the VMM's input.
 //! - [`api`]: the bytes a client sends on the API socket, and a configuration file.
+//! - [`seccomp`]: a compiled seccomp filter file, as `--seccomp-filter` reads it.
 //!
 //! # Example
 //!
@@ -36,6 +37,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod seccomp;
 pub mod serial;
 pub mod virtio;
 

@@ -49,7 +49,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -164,15 +164,15 @@ impl BoundedWriter {
         sink: W,
         config: Config,
     ) -> io::Result<(BoundedWriter, BoundedWriterThread)> {
-        Self::spawn_with(name, sink, config, || {})
+        Self::spawn_with(name, sink, config, || Ok(()))
     }
 
     /// Like [`spawn`](Self::spawn), and the thread runs `on_start` before it writes anything:
-    /// where a VMM installs the thread's seccomp filter, for one.
+    /// where a VMM installs the thread's seccomp filter, for one. This waits for `on_start`.
     ///
     /// # Errors
     ///
-    /// When the thread cannot be started.
+    /// When the thread cannot be started, or `on_start` fails (the thread then ends).
     pub fn spawn_with<W, F>(
         name: &str,
         sink: W,
@@ -181,7 +181,7 @@ impl BoundedWriter {
     ) -> io::Result<(BoundedWriter, BoundedWriterThread)>
     where
         W: Write + Send + 'static,
-        F: FnOnce() + Send + 'static,
+        F: FnOnce() -> io::Result<()> + Send + 'static,
     {
         let shared = Arc::new(Shared {
             capacity: config.capacity,
@@ -197,12 +197,26 @@ impl BoundedWriter {
             done: Condvar::new(),
         });
         let drainer = shared.clone();
+        let (started, start_result) = mpsc::sync_channel::<io::Result<()>>(1);
         let thread = thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                on_start();
-                drain(&drainer, sink, config.max_bytes);
+                let result = on_start();
+                let failed = result.is_err();
+                // `spawn_with` waits for this.
+                let _ = started.send(result);
+                if !failed {
+                    drain(&drainer, sink, config.max_bytes);
+                }
             })?;
+        let result = start_result
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")));
+        if let Err(err) = result {
+            // The thread ends at once; it holds nothing of the caller's.
+            let _ = thread.join();
+            return Err(err);
+        }
         Ok((
             BoundedWriter {
                 shared: shared.clone(),
@@ -482,10 +496,21 @@ mod tests {
             BoundedWriter::spawn_with("named_console", io::sink(), Config::default(), move || {
                 let name = thread::current().name().map(str::to_string);
                 tx.send(name).unwrap();
+                Ok(())
             })
             .unwrap();
         assert_eq!(rx.recv().unwrap().as_deref(), Some("named_console"));
         assert!(thread.finish(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn a_failing_on_start_is_the_spawns_error() {
+        let err =
+            BoundedWriter::spawn_with("failing_console", io::sink(), Config::default(), || {
+                Err(io::Error::other("no filter"))
+            })
+            .unwrap_err();
+        assert_eq!(err.to_string(), "no filter");
     }
 
     #[test]

@@ -85,6 +85,10 @@ pub struct MemoryOptions {
     /// Back guest RAM with transparent huge pages where possible (`MADV_HUGEPAGE`). The kernel
     /// honours it when `/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise`.
     pub hugepages: bool,
+    /// Keep guest RAM in the VMM's core dumps. By default (`false`) every region is marked
+    /// `MADV_DONTDUMP`: a crash of the VMM then leaves no copy of the guest's memory on the
+    /// host's disk, and its core stays small. Set it to debug with the guest's memory at hand.
+    pub include_in_core_dumps: bool,
 }
 
 /// An `madvise` advice applied to guest RAM.
@@ -94,6 +98,8 @@ pub enum Advice {
     Mergeable,
     /// `MADV_HUGEPAGE`: the pages should be backed by transparent huge pages.
     HugePage,
+    /// `MADV_DONTDUMP`: the pages are left out of core dumps.
+    DontDump,
 }
 
 impl Advice {
@@ -101,6 +107,7 @@ impl Advice {
         match self {
             Advice::Mergeable => libc::MADV_MERGEABLE,
             Advice::HugePage => libc::MADV_HUGEPAGE,
+            Advice::DontDump => libc::MADV_DONTDUMP,
         }
     }
 }
@@ -110,6 +117,7 @@ impl fmt::Display for Advice {
         match self {
             Advice::Mergeable => f.write_str("KSM page merging (MADV_MERGEABLE)"),
             Advice::HugePage => f.write_str("transparent huge pages (MADV_HUGEPAGE)"),
+            Advice::DontDump => f.write_str("exclusion from core dumps (MADV_DONTDUMP)"),
         }
     }
 }
@@ -168,7 +176,7 @@ pub fn ram_regions(size: u64) -> Result<Vec<(GuestAddress, usize)>> {
 /// as the guest touches pages, so a guest larger than what the host has free can start. Regions
 /// of 2 MiB or more start at 2 MiB-aligned host addresses wherever the host's placement of
 /// mappings allows it (see `map_anonymous`). The `options` are applied to every region with
-/// `madvise`.
+/// `madvise`; unless [`MemoryOptions::include_in_core_dumps`], regions are `MADV_DONTDUMP`.
 ///
 /// # Errors
 ///
@@ -200,11 +208,13 @@ fn map_region(
     let advices = [
         (options.ksm, Advice::Mergeable),
         (options.hugepages, Advice::HugePage),
+        (!options.include_in_core_dumps, Advice::DontDump),
     ];
     for (_, advice) in advices.into_iter().filter(|(wanted, _)| *wanted) {
         // SAFETY: `mapping` owns a live mapping of `mapping.size()` bytes starting at the
-        // page-aligned `mapping.as_ptr()`. MADV_MERGEABLE and MADV_HUGEPAGE only change how the
-        // kernel backs the pages, never their contents or the validity of the mapping.
+        // page-aligned `mapping.as_ptr()`. MADV_MERGEABLE, MADV_HUGEPAGE and MADV_DONTDUMP only
+        // change how the kernel backs or dumps the pages, never their contents or the validity
+        // of the mapping.
         let ret = unsafe {
             let (addr, len) = (mapping.as_ptr().cast(), mapping.size());
             libc::madvise(addr, len, advice.as_raw())
@@ -545,6 +555,7 @@ mod tests {
                 MemoryOptions {
                     ksm: true,
                     hugepages: false,
+                    include_in_core_dumps: false,
                 },
             )
             .unwrap_err();
@@ -560,6 +571,7 @@ mod tests {
         let options = MemoryOptions {
             ksm: true,
             hugepages: false,
+            include_in_core_dumps: false,
         };
         let mem = create_guest_memory(MMIO32_START + PAGE_SIZE, options).unwrap();
         for region in mem.iter() {
@@ -570,10 +582,29 @@ mod tests {
     }
 
     #[test]
+    fn guest_ram_is_left_out_of_core_dumps_unless_asked() {
+        let mem = create_guest_memory(MMIO32_START + PAGE_SIZE, MemoryOptions::default()).unwrap();
+        for region in mem.iter() {
+            let flags = vm_flags(&mem, region.start_addr());
+            assert!(has_flag(&flags, "dd"), "{flags:?}");
+        }
+        let options = MemoryOptions {
+            include_in_core_dumps: true,
+            ..MemoryOptions::default()
+        };
+        let mem = create_guest_memory(MMIO32_START + PAGE_SIZE, options).unwrap();
+        for region in mem.iter() {
+            let flags = vm_flags(&mem, region.start_addr());
+            assert!(!has_flag(&flags, "dd"), "{flags:?}");
+        }
+    }
+
+    #[test]
     fn hugepages_option_marks_every_region_for_thp() {
         let options = MemoryOptions {
             ksm: false,
             hugepages: true,
+            include_in_core_dumps: false,
         };
         if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
             // Without CONFIG_TRANSPARENT_HUGEPAGE the kernel refuses the advice with EINVAL.
@@ -606,6 +637,7 @@ mod tests {
         let options = MemoryOptions {
             ksm: true,
             hugepages: true,
+            include_in_core_dumps: false,
         };
         let mem = create_guest_memory(4 << 20, options).unwrap();
         let flags = vm_flags(&mem, GuestAddress(0));

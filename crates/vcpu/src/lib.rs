@@ -83,6 +83,6 @@ pub mod vm;
 
 pub use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch};
 pub use metrics::VcpuMetrics;
-pub use runner::{VcpuHandle, VcpuState, VmExit, VmExitNotifier, kick_signal};
+pub use runner::{ThreadHook, VcpuHandle, VcpuState, VmExit, VmExitNotifier, kick_signal};
 pub use vcpu::{SystemEvent, Vcpu, VcpuEvent};
 pub use vm::Vm;

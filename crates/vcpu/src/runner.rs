@@ -54,6 +54,11 @@ pub enum Error {
 /// Result type of vCPU thread operations.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Code a new vCPU thread runs first, before it touches the vCPU or runs the guest: a VMM's
+/// per-thread setup, such as installing a seccomp filter or pinning the thread to a host CPU.
+/// An error stops the thread: the vCPU ends the VM with that error.
+pub type ThreadHook = Box<dyn FnOnce() -> std::io::Result<()> + Send>;
+
 /// Why a vCPU ended the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
@@ -394,6 +399,21 @@ impl Vcpu {
     /// [`Error::RegisterSignalHandler`] when the kick signal's handler cannot be installed,
     /// [`Error::SpawnThread`] when the thread cannot be created.
     pub fn start(self, notifier: VmExitNotifier) -> Result<VcpuHandle> {
+        self.start_with_hook(notifier, None)
+    }
+
+    /// As [`start`](Self::start), but the new thread first runs `hook`, before it runs the
+    /// guest. When the hook fails, the thread ends at once and tells `notifier`
+    /// (`vCPU {index}: The thread-start hook failed: {error}`).
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_with_hook(
+        self,
+        notifier: VmExitNotifier,
+        hook: Option<ThreadHook>,
+    ) -> Result<VcpuHandle> {
         register_kick_handler()?;
         let index = self.index();
         let control = Arc::new(Control {
@@ -408,7 +428,7 @@ impl Vcpu {
             .name(format!("ember_vcpu{index}"))
             .spawn({
                 let control = control.clone();
-                move || run_vcpu(self, &control, &notifier)
+                move || run_vcpu(self, hook, &control, &notifier)
             })
             .map_err(|source| Error::SpawnThread { index, source })?;
         Ok(VcpuHandle {
@@ -443,7 +463,12 @@ impl Drop for ExitGuard<'_> {
 }
 
 /// The body of a vCPU thread.
-fn run_vcpu(mut vcpu: Vcpu, control: &Control, notifier: &VmExitNotifier) {
+fn run_vcpu(
+    mut vcpu: Vcpu,
+    hook: Option<ThreadHook>,
+    control: &Control,
+    notifier: &VmExitNotifier,
+) {
     let index = vcpu.index();
     control.lock().immediate_exit = Some(vcpu.immediate_exit());
     // Declared after `vcpu`, so dropped before it: the byte is released before it is unmapped.
@@ -452,6 +477,14 @@ fn run_vcpu(mut vcpu: Vcpu, control: &Control, notifier: &VmExitNotifier) {
         notifier,
         index,
     };
+    if let Some(hook) = hook {
+        if let Err(err) = hook() {
+            notifier.notify(VmExit::Error(format!(
+                "vCPU {index}: The thread-start hook failed: {err}"
+            )));
+            return;
+        }
+    }
     while control.wait_runnable() {
         let exit = match vcpu.run_once() {
             Ok(event) => event.vm_exit(),

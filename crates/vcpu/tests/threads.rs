@@ -48,6 +48,51 @@ fn devices_run_on_a_thread_named_after_the_vcpu() {
 }
 
 #[test]
+fn the_thread_start_hook_runs_on_the_vcpu_thread_before_the_guest() {
+    // out 0x80, al; cli; hlt
+    let guest = TestVm::new(&[0xe6, 0x80, 0xfa, 0xf4]);
+    let vcpu = guest.vcpu(0, 1);
+    enter_real_mode(&vcpu);
+    let ran_on = Arc::new(Mutex::new(None));
+    let hook = Box::new({
+        let ran_on = ran_on.clone();
+        let writes = guest.port_writes(0x80).len();
+        move || {
+            // The guest has not run yet.
+            assert_eq!(writes, 0);
+            *ran_on.lock().unwrap() = std::thread::current().name().map(str::to_string);
+            Ok(())
+        }
+    });
+    let handle = vcpu
+        .start_with_hook(VmExitNotifier::new().unwrap(), Some(hook))
+        .unwrap();
+    assert!(wait_for(PATIENCE, || !guest.port_writes(0x80).is_empty()));
+    handle.stop().unwrap();
+    assert_eq!(ran_on.lock().unwrap().as_deref(), Some("ember_vcpu0"));
+}
+
+#[test]
+fn a_failing_thread_start_hook_ends_the_vm_before_the_guest_runs() {
+    // out 0x80, al; cli; hlt
+    let guest = TestVm::new(&[0xe6, 0x80, 0xfa, 0xf4]);
+    let vcpu = guest.vcpu(0, 1);
+    enter_real_mode(&vcpu);
+    let notifier = VmExitNotifier::new().unwrap();
+    let hook = Box::new(|| Err(std::io::Error::other("no filter")));
+    let handle = vcpu.start_with_hook(notifier.clone(), Some(hook)).unwrap();
+    assert_eq!(
+        notifier.wait_timeout(PATIENCE),
+        Some(VmExit::Error(
+            "vCPU 0: The thread-start hook failed: no filter".to_string()
+        ))
+    );
+    assert!(wait_for(PATIENCE, || handle.state() == VcpuState::Exited));
+    handle.stop().unwrap();
+    assert!(guest.port_writes(0x80).is_empty());
+}
+
+#[test]
 fn stop_kicks_a_vcpu_halted_inside_kvm() {
     // mov al, 0x42; out 0x80, al; cli; hlt
     let guest = TestVm::new(&[0xb0, 0x42, 0xe6, 0x80, 0xfa, 0xf4]);

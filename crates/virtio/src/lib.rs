@@ -79,4 +79,4 @@ pub mod worker;
 
 pub use device::{ActivateError, ActivateParams, Interrupt, IrqTrigger, VirtioDevice};
 pub use queue::{Descriptor, DescriptorChain, Error, Queue, Result, Ring};
-pub use worker::{EventHandler, EventOps, Worker, WorkerGate};
+pub use worker::{EventHandler, EventOps, Worker, WorkerGate, WorkerHook};

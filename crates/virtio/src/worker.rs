@@ -21,6 +21,10 @@
 //! A worker thread that ends on its own (its epoll instance failed, or its handler panicked)
 //! leaves the gate as it ends, so that pausing never waits for it; calls to it then fail
 //! instead of waiting.
+//!
+//! A gate may also carry a [`WorkerHook`], which every worker spawned with it runs first on its
+//! new thread, with the thread's name, before it handles anything: how a VMM installs a seccomp
+//! filter on its device threads, or pins them to host CPUs.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -86,6 +90,11 @@ impl EventOps<'_> {
     }
 }
 
+/// Code every worker thread runs first, given the thread's name (`ember-net`,
+/// `ember-blk-{id}`, ...), before it handles any event. An error stops the thread and makes
+/// [`Worker::spawn`] fail.
+pub type WorkerHook = Arc<dyn Fn(&str) -> io::Result<()> + Send + Sync>;
+
 /// A closure [`Worker::call`] runs on the worker thread.
 type Call<H> = Box<dyn FnOnce(&mut H, &mut EventOps<'_>) + Send>;
 
@@ -130,13 +139,14 @@ impl<H> std::fmt::Debug for SpawnError<H> {
 
 impl<H: EventHandler> Worker<H> {
     /// Registers the handler's descriptors and starts the thread, named `name`, paused and
-    /// resumed with `gate`.
+    /// resumed with `gate`. The thread first runs the gate's [`WorkerHook`], if any, and this
+    /// waits for it.
     ///
     /// # Errors
     ///
     /// When the epoll instance or the control eventfd cannot be created, the handler's
-    /// [`EventHandler::init`] fails, or the thread cannot be spawned; the handler comes back in
-    /// the [`SpawnError`].
+    /// [`EventHandler::init`] fails, the thread cannot be spawned or its hook fails; the handler
+    /// comes back in the [`SpawnError`].
     pub fn spawn(name: String, mut handler: H, gate: &WorkerGate) -> Result<Self, SpawnError<H>> {
         let setup = |handler: &mut H| -> io::Result<(Epoll, Epoll, Arc<EventFd>)> {
             let epoll = Epoll::new()?;
@@ -158,6 +168,9 @@ impl<H: EventHandler> Worker<H> {
         let (messages, inbox) = mpsc::channel();
         let thread_gate = gate.clone();
         let thread_control = control.clone();
+        let hook = gate.thread_hook();
+        let (started, hook_result) = mpsc::sync_channel::<io::Result<()>>(1);
+        let thread_name = name.clone();
         // Registered before the thread runs, so that a thread that ends at once still leaves
         // the gate after it joined.
         gate.register(&control);
@@ -167,6 +180,13 @@ impl<H: EventHandler> Worker<H> {
                 gate: thread_gate.clone(),
                 control: thread_control.clone(),
             };
+            let result = hook.map_or(Ok(()), |hook| hook(&thread_name));
+            let hook_failed = result.is_err();
+            // `spawn` waits for this; it is gone only if `spawn` itself is.
+            let _ = started.send(result);
+            if hook_failed {
+                return None;
+            }
             // The sender is dropped without sending only when `spawn` failed, and then this
             // thread does not run.
             let handler = take.recv().ok()?;
@@ -180,6 +200,22 @@ impl<H: EventHandler> Worker<H> {
             };
             thread.run();
             Some(thread.handler)
+        });
+        let spawned = spawned.and_then(|thread| {
+            let hook = hook_result
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("the device worker thread panicked")));
+            match hook {
+                Ok(()) => Ok(thread),
+                Err(err) => {
+                    // The thread ends without the handler.
+                    let _ = thread.join();
+                    Err(io::Error::new(
+                        err.kind(),
+                        format!("the device worker's thread-start hook failed: {err}"),
+                    ))
+                }
+            }
         });
         match spawned {
             Ok(thread) => match give.send(handler) {
@@ -401,10 +437,20 @@ pub struct WorkerGate {
     inner: Arc<GateInner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct GateInner {
     state: Mutex<GateState>,
     changed: Condvar,
+    /// Run first by every worker thread.
+    hook: Mutex<Option<WorkerHook>>,
+}
+
+impl std::fmt::Debug for GateInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GateInner")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -435,6 +481,24 @@ impl WorkerGate {
     /// Creates an open gate with no workers.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sets the hook every worker spawned from now on runs first on its thread (see
+    /// [`WorkerHook`]); `None` removes it. Workers already running are not affected.
+    pub fn set_thread_hook(&self, hook: Option<WorkerHook>) {
+        *self
+            .inner
+            .hook
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = hook;
+    }
+
+    fn thread_hook(&self) -> Option<WorkerHook> {
+        self.inner
+            .hook
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Pauses every worker and waits until each one does. A worker whose thread ends meanwhile
@@ -792,5 +856,50 @@ mod tests {
             Worker::spawn("test-worker".into(), FailingInit(7), &WorkerGate::new()).unwrap_err();
         assert_eq!(err.error.raw_os_error(), Some(libc::EBADF));
         assert_eq!(err.handler.0, 7);
+    }
+
+    /// A handler that waits on nothing but the worker's own control eventfd.
+    struct Idle(u32);
+
+    impl EventHandler for Idle {
+        fn init(&mut self, _: &mut EventOps<'_>) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn handle_event(&mut self, _: &mut EventOps<'_>, _: u64, _: EventSet) {}
+    }
+
+    #[test]
+    fn the_gate_hook_runs_first_on_each_worker_thread_with_its_name() {
+        let gate = WorkerGate::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        gate.set_thread_hook(Some(Arc::new({
+            let seen = seen.clone();
+            move |name: &str| {
+                let thread = thread::current().name().map(str::to_string);
+                seen.lock().unwrap().push((name.to_string(), thread));
+                Ok(())
+            }
+        })));
+        let worker = Worker::spawn("ember-net".into(), Idle(1), &gate).unwrap();
+        // `spawn` waited for the hook.
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [("ember-net".to_string(), Some("ember-net".to_string()))]
+        );
+        assert_eq!(worker.stop().unwrap().0, 1);
+    }
+
+    #[test]
+    fn a_failing_gate_hook_stops_the_worker_and_gives_the_handler_back() {
+        let gate = WorkerGate::new();
+        gate.set_thread_hook(Some(Arc::new(|_: &str| Err(io::Error::other("no filter")))));
+        let err = Worker::spawn("ember-blk-rootfs".into(), Idle(9), &gate).unwrap_err();
+        assert_eq!(err.handler.0, 9);
+        assert!(err.error.to_string().contains("no filter"), "{}", err.error);
+        assert_eq!(gate.workers(), 0);
+        gate.set_thread_hook(None);
+        let worker = Worker::spawn("ember-blk-rootfs".into(), Idle(9), &gate).unwrap();
+        worker.stop().unwrap();
     }
 }

@@ -10,6 +10,9 @@
 //!   of the guest memory mapping is what the VMM itself costs. Prints the median of 5 runs, and
 //!   the guest pages seen resident as a check that the guest's touches are counted on its side.
 //!
+//! Both run side by side with seccomp on (the default) and off (`--no-seccomp`), alternating run
+//! by run so that the machine's load falls on both alike.
+//!
 //! - **Creation rate**: microVMs of [`SMALL_MIB`] MiB and 1 vCPU whose guest writes the boot
 //!   timer and resets at once, started back to back, two per core in flight, for
 //!   `EMBER_BENCH_SECONDS` (default 10): how many reach their first instruction (and exit 0)
@@ -22,7 +25,8 @@
 //!   `MemAvailable`, in which pages KSM merged count once), their summed RSS (in which they count
 //!   in every process) and, with KSM, the pages `ksmd` shared.
 //!
-//! Run with `cargo bench -p ember --bench startup`.
+//! Run with `cargo bench -p ember --bench startup` (`EMBER_BENCH_QUICK=1` for the first two
+//! only).
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -54,6 +58,9 @@ const BOOT_TIMER_WRITE: [u8; 13] = [
 const I8042_RESET: [u8; 5] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4];
 /// `cli; hlt; jmp .-1`: stop for good, without exits to the VMM.
 const HALT_FOREVER: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
+
+/// The configurations measured side by side: a name and the flags that make it.
+const VARIANTS: [(&str, &[&str]); 2] = [("seccomp on", &[]), ("seccomp off", &["--no-seccomp"])];
 
 /// Code that writes one byte to each of `pages` pages from 16 MiB up.
 fn touch_pages(pages: u32) -> Vec<u8> {
@@ -105,22 +112,29 @@ fn start_to_first_instruction(dir: &Path, runs: usize) {
     let kernel = dir.join("timer.elf");
     let code = [BOOT_TIMER_WRITE.to_vec(), I8042_RESET.to_vec()].concat();
     fs::write(&kernel, tiny_elf(&code)).expect("cannot write the guest");
-    let mut times = Vec::with_capacity(runs);
+    let mut times = vec![Vec::with_capacity(runs); VARIANTS.len()];
     for _ in 0..runs {
-        let output = ember(&kernel).output().expect("cannot run ember");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "ember failed: {stderr}");
-        let us = stderr
-            .lines()
-            .find_map(boot_time_us)
-            .unwrap_or_else(|| panic!("no Guest-boot-time line in: {stderr}"));
-        times.push(us);
+        for ((_, flags), times) in VARIANTS.iter().zip(&mut times) {
+            let output = ember(&kernel)
+                .args(*flags)
+                .output()
+                .expect("cannot run ember");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(output.status.success(), "ember failed: {stderr}");
+            let us = stderr
+                .lines()
+                .find_map(boot_time_us)
+                .unwrap_or_else(|| panic!("no Guest-boot-time line in: {stderr}"));
+            times.push(us);
+        }
     }
-    let (min, max) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
-    println!(
-        "start to first guest instruction ({runs} runs, {MEMORY_MIB} MiB): median {} us, min {min} us, max {max} us",
-        median(&mut times)
-    );
+    for ((name, _), mut times) in VARIANTS.iter().zip(times) {
+        let (min, max) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
+        println!(
+            "start to first guest instruction, {name} ({runs} runs, {MEMORY_MIB} MiB): median {} us, min {min} us, max {max} us",
+            median(&mut times)
+        );
+    }
 }
 
 /// Resident KiB of the whole process and of its guest memory mapping, from smaps.
@@ -164,28 +178,33 @@ fn memory_overhead(dir: &Path) {
     ]
     .concat();
     fs::write(&kernel, tiny_elf(&code)).expect("cannot write the guest");
-    let mut overheads = Vec::new();
-    let mut guest_pages = Vec::new();
+    let mut overheads = vec![Vec::new(); VARIANTS.len()];
+    let mut guest_pages = vec![Vec::new(); VARIANTS.len()];
     for _ in 0..5 {
-        let mut child = ember(&kernel)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot run ember");
-        wait_for_boot(&mut child);
-        // The touches follow the boot-timer write; give them a moment to land.
-        std::thread::sleep(Duration::from_millis(200));
-        let (total, guest) = resident_kib(child.id());
-        let _ = child.kill();
-        let _ = child.wait();
-        overheads.push(total - guest);
-        guest_pages.push(guest / 4);
+        for (i, (_, flags)) in VARIANTS.iter().enumerate() {
+            let mut child = ember(&kernel)
+                .args(*flags)
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("cannot run ember");
+            wait_for_boot(&mut child);
+            // The touches follow the boot-timer write; give them a moment to land.
+            std::thread::sleep(Duration::from_millis(200));
+            let (total, guest) = resident_kib(child.id());
+            let _ = child.kill();
+            let _ = child.wait();
+            overheads[i].push(total - guest);
+            guest_pages[i].push(guest / 4);
+        }
     }
-    println!(
-        "memory overhead (RSS minus resident guest memory, 5 runs): median {} KiB; \
-         guest pages resident: median {} (the guest touched {TOUCH_PAGES} pages plus its own code)",
-        median(&mut overheads),
-        median(&mut guest_pages)
-    );
+    for (i, (name, _)) in VARIANTS.iter().enumerate() {
+        println!(
+            "memory overhead, {name} (RSS minus resident guest memory, 5 runs): median {} KiB; \
+             guest pages resident: median {} (the guest touched {TOUCH_PAGES} pages plus its own code)",
+            median(&mut overheads[i]),
+            median(&mut guest_pages[i])
+        );
+    }
 }
 
 fn online_cpus() -> usize {
@@ -374,6 +393,11 @@ fn main() {
     let dir = scratch();
     start_to_first_instruction(&dir, runs);
     memory_overhead(&dir);
+    // `EMBER_BENCH_QUICK=1`: only the two measurements above, which take seconds.
+    if std::env::var_os("EMBER_BENCH_QUICK").is_some() {
+        let _ = fs::remove_dir_all(&dir);
+        return;
+    }
     creation_rate(&dir, seconds);
     density(&dir, false);
     density(&dir, true);

@@ -111,6 +111,21 @@ pub struct Cli {
     #[arg(long)]
     pub hugepages: bool,
 
+    /// Run without seccomp filters. For debugging only: a guest or API client that takes over
+    /// a thread can then make any system call ember's user may make.
+    #[arg(long)]
+    pub no_seccomp: bool,
+
+    /// Install the seccomp filters of a compiled filter file instead of the built-in ones
+    /// (Firecracker's format: one filter for each of vmm, api, vcpu, block, net and console).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_seccomp")]
+    pub seccomp_filter: Option<PathBuf>,
+
+    /// Keep guest memory in ember's core dumps (it is left out by default, MADV_DONTDUMP). For
+    /// debugging only: a core dump then holds everything the guest had in memory.
+    #[arg(long)]
+    pub dump_guest_memory: bool,
+
     /// Most verbose level of ember's own log messages, written to stderr.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: LogLevel,
@@ -272,6 +287,16 @@ mod tests {
         assert_eq!(cli.cmdline, None);
         assert_eq!(cli.id, DEFAULT_INSTANCE_ID);
         assert!(!cli.boot_timer && !cli.ksm && !cli.hugepages);
+        assert!(!cli.no_seccomp && cli.seccomp_filter.is_none() && !cli.dump_guest_memory);
+    }
+
+    #[test]
+    fn seccomp_is_off_only_when_asked_and_a_custom_filter_needs_it_on() {
+        let cli = parse(&["--seccomp-filter", "filters.bpf", "--dump-guest-memory"]).unwrap();
+        assert_eq!(cli.seccomp_filter, Some("filters.bpf".into()));
+        assert!(cli.dump_guest_memory && !cli.no_seccomp);
+        assert!(parse(&["--no-seccomp"]).unwrap().no_seccomp);
+        assert!(parse(&["--no-seccomp", "--seccomp-filter", "filters.bpf"]).is_err());
     }
 
     #[test]

@@ -292,6 +292,11 @@ impl Controller {
                 ("rate_limited_log_count", log.rate_limited_log_count),
             ],
         ));
+        snapshot.push(Group::counters(
+            "seccomp",
+            None,
+            [("num_faults", crate::seccomp::num_faults())],
+        ));
         snapshot
     }
 

@@ -12,6 +12,7 @@
 //! - [`controller`]: applies the API's requests to the resources and the running microVM;
 //! - [`logger`] and [`metrics`]: where the VMM's log lines and counters go;
 //! - [`vmm`]: builds the microVM and runs its event loop;
+//! - [`seccomp`]: the seccomp filter of each kind of thread, and the process's hardening;
 //! - [`terminal`]: the host terminal the serial console reads from;
 //! - [`signals`]: SIGTERM and SIGINT, which end the event loop cleanly.
 //!
@@ -37,6 +38,7 @@ pub mod controller;
 pub mod logger;
 pub mod metrics;
 pub mod resources;
+pub mod seccomp;
 pub mod signals;
 pub mod terminal;
 pub mod vmm;

@@ -10,17 +10,24 @@
 //! removed, then it exits with status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT)
 //! after the line `ember: stopped by SIGTERM` (or `SIGINT`).
 //!
+//! Every thread runs under a seccomp filter of its kind (`--no-seccomp` turns them off, for
+//! debugging only); a system call a filter refuses ends ember with the status 148 and a line
+//! on stderr naming the thread and the call. `PR_SET_NO_NEW_PRIVS` is set before anything else.
+//!
 //! The VMM itself is the `ember_vmm` library of this package; this binary parses the command line
 //! and runs it.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
 
 use ember_vmm::api::ApiServer;
+use ember_vmm::api::server::{MonotonicClock, Timeouts};
 use ember_vmm::controller::{Controller, error_chain};
 use ember_vmm::resources::VmResources;
+use ember_vmm::seccomp::{self, Filters, ThreadKind};
 use ember_vmm::signals::{self, TerminationSignals};
 use ember_vmm::{cli, logger, vmm};
 
@@ -61,7 +68,11 @@ fn run(
     start: Instant,
     signals: &TerminationSignals,
 ) -> Result<vmm::GuestExit, String> {
-    let resources = VmResources::from_cli(cli).map_err(|e| error_chain(&e))?;
+    // Before any thread exists, so that every thread inherits it.
+    seccomp::set_no_new_privs().map_err(|e| error_chain(&e))?;
+    let filters = seccomp_filters(cli).map_err(|e| error_chain(&e))?;
+    let mut resources = VmResources::from_cli(cli).map_err(|e| error_chain(&e))?;
+    resources.seccomp = filters.clone();
     // Flags or a configuration file describe a microVM to boot at once; otherwise the API does.
     let boot = cli.kernel.is_some() || cli.config_file.is_some();
     let mut controller = Controller::new(cli.id.clone(), resources);
@@ -70,7 +81,12 @@ fn run(
         .map_err(|e| format!("Cannot set up the logger or metrics: {e}"))?;
     let server = match &cli.api_sock {
         Some(path) if !cli.no_api => {
-            let server = ApiServer::spawn(path).map_err(|e| error_chain(&e))?;
+            let hook = filters
+                .as_ref()
+                .map(|filters| filters.thread_hook(ThreadKind::Api));
+            let server =
+                ApiServer::spawn_with(path, Timeouts::default(), Box::new(MonotonicClock), hook)
+                    .map_err(|e| error_chain(&e))?;
             let wall = start.elapsed();
             // Linux does not fail this clock; a zero would only understate the metric.
             let cpu = ember_legacy::boot_timer::process_cpu_time().unwrap_or_default();
@@ -95,4 +111,19 @@ fn run(
     controller.finish();
     drop(server);
     outcome
+}
+
+/// The filters the command line asks for, with the `SIGSYS` handler that reports a refused
+/// call installed; `None` with `--no-seccomp`.
+fn seccomp_filters(cli: &cli::Cli) -> seccomp::Result<Option<Arc<Filters>>> {
+    if cli.no_seccomp {
+        log::warn!("seccomp filters are off (--no-seccomp): for debugging only");
+        return Ok(None);
+    }
+    seccomp::install_sigsys_handler()?;
+    let filters = match &cli.seccomp_filter {
+        Some(path) => Filters::from_file(path)?,
+        None => Filters::builtin(),
+    };
+    Ok(Some(Arc::new(filters)))
 }

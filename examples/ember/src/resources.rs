@@ -64,6 +64,10 @@ pub struct VmResources {
     pub boot_timer: bool,
     /// Whether KSM may merge guest pages.
     pub ksm: bool,
+    /// Whether guest memory stays in ember's core dumps.
+    pub dump_guest_memory: bool,
+    /// The seccomp filters the VMM's threads install; `None` runs without (`--no-seccomp`).
+    pub seccomp: Option<std::sync::Arc<crate::seccomp::Filters>>,
 }
 
 impl VmResources {
@@ -78,6 +82,8 @@ impl VmResources {
             serial_max_bytes: cli.serial_max_bytes,
             boot_timer: cli.boot_timer,
             ksm: cli.ksm,
+            dump_guest_memory: cli.dump_guest_memory,
+            seccomp: None,
         }
     }
 

@@ -40,6 +40,7 @@ use crate::cli::SerialOutput;
 use crate::controller::Controller;
 use crate::metrics::{FLUSH_INTERVAL, Group, Kind, Snapshot};
 use crate::resources::VmResources;
+use crate::seccomp::{Filters, ThreadKind};
 use crate::signals::{self, TerminationSignals};
 use crate::terminal::RawStdin;
 
@@ -55,6 +56,9 @@ pub enum Error {
         #[source]
         source: ember_memory::Error,
     },
+    /// The main thread's seccomp filter could not be installed.
+    #[error("Cannot install the seccomp filter of the VMM thread")]
+    Seccomp(#[source] crate::seccomp::Error),
     /// `/dev/kvm` cannot be opened.
     #[error("Cannot open /dev/kvm")]
     Kvm(#[source] kvm_ioctls::Error),
@@ -325,14 +329,22 @@ impl Vmm {
             MMIO32_START..MMIO_DEVICES_END,
             IRQ_BASE..=CMDLINE_DEVICE_IRQ_MAX,
         );
-        let legacy =
-            attach_legacy_devices(&vm, &mut pio, &resources.serial, resources.serial_max_bytes)?;
+        let legacy = attach_legacy_devices(
+            &vm,
+            &mut pio,
+            &resources.serial,
+            resources.serial_max_bytes,
+            resources.seccomp.as_ref(),
+        )?;
         let boot_timer = if resources.boot_timer {
             Some(attach_boot_timer(&mut mmio, &mut allocator, start)?)
         } else {
             None
         };
         let gate = WorkerGate::new();
+        if let Some(filters) = &resources.seccomp {
+            gate.set_thread_hook(Some(filters.worker_hook()));
+        }
         let mut virtio = VirtioAttacher {
             vm: &vm,
             mmio: &mut mmio,
@@ -357,7 +369,22 @@ impl Vmm {
 
         // vCPUs.
         let exit = VmExitNotifier::new().map_err(|source| Error::StartVcpu { index: 0, source })?;
-        let vcpus = start_vcpus(&vm, machine.vcpu_count, &boot_state, pio, mmio, &exit)?;
+        let seccomp = resources.seccomp.as_ref();
+        let vcpus = start_vcpus(
+            &vm,
+            machine.vcpu_count,
+            &boot_state,
+            pio,
+            mmio,
+            &exit,
+            seccomp,
+        )?;
+        // The main thread's filter comes after the vCPU threads exist, so that they do not
+        // inherit it (filters stack); it is in place before the event loop serves anything
+        // the running guest or the API can reach.
+        if let Some(filters) = &resources.seccomp {
+            filters.install(ThreadKind::Vmm).map_err(Error::Seccomp)?;
+        }
         info!(
             "Started {} vCPU(s) with {} MiB of memory",
             machine.vcpu_count, machine.mem_size_mib
@@ -633,6 +660,7 @@ fn create_memory(resources: &VmResources) -> Result<Arc<GuestMemoryMmap>> {
     let options = MemoryOptions {
         ksm: resources.ksm,
         hugepages: machine.huge_pages == model::HugePages::Transparent,
+        include_in_core_dumps: resources.dump_guest_memory,
     };
     let memory = ember_memory::create_guest_memory(size, options).map_err(memory_error)?;
     Ok(Arc::new(memory))
@@ -647,10 +675,12 @@ fn check_vcpu_count(requested: u8, kvm_max: usize) -> Result<()> {
 }
 
 /// Where the guest's console output goes: a [`BoundedWriter`] and its thread in front of stdout
-/// or the file (capped at `max_bytes` when it is a regular file, 0 for no cap), or nowhere.
+/// or the file (capped at `max_bytes` when it is a regular file, 0 for no cap), under the
+/// `console` seccomp filter when there are filters; or nowhere.
 fn console_output(
     serial: &SerialOutput,
     max_bytes: u64,
+    seccomp: Option<&Arc<Filters>>,
 ) -> Result<(Box<dyn Write + Send>, Option<BoundedWriterThread>)> {
     let (out, max_bytes) = match serial {
         SerialOutput::Stdio => {
@@ -676,8 +706,11 @@ fn console_output(
         capacity: bounded_writer::DEFAULT_CAPACITY,
         max_bytes,
     };
-    let (writer, thread) =
-        BoundedWriter::spawn(CONSOLE_THREAD, out, config).map_err(Error::ConsoleThread)?;
+    let hook = seccomp.map(|filters| filters.thread_hook(ThreadKind::Console));
+    let (writer, thread) = BoundedWriter::spawn_with(CONSOLE_THREAD, out, config, move || {
+        hook.map_or(Ok(()), |hook| hook())
+    })
+    .map_err(Error::ConsoleThread)?;
     Ok((Box::new(writer), Some(thread)))
 }
 
@@ -687,8 +720,9 @@ fn attach_legacy_devices(
     pio: &mut PioBus,
     serial: &SerialOutput,
     serial_max_bytes: u64,
+    seccomp: Option<&Arc<Filters>>,
 ) -> Result<Legacy> {
-    let (out, console) = console_output(serial, serial_max_bytes)?;
+    let (out, console) = console_output(serial, serial_max_bytes, seccomp)?;
     let serial_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
     vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
         .map_err(|e| Error::Irq("serial console".into(), e))?;
@@ -912,6 +946,7 @@ fn start_vcpus(
     pio: PioBus,
     mmio: MmioBus,
     exit: &VmExitNotifier,
+    seccomp: Option<&Arc<Filters>>,
 ) -> Result<Vec<VcpuHandle>> {
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
@@ -923,8 +958,9 @@ fn start_vcpus(
             vcpu.set_boot_state(boot_state)
                 .map_err(|source| Error::Vcpu { index, source })?;
         }
+        let hook = seccomp.map(|filters| filters.thread_hook(ThreadKind::Vcpu));
         let handle = vcpu
-            .start(exit.clone())
+            .start_with_hook(exit.clone(), hook)
             .map_err(|source| Error::StartVcpu { index, source })?;
         handles.push(handle);
     }

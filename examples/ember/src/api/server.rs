@@ -118,7 +118,14 @@ pub enum ServerError {
     /// The thread could not be started.
     #[error("Cannot start the API server thread")]
     Spawn(#[source] io::Error),
+    /// The thread's start hook failed; the thread ended without serving.
+    #[error("The API server thread's start hook failed")]
+    ThreadHook(#[source] io::Error),
 }
+
+/// Code the API thread runs first, before it accepts a connection: a seccomp filter, CPU
+/// pinning. An error stops the thread and makes [`ApiServer::spawn_with`] fail.
+pub type ThreadHook = Box<dyn FnOnce() -> io::Result<()> + Send>;
 
 /// The result of starting the API server.
 pub type Result<T> = std::result::Result<T, ServerError>;
@@ -235,18 +242,20 @@ impl ApiServer {
     /// [`ServerError`] when the socket, the epoll instance, an event fd or the thread cannot be
     /// set up.
     pub fn spawn(path: impl AsRef<Path>) -> Result<(ApiServer, ApiRequests)> {
-        ApiServer::spawn_with(path, Timeouts::default(), Box::new(MonotonicClock))
+        ApiServer::spawn_with(path, Timeouts::default(), Box::new(MonotonicClock), None)
     }
 
-    /// [`ApiServer::spawn`], with the given timeouts measured against `clock`.
+    /// [`ApiServer::spawn`], with the given timeouts measured against `clock`; the API thread
+    /// first runs `hook` (when given), and this waits for it.
     ///
     /// # Errors
     ///
-    /// As [`ApiServer::spawn`].
+    /// As [`ApiServer::spawn`]; [`ServerError::ThreadHook`] when the hook fails.
     pub fn spawn_with(
         path: impl AsRef<Path>,
         timeouts: Timeouts,
         clock: Box<dyn Clock>,
+        hook: Option<ThreadHook>,
     ) -> Result<(ApiServer, ApiRequests)> {
         let socket_path = path.as_ref().to_path_buf();
         if socket_path.symlink_metadata().is_ok() {
@@ -287,11 +296,24 @@ impl ApiServer {
             timeouts,
             clock,
         )?;
+        let (started, hook_result) = mpsc::sync_channel(1);
         let thread = thread::Builder::new()
             .name(THREAD_NAME.to_string())
-            .spawn(move || event_loop.run())
+            .spawn(move || {
+                let result = hook.map_or(Ok(()), |hook| hook());
+                let failed = result.is_err();
+                // `spawn_with` waits for this.
+                let _ = started.send(result);
+                if !failed {
+                    event_loop.run();
+                }
+            })
             .map_err(ServerError::Spawn)?;
         server.thread = Some(thread);
+        hook_result
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the API thread panicked")))
+            .map_err(ServerError::ThreadHook)?;
         log::debug!("API server listening on {}", server.socket_path.display());
         Ok((
             server,
@@ -1703,7 +1725,7 @@ mod tests {
         let dir = TempDir::new_with_prefix("/tmp/ember-api-").unwrap();
         let path = dir.as_path().join("api.sock");
         let (_server, requests) =
-            ApiServer::spawn_with(&path, timeouts, Box::new(MonotonicClock)).unwrap();
+            ApiServer::spawn_with(&path, timeouts, Box::new(MonotonicClock), None).unwrap();
         let mut slow = connect(&path);
         let started = Instant::now();
         let mut received = Vec::new();
@@ -1757,5 +1779,41 @@ mod tests {
             Err(ServerError::Bind { .. })
         ));
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn the_thread_hook_runs_on_the_api_thread_and_a_failure_stops_the_server() {
+        let dir = std::env::temp_dir().join(format!("ember-api-hook-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let ran_on = Arc::new(std::sync::Mutex::new(None));
+        let hook: ThreadHook = Box::new({
+            let ran_on = ran_on.clone();
+            move || {
+                *ran_on.lock().unwrap() = thread::current().name().map(str::to_string);
+                Ok(())
+            }
+        });
+        let (server, _requests) = ApiServer::spawn_with(
+            &path,
+            Timeouts::default(),
+            Box::new(MonotonicClock),
+            Some(hook),
+        )
+        .unwrap();
+        assert_eq!(ran_on.lock().unwrap().as_deref(), Some(THREAD_NAME));
+        drop(server);
+
+        let hook: ThreadHook = Box::new(|| Err(io::Error::other("no filter")));
+        let err = ApiServer::spawn_with(
+            &path,
+            Timeouts::default(),
+            Box::new(MonotonicClock),
+            Some(hook),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ServerError::ThreadHook(_)), "{err}");
+        assert!(!path.exists(), "the socket file is removed");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,0 +1,645 @@
+//! ember's seccomp filters, installed through the library in a child process: a thread of each
+//! kind that makes a forbidden call ends the process with the status 148 and a line naming the
+//! thread and the call; the calls each kind needs still work under its filter; and a vCPU can
+//! still start a device worker that installs its own filter.
+//!
+//! Each case runs in a fresh process, this test binary run again with `EMBER_SECCOMP_CHILD` set
+//! to `kind:action`, so that a filter never lands on the test harness. The last cases run the
+//! `ember` binary itself on a tiny guest: with its filters, without, with a filter file that
+//! refuses a vCPU everything, and with bad filter files.
+
+use std::io::Write as _;
+use std::os::fd::AsRawFd;
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use ember_virtio::{EventHandler, EventOps, Worker, WorkerGate};
+use ember_vmm::seccomp::{
+    self, EXIT_CODE_BAD_SYSCALL, Filters, ThreadKind, install_sigsys_handler, set_no_new_privs,
+};
+use vmm_sys_util::epoll::EventSet;
+
+const CHILD_ENV: &str = "EMBER_SECCOMP_CHILD";
+
+/// The name a thread of `kind` has in ember.
+fn thread_name(kind: ThreadKind) -> &'static str {
+    match kind {
+        ThreadKind::Vmm => "ember-vmm",
+        ThreadKind::Api => "ember_api",
+        ThreadKind::Vcpu => "ember_vcpu0",
+        ThreadKind::Block => "ember-blk-rootfs",
+        ThreadKind::Net => "ember-net",
+        ThreadKind::Console => "ember-console",
+    }
+}
+
+/// Runs `kind:action` in a child process.
+fn child(kind: ThreadKind, action: &str) -> Output {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "seccomp_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, format!("{}:{action}", kind.name()))
+        .output()
+        .unwrap()
+}
+
+fn assert_killed_for(output: &Output, kind: ThreadKind, syscall: i64) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_CODE_BAD_SYSCALL),
+        "{kind}: {stderr}"
+    );
+    let line = format!(
+        "ember: seccomp: thread {} ({kind} filter) made the forbidden system call {syscall}; exiting with status 148",
+        thread_name(kind)
+    );
+    assert!(
+        stderr.contains(&line),
+        "{kind}: expected `{line}` in {stderr}"
+    );
+}
+
+fn assert_succeeded(output: &Output, kind: ThreadKind) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{kind}: {stderr}");
+    assert!(stderr.contains("child done"), "{kind}: {stderr}");
+}
+
+#[test]
+fn a_forbidden_socket_call_kills_every_kind_of_thread_with_a_clear_line() {
+    for kind in ThreadKind::ALL {
+        assert_killed_for(&child(kind, "socket"), kind, libc::SYS_socket);
+    }
+}
+
+#[test]
+fn execve_is_forbidden_to_every_kind_of_thread() {
+    for kind in ThreadKind::ALL {
+        assert_killed_for(&child(kind, "execve"), kind, libc::SYS_execve);
+    }
+}
+
+#[test]
+fn executable_memory_is_forbidden_to_every_kind_of_thread() {
+    for kind in ThreadKind::ALL {
+        assert_killed_for(&child(kind, "mmap_exec"), kind, libc::SYS_mmap);
+    }
+}
+
+#[test]
+fn kvm_ioctls_are_limited_to_what_each_thread_needs() {
+    // A vCPU runs its vCPU, but cannot create a VM; the other threads cannot even run a vCPU.
+    assert_killed_for(
+        &child(ThreadKind::Vcpu, "kvm_create_vm"),
+        ThreadKind::Vcpu,
+        libc::SYS_ioctl,
+    );
+    for kind in ThreadKind::ALL
+        .into_iter()
+        .filter(|&kind| kind != ThreadKind::Vcpu)
+    {
+        assert_killed_for(&child(kind, "kvm_run"), kind, libc::SYS_ioctl);
+    }
+}
+
+#[test]
+fn the_calls_each_kind_needs_still_work_under_its_filter() {
+    for kind in ThreadKind::ALL {
+        assert_succeeded(&child(kind, "common"), kind);
+    }
+    for (kind, action) in [
+        (ThreadKind::Vcpu, "kvm_run"),
+        (ThreadKind::Api, "accept"),
+        (ThreadKind::Block, "disk_io"),
+        (ThreadKind::Net, "tap_io"),
+        (ThreadKind::Vmm, "vmm_io"),
+        (ThreadKind::Console, "tap_io"),
+    ] {
+        assert_succeeded(&child(kind, action), kind);
+    }
+}
+
+#[test]
+fn a_vcpu_starts_a_device_worker_that_installs_its_own_filter() {
+    assert_succeeded(&child(ThreadKind::Vcpu, "start_worker"), ThreadKind::Vcpu);
+}
+
+#[test]
+fn a_vcpu_activates_a_block_device_whose_worker_serves_a_read_and_resets() {
+    assert_succeeded(&child(ThreadKind::Vcpu, "activate_block"), ThreadKind::Vcpu);
+}
+
+#[test]
+fn a_vcpu_activates_a_network_device_whose_worker_sends_a_frame_and_resets() {
+    assert_succeeded(&child(ThreadKind::Vcpu, "activate_net"), ThreadKind::Vcpu);
+}
+
+#[test]
+fn a_worker_under_its_own_filter_cannot_do_what_its_vcpu_may() {
+    // A block worker started by a vCPU runs under both filters: KVM_RUN, which the vCPU's
+    // allows, is refused by the block filter.
+    let output = child(ThreadKind::Vcpu, "worker_kvm_run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_CODE_BAD_SYSCALL),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "thread ember-blk-rootfs (block filter) made the forbidden system call {}",
+            libc::SYS_ioctl
+        )),
+        "{stderr}"
+    );
+}
+
+/// `mov al, 0xfe; out 0x64, al; hlt; jmp .-1`: reset through the i8042.
+const I8042_RESET: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
+/// A scratch directory with a tiny guest that resets at once.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("ember-seccomp-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("reset.elf"),
+            ember_boot::test_utils::tiny_elf(&I8042_RESET),
+        )
+        .unwrap();
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the `ember` binary on the scratch guest with `args`.
+fn ember(scratch: &Scratch, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["--kernel", &scratch.path("reset.elf"), "--memory", "32"])
+        .args(["--serial", "none"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A filter file with ember's filters, but for `kind`, which gets the filter of `from`.
+fn filters_swapping(kind: ThreadKind, from: ThreadKind) -> Vec<u8> {
+    let builtin = Filters::builtin();
+    let mut bytes = 6u64.to_le_bytes().to_vec();
+    for other in ThreadKind::ALL {
+        let name = other.name().as_bytes();
+        bytes.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(name);
+        let program = builtin.program(if other == kind { from } else { other });
+        bytes.extend_from_slice(&(program.len() as u64).to_le_bytes());
+        for insn in program {
+            bytes.extend_from_slice(&insn.code.to_le_bytes());
+            bytes.extend_from_slice(&[insn.jt, insn.jf]);
+            bytes.extend_from_slice(&insn.k.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+#[test]
+fn the_ember_binary_runs_a_guest_with_its_filters_and_without() {
+    let scratch = Scratch::new("on-off");
+    for args in [&[][..], &["--no-seccomp"]] {
+        let output = ember(&scratch, args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.contains("seccomp filters are off"),
+            !args.is_empty(),
+            "{stderr}"
+        );
+    }
+    let builtin = scratch.path("builtin.bpf");
+    std::fs::write(&builtin, Filters::builtin().to_bytes()).unwrap();
+    let output = ember(&scratch, &["--seccomp-filter", &builtin]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn a_vcpu_whose_filter_refuses_kvm_run_ends_the_ember_binary_with_148_and_a_line() {
+    let scratch = Scratch::new("refused");
+    // The vCPUs get the API thread's filter, which has no KVM_RUN.
+    let file = scratch.path("no-kvm-run.bpf");
+    std::fs::write(&file, filters_swapping(ThreadKind::Vcpu, ThreadKind::Api)).unwrap();
+    let output = ember(&scratch, &["--seccomp-filter", &file]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_CODE_BAD_SYSCALL),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "ember: seccomp: thread ember_vcpu0 (vcpu filter) made the forbidden system call"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_filter_file_is_a_clear_error_before_anything_starts() {
+    let scratch = Scratch::new("bad-file");
+    let missing = scratch.path("missing.bpf");
+    let output = ember(&scratch, &["--seccomp-filter", &missing]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("Cannot read the seccomp filter file"),
+        "{stderr}"
+    );
+
+    // Firecracker's three kinds only.
+    let three = scratch.path("three.bpf");
+    let parsed = Filters::builtin();
+    let mut bytes = 3u64.to_le_bytes().to_vec();
+    for kind in [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu] {
+        let program = parsed.program(kind);
+        bytes.extend_from_slice(&(kind.name().len() as u64).to_le_bytes());
+        bytes.extend_from_slice(kind.name().as_bytes());
+        bytes.extend_from_slice(&(program.len() as u64).to_le_bytes());
+        for insn in program {
+            bytes.extend_from_slice(&insn.code.to_le_bytes());
+            bytes.extend_from_slice(&[insn.jt, insn.jf]);
+            bytes.extend_from_slice(&insn.k.to_le_bytes());
+        }
+    }
+    std::fs::write(&three, bytes).unwrap();
+    let output = ember(&scratch, &["--seccomp-filter", &three]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("The seccomp filter file has no filter for the `block` threads"),
+        "{stderr}"
+    );
+}
+
+/// The entry of the child processes; does nothing in a normal run.
+#[test]
+fn seccomp_child() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (kind, action) = spec.split_once(':').unwrap();
+    let kind = ThreadKind::from_name(kind).unwrap();
+    let action = action.to_string();
+    set_no_new_privs().unwrap();
+    install_sigsys_handler().unwrap();
+    let filters = Arc::new(Filters::builtin());
+    // Set up before the filter, as ember does: files the thread is handed.
+    let scratch = std::env::temp_dir().join(format!("ember-seccomp-{}", std::process::id()));
+    std::fs::write(&scratch, vec![7u8; 4096]).unwrap();
+    let file = Arc::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&scratch)
+            .unwrap(),
+    );
+    std::fs::remove_file(&scratch).unwrap();
+    let (reader, writer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    // Devices are built by the VMM thread before the vCPUs start.
+    let block = (action == "activate_block").then(|| block_rig(&file));
+    let net = (action == "activate_net").then(|| net_rig(writer.try_clone().unwrap()));
+
+    let thread = std::thread::Builder::new()
+        .name(thread_name(kind).to_string())
+        .spawn(move || {
+            filters.install(kind).unwrap();
+            run(&action, &filters, &file, &reader, &writer);
+            if let Some(rig) = block {
+                activate_block(rig);
+            }
+            if let Some(rig) = net {
+                activate_net(rig, &reader);
+            }
+        })
+        .unwrap();
+    thread.join().unwrap();
+    eprintln!("child done");
+    std::io::stderr().flush().unwrap();
+    // Nothing else of the harness runs in this process.
+    // SAFETY: ends the process; nothing is left to clean up.
+    unsafe { libc::_exit(0) };
+}
+
+/// Does `action` on a thread under a filter; returns only when the filter allowed it.
+fn run(
+    action: &str,
+    filters: &Arc<Filters>,
+    file: &Arc<std::fs::File>,
+    reader: &std::os::unix::net::UnixDatagram,
+    writer: &std::os::unix::net::UnixDatagram,
+) {
+    use std::os::unix::fs::FileExt;
+    // The calls below take valid or deliberately invalid descriptors and buffers this function
+    // owns; a refused one ends the process.
+    match action {
+        // SAFETY: see above.
+        "socket" => unsafe {
+            libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        },
+        // SAFETY: see above; the strings are NUL-terminated and the arrays end with a null.
+        "execve" => unsafe {
+            let path = c"/bin/true";
+            let argv = [path.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        },
+        // SAFETY: see above; a new anonymous mapping touches no existing memory.
+        "mmap_exec" => unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+        },
+        // SAFETY: see above.
+        "kvm_create_vm" => unsafe {
+            libc::ioctl(-1, 0xae01, 0);
+        },
+        "kvm_run" => {
+            // SAFETY: see above.
+            let ret = unsafe { libc::ioctl(-1, 0xae80, 0) };
+            assert_eq!(ret, -1);
+            assert_eq!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EBADF)
+            );
+        }
+        "common" => {
+            // Allocation small and large, a lock, a channel, a log line, the time.
+            let big = vec![1u8; 8 << 20];
+            let lock = std::sync::Mutex::new(big.len());
+            let (tx, rx) = std::sync::mpsc::channel();
+            tx.send(*lock.lock().unwrap()).unwrap();
+            assert_eq!(rx.recv().unwrap(), 8 << 20);
+            drop(big);
+            let _ = std::time::Instant::now();
+            eprintln!("allowed calls work");
+        }
+        "accept" => {
+            // SAFETY: see above.
+            let ret = unsafe {
+                libc::accept4(
+                    -1,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            assert_eq!(ret, -1);
+        }
+        "disk_io" => {
+            let mut buf = [0u8; 512];
+            file.read_exact_at(&mut buf, 512).unwrap();
+            assert_eq!(buf, [7u8; 512]);
+            file.write_all_at(&[9u8; 512], 0).unwrap();
+            file.sync_data().unwrap();
+        }
+        "tap_io" => {
+            writer.send(b"frame").unwrap();
+            let mut buf = [0u8; 16];
+            // SAFETY: see above.
+            let ret = unsafe { libc::read(reader.as_raw_fd(), buf.as_mut_ptr().cast(), 16) };
+            assert_eq!(ret, 5);
+        }
+        "vmm_io" => {
+            // PATCH /drives opens a new backing file and reads its size.
+            let again = std::fs::File::open("/proc/self/status").unwrap();
+            let _ = again.metadata().unwrap();
+        }
+        "start_worker" | "worker_kvm_run" => {
+            let gate = WorkerGate::new();
+            gate.set_thread_hook(Some(filters.worker_hook()));
+            let worker = Worker::spawn("ember-blk-rootfs".into(), Idle, &gate).unwrap();
+            let disk = Arc::clone(file);
+            let kvm_run = action == "worker_kvm_run";
+            let read = worker
+                .call(move |_, _| {
+                    if kvm_run {
+                        // SAFETY: see above.
+                        unsafe { libc::ioctl(-1, 0xae80, 0) };
+                    }
+                    let mut buf = [0u8; 512];
+                    disk.read_exact_at(&mut buf, 1024).map(|()| buf[0])
+                })
+                .unwrap()
+                .unwrap();
+            assert_eq!(read, 7);
+            worker.stop().unwrap();
+        }
+        "activate_block" | "activate_net" => {}
+        other => panic!("unknown action {other}"),
+    }
+    let _ = seccomp::num_faults();
+}
+
+/// virtio-mmio registers and status bits, as a guest driver uses them.
+mod regs {
+    pub const DRIVER_FEATURES: u64 = 0x20;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
+    pub const QUEUE_SEL: u64 = 0x30;
+    pub const QUEUE_NUM: u64 = 0x38;
+    pub const QUEUE_READY: u64 = 0x44;
+    pub const STATUS: u64 = 0x70;
+    pub const QUEUE_DESC_LOW: u64 = 0x80;
+    pub const QUEUE_AVAIL_LOW: u64 = 0x90;
+    pub const QUEUE_USED_LOW: u64 = 0xa0;
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+}
+
+type Mem = vm_memory::GuestMemoryMmap<()>;
+
+/// Drives a virtio-mmio transport as a guest driver does through a vCPU's MMIO exits: VERSION_1
+/// only, every queue configured, then DRIVER_OK, which starts the device's worker.
+fn activate<D: ember_virtio::VirtioDevice<Mem>>(
+    transport: &mut ember_virtio::mmio::MmioTransport<Mem, D>,
+    drivers: &[ember_virtio::mock::MockDriver],
+) {
+    use regs::*;
+    let mut write = |offset: u64, value: u32| transport.write(offset, &value.to_le_bytes());
+    write(STATUS, ACKNOWLEDGE);
+    write(STATUS, ACKNOWLEDGE | DRIVER);
+    write(DRIVER_FEATURES_SEL, 1);
+    write(DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1, bit 32
+    write(DRIVER_FEATURES_SEL, 0);
+    write(DRIVER_FEATURES, 0);
+    write(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    for (index, driver) in (0u32..).zip(drivers) {
+        write(QUEUE_SEL, index);
+        write(QUEUE_NUM, u32::from(driver.size()));
+        for (low, addr) in [
+            (QUEUE_DESC_LOW, driver.desc_table()),
+            (QUEUE_AVAIL_LOW, driver.avail_ring()),
+            (QUEUE_USED_LOW, driver.used_ring()),
+        ] {
+            write(low, addr.0 as u32);
+            write(low + 4, (addr.0 >> 32) as u32);
+        }
+        write(QUEUE_READY, 1);
+    }
+    write(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+}
+
+/// Waits until the device has used `count` chains of `driver`'s queue; yields rather than
+/// sleeps, as a vCPU thread has no business sleeping (its filter refuses it).
+fn wait_used(mem: &Mem, driver: &ember_virtio::mock::MockDriver, count: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while driver.used_idx(mem).unwrap() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device never answered"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// A virtio device behind its transport, in its guest memory, with the guest's drivers of
+/// its queues: built by the VMM thread before the vCPUs start.
+struct Rig<D: ember_virtio::VirtioDevice<Mem>> {
+    mem: Arc<Mem>,
+    transport: ember_virtio::mmio::MmioTransport<Mem, D>,
+    drivers: Vec<ember_virtio::mock::MockDriver>,
+}
+
+fn rig<D: ember_virtio::VirtioDevice<Mem>>(device: D, queues: u64) -> Rig<D> {
+    use ember_virtio::mock::{MockDriver, guest_memory};
+    let mem = Arc::new(guest_memory(0x10_0000).unwrap());
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let gate = WorkerGate::new();
+    let filters = Arc::new(Filters::builtin());
+    gate.set_thread_hook(Some(filters.worker_hook()));
+    let transport =
+        ember_virtio::mmio::MmioTransport::new(mem.clone(), Box::new(device), irq, gate).unwrap();
+    let drivers = (0..queues)
+        .map(|i| MockDriver::new(16, vm_memory::GuestAddress(0x1_0000 * (i + 1))))
+        .collect();
+    Rig {
+        mem,
+        transport,
+        drivers,
+    }
+}
+
+fn block_rig(file: &std::fs::File) -> Rig<ember_virtio::block::Block> {
+    use ember_virtio::block::{self, Block};
+    let block = Block::new(block::Config {
+        path: format!("/proc/self/fd/{}", file.as_raw_fd()).into(),
+        read_only: false,
+        id: "rootfs".into(),
+        rate_limiter: Default::default(),
+    })
+    .unwrap();
+    rig(block, 1)
+}
+
+fn net_rig(
+    device: std::os::unix::net::UnixDatagram,
+) -> Rig<ember_virtio::net::Net<std::os::unix::net::UnixDatagram>> {
+    device.set_nonblocking(true).unwrap();
+    rig(ember_virtio::net::Net::new(device, None), 2)
+}
+
+/// Activates the block device, reads the disk's second sector through the worker, and resets
+/// the device, which stops the worker.
+fn activate_block(mut rig: Rig<ember_virtio::block::Block>) {
+    use ember_virtio::mock::MockBuffer;
+    use vm_memory::{Bytes, GuestAddress};
+    activate(&mut rig.transport, &rig.drivers);
+    let mem = &*rig.mem;
+    // VIRTIO_BLK_T_IN of sector 1: header, 512 bytes of data, status.
+    let header = GuestAddress(0x8_0000);
+    mem.write_obj(0u32, header).unwrap();
+    mem.write_obj(0u32, GuestAddress(0x8_0004)).unwrap();
+    mem.write_obj(1u64, GuestAddress(0x8_0008)).unwrap();
+    let driver = &mut rig.drivers[0];
+    driver
+        .add_chain(
+            mem,
+            &[
+                MockBuffer::readable(0x8_0000, 16),
+                MockBuffer::writable(0x8_1000, 512),
+                MockBuffer::writable(0x8_2000, 1),
+            ],
+        )
+        .unwrap();
+    // What KVM's ioeventfd does on the guest's notification.
+    rig.transport.queue_evts()[0].write(1).unwrap();
+    wait_used(mem, &rig.drivers[0], 1);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8_2000)).unwrap(), 0);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8_1000)).unwrap(), 7);
+    // The driver resets the device: the worker stops and the disk comes back.
+    rig.transport.write(regs::STATUS, &0u32.to_le_bytes());
+    assert!(!rig.transport.is_activated());
+}
+
+/// Activates the network device, sends a frame through the worker to the peer socket, and
+/// resets the device.
+fn activate_net(
+    mut rig: Rig<ember_virtio::net::Net<std::os::unix::net::UnixDatagram>>,
+    peer: &std::os::unix::net::UnixDatagram,
+) {
+    use ember_virtio::mock::MockBuffer;
+    use vm_memory::{Bytes, GuestAddress};
+    activate(&mut rig.transport, &rig.drivers);
+    let mem = &*rig.mem;
+    // A frame behind the 12-byte virtio-net header, on the transmit queue (1).
+    mem.write_slice(&[0u8; 12], GuestAddress(0x8_0000)).unwrap();
+    mem.write_slice(b"frame!", GuestAddress(0x8_000c)).unwrap();
+    rig.drivers[1]
+        .add_chain(mem, &[MockBuffer::readable(0x8_0000, 18)])
+        .unwrap();
+    rig.transport.queue_evts()[1].write(1).unwrap();
+    wait_used(mem, &rig.drivers[1], 1);
+    let mut frame = [0u8; 64];
+    let len = peer.recv(&mut frame).unwrap();
+    // A socket backend passes the virtio-net header along with the frame.
+    assert_eq!(&frame[..len], b"\0\0\0\0\0\0\0\0\0\0\0\0frame!");
+    rig.transport.write(regs::STATUS, &0u32.to_le_bytes());
+    assert!(!rig.transport.is_activated());
+}
+
+/// A device worker's handler that waits on nothing but its control eventfd.
+struct Idle;
+
+impl EventHandler for Idle {
+    fn init(&mut self, _: &mut EventOps<'_>) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn handle_event(&mut self, _: &mut EventOps<'_>, _: u64, _: EventSet) {}
+}
