@@ -488,6 +488,15 @@ SCRIPT
         api PUT /drives/signal "{\"drive_id\": \"signal\", \"path_on_host\": \"$work/signal\", \"is_root_device\": false, \"is_read_only\": true}"
         api PUT /actions '{"action_type": "InstanceStart"}'
         console_wait '^SWAP-NOW'
+        # Every thread of the running VMM, device workers included, runs under a
+        # seccomp filter (mode 2).
+        filtered=yes
+        for task in /proc/"$vm"/task/*; do
+            mode=$(sed -n 's/^Seccomp:[[:space:]]*//p' "$task/status" 2>/dev/null)
+            echo "THREAD $(cat "$task/comm" 2>/dev/null) seccomp ${mode:-?}" >>"$work/host"
+            [ "$mode" = 2 ] || filtered=no
+        done
+        [ "$filtered" = yes ] && echo "ALL-THREADS-FILTERED" >>"$work/host"
         api PATCH /drives/swap "{\"drive_id\": \"swap\", \"path_on_host\": \"$work/swap-b\"}"
         printf PATCHED | dd of="$work/signal" conv=notrunc 2>/dev/null
         console_wait '^SIZE2'
@@ -512,6 +521,9 @@ SCRIPT
     retry_crashed drive_swap swap_run
     expect a_drive_swapped_while_the_guest_runs_shows_its_new_image 0 \
         '^SIZE1 2048 AAAA$' 'API PATCH /drives/swap 204' '^SIZE2 4096 BBBB$' '^EMBER-CTRL-ALT-DEL$'
+    expect every_thread_runs_under_a_seccomp_filter 0 'ALL-THREADS-FILTERED' \
+        '^THREAD ember seccomp 2$' '^THREAD ember_api seccomp 2$' '^THREAD ember_vcpu0 seccomp 2$' \
+        '^THREAD ember-blk-swap seccomp 2$' '^THREAD ember_console seccomp 2$'
     expect the_log_goes_to_a_named_pipe_and_metrics_flush_on_request 0 \
         'API PUT /logger 204' 'LOG-FIFO-OK' 'API PUT /actions 204' 'METRICS-FLUSHED'
 fi
