@@ -11,7 +11,8 @@
 //!   the guest pages seen resident as a check that the guest's touches are counted on its side.
 //!
 //! Both run side by side with seccomp on (the default) and off (`--no-seccomp`), alternating run
-//! by run so that the machine's load falls on both alike.
+//! by run so that the machine's load falls on both alike; `EMBER_BENCH_BASELINE=PATH` adds
+//! another `ember` binary (an earlier build) to the rotation.
 //!
 //! - **Creation rate**: microVMs of [`SMALL_MIB`] MiB and 1 vCPU whose guest writes the boot
 //!   timer and resets at once, started back to back, two per core in flight, for
@@ -59,8 +60,38 @@ const I8042_RESET: [u8; 5] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4];
 /// `cli; hlt; jmp .-1`: stop for good, without exits to the VMM.
 const HALT_FOREVER: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
 
-/// The configurations measured side by side: a name and the flags that make it.
-const VARIANTS: [(&str, &[&str]); 2] = [("seccomp on", &[]), ("seccomp off", &["--no-seccomp"])];
+/// A configuration measured side by side with the others: a name, the binary and its flags.
+struct Variant {
+    name: String,
+    binary: PathBuf,
+    flags: &'static [&'static str],
+}
+
+/// This build with seccomp on (the default) and off, and with `EMBER_BENCH_BASELINE=PATH`
+/// another `ember` binary (an earlier build, say) with its defaults.
+fn variants() -> Vec<Variant> {
+    let mut variants = vec![
+        Variant {
+            name: "seccomp on".into(),
+            binary: EMBER.into(),
+            flags: &[],
+        },
+        Variant {
+            name: "seccomp off".into(),
+            binary: EMBER.into(),
+            flags: &["--no-seccomp"],
+        },
+    ];
+    if let Some(baseline) = std::env::var_os("EMBER_BENCH_BASELINE") {
+        let binary = PathBuf::from(baseline);
+        variants.push(Variant {
+            name: format!("baseline {}", binary.display()),
+            binary,
+            flags: &[],
+        });
+    }
+    variants
+}
 
 /// Code that writes one byte to each of `pages` pages from 16 MiB up.
 fn touch_pages(pages: u32) -> Vec<u8> {
@@ -82,12 +113,19 @@ fn scratch() -> PathBuf {
     dir
 }
 
-fn ember(kernel: &Path) -> Command {
-    ember_with_memory(kernel, MEMORY_MIB)
+/// `variant` on `kernel`, with the guest memory of the side-by-side runs.
+fn ember(variant: &Variant, kernel: &Path) -> Command {
+    let mut cmd = ember_binary(&variant.binary, kernel, MEMORY_MIB);
+    cmd.args(variant.flags);
+    cmd
 }
 
 fn ember_with_memory(kernel: &Path, mib: u64) -> Command {
-    let mut cmd = Command::new(EMBER);
+    ember_binary(Path::new(EMBER), kernel, mib)
+}
+
+fn ember_binary(binary: &Path, kernel: &Path, mib: u64) -> Command {
+    let mut cmd = Command::new(binary);
     cmd.arg("--kernel")
         .arg(kernel)
         .args(["--memory", &mib.to_string(), "--boot-timer"])
@@ -112,13 +150,11 @@ fn start_to_first_instruction(dir: &Path, runs: usize) {
     let kernel = dir.join("timer.elf");
     let code = [BOOT_TIMER_WRITE.to_vec(), I8042_RESET.to_vec()].concat();
     fs::write(&kernel, tiny_elf(&code)).expect("cannot write the guest");
-    let mut times = vec![Vec::with_capacity(runs); VARIANTS.len()];
+    let variants = variants();
+    let mut times = vec![Vec::with_capacity(runs); variants.len()];
     for _ in 0..runs {
-        for ((_, flags), times) in VARIANTS.iter().zip(&mut times) {
-            let output = ember(&kernel)
-                .args(*flags)
-                .output()
-                .expect("cannot run ember");
+        for (variant, times) in variants.iter().zip(&mut times) {
+            let output = ember(variant, &kernel).output().expect("cannot run ember");
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert!(output.status.success(), "ember failed: {stderr}");
             let us = stderr
@@ -128,7 +164,7 @@ fn start_to_first_instruction(dir: &Path, runs: usize) {
             times.push(us);
         }
     }
-    for ((name, _), mut times) in VARIANTS.iter().zip(times) {
+    for (Variant { name, .. }, mut times) in variants.iter().zip(times) {
         let (min, max) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
         println!(
             "start to first guest instruction, {name} ({runs} runs, {MEMORY_MIB} MiB): median {} us, min {min} us, max {max} us",
@@ -178,12 +214,12 @@ fn memory_overhead(dir: &Path) {
     ]
     .concat();
     fs::write(&kernel, tiny_elf(&code)).expect("cannot write the guest");
-    let mut overheads = vec![Vec::new(); VARIANTS.len()];
-    let mut guest_pages = vec![Vec::new(); VARIANTS.len()];
+    let variants = variants();
+    let mut overheads = vec![Vec::new(); variants.len()];
+    let mut guest_pages = vec![Vec::new(); variants.len()];
     for _ in 0..5 {
-        for (i, (_, flags)) in VARIANTS.iter().enumerate() {
-            let mut child = ember(&kernel)
-                .args(*flags)
+        for (i, variant) in variants.iter().enumerate() {
+            let mut child = ember(variant, &kernel)
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("cannot run ember");
@@ -197,7 +233,7 @@ fn memory_overhead(dir: &Path) {
             guest_pages[i].push(guest / 4);
         }
     }
-    for (i, (name, _)) in VARIANTS.iter().enumerate() {
+    for (i, Variant { name, .. }) in variants.iter().enumerate() {
         println!(
             "memory overhead, {name} (RSS minus resident guest memory, 5 runs): median {} KiB; \
              guest pages resident: median {} (the guest touched {TOUCH_PAGES} pages plus its own code)",
