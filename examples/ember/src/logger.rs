@@ -23,16 +23,21 @@
 //!   for, and never interleaves with another. Should a sink take part of a line, the rest is
 //!   dropped (and counted) and the next line starts on a line of its own.
 //!
-//! Standard error is written the same way but stays blocking: its file description is shared
-//! with the process that started `ember`, which a non-blocking flag would change too. The rate
-//! limit bounds what a guest can make `ember` write there.
+//! Standard error is written the same way. When it is a pipe (an orchestrator that captures
+//! it, a shell pipeline), a reader that stops would make writes wait, and setting the
+//! non-blocking flag on it would change the file description `ember` shares with the process
+//! that started it; so [`init`] opens the pipe again, as a description of its own that does not
+//! block ([`reopen_nonblocking`]), and writes there. Any other standard error (a terminal, a
+//! file, a socket) is written as it is; the rate limit bounds what a guest can make `ember`
+//! write there.
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
@@ -111,6 +116,21 @@ pub fn open_sink(what: &'static str, path: &Path) -> Result<File> {
                 Error::Open { what, path, source }
             }
         })
+}
+
+/// `fd` opened again for writing, non-blocking, as a file description of its own, when it is a
+/// pipe or named pipe (through `/proc/self/fd`, which opens the pipe itself, not a duplicate of
+/// the descriptor); `None` for anything else, or when `/proc` is not there.
+pub fn reopen_nonblocking(fd: BorrowedFd<'_>) -> Option<File> {
+    let meta = File::from(fd.try_clone_to_owned().ok()?).metadata().ok()?;
+    if !meta.file_type().is_fifo() {
+        return None;
+    }
+    OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .ok()
 }
 
 /// The logger's counters, with Firecracker's names where it has them.
@@ -414,10 +434,16 @@ impl Log for Logger {
     }
 }
 
-/// Installs the logger on stderr; messages above `level` are dropped. `start` is the process
-/// start time.
+/// Installs the logger on stderr (reopened non-blocking when it is a pipe); messages above
+/// `level` are dropped. `start` is the process start time.
 pub fn init(start: Instant, level: LevelFilter) {
-    let logger = LOGGER.get_or_init(|| Logger::new(start, level, Box::new(io::stderr())));
+    let logger = LOGGER.get_or_init(|| {
+        let out: Box<dyn Write + Send> = match reopen_nonblocking(io::stderr().as_fd()) {
+            Some(pipe) => Box::new(pipe),
+            None => Box::new(io::stderr()),
+        };
+        Logger::new(start, level, out)
+    });
     // Only fails when a logger is already installed, which leaves that one in place.
     if log::set_logger(logger).is_ok() {
         log::set_max_level(level);
@@ -478,6 +504,7 @@ pub fn configure(config: &Config<'_>) -> Result<()> {
 mod tests {
     use std::ffi::CString;
     use std::io::Read;
+    use std::os::fd::FromRawFd;
     use std::os::unix::ffi::OsStrExt;
     use std::sync::Arc;
 
@@ -669,6 +696,39 @@ mod tests {
             "{err}"
         );
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_pipe_reopened_does_not_block_and_leaves_the_original_blocking() {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: pipe2 just created both descriptors, and nothing else owns them.
+        let (reader, writer) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        let mut pipe = reopen_nonblocking(writer.as_fd()).expect("a pipe is reopened");
+        // A pipe nobody reads fills up, and then a write fails at once instead of waiting.
+        let chunk = [b'x'; 4096];
+        let full = (0..1024).find_map(|_| pipe.write(&chunk).err());
+        assert_eq!(full.map(|e| e.kind()), Some(io::ErrorKind::WouldBlock));
+        // SAFETY: F_GETFL on an open descriptor only reads its flags.
+        let flags = unsafe { libc::fcntl(writer.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0, "the original stays blocking");
+        drop(reader);
+        // Anything else is left as it is.
+        let file = tempfile_in_tmp();
+        assert!(reopen_nonblocking(file.as_fd()).is_none());
+    }
+
+    fn tempfile_in_tmp() -> File {
+        let path = std::env::temp_dir().join(format!("ember-log-reopen-{}", std::process::id()));
+        let file = File::create(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
     }
 
     #[test]
