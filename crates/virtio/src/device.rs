@@ -147,7 +147,8 @@ pub struct ActivateParams<M> {
     /// The features the driver accepted: a subset of [`VirtioDevice::features`].
     pub features: u64,
     /// The queues as the driver configured them, ready and validated, one per
-    /// [`VirtioDevice::queue_max_sizes`] entry, with EVENT_IDX on when it was negotiated.
+    /// [`VirtioDevice::queue_max_sizes`] entry, with EVENT_IDX and indirect descriptors on when
+    /// they were negotiated.
     pub queues: Vec<Queue>,
     /// One eventfd per queue, written when the driver notifies that queue.
     pub queue_evts: Vec<EventFd>,

@@ -27,7 +27,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -114,6 +114,9 @@ pub struct MmioTransport<M, D: ?Sized = dyn VirtioDevice<M>> {
     shm_sel: u32,
     /// Whether the device was activated and not reset since.
     active: bool,
+    /// Whether a failed activation was logged as a warning: the next ones are logged at debug
+    /// level, since a driver can fail one at every reset.
+    activate_failure_logged: bool,
 }
 
 impl<M, D: VirtioDevice<M> + ?Sized> fmt::Debug for MmioTransport<M, D> {
@@ -164,6 +167,7 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
             queue_sel: 0,
             shm_sel: 0,
             active: false,
+            activate_failure_logged: false,
         })
     }
 
@@ -427,20 +431,22 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
 
     fn activate(&mut self) {
         if let Some(index) = self.queues.iter().position(|q| !q.ready()) {
-            warn!("virtio-mmio: the driver started the device with queue {index} not ready");
-            self.fail_activation();
+            self.activation_failed(format_args!(
+                "the driver started the device with queue {index} not ready"
+            ));
             return;
         }
         let event_idx = self.driver_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let indirect = self.driver_features & (1u64 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
         let mut queues = self.queues.clone();
         for queue in &mut queues {
             queue.set_event_idx(event_idx);
+            queue.set_indirect(indirect);
         }
         let queue_evts = match self.queue_evts.iter().map(EventFd::try_clone).collect() {
             Ok(evts) => evts,
             Err(err) => {
-                warn!("virtio-mmio: cannot share the queue eventfds: {err}");
-                self.fail_activation();
+                self.activation_failed(format_args!("cannot share the queue eventfds: {err}"));
                 return;
             }
         };
@@ -455,10 +461,19 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
         match self.device.activate(params) {
             Ok(()) => self.active = true,
             Err(err) => {
-                warn!("virtio-mmio: cannot activate the device: {err}");
-                self.fail_activation();
+                self.activation_failed(format_args!("cannot activate the device: {err}"));
             }
         }
+    }
+
+    /// Logs a failed activation, as a warning the first time only, and asks for a reset.
+    fn activation_failed(&mut self, why: fmt::Arguments<'_>) {
+        if std::mem::replace(&mut self.activate_failure_logged, true) {
+            debug!("virtio-mmio: {why}");
+        } else {
+            warn!("virtio-mmio: {why} (further failed activations are logged at debug level)");
+        }
+        self.fail_activation();
     }
 
     fn fail_activation(&self) {
@@ -524,7 +539,10 @@ mod tests {
     const MEM_SIZE: usize = 0x10000;
     const QUEUE_MAX: u16 = 16;
     const DEVICE_TYPE: u32 = 42;
-    const OFFERED: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | 0b101;
+    const OFFERED: u64 = (1 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        | 0b101;
 
     struct Setup {
         transport: MmioTransport<GuestMemoryMmap<()>, MockDevice>,
@@ -828,6 +846,7 @@ mod tests {
         for (queue, driver) in queues.iter().zip(&s.drivers) {
             assert!(queue.ready());
             assert!(queue.event_idx_enabled());
+            assert!(queue.indirect_enabled());
             assert_eq!(queue.desc_table(), driver.desc_table());
             assert_eq!(queue.avail_ring(), driver.avail_ring());
             assert_eq!(queue.used_ring(), driver.used_ring());
@@ -840,6 +859,14 @@ mod tests {
         start(&mut s, 1 << VIRTIO_F_VERSION_1);
         let seen = s.seen.lock().unwrap();
         assert!(!seen.activations[0].1[0].event_idx_enabled());
+    }
+
+    #[test]
+    fn indirect_descriptors_are_off_when_not_negotiated() {
+        let mut s = setup();
+        start(&mut s, 1 << VIRTIO_F_VERSION_1);
+        let seen = s.seen.lock().unwrap();
+        assert!(seen.activations[0].1.iter().all(|q| !q.indirect_enabled()));
     }
 
     #[test]

@@ -10,17 +10,20 @@
 //! testing transports.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::process::Command;
 use std::sync::atomic::{Ordering, fence};
 use std::sync::{Arc, Mutex};
 
 use ember_rate_limiter::{BucketConfig, RateLimiter};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{ActivateError, ActivateParams, IrqTrigger, VirtioDevice, read_config_bytes};
+use crate::iov::GuestIoVecs;
+use crate::net::NetBackend;
 use crate::queue::{DESCRIPTOR_SIZE, Queue, USED_ELEMENT_SIZE};
 use crate::tap::Tap;
 
@@ -138,12 +141,14 @@ impl MockDriver {
         }
     }
 
-    /// A queue configured with this layout, ready, of maximum size `size`.
+    /// A queue configured with this layout, ready, of maximum size `size`, with
+    /// VIRTIO_RING_F_INDIRECT_DESC negotiated (see [`Queue::set_indirect`]).
     pub fn queue(&self) -> Queue {
         let mut queue = Queue::new(self.size);
         queue.set_desc_table(self.desc_table);
         queue.set_avail_ring(self.avail_ring);
         queue.set_used_ring(self.used_ring);
+        queue.set_indirect(true);
         queue.set_ready(true);
         queue
     }
@@ -283,6 +288,18 @@ impl MockDriver {
         self.set_avail_entry(mem, self.avail_idx, head)?;
         fence(Ordering::Release);
         self.set_avail_idx(mem, self.avail_idx.wrapping_add(1))
+    }
+
+    /// Makes the whole ring available again: moves the available index to the used index plus
+    /// the queue size, so that every entry the device handed back is offered again with the
+    /// head it held. A driver thread that calls it in a loop keeps the ring full for ever.
+    ///
+    /// # Errors
+    ///
+    /// If guest memory cannot be read or written.
+    pub fn refill<M: Bytes<GuestAddress, E = GuestMemoryError>>(&mut self, mem: &M) -> Result<()> {
+        let used = self.used_idx(mem)?;
+        self.set_avail_idx(mem, used.wrapping_add(self.size))
     }
 
     /// Writes `head` into the available ring entry for free-running index `idx`.
@@ -541,6 +558,55 @@ pub fn test_tap(pattern: &str) -> std::result::Result<Tap, String> {
         return Err(format!("ip link set dev {} up failed", tap.name()));
     }
     Ok(tap)
+}
+
+/// A network backend that never runs dry, for flood tests: its descriptor (an eventfd) is
+/// always readable and writable, every read hands over a frame of zeroes of the length it was
+/// made with, and every write is taken whole.
+#[derive(Debug)]
+pub struct EndlessNetwork {
+    evt: EventFd,
+    frame_len: usize,
+}
+
+impl EndlessNetwork {
+    /// A network whose every frame, header included, is `frame_len` bytes long.
+    ///
+    /// # Errors
+    ///
+    /// When the eventfd cannot be created or written.
+    pub fn new(frame_len: usize) -> std::io::Result<Self> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        evt.write(1)?;
+        Ok(EndlessNetwork { evt, frame_len })
+    }
+}
+
+impl AsRawFd for EndlessNetwork {
+    fn as_raw_fd(&self) -> RawFd {
+        self.evt.as_raw_fd()
+    }
+}
+
+impl NetBackend for EndlessNetwork {
+    fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let len = self.frame_len.min(buf.len());
+        if let Some(frame) = buf.get_mut(..len) {
+            frame.fill(0);
+        }
+        Ok(self.frame_len)
+    }
+
+    fn write_frame<M: GuestMemory + ?Sized>(
+        &mut self,
+        frame: &GuestIoVecs<'_, M>,
+    ) -> std::io::Result<usize> {
+        Ok(frame.iovecs().iter().map(|iov| iov.iov_len).sum())
+    }
+
+    fn set_offload(&mut self, _flags: u32) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// An interrupt trigger that counts the interrupts raised through it, in a counter its clones

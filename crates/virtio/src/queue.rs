@@ -6,8 +6,15 @@
 //!
 //! Everything the guest wrote is untrusted: each descriptor is read once into a local copy and
 //! validated before use, every index is bounds-checked, every address and length is added with
-//! checked arithmetic and checked against guest memory, chains carry a TTL so that loops end with
-//! an error, and the rings are only ever accessed through vm-memory's volatile accessors.
+//! checked arithmetic and checked against guest memory, and the rings are only ever accessed
+//! through vm-memory's volatile accessors.
+//!
+//! A chain is never longer than the queue (virtio 1.2, 2.7.5.3.1): its buffers, those of an
+//! indirect table included, count against one budget of the queue size, so that a loop, or a
+//! chain that hops into an indirect table after a long run of direct descriptors, ends with
+//! [`Error::ChainTooLong`] after at most `size + 1` descriptor reads. An indirect table holds
+//! at most the queue size of entries, and INDIRECT descriptors are refused unless the driver
+//! negotiated VIRTIO_RING_F_INDIRECT_DESC ([`Queue::set_indirect`]).
 
 use std::sync::atomic::{Ordering, fence};
 
@@ -110,21 +117,28 @@ pub enum Error {
         /// The number of entries in the table being walked.
         table_len: u32,
     },
-    /// A chain has more descriptors than its table holds, so it loops.
-    #[error("The descriptor chain is longer than its table of {ttl} entries; it loops")]
+    /// A chain has more buffers than the queue size, indirect ones included, or it loops.
+    #[error("The descriptor chain is longer than the queue size of {ttl}")]
     ChainTooLong {
-        /// The largest number of descriptors the chain could hold.
+        /// The largest number of buffers a chain may hold: the queue size.
         ttl: u32,
     },
-    /// An indirect table's length is zero, not a multiple of 16, or above 65535 descriptors.
+    /// An indirect table's length is zero, not a multiple of 16, or of more descriptors than
+    /// the queue size.
     #[error(
         "The indirect descriptor table length {len} is not a non-zero multiple of 16 bytes of at \
-         most 65535 descriptors"
+         most {max} descriptors"
     )]
     InvalidIndirectTableLength {
         /// The length in bytes from the indirect descriptor.
         len: u32,
+        /// The most descriptors a table may hold: the queue size.
+        max: u16,
     },
+    /// A descriptor has the INDIRECT flag, but the driver did not negotiate
+    /// VIRTIO_RING_F_INDIRECT_DESC.
+    #[error("An indirect descriptor was used without VIRTIO_RING_F_INDIRECT_DESC")]
+    IndirectNotNegotiated,
     /// An indirect table holds another indirect descriptor.
     #[error("An indirect descriptor table holds another indirect descriptor")]
     NestedIndirect,
@@ -299,20 +313,26 @@ pub struct DescriptorChain {
 
 impl DescriptorChain {
     /// Walks the chain that starts at `head_index` in the descriptor table at `desc_table` of
-    /// `size` entries, reading each descriptor once and validating it.
+    /// `size` entries, reading each descriptor once and validating it. INDIRECT descriptors are
+    /// accepted only with `indirect`.
+    ///
+    /// The chain's buffers, direct and indirect, share one budget of `size`: a longer chain, or
+    /// one that loops, is an error after at most `size + 1` descriptor reads (the `+ 1` is the
+    /// INDIRECT descriptor, which is not a buffer).
     fn read<M: GuestMemory + ?Sized>(
         mem: &M,
         desc_table: GuestAddress,
         size: u16,
         head_index: u16,
+        indirect: bool,
     ) -> Result<Self> {
         let mut table = Table {
             addr: desc_table,
             len: u32::from(size),
         };
         let mut in_indirect = false;
-        // The number of descriptors the chain may still hold in the table being walked.
-        let mut ttl = table.len;
+        // The number of buffers the chain may still hold, whatever table they are in.
+        let mut ttl = u32::from(size);
         let mut index = head_index;
         let mut chain = DescriptorChain {
             head_index,
@@ -323,25 +343,29 @@ impl DescriptorChain {
         };
 
         loop {
-            ttl = ttl
-                .checked_sub(1)
-                .ok_or(Error::ChainTooLong { ttl: table.len })?;
+            ttl = ttl.checked_sub(1).ok_or(Error::ChainTooLong {
+                ttl: u32::from(size),
+            })?;
             let desc = table.read(mem, index)?;
 
             if desc.has(DESC_F_INDIRECT) {
+                if !indirect {
+                    return Err(Error::IndirectNotNegotiated);
+                }
                 if in_indirect {
                     return Err(Error::NestedIndirect);
                 }
                 if desc.has(DESC_F_NEXT) {
                     return Err(Error::IndirectWithNext);
                 }
-                table = Self::indirect_table(mem, &desc)?;
+                table = Self::indirect_table(mem, &desc, size)?;
                 in_indirect = true;
-                ttl = table.len;
+                // The INDIRECT descriptor is not a buffer: the table's entries take its place.
+                // Given back at most once, since a second one is an error.
+                ttl = ttl.saturating_add(1);
                 index = 0;
                 continue;
             }
-
             let writable = desc.has(DESC_F_WRITE);
             if !writable && chain.has_writable() {
                 return Err(Error::ReadableAfterWritable);
@@ -372,15 +396,23 @@ impl DescriptorChain {
         }
     }
 
-    /// Validates the indirect table an INDIRECT descriptor points at.
-    fn indirect_table<M: GuestMemory + ?Sized>(mem: &M, desc: &RawDescriptor) -> Result<Table> {
-        let invalid_len = Error::InvalidIndirectTableLength { len: desc.len };
+    /// Validates the indirect table an INDIRECT descriptor points at, in a queue of `size`
+    /// entries: a table holds at most `size` descriptors.
+    fn indirect_table<M: GuestMemory + ?Sized>(
+        mem: &M,
+        desc: &RawDescriptor,
+        size: u16,
+    ) -> Result<Table> {
+        let invalid_len = Error::InvalidIndirectTableLength {
+            len: desc.len,
+            max: size,
+        };
         let len_bytes = u64::from(desc.len);
         if len_bytes == 0 || len_bytes % DESCRIPTOR_SIZE != 0 {
             return Err(invalid_len);
         }
         let entries = match u32::try_from(len_bytes / DESCRIPTOR_SIZE) {
-            Ok(entries) if entries <= u32::from(u16::MAX) => entries,
+            Ok(entries) if entries <= u32::from(size) => entries,
             _ => return Err(invalid_len),
         };
         let outside = Error::IndirectTableOutsideMemory {
@@ -610,6 +642,7 @@ pub struct Queue {
     next_avail: u16,
     next_used: u16,
     event_idx_enabled: bool,
+    indirect_enabled: bool,
     signalled_used: Option<u16>,
 }
 
@@ -627,6 +660,7 @@ impl Queue {
             next_avail: 0,
             next_used: 0,
             event_idx_enabled: false,
+            indirect_enabled: false,
             signalled_used: None,
         }
     }
@@ -719,6 +753,18 @@ impl Queue {
     /// Records whether VIRTIO_F_EVENT_IDX was negotiated.
     pub fn set_event_idx(&mut self, enabled: bool) {
         self.event_idx_enabled = enabled;
+    }
+
+    /// Whether VIRTIO_F_INDIRECT_DESC (VIRTIO_RING_F_INDIRECT_DESC) was negotiated, so that
+    /// chains may use indirect descriptor tables. Off in a new queue.
+    pub fn indirect_enabled(&self) -> bool {
+        self.indirect_enabled
+    }
+
+    /// Records whether VIRTIO_F_INDIRECT_DESC was negotiated; without it an INDIRECT
+    /// descriptor is an error ([`Error::IndirectNotNegotiated`]).
+    pub fn set_indirect(&mut self, enabled: bool) {
+        self.indirect_enabled = enabled;
     }
 
     /// Checks the configuration the driver wrote: a size that is a power of two no larger than
@@ -887,7 +933,14 @@ impl Queue {
                 size: self.size,
             });
         }
-        DescriptorChain::read(mem, self.desc_table, self.size, head_index).map(Some)
+        DescriptorChain::read(
+            mem,
+            self.desc_table,
+            self.size,
+            head_index,
+            self.indirect_enabled,
+        )
+        .map(Some)
     }
 
     /// Hands the chain with head `head_index` back to the driver, saying the device wrote `len`
@@ -1203,7 +1256,7 @@ mod tests {
     }
 
     #[test]
-    fn descriptor_loop_in_an_indirect_table_ends_at_its_length() {
+    fn descriptor_loop_in_an_indirect_table_ends_at_the_queue_size() {
         let (mem, mut driver, mut queue) = setup();
         let buffer = data(&driver, 0);
         let table = data(&driver, 1);
@@ -1217,7 +1270,78 @@ mod tests {
         );
         publish_raw(&mem, &mut driver, &[raw(table, 32, DESC_F_INDIRECT, 0)]);
         let err = queue.pop(&mem).unwrap_err();
-        assert!(matches!(err, Error::ChainTooLong { ttl: 2 }), "{err:?}");
+        assert!(matches!(err, Error::ChainTooLong { ttl: 16 }), "{err:?}");
+    }
+
+    #[test]
+    fn an_indirect_table_as_long_as_the_queue_is_accepted() {
+        let (mem, mut driver, mut queue) = setup();
+        let buffer = data(&driver, 0);
+        let table = data(&driver, 1);
+        let entries: Vec<RawDescriptor> = (1..=QUEUE_SIZE)
+            .map(|next| {
+                let flags = if next < QUEUE_SIZE { DESC_F_NEXT } else { 0 };
+                raw(buffer, 8, flags, next)
+            })
+            .collect();
+        write_table(&mem, table, &entries);
+        let len = u32::from(QUEUE_SIZE) * 16;
+        publish_raw(&mem, &mut driver, &[raw(table, len, DESC_F_INDIRECT, 0)]);
+        let chain = queue.pop(&mem).unwrap().unwrap();
+        assert_eq!(chain.descriptors().len(), usize::from(QUEUE_SIZE));
+    }
+
+    #[test]
+    fn indirect_table_longer_than_the_queue_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        let table = data(&driver, 1);
+        let len = (u32::from(QUEUE_SIZE) + 1) * 16;
+        publish_raw(&mem, &mut driver, &[raw(table, len, DESC_F_INDIRECT, 0)]);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidIndirectTableLength { len: l, max: QUEUE_SIZE } if l == len),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn direct_and_indirect_buffers_share_one_budget_of_the_queue_size() {
+        let (mem, mut driver, mut queue) = setup();
+        let buffer = data(&driver, 0);
+        let table = data(&driver, 1);
+        // 8 direct buffers, then an indirect table of 9: 17 buffers in a queue of 16.
+        let entries: Vec<RawDescriptor> = (1..=9)
+            .map(|next| raw(buffer, 8, if next < 9 { DESC_F_NEXT } else { 0 }, next))
+            .collect();
+        write_table(&mem, table, &entries);
+        let mut head: Vec<RawDescriptor> = (1..=8)
+            .map(|next| raw(buffer, 8, DESC_F_NEXT, next))
+            .collect();
+        head.push(raw(table, 9 * 16, DESC_F_INDIRECT, 0));
+        publish_raw(&mem, &mut driver, &head);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(matches!(err, Error::ChainTooLong { ttl: 16 }), "{err:?}");
+
+        // One buffer fewer in the table fits exactly.
+        let entries: Vec<RawDescriptor> = (1..=8)
+            .map(|next| raw(buffer, 8, if next < 8 { DESC_F_NEXT } else { 0 }, next))
+            .collect();
+        write_table(&mem, table, &entries);
+        head[8] = raw(table, 8 * 16, DESC_F_INDIRECT, 0);
+        publish_raw(&mem, &mut driver, &head);
+        assert_eq!(queue.pop(&mem).unwrap().unwrap().descriptors().len(), 16);
+    }
+
+    #[test]
+    fn indirect_descriptor_without_the_feature_is_an_error() {
+        let (mem, mut driver, mut queue) = setup();
+        queue.set_indirect(false);
+        let table = data(&driver, 1);
+        write_table(&mem, table, &[raw(data(&driver, 0), 8, 0, 0)]);
+        publish_raw(&mem, &mut driver, &[raw(table, 16, DESC_F_INDIRECT, 0)]);
+        let err = queue.pop(&mem).unwrap_err();
+        assert!(matches!(err, Error::IndirectNotNegotiated), "{err:?}");
+        assert!(!Queue::new(16).indirect_enabled());
     }
 
     #[test]
@@ -1227,7 +1351,7 @@ mod tests {
         publish_raw(&mem, &mut driver, &[raw(table, 0, DESC_F_INDIRECT, 0)]);
         let err = queue.pop(&mem).unwrap_err();
         assert!(
-            matches!(err, Error::InvalidIndirectTableLength { len: 0 }),
+            matches!(err, Error::InvalidIndirectTableLength { len: 0, .. }),
             "{err:?}"
         );
     }
@@ -1239,7 +1363,7 @@ mod tests {
         publish_raw(&mem, &mut driver, &[raw(table, 24, DESC_F_INDIRECT, 0)]);
         let err = queue.pop(&mem).unwrap_err();
         assert!(
-            matches!(err, Error::InvalidIndirectTableLength { len: 24 }),
+            matches!(err, Error::InvalidIndirectTableLength { len: 24, .. }),
             "{err:?}"
         );
     }
@@ -1251,7 +1375,10 @@ mod tests {
         publish_raw(&mem, &mut driver, &[raw(0, len, DESC_F_INDIRECT, 0)]);
         let err = queue.pop(&mem).unwrap_err();
         assert!(
-            matches!(err, Error::InvalidIndirectTableLength { len: 0x10_0000 }),
+            matches!(
+                err,
+                Error::InvalidIndirectTableLength { len: 0x10_0000, .. }
+            ),
             "{err:?}"
         );
     }

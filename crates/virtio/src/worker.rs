@@ -11,9 +11,16 @@
 //! - [`Worker::call`] runs a closure on the worker thread with the handler, and returns its
 //!   result: how a VMM changes a running device (a new rate limit, a new backing file) without
 //!   sharing the handler's state under a lock.
+//! - [`Worker::post`] does the same without waiting: the caller collects the result later from
+//!   the [`Reply`], so that it can release a lock (the device's transport, which vCPUs take)
+//!   before it waits on the worker.
 //! - A [`WorkerGate`] pauses every worker spawned with it, at a point between two events, and
 //!   resumes them. While paused, a worker handles no event (they wait in the kernel: eventfds
 //!   count, sockets buffer) but still runs calls.
+//!
+//! A worker thread that ends on its own (its epoll instance failed, or its handler panicked)
+//! leaves the gate as it ends, so that pausing never waits for it; calls to it then fail
+//! instead of waiting.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -151,7 +158,15 @@ impl<H: EventHandler> Worker<H> {
         let (messages, inbox) = mpsc::channel();
         let thread_gate = gate.clone();
         let thread_control = control.clone();
+        // Registered before the thread runs, so that a thread that ends at once still leaves
+        // the gate after it joined.
+        gate.register(&control);
         let spawned = thread::Builder::new().name(name).spawn(move || {
+            // However the thread ends, returning or unwinding, it leaves the gate.
+            let _leave = LeaveGate {
+                gate: thread_gate.clone(),
+                control: thread_control.clone(),
+            };
             // The sender is dropped without sending only when `spawn` failed, and then this
             // thread does not run.
             let handler = take.recv().ok()?;
@@ -168,22 +183,22 @@ impl<H: EventHandler> Worker<H> {
         });
         match spawned {
             Ok(thread) => match give.send(handler) {
-                Ok(()) => {
-                    gate.register(&control);
-                    Ok(Worker {
-                        control,
-                        messages,
-                        gate: gate.clone(),
-                        thread,
-                    })
-                }
+                Ok(()) => Ok(Worker {
+                    control,
+                    messages,
+                    gate: gate.clone(),
+                    thread,
+                }),
                 // Cannot happen: the thread holds the receiver until it has the handler.
                 Err(mpsc::SendError(handler)) => Err(SpawnError {
                     error: io::Error::other("the device worker thread ended before it started"),
                     handler,
                 }),
             },
-            Err(error) => Err(SpawnError { error, handler }),
+            Err(error) => {
+                gate.unregister(&control);
+                Err(SpawnError { error, handler })
+            }
         }
     }
 
@@ -200,28 +215,54 @@ impl<H: EventHandler> Worker<H> {
         R: Send + 'static,
         F: FnOnce(&mut H, &mut EventOps<'_>) -> R + Send + 'static,
     {
+        self.post(f)?.wait()
+    }
+
+    /// Sends `f` to run on the worker thread as [`Worker::call`] does, without waiting for it:
+    /// [`Reply::wait`] gives its result. `f` runs whether or not the reply is waited for.
+    ///
+    /// It never blocks, so that it can be called under a lock that other threads need, and
+    /// the lock released before waiting.
+    ///
+    /// # Errors
+    ///
+    /// When the control eventfd cannot be written, or the thread is gone.
+    pub fn post<R, F>(&self, f: F) -> io::Result<Reply<R>>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut H, &mut EventOps<'_>) -> R + Send + 'static,
+    {
         let (reply, result) = mpsc::sync_channel(1);
         let call: Call<H> = Box::new(move |handler, ops| {
             // The caller waits for this reply; it is gone only if it stopped waiting.
             let _ = reply.send(f(handler, ops));
         });
         self.send(Message::Call(call))?;
-        result.recv().map_err(|_| gone())
+        Ok(Reply(result))
     }
 
-    /// Stops the thread after the event it is handling, and returns the handler.
+    /// Stops the thread after the event it is handling, and returns the handler. A thread that
+    /// already ended on its own gives its handler back too, unless it panicked.
     ///
     /// # Errors
     ///
     /// When the control eventfd cannot be written or the thread panicked.
     pub fn stop(self) -> io::Result<H> {
         self.gate.unregister(&self.control);
-        self.send(Message::Stop)?;
+        // Where the thread dropped its inbox it has ended, and the join below does not wait.
+        if self.messages.send(Message::Stop).is_ok() {
+            self.control.write(1)?;
+        }
         self.thread
             .join()
             .ok()
             .flatten()
             .ok_or_else(|| io::Error::other("the device worker thread panicked"))
+    }
+
+    /// Whether the thread ended on its own: its epoll instance failed or its handler panicked.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
     }
 
     fn send(&self, message: Message<H>) -> io::Result<()> {
@@ -230,8 +271,36 @@ impl<H: EventHandler> Worker<H> {
     }
 }
 
+/// The result of a closure [`Worker::post`] sent to a worker thread.
+#[derive(Debug)]
+#[must_use = "the reply says whether the closure ran"]
+pub struct Reply<R>(mpsc::Receiver<R>);
+
+impl<R> Reply<R> {
+    /// Waits for the closure to have run on the worker thread, and returns what it returned.
+    ///
+    /// # Errors
+    ///
+    /// When the thread ended before it ran the closure (it panicked, or it was stopped first).
+    pub fn wait(self) -> io::Result<R> {
+        self.0.recv().map_err(|_| gone())
+    }
+}
+
 fn gone() -> io::Error {
     io::Error::other("the device worker thread is gone")
+}
+
+/// Takes a worker thread out of its gate when the thread ends, however it ends.
+struct LeaveGate {
+    gate: WorkerGate,
+    control: Arc<EventFd>,
+}
+
+impl Drop for LeaveGate {
+    fn drop(&mut self) {
+        self.gate.unregister(&self.control);
+    }
 }
 
 /// What the worker thread owns.
@@ -277,7 +346,7 @@ impl<H: EventHandler> WorkerThread<H> {
         if !self.serve_messages() {
             return false;
         }
-        if !self.gate.park_if_paused() {
+        if !self.gate.park_if_paused(&self.control) {
             return true;
         }
         // Paused: only the control eventfd is watched, through an epoll set of its own, until
@@ -289,15 +358,15 @@ impl<H: EventHandler> WorkerThread<H> {
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => {
                     log::error!("A paused device worker resumes: epoll_wait failed: {err}");
-                    self.gate.unpark();
+                    self.gate.unpark(&self.control);
                     return true;
                 }
             }
             if !self.serve_messages() {
-                self.gate.unpark();
+                self.gate.unpark(&self.control);
                 return false;
             }
-            if self.gate.unpark_if_open() {
+            if self.gate.unpark_if_open(&self.control) {
                 return true;
             }
         }
@@ -341,10 +410,25 @@ struct GateInner {
 #[derive(Debug, Default)]
 struct GateState {
     paused: bool,
-    /// The control eventfds of the running workers.
-    workers: Vec<Arc<EventFd>>,
-    /// How many of them wait for the gate to open.
-    parked: usize,
+    /// The running workers.
+    workers: Vec<Registered>,
+}
+
+/// A running worker, as its gate knows it.
+#[derive(Debug)]
+struct Registered {
+    /// Its control eventfd, which also tells it apart.
+    control: Arc<EventFd>,
+    /// Whether it waits for the gate to open.
+    parked: bool,
+}
+
+impl GateState {
+    fn find(&mut self, control: &Arc<EventFd>) -> Option<&mut Registered> {
+        self.workers
+            .iter_mut()
+            .find(|w| Arc::ptr_eq(&w.control, control))
+    }
 }
 
 impl WorkerGate {
@@ -353,7 +437,8 @@ impl WorkerGate {
         Self::default()
     }
 
-    /// Pauses every worker and waits until each one does.
+    /// Pauses every worker and waits until each one does. A worker whose thread ends meanwhile
+    /// is not waited for.
     ///
     /// # Errors
     ///
@@ -362,13 +447,13 @@ impl WorkerGate {
     pub fn pause(&self) -> io::Result<()> {
         let mut state = self.lock();
         state.paused = true;
-        for control in &state.workers {
-            control.write(1)?;
+        for worker in &state.workers {
+            worker.control.write(1)?;
         }
         let _paused = self
             .inner
             .changed
-            .wait_while(state, |s| s.parked < s.workers.len())
+            .wait_while(state, |s| s.workers.iter().any(|w| !w.parked))
             .unwrap_or_else(PoisonError::into_inner);
         Ok(())
     }
@@ -381,8 +466,8 @@ impl WorkerGate {
     pub fn resume(&self) -> io::Result<()> {
         let mut state = self.lock();
         state.paused = false;
-        for control in &state.workers {
-            control.write(1)?;
+        for worker in &state.workers {
+            worker.control.write(1)?;
         }
         Ok(())
     }
@@ -399,7 +484,10 @@ impl WorkerGate {
 
     fn register(&self, control: &Arc<EventFd>) {
         let mut state = self.lock();
-        state.workers.push(control.clone());
+        state.workers.push(Registered {
+            control: control.clone(),
+            parked: false,
+        });
         if state.paused {
             // A worker spawned while the gate is closed pauses at once.
             if let Err(err) = control.write(1) {
@@ -410,34 +498,41 @@ impl WorkerGate {
 
     fn unregister(&self, control: &Arc<EventFd>) {
         let mut state = self.lock();
-        state.workers.retain(|c| !Arc::ptr_eq(c, control));
+        state.workers.retain(|w| !Arc::ptr_eq(&w.control, control));
         self.inner.changed.notify_all();
     }
 
-    /// Counts the calling worker as paused if the gate is closed; returns whether it is.
-    fn park_if_paused(&self) -> bool {
+    /// Counts the worker of `control` as paused if the gate is closed; returns whether it is.
+    fn park_if_paused(&self, control: &Arc<EventFd>) -> bool {
         let mut state = self.lock();
-        if state.paused {
-            state.parked = state.parked.saturating_add(1);
-            self.inner.changed.notify_all();
+        if !state.paused {
+            return false;
         }
-        state.paused
+        if let Some(worker) = state.find(control) {
+            worker.parked = true;
+        }
+        self.inner.changed.notify_all();
+        true
     }
 
     /// Counts a paused worker as running again if the gate is open; returns whether it is. The
     /// check and the count are one step, so a [`pause`](WorkerGate::pause) that follows a
     /// resume at once never counts a worker that is on its way out.
-    fn unpark_if_open(&self) -> bool {
+    fn unpark_if_open(&self, control: &Arc<EventFd>) -> bool {
         let mut state = self.lock();
-        if !state.paused {
-            state.parked = state.parked.saturating_sub(1);
+        if state.paused {
+            return false;
         }
-        !state.paused
+        if let Some(worker) = state.find(control) {
+            worker.parked = false;
+        }
+        true
     }
 
-    fn unpark(&self) {
-        let mut state = self.lock();
-        state.parked = state.parked.saturating_sub(1);
+    fn unpark(&self, control: &Arc<EventFd>) {
+        if let Some(worker) = self.lock().find(control) {
+            worker.parked = false;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, GateState> {
@@ -601,6 +696,94 @@ mod tests {
         }
 
         fn handle_event(&mut self, _: &mut EventOps<'_>, _: u64, _: EventSet) {}
+    }
+
+    /// A handler that panics at its first event, as a bug would make it.
+    struct Panicking(EventFd);
+
+    impl EventHandler for Panicking {
+        fn init(&mut self, ops: &mut EventOps<'_>) -> io::Result<()> {
+            ops.add(self.0.as_raw_fd(), EventSet::IN, 3)
+        }
+
+        fn handle_event(&mut self, _: &mut EventOps<'_>, _: u64, _: EventSet) {
+            panic!("the handler failed");
+        }
+    }
+
+    #[test]
+    fn a_worker_whose_thread_ended_does_not_hold_up_pause_resume_or_calls() {
+        let gate = WorkerGate::new();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let worker = Worker::spawn(
+            "test-panics".into(),
+            Panicking(evt.try_clone().unwrap()),
+            &gate,
+        )
+        .unwrap();
+        // A healthy worker behind the same gate.
+        let (_, _, handler) = counter();
+        let healthy = Worker::spawn("test-healthy".into(), handler, &gate).unwrap();
+        assert_eq!(gate.workers(), 2);
+        evt.write(1).unwrap();
+        // Until the thread is gone, calls may or may not be served; afterwards they fail.
+        while !worker.is_finished() {
+            thread::yield_now();
+        }
+        assert_eq!(gate.workers(), 1);
+        gate.pause().unwrap();
+        assert!(worker.call(|_, _| ()).is_err());
+        assert_eq!(healthy.call(|handler, _| handler.seen).unwrap(), 0);
+        gate.resume().unwrap();
+        gate.pause().unwrap();
+        gate.resume().unwrap();
+        assert!(worker.stop().is_err(), "the thread panicked");
+        healthy.stop().unwrap();
+        assert_eq!(gate.workers(), 0);
+    }
+
+    #[test]
+    fn a_worker_that_ends_while_paused_leaves_the_gate() {
+        let gate = WorkerGate::new();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let worker = Worker::spawn(
+            "test-paused-end".into(),
+            Panicking(evt.try_clone().unwrap()),
+            &gate,
+        )
+        .unwrap();
+        gate.pause().unwrap();
+        // A call that panics on the paused thread ends it while it counts as parked.
+        let reply = worker.post(|_, _| panic!("the call failed")).unwrap();
+        assert!(reply.wait().is_err());
+        while !worker.is_finished() {
+            thread::yield_now();
+        }
+        assert_eq!(gate.workers(), 0);
+        gate.resume().unwrap();
+        gate.pause().unwrap();
+        gate.resume().unwrap();
+        assert!(worker.stop().is_err());
+    }
+
+    #[test]
+    fn post_runs_the_closure_without_waiting_and_the_reply_gives_its_result() {
+        let gate = WorkerGate::new();
+        let (_, _, handler) = counter();
+        let worker = Worker::spawn("test-post".into(), handler, &gate).unwrap();
+        gate.pause().unwrap();
+        let reply = worker
+            .post(|handler, _| {
+                handler.seen = 41;
+                handler.seen + 1
+            })
+            .unwrap();
+        assert_eq!(reply.wait().unwrap(), 42);
+        // Not waited for: it still runs, in order.
+        let _ = worker.post(|handler, _| handler.seen += 1).unwrap();
+        assert_eq!(worker.call(|handler, _| handler.seen).unwrap(), 42);
+        gate.resume().unwrap();
+        assert_eq!(worker.stop().unwrap().seen, 42);
     }
 
     #[test]

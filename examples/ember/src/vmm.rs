@@ -442,28 +442,41 @@ impl Vmm {
 
     /// `PATCH /drives/{id}` on the running drive: a new backing file, new limits.
     ///
+    /// The transport, which the vCPUs take at every access to the device, is never held while
+    /// the new file is opened nor while the device's worker makes the change: the file is
+    /// opened and checked first, then handed to the device under the lock, and the change is
+    /// waited for once the lock is released.
+    ///
     /// # Errors
     ///
     /// When there is no such drive, or the device refuses the change (its state is unchanged).
     pub fn update_drive(&self, update: &model::PartialDrive) -> Result<()> {
-        let mut transport = lock(find(&self.drives, "drive", &update.drive_id)?);
-        let block = transport.device_mut();
+        let transport = find(&self.drives, "drive", &update.drive_id)?;
+        let disk_error = |source| Error::Disk {
+            id: update.drive_id.clone(),
+            source,
+        };
         if let Some(path) = &update.path_on_host {
-            block
-                .update_disk(Path::new(path))
-                .map_err(|source| Error::Disk {
-                    id: update.drive_id.clone(),
-                    source,
-                })?;
+            let (read_only, id) = {
+                let transport = lock(transport);
+                let block = transport.device();
+                (block.read_only(), block.id().to_string())
+            };
+            let disk =
+                block::Disk::open_image(Path::new(path), read_only, &id).map_err(disk_error)?;
+            let pending = lock(transport).device_mut().update_disk(disk);
+            pending
+                .and_then(block::PendingUpdate::wait)
+                .map_err(disk_error)?;
         }
         if let Some(limiter) = &update.rate_limiter {
             let (bandwidth, ops) = bucket_updates(limiter);
-            block
-                .update_rate_limiter(bandwidth, ops)
-                .map_err(|source| Error::Disk {
-                    id: update.drive_id.clone(),
-                    source,
-                })?;
+            let pending = lock(transport)
+                .device_mut()
+                .update_rate_limiter(bandwidth, ops);
+            pending
+                .and_then(block::PendingUpdate::wait)
+                .map_err(disk_error)?;
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
@@ -90,17 +90,28 @@ impl Disk {
         Disk::open_image(&config.path, config.read_only, &config.id)
     }
 
-    /// As [`Disk::open`], for the image at `path`, read-only or not, with the ID `id`.
-    pub(super) fn open_image(path: &Path, read_only: bool, id: &str) -> Result<Self> {
+    /// As [`Disk::open`], for the image at `path`, read-only or not, with the ID `id`: how a
+    /// VMM opens the new disk of a running device ([`Block::update_disk`](super::Block::update_disk))
+    /// without holding the device.
+    ///
+    /// The file is opened non-blocking, so that a FIFO or a character device is refused
+    /// rather than waited on, and made blocking again once it is known to be a disk.
+    ///
+    /// # Errors
+    ///
+    /// As [`Disk::open`].
+    pub fn open_image(path: &Path, read_only: bool, id: &str) -> Result<Self> {
         let id = id_bytes(id)?;
+        let open_error = |source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(libc::O_NONBLOCK)
             .open(path)
-            .map_err(|source| Error::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(open_error)?;
         let size_error = |source| Error::Size {
             path: path.to_path_buf(),
             source,
@@ -112,6 +123,7 @@ impl Disk {
                 path: path.to_path_buf(),
             });
         }
+        clear_nonblocking(&file).map_err(open_error)?;
         // A block device's metadata says 0 bytes; seeking to its end gives its size.
         let size = {
             let mut f = &file;
@@ -361,7 +373,7 @@ pub(super) fn refuse<M: GuestMemory + ?Sized>(
 }
 
 /// The NUL-padded ID string of `id`, which must be printable ASCII of at most [`ID_BYTES`].
-fn id_bytes(id: &str) -> Result<[u8; ID_BYTES]> {
+pub(super) fn id_bytes(id: &str) -> Result<[u8; ID_BYTES]> {
     if id.len() > ID_BYTES {
         return Err(Error::IdTooLong { len: id.len() });
     }
@@ -377,6 +389,21 @@ fn id_bytes(id: &str) -> Result<[u8; ID_BYTES]> {
 
 const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+/// Makes `file` blocking again: a disk's reads and writes wait for the disk.
+fn clear_nonblocking(file: &File) -> io::Result<()> {
+    // SAFETY: F_GETFL on a descriptor `file` owns reads its flags and touches no memory.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on a descriptor `file` owns changes its status flags only.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// Whether `file` can punch holes: punches one just past its end, which changes nothing.
 fn probe_punch_hole(file: &File, size: u64) -> bool {

@@ -52,11 +52,14 @@ pub struct BlockMetrics {
     pub write_count: AtomicU64,
     /// Times the rate limiter held a request back, each retry of the same request included.
     pub rate_limiter_throttled_events: AtomicU64,
+    /// Times the driver broke the queue protocol (a chain longer than the queue, an index out
+    /// of range...) and the device stopped serving the queue until reset.
+    pub queue_fails: AtomicU64,
 }
 
 impl BlockMetrics {
     /// The number of counters, the length of [`BlockMetrics::values`].
-    pub const LEN: usize = 16;
+    pub const LEN: usize = 17;
 
     /// Every counter's name and value, always in the same order.
     ///
@@ -95,6 +98,7 @@ impl BlockMetrics {
                 "rate_limiter_throttled_events",
                 get(&self.rate_limiter_throttled_events),
             ),
+            ("queue_fails", get(&self.queue_fails)),
         ]
     }
 
@@ -148,7 +152,7 @@ mod tests {
         let values = metrics.values();
         let mut names: Vec<&str> = values.iter().map(|&(name, _)| name).collect();
         assert_eq!(names.first(), Some(&"activate_fails"));
-        assert_eq!(names.last(), Some(&"rate_limiter_throttled_events"));
+        assert_eq!(names.last(), Some(&"queue_fails"));
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), BlockMetrics::LEN);

@@ -79,10 +79,11 @@ pub mod request;
 use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use ember_rate_limiter::{BucketUpdate, RateLimiter, TokenType};
+use ember_rate_limiter::{BucketUpdate, Clock, MonotonicClock, RateLimiter, TokenType};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_WRITE_ZEROES,
@@ -100,7 +101,7 @@ pub use request::{STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
 use crate::device::{ActivateError, ActivateParams, Interrupt, VirtioDevice, read_config_bytes};
 use crate::queue::{self, DescriptorChain, Queue};
-use crate::worker::{EventHandler, EventOps, Worker};
+use crate::worker::{EventHandler, EventOps, Reply, Worker};
 use metrics::inc;
 use request::Request;
 
@@ -125,6 +126,10 @@ pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
 /// The most chains [`BlockWorker::process_queue`] serves in one call, so that a driver that
 /// keeps the queue full cannot keep the worker from its other events.
 pub const MAX_BATCH: usize = QUEUE_SIZE as usize;
+/// The bytes on the disk after which [`BlockWorker::process_queue`] stops serving chains in
+/// one call (the request that crosses it completes): 64 MiB, so that a batch of the largest
+/// requests cannot keep the worker from its other events for long either.
+pub const MAX_BATCH_BYTES: u64 = 64 << 20;
 /// Length of the configuration space: `struct virtio_blk_config` up to and including the write
 /// zeroes fields.
 pub const CONFIG_LEN: usize = 60;
@@ -195,6 +200,9 @@ pub enum Error {
     /// new device can replace it.
     #[error("The block device lost its disk when its worker thread stopped")]
     Lost,
+    /// A new disk was not opened with the device's read-only flag and ID.
+    #[error("The new disk was not opened with the block device's read-only flag and ID")]
+    DiskMismatch,
 }
 
 /// Result of setting up or changing a block device.
@@ -212,8 +220,9 @@ pub struct Config {
     /// NUL-padded to 20. Longer IDs are refused ([`Error::IdTooLong`]), not cut short, so that
     /// two disks cannot end up with the same ID. It also names the worker thread.
     pub id: String,
-    /// What the device lets through: each request takes one operation, and a read or write its
-    /// data length in bytes. The default lets everything through.
+    /// What the device lets through: each request takes one operation, and a read, a write, a
+    /// discard or a write zeroes the bytes it covers on the disk. The default lets everything
+    /// through.
     pub rate_limiter: RateLimiter,
 }
 
@@ -222,7 +231,10 @@ pub struct Block {
     id: String,
     read_only: bool,
     features: u64,
+    /// The configuration space, but for the capacity, which `capacity` holds.
     config_space: [u8; CONFIG_LEN],
+    /// The capacity in sectors, which the worker changes when it takes a new disk.
+    capacity: Arc<AtomicU64>,
     state: State,
     metrics: Arc<BlockMetrics>,
 }
@@ -240,8 +252,6 @@ enum State {
     },
     Active {
         worker: Box<dyn ActiveWorker>,
-        /// The device's interrupt, for configuration changes.
-        interrupt: Arc<Interrupt>,
     },
     /// The worker thread panicked and took the disk with it.
     Lost,
@@ -280,6 +290,7 @@ impl Block {
             read_only: config.read_only,
             features: features(&disk),
             config_space: config_space(&disk),
+            capacity: Arc::new(AtomicU64::new(disk.capacity())),
             state: State::Ready {
                 disk,
                 rate_limiter: config.rate_limiter,
@@ -303,103 +314,95 @@ impl Block {
         matches!(self.state, State::Active { .. })
     }
 
+    /// Whether the guest may only read the disk.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
     /// The disk's size in 512-byte sectors, as the driver reads it in the configuration space.
     pub fn capacity(&self) -> u64 {
-        let mut capacity = [0u8; 8];
-        let end = CONFIG_CAPACITY.saturating_add(capacity.len());
-        if let Some(field) = self.config_space.get(CONFIG_CAPACITY..end) {
-            capacity.copy_from_slice(field);
-        }
-        u64::from_le_bytes(capacity)
+        self.capacity.load(Ordering::Acquire)
     }
 
     /// Changes the rate limiter's buckets; a bucket given [`BucketUpdate::None`] keeps its
-    /// state (tokens, debt and burst). On an active device the change is made on the worker
-    /// thread, between two events, and a request the old limits held back is retried at once
-    /// under the new ones; otherwise it is kept for the next activation. Counted in
-    /// `update_count`, or `update_fails`.
+    /// state (tokens, debt and burst). On an active device the change is handed to the worker
+    /// thread, which makes it between two events (a request the old limits held back is then
+    /// retried at once under the new ones); otherwise it is kept for the next activation.
+    /// Counted in `update_count`, or `update_fails`.
+    ///
+    /// It never waits for the worker: the caller waits on the [`PendingUpdate`] it returns,
+    /// after it released whatever lock it holds the device under (the transport, which vCPUs
+    /// take).
     ///
     /// # Errors
     ///
-    /// [`Error::Worker`] when the worker thread does not answer, [`Error::Lost`] when the device
-    /// lost its rate limiter with a worker that panicked.
+    /// [`Error::Worker`] when the worker thread is gone, [`Error::Lost`] when the device lost
+    /// its rate limiter with a worker that panicked.
     pub fn update_rate_limiter(
         &mut self,
         bandwidth: BucketUpdate,
         ops: BucketUpdate,
-    ) -> Result<()> {
-        let result = match &mut self.state {
+    ) -> Result<PendingUpdate> {
+        let pending = match &mut self.state {
             State::Ready { rate_limiter, .. } => {
                 rate_limiter.update_buckets(bandwidth, ops);
-                Ok(())
+                inc(&self.metrics.update_count);
+                Ok(PendingUpdate::done(&self.metrics))
             }
             State::Active { worker, .. } => worker
                 .update_rate_limiter(bandwidth, ops)
+                .map(|reply| PendingUpdate::waiting(reply, &self.metrics))
                 .map_err(Error::Worker),
             State::Lost => Err(Error::Lost),
         };
-        self.count_update(&result);
-        result
+        if pending.is_err() {
+            inc(&self.metrics.update_fails);
+        }
+        pending
     }
 
-    /// Replaces the disk with the image at `path`, opened as [`Block::new`] opens one, with the
-    /// device's read-only flag and ID. On an active device the new disk takes over on the worker
-    /// thread between two requests (a request the rate limiter holds back is checked again
-    /// against the new capacity), and the driver is told through a configuration change
-    /// interrupt to read the new capacity. The features stay as negotiated: if the new image
-    /// cannot punch holes where the old one could, discards complete with UNSUPP. Counted in
-    /// `update_count`, or `update_fails`.
+    /// Replaces the disk with `disk`, which the caller opened with [`Disk::open_image`] and the
+    /// device's [`read_only`](Block::read_only) flag and [`id`](Block::id), so that no lock on
+    /// the device is held while a slow file system opens it. On an active device the worker
+    /// thread takes the new disk between two requests (a request the rate limiter holds back is
+    /// checked again against the new capacity), then sets the new capacity and tells the driver
+    /// through a configuration change interrupt. The features stay as negotiated: if the new
+    /// image cannot punch holes where the old one could, discards complete with UNSUPP.
+    /// Counted in `update_count`, or `update_fails`.
+    ///
+    /// It never waits for the worker: the caller waits on the [`PendingUpdate`] it returns,
+    /// after it released whatever lock it holds the device under; the old disk is closed then,
+    /// on the caller's thread.
     ///
     /// # Errors
     ///
-    /// As [`Disk::open`] when the new image cannot be used (the old one stays);
-    /// [`Error::Worker`] when the worker thread does not answer, [`Error::Lost`] when the device
-    /// lost its disk with a worker that panicked.
-    pub fn update_disk(&mut self, path: &Path) -> Result<()> {
-        let result = self.replace_disk(path);
-        self.count_update(&result);
-        result
+    /// [`Error::DiskMismatch`] when `disk` was opened read-write for a read-only device, or
+    /// with another ID (the old disk stays); [`Error::Worker`] when the worker thread is gone,
+    /// [`Error::Lost`] when the device lost its disk with a worker that panicked.
+    pub fn update_disk(&mut self, disk: Disk) -> Result<PendingUpdate> {
+        let pending = self.replace_disk(disk);
+        if pending.is_err() {
+            inc(&self.metrics.update_fails);
+        }
+        pending
     }
 
-    fn replace_disk(&mut self, path: &Path) -> Result<()> {
-        if matches!(self.state, State::Lost) {
-            return Err(Error::Lost);
+    fn replace_disk(&mut self, disk: Disk) -> Result<PendingUpdate> {
+        if disk.read_only() != self.read_only || disk.id() != &disk::id_bytes(&self.id)? {
+            return Err(Error::DiskMismatch);
         }
-        let disk = Disk::open_image(path, self.read_only, &self.id)?;
-        let capacity = disk.capacity();
-        let interrupt = match &mut self.state {
+        match &mut self.state {
             State::Ready { disk: old, .. } => {
+                self.capacity.store(disk.capacity(), Ordering::Release);
                 *old = disk;
-                None
+                inc(&self.metrics.update_count);
+                Ok(PendingUpdate::done(&self.metrics))
             }
-            State::Active { worker, interrupt } => {
-                // The old disk is closed here, once the worker no longer uses it.
-                drop(worker.replace_disk(disk).map_err(Error::Worker)?);
-                Some(interrupt.clone())
-            }
-            State::Lost => return Err(Error::Lost),
-        };
-        put_config(
-            &mut self.config_space,
-            CONFIG_CAPACITY,
-            &capacity.to_le_bytes(),
-        );
-        if let Some(interrupt) = interrupt {
-            if let Err(err) = interrupt.signal_config_change() {
-                inc(&self.metrics.event_fails);
-                log::error!(
-                    "The block device {} cannot tell the driver its new capacity: {err}",
-                    self.id
-                );
-            }
-        }
-        Ok(())
-    }
-
-    fn count_update(&self, result: &Result<()>) {
-        match result {
-            Ok(()) => inc(&self.metrics.update_count),
-            Err(_) => inc(&self.metrics.update_fails),
+            State::Active { worker, .. } => worker
+                .replace_disk(disk, self.capacity.clone())
+                .map(|reply| PendingUpdate::waiting(reply, &self.metrics))
+                .map_err(Error::Worker),
+            State::Lost => Err(Error::Lost),
         }
     }
 
@@ -440,7 +443,9 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
         if !config_range_ok(offset, data.len()) {
             inc(&self.metrics.cfg_fails);
         }
-        read_config_bytes(&self.config_space, offset, data);
+        let mut config = self.config_space;
+        put_config(&mut config, CONFIG_CAPACITY, &self.capacity().to_le_bytes());
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -501,7 +506,7 @@ impl Block {
             return Err(ActivateError::AlreadyActive);
         };
         let handler = BlockHandler {
-            worker: BlockWorker::new(disk, queue, mem, interrupt.clone(), rate_limiter)
+            worker: BlockWorker::new(disk, queue, mem, interrupt, rate_limiter)
                 .with_metrics(self.metrics.clone()),
             queue_evt,
             id: self.id.clone(),
@@ -516,7 +521,6 @@ impl Block {
             Ok(worker) => {
                 self.state = State::Active {
                     worker: Box::new(worker),
-                    interrupt,
                 };
                 Ok(())
             }
@@ -604,30 +608,35 @@ fn put_config(config: &mut [u8; CONFIG_LEN], offset: usize, bytes: &[u8]) {
 /// [`BlockWorker::process_queue`] is what the worker thread runs on every notification; tests
 /// and benches call it directly.
 ///
-/// Every request goes through the rate limiter first: one operation, and for a read or a write
-/// its data length in bytes. A request the limiter refuses is not lost nor failed: the worker
+/// Every request goes through the rate limiter first: one operation, and the bytes it covers on
+/// the disk (the data of a read or a write, the range of a discard or a write zeroes, which the
+/// host writes or deallocates as surely as a write). A request the limiter refuses is not lost
+/// nor failed: the worker
 /// keeps its chain, stops serving the queue ([`BlockWorker::is_throttled`]) and serves that
 /// chain first when called again, once the limiter's timerfd has fired and
-/// [`RateLimiter::event_handler`] has been called.
-pub struct BlockWorker<M> {
-    server: Server,
+/// [`RateLimiter::event_handler`] has been called. The limiter reads the time from `C`, the
+/// monotonic clock unless a test gives it another.
+pub struct BlockWorker<M, C: Clock = MonotonicClock> {
+    server: Server<C>,
     queue: Queue,
     mem: Arc<M>,
     interrupt: Arc<Interrupt>,
     irq_error_logged: bool,
+    /// Whether the last call stopped on its budget, with chains maybe left.
+    budget_spent: bool,
 }
 
 /// What carries out the requests of a queue: the disk, the rate limiter in front of it, and
 /// the counters.
-struct Server {
+struct Server<C: Clock> {
     disk: Disk,
-    rate_limiter: RateLimiter,
+    rate_limiter: RateLimiter<C>,
     /// The chain the rate limiter held back, served before any other.
     throttled: Option<DescriptorChain>,
     metrics: Arc<BlockMetrics>,
 }
 
-impl<M> fmt::Debug for BlockWorker<M> {
+impl<M, C: Clock + fmt::Debug> fmt::Debug for BlockWorker<M, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlockWorker")
             .field("disk", &self.server.disk)
@@ -638,7 +647,7 @@ impl<M> fmt::Debug for BlockWorker<M> {
     }
 }
 
-impl<M: GuestMemory> BlockWorker<M> {
+impl<M: GuestMemory, C: Clock> BlockWorker<M, C> {
     /// Serves `queue`, which the driver set up in `mem`, from `disk`, as fast as
     /// `rate_limiter` lets it (`RateLimiter::default()` lets everything through), raising
     /// `interrupt`. It counts into counters of its own until given others
@@ -648,7 +657,7 @@ impl<M: GuestMemory> BlockWorker<M> {
         queue: Queue,
         mem: Arc<M>,
         interrupt: Arc<Interrupt>,
-        rate_limiter: RateLimiter,
+        rate_limiter: RateLimiter<C>,
     ) -> Self {
         BlockWorker {
             server: Server {
@@ -661,6 +670,7 @@ impl<M: GuestMemory> BlockWorker<M> {
             mem,
             interrupt,
             irq_error_logged: false,
+            budget_spent: false,
         }
     }
 
@@ -682,9 +692,13 @@ impl<M: GuestMemory> BlockWorker<M> {
     /// notification that will not come. When done, it raises the interrupt if the driver wants
     /// one (VIRTQ_AVAIL_F_NO_INTERRUPT, or `used_event` with EVENT_IDX).
     ///
-    /// It serves at most [`MAX_BATCH`] chains per call: when it returns `MAX_BATCH`, chains may
-    /// be left, and notifications may still be off; call it again. When the rate limiter
-    /// refuses a request, it stops there with notifications off and the chain kept
+    /// It serves at most [`MAX_BATCH`] chains, and stops after the request that takes the
+    /// chains served past [`MAX_BATCH_BYTES`] on the disk: then chains may be left, and
+    /// notifications may still be off ([`BlockWorker::budget_spent`]); call it again. It
+    /// looks at the ring again after turning notifications back on at most [`MAX_BATCH`]
+    /// times, so that a driver that moves its available index back and forth cannot keep it
+    /// there either; it then returns with notifications on. When the rate limiter refuses a
+    /// request, it stops there with notifications off and the chain kept
     /// ([`BlockWorker::is_throttled`]): call it again once the limiter's timer has fired.
     ///
     /// # Errors
@@ -699,25 +713,34 @@ impl<M: GuestMemory> BlockWorker<M> {
             mem,
             interrupt,
             irq_error_logged,
+            budget_spent,
         } = self;
         let mem = &**mem;
-        let mut served = 0;
+        let mut budget = Budget::default();
+        *budget_spent = false;
+        let mut passes = 0usize;
         let result = loop {
             if let Err(err) = queue.disable_notification(mem) {
                 break Err(err);
             }
-            match server.drain(queue, mem, &mut served) {
+            match server.drain(queue, mem, &mut budget) {
                 Ok(Drained::Empty) => {}
                 // Notifications stay off: the caller comes back, or the limiter's timer does.
-                Ok(Drained::Full | Drained::Throttled) => break Ok(()),
+                Ok(Drained::Full) => {
+                    *budget_spent = true;
+                    break Ok(());
+                }
+                Ok(Drained::Throttled) => break Ok(()),
                 Err(err) => break Err(err),
             }
             match queue.enable_notification(mem) {
-                Ok(true) => {}
-                Ok(false) => break Ok(()),
+                // With notifications on, a driver that makes more chains available notifies.
+                Ok(true) if passes < MAX_BATCH => passes += 1,
+                Ok(_) => break Ok(()),
                 Err(err) => break Err(err),
             }
         };
+        let served = budget.chains;
         if served > 0 && queue.needs_notification(mem)? {
             if let Err(err) = interrupt.signal_used_queue() {
                 inc(&server.metrics.event_fails);
@@ -730,6 +753,12 @@ impl<M: GuestMemory> BlockWorker<M> {
         result.map(|()| served)
     }
 
+    /// Whether the last [`BlockWorker::process_queue`] stopped on its budget of chains or
+    /// bytes, so that chains may be left: the caller calls it again after its other events.
+    pub fn budget_spent(&self) -> bool {
+        self.budget_spent
+    }
+
     /// Whether the rate limiter holds a request back: [`BlockWorker::process_queue`] serves
     /// nothing more until the limiter's timer fires.
     pub fn is_throttled(&self) -> bool {
@@ -737,13 +766,13 @@ impl<M: GuestMemory> BlockWorker<M> {
     }
 
     /// The rate limiter requests go through.
-    pub fn rate_limiter(&self) -> &RateLimiter {
+    pub fn rate_limiter(&self) -> &RateLimiter<C> {
         &self.server.rate_limiter
     }
 
     /// The rate limiter requests go through, to handle its timer's event
     /// ([`RateLimiter::event_handler`]) or change its buckets.
-    pub fn rate_limiter_mut(&mut self) -> &mut RateLimiter {
+    pub fn rate_limiter_mut(&mut self) -> &mut RateLimiter<C> {
         &mut self.server.rate_limiter
     }
 
@@ -769,8 +798,21 @@ impl<M: GuestMemory> BlockWorker<M> {
     }
 
     /// Gives the disk and the rate limiter back.
-    pub fn into_parts(self) -> (Disk, RateLimiter) {
+    pub fn into_parts(self) -> (Disk, RateLimiter<C>) {
         (self.server.disk, self.server.rate_limiter)
+    }
+}
+
+/// What one [`BlockWorker::process_queue`] call served so far.
+#[derive(Debug, Default)]
+struct Budget {
+    chains: usize,
+    bytes: u64,
+}
+
+impl Budget {
+    fn spent(&self) -> bool {
+        self.chains >= MAX_BATCH || self.bytes >= MAX_BATCH_BYTES
     }
 }
 
@@ -778,7 +820,7 @@ impl<M: GuestMemory> BlockWorker<M> {
 enum Drained {
     /// No chain is left.
     Empty,
-    /// [`MAX_BATCH`] chains were served.
+    /// The budget of one call is spent.
     Full,
     /// The rate limiter held a request back.
     Throttled,
@@ -786,22 +828,22 @@ enum Drained {
 
 /// What became of one chain.
 enum Served {
-    /// Handed back with this used length.
-    Used(u32),
+    /// Handed back with this used length, after moving this many bytes on the disk.
+    Used(u32, u64),
     /// Held back by the rate limiter.
     Throttled,
 }
 
-impl Server {
-    /// Serves the chain held back, then available chains, until there are none, `served`
-    /// reaches [`MAX_BATCH`], or the rate limiter holds one back.
+impl<C: Clock> Server<C> {
+    /// Serves the chain held back, then available chains, until there are none, the `budget`
+    /// is spent, or the rate limiter holds one back.
     fn drain<M: GuestMemory>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        served: &mut usize,
+        budget: &mut Budget,
     ) -> std::result::Result<Drained, queue::Error> {
-        while *served < MAX_BATCH {
+        while !budget.spent() {
             let chain = match self.throttled.take() {
                 Some(chain) => chain,
                 None => match queue.pop(mem)? {
@@ -810,9 +852,10 @@ impl Server {
                 },
             };
             match self.serve(mem, &chain) {
-                Served::Used(used) => {
+                Served::Used(used, bytes) => {
                     queue.add_used(mem, chain.head_index(), used)?;
-                    *served += 1;
+                    budget.chains += 1;
+                    budget.bytes = budget.bytes.saturating_add(bytes);
                 }
                 Served::Throttled => {
                     self.throttled = Some(chain);
@@ -827,24 +870,21 @@ impl Server {
     /// counts it (as [`Disk::handle`], with the limiter and the counters).
     ///
     /// Every chain takes an operation, malformed ones too, so that a driver cannot get round
-    /// an operations limit with requests that fail; a read or a write also takes its data
-    /// length in bytes. Other requests move no data through guest memory beyond an ID.
+    /// an operations limit with requests that fail. A read or a write also takes its data
+    /// length in bytes, and a discard or a write zeroes the length of its range (at most
+    /// [`MAX_DISCARD_SECTORS`] or [`MAX_WRITE_ZEROES_SECTORS`] sectors), so that a throttled
+    /// guest cannot have the host write or deallocate more than its bandwidth allows. Flushes
+    /// and GET_ID move no data through the disk.
     fn serve<M: GuestMemory>(&mut self, mem: &M, chain: &DescriptorChain) -> Served {
         let parsed = Request::parse(chain, mem, self.disk.capacity());
-        let bytes = match &parsed {
-            Ok(request) => match request.request_type() {
-                request::RequestType::In { len, .. } | request::RequestType::Out { len, .. } => {
-                    u64::from(len)
-                }
-                _ => 0,
-            },
-            Err(_) => 0,
-        };
+        let bytes = parsed
+            .as_ref()
+            .map_or(0, |request| disk_bytes(request.request_type()));
         if !self.admit(bytes) {
             inc(&self.metrics.rate_limiter_throttled_events);
             return Served::Throttled;
         }
-        Served::Used(match parsed {
+        let used = match parsed {
             Ok(request) => {
                 let completion = self.disk.execute(mem, &request);
                 self.metrics.completed(request.request_type(), completion);
@@ -854,7 +894,8 @@ impl Server {
                 inc(&self.metrics.invalid_reqs_count);
                 disk::refuse(mem, chain, &err)
             }
-        })
+        };
+        Served::Used(used, bytes)
     }
 
     /// Takes an operation and `bytes` bytes from the rate limiter, or nothing if it refuses
@@ -868,6 +909,18 @@ impl Server {
             return false;
         }
         true
+    }
+}
+
+/// The bytes a request covers on the disk, which the bandwidth bucket is charged.
+fn disk_bytes(request_type: request::RequestType) -> u64 {
+    use request::RequestType;
+    match request_type {
+        RequestType::In { len, .. } | RequestType::Out { len, .. } => u64::from(len),
+        RequestType::Discard(segment) | RequestType::WriteZeroes(segment) => {
+            u64::from(segment.num_sectors).saturating_mul(SECTOR_SIZE)
+        }
+        RequestType::Flush | RequestType::GetId { .. } => 0,
     }
 }
 
@@ -966,7 +1019,7 @@ impl<M: GuestMemory + Send + Sync + 'static> BlockHandler<M> {
         let metrics = self.worker.metrics().clone();
         match self.worker.process_queue() {
             // Chains may be left: come back to them after the other events.
-            Ok(served) if served >= MAX_BATCH && !self.worker.is_throttled() => {
+            Ok(_) if self.worker.budget_spent() => {
                 if let Err(err) = self.queue_evt.write(1) {
                     inc(&metrics.event_fails);
                     log::error!(
@@ -980,7 +1033,9 @@ impl<M: GuestMemory + Send + Sync + 'static> BlockHandler<M> {
             }
             Ok(_) => {}
             Err(err) => {
-                log::error!(
+                // The guest can do this at every activation: counted, and a warning only.
+                inc(&metrics.queue_fails);
+                log::warn!(
                     "The block device {} stops serving its queue until the driver resets it: {}",
                     self.id,
                     error_chain(&err)
@@ -1018,6 +1073,52 @@ impl<M: GuestMemory + Send + Sync + 'static> BlockHandler<M> {
     }
 }
 
+/// A change handed to a block device's worker thread ([`Block::update_disk`],
+/// [`Block::update_rate_limiter`]), to wait for once the device's lock is released.
+#[derive(Debug)]
+#[must_use = "the change may still be under way, and may fail"]
+pub struct PendingUpdate {
+    /// The worker's answer, with the disk it no longer uses; `None` when the change is made.
+    reply: Option<Reply<Option<Disk>>>,
+    metrics: Arc<BlockMetrics>,
+}
+
+impl PendingUpdate {
+    fn done(metrics: &Arc<BlockMetrics>) -> Self {
+        PendingUpdate {
+            reply: None,
+            metrics: metrics.clone(),
+        }
+    }
+
+    fn waiting(reply: Reply<Option<Disk>>, metrics: &Arc<BlockMetrics>) -> Self {
+        PendingUpdate {
+            reply: Some(reply),
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// Waits until the worker made the change, and closes the disk it replaced. The change is
+    /// made whether or not this is called.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Worker`] when the worker thread ended before it made the change.
+    pub fn wait(self) -> Result<()> {
+        let Some(reply) = self.reply else {
+            return Ok(());
+        };
+        match reply.wait() {
+            // The old disk, if any, is closed here, on the caller's thread.
+            Ok(_old) => Ok(()),
+            Err(err) => {
+                inc(&self.metrics.update_fails);
+                Err(Error::Worker(err))
+            }
+        }
+    }
+}
+
 /// An error and its sources, as one line.
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut line = err.to_string();
@@ -1035,12 +1136,17 @@ trait ActiveWorker: Send {
     /// Stops the thread and gives the disk and the rate limiter back.
     fn stop(self: Box<Self>) -> io::Result<(Disk, RateLimiter)>;
 
-    /// Changes the rate limiter's buckets on the worker thread.
-    fn update_rate_limiter(&self, bandwidth: BucketUpdate, ops: BucketUpdate) -> io::Result<()>;
+    /// Has the worker thread change the rate limiter's buckets.
+    fn update_rate_limiter(
+        &self,
+        bandwidth: BucketUpdate,
+        ops: BucketUpdate,
+    ) -> io::Result<Reply<Option<Disk>>>;
 
-    /// Serves the requests from `disk` from now on, and gives back the disk they were served
-    /// from.
-    fn replace_disk(&self, disk: Disk) -> io::Result<Disk>;
+    /// Has the worker thread serve the requests from `disk` from now on, store its capacity in
+    /// `capacity` and tell the driver; the reply gives back the disk they were served from.
+    fn replace_disk(&self, disk: Disk, capacity: Arc<AtomicU64>)
+    -> io::Result<Reply<Option<Disk>>>;
 }
 
 impl<M: GuestMemory + Send + Sync + 'static> ActiveWorker for Worker<BlockHandler<M>> {
@@ -1048,19 +1154,44 @@ impl<M: GuestMemory + Send + Sync + 'static> ActiveWorker for Worker<BlockHandle
         Worker::stop(*self).map(|handler| handler.worker.into_parts())
     }
 
-    fn update_rate_limiter(&self, bandwidth: BucketUpdate, ops: BucketUpdate) -> io::Result<()> {
+    fn update_rate_limiter(
+        &self,
+        bandwidth: BucketUpdate,
+        ops: BucketUpdate,
+    ) -> io::Result<Reply<Option<Disk>>> {
         // A blocked limiter re-arms its timer to fire at once, so that a request held back
         // under the old limits is retried under the new ones.
-        self.call(move |handler, _| {
+        self.post(move |handler, _| {
             handler
                 .worker
                 .rate_limiter_mut()
                 .update_buckets(bandwidth, ops);
+            inc(&handler.worker.metrics().update_count);
+            None
         })
     }
 
-    fn replace_disk(&self, disk: Disk) -> io::Result<Disk> {
-        self.call(move |handler, _| handler.worker.replace_disk(disk))
+    fn replace_disk(
+        &self,
+        disk: Disk,
+        capacity: Arc<AtomicU64>,
+    ) -> io::Result<Reply<Option<Disk>>> {
+        self.post(move |handler, _| {
+            let new_capacity = disk.capacity();
+            let old = handler.worker.replace_disk(disk);
+            // The capacity the driver reads changes with the disk, before it is told.
+            capacity.store(new_capacity, Ordering::Release);
+            let metrics = handler.worker.metrics().clone();
+            inc(&metrics.update_count);
+            if let Err(err) = handler.worker.interrupt.signal_config_change() {
+                inc(&metrics.event_fails);
+                log::error!(
+                    "The block device {} cannot tell the driver its new capacity: {err}",
+                    handler.id
+                );
+            }
+            Some(old)
+        })
     }
 }
 
@@ -1410,12 +1541,13 @@ mod tests {
         let image = Image::on_tmpfs();
         let mut g = Guest::new(&image, false);
         g.header(VIRTIO_BLK_T_IN, 0);
-        // SEG_MAX + 1 buffers of 64 bytes but one of 128: 32 sectors.
+        // SEG_MAX + 1 buffers of 64 bytes but one of 128: 32 sectors; the last one also holds
+        // the status, so that the chain is no longer than the queue.
         let mut buffers = vec![hdr(), MockBuffer::writable(DATA + 0x8000, 128)];
-        for i in 0..SEG_MAX {
+        for i in 1..SEG_MAX {
             buffers.push(MockBuffer::writable(DATA + 64 * u64::from(i), 64));
         }
-        buffers.push(status());
+        buffers.push(MockBuffer::writable(STATUS - 64, 65));
         assert_eq!(g.submit_indirect(&buffers), (1, STATUS_IOERR));
         // SEG_MAX buffers are fine: two of 128 bytes, the others of 64.
         let mut buffers = vec![
@@ -1488,6 +1620,194 @@ mod tests {
         expected[4 * 512..12 * 512].fill(0);
         expected[20 * 512..28 * 512].fill(0);
         assert_eq!(contents, expected);
+    }
+
+    #[test]
+    fn discards_and_write_zeroes_are_charged_the_bytes_they_cover() {
+        use ember_rate_limiter::ManualClock;
+
+        let image = Image::on_tmpfs();
+        let mem = Arc::new(guest_memory(0x100000).unwrap());
+        let mut driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        let queue = driver.queue();
+        let clock = ManualClock::new(0);
+        // 4 KiB per second, no operations limit.
+        let limiter = RateLimiter::with_clock(bucket(4096, 1000), None, clock.clone()).unwrap();
+        let disk = Disk::open(&image.config(false)).unwrap();
+        assert!(disk.discard_supported(), "tmpfs punches holes");
+        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let mut worker = BlockWorker::new(disk, queue, mem.clone(), interrupt, limiter);
+        let request = |driver: &mut MockDriver, type_: u32, seg: u64, sectors: u32| {
+            write_header(&mem, HDR + seg, type_, 0);
+            let mut bytes = [0u8; 16];
+            bytes[8..12].copy_from_slice(&sectors.to_le_bytes());
+            mem.write_slice(&bytes, GuestAddress(SEG + seg)).unwrap();
+            driver
+                .add_chain(
+                    &*mem,
+                    &[
+                        MockBuffer::readable(HDR + seg, 16),
+                        MockBuffer::readable(SEG + seg, 16),
+                        MockBuffer::writable(STATUS + seg, 1),
+                    ],
+                )
+                .unwrap();
+        };
+        // A discard of 32 sectors (16 KiB) goes on a full bucket, and leaves 12 KiB of debt.
+        request(&mut driver, VIRTIO_BLK_T_DISCARD, 0, 32);
+        // A write zeroes of one sector waits for the debt and its own 512 bytes.
+        request(&mut driver, VIRTIO_BLK_T_WRITE_ZEROES, 0x100, 1);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        assert!(worker.is_throttled());
+        assert_eq!(
+            worker.rate_limiter().retry_after(),
+            Some(Duration::from_millis(3125)),
+            "(12288 + 512) bytes at 4096 bytes per second"
+        );
+        assert_eq!(driver.used_idx(&*mem).unwrap(), 1);
+        assert_eq!(
+            worker
+                .metrics()
+                .rate_limiter_throttled_events
+                .load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn calls_and_pauses_are_served_within_a_few_batches_while_the_ring_stays_full() {
+        let image = Image::on_tmpfs();
+        let mem = Arc::new(guest_memory(0x100000).unwrap());
+        let mut driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        // Every entry of the ring is a GET_ID, which costs the device no system call.
+        write_header(&mem, HDR, VIRTIO_BLK_T_GET_ID, 0);
+        let request = [hdr(), MockBuffer::writable(DATA, 20), status()];
+        for _ in 0..QUEUE_SIZE {
+            driver
+                .add_indirect_chain(&*mem, GuestAddress(TABLE), &request)
+                .unwrap();
+        }
+        let queue = driver.queue();
+        queue.validate(&*mem).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let disk = Disk::open(&image.config(false)).unwrap();
+        let handler = BlockHandler {
+            worker: BlockWorker::new(disk, queue, mem.clone(), interrupt, RateLimiter::default()),
+            queue_evt: kick.try_clone().unwrap(),
+            id: "storm".into(),
+            broken: false,
+        };
+        let gate = WorkerGate::new();
+        let worker = Worker::spawn("test-blk-storm".into(), handler, &gate).unwrap();
+
+        // The guest hands every chain back as soon as it is used, and notifies without end.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guest = {
+            let (mem, mut driver, stop) = (mem.clone(), driver.clone(), stop.clone());
+            let kick = kick.try_clone().unwrap();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    driver.refill(&*mem).unwrap();
+                    let _ = kick.write(1);
+                    std::thread::yield_now();
+                }
+            })
+        };
+        kick.write(1).unwrap();
+        while driver.used_idx(&*mem).unwrap() == 0 {
+            std::thread::yield_now();
+        }
+        // At most the batch under way and one more for each of the two events that can come
+        // first out of epoll: the bound holds whatever the timing.
+        let bound = 3 * MAX_BATCH;
+        for _ in 0..3 {
+            let before = driver.used_idx(&*mem).unwrap();
+            let at = worker.call(|h, _| h.worker.queue().next_used()).unwrap();
+            assert!(usize::from(at.wrapping_sub(before)) <= bound);
+        }
+        let before = driver.used_idx(&*mem).unwrap();
+        gate.pause().unwrap();
+        let paused_at = driver.used_idx(&*mem).unwrap();
+        assert!(usize::from(paused_at.wrapping_sub(before)) <= bound);
+        // Paused, it serves nothing however full the ring.
+        assert_eq!(
+            worker.call(|h, _| h.worker.queue().next_used()).unwrap(),
+            paused_at
+        );
+        gate.resume().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        guest.join().unwrap();
+        let handler = worker.stop().unwrap();
+        assert!(!handler.broken);
+        assert!(
+            handler
+                .worker
+                .metrics()
+                .queue_event_count
+                .load(Ordering::Relaxed)
+                > 0
+        );
+    }
+
+    #[test]
+    fn a_call_stops_after_the_request_that_spends_its_byte_budget() {
+        let dir = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let path = dir.join(format!("ember-blk-budget-{}", std::process::id()));
+        // Sparse: 128 MiB that take no room.
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(2 * MAX_BATCH_BYTES)
+            .unwrap();
+        let disk = Disk::open_image(&path, false, "budget").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mem = Arc::new(guest_memory(0x100000).unwrap());
+        let mut driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let mut worker = BlockWorker::new(
+            disk,
+            driver.queue(),
+            mem.clone(),
+            interrupt,
+            RateLimiter::default(),
+        );
+        // Three write zeroes of half the budget each.
+        let sectors = u32::try_from(MAX_BATCH_BYTES / 2 / SECTOR_SIZE).unwrap();
+        for i in 0..3u32 {
+            let seg = SEG + 16 * u64::from(i);
+            write_header(&mem, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+            let mut bytes = [0u8; 16];
+            bytes[..8].copy_from_slice(
+                &(u64::from(i * sectors) % (2 * u64::from(sectors))).to_le_bytes(),
+            );
+            bytes[8..12].copy_from_slice(&sectors.to_le_bytes());
+            bytes[12..].copy_from_slice(&VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP.to_le_bytes());
+            mem.write_slice(&bytes, GuestAddress(seg)).unwrap();
+            driver
+                .add_chain(
+                    &*mem,
+                    &[
+                        hdr(),
+                        MockBuffer::readable(seg, 16),
+                        MockBuffer::writable(STATUS + u64::from(i), 1),
+                    ],
+                )
+                .unwrap();
+        }
+        assert_eq!(worker.process_queue().unwrap(), 2);
+        assert!(worker.budget_spent());
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        assert!(!worker.budget_spent());
+        for i in 0..3 {
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+                STATUS_OK
+            );
+        }
     }
 
     #[test]
@@ -2061,6 +2381,8 @@ mod tests {
         // Lifting the operations limit lets every request through, in order, at once.
         block
             .update_rate_limiter(BucketUpdate::None, BucketUpdate::Disabled)
+            .unwrap()
+            .wait()
             .unwrap();
         wait_until("every request to complete", || {
             a.driver.used_idx(&*a.mem).unwrap() == u16::try_from(N).unwrap()
@@ -2100,6 +2422,8 @@ mod tests {
         };
         block
             .update_rate_limiter(bandwidth.into(), BucketUpdate::None)
+            .unwrap()
+            .wait()
             .unwrap();
         let mut b = activate(&mut block);
         submit_through_worker(
@@ -2116,6 +2440,8 @@ mod tests {
         // No operation limit: the read goes, under the byte limit.
         block
             .update_rate_limiter(BucketUpdate::None, BucketUpdate::Disabled)
+            .unwrap()
+            .wait()
             .unwrap();
         assert_eq!(finish_through_worker(&mut b), STATUS_OK);
         assert_eq!(b.driver.used_elem(&*b.mem, 0).unwrap().1, 513);
@@ -2137,7 +2463,7 @@ mod tests {
         assert_eq!(finish_through_worker(&mut a), STATUS_IOERR);
 
         let generation = a.interrupt.config_generation();
-        block.update_disk(&bigger.path).unwrap();
+        swap_disk(&mut block, &bigger.path).unwrap();
         assert_eq!(block.capacity(), 2 * SECTORS);
         let config = config_of(&block);
         assert_eq!(
@@ -2152,12 +2478,12 @@ mod tests {
         // What is not a disk leaves the device as it was.
         let missing = std::env::temp_dir().join("ember-blk-test-no-such-image");
         assert!(matches!(
-            block.update_disk(&missing),
+            swap_disk(&mut block, &missing),
             Err(Error::Open { .. })
         ));
         let odd = Image::new(&std::env::temp_dir(), 1000);
         assert!(matches!(
-            block.update_disk(&odd.path),
+            swap_disk(&mut block, &odd.path),
             Err(Error::SizeNotSectorMultiple { size: 1000, .. })
         ));
         assert_eq!(block.capacity(), 2 * SECTORS);
@@ -2165,15 +2491,87 @@ mod tests {
 
         // While reset, the image changes with no interrupt, and the next activation uses it.
         VirtioDevice::<Mem>::reset(&mut block);
-        block.update_disk(&image.path).unwrap();
+        swap_disk(&mut block, &image.path).unwrap();
         assert_eq!(block.capacity(), SECTORS);
         assert_eq!(a.irq.read().unwrap_err().kind(), io::ErrorKind::WouldBlock);
         let mut b = activate(&mut block);
         assert_eq!(read_sector_through_worker(&mut b, 5), pattern(5, 1));
         let metrics = block.metrics();
         assert_eq!(metrics.get("update_count"), Some(2));
-        assert_eq!(metrics.get("update_fails"), Some(2));
+        // An image that cannot be opened never reaches the device.
+        assert_eq!(metrics.get("update_fails"), Some(0));
         VirtioDevice::<Mem>::reset(&mut block);
+    }
+
+    /// Opens the image at `path` as a VMM does, without the device, and hands it over.
+    fn swap_disk(block: &mut Block, path: &Path) -> Result<()> {
+        let disk = Disk::open_image(path, block.read_only(), block.id())?;
+        block.update_disk(disk)?.wait()
+    }
+
+    #[test]
+    fn update_disk_hands_the_disk_over_without_waiting_for_a_busy_worker() {
+        let image = Image::on_tmpfs();
+        let bigger = Image::new(&std::env::temp_dir(), 2 * SECTORS * SECTOR_SIZE);
+        let mut block = Block::new(image.config(false)).unwrap();
+        let mem = Arc::new(guest_memory(0x100000).unwrap());
+        let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        let irqs = CountingTrigger::default();
+        let interrupt = Arc::new(Interrupt::new(irqs.clone()));
+        let State::Ready { disk, rate_limiter } = std::mem::replace(&mut block.state, State::Lost)
+        else {
+            panic!("a new device holds its disk");
+        };
+        let handler = BlockHandler {
+            worker: BlockWorker::new(disk, driver.queue(), mem, interrupt, rate_limiter)
+                .with_metrics(block.metrics().clone()),
+            queue_evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            id: "busy".into(),
+            broken: false,
+        };
+        let worker = Worker::spawn("test-blk-busy".into(), handler, &WorkerGate::new()).unwrap();
+        // The worker is stuck (in a slow write, say) until told to go on.
+        let (go_on, stuck) = std::sync::mpsc::channel::<()>();
+        let busy = worker
+            .post(move |_, _| {
+                let _ = stuck.recv();
+            })
+            .unwrap();
+        block.state = State::Active {
+            worker: Box::new(worker),
+        };
+
+        // Handing the disk and the limits over returns at once: a VMM releases the transport
+        // before it waits.
+        let disk = Disk::open_image(&bigger.path, false, block.id()).unwrap();
+        let swapped = block.update_disk(disk).unwrap();
+        let limited = block
+            .update_rate_limiter(BucketUpdate::None, BucketUpdate::Disabled)
+            .unwrap();
+        assert_eq!(block.capacity(), SECTORS, "not yet taken over");
+        assert_eq!(irqs.count(), 0);
+        go_on.send(()).unwrap();
+        busy.wait().unwrap();
+        swapped.wait().unwrap();
+        limited.wait().unwrap();
+        assert_eq!(block.capacity(), 2 * SECTORS);
+        assert_eq!(config_of(&block)[..8], (2 * SECTORS).to_le_bytes());
+        assert_eq!(irqs.count(), 1, "one configuration change interrupt");
+        assert_eq!(block.metrics().get("update_count"), Some(2));
+        VirtioDevice::<Mem>::reset(&mut block);
+        assert!(!block.is_active());
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let path = std::env::temp_dir().join(format!("ember-blk-fifo-{}", std::process::id()));
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c_path` is a NUL-terminated path that lives across the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Opened read-only, a FIFO with no writer would block the opener for ever.
+        let result = Disk::open_image(&path, true, "fifo");
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(result, Err(Error::NotADisk { .. })));
     }
 
     #[test]
@@ -2183,7 +2581,18 @@ mod tests {
         let before = other.contents();
         let mut block = Block::new(image.config(true)).unwrap();
         let features = VirtioDevice::<Mem>::features(&block);
-        block.update_disk(&other.path).unwrap();
+        // A disk opened read-write, or under another ID, is refused.
+        let writable = Disk::open_image(&other.path, false, block.id()).unwrap();
+        assert!(matches!(
+            block.update_disk(writable),
+            Err(Error::DiskMismatch)
+        ));
+        let renamed = Disk::open_image(&other.path, true, "other").unwrap();
+        assert!(matches!(
+            block.update_disk(renamed),
+            Err(Error::DiskMismatch)
+        ));
+        swap_disk(&mut block, &other.path).unwrap();
         assert_eq!(VirtioDevice::<Mem>::features(&block), features);
         let mut a = activate(&mut block);
         a.mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
@@ -2297,6 +2706,7 @@ mod tests {
         wait_irq(&a.irq);
         assert!(a.interrupt.needs_reset());
         assert_eq!(a.interrupt.status() & INT_CONFIG, INT_CONFIG);
+        assert_eq!(block.metrics().get("queue_fails"), Some(1));
 
         // Further notifications are not read, and cost the worker no CPU time.
         let before = thread_cpu_ticks("ember-blk-spin");

@@ -638,12 +638,12 @@ mod tests {
         let mut g = Guest::new();
         g.header(VIRTIO_BLK_T_IN, 0);
         let mut buffers = vec![hdr()];
-        // One sector in each of SEG_MAX + 1 buffers.
-        let count = SEG_MAX + 1;
-        for i in 0..count {
+        // One sector in each of SEG_MAX + 1 buffers, the last of which also holds the status,
+        // so that the chain is no longer than the queue.
+        for i in 0..SEG_MAX {
             buffers.push(MockBuffer::writable(DATA + 512 * u64::from(i), 512));
         }
-        buffers.push(status());
+        buffers.push(MockBuffer::writable(DATA + 512 * u64::from(SEG_MAX), 513));
         let table = GuestAddress(0x80000);
         g.driver
             .add_indirect_chain(&g.mem, table, &buffers)

@@ -102,8 +102,9 @@ enum TxOutcome {
 enum RxOutcome {
     /// The frame is in the receive queue.
     Delivered,
-    /// No chain, or no set of chains with MRG_RXBUF, can hold the frame: it is dropped, and the
-    /// chains stay available for the next one.
+    /// No chain, or no set of chains with MRG_RXBUF, can hold the frame within the queue size
+    /// of chains and of descriptors: it is dropped, and the chains stay available for the next
+    /// one.
     TooBig,
     /// The driver has not made room for the frame yet; `seen` is the available index the
     /// handler got to.
@@ -127,8 +128,11 @@ pub struct NetHandler<M, B> {
     rx_frame: Vec<u8>,
     /// The length of the frame in `rx_frame` not yet delivered, if there is one.
     rx_pending: Option<usize>,
-    /// The chains taken for the frame being delivered.
+    /// The chains taken for the frame being delivered: at most the queue size of them, with at
+    /// most the queue size of descriptors among them. Allocated once, for that many chains.
     rx_chains: Vec<DescriptorChain>,
+    /// The used elements of the frame being delivered, one per chain. Allocated once.
+    rx_used: Vec<(u16, u32)>,
     /// Whether the handler waits for the driver to add receive buffers.
     rx_starved: bool,
     /// Whether the driver is asked to notify the receive queue.
@@ -222,6 +226,8 @@ where
                 given,
             });
         };
+        let rx_chains = Vec::with_capacity(usize::from(rx.size()));
+        let rx_used = Vec::with_capacity(usize::from(rx.size()));
         Ok(NetHandler {
             mem,
             backend,
@@ -233,7 +239,8 @@ where
             mrg_rxbuf: has_feature(features, VIRTIO_NET_F_MRG_RXBUF),
             rx_frame: vec![0; MAX_BUFFER_LEN],
             rx_pending: None,
-            rx_chains: Vec::new(),
+            rx_chains,
+            rx_used,
             rx_starved: false,
             // The driver starts with notifications on.
             rx_notify: true,
@@ -369,24 +376,20 @@ where
     }
 
     /// Drains the transmit queue, with notifications off while it does (virtio 1.2, 2.7.10).
+    ///
+    /// It looks at the ring again after turning notifications back on at most [`TX_BUDGET`]
+    /// times, so that a driver that moves its available index back and forth cannot keep it
+    /// there; it then returns with notifications on, and the driver notifies for more.
     fn send_frames(&mut self, used: &mut bool) -> Result<()> {
         let mut sent = 0usize;
-        loop {
+        for _ in 0..TX_BUDGET {
             self.tx
                 .disable_notification(&*self.mem)
                 .map_err(Error::tx)?;
             loop {
-                let (chain, paid) = match self.tx_pending.take() {
-                    Some(chain) => (chain, std::mem::take(&mut self.tx_paid)),
-                    None => match self.tx.pop(&*self.mem).map_err(Error::tx)? {
-                        Some(chain) => (chain, false),
-                        None => break,
-                    },
-                };
                 if sent >= TX_BUDGET {
-                    // Come back after the other events; notifications stay off meanwhile.
-                    self.tx_pending = Some(chain);
-                    self.tx_paid = paid;
+                    // Come back after the other events; notifications stay off meanwhile. No
+                    // chain is held, so that the backend is not watched for room as well.
                     if let Err(err) = self.tx_evt.write(1) {
                         inc(&self.metrics.event_fails);
                         log::error!(
@@ -395,6 +398,13 @@ where
                     }
                     return Ok(());
                 }
+                let (chain, paid) = match self.tx_pending.take() {
+                    Some(chain) => (chain, std::mem::take(&mut self.tx_paid)),
+                    None => match self.tx.pop(&*self.mem).map_err(Error::tx)? {
+                        Some(chain) => (chain, false),
+                        None => break,
+                    },
+                };
                 if !paid && !self.pay_tx(&chain) {
                     // Notifications stay off: the transmit limiter's timer resumes.
                     self.tx_pending = Some(chain);
@@ -431,6 +441,7 @@ where
                 return Ok(());
             }
         }
+        Ok(())
     }
 
     /// Takes the transmit limiter's tokens for `chain`: an operation, and the frame's length in
@@ -603,11 +614,14 @@ where
 
     /// Reads the next frame from the backend into `rx_frame`: its length, or `None` when the
     /// backend has none. Malformed frames are dropped here.
+    ///
+    /// It drops at most [`RX_BUDGET`] malformed frames per call, then returns `None` with the
+    /// backend still readable, so that the worker comes back after its other events.
     fn read_frame(&mut self) -> Option<usize> {
         if self.backend_failed {
             return None;
         }
-        loop {
+        for _ in 0..RX_BUDGET {
             let read = self.backend.read_frame(&mut self.rx_frame);
             if read.is_ok() {
                 inc(&self.metrics.rx_count);
@@ -634,6 +648,7 @@ where
                 }
             }
         }
+        None
     }
 
     fn drop_rx(&mut self, why: fmt::Arguments<'_>) {
@@ -650,12 +665,20 @@ where
     /// Places the `len`-byte frame in `rx_frame` in the receive queue. Chains are taken only
     /// when the whole frame fits: otherwise the queue is wound back to where it was, so that
     /// the chains stay available.
+    ///
+    /// With MRG_RXBUF a frame takes only as many chains as its bytes need, and never more than
+    /// the queue size of chains nor of descriptors, indirect ones included; a frame that needs
+    /// more is [`RxOutcome::TooBig`]. So one frame reads at most a few queue sizes of
+    /// descriptors, and holds no more than a queue size of them in `rx_chains`, whatever the
+    /// driver put in the ring.
     fn deliver(&mut self, len: usize) -> queue::Result<RxOutcome> {
         let mem = &*self.mem;
         let start = self.rx.next_avail();
         let max_chains = usize::from(self.rx.size());
+        let max_descriptors = usize::from(self.rx.size());
         self.rx_chains.clear();
         let mut room = 0usize;
+        let mut descriptors = 0usize;
         while room < len {
             if self.rx_chains.len() >= max_chains || (!self.mrg_rxbuf && !self.rx_chains.is_empty())
             {
@@ -669,6 +692,12 @@ where
                 self.rx.set_next_avail(start);
                 return Ok(RxOutcome::NoBuffers { seen });
             };
+            descriptors = descriptors.saturating_add(chain.descriptors().len());
+            if descriptors > max_descriptors {
+                self.rx_chains.clear();
+                self.rx.set_next_avail(start);
+                return Ok(RxOutcome::TooBig);
+            }
             let chain_room = usize::try_from(chain.writable_len()).unwrap_or(usize::MAX);
             room = room.saturating_add(chain_room);
             self.rx_chains.push(chain);
@@ -683,20 +712,20 @@ where
             field.copy_from_slice(&num_buffers.to_le_bytes());
         }
         let frame = self.rx_frame.get(..len).unwrap_or_default();
-        let mut used = Vec::with_capacity(self.rx_chains.len());
+        self.rx_used.clear();
         let mut offset = 0usize;
         for chain in &self.rx_chains {
             let rest = frame.get(offset..).unwrap_or_default();
             let written = chain.write_from(mem, rest)?;
             offset = offset.saturating_add(written);
             // At most the chain's writable length, which is a u32.
-            used.push((
+            self.rx_used.push((
                 chain.head_index(),
                 u32::try_from(written).unwrap_or(u32::MAX),
             ));
         }
         self.rx_chains.clear();
-        self.rx.add_used_batch(mem, &used)?;
+        self.rx.add_used_batch(mem, &self.rx_used)?;
         Ok(RxOutcome::Delivered)
     }
 
@@ -812,13 +841,20 @@ where
     /// Stops serving after the driver broke the protocol: the device asks for a reset and the
     /// worker waits on nothing but its stop event, so it does not spin.
     fn fail(&mut self, ops: &mut EventOps<'_>, err: &Error) {
-        log::error!(
-            "virtio-net stops serving its queues until the driver resets it: {}",
-            ErrorChain(err)
-        );
         self.broken = true;
         if matches!(err, Error::Epoll(_) | Error::RateLimiter { .. }) {
             inc(&self.metrics.event_fails);
+            log::error!(
+                "virtio-net stops serving its queues until the driver resets it: {}",
+                ErrorChain(err)
+            );
+        } else {
+            // The guest can do this at every activation: counted, and a warning only.
+            inc(&self.metrics.queue_fails);
+            log::warn!(
+                "virtio-net stops serving its queues until the driver resets it: {}",
+                ErrorChain(err)
+            );
         }
         if let Err(err) = self.interrupt.set_needs_reset() {
             inc(&self.metrics.event_fails);
@@ -1177,24 +1213,41 @@ mod tests {
     }
 
     #[test]
-    fn tx_chains_too_long_or_of_too_many_pieces_are_dropped() {
+    fn tx_chains_too_long_are_dropped() {
         let mut rig = rig(VERSION_1);
         rig.offer_tx(&frame(MAX_BUFFER_LEN + 1, 5), &[]);
-        // IOV_MAX + 1 one-byte pieces, in an indirect table (the ring holds only 256).
-        let bytes = frame(IOV_MAX + 1, 6);
+        // The longest frame still goes out.
+        let longest = frame(MAX_BUFFER_LEN, 7);
+        rig.offer_tx(&longest, &[]);
+        rig.handler.process_tx().unwrap();
+        assert_eq!(rig.handler.tx_dropped(), 1);
+        assert_eq!(rig.network_recv().unwrap(), longest);
+        assert_eq!(rig.network_recv(), None);
+        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_tx_chain_of_more_pieces_than_the_queue_breaks_the_protocol() {
+        let mut rig = rig(VERSION_1);
+        // One one-byte piece more than the queue holds, in an indirect table.
+        let bytes = frame(usize::from(QUEUE_SIZE) + 1, 6);
         let buffers: Vec<MockBuffer> = bytes.chunks(1).map(|b| rig.readable(b)).collect();
         let table = rig.alloc(16 * buffers.len());
         rig.tx
             .add_indirect_chain(&*rig.mem, GuestAddress(table), &buffers)
             .unwrap();
-        // The longest frame still goes out.
-        let longest = frame(MAX_BUFFER_LEN, 7);
-        rig.offer_tx(&longest, &[]);
-        rig.handler.process_tx().unwrap();
-        assert_eq!(rig.handler.tx_dropped(), 2);
-        assert_eq!(rig.network_recv().unwrap(), longest);
+        let err = rig.handler.process_tx().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Queue {
+                    source: queue::Error::InvalidIndirectTableLength { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert_eq!(rig.network_recv(), None);
-        assert_eq!(rig.tx.used_idx(&*rig.mem).unwrap(), 3);
     }
 
     #[test]
@@ -1358,6 +1411,124 @@ mod tests {
         }
         assert_eq!(rig.read_guest(a.1 + 10, 2), [3, 0], "num_buffers");
         assert_eq!(rig.read_guest(c.1, 1808), received[8192..]);
+    }
+
+    #[test]
+    fn with_mrg_rxbuf_a_frame_takes_at_most_the_queue_size_of_descriptors() {
+        let mut rig = rig(VERSION_1 | MRG_RXBUF);
+        // Three chains, each an indirect table of 100 buffers of 64 bytes: 6400 bytes.
+        let mut heads = Vec::new();
+        for _ in 0..3 {
+            let buffers: Vec<MockBuffer> = (0..100)
+                .map(|_| MockBuffer::writable(rig.alloc(64), 64))
+                .collect();
+            let table = rig.alloc(16 * buffers.len());
+            let head = rig
+                .rx
+                .add_indirect_chain(&*rig.mem, GuestAddress(table), &buffers)
+                .unwrap();
+            heads.push(head);
+        }
+        // 300 descriptors would hold this frame: more than the queue's 256.
+        rig.peer.send(&frame(3 * 6400, 18)).unwrap();
+        // Two chains, 200 descriptors, hold this one.
+        rig.peer.send(&frame(2 * 6400, 19)).unwrap();
+        rig.handler.process_rx().unwrap();
+        assert_eq!(rig.handler.rx_dropped(), 1);
+        assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 2);
+        for (i, head) in heads.iter().take(2).enumerate() {
+            let idx = u16::try_from(i).unwrap();
+            assert_eq!(
+                rig.rx.used_elem(&*rig.mem, idx).unwrap(),
+                (u32::from(*head), 6400)
+            );
+        }
+    }
+
+    #[test]
+    fn calls_and_pauses_are_served_within_a_few_budgets_while_both_directions_flood() {
+        use crate::mock::EndlessNetwork;
+        use crate::worker::Worker;
+        use std::sync::atomic::AtomicBool;
+
+        let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
+        let mut rx = MockDriver::new(QUEUE_SIZE, GuestAddress(RX_RING));
+        let mut tx = MockDriver::new(QUEUE_SIZE, GuestAddress(TX_RING));
+        // One receive buffer too small for any frame of the network, which never runs dry:
+        // every frame read is dropped, and the buffer stays.
+        rx.add_chain(&*mem, &[MockBuffer::writable(BUFFERS, 20)])
+            .unwrap();
+        // A transmit ring full of frames, which the guest offers again as soon as they are
+        // used.
+        for _ in 0..QUEUE_SIZE {
+            tx.add_chain(&*mem, &[MockBuffer::readable(BUFFERS + 0x1000, 60)])
+                .unwrap();
+        }
+        let (rx_kick, tx_kick) = (
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        let params = ActivateParams {
+            mem: mem.clone(),
+            features: VERSION_1,
+            queues: vec![rx.queue(), tx.queue()],
+            queue_evts: vec![rx_kick.try_clone().unwrap(), tx_kick.try_clone().unwrap()],
+            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+            gate: WorkerGate::new(),
+        };
+        let handler = NetHandler::new(
+            EndlessNetwork::new(100).unwrap(),
+            NetRateLimiters::default(),
+            params,
+        )
+        .unwrap();
+        let metrics = handler.metrics().clone();
+        let gate = WorkerGate::new();
+        let worker = Worker::spawn("test-net-storm".into(), handler, &gate).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let guest = {
+            let (mem, mut tx, stop) = (mem.clone(), tx.clone(), stop.clone());
+            let kick = tx_kick.try_clone().unwrap();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    tx.refill(&*mem).unwrap();
+                    let _ = kick.write(1);
+                    std::thread::yield_now();
+                }
+            })
+        };
+        tx_kick.write(1).unwrap();
+        while tx.used_idx(&*mem).unwrap() == 0 || metrics.rx_fails.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        let dropped = || metrics.rx_fails.load(Ordering::Relaxed);
+        for _ in 0..3 {
+            let (sent, received) = (tx.used_idx(&*mem).unwrap(), dropped());
+            let (sent_at, received_at) = worker
+                .call(|h, _| {
+                    (
+                        h.tx.next_used(),
+                        h.metrics().rx_fails.load(Ordering::Relaxed),
+                    )
+                })
+                .unwrap();
+            assert!(usize::from(sent_at.wrapping_sub(sent)) <= 3 * TX_BUDGET);
+            assert!(received_at - received <= 3 * RX_BUDGET as u64);
+        }
+        let (sent, received) = (tx.used_idx(&*mem).unwrap(), dropped());
+        gate.pause().unwrap();
+        let (sent_at, received_at) = (tx.used_idx(&*mem).unwrap(), dropped());
+        assert!(usize::from(sent_at.wrapping_sub(sent)) <= 3 * TX_BUDGET);
+        assert!(received_at - received <= 3 * RX_BUDGET as u64);
+        // Paused, it moves nothing.
+        assert_eq!(worker.call(|h, _| h.tx.next_used()).unwrap(), sent_at);
+        assert_eq!(dropped(), received_at);
+        gate.resume().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        guest.join().unwrap();
+        let handler = worker.stop().unwrap();
+        assert!(!handler.is_broken());
+        assert_eq!(rx.used_idx(&*mem).unwrap(), 0, "no frame fit the buffer");
     }
 
     #[test]

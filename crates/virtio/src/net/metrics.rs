@@ -64,11 +64,14 @@ pub struct NetMetrics {
     /// Transmit chains dropped as malformed: shorter than the header, longer than the longest
     /// frame, in more pieces than one write takes, or outside guest memory.
     pub tx_malformed_frames: AtomicU64,
+    /// Times the driver broke the protocol of a queue (a chain longer than the queue, an index
+    /// out of range...) and the device stopped serving its queues until reset.
+    pub queue_fails: AtomicU64,
 }
 
 impl NetMetrics {
     /// The number of counters, the length of [`NetMetrics::values`].
-    pub const LEN: usize = 20;
+    pub const LEN: usize = 21;
 
     /// Every counter's name and value, always in the same order.
     ///
@@ -117,6 +120,7 @@ impl NetMetrics {
                 get(&self.tx_rate_limiter_throttled),
             ),
             ("tx_malformed_frames", get(&self.tx_malformed_frames)),
+            ("queue_fails", get(&self.queue_fails)),
         ]
     }
 
@@ -150,7 +154,7 @@ mod tests {
         let values = metrics.values();
         let mut names: Vec<&str> = values.iter().map(|&(name, _)| name).collect();
         assert_eq!(names.first(), Some(&"activate_fails"));
-        assert_eq!(names.last(), Some(&"tx_malformed_frames"));
+        assert_eq!(names.last(), Some(&"queue_fails"));
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), NetMetrics::LEN);

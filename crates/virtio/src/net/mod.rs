@@ -865,6 +865,8 @@ mod tests {
         guest.tx_kick.write(1).unwrap();
         guest.wait_interrupt();
         assert!(guest.interrupt.needs_reset());
+        assert_eq!(net.metrics().get("queue_fails"), Some(1));
+        assert_eq!(net.metrics().get("event_fails"), Some(0));
         // The device serves nothing more, and notifications go unanswered.
         guest.give_rx_buffer(1526);
         peer.send(&frame(100, 1)).unwrap();
