@@ -238,17 +238,15 @@ fn descriptor(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
     d
 }
 
-/// The bytes of a block request header, or of a discard / write zeroes segment (both are a
-/// 64-bit sector then two 32-bit fields).
-fn sector_record(first: u32, second: u32, sector: u64) -> [u8; 16] {
+/// The bytes of a block request header: type, reserved, sector.
+fn request_header(kind: u32, sector: u64) -> [u8; 16] {
     let mut h = [0u8; 16];
-    h[..4].copy_from_slice(&first.to_le_bytes());
-    h[4..8].copy_from_slice(&second.to_le_bytes());
+    h[..4].copy_from_slice(&kind.to_le_bytes());
     h[8..].copy_from_slice(&sector.to_le_bytes());
     h
 }
 
-/// A discard / write zeroes segment: sector, number of sectors, flags.
+/// A discard / write zeroes segment: sector, number of sectors, flags (none: no UNMAP).
 fn segment(sector: u64, sectors: u32) -> [u8; 16] {
     let mut s = [0u8; 16];
     s[..8].copy_from_slice(&sector.to_le_bytes());
@@ -300,7 +298,7 @@ impl Image {
     /// A read of [`READ_LEN`] bytes from sector 0 into [`DATA`], as descriptors 0 to 2, and
     /// every ring entry naming it.
     fn read_request(&mut self) -> &mut Self {
-        self.put(HEADERS, &sector_record(T_IN, 0, 0))
+        self.put(HEADERS, &request_header(T_IN, 0))
             .desc(0, descriptor(HEADERS, 16, DESC_NEXT, 1))
             .desc(1, descriptor(DATA, READ_LEN, DESC_WRITE | DESC_NEXT, 2))
             .desc(2, descriptor(STATUSES, 1, DESC_WRITE, 0))
@@ -352,7 +350,7 @@ fn indirect_guest(entries: u32, looping: bool) -> Image {
         descriptor(STATUSES, 1, DESC_WRITE, 0)
     });
     image
-        .put(HEADERS, &sector_record(T_IN, 0, 0))
+        .put(HEADERS, &request_header(T_IN, 0))
         .put(INDIRECT_TABLE, &table)
         .desc(
             0,
@@ -400,7 +398,7 @@ fn discard_guest() -> Image {
             STATUSES + u64::from(i),
         );
         image
-            .put(header, &sector_record(kind, 0, 0))
+            .put(header, &request_header(kind, 0))
             .put(seg, &segment(sector, MAX_RANGE_SECTORS))
             .desc(3 * i, descriptor(header, 16, DESC_NEXT, 3 * i + 1))
             .desc(3 * i + 1, descriptor(seg, 16, DESC_NEXT, 3 * i + 2))
