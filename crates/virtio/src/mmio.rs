@@ -906,6 +906,21 @@ mod tests {
     }
 
     #[test]
+    fn activations_failed_in_a_loop_warn_once_and_each_needs_reset() {
+        let mut s = setup();
+        s.seen.lock().unwrap().fail_activation = true;
+        assert!(!s.transport.activate_failure_logged);
+        for _ in 0..100 {
+            start(&mut s, OFFERED);
+            assert!(s.transport.activate_failure_logged);
+            assert_ne!(read(&s.transport, VIRTIO_MMIO_STATUS) & NEEDS_RESET, 0);
+            write(&mut s.transport, VIRTIO_MMIO_STATUS, 0);
+        }
+        // A reset does not rearm the warning: only a new transport logs one again.
+        assert!(s.transport.activate_failure_logged);
+    }
+
+    #[test]
     fn queue_notify_signals_that_queues_eventfd_once_started() {
         let mut s = setup();
         write(&mut s.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 1);

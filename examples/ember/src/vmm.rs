@@ -493,9 +493,15 @@ impl Vmm {
             bucket_updates(update.rx_rate_limiter.as_ref().unwrap_or(&none));
         let (tx_bandwidth, tx_ops) =
             bucket_updates(update.tx_rate_limiter.as_ref().unwrap_or(&none));
-        lock(transport)
-            .device_mut()
-            .update_rate_limiters(rx_bandwidth, rx_ops, tx_bandwidth, tx_ops)
+        // Handed to the worker under the transport's lock, waited for without it.
+        let pending = lock(transport).device_mut().update_rate_limiters(
+            rx_bandwidth,
+            rx_ops,
+            tx_bandwidth,
+            tx_ops,
+        );
+        pending
+            .and_then(ember_virtio::net::PendingUpdate::wait)
             .map_err(|source| Error::NetUpdate {
                 id: update.iface_id.clone(),
                 source,

@@ -67,7 +67,7 @@ pub use metrics::NetMetrics;
 use crate::device::{ActivateError, ActivateParams, VirtioDevice, read_config_bytes};
 use crate::queue;
 use crate::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
-use crate::worker::Worker;
+use crate::worker::{Reply, Worker};
 
 /// The receive queue's index.
 pub const RX_QUEUE: usize = 0;
@@ -210,7 +210,7 @@ trait Running<B>: Send {
 
     /// Changes the rate limiters on the worker thread: receive bandwidth and operations, then
     /// transmit bandwidth and operations.
-    fn update_rate_limiters(&self, updates: [BucketUpdate; 4]) -> io::Result<()>;
+    fn update_rate_limiters(&self, updates: [BucketUpdate; 4]) -> io::Result<Reply<()>>;
 }
 
 impl<M, B> Running<B> for Worker<NetHandler<M, B>>
@@ -222,8 +222,8 @@ where
         Worker::stop(*self).map(NetHandler::into_parts)
     }
 
-    fn update_rate_limiters(&self, updates: [BucketUpdate; 4]) -> io::Result<()> {
-        self.call(move |handler, _| {
+    fn update_rate_limiters(&self, updates: [BucketUpdate; 4]) -> io::Result<Reply<()>> {
+        self.post(move |handler, _| {
             let [rx_bandwidth, rx_ops, tx_bandwidth, tx_ops] = updates;
             handler.update_rate_limiters(rx_bandwidth, rx_ops, tx_bandwidth, tx_ops);
         })
@@ -315,25 +315,30 @@ impl<B: NetBackend> Net<B> {
     /// the old limits is retried at once under the new ones; otherwise it is kept for the next
     /// activation.
     ///
+    /// It never waits for the worker: the caller waits on the [`PendingUpdate`] it returns,
+    /// after it released whatever lock it holds the device under (the transport, which vCPUs
+    /// take).
+    ///
     /// # Errors
     ///
-    /// [`Error::Worker`] when the worker thread does not answer, [`Error::Lost`] when the
-    /// device lost its rate limiters with a worker that could not start or stop.
+    /// [`Error::Worker`] when the worker thread is gone, [`Error::Lost`] when the device lost
+    /// its rate limiters with a worker that could not start or stop.
     pub fn update_rate_limiters(
         &mut self,
         rx_bandwidth: BucketUpdate,
         rx_ops: BucketUpdate,
         tx_bandwidth: BucketUpdate,
         tx_ops: BucketUpdate,
-    ) -> Result<()> {
+    ) -> Result<PendingUpdate> {
         match &mut self.state {
             State::Ready { rate_limiters, .. } => {
                 rate_limiters.rx.update_buckets(rx_bandwidth, rx_ops);
                 rate_limiters.tx.update_buckets(tx_bandwidth, tx_ops);
-                Ok(())
+                Ok(PendingUpdate(None))
             }
             State::Active(worker) => worker
                 .update_rate_limiters([rx_bandwidth, rx_ops, tx_bandwidth, tx_ops])
+                .map(|reply| PendingUpdate(Some(reply)))
                 .map_err(Error::Worker),
             State::Lost => Err(Error::Lost),
         }
@@ -357,6 +362,25 @@ impl<B: NetBackend> Net<B> {
     /// The configuration space: the MAC address (zeros without one).
     fn config(&self) -> [u8; mac::MAC_LEN] {
         self.mac.map(|mac| mac.bytes()).unwrap_or_default()
+    }
+}
+
+/// A change handed to a network device's worker thread ([`Net::update_rate_limiters`]), to
+/// wait for once the device's lock is released.
+#[derive(Debug)]
+#[must_use = "the change may still be under way, and may fail"]
+pub struct PendingUpdate(Option<Reply<()>>);
+
+impl PendingUpdate {
+    /// Waits until the worker made the change. The change is made whether or not this is
+    /// called.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Worker`] when the worker thread ended before it made the change.
+    pub fn wait(self) -> Result<()> {
+        self.0
+            .map_or(Ok(()), |reply| reply.wait().map_err(Error::Worker))
     }
 }
 
@@ -939,6 +963,8 @@ mod tests {
             BucketUpdate::None,
             BucketUpdate::Disabled,
         )
+        .unwrap()
+        .wait()
         .unwrap();
         for frame in &sent[1..] {
             assert_eq!(&recv_len(&peer, 1000), frame);
@@ -960,6 +986,8 @@ mod tests {
             BucketUpdate::None,
             bucket(1, 10_000).unwrap().into(),
         )
+        .unwrap()
+        .wait()
         .unwrap();
         let mut guest = Guest::new();
         net.activate(guest.params(FEATURES)).unwrap();
