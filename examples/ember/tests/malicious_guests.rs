@@ -471,6 +471,17 @@ fn looping_indirect() -> Attack {
     }
 }
 
+/// The longest chain the device serves: an indirect table as long as the queue, valid.
+fn longest_valid_indirect() -> Attack {
+    Attack {
+        disk_len: 64 << 20,
+        ..Attack::new(
+            "2c indirect table of 256, valid",
+            indirect_guest(u32::from(QUEUE_SIZE), false),
+        )
+    }
+}
+
 fn reset_loop() -> Attack {
     Attack::new("3 reset/re-activate loop", reset_loop_guest())
 }
@@ -1133,6 +1144,7 @@ fn attack_report() {
         storm(),
         largest_indirect(),
         looping_indirect(),
+        longest_valid_indirect(),
         reset_loop(),
         discards(),
         console_flood(),
