@@ -111,6 +111,7 @@ struct Asm {
 }
 
 impl Asm {
+    /// Appends raw machine code.
     fn emit(&mut self, bytes: &[u8]) -> &mut Self {
         self.code.extend_from_slice(bytes);
         self
@@ -260,6 +261,7 @@ struct Image {
 }
 
 impl Image {
+    /// An image of `code` followed by zeroed rings.
     fn new(code: &Asm) -> Self {
         assert!(code.code.len() as u64 <= CODE_MAX, "guest code too large");
         let mut image = Image {
@@ -305,6 +307,7 @@ impl Image {
             .avail(&[0], 0)
     }
 
+    /// The ELF that loads this image and enters its code.
     fn elf(&self) -> Vec<u8> {
         tiny_elf(&self.bytes)
     }
@@ -636,6 +639,8 @@ struct Outcome {
     hwm_kib: u64,
     /// CPU seconds (user and system) `ember` used over the window.
     cpu_s: f64,
+    /// The part of [`cpu_s`](Self::cpu_s) its vCPU threads used.
+    vcpu_s: f64,
     /// Latencies of the `GET /machine-config` answered over the window.
     latencies: Vec<Duration>,
     /// `GET /machine-config` requests that got no 200 (timed out, refused, other status).
@@ -694,15 +699,32 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// CPU seconds (user and system) the process `pid` has used.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// CPU seconds (user and system) in a `/proc/.../stat` text.
+fn stat_cpu_seconds(stat: &str) -> Option<f64> {
     // The fields after the command name, which ends with the last ')'.
     let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // SAFETY: a plain query of a constant.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     Some(ticks as f64 / per_second as f64)
+}
+
+/// CPU seconds (user and system) the process `pid` has used, all its threads, ended ones too.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    stat_cpu_seconds(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// CPU seconds the vCPU threads of `pid` (`ember_vcpu*`) have used: the guest's own running
+/// and the exits they handle, MMIO writes included.
+fn vcpu_cpu_seconds(pid: u32) -> Option<f64> {
+    let mut total = 0.0;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("ember_vcpu") {
+            total += stat_cpu_seconds(&fs::read_to_string(task.path().join("stat")).ok()?)?;
+        }
+    }
+    Some(total)
 }
 
 /// Waits at most `limit` for `child` to end.
@@ -820,6 +842,7 @@ fn run(bin: &Path, attack: &Attack, warmup: Duration, window: Duration) -> Outco
 
     // The window: one GET every ~10 ms, on a kept-alive connection, renewed after a failure.
     let cpu_before = cpu_seconds(pid).unwrap_or(0.0);
+    let vcpu_before = vcpu_cpu_seconds(pid).unwrap_or(0.0);
     let (mut latencies, mut unanswered) = (Vec::new(), 0);
     let mut client = connect(&socket).ok();
     let start = Instant::now();
@@ -840,6 +863,7 @@ fn run(bin: &Path, attack: &Attack, warmup: Duration, window: Duration) -> Outco
         std::thread::sleep(Duration::from_millis(10).saturating_sub(asked.elapsed()));
     }
     let cpu_s = cpu_seconds(pid).unwrap_or(f64::NAN) - cpu_before;
+    let vcpu_s = vcpu_cpu_seconds(pid).unwrap_or(f64::NAN) - vcpu_before;
     let disk_allocated = fs::metadata(&disk).map_or(0, |m| m.blocks() * 512);
     drop(client);
     let block = match flush() {
@@ -899,6 +923,7 @@ fn run(bin: &Path, attack: &Attack, warmup: Duration, window: Duration) -> Outco
     Outcome {
         hwm_kib,
         cpu_s,
+        vcpu_s,
         latencies,
         unanswered,
         controls,
@@ -1009,12 +1034,13 @@ fn withstands(attack: Attack, checks: impl FnOnce(&Outcome)) {
     let mut outcome = run(&ember_bin(), &attack, WARMUP, WINDOW);
     outcome.latencies.sort();
     println!(
-        "{}: peak RSS {} KiB (idle {} KiB), {:.2} CPU s, GET /machine-config median {:?} max {:?} \
+        "{}: peak RSS {} KiB (idle {} KiB), {:.2} CPU s ({:.2} vCPU), GET /machine-config median {:?} max {:?} \
          ({} answered), controls {:?}, {} bytes of log, {} bytes allocated to the drive; {}",
         attack.name,
         outcome.hwm_kib,
         idle_baseline().0,
         outcome.cpu_s,
+        outcome.vcpu_s,
         outcome.latencies.get(outcome.latencies.len() / 2),
         outcome.latencies.last(),
         outcome.latencies.len(),
@@ -1110,10 +1136,12 @@ fn millis(d: Duration) -> String {
 }
 
 /// Every attack for a fixed window, and a table of what it cost: peak RSS above the idle
-/// guest's, `ember`'s CPU seconds over the window, `GET /machine-config` latency (median and
-/// max of one request every ~10 ms on a kept-alive connection), requests unanswered within 10
-/// s, how long pause and a drive update took after the window, bytes logged, bytes allocated to
-/// the drive, and how `ember` ended on `SIGTERM`. Not a test: a measurement, printed.
+/// guest's, `ember`'s CPU seconds over the window (all threads, and in brackets its vCPU's,
+/// which run the guest's own loop), `GET /machine-config` latency (median and max of one
+/// request every ~10 ms on a kept-alive connection), requests unanswered within 10 s, how long
+/// pause and a drive update took after the window, bytes logged, bytes allocated to the drive,
+/// how `ember` ended on `SIGTERM`, and the block device's counters over the window. Not a test:
+/// a measurement, printed.
 ///
 /// `cargo test -p ember --test malicious_guests -- --ignored --nocapture attack_report`;
 /// `EMBER_BIN=path` measures another build of `ember`, `ATTACK_WINDOW_S` sets the window (5 s),
@@ -1136,7 +1164,7 @@ fn attack_report() {
     );
     let mut idle_kib = None;
     println!(
-        "| attack | peak RSS − idle (KiB) | CPU s | GET median (ms) | GET max (ms) | GETs ok / unanswered | pause (ms) | PATCH /drives (ms) | log bytes | disk allocated (MiB) | on SIGTERM | block device over the window |"
+        "| attack | peak RSS − idle (KiB) | CPU s (vCPU) | GET median (ms) | GET max (ms) | GETs ok / unanswered | pause (ms) | PATCH /drives (ms) | log bytes | disk allocated (MiB) | on SIGTERM | block device over the window |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for attack in [
@@ -1170,7 +1198,7 @@ fn attack_report() {
                 })
         };
         println!(
-            "| {} | {} | {:.2} | {median} | {max} | {} / {} | {} | {} | {} | {:.1} | {}{} | {} |",
+            "| {} | {} | {:.2} ({:.2}) | {median} | {max} | {} / {} | {} | {} | {} | {:.1} | {}{} | {} |",
             attack.name,
             if attack.name.starts_with("idle") {
                 format!("({} absolute)", o.hwm_kib)
@@ -1178,6 +1206,7 @@ fn attack_report() {
                 (o.hwm_kib as i64 - idle as i64).to_string()
             },
             o.cpu_s,
+            o.vcpu_s,
             o.latencies.len(),
             o.unanswered,
             control("PATCH /vm Paused"),
