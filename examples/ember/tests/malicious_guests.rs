@@ -625,7 +625,12 @@ fn timed(
     let started = Instant::now();
     let answer = request(socket, method, path, body)
         .map(|(status, _)| status)
-        .map_err(|e| e.to_string());
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                format!("no answer in {REQUEST_TIMEOUT:?}")
+            }
+            _ => e.to_string(),
+        });
     Timed {
         what,
         answer,
