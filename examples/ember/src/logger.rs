@@ -122,14 +122,14 @@ pub fn open_sink(what: &'static str, path: &Path) -> Result<File> {
 /// pipe or named pipe (through `/proc/self/fd`, which opens the pipe itself, not a duplicate of
 /// the descriptor); `None` for anything else, or when `/proc` is not there.
 pub fn reopen_nonblocking(fd: BorrowedFd<'_>) -> Option<File> {
-    let meta = File::from(fd.try_clone_to_owned().ok()?).metadata().ok()?;
-    if !meta.file_type().is_fifo() {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    if !std::fs::metadata(&path).ok()?.file_type().is_fifo() {
         return None;
     }
     OpenOptions::new()
         .append(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .open(path)
         .ok()
 }
 

@@ -60,15 +60,15 @@ impl TerminationSignals {
     /// When the mask cannot be changed or the signalfd cannot be created.
     pub fn block() -> Result<TerminationSignals> {
         let set = signal_set();
+        let old = std::ptr::null_mut();
         // SAFETY: `set` is a valid signal set; the old mask is not asked for.
-        let blocked =
-            unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
+        let blocked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, old) };
         if blocked != 0 {
             return Err(Error::Block(io::Error::from_raw_os_error(blocked)));
         }
+        let flags = libc::SFD_NONBLOCK | libc::SFD_CLOEXEC;
         // SAFETY: `set` is a valid signal set; -1 asks for a new fd, whose result is checked.
-        let fd =
-            unsafe { libc::signalfd(-1, &raw const set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        let fd = unsafe { libc::signalfd(-1, &raw const set, flags) };
         if fd < 0 {
             return Err(Error::SignalFd(io::Error::last_os_error()));
         }
