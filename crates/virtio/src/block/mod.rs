@@ -127,9 +127,10 @@ pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
 /// keeps the queue full cannot keep the worker from its other events.
 pub const MAX_BATCH: usize = QUEUE_SIZE as usize;
 /// The bytes on the disk after which [`BlockWorker::process_queue`] stops serving chains in
-/// one call (the request that crosses it completes): 64 MiB, so that a batch of the largest
-/// requests cannot keep the worker from its other events for long either.
-pub const MAX_BATCH_BYTES: u64 = 64 << 20;
+/// one call (the request that crosses it completes): 4 MiB, so that a batch of the largest
+/// requests cannot keep the worker from its other events (a PATCH, a pause) for long either;
+/// going back to the event loop once per 4 MiB costs an eventfd write and an epoll wait.
+pub const MAX_BATCH_BYTES: u64 = 4 << 20;
 /// Length of the configuration space: `struct virtio_blk_config` up to and including the write
 /// zeroes fields.
 pub const CONFIG_LEN: usize = 60;
@@ -1758,7 +1759,7 @@ mod tests {
             std::env::temp_dir()
         };
         let path = dir.join(format!("ember-blk-budget-{}", std::process::id()));
-        // Sparse: 128 MiB that take no room.
+        // Sparse: twice the budget, taking no room.
         std::fs::File::create(&path)
             .unwrap()
             .set_len(2 * MAX_BATCH_BYTES)
