@@ -601,5 +601,179 @@ SCRIPT
     ip link del "$tap" 2>/dev/null || tunctl -d "$tap" >/dev/null 2>&1
 fi
 
+# --- the jailer ---------------------------------------------------------------------
+
+# ember-jailer, beside ember, starts it as uid 123 in a chroot under $jails, in a
+# cgroup v2 with memory and pids limits, in a network namespace holding a TAP
+# owned by that uid. The guest boots from the rootfs placed in the jail through
+# Firecracker's getting-started requests on the default socket, pings the host
+# over the TAP, and Ctrl+Alt+Del ends it. From this side: the process's root,
+# ids, cgroup, namespaces and descriptors, and a drive path that climbs out of
+# the jail.
+jailer=$(dirname "$ember")/ember-jailer
+jails=$work/jails
+juid=123
+jgid=100
+jtap=ember-jail0
+jhost_ip=169.254.78.1
+jguest_ip=169.254.78.2
+
+# jail_start ID OUT ARGS...: runs the jailer for ID in the background, as $vm
+# (the jailer becomes ember), with ARGS for ember and its stdout in OUT, and
+# waits for the API socket at $sock (ember's default, /run/firecracker.socket in
+# the jail).
+jail_start() {
+    id=$1
+    jout=$2
+    shift 2
+    jroot=$jails/ember/$id/root
+    sock=$jroot/run/firecracker.socket
+    "$jailer" --id "$id" --exec-file "$ember" --uid "$juid" --gid "$jgid" \
+        --chroot-base-dir "$jails" --cgroup-version 2 --cgroup memory.max=268435456 \
+        --cgroup pids.max=64 --netns "/proc/$netns_pid/ns/net" -- "$@" \
+        >"$jout" 2>>"$work/err" </dev/null &
+    vm=$!
+    echo "E2E PID $vm"
+    n=0
+    until [ -S "$sock" ] || ! alive "$vm" || [ $n -ge 100 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+}
+
+# jail_check: what this side sees of the jailed ember $vm, as lines in $work/host.
+jail_check() {
+    if [ "$(stat -L -c %d:%i "/proc/$vm/root")" = "$(stat -c %d:%i "$jroot")" ]; then
+        echo "ROOT-IS-THE-JAIL" >>"$work/host"
+    fi
+    echo "LS-ROOT $(ls "/proc/$vm/root" | tr '\n' ' ')" >>"$work/host"
+    grep -E '^(Uid|Gid|Groups):' "/proc/$vm/status" | tr '\t' ' ' | sed 's/^/STATUS /' >>"$work/host"
+    echo "CGROUP $(cat "/proc/$vm/cgroup")" >>"$work/host"
+    cg=/sys/fs/cgroup/ember/$id
+    echo "LIMITS memory.max=$(cat "$cg/memory.max") pids.max=$(cat "$cg/pids.max")" >>"$work/host"
+    [ "$(readlink "/proc/$vm/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ] &&
+        echo "OWN-MOUNT-NS" >>"$work/host"
+    [ "$(readlink "/proc/$vm/ns/net")" = "$(readlink "/proc/$netns_pid/ns/net")" ] &&
+        echo "IN-THE-NETNS" >>"$work/host"
+    # Every descriptor past stdio is a KVM object, an eventfd, epoll, timer,
+    # signalfd, socket or pipe, or a file inside the jail.
+    find "$jroot" -xdev -exec stat -c %d:%i {} + >"$work/jail-inodes"
+    outside=
+    for fd in /proc/"$vm"/fd/*; do
+        n=${fd##*/}
+        [ "$n" -gt 2 ] || continue
+        target=$(readlink "$fd")
+        echo "FD $n $target" >>"$work/host"
+        case $target in
+        anon_inode:* | socket:* | pipe:*) ;;
+        *) grep -qx "$(stat -L -c %d:%i "$fd")" "$work/jail-inodes" || outside="$outside $n" ;;
+        esac
+    done
+    [ -z "$outside" ] && echo "FDS-IN-JAIL" >>"$work/host"
+    [ -n "$outside" ] && echo "FDS-OUTSIDE$outside" >>"$work/host"
+}
+
+if ! [ -x "$jailer" ]; then
+    fail jail "no ember-jailer beside $ember"
+elif ! command -v curl >/dev/null || ! [ -c /dev/net/tun ]; then
+    fail jail "needs curl and /dev/net/tun"
+else
+    grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup
+    # A network namespace, held open by a sleeping process, with a TAP owned by
+    # the jail's uid.
+    unshare -n sleep 100000 &
+    netns_pid=$!
+    sleep 0.2
+    inns() { nsenter -t "$netns_pid" -n "$@"; }
+    inns ip link set lo up
+    inns tunctl -t "$jtap" -u "$juid" >/dev/null
+    inns ip addr add "$jhost_ip/24" dev "$jtap"
+    inns ip link set "$jtap" up
+    script_disk "$work/jail.disk" <<SCRIPT
+ip addr add $jguest_ip/24 dev eth0
+ip link set eth0 up
+n=0
+until ping -c 1 -W 1 $jhost_ip >/dev/null 2>&1 || [ \$n -ge 30 ]; do
+    n=\$((n + 1))
+done
+ping -c 3 -W 2 $jhost_ip >/dev/null && echo "PING host ok"
+echo "JAIL-GUEST-READY"
+sleep 600
+SCRIPT
+
+    # The operator places the kernel (a hard link), the rootfs and the script
+    # disk in the jail, owned by the jail's uid, before the jailer runs.
+    jail_run() {
+        fresh
+        started jail
+        jroot=$jails/ember/e2e-jail-1/root
+        mkdir -p "$jroot"
+        ln -f "$guest/vmlinux" "$jroot/vmlinux"
+        cp "$guest/rootfs.ext4" "$jroot/rootfs.ext4"
+        cp "$work/jail.disk" "$jroot/script.disk"
+        chown "$juid:$jgid" "$jroot/rootfs.ext4" "$jroot/script.disk"
+        t0=$(now)
+        jail_start e2e-jail-1 "$work/out"
+        echo "JAIL-SOCKET after $(awk "BEGIN { print $(now) - $t0 }") s" >>"$work/host"
+        api GET /
+        jail_check
+        api PUT /drives/escape '{"drive_id": "escape", "path_on_host": "../../../../etc/shadow", "is_root_device": false, "is_read_only": true}'
+        [ "$code" = 400 ] && echo "ESCAPE-REFUSED" >>"$work/host"
+        # The same ID again, while this one runs, is refused.
+        "$jailer" --id e2e-jail-1 --exec-file "$ember" --uid "$juid" --gid "$jgid" \
+            --chroot-base-dir "$jails" >"$work/again.out" 2>&1 </dev/null
+        echo "SAME-ID status $? $(head -c 300 "$work/again.out")" >>"$work/host"
+        # Firecracker's getting-started requests, with paths inside the jail.
+        api PUT /boot-source "{\"kernel_image_path\": \"/vmlinux\", \"boot_args\": \"$base ember.run=/dev/vdb\"}"
+        api PUT /drives/rootfs '{"drive_id": "rootfs", "path_on_host": "/rootfs.ext4", "is_root_device": true, "is_read_only": false}'
+        api PUT /drives/script '{"drive_id": "script", "path_on_host": "/script.disk", "is_root_device": false, "is_read_only": true}'
+        api PUT /network-interfaces/eth0 "{\"iface_id\": \"eth0\", \"guest_mac\": \"02:00:a9:fe:4e:02\", \"host_dev_name\": \"$jtap\"}"
+        api PUT /actions '{"action_type": "InstanceStart"}'
+        console_wait '^JAIL-GUEST-READY'
+        inns ping -c 3 -W 2 "$jguest_ip" >/dev/null && echo "PING guest ok" >>"$work/host"
+        # A second jail, with another ID, runs at the same time.
+        vm1=$vm
+        sock1=$sock
+        jail_start e2e-jail-2 "$work/out2"
+        api GET /
+        grep -q '"id": *"e2e-jail-2"' "$work/api.out" && echo "SECOND-JAIL-SERVES" >>"$work/host"
+        kill -TERM "$vm"
+        await "$vm" 30
+        echo "SECOND-JAIL-STOPPED status $status" >>"$work/host"
+        vm=$vm1
+        sock=$sock1
+        jroot=$jails/ember/e2e-jail-1/root
+        api PUT /actions '{"action_type": "SendCtrlAltDel"}'
+        await "$vm" 120
+    }
+    retry_crashed jail jail_run
+    expect the_jailer_runs_ember_unprivileged_in_its_chroot_cgroup_and_namespaces 0 \
+        'API GET / 200' 'ROOT-IS-THE-JAIL' "^STATUS Uid: $juid $juid $juid $juid\$" \
+        "^STATUS Gid: $jgid $jgid $jgid $jgid\$" '^STATUS Groups: *$' \
+        '^CGROUP 0::/ember/e2e-jail-1$' '^LIMITS memory.max=268435456 pids.max=64$' \
+        'OWN-MOUNT-NS' 'IN-THE-NETNS' 'FDS-IN-JAIL'
+    expect a_jailed_drive_path_cannot_climb_out_of_the_jail 0 \
+        'API PUT /drives/escape 400' 'ESCAPE-REFUSED'
+    expect the_jailed_getting_started_sequence_boots_and_pings_over_the_tap 0 \
+        'API PUT /boot-source 204' 'API PUT /network-interfaces/eth0 204' \
+        'API PUT /actions 204' '^EMBER-GUEST-UP' '^PING host ok' '^PING guest ok$' \
+        '^EMBER-CTRL-ALT-DEL$'
+    expect two_jails_run_at_once_and_the_same_id_twice_is_refused 0 \
+        '^SAME-ID status 1 .*e2e-jail-1' 'SECOND-JAIL-SERVES' '^SECOND-JAIL-STOPPED status 143$'
+
+    # The jail the first run left is reused by a new start with its ID.
+    fresh
+    started jail_again
+    jail_start e2e-jail-1 "$work/out"
+    api GET /
+    kill -TERM "$vm" 2>/dev/null
+    await "$vm" 30
+    expect a_jail_left_by_a_finished_run_does_not_block_its_id 143 'API GET / 200'
+
+    kill "$netns_pid" 2>/dev/null
+    for id in e2e-jail-1 e2e-jail-2; do rmdir "/sys/fs/cgroup/ember/$id" 2>/dev/null; done
+    rmdir /sys/fs/cgroup/ember 2>/dev/null
+fi
+
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]
