@@ -109,7 +109,8 @@ pub struct Cli {
     /// Add a virtio block device backed by a raw disk image or a host block device (repeatable).
     /// `ro`: the guest may only read it; `root`: it is the root file system (`root=/dev/vda`,
     /// first disk only); `id=NAME`: its ID, which the guest reads as its serial (default
-    /// `diskN`, N counting from 0).
+    /// `diskN`, N counting from 0). A PATH of `/proc/self/fd/N` is the descriptor N that ember
+    /// inherited, open for reading (and writing unless `ro`), used without opening any path.
     #[arg(
         long = "disk",
         value_name = "PATH[,ro][,root][,id=NAME]",

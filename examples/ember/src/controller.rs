@@ -180,7 +180,13 @@ impl Controller {
             ApiRequest::PatchDrive(update) => {
                 // Looked at before the device is locked: opening a FIFO would block.
                 let path = update.path_on_host.as_deref().unwrap_or_default();
-                if let Err(err) = model::check_drive_file(path) {
+                let read_only = self
+                    .resources
+                    .drives()
+                    .iter()
+                    .find(|drive| drive.drive_id == update.drive_id)
+                    .is_some_and(|drive| drive.read_only());
+                if let Err(err) = model::check_drive_file(path, read_only) {
                     return ApiResponse::bad_request(err.to_string());
                 }
                 let response = self.with_vmm(|vmm| vmm.update_drive(&update));
