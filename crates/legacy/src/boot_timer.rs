@@ -8,6 +8,9 @@
 //! ```text
 //! Guest-boot-time = 112345 us 112 ms, 98765 CPU us 98 CPU ms
 //! ```
+//!
+//! Where a launcher (a jailer) started the process and then exec'd the VMM, the start it
+//! measures from is the launcher's: a [`ProcessStart`] carries it.
 
 use std::fmt;
 use std::io;
@@ -45,19 +48,34 @@ impl fmt::Display for BootTime {
 }
 
 /// CPU time the calling process has used so far, all its threads together
-/// (`CLOCK_PROCESS_CPUTIME_ID`).
+/// (`CLOCK_PROCESS_CPUTIME_ID`; `execve` keeps it, so it counts from before the exec).
 ///
 /// # Errors
 ///
 /// The `clock_gettime(2)` error, which Linux does not return for this clock.
 pub fn process_cpu_time() -> io::Result<Duration> {
+    clock_time(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// The system's monotonic clock (`CLOCK_MONOTONIC`, the clock of [`Instant`] on Linux): the
+/// time since an unspecified start that every process of the host shares, as a launcher passes
+/// it to the VMM it execs.
+///
+/// # Errors
+///
+/// The `clock_gettime(2)` error, which Linux does not return for this clock.
+pub fn monotonic_time() -> io::Result<Duration> {
+    clock_time(libc::CLOCK_MONOTONIC)
+}
+
+fn clock_time(clock: libc::clockid_t) -> io::Result<Duration> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid, writable `timespec` that outlives the call, and the clock id is a
     // constant the kernel knows.
-    let ret = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    let ret = unsafe { libc::clock_gettime(clock, &mut ts) };
     if ret != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -69,6 +87,53 @@ pub fn process_cpu_time() -> io::Result<Duration> {
     Ok(Duration::new(secs, nanos))
 }
 
+/// When the VMM's process started, in wall-clock and CPU time: what boot and start-up times
+/// count from.
+///
+/// For a process started directly, `wall` is the first thing `main` reads and the CPU fields
+/// are zero. A launcher that execs the VMM passes its own start (Firecracker's jailer:
+/// `--start-time-us`, `--start-time-cpu-us`, `--parent-cpu-time-us`), so that the times count
+/// the launcher's work too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessStart {
+    /// The moment the process started.
+    pub wall: Instant,
+    /// The process's CPU clock ([`process_cpu_time`]) at that moment.
+    pub cpu: Duration,
+    /// CPU time spent on the start by other processes (a launcher's parent that forked it),
+    /// added to what this process has used since `cpu`.
+    pub cpu_elsewhere: Duration,
+}
+
+impl ProcessStart {
+    /// A process that started at `wall`, with its CPU clock at zero then.
+    pub fn at(wall: Instant) -> Self {
+        ProcessStart {
+            wall,
+            cpu: Duration::ZERO,
+            cpu_elsewhere: Duration::ZERO,
+        }
+    }
+
+    /// Wall-clock and CPU time from the start to now. A CPU clock that cannot be read counts
+    /// as zero (Linux does not fail it), and one that reads less than `cpu` (a start from
+    /// another process, passed wrong) as no time since.
+    pub fn elapsed(&self) -> BootTime {
+        let cpu = process_cpu_time().unwrap_or_else(|err| {
+            // Read once per VM or once at start-up, so this warning cannot repeat at a
+            // guest's or a client's pace.
+            log::warn!("Cannot read the process CPU time: {err}");
+            Duration::ZERO
+        });
+        BootTime {
+            wall: self.wall.elapsed(),
+            cpu: cpu
+                .saturating_sub(self.cpu)
+                .saturating_add(self.cpu_elsewhere),
+        }
+    }
+}
+
 /// The boot-complete register, on the MMIO bus with length [`BOOT_TIMER_LEN`].
 ///
 /// Only the first one-byte write of [`BOOT_COMPLETE_MAGIC`] at offset 0 counts: the boot time is
@@ -76,14 +141,19 @@ pub fn process_cpu_time() -> io::Result<Duration> {
 /// guest cannot make the VMM log more than once. Reads return zeros.
 #[derive(Debug)]
 pub struct BootTimer {
-    start: Instant,
+    start: ProcessStart,
     boot_time: Option<BootTime>,
 }
 
 impl BootTimer {
     /// Creates the device, measuring wall-clock time from `start`, normally the moment the VMM
-    /// process started.
+    /// process started, and the process's whole CPU time.
     pub fn new(start: Instant) -> Self {
+        BootTimer::from_process_start(ProcessStart::at(start))
+    }
+
+    /// Creates the device, measuring wall-clock and CPU time from `start`.
+    pub fn from_process_start(start: ProcessStart) -> Self {
         BootTimer {
             start,
             boot_time: None,
@@ -96,13 +166,8 @@ impl BootTimer {
     }
 
     fn record(&mut self) -> BootTime {
-        let wall = self.start.elapsed();
-        let cpu = process_cpu_time().unwrap_or_else(|err| {
-            // Recorded once per VM, so this warning cannot repeat at the guest's pace.
-            log::warn!("Cannot read the process CPU time for the boot time: {err}");
-            Duration::ZERO
-        });
-        let boot_time = BootTime { wall, cpu };
+        // Recorded once per VM, so a warning from it cannot repeat at the guest's pace.
+        let boot_time = self.start.elapsed();
         self.boot_time = Some(boot_time);
         boot_time
     }
@@ -154,6 +219,44 @@ mod tests {
             time.to_string(),
             "Guest-boot-time = 112345 us 112 ms, 98765 CPU us 98 CPU ms"
         );
+    }
+
+    #[test]
+    fn a_start_passed_by_a_launcher_counts_its_time_too() {
+        let wall = Instant::now()
+            .checked_sub(Duration::from_secs(3))
+            .expect("the host has been up for 3 s");
+        let start = ProcessStart {
+            wall,
+            cpu: Duration::ZERO,
+            cpu_elsewhere: Duration::from_secs(5),
+        };
+        let mut timer = BootTimer::from_process_start(start);
+        timer.write(0, 0, &[BOOT_COMPLETE_MAGIC]);
+        let time = timer.boot_time().expect("recorded");
+        assert!(time.wall >= Duration::from_secs(3), "{time}");
+        assert!(time.cpu >= Duration::from_secs(5), "{time}");
+        // A CPU start past the clock (passed wrong) counts no time, not a wrapped one.
+        let later = ProcessStart {
+            cpu: Duration::from_secs(1 << 40),
+            ..ProcessStart::at(Instant::now())
+        };
+        assert_eq!(later.elapsed().cpu, Duration::ZERO);
+    }
+
+    #[test]
+    fn the_monotonic_clock_is_the_clock_of_instant() {
+        let before = Instant::now();
+        let clock = monotonic_time().unwrap();
+        let after = Instant::now();
+        // An `Instant` that many seconds back lands at the clock's zero, between the readings.
+        let zero_before = before.checked_sub(clock);
+        let zero_after = after.checked_sub(clock);
+        if let (Some(a), Some(b)) = (zero_before, zero_after) {
+            assert!(a <= b);
+            assert!(b.duration_since(a) < Duration::from_secs(1));
+        }
+        assert!(monotonic_time().unwrap() >= clock);
     }
 
     #[test]

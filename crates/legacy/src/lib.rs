@@ -51,7 +51,7 @@ mod throttle;
 pub mod trigger;
 
 pub use acpi_pm::{ACPI_PM_LEN, AcpiPmDevice};
-pub use boot_timer::{BOOT_COMPLETE_MAGIC, BOOT_TIMER_LEN, BootTime, BootTimer};
+pub use boot_timer::{BOOT_COMPLETE_MAGIC, BOOT_TIMER_LEN, BootTime, BootTimer, ProcessStart};
 pub use bounded_writer::{BoundedWriter, BoundedWriterStats, BoundedWriterThread};
 pub use i8042::{I8042_PORT, I8042_PORT_LEN, I8042Device};
 pub use serial::{

@@ -1,8 +1,10 @@
 //! The command line of `ember`.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use ember_legacy::ProcessStart;
 use ember_virtio::net::MacAddr;
 
 /// Kernel command line used when `--cmdline` is not given: serial console, reset through the i8042
@@ -19,16 +21,22 @@ pub const DEFAULT_SERIAL_MAX_BYTES: u64 = 64 << 20;
 /// The microVM's ID when `--id` is not given, as in Firecracker.
 pub const DEFAULT_INSTANCE_ID: &str = "anonymous-instance";
 
+/// Where the API is served when the command line names neither a microVM (`--kernel`,
+/// `--config-file`) nor a socket (`--api-sock`, `--no-api`): Firecracker's default, which
+/// jailer scripts and SDKs that pass no `--api-sock` expect (inside the jail's `/run`).
+pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
+
 /// Boot a Linux guest in a microVM.
 ///
 /// The microVM is described by the flags (`--kernel` and what follows it), by a configuration
 /// file (`--config-file`, the JSON of Firecracker's `GET /vm/config`), or through the API
 /// socket (`--api-sock`, Firecracker's REST API) before `InstanceStart`. With flags or a
 /// configuration file the guest boots at once, and the API, when there is one, serves the
-/// running microVM.
+/// running microVM. With none of `--kernel`, `--config-file`, `--api-sock` and `--no-api`,
+/// the API is served at /run/firecracker.socket, as Firecracker does.
 #[derive(Debug, Parser)]
 #[command(name = "ember", version, about)]
-#[command(group = clap::ArgGroup::new("source").args(["kernel", "config_file", "api_sock"]).multiple(true).required(true))]
+#[command(group = clap::ArgGroup::new("described").args(["kernel", "config_file"]).multiple(true))]
 #[command(group = clap::ArgGroup::new("vm_flags").args(["initrd", "cmdline", "vcpus", "memory", "disks", "nets", "hugepages"]).multiple(true).requires("kernel").conflicts_with("config_file"))]
 pub struct Cli {
     /// Guest kernel: an uncompressed ELF vmlinux or a bzImage (the format is detected).
@@ -48,18 +56,37 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub config_file: Option<PathBuf>,
 
-    /// Serve Firecracker's REST API on a Unix socket at PATH (which must not exist).
+    /// Serve Firecracker's REST API on a Unix socket at PATH (which must not exist). Without
+    /// it, and without `--kernel`, `--config-file` or `--no-api`, the API is served at
+    /// /run/firecracker.socket.
     #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
     pub api_sock: Option<PathBuf>,
 
-    /// Serve no API (the default unless `--api-sock` is given; accepted for Firecracker's
-    /// command lines).
-    #[arg(long)]
+    /// Serve no API (the default with `--kernel` or `--config-file` unless `--api-sock` is
+    /// given; accepted for Firecracker's command lines). It needs `--kernel` or
+    /// `--config-file`: a microVM nothing describes could never start.
+    #[arg(long, requires = "described")]
     pub no_api: bool,
 
     /// The microVM's ID, as `GET /` reports it.
     #[arg(long, value_name = "ID", default_value = DEFAULT_INSTANCE_ID)]
     pub id: String,
+
+    /// When the process was started, in microseconds of the host's monotonic clock
+    /// (CLOCK_MONOTONIC): Firecracker's jailer passes the moment it started, so that the boot
+    /// time (`Guest-boot-time`) and `process_startup_time_us` count the jail's set-up too.
+    #[arg(long, value_name = "US")]
+    pub start_time_us: Option<u64>,
+
+    /// The process's CPU clock (CLOCK_PROCESS_CPUTIME_ID) in microseconds when it was started,
+    /// as the jailer passes it: CPU times count from there.
+    #[arg(long, value_name = "US")]
+    pub start_time_cpu_us: Option<u64>,
+
+    /// CPU time in microseconds that the jailer's parent process spent before it forked the
+    /// process that became ember (`--daemonize`, a new PID namespace): added to the CPU times.
+    #[arg(long, value_name = "US")]
+    pub parent_cpu_time_us: Option<u64>,
 
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -82,7 +109,8 @@ pub struct Cli {
     /// Add a virtio block device backed by a raw disk image or a host block device (repeatable).
     /// `ro`: the guest may only read it; `root`: it is the root file system (`root=/dev/vda`,
     /// first disk only); `id=NAME`: its ID, which the guest reads as its serial (default
-    /// `diskN`, N counting from 0).
+    /// `diskN`, N counting from 0). A PATH of `/proc/self/fd/N` is the descriptor N that ember
+    /// inherited, open for reading (and writing unless `ro`), used without opening any path.
     #[arg(
         long = "disk",
         value_name = "PATH[,ro][,root][,id=NAME]",
@@ -129,6 +157,40 @@ pub struct Cli {
     /// Most verbose level of ember's own log messages, written to stderr.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: LogLevel,
+}
+
+impl Cli {
+    /// The command line with the defaults that depend on other flags applied: the API socket
+    /// at [`DEFAULT_API_SOCK`] when nothing describes a microVM or names a socket.
+    pub fn with_defaults(mut self) -> Self {
+        if self.kernel.is_none()
+            && self.config_file.is_none()
+            && self.api_sock.is_none()
+            && !self.no_api
+        {
+            self.api_sock = Some(PathBuf::from(DEFAULT_API_SOCK));
+        }
+        self
+    }
+
+    /// The process's start: `now`, the moment `main` began, read as `monotonic_now` on the
+    /// monotonic clock, unless `--start-time-us` places it earlier (a launcher's start); with
+    /// the CPU clock at start and the CPU time spent elsewhere that the jailer's flags give.
+    ///
+    /// A `--start-time-us` in the future of `monotonic_now` is taken as `now`: time does not
+    /// run backwards.
+    pub fn process_start(&self, now: Instant, monotonic_now: Duration) -> ProcessStart {
+        let wall = self
+            .start_time_us
+            .map(|us| monotonic_now.saturating_sub(Duration::from_micros(us)))
+            .and_then(|before| now.checked_sub(before))
+            .unwrap_or(now);
+        ProcessStart {
+            wall,
+            cpu: Duration::from_micros(self.start_time_cpu_us.unwrap_or_default()),
+            cpu_elsewhere: Duration::from_micros(self.parent_cpu_time_us.unwrap_or_default()),
+        }
+    }
 }
 
 /// Destination of the guest's serial console.
@@ -389,12 +451,41 @@ mod tests {
         }
     }
 
+    fn parse_bare(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(["ember"].iter().chain(args)).map(Cli::with_defaults)
+    }
+
     #[test]
-    fn a_kernel_a_config_file_or_an_api_socket_is_required() {
-        assert!(Cli::try_parse_from(["ember"]).is_err());
-        assert!(Cli::try_parse_from(["ember", "--config-file", "vm.json"]).is_ok());
-        assert!(Cli::try_parse_from(["ember", "--api-sock", "/tmp/api.sock"]).is_ok());
-        let cli = Cli::try_parse_from(["ember", "--config-file", "vm.json", "--no-api"]).unwrap();
+    fn with_nothing_to_boot_nor_a_socket_the_api_is_at_firecrackers_default() {
+        for args in [&[][..], &["--id", "vm1"], &["--log-level", "debug"]] {
+            let cli = parse_bare(args).unwrap();
+            assert_eq!(cli.api_sock, Some(DEFAULT_API_SOCK.into()), "{args:?}");
+        }
+        assert_eq!(DEFAULT_API_SOCK, "/run/firecracker.socket");
+        // A socket given, or a microVM to boot, keep their meaning.
+        let cli = parse_bare(&["--api-sock", "/tmp/api.sock"]).unwrap();
+        assert_eq!(cli.api_sock, Some("/tmp/api.sock".into()));
+        for args in [
+            &["--kernel", "vmlinux"][..],
+            &["--config-file", "vm.json"],
+            &["--config-file", "vm.json", "--no-api"],
+        ] {
+            assert_eq!(parse_bare(args).unwrap().api_sock, None, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn a_kernel_a_config_file_or_an_api_socket_is_required_with_no_api() {
+        let err = parse_bare(&["--no-api"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--kernel")
+                && err.contains("--config-file")
+                && !err.contains("--api-sock"),
+            "{err}"
+        );
+        assert!(parse_bare(&["--config-file", "vm.json"]).is_ok());
+        assert!(parse_bare(&["--api-sock", "/tmp/api.sock"]).is_ok());
+        let cli = parse_bare(&["--config-file", "vm.json", "--no-api"]).unwrap();
         assert!(cli.no_api && cli.api_sock.is_none());
         // The flags that describe a microVM need the kernel flag; a file describes it whole.
         for flags in [
@@ -402,12 +493,63 @@ mod tests {
             &["--config-file", "vm.json", "--disk", "a.img"],
             &["--api-sock", "s", "--initrd", "initrd"],
             &["--api-sock", "s", "--no-api"],
+            &["--initrd", "initrd"],
+            &["--no-api", "--id", "vm1"],
         ] {
             assert!(
                 Cli::try_parse_from(["ember"].iter().chain(flags)).is_err(),
                 "{flags:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_jailers_start_times_are_accepted() {
+        let cli = parse_bare(&[
+            "--id",
+            "vm1",
+            "--start-time-us",
+            "5000000",
+            "--start-time-cpu-us",
+            "300",
+            "--parent-cpu-time-us",
+            "700",
+        ])
+        .unwrap();
+        assert_eq!(cli.id, "vm1");
+        assert_eq!(cli.start_time_us, Some(5_000_000));
+        assert_eq!(cli.start_time_cpu_us, Some(300));
+        assert_eq!(cli.parent_cpu_time_us, Some(700));
+        assert_eq!(cli.api_sock, Some(DEFAULT_API_SOCK.into()));
+        for bad in ["-1", "soon", ""] {
+            assert!(parse(&["--start-time-us", bad]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_process_start_is_the_jailers_when_it_gives_one() {
+        let now = Instant::now();
+        let monotonic = Duration::from_secs(100);
+        // No flags: the process starts when main does, with its CPU clock at zero.
+        let start = parse(&[]).unwrap().process_start(now, monotonic);
+        assert_eq!(start, ProcessStart::at(now));
+        // The jailer started 2.5 s before main, on the same monotonic clock.
+        let cli = parse(&[
+            "--start-time-us",
+            "97500000",
+            "--start-time-cpu-us",
+            "40",
+            "--parent-cpu-time-us",
+            "900",
+        ])
+        .unwrap();
+        let start = cli.process_start(now, monotonic);
+        assert_eq!(now.duration_since(start.wall), Duration::from_millis(2500));
+        assert_eq!(start.cpu, Duration::from_micros(40));
+        assert_eq!(start.cpu_elsewhere, Duration::from_micros(900));
+        // A start in the future is now.
+        let cli = parse(&["--start-time-us", "200000000"]).unwrap();
+        assert_eq!(cli.process_start(now, monotonic).wall, now);
     }
 
     #[test]

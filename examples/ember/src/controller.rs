@@ -6,7 +6,9 @@
 //! changes a running device before it booted, `InstanceStart` twice or without a kernel.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use ember_legacy::ProcessStart;
 
 use log::{LevelFilter, info, warn};
 
@@ -104,7 +106,7 @@ impl Controller {
     /// # Errors
     ///
     /// When it is started already, has no kernel, or cannot be built.
-    pub fn start_instance(&mut self, start: Instant) -> vmm::Result<()> {
+    pub fn start_instance(&mut self, start: ProcessStart) -> vmm::Result<()> {
         if self.vmm.is_some() {
             return Err(vmm::Error::AlreadyStarted);
         }
@@ -113,7 +115,7 @@ impl Controller {
     }
 
     /// Answers one API request.
-    pub fn handle(&mut self, request: ApiRequest, start: Instant) -> ApiResponse {
+    pub fn handle(&mut self, request: ApiRequest, start: ProcessStart) -> ApiResponse {
         self.requests = self.requests.saturating_add(1);
         let response = self.answer(request, start);
         if response.status().code() >= 400 {
@@ -122,7 +124,7 @@ impl Controller {
         response
     }
 
-    fn answer(&mut self, request: ApiRequest, start: Instant) -> ApiResponse {
+    fn answer(&mut self, request: ApiRequest, start: ProcessStart) -> ApiResponse {
         let started = self.vmm.is_some();
         match request {
             ApiRequest::GetInstanceInfo => ApiResponse::ok_json(&self.instance_info()),
@@ -178,7 +180,13 @@ impl Controller {
             ApiRequest::PatchDrive(update) => {
                 // Looked at before the device is locked: opening a FIFO would block.
                 let path = update.path_on_host.as_deref().unwrap_or_default();
-                if let Err(err) = model::check_drive_file(path) {
+                let read_only = self
+                    .resources
+                    .drives()
+                    .iter()
+                    .find(|drive| drive.drive_id == update.drive_id)
+                    .is_some_and(|drive| drive.read_only());
+                if let Err(err) = model::check_drive_file(path, read_only) {
                     return ApiResponse::bad_request(err.to_string());
                 }
                 let response = self.with_vmm(|vmm| vmm.update_drive(&update));

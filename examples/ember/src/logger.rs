@@ -29,7 +29,9 @@
 //! that started it; so [`init`] opens the pipe again, as a description of its own that does not
 //! block ([`reopen_nonblocking`]), and writes there. Any other standard error (a terminal, a
 //! file, a socket) is written as it is; the rate limit bounds what a guest can make `ember`
-//! write there.
+//! write there. So is a pipe where there is no `/proc` to open it again through (in a jail):
+//! there, give the log a named pipe of its own (`PUT /logger`), or start the jail with its
+//! standard error on `/dev/null` (the jailer's `--daemonize`).
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};

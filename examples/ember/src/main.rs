@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
+use ember_legacy::{ProcessStart, boot_timer};
 
 use ember_vmm::api::ApiServer;
 use ember_vmm::api::server::{MonotonicClock, Timeouts};
@@ -32,7 +33,10 @@ use ember_vmm::signals::{self, TerminationSignals};
 use ember_vmm::{cli, logger, vmm};
 
 fn main() -> ExitCode {
-    let start = Instant::now();
+    let now = Instant::now();
+    // Read beside `now`: a launcher's `--start-time-us` is on this clock. Linux does not fail
+    // it; a zero only makes a launcher's start count as this one.
+    let monotonic = boot_timer::monotonic_time().unwrap_or_default();
     // Before any thread starts, so that every thread has SIGTERM and SIGINT blocked and they wait
     // for the event loop in the signalfd.
     let signals = match TerminationSignals::block() {
@@ -42,8 +46,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cli = cli::Cli::parse();
-    logger::init(start, cli.log_level.into());
+    let cli = cli::Cli::parse().with_defaults();
+    let start = cli.process_start(now, monotonic);
+    logger::init(start.wall, cli.log_level.into());
 
     match run(&cli, start, &signals) {
         Ok(vmm::GuestExit::Signal(signal)) => {
@@ -65,7 +70,7 @@ fn main() -> ExitCode {
 /// its sources.
 fn run(
     cli: &cli::Cli,
-    start: Instant,
+    start: ProcessStart,
     signals: &TerminationSignals,
 ) -> Result<vmm::GuestExit, String> {
     // Before any thread exists, so that every thread inherits it.
@@ -87,15 +92,13 @@ fn run(
             let server =
                 ApiServer::spawn_with(path, Timeouts::default(), Box::new(MonotonicClock), hook)
                     .map_err(|e| error_chain(&e))?;
-            let wall = start.elapsed();
-            // Linux does not fail this clock; a zero would only understate the metric.
-            let cpu = ember_legacy::boot_timer::process_cpu_time().unwrap_or_default();
-            controller.set_startup_time(wall, cpu);
+            let elapsed = start.elapsed();
+            controller.set_startup_time(elapsed.wall, elapsed.cpu);
             log::info!(
                 "API server listening on {} after {} us ({} us of CPU)",
                 server.0.socket_path().display(),
-                wall.as_micros(),
-                cpu.as_micros()
+                elapsed.wall.as_micros(),
+                elapsed.cpu.as_micros()
             );
             Some(server)
         }

@@ -133,8 +133,11 @@ impl VmResources {
             serde_json::from_str(&text).map_err(|e| parse_error(e.to_string()))?;
         config.validate().map_err(|e| parse_error(e.to_string()))?;
         for drive in &config.drives {
-            model::check_drive_file(drive.path_on_host.as_deref().unwrap_or_default())
-                .map_err(|e| parse_error(e.to_string()))?;
+            model::check_drive_file(
+                drive.path_on_host.as_deref().unwrap_or_default(),
+                drive.read_only(),
+            )
+            .map_err(|e| parse_error(e.to_string()))?;
         }
         if config.boot_source.is_none() {
             return Err(parse_error("it has no boot-source".into()));
@@ -226,14 +229,20 @@ impl VmResources {
         Ok(())
     }
 
-    /// `PUT /drives/{id}`: adds the drive, or replaces the one with its ID.
+    /// `PUT /drives/{id}`: adds the drive, or replaces the one with its ID. Its file must be
+    /// there already (a path in a jail that leads out of it is not): it is refused now, as
+    /// Firecracker refuses it, rather than at `InstanceStart`.
     ///
     /// # Errors
     ///
-    /// When the drive is refused, or it is a root device and another drive already is.
+    /// When the drive is refused, it is a root device and another drive already is, or its
+    /// file cannot be found.
     pub fn put_drive(&mut self, drive: Drive) -> Result<()> {
         drive.validate()?;
-        model::check_drive_file(drive.path_on_host.as_deref().unwrap_or_default())?;
+        model::check_drive_file(
+            drive.path_on_host.as_deref().unwrap_or_default(),
+            drive.read_only(),
+        )?;
         let drives = &mut self.config.drives;
         let existing = drives.iter().position(|d| d.drive_id == drive.drive_id);
         if drive.is_root_device
@@ -243,6 +252,7 @@ impl VmResources {
         {
             return Err(ModelError::TwoRootDevices.into());
         }
+        model::check_drive_file_exists(drive.path_on_host.as_deref().unwrap_or_default())?;
         match existing {
             // A drive that becomes the root device moves to the front.
             Some(index) if drive.is_root_device => {
@@ -354,7 +364,7 @@ fn drives_from_flags(disks: &[DiskSpec]) -> Result<Vec<Drive>> {
         if index > 0 && disk.root {
             return Err(Error::RootNotFirst(id));
         }
-        model::check_drive_file(&path_string(&disk.path))?;
+        model::check_drive_file(&path_string(&disk.path), disk.read_only)?;
         drives.push(Drive {
             drive_id: id,
             partuuid: None,
@@ -402,7 +412,8 @@ mod tests {
             is_root_device: root,
             cache_type: model::CacheType::default(),
             is_read_only: None,
-            path_on_host: Some(format!("/images/{id}.ext4")),
+            // A file that is there: a drive's file must be.
+            path_on_host: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml").into()),
             rate_limiter: None,
             io_engine: None,
             socket: None,
@@ -576,6 +587,43 @@ mod tests {
         std::fs::write(&path, r#"{"drives": []}"#).unwrap();
         let err = VmResources::from_cli(&cli(&["--config-file", path_arg])).unwrap_err();
         assert!(err.to_string().contains("no boot-source"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_config_file_or_a_disk_flag_may_name_an_inherited_descriptor() {
+        let dir = std::env::temp_dir().join(format!("ember-config-fd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("disk.img");
+        std::fs::write(&image, [0u8; 512]).unwrap();
+        let read_only = std::fs::File::open(&image).unwrap();
+        let fd_path = format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&read_only)
+        );
+        let path = dir.join("vm.json");
+        let config = |read_only: bool| {
+            let text = serde_json::json!({
+                "boot-source": {"kernel_image_path": "vmlinux"},
+                "drives": [{"drive_id": "data", "path_on_host": fd_path,
+                            "is_root_device": false, "is_read_only": read_only}],
+            });
+            std::fs::write(&path, text.to_string()).unwrap();
+            VmResources::from_cli(&cli(&["--config-file", path.to_str().unwrap()]))
+        };
+        let resources = config(true).unwrap();
+        assert_eq!(
+            resources.drives()[0].path_on_host.as_deref(),
+            Some(&*fd_path)
+        );
+        let err = config(false).unwrap_err().to_string();
+        assert!(err.contains("not open for reading and writing"), "{err}");
+        let flags = |disk: &str| VmResources::from_cli(&cli(&["--kernel", "k", "--disk", disk]));
+        assert!(flags(&format!("{fd_path},ro")).is_ok());
+        let err = flags(&fd_path).unwrap_err().to_string();
+        assert!(err.contains("not open for reading and writing"), "{err}");
+        let err = flags("/proc/self/fd/x").unwrap_err().to_string();
+        assert!(err.contains("names no descriptor"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

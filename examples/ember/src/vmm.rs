@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ember_boot::acpi::S5_SLEEP_TYPE;
 use ember_boot::{CpuState, build_cmdline, configure_system, load_initrd, load_kernel};
@@ -16,7 +16,7 @@ use ember_bus::{BusRange, MmioBus, PioBus};
 use ember_legacy::bounded_writer::{self, BoundedWriter, BoundedWriterThread};
 use ember_legacy::{
     ACPI_PM_LEN, AcpiPmDevice, BOOT_TIMER_LEN, BootTimer, COM1_PORT, EventFdTrigger, I8042_PORT,
-    I8042_PORT_LEN, I8042Device, SERIAL_PORT_LEN, SerialDevice, SerialOut,
+    I8042_PORT_LEN, I8042Device, ProcessStart, SERIAL_PORT_LEN, SerialDevice, SerialOut,
 };
 use ember_memory::layout::{
     ACPI_PM1_EVT_PORT, I8042_IRQ, IRQ_BASE, MMIO_DEVICES_END, MMIO32_START, SERIAL_IRQ,
@@ -310,7 +310,7 @@ impl Vmm {
     /// # Errors
     ///
     /// When any part cannot be set up; nothing of it is left running.
-    pub fn boot(resources: &VmResources, start: Instant) -> Result<Vmm> {
+    pub fn boot(resources: &VmResources, start: ProcessStart) -> Result<Vmm> {
         let Some(boot_source) = resources.boot_source() else {
             return Err(Error::NoKernel);
         };
@@ -766,14 +766,14 @@ fn attach_legacy_devices(
 fn attach_boot_timer(
     mmio: &mut MmioBus,
     allocator: &mut ResourceAllocator,
-    start: Instant,
+    start: ProcessStart,
 ) -> Result<Arc<Mutex<BootTimer>>> {
     let addr = allocator
         .allocate_mmio(BOOT_TIMER_LEN)
         .map_err(Error::Allocate)?;
     let range =
         BusRange::new(addr.0, BOOT_TIMER_LEN).map_err(|e| Error::Bus("boot timer".into(), e))?;
-    let timer = Arc::new(Mutex::new(BootTimer::new(start)));
+    let timer = Arc::new(Mutex::new(BootTimer::from_process_start(start)));
     mmio.insert(range, timer.clone())
         .map_err(|e| Error::Bus("boot timer".into(), e))?;
     debug!("Boot timer at {:#x}", addr.0);
@@ -994,7 +994,7 @@ pub struct Control<'a> {
 /// Stdin is watched only while the serial receive FIFO has room and the VM runs: when it is
 /// full, stdin leaves the epoll set until the guest drains the FIFO, so a fast producer neither
 /// spins the loop nor grows a buffer.
-pub fn run(control: Control<'_>, boot: bool, start: Instant) -> Result<GuestExit> {
+pub fn run(control: Control<'_>, boot: bool, start: ProcessStart) -> Result<GuestExit> {
     let Control {
         api,
         controller,
@@ -1171,7 +1171,7 @@ pub fn run(control: Control<'_>, boot: bool, start: Instant) -> Result<GuestExit
 }
 
 /// Answers every API request waiting.
-fn serve_api(api: &ApiRequests, controller: &mut Controller, start: Instant) {
+fn serve_api(api: &ApiRequests, controller: &mut Controller, start: ProcessStart) {
     while let Some((request, responder)) = api.try_recv() {
         responder.send(controller.handle(request, start));
     }

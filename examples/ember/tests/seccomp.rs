@@ -438,6 +438,14 @@ fn run(
             // PATCH /drives opens a new backing file and reads its size.
             let again = std::fs::File::open("/proc/self/status").unwrap();
             let _ = again.metadata().unwrap();
+            // PUT and PATCH /drives with /proc/self/fd/N duplicate the inherited descriptor
+            // N after checking its access mode and type, through no path.
+            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            let disk =
+                ember_virtio::block::Disk::open_image(std::path::Path::new(&path), false, "fd")
+                    .unwrap();
+            assert_eq!(disk.capacity(), 8);
+            drop(disk);
         }
         "start_worker" | "worker_kvm_run" => {
             let gate = WorkerGate::new();

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -25,6 +25,93 @@ use crate::queue::DescriptorChain;
 
 /// Length of the device ID string that GET_ID returns.
 pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// The start of a disk path that names a descriptor the process inherited, not a file to open:
+/// `/proc/self/fd/N` is descriptor N itself, as crosvm reads it. The descriptor is duplicated,
+/// never reopened through `/proc`, so it works where there is no `/proc` (in a jail) and names
+/// a file that may lie outside it.
+pub const INHERITED_FD_PREFIX: &str = "/proc/self/fd/";
+
+/// The descriptor a disk path of the form `/proc/self/fd/N` names; `None` for any other path.
+///
+/// # Errors
+///
+/// [`Error::FdPath`] when the path starts with [`INHERITED_FD_PREFIX`] but the rest is not a
+/// descriptor number alone (decimal digits that fit a descriptor).
+pub fn inherited_fd(path: &Path) -> Result<Option<RawFd>> {
+    let Some(rest) = path
+        .to_str()
+        .and_then(|p| p.strip_prefix(INHERITED_FD_PREFIX))
+    else {
+        return Ok(None);
+    };
+    let bad = || Error::FdPath {
+        path: path.to_path_buf(),
+    };
+    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    rest.parse::<RawFd>().map(Some).map_err(|_| bad())
+}
+
+/// Checks that the inherited descriptor `fd` can back a disk: it is open, on a regular file
+/// or a block device, and open for reading, and for writing too unless `read_only`. It only
+/// looks (`fcntl(F_GETFL)`, `fstat`), through no path.
+///
+/// # Errors
+///
+/// [`Error::Fd`] when it is not open, [`Error::FdAccess`] when its access mode does not fit,
+/// [`Error::NotADisk`] (naming `/proc/self/fd/N`) when it is neither a regular file nor a block
+/// device.
+pub fn check_inherited_fd(fd: RawFd, read_only: bool) -> Result<()> {
+    let fd_error = |source| Error::Fd { fd, source };
+    // SAFETY: F_GETFL reads the status flags of a descriptor number and touches no memory; a
+    // number that is not open fails with EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(fd_error(io::Error::last_os_error()));
+    }
+    let readable = flags & libc::O_PATH == 0 && flags & libc::O_ACCMODE != libc::O_WRONLY;
+    let writable = flags & libc::O_PATH == 0 && flags & libc::O_ACCMODE == libc::O_RDWR;
+    if !readable || (!read_only && !writable) {
+        let needed = if read_only {
+            "reading"
+        } else {
+            "reading and writing (the drive is not read-only)"
+        };
+        return Err(Error::FdAccess { fd, needed });
+    }
+    // SAFETY: all zeros is a valid `stat`, plain data.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `stat` is a valid, writable `stat` that outlives the call; `fd` is a descriptor
+    // number the kernel checks.
+    if unsafe { libc::fstat(fd, &mut stat) } < 0 {
+        return Err(fd_error(io::Error::last_os_error()));
+    }
+    let kind = stat.st_mode & libc::S_IFMT;
+    if kind != libc::S_IFREG && kind != libc::S_IFBLK {
+        return Err(Error::NotADisk {
+            path: format!("{INHERITED_FD_PREFIX}{fd}").into(),
+        });
+    }
+    Ok(())
+}
+
+/// A descriptor of its own, close-on-exec, on the file of the inherited descriptor `fd`, once
+/// [`check_inherited_fd`] accepts it.
+fn dup_inherited(fd: RawFd, read_only: bool) -> Result<File> {
+    check_inherited_fd(fd, read_only)?;
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor on an open one and touches no memory.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(Error::Fd {
+            fd,
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `dup` was just made and nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(dup) })
+}
 
 /// Bytes of zeroes written at a time where the file system cannot zero a range itself.
 const ZERO_CHUNK: usize = 64 * 1024;
@@ -97,21 +184,31 @@ impl Disk {
     /// The file is opened non-blocking, so that a FIFO or a character device is refused
     /// rather than waited on, and made blocking again once it is known to be a disk.
     ///
+    /// A path `/proc/self/fd/N` ([`INHERITED_FD_PREFIX`]) is not opened: the inherited
+    /// descriptor N is checked ([`check_inherited_fd`]) and duplicated, close-on-exec, and the
+    /// disk uses the duplicate; its file status flags, which it shares with whoever passed it,
+    /// are left alone.
+    ///
     /// # Errors
     ///
-    /// As [`Disk::open`].
+    /// As [`Disk::open`]; for a descriptor, [`Error::FdPath`] and those of
+    /// [`check_inherited_fd`].
     pub fn open_image(path: &Path, read_only: bool, id: &str) -> Result<Self> {
         let id = id_bytes(id)?;
         let open_error = |source| Error::Open {
             path: path.to_path_buf(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(open_error)?;
+        let inherited = inherited_fd(path)?;
+        let file = match inherited {
+            Some(fd) => dup_inherited(fd, read_only)?,
+            None => OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .map_err(open_error)?,
+        };
         let size_error = |source| Error::Size {
             path: path.to_path_buf(),
             source,
@@ -123,7 +220,9 @@ impl Disk {
                 path: path.to_path_buf(),
             });
         }
-        clear_nonblocking(&file).map_err(open_error)?;
+        if inherited.is_none() {
+            clear_nonblocking(&file).map_err(open_error)?;
+        }
         // A block device's metadata says 0 bytes; seeking to its end gives its size.
         let size = {
             let mut f = &file;
@@ -603,5 +702,139 @@ mod tests {
         assert_eq!(result.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         assert!(b[..188].iter().all(|&x| x == 7));
         assert!(b[188..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn a_proc_self_fd_path_names_a_descriptor_and_nothing_else_does() {
+        let fd = |path: &str| inherited_fd(Path::new(path));
+        assert_eq!(fd("/proc/self/fd/0").unwrap(), Some(0));
+        assert_eq!(fd("/proc/self/fd/42").unwrap(), Some(42));
+        for other in [
+            "/tmp/disk.img",
+            "/proc/self/fdx/3",
+            "proc/self/fd/3",
+            "/proc/1/fd/3",
+        ] {
+            assert_eq!(fd(other).unwrap(), None, "{other}");
+        }
+        for bad in [
+            "/proc/self/fd/",
+            "/proc/self/fd/-1",
+            "/proc/self/fd/+3",
+            "/proc/self/fd/3/",
+            "/proc/self/fd/3/../../../etc/shadow",
+            "/proc/self/fd/ 3",
+            "/proc/self/fd/99999999999",
+        ] {
+            let err = fd(bad).unwrap_err();
+            assert!(matches!(err, Error::FdPath { .. }), "{bad}: {err}");
+            assert!(err.to_string().contains("descriptor number"), "{err}");
+        }
+    }
+
+    /// Opens `path` with `flags` and hands over the raw descriptor, left open as an inherited
+    /// one would be; the caller closes it.
+    fn raw_open(path: &Path, flags: libc::c_int) -> RawFd {
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c_path` is NUL-terminated and outlives the call.
+        let fd = unsafe { libc::open(c_path.as_ptr(), flags | libc::O_CLOEXEC) };
+        assert!(fd >= 0, "{}", io::Error::last_os_error());
+        fd
+    }
+
+    fn close(fd: RawFd) {
+        // SAFETY: the test opened `fd` and nothing else owns it.
+        unsafe { libc::close(fd) };
+    }
+
+    #[test]
+    fn an_inherited_descriptor_is_the_disk_without_being_reopened() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-fd-disk-").unwrap();
+        let image = dir.as_path().join("disk.img");
+        std::fs::write(&image, vec![0u8; 4096]).unwrap();
+        let fd = raw_open(&image, libc::O_RDWR);
+        let path = format!("{INHERITED_FD_PREFIX}{fd}");
+        // The file is gone from every path: only the descriptor reaches it.
+        std::fs::remove_file(&image).unwrap();
+        let disk = Disk::open_image(Path::new(&path), false, "fd").unwrap();
+        assert_eq!(disk.capacity(), 8);
+        assert!(!disk.read_only());
+        disk.file
+            .write_all_at(b"through the duplicate", 512)
+            .unwrap();
+        // The duplicate is close-on-exec and a descriptor of its own on the same file.
+        let dup = disk.file.as_raw_fd();
+        assert_ne!(dup, fd);
+        // SAFETY: F_GETFD reads the flags of a descriptor the disk owns.
+        assert_eq!(unsafe { libc::fcntl(dup, libc::F_GETFD) }, libc::FD_CLOEXEC);
+        let mut back = [0u8; 21];
+        // SAFETY: `fd` is open, and `File` is only borrowed: `ManuallyDrop` never closes it.
+        let original = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+        original.read_exact_at(&mut back, 512).unwrap();
+        assert_eq!(&back, b"through the duplicate");
+        drop(disk);
+        // Dropping the disk closes its duplicate only.
+        // SAFETY: F_GETFL reads the flags of a descriptor number.
+        assert!(unsafe { libc::fcntl(fd, libc::F_GETFL) } >= 0);
+        close(fd);
+    }
+
+    #[test]
+    fn an_inherited_descriptor_that_cannot_back_the_drive_is_refused() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-fd-disk-").unwrap();
+        let image = dir.as_path().join("disk.img");
+        std::fs::write(&image, vec![0u8; 4096]).unwrap();
+        let open = |fd: RawFd, read_only: bool| {
+            Disk::open_image(
+                Path::new(&format!("{INHERITED_FD_PREFIX}{fd}")),
+                read_only,
+                "fd",
+            )
+        };
+        // Read-only: fine for a read-only drive, refused for a writable one.
+        let ro = raw_open(&image, libc::O_RDONLY);
+        assert!(open(ro, true).unwrap().read_only());
+        let err = open(ro, false).unwrap_err();
+        assert!(matches!(err, Error::FdAccess { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "The inherited descriptor {ro} is not open for reading and writing (the drive is not read-only)"
+            )
+        );
+        // Write-only and O_PATH descriptors cannot be read.
+        let wo = raw_open(&image, libc::O_WRONLY);
+        let opath = raw_open(&image, libc::O_PATH);
+        for fd in [wo, opath] {
+            let err = open(fd, true).unwrap_err();
+            assert!(matches!(err, Error::FdAccess { .. }), "{err}");
+        }
+        // A directory, a pipe and a character device are no disks.
+        let dirfd = raw_open(dir.as_path(), libc::O_RDONLY | libc::O_DIRECTORY);
+        let null = raw_open(Path::new("/dev/null"), libc::O_RDWR);
+        let mut pipe = [0; 2];
+        // SAFETY: `pipe` has room for the two descriptors.
+        let ret = unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(ret, 0);
+        for fd in [dirfd, null, pipe[0]] {
+            let err = open(fd, true).unwrap_err();
+            assert!(matches!(err, Error::NotADisk { .. }), "{err}");
+            assert!(
+                err.to_string().contains(&format!("/proc/self/fd/{fd} ")),
+                "{err}"
+            );
+        }
+        for fd in [ro, wo, opath, dirfd, null, pipe[0], pipe[1]] {
+            close(fd);
+        }
+        // A descriptor that is not open (past any limit on open files, so that no test running
+        // beside this one can open it meanwhile).
+        let closed = 1 << 30;
+        let err = open(closed, true).unwrap_err();
+        assert!(matches!(err, Error::Fd { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!("Cannot use the inherited descriptor {closed} as a disk image")
+        );
     }
 }

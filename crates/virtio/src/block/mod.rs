@@ -78,7 +78,7 @@ pub mod request;
 
 use std::fmt;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,7 +95,7 @@ use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use disk::{Completion, Disk, ID_BYTES};
+pub use disk::{Completion, Disk, ID_BYTES, INHERITED_FD_PREFIX, check_inherited_fd, inherited_fd};
 pub use metrics::BlockMetrics;
 pub use request::{STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
@@ -204,6 +204,32 @@ pub enum Error {
     /// A new disk was not opened with the device's read-only flag and ID.
     #[error("The new disk was not opened with the block device's read-only flag and ID")]
     DiskMismatch,
+    /// A path under `/proc/self/fd/` that does not end in a descriptor number.
+    #[error(
+        "The disk path {} names no descriptor: /proc/self/fd/ must be followed by a descriptor number alone",
+        path.display()
+    )]
+    FdPath {
+        /// The path, as given.
+        path: PathBuf,
+    },
+    /// An inherited descriptor named as the disk is not open, or cannot be duplicated.
+    #[error("Cannot use the inherited descriptor {fd} as a disk image")]
+    Fd {
+        /// The descriptor.
+        fd: RawFd,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// An inherited descriptor named as the disk was not opened for what the drive needs.
+    #[error("The inherited descriptor {fd} is not open for {needed}")]
+    FdAccess {
+        /// The descriptor.
+        fd: RawFd,
+        /// What it must be open for.
+        needed: &'static str,
+    },
 }
 
 /// Result of setting up or changing a block device.
@@ -213,7 +239,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, Default)]
 pub struct Config {
     /// Path of the raw disk image, or of a host block device; its size must be a multiple of
-    /// 512 bytes.
+    /// 512 bytes. `/proc/self/fd/N` is the descriptor N the process inherited, used as it is
+    /// rather than opened ([`inherited_fd`]).
     pub path: PathBuf,
     /// Whether the guest may only read the disk.
     pub read_only: bool,

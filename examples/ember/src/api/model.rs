@@ -13,6 +13,7 @@
 use std::collections::HashSet;
 use std::fmt;
 
+use ember_virtio::block;
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
@@ -115,6 +116,19 @@ pub enum ModelError {
         /// What it is: "a directory", "a FIFO", "a socket" or "a character device".
         kind: &'static str,
     },
+    /// A drive's host file cannot be looked at: it does not exist (as a path in a jail that
+    /// leads out of it), or a directory on the way cannot be searched.
+    #[error("Cannot find the drive file {path}: {reason}.")]
+    DriveFileMissing {
+        /// The path, as given.
+        path: String,
+        /// Why, in the system's words.
+        reason: String,
+    },
+    /// A drive names an inherited descriptor (`/proc/self/fd/N`) that cannot back it; the
+    /// text says why.
+    #[error("{0}")]
+    DriveFd(String),
 }
 
 /// The result of a check of this module.
@@ -146,14 +160,27 @@ pub fn validate_id(id: &str) -> Result<()> {
 /// jailer's job), only a clear refusal of files that would fail or hang later. It looks with
 /// `stat` (following symbolic links) and never opens the file: opening a FIFO would block until
 /// a writer came. A path that does not exist, or cannot be looked at, passes: opening it later
-/// reports why.
+/// reports why ([`check_drive_file_exists`] refuses it at once). So does an empty path, which
+/// the body's own checks refuse.
+///
+/// `/proc/self/fd/N` names the descriptor N that ember inherited, never a path: it must be
+/// open on a regular file or a block device, for reading, and for writing too unless
+/// `read_only` ([`ember_virtio::block::check_inherited_fd`], which looks at the descriptor
+/// without going through `/proc`).
 ///
 /// # Errors
 ///
-/// [`ModelError::DriveFileKind`].
-pub fn check_drive_file(path: &str) -> Result<()> {
+/// [`ModelError::DriveFileKind`], and [`ModelError::DriveFd`] for a descriptor.
+pub fn check_drive_file(path: &str, read_only: bool) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
 
+    if path.is_empty() {
+        return Ok(());
+    }
+    if let Some(fd) = inherited_fd(path)? {
+        return block::check_inherited_fd(fd, read_only)
+            .map_err(|err| ModelError::DriveFd(error_text(&err)));
+    }
     let Ok(metadata) = std::fs::metadata(path) else {
         return Ok(());
     };
@@ -173,6 +200,46 @@ pub fn check_drive_file(path: &str) -> Result<()> {
         path: path.to_string(),
         kind,
     })
+}
+
+/// Checks that the file at `path` exists and can be looked at (`stat`, following symbolic
+/// links), as `PUT /drives` asks, so that a drive path that leads nowhere (out of a jail, say)
+/// is refused when it is given, as Firecracker refuses it, rather than at `InstanceStart`. An
+/// inherited descriptor (`/proc/self/fd/N`) and an empty path are left to
+/// [`check_drive_file`] and the body's own checks.
+///
+/// # Errors
+///
+/// [`ModelError::DriveFileMissing`].
+pub fn check_drive_file_exists(path: &str) -> Result<()> {
+    if path.is_empty() || inherited_fd(path)?.is_some() {
+        return Ok(());
+    }
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(()),
+        Err(err) => Err(ModelError::DriveFileMissing {
+            path: path.to_string(),
+            reason: err.to_string(),
+        }),
+    }
+}
+
+/// The descriptor `path` names when it is `/proc/self/fd/N`.
+fn inherited_fd(path: &str) -> Result<Option<std::os::fd::RawFd>> {
+    block::inherited_fd(std::path::Path::new(path))
+        .map_err(|err| ModelError::DriveFd(error_text(&err)))
+}
+
+/// An error and its sources, as one line.
+fn error_text(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Checks that a path field, when given, is not empty.
@@ -513,7 +580,9 @@ pub struct Drive {
     /// Whether the guest may only read the drive; `false` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_read_only: Option<bool>,
-    /// Host path of the disk image or block device; required by ember.
+    /// Host path of the disk image or block device; required by ember. `/proc/self/fd/N` is
+    /// the descriptor N that ember inherited, used without opening any path
+    /// ([`check_drive_file`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_on_host: Option<String>,
     /// Limits on the drive's I/O.
@@ -560,7 +629,7 @@ impl Drive {
 pub struct PartialDrive {
     /// The drive's ID, equal to the one in the path.
     pub drive_id: String,
-    /// A new host path for the drive.
+    /// A new host path for the drive, or `/proc/self/fd/N` for the inherited descriptor N.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_on_host: Option<String>,
     /// New limits on the drive's I/O.
@@ -1678,7 +1747,7 @@ mod tests {
             (socket, "a socket"),
             ("/dev/null".to_string(), "a character device"),
         ] {
-            let err = check_drive_file(&path).unwrap_err();
+            let err = check_drive_file(&path, true).unwrap_err();
             assert_eq!(
                 err,
                 ModelError::DriveFileKind {
@@ -1695,8 +1764,55 @@ mod tests {
         }
         let file = at("disk.img");
         std::fs::write(&file, b"").unwrap();
-        assert_eq!(check_drive_file(&file), Ok(()));
-        // Opening it will say why.
-        assert_eq!(check_drive_file(&at("missing")), Ok(()));
+        assert_eq!(check_drive_file(&file, false), Ok(()));
+        assert_eq!(check_drive_file_exists(&file), Ok(()));
+        // Opening it will say why; PUT /drives asks for it to be there.
+        assert_eq!(check_drive_file(&at("missing"), false), Ok(()));
+        let missing = at("missing");
+        assert_eq!(
+            check_drive_file_exists(&missing),
+            Err(ModelError::DriveFileMissing {
+                path: missing.clone(),
+                reason: "No such file or directory (os error 2)".into()
+            })
+        );
+        assert_eq!(check_drive_file_exists(""), Ok(()));
+    }
+
+    #[test]
+    fn a_drive_path_in_proc_self_fd_is_checked_as_the_descriptor() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-model-").unwrap();
+        let image = dir.as_path().join("disk.img");
+        std::fs::write(&image, [0u8; 512]).unwrap();
+        let read_only = std::fs::File::open(&image).unwrap();
+        let fd_path = |file: &std::fs::File| {
+            format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file))
+        };
+        let path = fd_path(&read_only);
+        assert_eq!(check_drive_file(&path, true), Ok(()));
+        assert_eq!(check_drive_file_exists(&path), Ok(()));
+        let err = check_drive_file(&path, false).unwrap_err();
+        assert!(
+            matches!(&err, ModelError::DriveFd(text) if text.contains("not open for reading and writing")),
+            "{err}"
+        );
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let err = check_drive_file(&fd_path(&null), true).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("neither a regular file nor a block device"),
+            "{err}"
+        );
+        for bad in ["/proc/self/fd/x", "/proc/self/fd/1/../../../../etc/shadow"] {
+            let err = check_drive_file(bad, true).unwrap_err();
+            assert!(err.to_string().contains("descriptor number"), "{err}");
+            assert!(check_drive_file_exists(bad).is_err());
+        }
+        let err = check_drive_file("/proc/self/fd/1073741824", true).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("Cannot use the inherited descriptor 1073741824 as a disk image: "),
+            "{err}"
+        );
     }
 }
