@@ -62,9 +62,7 @@ pub enum Error {
     #[error("{0} is an invalid cgroup version specifier")]
     CgroupVersion(String),
     /// `--parent-cgroup` is absolute, empty or has a `.` or `..` component.
-    #[error(
-        "Parent cgroup path is invalid. Path should not be absolute or contain '..' or '.'"
-    )]
+    #[error("Parent cgroup path is invalid. Path should not be absolute or contain '..' or '.'")]
     ParentCgroup,
     /// A `--cgroup` argument is malformed.
     #[error(transparent)]
@@ -103,10 +101,10 @@ pub struct Args {
     #[arg(long)]
     pub exec_file: PathBuf,
     /// The user identifier the jailer switches to before exec.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub uid: String,
     /// The group identifier the jailer switches to before exec.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub gid: String,
     /// The base folder where chroot jails are located.
     #[arg(long, default_value = DEFAULT_CHROOT_BASE_DIR)]
@@ -346,4 +344,267 @@ impl JailConfig {
             vmm_args: args.vmm_args,
         })
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exe() -> String {
+        std::env::current_exe()
+            .expect("the test binary has a path")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn base() -> String {
+        std::env::temp_dir().to_string_lossy().into_owned()
+    }
+
+    /// Parses the command line, with `--id`, `--exec-file`, `--uid`, `--gid` and
+    /// `--chroot-base-dir` good unless `extra` gives them (clap refuses a flag given twice).
+    fn config(extra: &[&str]) -> Result<JailConfig> {
+        let (exe, base) = (exe(), base());
+        let defaults = [
+            ("--id", "vm-1"),
+            ("--exec-file", exe.as_str()),
+            ("--uid", "123"),
+            ("--gid", "456"),
+            ("--chroot-base-dir", base.as_str()),
+        ];
+        let mut argv = vec!["ember-jailer"];
+        for (flag, value) in defaults {
+            let flags = extra.split(|a| *a == "--").next().unwrap_or_default();
+            let given = flags
+                .iter()
+                .any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
+            if !given {
+                argv.extend([flag, value]);
+            }
+        }
+        argv.extend(extra);
+        let args = Args::try_parse_from(argv).expect("clap parses the command line");
+        JailConfig::from_args(args)
+    }
+
+    fn message(extra: &[&str]) -> String {
+        config(extra)
+            .expect_err("the command line is refused")
+            .to_string()
+    }
+
+    #[test]
+    fn a_good_command_line_gets_the_defaults() {
+        let config = config(&[]).unwrap();
+        assert_eq!(config.id, "vm-1");
+        assert_eq!((config.uid, config.gid), (123, 456));
+        assert_eq!(config.exec_file, Path::new(&exe()).canonicalize().unwrap());
+        assert_eq!(config.parent_cgroup, PathBuf::from(&config.exec_name));
+        assert_eq!(config.cgroup_version, CgroupVersion::V1);
+        assert_eq!(config.resource_limits, ResourceLimits::default());
+        assert_eq!(config.resource_limits.no_file, 2048);
+        assert!(!config.daemonize && !config.new_pid_ns);
+        assert!(config.cgroups.is_empty() && config.keep_fds.is_empty());
+    }
+
+    #[test]
+    fn the_default_chroot_base_is_srv_jailer() {
+        let args = Args::try_parse_from([
+            "ember-jailer",
+            "--id=a",
+            "--exec-file=/x",
+            "--uid=1",
+            "--gid=1",
+        ])
+        .unwrap();
+        assert_eq!(args.chroot_base_dir, Path::new("/srv/jailer"));
+    }
+
+    #[test]
+    fn flags_take_their_value_after_a_space_or_an_equals_sign() {
+        let config = config(&["--id=other", "--uid", "7", "--gid=8"]).unwrap();
+        assert_eq!(config.id, "other");
+        assert_eq!((config.uid, config.gid), (7, 8));
+    }
+
+    #[test]
+    fn the_arguments_after_the_double_dash_go_to_the_vmm() {
+        let config = config(&["--daemonize", "--", "--api-sock", "/run/api.sock", "--id"]).unwrap();
+        assert!(config.daemonize);
+        assert_eq!(config.vmm_args, ["--api-sock", "/run/api.sock", "--id"]);
+    }
+
+    #[test]
+    fn every_option_is_taken() {
+        let config = config(&[
+            "--new-pid-ns",
+            "--cgroup-version",
+            "2",
+            "--cgroup",
+            "memory.max=1000000",
+            "--cgroup=pids.max=10",
+            "--parent-cgroup",
+            "a/b",
+            "--resource-limit",
+            "fsize=100",
+            "--resource-limit=no-file=64",
+            "--netns",
+            "/proc/self/ns/net",
+        ])
+        .unwrap();
+        assert!(config.new_pid_ns);
+        assert_eq!(config.cgroup_version, CgroupVersion::V2);
+        assert_eq!(config.cgroups.len(), 2);
+        assert_eq!(config.cgroups[1].file, "pids.max");
+        assert_eq!(config.parent_cgroup, Path::new("a/b"));
+        assert_eq!(
+            config.resource_limits,
+            ResourceLimits {
+                fsize: Some(100),
+                no_file: 64
+            }
+        );
+        assert_eq!(
+            config.netns.as_deref(),
+            Some(Path::new("/proc/self/ns/net"))
+        );
+    }
+
+    #[test]
+    fn an_id_of_other_characters_or_length_is_refused() {
+        assert_eq!(
+            message(&["--id", "a_b"]),
+            "Invalid instance ID: Invalid char (_) at position 1"
+        );
+        assert!(message(&["--id", "a/b"]).starts_with("Invalid instance ID: Invalid char (/)"));
+        assert!(message(&["--id", ".."]).starts_with("Invalid instance ID"));
+        assert_eq!(
+            message(&["--id", ""]),
+            "Invalid instance ID: Invalid len (0); the length must be between 1 and 64"
+        );
+        let long = "a".repeat(65);
+        assert!(message(&["--id", &long]).contains("Invalid len (65)"));
+        assert!(config(&["--id", &"Z9-".repeat(21)]).is_ok());
+    }
+
+    #[test]
+    fn a_uid_or_gid_that_is_not_a_number_is_refused() {
+        assert_eq!(message(&["--uid", "root"]), "Invalid uid: root");
+        assert_eq!(message(&["--uid", "-1"]), "Invalid uid: -1");
+        assert_eq!(message(&["--gid", "4294967296"]), "Invalid gid: 4294967296");
+    }
+
+    #[test]
+    fn an_exec_file_that_is_missing_or_not_a_file_is_refused() {
+        assert!(
+            message(&["--exec-file", "/nonexistent/vmm"])
+                .starts_with("Failed to canonicalize path /nonexistent/vmm")
+        );
+        assert_eq!(message(&["--exec-file", "/tmp"]), "/tmp is not a file");
+    }
+
+    #[test]
+    fn a_chroot_base_that_is_missing_or_not_a_directory_is_refused() {
+        assert!(
+            message(&["--chroot-base-dir", "/nonexistent"]).starts_with("Failed to canonicalize")
+        );
+        let exe = exe();
+        assert!(message(&["--chroot-base-dir", &exe]).ends_with("is not a directory"));
+    }
+
+    #[test]
+    fn a_missing_netns_is_refused() {
+        assert_eq!(
+            message(&["--netns", "/nonexistent/ns"]),
+            "Failed to open the network namespace /nonexistent/ns"
+        );
+    }
+
+    #[test]
+    fn a_cgroup_version_other_than_1_or_2_is_refused() {
+        assert_eq!(
+            message(&["--cgroup-version", "3"]),
+            "3 is an invalid cgroup version specifier"
+        );
+    }
+
+    #[test]
+    fn a_malformed_cgroup_setting_is_refused() {
+        for bad in [
+            "memory",
+            "memory.max",
+            "max=1",
+            ".max=1",
+            "memory.=1",
+            "memory.max=",
+            "Memory.max=1",
+            "memory.max/../../x=1",
+            "memory..max=1",
+            "cgroup.procs=1",
+            "memory.max=1\n2",
+        ] {
+            assert_eq!(
+                message(&["--cgroup", bad]),
+                format!("Invalid format for cgroups: {bad}"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_parent_cgroup_that_is_absolute_or_has_dots_is_refused() {
+        for bad in ["/abs", "a/../b", "a/./b", ".", "..", "", "a/.."] {
+            assert!(
+                message(&["--parent-cgroup", bad]).starts_with("Parent cgroup path is invalid"),
+                "{bad:?}"
+            );
+        }
+        assert!(config(&["--parent-cgroup", "a/b/c"]).is_ok());
+    }
+
+    #[test]
+    fn a_bad_resource_limit_is_refused() {
+        assert_eq!(
+            message(&["--resource-limit", "fsize"]),
+            "Invalid format for resources limits: fsize"
+        );
+        assert_eq!(
+            message(&["--resource-limit", "cpu=1"]),
+            "Invalid resource argument: cpu"
+        );
+        assert_eq!(
+            message(&["--resource-limit", "no-file=-1"]),
+            "Invalid limit value for resource: no-file=-1"
+        );
+    }
+
+    #[test]
+    fn a_later_resource_limit_wins() {
+        let mut limits = ResourceLimits::default();
+        limits.apply_arg("no-file=10").unwrap();
+        limits.apply_arg("no-file=20").unwrap();
+        limits.apply_arg("fsize=0").unwrap();
+        assert_eq!(
+            limits,
+            ResourceLimits {
+                fsize: Some(0),
+                no_file: 20
+            }
+        );
+    }
+
+    #[test]
+    fn a_kept_fd_must_be_open_and_above_stderr() {
+        assert_eq!(
+            message(&["--keep-fd", "2"]),
+            "Invalid --keep-fd 2: it must be an open file descriptor above 2"
+        );
+        assert!(message(&["--keep-fd", "100000"]).starts_with("Invalid --keep-fd 100000"));
+        let file = std::fs::File::open(exe()).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file).to_string();
+        let config = config(&["--keep-fd", &fd, "--keep-fd", &fd]).unwrap();
+        assert_eq!(config.keep_fds, [file.as_raw_fd()]);
+    }
+
+    use std::os::fd::AsRawFd;
 }

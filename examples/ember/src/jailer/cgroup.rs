@@ -219,7 +219,9 @@ impl HierarchyPlan {
     /// The jail's own cgroup.
     pub fn leaf(&self) -> &Path {
         // `dirs` holds the mount and at least the ID below it.
-        self.dirs.last().map_or(self.mount.as_path(), |d| d.as_path())
+        self.dirs
+            .last()
+            .map_or(self.mount.as_path(), |d| d.as_path())
     }
 
     fn add(&mut self, setting: &CgroupSetting) {
@@ -374,4 +376,181 @@ fn apply_v1(hierarchy: &HierarchyPlan) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mounts of a host with both versions, as this project's test hosts have them.
+    const HYBRID: &str = "\
+/dev/vda / ext4 rw,relatime 0 0
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,relatime,cpu,cpuacct 0 0
+cgroup /sys/fs/cgroup/cpuset cgroup rw,relatime,cpuset 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,xattr,name=systemd 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+";
+
+    fn setting(arg: &str) -> CgroupSetting {
+        CgroupSetting::parse(arg).unwrap()
+    }
+
+    #[test]
+    fn a_setting_splits_into_controller_file_and_value() {
+        assert_eq!(
+            setting("cpu.max=50000 100000"),
+            CgroupSetting {
+                controller: "cpu".into(),
+                file: "cpu.max".into(),
+                value: "50000 100000".into(),
+            }
+        );
+        assert_eq!(setting("hugetlb.2MB.max=0").controller, "hugetlb");
+        assert_eq!(setting("cpuset.cpus=0-1,3").value, "0-1,3");
+        assert_eq!(setting("a.b=c=d").value, "c=d");
+    }
+
+    #[test]
+    fn mounts_parse_with_their_escapes() {
+        let mounts = parse_mounts("a /mnt/with\\040space cgroup rw,memory 0 0\nshort line\n");
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].mount_point, Path::new("/mnt/with space"));
+        assert_eq!(mounts[0].options, ["rw", "memory"]);
+        assert_eq!(unescape("a\\134b\\011"), "a\\b\t");
+        assert_eq!(unescape("trailing\\01"), "trailing\\01");
+    }
+
+    #[test]
+    fn the_v2_hierarchy_is_the_cgroup2_mount() {
+        let mounts = parse_mounts(HYBRID);
+        assert_eq!(v2_mount(&mounts), Some(Path::new("/sys/fs/cgroup/unified")));
+        assert_eq!(v2_mount(&parse_mounts("x / ext4 rw 0 0")), None);
+    }
+
+    #[test]
+    fn a_v1_hierarchy_is_the_cgroup_mount_listing_the_controller() {
+        let mounts = parse_mounts(HYBRID);
+        let cpu = Some(Path::new("/sys/fs/cgroup/cpu,cpuacct"));
+        assert_eq!(v1_mount(&mounts, "cpu"), cpu);
+        assert_eq!(v1_mount(&mounts, "cpuacct"), cpu);
+        assert_eq!(
+            v1_mount(&mounts, "memory"),
+            Some(Path::new("/sys/fs/cgroup/memory"))
+        );
+        assert_eq!(v1_mount(&mounts, "pids"), None);
+        assert_eq!(v1_mount(&mounts, "systemd"), None);
+    }
+
+    #[test]
+    fn no_setting_plans_no_cgroup() {
+        let plans = plan(CgroupVersion::V1, &[], Path::new("p"), "id", &[]).unwrap();
+        assert!(plans.is_empty());
+    }
+
+    #[test]
+    fn a_v2_plan_enables_controllers_from_the_mount_down() {
+        let mounts = parse_mounts(HYBRID);
+        let settings = [
+            setting("memory.max=1000"),
+            setting("pids.max=10"),
+            setting("memory.high=900"),
+        ];
+        let plans = plan(
+            CgroupVersion::V2,
+            &mounts,
+            Path::new("ember/vms"),
+            "vm-1",
+            &settings,
+        )
+        .unwrap();
+        assert_eq!(plans.len(), 1);
+        let plan = &plans[0];
+        let root = Path::new("/sys/fs/cgroup/unified");
+        assert_eq!(plan.controllers, ["memory", "pids"]);
+        assert_eq!(
+            plan.dirs,
+            [
+                root.to_path_buf(),
+                root.join("ember"),
+                root.join("ember/vms"),
+                root.join("ember/vms/vm-1"),
+            ]
+        );
+        assert_eq!(plan.leaf(), root.join("ember/vms/vm-1"));
+        assert_eq!(plan.procs_file, root.join("ember/vms/vm-1/cgroup.procs"));
+        assert_eq!(
+            plan.writes,
+            [
+                (root.join("ember/vms/vm-1/memory.max"), "1000".to_string()),
+                (root.join("ember/vms/vm-1/pids.max"), "10".to_string()),
+                (root.join("ember/vms/vm-1/memory.high"), "900".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_v1_plan_has_one_cgroup_per_hierarchy() {
+        let mounts = parse_mounts(HYBRID);
+        let settings = [
+            setting("cpu.shares=10"),
+            setting("memory.limit_in_bytes=1000"),
+            setting("cpuacct.usage=0"),
+        ];
+        let plans = plan(
+            CgroupVersion::V1,
+            &mounts,
+            Path::new("ember"),
+            "vm-1",
+            &settings,
+        )
+        .unwrap();
+        assert_eq!(plans.len(), 2);
+        let cpu = Path::new("/sys/fs/cgroup/cpu,cpuacct");
+        assert_eq!(plans[0].mount, cpu);
+        assert_eq!(plans[0].controllers, ["cpu", "cpuacct"]);
+        assert_eq!(plans[0].procs_file, cpu.join("ember/vm-1/tasks"));
+        assert_eq!(plans[0].writes.len(), 2);
+        let memory = Path::new("/sys/fs/cgroup/memory");
+        assert_eq!(
+            plans[1].dirs,
+            [
+                memory.into(),
+                memory.join("ember"),
+                memory.join("ember/vm-1")
+            ]
+        );
+        assert_eq!(
+            plans[1].writes,
+            [(
+                memory.join("ember/vm-1/memory.limit_in_bytes"),
+                "1000".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_controller_without_a_hierarchy_is_an_error() {
+        let mounts = parse_mounts(HYBRID);
+        let err = plan(
+            CgroupVersion::V1,
+            &mounts,
+            Path::new("p"),
+            "id",
+            &[setting("pids.max=1")],
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "Hierarchy not found: pids");
+        let v1_only = parse_mounts("cgroup /c/memory cgroup rw,memory 0 0");
+        let err = plan(
+            CgroupVersion::V2,
+            &v1_only,
+            Path::new("p"),
+            "id",
+            &[setting("memory.max=1")],
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "Hierarchy not found: cgroup2");
+    }
 }

@@ -148,3 +148,99 @@ pub fn exec_args(layout: &JailLayout, config: &JailConfig, times: &StartTimes) -
     args.extend(config.vmm_args.iter().cloned());
     args
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jailer::args::ResourceLimits;
+    use crate::jailer::cgroup::CgroupVersion;
+
+    fn config() -> JailConfig {
+        JailConfig {
+            id: "vm-1".into(),
+            exec_file: "/usr/bin/ember".into(),
+            exec_name: "ember".into(),
+            uid: 123,
+            gid: 456,
+            chroot_base_dir: "/srv/jailer".into(),
+            netns: None,
+            daemonize: false,
+            new_pid_ns: false,
+            cgroup_version: CgroupVersion::V1,
+            cgroups: Vec::new(),
+            parent_cgroup: "ember".into(),
+            resource_limits: ResourceLimits::default(),
+            keep_fds: Vec::new(),
+            vmm_args: vec!["--api-sock".into(), "/run/api.sock".into()],
+        }
+    }
+
+    #[test]
+    fn the_jail_lives_under_base_exec_name_and_id() {
+        let layout = JailLayout::plan(&config(), None);
+        assert_eq!(layout.jail_dir, Path::new("/srv/jailer/ember/vm-1"));
+        assert_eq!(layout.root_dir, Path::new("/srv/jailer/ember/vm-1/root"));
+        assert_eq!(
+            layout.exec_in_root,
+            Path::new("/srv/jailer/ember/vm-1/root/ember")
+        );
+        assert_eq!(layout.exec_in_jail, Path::new("/ember"));
+        assert_eq!(layout.pid_file_in_jail, Path::new("/ember.pid"));
+    }
+
+    #[test]
+    fn the_jail_has_its_directories_owned_by_the_jail_user() {
+        let layout = JailLayout::plan(&config(), None);
+        let dirs: Vec<_> = layout.dirs.iter().map(|d| d.path).collect();
+        assert_eq!(dirs, ["/", "/dev", "/dev/net", "/run"]);
+        assert_eq!((layout.uid, layout.gid), (123, 456));
+        assert_eq!(DIR_MODE, 0o700);
+    }
+
+    #[test]
+    fn the_jail_has_kvm_tun_and_urandom_and_userfaultfd_when_the_host_does() {
+        let layout = JailLayout::plan(&config(), None);
+        assert_eq!(layout.devices, [DEV_KVM, DEV_NET_TUN, DEV_URANDOM]);
+        assert_eq!((DEV_KVM.major, DEV_KVM.minor), (10, 232));
+        assert_eq!((DEV_NET_TUN.major, DEV_NET_TUN.minor), (10, 200));
+        assert_eq!((DEV_URANDOM.major, DEV_URANDOM.minor), (1, 9));
+        assert_eq!(DEVICE_MODE, 0o600);
+        let layout = JailLayout::plan(&config(), Some((10, 126)));
+        assert_eq!(
+            layout.devices.last(),
+            Some(&DeviceNode {
+                path: "/dev/userfaultfd",
+                major: 10,
+                minor: 126
+            })
+        );
+    }
+
+    #[test]
+    fn the_vmm_gets_its_id_the_start_times_and_the_arguments_after_the_double_dash() {
+        let config = config();
+        let layout = JailLayout::plan(&config, None);
+        let times = StartTimes {
+            start_time_us: 1,
+            start_time_cpu_us: 2,
+            parent_cpu_time_us: 3,
+        };
+        let args = exec_args(&layout, &config, &times);
+        assert_eq!(
+            args,
+            [
+                "/ember",
+                "--id",
+                "vm-1",
+                "--start-time-us",
+                "1",
+                "--start-time-cpu-us",
+                "2",
+                "--parent-cpu-time-us",
+                "3",
+                "--api-sock",
+                "/run/api.sock"
+            ]
+        );
+    }
+}

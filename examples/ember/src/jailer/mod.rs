@@ -294,8 +294,7 @@ fn lock_jail(layout: &JailLayout) -> Result<OwnedFd> {
     // SAFETY: `fd` was just opened and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: flock on an open descriptor touches no memory.
-    if let Err(err) = check(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) })
-    {
+    if let Err(err) = check(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
         return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
             Error::JailInUse(layout.jail_dir.clone())
         } else {
