@@ -496,9 +496,17 @@ fn check_full_jail(jailed: &Jailed, holder_ns: &str, kept: RawFd) -> TestResult 
     );
     let lock_fd = fds[3..].iter().find(|fd| **fd != kept).unwrap();
     let fdinfo = fs::read_to_string(jailed.proc(&format!("fdinfo/{lock_fd}"))).unwrap();
+    let flags = fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:\t"))
+        .and_then(|f| i32::from_str_radix(f, 8).ok());
     check!(
-        fdinfo.contains("flags:\t0100000") || fdinfo.contains("flags:\t0000000"),
+        flags.is_some_and(|f| f & libc::O_ACCMODE == libc::O_RDONLY),
         "lock fd not read-only: {fdinfo}"
+    );
+    check!(
+        fdinfo.contains("FLOCK"),
+        "no flock on the lock fd: {fdinfo}"
     );
     // An empty environment and the VMM's command line.
     check!(
@@ -640,6 +648,44 @@ fn the_same_id_is_refused_while_in_use_and_a_stale_jail_does_not_block() -> Test
     let mut after = jailer(&base, "vm-a", &[], "exit");
     let status = after.status().unwrap();
     check!(status.success(), "after a failed run: {status}");
+    Ok(())
+}
+
+fn a_link_left_in_the_exec_files_place_is_not_followed() -> TestResult {
+    let base = Base::new("links");
+    let id = "links-1";
+    let root = root_dir(&base, id);
+    fs::create_dir_all(&root).unwrap();
+    let host_file = base.path().join("host-secret");
+    fs::write(&host_file, "secret").unwrap();
+    let place = root.join(exe_name());
+    let expected = format!(
+        "Jailer error: {} is not a regular file with a single link; remove it and start the \
+         jailer again",
+        place.display()
+    );
+    std::os::unix::fs::symlink(&host_file, &place).unwrap();
+    let symlinked = jailer(&base, id, &[], "exit").output().unwrap();
+    fs::remove_file(&place).unwrap();
+    fs::hard_link(&host_file, &place).unwrap();
+    let hard_linked = jailer(&base, id, &[], "exit").output().unwrap();
+    for (what, out) in [("symlink", symlinked), ("hard link", hard_linked)] {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        check!(
+            out.status.code() == Some(1) && err.trim() == expected,
+            "{what}: {err}"
+        );
+    }
+    let content = fs::read_to_string(&host_file).unwrap();
+    check!(
+        content == "secret",
+        "the host file was written: {} bytes",
+        content.len()
+    );
+    // Once removed, as the message says, the jail starts.
+    fs::remove_file(&place).unwrap();
+    let status = jailer(&base, id, &[], "exit").status().unwrap();
+    check!(status.success(), "after removing the link: {status}");
     Ok(())
 }
 
@@ -795,7 +841,7 @@ fn main() -> ExitCode {
         return stand_in(&argv);
     }
     let filter: Vec<&String> = argv[1..].iter().filter(|a| !a.starts_with('-')).collect();
-    let tests: [Test; 5] = [
+    let tests: [Test; 6] = [
         (
             "bad_arguments_exit_1_with_firecrackers_messages",
             bad_arguments_exit_1_with_firecrackers_messages,
@@ -809,6 +855,11 @@ fn main() -> ExitCode {
         (
             "the_same_id_is_refused_while_in_use_and_a_stale_jail_does_not_block",
             the_same_id_is_refused_while_in_use_and_a_stale_jail_does_not_block,
+            true,
+        ),
+        (
+            "a_link_left_in_the_exec_files_place_is_not_followed",
+            a_link_left_in_the_exec_files_place_is_not_followed,
             true,
         ),
         (

@@ -49,7 +49,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 pub use args::JailConfig;
@@ -85,6 +85,12 @@ pub enum Error {
     /// The jail's lock could not be taken.
     #[error("Failed to lock {}", .0.display())]
     Lock(PathBuf, #[source] io::Error),
+    /// Something other than the jailer's copy is in the exec file's place in the jail.
+    #[error(
+        "{} is not a regular file with a single link; remove it and start the jailer again",
+        .0.display()
+    )]
+    NotPlainFile(PathBuf),
     /// The exec file could not be copied into the jail.
     #[error("Failed to copy {} to {}", .0.display(), .1.display())]
     Copy(PathBuf, PathBuf, #[source] io::Error),
@@ -286,11 +292,14 @@ fn lock_jail(layout: &JailLayout) -> Result<OwnedFd> {
     let fd = check(unsafe {
         libc::open(
             c_path.as_ptr(),
-            libc::O_RDONLY | libc::O_CREAT,
+            libc::O_RDONLY | libc::O_CREAT | libc::O_NOFOLLOW,
             layout::EXEC_MODE,
         )
     })
-    .map_err(|err| Error::FileOpen(path.clone(), err))?;
+    .map_err(|err| match err.raw_os_error() {
+        Some(libc::ELOOP) => Error::NotPlainFile(path.clone()),
+        _ => Error::FileOpen(path.clone(), err),
+    })?;
     // SAFETY: `fd` was just opened and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: flock on an open descriptor touches no memory.
@@ -304,17 +313,40 @@ fn lock_jail(layout: &JailLayout) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Whether `file` is a regular file with one link, and (when given) the same inode as `other`.
+fn plain_file(file: &File, other: Option<&File>) -> io::Result<bool> {
+    let meta = file.metadata()?;
+    let same = match other {
+        Some(other) => {
+            let other = other.metadata()?;
+            (meta.dev(), meta.ino()) == (other.dev(), other.ino())
+        }
+        None => true,
+    };
+    Ok(meta.is_file() && meta.nlink() == 1 && same)
+}
+
 /// Copies the exec file over its place in the jail, through a descriptor closed on return.
-fn copy_exec_file(config: &JailConfig, layout: &JailLayout) -> Result<()> {
+///
+/// The jail's directory belongs to the jail's uid, so a VMM that ran there before could have
+/// left a symbolic or hard link in the exec file's place: the locked descriptor was opened
+/// without following links, the copy's descriptor is checked to be the same one-link inode
+/// before it is truncated, and anything else is refused with the path to remove.
+fn copy_exec_file(config: &JailConfig, layout: &JailLayout, lock: &OwnedFd) -> Result<()> {
     let to = &layout.exec_in_root;
     let copy_err = |err| Error::Copy(config.exec_file.clone(), to.clone(), err);
+    let locked = File::from(lock.try_clone().map_err(copy_err)?);
     let mut source = File::open(&config.exec_file).map_err(copy_err)?;
-    let mut target = std::fs::OpenOptions::new()
+    let target = std::fs::OpenOptions::new()
         .write(true)
-        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(to)
         .map_err(copy_err)?;
-    io::copy(&mut source, &mut target).map_err(copy_err)?;
+    if !plain_file(&target, Some(&locked)).map_err(copy_err)? {
+        return Err(Error::NotPlainFile(to.clone()));
+    }
+    target.set_len(0).map_err(copy_err)?;
+    io::copy(&mut source, &mut &target).map_err(copy_err)?;
     target
         .set_permissions(std::fs::Permissions::from_mode(layout::EXEC_MODE))
         .map_err(|err| Error::Chmod(to.clone(), err))
@@ -388,7 +420,11 @@ fn pivot_into(root: &Path) -> Result<()> {
     })
     .map_err(Error::MountBind)?;
     std::env::set_current_dir(root).map_err(Error::ChdirNewRoot)?;
-    // A crashed run may have left the (empty) directory behind: reuse it.
+    // A crashed run may have left the (empty) directory behind: reuse it. Anything else there
+    // (the jail belongs to its uid) is removed first.
+    if std::fs::symlink_metadata("old_root").is_ok_and(|meta| !meta.is_dir()) {
+        std::fs::remove_file("old_root").map_err(Error::MkdirOldRoot)?;
+    }
     match std::fs::create_dir("old_root") {
         Err(err) if err.kind() != io::ErrorKind::AlreadyExists => {
             return Err(Error::MkdirOldRoot(err));
@@ -543,8 +579,8 @@ pub fn run(config: &JailConfig, start: StartTimes) -> Result<()> {
     std::fs::create_dir_all(&layout.root_dir)
         .map_err(|err| Error::CreateDir(layout.root_dir.clone(), err))?;
     // Held through exec: the VMM keeps the jail's ID in use for its whole life.
-    let _lock = lock_jail(&layout)?;
-    copy_exec_file(config, &layout)?;
+    let lock = lock_jail(&layout)?;
+    copy_exec_file(config, &layout, &lock)?;
     set_rlimits(&config.resource_limits)?;
 
     let mounts = if config.cgroups.is_empty() {
@@ -587,5 +623,7 @@ pub fn run(config: &JailConfig, start: StartTimes) -> Result<()> {
         }
     }
     drop_privileges(config.uid, config.gid)?;
-    Err(exec(&layout::exec_args(&layout, config, &times)))
+    let err = exec(&layout::exec_args(&layout, config, &times));
+    drop(lock);
+    Err(err)
 }
