@@ -841,6 +841,8 @@ fn main() -> ExitCode {
         return stand_in(&argv);
     }
     let filter: Vec<&String> = argv[1..].iter().filter(|a| !a.starts_with('-')).collect();
+    // None of these tests is ignored: `--ignored` runs none, as libtest would.
+    let ignored_only = argv.iter().any(|a| a == "--ignored");
     let tests: [Test; 6] = [
         (
             "bad_arguments_exit_1_with_firecrackers_messages",
@@ -876,17 +878,23 @@ fn main() -> ExitCode {
     // The VMM of --new-pid-ns is a grandchild: as a subreaper this process reaps it.
     // SAFETY: a process attribute; no memory is passed.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
-    let mut failed = 0;
+    let (mut passed, mut failed, mut skipped, mut filtered) = (0, 0, 0, 0);
     for (name, test, needs_root) in tests {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+        if ignored_only || (!filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())))
+        {
+            filtered += 1;
             continue;
         }
         if needs_root && !is_root() {
             println!("test {name} ... skipped: the jailer needs root");
+            skipped += 1;
             continue;
         }
         match test() {
-            Ok(()) => println!("test {name} ... ok"),
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok");
+            }
             Err(err) => {
                 failed += 1;
                 println!("test {name} ... FAILED: {err}");
@@ -905,11 +913,14 @@ fn main() -> ExitCode {
             setup.len()
         );
     }
+    let outcome = if failed > 0 { "FAILED" } else { "ok" };
+    println!(
+        "test result: {outcome}. {passed} passed; {failed} failed; {skipped} ignored; 0 measured; \
+         {filtered} filtered out"
+    );
     if failed > 0 {
-        println!("test result: FAILED. {failed} failed");
         ExitCode::FAILURE
     } else {
-        println!("test result: ok");
         ExitCode::SUCCESS
     }
 }
