@@ -14,7 +14,9 @@
 //! - [`vmm`]: builds the microVM and runs its event loop;
 //! - [`seccomp`]: the seccomp filter of each kind of thread, and the process's hardening;
 //! - [`terminal`]: the host terminal the serial console reads from;
-//! - [`signals`]: SIGTERM and SIGINT, which end the event loop cleanly.
+//! - [`signals`]: SIGTERM and SIGINT, which end the event loop cleanly;
+//! - [`jailer`]: the `ember-jailer` binary's jail (chroot, namespaces, cgroup, uid), which
+//!   execs the VMM.
 //!
 //! # Example
 //!
@@ -35,6 +37,7 @@
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod jailer;
 pub mod logger;
 pub mod metrics;
 pub mod resources;
