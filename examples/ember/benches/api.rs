@@ -4,7 +4,10 @@
 //! - **Start to API**: from spawning `ember --api-sock` to its socket accepting a connection,
 //!   measured from outside (the client connects in a loop), and the CPU time the process had
 //!   used by then (its `process_startup_time_cpu_us` metric). Median of `EMBER_BENCH_RUNS`
-//!   (default 20) runs.
+//!   (default 20) runs. As root, the same for `ember-jailer` starting `ember` in a jail (uid
+//!   123, a chroot in a scratch directory, the API at the jail's `/run/firecracker.socket`),
+//!   run by run in turn with the plain start, and the ratio of the medians; the CPU time then
+//!   includes the jailer's.
 //! - **Request latency**: `GET /machine-config` and `PATCH /vm` (pausing and resuming a
 //!   running guest in turn), each sent `EMBER_BENCH_REQUESTS` (default 1000) times on one
 //!   keep-alive connection after 50 that are not counted, from the request's first byte to the
@@ -22,6 +25,7 @@ use std::time::{Duration, Instant};
 use ember_boot::test_utils::tiny_elf;
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
+const JAILER: &str = env!("CARGO_BIN_EXE_ember-jailer");
 
 /// `in al, 0x64; test al, 1; jz .-4`, then a reset through the i8042: a guest that runs (and
 /// exits to the VMM) until it gets a key.
@@ -49,9 +53,35 @@ impl Drop for Ember {
 
 fn spawn(socket: &Path) -> Ember {
     let _ = fs::remove_file(socket);
-    let child = Command::new(EMBER)
-        .arg("--api-sock")
-        .arg(socket)
+    let mut command = Command::new(EMBER);
+    command.arg("--api-sock").arg(socket);
+    start_ember(command)
+}
+
+/// `ember-jailer` starting ember in the jail `bench` under `base`, with its API at the jail's
+/// default socket, which this returns.
+fn spawn_jailed(base: &Path) -> (Ember, PathBuf) {
+    let mut command = Command::new(JAILER);
+    command
+        .args([
+            "--id",
+            "bench",
+            "--exec-file",
+            EMBER,
+            "--uid",
+            "123",
+            "--gid",
+            "100",
+        ])
+        .arg("--chroot-base-dir")
+        .arg(base)
+        .arg("--");
+    let socket = base.join("ember/bench/root/run/firecracker.socket");
+    (start_ember(command), socket)
+}
+
+fn start_ember(mut command: Command) -> Ember {
+    let child = command
         .args(["--serial", "none", "--log-level", "warn"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -119,35 +149,77 @@ fn prometheus_value(text: &str, name: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-fn start_to_api(dir: &Path, runs: usize) {
-    let socket = dir.join("start.sock");
-    let mut walls = Vec::with_capacity(runs);
-    let mut cpus = Vec::with_capacity(runs);
-    for _ in 0..runs {
+/// One way of starting ember, measured: start to socket accepting, and CPU time by then.
+#[derive(Default)]
+struct StartTimes {
+    walls: Vec<Duration>,
+    cpus: Vec<Duration>,
+}
+
+impl StartTimes {
+    /// Measures one start: `spawn` starts ember and says where its socket will be.
+    fn measure(&mut self, spawn: impl FnOnce() -> (Ember, PathBuf)) {
         let started = Instant::now();
-        let ember = spawn(&socket);
+        let (ember, socket) = spawn();
         let mut stream = connect_when_ready(&socket, started + Duration::from_secs(10));
-        walls.push(started.elapsed());
+        self.walls.push(started.elapsed());
         let mut text = String::new();
         stream
             .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             .expect("request sent");
         stream.read_to_string(&mut text).expect("metrics read");
         if let Some(cpu) = prometheus_value(&text, "ember_api_server_process_startup_time_cpu_us") {
-            cpus.push(Duration::from_micros(cpu));
+            self.cpus.push(Duration::from_micros(cpu));
         }
         drop(ember);
     }
-    walls.sort();
-    cpus.sort();
-    println!(
-        "start to API socket accepting: median {:.2} ms wall (min {:.2}, max {:.2}), \
-         median {:.2} ms CPU, {runs} runs",
-        percentile(&walls, 50).as_secs_f64() * 1e3,
-        walls.first().copied().unwrap_or_default().as_secs_f64() * 1e3,
-        walls.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
-        percentile(&cpus, 50).as_secs_f64() * 1e3,
-    );
+
+    /// Prints the medians; returns the median wall time.
+    fn report(&mut self, label: &str) -> Duration {
+        self.walls.sort();
+        self.cpus.sort();
+        let median = percentile(&self.walls, 50);
+        println!(
+            "{label} to API socket accepting: median {:.2} ms wall (min {:.2}, max {:.2}), \
+             median {:.2} ms CPU, {} runs",
+            median.as_secs_f64() * 1e3,
+            self.walls
+                .first()
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3,
+            self.walls.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+            percentile(&self.cpus, 50).as_secs_f64() * 1e3,
+            self.walls.len(),
+        );
+        median
+    }
+}
+
+fn start_to_api(dir: &Path, runs: usize) {
+    let socket = dir.join("start.sock");
+    let jails = dir.join("jails");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let jailed = unsafe { libc::geteuid() } == 0;
+    let mut plain = StartTimes::default();
+    let mut jail = StartTimes::default();
+    for _ in 0..runs {
+        plain.measure(|| (spawn(&socket), socket.clone()));
+        if jailed {
+            jail.measure(|| spawn_jailed(&jails));
+        }
+    }
+    let plain = plain.report("start");
+    if jailed {
+        let jail = jail.report("jailed start (ember-jailer)");
+        println!(
+            "jailed / plain start to API: {:.2}",
+            jail.as_secs_f64() / plain.as_secs_f64().max(f64::EPSILON)
+        );
+    } else {
+        println!("jailed start to API: not measured (needs root)");
+    }
 }
 
 /// Requests sent before each series and not counted: the first ones of a connection pay for

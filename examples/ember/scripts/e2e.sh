@@ -3,7 +3,8 @@
 # inside the nested rig, or with any POSIX sh on a host with VMX/SVM.
 #
 # usage: e2e.sh EMBER GUEST_DIR
-#   EMBER      the ember binary
+#   EMBER      the ember binary (the jailer tests take ember-jailer from beside it,
+#              and off-initramfs.sh from beside this script)
 #   GUEST_DIR  the directory guest.sh built (vmlinux, bzImage, initramfs.cpio.gz)
 #
 # Prints `E2E START <boot>` before each boot, `E2E PASS <name>` or `E2E FAIL <name>`
@@ -273,7 +274,7 @@ api_start() {
 # api METHOD PATH [BODY]: one request; the HTTP status in $code, the body in
 # $work/api.out, and a line of both in $work/host.
 api() {
-    code=$(curl -s --unix-socket "$sock" -X "$1" "http://localhost$2" \
+    code=$(curl -s -m 60 --unix-socket "$sock" -X "$1" "http://localhost$2" \
         -H 'Accept: application/json' -H 'Content-Type: application/json' \
         ${3:+-d "$3"} -o "$work/api.out" -w '%{http_code}')
     echo "API $1 $2 $code $(cat "$work/api.out")" >>"$work/host"
@@ -309,7 +310,7 @@ else
         cp "$guest/rootfs.ext4" "$work/api-root.ext4"
         api_start getting_started
         {
-            curl --unix-socket "$sock" -i \
+            curl -m 60 --unix-socket "$sock" -i \
                 -X PUT 'http://localhost/boot-source' \
                 -H 'Accept: application/json' \
                 -H 'Content-Type: application/json' \
@@ -317,7 +318,7 @@ else
                       \"kernel_image_path\": \"$guest/vmlinux\",
                       \"boot_args\": \"console=ttyS0 reboot=k panic=1 pci=off\"
                  }"
-            curl --unix-socket "$sock" -i \
+            curl -m 60 --unix-socket "$sock" -i \
                 -X PUT 'http://localhost/drives/rootfs' \
                 -H 'Accept: application/json' \
                 -H 'Content-Type: application/json' \
@@ -327,14 +328,14 @@ else
                       \"is_root_device\": true,
                       \"is_read_only\": false
                  }"
-            curl --unix-socket "$sock" -i \
+            curl -m 60 --unix-socket "$sock" -i \
                 -X PUT 'http://localhost/actions' \
                 -H 'Accept: application/json' \
                 -H 'Content-Type: application/json' \
                 -d '{
                       "action_type": "InstanceStart"
                  }'
-            curl --unix-socket "$sock" -i -X GET 'http://localhost/machine-config' \
+            curl -m 60 --unix-socket "$sock" -i -X GET 'http://localhost/machine-config' \
                 -H 'Accept: application/json'
             echo
         } 2>&1 | tr -d '\r' | sed 's/^/CURL /' >>"$work/host"
@@ -611,7 +612,10 @@ fi
 # ids, cgroup, namespaces and descriptors, and a drive path that climbs out of
 # the jail.
 jailer=$(dirname "$ember")/ember-jailer
+# Where / is the initramfs (in the rig), the jailer runs from a tmpfs root.
+off_initramfs=$(dirname "$0")/off-initramfs.sh
 jails=$work/jails
+now() { cut -d' ' -f1 /proc/uptime; }
 juid=123
 jgid=100
 jtap=ember-jail0
@@ -628,7 +632,7 @@ jail_start() {
     shift 2
     jroot=$jails/ember/$id/root
     sock=$jroot/run/firecracker.socket
-    "$jailer" --id "$id" --exec-file "$ember" --uid "$juid" --gid "$jgid" \
+    sh "$off_initramfs" "$jailer" --id "$id" --exec-file "$ember" --uid "$juid" --gid "$jgid" \
         --chroot-base-dir "$jails" --cgroup-version 2 --cgroup memory.max=268435456 \
         --cgroup pids.max=64 --netns "/proc/$netns_pid/ns/net" -- "$@" \
         >"$jout" 2>>"$work/err" </dev/null &
@@ -675,8 +679,8 @@ jail_check() {
 
 if ! [ -x "$jailer" ]; then
     fail jail "no ember-jailer beside $ember"
-elif ! command -v curl >/dev/null || ! [ -c /dev/net/tun ]; then
-    fail jail "needs curl and /dev/net/tun"
+elif ! command -v curl >/dev/null || ! [ -c /dev/net/tun ] || ! ip -V 2>&1 | grep -q iproute2; then
+    fail jail "needs curl, /dev/net/tun and iproute2's ip (for a TAP with an owner)"
 else
     grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup
     # A network namespace, held open by a sleeping process, with a TAP owned by
@@ -686,7 +690,7 @@ else
     sleep 0.2
     inns() { nsenter -t "$netns_pid" -n "$@"; }
     inns ip link set lo up
-    inns tunctl -t "$jtap" -u "$juid" >/dev/null
+    inns ip tuntap add dev "$jtap" mode tap user "$juid"
     inns ip addr add "$jhost_ip/24" dev "$jtap"
     inns ip link set "$jtap" up
     script_disk "$work/jail.disk" <<SCRIPT
@@ -720,8 +724,8 @@ SCRIPT
         api PUT /drives/escape '{"drive_id": "escape", "path_on_host": "../../../../etc/shadow", "is_root_device": false, "is_read_only": true}'
         [ "$code" = 400 ] && echo "ESCAPE-REFUSED" >>"$work/host"
         # The same ID again, while this one runs, is refused.
-        "$jailer" --id e2e-jail-1 --exec-file "$ember" --uid "$juid" --gid "$jgid" \
-            --chroot-base-dir "$jails" >"$work/again.out" 2>&1 </dev/null
+        sh "$off_initramfs" "$jailer" --id e2e-jail-1 --exec-file "$ember" --uid "$juid" \
+            --gid "$jgid" --chroot-base-dir "$jails" >"$work/again.out" 2>&1 </dev/null
         echo "SAME-ID status $? $(head -c 300 "$work/again.out")" >>"$work/host"
         # Firecracker's getting-started requests, with paths inside the jail.
         api PUT /boot-source "{\"kernel_image_path\": \"/vmlinux\", \"boot_args\": \"$base ember.run=/dev/vdb\"}"
@@ -759,7 +763,7 @@ SCRIPT
         'API PUT /actions 204' '^EMBER-GUEST-UP' '^PING host ok' '^PING guest ok$' \
         '^EMBER-CTRL-ALT-DEL$'
     expect two_jails_run_at_once_and_the_same_id_twice_is_refused 0 \
-        '^SAME-ID status 1 .*e2e-jail-1' 'SECOND-JAIL-SERVES' '^SECOND-JAIL-STOPPED status 143$'
+        '^SAME-ID status 1 Jailer error: .*holds the jail .*e2e-jail-1' 'SECOND-JAIL-SERVES' '^SECOND-JAIL-STOPPED status 143$'
 
     # The jail the first run left is reused by a new start with its ID.
     fresh

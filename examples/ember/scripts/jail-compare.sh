@@ -22,6 +22,8 @@ ember=$1
 guest=$2
 runs=${3:-5}
 jailer=$(dirname "$ember")/ember-jailer
+# Where / is the initramfs (in the rig), the jailer runs from a tmpfs root.
+off_initramfs=$(dirname "$0")/off-initramfs.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"; rmdir /sys/fs/cgroup/ember/jail-compare /sys/fs/cgroup/ember 2>/dev/null' EXIT
 mkfifo "$work/console"
@@ -70,7 +72,7 @@ while [ "$i" -le "$runs" ]; do
         --cmdline "$cmdline")
     echo "JAIL-COMPARE run $i ember $t"
     [ "$t" = fail ] || ember_times="$ember_times $t"
-    t=$(time_boot jailed "$jailer" --id jail-compare --exec-file "$ember" --uid 123 --gid 100 \
+    t=$(time_boot jailed sh "$off_initramfs" "$jailer" --id jail-compare --exec-file "$ember" --uid 123 --gid 100 \
         --chroot-base-dir "$work/jails" --cgroup-version 2 --cgroup memory.max=268435456 \
         --cgroup pids.max=64 -- --kernel /vmlinux --initrd /initramfs.cpio.gz --cmdline "$cmdline")
     echo "JAIL-COMPARE run $i jailed $t"

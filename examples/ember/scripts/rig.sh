@@ -73,18 +73,6 @@ rig_init() {
 #!/bin/sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
-# Everything moves onto a tmpfs that becomes the root, as on a host booted from
-# a disk: pivot_root(2), which the jailer uses, refuses a root that is the
-# initramfs itself. /tmp is part of it, where added files may live.
-if ! [ -e /rig/moved ]; then
-    mkdir /newroot
-    mount -t tmpfs -o mode=0755 tmpfs /newroot
-    for entry in /*; do
-        [ "$entry" = /newroot ] || cp -a "$entry" /newroot/
-    done
-    : >/newroot/rig/moved
-    exec switch_root /newroot /init
-fi
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -93,6 +81,7 @@ mkdir -p /dev/pts /dev/shm /tmp /run /root
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
+# /tmp stays on the initramfs (itself a tmpfs), where added files may live.
 chmod 1777 /tmp
 
 fail() {

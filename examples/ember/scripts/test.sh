@@ -18,6 +18,7 @@ cargo test --locked --manifest-path fuzz/Cargo.toml
 echo "==> end-to-end tests with the Linux guest"
 cargo build --release --locked -p ember
 ember=$root/target/x86_64-unknown-linux-gnu/release/ember
+jailer=$root/target/x86_64-unknown-linux-gnu/release/ember-jailer
 guest=$("$scripts/guest.sh" | tail -n 1)
 if "$scripts/rig.sh" needed; then
     # A rig that hangs (124), dies without a status (125) or holds an ember that
@@ -29,8 +30,11 @@ if "$scripts/rig.sh" needed; then
     for attempt in 1 2; do
         echo "test.sh: running the end-to-end tests inside the nested rig"
         rc=0
-        "$scripts/rig.sh" run --timeout 600 --add "$ember:/usr/local/bin/ember" --add "$guest" \
-            --add "$(command -v curl):/usr/bin/curl" --add "$scripts/e2e.sh:/e2e.sh" \
+        "$scripts/rig.sh" run --timeout 900 --add "$ember:/usr/local/bin/ember" \
+            --add "$jailer:/usr/local/bin/ember-jailer" --add "$guest" \
+            --add "$(command -v curl):/usr/bin/curl" --add "$(command -v ip):/usr/local/sbin/ip" \
+            --add "$scripts/e2e.sh:/e2e.sh" \
+            --add "$scripts/off-initramfs.sh:/off-initramfs.sh" \
             -- echo never '>/sys/kernel/mm/transparent_hugepage/enabled;' \
             sh /e2e.sh /usr/local/bin/ember "$guest" || rc=$?
         case "$rc" in

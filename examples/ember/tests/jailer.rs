@@ -690,6 +690,15 @@ fn a_link_left_in_the_exec_files_place_is_not_followed() -> TestResult {
 }
 
 fn new_pid_ns_writes_the_pid_file_and_daemonize_detaches() -> TestResult {
+    // Started as a process group leader, as a shell with job control starts it, where setsid
+    // alone would fail, and as the child of a process group.
+    daemonize_in_a_new_pid_ns(true)?;
+    daemonize_in_a_new_pid_ns(false)
+}
+
+fn daemonize_in_a_new_pid_ns(group_leader: bool) -> TestResult {
+    use std::os::unix::process::CommandExt;
+
     let base = Base::new("pidns");
     let id = "pidns-1";
     let root = root_dir(&base, id);
@@ -697,9 +706,11 @@ fn new_pid_ns_writes_the_pid_file_and_daemonize_detaches() -> TestResult {
     fs::create_dir_all(&root).unwrap();
     let pid_file = root.join(format!("{}.pid", exe_name()));
     fs::write(&pid_file, "999999999").unwrap();
-    let status = jailer(&base, id, &["--new-pid-ns", "--daemonize"], "sleep")
-        .status()
-        .unwrap();
+    let mut jailer = jailer(&base, id, &["--new-pid-ns", "--daemonize"], "sleep");
+    if group_leader {
+        jailer.process_group(0);
+    }
+    let status = jailer.status().unwrap();
     check!(status.success(), "the jailer's parent exited with {status}");
     let pid: i32 = fs::read_to_string(&pid_file)
         .unwrap()

@@ -91,8 +91,8 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Why the API server did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// Something already exists at the socket path: Firecracker refuses it too, rather than
-    /// removing what may be another instance's socket.
+    /// Something other than a dead socket exists at the socket path: Firecracker refuses it
+    /// too, rather than removing what may be another instance's socket.
     #[error(
         "The API socket path {0} already exists: remove it, or give the path of a file that does not exist"
     )]
@@ -238,7 +238,8 @@ impl ApiServer {
     ///
     /// # Errors
     ///
-    /// [`ServerError::SocketPathExists`] when `path` exists, whatever it is; another
+    /// [`ServerError::SocketPathExists`] when `path` exists and is not a dead socket (see
+    /// [`remove_dead_socket`]); another
     /// [`ServerError`] when the socket, the epoll instance, an event fd or the thread cannot be
     /// set up.
     pub fn spawn(path: impl AsRef<Path>) -> Result<(ApiServer, ApiRequests)> {
@@ -258,7 +259,7 @@ impl ApiServer {
         hook: Option<ThreadHook>,
     ) -> Result<(ApiServer, ApiRequests)> {
         let socket_path = path.as_ref().to_path_buf();
-        if socket_path.symlink_metadata().is_ok() {
+        if socket_path.symlink_metadata().is_ok() && !remove_dead_socket(&socket_path) {
             return Err(ServerError::SocketPathExists(socket_path));
         }
         let listener = bind_private(&socket_path).map_err(|source| ServerError::Bind {
@@ -375,6 +376,27 @@ impl Drop for ApiServer {
 /// Creates a listening Unix socket at `path` whose file has mode [`SOCKET_MODE`], whatever the
 /// umask.
 ///
+/// Removes `path` when it is a socket that nobody listens on (a connection to it is refused),
+/// as an instance killed before it could remove its socket leaves it, so that a new instance
+/// (in a jail, with the same ID) can start; anything else is left alone. Returns whether it
+/// removed the path.
+fn remove_dead_socket(path: &Path) -> bool {
+    let is_socket = path
+        .symlink_metadata()
+        .is_ok_and(|meta| meta.file_type().is_socket());
+    let dead = is_socket
+        && std::os::unix::net::UnixStream::connect(path)
+            .is_err_and(|err| err.kind() == io::ErrorKind::ConnectionRefused);
+    if dead && std::fs::remove_file(path).is_ok() {
+        log::info!(
+            "Removed the dead API socket {} a stopped instance left",
+            path.display()
+        );
+        return true;
+    }
+    false
+}
+
 /// The file is created by `bind` with the umask applied and changed to [`SOCKET_MODE`] before
 /// `listen`: until `listen`, a `connect` to it is refused, so no client can connect while the
 /// mode is still the umask's. Setting the umask around `bind` instead would change it for the
@@ -1458,6 +1480,19 @@ mod tests {
             ApiServer::spawn(&fixture.path),
             Err(ServerError::SocketPathExists(_))
         ));
+    }
+
+    #[test]
+    fn a_dead_socket_left_at_the_path_is_replaced() {
+        let dir = TempDir::new_with_prefix("/tmp/ember-api-").unwrap();
+        let path = dir.as_path().join("dead.sock");
+        // Bound, then closed: the file stays and nobody listens.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let (mut server, _requests) = ApiServer::spawn(&path).unwrap();
+        let mut client = connect(&path);
+        client.write_all(b"GET /version HTTP/1.1\r\n\r\n").unwrap();
+        server.stop();
     }
 
     #[test]

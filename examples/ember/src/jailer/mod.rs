@@ -16,7 +16,8 @@
 //! 7. makes `/dev`, `/dev/net` and `/run` (mode 0700) and `/dev/kvm`, `/dev/net/tun`,
 //!    `/dev/urandom` (and `/dev/userfaultfd` where the host has one), character devices of mode
 //!    0600, all owned by the jail's uid and gid, as is `/`;
-//! 8. `--daemonize`: `setsid()` and stdio on `/dev/null`;
+//! 8. `--daemonize`: `setsid()` (after a fork when the jailer leads its process group, where
+//!    `setsid()` would fail) and stdio on `/dev/null`;
 //! 9. `--new-pid-ns`: clones itself into a new PID namespace; the parent writes the child's pid
 //!    to `/<exec name>.pid` in the jail and exits 0;
 //! 10. drops to the uid and gid (no supplementary groups; real, effective and saved ids all
@@ -478,14 +479,42 @@ fn populate(layout: &JailLayout) -> Result<()> {
     Ok(())
 }
 
-fn daemonize(dev_null: &File) -> Result<()> {
+/// Detaches into a session of its own with stdio on `/dev/null`.
+///
+/// A process group leader (as a shell with job control starts every command) cannot call
+/// `setsid`, which fails Firecracker's jailer there. This one then forks and the child goes on,
+/// while the parent waits on a pipe whose write end the child holds with close-on-exec: the
+/// parent exits 0 once the VMM has been exec'd (and, with `--new-pid-ns`, the pid file written),
+/// and 1 when the child writes a byte to it on failure. The child gets that write end back.
+fn daemonize(dev_null: &File) -> Result<Option<File>> {
+    let mut parent_pipe = None;
+    // SAFETY: getpid and getpgrp take no arguments and cannot fail.
+    if unsafe { libc::getpgrp() == libc::getpid() } {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }).map_err(Error::SetSid)?;
+        // SAFETY: pipe2 just opened both descriptors, owned here alone.
+        let (read_end, write_end) =
+            unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        // SAFETY: the jailer has a single thread, so no lock can be held by a thread the child
+        // lacks; the parent only reads the pipe and exits.
+        if check(unsafe { libc::fork() }).map_err(Error::SetSid)? != 0 {
+            drop(write_end);
+            let mut byte = [0u8; 1];
+            let failed = matches!(io::Read::read(&mut &read_end, &mut byte), Ok(1));
+            // SAFETY: _exit ends the process at once, leaving the jail to the child.
+            unsafe { libc::_exit(i32::from(failed)) };
+        }
+        drop(read_end);
+        parent_pipe = Some(write_end);
+    }
     // SAFETY: setsid takes no arguments.
     check(unsafe { libc::setsid() }).map_err(Error::SetSid)?;
     for fd in 0..=2 {
         // SAFETY: dup2 of an open descriptor onto a standard stream.
         check(unsafe { libc::dup2(dev_null.as_raw_fd(), fd) }).map_err(Error::Dup2)?;
     }
-    Ok(())
+    Ok(parent_pipe)
 }
 
 /// Clones the process into a new PID namespace, fork-like; returns the child's pid in the parent
@@ -611,19 +640,26 @@ pub fn run(config: &JailConfig, start: StartTimes) -> Result<()> {
 
     let mut times = start;
     times.parent_cpu_time_us = process_cpu_us().saturating_sub(start.start_time_cpu_us);
-    if let Some(dev_null) = dev_null {
-        daemonize(&dev_null)?;
-    }
-    if config.new_pid_ns {
-        let child = clone_new_pid_ns()?;
-        if child > 0 {
-            let pid_file = &layout.pid_file_in_jail;
-            return std::fs::write(pid_file, child.to_string())
-                .map_err(|err| Error::Write(pid_file.clone(), err));
+    let waiting_parent = match dev_null {
+        Some(dev_null) => daemonize(&dev_null)?,
+        None => None,
+    };
+    let result = (|| {
+        if config.new_pid_ns {
+            let child = clone_new_pid_ns()?;
+            if child > 0 {
+                let pid_file = &layout.pid_file_in_jail;
+                return std::fs::write(pid_file, child.to_string())
+                    .map_err(|err| Error::Write(pid_file.clone(), err));
+            }
         }
+        drop_privileges(config.uid, config.gid)?;
+        Err(exec(&layout::exec_args(&layout, config, &times)))
+    })();
+    if let (Err(_), Some(pipe)) = (&result, waiting_parent) {
+        // The parent that daemonize left waiting exits 1; its stderr is still the caller's.
+        let _ = io::Write::write_all(&mut &pipe, b"1");
     }
-    drop_privileges(config.uid, config.gid)?;
-    let err = exec(&layout::exec_args(&layout, config, &times));
     drop(lock);
-    Err(err)
+    result
 }
