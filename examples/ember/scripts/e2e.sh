@@ -653,7 +653,7 @@ jail_check() {
     echo "LS-ROOT $(ls "/proc/$vm/root" | tr '\n' ' ')" >>"$work/host"
     grep -E '^(Uid|Gid|Groups):' "/proc/$vm/status" | tr '\t' ' ' | sed 's/^/STATUS /' >>"$work/host"
     echo "CGROUP $(cat "/proc/$vm/cgroup")" >>"$work/host"
-    cg=/sys/fs/cgroup/ember/$id
+    cg=$cg2/ember/$id
     echo "LIMITS memory.max=$(cat "$cg/memory.max") pids.max=$(cat "$cg/pids.max")" >>"$work/host"
     [ "$(readlink "/proc/$vm/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ] &&
         echo "OWN-MOUNT-NS" >>"$work/host"
@@ -677,12 +677,26 @@ jail_check() {
     [ -n "$outside" ] && echo "FDS-OUTSIDE$outside" >>"$work/host"
 }
 
+# iproute2's ip (busybox's has no tuntap), by path: busybox sh runs its own
+# applet for a bare `ip`.
+iproute2=
+for candidate in /usr/local/sbin/ip /usr/sbin/ip /sbin/ip /usr/bin/ip /bin/ip; do
+    if [ -z "$iproute2" ] && "$candidate" -V 2>/dev/null | grep -q iproute2; then
+        iproute2=$candidate
+    fi
+done
 if ! [ -x "$jailer" ]; then
     fail jail "no ember-jailer beside $ember"
-elif ! command -v curl >/dev/null || ! [ -c /dev/net/tun ] || ! ip -V 2>&1 | grep -q iproute2; then
+elif ! command -v curl >/dev/null || ! [ -c /dev/net/tun ] || [ -z "$iproute2" ]; then
     fail jail "needs curl, /dev/net/tun and iproute2's ip (for a TAP with an owner)"
 else
-    grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup
+    # The cgroup v2 hierarchy: where it is mounted, else mounted here (the rig
+    # has none).
+    cg2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+    if [ -z "$cg2" ]; then
+        cg2=/sys/fs/cgroup
+        mount -t cgroup2 none "$cg2"
+    fi
     # A network namespace, held open by a sleeping process, with a TAP owned by
     # the jail's uid.
     unshare -n sleep 100000 &
@@ -690,7 +704,7 @@ else
     sleep 0.2
     inns() { nsenter -t "$netns_pid" -n "$@"; }
     inns ip link set lo up
-    inns ip tuntap add dev "$jtap" mode tap user "$juid"
+    inns "$iproute2" tuntap add dev "$jtap" mode tap user "$juid"
     inns ip addr add "$jhost_ip/24" dev "$jtap"
     inns ip link set "$jtap" up
     script_disk "$work/jail.disk" <<SCRIPT
@@ -775,8 +789,8 @@ SCRIPT
     expect a_jail_left_by_a_finished_run_does_not_block_its_id 143 'API GET / 200'
 
     kill "$netns_pid" 2>/dev/null
-    for id in e2e-jail-1 e2e-jail-2; do rmdir "/sys/fs/cgroup/ember/$id" 2>/dev/null; done
-    rmdir /sys/fs/cgroup/ember 2>/dev/null
+    for id in e2e-jail-1 e2e-jail-2; do rmdir "$cg2/ember/$id" 2>/dev/null; done
+    rmdir "$cg2/ember" 2>/dev/null
 fi
 
 echo "$passed passed, $failed failed"

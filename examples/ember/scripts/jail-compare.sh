@@ -25,13 +25,17 @@ jailer=$(dirname "$ember")/ember-jailer
 # Where / is the initramfs (in the rig), the jailer runs from a tmpfs root.
 off_initramfs=$(dirname "$0")/off-initramfs.sh
 work=$(mktemp -d)
-trap 'rm -rf "$work"; rmdir /sys/fs/cgroup/ember/jail-compare /sys/fs/cgroup/ember 2>/dev/null' EXIT
+cg2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+if [ -z "$cg2" ]; then
+    cg2=/sys/fs/cgroup
+    mount -t cgroup2 none "$cg2"
+fi
+trap 'rm -rf "$work"; rmdir "$cg2/ember/jail-compare" "$cg2/ember" 2>/dev/null' EXIT
 mkfifo "$work/console"
 cmdline="console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd ember.action=reboot"
 jroot=$work/jails/ember/jail-compare/root
 mkdir -p "$jroot"
 ln "$guest/vmlinux" "$guest/initramfs.cpio.gz" "$jroot/"
-grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup
 
 now() { cut -d' ' -f1 /proc/uptime; }
 

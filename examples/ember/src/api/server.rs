@@ -238,8 +238,8 @@ impl ApiServer {
     ///
     /// # Errors
     ///
-    /// [`ServerError::SocketPathExists`] when `path` exists and is not a dead socket (see
-    /// [`remove_dead_socket`]); another
+    /// [`ServerError::SocketPathExists`] when `path` exists and is not a dead socket (one that
+    /// refuses connections, as a killed instance leaves it, which is replaced); another
     /// [`ServerError`] when the socket, the epoll instance, an event fd or the thread cannot be
     /// set up.
     pub fn spawn(path: impl AsRef<Path>) -> Result<(ApiServer, ApiRequests)> {
