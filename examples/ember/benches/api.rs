@@ -200,6 +200,7 @@ impl StartTimes {
 fn start_to_api(dir: &Path, runs: usize) {
     let socket = dir.join("start.sock");
     let jails = dir.join("jails");
+    fs::create_dir_all(&jails).expect("cannot create the jails' directory");
     // SAFETY: geteuid has no preconditions and cannot fail.
     let jailed = unsafe { libc::geteuid() } == 0;
     let mut plain = StartTimes::default();
