@@ -189,7 +189,13 @@ fn disk_image() -> &'static std::path::Path {
         let name = std::env::temp_dir().join(format!("ember-fuzz-disk-{}", std::process::id()));
         let len = usize::try_from(DISK_SECTORS * 512).expect("64 KiB fit");
         std::fs::write(&name, vec![0x5a; len]).expect("cannot write the disk image");
-        let file = std::fs::File::open(&name).expect("cannot open the disk image");
+        // Read-write: the drive at `/proc/self/fd/N` is this very descriptor, and a drive that
+        // is not read-only needs one open for writing.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&name)
+            .expect("cannot open the disk image");
         std::fs::remove_file(&name).expect("cannot unlink the disk image");
         let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         (file, path)
