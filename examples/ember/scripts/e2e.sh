@@ -262,7 +262,13 @@ api_start() {
     rm -f "$sock"
     "$ember" --api-sock "$sock" --serial "file:$work/out" "$@" \
         >"$work/stdout" 2>"$work/err" </dev/null &
-    vm=$!
+    socket_wait $!
+}
+
+# socket_wait PID: ember PID, started in the background, is $vm; waits (up to
+# 10 s) for its API socket at $sock.
+socket_wait() {
+    vm=$1
     echo "E2E PID $vm"
     n=0
     until [ -S "$sock" ] || ! alive "$vm" || [ $n -ge 100 ]; do
@@ -636,13 +642,7 @@ jail_start() {
         --chroot-base-dir "$jails" --cgroup-version 2 --cgroup memory.max=268435456 \
         --cgroup pids.max=64 --netns "/proc/$netns_pid/ns/net" -- "$@" \
         >"$jout" 2>>"$work/err" </dev/null &
-    vm=$!
-    echo "E2E PID $vm"
-    n=0
-    until [ -S "$sock" ] || ! alive "$vm" || [ $n -ge 100 ]; do
-        sleep 0.1
-        n=$((n + 1))
-    done
+    socket_wait $!
 }
 
 # jail_check: what this side sees of the jailed ember $vm, as lines in $work/host.

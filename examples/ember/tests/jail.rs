@@ -22,6 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ember_boot::test_utils::tiny_elf;
+use ember_vmm::jailer::monotonic_us;
 use serde_json::{Value, json};
 
 /// The jail's user and group: numbers no account on the host is likely to have.
@@ -270,18 +271,6 @@ fn prometheus_value(text: &str, suffix: &str) -> u64 {
             name.ends_with(suffix).then(|| value.parse().unwrap())
         })
         .unwrap_or_else(|| panic!("no {suffix} in {text}"))
-}
-
-/// The host's monotonic clock in microseconds, as Firecracker's jailer passes it.
-fn monotonic_us() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable `timespec` that outlives the call.
-    let ret = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(ret, 0);
-    u64::try_from(ts.tv_sec).unwrap() * 1_000_000 + u64::try_from(ts.tv_nsec).unwrap() / 1000
 }
 
 fn chown(path: &Path) {

@@ -16,6 +16,8 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use ember_vmm::jailer::monotonic_us;
+
 const JAILER: &str = env!("CARGO_BIN_EXE_ember-jailer");
 const UID: u32 = 12345;
 const GID: u32 = 12346;
@@ -24,17 +26,6 @@ const PARENT_CGROUP: &str = "ember-jailer-test";
 
 /// The set-up times the jailed stand-ins reported, in microseconds.
 static SETUP_US: Mutex<Vec<u64>> = Mutex::new(Vec::new());
-
-fn monotonic_us() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec the call writes.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000
-        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000
-}
 
 /// The jailed VMM's stand-in: `argv` is what the jailer execs.
 fn stand_in(argv: &[String]) -> ExitCode {

@@ -152,6 +152,9 @@ pub enum Error {
     /// `setsid` failed.
     #[error("Failed to daemonize: setsid")]
     SetSid(#[source] io::Error),
+    /// The fork (and its pipe) that lets a process group leader call `setsid` failed.
+    #[error("Failed to daemonize: fork")]
+    Fork(#[source] io::Error),
     /// `dup2` onto a standard stream failed.
     #[error("Failed to duplicate fd")]
     Dup2(#[source] io::Error),
@@ -178,27 +181,19 @@ pub enum Error {
 /// The result of a jailer step.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Reads a clock, in microseconds.
-fn clock_us(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec the call writes; the clocks used here always exist.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
-    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
-    secs.saturating_mul(1_000_000).saturating_add(nanos / 1_000)
+/// A clock reading in microseconds; 0 when it cannot be read (Linux does not fail these).
+fn micros(time: io::Result<std::time::Duration>) -> u64 {
+    time.map_or(0, |t| u64::try_from(t.as_micros()).unwrap_or(u64::MAX))
 }
 
-/// `CLOCK_MONOTONIC`, in microseconds.
+/// `CLOCK_MONOTONIC`, in microseconds: Firecracker's `--start-time-us`.
 pub fn monotonic_us() -> u64 {
-    clock_us(libc::CLOCK_MONOTONIC)
+    micros(ember_legacy::boot_timer::monotonic_time())
 }
 
 /// The process's CPU time, in microseconds.
 pub fn process_cpu_us() -> u64 {
-    clock_us(libc::CLOCK_PROCESS_CPUTIME_ID)
+    micros(ember_legacy::boot_timer::process_cpu_time())
 }
 
 impl StartTimes {
@@ -492,13 +487,14 @@ fn daemonize(dev_null: &File) -> Result<Option<File>> {
     if unsafe { libc::getpgrp() == libc::getpid() } {
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-        check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }).map_err(Error::SetSid)?;
-        // SAFETY: pipe2 just opened both descriptors, owned here alone.
-        let (read_end, write_end) =
-            unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }).map_err(Error::Fork)?;
+        // SAFETY: pipe2 just opened this descriptor, owned here alone.
+        let read_end = unsafe { File::from_raw_fd(fds[0]) };
+        // SAFETY: as above.
+        let write_end = unsafe { File::from_raw_fd(fds[1]) };
         // SAFETY: the jailer has a single thread, so no lock can be held by a thread the child
         // lacks; the parent only reads the pipe and exits.
-        if check(unsafe { libc::fork() }).map_err(Error::SetSid)? != 0 {
+        if check(unsafe { libc::fork() }).map_err(Error::Fork)? != 0 {
             drop(write_end);
             let mut byte = [0u8; 1];
             let failed = matches!(io::Read::read(&mut &read_end, &mut byte), Ok(1));
