@@ -9,8 +9,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ember_virtio::Queue;
-use ember_virtio::mock::{MockBuffer, MockDriver, guest_memory};
+use ember_virtqueue::Queue;
+use ember_virtqueue::mock::{MockBuffer, MockDriver, guest_memory};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 const QUEUE_SIZE: u16 = 256;
