@@ -17,6 +17,8 @@ use ember_virtio::block;
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
+use crate::controller::error_chain;
+
 /// The longest resource ID (`drive_id`, `iface_id`) accepted.
 pub const MAX_ID_LEN: usize = 64;
 
@@ -179,7 +181,7 @@ pub fn check_drive_file(path: &str, read_only: bool) -> Result<()> {
     }
     if let Some(fd) = inherited_fd(path)? {
         return block::check_inherited_fd(fd, read_only)
-            .map_err(|err| ModelError::DriveFd(error_text(&err)));
+            .map_err(|err| ModelError::DriveFd(error_chain(&err)));
     }
     let Ok(metadata) = std::fs::metadata(path) else {
         return Ok(());
@@ -227,19 +229,7 @@ pub fn check_drive_file_exists(path: &str) -> Result<()> {
 /// The descriptor `path` names when it is `/proc/self/fd/N`.
 fn inherited_fd(path: &str) -> Result<Option<std::os::fd::RawFd>> {
     block::inherited_fd(std::path::Path::new(path))
-        .map_err(|err| ModelError::DriveFd(error_text(&err)))
-}
-
-/// An error and its sources, as one line.
-fn error_text(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+        .map_err(|err| ModelError::DriveFd(error_chain(&err)))
 }
 
 /// Checks that a path field, when given, is not empty.
