@@ -17,6 +17,8 @@
 //!
 //! Accesses of one or two bytes inside a register work; others read as zero and are ignored.
 
+use std::io;
+
 use ember_bus::BusDeviceMut;
 use vm_superio::Trigger;
 
@@ -38,19 +40,20 @@ const SLP_TYP_MASK: u16 = 0x7 << SLP_TYP_SHIFT;
 /// PM1 control: sleep enable (write-only).
 const SLP_EN: u16 = 1 << 13;
 
-/// The PM1a event and control registers of an ACPI machine whose only sleep state is soft-off.
+/// The PM1a event and control registers of an ACPI machine whose only sleep state is soft-off,
+/// with the power-off request on a vm-superio [`Trigger`] ([`EventFdTrigger`] by default).
 #[derive(Debug)]
-pub struct AcpiPmDevice {
-    power_off: EventFdTrigger,
+pub struct AcpiPmDevice<T: Trigger<E = io::Error> = EventFdTrigger> {
+    power_off: T,
     soft_off_type: u16,
     enable: u16,
     control: u16,
 }
 
-impl AcpiPmDevice {
+impl<T: Trigger<E = io::Error>> AcpiPmDevice<T> {
     /// A device that fires `power_off` when the guest enters the sleep state of type
     /// `soft_off_type`: the value the machine's DSDT gives in its `\_S5_` package.
-    pub fn new(power_off: EventFdTrigger, soft_off_type: u16) -> Self {
+    pub fn new(power_off: T, soft_off_type: u16) -> Self {
         AcpiPmDevice {
             power_off,
             soft_off_type,
@@ -79,7 +82,7 @@ impl AcpiPmDevice {
     }
 }
 
-impl BusDeviceMut for AcpiPmDevice {
+impl<T: Trigger<E = io::Error> + Send> BusDeviceMut for AcpiPmDevice<T> {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let Some((register, byte)) = Self::register(offset, data.len()) else {

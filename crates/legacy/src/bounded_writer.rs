@@ -62,6 +62,7 @@ const CHUNK: usize = 2048;
 
 /// How a [`BoundedWriter`] buffers and caps its output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Config {
     /// The most bytes waiting for the sink, those the thread is writing included.
     pub capacity: usize,
@@ -81,6 +82,7 @@ impl Default for Config {
 /// Counters of a [`BoundedWriter`]: every byte written to it is, once the buffer is empty,
 /// either written or dropped for one of three reasons.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BoundedWriterStats {
     /// Bytes the sink took.
     pub written: u64,

@@ -75,6 +75,7 @@ const UNHANDLED_READ: u8 = 0xff;
 
 /// Errors of the i8042 controller.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The guest has not read enough of the output buffer to make room for the key sequence.
     #[error("The i8042 output buffer has no room for the key sequence")]
@@ -87,13 +88,15 @@ pub enum Error {
 /// Result type of the i8042 controller.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// An i8042 controller on the port I/O bus at [`I8042_PORT`], length [`I8042_PORT_LEN`].
+/// An i8042 controller on the port I/O bus at [`I8042_PORT`], length [`I8042_PORT_LEN`], with
+/// its reset request and keyboard interrupt on vm-superio [`Trigger`]s: [`EventFdTrigger`]s by
+/// default, or whatever delivers them in the VMM that hosts it.
 #[derive(Debug)]
-pub struct I8042Device {
+pub struct I8042Device<T: Trigger<E = io::Error> = EventFdTrigger> {
     /// vm-superio's controller, which owns the reset line.
-    reset: vm_superio::I8042Device<EventFdTrigger>,
+    reset: vm_superio::I8042Device<T>,
     /// Keyboard interrupt line (IRQ 1).
-    kbd_interrupt: EventFdTrigger,
+    kbd_interrupt: T,
     /// Control register ("command byte").
     control: u8,
     /// Output port.
@@ -106,10 +109,10 @@ pub struct I8042Device {
     interrupt_errors: Counter,
 }
 
-impl I8042Device {
+impl<T: Trigger<E = io::Error>> I8042Device<T> {
     /// Creates a controller that fires `reset_evt` when the guest requests a CPU reset and
     /// `kbd_interrupt` to raise the keyboard interrupt line.
-    pub fn new(reset_evt: EventFdTrigger, kbd_interrupt: EventFdTrigger) -> Self {
+    pub fn new(reset_evt: T, kbd_interrupt: T) -> Self {
         I8042Device {
             reset: vm_superio::I8042Device::new(reset_evt),
             kbd_interrupt,
@@ -122,14 +125,15 @@ impl I8042Device {
         }
     }
 
-    /// The trigger fired when the guest requests a CPU reset; the VMM stops the VM when its
-    /// eventfd becomes readable.
-    pub fn reset_evt(&self) -> &EventFdTrigger {
+    /// The trigger fired when the guest requests a CPU reset; with an [`EventFdTrigger`], the
+    /// VMM stops the VM when its eventfd becomes readable.
+    pub fn reset_evt(&self) -> &T {
         self.reset.reset_evt()
     }
 
-    /// The keyboard interrupt's trigger, whose eventfd the VMM registers as the irqfd of line 1.
-    pub fn kbd_interrupt(&self) -> &EventFdTrigger {
+    /// The keyboard interrupt's trigger (for an [`EventFdTrigger`], the VMM registers its eventfd
+    /// as the irqfd of line 1).
+    pub fn kbd_interrupt(&self) -> &T {
         &self.kbd_interrupt
     }
 
@@ -231,7 +235,7 @@ impl I8042Device {
     }
 }
 
-impl BusDeviceMut for I8042Device {
+impl<T: Trigger<E = io::Error> + Send> BusDeviceMut for I8042Device<T> {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         let value = match (offset, data.len()) {
             (DATA_OFFSET, 1) => self.read_data(),

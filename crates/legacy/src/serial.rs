@@ -35,8 +35,8 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use ember_bus::BusDeviceMut;
-use vm_superio::Serial;
 use vm_superio::serial::{Error as SerialError, SerialEvents};
+use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::throttle::{Counter, worth_logging};
@@ -64,6 +64,7 @@ const UNHANDLED_READ: u8 = 0xff;
 
 /// Errors of the serial console.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The eventfd that tells the VMM the FIFO has room again could not be created.
     #[error("Cannot create the serial console's input-ready eventfd")]
@@ -172,6 +173,7 @@ pub struct FeedOutcome {
 
 /// Counters of the serial console's activity.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SerialStats {
     /// Bytes the guest transmitted that reached the output.
     pub bytes_out: u64,
@@ -212,30 +214,32 @@ impl SerialEvents for Events {
     fn in_buffer_empty(&self) {}
 }
 
-/// A 16550A UART on a bus, with its interrupt line on an [`EventFdTrigger`].
+/// A 16550A UART on a bus, with its interrupt line on a vm-superio [`Trigger`]: an
+/// [`EventFdTrigger`] by default, or whatever delivers interrupts in the VMM that hosts it.
 ///
-/// Register it at [`COM1_PORT`] with length [`SERIAL_PORT_LEN`] on the port I/O bus, and the
-/// trigger's eventfd as the irqfd of interrupt line 4 (`ember_memory::layout::SERIAL_IRQ`).
+/// Register it at [`COM1_PORT`] with length [`SERIAL_PORT_LEN`] on the port I/O bus, and, with
+/// an [`EventFdTrigger`], the trigger's eventfd as the irqfd of interrupt line 4
+/// (`ember_memory::layout::SERIAL_IRQ` in ember).
 ///
 /// Only one-byte accesses reach the UART's registers, as on the hardware's 8-bit ports: a read of
 /// another length, or at an offset past the eighth port, returns all ones (`0xff` in each byte)
 /// and a write of that kind is ignored. Neither has any other effect; both are counted in
 /// [`SerialStats::invalid_accesses`].
-pub struct SerialDevice<W: Write + Send> {
-    serial: Serial<EventFdTrigger, Events, W>,
+pub struct SerialDevice<W: Write + Send, T: Trigger<E = io::Error> = EventFdTrigger> {
+    serial: Serial<T, Events, W>,
     bytes_in: Counter,
     interrupt_errors: Counter,
     invalid_accesses: Counter,
 }
 
-impl<W: Write + Send> SerialDevice<W> {
+impl<W: Write + Send, T: Trigger<E = io::Error>> SerialDevice<W, T> {
     /// Creates a UART that signals its interrupt line through `interrupt` and writes what the
     /// guest transmits to `out`, flushing after every byte.
     ///
     /// # Errors
     ///
     /// [`Error::InputReadyEventFd`] when the input-ready eventfd cannot be created.
-    pub fn new(interrupt: EventFdTrigger, out: W) -> Result<Self> {
+    pub fn new(interrupt: T, out: W) -> Result<Self> {
         let events = Events {
             input_ready: EventFd::new(EFD_NONBLOCK).map_err(Error::InputReadyEventFd)?,
             input_blocked: Cell::new(false),
@@ -250,8 +254,9 @@ impl<W: Write + Send> SerialDevice<W> {
         })
     }
 
-    /// The interrupt line's trigger, whose eventfd the VMM registers as an irqfd.
-    pub fn interrupt(&self) -> &EventFdTrigger {
+    /// The interrupt line's trigger (for an [`EventFdTrigger`], the VMM registers its eventfd
+    /// as an irqfd).
+    pub fn interrupt(&self) -> &T {
         self.serial.interrupt_evt()
     }
 
@@ -423,7 +428,7 @@ impl<W: Write + Send> SerialDevice<W> {
     }
 }
 
-impl<W: Write + Send> BusDeviceMut for SerialDevice<W> {
+impl<W: Write + Send, T: Trigger<E = io::Error> + Send> BusDeviceMut for SerialDevice<W, T> {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         match (Self::register(offset, data.len()), data.first_mut()) {
             (Some(register), Some(byte)) => {
@@ -462,7 +467,7 @@ impl<W: Write + Send> BusDeviceMut for SerialDevice<W> {
     }
 }
 
-impl<W: Write + Send> fmt::Debug for SerialDevice<W> {
+impl<W: Write + Send, T: Trigger<E = io::Error>> fmt::Debug for SerialDevice<W, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SerialDevice")
             .field("fifo_capacity", &self.serial.fifo_capacity())

@@ -15,6 +15,7 @@ use crate::ram::PAGE_SIZE;
 
 /// Errors of MMIO range and interrupt line allocation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An MMIO range of zero bytes was requested.
     #[error("An MMIO range cannot be empty")]

@@ -22,6 +22,7 @@ const ALIGN_ATTEMPTS: usize = 4;
 
 /// Errors of guest memory sizing and creation.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The guest was given no memory.
     #[error("The guest memory size cannot be zero")]
@@ -77,6 +78,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// How guest RAM is backed on the host, beyond plain anonymous memory.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MemoryOptions {
     /// Let the kernel's samepage merging (KSM) deduplicate identical guest pages
     /// (`MADV_MERGEABLE`). Pages are only merged while `ksmd` runs

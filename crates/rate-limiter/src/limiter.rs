@@ -42,6 +42,7 @@ const MIN_TIMER_DELAY: Duration = Duration::from_nanos(1);
 
 /// Errors of the rate limiter.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The timerfd could not be created.
     #[error("Cannot create the rate limiter's timerfd")]

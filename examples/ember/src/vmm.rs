@@ -657,11 +657,10 @@ fn create_memory(resources: &VmResources) -> Result<Arc<GuestMemoryMmap>> {
         source,
     };
     let size = ember_memory::mem_size_from_mib(machine.mem_size_mib).map_err(memory_error)?;
-    let options = MemoryOptions {
-        ksm: resources.ksm,
-        hugepages: machine.huge_pages == model::HugePages::Transparent,
-        include_in_core_dumps: resources.dump_guest_memory,
-    };
+    let mut options = MemoryOptions::default();
+    options.ksm = resources.ksm;
+    options.hugepages = machine.huge_pages == model::HugePages::Transparent;
+    options.include_in_core_dumps = resources.dump_guest_memory;
     let memory = ember_memory::create_guest_memory(size, options).map_err(memory_error)?;
     Ok(Arc::new(memory))
 }
@@ -702,10 +701,8 @@ fn console_output(
         }
         SerialOutput::None => return Ok((Box::new(io::sink()), None)),
     };
-    let config = bounded_writer::Config {
-        capacity: bounded_writer::DEFAULT_CAPACITY,
-        max_bytes,
-    };
+    let mut config = bounded_writer::Config::default();
+    config.max_bytes = max_bytes;
     let hook = seccomp.map(|filters| filters.thread_hook(ThreadKind::Console));
     let (writer, thread) = BoundedWriter::spawn_with(CONSOLE_THREAD, out, config, move || {
         hook.map_or(Ok(()), |hook| hook())
