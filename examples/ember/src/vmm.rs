@@ -23,6 +23,7 @@ use ember_memory::layout::{
 };
 use ember_memory::{GuestMemoryMmap, MemoryOptions, ResourceAllocator};
 use ember_rate_limiter::{BucketConfig, BucketUpdate, RateLimiter};
+use ember_vcpu::bus::BusExitHandler;
 use ember_vcpu::{IoEventAddress, Kvm, Vcpu, VcpuHandle, Vm, VmExit, VmExitNotifier};
 use ember_virtio::block::{self, Block};
 use ember_virtio::mmio::{MMIO_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, cmdline_device};
@@ -948,11 +949,11 @@ fn start_vcpus(
     exit: &VmExitNotifier,
     seccomp: Option<&Arc<Filters>>,
 ) -> Result<Vec<VcpuHandle>> {
-    let pio = Arc::new(pio);
-    let mmio = Arc::new(mmio);
+    // One handler for all vCPUs: accesses that hit no device read zeros and are logged sparsely.
+    let handler = Arc::new(BusExitHandler::new(Arc::new(pio), Arc::new(mmio)));
     let mut handles = Vec::with_capacity(usize::from(count));
     for index in 0..count {
-        let vcpu = Vcpu::new(vm, index, count, pio.clone(), mmio.clone())
+        let vcpu = Vcpu::new(vm, index, count, handler.clone())
             .map_err(|source| Error::Vcpu { index, source })?;
         if index == 0 {
             vcpu.set_boot_state(boot_state)
