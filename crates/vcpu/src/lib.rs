@@ -10,7 +10,8 @@
 //! and the guest RIP) through a [`VmExitNotifier`].
 //!
 //! The VMM owns its devices: it implements [`ExitHandler`] over its own bus, or, with the `bus`
-//! feature, uses `bus::BusExitHandler` over ember's.
+//! feature, uses `bus::BusExitHandler` over ember's. The signal that kicks vCPU threads is
+//! `SIGRTMIN` unless chosen with [`set_kick_signal`].
 //!
 //! Boot-time register state comes from [`ember_boot::cpu::CpuState`], plain data that this crate
 //! loads into the vCPU with [`Vcpu::set_boot_state`].
@@ -100,6 +101,8 @@ pub mod vm;
 pub use exit::ExitHandler;
 pub use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch};
 pub use metrics::VcpuMetrics;
-pub use runner::{ThreadHook, VcpuHandle, VcpuState, VmExit, VmExitNotifier, kick_signal};
+pub use runner::{
+    ThreadHook, VcpuHandle, VcpuState, VmExit, VmExitNotifier, kick_signal, set_kick_signal,
+};
 pub use vcpu::{SystemEvent, Vcpu, VcpuEvent};
 pub use vm::Vm;

@@ -1119,6 +1119,7 @@ pub fn run(control: Control<'_>, boot: bool, start: ProcessStart) -> Result<Gues
                         Some(VmExit::Reset) => Ok(GuestExit::Reset),
                         Some(VmExit::Shutdown) => Ok(GuestExit::Shutdown),
                         Some(VmExit::Error(err)) => Err(Error::Guest(err)),
+                        Some(other) => Err(Error::Guest(other.to_string())),
                         None => continue,
                     };
                 }
