@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::sync::{Arc, Mutex};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ember_bus::{Bus, BusDeviceMut, BusRange, MmioBus, PioBus};
+use ember_bus::{AddressSpace, Bus, BusDeviceMut, BusRange, MmioBus, PioBus};
 
 /// A register that keeps the last value written and returns it on reads.
 #[derive(Debug, Default)]
@@ -27,7 +27,7 @@ impl BusDeviceMut for Register {
     }
 }
 
-fn bus_with(ranges: &[(u64, u64)]) -> Bus {
+fn bus_with<S: AddressSpace>(ranges: &[(u64, u64)]) -> Bus<S> {
     let mut bus = Bus::new();
     for &(base, len) in ranges {
         let range = BusRange::new(base, len).expect("the ranges are valid");
@@ -65,7 +65,13 @@ fn mmio_bus() -> MmioBus {
 }
 
 /// Benchmarks a read and a write of `len` bytes at `addr` on `bus`.
-fn bench_access(c: &mut Criterion, group: &str, bus: &Bus, addr: u64, len: usize) {
+fn bench_access<S: AddressSpace>(
+    c: &mut Criterion,
+    group: &str,
+    bus: &Bus<S>,
+    addr: u64,
+    len: usize,
+) {
     let mut group = c.benchmark_group(group);
     let mut data = [0u8; 8];
     let data = &mut data[..len];

@@ -10,14 +10,32 @@
 //! a `Mutex<T: BusDeviceMut>` and an `Arc<T: BusDevice>` are themselves [`BusDevice`]s, so a device
 //! with interior state is inserted as `Arc<Mutex<T>>`.
 //!
-//! The crate knows nothing of KVM or of guest memory: PIO and MMIO buses are both [`Bus`]es, with
-//! port numbers widened to `u64`.
+//! # Two address spaces, two types
+//!
+//! A bus is typed by the address space it serves: a [`PioBus`] (`Bus<Pio>`) holds the 64 Ki x86
+//! I/O ports, `0..=0xffff`, and refuses a range that runs past them; an [`MmioBus`]
+//! (`Bus<Mmio>`) holds the whole 64-bit physical address space. The two are distinct types, so
+//! handing the MMIO bus to code that registers port devices is a compile-time error:
+//!
+//! ```compile_fail,E0308
+//! use ember_bus::{MmioBus, PioBus};
+//!
+//! fn attach_port_devices(_pio: &mut PioBus) {}
+//!
+//! let mut mmio = MmioBus::new();
+//! attach_port_devices(&mut mmio); // error: expected `Bus<Pio>`, found `Bus<Mmio>`
+//! ```
+//!
+//! Addresses are `u64` on both buses, so that devices implement one trait whichever bus they sit
+//! on; the device sees its range's base and the offset into it.
+//!
+//! The crate knows nothing of KVM or of guest memory.
 //!
 //! # Example
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};
-//! use ember_bus::{Bus, BusDeviceMut, BusRange};
+//! use ember_bus::{BusDeviceMut, BusRange, PioBus};
 //!
 //! /// A scratch register that remembers the last byte written to it.
 //! #[derive(Default)]
@@ -32,7 +50,7 @@
 //!     }
 //! }
 //!
-//! let mut bus = Bus::new();
+//! let mut bus = PioBus::new();
 //! bus.insert(BusRange::new(0x3f8, 8)?, Arc::new(Mutex::new(Scratch::default())))?;
 //! bus.write(0x3ff, &[0x42])?;
 //! let mut data = [0u8; 1];
@@ -40,6 +58,8 @@
 //! assert_eq!(data, [0x42]);
 //! // Nothing lives at 0x400.
 //! assert!(bus.read(0x400, &mut data).is_err());
+//! // Ports end at 0xffff.
+//! assert!(bus.insert(BusRange::new(0xfffc, 8)?, Arc::new(Mutex::new(Scratch::default()))).is_err());
 //! # Ok::<(), ember_bus::Error>(())
 //! ```
 #![deny(missing_docs)]
@@ -47,10 +67,16 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 /// Errors of bus configuration and dispatch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A range of zero length was requested.
     #[error("A bus range cannot be empty")]
@@ -62,6 +88,17 @@ pub enum Error {
         base: u64,
         /// Length of the rejected range.
         len: u64,
+    },
+    /// The range runs past the last address of the bus's address space (port 0xffff on a
+    /// [`PioBus`]).
+    #[error("The bus range {range} runs past the last {space} address {last:#x}")]
+    OutsideAddressSpace {
+        /// The rejected range.
+        range: BusRange,
+        /// The address space's name.
+        space: &'static str,
+        /// The last address of the address space.
+        last: u64,
     },
     /// The range overlaps one that is already on the bus.
     #[error("The bus range {new} overlaps the registered range {existing}")]
@@ -216,24 +253,77 @@ impl<T: BusDevice + ?Sized> BusDevice for Arc<T> {
     }
 }
 
-/// A map of non-overlapping address ranges to devices.
-#[derive(Default, Clone)]
-pub struct Bus {
-    devices: BTreeMap<BusRange, Arc<dyn BusDevice>>,
+mod private {
+    /// Keeps [`AddressSpace`](super::AddressSpace) implemented only by this crate's markers.
+    pub trait Sealed {}
 }
 
-/// A bus of I/O ports (x86 `in`/`out`), with ports widened to `u64`.
-pub type PioBus = Bus;
-/// A bus of memory-mapped I/O addresses.
-pub type MmioBus = Bus;
+/// The address space a [`Bus`] serves: [`Pio`] or [`Mmio`]. Sealed: a bus is one of the two.
+pub trait AddressSpace: private::Sealed + Send + Sync + 'static {
+    /// The space's name, for messages.
+    const NAME: &'static str;
+    /// The last address of the space.
+    const LAST: u64;
+}
 
-impl fmt::Debug for Bus {
+/// The x86 I/O port space: ports `0..=0xffff`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pio;
+
+/// The memory-mapped I/O space: the 64-bit guest physical address space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mmio;
+
+impl private::Sealed for Pio {}
+impl private::Sealed for Mmio {}
+
+impl AddressSpace for Pio {
+    const NAME: &'static str = "port";
+    const LAST: u64 = 0xffff;
+}
+
+impl AddressSpace for Mmio {
+    const NAME: &'static str = "MMIO";
+    const LAST: u64 = u64::MAX;
+}
+
+/// A map of non-overlapping address ranges of the address space `S` to devices.
+pub struct Bus<S: AddressSpace> {
+    devices: BTreeMap<BusRange, Arc<dyn BusDevice>>,
+    space: PhantomData<S>,
+}
+
+/// A bus of I/O ports (x86 `in`/`out`): ranges end at port 0xffff; addresses are widened to
+/// `u64`.
+pub type PioBus = Bus<Pio>;
+/// A bus of memory-mapped I/O addresses.
+pub type MmioBus = Bus<Mmio>;
+
+impl<S: AddressSpace> Default for Bus<S> {
+    fn default() -> Self {
+        Bus {
+            devices: BTreeMap::new(),
+            space: PhantomData,
+        }
+    }
+}
+
+impl<S: AddressSpace> Clone for Bus<S> {
+    fn clone(&self) -> Self {
+        Bus {
+            devices: self.devices.clone(),
+            space: PhantomData,
+        }
+    }
+}
+
+impl<S: AddressSpace> fmt::Debug for Bus<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.devices.keys()).finish()
     }
 }
 
-impl Bus {
+impl<S: AddressSpace> Bus<S> {
     /// Creates an empty bus.
     pub fn new() -> Self {
         Self::default()
@@ -243,8 +333,16 @@ impl Bus {
     ///
     /// # Errors
     ///
-    /// [`Error::Overlap`] when `range` shares an address with a range already on the bus.
+    /// [`Error::OutsideAddressSpace`] when `range` runs past the last address of `S` (port
+    /// 0xffff), [`Error::Overlap`] when it shares an address with a range already on the bus.
     pub fn insert(&mut self, range: BusRange, device: Arc<dyn BusDevice>) -> Result<()> {
+        if range.last() > S::LAST {
+            return Err(Error::OutsideAddressSpace {
+                range,
+                space: S::NAME,
+                last: S::LAST,
+            });
+        }
         // Only the neighbours on either side of `range.base` can overlap it.
         let before = self.devices.range(..=range).next_back();
         let after = self.devices.range(range..).next();
@@ -331,7 +429,7 @@ impl Bus {
     ///
     /// # Errors
     ///
-    /// As for [`Bus::read`]; the device is not called then.
+    /// As for [`read`](Self::read); the device is not called then.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
         let (range, device) = self.resolve(addr, data.len())?;
         device.write(range.base, addr - range.base, data);
@@ -381,7 +479,7 @@ mod tests {
 
     #[test]
     fn insert_rejects_overlaps_on_either_side() {
-        let mut bus = Bus::new();
+        let mut bus = MmioBus::new();
         bus.insert(BusRange::new(0x100, 0x10).unwrap(), recorder())
             .unwrap();
         for (base, len) in [
@@ -406,7 +504,7 @@ mod tests {
 
     #[test]
     fn dispatch_passes_base_and_offset() {
-        let mut bus = Bus::new();
+        let mut bus = MmioBus::new();
         let dev = recorder();
         bus.insert(BusRange::new(0x3f8, 8).unwrap(), dev.clone())
             .unwrap();
@@ -419,7 +517,7 @@ mod tests {
 
     #[test]
     fn access_outside_devices_is_an_error() {
-        let mut bus = Bus::new();
+        let mut bus = MmioBus::new();
         bus.insert(BusRange::new(0x1000, 0x100).unwrap(), recorder())
             .unwrap();
         let mut data = [0u8; 4];
@@ -430,7 +528,7 @@ mod tests {
 
     #[test]
     fn access_crossing_the_range_end_is_rejected_before_the_device() {
-        let mut bus = Bus::new();
+        let mut bus = MmioBus::new();
         let dev = recorder();
         let range = BusRange::new(0x1000, 0x10).unwrap();
         bus.insert(range, dev.clone()).unwrap();
@@ -450,7 +548,7 @@ mod tests {
 
     #[test]
     fn access_lengths_other_than_powers_of_two_up_to_8_are_rejected() {
-        let mut bus = Bus::new();
+        let mut bus = MmioBus::new();
         bus.insert(BusRange::new(0, 0x100).unwrap(), recorder())
             .unwrap();
         for len in [0usize, 3, 5, 7, 9, 16] {
@@ -465,7 +563,7 @@ mod tests {
 
     #[test]
     fn range_at_top_of_address_space_is_reachable() {
-        let mut bus = Bus::new();
+        let mut bus = MmioBus::new();
         bus.insert(BusRange::new(u64::MAX - 7, 8).unwrap(), recorder())
             .unwrap();
         bus.write(u64::MAX - 7, &[0; 8]).unwrap();
@@ -478,7 +576,7 @@ mod tests {
 
     #[test]
     fn remove_frees_the_range() {
-        let mut bus = Bus::new();
+        let mut bus = MmioBus::new();
         let range = BusRange::new(0x60, 1).unwrap();
         bus.insert(range, recorder()).unwrap();
         assert!(bus.remove(&range).is_some());
@@ -496,11 +594,55 @@ mod tests {
             }
             fn write(&self, _: u64, _: u64, _: &[u8]) {}
         }
-        let mut bus = Bus::new();
+        let mut bus = MmioBus::new();
         bus.insert(BusRange::new(0x80, 4).unwrap(), Arc::new(Constant))
             .unwrap();
         let mut data = [0u8; 4];
         bus.read(0x80, &mut data).unwrap();
         assert_eq!(data, [0x5a; 4]);
+    }
+
+    #[test]
+    fn port_ranges_end_at_port_0xffff() {
+        let mut pio = PioBus::new();
+        let past = BusRange::new(0xfff8, 9).unwrap();
+        assert_eq!(
+            pio.insert(past, recorder()),
+            Err(Error::OutsideAddressSpace {
+                range: past,
+                space: "port",
+                last: 0xffff
+            })
+        );
+        let far = BusRange::new(0x1_0000, 1).unwrap();
+        assert!(matches!(
+            pio.insert(far, recorder()),
+            Err(Error::OutsideAddressSpace { .. })
+        ));
+        assert!(pio.is_empty());
+        // The last ports are usable, and an access past them hits nothing.
+        let dev = recorder();
+        pio.insert(BusRange::new(0xfff8, 8).unwrap(), dev.clone())
+            .unwrap();
+        pio.write(0xffff, &[7]).unwrap();
+        assert_eq!(dev.lock().unwrap().last, Some((0xfff8, 7, vec![7])));
+        assert!(matches!(
+            pio.write(0xfffe, &[0; 4]),
+            Err(Error::AccessOutOfRange { .. })
+        ));
+        assert_eq!(pio.write(0x1_0000, &[0]), Err(Error::NoDevice(0x1_0000)));
+        // The same range is fine on an MMIO bus.
+        MmioBus::new().insert(past, recorder()).unwrap();
+    }
+
+    #[test]
+    fn out_of_space_error_names_the_range_and_the_space() {
+        let err = PioBus::new()
+            .insert(BusRange::new(0xff00, 0x200).unwrap(), recorder())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "The bus range [0xff00, 0x100ff] runs past the last port address 0xffff"
+        );
     }
 }

@@ -482,7 +482,7 @@ mod tests {
     use std::io::Cursor;
     use std::sync::{Arc, Mutex};
 
-    use ember_bus::{Bus, BusRange};
+    use ember_bus::{BusRange, PioBus};
     use vmm_sys_util::tempfile::TempFile;
 
     use super::*;
@@ -566,7 +566,7 @@ mod tests {
     fn guest_output_reaches_the_writer_through_a_bus() {
         let (serial, _) = device();
         let serial = Arc::new(Mutex::new(serial));
-        let mut bus = Bus::new();
+        let mut bus = PioBus::new();
         bus.insert(
             BusRange::new(COM1_PORT, SERIAL_PORT_LEN).unwrap(),
             serial.clone(),

@@ -2,15 +2,24 @@
 //!
 //! This crate is where ember meets KVM. A [`Vm`] registers guest memory with KVM and creates the
 //! in-kernel interrupt controllers and timer; a [`Vcpu`] is one virtual CPU with the CPUID, MSRs,
-//! local APIC and FPU state a Linux guest expects, plus the buses its port and MMIO accesses go
-//! to. [`Vcpu::run_once`] enters the guest and turns the next exit into a [`VcpuEvent`], having
-//! already dispatched port and MMIO accesses to the devices; [`Vcpu::start`] runs that loop on a
-//! thread of its own, controlled through a [`VcpuHandle`] (pause, resume, kick, stop), and
-//! reports the end of the VM (reset, shutdown, a KVM failure naming its cause and the guest RIP)
-//! through a [`VmExitNotifier`].
+//! local APIC and FPU state a Linux guest expects, plus the [`ExitHandler`] its port and MMIO
+//! accesses go to. [`Vcpu::run_once`] enters the guest and turns the next exit into a
+//! [`VcpuEvent`], having already given port and MMIO accesses to the handler; [`Vcpu::start`]
+//! runs that loop on a thread of its own, controlled through a [`VcpuHandle`] (pause, resume,
+//! kick, stop), and reports the end of the VM (reset, shutdown, a KVM failure naming its cause
+//! and the guest RIP) through a [`VmExitNotifier`].
+//!
+//! The VMM owns its devices: it implements [`ExitHandler`] over its own bus, or, with the `bus`
+//! feature, uses `bus::BusExitHandler` over ember's. The signal that kicks vCPU threads is
+//! `SIGRTMIN` unless chosen with [`set_kick_signal`].
 //!
 //! Boot-time register state comes from [`ember_boot::cpu::CpuState`], plain data that this crate
 //! loads into the vCPU with [`Vcpu::set_boot_state`].
+//!
+//! # Features
+//!
+//! - `bus` (off by default): `bus::BusExitHandler`, the [`ExitHandler`] over ember-bus's
+//!   `PioBus` and `MmioBus`. Off so that a VMM with a bus of its own does not build ours.
 //!
 //! # Example
 //!
@@ -19,23 +28,26 @@
 //! ```
 //! use std::sync::{Arc, Mutex};
 //!
-//! use ember_bus::{BusDeviceMut, BusRange, MmioBus, PioBus};
-//! use ember_vcpu::{Kvm, Vcpu, VcpuEvent, Vm, VmExitNotifier};
+//! use ember_vcpu::{ExitHandler, Kvm, Vcpu, VcpuEvent, Vm, VmExitNotifier};
 //! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 //!
-//! /// Collects the bytes written to it.
+//! /// A console on COM1: collects the bytes written to its data port.
 //! #[derive(Default)]
-//! struct Console(Vec<u8>);
+//! struct Console(Mutex<Vec<u8>>);
 //!
-//! impl BusDeviceMut for Console {
-//!     fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
-//!         data.fill(0);
+//! impl ExitHandler for Console {
+//!     fn pio_read(&self, _port: u16, data: &mut [u8]) {
+//!         data.fill(0xff);
 //!     }
-//!     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
-//!         if offset == 0 {
-//!             self.0.extend_from_slice(data);
+//!     fn pio_write(&self, port: u16, data: &[u8]) {
+//!         if port == 0x3f8 {
+//!             self.0.lock().unwrap().extend_from_slice(data);
 //!         }
 //!     }
+//!     fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
+//!         data.fill(0xff);
+//!     }
+//!     fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
 //! }
 //!
 //! // mov dx, 0x3f8; mov al, 'E'; out dx, al; hlt
@@ -48,10 +60,8 @@
 //!
 //! let kvm = Kvm::new()?;
 //! let vm = Vm::new(&kvm, memory)?;
-//! let console = Arc::new(Mutex::new(Console::default()));
-//! let mut pio = PioBus::new();
-//! pio.insert(BusRange::new(0x3f8, 8)?, console.clone())?;
-//! let mut vcpu = Vcpu::new(&vm, 0, 1, Arc::new(pio), Arc::new(MmioBus::new()))?;
+//! let console = Arc::new(Console::default());
+//! let mut vcpu = Vcpu::new(&vm, 0, 1, console.clone())?;
 //!
 //! // Start from the reset state, in real mode, with the code segment at 0.
 //! let mut state = vcpu.cpu_state()?;
@@ -62,7 +72,7 @@
 //!
 //! // One step: the `out` reaches the console.
 //! assert_eq!(vcpu.run_once()?, VcpuEvent::IoOut { port: 0x3f8, len: 1 });
-//! assert_eq!(console.lock().unwrap().0, b"E");
+//! assert_eq!(*console.0.lock().unwrap(), b"E");
 //!
 //! // On a thread of its own the vCPU halts inside KVM, waiting for an interrupt; stopping it
 //! // kicks it out.
@@ -74,15 +84,25 @@
 //! ```
 #![deny(missing_docs)]
 
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
+#[cfg(feature = "bus")]
+pub mod bus;
 mod cpuid;
+pub mod exit;
 pub mod metrics;
 mod regs;
 pub mod runner;
 pub mod vcpu;
 pub mod vm;
 
+pub use exit::ExitHandler;
 pub use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch};
 pub use metrics::VcpuMetrics;
-pub use runner::{ThreadHook, VcpuHandle, VcpuState, VmExit, VmExitNotifier, kick_signal};
+pub use runner::{
+    ThreadHook, VcpuHandle, VcpuState, VmExit, VmExitNotifier, kick_signal, set_kick_signal,
+};
 pub use vcpu::{SystemEvent, Vcpu, VcpuEvent};
 pub use vm::Vm;

@@ -10,30 +10,58 @@
 //!
 //! A vCPU thread spends its time inside `KVM_RUN`, for example halted until an interrupt that
 //! may never come. To make it return, the handle sets the `immediate_exit` byte of the vCPU's
-//! `kvm_run` page and sends the thread the signal [`kick_signal`] (`SIGRTMIN`), whose handler
-//! does nothing: a thread inside `KVM_RUN` leaves it because a signal is pending, and one about
-//! to enter it returns at once because of `immediate_exit`, so no kick is lost in between. The
-//! handler is installed process-wide the first time a vCPU starts; the signal must not be used
-//! for anything else. Because the handler is installed without `SA_RESTART`, a system call a
-//! device makes on a vCPU thread may fail with `EINTR`; the standard library retries those.
+//! `kvm_run` page and sends the thread the signal [`kick_signal`], whose handler does nothing: a
+//! thread inside `KVM_RUN` leaves it because a signal is pending, and one about to enter it
+//! returns at once because of `immediate_exit`, so no kick is lost in between. Because the
+//! handler is installed without `SA_RESTART`, a system call a device makes on a vCPU thread may
+//! fail with `EINTR`; the standard library retries those.
+//!
+//! The kick signal is a real-time signal, `SIGRTMIN` unless the VMM chose another with
+//! [`set_kick_signal`]. The choice is process-wide, as signal handlers are: its handler is
+//! installed the first time a vCPU starts, and from then on the signal is fixed and must not be
+//! used for anything else. A VMM that already uses `SIGRTMIN` calls [`set_kick_signal`] before
+//! it starts its first vCPU.
 
 use std::fmt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use libc::{c_int, c_void, siginfo_t};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use vmm_sys_util::signal::{Killable, SIGRTMAX, SIGRTMIN, register_signal_handler};
 
 use crate::vcpu::{ImmediateExit, SystemEvent, Vcpu, VcpuEvent};
 
-/// Errors of vCPU threads and of the VM exit notifier.
+/// Errors of vCPU threads, of the kick signal and of the VM exit notifier.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The handler of the kick signal could not be installed.
-    #[error("Cannot install the handler of the vCPU kick signal")]
-    RegisterSignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("Cannot install the handler of the vCPU kick signal {signal}")]
+    RegisterSignalHandler {
+        /// The kick signal.
+        signal: c_int,
+        /// The error of `sigaction`.
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+    /// The signal chosen to kick vCPUs is not a real-time signal.
+    #[error("The vCPU kick signal must be a real-time signal ({min} to {max}), not {signal}")]
+    NotRealTimeSignal {
+        /// The signal chosen.
+        signal: c_int,
+        /// `SIGRTMIN`.
+        min: c_int,
+        /// `SIGRTMAX`.
+        max: c_int,
+    },
+    /// A vCPU already started with another kick signal, whose handler is installed.
+    #[error("The vCPU kick signal is already {current}, in use since a vCPU started")]
+    KickSignalInUse {
+        /// The signal in use.
+        current: c_int,
+    },
     /// The vCPU thread could not be created.
     #[error("Cannot start the thread of vCPU {index}")]
     SpawnThread {
@@ -61,6 +89,7 @@ pub type ThreadHook = Box<dyn FnOnce() -> std::io::Result<()> + Send>;
 
 /// Why a vCPU ended the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum VmExit {
     /// The guest reset the machine: a reset request, or a triple fault (`KVM_EXIT_SHUTDOWN`),
     /// which resets an x86 machine (Linux `reboot=t` resets that way).
@@ -190,6 +219,7 @@ impl VmExitNotifier {
 
 /// What a vCPU thread is doing, as seen from its handle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum VcpuState {
     /// Running the guest, or about to.
     Running,
@@ -265,20 +295,89 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The signal that kicks a vCPU thread out of `KVM_RUN`: `SIGRTMIN`.
+/// The process's kick signal: the one chosen, and whether its handler is installed.
+#[derive(Debug)]
+struct KickSignal {
+    /// `None` until [`set_kick_signal`]: `SIGRTMIN`.
+    chosen: Option<c_int>,
+    /// Set once the handler is installed; the signal is fixed from then on.
+    installed: bool,
+}
+
+static KICK_SIGNAL: Mutex<KickSignal> = Mutex::new(KickSignal {
+    chosen: None,
+    installed: false,
+});
+
+impl KickSignal {
+    fn signal(&self) -> c_int {
+        self.chosen.unwrap_or_else(SIGRTMIN)
+    }
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`: `SIGRTMIN`, or the one chosen with
+/// [`set_kick_signal`].
 pub fn kick_signal() -> c_int {
-    SIGRTMIN()
+    lock(&KICK_SIGNAL).signal()
+}
+
+/// Chooses the real-time signal that kicks vCPU threads out of `KVM_RUN`, for the whole
+/// process, in place of `SIGRTMIN`. Call it before the first vCPU starts: the first
+/// [`Vcpu::start`] installs the signal's handler, and the signal is fixed from then on.
+///
+/// # Errors
+///
+/// [`Error::NotRealTimeSignal`] when `signal` is not between `SIGRTMIN` and `SIGRTMAX`;
+/// [`Error::KickSignalInUse`] when a vCPU has already started with another signal (choosing
+/// the signal in use is fine).
+///
+/// # Example
+///
+/// ```
+/// use ember_vcpu::runner::{Error, kick_signal, set_kick_signal};
+/// use vmm_sys_util::signal::SIGRTMIN;
+///
+/// // This VMM keeps SIGRTMIN for itself.
+/// set_kick_signal(SIGRTMIN() + 3)?;
+/// assert_eq!(kick_signal(), SIGRTMIN() + 3);
+/// assert!(matches!(set_kick_signal(libc::SIGUSR1), Err(Error::NotRealTimeSignal { .. })));
+/// # Ok::<(), Error>(())
+/// ```
+pub fn set_kick_signal(signal: c_int) -> Result<()> {
+    check_real_time(signal)?;
+    let mut kick = lock(&KICK_SIGNAL);
+    if kick.installed && kick.signal() != signal {
+        return Err(Error::KickSignalInUse {
+            current: kick.signal(),
+        });
+    }
+    kick.chosen = Some(signal);
+    Ok(())
+}
+
+/// Checks that `signal` is a real-time signal.
+fn check_real_time(signal: c_int) -> Result<()> {
+    let (min, max) = (SIGRTMIN(), SIGRTMAX());
+    if (min..=max).contains(&signal) {
+        Ok(())
+    } else {
+        Err(Error::NotRealTimeSignal { signal, min, max })
+    }
 }
 
 /// Does nothing: the signal's only purpose is to interrupt `KVM_RUN`.
 extern "C" fn handle_kick_signal(_: c_int, _: *mut siginfo_t, _: *mut c_void) {}
 
-/// Installs the handler of [`kick_signal`] once per process.
+/// Installs the handler of the kick signal, once per process, and fixes the signal.
 fn register_kick_handler() -> Result<()> {
-    static REGISTERED: OnceLock<std::result::Result<(), vmm_sys_util::errno::Error>> =
-        OnceLock::new();
-    (*REGISTERED.get_or_init(|| register_signal_handler(kick_signal(), handle_kick_signal)))
-        .map_err(Error::RegisterSignalHandler)
+    let mut kick = lock(&KICK_SIGNAL);
+    if !kick.installed {
+        let signal = kick.signal();
+        register_signal_handler(signal, handle_kick_signal)
+            .map_err(|source| Error::RegisterSignalHandler { signal, source })?;
+        kick.installed = true;
+    }
+    Ok(())
 }
 
 /// Controls a running vCPU thread. Dropping the handle stops the thread and waits for it.
@@ -396,8 +495,8 @@ impl Vcpu {
     ///
     /// # Errors
     ///
-    /// [`Error::RegisterSignalHandler`] when the kick signal's handler cannot be installed,
-    /// [`Error::SpawnThread`] when the thread cannot be created.
+    /// [`Error::RegisterSignalHandler`] when the handler of the [`kick_signal`] cannot be
+    /// installed, [`Error::SpawnThread`] when the thread cannot be created.
     pub fn start(self, notifier: VmExitNotifier) -> Result<VcpuHandle> {
         self.start_with_hook(notifier, None)
     }
@@ -594,5 +693,29 @@ mod tests {
             message,
             format!("Cannot run the vCPU at guest RIP 0xfff0: {cause}")
         );
+    }
+
+    #[test]
+    fn only_real_time_signals_can_kick() {
+        for signal in [
+            libc::SIGUSR1,
+            libc::SIGTERM,
+            0,
+            -1,
+            SIGRTMAX() + 1,
+            SIGRTMIN() - 1,
+        ] {
+            assert!(
+                matches!(
+                    set_kick_signal(signal),
+                    Err(Error::NotRealTimeSignal { signal: s, .. }) if s == signal
+                ),
+                "{signal}"
+            );
+        }
+        check_real_time(SIGRTMIN()).unwrap();
+        check_real_time(SIGRTMAX()).unwrap();
+        let message = set_kick_signal(libc::SIGUSR1).unwrap_err().to_string();
+        assert!(message.starts_with("The vCPU kick signal must be a real-time signal"));
     }
 }

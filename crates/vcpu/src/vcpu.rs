@@ -4,7 +4,8 @@
 //! with its APIC id and the VM's topology, the boot values of the MSRs the kernel relies on, the
 //! local APIC's LINT0 wired to the PIC (ExtINT) and LINT1 to NMI, and an initialized FPU.
 //! [`Vcpu::run_once`] enters the guest until the next exit and dispatches port and MMIO accesses
-//! to the buses; [`Vcpu::start`](crate::Vcpu::start) runs it on a thread of its own.
+//! to the VMM's [`ExitHandler`]; [`Vcpu::start`](crate::Vcpu::start) runs it on a thread of its
+//! own.
 
 use std::fmt;
 use std::ptr::NonNull;
@@ -12,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use ember_boot::cpu::CpuState;
-use ember_bus::{MmioBus, PioBus};
 use kvm_bindings::{
     KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_SIMUL_EX,
     KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_CRASH,
@@ -23,12 +23,14 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::bitmap::Bitmap;
 
 use crate::cpuid::vcpu_cpuid;
+use crate::exit::ExitHandler;
 use crate::metrics::VcpuMetrics;
 use crate::regs;
 use crate::vm::{MemoryKeepalive, Vm};
 
 /// Errors of vCPU setup and of entering the guest.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A VM was asked for with no vCPU.
     #[error("A VM needs at least one vCPU")]
@@ -113,6 +115,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// What a guest asked of the platform through `KVM_EXIT_SYSTEM_EVENT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SystemEvent {
     /// Power off.
     Shutdown,
@@ -126,10 +129,10 @@ pub enum SystemEvent {
 
 /// What happened when the vCPU last left the guest.
 ///
-/// Port and MMIO accesses have been handled by the time the event is returned: writes were
-/// given to the device on the bus, reads answered from it, and accesses that hit no device were
-/// dropped (writes) or answered with zeros (reads).
+/// Port and MMIO accesses have been handled by the time the event is returned: the vCPU's
+/// [`ExitHandler`] was given the writes and answered the reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum VcpuEvent {
     /// The guest read `len` bytes from I/O port `port`.
     IoIn {
@@ -317,8 +320,7 @@ const FPU_FCW_INIT: u16 = 0x37f;
 /// MXCSR at reset: all SIMD exceptions masked, round to nearest.
 const FPU_MXCSR_INIT: u32 = 0x1f80;
 
-/// One KVM virtual CPU, wired to the buses its port and MMIO accesses go to.
-#[derive(Debug)]
+/// One KVM virtual CPU, wired to the handler of its port and MMIO accesses.
 pub struct Vcpu {
     /// The vCPU file descriptor and its `kvm_run` mapping. Declared first, and so dropped
     /// before `_memory`: see the docs of [`Vm`].
@@ -326,10 +328,8 @@ pub struct Vcpu {
     /// Points into the `kvm_run` mapping of `fd`.
     immediate_exit: ImmediateExit,
     index: u8,
-    pio: Arc<PioBus>,
-    mmio: Arc<MmioBus>,
-    /// Guest accesses that hit no device, counted to keep their logging sparse.
-    unhandled: u64,
+    /// Where port and MMIO accesses go.
+    handler: Arc<dyn ExitHandler>,
     /// The VM's exit counters, shared by its vCPUs.
     metrics: Arc<VcpuMetrics>,
     /// Keeps the guest memory mapped while `fd`, which holds the VM and its memory slots alive
@@ -337,10 +337,18 @@ pub struct Vcpu {
     _memory: MemoryKeepalive,
 }
 
+impl fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Vcpu {
     /// Creates vCPU `index` of a VM that will have `count` vCPUs, with its CPUID, boot MSRs,
-    /// local APIC LINT pins and FPU set up. Port accesses go to `pio`, MMIO accesses that KVM
-    /// does not handle itself (it handles the APICs) to `mmio`.
+    /// local APIC LINT pins and FPU set up. Port accesses and the MMIO accesses that KVM does
+    /// not handle itself (it handles the APICs and the IOAPIC) go to `handler`.
     ///
     /// The vCPU's APIC id is `index`. vCPU 0 is the bootstrap processor; the others wait for the
     /// INIT-SIPI sequence of the bootstrap processor unless given a
@@ -355,8 +363,7 @@ impl Vcpu {
         vm: &Vm<B>,
         index: u8,
         count: u8,
-        pio: Arc<PioBus>,
-        mmio: Arc<MmioBus>,
+        handler: Arc<dyn ExitHandler>,
     ) -> Result<Self> {
         check_vcpu_count(count, vm.max_vcpus())?;
         if index >= count {
@@ -385,9 +392,7 @@ impl Vcpu {
             fd,
             immediate_exit,
             index,
-            pio,
-            mmio,
-            unhandled: 0,
+            handler,
             metrics: vm.vcpu_metrics().clone(),
             _memory: memory,
         })
@@ -435,10 +440,8 @@ impl Vcpu {
     }
 
     /// Runs the guest until its next exit to userspace and handles that exit: port and MMIO
-    /// accesses are dispatched to the buses, everything else is described by the returned event.
-    ///
-    /// An accessed address with no device behind it does not stop the guest: a write is
-    /// dropped and a read returns zeros. Such accesses are logged at debug level, sparsely.
+    /// accesses are dispatched to the [`ExitHandler`], everything else is described by the
+    /// returned event. Each exit is counted in the VM's [`VcpuMetrics`].
     ///
     /// # Errors
     ///
@@ -476,64 +479,38 @@ impl Vcpu {
                 });
             }
         };
+        let handler = &*self.handler;
         let event = match exit {
             VcpuExit::IoIn(port, data) => {
-                let len = data.len();
-                if let Err(err) = self.pio.read(u64::from(port), data) {
-                    data.fill(0);
-                    note_unhandled(
-                        &mut self.unhandled,
-                        self.index,
-                        "port read",
-                        port,
-                        len,
-                        &err,
-                    );
+                // The page holds what an earlier exit left there: the handler starts from zeros.
+                data.fill(0);
+                handler.pio_read(port, data);
+                VcpuEvent::IoIn {
+                    port,
+                    len: data.len(),
                 }
-                VcpuEvent::IoIn { port, len }
             }
             VcpuExit::IoOut(port, data) => {
-                let len = data.len();
-                if let Err(err) = self.pio.write(u64::from(port), data) {
-                    note_unhandled(
-                        &mut self.unhandled,
-                        self.index,
-                        "port write",
-                        port,
-                        len,
-                        &err,
-                    );
+                handler.pio_write(port, data);
+                VcpuEvent::IoOut {
+                    port,
+                    len: data.len(),
                 }
-                VcpuEvent::IoOut { port, len }
             }
             VcpuExit::MmioRead(addr, data) => {
-                let len = data.len();
-                if let Err(err) = self.mmio.read(addr, data) {
-                    data.fill(0);
-                    note_unhandled(
-                        &mut self.unhandled,
-                        self.index,
-                        "MMIO read",
-                        addr,
-                        len,
-                        &err,
-                    );
+                data.fill(0);
+                handler.mmio_read(addr, data);
+                VcpuEvent::MmioRead {
+                    addr,
+                    len: data.len(),
                 }
-                VcpuEvent::MmioRead { addr, len }
             }
             VcpuExit::MmioWrite(addr, data) => {
-                let len = data.len();
-                if let Err(err) = self.mmio.write(addr, data) {
-                    note_unhandled(
-                        &mut self.unhandled,
-                        self.index,
-                        "MMIO write",
-                        addr,
-                        len,
-                        &err,
-                    );
+                handler.mmio_write(addr, data);
+                VcpuEvent::MmioWrite {
+                    addr,
+                    len: data.len(),
                 }
-                VcpuEvent::MmioWrite { addr, len }
             }
             VcpuExit::Hlt => VcpuEvent::Hlt,
             VcpuExit::Shutdown => VcpuEvent::Shutdown,
@@ -591,27 +568,6 @@ pub(crate) fn check_vcpu_count(count: u8, max: usize) -> Result<()> {
         return Err(Error::TooManyVcpus { count, max });
     }
     Ok(())
-}
-
-/// Counts a guest access that hit no device and logs it when the count is a power of two, so
-/// that a guest probing absent devices in a loop cannot flood the log. Returns whether it logged.
-fn note_unhandled<A: fmt::LowerHex>(
-    count: &mut u64,
-    index: u8,
-    what: &str,
-    addr: A,
-    len: usize,
-    err: &ember_bus::Error,
-) -> bool {
-    *count = count.saturating_add(1);
-    let log = count.is_power_of_two();
-    if log {
-        log::debug!(
-            "vCPU {index}: {what} of {len} bytes at {addr:#x} has no device ({err}); \
-             {count} such accesses so far"
-        );
-    }
-    log
 }
 
 /// Sets [`BOOT_MSRS`].
@@ -684,10 +640,18 @@ mod tests {
         Vm::new(&Kvm::new().unwrap(), Arc::new(memory)).unwrap()
     }
 
+    /// Answers nothing: these tests never run the guest.
+    struct NoDevices;
+
+    impl ExitHandler for NoDevices {
+        fn pio_read(&self, _: u16, _: &mut [u8]) {}
+        fn pio_write(&self, _: u16, _: &[u8]) {}
+        fn mmio_read(&self, _: u64, _: &mut [u8]) {}
+        fn mmio_write(&self, _: u64, _: &[u8]) {}
+    }
+
     fn vcpu(vm: &Vm, index: u8, count: u8) -> Vcpu {
-        let pio = Arc::new(PioBus::new());
-        let mmio = Arc::new(MmioBus::new());
-        Vcpu::new(vm, index, count, pio, mmio).unwrap()
+        Vcpu::new(vm, index, count, Arc::new(NoDevices)).unwrap()
     }
 
     #[test]
@@ -827,19 +791,5 @@ mod tests {
         assert_eq!(lapic_register(&lapic, APIC_LVT_LINT0), 0x0001_0700);
         set_lapic_register(&mut lapic, APIC_LVT_LINT1, 0xffff_ffff);
         assert_eq!(lapic_register(&lapic, APIC_LVT_LINT1), 0xffff_ffff);
-    }
-
-    #[test]
-    fn unhandled_accesses_are_logged_at_powers_of_two() {
-        let err = ember_bus::Error::NoDevice(0x2f8);
-        let mut count = 0;
-        let mut logged = Vec::new();
-        for access in 1..=100 {
-            if note_unhandled(&mut count, 0, "port write", 0x2f8u16, 1, &err) {
-                logged.push(access);
-            }
-        }
-        assert_eq!(count, 100);
-        assert_eq!(logged, [1, 2, 4, 8, 16, 32, 64]);
     }
 }

@@ -36,6 +36,7 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 /// Errors of VM setup and VM-wide KVM requests.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// `KVM_CREATE_VM` failed.
     #[error("Cannot create the KVM virtual machine")]

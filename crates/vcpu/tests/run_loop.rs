@@ -2,10 +2,7 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::{CODE_ADDR, MMIO_BASE, TestVm, enter_real_mode};
-use ember_bus::{MmioBus, PioBus};
 use ember_vcpu::{Vcpu, VcpuEvent, vcpu::Error};
 use kvm_bindings::KVM_INTERNAL_ERROR_EMULATION;
 
@@ -123,6 +120,8 @@ fn accesses_without_a_device_read_zero_and_drop_writes() {
     assert_eq!(guest.port_writes(0x80), [vec![0]]);
     assert_eq!(guest.port_writes(0x81), [vec![0]]);
     assert!(guest.mmio().reads.is_empty());
+    // The bus handler counted the three accesses that hit nothing.
+    assert_eq!(guest.handler.unhandled(), 3);
 }
 
 #[test]
@@ -217,14 +216,11 @@ fn boot_state_reads_back_as_set() {
 #[test]
 fn vcpu_counts_and_indexes_out_of_range_are_rejected() {
     let guest = TestVm::new(&[]);
-    let bus = || (Arc::new(PioBus::new()), Arc::new(MmioBus::new()));
-    let (pio, mmio) = bus();
-    let err = Vcpu::new(&guest.vm, 0, 0, pio, mmio).unwrap_err();
+    let err = Vcpu::new(&guest.vm, 0, 0, guest.handler.clone()).unwrap_err();
     assert!(matches!(err, Error::NoVcpus), "{err}");
     assert_eq!(err.to_string(), "A VM needs at least one vCPU");
 
-    let (pio, mmio) = bus();
-    let err = Vcpu::new(&guest.vm, 2, 2, pio, mmio).unwrap_err();
+    let err = Vcpu::new(&guest.vm, 2, 2, guest.handler.clone()).unwrap_err();
     assert!(
         matches!(err, Error::IndexOutOfRange { index: 2, count: 2 }),
         "{err}"
@@ -233,8 +229,7 @@ fn vcpu_counts_and_indexes_out_of_range_are_rejected() {
     // The largest count a u8 holds is within this host's limit; the limit check itself is
     // pinned with a smaller limit in the crate's unit tests.
     if guest.vm.max_vcpus() < 255 {
-        let (pio, mmio) = bus();
-        let err = Vcpu::new(&guest.vm, 0, 255, pio, mmio).unwrap_err();
+        let err = Vcpu::new(&guest.vm, 0, 255, guest.handler.clone()).unwrap_err();
         assert!(
             matches!(err, Error::TooManyVcpus { count: 255, .. }),
             "{err}"
@@ -243,7 +238,6 @@ fn vcpu_counts_and_indexes_out_of_range_are_rejected() {
 
     // The same index twice is refused by KVM.
     let _first = guest.vcpu(0, 1);
-    let (pio, mmio) = bus();
-    let err = Vcpu::new(&guest.vm, 0, 1, pio, mmio).unwrap_err();
+    let err = Vcpu::new(&guest.vm, 0, 1, guest.handler.clone()).unwrap_err();
     assert!(matches!(err, Error::CreateVcpu { index: 0, .. }), "{err}");
 }

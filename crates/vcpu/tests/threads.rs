@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestVm, enter_real_mode, wait_for};
 use ember_bus::{BusDevice, BusRange, MmioBus, PioBus};
+use ember_vcpu::bus::BusExitHandler;
 use ember_vcpu::{Vcpu, VcpuState, VmExit, VmExitNotifier};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -39,7 +40,8 @@ fn devices_run_on_a_thread_named_after_the_vcpu() {
         Arc::new(ThreadNames(names.clone())),
     )
     .unwrap();
-    let vcpu = Vcpu::new(&guest.vm, 0, 1, Arc::new(pio), Arc::new(MmioBus::new())).unwrap();
+    let handler = BusExitHandler::new(Arc::new(pio), Arc::new(MmioBus::new()));
+    let vcpu = Vcpu::new(&guest.vm, 0, 1, Arc::new(handler)).unwrap();
     enter_real_mode(&vcpu);
     let handle = vcpu.start(VmExitNotifier::new().unwrap()).unwrap();
     assert!(wait_for(PATIENCE, || !names.lock().unwrap().is_empty()));

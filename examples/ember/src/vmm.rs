@@ -23,6 +23,7 @@ use ember_memory::layout::{
 };
 use ember_memory::{GuestMemoryMmap, MemoryOptions, ResourceAllocator};
 use ember_rate_limiter::{BucketConfig, BucketUpdate, RateLimiter};
+use ember_vcpu::bus::BusExitHandler;
 use ember_vcpu::{IoEventAddress, Kvm, Vcpu, VcpuHandle, Vm, VmExit, VmExitNotifier};
 use ember_virtio::block::{self, Block};
 use ember_virtio::mmio::{MMIO_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, cmdline_device};
@@ -945,11 +946,11 @@ fn start_vcpus(
     exit: &VmExitNotifier,
     seccomp: Option<&Arc<Filters>>,
 ) -> Result<Vec<VcpuHandle>> {
-    let pio = Arc::new(pio);
-    let mmio = Arc::new(mmio);
+    // One handler for all vCPUs: accesses that hit no device read zeros and are logged sparsely.
+    let handler = Arc::new(BusExitHandler::new(Arc::new(pio), Arc::new(mmio)));
     let mut handles = Vec::with_capacity(usize::from(count));
     for index in 0..count {
-        let vcpu = Vcpu::new(vm, index, count, pio.clone(), mmio.clone())
+        let vcpu = Vcpu::new(vm, index, count, handler.clone())
             .map_err(|source| Error::Vcpu { index, source })?;
         if index == 0 {
             vcpu.set_boot_state(boot_state)
@@ -988,6 +989,10 @@ pub struct Control<'a> {
 /// asks, then waits for the guest to end the VM, feeding stdin to the serial console and
 /// serving the API meanwhile.
 ///
+/// One epoll loop serves it all. Before the VM starts it watches the API, the termination
+/// signals and the metrics timer; once the VM has started, the guest's events join them (the
+/// i8042 reset, the ACPI power-off, the vCPUs' exit, the serial console and stdin).
+///
 /// Stdin is watched only while the serial receive FIFO has room and the VM runs: when it is
 /// full, stdin leaves the epoll set until the guest drains the FIFO, so a fast producer neither
 /// spins the loop nor grows a buffer.
@@ -998,18 +1003,11 @@ pub fn run(control: Control<'_>, boot: bool, start: ProcessStart) -> Result<Gues
         signals,
     } = control;
     let epoll = Epoll::new().map_err(Error::EventLoop)?;
-    let watch = |fd: i32, token: u64| {
-        epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(EventSet::IN, token),
-        )
-    };
     if let Some(api) = api {
-        watch(api.as_raw_fd(), TOKEN_API).map_err(Error::EventLoop)?;
+        watch(&epoll, api.as_raw_fd(), TOKEN_API).map_err(Error::EventLoop)?;
     }
     if let Some(signals) = signals {
-        watch(signals.as_raw_fd(), TOKEN_SIGNAL).map_err(Error::EventLoop)?;
+        watch(&epoll, signals.as_raw_fd(), TOKEN_SIGNAL).map_err(Error::EventLoop)?;
     }
     let stop_signal = || {
         signals
@@ -1021,81 +1019,21 @@ pub fn run(control: Control<'_>, boot: bool, start: ProcessStart) -> Result<Gues
     metrics_timer
         .reset(FLUSH_INTERVAL, Some(FLUSH_INTERVAL))
         .map_err(timer_error)?;
-    watch(metrics_timer.as_raw_fd(), TOKEN_METRICS).map_err(Error::EventLoop)?;
+    watch(&epoll, metrics_timer.as_raw_fd(), TOKEN_METRICS).map_err(Error::EventLoop)?;
 
     if boot {
         controller.start_instance(start)?;
-    } else {
-        // Until the API starts the VM, only the API is served.
-        let mut events = vec![EpollEvent::default(); 4];
-        while !controller.is_started() {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(err) => return Err(Error::EventLoop(err)),
-            };
-            for event in events.iter().take(n) {
-                match event.data() {
-                    TOKEN_API => {
-                        if let Some(api) = api {
-                            serve_api(api, controller, start);
-                        }
-                    }
-                    TOKEN_METRICS => {
-                        let _ = metrics_timer.wait();
-                        controller.flush_metrics_quietly();
-                    }
-                    TOKEN_SIGNAL => {
-                        if let Some(exit) = stop_signal() {
-                            return Ok(exit);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
     }
-    let Some(vmm) = controller.vmm() else {
-        return Err(Error::NoKernel);
-    };
-    let legacy_fds = (
-        vmm.legacy.reset_evt.as_raw_fd(),
-        vmm.legacy.power_off_evt.as_raw_fd(),
-        vmm.exit.event_fd().as_raw_fd(),
-    );
-    watch(legacy_fds.0, TOKEN_RESET).map_err(Error::EventLoop)?;
-    watch(legacy_fds.1, TOKEN_POWER_OFF).map_err(Error::EventLoop)?;
-    watch(legacy_fds.2, TOKEN_VM_EXIT).map_err(Error::EventLoop)?;
-    let serial = vmm.legacy.serial.clone();
-    let exit = vmm.exit.clone();
-    let serial_ready = lock(&serial)
-        .input_ready_evt()
-        .try_clone()
-        .map_err(Error::EventFd)?;
-    watch(serial_ready.as_raw_fd(), TOKEN_SERIAL_READY).map_err(Error::EventLoop)?;
-
-    let stdio = matches!(controller.resources().serial, SerialOutput::Stdio);
-    let _raw = if stdio {
-        Some(RawStdin::enable().map_err(Error::Terminal)?)
-    } else {
-        None
-    };
-    let stdin_fd = io::stdin().as_raw_fd();
-    // Regular files and /dev/null cannot be watched with epoll; such a stdin gives no input.
-    let mut stdin_watched = stdio && watch(stdin_fd, TOKEN_STDIN).is_ok();
-    let mut stdin_open = stdin_watched;
-    let unwatch_stdin = |watched: &mut bool| -> Result<()> {
-        if *watched {
-            epoll
-                .ctl(ControlOperation::Delete, stdin_fd, EpollEvent::default())
-                .map_err(Error::EventLoop)?;
-            *watched = false;
-        }
-        Ok(())
-    };
-
+    // The guest's events, watched from the first turn of the loop that finds the VM started.
+    let mut guest: Option<GuestEvents> = None;
     let mut events = vec![EpollEvent::default(); 8];
     loop {
+        if guest.is_none() {
+            if let Some(vmm) = controller.vmm() {
+                let stdio = matches!(controller.resources().serial, SerialOutput::Stdio);
+                guest = Some(GuestEvents::watch(&epoll, vmm, stdio)?);
+            }
+        }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
@@ -1103,67 +1041,169 @@ pub fn run(control: Control<'_>, boot: bool, start: ProcessStart) -> Result<Gues
         };
         for event in events.iter().take(n) {
             match event.data() {
-                TOKEN_RESET => return Ok(GuestExit::I8042Reset),
                 TOKEN_SIGNAL => {
                     if let Some(exit) = stop_signal() {
                         return Ok(exit);
                     }
-                }
-                TOKEN_POWER_OFF => return Ok(GuestExit::AcpiPowerOff),
-                TOKEN_VM_EXIT => {
-                    return match exit.exit() {
-                        Some(VmExit::Reset) => Ok(GuestExit::Reset),
-                        Some(VmExit::Shutdown) => Ok(GuestExit::Shutdown),
-                        Some(VmExit::Error(err)) => Err(Error::Guest(err)),
-                        None => continue,
-                    };
                 }
                 TOKEN_API => {
                     if let Some(api) = api {
                         serve_api(api, controller, start);
                     }
                     // A paused VM takes no input; a resumed one takes it again.
-                    let paused = controller.vmm().is_some_and(Vmm::is_paused);
-                    if paused {
-                        unwatch_stdin(&mut stdin_watched)?;
-                    } else if stdin_open && !stdin_watched {
-                        stdin_watched = watch(stdin_fd, TOKEN_STDIN).is_ok();
+                    if let Some(guest) = guest.as_mut() {
+                        if controller.vmm().is_some_and(Vmm::is_paused) {
+                            guest.unwatch_stdin(&epoll)?;
+                        } else {
+                            guest.rewatch_stdin(&epoll);
+                        }
                     }
                 }
                 TOKEN_METRICS => {
                     let _ = metrics_timer.wait();
                     controller.flush_metrics_quietly();
                 }
+                TOKEN_RESET => return Ok(GuestExit::I8042Reset),
+                TOKEN_POWER_OFF => return Ok(GuestExit::AcpiPowerOff),
+                TOKEN_VM_EXIT => {
+                    let exit = guest.as_ref().and_then(|guest| guest.exit.exit());
+                    return match exit {
+                        Some(VmExit::Reset) => Ok(GuestExit::Reset),
+                        Some(VmExit::Shutdown) => Ok(GuestExit::Shutdown),
+                        Some(VmExit::Error(err)) => Err(Error::Guest(err)),
+                        Some(other) => Err(Error::Guest(other.to_string())),
+                        None => continue,
+                    };
+                }
                 TOKEN_SERIAL_READY => {
-                    // Clearing a non-blocking eventfd that another event already cleared is
-                    // fine.
-                    let _ = serial_ready.read();
                     let paused = controller.vmm().is_some_and(Vmm::is_paused);
-                    if stdin_open && !stdin_watched && !paused {
-                        stdin_watched = watch(stdin_fd, TOKEN_STDIN).is_ok();
+                    if let Some(guest) = guest.as_mut() {
+                        // Clearing a non-blocking eventfd that another event already cleared
+                        // is fine.
+                        let _ = guest.serial_ready.read();
+                        if !paused {
+                            guest.rewatch_stdin(&epoll);
+                        }
                     }
                 }
                 TOKEN_STDIN => {
-                    let outcome = lock(&serial).feed_from(&mut io::stdin().lock());
-                    let stop_watching = match outcome {
-                        Ok(outcome) if outcome.eof => {
-                            stdin_open = false;
-                            true
-                        }
-                        Ok(outcome) => outcome.full,
-                        Err(err) => {
-                            warn!("Serial input stopped: {err}");
-                            stdin_open = false;
-                            true
-                        }
-                    };
-                    if stop_watching {
-                        unwatch_stdin(&mut stdin_watched)?;
+                    if let Some(guest) = guest.as_mut() {
+                        guest.feed_stdin(&epoll)?;
                     }
                 }
                 _ => {}
             }
         }
+    }
+}
+
+/// Adds `fd` to the epoll set, reported with `token` when readable.
+fn watch(epoll: &Epoll, fd: i32, token: u64) -> io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(EventSet::IN, token),
+    )
+}
+
+/// The part of the event loop that exists once the VM has started: what it needs of the VM to
+/// answer the guest's events, and the state of stdin.
+struct GuestEvents {
+    serial: Arc<Mutex<SerialDevice<Box<dyn Write + Send>>>>,
+    exit: VmExitNotifier,
+    /// Signalled when the serial receive FIFO has room again.
+    serial_ready: EventFd,
+    stdin_fd: i32,
+    /// Whether stdin is in the epoll set.
+    stdin_watched: bool,
+    /// Whether stdin may still give input: it is the console's and has not ended.
+    stdin_open: bool,
+    /// Keeps a terminal stdin in raw mode until the loop ends.
+    _raw: Option<RawStdin>,
+}
+
+impl GuestEvents {
+    /// Adds the guest's events to the epoll set, and stdin when the console is on stdio (in
+    /// raw mode if it is a terminal) and the VM is not paused.
+    fn watch(epoll: &Epoll, vmm: &Vmm, stdio: bool) -> Result<Self> {
+        let legacy = &vmm.legacy;
+        for (fd, token) in [
+            (legacy.reset_evt.as_raw_fd(), TOKEN_RESET),
+            (legacy.power_off_evt.as_raw_fd(), TOKEN_POWER_OFF),
+            (vmm.exit.event_fd().as_raw_fd(), TOKEN_VM_EXIT),
+        ] {
+            watch(epoll, fd, token).map_err(Error::EventLoop)?;
+        }
+        let serial_ready = lock(&legacy.serial)
+            .input_ready_evt()
+            .try_clone()
+            .map_err(Error::EventFd)?;
+        watch(epoll, serial_ready.as_raw_fd(), TOKEN_SERIAL_READY).map_err(Error::EventLoop)?;
+        let raw = if stdio {
+            Some(RawStdin::enable().map_err(Error::Terminal)?)
+        } else {
+            None
+        };
+        let stdin_fd = io::stdin().as_raw_fd();
+        // Regular files and /dev/null cannot be watched with epoll; such a stdin gives no input.
+        let stdin_watched = stdio && watch(epoll, stdin_fd, TOKEN_STDIN).is_ok();
+        let mut guest = GuestEvents {
+            serial: legacy.serial.clone(),
+            exit: vmm.exit.clone(),
+            serial_ready,
+            stdin_fd,
+            stdin_watched,
+            stdin_open: stdin_watched,
+            _raw: raw,
+        };
+        if vmm.is_paused() {
+            guest.unwatch_stdin(epoll)?;
+        }
+        Ok(guest)
+    }
+
+    /// Watches stdin again, if it is still open and not watched.
+    fn rewatch_stdin(&mut self, epoll: &Epoll) {
+        if self.stdin_open && !self.stdin_watched {
+            self.stdin_watched = watch(epoll, self.stdin_fd, TOKEN_STDIN).is_ok();
+        }
+    }
+
+    /// Stops watching stdin, if it is watched.
+    fn unwatch_stdin(&mut self, epoll: &Epoll) -> Result<()> {
+        if self.stdin_watched {
+            epoll
+                .ctl(
+                    ControlOperation::Delete,
+                    self.stdin_fd,
+                    EpollEvent::default(),
+                )
+                .map_err(Error::EventLoop)?;
+            self.stdin_watched = false;
+        }
+        Ok(())
+    }
+
+    /// Feeds what stdin holds to the serial console; stops watching stdin when it ends, fails,
+    /// or the receive FIFO is full.
+    fn feed_stdin(&mut self, epoll: &Epoll) -> Result<()> {
+        let outcome = lock(&self.serial).feed_from(&mut io::stdin().lock());
+        let stop_watching = match outcome {
+            Ok(outcome) if outcome.eof => {
+                self.stdin_open = false;
+                true
+            }
+            Ok(outcome) => outcome.full,
+            Err(err) => {
+                warn!("Serial input stopped: {err}");
+                self.stdin_open = false;
+                true
+            }
+        };
+        if stop_watching {
+            self.unwatch_stdin(epoll)?;
+        }
+        Ok(())
     }
 }
 

@@ -248,6 +248,65 @@ fn a_guest_printing_to_a_stdout_nobody_reads_still_reboots() {
     assert!(printed.iter().all(|&b| b == b'x'));
 }
 
+/// Code that echoes what COM1 receives until it receives `q`, then resets through the i8042.
+fn echo_until_q() -> Vec<u8> {
+    let code = [
+        0x66, 0xba, 0xfd, 0x03, // start: mov dx, 0x3fd (line status)
+        0xec, // poll: in al, dx
+        0xa8, 0x01, // test al, 1 (data ready)
+        0x74, 0xfb, // jz poll
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xec, // in al, dx
+        0xee, // out dx, al
+        0x3c, b'q', // cmp al, 'q'
+        0x75, 0xed, // jne start
+    ];
+    [code.to_vec(), I8042_RESET.to_vec()].concat()
+}
+
+#[test]
+fn stdin_reaches_the_guest_through_the_serial_console_with_flow_control() {
+    let dir = Scratch::new("echo");
+    let kernel = dir.file("echo.elf", &tiny_elf(&echo_until_q()));
+    // Many times what the receive FIFO holds, so that stdin leaves the loop and comes back.
+    let letters = b"abcdefghijklmnoprstuvwxyz";
+    let mut input: Vec<u8> = letters.iter().copied().cycle().take(4000).collect();
+    input.push(b'q');
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "32"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&input).unwrap();
+    }
+    let status = wait_at_most(&mut child, std::time::Duration::from_secs(120));
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "stderr: {err}");
+    let mut echoed = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut echoed)
+        .unwrap();
+    assert_eq!(echoed.len(), input.len());
+    assert!(
+        echoed == input,
+        "the guest echoed other bytes than stdin gave"
+    );
+}
+
 #[test]
 fn serial_output_file_stops_growing_at_its_cap() {
     let dir = Scratch::new("serial-cap");

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use ember_boot::cpu::{CpuState, DescriptorTable, Segment};
 use ember_bus::{BusDeviceMut, BusRange, MmioBus, PioBus};
 use ember_memory::layout::MMIO32_START;
+use ember_vcpu::bus::BusExitHandler;
 use ember_vcpu::{Kvm, Vcpu, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -59,8 +60,8 @@ pub struct TestVm {
     pub vm: Vm,
     pub ports: Arc<Mutex<Recorder>>,
     pub mmio: Arc<Mutex<Recorder>>,
-    pio_bus: Arc<PioBus>,
-    mmio_bus: Arc<MmioBus>,
+    /// The buses, as the vCPUs' exit handler.
+    pub handler: Arc<BusExitHandler>,
 }
 
 impl TestVm {
@@ -86,21 +87,13 @@ impl TestVm {
             vm,
             ports,
             mmio,
-            pio_bus: Arc::new(pio_bus),
-            mmio_bus: Arc::new(mmio_bus),
+            handler: Arc::new(BusExitHandler::new(Arc::new(pio_bus), Arc::new(mmio_bus))),
         }
     }
 
     /// vCPU `index` of `count`, on the VM's buses.
     pub fn vcpu(&self, index: u8, count: u8) -> Vcpu {
-        Vcpu::new(
-            &self.vm,
-            index,
-            count,
-            self.pio_bus.clone(),
-            self.mmio_bus.clone(),
-        )
-        .unwrap()
+        Vcpu::new(&self.vm, index, count, self.handler.clone()).unwrap()
     }
 
     pub fn ports(&self) -> MutexGuard<'_, Recorder> {
