@@ -40,7 +40,8 @@ if "$scripts/rig.sh" needed; then
     where="in the nested rig (software emulation: only the ratio means something)"
     echo "bench.sh: comparing inside the nested rig (software emulation: compare only the ratio)"
     "$scripts/rig.sh" run --qemu --add "$ember:/usr/local/bin/ember" --add "$guest" \
-        --add "$scripts/boot-compare.sh:/boot-compare.sh" -- \
+        --add "$scripts/boot-compare.sh:/boot-compare.sh" \
+        --add "$scripts/boot-time.sh:/boot-time.sh" -- \
         sh /boot-compare.sh /usr/local/bin/ember "$guest" "$runs" | tee -a "$log"
 else
     sh "$scripts/boot-compare.sh" "$ember" "$guest" "$runs" | tee -a "$log"

@@ -34,36 +34,8 @@ mkfifo "$work/console"
 cmdline="console=ttyS0 panic=1 pci=off quiet i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd ember.action=reboot"
 mem=256
 
-now() { cut -d' ' -f1 /proc/uptime; }
-
-# time_boot NAME COMMAND...: seconds from starting COMMAND to the marker on its
-# stdout, or "fail"; the command must end by itself.
-time_boot() {
-    name=$1
-    shift
-    start=$(now)
-    "$@" >"$work/console" 2>"$work/stderr" </dev/null &
-    pid=$!
-    up=
-    while IFS= read -r line; do
-        case "$line" in
-        *EMBER-GUEST-UP*) [ -n "$up" ] || up=$(now) ;;
-        esac
-    done <"$work/console"
-    wait "$pid"
-    status=$?
-    if [ -z "$up" ] || [ "$status" != 0 ]; then
-        echo "BOOT-COMPARE $name failed: exit status $status" >&2
-        cat "$work/stderr" >&2
-        echo fail
-        return
-    fi
-    awk -v a="$start" -v b="$up" 'BEGIN { printf "%.2f\n", b - a }'
-}
-
-median() {
-    tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "none"; else print v[int((NR + 1) / 2)] }'
-}
+tag=BOOT-COMPARE
+. "$(dirname "$0")/boot-time.sh"
 
 ember_times=
 thp_times=
@@ -99,6 +71,5 @@ if [ "$e" = none ] || [ "$h" = none ] || [ "$q" = none ]; then
     echo "BOOT-COMPARE incomplete: $runs_text"
     exit 1
 fi
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f\n", a / b }'; }
 echo "BOOT-COMPARE ember median=${e}s ember-hugepages median=${h}s qemu median=${q}s" \
     "ratio=$(ratio "$e" "$q") ratio-hugepages=$(ratio "$h" "$q") ($runs_text)"

@@ -37,36 +37,8 @@ jroot=$work/jails/ember/jail-compare/root
 mkdir -p "$jroot"
 ln "$guest/vmlinux" "$guest/initramfs.cpio.gz" "$jroot/"
 
-now() { cut -d' ' -f1 /proc/uptime; }
-
-# time_boot NAME COMMAND...: seconds from starting COMMAND to the marker on its
-# stdout, or "fail"; the command must end by itself.
-time_boot() {
-    name=$1
-    shift
-    start=$(now)
-    "$@" >"$work/console" 2>"$work/stderr" </dev/null &
-    pid=$!
-    up=
-    while IFS= read -r line; do
-        case "$line" in
-        *EMBER-GUEST-UP*) [ -n "$up" ] || up=$(now) ;;
-        esac
-    done <"$work/console"
-    wait "$pid"
-    status=$?
-    if [ -z "$up" ] || [ "$status" != 0 ]; then
-        echo "JAIL-COMPARE $name failed: exit status $status" >&2
-        cat "$work/stderr" >&2
-        echo fail
-        return
-    fi
-    awk -v a="$start" -v b="$up" 'BEGIN { printf "%.2f\n", b - a }'
-}
-
-median() {
-    tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "none"; else print v[int((NR + 1) / 2)] }'
-}
+tag=JAIL-COMPARE
+. "$(dirname "$0")/boot-time.sh"
 
 ember_times=
 jail_times=
@@ -92,4 +64,4 @@ if [ "$e" = none ] || [ "$j" = none ]; then
     exit 1
 fi
 echo "JAIL-COMPARE ember median=${e}s jailed median=${j}s" \
-    "ratio=$(awk -v a="$j" -v b="$e" 'BEGIN { printf "%.2f\n", a / b }') ($runs_text)"
+    "ratio=$(ratio "$j" "$e") ($runs_text)"

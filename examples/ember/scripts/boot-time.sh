@@ -1,0 +1,43 @@
+# Shared by the boot comparisons (boot-compare.sh, jail-compare.sh,
+# ember-compare.sh), which source it: timing one boot to the guest's userspace
+# marker, and the median of a list of times. POSIX sh, busybox included.
+#
+# The sourcing script sets `work` (a scratch directory holding the FIFO
+# `$work/console`) and `tag` (the prefix of its output lines) first.
+
+now() { cut -d' ' -f1 /proc/uptime; }
+
+# time_boot NAME COMMAND...: seconds from starting COMMAND to the marker
+# `EMBER-GUEST-UP` on its stdout, or "fail"; the command must end by itself.
+# Times come from /proc/uptime (10 ms steps).
+time_boot() {
+    name=$1
+    shift
+    start=$(now)
+    "$@" >"$work/console" 2>"$work/stderr" </dev/null &
+    pid=$!
+    up=
+    while IFS= read -r line; do
+        case "$line" in
+        *EMBER-GUEST-UP*) [ -n "$up" ] || up=$(now) ;;
+        esac
+    done <"$work/console"
+    wait "$pid"
+    status=$?
+    if [ -z "$up" ] || [ "$status" != 0 ]; then
+        echo "$tag $name failed: exit status $status" >&2
+        cat "$work/stderr" >&2
+        echo fail
+        return
+    fi
+    awk -v a="$start" -v b="$up" 'BEGIN { printf "%.2f\n", b - a }'
+}
+
+# median: the median of the times on stdin (space or newline separated), or
+# "none".
+median() {
+    tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "none"; else print v[int((NR + 1) / 2)] }'
+}
+
+# ratio A B: A / B with two decimals.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f\n", a / b }'; }
