@@ -208,7 +208,9 @@ fn slices<'a, M: GuestMemory + ?Sized>(
 /// Copies `src` into `bufs`, in order, and returns the bytes copied: the shorter of the two.
 ///
 /// For a backend whose store is in host memory, to serve a read
-/// ([`BlockBackend::read_vectored`]) without touching raw `iovec`s.
+/// ([`BlockBackend::read_vectored`]) without touching raw `iovec`s. Only the buffers of a read
+/// are for writing: the device marks those dirty for the VMM's dirty-page tracking, and no
+/// others.
 pub fn copy_to_bufs<M: GuestMemory + ?Sized>(bufs: &GuestIoVecs<'_, M>, src: &[u8]) -> usize {
     let mut done = 0usize;
     for slice in slices(bufs) {
