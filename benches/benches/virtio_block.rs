@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ember_virtio::Interrupt;
-use ember_virtio::block::{BlockWorker, Config, Disk, STATUS_OK};
+use ember_virtio::block::{BlockWorker, Disk, RawFile, STATUS_OK};
 use ember_virtio::mock::{CountingTrigger, MockBuffer, MockDriver, guest_memory};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -73,13 +73,8 @@ struct Guest {
 
 impl Guest {
     fn new(image: &Image) -> Self {
-        let disk = Disk::open(&Config {
-            path: image.0.clone(),
-            read_only: false,
-            id: "bench".into(),
-            ..Config::default()
-        })
-        .expect("cannot open the disk");
+        let backend = RawFile::open(&image.0, false).expect("cannot open the disk");
+        let disk = Disk::new(backend, false, "bench").expect("cannot open the disk");
         let mem = Arc::new(guest_memory(0x100000).expect("cannot map guest memory"));
         let driver = MockDriver::new(256, GuestAddress(0));
         let irqs = CountingTrigger::default();

@@ -11,7 +11,8 @@
 //! - [`device`]: what a device is to its transport ([`VirtioDevice`]), and the [`Interrupt`] it
 //!   raises through an [`IrqTrigger`] (an irqfd in a KVM VMM).
 //! - [`worker`]: the epoll thread an active device serves its queues on.
-//! - [`block`]: virtio-blk on a raw image file or a host block device.
+//! - [`block`]: virtio-blk on any [`BlockBackend`](block::BlockBackend); by default a raw image
+//!   file or a host block device ([`RawFile`](block::RawFile)).
 //! - [`net`] and [`tap`]: virtio-net on a TAP interface (or any descriptor with datagram
 //!   semantics), with checksum and segmentation offloads and merged receive buffers.
 //!

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 
 use ember_rate_limiter::{BucketConfig, BucketUpdate, RateLimiter};
-use ember_virtio::block::{self, Block, BlockWorker, Disk};
+use ember_virtio::block::{self, Block, BlockWorker, Disk, RawFile};
 use ember_virtio::mock::{
     CountingTrigger, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, EndlessNetwork, MockBuffer,
     MockDriver, RawDescriptor, guest_memory,
@@ -162,13 +162,13 @@ impl Image {
         Image(path)
     }
 
-    fn config(&self, rate_limiter: RateLimiter) -> block::Config {
-        block::Config {
-            path: self.0.clone(),
-            read_only: false,
-            id: "victim".into(),
-            rate_limiter,
-        }
+    fn block(&self, rate_limiter: RateLimiter) -> Block {
+        let config = block::Config::new("victim").with_rate_limiter(rate_limiter);
+        Block::new(self.backend(), config).unwrap()
+    }
+
+    fn backend(&self) -> RawFile {
+        RawFile::open(&self.0, false).unwrap()
     }
 }
 
@@ -338,7 +338,7 @@ fn merged_receive_buffers_of_long_indirect_chains_cost_a_bounded_heap() {
 fn a_block_ring_kept_full_lets_updates_pause_and_reset_through() {
     let image = Image::new(1 << 20);
     let growth = heap_growth(|| {
-        let mut block = Block::new(image.config(RateLimiter::default())).unwrap();
+        let mut block = image.block(RateLimiter::default());
         let mem = Arc::new(guest_memory(0x10_0000).unwrap());
         let mut driver = MockDriver::new(block::QUEUE_SIZE, GuestAddress(0));
         let (hdr, id, status, table) = (0x1_0000, 0x2_0000, 0x3_0000, 0x4_0000);
@@ -382,8 +382,7 @@ fn a_block_ring_kept_full_lets_updates_pause_and_reset_through() {
                 .unwrap()
                 .wait()
                 .unwrap();
-            let disk = Disk::open_image(&image.0, false, block.id()).unwrap();
-            block.update_disk(disk).unwrap().wait().unwrap();
+            block.update_disk(image.backend()).unwrap().wait().unwrap();
             gate.pause().unwrap();
             let paused_at = driver.used_idx(&*mem).unwrap();
             // Paused: the ring stays full and nothing is served.
@@ -473,7 +472,7 @@ fn throttled_write_zeroes_of_the_largest_size_wait_for_their_bytes() {
             None,
         )
         .unwrap();
-        let disk = Disk::open_image(&image.0, false, "victim").unwrap();
+        let disk = Disk::new(image.backend(), false, "victim").unwrap();
         let mem = Arc::new(guest_memory(0x10_0000).unwrap());
         let mut driver = MockDriver::new(block::QUEUE_SIZE, GuestAddress(0));
         let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));

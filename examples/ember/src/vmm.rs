@@ -485,14 +485,9 @@ impl Vmm {
             source,
         };
         if let Some(path) = &update.path_on_host {
-            let (read_only, id) = {
-                let transport = lock(transport);
-                let block = transport.device();
-                (block.read_only(), block.id().to_string())
-            };
-            let disk =
-                block::Disk::open_image(Path::new(path), read_only, &id).map_err(disk_error)?;
-            let pending = lock(transport).device_mut().update_disk(disk);
+            let read_only = lock(transport).device().read_only();
+            let backend = block::RawFile::open(Path::new(path), read_only).map_err(disk_error)?;
+            let pending = lock(transport).device_mut().update_disk(backend);
             pending
                 .and_then(block::PendingUpdate::wait)
                 .map_err(disk_error)?;
@@ -843,13 +838,13 @@ fn attach_drives(
             id: id.clone(),
             source,
         };
-        let config = block::Config {
-            path: drive.path_on_host.clone().unwrap_or_default().into(),
-            read_only: drive.read_only(),
-            id: serial_of(&id),
-            rate_limiter: rate_limiter(drive.rate_limiter.as_ref())?,
-        };
-        let block = Block::new(config).map_err(disk_error)?;
+        let path = drive.path_on_host.as_deref().unwrap_or_default();
+        let backend =
+            block::RawFile::open(Path::new(path), drive.read_only()).map_err(disk_error)?;
+        let config = block::Config::new(serial_of(&id))
+            .with_read_only(drive.read_only())
+            .with_rate_limiter(rate_limiter(drive.rate_limiter.as_ref())?);
+        let block = Block::new(backend, config).map_err(disk_error)?;
         let transport = virtio.attach(format!("disk {id}"), block)?;
         attached.push((id, transport));
     }

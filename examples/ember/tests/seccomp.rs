@@ -442,9 +442,8 @@ fn run(
             // N after checking its access mode and type, through no path.
             let path = format!("/proc/self/fd/{}", file.as_raw_fd());
             let disk =
-                ember_virtio::block::Disk::open_image(std::path::Path::new(&path), false, "fd")
-                    .unwrap();
-            assert_eq!(disk.capacity(), 8);
+                ember_virtio::block::RawFile::open(std::path::Path::new(&path), false).unwrap();
+            assert_eq!(ember_virtio::block::BlockBackend::capacity(&disk), 4096);
             drop(disk);
         }
         "start_worker" | "worker_kvm_run" => {
@@ -565,13 +564,9 @@ fn rig<D: ember_virtio::VirtioDevice<Mem>>(device: D, queues: u64) -> Rig<D> {
 
 fn block_rig(file: &std::fs::File) -> Rig<ember_virtio::block::Block> {
     use ember_virtio::block::{self, Block};
-    let block = Block::new(block::Config {
-        path: format!("/proc/self/fd/{}", file.as_raw_fd()).into(),
-        read_only: false,
-        id: "rootfs".into(),
-        rate_limiter: Default::default(),
-    })
-    .unwrap();
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let backend = block::RawFile::open(std::path::Path::new(&path), false).unwrap();
+    let block = Block::new(backend, block::Config::new("rootfs")).unwrap();
     rig(block, 1)
 }
 

@@ -1,12 +1,18 @@
-//! The virtio block device (virtio 1.2, section 5.2): a disk backed by a raw image file or a host
-//! block device, with one request queue.
+//! The virtio block device (virtio 1.2, section 5.2): a disk on a [`BlockBackend`] (by default a
+//! raw image file or a host block device, [`RawFile`]), with one request queue.
 //!
 //! [`Block`] is what the transport sees: the device's features, its configuration space and its
 //! lifecycle ([`VirtioDevice`]). Activation hands the queue to a [`BlockWorker`] on a thread of
 //! its own ([`Worker`]), which serves the queue whenever the driver notifies it: it pops every
-//! chain, parses it ([`request::Request::parse`]), carries it out against the [`Disk`], writes
-//! the status byte and hands the chain back, then raises the interrupt if the driver wants one.
-//! [`VirtioDevice::reset`] stops the thread and takes the disk back.
+//! chain, parses it ([`request::Request::parse`]), carries it out against the [`Disk`] (the
+//! backend with the device's read-only flag and ID), writes the status byte and hands the chain
+//! back, then raises the interrupt if the driver wants one. [`VirtioDevice::reset`] stops the
+//! thread and takes the disk back.
+//!
+//! A VMM brings its own store by implementing [`BlockBackend`] (capacity, vectored read and
+//! write, flush, and optionally discard and write zeroes) and building a `Block<B>` on it; the
+//! rate limiter, the counters, the batching and every check of what the guest sends stay in the
+//! device, in front of any backend.
 //!
 //! The guest is not trusted: every request is checked against the disk's capacity and the
 //! device's limits before any I/O, malformed requests complete with an error status, and a driver
@@ -22,20 +28,15 @@
 //!
 //! use ember_rate_limiter::RateLimiter;
 //! use ember_virtio::Interrupt;
-//! use ember_virtio::block::{BlockWorker, Config, Disk};
+//! use ember_virtio::block::{BlockWorker, Disk, RawFile};
 //! use ember_virtio::mock::{MockBuffer, MockDriver, guest_memory};
 //! use vm_memory::{Bytes, GuestAddress};
 //! use vmm_sys_util::eventfd::EventFd;
 //!
 //! let path = std::env::temp_dir().join(format!("ember-blk-doc-{}", std::process::id()));
 //! std::fs::write(&path, [0xab; 4096]).unwrap();
-//! let config = Config {
-//!     path: path.clone(),
-//!     read_only: true,
-//!     id: "doc".into(),
-//!     ..Config::default()
-//! };
-//! let disk = Disk::open(&config).unwrap();
+//! let backend = RawFile::open(&path, true).unwrap();
+//! let disk = Disk::new(backend, true, "doc").unwrap();
 //! assert_eq!(disk.capacity(), 8);
 //!
 //! let mem = Arc::new(guest_memory(0x10000).unwrap());
@@ -72,8 +73,10 @@
 //! std::fs::remove_file(&path).unwrap();
 //! ```
 
+mod backend;
 mod disk;
 pub mod metrics;
+mod raw_file;
 pub mod request;
 
 use std::fmt;
@@ -95,8 +98,10 @@ use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use disk::{Completion, Disk, ID_BYTES, INHERITED_FD_PREFIX, check_inherited_fd, inherited_fd};
+pub use backend::{BlockBackend, copy_from_bufs, copy_to_bufs};
+pub use disk::{Completion, Disk, ID_BYTES};
 pub use metrics::BlockMetrics;
+pub use raw_file::{INHERITED_FD_PREFIX, RawFile, check_inherited_fd, inherited_fd};
 pub use request::{STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
 use crate::device::{ActivateError, ActivateParams, Interrupt, VirtioDevice, read_config_bytes};
@@ -152,6 +157,7 @@ const RATE_LIMITER_TOKEN: u64 = 1;
 
 /// Errors of setting up or changing a block device.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The image cannot be opened.
     #[error("Cannot open the disk image {}", path.display())]
@@ -201,9 +207,15 @@ pub enum Error {
     /// new device can replace it.
     #[error("The block device lost its disk when its worker thread stopped")]
     Lost,
-    /// A new disk was not opened with the device's read-only flag and ID.
-    #[error("The new disk was not opened with the block device's read-only flag and ID")]
-    DiskMismatch,
+    /// The backend cannot write, and the device is not read-only.
+    #[error("The disk backend is read-only, and the block device is not")]
+    ReadOnlyBackend,
+    /// The backend's capacity is not a whole number of 512-byte sectors.
+    #[error("The disk backend holds {capacity} bytes, not a multiple of 512 bytes")]
+    CapacityNotSectorMultiple {
+        /// The backend's capacity in bytes.
+        capacity: u64,
+    },
     /// A path under `/proc/self/fd/` that does not end in a descriptor number.
     #[error(
         "The disk path {} names no descriptor: /proc/self/fd/ must be followed by a descriptor number alone",
@@ -235,14 +247,22 @@ pub enum Error {
 /// Result of setting up or changing a block device.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// What a block device is made from.
+/// What a block device is, beside its backend.
+///
+/// # Example
+///
+/// ```
+/// use ember_virtio::block::Config;
+///
+/// let config = Config::new("rootfs").with_read_only(true);
+/// assert_eq!(config.id, "rootfs");
+/// assert!(config.read_only);
+/// ```
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct Config {
-    /// Path of the raw disk image, or of a host block device; its size must be a multiple of
-    /// 512 bytes. `/proc/self/fd/N` is the descriptor N the process inherited, used as it is
-    /// rather than opened ([`inherited_fd`]).
-    pub path: PathBuf,
-    /// Whether the guest may only read the disk.
+    /// Whether the guest may only read the disk: the device offers VIRTIO_BLK_F_RO and refuses
+    /// writes, discards and write zeroes itself, whatever the backend could do.
     pub read_only: bool,
     /// The device ID string GET_ID returns: printable ASCII of at most [`ID_BYTES`] (20) bytes,
     /// NUL-padded to 20. Longer IDs are refused ([`Error::IdTooLong`]), not cut short, so that
@@ -254,8 +274,32 @@ pub struct Config {
     pub rate_limiter: RateLimiter,
 }
 
-/// A virtio block device.
-pub struct Block {
+impl Config {
+    /// A writable device with the ID `id` and no rate limit.
+    pub fn new(id: impl Into<String>) -> Self {
+        Config {
+            id: id.into(),
+            ..Config::default()
+        }
+    }
+
+    /// With the guest allowed only to read the disk, or not.
+    #[must_use]
+    pub fn with_read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Behind `rate_limiter`.
+    #[must_use]
+    pub fn with_rate_limiter(mut self, rate_limiter: RateLimiter) -> Self {
+        self.rate_limiter = rate_limiter;
+        self
+    }
+}
+
+/// A virtio block device on the backend `B`.
+pub struct Block<B = RawFile> {
     id: String,
     read_only: bool,
     features: u64,
@@ -263,7 +307,7 @@ pub struct Block {
     config_space: [u8; CONFIG_LEN],
     /// The capacity in sectors, which the worker changes when it takes a new disk.
     capacity: Arc<AtomicU64>,
-    state: State,
+    state: State<B>,
     metrics: Arc<BlockMetrics>,
 }
 
@@ -273,19 +317,19 @@ pub struct Block {
     clippy::large_enum_variant,
     reason = "a device has one state, which moves only when the device is activated or reset"
 )]
-enum State {
+enum State<B> {
     Ready {
-        disk: Disk,
+        disk: Disk<B>,
         rate_limiter: RateLimiter,
     },
     Active {
-        worker: Box<dyn ActiveWorker>,
+        worker: Box<dyn ActiveWorker<B>>,
     },
     /// The worker thread panicked and took the disk with it.
     Lost,
 }
 
-impl fmt::Debug for Block {
+impl<B> fmt::Debug for Block<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match self.state {
             State::Ready { .. } => "ready",
@@ -301,18 +345,19 @@ impl fmt::Debug for Block {
     }
 }
 
-impl Block {
-    /// Opens the disk `config` names, behind `config`'s rate limiter.
+impl<B: BlockBackend> Block<B> {
+    /// The device `config` describes, on `backend`, behind `config`'s rate limiter.
     ///
     /// The device offers VERSION_1, EVENT_IDX, INDIRECT_DESC, FLUSH and SEG_MAX; RO for a
-    /// read-only disk; WRITE_ZEROES for a writable one, and DISCARD too where the image's file
-    /// system can punch holes.
+    /// read-only disk; for a writable one, WRITE_ZEROES and DISCARD where the backend supports
+    /// them ([`BlockBackend::supports_write_zeroes`], [`BlockBackend::supports_discard`]: a
+    /// [`RawFile`] always zeroes, and discards where its file system can punch holes).
     ///
     /// # Errors
     ///
-    /// As [`Disk::open`].
-    pub fn new(config: Config) -> Result<Self> {
-        let disk = Disk::open(&config)?;
+    /// As [`Disk::new`].
+    pub fn new(backend: B, config: Config) -> Result<Self> {
+        let disk = Disk::new(backend, config.read_only, &config.id)?;
         Ok(Block {
             id: config.id,
             read_only: config.read_only,
@@ -389,36 +434,36 @@ impl Block {
         pending
     }
 
-    /// Replaces the disk with `disk`, which the caller opened with [`Disk::open_image`] and the
-    /// device's [`read_only`](Block::read_only) flag and [`id`](Block::id), so that no lock on
-    /// the device is held while a slow file system opens it. On an active device the worker
-    /// thread takes the new disk between two requests (a request the rate limiter holds back is
-    /// checked again against the new capacity), then sets the new capacity and tells the driver
-    /// through a configuration change interrupt. The features stay as negotiated: if the new
-    /// image cannot punch holes where the old one could, discards complete with UNSUPP.
+    /// Replaces the backend with `backend`, which the caller opened (for a [`RawFile`], with
+    /// [`RawFile::open`] and the device's [`read_only`](Block::read_only) flag) without holding
+    /// the device, so that no lock on it is held while a slow file system opens the new one. On
+    /// an active device the worker thread takes the new backend between two requests (a
+    /// request the rate limiter holds back is checked again against the new capacity), then
+    /// sets the new capacity and tells the driver through a configuration change interrupt.
+    /// The device keeps its read-only flag and ID, and the features stay as negotiated: if the
+    /// new backend cannot discard where the old one could, discards complete with UNSUPP.
     /// Counted in `update_count`, or `update_fails`.
     ///
     /// It never waits for the worker: the caller waits on the [`PendingUpdate`] it returns,
-    /// after it released whatever lock it holds the device under; the old disk is closed then,
-    /// on the caller's thread.
+    /// after it released whatever lock it holds the device under; the old backend is dropped
+    /// (a file closed) then, on the caller's thread.
     ///
     /// # Errors
     ///
-    /// [`Error::DiskMismatch`] when `disk` was opened read-write for a read-only device, or
-    /// with another ID (the old disk stays); [`Error::Worker`] when the worker thread is gone,
-    /// [`Error::Lost`] when the device lost its disk with a worker that panicked.
-    pub fn update_disk(&mut self, disk: Disk) -> Result<PendingUpdate> {
-        let pending = self.replace_disk(disk);
+    /// Those of [`Disk::new`] when the new backend cannot back the device
+    /// ([`Error::ReadOnlyBackend`] for a read-only one on a writable device; the old backend
+    /// stays); [`Error::Worker`] when the worker thread is gone, [`Error::Lost`] when the
+    /// device lost its disk with a worker that panicked.
+    pub fn update_disk(&mut self, backend: B) -> Result<PendingUpdate> {
+        let pending =
+            Disk::new(backend, self.read_only, &self.id).and_then(|disk| self.replace_disk(disk));
         if pending.is_err() {
             inc(&self.metrics.update_fails);
         }
         pending
     }
 
-    fn replace_disk(&mut self, disk: Disk) -> Result<PendingUpdate> {
-        if disk.read_only() != self.read_only || disk.id() != &disk::id_bytes(&self.id)? {
-            return Err(Error::DiskMismatch);
-        }
+    fn replace_disk(&mut self, disk: Disk<B>) -> Result<PendingUpdate> {
         match &mut self.state {
             State::Ready { disk: old, .. } => {
                 self.capacity.store(disk.capacity(), Ordering::Release);
@@ -433,7 +478,9 @@ impl Block {
             State::Lost => Err(Error::Lost),
         }
     }
+}
 
+impl<B> Block<B> {
     fn stop_worker(&mut self) {
         if !matches!(self.state, State::Active { .. }) {
             return;
@@ -448,13 +495,13 @@ impl Block {
     }
 }
 
-impl Drop for Block {
+impl<B> Drop for Block<B> {
     fn drop(&mut self) {
         self.stop_worker();
     }
 }
 
-impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
+impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> VirtioDevice<M> for Block<B> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }
@@ -499,7 +546,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
     }
 }
 
-impl Block {
+impl<B: BlockBackend> Block<B> {
     /// Hands the disk, the rate limiter and the queue to a worker thread.
     fn start_worker<M: GuestMemory + Send + Sync + 'static>(
         &mut self,
@@ -571,7 +618,7 @@ fn config_range_ok(offset: u64, len: usize) -> bool {
 }
 
 /// The features a device on `disk` offers.
-fn features(disk: &Disk) -> u64 {
+fn features<B: BlockBackend>(disk: &Disk<B>) -> u64 {
     let mut features = (1 << VIRTIO_F_VERSION_1)
         | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << VIRTIO_RING_F_INDIRECT_DESC)
@@ -580,8 +627,10 @@ fn features(disk: &Disk) -> u64 {
     if disk.read_only() {
         features |= 1 << VIRTIO_BLK_F_RO;
     } else {
-        features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
-        if disk.discard_supported() {
+        if disk.backend().supports_write_zeroes() {
+            features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        if disk.backend().supports_discard() {
             features |= 1 << VIRTIO_BLK_F_DISCARD;
         }
     }
@@ -590,12 +639,14 @@ fn features(disk: &Disk) -> u64 {
 
 /// The configuration space of a device on `disk`, little-endian; the fields of features it
 /// does not offer stay 0.
-fn config_space(disk: &Disk) -> [u8; CONFIG_LEN] {
+fn config_space<B: BlockBackend>(disk: &Disk<B>) -> [u8; CONFIG_LEN] {
     let mut config = [0u8; CONFIG_LEN];
     let mut put = |offset: usize, bytes: &[u8]| put_config(&mut config, offset, bytes);
+    let backend = disk.backend();
+    let discard = !disk.read_only() && backend.supports_discard();
     put(CONFIG_CAPACITY, &disk.capacity().to_le_bytes());
     put(CONFIG_SEG_MAX, &SEG_MAX.to_le_bytes());
-    if disk.discard_supported() {
+    if discard {
         put(
             CONFIG_MAX_DISCARD_SECTORS,
             &MAX_DISCARD_SECTORS.to_le_bytes(),
@@ -603,10 +654,10 @@ fn config_space(disk: &Disk) -> [u8; CONFIG_LEN] {
         put(CONFIG_MAX_DISCARD_SEG, &MAX_DISCARD_SEG.to_le_bytes());
         put(
             CONFIG_DISCARD_SECTOR_ALIGNMENT,
-            &disk.discard_alignment().to_le_bytes(),
+            &backend.discard_alignment().max(1).to_le_bytes(),
         );
     }
-    if !disk.read_only() {
+    if !disk.read_only() && backend.supports_write_zeroes() {
         put(
             CONFIG_MAX_WRITE_ZEROES_SECTORS,
             &MAX_WRITE_ZEROES_SECTORS.to_le_bytes(),
@@ -615,10 +666,7 @@ fn config_space(disk: &Disk) -> [u8; CONFIG_LEN] {
             CONFIG_MAX_WRITE_ZEROES_SEG,
             &MAX_WRITE_ZEROES_SEG.to_le_bytes(),
         );
-        put(
-            CONFIG_WRITE_ZEROES_MAY_UNMAP,
-            &[u8::from(disk.discard_supported())],
-        );
+        put(CONFIG_WRITE_ZEROES_MAY_UNMAP, &[u8::from(discard)]);
     }
     config
 }
@@ -644,8 +692,10 @@ fn put_config(config: &mut [u8; CONFIG_LEN], offset: usize, bytes: &[u8]) {
 /// chain first when called again, once the limiter's timerfd has fired and
 /// [`RateLimiter::event_handler`] has been called. The limiter reads the time from `C`, the
 /// monotonic clock unless a test gives it another.
-pub struct BlockWorker<M, C: Clock = MonotonicClock> {
-    server: Server<C>,
+///
+/// The disk's backend `B` is called directly, without dynamic dispatch, on every request.
+pub struct BlockWorker<M, B = RawFile, C: Clock = MonotonicClock> {
+    server: Server<B, C>,
     queue: Queue,
     mem: Arc<M>,
     interrupt: Arc<Interrupt>,
@@ -656,15 +706,15 @@ pub struct BlockWorker<M, C: Clock = MonotonicClock> {
 
 /// What carries out the requests of a queue: the disk, the rate limiter in front of it, and
 /// the counters.
-struct Server<C: Clock> {
-    disk: Disk,
+struct Server<B, C: Clock> {
+    disk: Disk<B>,
     rate_limiter: RateLimiter<C>,
     /// The chain the rate limiter held back, served before any other.
     throttled: Option<DescriptorChain>,
     metrics: Arc<BlockMetrics>,
 }
 
-impl<M, C: Clock + fmt::Debug> fmt::Debug for BlockWorker<M, C> {
+impl<M, B, C: Clock + fmt::Debug> fmt::Debug for BlockWorker<M, B, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlockWorker")
             .field("disk", &self.server.disk)
@@ -675,13 +725,13 @@ impl<M, C: Clock + fmt::Debug> fmt::Debug for BlockWorker<M, C> {
     }
 }
 
-impl<M: GuestMemory, C: Clock> BlockWorker<M, C> {
+impl<M: GuestMemory, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
     /// Serves `queue`, which the driver set up in `mem`, from `disk`, as fast as
     /// `rate_limiter` lets it (`RateLimiter::default()` lets everything through), raising
     /// `interrupt`. It counts into counters of its own until given others
     /// ([`BlockWorker::with_metrics`]).
     pub fn new(
-        disk: Disk,
+        disk: Disk<B>,
         queue: Queue,
         mem: Arc<M>,
         interrupt: Arc<Interrupt>,
@@ -810,23 +860,23 @@ impl<M: GuestMemory, C: Clock> BlockWorker<M, C> {
     }
 
     /// The disk requests are served from.
-    pub fn disk(&self) -> &Disk {
+    pub fn disk(&self) -> &Disk<B> {
         &self.server.disk
     }
 
     /// Serves the requests from `disk` from now on, and gives back the disk they were served
     /// from. A request the rate limiter holds back is checked against the new disk when it goes.
-    pub fn replace_disk(&mut self, disk: Disk) -> Disk {
+    pub fn replace_disk(&mut self, disk: Disk<B>) -> Disk<B> {
         std::mem::replace(&mut self.server.disk, disk)
     }
 
     /// Gives the disk back.
-    pub fn into_disk(self) -> Disk {
+    pub fn into_disk(self) -> Disk<B> {
         self.server.disk
     }
 
     /// Gives the disk and the rate limiter back.
-    pub fn into_parts(self) -> (Disk, RateLimiter<C>) {
+    pub fn into_parts(self) -> (Disk<B>, RateLimiter<C>) {
         (self.server.disk, self.server.rate_limiter)
     }
 }
@@ -862,7 +912,7 @@ enum Served {
     Throttled,
 }
 
-impl<C: Clock> Server<C> {
+impl<B: BlockBackend, C: Clock> Server<B, C> {
     /// Serves the chain held back, then available chains, until there are none, the `budget`
     /// is spent, or the rate limiter holds one back.
     fn drain<M: GuestMemory>(
@@ -957,15 +1007,15 @@ fn disk_bytes(request_type: request::RequestType) -> u64 {
 /// It waits on the notification eventfd and the rate limiter's timerfd. While the limiter
 /// holds a request back, notifications are read and ignored (the driver is not asked for them
 /// either: the queue's notifications stay off), and the timer's event resumes the queue.
-struct BlockHandler<M> {
-    worker: BlockWorker<M>,
+struct BlockHandler<M, B> {
+    worker: BlockWorker<M, B>,
     queue_evt: EventFd,
     id: String,
     /// Whether the driver broke the protocol: the handler serves nothing until reset.
     broken: bool,
 }
 
-impl<M> fmt::Debug for BlockHandler<M> {
+impl<M, B> fmt::Debug for BlockHandler<M, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlockHandler")
             .field("worker", &self.worker)
@@ -975,7 +1025,7 @@ impl<M> fmt::Debug for BlockHandler<M> {
     }
 }
 
-impl<M: GuestMemory + Send + Sync + 'static> EventHandler for BlockHandler<M> {
+impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> EventHandler for BlockHandler<M, B> {
     fn init(&mut self, ops: &mut EventOps<'_>) -> io::Result<()> {
         ops.add(self.queue_evt.as_raw_fd(), EventSet::IN, QUEUE_TOKEN)?;
         ops.add(
@@ -997,7 +1047,7 @@ impl<M: GuestMemory + Send + Sync + 'static> EventHandler for BlockHandler<M> {
     }
 }
 
-impl<M: GuestMemory + Send + Sync + 'static> BlockHandler<M> {
+impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> BlockHandler<M, B> {
     fn queue_event(&mut self, ops: &mut EventOps<'_>) {
         let metrics = self.worker.metrics().clone();
         inc(&metrics.queue_event_count);
@@ -1107,7 +1157,7 @@ impl<M: GuestMemory + Send + Sync + 'static> BlockHandler<M> {
 #[must_use = "the change may still be under way, and may fail"]
 pub struct PendingUpdate {
     /// The worker's answer, with the disk it no longer uses; `None` when the change is made.
-    reply: Option<Reply<Option<Disk>>>,
+    reply: Option<Reply<Option<Retired>>>,
     metrics: Arc<BlockMetrics>,
 }
 
@@ -1119,7 +1169,7 @@ impl PendingUpdate {
         }
     }
 
-    fn waiting(reply: Reply<Option<Disk>>, metrics: &Arc<BlockMetrics>) -> Self {
+    fn waiting(reply: Reply<Option<Retired>>, metrics: &Arc<BlockMetrics>) -> Self {
         PendingUpdate {
             reply: Some(reply),
             metrics: metrics.clone(),
@@ -1159,26 +1209,40 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     line
 }
 
+/// A disk the worker no longer serves, whatever its backend, to drop on the caller's thread.
+struct Retired(#[allow(dead_code, reason = "only dropped")] Box<dyn Send>);
+
+impl fmt::Debug for Retired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Retired")
+    }
+}
+
 /// A running worker, whatever guest memory type it serves.
-trait ActiveWorker: Send {
+trait ActiveWorker<B>: Send {
     /// Stops the thread and gives the disk and the rate limiter back.
-    fn stop(self: Box<Self>) -> io::Result<(Disk, RateLimiter)>;
+    fn stop(self: Box<Self>) -> io::Result<(Disk<B>, RateLimiter)>;
 
     /// Has the worker thread change the rate limiter's buckets.
     fn update_rate_limiter(
         &self,
         bandwidth: BucketUpdate,
         ops: BucketUpdate,
-    ) -> io::Result<Reply<Option<Disk>>>;
+    ) -> io::Result<Reply<Option<Retired>>>;
 
     /// Has the worker thread serve the requests from `disk` from now on, store its capacity in
     /// `capacity` and tell the driver; the reply gives back the disk they were served from.
-    fn replace_disk(&self, disk: Disk, capacity: Arc<AtomicU64>)
-    -> io::Result<Reply<Option<Disk>>>;
+    fn replace_disk(
+        &self,
+        disk: Disk<B>,
+        capacity: Arc<AtomicU64>,
+    ) -> io::Result<Reply<Option<Retired>>>;
 }
 
-impl<M: GuestMemory + Send + Sync + 'static> ActiveWorker for Worker<BlockHandler<M>> {
-    fn stop(self: Box<Self>) -> io::Result<(Disk, RateLimiter)> {
+impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> ActiveWorker<B>
+    for Worker<BlockHandler<M, B>>
+{
+    fn stop(self: Box<Self>) -> io::Result<(Disk<B>, RateLimiter)> {
         Worker::stop(*self).map(|handler| handler.worker.into_parts())
     }
 
@@ -1186,7 +1250,7 @@ impl<M: GuestMemory + Send + Sync + 'static> ActiveWorker for Worker<BlockHandle
         &self,
         bandwidth: BucketUpdate,
         ops: BucketUpdate,
-    ) -> io::Result<Reply<Option<Disk>>> {
+    ) -> io::Result<Reply<Option<Retired>>> {
         // A blocked limiter re-arms its timer to fire at once, so that a request held back
         // under the old limits is retried under the new ones.
         self.post(move |handler, _| {
@@ -1201,9 +1265,9 @@ impl<M: GuestMemory + Send + Sync + 'static> ActiveWorker for Worker<BlockHandle
 
     fn replace_disk(
         &self,
-        disk: Disk,
+        disk: Disk<B>,
         capacity: Arc<AtomicU64>,
-    ) -> io::Result<Reply<Option<Disk>>> {
+    ) -> io::Result<Reply<Option<Retired>>> {
         self.post(move |handler, _| {
             let new_capacity = disk.capacity();
             let old = handler.worker.replace_disk(disk);
@@ -1218,7 +1282,7 @@ impl<M: GuestMemory + Send + Sync + 'static> ActiveWorker for Worker<BlockHandle
                     handler.id
                 );
             }
-            Some(old)
+            Some(Retired(Box::new(old)))
         })
     }
 }
@@ -1278,13 +1342,21 @@ mod tests {
             Image::new(&dir, SECTORS * SECTOR_SIZE)
         }
 
+        fn backend(&self, read_only: bool) -> Result<RawFile> {
+            RawFile::open(&self.path, read_only)
+        }
+
         fn config(&self, read_only: bool) -> Config {
-            Config {
-                path: self.path.clone(),
-                read_only,
-                id: "disk0".into(),
-                ..Config::default()
-            }
+            Config::new("disk0").with_read_only(read_only)
+        }
+
+        fn disk(&self, read_only: bool) -> Disk {
+            Disk::new(self.backend(read_only).unwrap(), read_only, "disk0").unwrap()
+        }
+
+        /// A device on the image, as a VMM makes one.
+        fn block(&self, read_only: bool) -> Result<Block> {
+            Block::new(self.backend(read_only)?, self.config(read_only))
         }
 
         fn contents(&self) -> Vec<u8> {
@@ -1332,7 +1404,7 @@ mod tests {
             queue.validate(&*mem).unwrap();
             let irqs = CountingTrigger::default();
             let interrupt = Arc::new(Interrupt::new(irqs.clone()));
-            let disk = Disk::open(&image.config(read_only)).unwrap();
+            let disk = image.disk(read_only);
             let worker = BlockWorker::new(disk, queue, mem.clone(), interrupt, rate_limiter);
             Guest {
                 mem,
@@ -1621,7 +1693,10 @@ mod tests {
     fn a_discard_reads_back_as_zeroes() {
         let image = Image::on_tmpfs();
         let mut g = Guest::new(&image, false);
-        assert!(g.worker.disk().discard_supported(), "tmpfs punches holes");
+        assert!(
+            g.worker.disk().backend().supports_discard(),
+            "tmpfs punches holes"
+        );
         g.header(VIRTIO_BLK_T_DISCARD, 0);
         g.segment(8, 8, 0);
         let used = g.submit(&[hdr(), MockBuffer::readable(SEG, 16), status()]);
@@ -1661,8 +1736,8 @@ mod tests {
         let clock = ManualClock::new(0);
         // 4 KiB per second, no operations limit.
         let limiter = RateLimiter::with_clock(bucket(4096, 1000), None, clock.clone()).unwrap();
-        let disk = Disk::open(&image.config(false)).unwrap();
-        assert!(disk.discard_supported(), "tmpfs punches holes");
+        let disk = image.disk(false);
+        assert!(disk.backend().supports_discard(), "tmpfs punches holes");
         let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
         let mut worker = BlockWorker::new(disk, queue, mem.clone(), interrupt, limiter);
         let request = |driver: &mut MockDriver, type_: u32, seg: u64, sectors: u32| {
@@ -1719,7 +1794,7 @@ mod tests {
         queue.validate(&*mem).unwrap();
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
-        let disk = Disk::open(&image.config(false)).unwrap();
+        let disk = image.disk(false);
         let handler = BlockHandler {
             worker: BlockWorker::new(disk, queue, mem.clone(), interrupt, RateLimiter::default()),
             queue_evt: kick.try_clone().unwrap(),
@@ -1791,7 +1866,7 @@ mod tests {
             .unwrap()
             .set_len(2 * MAX_BATCH_BYTES)
             .unwrap();
-        let disk = Disk::open_image(&path, false, "budget").unwrap();
+        let disk = Disk::new(RawFile::open(&path, false).unwrap(), false, "budget").unwrap();
         std::fs::remove_file(&path).unwrap();
         let mem = Arc::new(guest_memory(0x100000).unwrap());
         let mut driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
@@ -1853,7 +1928,7 @@ mod tests {
     #[test]
     fn an_image_size_not_a_multiple_of_512_is_refused() {
         let image = Image::new(&std::env::temp_dir(), 1000);
-        let err = Block::new(image.config(false)).unwrap_err();
+        let err = image.block(false).unwrap_err();
         assert!(matches!(
             err,
             Error::SizeNotSectorMultiple { size: 1000, .. }
@@ -1862,12 +1937,8 @@ mod tests {
 
     #[test]
     fn a_directory_is_not_a_disk() {
-        let config = Config {
-            path: std::env::temp_dir(),
-            read_only: true,
-            ..Config::default()
-        };
-        assert!(matches!(Block::new(config), Err(Error::NotADisk { .. })));
+        let err = RawFile::open(&std::env::temp_dir(), true).unwrap_err();
+        assert!(matches!(err, Error::NotADisk { .. }), "{err}");
     }
 
     #[test]
@@ -1885,11 +1956,8 @@ mod tests {
 
     #[test]
     fn a_missing_image_is_refused() {
-        let config = Config {
-            path: std::env::temp_dir().join("ember-blk-test-no-such-image"),
-            ..Config::default()
-        };
-        let err = Block::new(config).unwrap_err();
+        let path = std::env::temp_dir().join("ember-blk-test-no-such-image");
+        let err = RawFile::open(&path, false).unwrap_err();
         assert!(matches!(err, Error::Open { .. }));
         // The message names the path; the source says why.
         assert!(err.to_string().contains("no-such-image"));
@@ -1906,7 +1974,7 @@ mod tests {
         let mut config = image.config(false);
         config.id = "a".repeat(21);
         assert!(matches!(
-            Block::new(config),
+            Block::new(image.backend(false).unwrap(), config),
             Err(Error::IdTooLong { len: 21 })
         ));
     }
@@ -1924,7 +1992,7 @@ mod tests {
     #[test]
     fn the_config_space_holds_capacity_seg_max_and_the_discard_and_write_zeroes_limits() {
         let image = Image::on_tmpfs();
-        let block = Block::new(image.config(false)).unwrap();
+        let block = image.block(false).unwrap();
         let config = config_of(&block);
         assert_eq!(u64::from_le_bytes(config[..8].try_into().unwrap()), SECTORS);
         assert_eq!(le32(&config, 12), SEG_MAX);
@@ -1946,7 +2014,7 @@ mod tests {
     #[test]
     fn a_read_only_config_space_has_no_discard_or_write_zeroes_limits() {
         let image = Image::on_tmpfs();
-        let block = Block::new(image.config(true)).unwrap();
+        let block = image.block(true).unwrap();
         let config = config_of(&block);
         assert_eq!(le32(&config, 12), SEG_MAX);
         assert!(config[36..].iter().all(|&b| b == 0));
@@ -1955,7 +2023,7 @@ mod tests {
     #[test]
     fn config_writes_are_ignored() {
         let image = Image::on_tmpfs();
-        let mut block = Block::new(image.config(false)).unwrap();
+        let mut block = image.block(false).unwrap();
         let before = config_of(&block);
         VirtioDevice::<Mem>::write_config(&mut block, 0, &[0xff; 8]);
         assert_eq!(config_of(&block), before);
@@ -1969,12 +2037,12 @@ mod tests {
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_SEG_MAX);
         let image = Image::on_tmpfs();
-        let rw = Block::new(image.config(false)).unwrap();
+        let rw = image.block(false).unwrap();
         assert_eq!(
             VirtioDevice::<Mem>::features(&rw),
             base | (1 << VIRTIO_BLK_F_WRITE_ZEROES) | (1 << VIRTIO_BLK_F_DISCARD)
         );
-        let ro = Block::new(image.config(true)).unwrap();
+        let ro = image.block(true).unwrap();
         assert_eq!(
             VirtioDevice::<Mem>::features(&ro),
             base | (1 << VIRTIO_BLK_F_RO)
@@ -2101,7 +2169,7 @@ mod tests {
     #[test]
     fn config_writes_and_reads_past_the_end_count_as_config_failures() {
         let image = Image::on_tmpfs();
-        let mut block = Block::new(image.config(false)).unwrap();
+        let mut block = image.block(false).unwrap();
         let mut data = [0u8; 8];
         VirtioDevice::<Mem>::read_config(&block, 0, &mut data);
         VirtioDevice::<Mem>::read_config(&block, 52, &mut data);
@@ -2203,7 +2271,7 @@ mod tests {
     #[test]
     fn the_worker_serves_requests_until_reset_and_again_after_activation() {
         let image = Image::on_tmpfs();
-        let mut block = Block::new(image.config(false)).unwrap();
+        let mut block = image.block(false).unwrap();
         let mut a = activate(&mut block);
         assert!(block.is_active());
         assert_eq!(read_sector_through_worker(&mut a, 5), pattern(5, 1));
@@ -2254,7 +2322,7 @@ mod tests {
     #[test]
     fn activation_needs_exactly_one_queue() {
         let image = Image::on_tmpfs();
-        let mut block = Block::new(image.config(false)).unwrap();
+        let mut block = image.block(false).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let params = ActivateParams {
             mem: Arc::new(guest_memory(0x10000).unwrap()),
@@ -2363,7 +2431,7 @@ mod tests {
         config.id = "thr".into();
         // One request per 10 s: the first goes, the others wait.
         config.rate_limiter = RateLimiter::new(None, bucket(1, 10_000)).unwrap();
-        let mut block = Block::new(config).unwrap();
+        let mut block = Block::new(image.backend(false).unwrap(), config).unwrap();
         let mut a = activate(&mut block);
         const N: u64 = 20;
         for i in 0..N {
@@ -2436,7 +2504,7 @@ mod tests {
         let mut config = image.config(false);
         // Two requests per 10 s, and no byte limit.
         config.rate_limiter = RateLimiter::new(None, bucket(2, 10_000)).unwrap();
-        let mut block = Block::new(config).unwrap();
+        let mut block = Block::new(image.backend(false).unwrap(), config).unwrap();
         let mut a = activate(&mut block);
         assert_eq!(read_sector_through_worker(&mut a, 1), pattern(1, 1));
         assert_eq!(read_sector_through_worker(&mut a, 2), pattern(2, 1));
@@ -2482,7 +2550,7 @@ mod tests {
     fn update_disk_swaps_the_image_changes_the_capacity_and_raises_a_config_interrupt() {
         let image = Image::on_tmpfs();
         let bigger = Image::new(&std::env::temp_dir(), 2 * SECTORS * SECTOR_SIZE);
-        let mut block = Block::new(image.config(false)).unwrap();
+        let mut block = image.block(false).unwrap();
         let mut a = activate(&mut block);
         assert_eq!(block.capacity(), SECTORS);
         // Sector 100 is past the end of the first image.
@@ -2533,15 +2601,15 @@ mod tests {
 
     /// Opens the image at `path` as a VMM does, without the device, and hands it over.
     fn swap_disk(block: &mut Block, path: &Path) -> Result<()> {
-        let disk = Disk::open_image(path, block.read_only(), block.id())?;
-        block.update_disk(disk)?.wait()
+        let backend = RawFile::open(path, block.read_only())?;
+        block.update_disk(backend)?.wait()
     }
 
     #[test]
     fn update_disk_hands_the_disk_over_without_waiting_for_a_busy_worker() {
         let image = Image::on_tmpfs();
         let bigger = Image::new(&std::env::temp_dir(), 2 * SECTORS * SECTOR_SIZE);
-        let mut block = Block::new(image.config(false)).unwrap();
+        let mut block = image.block(false).unwrap();
         let mem = Arc::new(guest_memory(0x100000).unwrap());
         let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
         let irqs = CountingTrigger::default();
@@ -2571,8 +2639,8 @@ mod tests {
 
         // Handing the disk and the limits over returns at once: a VMM releases the transport
         // before it waits.
-        let disk = Disk::open_image(&bigger.path, false, block.id()).unwrap();
-        let swapped = block.update_disk(disk).unwrap();
+        let backend = RawFile::open(&bigger.path, false).unwrap();
+        let swapped = block.update_disk(backend).unwrap();
         let limited = block
             .update_rate_limiter(BucketUpdate::None, BucketUpdate::Disabled)
             .unwrap();
@@ -2597,7 +2665,7 @@ mod tests {
         // SAFETY: `c_path` is a NUL-terminated path that lives across the call.
         assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
         // Opened read-only, a FIFO with no writer would block the opener for ever.
-        let result = Disk::open_image(&path, true, "fifo");
+        let result = RawFile::open(&path, true);
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(result, Err(Error::NotADisk { .. })));
     }
@@ -2607,20 +2675,26 @@ mod tests {
         let image = Image::on_tmpfs();
         let other = Image::on_tmpfs();
         let before = other.contents();
-        let mut block = Block::new(image.config(true)).unwrap();
+        // A read-only backend cannot back a writable device.
+        let mut writable = image.block(false).unwrap();
+        let read_only = RawFile::open(&other.path, true).unwrap();
+        assert!(matches!(
+            writable.update_disk(read_only),
+            Err(Error::ReadOnlyBackend)
+        ));
+        assert_eq!(writable.metrics().get("update_fails"), Some(1));
+        let read_only = RawFile::open(&other.path, true).unwrap();
+        assert!(matches!(
+            Block::new(read_only, image.config(false)),
+            Err(Error::ReadOnlyBackend)
+        ));
+
+        // A read-only device keeps its features and refuses writes itself, even on a backend
+        // that could write.
+        let mut block = image.block(true).unwrap();
         let features = VirtioDevice::<Mem>::features(&block);
-        // A disk opened read-write, or under another ID, is refused.
-        let writable = Disk::open_image(&other.path, false, block.id()).unwrap();
-        assert!(matches!(
-            block.update_disk(writable),
-            Err(Error::DiskMismatch)
-        ));
-        let renamed = Disk::open_image(&other.path, true, "other").unwrap();
-        assert!(matches!(
-            block.update_disk(renamed),
-            Err(Error::DiskMismatch)
-        ));
-        swap_disk(&mut block, &other.path).unwrap();
+        let backend = RawFile::open(&other.path, false).unwrap();
+        block.update_disk(backend).unwrap().wait().unwrap();
         assert_eq!(VirtioDevice::<Mem>::features(&block), features);
         let mut a = activate(&mut block);
         a.mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
@@ -2674,7 +2748,7 @@ mod tests {
         let mut config = image.config(false);
         let start = Instant::now();
         config.rate_limiter = RateLimiter::new(bucket(SIZE, REFILL_MS), None).unwrap();
-        let mut block = Block::new(config).unwrap();
+        let mut block = Block::new(image.backend(false).unwrap(), config).unwrap();
         let mut a = activate(&mut block);
         let metrics = block.metrics().clone();
         let (bytes, elapsed) = keep_reading(&mut a, &metrics, start, Duration::from_millis(1500));
@@ -2723,7 +2797,7 @@ mod tests {
         let image = Image::on_tmpfs();
         let mut config = image.config(false);
         config.id = "spin".into();
-        let mut block = Block::new(config).unwrap();
+        let mut block = Block::new(image.backend(false).unwrap(), config).unwrap();
         let mut a = activate(&mut block);
         assert_eq!(read_sector_through_worker(&mut a, 1), pattern(1, 1));
 

@@ -22,6 +22,7 @@
 //! reads the header (and the discard or write zeroes segment) once, checks every length and
 //! sector against the device's limits with checked arithmetic, and touches neither the disk nor
 //! the used ring. A fuzz target can call it on any chain the mock driver builds.
+//! [`Disk::execute`](super::Disk::execute) carries a parsed request out against the backend.
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -63,6 +64,7 @@ pub struct Segment {
 
 /// What a request asks of the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RequestType {
     /// Read `len` bytes from `sector` into the writable data buffers (VIRTIO_BLK_T_IN).
     In {
@@ -97,6 +99,7 @@ pub enum RequestType {
 /// Every variant but [`RequestError::NoStatus`] completes the request with the status byte
 /// [`RequestError::status`] gives.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RequestError {
     /// The chain has no device-writable byte to hold the status.
     #[error("The request has no device-writable status byte")]
