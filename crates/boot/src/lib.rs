@@ -86,3 +86,7 @@ pub use initrd::{InitrdRegion, load_initrd};
 pub use kernel::{KernelFormat, LoadedKernel, load_kernel};
 pub use linux_loader::cmdline::Cmdline;
 pub use system::configure_system;
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
