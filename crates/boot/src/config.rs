@@ -391,6 +391,49 @@ fn overlaps<T: PartialOrd>(a: &Range<T>, b: &Range<T>) -> bool {
 pub(crate) struct Region {
     pub(crate) what: &'static str,
     pub(crate) range: Range<u64>,
+    /// Whether the memory map must report it reserved: the tables the kernel keeps.
+    reserved: bool,
+}
+
+/// Most regions a configuration has: eleven boot structures and the firmware range.
+const MAX_REGIONS: usize = 12;
+
+/// The regions of a configuration, without a heap allocation: the checks run on every boot.
+#[derive(Debug)]
+pub(crate) struct Regions {
+    items: [Region; MAX_REGIONS],
+    len: usize,
+}
+
+impl Regions {
+    const EMPTY: Region = Region {
+        what: "",
+        range: 0..0,
+        reserved: false,
+    };
+
+    fn new() -> Self {
+        Self {
+            items: [Self::EMPTY; MAX_REGIONS],
+            len: 0,
+        }
+    }
+
+    /// Appends `region`; there is room for every region a configuration has.
+    fn push(&mut self, region: Region) {
+        if let Some(slot) = self.items.get_mut(self.len) {
+            *slot = region;
+            self.len += 1;
+        }
+    }
+}
+
+impl std::ops::Deref for Regions {
+    type Target = [Region];
+
+    fn deref(&self) -> &[Region] {
+        &self.items[..self.len]
+    }
 }
 
 /// Everything [`configure_system`](crate::configure_system) and
@@ -432,19 +475,22 @@ impl BootConfig {
     /// [`Error::Misaligned`], [`Error::AboveMmioGap`], [`Error::Overlap`] or
     /// [`Error::OutsideFirmware`].
     pub fn validate(&self) -> Result<()> {
+        self.checked_regions().map(drop)
+    }
+
+    /// [`validate`](Self::validate), returning the boot structures and the firmware range.
+    pub(crate) fn checked_regions(&self) -> Result<Regions> {
         if self.vcpus == 0 || self.vcpus > mptable::MAX_VCPUS {
             return Err(Error::VcpuCount(self.vcpus));
         }
         self.platform.validate()?;
         let layout = &self.layout;
-        let mut aligned = vec![
-            ("page tables", layout.page_tables, PAGE_TABLES_ALIGN),
-            ("ACPI tables", layout.acpi, ACPI_ALIGN),
+        let aligned = [
+            Some(("page tables", layout.page_tables, PAGE_TABLES_ALIGN)),
+            Some(("ACPI tables", layout.acpi, ACPI_ALIGN)),
+            layout.mptable.map(|addr| ("MP table", addr, MPTABLE_ALIGN)),
         ];
-        if let Some(mptable) = layout.mptable {
-            aligned.push(("MP table", mptable, MPTABLE_ALIGN));
-        }
-        for (what, addr, align) in aligned {
+        for (what, addr, align) in aligned.into_iter().flatten() {
             if addr % align != 0 {
                 return Err(Error::Misaligned { what, addr, align });
             }
@@ -452,7 +498,7 @@ impl BootConfig {
 
         let gap = self.platform.mmio_gap.start;
         let regions = self.regions();
-        for region in &regions {
+        for region in regions.iter() {
             if region.range.end > gap || region.range.start >= region.range.end {
                 return Err(Error::AboveMmioGap {
                     what: region.what,
@@ -485,7 +531,7 @@ impl BootConfig {
                 gap,
             });
         }
-        for region in regions.iter().filter(|r| r.must_be_reserved()) {
+        for region in regions.iter().filter(|r| r.reserved) {
             if region.range.start < firmware.start || region.range.end > firmware.end {
                 return Err(Error::OutsideFirmware {
                     what: region.what,
@@ -495,7 +541,9 @@ impl BootConfig {
                 });
             }
         }
-        Ok(())
+        let mut regions = regions;
+        regions.push(self.firmware_region());
+        Ok(regions)
     }
 
     /// Checks the configuration against guest memory, the loaded kernel and the initrd: every
@@ -511,50 +559,22 @@ impl BootConfig {
         kernel: &LoadedKernel,
         initrd: Option<InitrdRegion>,
     ) -> Result<()> {
-        let kernel_range = HIMEM_START..kernel.footprint_end().0.max(HIMEM_START);
-        let initrd_range = initrd.map(|initrd| {
-            let size = u64::try_from(initrd.size).unwrap_or(u64::MAX);
-            initrd.addr.0..initrd.addr.0.saturating_add(size)
-        });
-        for region in self.regions_and_firmware() {
-            let (start, size) = (region.range.start, region.range.end - region.range.start);
-            let in_memory = usize::try_from(size)
-                .is_ok_and(|len| GuestMemoryBackend::check_range(mem, GuestAddress(start), len));
-            if !in_memory {
-                return Err(Error::NotInMemory {
-                    what: region.what,
-                    addr: start,
-                    size,
-                });
-            }
-            let images = std::iter::once(("kernel", kernel_range.clone()))
-                .chain(initrd_range.clone().map(|range| ("initrd", range)));
-            for (with, range) in images {
-                if overlaps(&region.range, &range) {
-                    return Err(Error::OverlapsImage {
-                        what: region.what,
-                        addr: start,
-                        with,
-                        with_addr: range.start,
-                        with_end: range.end,
-                    });
-                }
-            }
-        }
-        Ok(())
+        check_placement(&self.regions_and_firmware(), mem, kernel, initrd)
     }
 
     /// The boot structures, in address order of the default layout. Sizes that depend on the
     /// vCPU count assume a valid one; ranges that would overflow end at `u64::MAX`, which the
     /// checks above reject.
-    pub(crate) fn regions(&self) -> Vec<Region> {
+    pub(crate) fn regions(&self) -> Regions {
         let l = &self.layout;
         let region = |what, start: u64, size: usize| Region {
             what,
             range: start..start.saturating_add(u64::try_from(size).unwrap_or(u64::MAX)),
+            reserved: false,
         };
         let vcpus = self.vcpus.clamp(1, mptable::MAX_VCPUS);
-        let mut regions = vec![
+        let mut regions = Regions::new();
+        for region in [
             region("GDT", l.gdt, GDT_ENTRIES * 8),
             region("IDT", l.idt, 8),
             region(
@@ -576,38 +596,94 @@ impl BootConfig {
             Region {
                 what: "boot stack",
                 range: l.boot_stack.saturating_sub(BOOT_STACK_CHECKED)..l.boot_stack,
+                reserved: false,
             },
             region("page tables", l.page_tables, paging::TABLES_SIZE),
             region("command line", l.cmdline, CMDLINE_MAX_SIZE),
-        ];
+        ] {
+            regions.push(region);
+        }
+        let reserved = |region: Region| Region {
+            reserved: true,
+            ..region
+        };
         if let Some(mptable) = l.mptable {
-            regions.push(region(
+            regions.push(reserved(region(
                 "MP table",
                 mptable,
                 mptable::mptable_size(vcpus, self.platform.ioapic_pins),
-            ));
+            )));
         }
-        regions.push(region("ACPI tables", l.acpi, acpi::tables_size(vcpus)));
+        regions.push(reserved(region(
+            "ACPI tables",
+            l.acpi,
+            acpi::tables_size(vcpus),
+        )));
         regions
     }
 
     /// The boot structures and the firmware range: what must be in memory and clear of the
     /// kernel and the initrd.
-    pub(crate) fn regions_and_firmware(&self) -> Vec<Region> {
+    pub(crate) fn regions_and_firmware(&self) -> Regions {
         let mut regions = self.regions();
-        regions.push(Region {
+        regions.push(self.firmware_region());
+        regions
+    }
+
+    fn firmware_region(&self) -> Region {
+        Region {
             what: "firmware range",
             range: self.layout.firmware.clone(),
-        });
-        regions
+            reserved: false,
+        }
     }
 }
 
-impl Region {
-    /// Whether the memory map must report the structure reserved.
-    fn must_be_reserved(&self) -> bool {
-        matches!(self.what, "MP table" | "ACPI tables")
+/// [`BootConfig::check_placement`] of the configuration's `regions`.
+pub(crate) fn check_placement<M: GuestMemoryBackend>(
+    regions: &Regions,
+    mem: &M,
+    kernel: &LoadedKernel,
+    initrd: Option<InitrdRegion>,
+) -> Result<()> {
+    let kernel_range = HIMEM_START..kernel.footprint_end().0.max(HIMEM_START);
+    let initrd_range = initrd.map(|initrd| {
+        let size = u64::try_from(initrd.size).unwrap_or(u64::MAX);
+        initrd.addr.0..initrd.addr.0.saturating_add(size)
+    });
+    // One look-up for the first MiB, where most layouts put everything.
+    // HIMEM_START is 1 MiB: the cast cannot truncate.
+    let low_memory = GuestMemoryBackend::check_range(mem, GuestAddress(0), HIMEM_START as usize);
+    for region in regions.iter() {
+        let (start, size) = (
+            region.range.start,
+            region.range.end.saturating_sub(region.range.start),
+        );
+        let in_memory = (low_memory && region.range.end <= HIMEM_START)
+            || usize::try_from(size)
+                .is_ok_and(|len| GuestMemoryBackend::check_range(mem, GuestAddress(start), len));
+        if !in_memory {
+            return Err(Error::NotInMemory {
+                what: region.what,
+                addr: start,
+                size,
+            });
+        }
+        let images = std::iter::once(("kernel", kernel_range.clone()))
+            .chain(initrd_range.clone().map(|range| ("initrd", range)));
+        for (with, range) in images {
+            if overlaps(&region.range, &range) {
+                return Err(Error::OverlapsImage {
+                    what: region.what,
+                    addr: start,
+                    with,
+                    with_addr: range.start,
+                    with_end: range.end,
+                });
+            }
+        }
     }
+    Ok(())
 }
 
 /// The platform of the crate's unit tests: a PC's APICs, 24 I/O APIC lines, a 768 MiB gap below

@@ -132,10 +132,12 @@ pub fn memory_map<M: GuestMemoryBackend>(
     if !GuestMemoryBackend::check_range(mem, GuestAddress(0), HIMEM_START as usize) {
         return Err(Error::NoLowMemory);
     }
+    // Inside the first MiB, checked above, or checked now.
     let firmware_in_memory = firmware.start <= firmware.end
-        && usize::try_from(firmware.end - firmware.start).is_ok_and(|len| {
-            GuestMemoryBackend::check_range(mem, GuestAddress(firmware.start), len)
-        });
+        && (firmware.end <= HIMEM_START
+            || usize::try_from(firmware.end - firmware.start).is_ok_and(|len| {
+                GuestMemoryBackend::check_range(mem, GuestAddress(firmware.start), len)
+            }));
     if !firmware_in_memory {
         return Err(Error::FirmwareNotInMemory {
             start: firmware.start,

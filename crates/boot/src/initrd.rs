@@ -136,7 +136,7 @@ where
     M: GuestMemoryBackend,
     F: ReadVolatile + Seek,
 {
-    config.validate().map_err(Error::Config)?;
+    let regions = config.checked_regions().map_err(Error::Config)?;
     let size = initrd.seek(SeekFrom::End(0)).map_err(Error::Io)?;
     if size == 0 {
         return Err(Error::Empty);
@@ -147,11 +147,7 @@ where
         .saturating_add(1)
         .min(config.platform.mmio_gap.start);
     let ranges = ram_ranges(mem);
-    let holes: Vec<_> = config
-        .regions_and_firmware()
-        .into_iter()
-        .map(|region| region.range)
-        .collect();
+    let holes: Vec<_> = regions.iter().map(|region| region.range.clone()).collect();
     let Some(addr) = place(&without(&ranges, &holes), size, low, limit) else {
         // Report the top of RAM within the limit, the real upper bound.
         let high = ranges

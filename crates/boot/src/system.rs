@@ -143,7 +143,7 @@ pub fn configure_system<M: GuestMemoryBackend>(
     initrd: Option<InitrdRegion>,
     config: &BootConfig,
 ) -> Result<CpuState> {
-    config.validate().map_err(Error::Config)?;
+    let regions = config.checked_regions().map_err(Error::Config)?;
     let layout = &config.layout;
     let memory_map = e820::memory_map(mem, &layout.firmware, &config.platform.mmio_gap)
         .map_err(Error::MemoryMap)?;
@@ -152,9 +152,7 @@ pub fn configure_system<M: GuestMemoryBackend>(
             return Err(initrd_out_of_reach(initrd));
         }
     }
-    config
-        .check_placement(mem, kernel, initrd)
-        .map_err(Error::Config)?;
+    config::check_placement(&regions, mem, kernel, initrd).map_err(Error::Config)?;
     let cmdline_size =
         load_cmdline(mem, cmdline, GuestAddress(layout.cmdline)).map_err(Error::Cmdline)?;
     if let Some(mptable) = layout.mptable {
