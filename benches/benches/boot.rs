@@ -11,7 +11,14 @@ use std::io::Cursor;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use ember_boot::test_utils::{tiny_bzimage, tiny_elf, tiny_pvh_elf};
-use ember_boot::{Cmdline, LoadedKernel, build_cmdline, configure_system, load_kernel};
+use ember_boot::{
+    AcpiPm, BootConfig, Cmdline, LoadedKernel, Platform, build_cmdline, configure_system,
+    load_kernel,
+};
+use ember_memory::layout::{
+    ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_PORT, ACPI_SCI_IRQ, FIRST_ADDR_PAST_32BITS, IOAPIC_PINS,
+    IOAPIC_START, LAPIC_START, MMIO32_START,
+};
 use ember_memory::{GuestMemoryMmap, MemoryOptions, create_guest_memory, mem_size_from_mib};
 
 /// Guest memory size of every benchmark, the example VMM's default.
@@ -32,6 +39,18 @@ fn load(mem: &GuestMemoryMmap, image: &[u8]) -> LoadedKernel {
 
 fn cmdline() -> Cmdline {
     build_cmdline(CMDLINE, &[]).expect("the command line is valid")
+}
+
+/// The example VMM's boot configuration: the default layout on ember-memory's platform.
+fn boot_config() -> BootConfig {
+    let platform = Platform::new(
+        IOAPIC_START,
+        LAPIC_START,
+        IOAPIC_PINS,
+        MMIO32_START..FIRST_ADDR_PAST_32BITS,
+        AcpiPm::new(ACPI_PM1_EVT_PORT, ACPI_PM1_CNT_PORT, ACPI_SCI_IRQ),
+    );
+    BootConfig::new(platform, VCPUS)
 }
 
 fn bench_create_guest_memory(c: &mut Criterion) {
@@ -86,12 +105,13 @@ fn bench_load_guest_kernel(c: &mut Criterion) {
 fn bench_configure_system(c: &mut Criterion) {
     let mem = guest_memory();
     let cmdline = cmdline();
+    let config = boot_config();
     let mut group = c.benchmark_group("boot/configure_system");
     // Linux 64-bit boot (zero page, GDT, page tables) and PVH boot (start info, GDT).
     for (name, image) in [("linux", tiny_elf(CODE)), ("pvh", tiny_pvh_elf(CODE))] {
         let kernel = load(&mem, &image);
         group.bench_function(name, |b| {
-            b.iter(|| configure_system(&mem, black_box(&kernel), &cmdline, None, VCPUS).unwrap())
+            b.iter(|| configure_system(&mem, black_box(&kernel), &cmdline, None, &config).unwrap())
         });
     }
     group.finish();

@@ -48,7 +48,6 @@ use ember_boot::{
     KernelFormat, build_cmdline, cmdline::Error as CmdlineError, configure_system, load_cmdline,
     load_initrd,
 };
-use ember_memory::layout::MMIO32_START;
 use ember_memory::{
     Bytes, GuestAddress, GuestMemoryMmap, MemoryOptions, create_guest_memory, mem_size_from_mib,
 };
@@ -114,13 +113,14 @@ pub fn load_kernel(data: &[u8]) -> Option<KernelFormat> {
     // A kernel may leave no room for an initrd (a decompression buffer up to the end of RAM, a
     // low `initrd_addr_max`): that is an error, not a finding.
     let initrd = vec![0xa5u8; INITRD_SIZE];
-    let initrd = load_initrd(&mem, &mut Cursor::new(initrd), &kernel).ok();
+    let config = ember_vmm::vmm::boot_config(1);
+    let initrd = load_initrd(&mem, &mut Cursor::new(initrd), &kernel, &config).ok();
     if let Some(initrd) = initrd {
         let end = initrd.addr.0 + INITRD_SIZE as u64;
         let limit = kernel
             .initrd_addr_max
             .saturating_add(1)
-            .min(MMIO32_START)
+            .min(config.platform.mmio_gap.start)
             .min(mem_end);
         assert_eq!(initrd.addr.0 % PAGE_SIZE, 0, "unaligned initrd {initrd:?}");
         assert!(
@@ -131,11 +131,11 @@ pub fn load_kernel(data: &[u8]) -> Option<KernelFormat> {
     }
 
     let cmdline = build_cmdline(BOOT_CMDLINE, &[]).expect("the boot command line is valid");
-    let cpu = configure_system(&mem, &kernel, &cmdline, initrd, 1)
+    let cpu = configure_system(&mem, &kernel, &cmdline, initrd, &config)
         .unwrap_or_else(|err| panic!("a loaded kernel cannot be set up: {err:?}, {kernel:?}"));
     let entry = match kernel.format {
         KernelFormat::ElfPvh => kernel.pvh_entry.expect("a PVH kernel has a PVH entry"),
-        KernelFormat::Elf | KernelFormat::BzImage => kernel.entry,
+        _ => kernel.entry,
     };
     assert_eq!(
         cpu.regs.rip, entry.0,
@@ -191,7 +191,8 @@ pub fn cmdline(data: &[u8]) -> Option<usize> {
     );
 
     let mem = guest_memory(CMDLINE_MEM_MIB);
-    let written = load_cmdline(&mem, &line).expect("a built line fits in guest memory");
+    let written = load_cmdline(&mem, &line, GuestAddress(CMDLINE_START))
+        .expect("a built line fits in guest memory");
     let mut in_memory = vec![0u8; written];
     mem.read_slice(&mut in_memory, GuestAddress(CMDLINE_START))
         .expect("the line was just written there");

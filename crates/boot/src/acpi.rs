@@ -3,7 +3,7 @@
 //! Without a power-off method, Linux turns `poweroff` into a halt and the guest stops forever
 //! without the VMM noticing. These tables give it the ACPI one: Linux finds the RSDP, follows
 //! the XSDT to the FADT, which places the PM1a event and control registers on the I/O ports of
-//! [`ember_memory::layout`], and evaluates the DSDT's `\_S5_` object for the soft-off sleep type
+//! the [`Platform`]'s [`AcpiPm`](crate::AcpiPm), and evaluates the DSDT's `\_S5_` object for the soft-off sleep type
 //! [`S5_SLEEP_TYPE`]. Powering off is then a write of that sleep type with "sleep enable" to the
 //! PM1a control register, which the VMM's PM device turns into a clean stop.
 //!
@@ -14,32 +14,53 @@
 //! an i8042 (so that Linux probes its keyboard, through which the VMM sends Ctrl+Alt+Del, without
 //! a PNP entry for it), and no VGA, no CMOS clock and no MSI.
 //!
+//! The tables go where the [`BootLayout`](crate::BootLayout) says (ember's: 0xe0000, in the BIOS
+//! area Linux scans), `base` below:
+//!
 //! ```text
-//! ACPI_START + 0x000  RSDP (revision 2)  -> XSDT
-//! ACPI_START + 0x040  FACS
-//! ACPI_START + 0x080  XSDT               -> FADT, MADT
-//! ACPI_START + 0x0c0  FADT (revision 6)  -> FACS, DSDT, PM1a event/control ports, SCI
-//! ACPI_START + 0x200  DSDT               Name (_S5_, Package () { 5, 0, 0, 0 })
-//! ACPI_START + 0x280  MADT               local APICs, I/O APIC, LINT1 NMI
+//! base + 0x000  RSDP (revision 2)  -> XSDT
+//! base + 0x040  FACS
+//! base + 0x080  XSDT               -> FADT, MADT
+//! base + 0x0c0  FADT (revision 6)  -> FACS, DSDT, PM1a event/control ports, SCI
+//! base + 0x200  DSDT               Name (_S5_, Package () { 5, 0, 0, 0 })
+//! base + 0x280  MADT               local APICs, I/O APIC, LINT1 NMI
 //! ```
 
-use ember_memory::layout::{
-    ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_PORT, ACPI_SCI_IRQ, IOAPIC_START, LAPIC_START,
-};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
-use crate::layout::{ACPI_START, HIMEM_START};
+use crate::config::{PM1_CNT_LEN, PM1_EVT_LEN, Platform};
 use crate::mptable::{MAX_VCPUS, checksum};
 
 /// Errors of ACPI table setup.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The MADT describes 1 to [`MAX_VCPUS`] vCPUs, as the MP table does.
     #[error("The ACPI tables cannot describe {0} vCPUs (1 to {MAX_VCPUS})")]
     VcpuCount(u8),
+    /// The tables' address is not 64-byte aligned, as the FACS that follows the RSDP must be.
+    #[error("The ACPI tables at {0:#x} are not 64-byte aligned")]
+    Misaligned(u64),
+    /// The tables or an APIC are not below 4 GiB, where the tables' 32-bit pointers reach.
+    #[error("The {what} at {addr:#x} is beyond the ACPI tables' 32-bit reach")]
+    Above4GiB {
+        /// The tables or the APIC.
+        what: &'static str,
+        /// Its address.
+        addr: u64,
+    },
+    /// The SCI line does not fit the FADT's 16-bit field.
+    #[error("The SCI line {0} does not fit in the FADT")]
+    Sci(u32),
     /// The tables could not be written to guest memory.
-    #[error("Cannot write the ACPI tables to guest memory at {ACPI_START:#x}")]
-    Write(#[source] GuestMemoryError),
+    #[error("Cannot write the ACPI tables to guest memory at {addr:#x}")]
+    Write {
+        /// Where the tables go.
+        addr: u64,
+        /// Why the write failed.
+        #[source]
+        source: GuestMemoryError,
+    },
 }
 
 /// Result type of ACPI table setup.
@@ -81,9 +102,6 @@ const BOOT_ARCH_8042: u16 = 1 << 1;
 const BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 const BOOT_ARCH_MSI_NOT_SUPPORTED: u16 = 1 << 3;
 const BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
-/// Lengths of the PM1 event block (status and enable) and control block.
-const PM1_EVT_LEN: u8 = 4;
-const PM1_CNT_LEN: u8 = 2;
 
 /// `Name (_S5_, Package (0x04) { 0x05, Zero, Zero, Zero })` in AML.
 const S5_AML: [u8; 13] = [
@@ -115,37 +133,65 @@ const fn madt_size(vcpus: u8) -> usize {
     MADT_FIXED_SIZE + vcpus as usize * MADT_LAPIC_SIZE + MADT_IOAPIC_SIZE + MADT_LAPIC_NMI_SIZE
 }
 
-// The tables do not overlap, and all stay inside the BIOS area below 1 MiB.
+// The tables do not overlap.
 const _: () = assert!(FADT_OFFSET + FADT_SIZE as u64 <= DSDT_OFFSET);
 const _: () = assert!(DSDT_OFFSET + (HEADER_SIZE + S5_AML.len()) as u64 <= MADT_OFFSET);
-const _: () = assert!(ACPI_START + MADT_OFFSET + madt_size(MAX_VCPUS) as u64 <= HIMEM_START);
 
-/// Address of the RSDP: what the boot protocol's `acpi_rsdp_addr` (Linux) or `rsdp_paddr` (PVH)
-/// points to.
-pub const RSDP_ADDR: u64 = ACPI_START + RSDP_OFFSET;
+/// Bytes the tables occupy for `vcpus` vCPUs, from the RSDP to the end of the MADT.
+pub const fn tables_size(vcpus: u8) -> usize {
+    // MADT_OFFSET is 0x280: the cast cannot truncate.
+    MADT_OFFSET as usize + madt_size(vcpus)
+}
 
-/// Writes the RSDP, FACS, XSDT, FADT, DSDT and the MADT for `vcpus` vCPUs at [`ACPI_START`],
-/// and returns the RSDP's address.
+/// Required alignment of the tables' address: the FACS at `base + 0x40` is 64-byte aligned.
+pub const ALIGNMENT: u64 = 64;
+
+/// Writes the RSDP, FACS, XSDT, FADT, DSDT and the MADT for `vcpus` vCPUs on `platform` from
+/// `base` ([`tables_size`] bytes), and returns the RSDP's address, `base`: what the boot
+/// protocol's `acpi_rsdp_addr` (Linux) or `rsdp_paddr` (PVH) points to.
 ///
 /// # Errors
 ///
-/// [`Error::VcpuCount`] when `vcpus` is 0 or above [`MAX_VCPUS`]; [`Error::Write`] when guest
-/// memory does not hold the BIOS area below 1 MiB.
-pub fn setup_acpi<M: GuestMemory>(mem: &M, vcpus: u8) -> Result<GuestAddress> {
+/// [`Error::VcpuCount`] when `vcpus` is 0 or above [`MAX_VCPUS`]; [`Error::Misaligned`] when
+/// `base` is not [`ALIGNMENT`]-aligned; [`Error::Above4GiB`] when the tables or the APICs are not
+/// below 4 GiB; [`Error::Sci`] when the SCI line does not fit the FADT; [`Error::Write`] when
+/// guest memory does not hold the tables.
+pub fn setup_acpi<M: GuestMemory>(
+    mem: &M,
+    base: GuestAddress,
+    vcpus: u8,
+    platform: &Platform,
+) -> Result<GuestAddress> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(Error::VcpuCount(vcpus));
     }
-    let write = |bytes: &[u8], offset: u64| {
-        mem.write_slice(bytes, GuestAddress(ACPI_START + offset))
-            .map_err(Error::Write)
+    if base.0 % ALIGNMENT != 0 {
+        return Err(Error::Misaligned(base.0));
+    }
+    let below_4_gib = |what, addr: u64, size: u64| {
+        addr.checked_add(size)
+            .filter(|end| *end <= 1 << 32)
+            .and_then(|_| u32::try_from(addr).ok())
+            .ok_or(Error::Above4GiB { what, addr })
     };
-    write(&rsdp(), RSDP_OFFSET)?;
+    // A few KiB: the cast cannot truncate.
+    let base32 = below_4_gib("ACPI tables", base.0, tables_size(vcpus) as u64)?;
+    let ioapic = below_4_gib("I/O APIC", platform.ioapic, 0)?;
+    let lapic = below_4_gib("local APIC", platform.lapic, 0)?;
+    let sci = u16::try_from(platform.acpi_pm.sci).map_err(|_| Error::Sci(platform.acpi_pm.sci))?;
+    let write = |bytes: &[u8], offset: u64| {
+        // Cannot overflow: the tables end below 4 GiB, checked above.
+        let addr = base.0 + offset;
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|source| Error::Write { addr, source })
+    };
+    write(&rsdp(base32), RSDP_OFFSET)?;
     write(&facs(), FACS_OFFSET)?;
-    write(&xsdt(), XSDT_OFFSET)?;
-    write(&fadt(), FADT_OFFSET)?;
+    write(&xsdt(base32), XSDT_OFFSET)?;
+    write(&fadt(base32, platform, sci), FADT_OFFSET)?;
     write(&dsdt(), DSDT_OFFSET)?;
-    write(&madt(vcpus), MADT_OFFSET)?;
-    Ok(GuestAddress(RSDP_ADDR))
+    write(&madt(vcpus, ioapic, lapic), MADT_OFFSET)?;
+    Ok(base)
 }
 
 /// A table: the standard header for `signature` and `revision`, then `body`, checksummed.
@@ -166,7 +212,13 @@ fn table(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
     table
 }
 
-fn rsdp() -> Vec<u8> {
+/// Address of the table at `offset` from `base`, below 4 GiB (checked by the caller).
+fn at(base: u32, offset: u64) -> u32 {
+    // The offsets are below 0x300 and the tables end below 4 GiB: cannot truncate or overflow.
+    base + offset as u32
+}
+
+fn rsdp(base: u32) -> Vec<u8> {
     let mut rsdp = Vec::with_capacity(RSDP_SIZE);
     rsdp.extend_from_slice(b"RSD PTR ");
     rsdp.push(0); // checksum of the first 20 bytes
@@ -174,7 +226,7 @@ fn rsdp() -> Vec<u8> {
     rsdp.push(2); // revision: ACPI 2.0 and later, with an XSDT
     rsdp.extend_from_slice(&0u32.to_le_bytes()); // no RSDT
     rsdp.extend_from_slice(&(RSDP_SIZE as u32).to_le_bytes());
-    rsdp.extend_from_slice(&(ACPI_START + XSDT_OFFSET).to_le_bytes());
+    rsdp.extend_from_slice(&u64::from(at(base, XSDT_OFFSET)).to_le_bytes());
     rsdp.extend_from_slice(&[0; 4]); // extended checksum, reserved
     rsdp[8] = checksum(&rsdp[..RSDP_V1_SIZE]);
     rsdp[32] = checksum(&rsdp);
@@ -189,26 +241,26 @@ fn facs() -> [u8; FACS_SIZE] {
     facs
 }
 
-fn xsdt() -> Vec<u8> {
+fn xsdt(base: u32) -> Vec<u8> {
     let entries: Vec<u8> = [FADT_OFFSET, MADT_OFFSET]
         .iter()
-        .flat_map(|offset| (ACPI_START + offset).to_le_bytes())
+        .flat_map(|offset| u64::from(at(base, *offset)).to_le_bytes())
         .collect();
     table(b"XSDT", 1, &entries)
 }
 
-fn fadt() -> Vec<u8> {
+fn fadt(base: u32, platform: &Platform, sci: u16) -> Vec<u8> {
     let mut body = [0u8; FADT_SIZE - HEADER_SIZE];
     let mut put = |offset: usize, bytes: &[u8]| {
         let at = offset - HEADER_SIZE;
         body[at..at + bytes.len()].copy_from_slice(bytes);
     };
-    // The tables and ports are below 4 GiB and the SCI line below 24: the casts cannot truncate.
-    put(36, &((ACPI_START + FACS_OFFSET) as u32).to_le_bytes()); // FIRMWARE_CTRL
-    put(40, &((ACPI_START + DSDT_OFFSET) as u32).to_le_bytes()); // DSDT
-    put(46, &(ACPI_SCI_IRQ as u16).to_le_bytes()); // SCI_INT
-    put(56, &(ACPI_PM1_EVT_PORT as u32).to_le_bytes()); // PM1a_EVT_BLK
-    put(64, &(ACPI_PM1_CNT_PORT as u32).to_le_bytes()); // PM1a_CNT_BLK
+    let pm = platform.acpi_pm;
+    put(36, &at(base, FACS_OFFSET).to_le_bytes()); // FIRMWARE_CTRL
+    put(40, &at(base, DSDT_OFFSET).to_le_bytes()); // DSDT
+    put(46, &sci.to_le_bytes()); // SCI_INT
+    put(56, &u32::from(pm.pm1a_event_port).to_le_bytes()); // PM1a_EVT_BLK
+    put(64, &u32::from(pm.pm1a_control_port).to_le_bytes()); // PM1a_CNT_BLK
     put(88, &[PM1_EVT_LEN, PM1_CNT_LEN]); // PM1_EVT_LEN, PM1_CNT_LEN
     let boot_arch = BOOT_ARCH_8042
         | BOOT_ARCH_VGA_NOT_PRESENT
@@ -219,7 +271,7 @@ fn fadt() -> Vec<u8> {
         112,
         &(FADT_WBINVD | FADT_PWR_BUTTON | FADT_SLP_BUTTON).to_le_bytes(),
     ); // Flags
-    put(140, &(ACPI_START + DSDT_OFFSET).to_le_bytes()); // X_DSDT
+    put(140, &u64::from(at(base, DSDT_OFFSET)).to_le_bytes()); // X_DSDT
     put(268, b"EMBER   "); // hypervisor vendor identity
     table(b"FACP", 6, &body)
 }
@@ -228,11 +280,11 @@ fn dsdt() -> Vec<u8> {
     table(b"DSDT", 2, &S5_AML)
 }
 
-/// The MADT for `vcpus` vCPUs (1 to [`MAX_VCPUS`], checked by the caller).
-fn madt(vcpus: u8) -> Vec<u8> {
+/// The MADT for `vcpus` vCPUs (1 to [`MAX_VCPUS`], checked by the caller), the I/O APIC at
+/// `ioapic` and the local APICs at `lapic`.
+fn madt(vcpus: u8, ioapic: u32, lapic: u32) -> Vec<u8> {
     let mut body = Vec::with_capacity(madt_size(vcpus) - HEADER_SIZE);
-    // The APICs sit below 4 GiB: the casts cannot truncate.
-    body.extend_from_slice(&(LAPIC_START as u32).to_le_bytes());
+    body.extend_from_slice(&lapic.to_le_bytes());
     body.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
     for cpu in 0..vcpus {
         // Processor local APIC: type 0; ACPI processor UID and APIC id are the vCPU index.
@@ -241,7 +293,7 @@ fn madt(vcpus: u8) -> Vec<u8> {
     }
     // I/O APIC: type 1; its id follows the vCPUs' as in the MP table; GSIs from 0.
     body.extend_from_slice(&[1, MADT_IOAPIC_SIZE as u8, vcpus, 0]);
-    body.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    body.extend_from_slice(&ioapic.to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes());
     // Local APIC NMI: type 4; every processor, conforming polarity and trigger, LINT1.
     body.extend_from_slice(&[4, MADT_LAPIC_NMI_SIZE as u8, MADT_ALL_PROCESSORS, 0, 0, 1]);
@@ -251,7 +303,17 @@ fn madt(vcpus: u8) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::test_platform;
     use vm_memory::GuestMemoryMmap;
+
+    const ACPI_START: u64 = 0xe_0000;
+    const RSDP_ADDR: u64 = ACPI_START;
+    const IOAPIC_START: u64 = 0xfec0_0000;
+    const LAPIC_START: u64 = 0xfee0_0000;
+
+    fn setup_acpi(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress> {
+        super::setup_acpi(mem, GuestAddress(ACPI_START), vcpus, &test_platform())
+    }
 
     fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
         let mut bytes = vec![0; len];
@@ -326,8 +388,8 @@ mod tests {
         let mem = memory();
         setup_acpi(&mem, 1).unwrap();
         let fadt = sdt(&mem, ACPI_START + FADT_OFFSET, b"FACP");
-        assert_eq!(u64::from(u32_at(&fadt, 56)), ACPI_PM1_EVT_PORT);
-        assert_eq!(u64::from(u32_at(&fadt, 64)), ACPI_PM1_CNT_PORT);
+        assert_eq!(u32_at(&fadt, 56), 0x600);
+        assert_eq!(u32_at(&fadt, 64), 0x604);
         assert_eq!((fadt[88], fadt[89]), (4, 2));
         assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]), 3, "SCI line");
         assert_eq!(
@@ -419,6 +481,63 @@ mod tests {
     #[test]
     fn memory_without_the_bios_area_is_an_error() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
-        assert!(matches!(setup_acpi(&mem, 1), Err(Error::Write(_))));
+        assert!(matches!(
+            setup_acpi(&mem, 1),
+            Err(Error::Write {
+                addr: ACPI_START,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn tables_describe_the_platform_they_are_given() {
+        let mem = memory();
+        let mut platform = test_platform();
+        platform.ioapic = 0xfe00_0000;
+        platform.lapic = 0xfed0_0000;
+        platform.acpi_pm = crate::AcpiPm::new(0xb000, 0xb010, 9);
+        let base = 0x4_0000;
+        let rsdp_addr = super::setup_acpi(&mem, GuestAddress(base), 2, &platform).unwrap();
+        assert_eq!(rsdp_addr, GuestAddress(base));
+        let rsdp = read(&mem, base, RSDP_SIZE);
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        let xsdt = sdt(&mem, u64_at(&rsdp, 24), b"XSDT");
+        let fadt = sdt(&mem, u64_at(&xsdt, HEADER_SIZE), b"FACP");
+        assert_eq!(u32_at(&fadt, 56), 0xb000);
+        assert_eq!(u32_at(&fadt, 64), 0xb010);
+        assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]), 9, "SCI line");
+        assert_eq!(u64::from(u32_at(&fadt, 36)), base + FACS_OFFSET);
+        let madt = sdt(&mem, u64_at(&xsdt, HEADER_SIZE + 8), b"APIC");
+        assert_eq!(u32_at(&madt, HEADER_SIZE), 0xfed0_0000);
+        let ioapic = &madt_entries(&madt)
+            .into_iter()
+            .find(|(kind, _)| *kind == 1)
+            .unwrap()
+            .1;
+        assert_eq!(u32_at(ioapic, 2), 0xfe00_0000);
+    }
+
+    #[test]
+    fn misplaced_tables_are_rejected() {
+        let mem = memory();
+        let platform = test_platform();
+        assert!(matches!(
+            super::setup_acpi(&mem, GuestAddress(ACPI_START + 16), 1, &platform),
+            Err(Error::Misaligned(_))
+        ));
+        assert!(matches!(
+            super::setup_acpi(&mem, GuestAddress((1 << 32) - 0x100), 1, &platform),
+            Err(Error::Above4GiB {
+                what: "ACPI tables",
+                ..
+            })
+        ));
+        let mut platform = test_platform();
+        platform.acpi_pm.sci = 0x1_0000;
+        assert!(matches!(
+            super::setup_acpi(&mem, GuestAddress(ACPI_START), 1, &platform),
+            Err(Error::Sci(0x1_0000))
+        ));
     }
 }

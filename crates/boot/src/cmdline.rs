@@ -1,4 +1,5 @@
-//! The kernel command line: built with its length checked, and written at [`CMDLINE_START`].
+//! The kernel command line: built with its length checked, and written where the boot layout
+//! says.
 //!
 //! Lines are linux-loader [`Cmdline`]s with a capacity of [`CMDLINE_MAX_SIZE`] bytes, the
 //! terminating NUL included, so that a VMM can keep adding to one (for example with
@@ -7,10 +8,11 @@
 use linux_loader::cmdline::{Cmdline, Error as CmdlineError};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
-use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START};
+use crate::layout::CMDLINE_MAX_SIZE;
 
 /// Errors of command line construction and loading.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The command line and its NUL do not fit in the space the guest reserves for it.
     #[error(
@@ -34,8 +36,14 @@ pub enum Error {
     #[error("The kernel command line cannot be rendered as a C string")]
     Render(#[source] CmdlineError),
     /// The command line could not be written to guest memory.
-    #[error("Cannot write the kernel command line to guest memory at {CMDLINE_START:#x}")]
-    Write(#[source] GuestMemoryError),
+    #[error("Cannot write the kernel command line to guest memory at {addr:#x}")]
+    Write {
+        /// Where the line goes.
+        addr: u64,
+        /// Why the write failed.
+        #[source]
+        source: GuestMemoryError,
+    },
 }
 
 /// Result type of command line construction and loading.
@@ -106,26 +114,35 @@ fn build_with_capacity(base: &str, extra: &[&str], capacity: usize) -> Result<Cm
     }
 }
 
-/// Writes `cmdline` with its NUL at [`CMDLINE_START`] and returns the number of bytes written.
+/// Writes `cmdline` with its NUL at `addr` (the [`BootLayout`](crate::BootLayout)'s `cmdline`)
+/// and returns the number of bytes written.
 ///
 /// # Errors
 ///
 /// [`Error::TooLong`] when the line (built with a larger capacity than [`build_cmdline`] gives)
 /// does not fit in [`CMDLINE_MAX_SIZE`]; [`Error::Write`] when guest memory does not hold it.
-pub fn load_cmdline<M: GuestMemory>(mem: &M, cmdline: &Cmdline) -> Result<usize> {
+pub fn load_cmdline<M: GuestMemory>(
+    mem: &M,
+    cmdline: &Cmdline,
+    addr: GuestAddress,
+) -> Result<usize> {
     let rendered = cmdline.as_cstring().map_err(Error::Render)?;
     let bytes = rendered.as_bytes_with_nul();
     if bytes.len() > CMDLINE_MAX_SIZE {
         return Err(Error::TooLong { len: bytes.len() });
     }
-    mem.write_slice(bytes, GuestAddress(CMDLINE_START))
-        .map_err(Error::Write)?;
+    mem.write_slice(bytes, addr)
+        .map_err(|source| Error::Write {
+            addr: addr.0,
+            source,
+        })?;
     Ok(bytes.len())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::CMDLINE_START;
     use vm_memory::GuestMemoryMmap;
 
     #[test]
@@ -229,7 +246,10 @@ mod tests {
         mem.write_slice(&[0xff; 32], GuestAddress(CMDLINE_START))
             .unwrap();
         let line = build_cmdline("console=ttyS0", &[]).unwrap();
-        assert_eq!(load_cmdline(&mem, &line).unwrap(), 14);
+        assert_eq!(
+            load_cmdline(&mem, &line, GuestAddress(CMDLINE_START)).unwrap(),
+            14
+        );
         let mut buf = [0u8; 14];
         mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
             .unwrap();
@@ -240,7 +260,7 @@ mod tests {
     fn loading_an_oversized_line_is_rejected() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let line = Cmdline::try_from(&"a".repeat(CMDLINE_MAX_SIZE), 4096).unwrap();
-        let err = load_cmdline(&mem, &line).unwrap_err();
+        let err = load_cmdline(&mem, &line, GuestAddress(CMDLINE_START)).unwrap_err();
         assert!(matches!(err, Error::TooLong { len } if len == CMDLINE_MAX_SIZE + 1));
     }
 }

@@ -1,20 +1,40 @@
 //! The guest's memory map, as both boot protocols hand it to the kernel.
 //!
 //! The map is derived from guest memory's regions: RAM everywhere the regions are, except that the
-//! window from the EBDA ([`EBDA_START`], where the MP table lives) up to 1 MiB is reported as
-//! reserved. RAM below the MMIO gap, the gap itself (absent: no entry) and RAM above 4 GiB follow
-//! from the regions. Adjacent entries of the same kind are merged.
+//! firmware range of the [`BootLayout`](crate::BootLayout) (ember's: from the EBDA, where the MP
+//! table lives, up to 1 MiB) is reported as reserved. RAM below the MMIO gap, the gap itself (a
+//! hole: no entry, and no RAM allowed there) and RAM above 4 GiB follow from the regions. Adjacent
+//! entries of the same kind are merged.
 
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use std::ops::Range;
 
-use crate::layout::{EBDA_START, HIMEM_START};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::layout::HIMEM_START;
 
 /// Errors of memory map construction.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// Guest memory does not cover the first MiB, which holds the boot structures.
     #[error("Guest memory must cover the first MiB (up to {HIMEM_START:#x}) without holes")]
     NoLowMemory,
+    /// The reserved firmware range is not all guest memory.
+    #[error("The reserved firmware range {start:#x}..{end:#x} is not all guest memory")]
+    FirmwareNotInMemory {
+        /// Start of the range.
+        start: u64,
+        /// End of the range.
+        end: u64,
+    },
+    /// A guest memory region reaches into the MMIO gap.
+    #[error("Guest RAM at {start:#x}..{end:#x} reaches into the MMIO gap")]
+    RamInMmioGap {
+        /// Start of the region.
+        start: u64,
+        /// End of the region.
+        end: u64,
+    },
     /// The regions produce more entries than the boot protocols can carry.
     #[error("Guest memory produces {0} memory map entries, more than the {MAX_ENTRIES} allowed")]
     TooManyEntries(usize),
@@ -28,6 +48,7 @@ pub const MAX_ENTRIES: usize = 128;
 
 /// What a range of the memory map is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MemoryKind {
     /// Usable RAM.
     Ram,
@@ -69,7 +90,7 @@ pub struct MemoryMapEntry {
 
 impl MemoryMapEntry {
     /// First address past the range. Cannot overflow: ranges come from guest memory regions,
-    /// whose end is representable, or from the fixed reserved window.
+    /// whose end is representable, or from the reserved range inside them.
     fn end(&self) -> u64 {
         self.addr + self.size
     }
@@ -93,16 +114,35 @@ fn push(map: &mut Vec<MemoryMapEntry>, start: u64, end: u64, kind: MemoryKind) {
     });
 }
 
-/// Builds the memory map of `mem`, sorted by address.
+/// Builds the memory map of `mem`, sorted by address, with `firmware` reserved and no RAM in
+/// `mmio_gap`.
 ///
 /// # Errors
 ///
-/// [`Error::NoLowMemory`] when `[0, 1 MiB)` is not all guest memory; [`Error::TooManyEntries`]
-/// when the map would have more than [`MAX_ENTRIES`] entries.
-pub fn memory_map<M: GuestMemoryBackend>(mem: &M) -> Result<Vec<MemoryMapEntry>> {
+/// [`Error::NoLowMemory`] when `[0, 1 MiB)` is not all guest memory;
+/// [`Error::FirmwareNotInMemory`] when `firmware` is not; [`Error::RamInMmioGap`] when a region
+/// reaches into `mmio_gap`; [`Error::TooManyEntries`] when the map would have more than
+/// [`MAX_ENTRIES`] entries.
+pub fn memory_map<M: GuestMemoryBackend>(
+    mem: &M,
+    firmware: &Range<u64>,
+    mmio_gap: &Range<u64>,
+) -> Result<Vec<MemoryMapEntry>> {
     // HIMEM_START is 1 MiB: the cast cannot truncate.
-    if !GuestMemoryBackend::check_range(mem, vm_memory::GuestAddress(0), HIMEM_START as usize) {
+    if !GuestMemoryBackend::check_range(mem, GuestAddress(0), HIMEM_START as usize) {
         return Err(Error::NoLowMemory);
+    }
+    // Inside the first MiB, checked above, or checked now.
+    let firmware_in_memory = firmware.start <= firmware.end
+        && (firmware.end <= HIMEM_START
+            || usize::try_from(firmware.end - firmware.start).is_ok_and(|len| {
+                GuestMemoryBackend::check_range(mem, GuestAddress(firmware.start), len)
+            }));
+    if !firmware_in_memory {
+        return Err(Error::FirmwareNotInMemory {
+            start: firmware.start,
+            end: firmware.end,
+        });
     }
     let mut regions: Vec<(u64, u64)> = mem
         .iter()
@@ -114,17 +154,24 @@ pub fn memory_map<M: GuestMemoryBackend>(mem: &M) -> Result<Vec<MemoryMapEntry>>
         })
         .collect();
     regions.sort_unstable();
+    if let Some(&(start, end)) = regions
+        .iter()
+        .find(|(start, end)| *start < mmio_gap.end && mmio_gap.start < *end)
+    {
+        return Err(Error::RamInMmioGap { start, end });
+    }
 
     let mut map = Vec::new();
     let mut reserved_done = false;
     for (start, end) in regions {
-        push(&mut map, start, end.min(EBDA_START), MemoryKind::Ram);
-        if !reserved_done && end > EBDA_START {
-            // The first MiB is all memory (checked above), so the window is covered.
-            push(&mut map, EBDA_START, HIMEM_START, MemoryKind::Reserved);
+        push(&mut map, start, end.min(firmware.start), MemoryKind::Ram);
+        if !reserved_done && end > firmware.start {
+            // The firmware range is all memory (checked above): this region holds its start,
+            // and it and the regions after it cover the rest.
+            push(&mut map, firmware.start, firmware.end, MemoryKind::Reserved);
             reserved_done = true;
         }
-        push(&mut map, start.max(HIMEM_START), end, MemoryKind::Ram);
+        push(&mut map, start.max(firmware.end), end, MemoryKind::Ram);
     }
     if map.len() > MAX_ENTRIES {
         return Err(Error::TooManyEntries(map.len()));
@@ -135,7 +182,15 @@ pub fn memory_map<M: GuestMemoryBackend>(mem: &M) -> Result<Vec<MemoryMapEntry>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::GuestMemoryMmap;
+
+    const EBDA_START: u64 = 0x9_fc00;
+    const FIRMWARE: Range<u64> = EBDA_START..HIMEM_START;
+    const GAP: Range<u64> = 0xd000_0000..1 << 32;
+
+    fn memory_map(mem: &GuestMemoryMmap) -> Result<Vec<MemoryMapEntry>> {
+        super::memory_map(mem, &FIRMWARE, &GAP)
+    }
 
     fn ram(addr: u64, size: u64) -> MemoryMapEntry {
         MemoryMapEntry {
@@ -214,6 +269,54 @@ mod tests {
         assert_eq!(
             memory_map(&mem),
             Err(Error::TooManyEntries(MAX_ENTRIES + 2))
+        );
+    }
+
+    #[test]
+    fn firmware_range_may_lie_anywhere_in_ram() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x80_0000),
+            (GuestAddress(0x80_0000), 0x80_0000),
+        ])
+        .unwrap();
+        let firmware = 0x7f_0000..0x81_0000;
+        assert_eq!(
+            super::memory_map(&mem, &firmware, &GAP).unwrap(),
+            vec![
+                ram(0, 0x7f_0000),
+                MemoryMapEntry {
+                    addr: 0x7f_0000,
+                    size: 0x2_0000,
+                    kind: MemoryKind::Reserved
+                },
+                ram(0x81_0000, 0x7f_0000),
+            ]
+        );
+    }
+
+    #[test]
+    fn firmware_range_outside_memory_is_rejected() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let firmware = 0x1f_0000..0x21_0000;
+        assert_eq!(
+            super::memory_map(&mem, &firmware, &GAP),
+            Err(Error::FirmwareNotInMemory {
+                start: 0x1f_0000,
+                end: 0x21_0000
+            })
+        );
+    }
+
+    #[test]
+    fn ram_in_the_mmio_gap_is_rejected() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let gap = 0x10_0000..0x40_0000;
+        assert_eq!(
+            super::memory_map(&mem, &FIRMWARE, &gap),
+            Err(Error::RamInMmioGap {
+                start: 0,
+                end: 0x20_0000
+            })
         );
     }
 

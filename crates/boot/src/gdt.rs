@@ -7,17 +7,29 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 use crate::cpu::{DescriptorTable, Segment};
-use crate::layout::{GDT_START, IDT_START};
 
 /// Errors of descriptor table setup.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The GDT could not be written to guest memory.
-    #[error("Cannot write the GDT to guest memory at {GDT_START:#x}")]
-    WriteGdt(#[source] GuestMemoryError),
+    #[error("Cannot write the GDT to guest memory at {addr:#x}")]
+    WriteGdt {
+        /// Where the GDT goes.
+        addr: u64,
+        /// Why the write failed.
+        #[source]
+        source: GuestMemoryError,
+    },
     /// The IDT could not be written to guest memory.
-    #[error("Cannot write the IDT to guest memory at {IDT_START:#x}")]
-    WriteIdt(#[source] GuestMemoryError),
+    #[error("Cannot write the IDT to guest memory at {addr:#x}")]
+    WriteIdt {
+        /// Where the IDT goes.
+        addr: u64,
+        /// Why the write failed.
+        #[source]
+        source: GuestMemoryError,
+    },
 }
 
 /// Result type of descriptor table setup.
@@ -120,8 +132,8 @@ pub fn protected_mode_gdt() -> [u64; GDT_ENTRIES] {
     ]
 }
 
-/// Writes `gdt` at [`GDT_START`] and an empty IDT at [`IDT_START`], and returns the GDTR and
-/// IDTR values that describe them.
+/// Writes `gdt` at `gdt_addr` and an empty IDT at `idt_addr`, and returns the GDTR and IDTR
+/// values that describe them.
 ///
 /// # Errors
 ///
@@ -129,22 +141,30 @@ pub fn protected_mode_gdt() -> [u64; GDT_ENTRIES] {
 pub fn write_descriptor_tables<M: GuestMemory>(
     mem: &M,
     gdt: &[u64; GDT_ENTRIES],
+    gdt_addr: GuestAddress,
+    idt_addr: GuestAddress,
 ) -> Result<(DescriptorTable, DescriptorTable)> {
     let mut bytes = [0u8; GDT_ENTRIES * 8];
     for (chunk, entry) in bytes.chunks_exact_mut(8).zip(gdt) {
         chunk.copy_from_slice(&entry.to_le_bytes());
     }
-    mem.write_slice(&bytes, GuestAddress(GDT_START))
-        .map_err(Error::WriteGdt)?;
-    mem.write_slice(&0u64.to_le_bytes(), GuestAddress(IDT_START))
-        .map_err(Error::WriteIdt)?;
+    mem.write_slice(&bytes, gdt_addr)
+        .map_err(|source| Error::WriteGdt {
+            addr: gdt_addr.0,
+            source,
+        })?;
+    mem.write_slice(&0u64.to_le_bytes(), idt_addr)
+        .map_err(|source| Error::WriteIdt {
+            addr: idt_addr.0,
+            source,
+        })?;
     let gdtr = DescriptorTable {
-        base: GDT_START,
+        base: gdt_addr.0,
         // 31: fits in u16.
         limit: (bytes.len() - 1) as u16,
     };
     let idtr = DescriptorTable {
-        base: IDT_START,
+        base: idt_addr.0,
         limit: 7,
     };
     Ok((gdtr, idtr))
@@ -154,6 +174,18 @@ pub fn write_descriptor_tables<M: GuestMemory>(
 mod tests {
     use super::*;
     use vm_memory::GuestMemoryMmap;
+
+    const GDT_START: u64 = 0x500;
+    const IDT_START: u64 = 0x520;
+
+    fn write(mem: &GuestMemoryMmap) -> Result<(DescriptorTable, DescriptorTable)> {
+        write_descriptor_tables(
+            mem,
+            &long_mode_gdt(),
+            GuestAddress(GDT_START),
+            GuestAddress(IDT_START),
+        )
+    }
 
     #[test]
     fn long_mode_code_segment_decodes_as_64_bit_ring_0() {
@@ -219,7 +251,7 @@ mod tests {
         mem.write_slice(&[0xff; 8], GuestAddress(IDT_START))
             .unwrap();
         let gdt = long_mode_gdt();
-        let (gdtr, idtr) = write_descriptor_tables(&mem, &gdt).unwrap();
+        let (gdtr, idtr) = write(&mem).unwrap();
         assert_eq!(gdtr.base, GDT_START);
         assert_eq!(gdtr.limit, 31);
         for (i, entry) in gdt.iter().enumerate() {
@@ -234,7 +266,13 @@ mod tests {
     #[test]
     fn descriptor_tables_need_low_memory() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x10_0000), 0x1000)]).unwrap();
-        let err = write_descriptor_tables(&mem, &long_mode_gdt()).unwrap_err();
-        assert!(matches!(err, Error::WriteGdt(_)));
+        let err = write(&mem).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::WriteGdt {
+                addr: GDT_START,
+                ..
+            }
+        ));
     }
 }

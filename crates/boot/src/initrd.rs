@@ -1,24 +1,30 @@
 //! Loading the initial ramdisk.
 //!
 //! The initrd goes as high as it can: it starts on a page boundary and ends at or below the lower
-//! of the MMIO gap ([`MMIO32_START`]) and the kernel's `initrd_addr_max`, above everything the
-//! kernel occupies ([`LoadedKernel::footprint_end`]). Bootloaders place it high so that the kernel
-//! can decompress and set itself up below it without overwriting it.
+//! of the MMIO gap's start (the [`Platform`](crate::Platform)'s) and the kernel's
+//! `initrd_addr_max`, above everything the kernel occupies ([`LoadedKernel::footprint_end`]), and
+//! clear of the boot structures and firmware range of the [`BootLayout`](crate::BootLayout).
+//! Bootloaders place it high so that the kernel can decompress and set itself up below it without
+//! overwriting it.
 
 use std::io::{self, Seek, SeekFrom};
 
-use ember_memory::layout::MMIO32_START;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
     ReadVolatile,
 };
 
+use crate::config::{self, BootConfig};
 use crate::kernel::LoadedKernel;
 use crate::layout::PAGE_SIZE;
 
 /// Errors of initrd loading.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// The boot configuration is not valid.
+    #[error("Cannot place the initrd with this boot configuration")]
+    Config(#[source] config::Error),
     /// Reading or seeking the initrd failed.
     #[error("Cannot read the initrd")]
     Io(#[source] io::Error),
@@ -82,6 +88,27 @@ fn ram_ranges<M: GuestMemoryBackend>(mem: &M) -> Vec<(u64, u64)> {
     merged
 }
 
+/// `ranges` (highest first) without the parts in `holes`, still highest first.
+fn without(ranges: &[(u64, u64)], holes: &[std::ops::Range<u64>]) -> Vec<(u64, u64)> {
+    let mut free = ranges.to_vec();
+    for hole in holes {
+        free = free
+            .into_iter()
+            .flat_map(|(start, end)| {
+                if hole.end <= start || end <= hole.start {
+                    return vec![(start, end)];
+                }
+                // The part above the hole first: highest first.
+                [(hole.end.max(start), end), (start, hole.start.min(end))]
+                    .into_iter()
+                    .filter(|(start, end)| start < end)
+                    .collect()
+            })
+            .collect();
+    }
+    free
+}
+
 /// Finds the highest page-aligned address where `size` bytes fit in one of `ranges` (highest
 /// first) within `[low, high)`.
 fn place(ranges: &[(u64, u64)], size: u64, low: u64, high: u64) -> Option<u64> {
@@ -92,25 +119,36 @@ fn place(ranges: &[(u64, u64)], size: u64, low: u64, high: u64) -> Option<u64> {
     })
 }
 
-/// Loads `initrd` into `mem` as high as the kernel allows.
+/// Loads `initrd` into `mem` as high as the kernel and `config` allow.
 ///
 /// # Errors
 ///
-/// [`Error::Empty`] for an empty file; [`Error::DoesNotFit`], naming the sizes and bounds, when
-/// there is no room for it; [`Error::Io`] or [`Error::Load`] when copying it fails.
-pub fn load_initrd<M, F>(mem: &M, initrd: &mut F, kernel: &LoadedKernel) -> Result<InitrdRegion>
+/// [`Error::Config`] when `config` is not valid; [`Error::Empty`] for an empty file;
+/// [`Error::DoesNotFit`], naming the sizes and bounds, when there is no room for it; [`Error::Io`]
+/// or [`Error::Load`] when copying it fails.
+pub fn load_initrd<M, F>(
+    mem: &M,
+    initrd: &mut F,
+    kernel: &LoadedKernel,
+    config: &BootConfig,
+) -> Result<InitrdRegion>
 where
     M: GuestMemoryBackend,
     F: ReadVolatile + Seek,
 {
+    let regions = config.checked_regions().map_err(Error::Config)?;
     let size = initrd.seek(SeekFrom::End(0)).map_err(Error::Io)?;
     if size == 0 {
         return Err(Error::Empty);
     }
     let low = kernel.footprint_end().raw_value();
-    let limit = kernel.initrd_addr_max.saturating_add(1).min(MMIO32_START);
+    let limit = kernel
+        .initrd_addr_max
+        .saturating_add(1)
+        .min(config.platform.mmio_gap.start);
     let ranges = ram_ranges(mem);
-    let Some(addr) = place(&ranges, size, low, limit) else {
+    let holes: Vec<_> = regions.iter().map(|region| region.range.clone()).collect();
+    let Some(addr) = place(&without(&ranges, &holes), size, low, limit) else {
         // Report the top of RAM within the limit, the real upper bound.
         let high = ranges
             .iter()
@@ -137,6 +175,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::test_platform;
     use crate::kernel::load_kernel;
     use crate::layout::{DEFAULT_INITRD_ADDR_MAX, HIMEM_START};
     use crate::test_utils::{tiny_bzimage, tiny_elf};
@@ -156,8 +195,12 @@ mod tests {
         (0..size).map(|i| (i % 251) as u8).collect()
     }
 
+    fn config() -> BootConfig {
+        BootConfig::new(test_platform(), 1)
+    }
+
     fn load(mem: &GuestMemoryMmap, kernel: &LoadedKernel, size: usize) -> Result<InitrdRegion> {
-        load_initrd(mem, &mut Cursor::new(data(size)), kernel)
+        load_initrd(mem, &mut Cursor::new(data(size)), kernel, &config())
     }
 
     #[test]
@@ -243,6 +286,44 @@ mod tests {
         ));
         let region = load(&mem, &kernel, 0x8_0000).unwrap();
         assert!(region.addr.0 >= kernel.footprint_end().0);
+    }
+
+    #[test]
+    fn initrd_stays_below_the_given_mmio_gap() {
+        let mem = memory(&[(0, 64 << 20)]);
+        let kernel = kernel(&mem);
+        let mut config = config();
+        config.platform.mmio_gap = (32 << 20)..(1 << 32);
+        let region = load_initrd(&mem, &mut Cursor::new(data(0x1000)), &kernel, &config).unwrap();
+        assert_eq!(region.addr.0, (32 << 20) - 0x1000);
+    }
+
+    #[test]
+    fn initrd_goes_below_boot_structures_at_the_top_of_ram() {
+        let mem = memory(&[(0, 64 << 20)]);
+        let kernel = kernel(&mem);
+        let mut config = config();
+        let top = 64 << 20;
+        config.layout.acpi = top - 0x1_0000;
+        config.layout.mptable = Some(top - 0x2_0000);
+        config.layout.firmware = (top - 0x2_0000)..top;
+        config.layout.cmdline = top - 0x3_0000;
+        // Between the command line and the firmware range when it fits there...
+        let region = load_initrd(&mem, &mut Cursor::new(data(0x1800)), &kernel, &config).unwrap();
+        assert_eq!(region.addr.0, top - 0x2_0000 - 0x2000);
+        // ... below the command line when it does not.
+        let region = load_initrd(&mem, &mut Cursor::new(data(0x1_0000)), &kernel, &config).unwrap();
+        assert_eq!(region.addr.0, top - 0x3_0000 - 0x1_0000);
+    }
+
+    #[test]
+    fn invalid_config_is_rejected() {
+        let mem = memory(&[(0, 4 << 20)]);
+        let kernel = kernel(&mem);
+        let mut config = config();
+        config.vcpus = 0;
+        let err = load_initrd(&mem, &mut Cursor::new(data(10)), &kernel, &config).unwrap_err();
+        assert!(matches!(err, Error::Config(config::Error::VcpuCount(0))));
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::layout::{DEFAULT_INITRD_ADDR_MAX, HIMEM_START};
 
 /// Errors of kernel loading.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// Reading or seeking the image failed.
     #[error("Cannot read the kernel image")]
@@ -152,6 +153,7 @@ const SECTOR_SIZE: u64 = 512;
 ///
 /// [`configure_system`]: crate::configure_system
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum KernelFormat {
     /// ELF vmlinux, entered in 64-bit mode with the Linux boot protocol.
     Elf,

@@ -1,4 +1,5 @@
-//! Where the boot structures live in low guest memory.
+//! Ember's boot layout, [`BootLayout::default`](crate::BootLayout::default), and the boot
+//! protocol's fixed addresses and sizes.
 //!
 //! ```text
 //! 0x0500  GDT (4 entries)            0x0520  IDT (one empty entry)
@@ -12,8 +13,8 @@
 //! 0x100000 the kernel
 //! ```
 //!
-//! The device-facing part of the address map (MMIO gap, APICs, interrupt lines) is
-//! [`ember_memory::layout`].
+//! The platform the tables describe (MMIO gap, APICs, interrupt lines, ACPI ports) is the VMM's
+//! and comes with the [`Platform`](crate::Platform) it passes.
 
 /// Global descriptor table.
 pub const GDT_START: u64 = 0x500;
@@ -36,14 +37,9 @@ pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Initial stack pointer of the boot vCPU for the Linux 64-bit entry.
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 
-/// Top-level page table (PML4) of the identity map.
-pub const PML4_START: u64 = 0x9000;
-
-/// Page directory pointer table of the identity map.
-pub const PDPT_START: u64 = 0xa000;
-
-/// First of the four page directories of the identity map, one page each.
-pub const PD_START: u64 = 0xb000;
+/// The identity page tables: the PML4, then the PDPT, then the four page directories, one page
+/// each.
+pub const PAGE_TABLES_START: u64 = 0x9000;
 
 /// The kernel command line.
 pub const CMDLINE_START: u64 = 0x2_0000;
@@ -51,7 +47,8 @@ pub const CMDLINE_START: u64 = 0x2_0000;
 /// Largest kernel command line, its terminating NUL included.
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 
-/// Start of the extended BIOS data area: conventional RAM ends here (639 KiB).
+/// Start of the extended BIOS data area: conventional RAM ends here (639 KiB), and the memory
+/// map reports the firmware range from here up to [`HIMEM_START`] as reserved.
 pub const EBDA_START: u64 = 0x9_fc00;
 
 /// The MP floating pointer and configuration table, at the start of the EBDA where Linux looks
@@ -62,8 +59,7 @@ pub const MPTABLE_START: u64 = EBDA_START;
 /// Linux looks for the RSDP when the boot protocol does not give its address.
 pub const ACPI_START: u64 = 0xe_0000;
 
-/// Start of high memory (1 MiB): the kernel is loaded here or above; everything from
-/// [`EBDA_START`] up to here is reserved.
+/// Start of high memory (1 MiB): the kernel is loaded here or above, whatever the layout.
 pub const HIMEM_START: u64 = 0x10_0000;
 
 /// Highest address an initrd may occupy when the kernel does not say otherwise (the Linux boot

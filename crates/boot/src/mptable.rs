@@ -1,24 +1,25 @@
 //! The Intel MultiProcessor Specification (1.4) table, which tells the kernel how many CPUs the
 //! guest has and how legacy interrupts reach the I/O APIC.
 //!
-//! The table is written at [`MPTABLE_START`] (the start of the EBDA, where Linux looks for the MP
-//! floating pointer) and consists of:
+//! The table is written where the [`BootLayout`](crate::BootLayout) says (ember's is the start
+//! of the EBDA, where Linux looks for the MP floating pointer) and consists of:
 //!
 //! - the MP floating pointer structure, pointing to
 //! - the MP configuration table: its header, then one processor entry per vCPU (the first one the
-//!   bootstrap processor), one ISA bus, the I/O APIC, an I/O interrupt entry for each of its 24
+//!   bootstrap processor), one ISA bus, the I/O APIC, an I/O interrupt entry for each of its
 //!   lines, and the two local interrupt entries (ExtINT on LINT0, NMI on LINT1).
 //!
 //! Both structures carry checksums that make their bytes sum to zero. Local APIC ids are the vCPU
-//! indexes, and the I/O APIC takes the id after the last vCPU's.
+//! indexes, and the I/O APIC takes the id after the last vCPU's. The APIC addresses and the
+//! number of I/O APIC lines come from the [`Platform`].
 
-use ember_memory::layout::{IOAPIC_START, IRQ_MAX, LAPIC_START};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
-use crate::layout::{HIMEM_START, MPTABLE_START};
+use crate::config::Platform;
 
 /// Errors of MP table setup.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A guest needs at least one vCPU.
     #[error("The MP table needs at least one vCPU")]
@@ -26,9 +27,23 @@ pub enum Error {
     /// The vCPUs and the I/O APIC would not all get distinct APIC ids below the broadcast id.
     #[error("{0} vCPUs are more than the {MAX_VCPUS} the MP table can describe")]
     TooManyVcpus(u8),
+    /// The table or an APIC is not below 4 GiB, where the table's 32-bit pointers reach.
+    #[error("The {what} at {addr:#x} is beyond the MP table's 32-bit reach")]
+    Above4GiB {
+        /// The table or the APIC.
+        what: &'static str,
+        /// Its address.
+        addr: u64,
+    },
     /// The table could not be written to guest memory.
-    #[error("Cannot write the MP table to guest memory at {MPTABLE_START:#x}")]
-    Write(#[source] GuestMemoryError),
+    #[error("Cannot write the MP table to guest memory at {addr:#x}")]
+    Write {
+        /// Where the table goes.
+        addr: u64,
+        /// Why the write failed.
+        #[source]
+        source: GuestMemoryError,
+    },
 }
 
 /// Result type of MP table setup.
@@ -77,10 +92,6 @@ const ALL_LOCAL_APICS: u8 = 0xff;
 
 const ISA_BUS_ID: u8 = 0;
 
-/// Number of I/O APIC interrupt lines.
-pub const IOAPIC_LINES: u8 = 24;
-const _: () = assert!(IRQ_MAX + 1 == IOAPIC_LINES as u32);
-
 /// Value that makes `bytes` sum to zero (mod 256) once added.
 pub(crate) fn checksum(bytes: &[u8]) -> u8 {
     bytes
@@ -89,22 +100,21 @@ pub(crate) fn checksum(bytes: &[u8]) -> u8 {
         .wrapping_neg()
 }
 
-/// Total size of the floating pointer and configuration table for `vcpus` processors.
-pub const fn mptable_size(vcpus: u8) -> usize {
+/// Total size of the floating pointer and configuration table for `vcpus` processors and an I/O
+/// APIC of `ioapic_pins` lines.
+pub const fn mptable_size(vcpus: u8, ioapic_pins: u8) -> usize {
     // Widening casts (`usize::from` is not const).
     FLOATING_POINTER_SIZE
         + CONFIG_HEADER_SIZE
         + vcpus as usize * PROCESSOR_ENTRY_SIZE
         // Bus, I/O APIC, one I/O interrupt per line, two local interrupts.
-        + (2 + IOAPIC_LINES as usize + 2) * SMALL_ENTRY_SIZE
+        + (2 + ioapic_pins as usize + 2) * SMALL_ENTRY_SIZE
 }
 
-// The largest table stays inside the reserved area below 1 MiB.
-const _: () = assert!(MPTABLE_START as usize + mptable_size(MAX_VCPUS) <= HIMEM_START as usize);
-
 /// Builds the floating pointer and configuration table, as guest memory will hold them at
-/// `base`, for `vcpus` processors (at least 1, at most [`MAX_VCPUS`], checked by the caller).
-fn build(base: u32, vcpus: u8) -> Vec<u8> {
+/// `base`, for `vcpus` processors (at least 1, at most [`MAX_VCPUS`], checked by the caller), an
+/// I/O APIC at `ioapic` with `ioapic_pins` lines and the local APICs at `lapic`.
+fn build(base: u32, vcpus: u8, ioapic: u32, ioapic_pins: u8, lapic: u32) -> Vec<u8> {
     let ioapic_id = vcpus;
     let mut entries = Vec::new();
     let mut count: u16 = 0;
@@ -124,10 +134,9 @@ fn build(base: u32, vcpus: u8) -> Vec<u8> {
     entries.extend_from_slice(b"ISA   ");
     count += 1;
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, APIC_VERSION, IOAPIC_USABLE]);
-    // The I/O APIC sits below 4 GiB: the cast cannot truncate.
-    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    entries.extend_from_slice(&ioapic.to_le_bytes());
     count += 1;
-    for line in 0..IOAPIC_LINES {
+    for line in 0..ioapic_pins {
         entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INTERRUPT_INT]);
         entries.extend_from_slice(&IRQ_FLAGS_CONFORMING.to_le_bytes());
         entries.extend_from_slice(&[ISA_BUS_ID, line, ioapic_id, line]);
@@ -143,8 +152,9 @@ fn build(base: u32, vcpus: u8) -> Vec<u8> {
         count += 1;
     }
 
+    // The caller checked that the whole table lies below 4 GiB: cannot overflow.
     let config_base = base + FLOATING_POINTER_SIZE as u32;
-    // At most mptable_size(MAX_VCPUS), about 5 KiB: fits in u16.
+    // At most mptable_size(MAX_VCPUS, 255), about 7 KiB: fits in u16.
     let config_len = (CONFIG_HEADER_SIZE + entries.len()) as u16;
     let mut config = Vec::with_capacity(usize::from(config_len));
     config.extend_from_slice(b"PCMP");
@@ -155,8 +165,7 @@ fn build(base: u32, vcpus: u8) -> Vec<u8> {
     config.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
     config.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
     config.extend_from_slice(&count.to_le_bytes());
-    // The local APIC sits below 4 GiB: the cast cannot truncate.
-    config.extend_from_slice(&(LAPIC_START as u32).to_le_bytes());
+    config.extend_from_slice(&lapic.to_le_bytes());
     config.extend_from_slice(&0u32.to_le_bytes()); // extended table length and checksum
     config.extend_from_slice(&entries);
     config[7] = checksum(&config);
@@ -172,29 +181,58 @@ fn build(base: u32, vcpus: u8) -> Vec<u8> {
     table
 }
 
-/// Writes the MP table for `vcpus` vCPUs at [`MPTABLE_START`].
+/// Writes the MP table for `vcpus` vCPUs on `platform` at `base`.
 ///
 /// # Errors
 ///
 /// [`Error::NoVcpus`] or [`Error::TooManyVcpus`] when `vcpus` is 0 or above [`MAX_VCPUS`];
-/// [`Error::Write`] when guest memory does not hold the table's addresses.
-pub fn setup_mptable<M: GuestMemory>(mem: &M, vcpus: u8) -> Result<()> {
+/// [`Error::Above4GiB`] when the table or an APIC is not below 4 GiB; [`Error::Write`] when guest
+/// memory does not hold the table's addresses.
+pub fn setup_mptable<M: GuestMemory>(
+    mem: &M,
+    base: GuestAddress,
+    vcpus: u8,
+    platform: &Platform,
+) -> Result<()> {
     if vcpus == 0 {
         return Err(Error::NoVcpus);
     }
     if vcpus > MAX_VCPUS {
         return Err(Error::TooManyVcpus(vcpus));
     }
-    // Below 1 MiB: the cast cannot truncate.
-    let table = build(MPTABLE_START as u32, vcpus);
-    mem.write_slice(&table, GuestAddress(MPTABLE_START))
-        .map_err(Error::Write)
+    let below_4_gib = |what, addr: u64, size: u64| {
+        addr.checked_add(size)
+            .filter(|end| *end <= 1 << 32)
+            .and_then(|_| u32::try_from(addr).ok())
+            .ok_or(Error::Above4GiB { what, addr })
+    };
+    let size = mptable_size(vcpus, platform.ioapic_pins);
+    // A few KiB: the cast cannot truncate.
+    let table_base = below_4_gib("MP table", base.0, size as u64)?;
+    let ioapic = below_4_gib("I/O APIC", platform.ioapic, 0)?;
+    let lapic = below_4_gib("local APIC", platform.lapic, 0)?;
+    let table = build(table_base, vcpus, ioapic, platform.ioapic_pins, lapic);
+    mem.write_slice(&table, base)
+        .map_err(|source| Error::Write {
+            addr: base.0,
+            source,
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::test_platform as platform;
     use vm_memory::GuestMemoryMmap;
+
+    const MPTABLE_START: u64 = 0x9_fc00;
+    const IOAPIC_START: u64 = 0xfec0_0000;
+    const LAPIC_START: u64 = 0xfee0_0000;
+    const IOAPIC_LINES: u8 = 24;
+
+    fn setup_mptable(mem: &GuestMemoryMmap, vcpus: u8) -> Result<()> {
+        super::setup_mptable(mem, GuestAddress(MPTABLE_START), vcpus, &platform())
+    }
 
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
@@ -257,7 +295,10 @@ mod tests {
             setup_mptable(&mem, vcpus).unwrap();
             let config = config_table(&mem);
             assert_eq!(&config[0..4], b"PCMP");
-            assert_eq!(config.len() + FLOATING_POINTER_SIZE, mptable_size(vcpus));
+            assert_eq!(
+                config.len() + FLOATING_POINTER_SIZE,
+                mptable_size(vcpus, IOAPIC_LINES)
+            );
             assert_eq!(sum(&config), 0, "checksum with {vcpus} vCPUs");
             let lapic = u32::from_le_bytes(config[36..40].try_into().unwrap());
             assert_eq!(u64::from(lapic), LAPIC_START);
@@ -341,6 +382,67 @@ mod tests {
     #[test]
     fn table_needs_the_ebda_in_memory() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x9_f000)]).unwrap();
-        assert!(matches!(setup_mptable(&mem, 1), Err(Error::Write(_))));
+        assert!(matches!(
+            setup_mptable(&mem, 1),
+            Err(Error::Write {
+                addr: MPTABLE_START,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn table_describes_the_platform_it_is_given() {
+        let mem = memory();
+        let mut platform = platform();
+        platform.ioapic = 0xfe00_0000;
+        platform.lapic = 0xfed0_0000;
+        platform.ioapic_pins = 48;
+        super::setup_mptable(&mem, GuestAddress(0x1000), 2, &platform).unwrap();
+        let fp = read(&mem, 0x1000, FLOATING_POINTER_SIZE);
+        assert_eq!(&fp[0..4], b"_MP_");
+        assert_eq!(u32::from_le_bytes(fp[4..8].try_into().unwrap()), 0x1010);
+        let base = 0x1010;
+        let header = read(&mem, base, CONFIG_HEADER_SIZE);
+        let len = usize::from(u16::from_le_bytes([header[4], header[5]]));
+        let config = read(&mem, base, len);
+        assert_eq!(sum(&config), 0);
+        assert_eq!(
+            u32::from_le_bytes(config[36..40].try_into().unwrap()),
+            0xfed0_0000
+        );
+        let all = entries(&config);
+        let ioapic = &all.iter().find(|(k, _)| *k == ENTRY_IOAPIC).unwrap().1;
+        assert_eq!(
+            u32::from_le_bytes(ioapic[4..8].try_into().unwrap()),
+            0xfe00_0000
+        );
+        let lines = all.iter().filter(|(k, _)| *k == ENTRY_IO_INTERRUPT).count();
+        assert_eq!(lines, 48);
+    }
+
+    #[test]
+    fn table_or_apic_beyond_4_gib_is_rejected() {
+        let mem = memory();
+        let err = super::setup_mptable(&mem, GuestAddress((1 << 32) - 0x100), 1, &platform())
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Above4GiB {
+                what: "MP table",
+                ..
+            }
+        ));
+        let mut platform = platform();
+        platform.lapic = 1 << 32;
+        let err =
+            super::setup_mptable(&mem, GuestAddress(MPTABLE_START), 1, &platform).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Above4GiB {
+                what: "local APIC",
+                ..
+            }
+        ));
     }
 }

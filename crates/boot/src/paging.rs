@@ -5,13 +5,20 @@
 //! four page directories of 512 entries. That covers all RAM below the MMIO gap and the gap itself,
 //! so that small test guests can reach device MMIO; a Linux kernel builds its own tables early.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
+//!
+//! The tables are six contiguous pages from the address the caller gives (the
+//! [`BootLayout`](crate::BootLayout)'s `page_tables`): the PML4, the PDPT, then the four page
+//! directories.
 
-use crate::layout::{PD_START, PDPT_START, PML4_START};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 /// Errors of page table setup.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// The tables' address is not page-aligned, or the tables would run past the address space.
+    #[error("The boot page tables cannot start at {0:#x}: not page-aligned or too high")]
+    BadAddress(u64),
     /// A page table could not be written to guest memory.
     #[error("Cannot write the boot page table at {addr:#x} to guest memory")]
     Write {
@@ -47,6 +54,10 @@ const LARGE_PAGE_SIZE: u64 = 2 << 20;
 /// Size of one page table in bytes.
 const TABLE_SIZE: u64 = 0x1000;
 
+/// Bytes the tables occupy: the PML4, the PDPT and the page directories.
+// 6 pages: the cast cannot truncate.
+pub const TABLES_SIZE: usize = ((2 + PD_COUNT) * TABLE_SIZE) as usize;
+
 /// One table's worth of entries, laid out as guest memory holds them.
 fn table_bytes(entries: impl Iterator<Item = u64>) -> Vec<u8> {
     let mut bytes = vec![0u8; ENTRIES * 8];
@@ -61,33 +72,39 @@ fn write_table<M: GuestMemory>(mem: &M, addr: u64, bytes: &[u8]) -> Result<()> {
         .map_err(|source| Error::Write { addr, source })
 }
 
-/// Writes the identity page tables and returns the value for CR3 (the PML4's address).
+/// Writes the identity page tables from `base` ([`TABLES_SIZE`] bytes) and returns the value
+/// for CR3 (the PML4's address, `base`).
 ///
 /// Every table is written whole, so entries past the mapped range are zero (not present) whatever
 /// the memory held before.
 ///
 /// # Errors
 ///
-/// [`Error::Write`] when guest memory does not hold the tables' addresses.
-pub fn setup_identity_paging<M: GuestMemory>(mem: &M) -> Result<u64> {
+/// [`Error::BadAddress`] when `base` is not page-aligned or the tables would run past the address
+/// space; [`Error::Write`] when guest memory does not hold them.
+pub fn setup_identity_paging<M: GuestMemory>(mem: &M, base: GuestAddress) -> Result<u64> {
+    let pml4 = base.0;
+    // TABLES_SIZE is a few pages: the cast cannot truncate.
+    if pml4 % TABLE_SIZE != 0 || pml4.checked_add(TABLES_SIZE as u64).is_none() {
+        return Err(Error::BadAddress(pml4));
+    }
+    // Cannot overflow: checked above.
+    let pdpt = pml4 + TABLE_SIZE;
+    let pd_start = pdpt + TABLE_SIZE;
     let flags = PTE_PRESENT | PTE_WRITABLE;
+    write_table(mem, pml4, &table_bytes(std::iter::once(pdpt | flags)))?;
     write_table(
         mem,
-        PML4_START,
-        &table_bytes(std::iter::once(PDPT_START | flags)),
-    )?;
-    write_table(
-        mem,
-        PDPT_START,
-        &table_bytes((0..PD_COUNT).map(|i| (PD_START + i * TABLE_SIZE) | flags)),
+        pdpt,
+        &table_bytes((0..PD_COUNT).map(|i| (pd_start + i * TABLE_SIZE) | flags)),
     )?;
     for pd in 0..PD_COUNT {
         let first_page = pd * ENTRIES as u64;
         let entries = (first_page..first_page + ENTRIES as u64)
             .map(|page| (page * LARGE_PAGE_SIZE) | flags | PTE_PAGE_SIZE);
-        write_table(mem, PD_START + pd * TABLE_SIZE, &table_bytes(entries))?;
+        write_table(mem, pd_start + pd * TABLE_SIZE, &table_bytes(entries))?;
     }
-    Ok(PML4_START)
+    Ok(pml4)
 }
 
 #[cfg(test)]
@@ -122,6 +139,14 @@ mod tests {
         Some((pde & ADDR_MASK & !(LARGE_PAGE_SIZE - 1)) | (va & (LARGE_PAGE_SIZE - 1)))
     }
 
+    const PML4: u64 = 0x9000;
+    const PDPT: u64 = PML4 + TABLE_SIZE;
+    const PD: u64 = PDPT + TABLE_SIZE;
+
+    fn setup(mem: &GuestMemoryMmap) -> Result<u64> {
+        setup_identity_paging(mem, GuestAddress(PML4))
+    }
+
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
@@ -129,8 +154,8 @@ mod tests {
     #[test]
     fn identity_map_translates_addresses_below_4_gib_to_themselves() {
         let mem = memory();
-        let cr3 = setup_identity_paging(&mem).unwrap();
-        assert_eq!(cr3, PML4_START);
+        let cr3 = setup(&mem).unwrap();
+        assert_eq!(cr3, PML4);
         for va in [
             0,
             0x1234,
@@ -148,11 +173,11 @@ mod tests {
     #[test]
     fn nothing_is_mapped_from_4_gib() {
         let mem = memory();
-        mem.write_slice(&[0xff; 0x1000], GuestAddress(PML4_START))
+        mem.write_slice(&[0xff; 0x1000], GuestAddress(PML4))
             .unwrap();
-        mem.write_slice(&[0xff; 0x1000], GuestAddress(PDPT_START))
+        mem.write_slice(&[0xff; 0x1000], GuestAddress(PDPT))
             .unwrap();
-        let cr3 = setup_identity_paging(&mem).unwrap();
+        let cr3 = setup(&mem).unwrap();
         assert_eq!(translate(&mem, cr3, 1 << 32), None);
         assert_eq!(translate(&mem, cr3, 1 << 39), None);
     }
@@ -160,13 +185,13 @@ mod tests {
     #[test]
     fn mappings_are_present_and_writable() {
         let mem = memory();
-        let cr3 = setup_identity_paging(&mem).unwrap();
+        let cr3 = setup(&mem).unwrap();
         let pml4e = entry(&mem, cr3, 0);
         assert_eq!(
             pml4e & (PTE_PRESENT | PTE_WRITABLE),
             PTE_PRESENT | PTE_WRITABLE
         );
-        let pde = entry(&mem, PD_START + 3 * TABLE_SIZE, 511);
+        let pde = entry(&mem, PD + 3 * TABLE_SIZE, 511);
         assert_eq!(
             pde,
             0xffe0_0000 | PTE_PRESENT | PTE_WRITABLE | PTE_PAGE_SIZE
@@ -176,13 +201,31 @@ mod tests {
     #[test]
     fn page_tables_need_low_memory() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x9000)]).unwrap();
-        let err = setup_identity_paging(&mem).unwrap_err();
-        assert!(matches!(
-            err,
-            Error::Write {
-                addr: PML4_START,
-                ..
-            }
-        ));
+        let err = setup(&mem).unwrap_err();
+        assert!(matches!(err, Error::Write { addr: PML4, .. }));
+    }
+
+    #[test]
+    fn tables_go_where_the_caller_says() {
+        let mem = memory();
+        let cr3 = setup_identity_paging(&mem, GuestAddress(0x4_0000)).unwrap();
+        assert_eq!(cr3, 0x4_0000);
+        assert_eq!(
+            entry(&mem, cr3, 0) & ADDR_MASK,
+            0x4_1000,
+            "PDPT follows the PML4"
+        );
+        assert_eq!(translate(&mem, cr3, 0xfee0_0000), Some(0xfee0_0000));
+    }
+
+    #[test]
+    fn unaligned_or_overflowing_addresses_are_rejected() {
+        let mem = memory();
+        for base in [0x9008, !0xfff] {
+            assert!(matches!(
+                setup_identity_paging(&mem, GuestAddress(base)),
+                Err(Error::BadAddress(b)) if b == base
+            ));
+        }
     }
 }

@@ -11,7 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ember_boot::acpi::S5_SLEEP_TYPE;
-use ember_boot::{CpuState, build_cmdline, configure_system, load_initrd, load_kernel};
+use ember_boot::{
+    AcpiPm, BootConfig, CpuState, Platform, build_cmdline, configure_system, load_initrd,
+    load_kernel,
+};
 use ember_bus::{BusRange, MmioBus, PioBus};
 use ember_legacy::bounded_writer::{self, BoundedWriter, BoundedWriterThread};
 use ember_legacy::{
@@ -19,7 +22,8 @@ use ember_legacy::{
     I8042_PORT_LEN, I8042Device, ProcessStart, SERIAL_PORT_LEN, SerialDevice, SerialOut,
 };
 use ember_memory::layout::{
-    ACPI_PM1_EVT_PORT, I8042_IRQ, IRQ_BASE, MMIO_DEVICES_END, MMIO32_START, SERIAL_IRQ,
+    ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_PORT, ACPI_SCI_IRQ, FIRST_ADDR_PAST_32BITS, I8042_IRQ,
+    IOAPIC_PINS, IOAPIC_START, IRQ_BASE, LAPIC_START, MMIO_DEVICES_END, MMIO32_START, SERIAL_IRQ,
 };
 use ember_memory::{GuestMemoryMmap, MemoryOptions, ResourceAllocator};
 use ember_rate_limiter::{BucketConfig, BucketUpdate, RateLimiter};
@@ -741,7 +745,7 @@ fn attach_legacy_devices(
     let power_off = EventFdTrigger::new().map_err(Error::EventFd)?;
     let power_off_evt = power_off.eventfd().try_clone().map_err(Error::EventFd)?;
     let pm = Arc::new(Mutex::new(AcpiPmDevice::new(power_off, S5_SLEEP_TYPE)));
-    let range = BusRange::new(ACPI_PM1_EVT_PORT, ACPI_PM_LEN)
+    let range = BusRange::new(u64::from(ACPI_PM1_EVT_PORT), ACPI_PM_LEN)
         .map_err(|e| Error::Bus("ACPI PM registers".into(), e))?;
     pio.insert(range, pm)
         .map_err(|e| Error::Bus("ACPI PM registers".into(), e))?;
@@ -896,6 +900,20 @@ fn open(what: &'static str, path: &Path) -> Result<File> {
     })
 }
 
+/// The boot configuration of ember's guests with `vcpus` vCPUs: ember-boot's default layout
+/// (everything below 1 MiB) on the platform of ember-memory's address map, its MMIO gap, APICs,
+/// I/O APIC lines and ACPI PM ports and SCI.
+pub fn boot_config(vcpus: u8) -> BootConfig {
+    let platform = Platform::new(
+        IOAPIC_START,
+        LAPIC_START,
+        IOAPIC_PINS,
+        MMIO32_START..FIRST_ADDR_PAST_32BITS,
+        AcpiPm::new(ACPI_PM1_EVT_PORT, ACPI_PM1_CNT_PORT, ACPI_SCI_IRQ),
+    );
+    BootConfig::new(platform, vcpus)
+}
+
 /// Loads kernel and initrd, writes the command line and boot tables; returns the boot vCPU's
 /// initial state.
 fn load_guest(
@@ -917,11 +935,12 @@ fn load_guest(
         "Kernel {:?} entered at {:#x}",
         kernel.format, kernel.entry.0
     );
+    let config = boot_config(vcpus);
     let initrd = match &boot_source.initrd_path {
         Some(path) => {
             let path = PathBuf::from(path);
             Some(
-                load_initrd(memory, &mut open("initrd", &path)?, &kernel)
+                load_initrd(memory, &mut open("initrd", &path)?, &kernel, &config)
                     .map_err(|source| Error::Initrd { path, source })?,
             )
         }
@@ -929,7 +948,7 @@ fn load_guest(
     };
     let extra: Vec<&str> = cmdline_extra.iter().map(String::as_str).collect();
     let cmdline = build_cmdline(cmdline, &extra).map_err(Error::Cmdline)?;
-    configure_system(memory, &kernel, &cmdline, initrd, vcpus).map_err(Error::Boot)
+    configure_system(memory, &kernel, &cmdline, initrd, &config).map_err(Error::Boot)
 }
 
 fn start_vcpus(
@@ -1217,6 +1236,64 @@ fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// FNV-1a, enough to tell whether bytes changed.
+    fn fnv(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x100_0000_01b3)
+        })
+    }
+
+    #[test]
+    fn boot_config_gives_the_guest_the_tables_it_always_had() {
+        use ember_boot::test_utils::{tiny_bzimage, tiny_elf, tiny_pvh_elf};
+        use ember_memory::{Bytes, GuestAddress, create_guest_memory, mem_size_from_mib};
+        use std::io::Cursor;
+
+        // (image, memory, vCPUs, initrd address, hash of the first MiB, hash of the vCPU
+        // state), as ember wrote them when the boot crate had ember's platform built in.
+        let cases = [
+            (
+                tiny_elf(&[0xf4]),
+                64,
+                2,
+                0x3ffe000,
+                0xac31_5f0e_ddef_d57b,
+                0xb7f0_3de2_996d_9893,
+            ),
+            (
+                tiny_pvh_elf(&[0xf4]),
+                64,
+                254,
+                0x3ffe000,
+                0x9eb0_3791_0ea2_8334,
+                0x0144_67b7_6b31_d167,
+            ),
+            (
+                tiny_bzimage(&[0xf4]),
+                0xd00 + 16,
+                2,
+                0x7fffe000,
+                0xb3c0_ec0d_27de_31e7,
+                0x0b59_c3fb_4679_7d22,
+            ),
+        ];
+        for (image, mib, vcpus, initrd_addr, low_hash, cpu_hash) in cases {
+            let size = mem_size_from_mib(mib).unwrap();
+            let mem = create_guest_memory(size, MemoryOptions::default()).unwrap();
+            let config = boot_config(vcpus);
+            let kernel = load_kernel(&mem, &mut Cursor::new(image)).unwrap();
+            let initrd = vec![0x55u8; 5000];
+            let initrd = load_initrd(&mem, &mut Cursor::new(initrd), &kernel, &config).unwrap();
+            let cmdline = build_cmdline("console=ttyS0 reboot=k panic=1", &[]).unwrap();
+            let cpu = configure_system(&mem, &kernel, &cmdline, Some(initrd), &config).unwrap();
+            let mut low = vec![0u8; 1 << 20];
+            mem.read_slice(&mut low, GuestAddress(0)).unwrap();
+            assert_eq!(initrd.addr.0, initrd_addr, "{mib} MiB, {vcpus} vCPUs");
+            assert_eq!(fnv(&low), low_hash, "{mib} MiB, {vcpus} vCPUs");
+            assert_eq!(fnv(format!("{cpu:?}").as_bytes()), cpu_hash);
+        }
+    }
 
     #[test]
     fn vcpu_count_must_be_between_one_and_the_limit() {
