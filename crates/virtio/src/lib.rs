@@ -10,7 +10,8 @@
 //!   transitions.
 //! - [`device`]: what a device is to its transport ([`VirtioDevice`]), and the [`Interrupt`] it
 //!   raises through an [`IrqTrigger`] (an irqfd in a KVM VMM).
-//! - [`worker`]: the epoll thread an active device serves its queues on.
+//! - [`worker`]: where an active device's handler runs: an epoll thread of its own, or the
+//!   VMM's event manager (feature `event-manager`).
 //! - [`block`]: virtio-blk on a raw image file or a host block device.
 //! - [`net`] and [`tap`]: virtio-net on a TAP interface (or any descriptor with datagram
 //!   semantics), with checksum and segmentation offloads and merged receive buffers.
@@ -39,4 +40,4 @@ pub mod worker;
 pub use device::{ActivateError, ActivateParams, Interrupt, IrqTrigger, VirtioDevice};
 pub use ember_virtqueue::{Descriptor, DescriptorChain, Error, Queue, Result, Ring};
 pub use ember_virtqueue::{guest, iov, queue};
-pub use worker::{EventHandler, EventOps, Worker, WorkerGate, WorkerHook};
+pub use worker::{EventHandler, EventOps, Executor, Runner, Worker, WorkerGate, WorkerHook};
