@@ -2,11 +2,12 @@
 //! block device, with one request queue.
 //!
 //! [`Block`] is what the transport sees: the device's features, its configuration space and its
-//! lifecycle ([`VirtioDevice`]). Activation hands the queue to a [`BlockWorker`] on a thread of
-//! its own ([`Worker`]), which serves the queue whenever the driver notifies it: it pops every
+//! lifecycle ([`VirtioDevice`]). Activation hands the queue to a [`BlockWorker`], run where the
+//! [`Executor`](crate::Executor) says ([`Runner`]: a worker thread of its own, or the VMM's
+//! event manager), which serves the queue whenever the driver notifies it: it pops every
 //! chain, parses it ([`request::Request::parse`]), carries it out against the [`Disk`], writes
-//! the status byte and hands the chain back, then raises the interrupt if the driver wants one.
-//! [`VirtioDevice::reset`] stops the thread and takes the disk back.
+//! the status byte and hands the chain back, then tells the driver queue 0 was used if it
+//! wants an interrupt. [`VirtioDevice::reset`] stops the handler and takes the disk back.
 //!
 //! The guest is not trusted: every request is checked against the disk's capacity and the
 //! device's limits before any I/O, malformed requests complete with an error status, and a driver
@@ -21,7 +22,7 @@
 //! use std::sync::Arc;
 //!
 //! use ember_rate_limiter::RateLimiter;
-//! use ember_virtio::Interrupt;
+//! use ember_virtio::MmioInterrupt;
 //! use ember_virtio::block::{BlockWorker, Config, Disk};
 //! use ember_virtio::mock::{MockBuffer, MockDriver, guest_memory};
 //! use vm_memory::{Bytes, GuestAddress};
@@ -41,7 +42,7 @@
 //! let mem = Arc::new(guest_memory(0x10000).unwrap());
 //! let mut driver = MockDriver::new(16, GuestAddress(0));
 //! let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-//! let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+//! let interrupt = Arc::new(MmioInterrupt::new(irq.try_clone().unwrap()));
 //! // No limit on what the driver asks.
 //! let limiter = RateLimiter::default();
 //! let mut worker = BlockWorker::new(disk, driver.queue(), mem.clone(), interrupt, limiter);
@@ -91,7 +92,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::GuestMemory;
+use vm_memory::{GuestAddressSpace, GuestMemory};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -99,9 +100,12 @@ pub use disk::{Completion, Disk, ID_BYTES, INHERITED_FD_PREFIX, check_inherited_
 pub use metrics::BlockMetrics;
 pub use request::{STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
-use crate::device::{ActivateError, ActivateParams, Interrupt, VirtioDevice, read_config_bytes};
+use crate::device::{
+    ActivateError, ActivateParams, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    read_config_bytes,
+};
 use crate::queue::{self, DescriptorChain, Queue};
-use crate::worker::{EventHandler, EventOps, Reply, Worker};
+use crate::worker::{EventHandler, EventOps, Reply, Runner};
 use metrics::inc;
 use request::Request;
 
@@ -454,7 +458,7 @@ impl Drop for Block {
     }
 }
 
-impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
+impl<M: GuestAddressSpace + Send + 'static> VirtioDevice<M> for Block {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }
@@ -500,8 +504,9 @@ impl<M: GuestMemory + Send + Sync + 'static> VirtioDevice<M> for Block {
 }
 
 impl Block {
-    /// Hands the disk, the rate limiter and the queue to a worker thread.
-    fn start_worker<M: GuestMemory + Send + Sync + 'static>(
+    /// Hands the disk, the rate limiter and the queue to a handler, run where the executor
+    /// says.
+    fn start_worker<M: GuestAddressSpace + Send + 'static>(
         &mut self,
         params: ActivateParams<M>,
     ) -> std::result::Result<(), ActivateError> {
@@ -511,7 +516,7 @@ impl Block {
             queues,
             queue_evts,
             interrupt,
-            gate,
+            executor,
         } = params;
         for given in [queues.len(), queue_evts.len()] {
             if given != 1 {
@@ -545,7 +550,7 @@ impl Block {
         } else {
             format!("ember-blk-{}", self.id)
         };
-        match Worker::spawn(name, handler, &gate) {
+        match Runner::start(name, handler, &executor) {
             Ok(worker) => {
                 self.state = State::Active {
                     worker: Box::new(worker),
@@ -647,8 +652,8 @@ fn put_config(config: &mut [u8; CONFIG_LEN], offset: usize, bytes: &[u8]) {
 pub struct BlockWorker<M, C: Clock = MonotonicClock> {
     server: Server<C>,
     queue: Queue,
-    mem: Arc<M>,
-    interrupt: Arc<Interrupt>,
+    mem: M,
+    interrupt: Arc<dyn VirtioInterrupt>,
     irq_error_logged: bool,
     /// Whether the last call stopped on its budget, with chains maybe left.
     budget_spent: bool,
@@ -675,16 +680,17 @@ impl<M, C: Clock + fmt::Debug> fmt::Debug for BlockWorker<M, C> {
     }
 }
 
-impl<M: GuestMemory, C: Clock> BlockWorker<M, C> {
+impl<M: GuestAddressSpace, C: Clock> BlockWorker<M, C> {
     /// Serves `queue`, which the driver set up in `mem`, from `disk`, as fast as
-    /// `rate_limiter` lets it (`RateLimiter::default()` lets everything through), raising
-    /// `interrupt`. It counts into counters of its own until given others
+    /// `rate_limiter` lets it (`RateLimiter::default()` lets everything through), telling the
+    /// driver through `interrupt`. It takes a snapshot of `mem` for each call to
+    /// [`BlockWorker::process_queue`]. It counts into counters of its own until given others
     /// ([`BlockWorker::with_metrics`]).
     pub fn new(
         disk: Disk,
         queue: Queue,
-        mem: Arc<M>,
-        interrupt: Arc<Interrupt>,
+        mem: M,
+        interrupt: Arc<dyn VirtioInterrupt>,
         rate_limiter: RateLimiter<C>,
     ) -> Self {
         BlockWorker {
@@ -743,7 +749,8 @@ impl<M: GuestMemory, C: Clock> BlockWorker<M, C> {
             irq_error_logged,
             budget_spent,
         } = self;
-        let mem = &**mem;
+        let mem = mem.memory();
+        let mem = &*mem;
         let mut budget = Budget::default();
         *budget_spent = false;
         let mut passes = 0usize;
@@ -770,7 +777,7 @@ impl<M: GuestMemory, C: Clock> BlockWorker<M, C> {
         };
         let served = budget.chains;
         if served > 0 && queue.needs_notification(mem)? {
-            if let Err(err) = interrupt.signal_used_queue() {
+            if let Err(err) = interrupt.trigger(VirtioInterruptType::Queue(0)) {
                 inc(&server.metrics.event_fails);
                 if !*irq_error_logged {
                     *irq_error_logged = true;
@@ -975,7 +982,7 @@ impl<M> fmt::Debug for BlockHandler<M> {
     }
 }
 
-impl<M: GuestMemory + Send + Sync + 'static> EventHandler for BlockHandler<M> {
+impl<M: GuestAddressSpace + Send + 'static> EventHandler for BlockHandler<M> {
     fn init(&mut self, ops: &mut EventOps<'_>) -> io::Result<()> {
         ops.add(self.queue_evt.as_raw_fd(), EventSet::IN, QUEUE_TOKEN)?;
         ops.add(
@@ -997,7 +1004,7 @@ impl<M: GuestMemory + Send + Sync + 'static> EventHandler for BlockHandler<M> {
     }
 }
 
-impl<M: GuestMemory + Send + Sync + 'static> BlockHandler<M> {
+impl<M: GuestAddressSpace + Send + 'static> BlockHandler<M> {
     fn queue_event(&mut self, ops: &mut EventOps<'_>) {
         let metrics = self.worker.metrics().clone();
         inc(&metrics.queue_event_count);
@@ -1091,7 +1098,11 @@ impl<M: GuestMemory + Send + Sync + 'static> BlockHandler<M> {
                 );
             }
         }
-        if let Err(err) = self.worker.interrupt.set_needs_reset() {
+        if let Err(err) = self
+            .worker
+            .interrupt
+            .trigger(VirtioInterruptType::NeedsReset)
+        {
             inc(&metrics.event_fails);
             log::error!(
                 "The block device {} cannot signal DEVICE_NEEDS_RESET: {err}",
@@ -1159,7 +1170,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     line
 }
 
-/// A running worker, whatever guest memory type it serves.
+/// A running handler, whatever guest memory type it serves and wherever it runs.
 trait ActiveWorker: Send {
     /// Stops the thread and gives the disk and the rate limiter back.
     fn stop(self: Box<Self>) -> io::Result<(Disk, RateLimiter)>;
@@ -1177,9 +1188,9 @@ trait ActiveWorker: Send {
     -> io::Result<Reply<Option<Disk>>>;
 }
 
-impl<M: GuestMemory + Send + Sync + 'static> ActiveWorker for Worker<BlockHandler<M>> {
+impl<M: GuestAddressSpace + Send + 'static> ActiveWorker for Runner<BlockHandler<M>> {
     fn stop(self: Box<Self>) -> io::Result<(Disk, RateLimiter)> {
-        Worker::stop(*self).map(|handler| handler.worker.into_parts())
+        Runner::stop(*self).map(|handler| handler.worker.into_parts())
     }
 
     fn update_rate_limiter(
@@ -1211,7 +1222,11 @@ impl<M: GuestMemory + Send + Sync + 'static> ActiveWorker for Worker<BlockHandle
             capacity.store(new_capacity, Ordering::Release);
             let metrics = handler.worker.metrics().clone();
             inc(&metrics.update_count);
-            if let Err(err) = handler.worker.interrupt.signal_config_change() {
+            if let Err(err) = handler
+                .worker
+                .interrupt
+                .trigger(VirtioInterruptType::Config)
+            {
                 inc(&metrics.event_fails);
                 log::error!(
                     "The block device {} cannot tell the driver its new capacity: {err}",
@@ -1237,11 +1252,13 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
-    use crate::device::{INT_CONFIG, INT_USED_RING};
+    use crate::mmio::{INT_CONFIG, INT_USED_RING, MmioInterrupt};
     use crate::mock::{CountingTrigger, MockBuffer, MockDriver, bucket, guest_memory, wait_timer};
-    use crate::worker::WorkerGate;
+    use crate::worker::{Executor, Worker, WorkerGate};
 
     type Mem = GuestMemoryMmap<()>;
+    /// Guest memory as the transport holds it.
+    type Space = Arc<Mem>;
 
     const SECTORS: u64 = 64;
     const HDR: u64 = 0x10000;
@@ -1302,7 +1319,7 @@ mod tests {
     struct Guest {
         mem: Arc<Mem>,
         driver: MockDriver,
-        worker: BlockWorker<Mem>,
+        worker: BlockWorker<Space>,
         irqs: CountingTrigger,
     }
 
@@ -1331,7 +1348,7 @@ mod tests {
             queue.set_event_idx(event_idx);
             queue.validate(&*mem).unwrap();
             let irqs = CountingTrigger::default();
-            let interrupt = Arc::new(Interrupt::new(irqs.clone()));
+            let interrupt = Arc::new(MmioInterrupt::new(irqs.clone()));
             let disk = Disk::open(&image.config(read_only)).unwrap();
             let worker = BlockWorker::new(disk, queue, mem.clone(), interrupt, rate_limiter);
             Guest {
@@ -1663,7 +1680,7 @@ mod tests {
         let limiter = RateLimiter::with_clock(bucket(4096, 1000), None, clock.clone()).unwrap();
         let disk = Disk::open(&image.config(false)).unwrap();
         assert!(disk.discard_supported(), "tmpfs punches holes");
-        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let interrupt = Arc::new(MmioInterrupt::new(CountingTrigger::default()));
         let mut worker = BlockWorker::new(disk, queue, mem.clone(), interrupt, limiter);
         let request = |driver: &mut MockDriver, type_: u32, seg: u64, sectors: u32| {
             write_header(&mem, HDR + seg, type_, 0);
@@ -1718,7 +1735,7 @@ mod tests {
         let queue = driver.queue();
         queue.validate(&*mem).unwrap();
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let interrupt = Arc::new(MmioInterrupt::new(CountingTrigger::default()));
         let disk = Disk::open(&image.config(false)).unwrap();
         let handler = BlockHandler {
             worker: BlockWorker::new(disk, queue, mem.clone(), interrupt, RateLimiter::default()),
@@ -1795,7 +1812,7 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let mem = Arc::new(guest_memory(0x100000).unwrap());
         let mut driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
-        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let interrupt = Arc::new(MmioInterrupt::new(CountingTrigger::default()));
         let mut worker = BlockWorker::new(
             disk,
             driver.queue(),
@@ -1913,7 +1930,7 @@ mod tests {
 
     fn config_of(block: &Block) -> [u8; CONFIG_LEN] {
         let mut config = [0u8; CONFIG_LEN];
-        VirtioDevice::<Mem>::read_config(block, 0, &mut config);
+        VirtioDevice::<Space>::read_config(block, 0, &mut config);
         config
     }
 
@@ -1936,10 +1953,10 @@ mod tests {
         assert_eq!(config[56], 1);
         // Reads past the end are zero; a partial read of capacity works.
         let mut tail = [0xffu8; 8];
-        VirtioDevice::<Mem>::read_config(&block, 58, &mut tail);
+        VirtioDevice::<Space>::read_config(&block, 58, &mut tail);
         assert_eq!(tail, [0; 8]);
         let mut low = [0u8; 1];
-        VirtioDevice::<Mem>::read_config(&block, 0, &mut low);
+        VirtioDevice::<Space>::read_config(&block, 0, &mut low);
         assert_eq!(low[0], 64);
     }
 
@@ -1957,7 +1974,7 @@ mod tests {
         let image = Image::on_tmpfs();
         let mut block = Block::new(image.config(false)).unwrap();
         let before = config_of(&block);
-        VirtioDevice::<Mem>::write_config(&mut block, 0, &[0xff; 8]);
+        VirtioDevice::<Space>::write_config(&mut block, 0, &[0xff; 8]);
         assert_eq!(config_of(&block), before);
     }
 
@@ -1971,16 +1988,16 @@ mod tests {
         let image = Image::on_tmpfs();
         let rw = Block::new(image.config(false)).unwrap();
         assert_eq!(
-            VirtioDevice::<Mem>::features(&rw),
+            VirtioDevice::<Space>::features(&rw),
             base | (1 << VIRTIO_BLK_F_WRITE_ZEROES) | (1 << VIRTIO_BLK_F_DISCARD)
         );
         let ro = Block::new(image.config(true)).unwrap();
         assert_eq!(
-            VirtioDevice::<Mem>::features(&ro),
+            VirtioDevice::<Space>::features(&ro),
             base | (1 << VIRTIO_BLK_F_RO)
         );
-        assert_eq!(VirtioDevice::<Mem>::device_type(&ro), VIRTIO_ID_BLOCK);
-        assert_eq!(VirtioDevice::<Mem>::queue_max_sizes(&ro), &[QUEUE_SIZE]);
+        assert_eq!(VirtioDevice::<Space>::device_type(&ro), VIRTIO_ID_BLOCK);
+        assert_eq!(VirtioDevice::<Space>::queue_max_sizes(&ro), &[QUEUE_SIZE]);
     }
 
     #[test]
@@ -2103,12 +2120,12 @@ mod tests {
         let image = Image::on_tmpfs();
         let mut block = Block::new(image.config(false)).unwrap();
         let mut data = [0u8; 8];
-        VirtioDevice::<Mem>::read_config(&block, 0, &mut data);
-        VirtioDevice::<Mem>::read_config(&block, 52, &mut data);
+        VirtioDevice::<Space>::read_config(&block, 0, &mut data);
+        VirtioDevice::<Space>::read_config(&block, 52, &mut data);
         assert_eq!(block.metrics().get("cfg_fails"), Some(0));
-        VirtioDevice::<Mem>::read_config(&block, 53, &mut data);
-        VirtioDevice::<Mem>::read_config(&block, u64::MAX, &mut data);
-        VirtioDevice::<Mem>::write_config(&mut block, 0, &data);
+        VirtioDevice::<Space>::read_config(&block, 53, &mut data);
+        VirtioDevice::<Space>::read_config(&block, u64::MAX, &mut data);
+        VirtioDevice::<Space>::write_config(&mut block, 0, &data);
         assert_eq!(block.metrics().get("cfg_fails"), Some(3));
     }
 
@@ -2118,7 +2135,7 @@ mod tests {
         driver: MockDriver,
         queue_evt: EventFd,
         irq: EventFd,
-        interrupt: Arc<Interrupt>,
+        interrupt: Arc<MmioInterrupt>,
     }
 
     fn activate(block: &mut Block) -> Activated {
@@ -2126,14 +2143,14 @@ mod tests {
         let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
         let queue_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+        let interrupt = Arc::new(MmioInterrupt::new(irq.try_clone().unwrap()));
         let params = ActivateParams {
             mem: mem.clone(),
-            features: VirtioDevice::<Mem>::features(block),
+            features: VirtioDevice::<Space>::features(block),
             queues: vec![driver.queue()],
             queue_evts: vec![queue_evt.try_clone().unwrap()],
             interrupt: interrupt.clone(),
-            gate: WorkerGate::new(),
+            executor: WorkerGate::new().into(),
         };
         block.activate(params).unwrap();
         Activated {
@@ -2215,7 +2232,7 @@ mod tests {
             queues: vec![a.driver.queue()],
             queue_evts: vec![a.queue_evt.try_clone().unwrap()],
             interrupt: a.interrupt.clone(),
-            gate: WorkerGate::new(),
+            executor: WorkerGate::new().into(),
         };
         assert!(matches!(
             block.activate(params),
@@ -2229,7 +2246,7 @@ mod tests {
         assert_eq!(metrics.get("activate_fails"), Some(1));
         assert_eq!(metrics.get("no_avail_buffer"), Some(0));
 
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
         assert!(!block.is_active());
         // A notification after the reset reaches no worker.
         a.queue_evt.write(1).unwrap();
@@ -2248,7 +2265,7 @@ mod tests {
         }
         assert_eq!(block.metrics().get("read_count"), Some(3));
         assert_eq!(block.metrics().get("queue_event_count"), Some(4));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
     }
 
     #[test]
@@ -2261,8 +2278,8 @@ mod tests {
             features: 0,
             queues: vec![],
             queue_evts: vec![],
-            interrupt: Arc::new(Interrupt::new(irq)),
-            gate: WorkerGate::new(),
+            interrupt: Arc::new(MmioInterrupt::new(irq)),
+            executor: WorkerGate::new().into(),
         };
         assert!(matches!(
             block.activate(params),
@@ -2427,7 +2444,7 @@ mod tests {
         assert_eq!(metrics.get("write_count"), Some(N));
         assert_eq!(metrics.get("update_count"), Some(1));
         assert!(metrics.get("rate_limiter_event_count") >= Some(1));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
     }
 
     #[test]
@@ -2440,7 +2457,7 @@ mod tests {
         let mut a = activate(&mut block);
         assert_eq!(read_sector_through_worker(&mut a, 1), pattern(1, 1));
         assert_eq!(read_sector_through_worker(&mut a, 2), pattern(2, 1));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
 
         // A byte limit arrives while the device is reset; the operations bucket stays empty.
         let bandwidth = BucketConfig {
@@ -2475,7 +2492,7 @@ mod tests {
         assert_eq!(b.driver.used_elem(&*b.mem, 0).unwrap().1, 513);
         assert_eq!(metrics.get("update_count"), Some(2));
         assert_eq!(metrics.get("update_fails"), Some(0));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
     }
 
     #[test]
@@ -2518,7 +2535,7 @@ mod tests {
         assert_eq!(read_sector_through_worker(&mut a, 127), pattern(127, 1));
 
         // While reset, the image changes with no interrupt, and the next activation uses it.
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
         swap_disk(&mut block, &image.path).unwrap();
         assert_eq!(block.capacity(), SECTORS);
         assert_eq!(a.irq.read().unwrap_err().kind(), io::ErrorKind::WouldBlock);
@@ -2528,7 +2545,7 @@ mod tests {
         assert_eq!(metrics.get("update_count"), Some(2));
         // An image that cannot be opened never reaches the device.
         assert_eq!(metrics.get("update_fails"), Some(0));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
     }
 
     /// Opens the image at `path` as a VMM does, without the device, and hands it over.
@@ -2545,7 +2562,7 @@ mod tests {
         let mem = Arc::new(guest_memory(0x100000).unwrap());
         let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
         let irqs = CountingTrigger::default();
-        let interrupt = Arc::new(Interrupt::new(irqs.clone()));
+        let interrupt = Arc::new(MmioInterrupt::new(irqs.clone()));
         let State::Ready { disk, rate_limiter } = std::mem::replace(&mut block.state, State::Lost)
         else {
             panic!("a new device holds its disk");
@@ -2557,7 +2574,7 @@ mod tests {
             id: "busy".into(),
             broken: false,
         };
-        let worker = Worker::spawn("test-blk-busy".into(), handler, &WorkerGate::new()).unwrap();
+        let worker = Runner::start("test-blk-busy".into(), handler, &Executor::default()).unwrap();
         // The worker is stuck (in a slow write, say) until told to go on.
         let (go_on, stuck) = std::sync::mpsc::channel::<()>();
         let busy = worker
@@ -2586,7 +2603,7 @@ mod tests {
         assert_eq!(config_of(&block)[..8], (2 * SECTORS).to_le_bytes());
         assert_eq!(irqs.count(), 1, "one configuration change interrupt");
         assert_eq!(block.metrics().get("update_count"), Some(2));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
         assert!(!block.is_active());
     }
 
@@ -2608,7 +2625,7 @@ mod tests {
         let other = Image::on_tmpfs();
         let before = other.contents();
         let mut block = Block::new(image.config(true)).unwrap();
-        let features = VirtioDevice::<Mem>::features(&block);
+        let features = VirtioDevice::<Space>::features(&block);
         // A disk opened read-write, or under another ID, is refused.
         let writable = Disk::open_image(&other.path, false, block.id()).unwrap();
         assert!(matches!(
@@ -2621,14 +2638,14 @@ mod tests {
             Err(Error::DiskMismatch)
         ));
         swap_disk(&mut block, &other.path).unwrap();
-        assert_eq!(VirtioDevice::<Mem>::features(&block), features);
+        assert_eq!(VirtioDevice::<Space>::features(&block), features);
         let mut a = activate(&mut block);
         a.mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
         let data = [MockBuffer::readable(DATA, 512)];
         submit_through_worker(&mut a, VIRTIO_BLK_T_OUT, 0, &data);
         assert_eq!(finish_through_worker(&mut a), STATUS_IOERR);
         assert_eq!(other.contents(), before);
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
     }
 
     /// Drives an activated device with 16 KiB reads for `duration`, keeping up to 32 of them in
@@ -2678,7 +2695,7 @@ mod tests {
         let mut a = activate(&mut block);
         let metrics = block.metrics().clone();
         let (bytes, elapsed) = keep_reading(&mut a, &metrics, start, Duration::from_millis(1500));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
 
         // The limiter is exact: never more than the first bucketful and what refilled since it
         // was made, give or take one request for the rounding of a refill to whole bytes.
@@ -2752,7 +2769,7 @@ mod tests {
         assert_eq!(a.irq.read().unwrap_err().kind(), io::ErrorKind::WouldBlock);
 
         // The worker is still there to be stopped, and the device can start over.
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
         let mut b = activate(&mut block);
         assert_eq!(read_sector_through_worker(&mut b, 2), pattern(2, 1));
     }
