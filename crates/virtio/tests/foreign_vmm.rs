@@ -3,8 +3,8 @@
 //! into which it plugs memory while the devices run), and an MSI-X style interrupt with one
 //! vector per queue. It drives a block device on a scratch file and a network device on a
 //! socket pair, with the mock guest driver, through nothing but the crate's public API: a
-//! request served end to end, frames both ways, rate limits changed and devices reset while the
-//! loop runs.
+//! request served end to end, frames both ways, rate limits and a backing file changed and
+//! devices reset while the loop runs.
 
 use std::io;
 use std::os::unix::net::UnixDatagram;
@@ -346,6 +346,19 @@ fn a_foreign_event_loop_serves_block_and_net_with_per_queue_vectors() {
     assert_eq!(block_irq.wait(), [true, false]);
     assert_eq!(blk.used(&mem), 4);
 
+    // A new backing file, taken on the loop's thread: the capacity changes, and the
+    // configuration vector fires.
+    let bigger_image = Image::new("foreign-bigger");
+    std::fs::write(&bigger_image.0, vec![0u8; 128 * 512]).unwrap();
+    let disk = block::Disk::open_image(&bigger_image.0, false, "foreign").unwrap();
+    block.update_disk(disk).unwrap().wait().unwrap();
+    assert_eq!(block.capacity(), 128);
+    assert_eq!(block_irq.wait(), [false, true]);
+    blk.request(&mem, 1, 100, 0x4_0000);
+    assert_eq!(block_irq.wait(), [true, false]);
+    let on_disk = std::fs::read(&bigger_image.0).unwrap();
+    assert_eq!(on_disk[100 * 512..101 * 512], [0x5a; 512]);
+
     net.update_rate_limiters(
         BucketUpdate::None,
         BucketUpdate::None,
@@ -391,7 +404,7 @@ fn a_foreign_event_loop_serves_block_and_net_with_per_queue_vectors() {
     let bigger = mem.memory().insert_region(plugged).unwrap();
     mem.lock().unwrap().replace(bigger);
     let far = end + 0x1000;
-    blk.request(&mem, 0, 3, far);
+    blk.request(&mem, 0, 100, far);
     assert_eq!(block_irq.wait(), [true, false]);
     mem.memory()
         .read_slice(&mut read, GuestAddress(far))
