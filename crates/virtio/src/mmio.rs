@@ -71,6 +71,7 @@ const FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
 const NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 
 /// What the transport does when a status write makes a transition.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StatusStep {
     /// Only record the new status.
