@@ -366,14 +366,19 @@ where
     ///
     /// [`Error::Queue`] when the driver broke the protocol of the transmit queue.
     pub fn process_tx(&mut self) -> Result<()> {
+        let mem = self.mem.memory();
+        self.transmit(&mem)
+    }
+
+    /// [`NetHandler::process_tx`] in `mem`, a snapshot of guest memory.
+    fn transmit(&mut self, mem: &M::M) -> Result<()> {
         if self.broken || self.tx_throttled {
             return Ok(());
         }
-        let mem = self.mem.memory();
         let mut used = false;
-        let result = self.send_frames(&mem, &mut used);
+        let result = self.send_frames(mem, &mut used);
         if used {
-            let notify = self.tx.needs_notification(&*mem).map_err(Error::tx)?;
+            let notify = self.tx.needs_notification(mem).map_err(Error::tx)?;
             if notify {
                 self.signal_used(TX_INTERRUPT);
             }
@@ -534,21 +539,26 @@ where
     ///
     /// [`Error::Queue`] when the driver broke the protocol of the receive queue.
     pub fn process_rx(&mut self) -> Result<()> {
+        let mem = self.mem.memory();
+        self.receive(&mem)
+    }
+
+    /// [`NetHandler::process_rx`] in `mem`, a snapshot of guest memory.
+    fn receive(&mut self, mem: &M::M) -> Result<()> {
         if self.broken || self.rx_throttled {
             return Ok(());
         }
         // The handler reads the backend for as long as the guest has room, so the driver's
         // notifications are only wanted once it runs out.
-        let mem = self.mem.memory();
         if self.rx_notify {
-            self.rx.disable_notification(&*mem).map_err(Error::rx)?;
+            self.rx.disable_notification(mem).map_err(Error::rx)?;
             self.rx_notify = false;
         }
         self.rx_starved = false;
         let mut used = false;
-        let result = self.receive_frames(&mem, &mut used);
+        let result = self.receive_frames(mem, &mut used);
         if used {
-            let notify = self.rx.needs_notification(&*mem).map_err(Error::rx)?;
+            let notify = self.rx.needs_notification(mem).map_err(Error::rx)?;
             if notify {
                 self.signal_used(RX_INTERRUPT);
             }
@@ -923,15 +933,17 @@ where
                 self.backend_gone()
             }
             BACKEND_TOKEN => {
+                // One snapshot of guest memory for both directions.
+                let mem = self.mem.memory();
                 let rx = if events.contains(EventSet::IN) {
                     inc(&self.metrics.rx_tap_event_count);
-                    self.process_rx()
+                    self.receive(&mem)
                 } else {
                     Ok(())
                 };
                 rx.and_then(|()| {
                     if events.contains(EventSet::OUT) {
-                        self.process_tx()
+                        self.transmit(&mem)
                     } else {
                         Ok(())
                     }
