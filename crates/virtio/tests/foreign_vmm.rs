@@ -431,13 +431,15 @@ fn a_driver_that_breaks_the_protocol_gets_needs_reset_on_the_config_vector() {
     let irq = Msix::new(1);
     let mut driver = MockDriver::new(16, GuestAddress(0));
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let queue = driver.queue();
+    queue.validate(&*mem.memory()).unwrap();
     let interrupt: Arc<dyn VirtioInterrupt> = irq.clone();
     VirtioDevice::<Mem>::activate(
         &mut block,
         ActivateParams::new(
             mem.clone(),
             VERSION_1,
-            vec![driver.queue()],
+            vec![queue],
             vec![kick.try_clone().unwrap()],
             interrupt,
             event_loop.executor.clone(),
@@ -452,13 +454,15 @@ fn a_driver_that_breaks_the_protocol_gets_needs_reset_on_the_config_vector() {
     // The device is reset, and can start again.
     VirtioDevice::<Mem>::reset(&mut block);
     let driver = MockDriver::new(16, GuestAddress(0x4000));
+    let queue = driver.queue();
+    queue.validate(&*mem.memory()).unwrap();
     let interrupt: Arc<dyn VirtioInterrupt> = irq.clone();
     VirtioDevice::<Mem>::activate(
         &mut block,
         ActivateParams::new(
             mem.clone(),
             VERSION_1,
-            vec![driver.queue()],
+            vec![queue],
             vec![kick.try_clone().unwrap()],
             interrupt,
             event_loop.executor.clone(),
