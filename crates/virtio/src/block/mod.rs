@@ -198,12 +198,13 @@ pub enum Error {
     /// The ID holds something other than printable ASCII characters.
     #[error("The disk ID holds characters other than printable ASCII")]
     IdNotPrintable,
-    /// The worker thread serving the active device did not answer.
-    #[error("Cannot reach the block device's worker thread")]
+    /// The thread serving the active device (its worker, or the VMM's event manager) did not
+    /// answer.
+    #[error("Cannot reach the thread that serves the block device")]
     Worker(#[source] io::Error),
-    /// The device lost its disk and rate limiter with a worker thread that panicked; only a
+    /// The device lost its disk and rate limiter with a handler that panicked; only a
     /// new device can replace it.
-    #[error("The block device lost its disk when its worker thread stopped")]
+    #[error("The block device lost its disk when its handler stopped")]
     Lost,
     /// A new disk was not opened with the device's read-only flag and ID.
     #[error("The new disk was not opened with the block device's read-only flag and ID")]
@@ -368,7 +369,7 @@ impl Block {
     ///
     /// # Errors
     ///
-    /// [`Error::Worker`] when the worker thread is gone, [`Error::Lost`] when the device lost
+    /// [`Error::Worker`] when the thread that serves it is gone, [`Error::Lost`] when the device lost
     /// its rate limiter with a worker that panicked.
     pub fn update_rate_limiter(
         &mut self,
@@ -959,7 +960,7 @@ fn disk_bytes(request_type: request::RequestType) -> u64 {
     }
 }
 
-/// The worker thread's event handler: a [`BlockWorker`] and the queue's notification eventfd.
+/// The device's event handler: a [`BlockWorker`] and the queue's notification eventfd.
 ///
 /// It waits on the notification eventfd and the rate limiter's timerfd. While the limiter
 /// holds a request back, notifications are read and ignored (the driver is not asked for them
@@ -1112,7 +1113,7 @@ impl<M: GuestAddressSpace + Send + 'static> BlockHandler<M> {
     }
 }
 
-/// A change handed to a block device's worker thread ([`Block::update_disk`],
+/// A change handed to the thread that serves a block device ([`Block::update_disk`],
 /// [`Block::update_rate_limiter`]), to wait for once the device's lock is released.
 #[derive(Debug)]
 #[must_use = "the change may still be under way, and may fail"]
@@ -1175,14 +1176,14 @@ trait ActiveWorker: Send {
     /// Stops the thread and gives the disk and the rate limiter back.
     fn stop(self: Box<Self>) -> io::Result<(Disk, RateLimiter)>;
 
-    /// Has the worker thread change the rate limiter's buckets.
+    /// Has the handler's thread change the rate limiter's buckets.
     fn update_rate_limiter(
         &self,
         bandwidth: BucketUpdate,
         ops: BucketUpdate,
     ) -> io::Result<Reply<Option<Disk>>>;
 
-    /// Has the worker thread serve the requests from `disk` from now on, store its capacity in
+    /// Has the handler's thread serve the requests from `disk` from now on, store its capacity in
     /// `capacity` and tell the driver; the reply gives back the disk they were served from.
     fn replace_disk(&self, disk: Disk, capacity: Arc<AtomicU64>)
     -> io::Result<Reply<Option<Disk>>>;

@@ -1,5 +1,6 @@
 //! The work of an active virtio-net device: moving frames from the transmit queue to the backend
-//! and from the backend to the receive queue, on the device's worker thread.
+//! and from the backend to the receive queue, on the thread that serves the device (its worker,
+//! or the VMM's event manager).
 //!
 //! [`NetHandler::process_tx`] and [`NetHandler::process_rx`] are the two steps; the
 //! [`EventHandler`] implementation calls them when the driver notifies a queue or the backend

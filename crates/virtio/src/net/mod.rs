@@ -129,12 +129,13 @@ pub enum Error {
         #[source]
         source: ember_rate_limiter::Error,
     },
-    /// The worker thread serving the active device did not answer a change.
-    #[error("Cannot reach the network device's worker thread")]
+    /// The thread serving the active device (its worker, or the VMM's event manager) did not
+    /// answer a change.
+    #[error("Cannot reach the thread that serves the network device")]
     Worker(#[source] io::Error),
-    /// The device lost its backend and rate limiters with a worker thread that could not start
+    /// The device lost its backend and rate limiters with a handler that could not start
     /// or stop; only a new device can replace them.
-    #[error("The network device lost its rate limiters when its worker thread stopped")]
+    #[error("The network device lost its rate limiters when its handler stopped")]
     Lost,
 }
 
@@ -211,7 +212,7 @@ pub fn offload_flags(features: u64) -> u32 {
 trait Running<B>: Send {
     fn stop(self: Box<Self>) -> io::Result<(B, NetRateLimiters)>;
 
-    /// Changes the rate limiters on the worker thread: receive bandwidth and operations, then
+    /// Changes the rate limiters on the handler's thread: receive bandwidth and operations, then
     /// transmit bandwidth and operations.
     fn update_rate_limiters(&self, updates: [BucketUpdate; 4]) -> io::Result<Reply<()>>;
 }
@@ -314,7 +315,7 @@ impl<B: NetBackend> Net<B> {
 
     /// Changes the buckets of the receive and transmit rate limiters; a bucket given
     /// [`BucketUpdate::None`] keeps its state (tokens, debt and burst). On an active device the
-    /// change is made on the worker thread, between two events, and a direction held back under
+    /// change is made on the handler's thread, between two events, and a direction held back under
     /// the old limits is retried at once under the new ones; otherwise it is kept for the next
     /// activation.
     ///
@@ -324,7 +325,7 @@ impl<B: NetBackend> Net<B> {
     ///
     /// # Errors
     ///
-    /// [`Error::Worker`] when the worker thread is gone, [`Error::Lost`] when the device lost
+    /// [`Error::Worker`] when the thread that serves it is gone, [`Error::Lost`] when the device lost
     /// its rate limiters with a worker that could not start or stop.
     pub fn update_rate_limiters(
         &mut self,
@@ -368,7 +369,7 @@ impl<B: NetBackend> Net<B> {
     }
 }
 
-/// A change handed to a network device's worker thread ([`Net::update_rate_limiters`]), to
+/// A change handed to the thread that serves a network device ([`Net::update_rate_limiters`]), to
 /// wait for once the device's lock is released.
 #[derive(Debug)]
 #[must_use = "the change may still be under way, and may fail"]
