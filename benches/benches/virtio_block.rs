@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ember_virtio::Interrupt;
+use ember_virtio::MmioInterrupt;
 use ember_virtio::block::{BlockWorker, Disk, RawFile, STATUS_OK};
 use ember_virtio::mock::{CountingTrigger, MockBuffer, MockDriver, guest_memory};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -67,7 +67,7 @@ impl Drop for Image {
 struct Guest {
     mem: Arc<GuestMemoryMmap<()>>,
     driver: MockDriver,
-    worker: BlockWorker<GuestMemoryMmap<()>>,
+    worker: BlockWorker<Arc<GuestMemoryMmap<()>>>,
     irqs: CountingTrigger,
 }
 
@@ -78,7 +78,7 @@ impl Guest {
         let mem = Arc::new(guest_memory(0x100000).expect("cannot map guest memory"));
         let driver = MockDriver::new(256, GuestAddress(0));
         let irqs = CountingTrigger::default();
-        let interrupt = Arc::new(Interrupt::new(irqs.clone()));
+        let interrupt = Arc::new(MmioInterrupt::new(irqs.clone()));
         // EVENT_IDX, as a Linux guest negotiates it.
         let mut queue = driver.queue();
         queue.set_event_idx(true);

@@ -32,7 +32,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ember_virtio::mock::{MockBuffer, MockDriver, guest_memory};
 use ember_virtio::net::{NetHandler, NetRateLimiters, QUEUE_SIZE, VNET_HDR_LEN};
 use ember_virtio::tap::Tap;
-use ember_virtio::{ActivateParams, Interrupt, IrqTrigger, WorkerGate};
+use ember_virtio::{ActivateParams, IrqTrigger, MmioInterrupt, WorkerGate};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -65,7 +65,7 @@ fn chain_bytes() -> Vec<u8> {
 struct Transmitter {
     mem: Arc<GuestMemoryMmap<()>>,
     tx: MockDriver,
-    handler: NetHandler<GuestMemoryMmap<()>, Tap>,
+    handler: NetHandler<Arc<GuestMemoryMmap<()>>, Tap>,
 }
 
 impl Transmitter {
@@ -76,14 +76,14 @@ impl Transmitter {
         mem.write_slice(&chain_bytes(), GuestAddress(FRAME_ADDR))
             .expect("the frame fits in guest memory");
         let eventfd = || EventFd::new(EFD_NONBLOCK).expect("cannot create an eventfd");
-        let params = ActivateParams {
-            mem: mem.clone(),
-            features: 1 << VIRTIO_F_VERSION_1,
-            queues: vec![rx.queue(), tx.queue()],
-            queue_evts: vec![eventfd(), eventfd()],
-            interrupt: Arc::new(Interrupt::new(NoIrq)),
-            gate: WorkerGate::new(),
-        };
+        let params = ActivateParams::new(
+            mem.clone(),
+            1 << VIRTIO_F_VERSION_1,
+            vec![rx.queue(), tx.queue()],
+            vec![eventfd(), eventfd()],
+            Arc::new(MmioInterrupt::new(NoIrq)),
+            WorkerGate::new(),
+        );
         // No limit: what is measured is the transmit path, the limiter's check included.
         let handler = NetHandler::new(tap, NetRateLimiters::default(), params)
             .expect("two queues and two eventfds");
@@ -170,7 +170,7 @@ const RX_BUFFER_LEN: u32 = 1526;
 struct Receiver {
     mem: Arc<GuestMemoryMmap<()>>,
     rx: MockDriver,
-    handler: NetHandler<GuestMemoryMmap<()>, UnixDatagram>,
+    handler: NetHandler<Arc<GuestMemoryMmap<()>>, UnixDatagram>,
     peer: UnixDatagram,
     frame: Vec<u8>,
 }
@@ -192,14 +192,14 @@ impl Receiver {
         tx_queue
             .validate(&*mem)
             .expect("the rings are in guest memory");
-        let params = ActivateParams {
-            mem: mem.clone(),
-            features: 1 << VIRTIO_F_VERSION_1,
-            queues: vec![rx_queue, tx_queue],
-            queue_evts: vec![eventfd(), eventfd()],
-            interrupt: Arc::new(Interrupt::new(NoIrq)),
-            gate: WorkerGate::new(),
-        };
+        let params = ActivateParams::new(
+            mem.clone(),
+            1 << VIRTIO_F_VERSION_1,
+            vec![rx_queue, tx_queue],
+            vec![eventfd(), eventfd()],
+            Arc::new(MmioInterrupt::new(NoIrq)),
+            WorkerGate::new(),
+        );
         let handler = NetHandler::new(device, NetRateLimiters::default(), params)
             .expect("two queues and two eventfds");
         Receiver {

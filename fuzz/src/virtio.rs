@@ -12,7 +12,7 @@ use ember_virtio::block::{Disk, RawFile, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP}
 use ember_virtio::mmio::{CONFIG_OFFSET, MmioTransport};
 use ember_virtio::mock::{CountingTrigger, MockDevice, MockDriver};
 use ember_virtio::net::{MAX_BUFFER_LEN, NetHandler, NetRateLimiters, VNET_HDR_LEN};
-use ember_virtio::{ActivateParams, Descriptor, DescriptorChain, Interrupt, Queue, WorkerGate};
+use ember_virtio::{ActivateParams, Descriptor, DescriptorChain, Queue, WorkerGate};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -343,7 +343,7 @@ pub fn mmio_transport(mut data: &[u8]) -> TransportOutcome {
 }
 
 fn check_transport(
-    transport: &MmioTransport<GuestMemoryMmap, MockDevice>,
+    transport: &MmioTransport<Arc<GuestMemoryMmap>, MockDevice>,
     mem: &GuestMemoryMmap,
     log: &ember_virtio::mock::MockDeviceLog,
 ) {
@@ -551,14 +551,14 @@ pub fn virtio_net(mut data: &[u8]) -> NetOutcome {
         .set_nonblocking(true)
         .expect("a socket turns non-blocking");
     let eventfd = || EventFd::new(EFD_NONBLOCK).expect("eventfds are available");
-    let params = ActivateParams {
-        mem: mem.clone(),
+    let params = ActivateParams::new(
+        mem.clone(),
         features,
         queues,
-        queue_evts: vec![eventfd(), eventfd()],
-        interrupt: Arc::new(Interrupt::new(CountingTrigger::default())),
-        gate: WorkerGate::new(),
-    };
+        vec![eventfd(), eventfd()],
+        Arc::new(CountingTrigger::default()),
+        WorkerGate::new(),
+    );
     let mut handler = NetHandler::new(device, NetRateLimiters::default(), params)
         .expect("two queues and two eventfds");
 

@@ -1,32 +1,33 @@
-//! What a virtio device is to its transport: the [`VirtioDevice`] trait, the [`Interrupt`] a
-//! device raises, and what the transport hands a device when the driver sets DRIVER_OK.
+//! What a virtio device is to its transport: the [`VirtioDevice`] trait, the
+//! [`VirtioInterrupt`] a device raises, and what the transport hands a device when the driver
+//! sets DRIVER_OK.
 //!
 //! A device knows its type, its queues' maximum sizes, the features it offers and its
 //! configuration space. When the driver has configured the queues, the transport calls
 //! [`VirtioDevice::activate`] with [`ActivateParams`]: guest memory, the negotiated features, the
-//! queues, one notification eventfd per queue and the [`Interrupt`]. The device then serves its
-//! queues on a worker thread of its own (see [`crate::worker`]) until [`VirtioDevice::reset`].
+//! queues, one notification eventfd per queue, the interrupt and the [`Executor`] that says
+//! where the device's handler runs (a worker thread of its own by default, see
+//! [`crate::worker`]). The device serves its queues there until [`VirtioDevice::reset`].
 //!
-//! How an interrupt reaches the guest is not the device's business: [`Interrupt`] calls an
-//! [`IrqTrigger`], which a KVM VMM implements with an eventfd registered as an irqfd (the
-//! implementation for [`EventFd`] does just that).
+//! How an interrupt reaches the guest is not the device's business: it tells its
+//! [`VirtioInterrupt`] what happened ([`VirtioInterruptType`]: queue N used, configuration
+//! changed, needs reset), and the transport decides what the guest sees. The MMIO transport
+//! sets its interrupt status register and raises its one line
+//! ([`MmioInterrupt`](crate::mmio::MmioInterrupt) over an [`IrqTrigger`], which a KVM VMM
+//! implements with an eventfd registered as an irqfd); a PCI transport with MSI-X gives each
+//! queue a vector of its own.
 
-use std::fmt;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::queue::Queue;
-use crate::worker::WorkerGate;
+use crate::worker::Executor;
 
-/// Interrupt status bit: the device used buffers in a queue (VIRTIO_MMIO_INT_VRING).
-pub const INT_USED_RING: u32 = 1;
-/// Interrupt status bit: the device's configuration changed (VIRTIO_MMIO_INT_CONFIG).
-pub const INT_CONFIG: u32 = 2;
-
-/// Raises a device's interrupt line in the guest.
+/// Raises an interrupt line in the guest: what a transport that has one line per device (as
+/// virtio-mmio does) raises its interrupt through.
 pub trait IrqTrigger: Send + Sync {
     /// Raises the interrupt once.
     ///
@@ -43,107 +44,40 @@ impl IrqTrigger for EventFd {
     }
 }
 
-/// The interrupt state a transport shares with its device's worker: the interrupt status
-/// register, the configuration generation, the DEVICE_NEEDS_RESET condition, and the trigger
-/// that raises the interrupt line.
-pub struct Interrupt {
-    status: AtomicU32,
-    config_generation: AtomicU32,
-    needs_reset: AtomicBool,
-    trigger: Box<dyn IrqTrigger>,
+/// What a device tells the driver through its interrupt.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VirtioInterruptType {
+    /// The device put buffers in the used ring of the queue with this index.
+    Queue(u16),
+    /// The device's configuration space changed.
+    Config,
+    /// The driver broke the protocol and the device needs a reset (DEVICE_NEEDS_RESET, virtio
+    /// 1.2, 2.1.2): the transport sets that status, once until the next reset, and tells the
+    /// driver as it tells it of a configuration change.
+    NeedsReset,
 }
 
-impl fmt::Debug for Interrupt {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Interrupt")
-            .field("status", &self.status())
-            .field("config_generation", &self.config_generation())
-            .field("needs_reset", &self.needs_reset())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Interrupt {
-    /// Creates the interrupt state of a device in reset: no status bits, generation 0.
-    pub fn new(trigger: impl IrqTrigger + 'static) -> Self {
-        Interrupt {
-            status: AtomicU32::new(0),
-            config_generation: AtomicU32::new(0),
-            needs_reset: AtomicBool::new(false),
-            trigger: Box::new(trigger),
-        }
-    }
-
-    /// Tells the driver the device used buffers: sets [`INT_USED_RING`] and raises the line.
+/// How a device tells the driver that something happened: the transport's business, which a
+/// VMM implements (or takes the MMIO transport's, [`MmioInterrupt`](crate::mmio::MmioInterrupt)).
+///
+/// A device calls it from wherever its handler runs; it must not block.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Tells the driver of `kind`.
     ///
     /// # Errors
     ///
-    /// When the trigger fails.
-    pub fn signal_used_queue(&self) -> io::Result<()> {
-        self.raise(INT_USED_RING)
-    }
-
-    /// Tells the driver the configuration space changed: moves the generation on, sets
-    /// [`INT_CONFIG`] and raises the line.
-    ///
-    /// # Errors
-    ///
-    /// When the trigger fails.
-    pub fn signal_config_change(&self) -> io::Result<()> {
-        self.config_generation.fetch_add(1, Ordering::AcqRel);
-        self.raise(INT_CONFIG)
-    }
-
-    /// Puts the device in DEVICE_NEEDS_RESET, after the driver broke the protocol, and tells
-    /// the driver through a configuration change interrupt (virtio 1.2, 2.1.2).
-    ///
-    /// # Errors
-    ///
-    /// When the trigger fails.
-    pub fn set_needs_reset(&self) -> io::Result<()> {
-        if self.needs_reset.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        self.signal_config_change()
-    }
-
-    fn raise(&self, bit: u32) -> io::Result<()> {
-        self.status.fetch_or(bit, Ordering::AcqRel);
-        self.trigger.trigger()
-    }
-
-    /// The interrupt status register: [`INT_USED_RING`] and [`INT_CONFIG`] bits.
-    pub fn status(&self) -> u32 {
-        self.status.load(Ordering::Acquire)
-    }
-
-    /// Clears the status bits the driver acknowledged.
-    pub fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::AcqRel);
-    }
-
-    /// The configuration generation, moved on at every configuration change.
-    pub fn config_generation(&self) -> u32 {
-        self.config_generation.load(Ordering::Acquire)
-    }
-
-    /// Whether the device is in DEVICE_NEEDS_RESET.
-    pub fn needs_reset(&self) -> bool {
-        self.needs_reset.load(Ordering::Acquire)
-    }
-
-    /// Returns the state to that of a device in reset; the generation keeps counting.
-    pub(crate) fn reset(&self) {
-        self.status.store(0, Ordering::Release);
-        self.needs_reset.store(false, Ordering::Release);
-    }
+    /// When the interrupt cannot be delivered.
+    fn trigger(&self, kind: VirtioInterruptType) -> io::Result<()>;
 }
 
 /// What the transport hands a device when the driver sets DRIVER_OK.
-#[derive(Debug)]
-pub struct ActivateParams<M> {
-    /// Guest memory, which holds the queues' rings and buffers.
-    pub mem: Arc<M>,
+#[non_exhaustive]
+pub struct ActivateParams<M: GuestAddressSpace> {
+    /// Guest memory, which holds the queues' rings and buffers. The device takes a snapshot
+    /// ([`GuestAddressSpace::memory`]) for each batch of work, so that memory the VMM plugs in
+    /// later is reached.
+    pub mem: M,
     /// The features the driver accepted: a subset of [`VirtioDevice::features`].
     pub features: u64,
     /// The queues as the driver configured them, ready and validated, one per
@@ -153,12 +87,47 @@ pub struct ActivateParams<M> {
     /// One eventfd per queue, written when the driver notifies that queue.
     pub queue_evts: Vec<EventFd>,
     /// The device's interrupt.
-    pub interrupt: Arc<Interrupt>,
-    /// The gate the device's worker is to be spawned with, so the VMM can pause it.
-    pub gate: WorkerGate,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// Where the device's handler is to run: a worker thread of its own behind a gate the VMM
+    /// pauses, or the VMM's event loop.
+    pub executor: Executor,
+}
+
+impl<M: GuestAddressSpace> ActivateParams<M> {
+    /// What a device needs to start: `mem`, the negotiated `features`, the ready `queues`
+    /// and their notification eventfds `queue_evts`, and the `interrupt`; its handler runs
+    /// where `executor` says.
+    pub fn new(
+        mem: M,
+        features: u64,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        executor: impl Into<Executor>,
+    ) -> Self {
+        ActivateParams {
+            mem,
+            features,
+            queues,
+            queue_evts,
+            interrupt,
+            executor: executor.into(),
+        }
+    }
+}
+
+impl<M: GuestAddressSpace> std::fmt::Debug for ActivateParams<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivateParams")
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("queues", &self.queues)
+            .field("executor", &self.executor)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a device could not be activated.
+#[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     /// The device was given a number of queues other than the number it has.
@@ -175,8 +144,9 @@ pub enum ActivateError {
     /// The device's backend cannot be set up for the negotiated features.
     #[error("Cannot set up the device's backend")]
     Backend(#[source] io::Error),
-    /// The device's worker thread cannot be started.
-    #[error("Cannot start the device's worker thread")]
+    /// The device's handler cannot be started where the [`Executor`] says: its worker thread
+    /// cannot be spawned, or the VMM's event loop refused it.
+    #[error("Cannot start serving the device's queues")]
     Worker(#[source] io::Error),
 }
 
@@ -185,7 +155,10 @@ pub enum ActivateError {
 /// The transport reads the identity, features and queue sizes, forwards configuration space
 /// accesses, and drives the device's lifecycle: [`activate`](Self::activate) once the driver has
 /// set DRIVER_OK, [`reset`](Self::reset) when the driver writes 0 to the status register.
-pub trait VirtioDevice<M>: Send {
+///
+/// `M` is the guest memory as the VMM holds it: any [`GuestAddressSpace`], such as
+/// `Arc<GuestMemoryMmap>` or a `GuestMemoryAtomic` that memory hot-plug updates.
+pub trait VirtioDevice<M: GuestAddressSpace>: Send {
     /// The virtio device ID (`virtio_bindings::virtio_ids`).
     fn device_type(&self) -> u32;
 
@@ -232,43 +205,6 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mock::CountingTrigger;
-
-    #[test]
-    fn signals_set_status_bits_until_acknowledged() {
-        let count = CountingTrigger::default();
-        let interrupt = Interrupt::new(count.clone());
-        interrupt.signal_used_queue().unwrap();
-        assert_eq!(interrupt.status(), INT_USED_RING);
-        interrupt.signal_config_change().unwrap();
-        assert_eq!(interrupt.status(), INT_USED_RING | INT_CONFIG);
-        assert_eq!(interrupt.config_generation(), 1);
-        interrupt.ack(INT_USED_RING);
-        assert_eq!(interrupt.status(), INT_CONFIG);
-        assert_eq!(count.count(), 2);
-    }
-
-    #[test]
-    fn needs_reset_signals_a_config_change_once() {
-        let count = CountingTrigger::default();
-        let interrupt = Interrupt::new(count.clone());
-        interrupt.set_needs_reset().unwrap();
-        interrupt.set_needs_reset().unwrap();
-        assert!(interrupt.needs_reset());
-        assert_eq!(interrupt.status(), INT_CONFIG);
-        assert_eq!(count.count(), 1);
-        interrupt.reset();
-        assert!(!interrupt.needs_reset());
-        assert_eq!(interrupt.status(), 0);
-    }
-
-    #[test]
-    fn eventfd_trigger_writes_the_eventfd() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let interrupt = Interrupt::new(evt.try_clone().unwrap());
-        interrupt.signal_used_queue().unwrap();
-        assert_eq!(evt.read().unwrap(), 1);
-    }
 
     #[test]
     fn config_reads_past_the_end_are_zero() {

@@ -1,31 +1,4 @@
-//! Virtio devices for ember and other VMMs: the virtio-mmio transport, and block and network
-//! devices on the hardened split virtqueue of [`ember_virtqueue`].
-//!
-//! - [`queue`], [`iov`] and [`guest`]: the split virtqueue of the
-//!   [`ember_virtqueue`] crate, re-exported. A [`Queue`] reads the rings a guest driver laid out
-//!   in guest memory: [`Queue::pop`] takes the next descriptor chain the driver made available,
-//!   [`Queue::add_used`] hands it back.
-//! - [`mmio`]: the virtio-mmio (version 2) register page through which the driver finds a device,
-//!   negotiates features and sets up its queues; its device status follows an explicit table of
-//!   transitions.
-//! - [`device`]: what a device is to its transport ([`VirtioDevice`]), and the [`Interrupt`] it
-//!   raises through an [`IrqTrigger`] (an irqfd in a KVM VMM).
-//! - [`worker`]: the epoll thread an active device serves its queues on.
-//! - [`block`]: virtio-blk on any [`BlockBackend`](block::BlockBackend); by default a raw image
-//!   file or a host block device ([`RawFile`](block::RawFile)).
-//! - [`net`] and [`tap`]: virtio-net on a TAP interface (or any descriptor with datagram
-//!   semantics), with checksum and segmentation offloads and merged receive buffers.
-//!
-//! Nothing here knows of KVM: queue notifications arrive on eventfds and interrupts leave through
-//! a trait, so every piece runs in tests without `/dev/kvm`. Every value the guest wrote is
-//! checked before use, and guest memory is only reached through vm-memory's
-//! [`GuestMemory`](vm_memory::GuestMemory) and [`Bytes`](vm_memory::Bytes) traits (or the
-//! volatile slices of its regions), so the crate works over any vm-memory backend and never
-//! holds a Rust reference into guest memory.
-//!
-//! With the `test-utils` feature, `mock::MockDriver` (from [`ember_virtqueue`]) plays the guest
-//! driver and `mock::MockDevice` a device, for tests, fuzz targets and benches.
-
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
 pub mod block;
@@ -37,7 +10,11 @@ pub mod net;
 pub mod tap;
 pub mod worker;
 
-pub use device::{ActivateError, ActivateParams, Interrupt, IrqTrigger, VirtioDevice};
+pub use device::{
+    ActivateError, ActivateParams, IrqTrigger, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+};
+pub use ember_rate_limiter as rate_limiter;
 pub use ember_virtqueue::{Descriptor, DescriptorChain, Error, Queue, Result, Ring};
 pub use ember_virtqueue::{guest, iov, queue};
-pub use worker::{EventHandler, EventOps, Worker, WorkerGate, WorkerHook};
+pub use mmio::MmioInterrupt;
+pub use worker::{EventHandler, EventOps, Executor, Runner, Worker, WorkerGate, WorkerHook};

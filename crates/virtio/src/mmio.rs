@@ -11,14 +11,19 @@
 //!
 //! Queue notifications go to one eventfd per queue: a KVM VMM registers each as an ioeventfd on
 //! [`QUEUE_NOTIFY_OFFSET`] with the queue index as datamatch, so the write never leaves the
-//! kernel; without that registration the transport writes the eventfd itself. Interrupts go
-//! through the device's [`Interrupt`].
+//! kernel; without that registration the transport writes the eventfd itself.
+//!
+//! The transport has one interrupt line per device. Its [`MmioInterrupt`] is the device's
+//! [`VirtioInterrupt`]: it turns what the device says happened into the interrupt status
+//! register's bits ([`INT_USED_RING`], [`INT_CONFIG`]), the configuration generation and the
+//! DEVICE_NEEDS_RESET status, and raises the line through an [`IrqTrigger`].
 //!
 //! The guest describes the device to Linux on its command line with [`cmdline_device`].
 
 use std::fmt;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use log::{debug, warn};
 use virtio_bindings::virtio_config::{
@@ -28,12 +33,14 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestAddress, GuestMemory};
+use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{ActivateParams, Interrupt, IrqTrigger, VirtioDevice};
+use crate::device::{
+    ActivateParams, IrqTrigger, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+};
 use crate::queue::Queue;
-use crate::worker::WorkerGate;
+use crate::worker::Executor;
 
 /// Size of a device's MMIO register page.
 pub const MMIO_SIZE: u64 = 0x1000;
@@ -43,6 +50,11 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
 /// Offset of the device configuration space in the register page.
 pub const CONFIG_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
+
+/// Interrupt status bit: the device used buffers in a queue (VIRTIO_MMIO_INT_VRING).
+pub const INT_USED_RING: u32 = 1;
+/// Interrupt status bit: the device's configuration changed (VIRTIO_MMIO_INT_CONFIG).
+pub const INT_CONFIG: u32 = 2;
 
 /// "virt", little-endian.
 const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -59,6 +71,7 @@ const FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
 const NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 
 /// What the transport does when a status write makes a transition.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StatusStep {
     /// Only record the new status.
@@ -94,16 +107,105 @@ pub fn cmdline_device(base: GuestAddress, irq: u32) -> String {
     format!("virtio_mmio.device=4K@{:#x}:{irq}", base.0)
 }
 
+/// The interrupt of a device behind an MMIO transport: the interrupt status register, the
+/// configuration generation and the DEVICE_NEEDS_RESET condition, over the one interrupt line
+/// an [`IrqTrigger`] raises. The transport shares it with the device as its
+/// [`VirtioInterrupt`].
+pub struct MmioInterrupt {
+    status: AtomicU32,
+    config_generation: AtomicU32,
+    needs_reset: AtomicBool,
+    line: Box<dyn IrqTrigger>,
+}
+
+impl fmt::Debug for MmioInterrupt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MmioInterrupt")
+            .field("status", &self.status())
+            .field("config_generation", &self.config_generation())
+            .field("needs_reset", &self.needs_reset())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmioInterrupt {
+    /// The interrupt of a device in reset, raised on `line`: no status bits, generation 0.
+    pub fn new(line: impl IrqTrigger + 'static) -> Self {
+        MmioInterrupt {
+            status: AtomicU32::new(0),
+            config_generation: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            line: Box::new(line),
+        }
+    }
+
+    /// The interrupt status register: [`INT_USED_RING`] and [`INT_CONFIG`] bits.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// Clears the status bits the driver acknowledged.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// The configuration generation, moved on at every configuration change.
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::Acquire)
+    }
+
+    /// Whether the device is in DEVICE_NEEDS_RESET.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// Returns the state to that of a device in reset; the generation keeps counting.
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::Release);
+        self.needs_reset.store(false, Ordering::Release);
+    }
+
+    /// Moves the generation on, sets [`INT_CONFIG`] and raises the line.
+    fn config_changed(&self) -> io::Result<()> {
+        self.config_generation.fetch_add(1, Ordering::AcqRel);
+        self.raise(INT_CONFIG)
+    }
+
+    fn raise(&self, bit: u32) -> io::Result<()> {
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        self.line.trigger()
+    }
+}
+
+impl VirtioInterrupt for MmioInterrupt {
+    /// A used queue sets [`INT_USED_RING`], whichever queue it is; a configuration change
+    /// moves the generation on and sets [`INT_CONFIG`]; both raise the line. A reset request
+    /// puts the device in DEVICE_NEEDS_RESET and tells the driver through a configuration
+    /// change interrupt (virtio 1.2, 2.1.2), once until the next reset.
+    fn trigger(&self, kind: VirtioInterruptType) -> io::Result<()> {
+        match kind {
+            VirtioInterruptType::Queue(_) => self.raise(INT_USED_RING),
+            VirtioInterruptType::Config => self.config_changed(),
+            VirtioInterruptType::NeedsReset => {
+                if self.needs_reset.swap(true, Ordering::AcqRel) {
+                    return Ok(());
+                }
+                self.config_changed()
+            }
+        }
+    }
+}
+
 /// A virtio device behind its MMIO register page.
 ///
 /// `D` is the device: any [`VirtioDevice`] by default, or a concrete type, so that a VMM that
 /// keeps the transport can reach the device's own methods (a new rate limit for a disk) through
 /// [`device_mut`](MmioTransport::device_mut).
-pub struct MmioTransport<M, D: ?Sized = dyn VirtioDevice<M>> {
+pub struct MmioTransport<M: GuestAddressSpace, D: ?Sized = dyn VirtioDevice<M>> {
     device: Box<D>,
-    mem: Arc<M>,
-    gate: WorkerGate,
-    interrupt: Arc<Interrupt>,
+    mem: M,
+    executor: Executor,
+    interrupt: Arc<MmioInterrupt>,
     queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
     status: u32,
@@ -119,7 +221,7 @@ pub struct MmioTransport<M, D: ?Sized = dyn VirtioDevice<M>> {
     activate_failure_logged: bool,
 }
 
-impl<M, D: VirtioDevice<M> + ?Sized> fmt::Debug for MmioTransport<M, D> {
+impl<M: GuestAddressSpace, D: VirtioDevice<M> + ?Sized> fmt::Debug for MmioTransport<M, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MmioTransport")
             .field("device_type", &self.device.device_type())
@@ -131,18 +233,20 @@ impl<M, D: VirtioDevice<M> + ?Sized> fmt::Debug for MmioTransport<M, D> {
     }
 }
 
-impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTransport<M, D> {
-    /// Puts `device` behind a register page, in reset, raising its interrupt with `trigger`;
-    /// the device's worker, once activated, pauses and resumes with `gate`.
+impl<M: GuestAddressSpace, D: VirtioDevice<M> + ?Sized> MmioTransport<M, D> {
+    /// Puts `device` behind a register page, in reset, raising its interrupt line with
+    /// `trigger`; once activated, the device's handler runs where `executor` says: a worker
+    /// thread that pauses and resumes with a [`WorkerGate`](crate::WorkerGate), given as is,
+    /// or the VMM's event loop.
     ///
     /// # Errors
     ///
     /// When the queue notification eventfds cannot be created.
     pub fn new(
-        mem: Arc<M>,
+        mem: M,
         device: Box<D>,
         trigger: impl IrqTrigger + 'static,
-        gate: WorkerGate,
+        executor: impl Into<Executor>,
     ) -> io::Result<Self> {
         let queues: Vec<Queue> = device
             .queue_max_sizes()
@@ -156,8 +260,8 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
         Ok(MmioTransport {
             device,
             mem,
-            gate,
-            interrupt: Arc::new(Interrupt::new(trigger)),
+            executor: executor.into(),
+            interrupt: Arc::new(MmioInterrupt::new(trigger)),
             queues,
             queue_evts,
             status: 0,
@@ -177,8 +281,9 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
         &self.queue_evts
     }
 
-    /// The device's interrupt state.
-    pub fn interrupt(&self) -> &Arc<Interrupt> {
+    /// The device's interrupt: its status register, configuration generation and
+    /// DEVICE_NEEDS_RESET state.
+    pub fn interrupt(&self) -> &Arc<MmioInterrupt> {
         &self.interrupt
     }
 
@@ -323,7 +428,7 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
             );
             return;
         }
-        let mem = Arc::clone(&self.mem);
+        let mem = self.mem.memory();
         let Some(queue) = usize::try_from(self.queue_sel)
             .ok()
             .and_then(|index| self.queues.get_mut(index))
@@ -337,7 +442,7 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
         if register == VIRTIO_MMIO_QUEUE_READY {
             if value == 0 {
                 queue.set_ready(false);
-            } else if let Err(err) = queue.validate(mem.as_ref()) {
+            } else if let Err(err) = queue.validate(&*mem) {
                 // The driver sees the queue stay not ready.
                 debug!("virtio-mmio: queue {} refused: {err}", self.queue_sel);
             } else {
@@ -450,14 +555,15 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
                 return;
             }
         };
-        let params = ActivateParams {
-            mem: Arc::clone(&self.mem),
-            features: self.driver_features,
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        let params = ActivateParams::new(
+            self.mem.clone(),
+            self.driver_features,
             queues,
             queue_evts,
-            interrupt: Arc::clone(&self.interrupt),
-            gate: self.gate.clone(),
-        };
+            interrupt,
+            self.executor.clone(),
+        );
         match self.device.activate(params) {
             Ok(()) => self.active = true,
             Err(err) => {
@@ -477,7 +583,7 @@ impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> MmioTr
     }
 
     fn fail_activation(&self) {
-        if let Err(err) = self.interrupt.set_needs_reset() {
+        if let Err(err) = self.interrupt.trigger(VirtioInterruptType::NeedsReset) {
             warn!("virtio-mmio: cannot signal DEVICE_NEEDS_RESET: {err}");
         }
     }
@@ -514,7 +620,7 @@ fn feature_page(features: u64, sel: u32) -> u32 {
     u32::try_from(page & u64::from(u32::MAX)).unwrap_or_default()
 }
 
-impl<M: GuestMemory + Send + Sync + 'static, D: VirtioDevice<M> + ?Sized> ember_bus::BusDeviceMut
+impl<M: GuestAddressSpace + Send, D: VirtioDevice<M> + ?Sized> ember_bus::BusDeviceMut
     for MmioTransport<M, D>
 {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
@@ -533,8 +639,10 @@ mod tests {
     use vm_memory::GuestMemoryMmap;
 
     use super::*;
-    use crate::device::{INT_CONFIG, INT_USED_RING};
     use crate::mock::{CountingTrigger, MockDevice, MockDeviceLog, MockDriver, guest_memory};
+    use crate::worker::WorkerGate;
+
+    type Mem = Arc<GuestMemoryMmap<()>>;
 
     const MEM_SIZE: usize = 0x10000;
     const QUEUE_MAX: u16 = 16;
@@ -545,7 +653,7 @@ mod tests {
         | 0b101;
 
     struct Setup {
-        transport: MmioTransport<GuestMemoryMmap<()>, MockDevice>,
+        transport: MmioTransport<Mem, MockDevice>,
         seen: Arc<Mutex<MockDeviceLog>>,
         drivers: Vec<MockDriver>,
     }
@@ -580,17 +688,17 @@ mod tests {
         setup_with_queues(2)
     }
 
-    fn read(t: &MmioTransport<GuestMemoryMmap<()>, MockDevice>, offset: u32) -> u32 {
+    fn read(t: &MmioTransport<Mem, MockDevice>, offset: u32) -> u32 {
         let mut data = [0u8; 4];
         t.read(u64::from(offset), &mut data);
         u32::from_le_bytes(data)
     }
 
-    fn write(t: &mut MmioTransport<GuestMemoryMmap<()>, MockDevice>, offset: u32, value: u32) {
+    fn write(t: &mut MmioTransport<Mem, MockDevice>, offset: u32, value: u32) {
         t.write(u64::from(offset), &value.to_le_bytes());
     }
 
-    fn negotiate(t: &mut MmioTransport<GuestMemoryMmap<()>, MockDevice>, features: u64) {
+    fn negotiate(t: &mut MmioTransport<Mem, MockDevice>, features: u64) {
         write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE);
         write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER);
         for page in 0..2u32 {
@@ -601,7 +709,7 @@ mod tests {
     }
 
     fn configure_queue(
-        t: &mut MmioTransport<GuestMemoryMmap<()>, MockDevice>,
+        t: &mut MmioTransport<Mem, MockDevice>,
         index: u32,
         driver: &MockDriver,
         size: u32,
@@ -639,7 +747,7 @@ mod tests {
     }
 
     /// Every register a driver can read, for comparing whole transport states.
-    fn registers(t: &mut MmioTransport<GuestMemoryMmap<()>, MockDevice>) -> Vec<u32> {
+    fn registers(t: &mut MmioTransport<Mem, MockDevice>) -> Vec<u32> {
         let mut values = Vec::new();
         for sel in 0..3 {
             write(t, VIRTIO_MMIO_QUEUE_SEL, sel);
@@ -941,8 +1049,9 @@ mod tests {
     fn interrupt_status_is_acknowledged_bit_by_bit() {
         let mut s = setup();
         start(&mut s, OFFERED);
-        s.transport.interrupt().signal_used_queue().unwrap();
-        s.transport.interrupt().signal_config_change().unwrap();
+        let interrupt = s.transport.interrupt();
+        interrupt.trigger(VirtioInterruptType::Queue(1)).unwrap();
+        interrupt.trigger(VirtioInterruptType::Config).unwrap();
         assert_eq!(
             read(&s.transport, VIRTIO_MMIO_INTERRUPT_STATUS),
             INT_USED_RING | INT_CONFIG
@@ -975,8 +1084,9 @@ mod tests {
 
         let mut s = setup();
         start(&mut s, OFFERED);
-        s.transport.interrupt().signal_used_queue().unwrap();
-        s.transport.interrupt().set_needs_reset().unwrap();
+        let interrupt = s.transport.interrupt();
+        interrupt.trigger(VirtioInterruptType::Queue(0)).unwrap();
+        interrupt.trigger(VirtioInterruptType::NeedsReset).unwrap();
         write(&mut s.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         write(&mut s.transport, VIRTIO_MMIO_QUEUE_SEL, 1);
         write(&mut s.transport, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
@@ -1024,5 +1134,63 @@ mod tests {
         assert_eq!(read(&s.transport, VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
         start(&mut s, OFFERED);
         assert_eq!(s.seen.lock().unwrap().activations.len(), 1);
+    }
+
+    #[test]
+    fn each_interrupt_kind_sets_its_status_bit_until_acknowledged() {
+        let line = CountingTrigger::default();
+        let interrupt = MmioInterrupt::new(line.clone());
+        interrupt.trigger(VirtioInterruptType::Queue(0)).unwrap();
+        assert_eq!(interrupt.status(), INT_USED_RING);
+        // Any queue sets the same bit: the line is the device's, not the queue's.
+        interrupt.trigger(VirtioInterruptType::Queue(5)).unwrap();
+        assert_eq!(interrupt.status(), INT_USED_RING);
+        assert_eq!(interrupt.config_generation(), 0);
+        interrupt.trigger(VirtioInterruptType::Config).unwrap();
+        assert_eq!(interrupt.status(), INT_USED_RING | INT_CONFIG);
+        assert_eq!(interrupt.config_generation(), 1);
+        assert!(!interrupt.needs_reset());
+        interrupt.ack(INT_USED_RING);
+        assert_eq!(interrupt.status(), INT_CONFIG);
+        assert_eq!(line.count(), 3);
+    }
+
+    #[test]
+    fn needs_reset_is_signalled_once_as_a_config_change_until_reset() {
+        let line = CountingTrigger::default();
+        let interrupt = MmioInterrupt::new(line.clone());
+        interrupt.trigger(VirtioInterruptType::NeedsReset).unwrap();
+        interrupt.trigger(VirtioInterruptType::NeedsReset).unwrap();
+        assert!(interrupt.needs_reset());
+        assert_eq!(interrupt.status(), INT_CONFIG);
+        assert_eq!(interrupt.config_generation(), 1);
+        assert_eq!(line.count(), 1);
+        interrupt.reset();
+        assert!(!interrupt.needs_reset());
+        assert_eq!(interrupt.status(), 0);
+        // The generation keeps counting across the reset, and the next request is signalled.
+        interrupt.trigger(VirtioInterruptType::NeedsReset).unwrap();
+        assert_eq!(interrupt.config_generation(), 2);
+        assert_eq!(line.count(), 2);
+    }
+
+    #[test]
+    fn an_eventfd_line_is_written_once_per_interrupt() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = MmioInterrupt::new(evt.try_clone().unwrap());
+        interrupt.trigger(VirtioInterruptType::Queue(1)).unwrap();
+        interrupt.trigger(VirtioInterruptType::Config).unwrap();
+        assert_eq!(evt.read().unwrap(), 2);
+    }
+
+    #[test]
+    fn the_device_is_given_the_transports_interrupt_as_its_own() {
+        let mut s = setup();
+        s.seen.lock().unwrap().raise_on_activation = Some(VirtioInterruptType::Queue(1));
+        start(&mut s, OFFERED);
+        assert_eq!(
+            read(&s.transport, VIRTIO_MMIO_INTERRUPT_STATUS),
+            INT_USED_RING
+        );
     }
 }

@@ -11,11 +11,14 @@ use std::sync::{Arc, Mutex};
 
 use ember_rate_limiter::{BucketConfig, RateLimiter};
 pub use ember_virtqueue::mock::*;
-use vm_memory::GuestMemory;
+use vm_memory::{GuestAddressSpace, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{ActivateError, ActivateParams, IrqTrigger, VirtioDevice, read_config_bytes};
+use crate::device::{
+    ActivateError, ActivateParams, IrqTrigger, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    read_config_bytes,
+};
 use crate::iov::GuestIoVecs;
 use crate::net::NetBackend;
 use crate::queue::Queue;
@@ -32,6 +35,8 @@ pub struct MockDeviceLog {
     pub config_writes: Vec<(u64, Vec<u8>)>,
     /// Whether the next activations fail.
     pub fail_activation: bool,
+    /// What the device tells the driver through its interrupt when activated, if anything.
+    pub raise_on_activation: Option<VirtioInterruptType>,
 }
 
 /// A device that does nothing but record what its transport does to it in a shared
@@ -70,7 +75,7 @@ impl MockDevice {
     }
 }
 
-impl<M> VirtioDevice<M> for MockDevice {
+impl<M: GuestAddressSpace> VirtioDevice<M> for MockDevice {
     fn device_type(&self) -> u32 {
         self.device_type
     }
@@ -101,6 +106,12 @@ impl<M> VirtioDevice<M> for MockDevice {
                 expected: params.queues.len(),
                 given: params.queue_evts.len(),
             });
+        }
+        if let Some(kind) = log.raise_on_activation {
+            params
+                .interrupt
+                .trigger(kind)
+                .map_err(ActivateError::Backend)?;
         }
         log.activations.push((params.features, params.queues));
         Ok(())
@@ -193,8 +204,8 @@ impl NetBackend for EndlessNetwork {
     }
 }
 
-/// An interrupt trigger that counts the interrupts raised through it, in a counter its clones
-/// share, instead of delivering them.
+/// An interrupt line, or a device's whole interrupt, that counts the interrupts raised through
+/// it, whatever they say, in a counter its clones share, instead of delivering them.
 #[derive(Clone, Debug, Default)]
 pub struct CountingTrigger(Arc<std::sync::atomic::AtomicUsize>);
 
@@ -209,6 +220,12 @@ impl IrqTrigger for CountingTrigger {
     fn trigger(&self) -> std::io::Result<()> {
         self.0.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+impl VirtioInterrupt for CountingTrigger {
+    fn trigger(&self, _kind: VirtioInterruptType) -> std::io::Result<()> {
+        IrqTrigger::trigger(self)
     }
 }
 

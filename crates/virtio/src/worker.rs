@@ -1,22 +1,33 @@
-//! The thread that serves an active device: an epoll loop over the device's file descriptors
-//! (queue notification eventfds, backend sockets or TAPs), calling the device's [`EventHandler`]
-//! for each event until the device is reset.
+//! Where an active device's event handler runs, and the thread that serves it by default.
 //!
-//! The handler registers its descriptors with [`EventOps`] and may change what it waits for at
-//! any event: a network device stops watching its TAP while the guest has no receive buffers, so
-//! that a waiting frame does not make the loop spin.
+//! A device's work is an [`EventHandler`]: it registers its file descriptors (queue
+//! notification eventfds, backend sockets or TAPs, rate limiter timers) with [`EventOps`] and
+//! handles their events, and may change what it waits for at any event: a network device stops
+//! watching its TAP while the guest has no receive buffers, so that a waiting frame does not
+//! make the loop spin.
 //!
-//! Between two events, a worker also runs what other threads ask of it:
+//! The [`Executor`] a device is activated with says which loop runs the handler, and [`Runner`]
+//! is the running handler, whichever it is:
 //!
-//! - [`Worker::call`] runs a closure on the worker thread with the handler, and returns its
+//! - [`Executor::Thread`] (the default): a [`Worker`], an epoll thread of the device's own.
+//! - `Executor::EventManager` (feature `event-manager`): the VMM's own rust-vmm
+//!   `event_manager::EventManager`, of which the handler becomes a subscriber
+//!   (`worker::manager`). The VMM owns the thread and the loop.
+//!
+//! Between two events, the handler also runs what other threads ask of it, in either place:
+//!
+//! - [`Runner::call`] runs a closure on the handler's thread with the handler, and returns its
 //!   result: how a VMM changes a running device (a new rate limit, a new backing file) without
 //!   sharing the handler's state under a lock.
-//! - [`Worker::post`] does the same without waiting: the caller collects the result later from
+//! - [`Runner::post`] does the same without waiting: the caller collects the result later from
 //!   the [`Reply`], so that it can release a lock (the device's transport, which vCPUs take)
-//!   before it waits on the worker.
-//! - A [`WorkerGate`] pauses every worker spawned with it, at a point between two events, and
-//!   resumes them. While paused, a worker handles no event (they wait in the kernel: eventfds
-//!   count, sockets buffer) but still runs calls.
+//!   before it waits on the handler.
+//! - [`Runner::stop`] stops serving the handler and gives it back.
+//!
+//! A worker thread also answers to a [`WorkerGate`], which pauses every worker spawned with it,
+//! at a point between two events, and resumes them. While paused, a worker handles no event
+//! (they wait in the kernel: eventfds count, sockets buffer) but still runs calls. A VMM that
+//! runs the handlers in its own loop pauses them by not running it.
 //!
 //! A worker thread that ends on its own (its epoll instance failed, or its handler panicked)
 //! leaves the gate as it ends, so that pausing never waits for it; calls to it then fail
@@ -33,6 +44,9 @@ use std::thread::{self, JoinHandle};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+
+#[cfg(feature = "event-manager")]
+pub mod manager;
 
 /// The token the worker keeps for its own control eventfd (stop, calls, pause); handlers use
 /// any other.
@@ -51,29 +65,64 @@ pub trait EventHandler: Send + 'static {
     fn handle_event(&mut self, ops: &mut EventOps<'_>, token: u64, events: EventSet);
 }
 
-/// Changes to the set of descriptors a worker waits on.
-#[derive(Debug)]
+/// Changes to the set of descriptors a handler waits on, in the loop that runs it: its
+/// [`Worker`]'s epoll set, or the VMM's `event_manager::EventManager` (feature
+/// `event-manager`).
 pub struct EventOps<'a> {
-    epoll: &'a Epoll,
+    inner: Ops<'a>,
 }
 
-impl EventOps<'_> {
+enum Ops<'a> {
+    Epoll(&'a Epoll),
+    #[cfg(feature = "event-manager")]
+    Manager(&'a mut (dyn manager::Registry + 'a)),
+}
+
+impl std::fmt::Debug for EventOps<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let loop_kind = match self.inner {
+            Ops::Epoll(_) => "worker",
+            #[cfg(feature = "event-manager")]
+            Ops::Manager(_) => "event-manager",
+        };
+        f.debug_struct("EventOps")
+            .field("loop", &loop_kind)
+            .finish()
+    }
+}
+
+impl<'a> EventOps<'a> {
+    fn epoll(epoll: &'a Epoll) -> Self {
+        EventOps {
+            inner: Ops::Epoll(epoll),
+        }
+    }
+
     /// Waits for `events` on `fd`, reported with `token`.
     ///
     /// # Errors
     ///
-    /// When epoll refuses the descriptor.
+    /// When the loop refuses the descriptor; under an event manager, also when `token` does
+    /// not fit its 32 bits of data.
     pub fn add(&mut self, fd: RawFd, events: EventSet, token: u64) -> io::Result<()> {
-        self.ctl(ControlOperation::Add, fd, events, token)
+        match &mut self.inner {
+            Ops::Epoll(epoll) => ctl(epoll, ControlOperation::Add, fd, events, token),
+            #[cfg(feature = "event-manager")]
+            Ops::Manager(registry) => registry.add(fd, events, token),
+        }
     }
 
     /// Changes the events waited for on `fd`, already added.
     ///
     /// # Errors
     ///
-    /// When epoll refuses the change.
+    /// When the loop refuses the change.
     pub fn modify(&mut self, fd: RawFd, events: EventSet, token: u64) -> io::Result<()> {
-        self.ctl(ControlOperation::Modify, fd, events, token)
+        match &mut self.inner {
+            Ops::Epoll(epoll) => ctl(epoll, ControlOperation::Modify, fd, events, token),
+            #[cfg(feature = "event-manager")]
+            Ops::Manager(registry) => registry.modify(fd, events, token),
+        }
     }
 
     /// Stops waiting on `fd`.
@@ -82,12 +131,22 @@ impl EventOps<'_> {
     ///
     /// When `fd` was not added.
     pub fn remove(&mut self, fd: RawFd) -> io::Result<()> {
-        self.ctl(ControlOperation::Delete, fd, EventSet::empty(), 0)
+        match &mut self.inner {
+            Ops::Epoll(epoll) => ctl(epoll, ControlOperation::Delete, fd, EventSet::empty(), 0),
+            #[cfg(feature = "event-manager")]
+            Ops::Manager(registry) => registry.remove(fd),
+        }
     }
+}
 
-    fn ctl(&self, op: ControlOperation, fd: RawFd, events: EventSet, token: u64) -> io::Result<()> {
-        self.epoll.ctl(op, fd, EpollEvent::new(events, token))
-    }
+fn ctl(
+    epoll: &Epoll,
+    op: ControlOperation,
+    fd: RawFd,
+    events: EventSet,
+    token: u64,
+) -> io::Result<()> {
+    epoll.ctl(op, fd, EpollEvent::new(events, token))
 }
 
 /// Code every worker thread runs first, given the thread's name (`ember-net`,
@@ -152,8 +211,8 @@ impl<H: EventHandler> Worker<H> {
             let epoll = Epoll::new()?;
             let paused = Epoll::new()?;
             let control = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-            EventOps { epoll: &paused }.add(control.as_raw_fd(), EventSet::IN, CONTROL_TOKEN)?;
-            let mut ops = EventOps { epoll: &epoll };
+            EventOps::epoll(&paused).add(control.as_raw_fd(), EventSet::IN, CONTROL_TOKEN)?;
+            let mut ops = EventOps::epoll(&epoll);
             ops.add(control.as_raw_fd(), EventSet::IN, CONTROL_TOKEN)?;
             handler.init(&mut ops)?;
             Ok((epoll, paused, control))
@@ -310,7 +369,7 @@ impl<H: EventHandler> Worker<H> {
 /// The result of a closure [`Worker::post`] sent to a worker thread.
 #[derive(Debug)]
 #[must_use = "the reply says whether the closure ran"]
-pub struct Reply<R>(mpsc::Receiver<R>);
+pub struct Reply<R>(pub(crate) mpsc::Receiver<R>);
 
 impl<R> Reply<R> {
     /// Waits for the closure to have run on the worker thread, and returns what it returned.
@@ -323,7 +382,146 @@ impl<R> Reply<R> {
     }
 }
 
-fn gone() -> io::Error {
+/// Where an active device's handler runs: what [`ActivateParams`](crate::ActivateParams) tells
+/// a device, and what [`Runner::start`] starts its handler with.
+#[non_exhaustive]
+#[derive(Clone)]
+pub enum Executor {
+    /// A [`Worker`] thread of the device's own, paused and resumed with this gate: the default.
+    Thread(WorkerGate),
+    /// The VMM's own `event_manager::EventManager`, reached through its remote endpoint: the
+    /// handler becomes one of its subscribers, served by whichever thread runs the manager's
+    /// loop (feature `event-manager`). That loop must be running, on another thread than the
+    /// one that activates, changes or resets the device, for as long as the device is active.
+    #[cfg(feature = "event-manager")]
+    EventManager(event_manager::RemoteEndpoint<manager::Subscriber>),
+}
+
+impl Default for Executor {
+    /// A worker thread behind a gate of its own.
+    fn default() -> Self {
+        Executor::Thread(WorkerGate::new())
+    }
+}
+
+impl From<WorkerGate> for Executor {
+    fn from(gate: WorkerGate) -> Self {
+        Executor::Thread(gate)
+    }
+}
+
+#[cfg(feature = "event-manager")]
+impl From<event_manager::RemoteEndpoint<manager::Subscriber>> for Executor {
+    fn from(endpoint: event_manager::RemoteEndpoint<manager::Subscriber>) -> Self {
+        Executor::EventManager(endpoint)
+    }
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Executor::Thread(gate) => f.debug_tuple("Thread").field(gate).finish(),
+            #[cfg(feature = "event-manager")]
+            Executor::EventManager(_) => f.write_str("EventManager"),
+        }
+    }
+}
+
+/// A running [`EventHandler`], wherever its [`Executor`] put it: on a [`Worker`] thread or in
+/// the VMM's event manager. What other threads ask of it ([`call`](Runner::call),
+/// [`post`](Runner::post), [`stop`](Runner::stop)) runs between two of its events, on the
+/// thread that runs it, in either place.
+pub struct Runner<H> {
+    inner: Running<H>,
+}
+
+enum Running<H> {
+    Thread(Worker<H>),
+    #[cfg(feature = "event-manager")]
+    Manager(manager::Managed<H>),
+}
+
+impl<H> std::fmt::Debug for Runner<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Running::Thread(worker) => f.debug_tuple("Runner").field(worker).finish(),
+            #[cfg(feature = "event-manager")]
+            Running::Manager(managed) => f.debug_tuple("Runner").field(managed).finish(),
+        }
+    }
+}
+
+impl<H: EventHandler> Runner<H> {
+    /// Starts serving `handler` where `executor` says: spawns its worker thread, named
+    /// `name`, or adds it to the VMM's event manager (which calls its
+    /// [`EventHandler::init`]); the name then only appears in logs.
+    ///
+    /// # Errors
+    ///
+    /// As [`Worker::spawn`]; under an event manager, when the handler's
+    /// [`EventHandler::init`] fails or the manager is gone. The handler comes back in the
+    /// [`SpawnError`].
+    pub fn start(name: String, handler: H, executor: &Executor) -> Result<Self, SpawnError<H>> {
+        let inner = match executor {
+            Executor::Thread(gate) => Running::Thread(Worker::spawn(name, handler, gate)?),
+            #[cfg(feature = "event-manager")]
+            Executor::EventManager(endpoint) => {
+                Running::Manager(manager::Managed::start(name, handler, endpoint)?)
+            }
+        };
+        Ok(Runner { inner })
+    }
+
+    /// Runs `f` with the handler between two of its events, on the thread that serves it, and
+    /// returns what it returns. Must not be called from that thread, which would wait for
+    /// itself.
+    ///
+    /// # Errors
+    ///
+    /// When the handler's thread or event manager is gone.
+    pub fn call<R, F>(&self, f: F) -> io::Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut H, &mut EventOps<'_>) -> R + Send + 'static,
+    {
+        self.post(f)?.wait()
+    }
+
+    /// Sends `f` to run as [`Runner::call`] does, without waiting for it: [`Reply::wait`]
+    /// gives its result. It never blocks.
+    ///
+    /// # Errors
+    ///
+    /// When the handler's thread or event manager is gone.
+    pub fn post<R, F>(&self, f: F) -> io::Result<Reply<R>>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut H, &mut EventOps<'_>) -> R + Send + 'static,
+    {
+        match &self.inner {
+            Running::Thread(worker) => worker.post(f),
+            #[cfg(feature = "event-manager")]
+            Running::Manager(managed) => managed.post(f),
+        }
+    }
+
+    /// Stops serving the handler after the event it is handling, and returns it: the worker
+    /// thread ends, or the event manager drops the subscriber and its descriptors.
+    ///
+    /// # Errors
+    ///
+    /// As [`Worker::stop`]; under an event manager, when the handler is lost (it panicked in
+    /// the manager's loop).
+    pub fn stop(self) -> io::Result<H> {
+        match self.inner {
+            Running::Thread(worker) => worker.stop(),
+            #[cfg(feature = "event-manager")]
+            Running::Manager(managed) => managed.stop(),
+        }
+    }
+}
+
+pub(crate) fn gone() -> io::Error {
     io::Error::other("the device worker thread is gone")
 }
 
@@ -369,7 +567,7 @@ impl<H: EventHandler> WorkerThread<H> {
                     }
                     continue;
                 }
-                let mut ops = EventOps { epoll: &self.epoll };
+                let mut ops = EventOps::epoll(&self.epoll);
                 self.handler
                     .handle_event(&mut ops, event.data(), event.event_set());
             }
@@ -416,7 +614,7 @@ impl<H: EventHandler> WorkerThread<H> {
         while let Ok(message) = self.inbox.try_recv() {
             match message {
                 Message::Call(call) => {
-                    let mut ops = EventOps { epoll: &self.epoll };
+                    let mut ops = EventOps::epoll(&self.epoll);
                     call(&mut self.handler, &mut ops);
                 }
                 Message::Stop => return false,
@@ -901,5 +1099,28 @@ mod tests {
         gate.set_thread_hook(None);
         let worker = Worker::spawn("ember-blk-rootfs".into(), Idle(9), &gate).unwrap();
         worker.stop().unwrap();
+    }
+
+    #[test]
+    fn a_runner_on_a_thread_executor_is_a_worker_behind_its_gate() {
+        let gate = WorkerGate::new();
+        let (evt, seen, handler) = counter();
+        let runner = Runner::start("test-runner".into(), handler, &gate.clone().into()).unwrap();
+        assert_eq!(gate.workers(), 1);
+        evt.write(1).unwrap();
+        assert_eq!(seen.recv().unwrap(), 1);
+        gate.pause().unwrap();
+        let thread = runner
+            .call(|_, _| thread::current().name().map(String::from))
+            .unwrap();
+        assert_eq!(thread.as_deref(), Some("test-runner"));
+        gate.resume().unwrap();
+        assert_eq!(runner.stop().unwrap().seen, 1);
+        assert_eq!(gate.workers(), 0);
+    }
+
+    #[test]
+    fn the_default_executor_is_a_thread_behind_a_gate_of_its_own() {
+        assert!(matches!(Executor::default(), Executor::Thread(gate) if gate.workers() == 0));
     }
 }

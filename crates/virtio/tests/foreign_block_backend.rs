@@ -14,7 +14,7 @@ use ember_virtio::block::{
 };
 use ember_virtio::iov::GuestIoVecs;
 use ember_virtio::mock::{CountingTrigger, MockBuffer, MockDriver, guest_memory};
-use ember_virtio::{Interrupt, VirtioDevice};
+use ember_virtio::{MmioInterrupt, VirtioDevice};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -159,7 +159,7 @@ impl BlockBackend for MemDisk {
 struct Guest {
     mem: Arc<Mem>,
     driver: MockDriver,
-    worker: BlockWorker<Mem, MemDisk>,
+    worker: BlockWorker<Arc<Mem>, MemDisk>,
     irqs: CountingTrigger,
 }
 
@@ -178,7 +178,7 @@ impl Guest {
         let mem = Arc::new(guest_memory(0x10_0000).unwrap());
         let driver = MockDriver::new(16, GuestAddress(0));
         let irqs = CountingTrigger::default();
-        let interrupt = Arc::new(Interrupt::new(irqs.clone()));
+        let interrupt = Arc::new(MmioInterrupt::new(irqs.clone()));
         // No rate limit.
         let limiter = Default::default();
         let worker = BlockWorker::new(disk, driver.queue(), mem.clone(), interrupt, limiter);
@@ -243,10 +243,10 @@ fn a_device_offers_discard_and_write_zeroes_only_on_a_backend_that_has_them() {
         let config = block::Config::new("foreign").with_read_only(read_only);
         Block::new(MemDisk::new(trims).0, config).unwrap()
     };
-    let features = |block: &Block<MemDisk>| VirtioDevice::<Mem>::features(block);
+    let features = |block: &Block<MemDisk>| VirtioDevice::<Arc<Mem>>::features(block);
     let config = |block: &Block<MemDisk>| {
         let mut config = [0u8; block::CONFIG_LEN];
-        VirtioDevice::<Mem>::read_config(block, 0, &mut config);
+        VirtioDevice::<Arc<Mem>>::read_config(block, 0, &mut config);
         config
     };
 

@@ -21,7 +21,7 @@ use ember_virtio::mock::{
 };
 use ember_virtio::net::{self, Net, NetHandler, NetRateLimiters};
 use ember_virtio::queue::{self, Queue};
-use ember_virtio::{ActivateParams, Interrupt, VirtioDevice, WorkerGate};
+use ember_virtio::{ActivateParams, VirtioDevice, WorkerGate};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
@@ -309,17 +309,17 @@ fn merged_receive_buffers_of_long_indirect_chains_cost_a_bounded_heap() {
         for queue in &mut queues {
             queue.validate(&*mem).unwrap();
         }
-        let params = ActivateParams {
-            mem: mem.clone(),
+        let params = ActivateParams::new(
+            mem.clone(),
             features,
             queues,
-            queue_evts: vec![
+            vec![
                 EventFd::new(libc::EFD_NONBLOCK).unwrap(),
                 EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             ],
-            interrupt: Arc::new(Interrupt::new(CountingTrigger::default())),
-            gate: WorkerGate::new(),
-        };
+            Arc::new(CountingTrigger::default()),
+            WorkerGate::new(),
+        );
         let mut handler = NetHandler::new(device, NetRateLimiters::default(), params).unwrap();
         // The largest frames, each of which would need 257 of those chains.
         let frame = vec![0u8; net::MAX_BUFFER_LEN];
@@ -359,15 +359,15 @@ fn a_block_ring_kept_full_lets_updates_pause_and_reset_through() {
         let gate = WorkerGate::new();
         let queue = driver.queue();
         queue.validate(&*mem).unwrap();
-        let params = ActivateParams {
-            mem: mem.clone(),
-            features: (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC),
-            queues: vec![queue],
-            queue_evts: vec![kick.try_clone().unwrap()],
-            interrupt: Arc::new(Interrupt::new(CountingTrigger::default())),
-            gate: gate.clone(),
-        };
-        VirtioDevice::<Mem>::activate(&mut block, params).unwrap();
+        let params = ActivateParams::new(
+            mem.clone(),
+            (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC),
+            vec![queue],
+            vec![kick.try_clone().unwrap()],
+            Arc::new(CountingTrigger::default()),
+            gate.clone(),
+        );
+        VirtioDevice::<Arc<Mem>>::activate(&mut block, params).unwrap();
         let storm = Storm::start(&mem, &driver, &kick);
         wait_until(|| driver.used_idx(&*mem).unwrap() != 0);
 
@@ -390,7 +390,7 @@ fn a_block_ring_kept_full_lets_updates_pause_and_reset_through() {
             assert_eq!(driver.used_idx(&*mem).unwrap(), paused_at);
             gate.resume().unwrap();
         }
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Arc<Mem>>::reset(&mut block);
         drop(storm);
         assert!(!block.is_active());
         let metrics = block.metrics();
@@ -419,15 +419,15 @@ fn a_net_device_flooded_both_ways_lets_updates_pause_and_reset_through() {
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         );
         let gate = WorkerGate::new();
-        let params = ActivateParams {
-            mem: mem.clone(),
-            features: 1 << VIRTIO_F_VERSION_1,
-            queues: vec![rx.queue(), tx.queue()],
-            queue_evts: vec![rx_kick.try_clone().unwrap(), tx_kick.try_clone().unwrap()],
-            interrupt: Arc::new(Interrupt::new(CountingTrigger::default())),
-            gate: gate.clone(),
-        };
-        VirtioDevice::<Mem>::activate(&mut net, params).unwrap();
+        let params = ActivateParams::new(
+            mem.clone(),
+            1 << VIRTIO_F_VERSION_1,
+            vec![rx.queue(), tx.queue()],
+            vec![rx_kick.try_clone().unwrap(), tx_kick.try_clone().unwrap()],
+            Arc::new(CountingTrigger::default()),
+            gate.clone(),
+        );
+        VirtioDevice::<Arc<Mem>>::activate(&mut net, params).unwrap();
         let storm = Storm::start(&mem, &tx, &tx_kick);
         let metrics = net.metrics().clone();
         wait_until(|| tx.used_idx(&*mem).unwrap() != 0 && metrics.get("rx_fails").unwrap_or(0) > 0);
@@ -449,7 +449,7 @@ fn a_net_device_flooded_both_ways_lets_updates_pause_and_reset_through() {
             assert_eq!(metrics.get("rx_fails"), dropped);
             gate.resume().unwrap();
         }
-        VirtioDevice::<Mem>::reset(&mut net);
+        VirtioDevice::<Arc<Mem>>::reset(&mut net);
         drop(storm);
         assert!(!net.is_active());
         assert_eq!(rx.used_idx(&*mem).unwrap(), 0);
@@ -475,7 +475,7 @@ fn throttled_write_zeroes_of_the_largest_size_wait_for_their_bytes() {
         let disk = Disk::new(image.backend(), false, "victim").unwrap();
         let mem = Arc::new(guest_memory(0x10_0000).unwrap());
         let mut driver = MockDriver::new(block::QUEUE_SIZE, GuestAddress(0));
-        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let interrupt = Arc::new(CountingTrigger::default());
         let mut worker = BlockWorker::new(disk, driver.queue(), mem.clone(), interrupt, limiter);
         let (hdr, seg) = (0x1_0000, 0x2_0000);
         let mut header = [0u8; 16];

@@ -277,10 +277,12 @@ struct Legacy {
     power_off_evt: EventFd,
 }
 
+/// A virtio device's transport, shared with the MMIO bus.
+type Transport<D> = Arc<Mutex<MmioTransport<Arc<GuestMemoryMmap>, D>>>;
 /// A drive's transport, kept to reach the running device.
-type BlockTransport = Arc<Mutex<MmioTransport<GuestMemoryMmap, Block>>>;
+type BlockTransport = Transport<Block>;
 /// A network interface's transport, kept to reach the running device.
-type NetTransport = Arc<Mutex<MmioTransport<GuestMemoryMmap, Net>>>;
+type NetTransport = Transport<Net>;
 
 /// A booted microVM: its vCPUs run until the guest ends the VM or the VMM stops it.
 ///
@@ -789,11 +791,11 @@ struct VirtioAttacher<'a> {
 }
 
 impl VirtioAttacher<'_> {
-    fn attach<D: VirtioDevice<GuestMemoryMmap> + 'static>(
+    fn attach<D: VirtioDevice<Arc<GuestMemoryMmap>> + 'static>(
         &mut self,
         name: String,
         device: D,
-    ) -> Result<Arc<Mutex<MmioTransport<GuestMemoryMmap, D>>>> {
+    ) -> Result<Transport<D>> {
         let addr = self
             .allocator
             .allocate_mmio(MMIO_SIZE)

@@ -493,8 +493,8 @@ type Mem = vm_memory::GuestMemoryMmap<()>;
 
 /// Drives a virtio-mmio transport as a guest driver does through a vCPU's MMIO exits: VERSION_1
 /// only, every queue configured, then DRIVER_OK, which starts the device's worker.
-fn activate<D: ember_virtio::VirtioDevice<Mem>>(
-    transport: &mut ember_virtio::mmio::MmioTransport<Mem, D>,
+fn activate<D: ember_virtio::VirtioDevice<Arc<Mem>>>(
+    transport: &mut ember_virtio::mmio::MmioTransport<Arc<Mem>, D>,
     drivers: &[ember_virtio::mock::MockDriver],
 ) {
     use regs::*;
@@ -537,13 +537,13 @@ fn wait_used(mem: &Mem, driver: &ember_virtio::mock::MockDriver, count: u16) {
 
 /// A virtio device behind its transport, in its guest memory, with the guest's drivers of
 /// its queues: built by the VMM thread before the vCPUs start.
-struct Rig<D: ember_virtio::VirtioDevice<Mem>> {
+struct Rig<D: ember_virtio::VirtioDevice<Arc<Mem>>> {
     mem: Arc<Mem>,
-    transport: ember_virtio::mmio::MmioTransport<Mem, D>,
+    transport: ember_virtio::mmio::MmioTransport<Arc<Mem>, D>,
     drivers: Vec<ember_virtio::mock::MockDriver>,
 }
 
-fn rig<D: ember_virtio::VirtioDevice<Mem>>(device: D, queues: u64) -> Rig<D> {
+fn rig<D: ember_virtio::VirtioDevice<Arc<Mem>>>(device: D, queues: u64) -> Rig<D> {
     use ember_virtio::mock::{MockDriver, guest_memory};
     let mem = Arc::new(guest_memory(0x10_0000).unwrap());
     let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();

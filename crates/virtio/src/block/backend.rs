@@ -49,6 +49,7 @@ use crate::iov::GuestIoVecs;
 ///
 /// ```
 /// use std::io;
+/// use std::sync::Arc;
 ///
 /// use ember_virtio::block::{self, Block, BlockBackend, copy_from_bufs, copy_to_bufs};
 /// use ember_virtio::iov::GuestIoVecs;
@@ -96,7 +97,7 @@ use crate::iov::GuestIoVecs;
 /// let block = Block::new(MemDisk(vec![0; 1 << 20]), block::Config::new("mem0")).unwrap();
 /// assert_eq!(block.capacity(), 2048);
 /// // A device a transport can host, for any guest memory type.
-/// let features = ember_virtio::VirtioDevice::<GuestMemoryMmap>::features(&block);
+/// let features = ember_virtio::VirtioDevice::<Arc<GuestMemoryMmap>>::features(&block);
 /// assert_eq!(features & (1 << 13), 0, "no VIRTIO_BLK_F_DISCARD");
 /// ```
 ///

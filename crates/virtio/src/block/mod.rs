@@ -2,12 +2,13 @@
 //! raw image file or a host block device, [`RawFile`]), with one request queue.
 //!
 //! [`Block`] is what the transport sees: the device's features, its configuration space and its
-//! lifecycle ([`VirtioDevice`]). Activation hands the queue to a [`BlockWorker`] on a thread of
-//! its own ([`Worker`]), which serves the queue whenever the driver notifies it: it pops every
+//! lifecycle ([`VirtioDevice`]). Activation hands the queue to a [`BlockWorker`], run where the
+//! [`Executor`](crate::Executor) says ([`Runner`]: a worker thread of its own, or the VMM's
+//! event manager), which serves the queue whenever the driver notifies it: it pops every
 //! chain, parses it ([`request::Request::parse`]), carries it out against the [`Disk`] (the
 //! backend with the device's read-only flag and ID), writes the status byte and hands the chain
-//! back, then raises the interrupt if the driver wants one. [`VirtioDevice::reset`] stops the
-//! thread and takes the disk back.
+//! back, then tells the driver queue 0 was used if it wants an interrupt.
+//! [`VirtioDevice::reset`] stops the handler and takes the disk back.
 //!
 //! A VMM brings its own store by implementing [`BlockBackend`] (capacity, vectored read and
 //! write, flush, and optionally discard and write zeroes) and building a `Block<B>` on it; the
@@ -27,7 +28,7 @@
 //! use std::sync::Arc;
 //!
 //! use ember_rate_limiter::RateLimiter;
-//! use ember_virtio::Interrupt;
+//! use ember_virtio::MmioInterrupt;
 //! use ember_virtio::block::{BlockWorker, Disk, RawFile};
 //! use ember_virtio::mock::{MockBuffer, MockDriver, guest_memory};
 //! use vm_memory::{Bytes, GuestAddress};
@@ -42,7 +43,7 @@
 //! let mem = Arc::new(guest_memory(0x10000).unwrap());
 //! let mut driver = MockDriver::new(16, GuestAddress(0));
 //! let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-//! let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+//! let interrupt = Arc::new(MmioInterrupt::new(irq.try_clone().unwrap()));
 //! // No limit on what the driver asks.
 //! let limiter = RateLimiter::default();
 //! let mut worker = BlockWorker::new(disk, driver.queue(), mem.clone(), interrupt, limiter);
@@ -94,7 +95,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::GuestMemory;
+use vm_memory::{GuestAddressSpace, GuestMemory};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -104,9 +105,12 @@ pub use metrics::BlockMetrics;
 pub use raw_file::{INHERITED_FD_PREFIX, RawFile, check_inherited_fd, inherited_fd};
 pub use request::{STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 
-use crate::device::{ActivateError, ActivateParams, Interrupt, VirtioDevice, read_config_bytes};
+use crate::device::{
+    ActivateError, ActivateParams, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    read_config_bytes,
+};
 use crate::queue::{self, DescriptorChain, Queue};
-use crate::worker::{EventHandler, EventOps, Reply, Worker};
+use crate::worker::{EventHandler, EventOps, Reply, Runner};
 use metrics::inc;
 use request::Request;
 
@@ -200,12 +204,13 @@ pub enum Error {
     /// The ID holds something other than printable ASCII characters.
     #[error("The disk ID holds characters other than printable ASCII")]
     IdNotPrintable,
-    /// The worker thread serving the active device did not answer.
-    #[error("Cannot reach the block device's worker thread")]
+    /// The thread serving the active device (its worker, or the VMM's event manager) did not
+    /// answer.
+    #[error("Cannot reach the thread that serves the block device")]
     Worker(#[source] io::Error),
-    /// The device lost its disk and rate limiter with a worker thread that panicked; only a
+    /// The device lost its disk and rate limiter with a handler that panicked; only a
     /// new device can replace it.
-    #[error("The block device lost its disk when its worker thread stopped")]
+    #[error("The block device lost its disk when its handler stopped")]
     Lost,
     /// The backend cannot write, and the device is not read-only.
     #[error("The disk backend is read-only, and the block device is not")]
@@ -409,7 +414,7 @@ impl<B: BlockBackend> Block<B> {
     ///
     /// # Errors
     ///
-    /// [`Error::Worker`] when the worker thread is gone, [`Error::Lost`] when the device lost
+    /// [`Error::Worker`] when the thread that serves it is gone, [`Error::Lost`] when the device lost
     /// its rate limiter with a worker that panicked.
     pub fn update_rate_limiter(
         &mut self,
@@ -501,7 +506,7 @@ impl<B> Drop for Block<B> {
     }
 }
 
-impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> VirtioDevice<M> for Block<B> {
+impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> VirtioDevice<M> for Block<B> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }
@@ -547,8 +552,9 @@ impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> VirtioDevice<M> fo
 }
 
 impl<B: BlockBackend> Block<B> {
-    /// Hands the disk, the rate limiter and the queue to a worker thread.
-    fn start_worker<M: GuestMemory + Send + Sync + 'static>(
+    /// Hands the disk, the rate limiter and the queue to a handler, run where the executor
+    /// says.
+    fn start_worker<M: GuestAddressSpace + Send + 'static>(
         &mut self,
         params: ActivateParams<M>,
     ) -> std::result::Result<(), ActivateError> {
@@ -558,7 +564,7 @@ impl<B: BlockBackend> Block<B> {
             queues,
             queue_evts,
             interrupt,
-            gate,
+            executor,
         } = params;
         for given in [queues.len(), queue_evts.len()] {
             if given != 1 {
@@ -592,7 +598,7 @@ impl<B: BlockBackend> Block<B> {
         } else {
             format!("ember-blk-{}", self.id)
         };
-        match Worker::spawn(name, handler, &gate) {
+        match Runner::start(name, handler, &executor) {
             Ok(worker) => {
                 self.state = State::Active {
                     worker: Box::new(worker),
@@ -697,8 +703,8 @@ fn put_config(config: &mut [u8; CONFIG_LEN], offset: usize, bytes: &[u8]) {
 pub struct BlockWorker<M, B = RawFile, C: Clock = MonotonicClock> {
     server: Server<B, C>,
     queue: Queue,
-    mem: Arc<M>,
-    interrupt: Arc<Interrupt>,
+    mem: M,
+    interrupt: Arc<dyn VirtioInterrupt>,
     irq_error_logged: bool,
     /// Whether the last call stopped on its budget, with chains maybe left.
     budget_spent: bool,
@@ -725,16 +731,17 @@ impl<M, B, C: Clock + fmt::Debug> fmt::Debug for BlockWorker<M, B, C> {
     }
 }
 
-impl<M: GuestMemory, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
+impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
     /// Serves `queue`, which the driver set up in `mem`, from `disk`, as fast as
-    /// `rate_limiter` lets it (`RateLimiter::default()` lets everything through), raising
-    /// `interrupt`. It counts into counters of its own until given others
+    /// `rate_limiter` lets it (`RateLimiter::default()` lets everything through), telling the
+    /// driver through `interrupt`. It takes a snapshot of `mem` for each call to
+    /// [`BlockWorker::process_queue`]. It counts into counters of its own until given others
     /// ([`BlockWorker::with_metrics`]).
     pub fn new(
         disk: Disk<B>,
         queue: Queue,
-        mem: Arc<M>,
-        interrupt: Arc<Interrupt>,
+        mem: M,
+        interrupt: Arc<dyn VirtioInterrupt>,
         rate_limiter: RateLimiter<C>,
     ) -> Self {
         BlockWorker {
@@ -793,7 +800,8 @@ impl<M: GuestMemory, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
             irq_error_logged,
             budget_spent,
         } = self;
-        let mem = &**mem;
+        let mem = mem.memory();
+        let mem = &*mem;
         let mut budget = Budget::default();
         *budget_spent = false;
         let mut passes = 0usize;
@@ -820,7 +828,7 @@ impl<M: GuestMemory, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         };
         let served = budget.chains;
         if served > 0 && queue.needs_notification(mem)? {
-            if let Err(err) = interrupt.signal_used_queue() {
+            if let Err(err) = interrupt.trigger(VirtioInterruptType::Queue(0)) {
                 inc(&server.metrics.event_fails);
                 if !*irq_error_logged {
                     *irq_error_logged = true;
@@ -1002,7 +1010,7 @@ fn disk_bytes(request_type: request::RequestType) -> u64 {
     }
 }
 
-/// The worker thread's event handler: a [`BlockWorker`] and the queue's notification eventfd.
+/// The device's event handler: a [`BlockWorker`] and the queue's notification eventfd.
 ///
 /// It waits on the notification eventfd and the rate limiter's timerfd. While the limiter
 /// holds a request back, notifications are read and ignored (the driver is not asked for them
@@ -1025,7 +1033,7 @@ impl<M, B> fmt::Debug for BlockHandler<M, B> {
     }
 }
 
-impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> EventHandler for BlockHandler<M, B> {
+impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> EventHandler for BlockHandler<M, B> {
     fn init(&mut self, ops: &mut EventOps<'_>) -> io::Result<()> {
         ops.add(self.queue_evt.as_raw_fd(), EventSet::IN, QUEUE_TOKEN)?;
         ops.add(
@@ -1047,7 +1055,7 @@ impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> EventHandler for B
     }
 }
 
-impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> BlockHandler<M, B> {
+impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> {
     fn queue_event(&mut self, ops: &mut EventOps<'_>) {
         let metrics = self.worker.metrics().clone();
         inc(&metrics.queue_event_count);
@@ -1141,7 +1149,11 @@ impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> BlockHandler<M, B>
                 );
             }
         }
-        if let Err(err) = self.worker.interrupt.set_needs_reset() {
+        if let Err(err) = self
+            .worker
+            .interrupt
+            .trigger(VirtioInterruptType::NeedsReset)
+        {
             inc(&metrics.event_fails);
             log::error!(
                 "The block device {} cannot signal DEVICE_NEEDS_RESET: {err}",
@@ -1151,7 +1163,7 @@ impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> BlockHandler<M, B>
     }
 }
 
-/// A change handed to a block device's worker thread ([`Block::update_disk`],
+/// A change handed to the thread that serves a block device ([`Block::update_disk`],
 /// [`Block::update_rate_limiter`]), to wait for once the device's lock is released.
 #[derive(Debug)]
 #[must_use = "the change may still be under way, and may fail"]
@@ -1218,19 +1230,19 @@ impl fmt::Debug for Retired {
     }
 }
 
-/// A running worker, whatever guest memory type it serves.
+/// A running handler, whatever guest memory type it serves and wherever it runs.
 trait ActiveWorker<B>: Send {
     /// Stops the thread and gives the disk and the rate limiter back.
     fn stop(self: Box<Self>) -> io::Result<(Disk<B>, RateLimiter)>;
 
-    /// Has the worker thread change the rate limiter's buckets.
+    /// Has the handler's thread change the rate limiter's buckets.
     fn update_rate_limiter(
         &self,
         bandwidth: BucketUpdate,
         ops: BucketUpdate,
     ) -> io::Result<Reply<Option<Retired>>>;
 
-    /// Has the worker thread serve the requests from `disk` from now on, store its capacity in
+    /// Has the handler's thread serve the requests from `disk` from now on, store its capacity in
     /// `capacity` and tell the driver; the reply gives back the disk they were served from.
     fn replace_disk(
         &self,
@@ -1239,11 +1251,11 @@ trait ActiveWorker<B>: Send {
     ) -> io::Result<Reply<Option<Retired>>>;
 }
 
-impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> ActiveWorker<B>
-    for Worker<BlockHandler<M, B>>
+impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> ActiveWorker<B>
+    for Runner<BlockHandler<M, B>>
 {
     fn stop(self: Box<Self>) -> io::Result<(Disk<B>, RateLimiter)> {
-        Worker::stop(*self).map(|handler| handler.worker.into_parts())
+        Runner::stop(*self).map(|handler| handler.worker.into_parts())
     }
 
     fn update_rate_limiter(
@@ -1275,7 +1287,11 @@ impl<M: GuestMemory + Send + Sync + 'static, B: BlockBackend> ActiveWorker<B>
             capacity.store(new_capacity, Ordering::Release);
             let metrics = handler.worker.metrics().clone();
             inc(&metrics.update_count);
-            if let Err(err) = handler.worker.interrupt.signal_config_change() {
+            if let Err(err) = handler
+                .worker
+                .interrupt
+                .trigger(VirtioInterruptType::Config)
+            {
                 inc(&metrics.event_fails);
                 log::error!(
                     "The block device {} cannot tell the driver its new capacity: {err}",
@@ -1301,11 +1317,13 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
-    use crate::device::{INT_CONFIG, INT_USED_RING};
+    use crate::mmio::{INT_CONFIG, INT_USED_RING, MmioInterrupt};
     use crate::mock::{CountingTrigger, MockBuffer, MockDriver, bucket, guest_memory, wait_timer};
-    use crate::worker::WorkerGate;
+    use crate::worker::{Executor, Worker, WorkerGate};
 
     type Mem = GuestMemoryMmap<()>;
+    /// Guest memory as the transport holds it.
+    type Space = Arc<Mem>;
 
     const SECTORS: u64 = 64;
     const HDR: u64 = 0x10000;
@@ -1374,7 +1392,7 @@ mod tests {
     struct Guest {
         mem: Arc<Mem>,
         driver: MockDriver,
-        worker: BlockWorker<Mem>,
+        worker: BlockWorker<Space>,
         irqs: CountingTrigger,
     }
 
@@ -1403,7 +1421,7 @@ mod tests {
             queue.set_event_idx(event_idx);
             queue.validate(&*mem).unwrap();
             let irqs = CountingTrigger::default();
-            let interrupt = Arc::new(Interrupt::new(irqs.clone()));
+            let interrupt = Arc::new(MmioInterrupt::new(irqs.clone()));
             let disk = image.disk(read_only);
             let worker = BlockWorker::new(disk, queue, mem.clone(), interrupt, rate_limiter);
             Guest {
@@ -1738,7 +1756,7 @@ mod tests {
         let limiter = RateLimiter::with_clock(bucket(4096, 1000), None, clock.clone()).unwrap();
         let disk = image.disk(false);
         assert!(disk.backend().supports_discard(), "tmpfs punches holes");
-        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let interrupt = Arc::new(MmioInterrupt::new(CountingTrigger::default()));
         let mut worker = BlockWorker::new(disk, queue, mem.clone(), interrupt, limiter);
         let request = |driver: &mut MockDriver, type_: u32, seg: u64, sectors: u32| {
             write_header(&mem, HDR + seg, type_, 0);
@@ -1793,7 +1811,7 @@ mod tests {
         let queue = driver.queue();
         queue.validate(&*mem).unwrap();
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let interrupt = Arc::new(MmioInterrupt::new(CountingTrigger::default()));
         let disk = image.disk(false);
         let handler = BlockHandler {
             worker: BlockWorker::new(disk, queue, mem.clone(), interrupt, RateLimiter::default()),
@@ -1870,7 +1888,7 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let mem = Arc::new(guest_memory(0x100000).unwrap());
         let mut driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
-        let interrupt = Arc::new(Interrupt::new(CountingTrigger::default()));
+        let interrupt = Arc::new(MmioInterrupt::new(CountingTrigger::default()));
         let mut worker = BlockWorker::new(
             disk,
             driver.queue(),
@@ -1981,7 +1999,7 @@ mod tests {
 
     fn config_of(block: &Block) -> [u8; CONFIG_LEN] {
         let mut config = [0u8; CONFIG_LEN];
-        VirtioDevice::<Mem>::read_config(block, 0, &mut config);
+        VirtioDevice::<Space>::read_config(block, 0, &mut config);
         config
     }
 
@@ -2004,10 +2022,10 @@ mod tests {
         assert_eq!(config[56], 1);
         // Reads past the end are zero; a partial read of capacity works.
         let mut tail = [0xffu8; 8];
-        VirtioDevice::<Mem>::read_config(&block, 58, &mut tail);
+        VirtioDevice::<Space>::read_config(&block, 58, &mut tail);
         assert_eq!(tail, [0; 8]);
         let mut low = [0u8; 1];
-        VirtioDevice::<Mem>::read_config(&block, 0, &mut low);
+        VirtioDevice::<Space>::read_config(&block, 0, &mut low);
         assert_eq!(low[0], 64);
     }
 
@@ -2025,7 +2043,7 @@ mod tests {
         let image = Image::on_tmpfs();
         let mut block = image.block(false).unwrap();
         let before = config_of(&block);
-        VirtioDevice::<Mem>::write_config(&mut block, 0, &[0xff; 8]);
+        VirtioDevice::<Space>::write_config(&mut block, 0, &[0xff; 8]);
         assert_eq!(config_of(&block), before);
     }
 
@@ -2039,16 +2057,16 @@ mod tests {
         let image = Image::on_tmpfs();
         let rw = image.block(false).unwrap();
         assert_eq!(
-            VirtioDevice::<Mem>::features(&rw),
+            VirtioDevice::<Space>::features(&rw),
             base | (1 << VIRTIO_BLK_F_WRITE_ZEROES) | (1 << VIRTIO_BLK_F_DISCARD)
         );
         let ro = image.block(true).unwrap();
         assert_eq!(
-            VirtioDevice::<Mem>::features(&ro),
+            VirtioDevice::<Space>::features(&ro),
             base | (1 << VIRTIO_BLK_F_RO)
         );
-        assert_eq!(VirtioDevice::<Mem>::device_type(&ro), VIRTIO_ID_BLOCK);
-        assert_eq!(VirtioDevice::<Mem>::queue_max_sizes(&ro), &[QUEUE_SIZE]);
+        assert_eq!(VirtioDevice::<Space>::device_type(&ro), VIRTIO_ID_BLOCK);
+        assert_eq!(VirtioDevice::<Space>::queue_max_sizes(&ro), &[QUEUE_SIZE]);
     }
 
     #[test]
@@ -2171,12 +2189,12 @@ mod tests {
         let image = Image::on_tmpfs();
         let mut block = image.block(false).unwrap();
         let mut data = [0u8; 8];
-        VirtioDevice::<Mem>::read_config(&block, 0, &mut data);
-        VirtioDevice::<Mem>::read_config(&block, 52, &mut data);
+        VirtioDevice::<Space>::read_config(&block, 0, &mut data);
+        VirtioDevice::<Space>::read_config(&block, 52, &mut data);
         assert_eq!(block.metrics().get("cfg_fails"), Some(0));
-        VirtioDevice::<Mem>::read_config(&block, 53, &mut data);
-        VirtioDevice::<Mem>::read_config(&block, u64::MAX, &mut data);
-        VirtioDevice::<Mem>::write_config(&mut block, 0, &data);
+        VirtioDevice::<Space>::read_config(&block, 53, &mut data);
+        VirtioDevice::<Space>::read_config(&block, u64::MAX, &mut data);
+        VirtioDevice::<Space>::write_config(&mut block, 0, &data);
         assert_eq!(block.metrics().get("cfg_fails"), Some(3));
     }
 
@@ -2186,7 +2204,7 @@ mod tests {
         driver: MockDriver,
         queue_evt: EventFd,
         irq: EventFd,
-        interrupt: Arc<Interrupt>,
+        interrupt: Arc<MmioInterrupt>,
     }
 
     fn activate(block: &mut Block) -> Activated {
@@ -2194,14 +2212,14 @@ mod tests {
         let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
         let queue_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+        let interrupt = Arc::new(MmioInterrupt::new(irq.try_clone().unwrap()));
         let params = ActivateParams {
             mem: mem.clone(),
-            features: VirtioDevice::<Mem>::features(block),
+            features: VirtioDevice::<Space>::features(block),
             queues: vec![driver.queue()],
             queue_evts: vec![queue_evt.try_clone().unwrap()],
             interrupt: interrupt.clone(),
-            gate: WorkerGate::new(),
+            executor: WorkerGate::new().into(),
         };
         block.activate(params).unwrap();
         Activated {
@@ -2283,7 +2301,7 @@ mod tests {
             queues: vec![a.driver.queue()],
             queue_evts: vec![a.queue_evt.try_clone().unwrap()],
             interrupt: a.interrupt.clone(),
-            gate: WorkerGate::new(),
+            executor: WorkerGate::new().into(),
         };
         assert!(matches!(
             block.activate(params),
@@ -2297,7 +2315,7 @@ mod tests {
         assert_eq!(metrics.get("activate_fails"), Some(1));
         assert_eq!(metrics.get("no_avail_buffer"), Some(0));
 
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
         assert!(!block.is_active());
         // A notification after the reset reaches no worker.
         a.queue_evt.write(1).unwrap();
@@ -2316,7 +2334,7 @@ mod tests {
         }
         assert_eq!(block.metrics().get("read_count"), Some(3));
         assert_eq!(block.metrics().get("queue_event_count"), Some(4));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
     }
 
     #[test]
@@ -2329,8 +2347,8 @@ mod tests {
             features: 0,
             queues: vec![],
             queue_evts: vec![],
-            interrupt: Arc::new(Interrupt::new(irq)),
-            gate: WorkerGate::new(),
+            interrupt: Arc::new(MmioInterrupt::new(irq)),
+            executor: WorkerGate::new().into(),
         };
         assert!(matches!(
             block.activate(params),
@@ -2495,7 +2513,7 @@ mod tests {
         assert_eq!(metrics.get("write_count"), Some(N));
         assert_eq!(metrics.get("update_count"), Some(1));
         assert!(metrics.get("rate_limiter_event_count") >= Some(1));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
     }
 
     #[test]
@@ -2508,7 +2526,7 @@ mod tests {
         let mut a = activate(&mut block);
         assert_eq!(read_sector_through_worker(&mut a, 1), pattern(1, 1));
         assert_eq!(read_sector_through_worker(&mut a, 2), pattern(2, 1));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
 
         // A byte limit arrives while the device is reset; the operations bucket stays empty.
         let bandwidth = BucketConfig {
@@ -2543,7 +2561,7 @@ mod tests {
         assert_eq!(b.driver.used_elem(&*b.mem, 0).unwrap().1, 513);
         assert_eq!(metrics.get("update_count"), Some(2));
         assert_eq!(metrics.get("update_fails"), Some(0));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
     }
 
     #[test]
@@ -2586,7 +2604,7 @@ mod tests {
         assert_eq!(read_sector_through_worker(&mut a, 127), pattern(127, 1));
 
         // While reset, the image changes with no interrupt, and the next activation uses it.
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
         swap_disk(&mut block, &image.path).unwrap();
         assert_eq!(block.capacity(), SECTORS);
         assert_eq!(a.irq.read().unwrap_err().kind(), io::ErrorKind::WouldBlock);
@@ -2596,7 +2614,7 @@ mod tests {
         assert_eq!(metrics.get("update_count"), Some(2));
         // An image that cannot be opened never reaches the device.
         assert_eq!(metrics.get("update_fails"), Some(0));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
     }
 
     /// Opens the image at `path` as a VMM does, without the device, and hands it over.
@@ -2613,7 +2631,7 @@ mod tests {
         let mem = Arc::new(guest_memory(0x100000).unwrap());
         let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
         let irqs = CountingTrigger::default();
-        let interrupt = Arc::new(Interrupt::new(irqs.clone()));
+        let interrupt = Arc::new(MmioInterrupt::new(irqs.clone()));
         let State::Ready { disk, rate_limiter } = std::mem::replace(&mut block.state, State::Lost)
         else {
             panic!("a new device holds its disk");
@@ -2625,7 +2643,7 @@ mod tests {
             id: "busy".into(),
             broken: false,
         };
-        let worker = Worker::spawn("test-blk-busy".into(), handler, &WorkerGate::new()).unwrap();
+        let worker = Runner::start("test-blk-busy".into(), handler, &Executor::default()).unwrap();
         // The worker is stuck (in a slow write, say) until told to go on.
         let (go_on, stuck) = std::sync::mpsc::channel::<()>();
         let busy = worker
@@ -2654,7 +2672,7 @@ mod tests {
         assert_eq!(config_of(&block)[..8], (2 * SECTORS).to_le_bytes());
         assert_eq!(irqs.count(), 1, "one configuration change interrupt");
         assert_eq!(block.metrics().get("update_count"), Some(2));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
         assert!(!block.is_active());
     }
 
@@ -2692,17 +2710,17 @@ mod tests {
         // A read-only device keeps its features and refuses writes itself, even on a backend
         // that could write.
         let mut block = image.block(true).unwrap();
-        let features = VirtioDevice::<Mem>::features(&block);
+        let features = VirtioDevice::<Space>::features(&block);
         let backend = RawFile::open(&other.path, false).unwrap();
         block.update_disk(backend).unwrap().wait().unwrap();
-        assert_eq!(VirtioDevice::<Mem>::features(&block), features);
+        assert_eq!(VirtioDevice::<Space>::features(&block), features);
         let mut a = activate(&mut block);
         a.mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
         let data = [MockBuffer::readable(DATA, 512)];
         submit_through_worker(&mut a, VIRTIO_BLK_T_OUT, 0, &data);
         assert_eq!(finish_through_worker(&mut a), STATUS_IOERR);
         assert_eq!(other.contents(), before);
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
     }
 
     /// Drives an activated device with 16 KiB reads for `duration`, keeping up to 32 of them in
@@ -2752,7 +2770,7 @@ mod tests {
         let mut a = activate(&mut block);
         let metrics = block.metrics().clone();
         let (bytes, elapsed) = keep_reading(&mut a, &metrics, start, Duration::from_millis(1500));
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
 
         // The limiter is exact: never more than the first bucketful and what refilled since it
         // was made, give or take one request for the rounding of a refill to whole bytes.
@@ -2826,7 +2844,7 @@ mod tests {
         assert_eq!(a.irq.read().unwrap_err().kind(), io::ErrorKind::WouldBlock);
 
         // The worker is still there to be stopped, and the device can start over.
-        VirtioDevice::<Mem>::reset(&mut block);
+        VirtioDevice::<Space>::reset(&mut block);
         let mut b = activate(&mut block);
         assert_eq!(read_sector_through_worker(&mut b, 2), pattern(2, 1));
     }

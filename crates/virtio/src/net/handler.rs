@@ -1,5 +1,6 @@
 //! The work of an active virtio-net device: moving frames from the transmit queue to the backend
-//! and from the backend to the receive queue, on the device's worker thread.
+//! and from the backend to the receive queue, on the thread that serves the device (its worker,
+//! or the VMM's event manager).
 //!
 //! [`NetHandler::process_tx`] and [`NetHandler::process_rx`] are the two steps; the
 //! [`EventHandler`] implementation calls them when the driver notifies a queue or the backend
@@ -23,7 +24,7 @@ use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
 use ember_rate_limiter::{BucketUpdate, RateLimiter, TokenType};
-use vm_memory::{GuestMemory, Permissions};
+use vm_memory::{GuestAddressSpace, Permissions};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -33,7 +34,7 @@ use super::{
     Error, ErrorChain, MAX_BUFFER_LEN, NUM_QUEUES, NetRateLimiters, Result, VNET_HDR_LEN,
     has_feature,
 };
-use crate::device::{ActivateError, ActivateParams, Interrupt};
+use crate::device::{ActivateError, ActivateParams, VirtioInterrupt, VirtioInterruptType};
 use crate::iov::{GuestIoVecs, IOV_MAX};
 use crate::queue::{self, DescriptorChain, Queue};
 use crate::worker::{EventHandler, EventOps};
@@ -49,6 +50,11 @@ pub const BACKEND_TOKEN: u64 = 2;
 pub const RX_RATE_LIMITER_TOKEN: u64 = 3;
 /// The worker's token for the transmit rate limiter's timerfd.
 pub const TX_RATE_LIMITER_TOKEN: u64 = 4;
+
+/// What the receive queue ([`super::RX_QUEUE`]) tells the driver when used.
+const RX_INTERRUPT: VirtioInterruptType = VirtioInterruptType::Queue(0);
+/// What the transmit queue ([`super::TX_QUEUE`]) tells the driver when used.
+const TX_INTERRUPT: VirtioInterruptType = VirtioInterruptType::Queue(1);
 
 /// The most frames [`NetHandler::process_rx`] takes from the backend in one call, so that a
 /// flood of received frames does not hold back transmission; the backend stays readable, so the
@@ -116,13 +122,13 @@ enum RxOutcome {
 
 /// The device's state while active: its queues, its backend, and the frames in flight.
 pub struct NetHandler<M, B> {
-    mem: Arc<M>,
+    mem: M,
     backend: B,
     rx: Queue,
     tx: Queue,
     rx_evt: EventFd,
     tx_evt: EventFd,
-    interrupt: Arc<Interrupt>,
+    interrupt: Arc<dyn VirtioInterrupt>,
     mrg_rxbuf: bool,
     /// The receive buffer: one frame from the backend, header included.
     rx_frame: Vec<u8>,
@@ -182,7 +188,7 @@ impl<M, B> fmt::Debug for NetHandler<M, B> {
 
 impl<M, B> NetHandler<M, B>
 where
-    M: GuestMemory + Send + Sync + 'static,
+    M: GuestAddressSpace + Send + 'static,
     B: NetBackend,
 {
     /// Takes over `backend`, the `rate_limiters` frames go through, and what the transport
@@ -204,7 +210,7 @@ where
             queues,
             queue_evts,
             interrupt,
-            gate: _,
+            executor: _,
         } = params;
         let given = if queues.len() == NUM_QUEUES {
             queue_evts.len()
@@ -361,15 +367,21 @@ where
     ///
     /// [`Error::Queue`] when the driver broke the protocol of the transmit queue.
     pub fn process_tx(&mut self) -> Result<()> {
+        let mem = self.mem.memory();
+        self.transmit(&mem)
+    }
+
+    /// [`NetHandler::process_tx`] in `mem`, a snapshot of guest memory.
+    fn transmit(&mut self, mem: &M::M) -> Result<()> {
         if self.broken || self.tx_throttled {
             return Ok(());
         }
         let mut used = false;
-        let result = self.send_frames(&mut used);
+        let result = self.send_frames(mem, &mut used);
         if used {
-            let notify = self.tx.needs_notification(&*self.mem).map_err(Error::tx)?;
+            let notify = self.tx.needs_notification(mem).map_err(Error::tx)?;
             if notify {
-                self.signal_used();
+                self.signal_used(TX_INTERRUPT);
             }
         }
         result
@@ -380,12 +392,10 @@ where
     /// It looks at the ring again after turning notifications back on at most [`TX_BUDGET`]
     /// times, so that a driver that moves its available index back and forth cannot keep it
     /// there; it then returns with notifications on, and the driver notifies for more.
-    fn send_frames(&mut self, used: &mut bool) -> Result<()> {
+    fn send_frames(&mut self, mem: &M::M, used: &mut bool) -> Result<()> {
         let mut sent = 0usize;
         for _ in 0..TX_BUDGET {
-            self.tx
-                .disable_notification(&*self.mem)
-                .map_err(Error::tx)?;
+            self.tx.disable_notification(mem).map_err(Error::tx)?;
             loop {
                 if sent >= TX_BUDGET {
                     // Come back after the other events; notifications stay off meanwhile. No
@@ -400,7 +410,7 @@ where
                 }
                 let (chain, paid) = match self.tx_pending.take() {
                     Some(chain) => (chain, std::mem::take(&mut self.tx_paid)),
-                    None => match self.tx.pop(&*self.mem).map_err(Error::tx)? {
+                    None => match self.tx.pop(mem).map_err(Error::tx)? {
                         Some(chain) => (chain, false),
                         None => break,
                     },
@@ -412,7 +422,7 @@ where
                     inc(&self.metrics.tx_rate_limiter_throttled);
                     return Ok(());
                 }
-                match self.send_chain(&chain) {
+                match self.send_chain(mem, &chain) {
                     TxOutcome::Blocked => {
                         // Notifications stay off: the backend becoming writable resumes.
                         self.tx_pending = Some(chain);
@@ -431,13 +441,13 @@ where
                 }
                 sent = sent.saturating_add(1);
                 self.tx
-                    .add_used(&*self.mem, chain.head_index(), 0)
+                    .add_used(mem, chain.head_index(), 0)
                     .map_err(Error::tx)?;
                 *used = true;
             }
             // The driver may have added chains after the last pop and before it saw
             // notifications back on.
-            if !self.tx.enable_notification(&*self.mem).map_err(Error::tx)? {
+            if !self.tx.enable_notification(mem).map_err(Error::tx)? {
                 return Ok(());
             }
         }
@@ -455,7 +465,7 @@ where
     }
 
     /// Hands one chain's frame to the backend.
-    fn send_chain(&mut self, chain: &DescriptorChain) -> TxOutcome {
+    fn send_chain(&mut self, mem: &M::M, chain: &DescriptorChain) -> TxOutcome {
         let len = usize::try_from(chain.readable_len()).unwrap_or(usize::MAX);
         if !(VNET_HDR_LEN..=MAX_BUFFER_LEN).contains(&len) {
             inc(&self.metrics.tx_malformed_frames);
@@ -478,8 +488,7 @@ where
                 ),
             );
         }
-        let frame = match GuestIoVecs::new(&*self.mem, chain.readable().copied(), Permissions::Read)
-        {
+        let frame = match GuestIoVecs::new(mem, chain.readable().copied(), Permissions::Read) {
             Ok(frame) if frame.iovecs().len() <= IOV_MAX => frame,
             Ok(frame) => {
                 inc(&self.metrics.tx_malformed_frames);
@@ -531,30 +540,34 @@ where
     ///
     /// [`Error::Queue`] when the driver broke the protocol of the receive queue.
     pub fn process_rx(&mut self) -> Result<()> {
+        let mem = self.mem.memory();
+        self.receive(&mem)
+    }
+
+    /// [`NetHandler::process_rx`] in `mem`, a snapshot of guest memory.
+    fn receive(&mut self, mem: &M::M) -> Result<()> {
         if self.broken || self.rx_throttled {
             return Ok(());
         }
         // The handler reads the backend for as long as the guest has room, so the driver's
         // notifications are only wanted once it runs out.
         if self.rx_notify {
-            self.rx
-                .disable_notification(&*self.mem)
-                .map_err(Error::rx)?;
+            self.rx.disable_notification(mem).map_err(Error::rx)?;
             self.rx_notify = false;
         }
         self.rx_starved = false;
         let mut used = false;
-        let result = self.receive_frames(&mut used);
+        let result = self.receive_frames(mem, &mut used);
         if used {
-            let notify = self.rx.needs_notification(&*self.mem).map_err(Error::rx)?;
+            let notify = self.rx.needs_notification(mem).map_err(Error::rx)?;
             if notify {
-                self.signal_used();
+                self.signal_used(RX_INTERRUPT);
             }
         }
         result
     }
 
-    fn receive_frames(&mut self, used: &mut bool) -> Result<()> {
+    fn receive_frames(&mut self, mem: &M::M, used: &mut bool) -> Result<()> {
         for _ in 0..RX_BUDGET {
             let len = match self.rx_pending {
                 Some(len) => len,
@@ -574,7 +587,7 @@ where
                 }
                 self.rx_paid = true;
             }
-            match self.deliver(len).map_err(Error::rx)? {
+            match self.deliver(mem, len).map_err(Error::rx)? {
                 RxOutcome::Delivered => {
                     self.rx_pending = None;
                     self.rx_paid = false;
@@ -599,7 +612,7 @@ where
                     self.drop_rx(format_args!("{len} bytes do not fit in {mrg}"));
                 }
                 RxOutcome::NoBuffers { seen } => {
-                    if self.wait_for_rx_buffers(seen).map_err(Error::rx)? {
+                    if self.wait_for_rx_buffers(mem, seen).map_err(Error::rx)? {
                         // The driver added buffers before it saw the request: try again.
                         continue;
                     }
@@ -671,8 +684,7 @@ where
     /// more is [`RxOutcome::TooBig`]. So one frame reads at most a few queue sizes of
     /// descriptors, and holds no more than a queue size of them in `rx_chains`, whatever the
     /// driver put in the ring.
-    fn deliver(&mut self, len: usize) -> queue::Result<RxOutcome> {
-        let mem = &*self.mem;
+    fn deliver(&mut self, mem: &M::M, len: usize) -> queue::Result<RxOutcome> {
         let start = self.rx.next_avail();
         let max_chains = usize::from(self.rx.size());
         let max_descriptors = usize::from(self.rx.size());
@@ -732,8 +744,7 @@ where
     /// Asks the driver to notify the receive queue once it makes entries past `seen` available,
     /// and returns whether it already did (the handler must then look again, since the driver
     /// may have added them before it saw the request).
-    fn wait_for_rx_buffers(&mut self, seen: u16) -> queue::Result<bool> {
-        let mem = &*self.mem;
+    fn wait_for_rx_buffers(&mut self, mem: &M::M, seen: u16) -> queue::Result<bool> {
         if self.rx.event_idx_enabled() {
             // Not `next_avail`, which may lag behind with MRG_RXBUF: the driver must notify at
             // the next entry it adds, whatever the handler already looked at.
@@ -747,8 +758,9 @@ where
         Ok(self.rx.avail_idx(mem)? != seen)
     }
 
-    fn signal_used(&mut self) {
-        if let Err(err) = self.interrupt.signal_used_queue() {
+    /// Tells the driver the queue of `kind` was used.
+    fn signal_used(&mut self, kind: VirtioInterruptType) {
+        if let Err(err) = self.interrupt.trigger(kind) {
             inc(&self.metrics.event_fails);
             if let Some(held_back) = self.irq_log.allow() {
                 log::error!(
@@ -773,11 +785,12 @@ where
             self.tx_paid = false;
             self.tx_dropped = self.tx_dropped.saturating_add(1);
             inc(&self.metrics.tx_fails);
+            let mem = self.mem.memory();
             self.tx
-                .add_used(&*self.mem, chain.head_index(), 0)
+                .add_used(&*mem, chain.head_index(), 0)
                 .map_err(Error::tx)?;
-            if self.tx.needs_notification(&*self.mem).map_err(Error::tx)? {
-                self.signal_used();
+            if self.tx.needs_notification(&*mem).map_err(Error::tx)? {
+                self.signal_used(TX_INTERRUPT);
             }
         }
         Ok(())
@@ -856,7 +869,7 @@ where
                 ErrorChain(err)
             );
         }
-        if let Err(err) = self.interrupt.set_needs_reset() {
+        if let Err(err) = self.interrupt.trigger(VirtioInterruptType::NeedsReset) {
             inc(&self.metrics.event_fails);
             log::error!("virtio-net cannot raise its interrupt: {err}");
         }
@@ -875,7 +888,7 @@ where
 
 impl<M, B> EventHandler for NetHandler<M, B>
 where
-    M: GuestMemory + Send + Sync + 'static,
+    M: GuestAddressSpace + Send + 'static,
     B: NetBackend,
 {
     fn init(&mut self, ops: &mut EventOps<'_>) -> io::Result<()> {
@@ -921,15 +934,17 @@ where
                 self.backend_gone()
             }
             BACKEND_TOKEN => {
+                // One snapshot of guest memory for both directions.
+                let mem = self.mem.memory();
                 let rx = if events.contains(EventSet::IN) {
                     inc(&self.metrics.rx_tap_event_count);
-                    self.process_rx()
+                    self.receive(&mem)
                 } else {
                     Ok(())
                 };
                 rx.and_then(|()| {
                     if events.contains(EventSet::OUT) {
-                        self.process_tx()
+                        self.transmit(&mem)
                     } else {
                         Ok(())
                     }
@@ -985,6 +1000,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
+    use crate::mmio::MmioInterrupt;
     use crate::mock::{MockBuffer, MockDriver, bucket, guest_memory, wait_timer};
     use crate::net::QUEUE_SIZE;
     use crate::worker::WorkerGate;
@@ -997,7 +1013,7 @@ mod tests {
     const MRG_RXBUF: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
     const EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 
-    type Handler = NetHandler<GuestMemoryMmap<()>, UnixDatagram>;
+    type Handler = NetHandler<Arc<GuestMemoryMmap<()>>, UnixDatagram>;
 
     /// A handler over one end of a socket pair, with the mock driver on both queues.
     struct Rig {
@@ -1042,8 +1058,8 @@ mod tests {
                 EventFd::new(libc::EFD_NONBLOCK).unwrap(),
                 EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             ],
-            interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
-            gate: WorkerGate::new(),
+            interrupt: Arc::new(MmioInterrupt::new(irq.try_clone().unwrap())),
+            executor: WorkerGate::new().into(),
         };
         let handler = NetHandler::new(device, rate_limiters, params).unwrap();
         Rig {
@@ -1473,8 +1489,10 @@ mod tests {
             features: VERSION_1,
             queues: vec![rx.queue(), tx.queue()],
             queue_evts: vec![rx_kick.try_clone().unwrap(), tx_kick.try_clone().unwrap()],
-            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
-            gate: WorkerGate::new(),
+            interrupt: Arc::new(MmioInterrupt::new(
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            )),
+            executor: WorkerGate::new().into(),
         };
         let handler = NetHandler::new(
             EndlessNetwork::new(100).unwrap(),

@@ -7,9 +7,10 @@
 //! and comes from the backend as is: a [`Tap`](crate::tap::Tap) opened with `IFF_VNET_HDR`
 //! understands it, so the offloads the guest asks for are the host stack's to do.
 //!
-//! Once activated, the device serves its queues on a worker thread ([`crate::worker`]) with a
-//! [`NetHandler`]; [`VirtioDevice::reset`] stops it and takes the backend back, so that the
-//! device can be activated again.
+//! Once activated, the device serves its queues with a [`NetHandler`], run where the
+//! [`Executor`](crate::Executor) says (a worker thread of its own, or the VMM's event manager,
+//! see [`crate::worker`]); [`VirtioDevice::reset`] stops it and takes the backend back, so that
+//! the device can be activated again.
 //!
 //! Each direction goes through a rate limiter of its own ([`NetRateLimiters`]), which
 //! [`Net::update_rate_limiters`] changes while the device runs.
@@ -24,13 +25,15 @@
 //! use ember_virtio::VirtioDevice;
 //! use ember_virtio::net::{MacAddr, Net};
 //! use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+//! use std::sync::Arc;
+//!
 //! use vm_memory::GuestMemoryMmap;
 //!
 //! let (backend, _peer) = UnixDatagram::pair().unwrap();
 //! backend.set_nonblocking(true).unwrap();
 //! let mac: MacAddr = "06:00:00:00:00:01".parse().unwrap();
 //! let net = Net::new(backend, Some(mac));
-//! let device: &dyn VirtioDevice<GuestMemoryMmap> = &net;
+//! let device: &dyn VirtioDevice<Arc<GuestMemoryMmap>> = &net;
 //! assert_eq!(device.device_type(), VIRTIO_ID_NET);
 //! let mut config = [0u8; 6];
 //! device.read_config(0, &mut config);
@@ -54,7 +57,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::GuestMemory;
+use vm_memory::GuestAddressSpace;
 
 pub use backend::NetBackend;
 pub use handler::{
@@ -67,7 +70,7 @@ pub use metrics::NetMetrics;
 use crate::device::{ActivateError, ActivateParams, VirtioDevice, read_config_bytes};
 use crate::queue;
 use crate::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
-use crate::worker::{Reply, Worker};
+use crate::worker::{Reply, Runner};
 
 /// The receive queue's index.
 pub const RX_QUEUE: usize = 0;
@@ -126,12 +129,13 @@ pub enum Error {
         #[source]
         source: ember_rate_limiter::Error,
     },
-    /// The worker thread serving the active device did not answer a change.
-    #[error("Cannot reach the network device's worker thread")]
+    /// The thread serving the active device (its worker, or the VMM's event manager) did not
+    /// answer a change.
+    #[error("Cannot reach the thread that serves the network device")]
     Worker(#[source] io::Error),
-    /// The device lost its backend and rate limiters with a worker thread that could not start
+    /// The device lost its backend and rate limiters with a handler that could not start
     /// or stop; only a new device can replace them.
-    #[error("The network device lost its rate limiters when its worker thread stopped")]
+    #[error("The network device lost its rate limiters when its handler stopped")]
     Lost,
 }
 
@@ -203,23 +207,23 @@ pub fn offload_flags(features: u64) -> u32 {
     flags
 }
 
-/// A worker serving a device, whatever its guest memory type, that gives the backend back when
-/// stopped.
+/// A handler serving a device, whatever its guest memory type and wherever it runs, that gives
+/// the backend back when stopped.
 trait Running<B>: Send {
     fn stop(self: Box<Self>) -> io::Result<(B, NetRateLimiters)>;
 
-    /// Changes the rate limiters on the worker thread: receive bandwidth and operations, then
+    /// Changes the rate limiters on the handler's thread: receive bandwidth and operations, then
     /// transmit bandwidth and operations.
     fn update_rate_limiters(&self, updates: [BucketUpdate; 4]) -> io::Result<Reply<()>>;
 }
 
-impl<M, B> Running<B> for Worker<NetHandler<M, B>>
+impl<M, B> Running<B> for Runner<NetHandler<M, B>>
 where
-    M: GuestMemory + Send + Sync + 'static,
+    M: GuestAddressSpace + Send + 'static,
     B: NetBackend,
 {
     fn stop(self: Box<Self>) -> io::Result<(B, NetRateLimiters)> {
-        Worker::stop(*self).map(NetHandler::into_parts)
+        Runner::stop(*self).map(NetHandler::into_parts)
     }
 
     fn update_rate_limiters(&self, updates: [BucketUpdate; 4]) -> io::Result<Reply<()>> {
@@ -311,7 +315,7 @@ impl<B: NetBackend> Net<B> {
 
     /// Changes the buckets of the receive and transmit rate limiters; a bucket given
     /// [`BucketUpdate::None`] keeps its state (tokens, debt and burst). On an active device the
-    /// change is made on the worker thread, between two events, and a direction held back under
+    /// change is made on the handler's thread, between two events, and a direction held back under
     /// the old limits is retried at once under the new ones; otherwise it is kept for the next
     /// activation.
     ///
@@ -321,7 +325,7 @@ impl<B: NetBackend> Net<B> {
     ///
     /// # Errors
     ///
-    /// [`Error::Worker`] when the worker thread is gone, [`Error::Lost`] when the device lost
+    /// [`Error::Worker`] when the thread that serves it is gone, [`Error::Lost`] when the device lost
     /// its rate limiters with a worker that could not start or stop.
     pub fn update_rate_limiters(
         &mut self,
@@ -365,7 +369,7 @@ impl<B: NetBackend> Net<B> {
     }
 }
 
-/// A change handed to a network device's worker thread ([`Net::update_rate_limiters`]), to
+/// A change handed to the thread that serves a network device ([`Net::update_rate_limiters`]), to
 /// wait for once the device's lock is released.
 #[derive(Debug)]
 #[must_use = "the change may still be under way, and may fail"]
@@ -386,7 +390,7 @@ impl PendingUpdate {
 
 impl<M, B> VirtioDevice<M> for Net<B>
 where
-    M: GuestMemory + Send + Sync + 'static,
+    M: GuestAddressSpace + Send + 'static,
     B: NetBackend,
 {
     fn device_type(&self) -> u32 {
@@ -450,8 +454,8 @@ where
 }
 
 impl<B: NetBackend> Net<B> {
-    /// Hands the backend and the queues to a worker thread.
-    fn start_worker<M: GuestMemory + Send + Sync + 'static>(
+    /// Hands the backend and the queues to a handler, run where the executor says.
+    fn start_worker<M: GuestAddressSpace + Send + 'static>(
         &mut self,
         params: ActivateParams<M>,
     ) -> std::result::Result<(), ActivateError> {
@@ -477,10 +481,10 @@ impl<B: NetBackend> Net<B> {
         else {
             return Err(ActivateError::AlreadyActive);
         };
-        let gate = params.gate.clone();
+        let executor = params.executor.clone();
         let handler =
             NetHandler::new(backend, rate_limiters, params)?.with_metrics(self.metrics.clone());
-        match Worker::spawn("ember-net".into(), handler, &gate) {
+        match Runner::start("ember-net".into(), handler, &executor) {
             Ok(worker) => {
                 self.state = State::Active(Box::new(worker));
                 Ok(())
@@ -509,12 +513,12 @@ mod tests {
     use virtio_bindings::virtio_net::{
         VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_UFO,
     };
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
-    use crate::device::Interrupt;
     use crate::iov::GuestIoVecs;
+    use crate::mmio::MmioInterrupt;
     use crate::mock::{MockBuffer, MockDriver, guest_memory};
     use crate::worker::WorkerGate;
 
@@ -550,7 +554,7 @@ mod tests {
         rx_kick: EventFd,
         tx_kick: EventFd,
         irq: EventFd,
-        interrupt: Arc<Interrupt>,
+        interrupt: Arc<MmioInterrupt>,
         next_buffer: u64,
     }
 
@@ -563,13 +567,13 @@ mod tests {
                 tx: MockDriver::new(QUEUE_SIZE, GuestAddress(0x4000)),
                 rx_kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
                 tx_kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-                interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+                interrupt: Arc::new(MmioInterrupt::new(irq.try_clone().unwrap())),
                 irq,
                 next_buffer: 0x1_0000,
             }
         }
 
-        fn params(&self, features: u64) -> ActivateParams<GuestMemoryMmap<()>> {
+        fn params(&self, features: u64) -> ActivateParams<Arc<GuestMemoryMmap<()>>> {
             ActivateParams {
                 mem: self.mem.clone(),
                 features,
@@ -579,7 +583,7 @@ mod tests {
                     self.tx_kick.try_clone().unwrap(),
                 ],
                 interrupt: self.interrupt.clone(),
-                gate: WorkerGate::new(),
+                executor: WorkerGate::new().into(),
             }
         }
 
@@ -649,8 +653,8 @@ mod tests {
         let (without, _peer2) = socket_pair();
         let with = Net::new(with, Some(mac()));
         let without = Net::new(without, None);
-        let with_features = VirtioDevice::<GuestMemoryMmap<()>>::features(&with);
-        let without_features = VirtioDevice::<GuestMemoryMmap<()>>::features(&without);
+        let with_features = VirtioDevice::<Arc<GuestMemoryMmap<()>>>::features(&with);
+        let without_features = VirtioDevice::<Arc<GuestMemoryMmap<()>>>::features(&without);
         assert_eq!(with_features, BASE_FEATURES | (1 << VIRTIO_NET_F_MAC));
         assert_eq!(without_features, BASE_FEATURES);
         for bit in [
@@ -671,11 +675,11 @@ mod tests {
             assert!(has_feature(without_features, bit), "bit {bit}");
         }
         assert_eq!(
-            VirtioDevice::<GuestMemoryMmap<()>>::device_type(&with),
+            VirtioDevice::<Arc<GuestMemoryMmap<()>>>::device_type(&with),
             VIRTIO_ID_NET
         );
         assert_eq!(
-            VirtioDevice::<GuestMemoryMmap<()>>::queue_max_sizes(&with),
+            VirtioDevice::<Arc<GuestMemoryMmap<()>>>::queue_max_sizes(&with),
             [256, 256]
         );
     }
@@ -684,7 +688,7 @@ mod tests {
     fn config_space_is_the_mac_then_zeros_and_ignores_writes() {
         let (backend, _peer) = socket_pair();
         let mut net = Net::new(backend, Some(mac()));
-        let device: &mut dyn VirtioDevice<GuestMemoryMmap<()>> = &mut net;
+        let device: &mut dyn VirtioDevice<Arc<GuestMemoryMmap<()>>> = &mut net;
         let mut data = [0xffu8; 6];
         device.read_config(0, &mut data);
         assert_eq!(data, mac().bytes());
@@ -703,7 +707,7 @@ mod tests {
         let (backend, _peer) = socket_pair();
         let net = Net::new(backend, None);
         let mut data = [0xffu8; 6];
-        VirtioDevice::<GuestMemoryMmap<()>>::read_config(&net, 0, &mut data);
+        VirtioDevice::<Arc<GuestMemoryMmap<()>>>::read_config(&net, 0, &mut data);
         assert_eq!(data, [0; 6]);
     }
 
@@ -776,7 +780,7 @@ mod tests {
             | (1 << VIRTIO_NET_F_HOST_TSO6);
         net.activate(guest.params(features)).unwrap();
         assert_eq!(offloads.load(Ordering::SeqCst), TUN_F_CSUM | TUN_F_TSO4);
-        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        VirtioDevice::<Arc<GuestMemoryMmap<()>>>::reset(&mut net);
     }
 
     #[test]
@@ -804,7 +808,7 @@ mod tests {
             assert_eq!(guest.rx.used_idx(&*guest.mem).unwrap(), 1);
             assert_eq!(guest.read_guest(addr + 12, 888), received[12..]);
 
-            VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+            VirtioDevice::<Arc<GuestMemoryMmap<()>>>::reset(&mut net);
             assert!(!net.is_active());
         }
         // Counted across both activations, by the workers.
@@ -843,11 +847,11 @@ mod tests {
         let err = net.activate(guest.params(FEATURES)).unwrap_err();
         assert!(matches!(err, ActivateError::AlreadyActive), "{err:?}");
         assert_eq!(net.metrics().get("activate_fails"), Some(2));
-        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        VirtioDevice::<Arc<GuestMemoryMmap<()>>>::reset(&mut net);
         // Reset twice is harmless.
-        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        VirtioDevice::<Arc<GuestMemoryMmap<()>>>::reset(&mut net);
         net.activate(guest.params(FEATURES)).unwrap();
-        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        VirtioDevice::<Arc<GuestMemoryMmap<()>>>::reset(&mut net);
     }
 
     #[test]
@@ -872,7 +876,7 @@ mod tests {
         assert_eq!(recv_len(&peer, sent.len()), sent);
         guest.wait_interrupt();
         assert_eq!(guest.tx.used_idx(&*guest.mem).unwrap(), 1);
-        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        VirtioDevice::<Arc<GuestMemoryMmap<()>>>::reset(&mut net);
     }
 
     #[test]
@@ -897,13 +901,13 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(guest.rx.used_idx(&*guest.mem).unwrap(), 0);
         // A reset brings it back.
-        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        VirtioDevice::<Arc<GuestMemoryMmap<()>>>::reset(&mut net);
         let mut guest = Guest::new();
         net.activate(guest.params(FEATURES)).unwrap();
         let addr = guest.give_rx_buffer(1526);
         guest.wait_interrupt();
         assert_eq!(guest.read_guest(addr + 12, 88), frame(100, 1)[12..]);
-        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        VirtioDevice::<Arc<GuestMemoryMmap<()>>>::reset(&mut net);
     }
 
     fn bucket(size: u64, refill_time: u64) -> Option<ember_rate_limiter::BucketConfig> {
@@ -977,7 +981,7 @@ mod tests {
         }
         assert!(metrics.get("tx_rate_limiter_event_count") >= Some(1));
         assert!(metrics.get("rx_event_rate_limiter_count") >= Some(1));
-        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        VirtioDevice::<Arc<GuestMemoryMmap<()>>>::reset(&mut net);
 
         // While reset, a limit is kept for the next activation.
         net.update_rate_limiters(
@@ -999,7 +1003,7 @@ mod tests {
         });
         assert_eq!(recv_len(&peer, 100), frame(100, 1));
         assert_eq!(guest.tx.used_idx(&*guest.mem).unwrap(), 1);
-        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        VirtioDevice::<Arc<GuestMemoryMmap<()>>>::reset(&mut net);
     }
 
     fn tap_statistic(name: &str, counter: &str) -> u64 {
@@ -1098,6 +1102,6 @@ mod tests {
         // No offload in it, and one buffer.
         assert_eq!(&delivered[..2], [0, 0]);
         assert_eq!(&delivered[10..12], [1, 0]);
-        VirtioDevice::<GuestMemoryMmap<()>>::reset(&mut net);
+        VirtioDevice::<Arc<GuestMemoryMmap<()>>>::reset(&mut net);
     }
 }
