@@ -20,6 +20,7 @@ use super::{
     RawFile, SECTOR_SIZE, disk,
 };
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
+use crate::error::ErrorChain;
 use crate::queue::{self, DescriptorChain, Queue};
 use crate::worker::{EventHandler, EventOps};
 
@@ -426,7 +427,7 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> 
                 log::error!(
                     "The block device {} stops serving its queue until the driver resets it: {}",
                     self.id,
-                    error_chain(&err)
+                    ErrorChain(&err)
                 );
                 self.fail(ops);
                 return;
@@ -462,7 +463,7 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> 
                 log::warn!(
                     "The block device {} stops serving its queue until the driver resets it: {}",
                     self.id,
-                    error_chain(&err)
+                    ErrorChain(&err)
                 );
                 self.fail(ops);
             }
@@ -499,18 +500,6 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> 
             );
         }
     }
-}
-
-/// An error and its sources, as one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(err) = source {
-        line.push_str(": ");
-        line.push_str(&err.to_string());
-        source = err.source();
-    }
-    line
 }
 
 #[cfg(test)]

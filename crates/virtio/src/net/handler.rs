@@ -31,10 +31,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::backend::NetBackend;
 use super::metrics::{NetMetrics, add, inc};
 use super::{
-    Error, ErrorChain, MAX_BUFFER_LEN, NUM_QUEUES, NetRateLimiters, Result, VNET_HDR_LEN,
-    has_feature,
+    Error, MAX_BUFFER_LEN, NUM_QUEUES, NetRateLimiters, Result, VNET_HDR_LEN, has_feature,
 };
 use crate::device::{ActivateError, ActivateParams, VirtioInterrupt, VirtioInterruptType};
+use crate::error::ErrorChain;
 use crate::iov::{GuestIoVecs, IOV_MAX};
 use crate::queue::{self, DescriptorChain, Queue};
 use crate::worker::{EventHandler, EventOps};

@@ -54,7 +54,6 @@ mod handler;
 pub mod mac;
 pub mod metrics;
 
-use std::fmt;
 use std::io;
 
 use ember_rate_limiter::RateLimiter;
@@ -174,21 +173,6 @@ impl Error {
 
 /// Result of an active device's steps, and of changing a device.
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// An error and its sources, joined by colons, for the log.
-struct ErrorChain<'a>(&'a dyn std::error::Error);
-
-impl fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(err) = source {
-            write!(f, ": {err}")?;
-            source = err.source();
-        }
-        Ok(())
-    }
-}
 
 fn has_feature(features: u64, bit: u32) -> bool {
     1u64.checked_shl(bit)
