@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod device;
+mod error;
 pub mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;

@@ -690,4 +690,36 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn a_directory_is_not_a_disk() {
+        let err = RawFile::open(&std::env::temp_dir(), true).unwrap_err();
+        assert!(matches!(err, Error::NotADisk { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_missing_image_is_refused() {
+        let path = std::env::temp_dir().join("ember-blk-test-no-such-image");
+        let err = RawFile::open(&path, false).unwrap_err();
+        assert!(matches!(err, Error::Open { .. }));
+        // The message names the path; the source says why.
+        assert!(err.to_string().contains("no-such-image"));
+        let source = std::error::Error::source(&err).unwrap();
+        assert_eq!(
+            source.downcast_ref::<io::Error>().unwrap().kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let path = std::env::temp_dir().join(format!("ember-blk-fifo-{}", std::process::id()));
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c_path` is a NUL-terminated path that lives across the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Opened read-only, a FIFO with no writer would block the opener for ever.
+        let result = RawFile::open(&path, true);
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(result, Err(Error::NotADisk { .. })));
+    }
 }
