@@ -33,7 +33,9 @@
 //!
 //! let file = std::env::temp_dir().join(format!("bounded-writer-doc-{}", std::process::id()));
 //! let sink = std::fs::File::create(&file)?;
-//! let config = Config { capacity: 16, max_bytes: Some(8) };
+//! let mut config = Config::default();
+//! config.capacity = 16;
+//! config.max_bytes = Some(8);
 //! let (mut writer, mut thread) = BoundedWriter::spawn("doc_console", sink, config)?;
 //! // What does not fit in the buffer is dropped at once, never waited for.
 //! assert_eq!(writer.write(&[b'x'; 20])?, 20);
