@@ -187,9 +187,9 @@ pub fn setup_acpi<M: GuestMemory>(
     };
     write(&rsdp(base32), RSDP_OFFSET)?;
     write(&facs(), FACS_OFFSET)?;
-    write(&xsdt(base32), XSDT_OFFSET)?;
+    write(&xacpi_table(base32), XSDT_OFFSET)?;
     write(&fadt(base32, platform, sci), FADT_OFFSET)?;
-    write(&dsdt(), DSDT_OFFSET)?;
+    write(&dacpi_table(), DSDT_OFFSET)?;
     write(&madt(vcpus, ioapic, lapic), MADT_OFFSET)?;
     Ok(base)
 }
@@ -241,7 +241,7 @@ fn facs() -> [u8; FACS_SIZE] {
     facs
 }
 
-fn xsdt(base: u32) -> Vec<u8> {
+fn xacpi_table(base: u32) -> Vec<u8> {
     let entries: Vec<u8> = [FADT_OFFSET, MADT_OFFSET]
         .iter()
         .flat_map(|offset| u64::from(at(base, *offset)).to_le_bytes())
@@ -276,7 +276,7 @@ fn fadt(base: u32, platform: &Platform, sci: u16) -> Vec<u8> {
     table(b"FACP", 6, &body)
 }
 
-fn dsdt() -> Vec<u8> {
+fn dacpi_table() -> Vec<u8> {
     table(b"DSDT", 2, &S5_AML)
 }
 
@@ -304,6 +304,7 @@ fn madt(vcpus: u8, ioapic: u32, lapic: u32) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::config::test_platform;
+    use crate::test_utils::{acpi_table, read, sums_to_zero, u32_at, u64_at};
     use vm_memory::GuestMemoryMmap;
 
     const ACPI_START: u64 = 0xe_0000;
@@ -315,39 +316,12 @@ mod tests {
         super::setup_acpi(mem, GuestAddress(ACPI_START), vcpus, &test_platform())
     }
 
-    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
-        let mut bytes = vec![0; len];
-        mem.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
-        bytes
-    }
-
-    fn u32_at(bytes: &[u8], offset: usize) -> u32 {
-        u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap())
-    }
-
-    fn u64_at(bytes: &[u8], offset: usize) -> u64 {
-        u64::from_le_bytes(bytes[offset..offset + 8].try_into().unwrap())
-    }
-
-    fn sums_to_zero(bytes: &[u8]) -> bool {
-        bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)) == 0
-    }
-
-    /// Reads the table at `addr`, checks its header and checksum, returns it whole.
-    fn sdt(mem: &GuestMemoryMmap, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
-        let header = read(mem, addr, HEADER_SIZE);
-        assert_eq!(&header[..4], signature);
-        let table = read(mem, addr, u32_at(&header, 4) as usize);
-        assert!(sums_to_zero(&table), "{signature:?} checksum");
-        table
-    }
-
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
     #[test]
-    fn rsdp_leads_through_the_xsdt_to_the_fadt_and_dsdt() {
+    fn rsdp_leads_through_the_xsdt_to_the_fadt_and_dacpi_table() {
         let mem = memory();
         let rsdp_addr = setup_acpi(&mem, 1).unwrap();
         assert_eq!(rsdp_addr, GuestAddress(RSDP_ADDR));
@@ -360,10 +334,10 @@ mod tests {
         assert_eq!(rsdp[15], 2);
         assert_eq!(u32_at(&rsdp, 20) as usize, RSDP_SIZE);
 
-        let xsdt = sdt(&mem, u64_at(&rsdp, 24), b"XSDT");
+        let xsdt = acpi_table(&mem, u64_at(&rsdp, 24), b"XSDT");
         assert_eq!(xsdt.len(), HEADER_SIZE + 16, "two entries");
-        sdt(&mem, u64_at(&xsdt, HEADER_SIZE + 8), b"APIC");
-        let fadt = sdt(&mem, u64_at(&xsdt, HEADER_SIZE), b"FACP");
+        acpi_table(&mem, u64_at(&xsdt, HEADER_SIZE + 8), b"APIC");
+        let fadt = acpi_table(&mem, u64_at(&xsdt, HEADER_SIZE), b"FACP");
         assert_eq!(fadt.len(), FADT_SIZE);
         assert_eq!(fadt[8], 6, "FADT revision");
 
@@ -373,7 +347,7 @@ mod tests {
             dsdt_addr,
             "DSDT and X_DSDT agree"
         );
-        let dsdt = sdt(&mem, dsdt_addr, b"DSDT");
+        let dsdt = acpi_table(&mem, dsdt_addr, b"DSDT");
         assert_eq!(&dsdt[HEADER_SIZE..], &S5_AML);
 
         let facs = read(&mem, u64::from(u32_at(&fadt, 36)), FACS_SIZE);
@@ -387,7 +361,7 @@ mod tests {
     fn fadt_puts_the_pm1a_registers_on_the_layout_ports_with_full_hardware() {
         let mem = memory();
         setup_acpi(&mem, 1).unwrap();
-        let fadt = sdt(&mem, ACPI_START + FADT_OFFSET, b"FACP");
+        let fadt = acpi_table(&mem, ACPI_START + FADT_OFFSET, b"FACP");
         assert_eq!(u32_at(&fadt, 56), 0x600);
         assert_eq!(u32_at(&fadt, 64), 0x604);
         assert_eq!((fadt[88], fadt[89]), (4, 2));
@@ -440,7 +414,7 @@ mod tests {
     fn madt_says_what_the_mp_table_says() {
         let mem = memory();
         setup_acpi(&mem, 3).unwrap();
-        let madt = sdt(&mem, ACPI_START + MADT_OFFSET, b"APIC");
+        let madt = acpi_table(&mem, ACPI_START + MADT_OFFSET, b"APIC");
         assert_eq!(madt.len(), madt_size(3));
         assert_eq!(u64::from(u32_at(&madt, HEADER_SIZE)), LAPIC_START);
         assert_eq!(u32_at(&madt, HEADER_SIZE + 4), 1, "PC-AT compatible PICs");
@@ -468,7 +442,7 @@ mod tests {
     fn largest_madt_fits_and_vcpu_counts_out_of_range_are_errors() {
         let mem = memory();
         setup_acpi(&mem, MAX_VCPUS).unwrap();
-        let madt = sdt(&mem, ACPI_START + MADT_OFFSET, b"APIC");
+        let madt = acpi_table(&mem, ACPI_START + MADT_OFFSET, b"APIC");
         let lapics = madt_entries(&madt).iter().filter(|(k, _)| *k == 0).count();
         assert_eq!(lapics, usize::from(MAX_VCPUS));
         assert!(matches!(setup_acpi(&mem, 0), Err(Error::VcpuCount(0))));
@@ -502,13 +476,13 @@ mod tests {
         assert_eq!(rsdp_addr, GuestAddress(base));
         let rsdp = read(&mem, base, RSDP_SIZE);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
-        let xsdt = sdt(&mem, u64_at(&rsdp, 24), b"XSDT");
-        let fadt = sdt(&mem, u64_at(&xsdt, HEADER_SIZE), b"FACP");
+        let xsdt = acpi_table(&mem, u64_at(&rsdp, 24), b"XSDT");
+        let fadt = acpi_table(&mem, u64_at(&xsdt, HEADER_SIZE), b"FACP");
         assert_eq!(u32_at(&fadt, 56), 0xb000);
         assert_eq!(u32_at(&fadt, 64), 0xb010);
         assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]), 9, "SCI line");
         assert_eq!(u64::from(u32_at(&fadt, 36)), base + FACS_OFFSET);
-        let madt = sdt(&mem, u64_at(&xsdt, HEADER_SIZE + 8), b"APIC");
+        let madt = acpi_table(&mem, u64_at(&xsdt, HEADER_SIZE + 8), b"APIC");
         assert_eq!(u32_at(&madt, HEADER_SIZE), 0xfed0_0000);
         let ioapic = &madt_entries(&madt)
             .into_iter()

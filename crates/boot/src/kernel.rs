@@ -507,8 +507,8 @@ where
 mod tests {
     use super::*;
     use crate::test_utils::{
-        TINY_BZIMAGE_SETUP_SIZE, TINY_LOAD_ADDR, XEN_ELFNOTE_PHYS32_ENTRY, elf_note, tiny_bzimage,
-        tiny_elf, tiny_elf_with_notes, tiny_pvh_elf,
+        TINY_BZIMAGE_SETUP_SIZE, TINY_LOAD_ADDR, XEN_ELFNOTE_PHYS32_ENTRY, elf_note, read,
+        tiny_bzimage, tiny_elf, tiny_elf_with_notes, tiny_pvh_elf,
     };
     use std::io::Cursor;
     use vm_memory::{Bytes, GuestMemoryMmap};
@@ -521,12 +521,6 @@ mod tests {
 
     fn load(mem: &GuestMemoryMmap, image: &[u8]) -> Result<LoadedKernel> {
         load_kernel(mem, &mut Cursor::new(image))
-    }
-
-    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
-        let mut buf = vec![0; len];
-        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
-        buf
     }
 
     fn patch(image: &mut [u8], offset: usize, bytes: &[u8]) {

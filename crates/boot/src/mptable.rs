@@ -223,6 +223,7 @@ pub fn setup_mptable<M: GuestMemory>(
 mod tests {
     use super::*;
     use crate::config::test_platform as platform;
+    use crate::test_utils::read;
     use vm_memory::GuestMemoryMmap;
 
     const MPTABLE_START: u64 = 0x9_fc00;
@@ -236,12 +237,6 @@ mod tests {
 
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
-
-    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
-        let mut buf = vec![0; len];
-        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
-        buf
     }
 
     fn sum(bytes: &[u8]) -> u8 {

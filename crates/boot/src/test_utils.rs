@@ -9,7 +9,13 @@
 //!   mode.
 //! - [`tiny_bzimage`]: a bzImage (boot protocol 2.15) whose 64-bit entry runs the code.
 //!
+//! And readers of what the crate wrote, for tests that check the tables: [`read`] a range of
+//! guest memory, take little-endian fields out of it ([`u16_at`], [`u32_at`], [`u64_at`]), and
+//! find an [`acpi_table`] with its signature and checksum checked.
+//!
 //! [`load_kernel`]: crate::load_kernel
+
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::HIMEM_START;
 
@@ -159,4 +165,75 @@ pub fn tiny_bzimage(code: &[u8]) -> Vec<u8> {
     image.resize(TINY_BZIMAGE_SETUP_SIZE + 0x200, 0xf4);
     image.extend_from_slice(code);
     image
+}
+
+/// The `len` bytes of guest memory at `addr`.
+///
+/// # Panics
+///
+/// When they are not all in guest memory.
+pub fn read<M: Bytes<GuestAddress>>(mem: &M, addr: u64, len: usize) -> Vec<u8>
+where
+    M::E: std::fmt::Debug,
+{
+    let mut bytes = vec![0; len];
+    mem.read_slice(&mut bytes, GuestAddress(addr))
+        .expect("the range is in guest memory");
+    bytes
+}
+
+/// The little-endian `u16` at `offset` in `bytes`.
+///
+/// # Panics
+///
+/// When `bytes` ends before it.
+pub fn u16_at(bytes: &[u8], offset: usize) -> u16 {
+    u16::from_le_bytes(field(bytes, offset))
+}
+
+/// The little-endian `u32` at `offset` in `bytes`.
+///
+/// # Panics
+///
+/// When `bytes` ends before it.
+pub fn u32_at(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(field(bytes, offset))
+}
+
+/// The little-endian `u64` at `offset` in `bytes`.
+///
+/// # Panics
+///
+/// When `bytes` ends before it.
+pub fn u64_at(bytes: &[u8], offset: usize) -> u64 {
+    u64::from_le_bytes(field(bytes, offset))
+}
+
+fn field<const N: usize>(bytes: &[u8], offset: usize) -> [u8; N] {
+    bytes[offset..offset + N]
+        .try_into()
+        .expect("the range is N bytes long")
+}
+
+/// Whether `bytes` add up to 0 modulo 256, as a table with a checksum byte does.
+pub fn sums_to_zero(bytes: &[u8]) -> bool {
+    bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)) == 0
+}
+
+/// The ACPI table at `addr`, whole, once its signature and checksum are checked.
+///
+/// # Panics
+///
+/// When the signature is not `signature`, the checksum is wrong, or the table is not in guest
+/// memory.
+pub fn acpi_table<M: Bytes<GuestAddress>>(mem: &M, addr: u64, signature: &[u8; 4]) -> Vec<u8>
+where
+    M::E: std::fmt::Debug,
+{
+    let header = read(mem, addr, 36);
+    assert_eq!(&header[..4], signature);
+    let len = usize::try_from(u32_at(&header, 4)).expect("a table length fits in usize");
+    let table = read(mem, addr, len);
+    assert!(sums_to_zero(&table), "{signature:?} checksum");
+    table
 }

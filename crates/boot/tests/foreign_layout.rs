@@ -8,7 +8,9 @@ use std::io::Cursor;
 
 use ember_boot::config::Error as ConfigError;
 use ember_boot::system::Error as SystemError;
-use ember_boot::test_utils::{tiny_bzimage, tiny_pvh_elf};
+use ember_boot::test_utils::{
+    acpi_table, read, sums_to_zero, tiny_bzimage, tiny_pvh_elf, u16_at, u32_at, u64_at,
+};
 use ember_boot::{
     AcpiPm, BootConfig, BootLayout, CpuState, InitrdRegion, LoadedKernel, Platform, build_cmdline,
     configure_system, load_initrd, load_kernel,
@@ -103,37 +105,6 @@ fn boot(image: &[u8]) -> Booted {
         initrd,
         cpu,
     }
-}
-
-fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
-    let mut bytes = vec![0; len];
-    mem.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
-    bytes
-}
-
-fn u16_at(bytes: &[u8], offset: usize) -> u16 {
-    u16::from_le_bytes(bytes[offset..offset + 2].try_into().unwrap())
-}
-
-fn u32_at(bytes: &[u8], offset: usize) -> u32 {
-    u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap())
-}
-
-fn u64_at(bytes: &[u8], offset: usize) -> u64 {
-    u64::from_le_bytes(bytes[offset..offset + 8].try_into().unwrap())
-}
-
-fn sums_to_zero(bytes: &[u8]) -> bool {
-    bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)) == 0
-}
-
-/// The ACPI table at `addr`, checked for its signature and checksum.
-fn acpi_table(mem: &GuestMemoryMmap, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
-    let header = read(mem, addr, 36);
-    assert_eq!(&header[..4], signature);
-    let table = read(mem, addr, u32_at(&header, 4) as usize);
-    assert!(sums_to_zero(&table), "{signature:?} checksum");
-    table
 }
 
 /// The FADT and MADT, found from the RSDP at `rsdp` through the XSDT.

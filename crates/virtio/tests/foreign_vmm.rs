@@ -208,6 +208,36 @@ impl NetGuest {
     }
 }
 
+/// What the VMM's transport does at DRIVER_OK: it checks the queues each driver laid out and
+/// activates the device with their notification eventfds, its vectors and the loop's executor.
+fn activate(
+    device: &mut dyn VirtioDevice<Mem>,
+    mem: &Mem,
+    queues: &[(&MockDriver, &EventFd)],
+    irq: &Arc<Msix>,
+    executor: &Executor,
+) {
+    let (queues, kicks) = queues
+        .iter()
+        .map(|(driver, kick)| {
+            let queue = driver.queue();
+            queue.validate(&*mem.memory()).unwrap();
+            (queue, kick.try_clone().unwrap())
+        })
+        .unzip();
+    let interrupt: Arc<dyn VirtioInterrupt> = irq.clone();
+    device
+        .activate(ActivateParams::new(
+            mem.clone(),
+            VERSION_1,
+            queues,
+            kicks,
+            interrupt,
+            executor.clone(),
+        ))
+        .unwrap();
+}
+
 fn frame(seed: u8) -> Vec<u8> {
     let mut frame = vec![0u8; VNET_HDR_LEN];
     frame.extend((0..60u8).map(|i| i.wrapping_add(seed)));
@@ -240,21 +270,13 @@ fn a_foreign_event_loop_serves_block_and_net_with_per_queue_vectors() {
         driver: MockDriver::new(block::QUEUE_SIZE, GuestAddress(0)),
         kick: EventFd::new(EFD_NONBLOCK).unwrap(),
     };
-    let queue = blk.driver.queue();
-    queue.validate(&*mem.memory()).unwrap();
-    let interrupt: Arc<dyn VirtioInterrupt> = block_irq.clone();
-    VirtioDevice::<Mem>::activate(
+    activate(
         &mut block,
-        ActivateParams::new(
-            mem.clone(),
-            VERSION_1,
-            vec![queue],
-            vec![blk.kick.try_clone().unwrap()],
-            interrupt,
-            event_loop.executor.clone(),
-        ),
-    )
-    .unwrap();
+        &mem,
+        &[(&blk.driver, &blk.kick)],
+        &block_irq,
+        &event_loop.executor,
+    );
     assert!(block.is_active());
 
     // The network device, with a vector per queue.
@@ -269,25 +291,13 @@ fn a_foreign_event_loop_serves_block_and_net_with_per_queue_vectors() {
         rx_kick: EventFd::new(EFD_NONBLOCK).unwrap(),
         tx_kick: EventFd::new(EFD_NONBLOCK).unwrap(),
     };
-    let (rx_queue, tx_queue) = (guest.rx.queue(), guest.tx.queue());
-    rx_queue.validate(&*mem.memory()).unwrap();
-    tx_queue.validate(&*mem.memory()).unwrap();
-    let interrupt: Arc<dyn VirtioInterrupt> = net_irq.clone();
-    VirtioDevice::<Mem>::activate(
+    activate(
         &mut net,
-        ActivateParams::new(
-            mem.clone(),
-            VERSION_1,
-            vec![rx_queue, tx_queue],
-            vec![
-                guest.rx_kick.try_clone().unwrap(),
-                guest.tx_kick.try_clone().unwrap(),
-            ],
-            interrupt,
-            event_loop.executor.clone(),
-        ),
-    )
-    .unwrap();
+        &mem,
+        &[(&guest.rx, &guest.rx_kick), (&guest.tx, &guest.tx_kick)],
+        &net_irq,
+        &event_loop.executor,
+    );
 
     // A write and a read of the disk, end to end: vector 0 of the block device fires.
     mem.memory()
@@ -429,21 +439,13 @@ fn a_driver_that_breaks_the_protocol_gets_needs_reset_on_the_config_vector() {
     let irq = Msix::new(1);
     let mut driver = MockDriver::new(16, GuestAddress(0));
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let queue = driver.queue();
-    queue.validate(&*mem.memory()).unwrap();
-    let interrupt: Arc<dyn VirtioInterrupt> = irq.clone();
-    VirtioDevice::<Mem>::activate(
+    activate(
         &mut block,
-        ActivateParams::new(
-            mem.clone(),
-            VERSION_1,
-            vec![queue],
-            vec![kick.try_clone().unwrap()],
-            interrupt,
-            event_loop.executor.clone(),
-        ),
-    )
-    .unwrap();
+        &mem,
+        &[(&driver, &kick)],
+        &irq,
+        &event_loop.executor,
+    );
     // An available index far ahead of what the ring can hold.
     driver.set_avail_idx(&*mem.memory(), 100).unwrap();
     kick.write(1).unwrap();
@@ -452,21 +454,13 @@ fn a_driver_that_breaks_the_protocol_gets_needs_reset_on_the_config_vector() {
     // The device is reset, and can start again.
     VirtioDevice::<Mem>::reset(&mut block);
     let driver = MockDriver::new(16, GuestAddress(0x4000));
-    let queue = driver.queue();
-    queue.validate(&*mem.memory()).unwrap();
-    let interrupt: Arc<dyn VirtioInterrupt> = irq.clone();
-    VirtioDevice::<Mem>::activate(
+    activate(
         &mut block,
-        ActivateParams::new(
-            mem.clone(),
-            VERSION_1,
-            vec![queue],
-            vec![kick.try_clone().unwrap()],
-            interrupt,
-            event_loop.executor.clone(),
-        ),
-    )
-    .unwrap();
+        &mem,
+        &[(&driver, &kick)],
+        &irq,
+        &event_loop.executor,
+    );
     assert!(block.is_active());
     VirtioDevice::<Mem>::reset(&mut block);
 }
