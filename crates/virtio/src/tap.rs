@@ -44,6 +44,7 @@ pub const TUN_F_TSO_ECN: u32 = libc::TUN_F_TSO_ECN;
 
 /// Errors of opening and configuring a TAP.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The interface name is empty.
     #[error("The TAP interface name is empty")]

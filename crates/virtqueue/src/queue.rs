@@ -58,6 +58,7 @@ const AVAIL_ENTRY_SIZE: u64 = 2;
 /// Every error other than [`Error::GuestMemory`] means the guest driver broke the virtio
 /// protocol; a device normally answers it by setting DEVICE_NEEDS_RESET.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The queue was used before the driver set it ready.
     #[error("The queue is not ready")]

@@ -8,6 +8,7 @@ pub const MAC_LEN: usize = 6;
 
 /// Why a MAC address was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The text is not six groups separated by colons.
     #[error(

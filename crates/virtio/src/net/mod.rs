@@ -112,6 +112,7 @@ const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
 /// driver resets it ([`Error::Queue`], [`Error::Epoll`], [`Error::RateLimiter`]), and those of
 /// changing one ([`Error::Worker`], [`Error::Lost`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The driver broke the virtqueue protocol on one of the queues.
     #[error("The driver broke the protocol of the {queue} queue")]
