@@ -259,3 +259,17 @@ pub fn wait_timer(limiter: &RateLimiter) {
         "no timer event"
     );
 }
+
+/// The counters that moved between two readings of a device's counters (`BlockMetrics::values`,
+/// `NetMetrics::values`), with how much each moved.
+pub fn counters_moved(
+    before: &[(&'static str, u64)],
+    after: &[(&'static str, u64)],
+) -> Vec<(&'static str, u64)> {
+    before
+        .iter()
+        .zip(after)
+        .filter(|(b, a)| a.1 != b.1)
+        .map(|(&(name, b), &(_, a))| (name, a.wrapping_sub(b)))
+        .collect()
+}

@@ -519,7 +519,9 @@ mod tests {
     use crate::block::fixtures::*;
     use crate::block::*;
     use crate::mmio::MmioInterrupt;
-    use crate::mock::{CountingTrigger, MockBuffer, MockDriver, bucket, guest_memory, wait_timer};
+    use crate::mock::{
+        CountingTrigger, MockBuffer, MockDriver, bucket, counters_moved, guest_memory, wait_timer,
+    };
     use crate::worker::{Worker, WorkerGate};
 
     /// A guest driving a [`BlockWorker`] synchronously.
@@ -1115,18 +1117,6 @@ mod tests {
     }
 
     /// The counters that moved between two readings of [`BlockMetrics::values`], by how much.
-    fn moved(
-        before: &[(&'static str, u64)],
-        after: &[(&'static str, u64)],
-    ) -> Vec<(&'static str, u64)> {
-        before
-            .iter()
-            .zip(after)
-            .filter(|(b, a)| a.1 != b.1)
-            .map(|(&(name, b), &(_, a))| (name, a.wrapping_sub(b)))
-            .collect()
-    }
-
     #[test]
     fn reads_writes_flushes_and_bad_requests_move_their_counters_by_their_amounts() {
         let image = Image::on_tmpfs();
@@ -1135,7 +1125,7 @@ mod tests {
         let step = |g: &mut Guest, buffers: &[MockBuffer], expected: &[(&str, u64)]| {
             let before = metrics.values();
             g.submit(buffers);
-            assert_eq!(moved(&before, &metrics.values()), expected);
+            assert_eq!(counters_moved(&before, &metrics.values()), expected);
         };
         g.header(VIRTIO_BLK_T_IN, 3);
         step(
@@ -1178,7 +1168,7 @@ mod tests {
             (1, STATUS_IOERR)
         );
         assert_eq!(
-            moved(&before, &ro.worker.metrics().values()),
+            counters_moved(&before, &ro.worker.metrics().values()),
             [("execute_fails", 1)]
         );
     }

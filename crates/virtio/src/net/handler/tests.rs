@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::mmio::MmioInterrupt;
-use crate::mock::{MockBuffer, MockDriver, bucket, guest_memory, wait_timer};
+use crate::mock::{MockBuffer, MockDriver, bucket, counters_moved, guest_memory, wait_timer};
 use crate::net::QUEUE_SIZE;
 use crate::worker::WorkerGate;
 
@@ -636,20 +636,6 @@ fn a_broken_transmit_queue_is_an_error() {
     assert_eq!(rig.network_recv(), None);
 }
 
-/// The counters that moved between two readings of [`super::NetMetrics::values`], by how
-/// much.
-fn moved(
-    before: &[(&'static str, u64)],
-    after: &[(&'static str, u64)],
-) -> Vec<(&'static str, u64)> {
-    before
-        .iter()
-        .zip(after)
-        .filter(|(b, a)| a.1 != b.1)
-        .map(|(&(name, b), &(_, a))| (name, a.wrapping_sub(b)))
-        .collect()
-}
-
 #[test]
 fn tx_frames_move_their_counters_by_their_amounts() {
     let mut rig = rig(VERSION_1);
@@ -659,7 +645,7 @@ fn tx_frames_move_their_counters_by_their_amounts() {
     rig.offer_tx(&frame(60, 2), &[]);
     rig.handler.process_tx().unwrap();
     assert_eq!(
-        moved(&before, &metrics.values()),
+        counters_moved(&before, &metrics.values()),
         [
             ("tx_bytes_count", 1560),
             ("tx_packets_count", 2),
@@ -673,7 +659,7 @@ fn tx_frames_move_their_counters_by_their_amounts() {
     rig.offer_tx(&frame(MAX_BUFFER_LEN + 1, 3), &[]);
     rig.handler.process_tx().unwrap();
     assert_eq!(
-        moved(&before, &metrics.values()),
+        counters_moved(&before, &metrics.values()),
         [("tx_malformed_frames", 2)]
     );
 
@@ -686,7 +672,7 @@ fn tx_frames_move_their_counters_by_their_amounts() {
     while rig.network_recv().is_some_and(|d| d.len() != sent.len()) {}
     rig.handler.process_tx().unwrap();
     assert_eq!(
-        moved(&before, &metrics.values()),
+        counters_moved(&before, &metrics.values()),
         [
             ("tx_bytes_count", 700),
             ("tx_packets_count", 1),
@@ -706,7 +692,7 @@ fn rx_frames_move_their_counters_by_their_amounts() {
     rig.peer.send(&frame(1526, 2)).unwrap();
     rig.handler.process_rx().unwrap();
     assert_eq!(
-        moved(&before, &metrics.values()),
+        counters_moved(&before, &metrics.values()),
         [
             ("rx_bytes_count", 1586),
             ("rx_packets_count", 2),
@@ -721,7 +707,7 @@ fn rx_frames_move_their_counters_by_their_amounts() {
     rig.peer.send(&frame(1527, 3)).unwrap();
     rig.handler.process_rx().unwrap();
     assert_eq!(
-        moved(&before, &metrics.values()),
+        counters_moved(&before, &metrics.values()),
         [("rx_fails", 2), ("rx_count", 2)]
     );
 
@@ -732,7 +718,7 @@ fn rx_frames_move_their_counters_by_their_amounts() {
     rig.peer.send(&frame(200, 5)).unwrap();
     rig.handler.process_rx().unwrap();
     assert_eq!(
-        moved(&before, &metrics.values()),
+        counters_moved(&before, &metrics.values()),
         [
             ("no_rx_avail_buffer", 1),
             ("rx_bytes_count", 100),
@@ -744,7 +730,7 @@ fn rx_frames_move_their_counters_by_their_amounts() {
     let before = metrics.values();
     rig.handler.process_rx().unwrap();
     assert_eq!(
-        moved(&before, &metrics.values()),
+        counters_moved(&before, &metrics.values()),
         [("rx_bytes_count", 200), ("rx_packets_count", 1)]
     );
 }
