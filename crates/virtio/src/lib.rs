@@ -8,6 +8,7 @@ pub mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 pub mod net;
+pub mod rng;
 pub mod tap;
 pub mod worker;
 

@@ -1,0 +1,279 @@
+//! The entropy device as its transport sees it: [`Rng`], its features, its lifecycle
+//! ([`VirtioDevice`]: activation hands the queue to an [`RngHandler`], reset takes the source
+//! and the rate limiter back), and the type erasure of the active handler over the guest memory
+//! type (`Running`).
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use ember_rate_limiter::RateLimiter;
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+use vm_memory::GuestAddressSpace;
+
+use super::handler::RngHandler;
+use super::metrics::{self, RngMetrics};
+use super::{EntropySource, FEATURES, HostRng, NUM_QUEUES, QUEUE_SIZES};
+use crate::device::{ActivateError, ActivateParams, VirtioDevice};
+use crate::worker::Runner;
+
+/// A handler serving a device, whatever its guest memory type and wherever it runs, that gives
+/// the source and the rate limiter back when stopped.
+trait Running<S>: Send {
+    fn stop(self: Box<Self>) -> io::Result<(S, RateLimiter)>;
+}
+
+impl<M, S> Running<S> for Runner<RngHandler<M, S>>
+where
+    M: GuestAddressSpace + Send + 'static,
+    S: EntropySource,
+{
+    fn stop(self: Box<Self>) -> io::Result<(S, RateLimiter)> {
+        Runner::stop(*self).map(RngHandler::into_parts)
+    }
+}
+
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a device has one state, which moves only when the device is activated or reset"
+)]
+enum State<S> {
+    /// Reset: the device holds the source and the rate limiter.
+    Ready {
+        source: S,
+        rate_limiter: RateLimiter,
+    },
+    /// Active: the handler holds them.
+    Active(Box<dyn Running<S>>),
+    /// They went with a handler that could not stop.
+    Lost,
+}
+
+/// A virtio entropy device.
+pub struct Rng<S = HostRng> {
+    state: State<S>,
+    metrics: Arc<RngMetrics>,
+}
+
+impl<S> fmt::Debug for Rng<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Ready { .. } => "ready",
+            State::Active(_) => "active",
+            State::Lost => "source lost",
+        };
+        f.debug_struct("Rng").field("state", &state).finish()
+    }
+}
+
+impl Rng<HostRng> {
+    /// A device fed from the host's `getrandom`, whose requests go through `rate_limiter`
+    /// ([`RateLimiter::default`] lets everything through).
+    pub fn new(rate_limiter: RateLimiter) -> Self {
+        Rng::with_source(HostRng, rate_limiter)
+    }
+}
+
+impl<S: EntropySource> Rng<S> {
+    /// A device fed from `source`, whose requests go through `rate_limiter`.
+    pub fn with_source(source: S, rate_limiter: RateLimiter) -> Self {
+        Rng {
+            state: State::Ready {
+                source,
+                rate_limiter,
+            },
+            metrics: Arc::default(),
+        }
+    }
+
+    /// The device's counters, which its handler updates while it runs.
+    pub fn metrics(&self) -> &Arc<RngMetrics> {
+        &self.metrics
+    }
+
+    /// Whether the device is serving its queue.
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, State::Active(_))
+    }
+
+    /// Hands the source and the queue to a handler, run where the executor says.
+    fn start<M: GuestAddressSpace + Send + 'static>(
+        &mut self,
+        params: ActivateParams<M>,
+    ) -> Result<(), ActivateError> {
+        if !matches!(self.state, State::Ready { .. }) {
+            return Err(ActivateError::AlreadyActive);
+        }
+        for given in [params.queues.len(), params.queue_evts.len()] {
+            if given != NUM_QUEUES {
+                return Err(ActivateError::QueueCount {
+                    expected: NUM_QUEUES,
+                    given,
+                });
+            }
+        }
+        let State::Ready {
+            source,
+            rate_limiter,
+        } = std::mem::replace(&mut self.state, State::Lost)
+        else {
+            return Err(ActivateError::AlreadyActive);
+        };
+        let ActivateParams {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+            executor,
+            ..
+        } = params;
+        let (Some(queue), Some(queue_evt)) =
+            (queues.into_iter().next(), queue_evts.into_iter().next())
+        else {
+            self.state = State::Ready {
+                source,
+                rate_limiter,
+            };
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                given: 0,
+            });
+        };
+        let handler = RngHandler::new(source, rate_limiter, mem, queue, queue_evt, interrupt)
+            .with_metrics(self.metrics.clone());
+        match Runner::start("ember-rng".into(), handler, &executor) {
+            Ok(runner) => {
+                self.state = State::Active(Box::new(runner));
+                Ok(())
+            }
+            Err(err) => {
+                let (source, rate_limiter) = err.handler.into_parts();
+                self.state = State::Ready {
+                    source,
+                    rate_limiter,
+                };
+                Err(ActivateError::Worker(err.error))
+            }
+        }
+    }
+}
+
+impl<M, S> VirtioDevice<M> for Rng<S>
+where
+    M: GuestAddressSpace + Send + 'static,
+    S: EntropySource,
+{
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        FEATURES
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // The device has no configuration space.
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "virtio-rng ignored a {}-byte configuration write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, params: ActivateParams<M>) -> Result<(), ActivateError> {
+        let result = self.start(params);
+        if result.is_err() {
+            metrics::inc(&self.metrics.activate_fails);
+        }
+        result
+    }
+
+    fn reset(&mut self) {
+        self.state = match std::mem::replace(&mut self.state, State::Lost) {
+            State::Active(handler) => match handler.stop() {
+                Ok((source, rate_limiter)) => State::Ready {
+                    source,
+                    rate_limiter,
+                },
+                Err(err) => {
+                    log::error!(
+                        "virtio-rng lost its source when its handler stopped, so it cannot be \
+                         activated again: {err}"
+                    );
+                    State::Lost
+                }
+            },
+            state => state,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::mock::{CountingTrigger, MockDriver, guest_memory};
+    use crate::worker::WorkerGate;
+
+    type Mem = Arc<GuestMemoryMmap<()>>;
+
+    fn params(queues: usize) -> ActivateParams<Mem> {
+        let mem = Arc::new(guest_memory(0x10000).unwrap());
+        let driver = MockDriver::new(16, GuestAddress(0));
+        ActivateParams::new(
+            mem,
+            FEATURES,
+            (0..queues).map(|_| driver.queue()).collect(),
+            (0..queues)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+                .collect(),
+            Arc::new(CountingTrigger::default()),
+            WorkerGate::new(),
+        )
+    }
+
+    #[test]
+    fn the_device_is_an_entropy_device_with_one_queue_and_no_configuration() {
+        let mut rng = Rng::new(RateLimiter::default());
+        let device: &mut dyn VirtioDevice<Mem> = &mut rng;
+        assert_eq!(device.device_type(), 4);
+        assert_eq!(device.queue_max_sizes(), [256]);
+        assert_eq!(device.features(), FEATURES);
+        let mut data = [0xffu8; 8];
+        device.read_config(0, &mut data);
+        assert_eq!(data, [0; 8]);
+        device.write_config(0, &[1, 2]);
+    }
+
+    #[test]
+    fn activating_an_active_device_or_with_the_wrong_queues_is_refused() {
+        let mut rng = Rng::new(RateLimiter::default());
+        for count in [0, 2] {
+            let err = VirtioDevice::<Mem>::activate(&mut rng, params(count)).unwrap_err();
+            assert!(
+                matches!(err, ActivateError::QueueCount { expected: 1, given } if given == count),
+                "{err:?}"
+            );
+        }
+        // The device kept its source and limiter.
+        VirtioDevice::<Mem>::activate(&mut rng, params(1)).unwrap();
+        assert!(rng.is_active());
+        let err = VirtioDevice::<Mem>::activate(&mut rng, params(1)).unwrap_err();
+        assert!(matches!(err, ActivateError::AlreadyActive), "{err:?}");
+        assert_eq!(rng.metrics().get("activate_fails"), Some(3));
+        VirtioDevice::<Mem>::reset(&mut rng);
+        VirtioDevice::<Mem>::reset(&mut rng);
+        VirtioDevice::<Mem>::activate(&mut rng, params(1)).unwrap();
+        VirtioDevice::<Mem>::reset(&mut rng);
+        assert!(!rng.is_active());
+    }
+}
