@@ -148,18 +148,21 @@ pub enum ThreadKind {
     Block,
     /// `net`: the worker of a virtio network device (`ember-net`).
     Net,
+    /// `rng`: an entropy device's worker.
+    Rng,
     /// `console`: a thread that writes the serial console's output to stdout or a file.
     Console,
 }
 
 impl ThreadKind {
     /// Every kind; a filter file has a filter for each.
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
         ThreadKind::Block,
         ThreadKind::Net,
+        ThreadKind::Rng,
         ThreadKind::Console,
     ];
 
@@ -171,6 +174,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Block => "block",
             ThreadKind::Net => "net",
+            ThreadKind::Rng => "rng",
             ThreadKind::Console => "console",
         }
     }
@@ -181,12 +185,14 @@ impl ThreadKind {
     }
 
     /// The kind of the device worker thread named `thread`: `ember-blk...` is a block device's,
-    /// `ember-net...` a network device's.
+    /// `ember-net...` a network device's, `ember-rng...` an entropy device's.
     pub fn of_worker(thread: &str) -> Option<ThreadKind> {
         if thread.starts_with("ember-blk") {
             Some(ThreadKind::Block)
         } else if thread.starts_with("ember-net") {
             Some(ThreadKind::Net)
+        } else if thread.starts_with("ember-rng") {
+            Some(ThreadKind::Rng)
         } else {
             None
         }
@@ -628,7 +634,7 @@ mod tests {
         bytes
     }
 
-    const ALL_NAMES: [&str; 6] = ["vmm", "api", "vcpu", "block", "net", "console"];
+    const ALL_NAMES: [&str; 7] = ["vmm", "api", "vcpu", "block", "net", "rng", "console"];
 
     #[test]
     fn the_builtin_filters_have_every_kind_and_round_trip() {

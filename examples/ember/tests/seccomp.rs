@@ -29,6 +29,7 @@ fn thread_name(kind: ThreadKind) -> &'static str {
         ThreadKind::Vcpu => "ember_vcpu0",
         ThreadKind::Block => "ember-blk-rootfs",
         ThreadKind::Net => "ember-net",
+        ThreadKind::Rng => "ember-rng",
         ThreadKind::Console => "ember-console",
     }
 }
@@ -117,6 +118,7 @@ fn the_calls_each_kind_needs_still_work_under_its_filter() {
         (ThreadKind::Api, "accept"),
         (ThreadKind::Block, "disk_io"),
         (ThreadKind::Net, "tap_io"),
+        (ThreadKind::Rng, "entropy"),
         (ThreadKind::Vmm, "vmm_io"),
         (ThreadKind::Console, "tap_io"),
     ] {
@@ -203,7 +205,7 @@ fn ember(scratch: &Scratch, args: &[&str]) -> Output {
 /// A filter file with ember's filters, but for `kind`, which gets the filter of `from`.
 fn filters_swapping(kind: ThreadKind, from: ThreadKind) -> Vec<u8> {
     let builtin = Filters::builtin();
-    let mut bytes = 6u64.to_le_bytes().to_vec();
+    let mut bytes = (ThreadKind::ALL.len() as u64).to_le_bytes().to_vec();
     for other in ThreadKind::ALL {
         let name = other.name().as_bytes();
         bytes.extend_from_slice(&(name.len() as u64).to_le_bytes());
@@ -433,6 +435,14 @@ fn run(
             // SAFETY: see above.
             let ret = unsafe { libc::read(reader.as_raw_fd(), buf.as_mut_ptr().cast(), 16) };
             assert_eq!(ret, 5);
+        }
+        "entropy" => {
+            // The entropy device's worker: random bytes without blocking.
+            let mut buf = [0u8; 4096];
+            let got =
+                ember_virtio::rng::EntropySource::fill(&mut ember_virtio::rng::HostRng, &mut buf)
+                    .unwrap();
+            assert_eq!(got, buf.len());
         }
         "vmm_io" => {
             // PATCH /drives opens a new backing file and reads its size.
