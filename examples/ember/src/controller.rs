@@ -147,6 +147,9 @@ impl Controller {
             }
             ApiRequest::PutDrive(drive) if !started => answer(self.resources.put_drive(drive)),
             ApiRequest::PutNetworkInterface(net) if !started => answer(self.resources.put_net(net)),
+            ApiRequest::PutEntropy(entropy) if !started => {
+                answer(self.resources.put_entropy(entropy))
+            }
             ApiRequest::PutLogger(config) if !started => self.put_logger(config),
             ApiRequest::PutMetrics(config) if !started => self.put_metrics(config),
             ApiRequest::Action(ActionType::InstanceStart) if !started => {
@@ -169,6 +172,7 @@ impl Controller {
             | ApiRequest::PatchMachineConfig(_)
             | ApiRequest::PutDrive(_)
             | ApiRequest::PutNetworkInterface(_)
+            | ApiRequest::PutEntropy(_)
             | ApiRequest::PutLogger(_)
             | ApiRequest::PutMetrics(_)
             | ApiRequest::Action(ActionType::InstanceStart) => {

@@ -319,6 +319,22 @@ impl VmResources {
         }
     }
 
+    /// The entropy device, if there is one.
+    pub fn entropy(&self) -> Option<&model::EntropyDeviceConfig> {
+        self.config.entropy.as_ref()
+    }
+
+    /// `PUT /entropy`: adds the entropy device, or replaces it (a microVM has at most one).
+    ///
+    /// # Errors
+    ///
+    /// When its rate limiter is refused.
+    pub fn put_entropy(&mut self, entropy: model::EntropyDeviceConfig) -> Result<()> {
+        entropy.validate()?;
+        self.config.entropy = Some(entropy);
+        Ok(())
+    }
+
     /// `PUT /logger`, recorded for `GET /vm/config`.
     pub fn set_logger(&mut self, logger: model::Logger) {
         self.config.logger = Some(logger);

@@ -32,6 +32,7 @@ use ember_vcpu::{IoEventAddress, Kvm, Vcpu, VcpuHandle, Vm, VmExit, VmExitNotifi
 use ember_virtio::block::{self, Block};
 use ember_virtio::mmio::{MMIO_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, cmdline_device};
 use ember_virtio::net::{MacAddr, Net};
+use ember_virtio::rng::{Rng, RngMetrics};
 use ember_virtio::tap::{self, Tap};
 use ember_virtio::{VirtioDevice, WorkerGate};
 use log::{debug, info, warn};
@@ -292,6 +293,8 @@ pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
     drives: Vec<(String, BlockTransport)>,
     nets: Vec<(String, NetTransport)>,
+    /// The counters of the entropy device, if there is one.
+    entropy: Option<Arc<RngMetrics>>,
     legacy: Legacy,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
     gate: WorkerGate,
@@ -361,6 +364,7 @@ impl Vmm {
         };
         let drives = attach_drives(&mut virtio, resources.drives())?;
         let nets = attach_nets(&mut virtio, resources.nets())?;
+        let entropy = attach_entropy(&mut virtio, resources.entropy())?;
         let mut cmdline_extra = virtio.cmdline;
 
         // Kernel, initrd, command line, boot parameters.
@@ -400,6 +404,7 @@ impl Vmm {
             vcpus,
             drives,
             nets,
+            entropy,
             legacy,
             boot_timer,
             gate,
@@ -586,6 +591,9 @@ impl Vmm {
         for (id, transport) in &self.nets {
             let values = lock(transport).device().metrics().values();
             snapshot.push(Group::counters("net", Some(id.clone()), values));
+        }
+        if let Some(entropy) = &self.entropy {
+            snapshot.push(Group::counters("entropy", None, entropy.values()));
         }
     }
 
@@ -892,6 +900,20 @@ fn attach_nets(
         attached.push((net.iface_id.clone(), transport));
     }
     Ok(attached)
+}
+
+/// The entropy device, if the description has one; returns its counters.
+fn attach_entropy(
+    virtio: &mut VirtioAttacher<'_>,
+    entropy: Option<&model::EntropyDeviceConfig>,
+) -> Result<Option<Arc<RngMetrics>>> {
+    let Some(entropy) = entropy else {
+        return Ok(None);
+    };
+    let device = Rng::new(rate_limiter(entropy.rate_limiter.as_ref())?);
+    let metrics = device.metrics().clone();
+    virtio.attach("entropy device".to_string(), device)?;
+    Ok(Some(metrics))
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File> {

@@ -1309,3 +1309,100 @@ fn sigterm_restores_the_terminal_the_console_put_in_raw_mode() {
     assert!(canonical(&terminal), "the terminal is left in raw mode");
     assert!(!socket.exists());
 }
+
+#[test]
+fn put_entropy_before_boot_attaches_the_device_and_bad_bodies_change_nothing() {
+    let scratch = Scratch::new("entropy");
+    let ember = Ember::start(&scratch, &[]);
+    configure_waiting_guest(&ember, &scratch);
+    assert!(ember.get("/vm/config").json().get("entropy").is_none());
+
+    let before = ember.get("/vm/config").body;
+    for (body, expected) in [
+        (r#"{"rate":1}"#, "unknown field `rate`"),
+        (r#"{"rate_limiter": 5}"#, "invalid type"),
+        (
+            r#"{"rate_limiter": {"bandwidth": {"size": 1}}}"#,
+            "missing field `refill_time`",
+        ),
+        (
+            r#"{"rate_limiter": {"ops": {"size": 1, "refill_time": 18446744073709551615}}}"#,
+            "refill_time",
+        ),
+        (r#""x""#, "invalid type"),
+    ] {
+        let response = ember.raw(&encode("PUT", "/entropy", Some(body)));
+        assert_eq!(response.status, 400, "{body}: {}", response.body);
+        assert!(
+            response.fault().contains(expected),
+            "{body}: {:?} lacks {expected:?}",
+            response.fault()
+        );
+        assert_eq!(ember.get("/vm/config").body, before, "{body}");
+    }
+    let response = ember.raw(&encode("GET", "/entropy", None));
+    assert_eq!(response.status, 400);
+    assert_eq!(
+        response.fault(),
+        "Invalid request method and/or path: GET entropy."
+    );
+
+    let limiter = json!({"bandwidth": {"size": 131072, "refill_time": 1000}});
+    let response = ember.put("/entropy", json!({"rate_limiter": limiter}));
+    assert_eq!(response.status, 204, "{}", response.body);
+    // A second PUT replaces the first, as in Firecracker.
+    let response = ember.put("/entropy", json!({}));
+    assert_eq!(response.status, 204, "{}", response.body);
+    assert_eq!(ember.get("/vm/config").json()["entropy"], json!({}));
+    let response = ember.put("/entropy", json!({"rate_limiter": limiter}));
+    assert_eq!(response.status, 204, "{}", response.body);
+    assert_eq!(
+        ember.get("/vm/config").json()["entropy"]["rate_limiter"],
+        limiter
+    );
+
+    let response = ember.put("/actions", json!({"action_type": "InstanceStart"}));
+    assert_eq!(response.status, 204, "{}", response.body);
+    // The device is attached: its counters are served.
+    let metrics = ember.get("/metrics").body;
+    assert_eq!(
+        prometheus_value(&metrics, "ember_entropy_activate_fails"),
+        0
+    );
+
+    let response = ember.put("/entropy", json!({}));
+    assert_eq!(response.status, 400);
+    assert!(
+        response.fault().contains("after starting"),
+        "{}",
+        response.fault()
+    );
+    assert_eq!(
+        ember.get("/vm/config").json()["entropy"]["rate_limiter"],
+        limiter
+    );
+}
+
+#[test]
+fn a_config_file_with_an_entropy_device_boots_with_it() {
+    let scratch = Scratch::new("config-entropy");
+    let kernel = scratch.file("kernel", &tiny_elf(&WAIT_FOR_KEY_THEN_RESET));
+    let config = json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
+        "entropy": {"rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}},
+    });
+    let config_path = scratch.file("vm.json", config.to_string().as_bytes());
+    let ember = Ember::start(&scratch, &["--config-file", config_path.to_str().unwrap()]);
+    assert_eq!(ember.get("/").json()["state"], "Running");
+    assert_eq!(ember.get("/vm/config").json()["entropy"], config["entropy"]);
+    let metrics = ember.get("/metrics").body;
+    assert_eq!(prometheus_value(&metrics, "ember_entropy_entropy_bytes"), 0);
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "SendCtrlAltDel"}))
+            .status,
+        204
+    );
+    let (code, err) = ember.wait();
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -640,6 +640,33 @@ impl PartialDrive {
     }
 }
 
+/// The body of `PUT /entropy` (Firecracker's `EntropyDevice`): a virtio-rng device, whose
+/// requests may go through a rate limiter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct EntropyDeviceConfig {
+    /// Limits on the random bytes the guest gets, and on its requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+impl EntropyDeviceConfig {
+    /// A device whose requests go through `rate_limiter`, if any.
+    pub fn new(rate_limiter: Option<RateLimiter>) -> Self {
+        EntropyDeviceConfig { rate_limiter }
+    }
+
+    /// Checks the rate limiter.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::RefillTime`].
+    pub fn validate(&self) -> Result<()> {
+        validate_rate_limiter(self.rate_limiter.as_ref())
+    }
+}
+
 /// The body of `PUT /network-interfaces/{iface_id}`: a virtio network device on a TAP interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -894,7 +921,7 @@ pub struct FaultMessage {
 /// configuration file.
 ///
 /// Keys of Firecracker's configuration that ember does not implement (`balloon`, `cpu-config`,
-/// `entropy`, `memory-hotplug`, `mmds-config`, `pmem`, `vsock`) are accepted only when `null`
+/// `memory-hotplug`, `mmds-config`, `pmem`, `vsock`) are accepted only when `null`
 /// (or, for the list `pmem`, empty), so that a configuration written for Firecracker without them
 /// loads unchanged; they are never written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -935,8 +962,9 @@ pub struct FullVmConfiguration {
         deserialize_with = "reject_cpu_config"
     )]
     cpu_config: Unsupported,
-    #[serde(default, skip_serializing, deserialize_with = "reject_entropy")]
-    entropy: Unsupported,
+    /// The entropy device, if there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyDeviceConfig>,
     #[serde(
         rename = "memory-hotplug",
         default,
@@ -994,6 +1022,9 @@ impl FullVmConfiguration {
         if let Some(metrics) = &self.metrics {
             metrics.validate()?;
         }
+        if let Some(entropy) = &self.entropy {
+            entropy.validate()?;
+        }
         Ok(())
     }
 }
@@ -1015,7 +1046,6 @@ macro_rules! reject_key {
 
 reject_key!(reject_balloon, "balloon");
 reject_key!(reject_cpu_config, "cpu-config");
-reject_key!(reject_entropy, "entropy");
 reject_key!(reject_memory_hotplug, "memory-hotplug");
 reject_key!(reject_mmds_config, "mmds-config");
 reject_key!(reject_pmem, "pmem");
@@ -1657,7 +1687,6 @@ mod tests {
             ("vsock", r#"{"guest_cid":3,"uds_path":"/v"}"#),
             ("pmem", r#"[{"id":"p","path_on_host":"/p"}]"#),
             ("mmds-config", "1"),
-            ("entropy", "true"),
             ("cpu-config", r#""x""#),
         ] {
             let err = error_of::<FullVmConfiguration>(&format!(r#"{{"{key}": {value}}}"#));
@@ -1804,5 +1833,48 @@ mod tests {
                 .starts_with("Cannot use the inherited descriptor 1073741824 as a disk image: "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn entropy_devices_round_trip_and_refuse_bad_limits() {
+        let plain: EntropyDeviceConfig = round_trip("{}");
+        assert_eq!(plain, EntropyDeviceConfig::default());
+        plain.validate().unwrap();
+        let limited: EntropyDeviceConfig =
+            round_trip(r#"{"rate_limiter":{"bandwidth":{"size":131072,"refill_time":1000}}}"#);
+        limited.validate().unwrap();
+        assert!(error_of::<EntropyDeviceConfig>(r#"{"rate":1}"#).contains("unknown field `rate`"));
+        assert!(
+            error_of::<EntropyDeviceConfig>(r#"{"rate_limiter":{"bandwidth":{"size":1}}}"#)
+                .contains("missing field `refill_time`")
+        );
+        let huge: EntropyDeviceConfig = serde_json::from_str(&format!(
+            r#"{{"rate_limiter":{{"ops":{{"size":1,"refill_time":{}}}}}}}"#,
+            u64::MAX
+        ))
+        .unwrap();
+        assert_eq!(huge.validate(), Err(ModelError::RefillTime(u64::MAX)));
+    }
+
+    #[test]
+    fn full_configurations_carry_the_entropy_device() {
+        let config: FullVmConfiguration = serde_json::from_str(
+            r#"{"entropy": {"rate_limiter": {"ops": {"size": 10, "refill_time": 100}}}}"#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let entropy = config.entropy.unwrap();
+        assert_eq!(entropy.rate_limiter.unwrap().ops.unwrap().size, 10);
+        assert_eq!(
+            serde_json::to_string(&config).unwrap(),
+            r#"{"drives":[],"network-interfaces":[],"entropy":{"rate_limiter":{"ops":{"size":10,"refill_time":100}}}}"#
+        );
+        let bad: FullVmConfiguration = serde_json::from_str(&format!(
+            r#"{{"entropy": {{"rate_limiter": {{"ops": {{"size": 1, "refill_time": {}}}}}}}}}"#,
+            u64::MAX
+        ))
+        .unwrap();
+        assert!(bad.validate().is_err());
+        assert!(error_of::<FullVmConfiguration>(r#"{"entropy": true}"#).contains("invalid type"));
     }
 }

@@ -13,6 +13,7 @@
 //! | PUT    | `/actions`                   | [`ApiRequest::Action`]                    |
 //! | PUT    | `/boot-source`               | [`ApiRequest::PutBootSource`]             |
 //! | PUT    | `/drives/{drive_id}`         | [`ApiRequest::PutDrive`]                  |
+//! | PUT    | `/entropy`                   | [`ApiRequest::PutEntropy`]                |
 //! | PUT    | `/logger`                    | [`ApiRequest::PutLogger`]                 |
 //! | PUT    | `/machine-config`            | [`ApiRequest::PutMachineConfig`]          |
 //! | PUT    | `/metrics`                   | [`ApiRequest::PutMetrics`]                |
@@ -53,9 +54,9 @@ use serde::de::DeserializeOwned;
 
 use super::http::{self, Method, StatusCode};
 use super::model::{
-    ActionType, BootSource, Drive, FaultMessage, InstanceActionInfo, Logger, MachineConfiguration,
-    MachineConfigurationUpdate, Metrics, ModelError, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, Vm, validate_id,
+    ActionType, BootSource, Drive, EntropyDeviceConfig, FaultMessage, InstanceActionInfo, Logger,
+    MachineConfiguration, MachineConfigurationUpdate, Metrics, ModelError, NetworkInterface,
+    PartialDrive, PartialNetworkInterface, Vm, validate_id,
 };
 
 /// The `Content-Type` of JSON bodies.
@@ -85,6 +86,8 @@ pub enum ApiRequest {
     PatchDrive(PartialDrive),
     /// `PUT /network-interfaces/{iface_id}`.
     PutNetworkInterface(NetworkInterface),
+    /// `PUT /entropy`.
+    PutEntropy(EntropyDeviceConfig),
     /// `PATCH /network-interfaces/{iface_id}`.
     PatchNetworkInterface(PartialNetworkInterface),
     /// `PUT /actions`.
@@ -205,6 +208,7 @@ fn route_put(
             |drive: &Drive| &drive.drive_id,
             Drive::validate,
         )?),
+        ("entropy", None) => ApiRequest::PutEntropy(checked(body, EntropyDeviceConfig::validate)?),
         ("logger", None) => ApiRequest::PutLogger(checked(body, Logger::validate)?),
         ("machine-config", None) => {
             ApiRequest::PutMachineConfig(checked(body, MachineConfiguration::validate)?)
@@ -740,5 +744,49 @@ mod tests {
         map.insert((1, 2), 3);
         let response = ApiResponse::ok_json(&map);
         assert_eq!(response.status(), StatusCode::InternalServerError);
+    }
+
+    #[test]
+    fn put_entropy_routes_with_an_optional_rate_limiter_and_refuses_bad_bodies() {
+        assert_eq!(
+            put("/entropy", "{}").unwrap(),
+            ApiRequest::PutEntropy(EntropyDeviceConfig::default())
+        );
+        let Ok(ApiRequest::PutEntropy(config)) = put(
+            "/entropy",
+            r#"{"rate_limiter":{"bandwidth":{"size":131072,"refill_time":1000}}}"#,
+        ) else {
+            panic!("not an entropy device");
+        };
+        assert_eq!(config.rate_limiter.unwrap().bandwidth.unwrap().size, 131072);
+
+        assert!(message(put("/entropy", r#"{"rate":1}"#)).contains("unknown field `rate`"));
+        assert!(message(put("/entropy", "1")).starts_with(
+            "An error occurred when deserializing the json body of a request: invalid type"
+        ));
+        assert_eq!(message(put("/entropy", "")), "Empty PUT request.");
+        assert!(
+            message(put(
+                "/entropy",
+                &format!(
+                    r#"{{"rate_limiter":{{"ops":{{"size":1,"refill_time":{}}}}}}}"#,
+                    u64::MAX
+                )
+            ))
+            .contains("refill")
+        );
+        // Firecracker serves only PUT, and only on /entropy itself.
+        assert_eq!(
+            message(get("/entropy")),
+            "Invalid request method and/or path: GET entropy."
+        );
+        assert_eq!(
+            message(patch("/entropy", "{}")),
+            "Invalid request method and/or path: PATCH entropy."
+        );
+        assert_eq!(
+            message(put("/entropy/x", "{}")),
+            "Invalid request method and/or path: PUT entropy/x."
+        );
     }
 }
