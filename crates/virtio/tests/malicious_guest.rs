@@ -21,6 +21,7 @@ use ember_virtio::mock::{
 };
 use ember_virtio::net::{self, Net, NetHandler, NetRateLimiters};
 use ember_virtio::queue::{self, Queue};
+use ember_virtio::rng::{self, HostRng, RngHandler};
 use ember_virtio::{ActivateParams, VirtioDevice, WorkerGate};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
@@ -515,4 +516,56 @@ fn throttled_write_zeroes_of_the_largest_size_wait_for_their_bytes() {
         assert_eq!(metrics.get("rate_limiter_throttled_events"), Some(2));
     });
     assert_bounded(growth, "throttled write zeroes");
+}
+
+#[test]
+fn entropy_requests_of_huge_indirect_chains_cost_a_bounded_heap_and_bounded_batches() {
+    let growth = heap_growth(|| {
+        let mem = Arc::new(guest_memory(0x100_0000).unwrap());
+        let driver = MockDriver::new(rng::QUEUE_SIZE, GuestAddress(0));
+        // Every chain is an indirect table of 255 writable buffers of 64 KiB: almost 16 MiB
+        // asked for per request, the same guest pages over and over.
+        let table = 0x10_0000;
+        write_table(
+            &mem,
+            table,
+            (1..=255u16).map(|next| {
+                let more = if next < 255 { DESC_F_NEXT } else { 0 };
+                raw(0x20_0000, 0x1_0000, DESC_F_WRITE | more, next)
+            }),
+        );
+        let mut writer = driver.clone();
+        for i in 0..rng::QUEUE_SIZE {
+            writer
+                .write_descriptor(&*mem, i, raw(table, 255 * 16, DESC_F_INDIRECT, 0))
+                .unwrap();
+            writer.publish(&*mem, i).unwrap();
+        }
+        let queue_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut handler = RngHandler::new(
+            HostRng,
+            RateLimiter::default(),
+            mem.clone(),
+            driver.queue(),
+            queue_evt.try_clone().unwrap(),
+            Arc::new(CountingTrigger::default()),
+        );
+        let per_call = rng::MAX_BATCH_BYTES / rng::MAX_REQUEST_LEN;
+        let mut calls = 0;
+        while usize::from(driver.used_idx(&*mem).unwrap()) < usize::from(rng::QUEUE_SIZE) {
+            let served = handler.process_queue().unwrap();
+            assert!(served <= per_call, "{served} chains in one call");
+            calls += 1;
+            assert!(
+                calls <= usize::from(rng::QUEUE_SIZE),
+                "the queue never empties"
+            );
+        }
+        for i in 0..rng::QUEUE_SIZE {
+            let (_, len) = driver.used_elem(&*mem, i).unwrap();
+            assert_eq!(len as usize, rng::MAX_REQUEST_LEN);
+        }
+        assert!(!handler.is_broken());
+    });
+    assert_bounded(growth, "entropy requests of huge indirect chains");
 }
