@@ -150,17 +150,21 @@ pub enum ThreadKind {
     Net,
     /// `console`: a thread that writes the serial console's output to stdout or a file.
     Console,
+    /// `balloon`: the worker of the virtio balloon (`ember-balloon`), which gives guest pages
+    /// back with `madvise(MADV_DONTNEED)` and polls statistics on a timerfd.
+    Balloon,
 }
 
 impl ThreadKind {
     /// Every kind; a filter file has a filter for each.
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
         ThreadKind::Block,
         ThreadKind::Net,
         ThreadKind::Console,
+        ThreadKind::Balloon,
     ];
 
     /// The kind's name in a filter file.
@@ -172,6 +176,7 @@ impl ThreadKind {
             ThreadKind::Block => "block",
             ThreadKind::Net => "net",
             ThreadKind::Console => "console",
+            ThreadKind::Balloon => "balloon",
         }
     }
 
@@ -181,12 +186,14 @@ impl ThreadKind {
     }
 
     /// The kind of the device worker thread named `thread`: `ember-blk...` is a block device's,
-    /// `ember-net...` a network device's.
+    /// `ember-net...` a network device's, `ember-balloon` the balloon's.
     pub fn of_worker(thread: &str) -> Option<ThreadKind> {
         if thread.starts_with("ember-blk") {
             Some(ThreadKind::Block)
         } else if thread.starts_with("ember-net") {
             Some(ThreadKind::Net)
+        } else if thread.starts_with("ember-balloon") {
+            Some(ThreadKind::Balloon)
         } else {
             None
         }
@@ -628,7 +635,7 @@ mod tests {
         bytes
     }
 
-    const ALL_NAMES: [&str; 6] = ["vmm", "api", "vcpu", "block", "net", "console"];
+    const ALL_NAMES: [&str; 7] = ["vmm", "api", "vcpu", "block", "net", "console", "balloon"];
 
     #[test]
     fn the_builtin_filters_have_every_kind_and_round_trip() {
@@ -758,6 +765,10 @@ mod tests {
     fn worker_threads_are_known_by_their_names() {
         assert_eq!(ThreadKind::of_worker("ember-net"), Some(ThreadKind::Net));
         assert_eq!(ThreadKind::of_worker("ember-blk"), Some(ThreadKind::Block));
+        assert_eq!(
+            ThreadKind::of_worker("ember-balloon"),
+            Some(ThreadKind::Balloon)
+        );
         assert_eq!(
             ThreadKind::of_worker("ember-blk-rootfs"),
             Some(ThreadKind::Block)

@@ -29,6 +29,7 @@ use ember_memory::{GuestMemoryMmap, MemoryOptions, ResourceAllocator};
 use ember_rate_limiter::{BucketConfig, BucketUpdate, RateLimiter};
 use ember_vcpu::bus::BusExitHandler;
 use ember_vcpu::{IoEventAddress, Kvm, Vcpu, VcpuHandle, Vm, VmExit, VmExitNotifier};
+use ember_virtio::balloon::{Balloon, BalloonConfig, BalloonStats};
 use ember_virtio::block::{self, Block};
 use ember_virtio::mmio::{MMIO_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, cmdline_device};
 use ember_virtio::net::{MacAddr, Net};
@@ -171,6 +172,12 @@ pub enum Error {
         #[source]
         source: ember_virtio::net::Error,
     },
+    /// The balloon refuses a change.
+    #[error(transparent)]
+    Balloon(ember_virtio::balloon::Error),
+    /// A balloon request on a VM without one.
+    #[error("No balloon device found.")]
+    NoBalloon,
     /// The device workers cannot be paused or resumed.
     #[error("Cannot pause or resume the device workers")]
     Pause(#[source] io::Error),
@@ -292,6 +299,7 @@ pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
     drives: Vec<(String, BlockTransport)>,
     nets: Vec<(String, NetTransport)>,
+    balloon: Option<Transport<Balloon>>,
     legacy: Legacy,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
     gate: WorkerGate,
@@ -361,6 +369,10 @@ impl Vmm {
         };
         let drives = attach_drives(&mut virtio, resources.drives())?;
         let nets = attach_nets(&mut virtio, resources.nets())?;
+        let balloon = match resources.balloon() {
+            Some(config) => Some(attach_balloon(&mut virtio, config)?),
+            None => None,
+        };
         let mut cmdline_extra = virtio.cmdline;
 
         // Kernel, initrd, command line, boot parameters.
@@ -400,6 +412,7 @@ impl Vmm {
             vcpus,
             drives,
             nets,
+            balloon,
             legacy,
             boot_timer,
             gate,
@@ -537,6 +550,50 @@ impl Vmm {
             })
     }
 
+    /// `PATCH /balloon` on the running balloon: a new target, which the driver is told of
+    /// with a configuration interrupt.
+    ///
+    /// # Errors
+    ///
+    /// When there is no balloon, or it refuses the target.
+    pub fn update_balloon(&self, amount_mib: u32) -> Result<()> {
+        let transport = self.balloon.as_ref().ok_or(Error::NoBalloon)?;
+        lock(transport)
+            .device_mut()
+            .set_target_mib(amount_mib)
+            .map_err(Error::Balloon)
+    }
+
+    /// `PATCH /balloon/statistics` on the running balloon: a new polling interval, which
+    /// cannot turn statistics on or off.
+    ///
+    /// # Errors
+    ///
+    /// When there is no balloon, or it refuses the interval.
+    pub fn update_balloon_stats(&self, seconds: u16) -> Result<()> {
+        let transport = self.balloon.as_ref().ok_or(Error::NoBalloon)?;
+        // Handed to the worker under the transport's lock, waited for without it.
+        let pending = lock(transport).device_mut().set_stats_interval(seconds);
+        pending
+            .and_then(ember_virtio::balloon::PendingUpdate::wait)
+            .map_err(Error::Balloon)
+    }
+
+    /// `GET /balloon/statistics`: the balloon's sizes and the guest's latest statistics.
+    ///
+    /// # Errors
+    ///
+    /// When there is no balloon, or it polls no statistics.
+    pub fn balloon_stats(&self) -> Result<BalloonStats> {
+        let transport = self.balloon.as_ref().ok_or(Error::NoBalloon)?;
+        let transport = lock(transport);
+        let balloon = transport.device();
+        if !balloon.stats_enabled() {
+            return Err(Error::Balloon(ember_virtio::balloon::Error::StatsDisabled));
+        }
+        Ok(balloon.stats())
+    }
+
     /// What the VM's counters read now.
     pub fn metrics(&self, snapshot: &mut Snapshot) {
         snapshot.push(Group::counters(
@@ -586,6 +643,10 @@ impl Vmm {
         for (id, transport) in &self.nets {
             let values = lock(transport).device().metrics().values();
             snapshot.push(Group::counters("net", Some(id.clone()), values));
+        }
+        if let Some(transport) = &self.balloon {
+            let values = lock(transport).device().metrics().values();
+            snapshot.push(Group::counters("balloon", None, values));
         }
     }
 
@@ -892,6 +953,19 @@ fn attach_nets(
         attached.push((net.iface_id.clone(), transport));
     }
     Ok(attached)
+}
+
+fn attach_balloon(
+    virtio: &mut VirtioAttacher<'_>,
+    config: &model::Balloon,
+) -> Result<Transport<Balloon>> {
+    let device = Balloon::new(BalloonConfig::new(
+        config.amount_mib,
+        config.deflate_on_oom,
+        config.stats_polling_interval_s,
+    ))
+    .map_err(Error::Balloon)?;
+    virtio.attach("balloon".to_string(), device)
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File> {

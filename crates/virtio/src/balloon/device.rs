@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 use vm_memory::GuestAddressSpace;
+use vmm_sys_util::timerfd::TimerFd;
 
-use super::handler::BalloonHandler;
+use super::handler::{BalloonHandler, stats_timer};
 use super::{
     ACTUAL_OFFSET, BASE_FEATURES, BalloonConfig, BalloonMetrics, BalloonStats, CONFIG_LEN, Error,
     GuestStats, PAGES_PER_MIB, QUEUE_SIZE, Result, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
@@ -24,7 +25,8 @@ use crate::worker::{Reply, Runner};
 
 /// A handler serving the device, whatever its guest memory type and wherever it runs.
 trait Running: Send {
-    fn stop(self: Box<Self>) -> io::Result<()>;
+    /// Stops the handler and gives its statistics timer back.
+    fn stop(self: Box<Self>) -> io::Result<Option<TimerFd>>;
 
     /// Changes the statistics polling interval on the handler's thread.
     fn set_stats_interval(&self, seconds: u16) -> io::Result<Reply<io::Result<()>>>;
@@ -34,8 +36,8 @@ impl<M> Running for Runner<BalloonHandler<M>>
 where
     M: GuestAddressSpace + Send + 'static,
 {
-    fn stop(self: Box<Self>) -> io::Result<()> {
-        Runner::stop(*self).map(drop)
+    fn stop(self: Box<Self>) -> io::Result<Option<TimerFd>> {
+        Runner::stop(*self).map(BalloonHandler::into_timer)
     }
 
     fn set_stats_interval(&self, seconds: u16) -> io::Result<Reply<io::Result<()>>> {
@@ -60,6 +62,8 @@ pub struct Balloon {
     config: BalloonConfig,
     stats: Arc<Mutex<GuestStats>>,
     metrics: Arc<BalloonMetrics>,
+    /// The statistics timer while the device is reset; the handler holds it while active.
+    timer: Option<TimerFd>,
     active: Option<Active>,
 }
 
@@ -79,20 +83,24 @@ impl Balloon {
     /// A balloon as `config` says: its target size, whether it offers DEFLATE_ON_OOM, and
     /// whether it has a statistics queue (a polling interval above 0).
     ///
+    /// The statistics timer is created here, so that the threads that activate and serve
+    /// the device need only arm and read it (`timerfd_settime`, `read`), not create it.
+    ///
     /// # Errors
     ///
-    /// [`Error::TooLarge`] when the target does not fit in 32 bits of 4 KiB pages.
+    /// [`Error::TooLarge`] when the target does not fit in 32 bits of 4 KiB pages,
+    /// [`Error::Timer`] when the statistics timer cannot be created.
     pub fn new(config: BalloonConfig) -> Result<Self> {
         let num_pages = mib_to_pages(config.amount_mib)?;
         let mut features = BASE_FEATURES;
         if config.deflate_on_oom {
             features |= 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
         }
-        let queues = if config.stats_polling_interval_s > 0 {
+        let (queues, timer) = if config.stats_polling_interval_s > 0 {
             features |= 1 << VIRTIO_BALLOON_F_STATS_VQ;
-            3
+            (3, Some(stats_timer().map_err(Error::Timer)?))
         } else {
-            2
+            (2, None)
         };
         Ok(Balloon {
             features,
@@ -102,6 +110,7 @@ impl Balloon {
             config,
             stats: Arc::default(),
             metrics: Arc::default(),
+            timer,
             active: None,
         })
     }
@@ -212,10 +221,7 @@ impl PendingUpdate {
     pub fn wait(self) -> Result<()> {
         match self.0 {
             None => Ok(()),
-            Some(reply) => reply
-                .wait()
-                .map_err(Error::Worker)?
-                .map_err(Error::Timer),
+            Some(reply) => reply.wait().map_err(Error::Worker)?.map_err(Error::Timer),
         }
     }
 }
@@ -261,8 +267,11 @@ where
 
     fn reset(&mut self) {
         if let Some(active) = self.active.take() {
-            if let Err(err) = active.runner.stop() {
-                log::error!("virtio-balloon's handler did not stop cleanly: {err}");
+            match active.runner.stop() {
+                Ok(timer) => self.timer = timer,
+                Err(err) => {
+                    log::error!("virtio-balloon's handler did not stop cleanly: {err}");
+                }
             }
         }
         self.actual = 0;
@@ -288,12 +297,18 @@ impl Balloon {
         let handler = BalloonHandler::new(
             params,
             self.config.stats_polling_interval_s,
+            self.timer.take(),
             self.stats.clone(),
             self.metrics.clone(),
         )
         .map_err(ActivateError::Backend)?;
-        let runner = Runner::start("ember-balloon".into(), handler, &executor)
-            .map_err(|err| ActivateError::Worker(err.error))?;
+        let runner = match Runner::start("ember-balloon".into(), handler, &executor) {
+            Ok(runner) => runner,
+            Err(err) => {
+                self.timer = err.handler.into_timer();
+                return Err(ActivateError::Worker(err.error));
+            }
+        };
         self.active = Some(Active {
             runner: Box::new(runner),
             interrupt,
@@ -363,7 +378,7 @@ mod tests {
         fn handler(&self, interval: u16) -> (BalloonHandler<Mem>, Arc<Mutex<GuestStats>>) {
             let stats = Arc::new(Mutex::new(GuestStats::default()));
             let handler =
-                BalloonHandler::new(self.params(), interval, stats.clone(), Arc::default())
+                BalloonHandler::new(self.params(), interval, None, stats.clone(), Arc::default())
                     .unwrap();
             (handler, stats)
         }
@@ -472,7 +487,10 @@ mod tests {
         }
         // Pages 0..4 and 6 in a jumbled order with a repeat; page 5 and 7 stay.
         let first = FIRST_PAGE as u32;
-        guest.send_pfns(0, &[first + 3, first, first + 6, first + 1, first + 2, first]);
+        guest.send_pfns(
+            0,
+            &[first + 3, first, first + 6, first + 1, first + 2, first],
+        );
         handler.process_inflate().unwrap();
         assert_eq!(guest.used_idx(0), 1);
         for page in [0, 1, 2, 3, 6] {
@@ -483,8 +501,18 @@ mod tests {
             assert!(guest.resident(FIRST_PAGE + page));
             assert!(!guest.page_is_zero(FIRST_PAGE + page));
         }
-        assert_eq!(metrics.inflated_pages.load(std::sync::atomic::Ordering::Relaxed), 5);
-        assert_eq!(metrics.inflate_count.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            metrics
+                .inflated_pages
+                .load(std::sync::atomic::Ordering::Relaxed),
+            5
+        );
+        assert_eq!(
+            metrics
+                .inflate_count
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
         assert_eq!(guest.irq.read().unwrap(), 1);
     }
 
@@ -502,7 +530,10 @@ mod tests {
         // Pages past the end of memory, and the largest numbers, next to the last real page.
         guest.send_pfns(0, &[last - 1, last, last + 1, u32::MAX, u32::MAX - 1]);
         // A chain whose length is not a whole number of PFNs.
-        guest.mem.write_slice(&[0xff; 6], GuestAddress(ARRAY + 0x1000)).unwrap();
+        guest
+            .mem
+            .write_slice(&[0xff; 6], GuestAddress(ARRAY + 0x1000))
+            .unwrap();
         guest.drivers[0]
             .add_chain(&*guest.mem, &[MockBuffer::readable(ARRAY + 0x1000, 6)])
             .unwrap();
@@ -510,7 +541,10 @@ mod tests {
         let huge: Vec<u8> = std::iter::repeat_n((last - 1).to_le_bytes(), 2048)
             .flatten()
             .collect();
-        guest.mem.write_slice(&huge, GuestAddress(ARRAY + 0x2000)).unwrap();
+        guest
+            .mem
+            .write_slice(&huge, GuestAddress(ARRAY + 0x2000))
+            .unwrap();
         guest.drivers[0]
             .add_chain(&*guest.mem, &[MockBuffer::readable(ARRAY + 0x2000, 0x2000)])
             .unwrap();
@@ -550,7 +584,10 @@ mod tests {
             .unwrap();
         assert!(matches!(
             handler.process_inflate(),
-            Err(Error::Queue { queue: "inflate", .. })
+            Err(Error::Queue {
+                queue: "inflate",
+                ..
+            })
         ));
         // So is a buffer outside guest memory, whatever its PFNs.
         let mut guest = Guest::new(2);
@@ -560,7 +597,10 @@ mod tests {
             .unwrap();
         assert!(matches!(
             handler.process_inflate(),
-            Err(Error::Queue { queue: "inflate", .. })
+            Err(Error::Queue {
+                queue: "inflate",
+                ..
+            })
         ));
     }
 
@@ -596,7 +636,10 @@ mod tests {
         guest.drivers[2]
             .add_chain(
                 &*guest.mem,
-                &[MockBuffer::readable(ARRAY, u32::try_from(bytes.len()).unwrap())],
+                &[MockBuffer::readable(
+                    ARRAY,
+                    u32::try_from(bytes.len()).unwrap(),
+                )],
             )
             .unwrap();
     }
@@ -675,7 +718,10 @@ mod tests {
         let mut balloon = Balloon::new(BalloonConfig::new(0, false, 1)).unwrap();
         assert!(matches!(
             VirtioDevice::<Mem>::activate(&mut balloon, guest.params()),
-            Err(ActivateError::QueueCount { expected: 3, given: 2 })
+            Err(ActivateError::QueueCount {
+                expected: 3,
+                given: 2
+            })
         ));
         assert_eq!(
             balloon

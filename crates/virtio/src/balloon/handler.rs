@@ -8,13 +8,13 @@
 //! reads the statistics.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{
-    Address, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryBackend,
-    GuestMemoryRegion, MemoryRegionAddress,
+    Address, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryBackend, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -79,7 +79,9 @@ impl<M> std::fmt::Debug for BalloonHandler<M> {
 
 impl<M: GuestAddressSpace> BalloonHandler<M> {
     /// The handler of a device activated with `params`: two queues, or three with statistics
-    /// polled every `stats_interval_s` seconds into `guest_stats`.
+    /// polled every `stats_interval_s` seconds into `guest_stats` on `timer` (one is created
+    /// when none is given: [`stats_timer`] makes one ahead, on a thread whose seccomp filter
+    /// allows `timerfd_create`). The timer is armed here.
     ///
     /// # Errors
     ///
@@ -87,6 +89,7 @@ impl<M: GuestAddressSpace> BalloonHandler<M> {
     pub fn new(
         params: ActivateParams<M>,
         stats_interval_s: u16,
+        timer: Option<TimerFd>,
         guest_stats: Arc<Mutex<GuestStats>>,
         metrics: Arc<BalloonMetrics>,
     ) -> io::Result<Self> {
@@ -100,7 +103,11 @@ impl<M: GuestAddressSpace> BalloonHandler<M> {
         let mut parts = queues
             .into_iter()
             .zip(queue_evts)
-            .zip([("inflate", INFLATE_QUEUE), ("deflate", DEFLATE_QUEUE), ("statistics", STATS_QUEUE)])
+            .zip([
+                ("inflate", INFLATE_QUEUE),
+                ("deflate", DEFLATE_QUEUE),
+                ("statistics", STATS_QUEUE),
+            ])
             .map(|((queue, evt), (name, index))| QueuePart {
                 queue,
                 evt,
@@ -108,12 +115,22 @@ impl<M: GuestAddressSpace> BalloonHandler<M> {
                 interrupt: VirtioInterruptType::Queue(u16::try_from(index).unwrap_or(0)),
             });
         let (Some(inflate), Some(deflate)) = (parts.next(), parts.next()) else {
-            return Err(io::Error::other("a balloon needs an inflate and a deflate queue"));
+            return Err(io::Error::other(
+                "a balloon needs an inflate and a deflate queue",
+            ));
         };
         let stats = parts.next();
-        let timer = match &stats {
-            Some(_) if stats_interval_s > 0 => Some(stats_timer(stats_interval_s)?),
-            _ => None,
+        let timer = match (&stats, timer) {
+            (Some(_), Some(mut timer)) if stats_interval_s > 0 => {
+                arm(&mut timer, stats_interval_s)?;
+                Some(timer)
+            }
+            (Some(_), None) if stats_interval_s > 0 => {
+                let mut timer = stats_timer()?;
+                arm(&mut timer, stats_interval_s)?;
+                Some(timer)
+            }
+            (_, timer) => timer,
         };
         Ok(BalloonHandler {
             mem,
@@ -141,22 +158,31 @@ impl<M: GuestAddressSpace> BalloonHandler<M> {
         self.broken
     }
 
-    /// Polls the statistics every `seconds` from now on.
+    /// The statistics timer, for the next activation.
+    pub fn into_timer(self) -> Option<TimerFd> {
+        self.timer
+    }
+
+    /// Polls the statistics every `seconds` from now on, the first time at once.
     ///
     /// # Errors
     ///
-    /// When the timer cannot be created or armed; the old interval stays.
+    /// When the timer cannot be armed; the old interval stays.
     pub fn set_stats_interval(&mut self, seconds: u16) -> io::Result<()> {
         if self.stats.is_none() {
             return Ok(());
         }
-        match &mut self.timer {
-            Some(timer) => arm(timer, seconds),
-            None => {
-                self.timer = Some(stats_timer(seconds)?);
-                Ok(())
-            }
+        let Some(timer) = &mut self.timer else {
+            return Err(io::Error::other("the balloon has no statistics timer"));
+        };
+        arm(timer, seconds)?;
+        if let Err(err) = self.hand_back_stats() {
+            log::error!(
+                "virtio-balloon cannot ask for statistics: {}",
+                ErrorChain(&err)
+            );
         }
+        Ok(())
     }
 
     /// Gives the pages of at most [`CHAIN_BUDGET`] inflate chains back to the host. Past the
@@ -266,6 +292,11 @@ impl<M: GuestAddressSpace> BalloonHandler<M> {
             // Non-blocking: a spurious wake-up reads nothing.
             let _ = timer.wait();
         }
+        self.hand_back_stats()
+    }
+
+    /// Hands the statistics buffer the device holds back to the driver, if it holds one.
+    fn hand_back_stats(&mut self) -> Result<()> {
         let (Some(part), Some(head)) = (self.stats.as_mut(), self.stats_head.take()) else {
             return Ok(());
         };
@@ -296,7 +327,10 @@ impl<M: GuestAddressSpace> BalloonHandler<M> {
             }
         };
         let mut count = 0;
-        for (pfn, bytes) in pfns.iter_mut().zip(buf.get(..read).unwrap_or_default().chunks_exact(4)) {
+        for (pfn, bytes) in pfns
+            .iter_mut()
+            .zip(buf.get(..read).unwrap_or_default().chunks_exact(4))
+        {
             if let Ok(bytes) = <[u8; 4]>::try_from(bytes) {
                 *pfn = u32::from_le_bytes(bytes);
                 count += 1;
@@ -401,7 +435,10 @@ impl<M: GuestAddressSpace> BalloonHandler<M> {
         };
         if let Err(err) = part.evt.write(1) {
             inc(&self.metrics.event_fails);
-            log::error!("virtio-balloon cannot requeue its {} queue: {err}", part.name);
+            log::error!(
+                "virtio-balloon cannot requeue its {} queue: {err}",
+                part.name
+            );
         }
     }
 
@@ -472,8 +509,16 @@ where
     M: GuestAddressSpace + Send + 'static,
 {
     fn init(&mut self, ops: &mut EventOps<'_>) -> io::Result<()> {
-        ops.add(self.inflate.evt.as_raw_fd(), EventSet::IN, INFLATE_QUEUE_TOKEN)?;
-        ops.add(self.deflate.evt.as_raw_fd(), EventSet::IN, DEFLATE_QUEUE_TOKEN)?;
+        ops.add(
+            self.inflate.evt.as_raw_fd(),
+            EventSet::IN,
+            INFLATE_QUEUE_TOKEN,
+        )?;
+        ops.add(
+            self.deflate.evt.as_raw_fd(),
+            EventSet::IN,
+            DEFLATE_QUEUE_TOKEN,
+        )?;
         if let Some(part) = &self.stats {
             ops.add(part.evt.as_raw_fd(), EventSet::IN, STATS_QUEUE_TOKEN)?;
         }
@@ -535,7 +580,9 @@ fn queue_error(part: &QueuePart, source: queue::Error) -> Error {
 }
 
 fn pop<G: GuestMemory + ?Sized>(part: &mut QueuePart, mem: &G) -> Result<Option<DescriptorChain>> {
-    part.queue.pop(mem).map_err(|source| queue_error(part, source))
+    part.queue
+        .pop(mem)
+        .map_err(|source| queue_error(part, source))
 }
 
 fn add_used<G: GuestMemory + ?Sized>(
@@ -548,22 +595,24 @@ fn add_used<G: GuestMemory + ?Sized>(
         .map_err(|source| queue_error(part, source))
 }
 
-/// A non-blocking timer that fires every `seconds`.
-fn stats_timer(seconds: u16) -> io::Result<TimerFd> {
-    let mut timer = TimerFd::new()?;
-    let fd = timer.as_raw_fd();
-    // SAFETY: `fd` is the timer's open descriptor; F_GETFL and F_SETFL only read and set its
-    // status flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
+/// A non-blocking, disarmed monotonic timer for the statistics polls.
+///
+/// # Errors
+///
+/// When the process is out of descriptors.
+pub fn stats_timer() -> io::Result<TimerFd> {
+    // SAFETY: timerfd_create takes no pointer; its result is checked before use.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    arm(&mut timer, seconds)?;
-    Ok(timer)
+    // SAFETY: `fd` is a timerfd this function just created and owns alone.
+    Ok(unsafe { TimerFd::from_raw_fd(fd) })
 }
 
 fn arm(timer: &mut TimerFd, seconds: u16) -> io::Result<()> {

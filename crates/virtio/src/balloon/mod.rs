@@ -62,6 +62,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 pub use device::{Balloon, PendingUpdate};
 pub use handler::{
     BalloonHandler, DEFLATE_QUEUE_TOKEN, INFLATE_QUEUE_TOKEN, STATS_QUEUE_TOKEN, STATS_TIMER_TOKEN,
+    stats_timer,
 };
 
 use crate::queue;
