@@ -1822,6 +1822,51 @@ mod tests {
     }
 
     #[test]
+    fn a_configuration_s_balloon_is_firecracker_s_and_checked() {
+        let config: FullVmConfiguration = serde_json::from_str(
+            r#"{"balloon": {"amount_mib": 64, "deflate_on_oom": true,
+                             "stats_polling_interval_s": 5}}"#,
+        )
+        .unwrap();
+        let balloon = config.balloon.unwrap();
+        assert_eq!((balloon.amount_mib, balloon.deflate_on_oom), (64, true));
+        assert_eq!(balloon.stats_polling_interval_s, 5);
+        config.validate().unwrap();
+        assert_eq!(
+            serde_json::to_string(&balloon).unwrap(),
+            r#"{"amount_mib":64,"deflate_on_oom":true,"stats_polling_interval_s":5}"#
+        );
+        let reporting: FullVmConfiguration = serde_json::from_str(
+            r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false,
+                             "free_page_reporting": true}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            reporting.validate(),
+            Err(ModelError::BalloonFreePage("reporting"))
+        );
+        let huge = Balloon {
+            amount_mib: u32::MAX,
+            deflate_on_oom: false,
+            stats_polling_interval_s: 0,
+            free_page_hinting: false,
+            free_page_reporting: false,
+        };
+        assert_eq!(huge.validate(), Err(ModelError::BalloonTooLarge));
+        assert!(error_of::<BalloonUpdate>(r#"{"amount_mib": 1, "x": 2}"#).contains("x"));
+        let stats = BalloonStats {
+            target_pages: 256,
+            target_mib: 1,
+            free_memory: Some(4096),
+            ..BalloonStats::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&stats).unwrap(),
+            r#"{"target_pages":256,"actual_pages":0,"target_mib":1,"actual_mib":0,"free_memory":4096}"#
+        );
+    }
+
+    #[test]
     fn full_configurations_refuse_duplicates_and_two_roots() {
         let drive = |id: &str, root: bool| Drive {
             drive_id: id.into(),
