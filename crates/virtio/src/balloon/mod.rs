@@ -17,8 +17,10 @@
 //! one `madvise`: `MADV_DONTNEED` on anonymous private memory (ember's), whose pages then read
 //! as zeros and no longer count in the process' RSS; `MADV_REMOVE` on memory backed by a file
 //! (a region with a [`FileOffset`](vm_memory::FileOffset): a memfd or a shared file), where
-//! `MADV_DONTNEED` would only drop the mapping and leave the file's pages in place. Memory
-//! backed by huge pages cannot give back 4 KiB pages: a VMM should not offer a balloon over it.
+//! `MADV_DONTNEED` would only drop the mapping and leave the file's pages in place (a VMM
+//! whose threads run under seccomp must then allow `MADV_REMOVE` as well). Transparent huge
+//! pages are split by the kernel; memory from hugetlbfs cannot give back 4 KiB pages, and a
+//! VMM should not offer a balloon over it.
 //! Deflating needs nothing of the host: the guest's next touch of a page faults a fresh one in.
 //!
 //! # A malicious driver
