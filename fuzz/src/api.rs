@@ -204,7 +204,7 @@ mod tests {
                 "absolute-form",
                 text("GET http://localhost/version?x=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"),
             ),
-            ("unknown-path", text("GET /balloon HTTP/1.1\r\n\r\n")),
+            ("unknown-path", text("GET /no-such-path HTTP/1.1\r\n\r\n")),
             (
                 "bad-body",
                 text(&with_body(
@@ -247,7 +247,7 @@ mod tests {
         ("minimal", ConfigOutcome::Valid),
         ("empty-object", ConfigOutcome::Valid),
         ("unsupported-null", ConfigOutcome::Valid),
-        ("unsupported-balloon", ConfigOutcome::Unparsed),
+        ("balloon", ConfigOutcome::Valid),
         ("unknown-key", ConfigOutcome::Unparsed),
         ("duplicate-drive", ConfigOutcome::Invalid),
         ("two-root-devices", ConfigOutcome::Invalid),
@@ -287,8 +287,10 @@ mod tests {
                 text(r#"{"balloon": null, "vsock": null, "pmem": [], "mmds-config": null}"#),
             ),
             (
-                "unsupported-balloon",
-                text(r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false}}"#),
+                "balloon",
+                text(
+                    r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false, "stats_polling_interval_s": 1}}"#,
+                ),
             ),
             ("unknown-key", text(r#"{"drivez": []}"#)),
             (

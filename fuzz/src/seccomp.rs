@@ -54,7 +54,7 @@ mod tests {
     /// The seeds and what the target makes of them.
     const SEEDS: &[(&str, FilterOutcome)] = &[
         ("builtin", FilterOutcome::Valid),
-        ("six-kinds", FilterOutcome::Valid),
+        ("every-kind", FilterOutcome::Valid),
         (
             "firecracker-threads-only",
             FilterOutcome::Refused("MissingThread"),
@@ -90,26 +90,27 @@ mod tests {
     /// The seeds, but for `builtin`, which is ember's filters as built when it was written:
     /// the filters change more often than the format, and any valid file is a good seed.
     fn seeds() -> Seeds {
-        let six = file(
-            &["vmm", "api", "vcpu", "block", "net", "console"].map(|n| entry(n.as_bytes(), 3)),
+        let every = file(
+            &["vmm", "api", "vcpu", "block", "net", "rng", "console", "balloon"]
+                .map(|n| entry(n.as_bytes(), 3)),
         );
         let three: Vec<Vec<u8>> = ["vmm", "api", "vcpu"]
             .iter()
             .map(|n| entry(n.as_bytes(), 1))
             .collect();
-        let mut trailing = six.clone();
+        let mut trailing = every.clone();
         trailing.push(0);
         vec![
-            ("six-kinds", six.clone()),
+            ("every-kind", every.clone()),
             ("firecracker-threads-only", file(&three)),
             (
                 "unknown-thread",
                 file(&[entry(b"vmm", 1), entry(b"jailer", 1)]),
             ),
             ("huge-count", u64::MAX.to_le_bytes().to_vec()),
-            ("truncated", six[..5].to_vec()),
+            ("truncated", every[..5].to_vec()),
             // The last filter's instruction count is more than the bytes left.
-            ("cut-in-half", six[..six.len() / 2].to_vec()),
+            ("cut-in-half", every[..every.len() / 2].to_vec()),
             ("empty-program", file(&[entry(b"vcpu", 0)])),
             ("trailing-byte", trailing),
             ("name-not-utf8", file(&[entry(&[0xff, 0xfe], 1)])),

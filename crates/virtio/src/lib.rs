@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+pub mod balloon;
 pub mod block;
 pub mod device;
 mod error;

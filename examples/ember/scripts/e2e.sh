@@ -857,5 +857,110 @@ SCRIPT
     rmdir "$cg2/ember" 2>/dev/null
 fi
 
+# --- virtio-balloon -----------------------------------------------------------------
+
+# A 256 MiB guest fills 200 MiB of tmpfs and frees it, so that ember's RSS holds
+# those pages; PATCH /balloon then inflates the balloon by half the guest's memory
+# (128 MiB) and ember's RSS falls by at least 80 % of that. Statistics, polled
+# every second, are counted over 5 s. Then, with the balloon still inflated, the
+# guest allocates more than it has left: deflate-on-OOM gives pages back to it.
+# Last, PATCH /balloon to 0 deflates it.
+if ! command -v curl >/dev/null; then
+    fail balloon "curl is not installed"
+else
+    script_disk "$work/balloon.disk" <<'SCRIPT'
+echo "AVAILABLE $(sed -n 's/^MemAvailable: *//p' /proc/meminfo)"
+mount -t tmpfs -o size=240m tmpfs /mnt
+dd if=/dev/zero of=/mnt/fill bs=1M count=200 2>/dev/null
+echo "FILLED $(du -m /mnt/fill | cut -f1) MiB"
+rm /mnt/fill
+umount /mnt
+echo "BALLOON-NOW"
+n=0
+until dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q INFLATED || [ $n -ge 1200 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+echo "BALLOONED $(sed -n 's/^MemTotal: *//p' /proc/meminfo) total, $(sed -n 's/^MemAvailable: *//p' /proc/meminfo) available"
+mount -t tmpfs -o size=240m tmpfs /mnt
+if dd if=/dev/zero of=/mnt/fill bs=1M count=160 2>/dev/null; then
+    echo "OOM-FILL ok $(du -m /mnt/fill | cut -f1) MiB"
+else
+    echo "OOM-FILL failed $(du -m /mnt/fill | cut -f1) MiB"
+fi
+rm /mnt/fill
+umount /mnt
+sleep 120
+SCRIPT
+    dd if=/dev/zero of="$work/balloon-signal" bs=512 count=1 2>/dev/null
+    cat >"$work/balloon.json" <<JSON
+{
+  "boot-source": {"kernel_image_path": "$guest/vmlinux", "initrd_path": "$guest/initramfs.cpio.gz",
+                  "boot_args": "$base ember.run=/dev/vda"},
+  "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+  "drives": [
+    {"drive_id": "script", "path_on_host": "$work/balloon.disk", "is_root_device": false, "is_read_only": true},
+    {"drive_id": "signal", "path_on_host": "$work/balloon-signal", "is_root_device": false, "is_read_only": true}
+  ],
+  "balloon": {"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1}
+}
+JSON
+    # balloon_value FIELD: a number of the last answer's JSON.
+    balloon_value() { tr -d ' \n' <"$work/api.out" | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }
+    balloon_metric() { sed -n "s/^ember_balloon_$1 \([0-9]*\)\$/\1/p" "$work/api.out"; }
+    balloon_rss() { sed -n 's/^VmRSS:[^0-9]*\([0-9]*\) kB$/\1/p' "/proc/$vm/status"; }
+    # balloon_wait MIB: waits (up to 60 s) for the balloon to hold MIB MiB.
+    balloon_wait() {
+        n=0
+        while [ $n -lt 300 ]; do
+            api GET /balloon/statistics
+            [ "$(balloon_value actual_mib)" = "$1" ] && return 0
+            sleep 0.2
+            n=$((n + 1))
+        done
+        return 1
+    }
+    balloon_run() {
+        dd if=/dev/zero of="$work/balloon-signal" bs=512 count=1 conv=notrunc 2>/dev/null
+        api_start balloon --config-file "$work/balloon.json"
+        console_wait '^BALLOON-NOW' 180
+        api GET /metrics
+        updates0=$(balloon_metric stats_updates_count)
+        sleep 5
+        api GET /metrics
+        updates1=$(balloon_metric stats_updates_count)
+        api GET /balloon/statistics
+        rss0=$(balloon_rss)
+        api PATCH /balloon '{"amount_mib": 128}'
+        balloon_wait 128 && echo "INFLATED-TO-128" >>"$work/host"
+        rss1=$(balloon_rss)
+        api GET /metrics
+        pages=$(balloon_metric inflated_pages)
+        printf INFLATED | dd of="$work/balloon-signal" conv=notrunc 2>/dev/null
+        console_wait '^OOM-FILL' 120
+        api GET /balloon/statistics
+        api PATCH /balloon '{"amount_mib": 0}'
+        balloon_wait 0 && echo "DEFLATED-TO-0" >>"$work/host"
+        api PUT /actions '{"action_type": "SendCtrlAltDel"}'
+        await "$vm" 120
+        dropped=$((${rss0:-0} - ${rss1:-0}))
+        echo "BALLOON-RECLAIM RSS ${rss0:-?} kB -> ${rss1:-?} kB: ${dropped} kB back of 131072 kB inflated ($((dropped * 100 / 131072)) %), ${pages:-?} pages given back" >>"$work/host"
+        [ "$dropped" -ge $((131072 * 8 / 10)) ] && echo "RECLAIM-OK" >>"$work/host"
+        echo "BALLOON-STATS ${updates0:-?} -> ${updates1:-?} updates in 5 s at 1 s" >>"$work/host"
+        if [ -n "${updates0}" ] && [ -n "${updates1}" ]; then
+            polls=$((updates1 - updates0))
+            [ "$polls" -ge 4 ] && [ "$polls" -le 6 ] && echo "STATS-AT-INTERVAL" >>"$work/host"
+        fi
+    }
+    retry_crashed balloon balloon_run
+    grep -E 'BALLOON-|^OOM-FILL|^FILLED|^BALLOONED' "$work/host" "$work/out" 2>/dev/null | tr -d '\r'
+    expect inflating_half_the_guest_gives_80_percent_of_it_back_to_the_host 0 \
+        '^FILLED 200 MiB' 'API PATCH /balloon 204' 'INFLATED-TO-128' 'RECLAIM-OK'
+    expect balloon_statistics_arrive_at_the_polling_interval 0 'STATS-AT-INTERVAL' \
+        '"total_memory": ?[0-9]+' '"free_memory": ?[0-9]+'
+    expect deflate_on_oom_lets_a_guest_allocation_succeed 0 '^OOM-FILL ok 160 MiB'
+    expect patching_the_balloon_to_0_deflates_it 0 'DEFLATED-TO-0' '^EMBER-CTRL-ALT-DEL$'
+fi
+
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -150,6 +150,16 @@ impl Controller {
             ApiRequest::PutEntropy(entropy) if !started => {
                 answer(self.resources.put_entropy(entropy))
             }
+            ApiRequest::PutBalloon(balloon) if !started => {
+                answer(self.resources.put_balloon(balloon))
+            }
+            ApiRequest::GetBalloon => match self.resources.balloon() {
+                Some(balloon) => ApiResponse::ok_json(balloon),
+                None => ApiResponse::bad_request(model::ModelError::NoBalloon.to_string()),
+            },
+            ApiRequest::PatchBalloon(update) => self.patch_balloon(&update),
+            ApiRequest::GetBalloonStats => self.balloon_stats(),
+            ApiRequest::PatchBalloonStats(update) => self.patch_balloon_stats(&update),
             ApiRequest::PutLogger(config) if !started => self.put_logger(config),
             ApiRequest::PutMetrics(config) if !started => self.put_metrics(config),
             ApiRequest::Action(ActionType::InstanceStart) if !started => {
@@ -173,6 +183,7 @@ impl Controller {
             | ApiRequest::PutDrive(_)
             | ApiRequest::PutNetworkInterface(_)
             | ApiRequest::PutEntropy(_)
+            | ApiRequest::PutBalloon(_)
             | ApiRequest::PutLogger(_)
             | ApiRequest::PutMetrics(_)
             | ApiRequest::Action(ActionType::InstanceStart) => {
@@ -222,6 +233,57 @@ impl Controller {
         match f(vmm) {
             Ok(()) => ApiResponse::no_content(),
             Err(err) => ApiResponse::bad_request(error_chain(&err)),
+        }
+    }
+
+    /// `PATCH /balloon`: the resources' target before boot; the device's, then the
+    /// resources', after.
+    fn patch_balloon(&mut self, update: &model::BalloonUpdate) -> ApiResponse {
+        if self.vmm.is_none() || self.resources.balloon().is_none() {
+            return answer(self.resources.update_balloon(update));
+        }
+        // Checked before the device changes, so that a refusal changes nothing.
+        let mut checked = self.resources.clone();
+        if let Err(err) = checked.update_balloon(update) {
+            return ApiResponse::bad_request(err.to_string());
+        }
+        let response = self.with_vmm(|vmm| vmm.update_balloon(update.amount_mib));
+        if response.status().code() < 400 {
+            self.resources = checked;
+        }
+        response
+    }
+
+    /// `PATCH /balloon/statistics`: the resources' interval before boot; the device's, then
+    /// the resources', after.
+    fn patch_balloon_stats(&mut self, update: &model::BalloonStatsUpdate) -> ApiResponse {
+        if self.vmm.is_none() || self.resources.balloon().is_none() {
+            return answer(self.resources.update_balloon_stats(update));
+        }
+        let response =
+            self.with_vmm(|vmm| vmm.update_balloon_stats(update.stats_polling_interval_s));
+        if response.status().code() < 400 {
+            let _ = self.resources.update_balloon_stats(update);
+        }
+        response
+    }
+
+    /// `GET /balloon/statistics`: the running balloon's.
+    fn balloon_stats(&self) -> ApiResponse {
+        let Some(balloon) = self.resources.balloon() else {
+            return ApiResponse::bad_request(model::ModelError::NoBalloon.to_string());
+        };
+        if balloon.stats_polling_interval_s == 0 {
+            return ApiResponse::bad_request(
+                ember_virtio::balloon::Error::StatsDisabled.to_string(),
+            );
+        }
+        match &self.vmm {
+            None => ApiResponse::bad_request(BEFORE_START),
+            Some(vmm) => match vmm.balloon_stats() {
+                Ok(stats) => ApiResponse::ok_json(&model::BalloonStats::from(stats)),
+                Err(err) => ApiResponse::bad_request(error_chain(&err)),
+            },
         }
     }
 

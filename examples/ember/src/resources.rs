@@ -335,6 +335,56 @@ impl VmResources {
         Ok(())
     }
 
+    /// The balloon device, if one was put.
+    pub fn balloon(&self) -> Option<&model::Balloon> {
+        self.config.balloon.as_ref()
+    }
+
+    /// `PUT /balloon`: creates the balloon or replaces it.
+    ///
+    /// # Errors
+    ///
+    /// When the balloon is refused, or its target is more than the guest's memory.
+    pub fn put_balloon(&mut self, balloon: model::Balloon) -> Result<()> {
+        balloon.validate()?;
+        self.check_balloon_amount(balloon.amount_mib)?;
+        self.config.balloon = Some(balloon);
+        Ok(())
+    }
+
+    /// `PATCH /balloon` before boot, and the record of one after: the new target.
+    ///
+    /// # Errors
+    ///
+    /// When there is no balloon, or the target is more than the guest's memory.
+    pub fn update_balloon(&mut self, update: &model::BalloonUpdate) -> Result<()> {
+        update.validate()?;
+        self.check_balloon_amount(update.amount_mib)?;
+        let balloon = self.config.balloon.as_mut().ok_or(ModelError::NoBalloon)?;
+        balloon.amount_mib = update.amount_mib;
+        Ok(())
+    }
+
+    /// `PATCH /balloon/statistics` before boot, and the record of one after: the new polling
+    /// interval.
+    ///
+    /// # Errors
+    ///
+    /// When there is no balloon.
+    pub fn update_balloon_stats(&mut self, update: &model::BalloonStatsUpdate) -> Result<()> {
+        let balloon = self.config.balloon.as_mut().ok_or(ModelError::NoBalloon)?;
+        balloon.stats_polling_interval_s = update.stats_polling_interval_s;
+        Ok(())
+    }
+
+    /// Refuses a balloon target larger than the guest's memory, as Firecracker does.
+    fn check_balloon_amount(&self, amount_mib: u32) -> Result<()> {
+        if u64::from(amount_mib) > self.machine().mem_size_mib {
+            return Err(ModelError::BalloonTooLarge.into());
+        }
+        Ok(())
+    }
+
     /// `PUT /logger`, recorded for `GET /vm/config`.
     pub fn set_logger(&mut self, logger: model::Logger) {
         self.config.logger = Some(logger);

@@ -152,11 +152,14 @@ pub enum ThreadKind {
     Rng,
     /// `console`: a thread that writes the serial console's output to stdout or a file.
     Console,
+    /// `balloon`: the worker of the virtio balloon (`ember-balloon`), which gives guest pages
+    /// back with `madvise(MADV_DONTNEED)` and polls statistics on a timerfd.
+    Balloon,
 }
 
 impl ThreadKind {
     /// Every kind; a filter file has a filter for each.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -164,6 +167,7 @@ impl ThreadKind {
         ThreadKind::Net,
         ThreadKind::Rng,
         ThreadKind::Console,
+        ThreadKind::Balloon,
     ];
 
     /// The kind's name in a filter file.
@@ -176,6 +180,7 @@ impl ThreadKind {
             ThreadKind::Net => "net",
             ThreadKind::Rng => "rng",
             ThreadKind::Console => "console",
+            ThreadKind::Balloon => "balloon",
         }
     }
 
@@ -185,7 +190,8 @@ impl ThreadKind {
     }
 
     /// The kind of the device worker thread named `thread`: `ember-blk...` is a block device's,
-    /// `ember-net...` a network device's, `ember-rng...` an entropy device's.
+    /// `ember-net...` a network device's, `ember-rng...` an entropy device's, `ember-balloon`
+    /// the balloon's.
     pub fn of_worker(thread: &str) -> Option<ThreadKind> {
         if thread.starts_with("ember-blk") {
             Some(ThreadKind::Block)
@@ -193,6 +199,8 @@ impl ThreadKind {
             Some(ThreadKind::Net)
         } else if thread.starts_with("ember-rng") {
             Some(ThreadKind::Rng)
+        } else if thread.starts_with("ember-balloon") {
+            Some(ThreadKind::Balloon)
         } else {
             None
         }
@@ -634,7 +642,9 @@ mod tests {
         bytes
     }
 
-    const ALL_NAMES: [&str; 7] = ["vmm", "api", "vcpu", "block", "net", "rng", "console"];
+    const ALL_NAMES: [&str; 8] = [
+        "vmm", "api", "vcpu", "block", "net", "rng", "console", "balloon",
+    ];
 
     #[test]
     fn the_builtin_filters_have_every_kind_and_round_trip() {
@@ -764,6 +774,10 @@ mod tests {
     fn worker_threads_are_known_by_their_names() {
         assert_eq!(ThreadKind::of_worker("ember-net"), Some(ThreadKind::Net));
         assert_eq!(ThreadKind::of_worker("ember-blk"), Some(ThreadKind::Block));
+        assert_eq!(
+            ThreadKind::of_worker("ember-balloon"),
+            Some(ThreadKind::Balloon)
+        );
         assert_eq!(
             ThreadKind::of_worker("ember-blk-rootfs"),
             Some(ThreadKind::Block)

@@ -29,6 +29,7 @@ use ember_memory::{GuestMemoryMmap, MemoryOptions, ResourceAllocator};
 use ember_rate_limiter::{BucketConfig, BucketUpdate, RateLimiter};
 use ember_vcpu::bus::BusExitHandler;
 use ember_vcpu::{IoEventAddress, Kvm, Vcpu, VcpuHandle, Vm, VmExit, VmExitNotifier};
+use ember_virtio::balloon::{Balloon, BalloonConfig, BalloonStats};
 use ember_virtio::block::{self, Block};
 use ember_virtio::mmio::{MMIO_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, cmdline_device};
 use ember_virtio::net::{MacAddr, Net};
@@ -172,6 +173,12 @@ pub enum Error {
         #[source]
         source: ember_virtio::net::Error,
     },
+    /// The balloon refuses a change.
+    #[error(transparent)]
+    Balloon(ember_virtio::balloon::Error),
+    /// A balloon request on a VM without one.
+    #[error("No balloon device found.")]
+    NoBalloon,
     /// The device workers cannot be paused or resumed.
     #[error("Cannot pause or resume the device workers")]
     Pause(#[source] io::Error),
@@ -295,6 +302,7 @@ pub struct Vmm {
     nets: Vec<(String, NetTransport)>,
     /// The counters of the entropy device, if there is one.
     entropy: Option<Arc<RngMetrics>>,
+    balloon: Option<Transport<Balloon>>,
     legacy: Legacy,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
     gate: WorkerGate,
@@ -365,6 +373,10 @@ impl Vmm {
         let drives = attach_drives(&mut virtio, resources.drives())?;
         let nets = attach_nets(&mut virtio, resources.nets())?;
         let entropy = attach_entropy(&mut virtio, resources.entropy())?;
+        let balloon = match resources.balloon() {
+            Some(config) => Some(attach_balloon(&mut virtio, config)?),
+            None => None,
+        };
         let mut cmdline_extra = virtio.cmdline;
 
         // Kernel, initrd, command line, boot parameters.
@@ -405,6 +417,7 @@ impl Vmm {
             drives,
             nets,
             entropy,
+            balloon,
             legacy,
             boot_timer,
             gate,
@@ -542,6 +555,50 @@ impl Vmm {
             })
     }
 
+    /// `PATCH /balloon` on the running balloon: a new target, which the driver is told of
+    /// with a configuration interrupt.
+    ///
+    /// # Errors
+    ///
+    /// When there is no balloon, or it refuses the target.
+    pub fn update_balloon(&self, amount_mib: u32) -> Result<()> {
+        let transport = self.balloon.as_ref().ok_or(Error::NoBalloon)?;
+        lock(transport)
+            .device_mut()
+            .set_target_mib(amount_mib)
+            .map_err(Error::Balloon)
+    }
+
+    /// `PATCH /balloon/statistics` on the running balloon: a new polling interval, which
+    /// cannot turn statistics on or off.
+    ///
+    /// # Errors
+    ///
+    /// When there is no balloon, or it refuses the interval.
+    pub fn update_balloon_stats(&self, seconds: u16) -> Result<()> {
+        let transport = self.balloon.as_ref().ok_or(Error::NoBalloon)?;
+        // Handed to the worker under the transport's lock, waited for without it.
+        let pending = lock(transport).device_mut().set_stats_interval(seconds);
+        pending
+            .and_then(ember_virtio::balloon::PendingUpdate::wait)
+            .map_err(Error::Balloon)
+    }
+
+    /// `GET /balloon/statistics`: the balloon's sizes and the guest's latest statistics.
+    ///
+    /// # Errors
+    ///
+    /// When there is no balloon, or it polls no statistics.
+    pub fn balloon_stats(&self) -> Result<BalloonStats> {
+        let transport = self.balloon.as_ref().ok_or(Error::NoBalloon)?;
+        let transport = lock(transport);
+        let balloon = transport.device();
+        if !balloon.stats_enabled() {
+            return Err(Error::Balloon(ember_virtio::balloon::Error::StatsDisabled));
+        }
+        Ok(balloon.stats())
+    }
+
     /// What the VM's counters read now.
     pub fn metrics(&self, snapshot: &mut Snapshot) {
         snapshot.push(Group::counters(
@@ -594,6 +651,10 @@ impl Vmm {
         }
         if let Some(entropy) = &self.entropy {
             snapshot.push(Group::counters("entropy", None, entropy.values()));
+        }
+        if let Some(transport) = &self.balloon {
+            let values = lock(transport).device().metrics().values();
+            snapshot.push(Group::counters("balloon", None, values));
         }
     }
 
@@ -914,6 +975,20 @@ fn attach_entropy(
     let metrics = device.metrics().clone();
     virtio.attach("entropy device".to_string(), device)?;
     Ok(Some(metrics))
+}
+
+/// The balloon device.
+fn attach_balloon(
+    virtio: &mut VirtioAttacher<'_>,
+    config: &model::Balloon,
+) -> Result<Transport<Balloon>> {
+    let device = Balloon::new(BalloonConfig::new(
+        config.amount_mib,
+        config.deflate_on_oom,
+        config.stats_polling_interval_s,
+    ))
+    .map_err(Error::Balloon)?;
+    virtio.attach("balloon".to_string(), device)
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File> {

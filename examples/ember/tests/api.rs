@@ -1397,6 +1397,200 @@ fn a_config_file_with_an_entropy_device_boots_with_it() {
     assert_eq!(ember.get("/vm/config").json()["entropy"], config["entropy"]);
     let metrics = ember.get("/metrics").body;
     assert_eq!(prometheus_value(&metrics, "ember_entropy_entropy_bytes"), 0);
+}
+
+#[test]
+fn the_balloon_is_configured_patched_and_measured_and_bad_requests_change_nothing() {
+    let scratch = Scratch::new("balloon");
+    let ember = Ember::start(&scratch, &[]);
+    configure_waiting_guest(&ember, &scratch);
+    let response = ember.get("/balloon");
+    assert_eq!(response.status, 400);
+    assert_eq!(response.fault(), "No balloon device found.");
+    let response = ember.patch("/balloon", json!({"amount_mib": 1}));
+    assert_eq!(response.status, 400);
+    assert_eq!(response.fault(), "No balloon device found.");
+
+    // Bad bodies, before there is a balloon: nothing appears.
+    for (what, body, expected) in [
+        (
+            "more than the guest's 128 MiB",
+            json!({"amount_mib": 129, "deflate_on_oom": false}),
+            "Amount of pages requested is too large.",
+        ),
+        (
+            "free page hinting",
+            json!({"amount_mib": 1, "deflate_on_oom": false, "free_page_hinting": true}),
+            "hinting",
+        ),
+        (
+            "a missing field",
+            json!({"amount_mib": 1}),
+            "deflate_on_oom",
+        ),
+        (
+            "an unknown field",
+            json!({"amount_mib": 1, "deflate_on_oom": false, "size": 3}),
+            "size",
+        ),
+        (
+            "a negative size",
+            json!({"amount_mib": -1, "deflate_on_oom": false}),
+            "deserializing",
+        ),
+    ] {
+        let response = ember.put("/balloon", body);
+        assert_eq!(response.status, 400, "{what}: {}", response.body);
+        assert!(
+            response.fault().contains(expected),
+            "{what}: {}",
+            response.fault()
+        );
+        assert_eq!(ember.get("/balloon").status, 400, "{what}");
+    }
+
+    let response = ember.put(
+        "/balloon",
+        json!({"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 1}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+    assert_eq!(
+        ember.patch("/balloon", json!({"amount_mib": 8})).status,
+        204
+    );
+    assert_eq!(
+        ember.get("/balloon").json(),
+        json!({"amount_mib": 8, "deflate_on_oom": true, "stats_polling_interval_s": 1})
+    );
+    assert_eq!(ember.get("/vm/config").json()["balloon"]["amount_mib"], 8);
+    let response = ember.get("/balloon/statistics");
+    assert_eq!(response.status, 400);
+    assert!(
+        response.fault().contains("before starting"),
+        "{}",
+        response.fault()
+    );
+
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "InstanceStart"}))
+            .status,
+        204
+    );
+    let response = ember.put(
+        "/balloon",
+        json!({"amount_mib": 1, "deflate_on_oom": false}),
+    );
+    assert_eq!(response.status, 400);
+    assert!(response.fault().contains("after starting"));
+
+    let before = ember.get("/vm/config").body;
+    for (what, path, body, expected) in [
+        (
+            "a target above the guest's memory",
+            "/balloon",
+            json!({"amount_mib": 200}),
+            "Amount of pages requested is too large.",
+        ),
+        (
+            "a target that is not a number",
+            "/balloon",
+            json!({"amount_mib": "x"}),
+            "deserializing",
+        ),
+        (
+            "statistics turned off",
+            "/balloon/statistics",
+            json!({"stats_polling_interval_s": 0}),
+            "Cannot enable/disable the statistics after boot.",
+        ),
+        (
+            "an interval too long",
+            "/balloon/statistics",
+            json!({"stats_polling_interval_s": 70000}),
+            "deserializing",
+        ),
+    ] {
+        let response = ember.patch(path, body);
+        assert_eq!(response.status, 400, "{what}: {}", response.body);
+        assert!(
+            response.fault().contains(expected),
+            "{what}: {}",
+            response.fault()
+        );
+        assert_eq!(ember.get("/vm/config").body, before, "{what}");
+    }
+
+    assert_eq!(
+        ember.patch("/balloon", json!({"amount_mib": 32})).status,
+        204
+    );
+    let response = ember.patch(
+        "/balloon/statistics",
+        json!({"stats_polling_interval_s": 2}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+    assert_eq!(
+        ember.get("/balloon").json(),
+        json!({"amount_mib": 32, "deflate_on_oom": true, "stats_polling_interval_s": 2})
+    );
+    // This guest has no balloon driver: the target moved, the balloon did not.
+    let response = ember.get("/balloon/statistics");
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(
+        response.json(),
+        json!({"target_pages": 8192, "actual_pages": 0, "target_mib": 32, "actual_mib": 0})
+    );
+    let metrics = ember.get("/metrics").body;
+    assert!(metrics.contains("balloon_inflate_count"), "{metrics}");
+
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "SendCtrlAltDel"}))
+            .status,
+        204
+    );
+    let (code, err) = ember.wait();
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn balloon_statistics_are_refused_when_not_enabled_at_boot() {
+    let scratch = Scratch::new("balloon-nostats");
+    let ember = Ember::start(&scratch, &[]);
+    configure_waiting_guest(&ember, &scratch);
+    assert_eq!(
+        ember
+            .put(
+                "/balloon",
+                json!({"amount_mib": 0, "deflate_on_oom": false})
+            )
+            .status,
+        204
+    );
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "InstanceStart"}))
+            .status,
+        204
+    );
+    for response in [
+        ember.get("/balloon/statistics"),
+        ember.patch(
+            "/balloon/statistics",
+            json!({"stats_polling_interval_s": 1}),
+        ),
+    ] {
+        assert_eq!(response.status, 400, "{}", response.body);
+        assert_eq!(
+            response.fault(),
+            "Statistics for the balloon device are not enabled"
+        );
+    }
+    assert_eq!(
+        ember.get("/balloon").json(),
+        json!({"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 0})
+    );
     assert_eq!(
         ember
             .put("/actions", json!({"action_type": "SendCtrlAltDel"}))

@@ -31,6 +31,7 @@ fn thread_name(kind: ThreadKind) -> &'static str {
         ThreadKind::Net => "ember-net",
         ThreadKind::Rng => "ember-rng",
         ThreadKind::Console => "ember-console",
+        ThreadKind::Balloon => "ember-balloon",
     }
 }
 
@@ -121,6 +122,7 @@ fn the_calls_each_kind_needs_still_work_under_its_filter() {
         (ThreadKind::Rng, "entropy"),
         (ThreadKind::Vmm, "vmm_io"),
         (ThreadKind::Console, "tap_io"),
+        (ThreadKind::Balloon, "tap_io"),
     ] {
         assert_succeeded(&child(kind, action), kind);
     }
@@ -129,6 +131,14 @@ fn the_calls_each_kind_needs_still_work_under_its_filter() {
 #[test]
 fn a_vcpu_starts_a_device_worker_that_installs_its_own_filter() {
     assert_succeeded(&child(ThreadKind::Vcpu, "start_worker"), ThreadKind::Vcpu);
+}
+
+#[test]
+fn a_vcpu_activates_a_balloon_whose_worker_gives_a_page_back_and_polls_statistics() {
+    assert_succeeded(
+        &child(ThreadKind::Vcpu, "activate_balloon"),
+        ThreadKind::Vcpu,
+    );
 }
 
 #[test]
@@ -330,6 +340,10 @@ fn seccomp_child() {
     // Devices are built by the VMM thread before the vCPUs start.
     let block = (action == "activate_block").then(|| block_rig(&file));
     let net = (action == "activate_net").then(|| net_rig(writer.try_clone().unwrap()));
+    let balloon = (action == "activate_balloon").then(|| {
+        let config = ember_virtio::balloon::BalloonConfig::new(0, true, 1);
+        rig(ember_virtio::balloon::Balloon::new(config).unwrap(), 3)
+    });
 
     let thread = std::thread::Builder::new()
         .name(thread_name(kind).to_string())
@@ -341,6 +355,9 @@ fn seccomp_child() {
             }
             if let Some(rig) = net {
                 activate_net(rig, &reader);
+            }
+            if let Some(rig) = balloon {
+                activate_balloon(rig);
             }
         })
         .unwrap();
@@ -476,7 +493,7 @@ fn run(
             assert_eq!(read, 7);
             worker.stop().unwrap();
         }
-        "activate_block" | "activate_net" => {}
+        "activate_block" | "activate_net" | "activate_balloon" => {}
         other => panic!("unknown action {other}"),
     }
     let _ = seccomp::num_faults();
@@ -642,6 +659,34 @@ fn activate_net(
     let len = peer.recv(&mut frame).unwrap();
     // A socket backend passes the virtio-net header along with the frame.
     assert_eq!(&frame[..len], b"\0\0\0\0\0\0\0\0\0\0\0\0frame!");
+    rig.transport.write(regs::STATUS, &0u32.to_le_bytes());
+    assert!(!rig.transport.is_activated());
+}
+
+/// Activates the balloon, inflates a page the guest wrote (it reads as zero after), hands the
+/// worker a statistics buffer that its timer gives back, and resets the device.
+fn activate_balloon(mut rig: Rig<ember_virtio::balloon::Balloon>) {
+    use ember_virtio::mock::MockBuffer;
+    use vm_memory::{Bytes, GuestAddress};
+    activate(&mut rig.transport, &rig.drivers);
+    let mem = &*rig.mem;
+    mem.write_slice(&[0x5a; 4096], GuestAddress(0x9_0000))
+        .unwrap();
+    mem.write_obj(0x90u32, GuestAddress(0x8_0000)).unwrap();
+    rig.drivers[0]
+        .add_chain(mem, &[MockBuffer::readable(0x8_0000, 4)])
+        .unwrap();
+    rig.transport.queue_evts()[0].write(1).unwrap();
+    wait_used(mem, &rig.drivers[0], 1);
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(0x9_0000)).unwrap(), 0);
+    // One statistic (free memory), kept by the worker until its timer fires.
+    mem.write_obj(4u16, GuestAddress(0x8_1000)).unwrap();
+    mem.write_obj(1u64 << 20, GuestAddress(0x8_1002)).unwrap();
+    rig.drivers[2]
+        .add_chain(mem, &[MockBuffer::readable(0x8_1000, 10)])
+        .unwrap();
+    rig.transport.queue_evts()[2].write(1).unwrap();
+    wait_used(mem, &rig.drivers[2], 1);
     rig.transport.write(regs::STATUS, &0u32.to_le_bytes());
     assert!(!rig.transport.is_activated());
 }

@@ -127,6 +127,16 @@ pub enum ModelError {
         /// Why, in the system's words.
         reason: String,
     },
+    /// A balloon asks for free page hinting or reporting.
+    #[error("Free page {0} is not supported by ember's balloon.")]
+    BalloonFreePage(&'static str),
+    /// A balloon request, before one was put.
+    #[error("No balloon device found.")]
+    NoBalloon,
+    /// A balloon's target is more than the guest's memory, or does not fit in 32 bits of
+    /// 4 KiB pages (Firecracker's message).
+    #[error("Amount of pages requested is too large.")]
+    BalloonTooLarge,
     /// A drive names an inherited descriptor (`/proc/self/fd/N`) that cannot back it; the
     /// text says why.
     #[error("{0}")]
@@ -917,10 +927,147 @@ pub struct FaultMessage {
     pub fault_message: String,
 }
 
+/// `PUT /balloon` and the configuration's `balloon`: Firecracker's `Balloon`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Balloon {
+    /// The size the balloon is asked to reach, in MiB.
+    pub amount_mib: u32,
+    /// Whether the guest may deflate the balloon when it runs out of memory.
+    pub deflate_on_oom: bool,
+    /// Seconds between two statistics polls; 0 (the default) turns statistics off.
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+    /// Free page hinting: accepted only as `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub free_page_hinting: bool,
+    /// Free page reporting: accepted only as `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub free_page_reporting: bool,
+}
+
+impl Balloon {
+    /// Checks what ember supports: no free page hinting or reporting, a target that fits in
+    /// 32 bits of 4 KiB pages.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::BalloonFreePage`], [`ModelError::BalloonTooLarge`].
+    pub fn validate(&self) -> Result<()> {
+        if self.free_page_hinting {
+            return Err(ModelError::BalloonFreePage("hinting"));
+        }
+        if self.free_page_reporting {
+            return Err(ModelError::BalloonFreePage("reporting"));
+        }
+        validate_balloon_amount(self.amount_mib)
+    }
+}
+
+fn validate_balloon_amount(amount_mib: u32) -> Result<()> {
+    ember_virtio::balloon::mib_to_pages(amount_mib)
+        .map(drop)
+        .map_err(|_| ModelError::BalloonTooLarge)
+}
+
+/// `PATCH /balloon`: Firecracker's `BalloonUpdate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    /// The new target, in MiB.
+    pub amount_mib: u32,
+}
+
+impl BalloonUpdate {
+    /// Checks that the target fits in 32 bits of 4 KiB pages.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::BalloonTooLarge`].
+    pub fn validate(&self) -> Result<()> {
+        validate_balloon_amount(self.amount_mib)
+    }
+}
+
+/// `PATCH /balloon/statistics`: Firecracker's `BalloonStatsUpdate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    /// Seconds between two statistics polls.
+    pub stats_polling_interval_s: u16,
+}
+
+/// `GET /balloon/statistics`: Firecracker's `BalloonStats`. The guest's statistics are left out
+/// until its driver reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStats {
+    /// The size the balloon is asked to reach, in 4 KiB pages.
+    pub target_pages: u32,
+    /// The size the driver says it reached, in 4 KiB pages.
+    pub actual_pages: u32,
+    /// `target_pages` in MiB.
+    pub target_mib: u32,
+    /// `actual_pages` in MiB.
+    pub actual_mib: u32,
+    /// Memory swapped in, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_in: Option<u64>,
+    /// Memory swapped out, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_out: Option<u64>,
+    /// Major page faults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub major_faults: Option<u64>,
+    /// Minor page faults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor_faults: Option<u64>,
+    /// Memory not used at all, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_memory: Option<u64>,
+    /// Memory the guest has, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_memory: Option<u64>,
+    /// Memory available without swapping, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_memory: Option<u64>,
+    /// Disk caches, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_caches: Option<u64>,
+    /// Huge page allocations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_allocations: Option<u64>,
+    /// Huge page allocations that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_failures: Option<u64>,
+}
+
+impl From<ember_virtio::balloon::BalloonStats> for BalloonStats {
+    fn from(stats: ember_virtio::balloon::BalloonStats) -> Self {
+        let guest = stats.guest;
+        BalloonStats {
+            target_pages: stats.target_pages,
+            actual_pages: stats.actual_pages,
+            target_mib: stats.target_mib,
+            actual_mib: stats.actual_mib,
+            swap_in: guest.swap_in,
+            swap_out: guest.swap_out,
+            major_faults: guest.major_faults,
+            minor_faults: guest.minor_faults,
+            free_memory: guest.free_memory,
+            total_memory: guest.total_memory,
+            available_memory: guest.available_memory,
+            disk_caches: guest.disk_caches,
+            hugetlb_allocations: guest.hugetlb_allocations,
+            hugetlb_failures: guest.hugetlb_failures,
+        }
+    }
+}
+
 /// The whole configuration of a microVM: the answer to `GET /vm/config`, and the format of a
 /// configuration file.
 ///
-/// Keys of Firecracker's configuration that ember does not implement (`balloon`, `cpu-config`,
+/// Keys of Firecracker's configuration that ember does not implement (`cpu-config`,
 /// `memory-hotplug`, `mmds-config`, `pmem`, `vsock`) are accepted only when `null`
 /// (or, for the list `pmem`, empty), so that a configuration written for Firecracker without them
 /// loads unchanged; they are never written.
@@ -953,8 +1100,9 @@ pub struct FullVmConfiguration {
     /// Where the metrics go.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
-    #[serde(default, skip_serializing, deserialize_with = "reject_balloon")]
-    balloon: Unsupported,
+    /// The balloon device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<Balloon>,
     #[serde(
         rename = "cpu-config",
         default,
@@ -1025,6 +1173,9 @@ impl FullVmConfiguration {
         if let Some(entropy) = &self.entropy {
             entropy.validate()?;
         }
+        if let Some(balloon) = &self.balloon {
+            balloon.validate()?;
+        }
         Ok(())
     }
 }
@@ -1044,7 +1195,6 @@ macro_rules! reject_key {
     };
 }
 
-reject_key!(reject_balloon, "balloon");
 reject_key!(reject_cpu_config, "cpu-config");
 reject_key!(reject_memory_hotplug, "memory-hotplug");
 reject_key!(reject_mmds_config, "mmds-config");
@@ -1673,7 +1823,7 @@ mod tests {
     #[test]
     fn full_configurations_accept_unimplemented_keys_only_when_null() {
         let config: FullVmConfiguration = serde_json::from_str(
-            r#"{"balloon": null, "cpu-config": null, "entropy": null, "memory-hotplug": null,
+            r#"{"cpu-config": null, "entropy": null, "memory-hotplug": null,
                 "mmds-config": null, "pmem": [], "vsock": null}"#,
         )
         .unwrap();
@@ -1683,7 +1833,6 @@ mod tests {
             r#"{"drives":[],"network-interfaces":[]}"#
         );
         for (key, value) in [
-            ("balloon", r#"{"amount_mib":1,"deflate_on_oom":false}"#),
             ("vsock", r#"{"guest_cid":3,"uds_path":"/v"}"#),
             ("pmem", r#"[{"id":"p","path_on_host":"/p"}]"#),
             ("mmds-config", "1"),
@@ -1698,6 +1847,51 @@ mod tests {
         assert!(
             error_of::<FullVmConfiguration>(r#"{"serial": null}"#)
                 .contains("unknown field `serial`")
+        );
+    }
+
+    #[test]
+    fn a_configuration_s_balloon_is_firecracker_s_and_checked() {
+        let config: FullVmConfiguration = serde_json::from_str(
+            r#"{"balloon": {"amount_mib": 64, "deflate_on_oom": true,
+                             "stats_polling_interval_s": 5}}"#,
+        )
+        .unwrap();
+        let balloon = config.balloon.unwrap();
+        assert_eq!((balloon.amount_mib, balloon.deflate_on_oom), (64, true));
+        assert_eq!(balloon.stats_polling_interval_s, 5);
+        config.validate().unwrap();
+        assert_eq!(
+            serde_json::to_string(&balloon).unwrap(),
+            r#"{"amount_mib":64,"deflate_on_oom":true,"stats_polling_interval_s":5}"#
+        );
+        let reporting: FullVmConfiguration = serde_json::from_str(
+            r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false,
+                             "free_page_reporting": true}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            reporting.validate(),
+            Err(ModelError::BalloonFreePage("reporting"))
+        );
+        let huge = Balloon {
+            amount_mib: u32::MAX,
+            deflate_on_oom: false,
+            stats_polling_interval_s: 0,
+            free_page_hinting: false,
+            free_page_reporting: false,
+        };
+        assert_eq!(huge.validate(), Err(ModelError::BalloonTooLarge));
+        assert!(error_of::<BalloonUpdate>(r#"{"amount_mib": 1, "x": 2}"#).contains("x"));
+        let stats = BalloonStats {
+            target_pages: 256,
+            target_mib: 1,
+            free_memory: Some(4096),
+            ..BalloonStats::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&stats).unwrap(),
+            r#"{"target_pages":256,"actual_pages":0,"target_mib":1,"actual_mib":0,"free_memory":4096}"#
         );
     }
 

@@ -22,6 +22,11 @@
 //! | PATCH  | `/machine-config`            | [`ApiRequest::PatchMachineConfig`]        |
 //! | PATCH  | `/network-interfaces/{id}`   | [`ApiRequest::PatchNetworkInterface`]     |
 //! | PATCH  | `/vm`                        | [`ApiRequest::PatchVm`]                   |
+//! | GET    | `/balloon`                   | [`ApiRequest::GetBalloon`]                |
+//! | PUT    | `/balloon`                   | [`ApiRequest::PutBalloon`]                |
+//! | PATCH  | `/balloon`                   | [`ApiRequest::PatchBalloon`]              |
+//! | GET    | `/balloon/statistics`        | [`ApiRequest::GetBalloonStats`]           |
+//! | PATCH  | `/balloon/statistics`        | [`ApiRequest::PatchBalloonStats`]         |
 //!
 //! `GET /metrics` is not Firecracker's: it answers the metrics in Prometheus' text format
 //! (`text/plain; version=0.0.4`). `PUT /metrics` is Firecracker's, and says where the JSON metrics
@@ -54,9 +59,9 @@ use serde::de::DeserializeOwned;
 
 use super::http::{self, Method, StatusCode};
 use super::model::{
-    ActionType, BootSource, Drive, EntropyDeviceConfig, FaultMessage, InstanceActionInfo, Logger,
-    MachineConfiguration, MachineConfigurationUpdate, Metrics, ModelError, NetworkInterface,
-    PartialDrive, PartialNetworkInterface, Vm, validate_id,
+    ActionType, Balloon, BalloonUpdate, BootSource, Drive, EntropyDeviceConfig, FaultMessage,
+    InstanceActionInfo, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics,
+    ModelError, NetworkInterface, PartialDrive, PartialNetworkInterface, Vm, validate_id,
 };
 
 /// The `Content-Type` of JSON bodies.
@@ -103,6 +108,17 @@ pub enum ApiRequest {
     /// `GET /metrics`: answer the metrics in Prometheus' text format, with
     /// [`ApiResponse::ok_prometheus`].
     GetMetrics,
+    /// `GET /balloon`: answer the [`Balloon`].
+    GetBalloon,
+    /// `PUT /balloon`.
+    PutBalloon(Balloon),
+    /// `PATCH /balloon`.
+    PatchBalloon(BalloonUpdate),
+    /// `GET /balloon/statistics`: answer the
+    /// [`BalloonStats`](super::model::BalloonStats).
+    GetBalloonStats,
+    /// `PATCH /balloon/statistics`.
+    PatchBalloonStats(super::model::BalloonStatsUpdate),
 }
 
 /// Why a request does not route to an [`ApiRequest`]; answered with 400 by the API thread.
@@ -186,6 +202,8 @@ fn route_get(resource: &str, sub: Option<&str>) -> Option<ApiRequest> {
         ("machine-config", None) => Some(ApiRequest::GetMachineConfig),
         ("vm", Some("config")) => Some(ApiRequest::GetVmConfig),
         ("metrics", None) => Some(ApiRequest::GetMetrics),
+        ("balloon", None) => Some(ApiRequest::GetBalloon),
+        ("balloon", Some("statistics")) => Some(ApiRequest::GetBalloonStats),
         _ => None,
     }
 }
@@ -201,6 +219,7 @@ fn route_put(
             let info: InstanceActionInfo = from_json(body)?;
             ApiRequest::Action(info.action_type)
         }
+        ("balloon", None) => ApiRequest::PutBalloon(checked(body, Balloon::validate)?),
         ("boot-source", None) => ApiRequest::PutBootSource(checked(body, BootSource::validate)?),
         ("drives", id) => ApiRequest::PutDrive(checked_with_id(
             id,
@@ -232,6 +251,8 @@ fn route_patch(
     body: &[u8],
 ) -> Result<Option<ApiRequest>, ApiError> {
     let request = match (resource, sub) {
+        ("balloon", None) => ApiRequest::PatchBalloon(checked(body, BalloonUpdate::validate)?),
+        ("balloon", Some("statistics")) => ApiRequest::PatchBalloonStats(from_json(body)?),
         ("drives", id) => ApiRequest::PatchDrive(checked_with_id(
             id,
             body,
