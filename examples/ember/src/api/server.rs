@@ -258,6 +258,23 @@ impl ApiServer {
         clock: Box<dyn Clock>,
         hook: Option<ThreadHook>,
     ) -> Result<(ApiServer, ApiRequests)> {
+        ApiServer::spawn_with_limit(path, timeouts, clock, hook, http::MAX_BODY_LEN)
+    }
+
+    /// [`ApiServer::spawn_with`], serving request bodies of at most `max_payload` bytes
+    /// (Firecracker's `--http-api-max-payload-size`): a request that announces a larger one
+    /// is answered 400 with Firecracker's message and its connection closed.
+    ///
+    /// # Errors
+    ///
+    /// As [`ApiServer::spawn_with`].
+    pub fn spawn_with_limit(
+        path: impl AsRef<Path>,
+        timeouts: Timeouts,
+        clock: Box<dyn Clock>,
+        hook: Option<ThreadHook>,
+        max_payload: usize,
+    ) -> Result<(ApiServer, ApiRequests)> {
         let socket_path = path.as_ref().to_path_buf();
         if socket_path.symlink_metadata().is_ok() && !remove_dead_socket(&socket_path) {
             return Err(ServerError::SocketPathExists(socket_path));
@@ -296,6 +313,7 @@ impl ApiServer {
             vmm_event.try_clone().map_err(ServerError::EventFd)?,
             timeouts,
             clock,
+            max_payload,
         )?;
         let (started, hook_result) = mpsc::sync_channel(1);
         let thread = thread::Builder::new()
@@ -475,9 +493,12 @@ struct EventLoop {
     next_token: u64,
     timeouts: Timeouts,
     clock: Box<dyn Clock>,
+    /// The largest request body served.
+    max_payload: usize,
 }
 
 impl EventLoop {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         listener: UnixListener,
         stop_event: EventFd,
@@ -486,6 +507,7 @@ impl EventLoop {
         vmm_event: EventFd,
         timeouts: Timeouts,
         clock: Box<dyn Clock>,
+        max_payload: usize,
     ) -> Result<EventLoop> {
         let epoll = Epoll::new().map_err(ServerError::Epoll)?;
         for (fd, token) in [
@@ -511,6 +533,7 @@ impl EventLoop {
             next_token: FIRST_CONNECTION_TOKEN,
             timeouts,
             clock,
+            max_payload,
         })
     }
 
@@ -665,7 +688,8 @@ impl EventLoop {
             EpollEvent::new(EventSet::IN, token),
         )?;
         let now = self.clock.now();
-        self.connections.insert(token, Connection::new(stream, now));
+        self.connections
+            .insert(token, Connection::new(stream, now, self.max_payload));
         Ok(())
     }
 
@@ -835,7 +859,7 @@ enum Phase {
 /// One client connection.
 struct Connection {
     stream: UnixStream,
-    /// Bytes read and not yet parsed, at most [`http::MAX_REQUEST_LEN`].
+    /// Bytes read and not yet parsed, at most [`http::MAX_HEAD_LEN`] and the body limit.
     incoming: Vec<u8>,
     /// Where the parse of the request at the start of `incoming` stands.
     parser: http::RequestParser,
@@ -857,11 +881,11 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(stream: UnixStream, now: Instant) -> Connection {
+    fn new(stream: UnixStream, now: Instant, max_payload: usize) -> Connection {
         Connection {
             stream,
             incoming: Vec::new(),
-            parser: http::RequestParser::new(),
+            parser: http::RequestParser::with_body_limit(max_payload),
             phase: Some(Phase::Idle),
             since: now,
             outgoing: Vec::new(),
@@ -934,7 +958,9 @@ impl Connection {
     /// Reads what the client sent, up to the buffer's cap. Returns whether the connection is
     /// still usable.
     fn read(&mut self) -> bool {
-        let room = http::MAX_REQUEST_LEN.saturating_sub(self.incoming.len());
+        let room = http::MAX_HEAD_LEN
+            .saturating_add(self.parser.body_limit())
+            .saturating_sub(self.incoming.len());
         if room == 0 {
             // Cannot happen: a full buffer always holds a complete request or an error, both
             // served before the next read. Refuse to grow all the same.
@@ -1596,6 +1622,7 @@ mod tests {
                 EventFd::new(EFD_NONBLOCK).unwrap(),
                 SHORT,
                 Box::new(clock.clone()),
+                http::MAX_BODY_LEN,
             )
             .unwrap();
             Stepped {
