@@ -6,9 +6,10 @@
 //! through Firecracker's REST API on a Unix socket, which also serves the running microVM (pause,
 //! resume, rate limits, metrics). It exits 0 when the guest reboots or powers off, and non-zero
 //! with a one-line error otherwise. SIGTERM and SIGINT stop it cleanly, before or after boot: the
-//! vCPUs stopped, the terminal restored, the final metrics line written and the API socket
-//! removed, then it exits with status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT)
-//! after the line `ember: stopped by SIGTERM` (or `SIGINT`).
+//! vCPUs stopped, the terminal restored and the final metrics line written, then it exits with
+//! status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT) after the line
+//! `ember: stopped by SIGTERM` (or `SIGINT`). The API socket file is left, as Firecracker
+//! leaves it.
 //!
 //! Every thread runs under a seccomp filter of its kind (`--no-seccomp` turns them off, for
 //! debugging only); a system call a filter refuses ends ember with the status 148 and a line

@@ -91,11 +91,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Why the API server did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// Something other than a dead socket exists at the socket path: Firecracker refuses it
-    /// too, rather than removing what may be another instance's socket.
-    #[error(
-        "The API socket path {0} already exists: remove it, or give the path of a file that does not exist"
-    )]
+    /// Something other than a dead socket exists at the socket path: it is refused rather than
+    /// removed, since it may be another instance's socket. The message is Firecracker's.
+    #[error("Failed to open the API socket at: {}. Check that it is not already used.", .0.display())]
     SocketPathExists(PathBuf),
     /// The socket could not be bound.
     #[error("Cannot bind the API socket at {path}")]
@@ -224,6 +222,10 @@ pub struct ApiServer {
     socket_path: PathBuf,
     /// Device and inode of the socket file, so that only the file this server created is removed.
     socket_id: Option<(u64, u64)>,
+    /// Whether stopping removes the socket file: only while [`ApiServer::spawn_with_limit`]
+    /// has not succeeded. A server that started leaves its socket file when it stops, as
+    /// Firecracker does.
+    remove_on_stop: bool,
     stop_flag: Arc<AtomicBool>,
     stop_event: EventFd,
     thread: Option<JoinHandle<()>>,
@@ -288,10 +290,11 @@ impl ApiServer {
             .ok()
             .filter(|meta| meta.file_type().is_socket())
             .map(|meta| (meta.dev(), meta.ino()));
-        // From here on, the server removes the socket file when it fails or stops.
+        // From here on, the server removes the socket file when it fails to start.
         let mut server = ApiServer {
             socket_path,
             socket_id,
+            remove_on_stop: true,
             stop_flag: Arc::new(AtomicBool::new(false)),
             stop_event: EventFd::new(EFD_NONBLOCK).map_err(ServerError::EventFd)?,
             thread: None,
@@ -333,6 +336,7 @@ impl ApiServer {
             .recv()
             .unwrap_or_else(|_| Err(io::Error::other("the API thread panicked")))
             .map_err(ServerError::ThreadHook)?;
+        server.remove_on_stop = false;
         log::debug!("API server listening on {}", server.socket_path.display());
         Ok((
             server,
@@ -348,10 +352,12 @@ impl ApiServer {
         &self.socket_path
     }
 
-    /// Stops the API thread, waits for it and removes the socket file. Doing it again does
-    /// nothing.
+    /// Stops the API thread and waits for it. Doing it again does nothing.
     ///
-    /// A request the VMM has not answered yet is answered 503.
+    /// The socket file stays, as Firecracker leaves it: client libraries remove it themselves
+    /// once the process has ended, and one of them fails when it is already gone. Nobody
+    /// listens on it any more, so a new instance may start on the same path (see
+    /// [`ApiServer::spawn`]). A request the VMM has not answered yet is answered 503.
     pub fn stop(&mut self) {
         self.stop_flag.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
@@ -362,7 +368,9 @@ impl ApiServer {
                 log::error!("The API thread panicked");
             }
         }
-        self.remove_socket_file();
+        if self.remove_on_stop {
+            self.remove_socket_file();
+        }
     }
 
     fn remove_socket_file(&mut self) {
@@ -1496,7 +1504,13 @@ mod tests {
         std::fs::write(&path, b"not a socket").unwrap();
         let err = ApiServer::spawn(&path).unwrap_err();
         assert!(matches!(err, ServerError::SocketPathExists(_)));
-        assert!(err.to_string().contains("already exists"));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "Failed to open the API socket at: {}. Check that it is not already used.",
+                path.display()
+            )
+        );
         // Left as it was.
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
 
@@ -1522,13 +1536,19 @@ mod tests {
     }
 
     #[test]
-    fn stopping_removes_the_socket_and_ends_the_thread() {
+    fn stopping_leaves_the_socket_file_and_ends_the_thread() {
         let mut fixture = start();
         assert!(fixture.path.exists());
         assert_eq!(fixture.server.socket_path(), fixture.path);
         fixture.server.stop();
-        assert!(!fixture.path.exists());
-        assert!(UnixStream::connect(&fixture.path).is_err());
+        assert!(
+            fixture.path.exists(),
+            "the socket file stays, as Firecracker's does"
+        );
+        assert_eq!(
+            UnixStream::connect(&fixture.path).unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused
+        );
         // Again: nothing happens.
         fixture.server.stop();
         // The VMM's end sees no more requests.
@@ -1547,12 +1567,17 @@ mod tests {
     }
 
     #[test]
-    fn dropping_the_server_removes_the_socket() {
+    fn dropping_the_server_leaves_the_socket_file_for_the_next_instance() {
         let fixture = start();
         let path = fixture.path.clone();
         let Fixture { _dir, server, .. } = fixture;
         drop(server);
-        assert!(!path.exists());
+        assert!(path.exists());
+        // The next instance on the same path replaces the dead socket.
+        let (mut server, _requests) = ApiServer::spawn(&path).unwrap();
+        let mut client = connect(&path);
+        client.write_all(b"GET /version HTTP/1.1\r\n\r\n").unwrap();
+        server.stop();
     }
 
     #[test]
