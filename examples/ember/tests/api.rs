@@ -490,15 +490,6 @@ fn bad_requests_get_a_400_with_a_fault_message_and_change_nothing() {
             encode("PUT", "/actions", Some(r#"{"action_type": "Explode"}"#)),
             "",
         ),
-        (
-            "FlushMetrics without metrics",
-            encode(
-                "PUT",
-                "/actions",
-                Some(r#"{"action_type": "FlushMetrics"}"#),
-            ),
-            "metrics",
-        ),
     ];
     for (what, request, expected) in raw_cases {
         let response = ember.raw(&request);
