@@ -266,13 +266,13 @@ fn prometheus_value(text: &str, name: &str) -> u64 {
 #[test]
 fn before_boot_the_api_describes_and_configures_the_microvm() {
     let scratch = Scratch::new("configure");
-    let ember = Ember::start(&scratch, &["--id", "vm_under_test"]);
+    let ember = Ember::start(&scratch, &["--id", "vm-under-test"]);
 
     let info = ember.get("/");
     assert_eq!(info.status, 200);
     assert_eq!(info.header("Content-Type"), Some("application/json"));
     let info = info.json();
-    assert_eq!(info["id"], "vm_under_test");
+    assert_eq!(info["id"], "vm-under-test");
     assert_eq!(info["state"], "Not started");
     assert_eq!(info["app_name"], "ember");
     assert_eq!(
