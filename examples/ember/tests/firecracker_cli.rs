@@ -380,3 +380,34 @@ fn metrics_from_the_flag_and_the_configuration_file_both_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_boot_source_that_cannot_be_opened_is_refused_at_the_put() {
+    let scratch = Scratch::new("boot-source");
+    let mut ember = Ember::start(&scratch, &[]);
+    let missing = scratch.arg("no-vmlinux");
+    let (status, body) = ember.put("/boot-source", &json!({"kernel_image_path": missing}));
+    assert_eq!(status, 400);
+    assert!(
+        fault(&body).starts_with("The kernel file cannot be opened: No such file"),
+        "{body}"
+    );
+    let kernel = scratch.path("vmlinux");
+    fs::write(&kernel, b"not run").unwrap();
+    let (status, body) = ember.put(
+        "/boot-source",
+        &json!({"kernel_image_path": kernel, "initrd_path": scratch.arg("no-initrd")}),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        fault(&body).starts_with("The initrd file cannot be opened"),
+        "{body}"
+    );
+    // Nothing was recorded.
+    let (_, config) = ember.request("GET", "/vm/config", None);
+    let config: Value = serde_json::from_str(&config).unwrap();
+    assert!(config["boot-source"].is_null(), "{config}");
+    let (status, _) = ember.put("/boot-source", &json!({"kernel_image_path": kernel}));
+    assert_eq!(status, 204);
+    ember.stop();
+}
