@@ -7,6 +7,9 @@ use clap::{Parser, ValueEnum};
 use ember_legacy::ProcessStart;
 use ember_virtio::net::MacAddr;
 
+use crate::api::http::MAX_BODY_LEN;
+use crate::api::model;
+
 /// Kernel command line used when `--cmdline` is not given: serial console, reset through the i8042
 /// keyboard controller on reboot, reboot one second after a panic, no PCI probing (ember has no
 /// PCI bus), and an i8042 keyboard without probing (ember's answers every command with an
@@ -21,9 +24,16 @@ pub const DEFAULT_SERIAL_MAX_BYTES: u64 = 64 << 20;
 /// The microVM's ID when `--id` is not given, as in Firecracker.
 pub const DEFAULT_INSTANCE_ID: &str = "anonymous-instance";
 
-/// Where the API is served when the command line names neither a microVM (`--kernel`,
-/// `--config-file`) nor a socket (`--api-sock`, `--no-api`): Firecracker's default, which
-/// jailer scripts and SDKs that pass no `--api-sock` expect (inside the jail's `/run`).
+/// The longest `--id`, as in Firecracker.
+pub const MAX_INSTANCE_ID_LEN: usize = 64;
+
+/// What `--version` prints, in Firecracker's shape (`Firecracker v1.7.0` and an empty line).
+pub const VERSION_LINE: &str = concat!("ember v", env!("CARGO_PKG_VERSION"), "\n");
+
+/// Where the API is served when the command line names neither ember's own `--kernel` nor a
+/// socket (`--api-sock`, `--no-api`): Firecracker's default, which jailer scripts and SDKs
+/// that pass no `--api-sock` expect (inside the jail's `/run`). As in Firecracker, a
+/// `--config-file` without `--no-api` serves the API there too.
 pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 
 /// Boot a Linux guest in a microVM.
@@ -32,10 +42,18 @@ pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 /// file (`--config-file`, the JSON of Firecracker's `GET /vm/config`), or through the API
 /// socket (`--api-sock`, Firecracker's REST API) before `InstanceStart`. With flags or a
 /// configuration file the guest boots at once, and the API, when there is one, serves the
-/// running microVM. With none of `--kernel`, `--config-file`, `--api-sock` and `--no-api`,
-/// the API is served at /run/firecracker.socket, as Firecracker does.
+/// running microVM. Without `--kernel`, `--api-sock` or `--no-api` (with a `--config-file` or
+/// without), the API is served at /run/firecracker.socket, as Firecracker does.
+///
+/// Firecracker's flags are accepted with Firecracker's meaning: `--api-sock`, `--id`,
+/// `--config-file`, `--no-api`, `--log-path`, `--level`, `--module`, `--show-level`,
+/// `--show-log-origin`, `--metrics-path`, `--boot-timer`, `--no-seccomp`, `--seccomp-filter`,
+/// `--start-time-us`, `--start-time-cpu-us`, `--parent-cpu-time-us`,
+/// `--http-api-max-payload-size`, `--metadata`, `--mmds-size-limit` and `--version`. ember has
+/// no MMDS data store yet: `--metadata` and `--mmds-size-limit` are checked (the file must hold
+/// JSON that fits the limit) and nothing serves the metadata.
 #[derive(Debug, Parser)]
-#[command(name = "ember", version, about)]
+#[command(name = "ember", about, disable_version_flag = true)]
 #[command(group = clap::ArgGroup::new("described").args(["kernel", "config_file"]).multiple(true))]
 #[command(group = clap::ArgGroup::new("vm_flags").args(["initrd", "cmdline", "vcpus", "memory", "disks", "nets", "hugepages"]).multiple(true).requires("kernel").conflicts_with("config_file"))]
 pub struct Cli {
@@ -56,20 +74,21 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub config_file: Option<PathBuf>,
 
-    /// Serve Firecracker's REST API on a Unix socket at PATH (which must not exist). Without
-    /// it, and without `--kernel`, `--config-file` or `--no-api`, the API is served at
-    /// /run/firecracker.socket.
+    /// Serve Firecracker's REST API on a Unix socket at PATH (which must not exist, or be a
+    /// socket nobody listens on, as a stopped instance leaves it). Without it, and without
+    /// `--kernel` or `--no-api`, the API is served at /run/firecracker.socket.
     #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
     pub api_sock: Option<PathBuf>,
 
-    /// Serve no API (the default with `--kernel` or `--config-file` unless `--api-sock` is
-    /// given; accepted for Firecracker's command lines). It needs `--kernel` or
-    /// `--config-file`: a microVM nothing describes could never start.
+    /// Serve no API (the default with `--kernel` unless `--api-sock` is given). It needs
+    /// `--config-file` (as in Firecracker) or `--kernel`: a microVM nothing describes could
+    /// never start.
     #[arg(long, requires = "described")]
     pub no_api: bool,
 
-    /// The microVM's ID, as `GET /` reports it.
-    #[arg(long, value_name = "ID", default_value = DEFAULT_INSTANCE_ID)]
+    /// The microVM's ID, as `GET /` reports it: 1 to 64 letters, digits and hyphens, as in
+    /// Firecracker.
+    #[arg(long, value_name = "ID", default_value = DEFAULT_INSTANCE_ID, value_parser = parse_id)]
     pub id: String,
 
     /// When the process was started, in microseconds of the host's monotonic clock
@@ -157,17 +176,127 @@ pub struct Cli {
     /// Most verbose level of ember's own log messages, written to stderr.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: LogLevel,
+
+    /// Firecracker's log level: Off, Error, Warning (or Warn), Info, Debug or Trace, spelled so
+    /// or in capitals (OFF, WARN, ...), as Firecracker takes them. It replaces `--log-level`.
+    #[arg(long, value_name = "LEVEL", value_parser = parse_level, conflicts_with = "log_level")]
+    pub level: Option<model::LogLevel>,
+
+    /// Write the log to this file (appended to) or named pipe instead of stderr, from the
+    /// start, as `PUT /logger` with `log_path` does.
+    #[arg(long, value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+
+    /// Write only the log messages of this module path (and those below it).
+    #[arg(long, value_name = "MODULE")]
+    pub module: Option<String>,
+
+    /// Show each log line's level. ember shows it without the flag too (Firecracker does not);
+    /// accepted for Firecracker's command lines.
+    #[arg(long)]
+    pub show_level: bool,
+
+    /// Show the source file and line each log message comes from.
+    #[arg(long)]
+    pub show_log_origin: bool,
+
+    /// Write metrics to this file (appended to) or named pipe from the start, as `PUT /metrics`
+    /// does.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+
+    /// The largest API request body in bytes; a request announcing a larger one is answered 400
+    /// (Firecracker's message) and its connection closed.
+    #[arg(long, value_name = "BYTES", default_value_t = MAX_BODY_LEN, value_parser = parse_payload_size)]
+    pub http_api_max_payload_size: usize,
+
+    /// A JSON file of metadata for the microVM metadata service (MMDS). NOT SERVED YET: ember
+    /// has no MMDS data store; the file is read and checked (JSON, within `--mmds-size-limit`)
+    /// and its content is not served.
+    #[arg(long, value_name = "PATH")]
+    pub metadata: Option<PathBuf>,
+
+    /// The most bytes the MMDS data store may hold; default: `--http-api-max-payload-size`.
+    /// ember has no MMDS data store yet: the limit only checks `--metadata`.
+    #[arg(long, value_name = "BYTES")]
+    pub mmds_size_limit: Option<usize>,
+
+    /// Print ember's version (`ember vX.Y.Z`, in the shape of Firecracker's
+    /// `Firecracker vX.Y.Z`) and exit.
+    #[arg(long)]
+    pub version: bool,
 }
 
 impl Cli {
+    /// The most verbose level written: `--level` when given, else `--log-level`.
+    pub fn log_filter(&self) -> log::LevelFilter {
+        match self.level {
+            Some(level) => level_filter(level),
+            None => self.log_level.into(),
+        }
+    }
+
+    /// The logger settings of the flags (`--log-path`, `--level`, `--module`, `--show-level`,
+    /// `--show-log-origin`), as the body of a `PUT /logger`; `None` when none is given.
+    pub fn logger_config(&self) -> Option<model::Logger> {
+        let given = self.log_path.is_some()
+            || self.level.is_some()
+            || self.module.is_some()
+            || self.show_level
+            || self.show_log_origin;
+        given.then(|| model::Logger {
+            log_path: self.log_path.as_deref().map(path_string),
+            level: self.level,
+            show_level: self.show_level.then_some(true),
+            show_log_origin: self.show_log_origin.then_some(true),
+            module: self.module.clone(),
+        })
+    }
+
+    /// `--metrics-path` as the body of a `PUT /metrics`.
+    pub fn metrics_config(&self) -> Option<model::Metrics> {
+        self.metrics_path.as_deref().map(|path| model::Metrics {
+            metrics_path: path_string(path),
+        })
+    }
+
+    /// The MMDS data store's limit: `--mmds-size-limit`, else `--http-api-max-payload-size`,
+    /// as in Firecracker.
+    pub fn mmds_size_limit(&self) -> usize {
+        self.mmds_size_limit
+            .unwrap_or(self.http_api_max_payload_size)
+    }
+
+    /// Reads and checks the `--metadata` file: JSON, at most [`Cli::mmds_size_limit`] bytes.
+    /// Returns the value (which nothing serves yet: ember has no MMDS data store).
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be read, is not JSON or is larger than the limit, in words.
+    pub fn read_metadata(&self) -> Result<Option<serde_json::Value>, String> {
+        let Some(path) = &self.metadata else {
+            return Ok(None);
+        };
+        let limit = self.mmds_size_limit();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("Cannot read the metadata file {}: {e}", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("Invalid metadata file {}: {e}", path.display()))?;
+        // Measured as Firecracker's data store measures it: the JSON as it would be stored.
+        let size = value.to_string().len();
+        if size > limit {
+            return Err(format!(
+                "The metadata file {} holds {size} bytes of JSON, more than the MMDS size limit of {limit} bytes",
+                path.display()
+            ));
+        }
+        Ok(Some(value))
+    }
+
     /// The command line with the defaults that depend on other flags applied: the API socket
-    /// at [`DEFAULT_API_SOCK`] when nothing describes a microVM or names a socket.
+    /// at [`DEFAULT_API_SOCK`] unless `--kernel`, `--api-sock` or `--no-api` is given.
     pub fn with_defaults(mut self) -> Self {
-        if self.kernel.is_none()
-            && self.config_file.is_none()
-            && self.api_sock.is_none()
-            && !self.no_api
-        {
+        if self.kernel.is_none() && self.api_sock.is_none() && !self.no_api {
             self.api_sock = Some(PathBuf::from(DEFAULT_API_SOCK));
         }
         self
@@ -191,6 +320,67 @@ impl Cli {
             cpu_elsewhere: Duration::from_micros(self.parent_cpu_time_us.unwrap_or_default()),
         }
     }
+}
+
+/// The filter of a Firecracker log level.
+pub fn level_filter(level: model::LogLevel) -> log::LevelFilter {
+    match level {
+        model::LogLevel::Error => log::LevelFilter::Error,
+        model::LogLevel::Warning => log::LevelFilter::Warn,
+        model::LogLevel::Info => log::LevelFilter::Info,
+        model::LogLevel::Debug => log::LevelFilter::Debug,
+        model::LogLevel::Trace => log::LevelFilter::Trace,
+        model::LogLevel::Off => log::LevelFilter::Off,
+    }
+}
+
+fn path_string(path: &std::path::Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// Checks an instance ID as Firecracker does: 1 to [`MAX_INSTANCE_ID_LEN`] characters, each a
+/// letter, a digit or a hyphen.
+fn parse_id(value: &str) -> Result<String, String> {
+    let len = value.chars().count();
+    if !(1..=MAX_INSTANCE_ID_LEN).contains(&len) {
+        return Err(format!(
+            "Invalid instance ID: Invalid len ({len}); the length must be between 1 and {MAX_INSTANCE_ID_LEN}"
+        ));
+    }
+    if let Some(c) = value.chars().find(|&c| c != '-' && !c.is_alphanumeric()) {
+        return Err(format!(
+            "Invalid instance ID: Invalid char ({c}) at position {}",
+            value.find(c).unwrap_or_default()
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// Reads a level of `--level` with Firecracker's spellings: the name capitalised or in
+/// capitals, `Warning` also as `Warn`.
+fn parse_level(value: &str) -> Result<model::LogLevel, String> {
+    use model::LogLevel as L;
+    Ok(match value {
+        "Off" | "OFF" => L::Off,
+        "Trace" | "TRACE" => L::Trace,
+        "Debug" | "DEBUG" => L::Debug,
+        "Info" | "INFO" => L::Info,
+        "Warn" | "WARN" | "Warning" | "WARNING" => L::Warning,
+        "Error" | "ERROR" => L::Error,
+        _ => {
+            return Err(format!(
+                "expected Off, Error, Warning, Warn, Info, Debug or Trace (or the same in capitals), found `{value}`"
+            ));
+        }
+    })
+}
+
+/// Reads `--http-api-max-payload-size`: a number of bytes. 0 is accepted, as Firecracker
+/// accepts it: then only requests without a body are served.
+fn parse_payload_size(value: &str) -> Result<usize, String> {
+    value
+        .parse()
+        .map_err(|_| format!("expected a number of bytes, found `{value}`"))
 }
 
 /// Destination of the guest's serial console.
@@ -467,11 +657,13 @@ mod tests {
         assert_eq!(cli.api_sock, Some("/tmp/api.sock".into()));
         for args in [
             &["--kernel", "vmlinux"][..],
-            &["--config-file", "vm.json"],
             &["--config-file", "vm.json", "--no-api"],
         ] {
             assert_eq!(parse_bare(args).unwrap().api_sock, None, "{args:?}");
         }
+        // A configuration file without --no-api: the API at the default, as in Firecracker.
+        let cli = parse_bare(&["--config-file", "vm.json"]).unwrap();
+        assert_eq!(cli.api_sock, Some(DEFAULT_API_SOCK.into()));
     }
 
     #[test]
@@ -557,5 +749,178 @@ mod tests {
         assert!(parse(&["--vcpus", "256"]).is_err());
         assert!(parse(&["--vcpus", "-1"]).is_err());
         assert!(parse(&["--memory", "lots"]).is_err());
+    }
+
+    #[test]
+    fn firecrackers_logging_flags_make_a_logger_configuration() {
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.logger_config(), None);
+        assert_eq!(cli.metrics_config(), None);
+        assert_eq!(cli.log_filter(), log::LevelFilter::Info);
+        let cli = parse(&[
+            "--log-path",
+            "/tmp/log.fifo",
+            "--level",
+            "Warning",
+            "--module",
+            "ember_vmm::api",
+            "--show-level",
+            "--show-log-origin",
+            "--metrics-path",
+            "/tmp/metrics.fifo",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.logger_config(),
+            Some(model::Logger {
+                log_path: Some("/tmp/log.fifo".into()),
+                level: Some(model::LogLevel::Warning),
+                show_level: Some(true),
+                show_log_origin: Some(true),
+                module: Some("ember_vmm::api".into()),
+            })
+        );
+        assert_eq!(
+            cli.metrics_config(),
+            Some(model::Metrics {
+                metrics_path: "/tmp/metrics.fifo".into()
+            })
+        );
+        assert_eq!(cli.log_filter(), log::LevelFilter::Warn);
+        // One flag alone is enough, and sets only its field.
+        let cli = parse(&["--show-log-origin"]).unwrap();
+        assert_eq!(
+            cli.logger_config(),
+            Some(model::Logger {
+                show_log_origin: Some(true),
+                ..model::Logger::default()
+            })
+        );
+    }
+
+    #[test]
+    fn level_takes_firecrackers_spellings_only() {
+        for (text, level, filter) in [
+            ("Off", model::LogLevel::Off, log::LevelFilter::Off),
+            ("OFF", model::LogLevel::Off, log::LevelFilter::Off),
+            ("Error", model::LogLevel::Error, log::LevelFilter::Error),
+            ("ERROR", model::LogLevel::Error, log::LevelFilter::Error),
+            ("Warning", model::LogLevel::Warning, log::LevelFilter::Warn),
+            ("WARNING", model::LogLevel::Warning, log::LevelFilter::Warn),
+            ("Warn", model::LogLevel::Warning, log::LevelFilter::Warn),
+            ("WARN", model::LogLevel::Warning, log::LevelFilter::Warn),
+            ("Info", model::LogLevel::Info, log::LevelFilter::Info),
+            ("INFO", model::LogLevel::Info, log::LevelFilter::Info),
+            ("Debug", model::LogLevel::Debug, log::LevelFilter::Debug),
+            ("DEBUG", model::LogLevel::Debug, log::LevelFilter::Debug),
+            ("Trace", model::LogLevel::Trace, log::LevelFilter::Trace),
+            ("TRACE", model::LogLevel::Trace, log::LevelFilter::Trace),
+        ] {
+            let cli = parse(&["--level", text]).unwrap();
+            assert_eq!(cli.level, Some(level), "{text}");
+            assert_eq!(cli.log_filter(), filter, "{text}");
+        }
+        // Firecracker refuses these; so does ember.
+        for bad in ["info", "warning", "dEbUg", "", "Verbose"] {
+            assert!(parse(&["--level", bad]).is_err(), "{bad:?}");
+        }
+        // ember's own flag keeps its lowercase values, but not beside --level.
+        assert!(parse(&["--log-level", "debug", "--level", "Info"]).is_err());
+    }
+
+    #[test]
+    fn the_payload_and_mmds_limits_default_as_in_firecracker() {
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.http_api_max_payload_size, 51_200);
+        assert_eq!(cli.mmds_size_limit, None);
+        assert_eq!(cli.mmds_size_limit(), 51_200);
+        let cli = parse(&["--http-api-max-payload-size", "1000"]).unwrap();
+        assert_eq!(cli.mmds_size_limit(), 1000);
+        let cli = parse(&[
+            "--http-api-max-payload-size",
+            "1000",
+            "--mmds-size-limit",
+            "70",
+        ])
+        .unwrap();
+        assert_eq!(
+            (cli.http_api_max_payload_size, cli.mmds_size_limit()),
+            (1000, 70)
+        );
+        for bad in ["-1", "big", ""] {
+            assert!(
+                parse(&["--http-api-max-payload-size", bad]).is_err(),
+                "{bad:?}"
+            );
+            assert!(parse(&["--mmds-size-limit", bad]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn metadata_must_be_json_within_the_mmds_size_limit() {
+        let dir = std::env::temp_dir().join(format!("ember-cli-md-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("md.json");
+        std::fs::write(&file, br#"{ "a" : [1, 2] }"#).unwrap();
+        let path = file.to_str().unwrap();
+        assert_eq!(parse(&[]).unwrap().read_metadata(), Ok(None));
+        let cli = parse(&["--metadata", path]).unwrap();
+        assert_eq!(
+            cli.read_metadata(),
+            Ok(Some(serde_json::json!({"a": [1, 2]})))
+        );
+        // Measured as stored, `{"a":[1,2]}`: 11 bytes.
+        let cli = parse(&["--metadata", path, "--mmds-size-limit", "11"]).unwrap();
+        assert!(cli.read_metadata().is_ok());
+        let cli = parse(&["--metadata", path, "--mmds-size-limit", "10"]).unwrap();
+        assert!(
+            cli.read_metadata()
+                .unwrap_err()
+                .contains("limit of 10 bytes")
+        );
+        std::fs::write(&file, b"[1,").unwrap();
+        let cli = parse(&["--metadata", path]).unwrap();
+        assert!(
+            cli.read_metadata()
+                .unwrap_err()
+                .contains("Invalid metadata file")
+        );
+        let cli = parse(&["--metadata", "/nonexistent/md.json"]).unwrap();
+        assert!(cli.read_metadata().unwrap_err().contains("Cannot read"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_id_is_checked_as_firecracker_checks_it() {
+        let longest = "a".repeat(MAX_INSTANCE_ID_LEN);
+        for good in ["a", "vm-1", "Z9", longest.as_str()] {
+            assert_eq!(parse(&["--id", good]).unwrap().id, good);
+        }
+        let too_long = "a".repeat(MAX_INSTANCE_ID_LEN + 1);
+        for bad in ["", "a_b", "a.b", "a/b", "a b", too_long.as_str()] {
+            let err = parse(&["--id", bad]).unwrap_err().to_string();
+            assert!(err.contains("Invalid instance ID"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn version_is_a_flag_of_its_own_that_needs_nothing_else() {
+        let cli = Cli::try_parse_from(["ember", "--version"]).unwrap();
+        assert!(cli.version);
+        assert!(!parse(&[]).unwrap().version);
+        assert_eq!(
+            VERSION_LINE,
+            format!("ember v{}\n", env!("CARGO_PKG_VERSION"))
+        );
+        // `-V` is not Firecracker's and is not taken.
+        assert!(Cli::try_parse_from(["ember", "-V"]).is_err());
+    }
+
+    #[test]
+    fn an_unknown_flag_is_an_error_that_names_it() {
+        let err = parse(&["--mmds-size"]).unwrap_err().to_string();
+        assert!(err.contains("--mmds-size"), "{err}");
+        let err = parse(&["--snapshot-version"]).unwrap_err().to_string();
+        assert!(err.contains("unexpected argument"), "{err}");
     }
 }

@@ -6,9 +6,10 @@
 //! through Firecracker's REST API on a Unix socket, which also serves the running microVM (pause,
 //! resume, rate limits, metrics). It exits 0 when the guest reboots or powers off, and non-zero
 //! with a one-line error otherwise. SIGTERM and SIGINT stop it cleanly, before or after boot: the
-//! vCPUs stopped, the terminal restored, the final metrics line written and the API socket
-//! removed, then it exits with status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT)
-//! after the line `ember: stopped by SIGTERM` (or `SIGINT`).
+//! vCPUs stopped, the terminal restored and the final metrics line written, then it exits with
+//! status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT) after the line
+//! `ember: stopped by SIGTERM` (or `SIGINT`). The API socket file is left, as Firecracker
+//! leaves it.
 //!
 //! Every thread runs under a seccomp filter of its kind (`--no-seccomp` turns them off, for
 //! debugging only); a system call a filter refuses ends ember with the status 148 and a line
@@ -46,9 +47,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cli = cli::Cli::parse().with_defaults();
+    let cli = cli::Cli::parse();
+    if cli.version {
+        // Firecracker's shape: the version line, then an empty line.
+        println!("{}", cli::VERSION_LINE);
+        return ExitCode::SUCCESS;
+    }
+    let cli = cli.with_defaults();
     let start = cli.process_start(now, monotonic);
-    logger::init(start.wall, cli.log_level.into());
+    logger::init(start.wall, cli.log_filter());
 
     match run(&cli, start, &signals) {
         Ok(vmm::GuestExit::Signal(signal)) => {
@@ -76,6 +83,9 @@ fn run(
     // Before any thread exists, so that every thread inherits it.
     seccomp::set_no_new_privs().map_err(|e| error_chain(&e))?;
     let filters = seccomp_filters(cli).map_err(|e| error_chain(&e))?;
+    if cli.read_metadata()?.is_some() {
+        log::warn!("ember has no MMDS data store yet: the metadata of --metadata is not served");
+    }
     let mut resources = VmResources::from_cli(cli).map_err(|e| error_chain(&e))?;
     resources.seccomp = filters.clone();
     // Flags or a configuration file describe a microVM to boot at once; otherwise the API does.
@@ -89,9 +99,14 @@ fn run(
             let hook = filters
                 .as_ref()
                 .map(|filters| filters.thread_hook(ThreadKind::Api));
-            let server =
-                ApiServer::spawn_with(path, Timeouts::default(), Box::new(MonotonicClock), hook)
-                    .map_err(|e| error_chain(&e))?;
+            let server = ApiServer::spawn_with_limit(
+                path,
+                Timeouts::default(),
+                Box::new(MonotonicClock),
+                hook,
+                cli.http_api_max_payload_size,
+            )
+            .map_err(|e| error_chain(&e))?;
             let elapsed = start.elapsed();
             controller.set_startup_time(elapsed.wall, elapsed.cpu);
             log::info!(

@@ -47,6 +47,10 @@ pub enum Error {
         /// What is wrong, as the JSON parser or the checks say it.
         message: String,
     },
+    /// `--metrics-path` and the configuration file's `metrics` both set the metrics; the
+    /// message is Firecracker's.
+    #[error("Reinitialization of metrics not allowed.")]
+    MetricsTwice,
 }
 
 /// Result type of this module.
@@ -117,7 +121,31 @@ impl VmResources {
             resources.config.drives = drives_from_flags(&cli.disks)?;
             resources.config.network_interfaces = nets_from_flags(&cli.nets);
         }
+        resources.apply_logging_flags(cli)?;
         Ok(resources)
+    }
+
+    /// The logger and metrics of `--log-path`, `--level`, `--metrics-path` and the like, as
+    /// Firecracker applies them: before the configuration file's, whose `logger` fields take
+    /// their place and whose `metrics` cannot be given as well.
+    fn apply_logging_flags(&mut self, cli: &Cli) -> Result<()> {
+        if let Some(mut logger) = cli.logger_config() {
+            if let Some(file) = self.config.logger.take() {
+                logger.log_path = file.log_path.or(logger.log_path);
+                logger.level = file.level.or(logger.level);
+                logger.show_level = file.show_level.or(logger.show_level);
+                logger.show_log_origin = file.show_log_origin.or(logger.show_log_origin);
+                logger.module = file.module.or(logger.module);
+            }
+            self.config.logger = Some(logger);
+        }
+        if let Some(metrics) = cli.metrics_config() {
+            if self.config.metrics.is_some() {
+                return Err(Error::MetricsTwice);
+            }
+            self.config.metrics = Some(metrics);
+        }
+        Ok(())
     }
 
     fn load_config_file(&mut self, path: &Path) -> Result<()> {

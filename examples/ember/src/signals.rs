@@ -5,8 +5,8 @@
 //! blocked in every thread (a thread inherits its creator's mask), so the kernel never runs a
 //! default action that would kill `ember` mid-way: the signals wait in the signalfd until the
 //! event loop reads them and stops the VM the way a guest power-off does (vCPUs stopped, terminal
-//! restored, final metrics line, API socket removed). Other signals, such as the vCPU kick signal
-//! (`SIGRTMIN`), are left as they are.
+//! restored, final metrics line; the API socket file is left). Other signals, such as the vCPU
+//! kick signal (`SIGRTMIN`), are left as they are.
 //!
 //! `ember` then exits with status 128 + the signal's number, as a shell reports a process a
 //! signal killed: 143 for SIGTERM, 130 for SIGINT.

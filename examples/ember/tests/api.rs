@@ -266,13 +266,13 @@ fn prometheus_value(text: &str, name: &str) -> u64 {
 #[test]
 fn before_boot_the_api_describes_and_configures_the_microvm() {
     let scratch = Scratch::new("configure");
-    let ember = Ember::start(&scratch, &["--id", "vm_under_test"]);
+    let ember = Ember::start(&scratch, &["--id", "vm-under-test"]);
 
     let info = ember.get("/");
     assert_eq!(info.status, 200);
     assert_eq!(info.header("Content-Type"), Some("application/json"));
     let info = info.json();
-    assert_eq!(info["id"], "vm_under_test");
+    assert_eq!(info["id"], "vm-under-test");
     assert_eq!(info["state"], "Not started");
     assert_eq!(info["app_name"], "ember");
     assert_eq!(
@@ -490,15 +490,6 @@ fn bad_requests_get_a_400_with_a_fault_message_and_change_nothing() {
             encode("PUT", "/actions", Some(r#"{"action_type": "Explode"}"#)),
             "",
         ),
-        (
-            "FlushMetrics without metrics",
-            encode(
-                "PUT",
-                "/actions",
-                Some(r#"{"action_type": "FlushMetrics"}"#),
-            ),
-            "metrics",
-        ),
     ];
     for (what, request, expected) in raw_cases {
         let response = ember.raw(&request);
@@ -633,8 +624,9 @@ fn a_started_guest_is_paused_resumed_measured_and_reset_by_ctrl_alt_del() {
     assert_eq!(fs::read_to_string(console).unwrap(), "U");
     // The last metrics line was written at exit.
     assert!(fs::read_to_string(&metrics).unwrap().lines().count() >= 2);
-    // The socket is gone with the process.
-    assert!(!scratch.path("api.sock").exists());
+    // The socket file stays, as Firecracker leaves it, and nobody listens on it.
+    assert!(scratch.path("api.sock").exists());
+    assert!(std::os::unix::net::UnixStream::connect(scratch.path("api.sock")).is_err());
 }
 
 /// Print `x` on COM1 until a key comes on the i8042, then reset through it: a guest that
@@ -1107,7 +1099,10 @@ fn sigterm_stops_a_running_guest_cleanly() {
     let (code, err) = ember.wait();
     assert_eq!(code, Some(128 + libc::SIGTERM), "{err}");
     assert!(err.contains("ember: stopped by SIGTERM"), "{err}");
-    assert!(!socket.exists(), "the API socket is left behind");
+    assert!(
+        socket.exists(),
+        "the API socket is left, as Firecracker leaves it"
+    );
     let text = fs::read_to_string(&metrics).unwrap();
     assert_eq!(text.lines().count(), lines + 1, "no final metrics line");
     // The final line is whole JSON.
@@ -1133,7 +1128,10 @@ fn sigint_before_boot_stops_ember_cleanly() {
     let (code, err) = ember.wait();
     assert_eq!(code, Some(128 + libc::SIGINT), "{err}");
     assert!(err.contains("ember: stopped by SIGINT"), "{err}");
-    assert!(!socket.exists(), "the API socket is left behind");
+    assert!(
+        socket.exists(),
+        "the API socket is left, as Firecracker leaves it"
+    );
     let text = fs::read_to_string(&metrics).unwrap();
     assert_eq!(text.lines().count(), lines + 1, "no final metrics line");
 }
@@ -1307,7 +1305,10 @@ fn sigterm_restores_the_terminal_the_console_put_in_raw_mode() {
     let (code, err) = ember.wait();
     assert_eq!(code, Some(128 + libc::SIGTERM), "{err}");
     assert!(canonical(&terminal), "the terminal is left in raw mode");
-    assert!(!socket.exists());
+    assert!(
+        socket.exists(),
+        "the API socket is left, as Firecracker leaves it"
+    );
 }
 
 #[test]

@@ -529,7 +529,10 @@ fn a_jailed_ember_serves_the_api_and_runs_a_guest_as_an_unprivileged_user() {
         "{stderr}"
     );
     assert_eq!(fs::metadata(&console).unwrap().uid(), JAIL_UID);
-    assert!(!socket.exists(), "the API socket is removed on exit");
+    assert!(
+        socket.exists(),
+        "the API socket is left on exit, as Firecracker leaves it"
+    );
     let mut lines = String::new();
     metrics.read_to_string(&mut lines).unwrap();
     let last: Value = serde_json::from_str(lines.lines().last().expect("a metrics line")).unwrap();

@@ -57,14 +57,15 @@ pub enum HttpError {
         /// The limit, [`MAX_HEAD_LEN`].
         limit: usize,
     },
-    /// `Content-Length` is larger than [`MAX_BODY_LEN`]; the wording is Firecracker's.
+    /// `Content-Length` is larger than the limit ([`MAX_BODY_LEN`] unless
+    /// `--http-api-max-payload-size` sets another); the wording is Firecracker's.
     #[error(
         "Request payload with size {size} is larger than the limit of {limit} allowed by server."
     )]
     PayloadTooLarge {
         /// The `Content-Length` the client gave.
         size: u64,
-        /// The limit, [`MAX_BODY_LEN`].
+        /// The limit.
         limit: usize,
     },
     /// A line holds a CR that is not followed by LF, or ends with LF alone.
@@ -245,7 +246,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> {
 /// assert_eq!((parsed.path.as_str(), used), ("/version", request.len()));
 /// assert_eq!(parser.bytes_scanned(), request.len());
 /// ```
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct RequestParser {
     /// Where the line being read starts.
     line_start: usize,
@@ -259,12 +260,40 @@ pub struct RequestParser {
     head: Option<RequestHead>,
     /// Bytes of the head examined so far, over every call.
     scanned: usize,
+    /// The largest body accepted (`--http-api-max-payload-size`).
+    max_body: usize,
+}
+
+impl Default for RequestParser {
+    fn default() -> RequestParser {
+        RequestParser::with_body_limit(MAX_BODY_LEN)
+    }
 }
 
 impl RequestParser {
-    /// A parser at the start of a request.
+    /// A parser at the start of a request, for bodies of at most [`MAX_BODY_LEN`] bytes.
     pub fn new() -> RequestParser {
         RequestParser::default()
+    }
+
+    /// A parser at the start of a request, for bodies of at most `max_body` bytes
+    /// (Firecracker's `--http-api-max-payload-size`); a larger `Content-Length` is
+    /// [`HttpError::PayloadTooLarge`].
+    pub fn with_body_limit(max_body: usize) -> RequestParser {
+        RequestParser {
+            line_start: 0,
+            scan_from: 0,
+            request_line: None,
+            headers: Headers::default(),
+            head: None,
+            scanned: 0,
+            max_body,
+        }
+    }
+
+    /// The largest body this parser accepts.
+    pub fn body_limit(&self) -> usize {
+        self.max_body
     }
 
     /// Parses the request at the start of `buf`.
@@ -290,7 +319,7 @@ impl RequestParser {
                 .checked_add(head.content_length)
                 .ok_or(HttpError::PayloadTooLarge {
                     size: u64::MAX,
-                    limit: MAX_BODY_LEN,
+                    limit: self.max_body,
                 })?;
         let Some(body) = buf.get(head.head_len..end) else {
             return Ok(None);
@@ -333,7 +362,7 @@ impl RequestParser {
                 // 2.2): some clients send one after a body.
                 None if line.is_empty() => {}
                 None => self.request_line = Some(parse_request_line(line)?),
-                Some(_) if !line.is_empty() => self.headers.parse_line(line)?,
+                Some(_) if !line.is_empty() => self.headers.parse_line(line, self.max_body)?,
                 Some((method, path, version)) => {
                     let head = self.headers.head(method, path, *version, next_line);
                     self.head = Some(head.clone());
@@ -388,7 +417,7 @@ impl RequestParser {
     pub fn reset(&mut self) {
         *self = RequestParser {
             scanned: self.scanned,
-            ..RequestParser::default()
+            ..RequestParser::with_body_limit(self.max_body)
         };
     }
 
@@ -515,7 +544,7 @@ impl Headers {
     }
 
     /// Checks one header line and records what it says.
-    fn parse_line(&mut self, line: &[u8]) -> Result<(), HttpError> {
+    fn parse_line(&mut self, line: &[u8], max_body: usize) -> Result<(), HttpError> {
         // An obsolete line folding (a line that starts with white space) is refused (RFC 9112,
         // section 5.2).
         if line.first().is_some_and(|&b| b == b' ' || b == b'\t') {
@@ -548,10 +577,10 @@ impl Headers {
             let size = parse_decimal(value).ok_or(HttpError::InvalidContentLength)?;
             self.content_length = usize::try_from(size)
                 .ok()
-                .filter(|&len| len <= MAX_BODY_LEN)
+                .filter(|&len| len <= max_body)
                 .ok_or(HttpError::PayloadTooLarge {
                     size,
-                    limit: MAX_BODY_LEN,
+                    limit: max_body,
                 })?;
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             return Err(HttpError::TransferEncoding);
@@ -927,6 +956,32 @@ mod tests {
             format!("PUT /x HTTP/1.1\r\nContent-Length: {MAX_BODY_LEN}\r\n\r\n").into_bytes();
         bytes.resize(bytes.len() + MAX_BODY_LEN, b'x');
         assert_eq!(parse_one(&bytes).body.len(), MAX_BODY_LEN);
+    }
+
+    #[test]
+    fn a_parser_with_another_body_limit_applies_it_and_keeps_it_across_requests() {
+        let mut parser = RequestParser::with_body_limit(4);
+        assert_eq!(parser.body_limit(), 4);
+        let fits = b"PUT /x HTTP/1.1\r\nContent-Length: 4\r\n\r\nabcd";
+        let (request, used) = parser.parse(fits).unwrap().unwrap();
+        assert_eq!((request.body.as_slice(), used), (&b"abcd"[..], fits.len()));
+        parser.reset();
+        assert_eq!(parser.body_limit(), 4);
+        let over = b"PUT /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde";
+        assert_eq!(
+            parser.parse(over).unwrap_err(),
+            HttpError::PayloadTooLarge { size: 5, limit: 4 }
+        );
+        // 0: only requests without a body.
+        let mut parser = RequestParser::with_body_limit(0);
+        assert!(parser.parse(b"GET / HTTP/1.1\r\n\r\n").unwrap().is_some());
+        parser.reset();
+        assert!(
+            parser
+                .parse(b"PUT /x HTTP/1.1\r\nContent-Length: 1\r\n\r\n")
+                .is_err()
+        );
+        assert_eq!(RequestParser::new().body_limit(), MAX_BODY_LEN);
     }
 
     #[test]

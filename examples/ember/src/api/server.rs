@@ -91,11 +91,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Why the API server did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// Something other than a dead socket exists at the socket path: Firecracker refuses it
-    /// too, rather than removing what may be another instance's socket.
-    #[error(
-        "The API socket path {0} already exists: remove it, or give the path of a file that does not exist"
-    )]
+    /// Something other than a dead socket exists at the socket path: it is refused rather than
+    /// removed, since it may be another instance's socket. The message is Firecracker's.
+    #[error("Failed to open the API socket at: {}. Check that it is not already used.", .0.display())]
     SocketPathExists(PathBuf),
     /// The socket could not be bound.
     #[error("Cannot bind the API socket at {path}")]
@@ -224,6 +222,10 @@ pub struct ApiServer {
     socket_path: PathBuf,
     /// Device and inode of the socket file, so that only the file this server created is removed.
     socket_id: Option<(u64, u64)>,
+    /// Whether stopping removes the socket file: only while [`ApiServer::spawn_with_limit`]
+    /// has not succeeded. A server that started leaves its socket file when it stops, as
+    /// Firecracker does.
+    remove_on_stop: bool,
     stop_flag: Arc<AtomicBool>,
     stop_event: EventFd,
     thread: Option<JoinHandle<()>>,
@@ -258,6 +260,23 @@ impl ApiServer {
         clock: Box<dyn Clock>,
         hook: Option<ThreadHook>,
     ) -> Result<(ApiServer, ApiRequests)> {
+        ApiServer::spawn_with_limit(path, timeouts, clock, hook, http::MAX_BODY_LEN)
+    }
+
+    /// [`ApiServer::spawn_with`], serving request bodies of at most `max_payload` bytes
+    /// (Firecracker's `--http-api-max-payload-size`): a request that announces a larger one
+    /// is answered 400 with Firecracker's message and its connection closed.
+    ///
+    /// # Errors
+    ///
+    /// As [`ApiServer::spawn_with`].
+    pub fn spawn_with_limit(
+        path: impl AsRef<Path>,
+        timeouts: Timeouts,
+        clock: Box<dyn Clock>,
+        hook: Option<ThreadHook>,
+        max_payload: usize,
+    ) -> Result<(ApiServer, ApiRequests)> {
         let socket_path = path.as_ref().to_path_buf();
         if socket_path.symlink_metadata().is_ok() && !remove_dead_socket(&socket_path) {
             return Err(ServerError::SocketPathExists(socket_path));
@@ -271,10 +290,11 @@ impl ApiServer {
             .ok()
             .filter(|meta| meta.file_type().is_socket())
             .map(|meta| (meta.dev(), meta.ino()));
-        // From here on, the server removes the socket file when it fails or stops.
+        // From here on, the server removes the socket file when it fails to start.
         let mut server = ApiServer {
             socket_path,
             socket_id,
+            remove_on_stop: true,
             stop_flag: Arc::new(AtomicBool::new(false)),
             stop_event: EventFd::new(EFD_NONBLOCK).map_err(ServerError::EventFd)?,
             thread: None,
@@ -296,6 +316,7 @@ impl ApiServer {
             vmm_event.try_clone().map_err(ServerError::EventFd)?,
             timeouts,
             clock,
+            max_payload,
         )?;
         let (started, hook_result) = mpsc::sync_channel(1);
         let thread = thread::Builder::new()
@@ -315,6 +336,7 @@ impl ApiServer {
             .recv()
             .unwrap_or_else(|_| Err(io::Error::other("the API thread panicked")))
             .map_err(ServerError::ThreadHook)?;
+        server.remove_on_stop = false;
         log::debug!("API server listening on {}", server.socket_path.display());
         Ok((
             server,
@@ -330,10 +352,12 @@ impl ApiServer {
         &self.socket_path
     }
 
-    /// Stops the API thread, waits for it and removes the socket file. Doing it again does
-    /// nothing.
+    /// Stops the API thread and waits for it. Doing it again does nothing.
     ///
-    /// A request the VMM has not answered yet is answered 503.
+    /// The socket file stays, as Firecracker leaves it: client libraries remove it themselves
+    /// once the process has ended, and one of them fails when it is already gone. Nobody
+    /// listens on it any more, so a new instance may start on the same path (see
+    /// [`ApiServer::spawn`]). A request the VMM has not answered yet is answered 503.
     pub fn stop(&mut self) {
         self.stop_flag.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
@@ -344,7 +368,9 @@ impl ApiServer {
                 log::error!("The API thread panicked");
             }
         }
-        self.remove_socket_file();
+        if self.remove_on_stop {
+            self.remove_socket_file();
+        }
     }
 
     fn remove_socket_file(&mut self) {
@@ -475,9 +501,12 @@ struct EventLoop {
     next_token: u64,
     timeouts: Timeouts,
     clock: Box<dyn Clock>,
+    /// The largest request body served.
+    max_payload: usize,
 }
 
 impl EventLoop {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         listener: UnixListener,
         stop_event: EventFd,
@@ -486,6 +515,7 @@ impl EventLoop {
         vmm_event: EventFd,
         timeouts: Timeouts,
         clock: Box<dyn Clock>,
+        max_payload: usize,
     ) -> Result<EventLoop> {
         let epoll = Epoll::new().map_err(ServerError::Epoll)?;
         for (fd, token) in [
@@ -511,6 +541,7 @@ impl EventLoop {
             next_token: FIRST_CONNECTION_TOKEN,
             timeouts,
             clock,
+            max_payload,
         })
     }
 
@@ -665,7 +696,8 @@ impl EventLoop {
             EpollEvent::new(EventSet::IN, token),
         )?;
         let now = self.clock.now();
-        self.connections.insert(token, Connection::new(stream, now));
+        self.connections
+            .insert(token, Connection::new(stream, now, self.max_payload));
         Ok(())
     }
 
@@ -835,7 +867,7 @@ enum Phase {
 /// One client connection.
 struct Connection {
     stream: UnixStream,
-    /// Bytes read and not yet parsed, at most [`http::MAX_REQUEST_LEN`].
+    /// Bytes read and not yet parsed, at most [`http::MAX_HEAD_LEN`] and the body limit.
     incoming: Vec<u8>,
     /// Where the parse of the request at the start of `incoming` stands.
     parser: http::RequestParser,
@@ -857,11 +889,11 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(stream: UnixStream, now: Instant) -> Connection {
+    fn new(stream: UnixStream, now: Instant, max_payload: usize) -> Connection {
         Connection {
             stream,
             incoming: Vec::new(),
-            parser: http::RequestParser::new(),
+            parser: http::RequestParser::with_body_limit(max_payload),
             phase: Some(Phase::Idle),
             since: now,
             outgoing: Vec::new(),
@@ -934,7 +966,9 @@ impl Connection {
     /// Reads what the client sent, up to the buffer's cap. Returns whether the connection is
     /// still usable.
     fn read(&mut self) -> bool {
-        let room = http::MAX_REQUEST_LEN.saturating_sub(self.incoming.len());
+        let room = http::MAX_HEAD_LEN
+            .saturating_add(self.parser.body_limit())
+            .saturating_sub(self.incoming.len());
         if room == 0 {
             // Cannot happen: a full buffer always holds a complete request or an error, both
             // served before the next read. Refuse to grow all the same.
@@ -1470,7 +1504,13 @@ mod tests {
         std::fs::write(&path, b"not a socket").unwrap();
         let err = ApiServer::spawn(&path).unwrap_err();
         assert!(matches!(err, ServerError::SocketPathExists(_)));
-        assert!(err.to_string().contains("already exists"));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "Failed to open the API socket at: {}. Check that it is not already used.",
+                path.display()
+            )
+        );
         // Left as it was.
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
 
@@ -1496,13 +1536,19 @@ mod tests {
     }
 
     #[test]
-    fn stopping_removes_the_socket_and_ends_the_thread() {
+    fn stopping_leaves_the_socket_file_and_ends_the_thread() {
         let mut fixture = start();
         assert!(fixture.path.exists());
         assert_eq!(fixture.server.socket_path(), fixture.path);
         fixture.server.stop();
-        assert!(!fixture.path.exists());
-        assert!(UnixStream::connect(&fixture.path).is_err());
+        assert!(
+            fixture.path.exists(),
+            "the socket file stays, as Firecracker's does"
+        );
+        assert_eq!(
+            UnixStream::connect(&fixture.path).unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused
+        );
         // Again: nothing happens.
         fixture.server.stop();
         // The VMM's end sees no more requests.
@@ -1521,12 +1567,17 @@ mod tests {
     }
 
     #[test]
-    fn dropping_the_server_removes_the_socket() {
+    fn dropping_the_server_leaves_the_socket_file_for_the_next_instance() {
         let fixture = start();
         let path = fixture.path.clone();
         let Fixture { _dir, server, .. } = fixture;
         drop(server);
-        assert!(!path.exists());
+        assert!(path.exists());
+        // The next instance on the same path replaces the dead socket.
+        let (mut server, _requests) = ApiServer::spawn(&path).unwrap();
+        let mut client = connect(&path);
+        client.write_all(b"GET /version HTTP/1.1\r\n\r\n").unwrap();
+        server.stop();
     }
 
     #[test]
@@ -1596,6 +1647,7 @@ mod tests {
                 EventFd::new(EFD_NONBLOCK).unwrap(),
                 SHORT,
                 Box::new(clock.clone()),
+                http::MAX_BODY_LEN,
             )
             .unwrap();
             Stepped {
