@@ -165,29 +165,35 @@ pub enum Parsed {
 
 /// Parses the first request in `bytes`, the bytes received so far on one connection.
 ///
+/// Whenever `bytes` holds [`MAX_REQUEST_LEN`] bytes or more, the answer is a request or an
+/// error, never [`Parsed::Incomplete`]: a caller never needs to keep more.
+///
 /// Empty lines before the request line are skipped (RFC 9112 §2.2), and counted as consumed.
 ///
 /// # Errors
 /// An [`Error`] when `bytes` cannot start a valid request within [`MAX_REQUEST_LEN`] bytes.
 pub fn parse_request(bytes: &[u8]) -> Result<Parsed> {
-    let start = bytes
+    // Leading empty lines count towards the limit too: nothing is kept past it.
+    let full = bytes.len() >= MAX_REQUEST_LEN;
+    let limit = bytes.len().min(MAX_REQUEST_LEN);
+    let start = bytes[..limit]
         .iter()
         .position(|&b| b != b'\r' && b != b'\n')
-        .unwrap_or(bytes.len());
-    if start >= MAX_REQUEST_LEN {
-        return Err(Error::TooLarge);
-    }
+        .unwrap_or(limit);
     let input = &bytes[start..];
-    let window = &input[..input.len().min(MAX_REQUEST_LEN)];
+    let window = &bytes[start..limit];
 
     // Check the request line as soon as it is whole, so that garbage is refused early.
     let Some(line_end) = window.iter().position(|&b| b == b'\n') else {
+        if full {
+            return Err(Error::TooLarge);
+        }
         return check_partial_line(window).map(|()| Parsed::Incomplete);
     };
     let (method, path, version) = parse_request_line(trim_cr(&window[..line_end]))?;
 
     let Some(head_len) = find_head_end(window) else {
-        if window.len() >= MAX_REQUEST_LEN {
+        if full {
             return Err(Error::TooLarge);
         }
         // Check the header lines already whole.
@@ -220,7 +226,7 @@ pub fn parse_request(bytes: &[u8]) -> Result<Parsed> {
     }
     let body_len = content_length.unwrap_or(0);
     let total = head_len.checked_add(body_len).ok_or(Error::TooLarge)?;
-    if total > MAX_REQUEST_LEN {
+    if start.saturating_add(total) > MAX_REQUEST_LEN {
         return Err(Error::TooLarge);
     }
     if input.len() < total {
@@ -265,9 +271,6 @@ fn is_tchar(b: u8) -> bool {
 /// Refuses a request line that cannot become valid, while it is still being received.
 fn check_partial_line(line: &[u8]) -> Result<()> {
     let line = trim_cr(line);
-    if line.len() >= MAX_REQUEST_LEN {
-        return Err(Error::TooLarge);
-    }
     let method_end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
     if !line[..method_end].iter().all(|&b| is_tchar(b)) {
         return Err(Error::InvalidMethod);
