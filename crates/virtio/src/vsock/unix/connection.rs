@@ -34,7 +34,7 @@ use super::super::{
 
 /// Where a connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum State {
+enum State {
     /// Opened by the host: the guest has been (or is to be) asked, and has not answered.
     LocalInit,
     /// Opened by the guest: the host listener took it, and the guest is to be told.
@@ -103,8 +103,8 @@ pub(super) struct Connection {
     host_write_shut: bool,
     /// When the connection is killed if its shutdown is not complete.
     deadline: Option<Instant>,
-    /// The events the muxer's epoll set waits for on the stream.
-    pub(super) registered: EventSet,
+    /// The events the muxer's epoll set waits for on the stream, if it watches it.
+    pub(super) registered: Option<EventSet>,
     /// Whether the connection is in the muxer's queue of connections with packets to send.
     pub(super) queued: bool,
     /// Whether the connection is in the muxer's kill queue.
@@ -135,7 +135,7 @@ impl Connection {
             peer_shut_send: false,
             host_write_shut: false,
             deadline: None,
-            registered: EventSet::empty(),
+            registered: None,
             queued: false,
             in_killq: false,
         }
@@ -172,12 +172,6 @@ impl Connection {
         &self.stream
     }
 
-    /// The connection's state.
-    #[cfg(test)]
-    pub(super) fn state(&self) -> State {
-        self.state
-    }
-
     /// Whether the connection is to be removed.
     pub(super) fn is_done(&self) -> bool {
         self.state == State::Done
@@ -209,10 +203,11 @@ impl Connection {
         self.state == State::Established && !self.host_eof && !self.peer_shut_rcv
     }
 
-    /// The events to wait for on the host stream.
-    pub(super) fn interest(&self) -> EventSet {
+    /// The events to wait for on the host stream, if it is to be watched at all: until it
+    /// hangs up, it is, for its hang-up if nothing else.
+    pub(super) fn interest(&self) -> Option<EventSet> {
         if self.hup || matches!(self.state, State::Killed | State::Done) {
-            return EventSet::empty();
+            return None;
         }
         let mut events = EventSet::empty();
         if self.wants_to_read() && self.pending & pending::RW == 0 && self.peer_credit() > 0 {
@@ -221,7 +216,7 @@ impl Connection {
         if !self.tx_buf.is_empty() {
             events |= EventSet::OUT;
         }
-        events
+        Some(events)
     }
 
     /// Resets the connection: a RST goes to the guest, nothing else, and the host stream is
@@ -311,7 +306,10 @@ impl Connection {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => {
-                    log::debug!("vsock: cannot write to host port {}: {err}", self.local_port);
+                    log::debug!(
+                        "vsock: cannot write to host port {}: {err}",
+                        self.local_port
+                    );
                     inc(&m.tx_write_fails);
                     self.kill(m);
                     return;
@@ -360,7 +358,10 @@ impl Connection {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => {
-                    log::debug!("vsock: cannot flush to host port {}: {err}", self.local_port);
+                    log::debug!(
+                        "vsock: cannot flush to host port {}: {err}",
+                        self.local_port
+                    );
                     inc(&m.tx_flush_fails);
                     self.kill(m);
                     return;
