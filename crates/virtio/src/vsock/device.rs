@@ -286,6 +286,7 @@ mod tests {
     struct Driver {
         mem: Mem,
         rx: MockDriver,
+        ev: MockDriver,
         kicks: Vec<EventFd>,
     }
 
@@ -313,6 +314,7 @@ mod tests {
         Driver {
             mem,
             rx: drivers[0].clone(),
+            ev: drivers[2].clone(),
             kicks,
         }
     }
@@ -383,6 +385,38 @@ mod tests {
         assert_eq!(vsock.metrics().get("activate_fails"), Some(1));
         VirtioDevice::<Mem>::reset(&mut vsock);
         assert!(!vsock.is_active());
+    }
+
+    #[test]
+    fn a_transport_reset_reaches_the_event_queue_active_or_not() {
+        let path = socket_path("event.sock");
+        let mut vsock = Vsock::new(3, &path).unwrap();
+        // Asked for before activation: sent once the driver hands over a buffer.
+        vsock.send_transport_reset();
+        for round in 0..2 {
+            let mut driver = activate(&mut vsock);
+            if round == 1 {
+                vsock.send_transport_reset();
+            }
+            driver
+                .mem
+                .write_slice(&[0xff; 4], GuestAddress(0x3_0000))
+                .unwrap();
+            driver
+                .ev
+                .add_chain(&*driver.mem, &[MockBuffer::writable(0x3_0000, 4)])
+                .unwrap();
+            driver.kicks[2].write(1).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while driver.ev.used_idx(&*driver.mem).unwrap() == 0 {
+                assert!(Instant::now() < deadline, "round {round}: no event");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(driver.ev.used_elem(&*driver.mem, 0).unwrap().1, 4);
+            let event: u32 = driver.mem.read_obj(GuestAddress(0x3_0000)).unwrap();
+            assert_eq!(event, 0);
+            VirtioDevice::<Mem>::reset(&mut vsock);
+        }
     }
 
     #[test]

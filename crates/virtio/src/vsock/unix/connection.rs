@@ -270,13 +270,15 @@ impl Connection {
                 self.flush(m);
             }
             (State::Established, OP_RW) => self.guest_data(payload, m),
-            (State::Established | State::LocalClosing, OP_CREDIT_UPDATE) => {}
-            (State::Established | State::LocalClosing, OP_CREDIT_REQUEST) => {
+            (State::PeerInit | State::Established | State::LocalClosing, OP_CREDIT_UPDATE) => {}
+            (State::PeerInit | State::Established | State::LocalClosing, OP_CREDIT_REQUEST) => {
                 self.pending |= pending::CREDIT_UPDATE;
             }
             (State::Established, OP_SHUTDOWN) => self.guest_shutdown(header.flags),
             // The host side is gone: the guest's data has nowhere to go.
-            (State::LocalClosing, OP_RW | OP_SHUTDOWN) => {}
+            (State::LocalClosing, OP_RW) => {}
+            // Both sides are done: the RST the guest waits for.
+            (State::LocalClosing, OP_SHUTDOWN) => self.end_with_rst(),
             // Anything else breaks the protocol: a second REQUEST or RESPONSE, data before
             // the connection is up or after the guest said it sends no more, an unknown op.
             _ => {
