@@ -63,6 +63,9 @@ struct Credit {
     buf_alloc: u32,
     fwd_cnt: u32,
     received: u32,
+    /// The guest sent a packet the device may have dropped or reset the connection for: the
+    /// guest's view and the device's may differ until the connection ends.
+    unknown: bool,
 }
 
 /// One input's world: the guest's queues, the device's handler and the host processes.
@@ -198,15 +201,19 @@ impl World {
             self.credit.remove(&key);
         } else if valid {
             let credit = self.credit.entry(key).or_default();
+            if op == vsock::OP_REQUEST {
+                // A new connection, or the end of the one there was.
+                *credit = Credit::default();
+            }
             credit.buf_alloc = buf_alloc;
             credit.fwd_cnt = fwd_cnt;
         } else {
-            // The device may reset the connection: the guest stops checking it.
-            self.credit.remove(&key);
+            self.credit.entry(key).or_default().unknown = true;
         }
         self.handler
             .process_tx()
             .expect("the mock driver keeps the protocol");
+        self.collect_rx();
     }
 
     /// Gives the device receive buffers, lets it fill them and checks each packet.
@@ -225,6 +232,12 @@ impl World {
         self.handler
             .process_rx()
             .expect("the mock driver keeps the protocol");
+        self.collect_rx();
+    }
+
+    /// Checks the packets the device handed the guest since the last call, at once, so that
+    /// they are checked against the credit the guest had given when they were made.
+    fn collect_rx(&mut self) {
         let used = self.rx.used_idx(&*self.mem).expect("the ring is in memory");
         while self.rx_seen != used {
             let (head, len) = self
@@ -268,7 +281,7 @@ impl World {
             }
             vsock::OP_RW => {
                 self.outcome.rx_bytes += header.len as usize;
-                if let Some(credit) = self.credit.get_mut(&key) {
+                if let Some(credit) = self.credit.get_mut(&key).filter(|c| !c.unknown) {
                     credit.received = credit.received.wrapping_add(header.len);
                     let in_flight = credit.received.wrapping_sub(credit.fwd_cnt);
                     assert!(
@@ -361,6 +374,7 @@ impl World {
                     self.handler
                         .backend_event(EventSet::IN)
                         .expect("the mock driver keeps the protocol");
+                    self.collect_rx();
                 }
             }
         }
