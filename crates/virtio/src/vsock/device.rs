@@ -19,7 +19,8 @@ use super::{FEATURES, NUM_QUEUES, QUEUE_SIZES, Result, check_cid};
 use crate::device::{ActivateError, ActivateParams, VirtioDevice, read_config_bytes};
 use crate::worker::Runner;
 
-/// The name of the device's worker thread.
+/// The name of the device's worker thread (under [`Executor::Thread`](crate::Executor::Thread)),
+/// which a VMM's seccomp filters and CPU pinning know it by.
 pub const THREAD_NAME: &str = "ember-vsock";
 
 /// A handler serving a device, whatever its guest memory type and wherever it runs, that gives

@@ -1224,6 +1224,25 @@ mod tests {
     }
 
     #[test]
+    fn one_backend_event_takes_a_bounded_number_of_new_host_connections() {
+        let mut guest = guest();
+        let hosts: Vec<UnixStream> = (0..100)
+            .map(|_| {
+                let mut host = UnixStream::connect(&guest.path).unwrap();
+                host.write_all(b"CONNECT 52\n").unwrap();
+                host
+            })
+            .collect();
+        guest.handler.backend_event(EventSet::IN).unwrap();
+        assert_eq!(guest.handler.backend().connections(), 32);
+        for _ in 0..10 {
+            guest.handler.backend_event(EventSet::IN).unwrap();
+        }
+        assert_eq!(guest.handler.backend().connections(), hosts.len());
+        assert_eq!(guest.metric("conns_added"), 100);
+    }
+
+    #[test]
     fn a_reset_backend_drops_every_connection_and_keeps_listening() {
         let mut guest = guest();
         let (mut host, _) = guest.host_connect(52);
