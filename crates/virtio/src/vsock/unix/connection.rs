@@ -16,9 +16,10 @@
 //! less what it has not yet consumed) allows, and asks for more credit when it runs out.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::Shutdown;
 use std::num::Wrapping;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -31,6 +32,22 @@ use super::super::{
     OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV,
     SHUTDOWN_SEND, TYPE_STREAM, VSOCK_HOST_CID,
 };
+
+/// Writes `buf` to `stream` as `write` would, but without raising SIGPIPE when the host peer
+/// closed its end: the error comes back instead, whatever the process does with the signal.
+fn send(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the whole call, and the
+    // descriptor is the stream's, open while it is borrowed.
+    let sent = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(sent).map_err(|_| io::Error::last_os_error())
+}
 
 /// Where a connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -300,7 +317,7 @@ impl Connection {
         }
         let mut rest = payload;
         if self.tx_buf.is_empty() {
-            match self.stream.write(payload) {
+            match send(&self.stream, payload) {
                 Ok(written) => {
                     self.forwarded(written);
                     rest = payload.get(written..).unwrap_or_default();
@@ -351,7 +368,7 @@ impl Connection {
     fn flush(&mut self, m: &VsockMetrics) {
         while !self.tx_buf.is_empty() {
             let (front, _) = self.tx_buf.as_slices();
-            match self.stream.write(front) {
+            match send(&self.stream, front) {
                 Ok(0) => break,
                 Ok(written) => {
                     self.tx_buf.drain(..written.min(front.len()));
