@@ -963,6 +963,23 @@ mod tests {
     }
 
     #[test]
+    fn what_a_host_peer_wrote_before_it_closed_reaches_the_guest() {
+        let mut guest = guest();
+        let listener = UnixListener::bind(format!("{}_80", guest.path.display())).unwrap();
+        // No receive buffers yet: the RESPONSE waits.
+        guest.send(header(OP_REQUEST, 5000, 80), &[]);
+        let (mut host, _) = listener.accept().unwrap();
+        host.write_all(b"bye").unwrap();
+        drop(host);
+        guest.pump();
+        let packets = guest.recv();
+        let ops: Vec<u16> = packets.iter().map(|(h, _)| h.op).collect();
+        assert_eq!(ops, [OP_RESPONSE, OP_RW, OP_SHUTDOWN], "{packets:?}");
+        assert_eq!(packets[1].1, b"bye");
+        assert_eq!(packets[2].0.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    }
+
+    #[test]
     fn a_shutdown_the_guest_never_completes_is_reset_after_the_timeout() {
         let mut guest = guest();
         let (host, _local) = guest.host_connect(52);

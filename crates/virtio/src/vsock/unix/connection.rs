@@ -272,10 +272,6 @@ impl Connection {
         self.peer_buf_alloc = header.buf_alloc;
         self.peer_fwd_cnt = Wrapping(header.fwd_cnt);
         self.credit_requested = false;
-        if self.hup && self.wants_to_read() && self.peer_credit() > 0 {
-            // A stream no longer watched is read while it has data.
-            self.pending |= pending::RW;
-        }
         match (self.state, header.op) {
             (State::Killed | State::Done, _) => {}
             (State::LocalInit, OP_RESPONSE) => {
@@ -302,6 +298,15 @@ impl Connection {
                 inc(&m.conn_event_fails);
                 self.kill(m);
             }
+        }
+        self.read_unwatched();
+    }
+
+    /// A stream that hung up is no longer watched: it is read, while the guest has credit,
+    /// until its end.
+    fn read_unwatched(&mut self) {
+        if self.hup && self.wants_to_read() && self.peer_credit() > 0 {
+            self.pending |= pending::RW;
         }
     }
 
@@ -436,7 +441,8 @@ impl Connection {
         }
         if self.wants_to_read() && (events.contains(EventSet::IN) || self.hup) {
             self.pending |= pending::RW;
-        } else if self.hup && self.state == State::Established && self.host_eof {
+        } else if self.hup {
+            // Closed both ways, with nothing more the guest will take from it.
             self.host_gone();
         }
     }
@@ -511,6 +517,7 @@ impl Connection {
                 pending::RESPONSE => {
                     *header = self.header(OP_RESPONSE);
                     self.state = State::Established;
+                    self.read_unwatched();
                     return Some(0);
                 }
                 pending::CREDIT_UPDATE => {
