@@ -52,7 +52,8 @@
 //!   the backend at most [`MAX_EVENTS_PER_NOTIFY`] host socket events and 32 new host
 //!   connections; the rest waits for the next turn of the loop.
 //! - a connection that either side shut down completely is killed (reset) when the other side
-//!   does not finish within [`CONN_SHUTDOWN_TIMEOUT`] (2 s).
+//!   does not finish within [`CONN_SHUTDOWN_TIMEOUT`] (2 s), and one the host opened when the
+//!   guest does not answer within [`CONN_REQUEST_TIMEOUT`] (10 s).
 //!
 //! # Example
 //!
@@ -186,9 +187,11 @@ pub const CONN_CREDIT_UPDATE_THRESHOLD: u32 = CONN_TX_BUF_SIZE / 2;
 /// included (as Firecracker).
 pub const MAX_CONNECTIONS: usize = 1023;
 /// How long a side that shut a connection down completely waits for the other to finish
-/// before the connection is reset; also how long a connection the host opened waits for the
-/// guest to accept or refuse it.
+/// before the connection is reset (as Firecracker).
 pub const CONN_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection the host opened waits for the guest to accept or refuse it before
+/// it is reset and its host stream closed.
+pub const CONN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most resets for packets that name no connection that wait for the guest's buffers.
 pub const MAX_PENDING_RESETS: usize = 256;
 /// The most host socket events the Unix backend handles in one call.
