@@ -55,6 +55,15 @@
 //!   does not finish within [`CONN_SHUTDOWN_TIMEOUT`] (2 s), and one the host opened when the
 //!   guest does not answer within [`CONN_REQUEST_TIMEOUT`] (10 s).
 //!
+//! # Half-closed host streams
+//!
+//! A host process that shuts down only its writing half (`shutdown(SHUT_WR)`) is told to the
+//! guest as a SHUTDOWN with [`SHUTDOWN_SEND`] alone: the guest reads the end of the stream and
+//! may still answer, which a request/response client that half-closes needs. Only a host
+//! stream closed both ways becomes SHUTDOWN with both flags, after which the guest has
+//! [`CONN_SHUTDOWN_TIMEOUT`] to answer with RST. Likewise a guest's SHUTDOWN with
+//! [`SHUTDOWN_SEND`] shuts the host stream's writing half once the guest's data is written.
+//!
 //! # Example
 //!
 //! A host process connects through the device's Unix socket, serving the device without a
