@@ -15,6 +15,7 @@
 //! - [`cmdline`]: the bytes are a command line and extra arguments, one per line.
 //! - [`virtio`]: descriptor chains, block requests, the MMIO transport's registers and
 //!   virtio-net's frames, as a guest lays them out.
+//! - [`mmds`]: frames a guest sends the metadata service's network stack, and its answers.
 //! - [`serial`]: the guest's accesses to the serial console's registers, and the VMM's input.
 //! - [`api`]: the bytes a client sends on the API socket, and a configuration file.
 //! - [`seccomp`]: a compiled seccomp filter file, as `--seccomp-filter` reads it.
@@ -37,6 +38,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod mmds;
 pub mod seccomp;
 pub mod serial;
 pub mod virtio;
