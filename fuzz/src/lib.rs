@@ -19,6 +19,7 @@
 //! - [`serial`]: the guest's accesses to the serial console's registers, and the VMM's input.
 //! - [`api`]: the bytes a client sends on the API socket, and a configuration file.
 //! - [`seccomp`]: a compiled seccomp filter file, as `--seccomp-filter` reads it.
+//! - [`mmds_http`]: the bytes a guest sends to the metadata service on one connection.
 //!
 //! # Example
 //!
@@ -39,6 +40,7 @@
 
 pub mod api;
 pub mod mmds;
+pub mod mmds_http;
 pub mod seccomp;
 pub mod serial;
 pub mod virtio;

@@ -31,3 +31,11 @@ pub enum Handled {
         close: bool,
     },
 }
+
+pub mod data_store;
+pub mod handler;
+pub mod http;
+pub mod token;
+
+pub use data_store::{Mmds, MmdsVersion, OutputFormat};
+pub use handler::MmdsHandler;

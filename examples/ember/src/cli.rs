@@ -49,9 +49,7 @@ pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 /// `--config-file`, `--no-api`, `--log-path`, `--level`, `--module`, `--show-level`,
 /// `--show-log-origin`, `--metrics-path`, `--boot-timer`, `--no-seccomp`, `--seccomp-filter`,
 /// `--start-time-us`, `--start-time-cpu-us`, `--parent-cpu-time-us`,
-/// `--http-api-max-payload-size`, `--metadata`, `--mmds-size-limit` and `--version`. ember has
-/// no MMDS data store yet: `--metadata` and `--mmds-size-limit` are checked (the file must hold
-/// JSON that fits the limit) and nothing serves the metadata.
+/// `--http-api-max-payload-size`, `--metadata`, `--mmds-size-limit` and `--version`.
 #[derive(Debug, Parser)]
 #[command(name = "ember", about, disable_version_flag = true)]
 #[command(group = clap::ArgGroup::new("described").args(["kernel", "config_file"]).multiple(true))]
@@ -210,14 +208,14 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", default_value_t = MAX_BODY_LEN, value_parser = parse_payload_size)]
     pub http_api_max_payload_size: usize,
 
-    /// A JSON file of metadata for the microVM metadata service (MMDS). NOT SERVED YET: ember
-    /// has no MMDS data store; the file is read and checked (JSON, within `--mmds-size-limit`)
-    /// and its content is not served.
+    /// A JSON file whose content fills the microVM metadata service's (MMDS) data store at
+    /// start, as a `PUT /mmds` would; it must be JSON within `--mmds-size-limit`.
     #[arg(long, value_name = "PATH")]
     pub metadata: Option<PathBuf>,
 
-    /// The most bytes the MMDS data store may hold; default: `--http-api-max-payload-size`.
-    /// ember has no MMDS data store yet: the limit only checks `--metadata`.
+    /// The most bytes the MMDS data store may hold, serialized; default:
+    /// `--http-api-max-payload-size`. A `PUT` or `PATCH /mmds` that would pass it is answered
+    /// 413 and changes nothing.
     #[arg(long, value_name = "BYTES")]
     pub mmds_size_limit: Option<usize>,
 
@@ -268,7 +266,7 @@ impl Cli {
     }
 
     /// Reads and checks the `--metadata` file: JSON, at most [`Cli::mmds_size_limit`] bytes.
-    /// Returns the value (which nothing serves yet: ember has no MMDS data store).
+    /// Returns the value, which fills the MMDS data store at start.
     ///
     /// # Errors
     ///

@@ -163,6 +163,16 @@ impl Controller {
             ApiRequest::PatchBalloon(update) => self.patch_balloon(&update),
             ApiRequest::GetBalloonStats => self.balloon_stats(),
             ApiRequest::PatchBalloonStats(update) => self.patch_balloon_stats(&update),
+            ApiRequest::GetMmds => match self.resources.locked_mmds().value() {
+                Some(value) => ApiResponse::ok_json(value),
+                // Before any PUT, Firecracker answers an empty object.
+                None => ApiResponse::ok_json(&serde_json::json!({})),
+            },
+            ApiRequest::PutMmds(value) => mmds_answer(self.resources.put_mmds(value)),
+            ApiRequest::PatchMmds(patch) => mmds_answer(self.resources.locked_mmds().patch(&patch)),
+            ApiRequest::PutMmdsConfig(config) if !started => {
+                answer(self.resources.set_mmds_config(config))
+            }
             ApiRequest::PutLogger(config) if !started => self.put_logger(config),
             ApiRequest::PutMetrics(config) if !started => self.put_metrics(config),
             ApiRequest::Action(ActionType::InstanceStart) if !started => {
@@ -187,6 +197,7 @@ impl Controller {
             | ApiRequest::PutNetworkInterface(_)
             | ApiRequest::PutEntropy(_)
             | ApiRequest::PutBalloon(_)
+            | ApiRequest::PutMmdsConfig(_)
             | ApiRequest::PutLogger(_)
             | ApiRequest::PutMetrics(_)
             | ApiRequest::Action(ActionType::InstanceStart) => {
@@ -416,6 +427,19 @@ impl Controller {
 fn answer(result: crate::resources::Result<()>) -> ApiResponse {
     match result {
         Ok(()) => ApiResponse::no_content(),
+        Err(err) => ApiResponse::bad_request(err.to_string()),
+    }
+}
+
+/// The answer to a `PUT` or `PATCH /mmds`: 413 when the store would pass its limit, as
+/// Firecracker answers, 400 for a `PATCH` before any `PUT`.
+fn mmds_answer(result: ember_mmds::data_store::Result<()>) -> ApiResponse {
+    match result {
+        Ok(()) => ApiResponse::no_content(),
+        Err(err @ ember_mmds::data_store::Error::DataStoreLimitExceeded) => ApiResponse::fault(
+            crate::api::http::StatusCode::PayloadTooLarge,
+            err.to_string(),
+        ),
         Err(err) => ApiResponse::bad_request(err.to_string()),
     }
 }

@@ -11,6 +11,7 @@
 //! order they were added; putting a drive that exists replaces it where it is.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::api::model::{
     self, BootSource, Drive, FullVmConfiguration, HugePages, MachineConfiguration,
@@ -51,6 +52,9 @@ pub enum Error {
     /// message is Firecracker's.
     #[error("Reinitialization of metrics not allowed.")]
     MetricsTwice,
+    /// The `--metadata` file cannot fill the MMDS data store; the text says why.
+    #[error("{0}")]
+    Metadata(String),
 }
 
 /// Result type of this module.
@@ -72,6 +76,8 @@ pub struct VmResources {
     pub dump_guest_memory: bool,
     /// The seccomp filters the VMM's threads install; `None` runs without (`--no-seccomp`).
     pub seccomp: Option<std::sync::Arc<crate::seccomp::Filters>>,
+    /// The MMDS data store, shared by the API and the network devices that serve it.
+    mmds: Arc<Mutex<ember_mmds::Mmds>>,
 }
 
 impl VmResources {
@@ -88,6 +94,7 @@ impl VmResources {
             ksm: cli.ksm,
             dump_guest_memory: cli.dump_guest_memory,
             seccomp: None,
+            mmds: Arc::new(Mutex::new(ember_mmds::Mmds::new(cli.mmds_size_limit()))),
         }
     }
 
@@ -122,6 +129,11 @@ impl VmResources {
             resources.config.network_interfaces = nets_from_flags(&cli.nets);
         }
         resources.apply_logging_flags(cli)?;
+        if let Some(metadata) = cli.read_metadata().map_err(Error::Metadata)? {
+            resources
+                .put_mmds(metadata)
+                .map_err(|e| Error::Metadata(e.to_string()))?;
+        }
         Ok(resources)
     }
 
@@ -176,6 +188,9 @@ impl VmResources {
         // The root device first, as when drives are put one by one.
         config.drives.sort_by_key(|drive| !drive.is_root_device);
         self.config = config;
+        if let Some(mmds_config) = self.config.mmds_config.take() {
+            self.set_mmds_config(mmds_config)?;
+        }
         Ok(())
     }
 
@@ -410,6 +425,54 @@ impl VmResources {
         if u64::from(amount_mib) > self.machine().mem_size_mib {
             return Err(ModelError::BalloonTooLarge.into());
         }
+        Ok(())
+    }
+
+    /// The MMDS configuration, once `PUT /mmds/config` (or the configuration file) gave one;
+    /// its `ipv4_address` is then always set ([`model::DEFAULT_MMDS_ADDRESS`] when none was
+    /// given).
+    pub fn mmds_config(&self) -> Option<&model::MmdsConfig> {
+        self.config.mmds_config.as_ref()
+    }
+
+    /// The MMDS data store, shared by the API and the network devices that serve it.
+    pub fn mmds(&self) -> &Arc<Mutex<ember_mmds::Mmds>> {
+        &self.mmds
+    }
+
+    /// The MMDS data store, locked. Every change to it is whole or not made, so a panic while
+    /// it was locked leaves it usable.
+    pub fn locked_mmds(&self) -> std::sync::MutexGuard<'_, ember_mmds::Mmds> {
+        self.mmds.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `PUT /mmds`: replaces the MMDS data store's content.
+    ///
+    /// # Errors
+    ///
+    /// When the content is larger than the store's limit; the store is then unchanged.
+    pub fn put_mmds(&self, value: serde_json::Value) -> ember_mmds::data_store::Result<()> {
+        self.locked_mmds().put(value)
+    }
+
+    /// `PUT /mmds/config`: the MMDS version, address and interfaces. The version (and the
+    /// IMDS-compatible mode) applies to the data store at once.
+    ///
+    /// # Errors
+    ///
+    /// When the configuration is refused, or names an interface that was not put.
+    pub fn set_mmds_config(&mut self, mut mmds_config: model::MmdsConfig) -> Result<()> {
+        mmds_config.validate()?;
+        mmds_config.check_interfaces(&self.config.network_interfaces)?;
+        mmds_config
+            .ipv4_address
+            .get_or_insert(model::DEFAULT_MMDS_ADDRESS);
+        {
+            let mut mmds = self.locked_mmds();
+            mmds.set_version(mmds_config.version);
+            mmds.set_imds_compat(mmds_config.imds_compat);
+        }
+        self.config.mmds_config = Some(mmds_config);
         Ok(())
     }
 
@@ -718,6 +781,112 @@ mod tests {
         assert!(err.contains("not open for reading and writing"), "{err}");
         let err = flags("/proc/self/fd/x").unwrap_err().to_string();
         assert!(err.contains("names no descriptor"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mmds_config_needs_interfaces_that_were_put_and_sets_the_store_s_version() {
+        let mut resources = VmResources::new(&cli(&[]));
+        assert!(resources.mmds_config().is_none());
+        let config = |ifaces: &[&str], version| model::MmdsConfig {
+            version,
+            network_interfaces: ifaces.iter().map(|s| s.to_string()).collect(),
+            ipv4_address: None,
+            imds_compat: true,
+        };
+        let err = resources
+            .set_mmds_config(config(&["eth0"], ember_mmds::MmdsVersion::V2))
+            .unwrap_err();
+        assert!(err.to_string().contains("does not correspond"), "{err}");
+        assert!(resources.mmds_config().is_none());
+        assert_eq!(
+            resources.locked_mmds().version(),
+            ember_mmds::MmdsVersion::V1
+        );
+
+        resources
+            .put_net(NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: "tap0".into(),
+                guest_mac: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+                mtu: None,
+            })
+            .unwrap();
+        resources
+            .set_mmds_config(config(&["eth0"], ember_mmds::MmdsVersion::V2))
+            .unwrap();
+        let stored = resources.mmds_config().unwrap();
+        assert_eq!(stored.ipv4_address, Some(model::DEFAULT_MMDS_ADDRESS));
+        assert_eq!(stored.network_interfaces, ["eth0"]);
+        assert_eq!(
+            resources.locked_mmds().version(),
+            ember_mmds::MmdsVersion::V2
+        );
+        assert!(resources.locked_mmds().imds_compat());
+        // A clone shares the store: the network devices see what the API puts.
+        let clone = resources.clone();
+        clone.put_mmds(serde_json::json!({"a": "b"})).unwrap();
+        assert_eq!(
+            resources.locked_mmds().value(),
+            Some(&serde_json::json!({"a": "b"}))
+        );
+    }
+
+    #[test]
+    fn metadata_fills_the_store_within_its_limit() {
+        let dir = std::env::temp_dir().join(format!("ember-metadata-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("md.json");
+        std::fs::write(&path, r#"{"latest": {"meta-data": {"ami-id": "ami-1"}}}"#).unwrap();
+        let path_arg = path.to_str().unwrap();
+        let resources = VmResources::from_cli(&cli(&["--metadata", path_arg])).unwrap();
+        assert_eq!(
+            resources.locked_mmds().value(),
+            Some(&serde_json::json!({"latest": {"meta-data": {"ami-id": "ami-1"}}}))
+        );
+        assert_eq!(resources.locked_mmds().size_limit(), 51200);
+        let resources =
+            VmResources::from_cli(&cli(&["--metadata", path_arg, "--mmds-size-limit", "100"]))
+                .unwrap();
+        assert_eq!(resources.locked_mmds().size_limit(), 100);
+        let err = VmResources::from_cli(&cli(&["--metadata", path_arg, "--mmds-size-limit", "10"]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("MMDS size limit of 10 bytes"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_config_file_s_mmds_config_applies_to_the_store() {
+        let dir = std::env::temp_dir().join(format!("ember-config-mmds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.json");
+        let file = r#"{
+            "boot-source": {"kernel_image_path": "vmlinux"},
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
+            "mmds-config": {"version": "V2", "network_interfaces": ["eth0"],
+                            "ipv4_address": "169.254.170.2"}
+        }"#;
+        std::fs::write(&path, file).unwrap();
+        let path_arg = path.to_str().unwrap();
+        let resources = VmResources::from_cli(&cli(&["--config-file", path_arg])).unwrap();
+        let config = resources.mmds_config().unwrap();
+        assert_eq!(config.ipv4_address, Some("169.254.170.2".parse().unwrap()));
+        assert_eq!(
+            resources.locked_mmds().version(),
+            ember_mmds::MmdsVersion::V2
+        );
+        let served = serde_json::to_value(resources.vm_config()).unwrap();
+        assert_eq!(served["mmds-config"]["version"], "V2");
+        assert_eq!(served["mmds-config"]["network_interfaces"][0], "eth0");
+
+        std::fs::write(&path, file.replace(r#"["eth0"]"#, r#"["eth1"]"#)).unwrap();
+        let err = VmResources::from_cli(&cli(&["--config-file", path_arg])).unwrap_err();
+        assert!(err.to_string().contains("does not correspond"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

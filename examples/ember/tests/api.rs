@@ -1601,3 +1601,196 @@ fn balloon_statistics_are_refused_when_not_enabled_at_boot() {
     let (code, err) = ember.wait();
     assert_eq!(code, Some(0), "{err}");
 }
+
+#[test]
+fn the_mmds_store_is_put_patched_and_read_and_bad_bodies_change_nothing() {
+    let scratch = Scratch::new("mmds");
+    let ember = Ember::start(&scratch, &["--mmds-size-limit", "200"]);
+    // Before any PUT, Firecracker answers an empty object, and a PATCH is refused.
+    let response = ember.get("/mmds");
+    assert_eq!((response.status, response.json()), (200, json!({})));
+    let response = ember.patch("/mmds", json!({"a": "b"}));
+    assert_eq!(response.status, 400);
+    assert_eq!(response.fault(), "The MMDS data store is not initialized.");
+    assert_eq!(ember.get("/mmds").json(), json!({}));
+
+    let store = json!({"latest": {"meta-data": {"ami-id": "ami-12345678", "old": "x"}}});
+    let response = ember.put("/mmds", store.clone());
+    assert_eq!(response.status, 204, "{}", response.body);
+    assert_eq!(ember.get("/mmds").json(), store);
+    let response = ember.patch(
+        "/mmds",
+        json!({"latest": {"meta-data": {"old": null, "tags": ["a", "b"]}, "user-data": "u"}}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+    let patched = json!({"latest": {"meta-data": {"ami-id": "ami-12345678", "tags": ["a", "b"]},
+                                    "user-data": "u"}});
+    assert_eq!(ember.get("/mmds").json(), patched);
+
+    // Past the store's limit: 413, as Firecracker answers, and nothing changes.
+    let big = json!({"big": "x".repeat(200)});
+    for response in [ember.put("/mmds", big.clone()), ember.patch("/mmds", big)] {
+        assert_eq!(response.status, 413, "{}", response.body);
+        assert_eq!(response.fault(), "The MMDS patch request doesn't fit.");
+    }
+    // Bodies that are not JSON.
+    for (method, body, fault) in [
+        (
+            "PUT",
+            "{",
+            "An error occurred when deserializing the json body",
+        ),
+        (
+            "PATCH",
+            "[1,",
+            "An error occurred when deserializing the json body",
+        ),
+        ("PUT", "", "Empty PUT request."),
+        ("PATCH", "", "Empty PATCH request."),
+    ] {
+        let response = ember.raw(&encode(method, "/mmds", Some(body)));
+        assert_eq!(response.status, 400, "{method} {body:?}");
+        assert!(response.fault().starts_with(fault), "{}", response.body);
+    }
+    assert_eq!(ember.get("/mmds").json(), patched);
+    let response = ember.raw(&encode("GET", "/mmds", Some("{}")));
+    assert_eq!(response.fault(), "GET request cannot have a body.");
+}
+
+#[test]
+fn mmds_config_is_checked_recorded_and_refused_after_boot() {
+    let scratch = Scratch::new("mmds-config");
+    let ember = Ember::start(&scratch, &[]);
+    // The interfaces must have been put first.
+    let response = ember.put("/mmds/config", json!({"network_interfaces": ["eth0"]}));
+    assert_eq!(response.status, 400);
+    assert_eq!(
+        response.fault(),
+        "The list of network interface IDs provided contains at least one ID that does not \
+         correspond to any existing network interface."
+    );
+    let response = ember.put(
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0", "host_dev_name": "tap0"}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+    let response = ember.put(
+        "/mmds/config",
+        json!({"network_interfaces": ["eth0"], "version": "V2"}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+    let recorded = json!({"version": "V2", "network_interfaces": ["eth0"],
+                          "ipv4_address": "169.254.169.254", "imds_compat": false});
+    assert_eq!(ember.get("/vm/config").json()["mmds-config"], recorded);
+
+    for (body, fault) in [
+        (
+            json!({"network_interfaces": []}),
+            "The list of network interface IDs that allow forwarding MMDS requests is empty.",
+        ),
+        (
+            json!({"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"}),
+            "The MMDS IPv4 address is not link local.",
+        ),
+        (
+            json!({"network_interfaces": ["eth0"], "ipv4_address": "169.254.255.3"}),
+            "The MMDS IPv4 address is not link local.",
+        ),
+        (
+            json!({"network_interfaces": ["eth0"], "ipv4_address": "169.254.1"}),
+            "An error occurred when deserializing the json body of a request: invalid IPv4",
+        ),
+        (
+            json!({"network_interfaces": ["eth0"], "version": "V3"}),
+            "An error occurred when deserializing the json body of a request: unknown variant",
+        ),
+        (
+            json!({"version": "V1"}),
+            "An error occurred when deserializing the json body of a request: missing field",
+        ),
+        (
+            json!({"network_interfaces": ["eth0"], "ipv6_address": "::1"}),
+            "An error occurred when deserializing the json body of a request: unknown field",
+        ),
+        (
+            json!({"network_interfaces": ["eth0", "eth9"]}),
+            "The list of network interface IDs provided contains at least one ID",
+        ),
+    ] {
+        let response = ember.put("/mmds/config", body.clone());
+        assert_eq!(response.status, 400, "{body}");
+        assert!(
+            response.fault().starts_with(fault),
+            "{body}: {}",
+            response.body
+        );
+    }
+    assert_eq!(ember.get("/vm/config").json()["mmds-config"], recorded);
+    let response = ember.put(
+        "/mmds/config",
+        json!({"network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2",
+               "imds_compat": true}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+    let config = ember.get("/vm/config").json();
+    assert_eq!(config["mmds-config"]["ipv4_address"], "169.254.170.2");
+    assert_eq!(config["mmds-config"]["version"], "V1");
+
+    // After boot the configuration is refused and the store still served. (A microVM of its
+    // own, without a network interface: booting one would open a TAP device.)
+    let booted = Scratch::new("mmds-booted");
+    let ember = Ember::start(&booted, &[]);
+    configure_waiting_guest(&ember, &booted);
+    let response = ember.put("/actions", json!({"action_type": "InstanceStart"}));
+    assert_eq!(response.status, 204, "{}", response.body);
+    let response = ember.put("/mmds/config", json!({"network_interfaces": ["eth0"]}));
+    assert_eq!(response.status, 400);
+    assert_eq!(
+        response.fault(),
+        "The requested operation is not supported after starting the microVM."
+    );
+    assert_eq!(ember.put("/mmds", json!({"a": "b"})).status, 204);
+    assert_eq!(ember.patch("/mmds", json!({"c": "d"})).status, 204);
+    assert_eq!(ember.get("/mmds").json(), json!({"a": "b", "c": "d"}));
+    assert!(ember.get("/vm/config").json().get("mmds-config").is_none());
+}
+
+#[test]
+fn a_config_file_s_mmds_config_must_name_its_interfaces() {
+    let scratch = Scratch::new("config-mmds");
+    let config = json!({
+        "boot-source": {"kernel_image_path": "/nonexistent/vmlinux"},
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
+        "mmds-config": {"network_interfaces": ["eth1"]},
+    });
+    let config_path = scratch.file("vm.json", config.to_string().as_bytes());
+    let output = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["--no-api", "--serial", "none", "--config-file"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("does not correspond to any existing network interface"),
+        "{err}"
+    );
+}
+
+#[test]
+fn metadata_fills_the_store_that_get_mmds_answers() {
+    let scratch = Scratch::new("metadata");
+    let metadata = json!({"latest": {"meta-data": {"ami-id": "ami-12345678"}}});
+    let path = scratch.file("metadata.json", metadata.to_string().as_bytes());
+    let ember = Ember::start(&scratch, &["--metadata", path.to_str().unwrap()]);
+    assert_eq!(ember.get("/mmds").json(), metadata);
+    let response = ember.patch(
+        "/mmds",
+        json!({"latest": {"meta-data": {"instance-id": "i-1"}}}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+    assert_eq!(
+        ember.get("/mmds").json()["latest"]["meta-data"]["instance-id"],
+        "i-1"
+    );
+}

@@ -301,10 +301,15 @@ fn metadata_is_checked_against_the_mmds_size_limit() {
     )
     .unwrap();
     let path = metadata.to_str().unwrap();
-    // Accepted, with the store's absence said in the log.
+    // Accepted, and served by GET /mmds.
     let mut ember = Ember::start(&scratch, &["--metadata", path]);
-    let (_, err) = ember.stop();
-    assert!(err.contains("no MMDS data store"), "{err}");
+    let (status, body) = ember.request("GET", "/mmds", None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        serde_json::json!({"latest": {"meta-data": {"ami-id": "ami-12345678"}}})
+    );
+    ember.stop();
     // Too large for the limit, which defaults to the payload limit.
     for args in [
         &["--metadata", path, "--mmds-size-limit", "10"][..],

@@ -624,6 +624,9 @@ pub enum StatusCode {
     BadRequest,
     /// 408 Request Timeout: a request did not arrive in time.
     RequestTimeout,
+    /// 413 Payload Too Large: a `PUT` or `PATCH /mmds` would make the MMDS data store larger
+    /// than its limit (Firecracker's status).
+    PayloadTooLarge,
     /// 417 Expectation Failed: an `Expect` other than `100-continue`.
     ExpectationFailed,
     /// 500 Internal Server Error: the VMM did not answer.
@@ -644,6 +647,7 @@ impl StatusCode {
             StatusCode::NoContent => 204,
             StatusCode::BadRequest => 400,
             StatusCode::RequestTimeout => 408,
+            StatusCode::PayloadTooLarge => 413,
             StatusCode::ExpectationFailed => 417,
             StatusCode::InternalServerError => 500,
             StatusCode::NotImplemented => 501,
@@ -659,6 +663,7 @@ impl StatusCode {
             StatusCode::NoContent => "No Content",
             StatusCode::BadRequest => "Bad Request",
             StatusCode::RequestTimeout => "Request Timeout",
+            StatusCode::PayloadTooLarge => "Payload Too Large",
             StatusCode::ExpectationFailed => "Expectation Failed",
             StatusCode::InternalServerError => "Internal Server Error",
             StatusCode::NotImplemented => "Not Implemented",
@@ -1220,6 +1225,7 @@ mod tests {
             (StatusCode::NotImplemented, 501),
             (StatusCode::ServiceUnavailable, 503),
             (StatusCode::HttpVersionNotSupported, 505),
+            (StatusCode::PayloadTooLarge, 413),
         ] {
             assert_eq!(status.code(), code);
             assert!(!status.reason().is_empty());

@@ -12,6 +12,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::net::Ipv4Addr;
 
 use ember_virtio::block;
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
@@ -141,6 +142,18 @@ pub enum ModelError {
     /// text says why.
     #[error("{0}")]
     DriveFd(String),
+    /// An MMDS configuration lists no network interface (Firecracker's message).
+    #[error("The list of network interface IDs that allow forwarding MMDS requests is empty.")]
+    MmdsNoInterface,
+    /// An MMDS configuration lists an interface that was not put (Firecracker's message).
+    #[error(
+        "The list of network interface IDs provided contains at least one ID that does not \
+         correspond to any existing network interface."
+    )]
+    MmdsUnknownInterface,
+    /// The MMDS address is not a usable IPv4 link-local address (Firecracker's message).
+    #[error("The MMDS IPv4 address is not link local.")]
+    MmdsAddressNotLinkLocal,
 }
 
 /// The result of a check of this module.
@@ -1064,11 +1077,69 @@ impl From<ember_virtio::balloon::BalloonStats> for BalloonStats {
     }
 }
 
+/// The MMDS address when `PUT /mmds/config` gives none, as in Firecracker.
+pub const DEFAULT_MMDS_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+
+/// `PUT /mmds/config`, and a configuration file's `mmds-config`: how guests reach the MMDS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    /// V1 (the default) or V2 (session tokens).
+    #[serde(default)]
+    pub version: ember_mmds::MmdsVersion,
+    /// The IDs of the network interfaces whose guest traffic to the MMDS address the MMDS
+    /// answers; each must have been put, and there must be one at least.
+    pub network_interfaces: Vec<String>,
+    /// The MMDS's IPv4 address: link-local (`169.254.1.0` to `169.254.254.255`). Absent from
+    /// a request, it is [`DEFAULT_MMDS_ADDRESS`], and recorded so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_address: Option<Ipv4Addr>,
+    /// Whether answers are always IMDS text, whatever the guest's `Accept` says.
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
+impl MmdsConfig {
+    /// Checks the interface list is not empty and the address is link-local as Firecracker
+    /// checks it: `169.254.0.0/16` without its first and last 256 addresses (RFC 3927).
+    /// That the interfaces exist is checked against the microVM's.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::MmdsNoInterface`] or [`ModelError::MmdsAddressNotLinkLocal`].
+    pub fn validate(&self) -> Result<()> {
+        if self.network_interfaces.is_empty() {
+            return Err(ModelError::MmdsNoInterface);
+        }
+        if let Some(address) = self.ipv4_address {
+            match address.octets() {
+                [169, 254, 1..=254, _] => {}
+                _ => return Err(ModelError::MmdsAddressNotLinkLocal),
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every listed interface is one of `nets`.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::MmdsUnknownInterface`].
+    pub fn check_interfaces(&self, nets: &[NetworkInterface]) -> Result<()> {
+        let known = |id: &String| nets.iter().any(|net| &net.iface_id == id);
+        if self.network_interfaces.iter().all(known) {
+            Ok(())
+        } else {
+            Err(ModelError::MmdsUnknownInterface)
+        }
+    }
+}
+
 /// The whole configuration of a microVM: the answer to `GET /vm/config`, and the format of a
 /// configuration file.
 ///
 /// Keys of Firecracker's configuration that ember does not implement (`cpu-config`,
-/// `memory-hotplug`, `mmds-config`, `pmem`, `vsock`) are accepted only when `null`
+/// `memory-hotplug`, `pmem`, `vsock`) are accepted only when `null`
 /// (or, for the list `pmem`, empty), so that a configuration written for Firecracker without them
 /// loads unchanged; they are never written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -1120,13 +1191,13 @@ pub struct FullVmConfiguration {
         deserialize_with = "reject_memory_hotplug"
     )]
     memory_hotplug: Unsupported,
+    /// How guests reach the MMDS; the MMDS is not reachable from the guest without it.
     #[serde(
         rename = "mmds-config",
         default,
-        skip_serializing,
-        deserialize_with = "reject_mmds_config"
+        skip_serializing_if = "Option::is_none"
     )]
-    mmds_config: Unsupported,
+    pub mmds_config: Option<MmdsConfig>,
     #[serde(default, skip_serializing, deserialize_with = "reject_pmem")]
     pmem: Unsupported,
     #[serde(default, skip_serializing, deserialize_with = "reject_vsock")]
@@ -1176,6 +1247,10 @@ impl FullVmConfiguration {
         if let Some(balloon) = &self.balloon {
             balloon.validate()?;
         }
+        if let Some(mmds_config) = &self.mmds_config {
+            mmds_config.validate()?;
+            mmds_config.check_interfaces(&self.network_interfaces)?;
+        }
         Ok(())
     }
 }
@@ -1197,7 +1272,6 @@ macro_rules! reject_key {
 
 reject_key!(reject_cpu_config, "cpu-config");
 reject_key!(reject_memory_hotplug, "memory-hotplug");
-reject_key!(reject_mmds_config, "mmds-config");
 reject_key!(reject_pmem, "pmem");
 reject_key!(reject_vsock, "vsock");
 
@@ -1835,7 +1909,6 @@ mod tests {
         for (key, value) in [
             ("vsock", r#"{"guest_cid":3,"uds_path":"/v"}"#),
             ("pmem", r#"[{"id":"p","path_on_host":"/p"}]"#),
-            ("mmds-config", "1"),
             ("cpu-config", r#""x""#),
         ] {
             let err = error_of::<FullVmConfiguration>(&format!(r#"{{"{key}": {value}}}"#));
@@ -1848,6 +1921,60 @@ mod tests {
             error_of::<FullVmConfiguration>(r#"{"serial": null}"#)
                 .contains("unknown field `serial`")
         );
+    }
+
+    #[test]
+    fn an_mmds_config_is_firecracker_s_and_checked() {
+        let config: MmdsConfig =
+            serde_json::from_str(r#"{"network_interfaces": ["eth0"]}"#).unwrap();
+        assert_eq!(config.version, ember_mmds::MmdsVersion::V1);
+        assert_eq!((config.ipv4_address, config.imds_compat), (None, false));
+        config.validate().unwrap();
+        let config: MmdsConfig = serde_json::from_str(
+            r#"{"version": "V2", "network_interfaces": ["eth0", "eth1"],
+                "ipv4_address": "169.254.170.2", "imds_compat": true}"#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            serde_json::to_string(&config).unwrap(),
+            r#"{"version":"V2","network_interfaces":["eth0","eth1"],"ipv4_address":"169.254.170.2","imds_compat":true}"#
+        );
+        for (body, message) in [
+            (r#"{"network_interfaces": []}"#, "is empty"),
+            (
+                r#"{"network_interfaces": ["a"], "ipv4_address": "10.0.0.1"}"#,
+                "not link local",
+            ),
+            (
+                r#"{"network_interfaces": ["a"], "ipv4_address": "169.254.0.1"}"#,
+                "not link local",
+            ),
+            (
+                r#"{"network_interfaces": ["a"], "ipv4_address": "169.254.255.1"}"#,
+                "not link local",
+            ),
+        ] {
+            let config: MmdsConfig = serde_json::from_str(body).unwrap();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(message), "{body}: {err}");
+        }
+        for body in [
+            r#"{}"#,
+            r#"{"network_interfaces": ["a"], "version": "V3"}"#,
+            r#"{"network_interfaces": ["a"], "ipv4_address": "169.254.1"}"#,
+            r#"{"network_interfaces": ["a"], "extra": 1}"#,
+        ] {
+            assert!(serde_json::from_str::<MmdsConfig>(body).is_err(), "{body}");
+        }
+        // In a configuration file, the interfaces must be the file's.
+        let file = r#"{"network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
+                      "mmds-config": {"network_interfaces": ["eth0"]}}"#;
+        let config: FullVmConfiguration = serde_json::from_str(file).unwrap();
+        config.validate().unwrap();
+        let config: FullVmConfiguration =
+            serde_json::from_str(&file.replace(r#"["eth0"]}"#, r#"["eth1"]}"#)).unwrap();
+        assert_eq!(config.validate(), Err(ModelError::MmdsUnknownInterface));
     }
 
     #[test]

@@ -27,6 +27,10 @@
 //! | PATCH  | `/balloon`                   | [`ApiRequest::PatchBalloon`]              |
 //! | GET    | `/balloon/statistics`        | [`ApiRequest::GetBalloonStats`]           |
 //! | PATCH  | `/balloon/statistics`        | [`ApiRequest::PatchBalloonStats`]         |
+//! | GET    | `/mmds`                      | [`ApiRequest::GetMmds`]                   |
+//! | PUT    | `/mmds`                      | [`ApiRequest::PutMmds`]                   |
+//! | PATCH  | `/mmds`                      | [`ApiRequest::PatchMmds`]                 |
+//! | PUT    | `/mmds/config`               | [`ApiRequest::PutMmdsConfig`]             |
 //!
 //! `GET /metrics` is not Firecracker's: it answers the metrics in Prometheus' text format
 //! (`text/plain; version=0.0.4`). `PUT /metrics` is Firecracker's, and says where the JSON metrics
@@ -50,7 +54,8 @@
 //! - "An error occurred when deserializing the json body of a request: {serde's message}.".
 //!
 //! A request that routes is answered by the VMM: 204 when it was carried out, 200 with a JSON body
-//! for the GETs, 400 when refused. The HTTP layer adds 400 for a malformed request or an oversized
+//! for the GETs, 400 when refused, 413 when a `PUT` or `PATCH /mmds` would make the MMDS data
+//! store larger than its limit (as Firecracker answers). The HTTP layer adds 400 for a malformed request or an oversized
 //! body, 417, 501 and 505 (see [`super::http`]), 500 when the VMM does not answer and 503 when the
 //! server is full or stopping (see [`super::server`]).
 
@@ -61,7 +66,8 @@ use super::http::{self, Method, StatusCode};
 use super::model::{
     ActionType, Balloon, BalloonUpdate, BootSource, Drive, EntropyDeviceConfig, FaultMessage,
     InstanceActionInfo, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics,
-    ModelError, NetworkInterface, PartialDrive, PartialNetworkInterface, Vm, validate_id,
+    MmdsConfig, ModelError, NetworkInterface, PartialDrive, PartialNetworkInterface, Vm,
+    validate_id,
 };
 
 /// The `Content-Type` of JSON bodies.
@@ -119,6 +125,14 @@ pub enum ApiRequest {
     GetBalloonStats,
     /// `PATCH /balloon/statistics`.
     PatchBalloonStats(super::model::BalloonStatsUpdate),
+    /// `GET /mmds`: answer the MMDS data store's content, `{}` before any `PUT /mmds`.
+    GetMmds,
+    /// `PUT /mmds`: replace the MMDS data store's content with any JSON value.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: a JSON merge patch (RFC 7396) of the MMDS data store's content.
+    PatchMmds(serde_json::Value),
+    /// `PUT /mmds/config`.
+    PutMmdsConfig(MmdsConfig),
 }
 
 /// Why a request does not route to an [`ApiRequest`]; answered with 400 by the API thread.
@@ -204,6 +218,7 @@ fn route_get(resource: &str, sub: Option<&str>) -> Option<ApiRequest> {
         ("metrics", None) => Some(ApiRequest::GetMetrics),
         ("balloon", None) => Some(ApiRequest::GetBalloon),
         ("balloon", Some("statistics")) => Some(ApiRequest::GetBalloonStats),
+        ("mmds", None) => Some(ApiRequest::GetMmds),
         _ => None,
     }
 }
@@ -233,6 +248,8 @@ fn route_put(
             ApiRequest::PutMachineConfig(checked(body, MachineConfiguration::validate)?)
         }
         ("metrics", None) => ApiRequest::PutMetrics(checked(body, Metrics::validate)?),
+        ("mmds", None) => ApiRequest::PutMmds(from_json(body)?),
+        ("mmds", Some("config")) => ApiRequest::PutMmdsConfig(checked(body, MmdsConfig::validate)?),
         ("network-interfaces", id) => ApiRequest::PutNetworkInterface(checked_with_id(
             id,
             body,
@@ -274,6 +291,7 @@ fn route_patch(
             PartialNetworkInterface::validate,
         )?),
         ("vm", None) => ApiRequest::PatchVm(from_json(body)?),
+        ("mmds", None) => ApiRequest::PatchMmds(from_json(body)?),
         _ => return Ok(None),
     };
     Ok(Some(request))
@@ -545,6 +563,52 @@ mod tests {
             ApiRequest::PatchVm(Vm {
                 state: VmState::Paused
             })
+        );
+    }
+
+    #[test]
+    fn the_mmds_endpoints_route() {
+        assert_eq!(get("/mmds").unwrap(), ApiRequest::GetMmds);
+        assert_eq!(
+            put("/mmds", r#"{"latest": {"a": "b"}}"#).unwrap(),
+            ApiRequest::PutMmds(serde_json::json!({"latest": {"a": "b"}}))
+        );
+        // Any JSON value is a data store, as in Firecracker.
+        assert_eq!(
+            put("/mmds", r#""text""#).unwrap(),
+            ApiRequest::PutMmds(serde_json::json!("text"))
+        );
+        assert_eq!(
+            patch("/mmds", r#"{"a": null}"#).unwrap(),
+            ApiRequest::PatchMmds(serde_json::json!({"a": null}))
+        );
+        let Ok(ApiRequest::PutMmdsConfig(config)) = put(
+            "/mmds/config",
+            r#"{"network_interfaces": ["eth0"], "version": "V2"}"#,
+        ) else {
+            panic!("not an MMDS configuration");
+        };
+        assert_eq!(config.version, ember_mmds::MmdsVersion::V2);
+        assert!(
+            message(put("/mmds", "{")).starts_with(
+                "An error occurred when deserializing the json body of a request: EOF"
+            )
+        );
+        assert_eq!(
+            message(put("/mmds/config", r#"{"network_interfaces": []}"#)),
+            "The list of network interface IDs that allow forwarding MMDS requests is empty."
+        );
+        assert!(
+            message(put("/mmds/config", r#"{"version": "V2"}"#))
+                .contains("missing field `network_interfaces`")
+        );
+        assert_eq!(
+            message(patch("/mmds/config", "{}")),
+            "Invalid request method and/or path: PATCH mmds/config."
+        );
+        assert_eq!(
+            message(get("/mmds/config")),
+            "Invalid request method and/or path: GET mmds/config."
         );
     }
 
