@@ -128,6 +128,29 @@ pub struct StackMetrics {
     pub connections_destroyed: AtomicU64,
 }
 
+impl StackMetrics {
+    /// How many counters [`StackMetrics::values`] gives.
+    pub const LEN: usize = 11;
+
+    /// Every counter by its name in Firecracker's `mmds` group, in a fixed order.
+    pub fn values(&self) -> [(&'static str, u64); Self::LEN] {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        [
+            ("rx_accepted", get(&self.rx_accepted)),
+            ("rx_accepted_err", get(&self.rx_accepted_err)),
+            ("rx_accepted_unusual", get(&self.rx_accepted_unusual)),
+            ("rx_bad_eth", get(&self.rx_bad_eth)),
+            ("rx_count", get(&self.rx_count)),
+            ("tx_bytes", get(&self.tx_bytes)),
+            ("tx_count", get(&self.tx_count)),
+            ("tx_errors", get(&self.tx_errors)),
+            ("tx_frames", get(&self.tx_frames)),
+            ("connections_created", get(&self.connections_created)),
+            ("connections_destroyed", get(&self.connections_destroyed)),
+        ]
+    }
+}
+
 fn inc(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }

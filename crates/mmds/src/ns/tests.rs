@@ -194,6 +194,9 @@ fn an_arp_request_for_the_address_is_answered_with_the_stacks_mac() {
     assert_eq!(metric(&stack.metrics().rx_accepted_unusual), 1);
     assert_eq!(metric(&stack.metrics().tx_frames), 1);
     assert_eq!(metric(&stack.metrics().tx_bytes), 42);
+    let values = stack.metrics().values();
+    assert_eq!(values[0], ("rx_accepted", 2));
+    assert!(values.contains(&("tx_frames", 1)));
 }
 
 #[test]
