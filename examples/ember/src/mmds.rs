@@ -26,8 +26,6 @@ use vm_memory::GuestMemory;
 /// The MAC address the stack answers with on every interface: locally administered, and the
 /// one Firecracker uses.
 pub const MMDS_MAC: [u8; 6] = [0x06, 0x01, 0x23, 0x45, 0x67, 0x01];
-/// The MMDS address when the configuration gives none.
-pub const DEFAULT_MMDS_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// The `flags` bit of the virtio-net header that says the checksum is the device's to finish.
 const NEEDS_CSUM: u8 = 1;
 /// Offsets of `csum_start` and `csum_offset` in the virtio-net header.
@@ -189,6 +187,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Permissions};
 
     use super::*;
+    use crate::api::model::DEFAULT_MMDS_ADDRESS;
 
     const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 9];
     const GUEST_IP: [u8; 4] = [10, 0, 0, 2];
