@@ -361,11 +361,13 @@ where
     /// and counted. When the backend is full, the chain waits until the next call
     /// (the worker makes it when the backend becomes writable): no frame is lost. Likewise
     /// when the transmit limiter refuses a frame: nothing is sent until its timer fires
-    /// ([`NetHandler::is_tx_throttled`]).
+    /// ([`NetHandler::is_tx_throttled`]). Frames the backend then holds in memory
+    /// ([`NetBackend::has_pending_frames`]: its own answers to what was sent) are received at
+    /// once, as [`NetHandler::process_rx`] does.
     ///
     /// # Errors
     ///
-    /// [`Error::Queue`] when the driver broke the protocol of the transmit queue.
+    /// [`Error::Queue`] when the driver broke the protocol of either queue.
     pub fn process_tx(&mut self) -> Result<()> {
         let mem = self.mem.memory();
         self.transmit(&mem)
