@@ -17,6 +17,7 @@
 //!   virtio-net's frames, as a guest lays them out.
 //! - [`vsock`]: the packets a guest transmits to virtio-vsock and what host processes do to its
 //!   Unix-socket connections, at once.
+//! - [`mmds`]: frames a guest sends the metadata service's network stack, and its answers.
 //! - [`serial`]: the guest's accesses to the serial console's registers, and the VMM's input.
 //! - [`api`]: the bytes a client sends on the API socket, and a configuration file.
 //! - [`seccomp`]: a compiled seccomp filter file, as `--seccomp-filter` reads it.
@@ -40,6 +41,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod mmds;
 pub mod mmds_http;
 pub mod seccomp;
 pub mod serial;

@@ -1,6 +1,10 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+pub mod ns;
+
+pub use ns::MmdsNetworkStack;
+
 /// What the guest-facing network stack does with the bytes a guest sent on one TCP connection.
 pub trait RequestHandler: Send {
     /// Looks at the bytes received so far on one connection, oldest first.

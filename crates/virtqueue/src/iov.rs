@@ -108,6 +108,29 @@ impl<'a, M: GuestMemory + ?Sized> GuestIoVecs<'a, M> {
         self.len == 0
     }
 
+    /// Copies the first bytes of the buffers into `buf`, as many as both hold, through
+    /// vm-memory's volatile accessors, and returns how many: so that a backend may look at a
+    /// frame (its headers, or the whole of it) without a reference into guest memory.
+    ///
+    /// # Errors
+    ///
+    /// When guest memory cannot be read.
+    pub fn copy_to(&self, buf: &mut [u8]) -> Result<usize, GuestMemoryError> {
+        let mut copied = 0usize;
+        for &(addr, len) in &self.ranges {
+            let Some(dst) = buf.get_mut(copied..) else {
+                break;
+            };
+            if dst.is_empty() {
+                break;
+            }
+            let n = dst.len().min(len);
+            guest::read_slice(self.mem, &mut dst[..n], addr)?;
+            copied += n;
+        }
+        Ok(copied)
+    }
+
     /// Marks the first `count` bytes dirty, after the host wrote them through the `iovec`s
     /// (writes through raw host addresses bypass vm-memory's dirty tracking).
     pub fn mark_written(&self, count: usize) {
@@ -161,6 +184,30 @@ mod tests {
         assert_eq!(iov.len(), 0x24);
         let lens: Vec<usize> = iov.iovecs().iter().map(|v| v.iov_len).collect();
         assert_eq!(lens, [0x10, 0x10, 4]);
+    }
+
+    #[test]
+    fn copy_to_gathers_the_buffers_up_to_the_room_given() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0x1000),
+        ])
+        .unwrap();
+        mem.write_slice(b"across", GuestAddress(0xffd)).unwrap();
+        mem.write_slice(b"+next", GuestAddress(0x100)).unwrap();
+        let iov = GuestIoVecs::new(
+            &mem,
+            [desc(0xffd, 6, false), desc(0x100, 5, false)],
+            Permissions::Read,
+        )
+        .unwrap();
+        let mut all = [0u8; 16];
+        assert_eq!(iov.copy_to(&mut all).unwrap(), 11);
+        assert_eq!(&all[..11], b"across+next");
+        let mut head = [0u8; 4];
+        assert_eq!(iov.copy_to(&mut head).unwrap(), 4);
+        assert_eq!(&head, b"acro");
+        assert_eq!(iov.copy_to(&mut []).unwrap(), 0);
     }
 
     #[test]

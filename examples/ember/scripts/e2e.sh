@@ -677,6 +677,50 @@ SCRIPT
     ip link del "$tap" 2>/dev/null || tunctl -d "$tap" >/dev/null 2>&1
 fi
 
+# --- MMDS ---------------------------------------------------------------------------
+
+# The guest reaches the metadata service at 169.254.169.254 through its interface:
+# ARP, TCP and HTTP are ember's. Under V2, busybox nc gets a token with a PUT, busybox
+# wget a nested value and a list (as JSON) with it, and a GET without it gets 401.
+mtap=ember-mmds0
+if ! [ -c /dev/net/tun ] || ! { ip tuntap add dev "$mtap" mode tap 2>/dev/null || tunctl -t "$mtap" >/dev/null 2>&1; }; then
+    fail mmds "cannot create the TAP $mtap here (needs root and /dev/net/tun)"
+else
+    ip link set "$mtap" up
+    cat >"$work/metadata.json" <<'JSON'
+{"latest": {"meta-data": {"ami-id": "ami-ember-e2e", "network": {"interfaces": ["eth0", "eth1"]}}}}
+JSON
+    script_disk "$work/mmds.disk" <<'SCRIPT'
+ip addr add 169.254.79.2/24 dev eth0
+ip link set eth0 up
+ip route add 169.254.169.254 dev eth0
+m=169.254.169.254
+token=$(printf 'PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n' |
+    nc $m 80 | tail -n 1)
+echo "TOKEN-LEN ${#token}"
+echo "AMI-ID $(wget -q -O - --header "X-metadata-token: $token" http://$m/latest/meta-data/ami-id)"
+echo "LIST $(wget -q -O - --header "X-metadata-token: $token" --header 'Accept: application/json' \
+    http://$m/latest/meta-data/network/interfaces)"
+printf 'GET /latest/meta-data/ami-id HTTP/1.1\r\nConnection: close\r\n\r\n' | nc $m 80 |
+    head -n 1 | tr -d '\r' | sed 's/^/NO-TOKEN /'
+SCRIPT
+    cat >"$work/mmds.json" <<JSON
+{
+  "boot-source": {"kernel_image_path": "$guest/vmlinux", "initrd_path": "$guest/initramfs.cpio.gz",
+                  "boot_args": "$base ember.run=/dev/vda"},
+  "drives": [{"drive_id": "script", "path_on_host": "$work/mmds.disk", "is_root_device": false, "is_read_only": true}],
+  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "$mtap", "guest_mac": "02:00:a9:fe:4f:02"}],
+  "mmds-config": {"version": "V2", "network_interfaces": ["eth0"]}
+}
+JSON
+    fresh
+    boot mmds --no-api --config-file "$work/mmds.json" --metadata "$work/metadata.json"
+    expect the_guest_gets_an_mmds_v2_token_and_reads_metadata_with_it 0 '^TOKEN-LEN 64$' \
+        '^AMI-ID ami-ember-e2e$' '^LIST \[.eth0.,.eth1.\]$' '^EMBER-RUN-EXIT 0'
+    expect an_mmds_v2_request_without_a_token_is_refused 0 '^NO-TOKEN HTTP/1.1 401'
+    ip link del "$mtap" 2>/dev/null || tunctl -d "$mtap" >/dev/null 2>&1
+fi
+
 # --- the jailer ---------------------------------------------------------------------
 
 # ember-jailer, beside ember, starts it as uid 123 in a chroot under $jails, in a

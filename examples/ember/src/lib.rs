@@ -12,6 +12,7 @@
 //! - [`controller`]: applies the API's requests to the resources and the running microVM;
 //! - [`logger`] and [`metrics`]: where the VMM's log lines and counters go;
 //! - [`vmm`]: builds the microVM and runs its event loop;
+//! - [`mmds`]: puts the metadata service's network stack in front of a network interface's TAP;
 //! - [`seccomp`]: the seccomp filter of each kind of thread, and the process's hardening;
 //! - [`terminal`]: the host terminal the serial console reads from;
 //! - [`signals`]: SIGTERM and SIGINT, which end the event loop cleanly;
@@ -40,6 +41,7 @@ pub mod controller;
 pub mod jailer;
 pub mod logger;
 pub mod metrics;
+pub mod mmds;
 pub mod resources;
 pub mod seccomp;
 pub mod signals;

@@ -26,6 +26,8 @@ use ember_memory::layout::{
     IOAPIC_PINS, IOAPIC_START, IRQ_BASE, LAPIC_START, MMIO_DEVICES_END, MMIO32_START, SERIAL_IRQ,
 };
 use ember_memory::{GuestMemoryMmap, MemoryOptions, ResourceAllocator};
+use ember_mmds::ns::StackMetrics;
+use ember_mmds::{Mmds, MmdsHandler};
 use ember_rate_limiter::{BucketConfig, BucketUpdate, RateLimiter};
 use ember_vcpu::bus::BusExitHandler;
 use ember_vcpu::{IoEventAddress, Kvm, Vcpu, VcpuHandle, Vm, VmExit, VmExitNotifier};
@@ -46,6 +48,7 @@ use crate::api::model;
 use crate::cli::SerialOutput;
 use crate::controller::Controller;
 use crate::metrics::{FLUSH_INTERVAL, Group, Kind, Snapshot};
+use crate::mmds::MmdsBackend;
 use crate::resources::VmResources;
 use crate::seccomp::{Filters, ThreadKind};
 use crate::signals::{self, TerminationSignals};
@@ -290,7 +293,7 @@ type Transport<D> = Arc<Mutex<MmioTransport<Arc<GuestMemoryMmap>, D>>>;
 /// A drive's transport, kept to reach the running device.
 type BlockTransport = Transport<Block>;
 /// A network interface's transport, kept to reach the running device.
-type NetTransport = Transport<Net>;
+type NetTransport = Transport<Net<MmdsBackend<Tap>>>;
 
 /// A booted microVM: its vCPUs run until the guest ends the VM or the VMM stops it.
 ///
@@ -302,6 +305,8 @@ pub struct Vmm {
     nets: Vec<(String, NetTransport)>,
     /// The counters of the entropy device, if there is one.
     entropy: Option<Arc<RngMetrics>>,
+    /// The counters of the MMDS network stacks, if an interface has one.
+    mmds: Option<Arc<StackMetrics>>,
     balloon: Option<Transport<Balloon>>,
     legacy: Legacy,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
@@ -371,7 +376,13 @@ impl Vmm {
             cmdline: Vec::new(),
         };
         let drives = attach_drives(&mut virtio, resources.drives())?;
-        let nets = attach_nets(&mut virtio, resources.nets())?;
+        let mmds = resources.mmds_config().map(|config| MmdsStacks {
+            config,
+            store: resources.mmds(),
+            metrics: Arc::default(),
+        });
+        let nets = attach_nets(&mut virtio, resources.nets(), mmds.as_ref())?;
+        let mmds = mmds.map(|stacks| stacks.metrics);
         let entropy = attach_entropy(&mut virtio, resources.entropy())?;
         let balloon = match resources.balloon() {
             Some(config) => Some(attach_balloon(&mut virtio, config)?),
@@ -417,6 +428,7 @@ impl Vmm {
             drives,
             nets,
             entropy,
+            mmds,
             balloon,
             legacy,
             boot_timer,
@@ -651,6 +663,9 @@ impl Vmm {
         }
         if let Some(entropy) = &self.entropy {
             snapshot.push(Group::counters("entropy", None, entropy.values()));
+        }
+        if let Some(mmds) = &self.mmds {
+            snapshot.push(Group::counters("mmds", None, mmds.values()));
         }
         if let Some(transport) = &self.balloon {
             let values = lock(transport).device().metrics().values();
@@ -936,9 +951,39 @@ fn serial_of(id: &str) -> String {
     }
 }
 
+/// What the interfaces `mmds-config` lists get: the MMDS network stack in front of their TAP,
+/// answering for its address from the store, all counting into `metrics`.
+struct MmdsStacks<'a> {
+    config: &'a model::MmdsConfig,
+    store: &'a Arc<Mutex<Mmds>>,
+    metrics: Arc<StackMetrics>,
+}
+
+impl MmdsStacks<'_> {
+    /// The backend of the interface `id` over `tap`: with the stack if the interface is listed.
+    fn backend<B>(&self, id: &str, tap: B) -> MmdsBackend<B> {
+        if !self
+            .config
+            .network_interfaces
+            .iter()
+            .any(|listed| listed == id)
+        {
+            return MmdsBackend::new(tap);
+        }
+        let address = self
+            .config
+            .ipv4_address
+            .unwrap_or(model::DEFAULT_MMDS_ADDRESS);
+        let handler = Box::new(MmdsHandler::new(self.store.clone()));
+        let stack = crate::mmds::stack(address, handler, self.metrics.clone());
+        MmdsBackend::with_stack(tap, stack)
+    }
+}
+
 fn attach_nets(
     virtio: &mut VirtioAttacher<'_>,
     nets: &[model::NetworkInterface],
+    mmds: Option<&MmdsStacks<'_>>,
 ) -> Result<Vec<(String, NetTransport)>> {
     let mut attached = Vec::with_capacity(nets.len());
     for net in nets {
@@ -953,7 +998,11 @@ fn attach_nets(
             ),
             None => None,
         };
-        let device = Net::new(tap, mac).with_rate_limiters(
+        let backend = match mmds {
+            Some(mmds) => mmds.backend(&net.iface_id, tap),
+            None => MmdsBackend::new(tap),
+        };
+        let device = Net::new(backend, mac).with_rate_limiters(
             rate_limiter(net.rx_rate_limiter.as_ref())?,
             rate_limiter(net.tx_rate_limiter.as_ref())?,
         );
@@ -1335,6 +1384,39 @@ fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_interfaces_mmds_config_lists_get_the_stack_at_its_address() {
+        let config = model::MmdsConfig {
+            version: ember_mmds::MmdsVersion::V1,
+            network_interfaces: vec!["eth1".to_string()],
+            ipv4_address: Some(std::net::Ipv4Addr::new(169, 254, 170, 2)),
+            imds_compat: false,
+        };
+        let store = Arc::new(Mutex::new(Mmds::new(1024)));
+        let stacks = MmdsStacks {
+            config: &config,
+            store: &store,
+            metrics: Arc::default(),
+        };
+        assert!(stacks.backend("eth0", ()).stack().is_none());
+        let listed = stacks.backend("eth1", ());
+        let stack = listed.stack().expect("eth1 is listed");
+        assert_eq!(stack.ipv4(), std::net::Ipv4Addr::new(169, 254, 170, 2));
+        assert_eq!(stack.mac(), crate::mmds::MMDS_MAC);
+        assert!(Arc::ptr_eq(stack.metrics(), &stacks.metrics));
+
+        let default = model::MmdsConfig {
+            ipv4_address: None,
+            ..config.clone()
+        };
+        let stacks = MmdsStacks {
+            config: &default,
+            ..stacks
+        };
+        let listed = stacks.backend("eth1", ());
+        assert_eq!(listed.stack().unwrap().ipv4(), model::DEFAULT_MMDS_ADDRESS);
+    }
 
     /// FNV-1a, enough to tell whether bytes changed.
     fn fnv(bytes: &[u8]) -> u64 {

@@ -49,6 +49,18 @@ pub trait NetBackend: AsRawFd + Send + 'static {
     ///
     /// When the backend cannot do what the flags ask.
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
+
+    /// Whether the backend holds frames for the guest that its descriptor does not announce:
+    /// frames a backend makes itself (a VMM's own answers to what the guest sends, as a
+    /// metadata service's), waiting in memory rather than in the descriptor.
+    ///
+    /// The device asks after each transmission and after each pass over the receive queue, and
+    /// then reads them with [`NetBackend::read_frame`] as it would a readable descriptor's: a
+    /// backend that says true must hand them over there. The default is false: the descriptor
+    /// becoming readable is the only sign of frames.
+    fn has_pending_frames(&self) -> bool {
+        false
+    }
 }
 
 impl NetBackend for Tap {

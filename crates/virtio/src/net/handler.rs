@@ -361,11 +361,13 @@ where
     /// and counted. When the backend is full, the chain waits until the next call
     /// (the worker makes it when the backend becomes writable): no frame is lost. Likewise
     /// when the transmit limiter refuses a frame: nothing is sent until its timer fires
-    /// ([`NetHandler::is_tx_throttled`]).
+    /// ([`NetHandler::is_tx_throttled`]). Frames the backend then holds in memory
+    /// ([`NetBackend::has_pending_frames`]: its own answers to what was sent) are received at
+    /// once, as [`NetHandler::process_rx`] does.
     ///
     /// # Errors
     ///
-    /// [`Error::Queue`] when the driver broke the protocol of the transmit queue.
+    /// [`Error::Queue`] when the driver broke the protocol of either queue.
     pub fn process_tx(&mut self) -> Result<()> {
         let mem = self.mem.memory();
         self.transmit(&mem)
@@ -384,7 +386,13 @@ where
                 self.signal_used(TX_INTERRUPT);
             }
         }
-        result
+        result?;
+        // The backend may have answered what was sent without its descriptor becoming
+        // readable: the answers go to the guest now.
+        if self.backend.has_pending_frames() {
+            self.receive(mem)?;
+        }
+        Ok(())
     }
 
     /// Drains the transmit queue, with notifications off while it does (virtio 1.2, 2.7.10).
@@ -568,6 +576,24 @@ where
     }
 
     fn receive_frames(&mut self, mem: &M::M, used: &mut bool) -> Result<()> {
+        self.receive_budget(mem, used)?;
+        if self.backend.has_pending_frames()
+            && !self.rx_starved
+            && !self.rx_throttled
+            && !self.backend_failed
+        {
+            // The budget ran out with frames left that no readable descriptor brings the
+            // worker back for: it comes back through the receive queue's eventfd.
+            if let Err(err) = self.rx_evt.write(1) {
+                inc(&self.metrics.event_fails);
+                log::error!("Cannot wake the virtio-net worker for more reception: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers at most [`RX_BUDGET`] frames.
+    fn receive_budget(&mut self, mem: &M::M, used: &mut bool) -> Result<()> {
         for _ in 0..RX_BUDGET {
             let len = match self.rx_pending {
                 Some(len) => len,

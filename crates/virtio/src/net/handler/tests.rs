@@ -19,14 +19,14 @@ const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 const MRG_RXBUF: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
 const EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 
-type Handler = NetHandler<Arc<GuestMemoryMmap<()>>, UnixDatagram>;
+type Handler<B = UnixDatagram> = NetHandler<Arc<GuestMemoryMmap<()>>, B>;
 
 /// A handler over one end of a socket pair, with the mock driver on both queues.
-struct Rig {
+struct Rig<B = UnixDatagram> {
     mem: Arc<GuestMemoryMmap<()>>,
     rx: MockDriver,
     tx: MockDriver,
-    handler: Handler,
+    handler: Handler<B>,
     /// The other end of the socket pair: the network.
     peer: UnixDatagram,
     /// The handler's end, duplicated, to fill its send buffer.
@@ -40,6 +40,15 @@ fn rig(features: u64) -> Rig {
 }
 
 fn rig_with(features: u64, rate_limiters: NetRateLimiters) -> Rig {
+    rig_over(features, rate_limiters, |device| device)
+}
+
+/// A rig whose handler's backend `backend` makes from the handler's end of the socket pair.
+fn rig_over<B: NetBackend>(
+    features: u64,
+    rate_limiters: NetRateLimiters,
+    backend: impl FnOnce(UnixDatagram) -> B,
+) -> Rig<B> {
     let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
     let rx = MockDriver::new(QUEUE_SIZE, GuestAddress(RX_RING));
     let tx = MockDriver::new(QUEUE_SIZE, GuestAddress(TX_RING));
@@ -66,7 +75,7 @@ fn rig_with(features: u64, rate_limiters: NetRateLimiters) -> Rig {
         interrupt: Arc::new(MmioInterrupt::new(irq.try_clone().unwrap())),
         executor: WorkerGate::new().into(),
     };
-    let handler = NetHandler::new(device, rate_limiters, params).unwrap();
+    let handler = NetHandler::new(backend(device), rate_limiters, params).unwrap();
     Rig {
         mem,
         rx,
@@ -89,7 +98,7 @@ fn frame(len: usize, seed: u8) -> Vec<u8> {
     frame
 }
 
-impl Rig {
+impl<B: NetBackend> Rig<B> {
     /// Room for `len` bytes in guest memory, after the rings.
     fn alloc(&mut self, len: usize) -> u64 {
         let addr = self.next_buffer;
@@ -886,6 +895,115 @@ fn an_update_lifts_a_throttled_direction_at_once_and_keeps_the_other() {
         rig.handler.rate_limiters().rx.ops().map(|b| b.config()),
         bucket(1, 10_000)
     );
+}
+
+/// A backend that answers every frame it is given itself, with `answers` frames that wait in
+/// memory, as a VMM's metadata service does; its socket never becomes readable.
+struct Answering {
+    socket: UnixDatagram,
+    answers: usize,
+    pending: std::collections::VecDeque<Vec<u8>>,
+}
+
+impl Answering {
+    fn new(socket: UnixDatagram, answers: usize) -> Self {
+        Answering {
+            socket,
+            answers,
+            pending: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+impl AsRawFd for Answering {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+impl NetBackend for Answering {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.pending.pop_front() {
+            Some(frame) => {
+                buf[..frame.len()].copy_from_slice(&frame);
+                Ok(frame.len())
+            }
+            None => self.socket.read_frame(buf),
+        }
+    }
+
+    fn write_frame<M: vm_memory::GuestMemory + ?Sized>(
+        &mut self,
+        frame: &GuestIoVecs<'_, M>,
+    ) -> io::Result<usize> {
+        let mut copy = vec![0u8; frame.len()];
+        frame.copy_to(&mut copy).map_err(io::Error::other)?;
+        for i in 0..self.answers {
+            let mut answer = copy.clone();
+            answer[VNET_HDR_LEN..].reverse();
+            answer.push(i as u8);
+            self.pending.push_back(answer);
+        }
+        Ok(copy.len())
+    }
+
+    fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn has_pending_frames(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}
+
+#[test]
+fn frames_a_backend_holds_reach_the_guest_without_its_descriptor_readable() {
+    let mut rig = rig_over(VERSION_1, NetRateLimiters::default(), |s| {
+        Answering::new(s, 1)
+    });
+    let (_, addr) = rig.offer_rx(1526);
+    let sent = frame(100, 3);
+    rig.offer_tx(&sent, &[]);
+    // The answer is delivered by the transmission that caused it.
+    rig.handler.process_tx().unwrap();
+    assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 1);
+    let mut answer = sent[VNET_HDR_LEN..].to_vec();
+    answer.reverse();
+    answer.push(0);
+    assert_eq!(rig.read_guest(addr + 12, 89), answer);
+    assert!(rig.network_recv().is_none(), "nothing went to the network");
+
+    // Without a receive buffer the answer waits, and the driver's next buffers take it.
+    rig.offer_tx(&frame(60, 4), &[]);
+    rig.handler.process_tx().unwrap();
+    assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 1);
+    assert!(!rig.handler.backend_interest().contains(EventSet::IN));
+    let (_, addr) = rig.offer_rx(1526);
+    rig.handler.process_rx().unwrap();
+    assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), 2);
+    assert_eq!(rig.read_guest(addr + 12 + 48, 1), [0]);
+    assert_eq!(rig.handler.rx_dropped(), 0);
+}
+
+#[test]
+fn held_frames_past_the_rx_budget_bring_the_worker_back_through_the_rx_eventfd() {
+    let answers = RX_BUDGET + 10;
+    let mut rig = rig_over(VERSION_1, NetRateLimiters::default(), |s| {
+        Answering::new(s, answers)
+    });
+    let big = 64 * 1024u32;
+    let addr = rig.alloc(big as usize);
+    // One large buffer per answer, each a chain of its own.
+    for i in 0..u64::from(QUEUE_SIZE) {
+        rig.rx
+            .add_chain(&*rig.mem, &[MockBuffer::writable(addr + i * 128, 128)])
+            .unwrap();
+    }
+    rig.offer_tx(&frame(40, 5), &[]);
+    rig.handler.process_tx().unwrap();
+    assert_eq!(rig.rx.used_idx(&*rig.mem).unwrap(), RX_BUDGET as u16);
+    // The handler left itself a wake-up for the rest.
+    assert_eq!(rig.handler.rx_evt.read().unwrap(), 1);
 }
 
 #[test]
