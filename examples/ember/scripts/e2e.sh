@@ -677,49 +677,104 @@ SCRIPT
     ip link del "$tap" 2>/dev/null || tunctl -d "$tap" >/dev/null 2>&1
 fi
 
-# --- MMDS ---------------------------------------------------------------------------
+# --- MMDS ----------------------------------------------------------------------------
 
-# The guest reaches the metadata service at 169.254.169.254 through its interface:
-# ARP, TCP and HTTP are ember's. Under V2, busybox nc gets a token with a PUT, busybox
-# wget a nested value and a list (as JSON) with it, and a GET without it gets 401.
+# The guest reaches the metadata service at 169.254.169.254 through its interface
+# eth0, whose TAP has no address on this side: ember answers ARP, TCP and HTTP
+# itself. Under V1 busybox wget reads a listing, a nested value and (as JSON) a
+# list; under V2 a request without a token is refused, one with a token is
+# answered, and a PATCH /mmds made while the guest runs is what its next
+# request sees.
 mtap=ember-mmds0
+mmds_mac=02:00:a9:fe:50:02
 if ! [ -c /dev/net/tun ] || ! { ip tuntap add dev "$mtap" mode tap 2>/dev/null || tunctl -t "$mtap" >/dev/null 2>&1; }; then
     fail mmds "cannot create the TAP $mtap here (needs root and /dev/net/tun)"
+elif ! command -v curl >/dev/null; then
+    fail mmds "curl is not installed"
 else
     ip link set "$mtap" up
-    cat >"$work/metadata.json" <<'JSON'
-{"latest": {"meta-data": {"ami-id": "ami-ember-e2e", "network": {"interfaces": ["eth0", "eth1"]}}}}
+    cat >"$work/metadata.json" <<JSON
+{"latest": {"meta-data": {
+  "ami-id": "ami-ember",
+  "network": {"interfaces": {"macs": {"$mmds_mac": {"local-ipv4s": "169.254.80.2"}}}},
+  "tags": ["alpha", "beta", "gamma"]
+}}}
 JSON
-    script_disk "$work/mmds.disk" <<'SCRIPT'
-ip addr add 169.254.79.2/24 dev eth0
-ip link set eth0 up
-ip route add 169.254.169.254 dev eth0
-m=169.254.169.254
-token=$(printf 'PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n' |
-    nc $m 80 | tail -n 1)
-echo "TOKEN-LEN ${#token}"
-echo "AMI-ID $(wget -q -O - --header "X-metadata-token: $token" http://$m/latest/meta-data/ami-id)"
-echo "LIST $(wget -q -O - --header "X-metadata-token: $token" --header 'Accept: application/json' \
-    http://$m/latest/meta-data/network/interfaces)"
-printf 'GET /latest/meta-data/ami-id HTTP/1.1\r\nConnection: close\r\n\r\n' | nc $m 80 |
-    head -n 1 | tr -d '\r' | sed 's/^/NO-TOKEN /'
-SCRIPT
-    cat >"$work/mmds.json" <<JSON
+    # mmds_config FILE SCRIPT VERSION: a configuration file that boots the
+    # initramfs, runs the script disk SCRIPT with the signal disk next to it, and
+    # has MMDS VERSION on eth0.
+    mmds_config() {
+        cat >"$1" <<JSON
 {
   "boot-source": {"kernel_image_path": "$guest/vmlinux", "initrd_path": "$guest/initramfs.cpio.gz",
                   "boot_args": "$base ember.run=/dev/vda"},
-  "drives": [{"drive_id": "script", "path_on_host": "$work/mmds.disk", "is_root_device": false, "is_read_only": true}],
-  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "$mtap", "guest_mac": "02:00:a9:fe:4f:02"}],
-  "mmds-config": {"version": "V2", "network_interfaces": ["eth0"]}
+  "drives": [
+    {"drive_id": "script", "path_on_host": "$2", "is_root_device": false, "is_read_only": true},
+    {"drive_id": "signal", "path_on_host": "$work/mmds-signal", "is_root_device": false, "is_read_only": true}
+  ],
+  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "$mtap", "guest_mac": "$mmds_mac"}],
+  "mmds-config": {"version": "$3", "network_interfaces": ["eth0"]}
 }
 JSON
-    fresh
-    boot mmds --no-api --config-file "$work/mmds.json" --metadata "$work/metadata.json"
-    expect the_guest_gets_an_mmds_v2_token_and_reads_metadata_with_it 0 '^TOKEN-LEN 64$' \
-        '^AMI-ID ami-ember-e2e$' '^LIST \[.eth0.,.eth1.\]$' '^EMBER-RUN-EXIT 0'
-    expect an_mmds_v2_request_without_a_token_is_refused 0 '^NO-TOKEN HTTP/1.1 401'
+    }
+    mmds_up='ip addr add 169.254.80.2/16 dev eth0
+ip link set eth0 up
+m=http://169.254.169.254/latest/meta-data'
+    script_disk "$work/mmds-v1.disk" <<SCRIPT
+$mmds_up
+echo "V1-LIST \$(wget -q -O - \$m/ | tr '\n' ' ')"
+echo "V1-NESTED \$(wget -q -O - \$m/network/interfaces/macs/$mmds_mac/local-ipv4s)"
+echo "V1-JSON-LIST \$(wget -q -O - --header 'Accept: application/json' \$m/tags)"
+SCRIPT
+    script_disk "$work/mmds-v2.disk" <<'SCRIPT'
+ip addr add 169.254.80.2/16 dev eth0
+ip link set eth0 up
+m=http://169.254.169.254/latest/meta-data
+# raw REQUEST: one HTTP/1.1 exchange with busybox nc (wget cannot PUT).
+raw() { printf "$1" | nc 169.254.169.254 80 | tr -d '\r'; }
+echo "V2-NO-TOKEN $(raw 'GET /latest/meta-data/ami-id HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n' | head -n 1)"
+token=$(raw 'PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nX-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n' | tail -n 1)
+echo "V2-TOKEN-LENGTH ${#token}"
+echo "V2-WITH-TOKEN $(wget -q -O - --header "X-metadata-token: $token" $m/ami-id)"
+echo "V2-BAD-TOKEN $(wget -q -O - --header 'X-metadata-token: forged' $m/ami-id || echo refused)"
+echo "PATCH-NOW"
+n=0
+until dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q PATCHED || [ $n -ge 300 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+echo "V2-AFTER-PATCH $(wget -q -O - --header "X-metadata-token: $token" $m/ami-id)"
+SCRIPT
+    mmds_config "$work/mmds-v1.json" "$work/mmds-v1.disk" V1
+    mmds_config "$work/mmds-v2.json" "$work/mmds-v2.disk" V2
+    mmds_v1_run() {
+        dd if=/dev/zero of="$work/mmds-signal" bs=512 count=1 2>/dev/null
+        api_start mmds_v1 --config-file "$work/mmds-v1.json" --metadata "$work/metadata.json"
+        await "$vm" 180
+    }
+    retry_crashed mmds_v1 mmds_v1_run
+    expect mmds_v1_serves_a_listing_a_nested_value_and_a_list 0 \
+        '^V1-LIST ami-id network/ tags $' '^V1-NESTED 169.254.80.2$' \
+        '^V1-JSON-LIST \["alpha", ?"beta", ?"gamma"\]$' '^EMBER-RUN-EXIT 0'
+    mmds_v2_run() {
+        dd if=/dev/zero of="$work/mmds-signal" bs=512 count=1 2>/dev/null
+        api_start mmds_v2 --config-file "$work/mmds-v2.json" --metadata "$work/metadata.json"
+        console_wait '^PATCH-NOW' 120
+        api PATCH /mmds '{"latest": {"meta-data": {"ami-id": "ami-patched"}}}'
+        api GET /mmds
+        printf PATCHED | dd of="$work/mmds-signal" conv=notrunc 2>/dev/null
+        await "$vm" 120
+    }
+    retry_crashed mmds_v2 mmds_v2_run
+    expect mmds_v2_refuses_a_request_without_a_token 0 '^V2-NO-TOKEN HTTP/1.1 401' \
+        '^V2-BAD-TOKEN refused$'
+    expect mmds_v2_answers_with_a_session_token 0 '^V2-TOKEN-LENGTH 64$' \
+        '^V2-WITH-TOKEN ami-ember$'
+    expect a_patch_of_mmds_is_seen_by_the_next_guest_request 0 'API PATCH /mmds 204' \
+        '"ami-id": ?"ami-patched"' '^V2-AFTER-PATCH ami-patched$' '^EMBER-RUN-EXIT 0'
     ip link del "$mtap" 2>/dev/null || tunctl -d "$mtap" >/dev/null 2>&1
 fi
+
 
 # --- the jailer ---------------------------------------------------------------------
 
