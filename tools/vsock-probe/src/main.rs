@@ -3,13 +3,16 @@
 //! In the guest it speaks `AF_VSOCK` (`listen PORT`, `connect PORT`, the host being CID 2); on
 //! the host it speaks the Unix sockets of ember's hybrid vsock (`uds-connect UDS_PATH PORT`,
 //! which does the `CONNECT PORT\n` / `OK ...\n` handshake, and `uds-listen PATH`, where a
-//! guest connecting to host port P arrives when `PATH` is `<uds_path>_P`). On each connection
+//! guest connecting to host port P arrives when `PATH` is `<uds_path>_P`). The same over TCP
+//! (`tcp-listen PORT`, `tcp-connect ADDR:PORT`) measures a network device beside it. On each
+//! connection
 //! it sends a seeded pattern and/or receives and checksums what comes, echoes, or runs a
 //! request/response loop and reports its round-trip latency. One line of `key=value` results
 //! goes to stdout; the exit status is 0 only when every connection did what it was asked.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
@@ -24,6 +27,8 @@ endpoints:
   connect PORT             connect to AF_VSOCK PORT of --cid (default 2, the host)
   uds-listen PATH          accept connections on the Unix socket PATH (on the host)
   uds-connect PATH PORT    connect to ember's Unix socket PATH, then to guest PORT
+  tcp-listen PORT          accept TCP connections on PORT (to compare with a network)
+  tcp-connect ADDR:PORT    connect over TCP
 
 options (sizes take K, M or G for KiB, MiB, GiB):
   --send SIZE       send SIZE bytes of the pattern of --seed, then shut down writing
@@ -55,6 +60,8 @@ enum Endpoint {
     VsockConnect { cid: u32, port: u32 },
     UdsListen { path: String },
     UdsConnect { path: String, port: u32 },
+    TcpListen { port: u16 },
+    TcpConnect { addr: String },
 }
 
 /// What each connection does.
@@ -127,6 +134,12 @@ fn parse_args(args: &[String]) -> Result<(Endpoint, Mode), String> {
         "uds-connect" => Endpoint::UdsConnect {
             path: next("PATH")?.to_string(),
             port: parse_number("PORT", next("PORT")?)?,
+        },
+        "tcp-listen" => Endpoint::TcpListen {
+            port: parse_number("PORT", next("PORT")?)?,
+        },
+        "tcp-connect" => Endpoint::TcpConnect {
+            addr: next("ADDR:PORT")?.to_string(),
         },
         other => return Err(format!("unknown endpoint: {other}")),
     };
@@ -400,6 +413,11 @@ fn connect(endpoint: &Endpoint, wait: Duration) -> io::Result<Conn> {
         let result = match endpoint {
             Endpoint::VsockConnect { cid, port } => vsock_connect(*cid, *port),
             Endpoint::UdsConnect { path, port } => uds_connect(path, *port),
+            Endpoint::TcpConnect { addr } => TcpStream::connect(addr.as_str()).map(|stream| {
+                // Requests and answers go at once, as over vsock.
+                let _ = stream.set_nodelay(true);
+                Conn::from_fd(OwnedFd::from(stream))
+            }),
             _ => unreachable!("a listening endpoint does not connect"),
         };
         match result {
@@ -517,19 +535,27 @@ fn run(endpoint: &Endpoint, mode: &Mode) -> io::Result<Vec<Report>> {
     match endpoint {
         Endpoint::VsockListen { port } => {
             let listener = vsock_listen(*port)?;
-            println!("listening on vsock port {port}");
             for _ in 0..mode.conns {
                 threads.push(spawn(vsock_accept(listener.as_raw_fd())?));
             }
         }
         Endpoint::UdsListen { path } => {
             let listener = UnixListener::bind(path)?;
-            println!("listening on {path}");
             for _ in 0..mode.conns {
                 threads.push(spawn(Conn::from_fd(OwnedFd::from(listener.accept()?.0))));
             }
         }
-        Endpoint::VsockConnect { .. } | Endpoint::UdsConnect { .. } => {
+        Endpoint::TcpListen { port } => {
+            let listener = TcpListener::bind(("0.0.0.0", *port))?;
+            for _ in 0..mode.conns {
+                let stream = listener.accept()?.0;
+                let _ = stream.set_nodelay(true);
+                threads.push(spawn(Conn::from_fd(OwnedFd::from(stream))));
+            }
+        }
+        Endpoint::VsockConnect { .. }
+        | Endpoint::UdsConnect { .. }
+        | Endpoint::TcpConnect { .. } => {
             let connectors: Vec<_> = (0..mode.conns)
                 .map(|_| {
                     let (endpoint, mode) = (endpoint.clone(), mode.clone());
@@ -668,6 +694,13 @@ mod tests {
             parse_args(&args("connect 1024 --cid 3 --ping 10 --size 1K")).unwrap();
         assert_eq!(endpoint, Endpoint::VsockConnect { cid: 3, port: 1024 });
         assert_eq!((mode.ping, mode.size), (10, 1024));
+        let (endpoint, _) = parse_args(&args("tcp-connect 169.254.78.2:5100 --send 1")).unwrap();
+        assert_eq!(
+            endpoint,
+            Endpoint::TcpConnect {
+                addr: "169.254.78.2:5100".into()
+            }
+        );
         for bad in [
             "",
             "listen",
@@ -811,6 +844,42 @@ mod tests {
         assert_eq!(requests[..2], ["CONNECT 52\n", "CONNECT 52\n"]);
         assert!(requests.contains(&"CONNECT 9\n".to_string()));
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn tcp_endpoints_carry_the_same_pattern() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = Endpoint::TcpListen { port };
+        let server = thread::spawn(move || {
+            run(
+                &listen,
+                &Mode {
+                    recv: true,
+                    expect: Some(100_000),
+                    ..Mode::default()
+                },
+            )
+            .unwrap()
+        });
+        let connect = Endpoint::TcpConnect {
+            addr: format!("127.0.0.1:{port}"),
+        };
+        let sent = run(
+            &connect,
+            &Mode {
+                send: 100_000,
+                wait: Duration::from_secs(10),
+                ..Mode::default()
+            },
+        )
+        .unwrap();
+        let received = server.join().unwrap();
+        assert!(sent[0].error.is_none() && received[0].error.is_none());
+        assert_eq!(sent[0].sum, received[0].sum);
     }
 
     #[test]
