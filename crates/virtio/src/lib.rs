@@ -11,6 +11,7 @@ pub mod mock;
 pub mod net;
 pub mod rng;
 pub mod tap;
+pub mod vsock;
 pub mod worker;
 
 pub use device::{

@@ -1,0 +1,670 @@
+//! The Unix-socket backend: a listener for host processes, the connections, and the epoll set
+//! that watches their host sockets.
+//!
+//! Host processes connect to the listener at `uds_path` and write `CONNECT <port>\n` (at most
+//! [`MAX_HANDSHAKE_LEN`] bytes); the backend then asks the guest for a connection to that
+//! port from a host port of its own (counting up from 2^30), and the connection answers
+//! `OK <host port>\n` once the guest accepts. A guest REQUEST to host port P connects, without
+//! blocking, to the Unix socket at `<uds_path>_P`, and is refused with a RST when nothing
+//! listens there or the listener's backlog is full.
+//!
+//! Every host socket is non-blocking and watched, level-triggered, by the backend's own epoll
+//! set, whose descriptor is the backend's ([`AsRawFd`]): the device's loop watches it, and
+//! [`VsockBackend::notify`] handles at most [`MAX_EVENTS_PER_NOTIFY`] of its events per call.
+//! A timerfd in the same set fires when the oldest shutdown deadline passes.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::super::backend::VsockBackend;
+use super::super::metrics::{VsockMetrics, inc};
+use super::super::packet::PacketHeader;
+use super::super::{
+    Error, MAX_CONNECTIONS, MAX_EVENTS_PER_NOTIFY, MAX_PENDING_RESETS, OP_REQUEST, OP_RST,
+    Result, TYPE_STREAM, VSOCK_HOST_CID, check_cid,
+};
+use super::connection::Connection;
+
+/// The longest `CONNECT <port>\n` line a host process may write, in bytes.
+pub const MAX_HANDSHAKE_LEN: usize = 32;
+/// The first host port given to connections the host opens.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// The epoll token of the listener.
+const LISTENER_TOKEN: u64 = u64::MAX;
+/// The epoll token of the shutdown timer.
+const TIMER_TOKEN: u64 = u64::MAX - 1;
+/// The most host connections accepted in one event of the listener.
+const ACCEPT_BUDGET: usize = 32;
+
+/// A connection: its host-side port, and its guest-side port.
+type ConnKey = (u32, u32);
+
+/// A host connection still writing its `CONNECT` line.
+#[derive(Debug)]
+struct Handshake {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// What a host socket's epoll token names.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Handshake,
+    Conn(ConnKey),
+}
+
+/// Firecracker's hybrid vsock host side, over Unix sockets.
+#[derive(Debug)]
+pub struct VsockUnixBackend {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    timer: TimerFd,
+    conns: HashMap<ConnKey, Connection>,
+    handshakes: HashMap<RawFd, Handshake>,
+    /// Host sockets by descriptor, which is their epoll token.
+    targets: HashMap<RawFd, Target>,
+    /// Connections with packets for the guest, each at most once.
+    rxq: VecDeque<ConnKey>,
+    /// Resets for packets that name no connection, at most [`MAX_PENDING_RESETS`].
+    resets: VecDeque<ConnKey>,
+    /// Connections with a deadline, by the time it was due when queued.
+    killq: VecDeque<(Instant, ConnKey)>,
+    next_local_port: u32,
+    metrics: Arc<VsockMetrics>,
+}
+
+impl VsockUnixBackend {
+    /// The host side of a guest with context ID `guest_cid`, listening at `uds_path` at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidCid`] for a reserved CID, [`Error::Bind`] when the socket cannot be
+    /// made there (a path that exists is an error), [`Error::Backend`] when the epoll set or
+    /// the timer cannot.
+    pub fn new(guest_cid: u64, uds_path: impl Into<PathBuf>) -> Result<Self> {
+        let guest_cid = check_cid(guest_cid)?;
+        let uds_path = uds_path.into();
+        let bind = |path: &Path| {
+            let listener = UnixListener::bind(path)?;
+            listener.set_nonblocking(true)?;
+            Ok::<_, io::Error>(listener)
+        };
+        let listener = bind(&uds_path).map_err(|source| Error::Bind {
+            path: uds_path.clone(),
+            source,
+        })?;
+        let setup = || {
+            let epoll = Epoll::new()?;
+            let timer = TimerFd::new()?;
+            epoll.ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+            )?;
+            epoll.ctl(
+                ControlOperation::Add,
+                timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+            )?;
+            Ok::<_, io::Error>((epoll, timer))
+        };
+        let (epoll, timer) = match setup() {
+            Ok(parts) => parts,
+            Err(err) => {
+                let _ = std::fs::remove_file(&uds_path);
+                return Err(Error::Backend(err));
+            }
+        };
+        Ok(VsockUnixBackend {
+            guest_cid,
+            uds_path,
+            listener,
+            epoll,
+            timer,
+            conns: HashMap::new(),
+            handshakes: HashMap::new(),
+            targets: HashMap::new(),
+            rxq: VecDeque::new(),
+            resets: VecDeque::new(),
+            killq: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+            metrics: Arc::default(),
+        })
+    }
+
+    /// Counts into `metrics`, a device's counters, from now on.
+    pub fn with_metrics(mut self, metrics: Arc<VsockMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The path of the listener.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    /// The guest's context ID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The connections open, and host connections still writing their `CONNECT` line.
+    pub fn connections(&self) -> usize {
+        self.conns.len().saturating_add(self.handshakes.len())
+    }
+
+    /// The guest data held for host peers that have not taken it yet, in bytes.
+    pub fn buffered_bytes(&self) -> usize {
+        self.conns.values().map(Connection::buffered).sum()
+    }
+
+    /// Queues a RST for the guest's `(local, peer)` ports, unless too many wait.
+    fn queue_reset(&mut self, key: ConnKey) {
+        if self.resets.len() < MAX_PENDING_RESETS {
+            self.resets.push_back(key);
+        } else {
+            inc(&self.metrics.conn_event_fails);
+        }
+    }
+
+    /// Brings the muxer's view of the connection `key` up to date after it changed: removes
+    /// it when done, waits for the host socket events it needs, queues it for the guest and
+    /// for its deadline.
+    fn after_conn(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if conn.is_done() {
+            self.remove(key);
+            return;
+        }
+        let fd = conn.stream().as_raw_fd();
+        let want = conn.interest();
+        if want != conn.registered {
+            let result = match (conn.registered.is_empty(), want.is_empty()) {
+                (true, _) => self.epoll.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(want, token(fd)),
+                ),
+                (false, true) => {
+                    self.epoll
+                        .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+                }
+                (false, false) => self.epoll.ctl(
+                    ControlOperation::Modify,
+                    fd,
+                    EpollEvent::new(want, token(fd)),
+                ),
+            };
+            match result {
+                Ok(()) => conn.registered = want,
+                Err(err) => {
+                    log::warn!("vsock: cannot watch a host stream: {err}");
+                    inc(&self.metrics.conn_event_fails);
+                    conn.kill(&self.metrics);
+                }
+            }
+        }
+        if conn.has_pending_rx() && !conn.queued {
+            conn.queued = true;
+            self.rxq.push_back(key);
+        }
+        if let Some(deadline) = conn.deadline() {
+            if !conn.in_killq {
+                conn.in_killq = true;
+                let was_empty = self.killq.is_empty();
+                self.killq.push_back((deadline, key));
+                if was_empty {
+                    self.arm_timer();
+                }
+            }
+        }
+    }
+
+    /// Removes the connection `key`, closing its host stream.
+    fn remove(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.remove(&key) {
+            let fd = conn.stream().as_raw_fd();
+            self.targets.remove(&fd);
+            if !conn.registered.is_empty() {
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+            inc(&self.metrics.conns_removed);
+        }
+    }
+
+    /// Arms the timer for the oldest deadline, or disarms it.
+    fn arm_timer(&mut self) {
+        let result = match self.killq.front() {
+            Some(&(deadline, _)) => {
+                let wait = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(std::time::Duration::from_millis(1));
+                self.timer.reset(wait, None)
+            }
+            None => self.timer.clear(),
+        };
+        if let Err(err) = result {
+            log::error!("vsock: cannot arm the shutdown timer: {err}");
+            inc(&self.metrics.muxer_event_fails);
+        }
+    }
+
+    /// Kills the connections whose deadline passed.
+    fn sweep_killq(&mut self) {
+        let now = Instant::now();
+        // Each connection is looked at once at most: a re-queued one goes to the back.
+        for _ in 0..self.killq.len() {
+            let Some(&(due, key)) = self.killq.front() else {
+                break;
+            };
+            if due > now {
+                break;
+            }
+            self.killq.pop_front();
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            match conn.deadline() {
+                None => conn.in_killq = false,
+                Some(deadline) if deadline > now => self.killq.push_back((deadline, key)),
+                Some(_) => {
+                    conn.in_killq = false;
+                    log::debug!("vsock: a connection's shutdown timed out: {key:?}");
+                    conn.kill(&self.metrics);
+                    self.after_conn(key);
+                }
+            }
+        }
+        self.arm_timer();
+    }
+
+    /// Accepts the host connections waiting on the listener, as many as the cap allows.
+    fn accept(&mut self) {
+        for _ in 0..ACCEPT_BUDGET {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    log::warn!("vsock: cannot accept a host connection: {err}");
+                    inc(&self.metrics.muxer_event_fails);
+                    return;
+                }
+            };
+            if self.connections() >= MAX_CONNECTIONS {
+                log::warn!("vsock: refused a host connection: {MAX_CONNECTIONS} are open");
+                inc(&self.metrics.muxer_event_fails);
+                continue;
+            }
+            let fd = stream.as_raw_fd();
+            let watched = stream.set_nonblocking(true).and_then(|()| {
+                self.epoll.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token(fd)),
+                )
+            });
+            if let Err(err) = watched {
+                log::warn!("vsock: cannot watch a host connection: {err}");
+                inc(&self.metrics.muxer_event_fails);
+                continue;
+            }
+            self.targets.insert(fd, Target::Handshake);
+            self.handshakes.insert(
+                fd,
+                Handshake {
+                    stream,
+                    line: Vec::new(),
+                },
+            );
+        }
+    }
+
+    /// Reads the `CONNECT` line of the host connection `fd`, as far as it came.
+    fn handshake(&mut self, fd: RawFd) {
+        let Some(handshake) = self.handshakes.get_mut(&fd) else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        // A byte at a time, so that nothing past the line is taken from the stream.
+        let port = loop {
+            match handshake.stream.read(&mut byte) {
+                Ok(1) if byte[0] == b'\n' => break parse_connect(&handshake.line),
+                Ok(1) if handshake.line.len() < MAX_HANDSHAKE_LEN => {
+                    handshake.line.push(byte[0]);
+                }
+                // Too long, or the end of the stream.
+                Ok(_) => break None,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break None,
+            }
+        };
+        self.targets.remove(&fd);
+        let Some(handshake) = self.handshakes.remove(&fd) else {
+            return;
+        };
+        let Some(peer_port) = port else {
+            log::debug!("vsock: a host connection did not send a CONNECT line");
+            inc(&self.metrics.conn_event_fails);
+            return;
+        };
+        let Some(local_port) = self.allocate_port(peer_port) else {
+            inc(&self.metrics.conn_event_fails);
+            return;
+        };
+        let key = (local_port, peer_port);
+        let mut conn =
+            Connection::new_local(handshake.stream, self.guest_cid, local_port, peer_port);
+        conn.registered = EventSet::IN;
+        self.targets.insert(fd, Target::Conn(key));
+        self.conns.insert(key, conn);
+        inc(&self.metrics.conns_added);
+        self.after_conn(key);
+    }
+
+    /// A host port for a connection to the guest's `peer_port` that no connection uses.
+    fn allocate_port(&mut self, peer_port: u32) -> Option<u32> {
+        for _ in 0..=MAX_CONNECTIONS {
+            let port = self.next_local_port;
+            self.next_local_port = match port.checked_add(1) {
+                Some(next) if next < u32::MAX => next,
+                _ => FIRST_LOCAL_PORT,
+            };
+            if !self.conns.contains_key(&(port, peer_port)) {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    /// The guest asks for host port `header.dst_port`: connects to `<uds_path>_<port>`.
+    fn connect_to_host(&mut self, header: &PacketHeader) {
+        let key = (header.dst_port, header.src_port);
+        if self.connections() >= MAX_CONNECTIONS {
+            log::debug!("vsock: refused a guest connection: {MAX_CONNECTIONS} are open");
+            self.queue_reset(key);
+            return;
+        }
+        let mut path = OsString::from(self.uds_path.as_os_str());
+        path.push(format!("_{}", header.dst_port));
+        let stream = match connect_nonblocking(Path::new(&path)) {
+            Ok(stream) => stream,
+            Err(err) => {
+                log::debug!(
+                    "vsock: the guest's connection to {} is refused: {err}",
+                    Path::new(&path).display()
+                );
+                self.queue_reset(key);
+                return;
+            }
+        };
+        let fd = stream.as_raw_fd();
+        self.targets.insert(fd, Target::Conn(key));
+        self.conns
+            .insert(key, Connection::new_peer(stream, self.guest_cid, header));
+        inc(&self.metrics.conns_added);
+        self.after_conn(key);
+    }
+}
+
+impl Drop for VsockUnixBackend {
+    fn drop(&mut self) {
+        // The listener's path goes with it, so that a new device can bind it again.
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+impl AsRawFd for VsockUnixBackend {
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+}
+
+impl VsockBackend for VsockUnixBackend {
+    fn send_pkt(&mut self, header: &PacketHeader, payload: &[u8]) {
+        if header.src_cid != self.guest_cid || header.dst_cid != VSOCK_HOST_CID {
+            log::debug!(
+                "vsock: dropped a packet from CID {} to CID {}",
+                header.src_cid,
+                header.dst_cid
+            );
+            inc(&self.metrics.conn_event_fails);
+            return;
+        }
+        let key = (header.dst_port, header.src_port);
+        if header.type_ != TYPE_STREAM {
+            inc(&self.metrics.conn_event_fails);
+            if header.op != OP_RST {
+                if let Some(conn) = self.conns.get_mut(&key) {
+                    conn.kill(&self.metrics);
+                    self.after_conn(key);
+                } else {
+                    self.queue_reset(key);
+                }
+            }
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.send_pkt(header, payload, &self.metrics);
+            self.after_conn(key);
+            return;
+        }
+        match header.op {
+            OP_REQUEST => self.connect_to_host(header),
+            OP_RST => {}
+            _ => self.queue_reset(key),
+        }
+    }
+
+    fn reject(&mut self, header: &PacketHeader) {
+        if header.src_cid != self.guest_cid || header.dst_cid != VSOCK_HOST_CID {
+            return;
+        }
+        let key = (header.dst_port, header.src_port);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.kill(&self.metrics);
+            self.after_conn(key);
+        } else if header.op != OP_RST {
+            self.queue_reset(key);
+        }
+    }
+
+    fn recv_pkt(&mut self, header: &mut PacketHeader, payload: &mut [u8]) -> Option<usize> {
+        if let Some((local_port, peer_port)) = self.resets.pop_front() {
+            *header = PacketHeader {
+                src_cid: VSOCK_HOST_CID,
+                dst_cid: self.guest_cid,
+                src_port: local_port,
+                dst_port: peer_port,
+                type_: TYPE_STREAM,
+                op: OP_RST,
+                ..PacketHeader::default()
+            };
+            return Some(0);
+        }
+        for _ in 0..self.rxq.len() {
+            let key = self.rxq.pop_front()?;
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            conn.queued = false;
+            let packet = conn.recv_pkt(header, payload, &self.metrics);
+            self.after_conn(key);
+            if packet.is_some() {
+                return packet;
+            }
+        }
+        None
+    }
+
+    fn has_pending_rx(&self) -> bool {
+        !self.resets.is_empty() || !self.rxq.is_empty()
+    }
+
+    fn notify(&mut self, _events: EventSet) {
+        let mut events = [EpollEvent::default(); MAX_EVENTS_PER_NOTIFY];
+        let count = match self.epoll.wait(0, &mut events) {
+            Ok(count) => count,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => 0,
+            Err(err) => {
+                log::error!("vsock: cannot read the backend's epoll set: {err}");
+                inc(&self.metrics.muxer_event_fails);
+                return;
+            }
+        };
+        for event in events.iter().take(count) {
+            match event.data() {
+                LISTENER_TOKEN => self.accept(),
+                TIMER_TOKEN => self.sweep_killq(),
+                data => {
+                    let Ok(fd) = RawFd::try_from(data) else {
+                        continue;
+                    };
+                    match self.targets.get(&fd).copied() {
+                        Some(Target::Handshake) => self.handshake(fd),
+                        Some(Target::Conn(key)) => {
+                            if let Some(conn) = self.conns.get_mut(&key) {
+                                conn.notify(event.event_set(), &self.metrics);
+                                self.after_conn(key);
+                            }
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+        if self
+            .killq
+            .front()
+            .is_some_and(|&(due, _)| due <= Instant::now())
+        {
+            self.sweep_killq();
+        }
+    }
+
+    fn reset(&mut self) {
+        for (_, conn) in self.conns.drain() {
+            if !conn.registered.is_empty() {
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    conn.stream().as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+            inc(&self.metrics.conns_removed);
+        }
+        for (fd, _) in self.handshakes.drain() {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        self.targets.clear();
+        self.rxq.clear();
+        self.resets.clear();
+        self.killq.clear();
+        self.arm_timer();
+    }
+}
+
+/// The epoll token of a host socket: its descriptor.
+fn token(fd: RawFd) -> u64 {
+    u64::try_from(fd).unwrap_or(u64::MAX)
+}
+
+/// The port of a `CONNECT <port>` line (its newline taken off).
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let line = std::str::from_utf8(line).ok()?;
+    let port = line.strip_prefix("CONNECT ")?.trim_end_matches('\r');
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    port.parse().ok()
+}
+
+/// Connects to the Unix stream socket at `path` without blocking: a listener whose backlog is
+/// full refuses at once (`EAGAIN`) instead of keeping the device's thread waiting.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data, for which all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX)
+        .map_err(|_| io::Error::from(io::ErrorKind::Unsupported))?;
+    // One byte stays for the terminating NUL.
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the socket path is too long",
+        ));
+    }
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: socket() has no memory preconditions; the result is checked below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket this function just made and owns alone; the stream takes it
+    // over and closes it when dropped.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
+        .map_err(|_| io::Error::from(io::ErrorKind::Unsupported))?;
+    // SAFETY: `addr` is a valid sockaddr_un that lives for the call, and `len` is its size.
+    let result = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            len,
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_lines_are_parsed_strictly() {
+        assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT 4294967295"), Some(u32::MAX));
+        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
+        for bad in [
+            &b"CONNECT"[..],
+            b"CONNECT ",
+            b"CONNECT -1",
+            b"CONNECT 4294967296",
+            b"connect 52",
+            b"CONNECT 5 2",
+            b"\xff",
+        ] {
+            assert_eq!(parse_connect(bad), None, "{bad:?}");
+        }
+    }
+}
