@@ -155,11 +155,14 @@ pub enum ThreadKind {
     /// `balloon`: the worker of the virtio balloon (`ember-balloon`), which gives guest pages
     /// back with `madvise(MADV_DONTNEED)` and polls statistics on a timerfd.
     Balloon,
+    /// `vsock`: the worker of the virtio-vsock device (`ember-vsock`), which accepts host
+    /// connections on its Unix socket and connects to `<uds_path>_PORT` for the guest.
+    Vsock,
 }
 
 impl ThreadKind {
     /// Every kind; a filter file has a filter for each.
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -168,6 +171,7 @@ impl ThreadKind {
         ThreadKind::Rng,
         ThreadKind::Console,
         ThreadKind::Balloon,
+        ThreadKind::Vsock,
     ];
 
     /// The kind's name in a filter file.
@@ -181,6 +185,7 @@ impl ThreadKind {
             ThreadKind::Rng => "rng",
             ThreadKind::Console => "console",
             ThreadKind::Balloon => "balloon",
+            ThreadKind::Vsock => "vsock",
         }
     }
 
@@ -191,7 +196,7 @@ impl ThreadKind {
 
     /// The kind of the device worker thread named `thread`: `ember-blk...` is a block device's,
     /// `ember-net...` a network device's, `ember-rng...` an entropy device's, `ember-balloon`
-    /// the balloon's.
+    /// the balloon's, `ember-vsock` the vsock device's.
     pub fn of_worker(thread: &str) -> Option<ThreadKind> {
         if thread.starts_with("ember-blk") {
             Some(ThreadKind::Block)
@@ -201,6 +206,8 @@ impl ThreadKind {
             Some(ThreadKind::Rng)
         } else if thread.starts_with("ember-balloon") {
             Some(ThreadKind::Balloon)
+        } else if thread.starts_with("ember-vsock") {
+            Some(ThreadKind::Vsock)
         } else {
             None
         }
@@ -642,8 +649,8 @@ mod tests {
         bytes
     }
 
-    const ALL_NAMES: [&str; 8] = [
-        "vmm", "api", "vcpu", "block", "net", "rng", "console", "balloon",
+    const ALL_NAMES: [&str; 9] = [
+        "vmm", "api", "vcpu", "block", "net", "rng", "console", "balloon", "vsock",
     ];
 
     #[test]
@@ -777,6 +784,10 @@ mod tests {
         assert_eq!(
             ThreadKind::of_worker("ember-balloon"),
             Some(ThreadKind::Balloon)
+        );
+        assert_eq!(
+            ThreadKind::of_worker("ember-vsock"),
+            Some(ThreadKind::Vsock)
         );
         assert_eq!(
             ThreadKind::of_worker("ember-blk-rootfs"),
