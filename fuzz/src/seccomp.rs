@@ -91,8 +91,10 @@ mod tests {
     /// the filters change more often than the format, and any valid file is a good seed.
     fn seeds() -> Seeds {
         let every = file(
-            &["vmm", "api", "vcpu", "block", "net", "rng", "console", "balloon"]
-                .map(|n| entry(n.as_bytes(), 3)),
+            &[
+                "vmm", "api", "vcpu", "block", "net", "rng", "console", "balloon", "vsock",
+            ]
+            .map(|n| entry(n.as_bytes(), 3)),
         );
         let three: Vec<Vec<u8>> = ["vmm", "api", "vcpu"]
             .iter()
