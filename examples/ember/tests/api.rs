@@ -1760,7 +1760,8 @@ fn a_config_file_with_a_vsock_device_boots_with_it() {
         204
     );
     let (code, err) = ember.wait();
-    assert_eq!(code, Some(0), "{err}");    // The device removes its socket when it goes.
+    assert_eq!(code, Some(0), "{err}");
+    // The device removes its socket when it goes.
     assert!(!uds.exists());
 }
 
