@@ -1110,6 +1110,12 @@ JSON
         sleep 15
         rss1=$(vsock_rss)
         own1=$(vsock_own_rss)
+        # The device's worker runs under its seccomp filter.
+        for task in /proc/"$vm"/task/*; do
+            if [ "$(cat "$task/comm" 2>/dev/null)" = ember-vsock ]; then
+                echo "THREAD ember-vsock seccomp $(sed -n 's/^Seccomp:[[:space:]]*//p' "$task/status")" >>"$work/host"
+            fi
+        done
         console_wait '^VSOCK-AT 5006' 300
         peer PING uds-connect "$uds" 5006 --ping 1000 --size 64 --wait-ms 30000
         if [ $tcp = yes ]; then
@@ -1164,6 +1170,7 @@ JSON
         '^SLOW conns=1 ok=1 sent=0 received=16777216' '^VSOCK-SLOW status=0 '
     expect a_flooding_guest_stays_within_the_memory_bound 0 'FLOOD-RSS-BOUNDED' \
         '^FLOOD conns=4 ok=4 sent=0 received=67108864' '^VSOCK-FLOOD status=0 '
+    expect the_vsock_worker_runs_under_its_seccomp_filter 0 '^THREAD ember-vsock seccomp 2$'
     expect an_agent_style_request_response_loop_runs_over_vsock 0 \
         '^PING conns=1 ok=1 .* rounds=1000 rtt_us_min=' '^VSOCK-PING status=0 ' \
         '^EMBER-CTRL-ALT-DEL$'
