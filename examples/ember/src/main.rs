@@ -83,6 +83,9 @@ fn run(
     // Before any thread exists, so that every thread inherits it.
     seccomp::set_no_new_privs().map_err(|e| error_chain(&e))?;
     let filters = seccomp_filters(cli).map_err(|e| error_chain(&e))?;
+    if filters.is_some() {
+        seccomp::prepare_runtime().map_err(|e| error_chain(&e))?;
+    }
     if cli.read_metadata()?.is_some() {
         log::warn!("ember has no MMDS data store yet: the metadata of --metadata is not served");
     }

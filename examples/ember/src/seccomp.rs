@@ -130,6 +130,9 @@ pub enum Error {
     /// The `SIGSYS` handler could not be installed.
     #[error("Cannot install the SIGSYS handler")]
     SigsysHandler(#[source] io::Error),
+    /// The thread of [`prepare_runtime`] could not run.
+    #[error("Cannot prepare the C library's runtime for the seccomp filters")]
+    Prepare(#[source] io::Error),
 }
 
 /// Result type of this module.
@@ -492,6 +495,39 @@ pub fn set_no_new_privs() -> Result<()> {
         return Err(Error::NoNewPrivs(io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// Has the C library do now, before any filter is installed, what it does once per process
+/// the first time the heap of a thread other than the main one shrinks: glibc then reads
+/// `/proc/sys/vm/overcommit_memory` (`check_may_shrink_heap`) and keeps the answer. Without
+/// this, the first worker whose buffers grow and are freed (the vsock device's, under a flood)
+/// would open that file under a filter that refuses `openat`, and end the process.
+///
+/// A thread of its own allocates blocks over glibc's trim threshold (128 KiB) in all, each
+/// under its `mmap` threshold so that they come from the thread's heap, and frees them, last
+/// first: the heap's free top passes the threshold and glibc shrinks it.
+///
+/// # Errors
+///
+/// [`Error::Prepare`] when the thread cannot be started or panics.
+pub fn prepare_runtime() -> Result<()> {
+    /// One block: under glibc's default `mmap` threshold (128 KiB).
+    const BLOCK: usize = 96 << 10;
+    /// Blocks, so that what is freed is well over the trim threshold.
+    const BLOCKS: usize = 8;
+    let thread = std::thread::Builder::new()
+        .name("ember-prepare".into())
+        .spawn(|| {
+            let mut blocks: Vec<Vec<u8>> = (0..BLOCKS).map(|_| vec![1u8; BLOCK]).collect();
+            std::hint::black_box(&mut blocks);
+            while let Some(block) = blocks.pop() {
+                drop(std::hint::black_box(block));
+            }
+        })
+        .map_err(Error::Prepare)?;
+    thread
+        .join()
+        .map_err(|_| Error::Prepare(io::Error::other("the thread panicked")))
 }
 
 /// How many system calls a filter refused (`seccomp.num_faults`).
