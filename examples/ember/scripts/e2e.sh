@@ -1041,6 +1041,8 @@ if [ $tcp = yes ]; then
     run TCP-PING tcp-listen 5102 --echo
 fi
 echo "VSOCK-DONE"
+# This side reads the metrics, then ends the guest with Ctrl+Alt+Del.
+sleep 120
 SCRIPT
     uds=$work/v.sock
     cat >"$work/vsock.json" <<JSON
