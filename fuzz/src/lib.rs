@@ -15,6 +15,8 @@
 //! - [`cmdline`]: the bytes are a command line and extra arguments, one per line.
 //! - [`virtio`]: descriptor chains, block requests, the MMIO transport's registers and
 //!   virtio-net's frames, as a guest lays them out.
+//! - [`vsock`]: the packets a guest transmits to virtio-vsock and what host processes do to its
+//!   Unix-socket connections, at once.
 //! - [`serial`]: the guest's accesses to the serial console's registers, and the VMM's input.
 //! - [`api`]: the bytes a client sends on the API socket, and a configuration file.
 //! - [`seccomp`]: a compiled seccomp filter file, as `--seccomp-filter` reads it.
@@ -40,6 +42,7 @@ pub mod api;
 pub mod seccomp;
 pub mod serial;
 pub mod virtio;
+pub mod vsock;
 
 use std::io::Cursor;
 

@@ -19,7 +19,8 @@ use super::{FEATURES, NUM_QUEUES, QUEUE_SIZES, Result, check_cid};
 use crate::device::{ActivateError, ActivateParams, VirtioDevice, read_config_bytes};
 use crate::worker::Runner;
 
-/// The name of the device's worker thread.
+/// The name of the device's worker thread (under [`Executor::Thread`](crate::Executor::Thread)),
+/// which a VMM's seccomp filters and CPU pinning know it by.
 pub const THREAD_NAME: &str = "ember-vsock";
 
 /// A handler serving a device, whatever its guest memory type and wherever it runs, that gives
@@ -136,7 +137,9 @@ impl<B: VsockBackend> Vsock<B> {
         match &self.state {
             State::Active(running) => {
                 if let Err(err) = running.send_transport_reset() {
-                    log::error!("virtio-vsock cannot reach its handler for a transport reset: {err}");
+                    log::error!(
+                        "virtio-vsock cannot reach its handler for a transport reset: {err}"
+                    );
                 }
             }
             State::Ready(_) | State::Lost => self.reset_pending = true,
@@ -254,5 +257,201 @@ where
             },
             state => state,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::mock::{CountingTrigger, MockBuffer, MockDriver, guest_memory};
+    use crate::vsock::{Error, HDR_SIZE, OP_REQUEST, PacketHeader};
+    use crate::worker::WorkerGate;
+
+    type Mem = Arc<GuestMemoryMmap<()>>;
+
+    fn socket_path(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ember-vsock-dev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    struct Driver {
+        mem: Mem,
+        rx: MockDriver,
+        ev: MockDriver,
+        kicks: Vec<EventFd>,
+    }
+
+    fn activate(vsock: &mut Vsock) -> Driver {
+        let mem = Arc::new(guest_memory(0x10_0000).unwrap());
+        let drivers: Vec<_> = [0u64, 0x4000, 0x8000]
+            .into_iter()
+            .map(|base| MockDriver::new(16, GuestAddress(base)))
+            .collect();
+        let kicks: Vec<_> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        VirtioDevice::<Mem>::activate(
+            vsock,
+            ActivateParams::new(
+                mem.clone(),
+                FEATURES,
+                drivers.iter().map(MockDriver::queue).collect(),
+                kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+                Arc::new(CountingTrigger::default()),
+                WorkerGate::new(),
+            ),
+        )
+        .unwrap();
+        Driver {
+            mem,
+            rx: drivers[0].clone(),
+            ev: drivers[2].clone(),
+            kicks,
+        }
+    }
+
+    #[test]
+    fn the_device_is_a_socket_device_with_its_cid_in_the_configuration() {
+        let path = socket_path("config.sock");
+        let mut vsock = Vsock::new(0x1_2345, &path).unwrap();
+        assert_eq!(vsock.guest_cid(), 0x1_2345);
+        let device: &mut dyn VirtioDevice<Mem> = &mut vsock;
+        assert_eq!(device.device_type(), 19);
+        assert_eq!(device.queue_max_sizes(), [256, 256, 256]);
+        assert_eq!(device.features() & (1 << 32), 1 << 32);
+        let mut data = [0xffu8; 8];
+        device.read_config(0, &mut data);
+        assert_eq!(u64::from_le_bytes(data), 0x1_2345);
+        let mut high = [0xffu8; 4];
+        device.read_config(4, &mut high);
+        assert_eq!(high, [0; 4]);
+        device.write_config(0, &[9; 8]);
+        device.read_config(0, &mut data);
+        assert_eq!(u64::from_le_bytes(data), 0x1_2345);
+        assert_eq!(vsock.metrics().get("cfg_fails"), Some(1));
+    }
+
+    #[test]
+    fn reserved_cids_and_taken_paths_are_refused() {
+        let path = socket_path("refused.sock");
+        for cid in [0, 1, 2] {
+            assert!(matches!(Vsock::new(cid, &path), Err(Error::InvalidCid(c)) if c == cid));
+        }
+        assert!(!path.exists(), "nothing was bound for a bad CID");
+        let _vsock = Vsock::new(3, &path).unwrap();
+        let err = Vsock::new(4, &path).unwrap_err();
+        assert!(matches!(err, Error::Bind { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn activating_an_active_device_or_with_the_wrong_queues_is_refused() {
+        let path = socket_path("queues.sock");
+        let mut vsock = Vsock::new(3, &path).unwrap();
+        let mem = Arc::new(guest_memory(0x10_0000).unwrap());
+        let driver = MockDriver::new(16, GuestAddress(0));
+        let err = VirtioDevice::<Mem>::activate(
+            &mut vsock,
+            ActivateParams::new(
+                mem,
+                FEATURES,
+                vec![driver.queue()],
+                vec![EventFd::new(0).unwrap()],
+                Arc::new(CountingTrigger::default()),
+                WorkerGate::new(),
+            ),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ActivateError::QueueCount {
+                    expected: 3,
+                    given: 1
+                }
+            ),
+            "{err:?}"
+        );
+        let _driver = activate(&mut vsock);
+        assert!(vsock.is_active());
+        assert_eq!(vsock.metrics().get("activate_fails"), Some(1));
+        VirtioDevice::<Mem>::reset(&mut vsock);
+        assert!(!vsock.is_active());
+    }
+
+    #[test]
+    fn a_transport_reset_reaches_the_event_queue_active_or_not() {
+        let path = socket_path("event.sock");
+        let mut vsock = Vsock::new(3, &path).unwrap();
+        // Asked for before activation: sent once the driver hands over a buffer.
+        vsock.send_transport_reset();
+        for round in 0..2 {
+            let mut driver = activate(&mut vsock);
+            if round == 1 {
+                vsock.send_transport_reset();
+            }
+            driver
+                .mem
+                .write_slice(&[0xff; 4], GuestAddress(0x3_0000))
+                .unwrap();
+            driver
+                .ev
+                .add_chain(&*driver.mem, &[MockBuffer::writable(0x3_0000, 4)])
+                .unwrap();
+            driver.kicks[2].write(1).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while driver.ev.used_idx(&*driver.mem).unwrap() == 0 {
+                assert!(Instant::now() < deadline, "round {round}: no event");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(driver.ev.used_elem(&*driver.mem, 0).unwrap().1, 4);
+            let event: u32 = driver.mem.read_obj(GuestAddress(0x3_0000)).unwrap();
+            assert_eq!(event, 0);
+            VirtioDevice::<Mem>::reset(&mut vsock);
+        }
+    }
+
+    #[test]
+    fn a_reset_closes_the_host_streams_and_the_device_serves_again() {
+        let path = socket_path("reset.sock");
+        let mut vsock = Vsock::new(3, &path).unwrap();
+        for round in 0..2 {
+            let mut driver = activate(&mut vsock);
+            driver
+                .rx
+                .add_chain(&*driver.mem, &[MockBuffer::writable(0x2_0000, 4096)])
+                .unwrap();
+            driver.kicks[0].write(1).unwrap();
+            let mut host = UnixStream::connect(&path).unwrap();
+            host.write_all(b"CONNECT 52\n").unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while driver.rx.used_idx(&*driver.mem).unwrap() == 0 {
+                assert!(Instant::now() < deadline, "round {round}: no request");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let mut bytes = [0u8; HDR_SIZE];
+            driver
+                .mem
+                .read_slice(&mut bytes, GuestAddress(0x2_0000))
+                .unwrap();
+            assert_eq!(PacketHeader::from_bytes(&bytes).op, OP_REQUEST);
+            VirtioDevice::<Mem>::reset(&mut vsock);
+            host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 4];
+            assert_eq!(host.read(&mut buf).unwrap(), 0, "round {round}");
+        }
+        assert_eq!(vsock.metrics().get("conns_added"), Some(2));
+        assert_eq!(vsock.metrics().get("conns_removed"), Some(2));
+        drop(vsock);
+        assert!(!path.exists(), "the listener's path goes with the device");
     }
 }

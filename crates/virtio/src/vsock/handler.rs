@@ -197,7 +197,10 @@ where
                 }
                 Err((header, err)) => {
                     inc(&self.metrics.tx_queue_event_fails);
-                    log::debug!("virtio-vsock dropped a malformed packet: {}", ErrorChain(&err));
+                    log::debug!(
+                        "virtio-vsock dropped a malformed packet: {}",
+                        ErrorChain(&err)
+                    );
                     if let Some(header) = header {
                         self.backend.reject(&header);
                     }
@@ -279,7 +282,10 @@ where
                 }
                 Err(err) => {
                     inc(&self.metrics.rx_queue_event_fails);
-                    log::debug!("virtio-vsock skipped a receive buffer: {}", ErrorChain(&err));
+                    log::debug!(
+                        "virtio-vsock skipped a receive buffer: {}",
+                        ErrorChain(&err)
+                    );
                     0
                 }
             };
@@ -461,5 +467,807 @@ where
             inc(counter);
             self.fail(ops, &err);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::mock::{CountingTrigger, MockBuffer, MockDriver, guest_memory};
+    use crate::vsock::{
+        CONN_SHUTDOWN_TIMEOUT, CONN_TX_BUF_SIZE, HDR_SIZE, MAX_PENDING_RESETS, OP_CREDIT_REQUEST,
+        OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV,
+        SHUTDOWN_SEND, TYPE_STREAM, VSOCK_HOST_CID, VsockUnixBackend,
+    };
+
+    type Mem = Arc<GuestMemoryMmap<()>>;
+
+    const CID: u64 = 3;
+    const MEM_SIZE: usize = 0x100_0000;
+    const TX_BUFS: u64 = 0x20_0000;
+    const TX_SLOT: u64 = 0x1_1000;
+    const RX_BUFS: u64 = 0x80_0000;
+    const RX_SLOT: u64 = 0x2000;
+    const RX_BUF_LEN: u32 = 4096 + 44;
+    const QSIZE: u16 = 256;
+
+    /// A fresh directory for a test's sockets, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let dir = std::env::temp_dir().join(format!("ember-vsock-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The guest driver's side of the device, and the host's socket path.
+    struct Guest {
+        mem: Mem,
+        rx: MockDriver,
+        tx: MockDriver,
+        ev: MockDriver,
+        evts: [EventFd; NUM_QUEUES],
+        irq: CountingTrigger,
+        handler: VsockHandler<Mem, VsockUnixBackend>,
+        rx_addrs: HashMap<u16, u64>,
+        rx_slot: u64,
+        rx_seen: u16,
+        tx_slot: u64,
+        path: PathBuf,
+        _dir: TempDir,
+    }
+
+    fn header(op: u16, src_port: u32, dst_port: u32) -> PacketHeader {
+        PacketHeader {
+            src_cid: CID,
+            dst_cid: VSOCK_HOST_CID,
+            src_port,
+            dst_port,
+            len: 0,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: CONN_TX_BUF_SIZE,
+            fwd_cnt: 0,
+        }
+    }
+
+    fn guest() -> Guest {
+        let dir = TempDir::new();
+        let path = dir.0.join("v.sock");
+        let backend = VsockUnixBackend::new(CID, &path).unwrap();
+        let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
+        let rx = MockDriver::new(QSIZE, GuestAddress(0));
+        let tx = MockDriver::new(QSIZE * 2, GuestAddress(0x1_0000));
+        let ev = MockDriver::new(QSIZE, GuestAddress(0x2_0000));
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let evts = [evt(), evt(), evt()];
+        let irq = CountingTrigger::default();
+        let handler = VsockHandler::new(
+            CID,
+            backend,
+            mem.clone(),
+            [rx.queue(), tx.queue(), ev.queue()],
+            [
+                evts[0].try_clone().unwrap(),
+                evts[1].try_clone().unwrap(),
+                evts[2].try_clone().unwrap(),
+            ],
+            Arc::new(irq.clone()),
+        );
+        let metrics = handler.metrics().clone();
+        let handler = VsockHandler {
+            backend: handler.backend.with_metrics(metrics),
+            ..handler
+        };
+        Guest {
+            mem,
+            rx,
+            tx,
+            ev,
+            evts,
+            irq,
+            handler,
+            rx_addrs: HashMap::new(),
+            rx_slot: 0,
+            rx_seen: 0,
+            tx_slot: 0,
+            path,
+            _dir: dir,
+        }
+    }
+
+    impl Guest {
+        /// Hands the device receive buffers, so that it has `count` in all.
+        fn give_rx(&mut self, count: usize) {
+            let used = self.rx.used_idx(&*self.mem).unwrap();
+            let outstanding = usize::from(self.rx.avail_idx().wrapping_sub(used));
+            for _ in outstanding..count {
+                let addr = RX_BUFS + (self.rx_slot % u64::from(QSIZE)) * RX_SLOT;
+                self.rx_slot += 1;
+                let head = self
+                    .rx
+                    .add_chain(&*self.mem, &[MockBuffer::writable(addr, RX_BUF_LEN)])
+                    .unwrap();
+                self.rx_addrs.insert(head, addr);
+            }
+        }
+
+        /// Transmits a packet in one buffer, and lets the device take it.
+        fn send(&mut self, header: PacketHeader, payload: &[u8]) {
+            let mut header = header;
+            header.len = u32::try_from(payload.len()).unwrap();
+            let addr = self.write_tx(&header, payload);
+            let len = u32::try_from(HDR_SIZE + payload.len()).unwrap();
+            self.tx
+                .add_chain(&*self.mem, &[MockBuffer::readable(addr, len)])
+                .unwrap();
+            self.handler.process_tx().unwrap();
+        }
+
+        fn write_tx(&mut self, header: &PacketHeader, payload: &[u8]) -> u64 {
+            let addr = TX_BUFS + (self.tx_slot % 64) * TX_SLOT;
+            self.tx_slot += 1;
+            self.mem
+                .write_slice(&header.to_bytes(), GuestAddress(addr))
+                .unwrap();
+            self.mem
+                .write_slice(payload, GuestAddress(addr + 44))
+                .unwrap();
+            addr
+        }
+
+        /// Lets the backend handle its host sockets' events.
+        fn pump(&mut self) {
+            for _ in 0..4 {
+                self.handler.backend_event(EventSet::IN).unwrap();
+            }
+        }
+
+        /// The packets the device handed the guest since the last call.
+        fn recv_all(&mut self) -> Vec<(PacketHeader, Vec<u8>)> {
+            let mut packets = Vec::new();
+            let used = self.rx.used_idx(&*self.mem).unwrap();
+            while self.rx_seen != used {
+                let (head, len) = self.rx.used_elem(&*self.mem, self.rx_seen).unwrap();
+                self.rx_seen = self.rx_seen.wrapping_add(1);
+                let addr = self.rx_addrs[&u16::try_from(head).unwrap()];
+                let mut bytes = [0u8; HDR_SIZE];
+                self.mem.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
+                let header = PacketHeader::from_bytes(&bytes);
+                let mut payload = vec![0u8; header.len as usize];
+                self.mem
+                    .read_slice(&mut payload, GuestAddress(addr + 44))
+                    .unwrap();
+                assert_eq!(len as usize, HDR_SIZE + payload.len());
+                packets.push((header, payload));
+            }
+            packets
+        }
+
+        /// Gives receive buffers, lets the device fill them and returns what it sent.
+        fn recv(&mut self) -> Vec<(PacketHeader, Vec<u8>)> {
+            self.give_rx(16);
+            self.pump();
+            self.handler.process_rx().unwrap();
+            self.recv_all()
+        }
+
+        /// A host process connects through the listener to the guest's `port`; returns its
+        /// stream and the host port the device chose, once the guest accepted.
+        fn host_connect(&mut self, port: u32) -> (UnixStream, u32) {
+            let mut host = UnixStream::connect(&self.path).unwrap();
+            host.write_all(format!("CONNECT {port}\n").as_bytes())
+                .unwrap();
+            let packets = self.recv();
+            let (request, _) = packets
+                .iter()
+                .find(|(h, _)| h.op == OP_REQUEST && h.dst_port == port)
+                .expect("a connection request");
+            assert_eq!(request.dst_cid, CID);
+            assert_eq!(request.src_cid, VSOCK_HOST_CID);
+            assert_eq!(request.buf_alloc, CONN_TX_BUF_SIZE);
+            let local = request.src_port;
+            assert!(local >= 1 << 30);
+            self.send(header(OP_RESPONSE, port, local), &[]);
+            let mut line = Vec::new();
+            let mut byte = [0u8];
+            while byte[0] != b'\n' {
+                host.read_exact(&mut byte).unwrap();
+                line.push(byte[0]);
+            }
+            assert_eq!(line, format!("OK {local}\n").as_bytes());
+            (host, local)
+        }
+
+        /// A guest process connects to host `port` from `src_port`, where `listener` listens.
+        fn guest_connect(
+            &mut self,
+            listener: &UnixListener,
+            src_port: u32,
+            port: u32,
+        ) -> UnixStream {
+            self.give_rx(16);
+            self.send(header(OP_REQUEST, src_port, port), &[]);
+            let packets = self.recv_all();
+            assert_eq!(packets.len(), 1, "{packets:?}");
+            assert_eq!(packets[0].0.op, OP_RESPONSE);
+            assert_eq!(
+                (packets[0].0.src_port, packets[0].0.dst_port),
+                (port, src_port)
+            );
+            let (stream, _) = listener.accept().unwrap();
+            stream
+        }
+
+        fn metric(&self, name: &str) -> u64 {
+            self.handler.metrics().get(name).unwrap()
+        }
+    }
+
+    fn read_some(stream: &mut UnixStream, len: usize) -> Vec<u8> {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = vec![0u8; len];
+        stream.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_host_connection_handshakes_and_moves_data_both_ways() {
+        let mut guest = guest();
+        let (mut host, local) = guest.host_connect(52);
+        guest.send(header(OP_RW, 52, local), b"ping");
+        assert_eq!(read_some(&mut host, 4), b"ping");
+        host.write_all(b"pong").unwrap();
+        let packets = guest.recv();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        let (hdr, payload) = &packets[0];
+        assert_eq!((hdr.op, hdr.src_port, hdr.dst_port), (OP_RW, local, 52));
+        assert_eq!(payload, b"pong");
+        assert_eq!(guest.metric("conns_added"), 1);
+        assert_eq!(guest.metric("tx_bytes_count"), 4);
+        assert_eq!(guest.metric("rx_bytes_count"), 4);
+        assert!(guest.irq.count() > 0);
+    }
+
+    #[test]
+    fn a_bad_connect_line_closes_the_host_stream() {
+        let mut guest = guest();
+        for line in [&b"CONNECT x\n"[..], b"HELLO 52\n", &[b'9'; 40]] {
+            let mut host = UnixStream::connect(&guest.path).unwrap();
+            host.write_all(line).unwrap();
+            guest.pump();
+            host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 8];
+            // Closed: its end, or a reset when it closed with bytes unread.
+            match host.read(&mut buf) {
+                Ok(read) => assert_eq!(read, 0),
+                Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset),
+            }
+        }
+        assert!(guest.recv().is_empty());
+        assert_eq!(guest.handler.backend().connections(), 0);
+    }
+
+    #[test]
+    fn a_guest_connection_reaches_the_listener_at_the_port_path() {
+        let mut guest = guest();
+        let listener = UnixListener::bind(format!("{}_1234", guest.path.display())).unwrap();
+        let mut host = guest.guest_connect(&listener, 5000, 1234);
+        guest.send(header(OP_RW, 5000, 1234), b"hello");
+        assert_eq!(read_some(&mut host, 5), b"hello");
+        host.write_all(b"world").unwrap();
+        let packets = guest.recv();
+        assert_eq!(packets[0].0.op, OP_RW);
+        assert_eq!(packets[0].1, b"world");
+    }
+
+    #[test]
+    fn a_guest_connection_nobody_listens_for_is_reset() {
+        let mut guest = guest();
+        guest.give_rx(4);
+        guest.send(header(OP_REQUEST, 5000, 99), &[]);
+        let packets = guest.recv_all();
+        assert_eq!(packets.len(), 1);
+        let (hdr, _) = &packets[0];
+        assert_eq!((hdr.op, hdr.src_port, hdr.dst_port), (OP_RST, 99, 5000));
+        assert_eq!((hdr.src_cid, hdr.dst_cid), (VSOCK_HOST_CID, CID));
+        assert_eq!(guest.handler.backend().connections(), 0);
+    }
+
+    /// An honest guest sender: sends `data` on the connection within the credit it is told of.
+    struct Sender {
+        data: Vec<u8>,
+        sent: usize,
+        fwd_cnt: u32,
+        buf_alloc: u32,
+    }
+
+    impl Sender {
+        fn credit(&self) -> usize {
+            let in_flight = (self.sent as u32).wrapping_sub(self.fwd_cnt);
+            self.buf_alloc.saturating_sub(in_flight) as usize
+        }
+
+        /// Sends as much as the credit allows, and reads the device's packets; returns whether
+        /// anything moved.
+        fn step(&mut self, guest: &mut Guest, src: u32, dst: u32) -> bool {
+            let mut moved = false;
+            while self.sent < self.data.len() && self.credit() > 0 {
+                let len = self
+                    .credit()
+                    .min(MAX_PKT_BUF_SIZE)
+                    .min(self.data.len() - self.sent);
+                let chunk = self.data[self.sent..self.sent + len].to_vec();
+                guest.send(header(OP_RW, src, dst), &chunk);
+                self.sent += len;
+                moved = true;
+            }
+            for (hdr, _) in guest.recv() {
+                assert_ne!(hdr.op, OP_RST, "the device reset an honest guest");
+                self.fwd_cnt = hdr.fwd_cnt;
+                self.buf_alloc = hdr.buf_alloc;
+            }
+            moved
+        }
+    }
+
+    #[test]
+    fn a_host_peer_that_stops_reading_holds_guest_data_within_credit_and_loses_none() {
+        let mut guest = guest();
+        let listener = UnixListener::bind(format!("{}_7", guest.path.display())).unwrap();
+        let mut host = guest.guest_connect(&listener, 5000, 7);
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut sender = Sender {
+            data: data.clone(),
+            sent: 0,
+            fwd_cnt: 0,
+            buf_alloc: CONN_TX_BUF_SIZE,
+        };
+        // The host does not read: the guest runs out of credit, and the device holds at most
+        // the buffer it advertised.
+        while sender.step(&mut guest, 5000, 7) {}
+        assert!(sender.sent < data.len());
+        let held = guest.handler.backend().buffered_bytes();
+        assert!(held > 0 && held <= CONN_TX_BUF_SIZE as usize, "{held}");
+        assert_eq!(guest.metric("tx_write_fails"), 0);
+        // The host reads again: everything arrives, in order.
+        host.set_nonblocking(true).unwrap();
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while received.len() < data.len() {
+            assert!(Instant::now() < deadline, "stalled at {}", received.len());
+            match host.read(&mut buf) {
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(err) => panic!("{err}"),
+            }
+            sender.step(&mut guest, 5000, 7);
+        }
+        assert!(received == data, "the host got other bytes");
+        assert_eq!(guest.handler.backend().buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn a_guest_that_overruns_its_credit_is_reset() {
+        let mut guest = guest();
+        let listener = UnixListener::bind(format!("{}_7", guest.path.display())).unwrap();
+        let _host = guest.guest_connect(&listener, 5000, 7);
+        let chunk = vec![0x55u8; MAX_PKT_BUF_SIZE];
+        guest.give_rx(64);
+        let mut reset = false;
+        // The host never reads; the guest ignores its credit.
+        for _ in 0..256 {
+            guest.send(header(OP_RW, 5000, 7), &chunk);
+            if guest.recv_all().iter().any(|(h, _)| h.op == OP_RST) {
+                reset = true;
+                break;
+            }
+            assert!(guest.handler.backend().buffered_bytes() <= CONN_TX_BUF_SIZE as usize);
+        }
+        assert!(reset, "the device never reset the connection");
+        assert_eq!(guest.handler.backend().connections(), 0);
+        assert_eq!(guest.metric("conns_killed"), 1);
+        assert_eq!(guest.metric("tx_write_fails"), 1);
+    }
+
+    #[test]
+    fn host_data_goes_to_the_guest_within_its_credit() {
+        let mut guest = guest();
+        let (mut host, local) = guest.host_connect(52);
+        // The guest says it has 1000 bytes of buffer, none consumed.
+        let mut update = header(OP_CREDIT_UPDATE, 52, local);
+        update.buf_alloc = 1000;
+        guest.send(update, &[]);
+        host.write_all(&[7u8; 5000]).unwrap();
+        let packets = guest.recv();
+        let data: usize = packets.iter().map(|(_, p)| p.len()).sum();
+        assert_eq!(data, 1000, "{packets:?}");
+        assert!(packets.iter().any(|(h, _)| h.op == OP_CREDIT_REQUEST));
+        // Nothing more until the guest consumes.
+        assert!(guest.recv().is_empty());
+        update.fwd_cnt = 1000;
+        guest.send(update, &[]);
+        let data: usize = guest.recv().iter().map(|(_, p)| p.len()).sum();
+        assert_eq!(data, 1000);
+    }
+
+    #[test]
+    fn a_guest_shutdown_reaches_the_host_and_ends_with_a_reset() {
+        let mut guest = guest();
+        let (mut host, local) = guest.host_connect(52);
+        guest.send(header(OP_RW, 52, local), b"last");
+        let mut shutdown = header(OP_SHUTDOWN, 52, local);
+        shutdown.flags = SHUTDOWN_SEND;
+        guest.send(shutdown, &[]);
+        // The host reads the data, then the end of the stream.
+        let mut all = Vec::new();
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        host.read_to_end(&mut all).unwrap();
+        assert_eq!(all, b"last");
+        // The host may still send.
+        host.write_all(b"reply").unwrap();
+        let packets = guest.recv();
+        assert_eq!(packets[0].1, b"reply");
+        // The guest shuts both halves: the device answers RST and closes the host stream.
+        shutdown.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+        guest.send(shutdown, &[]);
+        let packets = guest.recv();
+        assert!(packets.iter().any(|(h, _)| h.op == OP_RST), "{packets:?}");
+        assert_eq!(guest.handler.backend().connections(), 0);
+        assert_eq!(guest.metric("conns_killed"), 0);
+        assert_eq!(guest.metric("conns_removed"), 1);
+    }
+
+    #[test]
+    fn a_host_shutdown_reaches_the_guest() {
+        let mut guest = guest();
+        let (host, local) = guest.host_connect(52);
+        // Half closed: the guest is told the host sends no more.
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        let packets = guest.recv();
+        let (hdr, _) = packets.iter().find(|(h, _)| h.op == OP_SHUTDOWN).unwrap();
+        assert_eq!(hdr.flags, SHUTDOWN_SEND);
+        // The guest may still send.
+        guest.send(header(OP_RW, 52, local), b"still");
+        // Closed: the guest is told to finish, and answers RST.
+        drop(host);
+        let packets = guest.recv();
+        let (hdr, _) = packets.iter().find(|(h, _)| h.op == OP_SHUTDOWN).unwrap();
+        assert_eq!(hdr.flags, SHUTDOWN_SEND | SHUTDOWN_RCV);
+        guest.send(header(OP_RST, 52, local), &[]);
+        assert_eq!(guest.handler.backend().connections(), 0);
+        assert!(guest.recv().is_empty());
+    }
+
+    #[test]
+    fn what_a_host_peer_wrote_before_it_closed_reaches_the_guest() {
+        let mut guest = guest();
+        let listener = UnixListener::bind(format!("{}_80", guest.path.display())).unwrap();
+        // No receive buffers yet: the RESPONSE waits.
+        guest.send(header(OP_REQUEST, 5000, 80), &[]);
+        let (mut host, _) = listener.accept().unwrap();
+        host.write_all(b"bye").unwrap();
+        drop(host);
+        guest.pump();
+        let packets = guest.recv();
+        let ops: Vec<u16> = packets.iter().map(|(h, _)| h.op).collect();
+        assert_eq!(ops, [OP_RESPONSE, OP_RW, OP_SHUTDOWN], "{packets:?}");
+        assert_eq!(packets[1].1, b"bye");
+        assert_eq!(packets[2].0.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    }
+
+    #[test]
+    fn a_shutdown_the_guest_never_completes_is_reset_after_the_timeout() {
+        let mut guest = guest();
+        let (host, _local) = guest.host_connect(52);
+        drop(host);
+        let packets = guest.recv();
+        assert!(packets.iter().any(|(h, _)| h.op == OP_SHUTDOWN));
+        assert_eq!(guest.handler.backend().connections(), 1);
+        std::thread::sleep(CONN_SHUTDOWN_TIMEOUT + Duration::from_millis(100));
+        let packets = guest.recv();
+        assert!(packets.iter().any(|(h, _)| h.op == OP_RST), "{packets:?}");
+        assert_eq!(guest.handler.backend().connections(), 0);
+        assert_eq!(guest.metric("conns_killed"), 1);
+    }
+
+    #[test]
+    fn a_guest_reset_closes_the_host_stream() {
+        let mut guest = guest();
+        let (mut host, local) = guest.host_connect(52);
+        guest.send(header(OP_RST, 52, local), &[]);
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(host.read(&mut buf).unwrap(), 0);
+        assert!(guest.recv().is_empty());
+    }
+
+    #[test]
+    fn malicious_headers_are_dropped_or_reset() {
+        let mut guest = guest();
+        let (_host, local) = guest.host_connect(52);
+        guest.give_rx(32);
+        // Wrong source or destination CID: dropped, nothing goes back.
+        let mut wrong = header(OP_RW, 52, local);
+        wrong.src_cid = 4;
+        guest.send(wrong, b"x");
+        wrong = header(OP_RW, 52, local);
+        wrong.dst_cid = 1;
+        guest.send(wrong, b"x");
+        assert!(guest.recv_all().is_empty());
+        assert_eq!(guest.handler.backend().connections(), 1);
+        // A packet for no connection: reset.
+        guest.send(header(OP_RW, 53, local), b"x");
+        let packets = guest.recv_all();
+        assert_eq!(packets.len(), 1);
+        assert_eq!((packets[0].0.op, packets[0].0.dst_port), (OP_RST, 53));
+        // A RST for no connection: nothing.
+        guest.send(header(OP_RST, 53, local), &[]);
+        assert!(guest.recv_all().is_empty());
+        // A chain too short for a header: dropped and counted.
+        let fails = guest.metric("tx_queue_event_fails");
+        guest
+            .tx
+            .add_chain(&*guest.mem, &[MockBuffer::readable(TX_BUFS, 20)])
+            .unwrap();
+        guest.handler.process_tx().unwrap();
+        assert_eq!(guest.metric("tx_queue_event_fails"), fails + 1);
+        assert!(guest.recv_all().is_empty());
+        // A len past the chain on a live connection: it is reset.
+        let mut long = header(OP_RW, 52, local);
+        long.len = 1000;
+        let addr = guest.write_tx(&long, &[0; 10]);
+        guest
+            .tx
+            .add_chain(&*guest.mem, &[MockBuffer::readable(addr, 54)])
+            .unwrap();
+        guest.handler.process_tx().unwrap();
+        let packets = guest.recv_all();
+        assert_eq!(packets.len(), 1);
+        assert_eq!((packets[0].0.op, packets[0].0.src_port), (OP_RST, local));
+        assert_eq!(guest.handler.backend().connections(), 0);
+        // A type other than stream: reset.
+        let mut dgram = header(OP_REQUEST, 60, 61);
+        dgram.type_ = 2;
+        guest.send(dgram, &[]);
+        assert_eq!(guest.recv_all()[0].0.op, OP_RST);
+        // An unknown op on a live connection: reset.
+        let (_host, local) = guest.host_connect(52);
+        guest.send(header(99, 52, local), &[]);
+        assert_eq!(guest.recv_all()[0].0.op, OP_RST);
+    }
+
+    #[test]
+    fn a_receive_buffer_too_short_for_a_header_is_handed_back_empty() {
+        let mut guest = guest();
+        guest
+            .rx
+            .add_chain(&*guest.mem, &[MockBuffer::writable(RX_BUFS, 10)])
+            .unwrap();
+        // A reset for the guest, which waits for a buffer that holds it.
+        guest.send(header(OP_RW, 70, 71), &[]);
+        assert_eq!(guest.rx.used_elem(&*guest.mem, 0).unwrap().1, 0);
+        assert_eq!(guest.metric("rx_queue_event_fails"), 1);
+        assert!(guest.handler.backend().has_pending_rx());
+        guest.rx_seen = 1;
+        guest.give_rx(1);
+        guest.handler.process_rx().unwrap();
+        assert_eq!(guest.recv_all()[0].0.op, OP_RST);
+    }
+
+    #[test]
+    fn one_call_takes_a_bounded_batch_and_pending_resets_are_capped() {
+        let mut guest = guest();
+        // No receive buffers: each packet for no connection queues a reset.
+        for i in 0..300u32 {
+            let hdr = header(OP_RW, 1000 + i, 2000);
+            let addr = guest.write_tx(&hdr, &[]);
+            guest
+                .tx
+                .add_chain(&*guest.mem, &[MockBuffer::readable(addr, 44)])
+                .unwrap();
+        }
+        assert_eq!(guest.handler.process_tx().unwrap(), TX_BUDGET);
+        assert_eq!(
+            guest.evts[TX_QUEUE].read().unwrap(),
+            1,
+            "the handler comes back"
+        );
+        assert_eq!(guest.handler.process_tx().unwrap(), 300 - TX_BUDGET);
+        guest.give_rx(usize::from(QSIZE));
+        assert_eq!(guest.handler.process_rx().unwrap(), MAX_PENDING_RESETS);
+        assert!(!guest.handler.backend().has_pending_rx());
+    }
+
+    /// A backend that always has a packet for the guest.
+    #[derive(Debug)]
+    struct Chatty(EventFd);
+
+    impl AsRawFd for Chatty {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.0.as_raw_fd()
+        }
+    }
+
+    impl VsockBackend for Chatty {
+        fn send_pkt(&mut self, _header: &PacketHeader, _payload: &[u8]) {}
+        fn reject(&mut self, _header: &PacketHeader) {}
+        fn recv_pkt(&mut self, header: &mut PacketHeader, payload: &mut [u8]) -> Option<usize> {
+            *header = PacketHeader {
+                op: OP_RW,
+                ..PacketHeader::default()
+            };
+            payload.fill(1);
+            Some(payload.len())
+        }
+        fn has_pending_rx(&self) -> bool {
+            true
+        }
+        fn notify(&mut self, _events: EventSet) {}
+        fn reset(&mut self) {}
+    }
+
+    #[test]
+    fn a_backend_that_never_runs_dry_gets_a_bounded_batch() {
+        let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
+        let mut rx = MockDriver::new(QSIZE * 2, GuestAddress(0));
+        let tx = MockDriver::new(QSIZE, GuestAddress(0x2_0000));
+        let ev = MockDriver::new(QSIZE, GuestAddress(0x3_0000));
+        let rx_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut handler = VsockHandler::new(
+            CID,
+            Chatty(evt()),
+            mem.clone(),
+            [rx.queue(), tx.queue(), ev.queue()],
+            [rx_evt.try_clone().unwrap(), evt(), evt()],
+            Arc::new(CountingTrigger::default()),
+        );
+        for _ in 0..300 {
+            rx.add_chain(&*mem, &[MockBuffer::writable(RX_BUFS, 100)])
+                .unwrap();
+        }
+        assert_eq!(handler.process_rx().unwrap(), RX_BUDGET);
+        assert_eq!(rx_evt.read().unwrap(), 1);
+        assert_eq!(rx.used_elem(&*mem, 0).unwrap().1, 100);
+        assert_eq!(handler.metrics().get("rx_bytes_count"), Some(256 * 56));
+    }
+
+    #[test]
+    fn a_transport_reset_waits_for_an_event_buffer() {
+        let mut guest = guest();
+        assert_eq!(guest.handler.send_transport_reset().unwrap(), 0);
+        assert!(guest.handler.is_reset_pending());
+        let mem = guest.mem.clone();
+        // Too short for the event: handed back empty, and the event still waits.
+        guest
+            .ev
+            .add_chain(&*mem, &[MockBuffer::writable(0x3_0000, 2)])
+            .unwrap();
+        assert_eq!(guest.handler.process_event_queue().unwrap(), 1);
+        assert_eq!(guest.ev.used_elem(&*mem, 0).unwrap().1, 0);
+        assert!(guest.handler.is_reset_pending());
+        mem.write_slice(&[0xff; 4], GuestAddress(0x3_1000)).unwrap();
+        guest
+            .ev
+            .add_chain(&*mem, &[MockBuffer::writable(0x3_1000, 8)])
+            .unwrap();
+        assert_eq!(guest.handler.process_event_queue().unwrap(), 1);
+        assert_eq!(guest.ev.used_elem(&*mem, 1).unwrap().1, 4);
+        let event: u32 = mem.read_obj(GuestAddress(0x3_1000)).unwrap();
+        assert_eq!(event, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+        assert!(!guest.handler.is_reset_pending());
+        // Sent once.
+        guest
+            .ev
+            .add_chain(&*mem, &[MockBuffer::writable(0x3_2000, 8)])
+            .unwrap();
+        assert_eq!(guest.handler.process_event_queue().unwrap(), 0);
+    }
+
+    #[test]
+    fn many_connections_at_once_each_keep_their_own_bytes() {
+        let mut guest = guest();
+        let mut hosts: Vec<(UnixStream, u32, u32)> = Vec::new();
+        for i in 0..100u32 {
+            let mut host = UnixStream::connect(&guest.path).unwrap();
+            host.write_all(format!("CONNECT {}\n", 100 + i).as_bytes())
+                .unwrap();
+            hosts.push((host, 100 + i, 0));
+        }
+        let mut requests = Vec::new();
+        for _ in 0..20 {
+            requests.extend(guest.recv().into_iter().filter(|(h, _)| h.op == OP_REQUEST));
+            if requests.len() == hosts.len() {
+                break;
+            }
+        }
+        assert_eq!(requests.len(), 100);
+        assert_eq!(guest.handler.backend().connections(), 100);
+        for (hdr, _) in &requests {
+            guest.send(header(OP_RESPONSE, hdr.dst_port, hdr.src_port), &[]);
+            let host = hosts.iter_mut().find(|h| h.1 == hdr.dst_port).unwrap();
+            host.2 = hdr.src_port;
+        }
+        for (host, port, local) in &mut hosts {
+            let line = format!("OK {local}\n");
+            assert_eq!(read_some(host, line.len()), line.as_bytes());
+            host.write_all(format!("from {port}").as_bytes()).unwrap();
+            guest.send(
+                header(OP_RW, *port, *local),
+                format!("to {port}").as_bytes(),
+            );
+        }
+        let mut got = 0;
+        for _ in 0..20 {
+            for (hdr, payload) in guest.recv() {
+                assert_eq!(hdr.op, OP_RW);
+                assert_eq!(payload, format!("from {}", hdr.dst_port).as_bytes());
+                got += 1;
+            }
+            if got == 100 {
+                break;
+            }
+        }
+        assert_eq!(got, 100);
+        for (host, port, _) in &mut hosts {
+            let want = format!("to {port}");
+            assert_eq!(read_some(host, want.len()), want.as_bytes());
+        }
+        assert_eq!(guest.metric("conns_added"), 100);
+    }
+
+    #[test]
+    fn one_backend_event_takes_a_bounded_number_of_new_host_connections() {
+        let mut guest = guest();
+        let hosts: Vec<UnixStream> = (0..100)
+            .map(|_| {
+                let mut host = UnixStream::connect(&guest.path).unwrap();
+                host.write_all(b"CONNECT 52\n").unwrap();
+                host
+            })
+            .collect();
+        guest.handler.backend_event(EventSet::IN).unwrap();
+        assert_eq!(guest.handler.backend().connections(), 32);
+        for _ in 0..10 {
+            guest.handler.backend_event(EventSet::IN).unwrap();
+        }
+        assert_eq!(guest.handler.backend().connections(), hosts.len());
+        assert_eq!(guest.metric("conns_added"), 100);
+    }
+
+    #[test]
+    fn a_reset_backend_drops_every_connection_and_keeps_listening() {
+        let mut guest = guest();
+        let (mut host, _) = guest.host_connect(52);
+        guest.handler.backend_mut().reset();
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(host.read(&mut buf).unwrap(), 0);
+        assert_eq!(guest.handler.backend().connections(), 0);
+        let (_host, _) = guest.host_connect(53);
     }
 }

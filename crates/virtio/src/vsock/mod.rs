@@ -49,8 +49,8 @@
 //! - at most [`MAX_PENDING_RESETS`] resets for packets that name no connection wait for the
 //!   guest's receive buffers; more are dropped.
 //! - one event serves at most [`TX_BUDGET`] transmitted and [`RX_BUDGET`] received packets, and
-//!   the backend at most [`MAX_EVENTS_PER_NOTIFY`] host socket events; the rest waits for the
-//!   next turn of the loop.
+//!   the backend at most [`MAX_EVENTS_PER_NOTIFY`] host socket events and 32 new host
+//!   connections; the rest waits for the next turn of the loop.
 //! - a connection that either side shut down completely is killed (reset) when the other side
 //!   does not finish within [`CONN_SHUTDOWN_TIMEOUT`] (2 s).
 //!
@@ -122,7 +122,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 
 pub use backend::VsockBackend;
-pub use device::Vsock;
+pub use device::{THREAD_NAME, Vsock};
 pub use handler::{
     BACKEND_TOKEN, EV_QUEUE_TOKEN, RX_BUDGET, RX_QUEUE_TOKEN, TX_BUDGET, TX_QUEUE_TOKEN,
     VsockHandler,
@@ -186,7 +186,8 @@ pub const CONN_CREDIT_UPDATE_THRESHOLD: u32 = CONN_TX_BUF_SIZE / 2;
 /// included (as Firecracker).
 pub const MAX_CONNECTIONS: usize = 1023;
 /// How long a side that shut a connection down completely waits for the other to finish
-/// before the connection is reset.
+/// before the connection is reset; also how long a connection the host opened waits for the
+/// guest to accept or refuse it.
 pub const CONN_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most resets for packets that name no connection that wait for the guest's buffers.
 pub const MAX_PENDING_RESETS: usize = 256;

@@ -301,7 +301,8 @@ mod tests {
         // A len past the chain's buffers.
         let mut bad = header();
         bad.len = 100;
-        mem.write_slice(&bad.to_bytes(), GuestAddress(DATA)).unwrap();
+        mem.write_slice(&bad.to_bytes(), GuestAddress(DATA))
+            .unwrap();
         driver
             .add_chain(&*mem, &[MockBuffer::readable(DATA, 44 + 99)])
             .unwrap();
@@ -309,12 +310,19 @@ mod tests {
         let (hdr, err) = read_tx(&*mem, &chain, &mut payload).unwrap_err();
         assert_eq!(hdr, Some(bad));
         assert!(
-            matches!(err, Error::PayloadPastChain { len: 100, available: 99 }),
+            matches!(
+                err,
+                Error::PayloadPastChain {
+                    len: 100,
+                    available: 99
+                }
+            ),
             "{err:?}"
         );
         // A len past 64 KiB, whatever the chain holds.
         bad.len = u32::MAX;
-        mem.write_slice(&bad.to_bytes(), GuestAddress(DATA)).unwrap();
+        mem.write_slice(&bad.to_bytes(), GuestAddress(DATA))
+            .unwrap();
         driver
             .add_chain(&*mem, &[MockBuffer::readable(DATA, 0x20_0000)])
             .unwrap();
@@ -330,7 +338,10 @@ mod tests {
             .add_chain(&*mem, &[MockBuffer::writable(DATA, 43)])
             .unwrap();
         let chain = queue.pop(&*mem).unwrap().unwrap();
-        assert!(matches!(rx_capacity(&chain), Err(Error::BufferTooShort(43))));
+        assert!(matches!(
+            rx_capacity(&chain),
+            Err(Error::BufferTooShort(43))
+        ));
         driver
             .add_chain(&*mem, &[MockBuffer::writable(DATA, 0x20_0000)])
             .unwrap();
@@ -352,7 +363,8 @@ mod tests {
         mem.read_slice(&mut first, GuestAddress(DATA)).unwrap();
         assert_eq!(first[..], header().to_bytes()[..20]);
         let mut rest = [0u8; 29];
-        mem.read_slice(&mut rest, GuestAddress(DATA + 0x100)).unwrap();
+        mem.read_slice(&mut rest, GuestAddress(DATA + 0x100))
+            .unwrap();
         assert_eq!(rest[24..], *b"hello");
         assert!(write_rx(&*mem, &chain, &header(), b"too long").is_err());
     }

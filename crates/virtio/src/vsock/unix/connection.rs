@@ -16,9 +16,10 @@
 //! less what it has not yet consumed) allows, and asks for more credit when it runs out.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::Shutdown;
 use std::num::Wrapping;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -32,9 +33,25 @@ use super::super::{
     SHUTDOWN_SEND, TYPE_STREAM, VSOCK_HOST_CID,
 };
 
+/// Writes `buf` to `stream` as `write` would, but without raising SIGPIPE when the host peer
+/// closed its end: the error comes back instead, whatever the process does with the signal.
+fn send(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the whole call, and the
+    // descriptor is the stream's, open while it is borrowed.
+    let sent = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(sent).map_err(|_| io::Error::last_os_error())
+}
+
 /// Where a connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum State {
+enum State {
     /// Opened by the host: the guest has been (or is to be) asked, and has not answered.
     LocalInit,
     /// Opened by the guest: the host listener took it, and the guest is to be told.
@@ -103,8 +120,8 @@ pub(super) struct Connection {
     host_write_shut: bool,
     /// When the connection is killed if its shutdown is not complete.
     deadline: Option<Instant>,
-    /// The events the muxer's epoll set waits for on the stream.
-    pub(super) registered: EventSet,
+    /// The events the muxer's epoll set waits for on the stream, if it watches it.
+    pub(super) registered: Option<EventSet>,
     /// Whether the connection is in the muxer's queue of connections with packets to send.
     pub(super) queued: bool,
     /// Whether the connection is in the muxer's kill queue.
@@ -135,7 +152,7 @@ impl Connection {
             peer_shut_send: false,
             host_write_shut: false,
             deadline: None,
-            registered: EventSet::empty(),
+            registered: None,
             queued: false,
             in_killq: false,
         }
@@ -172,12 +189,6 @@ impl Connection {
         &self.stream
     }
 
-    /// The connection's state.
-    #[cfg(test)]
-    pub(super) fn state(&self) -> State {
-        self.state
-    }
-
     /// Whether the connection is to be removed.
     pub(super) fn is_done(&self) -> bool {
         self.state == State::Done
@@ -209,10 +220,11 @@ impl Connection {
         self.state == State::Established && !self.host_eof && !self.peer_shut_rcv
     }
 
-    /// The events to wait for on the host stream.
-    pub(super) fn interest(&self) -> EventSet {
+    /// The events to wait for on the host stream, if it is to be watched at all: until it
+    /// hangs up, it is, for its hang-up if nothing else.
+    pub(super) fn interest(&self) -> Option<EventSet> {
         if self.hup || matches!(self.state, State::Killed | State::Done) {
-            return EventSet::empty();
+            return None;
         }
         let mut events = EventSet::empty();
         if self.wants_to_read() && self.pending & pending::RW == 0 && self.peer_credit() > 0 {
@@ -221,7 +233,7 @@ impl Connection {
         if !self.tx_buf.is_empty() {
             events |= EventSet::OUT;
         }
-        events
+        Some(events)
     }
 
     /// Resets the connection: a RST goes to the guest, nothing else, and the host stream is
@@ -260,10 +272,6 @@ impl Connection {
         self.peer_buf_alloc = header.buf_alloc;
         self.peer_fwd_cnt = Wrapping(header.fwd_cnt);
         self.credit_requested = false;
-        if self.hup && self.wants_to_read() && self.peer_credit() > 0 {
-            // A stream no longer watched is read while it has data.
-            self.pending |= pending::RW;
-        }
         match (self.state, header.op) {
             (State::Killed | State::Done, _) => {}
             (State::LocalInit, OP_RESPONSE) => {
@@ -275,19 +283,30 @@ impl Connection {
                 self.flush(m);
             }
             (State::Established, OP_RW) => self.guest_data(payload, m),
-            (State::Established | State::LocalClosing, OP_CREDIT_UPDATE) => {}
-            (State::Established | State::LocalClosing, OP_CREDIT_REQUEST) => {
+            (State::PeerInit | State::Established | State::LocalClosing, OP_CREDIT_UPDATE) => {}
+            (State::PeerInit | State::Established | State::LocalClosing, OP_CREDIT_REQUEST) => {
                 self.pending |= pending::CREDIT_UPDATE;
             }
             (State::Established, OP_SHUTDOWN) => self.guest_shutdown(header.flags),
             // The host side is gone: the guest's data has nowhere to go.
-            (State::LocalClosing, OP_RW | OP_SHUTDOWN) => {}
+            (State::LocalClosing, OP_RW) => {}
+            // Both sides are done: the RST the guest waits for.
+            (State::LocalClosing, OP_SHUTDOWN) => self.end_with_rst(),
             // Anything else breaks the protocol: a second REQUEST or RESPONSE, data before
             // the connection is up or after the guest said it sends no more, an unknown op.
             _ => {
                 inc(&m.conn_event_fails);
                 self.kill(m);
             }
+        }
+        self.read_unwatched();
+    }
+
+    /// A stream that hung up is no longer watched: it is read, while the guest has credit,
+    /// until its end.
+    fn read_unwatched(&mut self) {
+        if self.hup && self.wants_to_read() && self.peer_credit() > 0 {
+            self.pending |= pending::RW;
         }
     }
 
@@ -303,7 +322,7 @@ impl Connection {
         }
         let mut rest = payload;
         if self.tx_buf.is_empty() {
-            match self.stream.write(payload) {
+            match send(&self.stream, payload) {
                 Ok(written) => {
                     self.forwarded(written);
                     rest = payload.get(written..).unwrap_or_default();
@@ -311,7 +330,10 @@ impl Connection {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => {
-                    log::debug!("vsock: cannot write to host port {}: {err}", self.local_port);
+                    log::debug!(
+                        "vsock: cannot write to host port {}: {err}",
+                        self.local_port
+                    );
                     inc(&m.tx_write_fails);
                     self.kill(m);
                     return;
@@ -351,7 +373,7 @@ impl Connection {
     fn flush(&mut self, m: &VsockMetrics) {
         while !self.tx_buf.is_empty() {
             let (front, _) = self.tx_buf.as_slices();
-            match self.stream.write(front) {
+            match send(&self.stream, front) {
                 Ok(0) => break,
                 Ok(written) => {
                     self.tx_buf.drain(..written.min(front.len()));
@@ -360,7 +382,10 @@ impl Connection {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => {
-                    log::debug!("vsock: cannot flush to host port {}: {err}", self.local_port);
+                    log::debug!(
+                        "vsock: cannot flush to host port {}: {err}",
+                        self.local_port
+                    );
                     inc(&m.tx_flush_fails);
                     self.kill(m);
                     return;
@@ -416,7 +441,8 @@ impl Connection {
         }
         if self.wants_to_read() && (events.contains(EventSet::IN) || self.hup) {
             self.pending |= pending::RW;
-        } else if self.hup && self.state == State::Established && self.host_eof {
+        } else if self.hup {
+            // Closed both ways, with nothing more the guest will take from it.
             self.host_gone();
         }
     }
@@ -491,6 +517,7 @@ impl Connection {
                 pending::RESPONSE => {
                     *header = self.header(OP_RESPONSE);
                     self.state = State::Established;
+                    self.read_unwatched();
                     return Some(0);
                 }
                 pending::CREDIT_UPDATE => {

@@ -30,8 +30,8 @@ use super::super::backend::VsockBackend;
 use super::super::metrics::{VsockMetrics, inc};
 use super::super::packet::PacketHeader;
 use super::super::{
-    Error, MAX_CONNECTIONS, MAX_EVENTS_PER_NOTIFY, MAX_PENDING_RESETS, OP_REQUEST, OP_RST,
-    Result, TYPE_STREAM, VSOCK_HOST_CID, check_cid,
+    Error, MAX_CONNECTIONS, MAX_EVENTS_PER_NOTIFY, MAX_PENDING_RESETS, OP_REQUEST, OP_RST, Result,
+    TYPE_STREAM, VSOCK_HOST_CID, check_cid,
 };
 use super::connection::Connection;
 
@@ -193,21 +193,22 @@ impl VsockUnixBackend {
         let fd = conn.stream().as_raw_fd();
         let want = conn.interest();
         if want != conn.registered {
-            let result = match (conn.registered.is_empty(), want.is_empty()) {
-                (true, _) => self.epoll.ctl(
+            let result = match (conn.registered, want) {
+                (None, Some(events)) => self.epoll.ctl(
                     ControlOperation::Add,
                     fd,
-                    EpollEvent::new(want, token(fd)),
+                    EpollEvent::new(events, token(fd)),
                 ),
-                (false, true) => {
+                (Some(_), None) => {
                     self.epoll
                         .ctl(ControlOperation::Delete, fd, EpollEvent::default())
                 }
-                (false, false) => self.epoll.ctl(
+                (_, Some(events)) => self.epoll.ctl(
                     ControlOperation::Modify,
                     fd,
-                    EpollEvent::new(want, token(fd)),
+                    EpollEvent::new(events, token(fd)),
                 ),
+                (None, None) => Ok(()),
             };
             match result {
                 Ok(()) => conn.registered = want,
@@ -239,7 +240,7 @@ impl VsockUnixBackend {
         if let Some(conn) = self.conns.remove(&key) {
             let fd = conn.stream().as_raw_fd();
             self.targets.remove(&fd);
-            if !conn.registered.is_empty() {
+            if conn.registered.is_some() {
                 let _ = self
                     .epoll
                     .ctl(ControlOperation::Delete, fd, EpollEvent::default());
@@ -372,7 +373,7 @@ impl VsockUnixBackend {
         let key = (local_port, peer_port);
         let mut conn =
             Connection::new_local(handshake.stream, self.guest_cid, local_port, peer_port);
-        conn.registered = EventSet::IN;
+        conn.registered = Some(EventSet::IN);
         self.targets.insert(fd, Target::Conn(key));
         self.conns.insert(key, conn);
         inc(&self.metrics.conns_added);
@@ -561,7 +562,7 @@ impl VsockBackend for VsockUnixBackend {
 
     fn reset(&mut self) {
         for (_, conn) in self.conns.drain() {
-            if !conn.registered.is_empty() {
+            if conn.registered.is_some() {
                 let _ = self.epoll.ctl(
                     ControlOperation::Delete,
                     conn.stream().as_raw_fd(),
