@@ -52,7 +52,17 @@
 //!   the backend at most [`MAX_EVENTS_PER_NOTIFY`] host socket events and 32 new host
 //!   connections; the rest waits for the next turn of the loop.
 //! - a connection that either side shut down completely is killed (reset) when the other side
-//!   does not finish within [`CONN_SHUTDOWN_TIMEOUT`] (2 s).
+//!   does not finish within [`CONN_SHUTDOWN_TIMEOUT`] (2 s), and one the host opened when the
+//!   guest does not answer within [`CONN_REQUEST_TIMEOUT`] (10 s).
+//!
+//! # Half-closed host streams
+//!
+//! A host process that shuts down only its writing half (`shutdown(SHUT_WR)`) is told to the
+//! guest as a SHUTDOWN with [`SHUTDOWN_SEND`] alone: the guest reads the end of the stream and
+//! may still answer, which a request/response client that half-closes needs. Only a host
+//! stream closed both ways becomes SHUTDOWN with both flags, after which the guest has
+//! [`CONN_SHUTDOWN_TIMEOUT`] to answer with RST. Likewise a guest's SHUTDOWN with
+//! [`SHUTDOWN_SEND`] shuts the host stream's writing half once the guest's data is written.
 //!
 //! # Example
 //!
@@ -186,9 +196,11 @@ pub const CONN_CREDIT_UPDATE_THRESHOLD: u32 = CONN_TX_BUF_SIZE / 2;
 /// included (as Firecracker).
 pub const MAX_CONNECTIONS: usize = 1023;
 /// How long a side that shut a connection down completely waits for the other to finish
-/// before the connection is reset; also how long a connection the host opened waits for the
-/// guest to accept or refuse it.
+/// before the connection is reset (as Firecracker).
 pub const CONN_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection the host opened waits for the guest to accept or refuse it before
+/// it is reset and its host stream closed.
+pub const CONN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most resets for packets that name no connection that wait for the guest's buffers.
 pub const MAX_PENDING_RESETS: usize = 256;
 /// The most host socket events the Unix backend handles in one call.

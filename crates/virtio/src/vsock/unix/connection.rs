@@ -21,16 +21,16 @@ use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::EventSet;
 
 use super::super::metrics::{VsockMetrics, inc};
 use super::super::packet::PacketHeader;
 use super::super::{
-    CONN_CREDIT_UPDATE_THRESHOLD, CONN_SHUTDOWN_TIMEOUT, CONN_TX_BUF_SIZE, OP_CREDIT_REQUEST,
-    OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV,
-    SHUTDOWN_SEND, TYPE_STREAM, VSOCK_HOST_CID,
+    CONN_CREDIT_UPDATE_THRESHOLD, CONN_REQUEST_TIMEOUT, CONN_SHUTDOWN_TIMEOUT, CONN_TX_BUF_SIZE,
+    OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
+    SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, VSOCK_HOST_CID,
 };
 
 /// Writes `buf` to `stream` as `write` would, but without raising SIGPIPE when the host peer
@@ -169,7 +169,7 @@ impl Connection {
         let mut conn = Connection::new(stream, guest_cid, local_port, peer_port);
         conn.pending = pending::REQUEST;
         // A guest that never answers does not hold the connection for ever.
-        conn.start_deadline();
+        conn.start_deadline(CONN_REQUEST_TIMEOUT);
         conn
     }
 
@@ -255,9 +255,9 @@ impl Connection {
     }
 
     /// Starts the clock on a shutdown the other side is to complete.
-    fn start_deadline(&mut self) {
+    fn start_deadline(&mut self, timeout: Duration) {
         if self.deadline.is_none() {
-            self.deadline = Instant::now().checked_add(CONN_SHUTDOWN_TIMEOUT);
+            self.deadline = Instant::now().checked_add(timeout);
         }
     }
 
@@ -418,7 +418,7 @@ impl Connection {
             self.pending &= !(pending::RW | pending::CREDIT_REQUEST);
         }
         if self.peer_shut_send && self.peer_shut_rcv {
-            self.start_deadline();
+            self.start_deadline(CONN_SHUTDOWN_TIMEOUT);
         }
         if self.tx_buf.is_empty() {
             self.after_flush();
@@ -469,7 +469,7 @@ impl Connection {
         self.shutdown_flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
         self.pending |= pending::SHUTDOWN;
         self.tx_buf = VecDeque::new();
-        self.start_deadline();
+        self.start_deadline(CONN_SHUTDOWN_TIMEOUT);
     }
 
     /// The header of a packet from this connection's host side to the guest.

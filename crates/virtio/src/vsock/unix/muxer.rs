@@ -11,7 +11,8 @@
 //! Every host socket is non-blocking and watched, level-triggered, by the backend's own epoll
 //! set, whose descriptor is the backend's ([`AsRawFd`]): the device's loop watches it, and
 //! [`VsockBackend::notify`] handles at most [`MAX_EVENTS_PER_NOTIFY`] of its events per call.
-//! A timerfd in the same set fires when the oldest shutdown deadline passes.
+//! A timerfd in the same set fires when the nearest deadline (of a shutdown, or of a guest's
+//! answer to a connection request) passes.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
@@ -79,8 +80,10 @@ pub struct VsockUnixBackend {
     rxq: VecDeque<ConnKey>,
     /// Resets for packets that name no connection, at most [`MAX_PENDING_RESETS`].
     resets: VecDeque<ConnKey>,
-    /// Connections with a deadline, by the time it was due when queued.
-    killq: VecDeque<(Instant, ConnKey)>,
+    /// Connections with a deadline: at most one entry each, so at most [`MAX_CONNECTIONS`].
+    killq: Vec<ConnKey>,
+    /// The deadline the timer is armed for.
+    armed: Option<Instant>,
     next_local_port: u32,
     metrics: Arc<VsockMetrics>,
 }
@@ -138,7 +141,8 @@ impl VsockUnixBackend {
             targets: HashMap::new(),
             rxq: VecDeque::new(),
             resets: VecDeque::new(),
-            killq: VecDeque::new(),
+            killq: Vec::new(),
+            armed: None,
             next_local_port: FIRST_LOCAL_PORT,
             metrics: Arc::default(),
         })
@@ -226,11 +230,10 @@ impl VsockUnixBackend {
         if let Some(deadline) = conn.deadline() {
             if !conn.in_killq {
                 conn.in_killq = true;
-                let was_empty = self.killq.is_empty();
-                self.killq.push_back((deadline, key));
-                if was_empty {
-                    self.arm_timer();
-                }
+                self.killq.push(key);
+            }
+            if self.armed.is_none_or(|armed| deadline < armed) {
+                self.arm_timer();
             }
         }
     }
@@ -249,10 +252,15 @@ impl VsockUnixBackend {
         }
     }
 
-    /// Arms the timer for the oldest deadline, or disarms it.
+    /// Arms the timer for the nearest deadline, or disarms it.
     fn arm_timer(&mut self) {
-        let result = match self.killq.front() {
-            Some(&(deadline, _)) => {
+        let nearest = self
+            .killq
+            .iter()
+            .filter_map(|key| self.conns.get(key).and_then(Connection::deadline))
+            .min();
+        let result = match nearest {
+            Some(deadline) => {
                 let wait = deadline
                     .saturating_duration_since(Instant::now())
                     .max(std::time::Duration::from_millis(1));
@@ -260,36 +268,41 @@ impl VsockUnixBackend {
             }
             None => self.timer.clear(),
         };
+        self.armed = nearest;
         if let Err(err) = result {
             log::error!("vsock: cannot arm the shutdown timer: {err}");
             inc(&self.metrics.muxer_event_fails);
         }
     }
 
-    /// Kills the connections whose deadline passed.
+    /// Kills the connections whose deadline passed, and forgets those that no longer have
+    /// one.
     fn sweep_killq(&mut self) {
         let now = Instant::now();
-        // Each connection is looked at once at most: a re-queued one goes to the back.
-        for _ in 0..self.killq.len() {
-            let Some(&(due, key)) = self.killq.front() else {
-                break;
-            };
-            if due > now {
-                break;
-            }
-            self.killq.pop_front();
-            let Some(conn) = self.conns.get_mut(&key) else {
-                continue;
+        let mut expired = Vec::new();
+        let conns = &mut self.conns;
+        self.killq.retain(|key| {
+            let Some(conn) = conns.get_mut(key) else {
+                return false;
             };
             match conn.deadline() {
-                None => conn.in_killq = false,
-                Some(deadline) if deadline > now => self.killq.push_back((deadline, key)),
+                Some(deadline) if deadline > now => true,
                 Some(_) => {
                     conn.in_killq = false;
-                    log::debug!("vsock: a connection's shutdown timed out: {key:?}");
-                    conn.kill(&self.metrics);
-                    self.after_conn(key);
+                    expired.push(*key);
+                    false
                 }
+                None => {
+                    conn.in_killq = false;
+                    false
+                }
+            }
+        });
+        for key in expired {
+            if let Some(conn) = self.conns.get_mut(&key) {
+                log::debug!("vsock: a connection timed out: {key:?}");
+                conn.kill(&self.metrics);
+                self.after_conn(key);
             }
         }
         self.arm_timer();
@@ -550,13 +563,6 @@ impl VsockBackend for VsockUnixBackend {
                     }
                 }
             }
-        }
-        if self
-            .killq
-            .front()
-            .is_some_and(|&(due, _)| due <= Instant::now())
-        {
-            self.sweep_killq();
         }
     }
 
