@@ -167,6 +167,8 @@ mod tests {
         ("http2", api(0, 0, Some(505))),
         ("expect-continue", api(1, 1, None)),
         ("then-garbage", api(1, 1, Some(400))),
+        ("put-vsock", api(1, 1, None)),
+        ("put-vsock-reserved-cid", api(1, 0, None)),
     ];
 
     /// A request with a JSON body.
@@ -238,6 +240,22 @@ mod tests {
                 ),
             ),
             ("then-garbage", text(&format!("{get}\x01\x02\r\n\r\n"))),
+            (
+                "put-vsock",
+                text(&with_body(
+                    "PUT",
+                    "/vsock",
+                    r#"{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/v.sock"}"#,
+                )),
+            ),
+            (
+                "put-vsock-reserved-cid",
+                text(&with_body(
+                    "PUT",
+                    "/vsock",
+                    r#"{"guest_cid": 2, "uds_path": "/v.sock"}"#,
+                )),
+            ),
         ]
     }
 
@@ -248,6 +266,8 @@ mod tests {
         ("empty-object", ConfigOutcome::Valid),
         ("unsupported-null", ConfigOutcome::Valid),
         ("balloon", ConfigOutcome::Valid),
+        ("vsock", ConfigOutcome::Valid),
+        ("vsock-empty-path", ConfigOutcome::Invalid),
         ("unknown-key", ConfigOutcome::Unparsed),
         ("duplicate-drive", ConfigOutcome::Invalid),
         ("two-root-devices", ConfigOutcome::Invalid),
@@ -291,6 +311,14 @@ mod tests {
                 text(
                     r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false, "stats_polling_interval_s": 1}}"#,
                 ),
+            ),
+            (
+                "vsock",
+                text(r#"{"vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"}}"#),
+            ),
+            (
+                "vsock-empty-path",
+                text(r#"{"vsock": {"guest_cid": 3, "uds_path": ""}}"#),
             ),
             ("unknown-key", text(r#"{"drivez": []}"#)),
             (

@@ -92,7 +92,7 @@ mod tests {
     fn seeds() -> Seeds {
         let every = file(
             &[
-                "vmm", "api", "vcpu", "block", "net", "rng", "console", "balloon",
+                "vmm", "api", "vcpu", "block", "net", "rng", "console", "balloon", "vsock",
             ]
             .map(|n| entry(n.as_bytes(), 3)),
         );

@@ -4,7 +4,8 @@
 #
 # usage: e2e.sh EMBER GUEST_DIR
 #   EMBER      the ember binary (the jailer tests take ember-jailer from beside it,
-#              and off-initramfs.sh from beside this script)
+#              the vsock tests ember-vsock-probe, and off-initramfs.sh from beside
+#              this script)
 #   GUEST_DIR  the directory guest.sh built (vmlinux, bzImage, initramfs.cpio.gz)
 #
 # Prints `E2E START <boot>` before each boot, `E2E PASS <name>` or `E2E FAIL <name>`
@@ -1069,6 +1070,218 @@ JSON
         '"total_memory": ?[0-9]+' '"free_memory": ?[0-9]+'
     expect deflate_on_oom_lets_a_guest_allocation_succeed 0 '^OOM-FILL ok 160 MiB'
     expect patching_the_balloon_to_0_deflates_it 0 'DEFLATED-TO-0' '^EMBER-CTRL-ALT-DEL$'
+fi
+
+# --- virtio-vsock -------------------------------------------------------------------
+
+# ember's vsock device through Firecracker's hybrid host side. ember-vsock-probe
+# (beside ember) is both ends: here on ember's Unix sockets, in the guest on
+# AF_VSOCK, copied there from a raw disk of its own. One guest runs, in turn:
+# 64 MiB each way with matching checksums; 100 connections at once each way; a
+# host peer that reads nothing for 5 s and then gets all 16 MiB; a guest that
+# floods 4 connections whose host peer reads nothing for 20 s, while ember's own
+# memory (its RSS but guest RAM) stays within the device's bound; a
+# request/response loop of 1000 rounds (what Kata's and firecracker-containerd's
+# agents do) with its latency; then the same transfers and loop over a TAP
+# network with TCP, beside them (E2E INFO lines).
+probe=$(dirname "$ember")/ember-vsock-probe
+vtap=ember-e2e1
+vhost_ip=169.254.78.1
+vguest_ip=169.254.78.2
+if ! command -v curl >/dev/null; then
+    fail vsock "curl is not installed"
+elif ! [ -x "$probe" ]; then
+    fail vsock "no ember-vsock-probe beside $ember"
+else
+    probe_size=$(wc -c <"$probe")
+    cp "$probe" "$work/probe.disk"
+    truncate -s $(((probe_size + 511) / 512 * 512)) "$work/probe.disk"
+    tcp=no
+    vnet=
+    if [ -c /dev/net/tun ] && { ip tuntap add dev "$vtap" mode tap 2>/dev/null || tunctl -t "$vtap" >/dev/null 2>&1; }; then
+        ip addr add "$vhost_ip/24" dev "$vtap"
+        ip link set "$vtap" up
+        tcp=yes
+        vnet="{\"iface_id\": \"eth0\", \"host_dev_name\": \"$vtap\", \"guest_mac\": \"02:00:a9:fe:4e:02\"}"
+    fi
+    script_disk "$work/vsock.disk" <<SCRIPT
+P=/tmp/probe
+dd if=/dev/vdb of=\$P bs=64k iflag=count_bytes count=$probe_size 2>/dev/null
+chmod +x \$P
+# run NAME ARGS...: one run of the probe; its result line, then its errors,
+# each prefixed with NAME.
+run() {
+    name=\$1
+    shift
+    out=\$(\$P "\$@" 2>/tmp/probe.err)
+    echo "\$name status=\$? \$out"
+    sed "s/^/\$name ERR /" /tmp/probe.err
+}
+echo "VSOCK-AT 5000"
+run VSOCK-H2G listen 5000 --recv
+run VSOCK-G2H connect 5001 --send 64M --wait-ms 60000
+echo "VSOCK-AT 5002"
+run VSOCK-MANY-H2G listen 5002 --echo --conns 100
+run VSOCK-MANY-G2H connect 5003 --conns 100 --send 64K --recv --expect 64K --wait-ms 60000
+echo "VSOCK-AT 5004"
+run VSOCK-SLOW listen 5004 --send 16M
+echo "VSOCK-FLOOD-NOW"
+sleep 2
+run VSOCK-FLOOD connect 5005 --conns 4 --send 16M --wait-ms 60000
+echo "VSOCK-AT 5006"
+run VSOCK-PING listen 5006 --echo
+if [ $tcp = yes ]; then
+    ip addr add $vguest_ip/24 dev eth0
+    ip link set eth0 up
+    echo "VSOCK-AT 5100"
+    run TCP-H2G tcp-listen 5100 --recv
+    run TCP-G2H tcp-connect $vhost_ip:5101 --send 64M --wait-ms 60000
+    echo "VSOCK-AT 5102"
+    run TCP-PING tcp-listen 5102 --echo
+fi
+echo "VSOCK-DONE"
+# This side reads the metrics, then ends the guest with Ctrl+Alt+Del.
+sleep 120
+SCRIPT
+    uds=$work/v.sock
+    cat >"$work/vsock.json" <<JSON
+{
+  "boot-source": {"kernel_image_path": "$guest/vmlinux", "initrd_path": "$guest/initramfs.cpio.gz",
+                  "boot_args": "$base ember.run=/dev/vda"},
+  "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+  "drives": [
+    {"drive_id": "script", "path_on_host": "$work/vsock.disk", "is_root_device": false, "is_read_only": true},
+    {"drive_id": "probe", "path_on_host": "$work/probe.disk", "is_root_device": false, "is_read_only": true}
+  ],
+  "network-interfaces": [$vnet],
+  "vsock": {"guest_cid": 3, "uds_path": "$uds"}
+}
+JSON
+    # vsock_rss: ember's VmRSS, in kB. vsock_own_rss: the same without guest RAM
+    # (the mapping of the guest's 128 MiB), which the guest fills as it pleases.
+    vsock_rss() { sed -n 's/^VmRSS:[^0-9]*\([0-9]*\) kB$/\1/p' "/proc/$vm/status"; }
+    vsock_own_rss() {
+        awk '/^[0-9a-f]+-[0-9a-f]+ / { guest = 0 }
+            /^Size:/ { guest = ($2 == 131072) }
+            /^Rss:/ && !guest { sum += $2 }
+            END { print sum + 0 }' "/proc/$vm/smaps"
+    }
+    # peer NAME ARGS...: a run of the probe on this side; its output, on one
+    # line, prefixed with NAME in $work/host.
+    peer() {
+        name=$1
+        shift
+        echo "$name $("$probe" "$@" 2>&1 | tr '\n' ' ')" >>"$work/host"
+    }
+    # listener NAME ARGS...: a run of the probe in the background, its output in
+    # $work/peer-NAME; `listened` adds it to $work/host as peer does.
+    listener() {
+        name=$1
+        shift
+        "$probe" "$@" >"$work/peer-$name" 2>&1 &
+        listening="$listening $name:$!"
+    }
+    listened() {
+        for entry in $listening; do
+            kill "${entry#*:}" 2>/dev/null
+            wait "${entry#*:}"
+            echo "${entry%%:*} $(tr '\n' ' ' <"$work/peer-${entry%%:*}")" >>"$work/host"
+        done
+    }
+    vsock_run() {
+        rm -f "$uds" "$uds"_*
+        listening=
+        api_start vsock --config-file "$work/vsock.json"
+        api GET /vm/config
+        listener G2H uds-listen "${uds}_5001" --recv --timeout-ms 900000
+        listener MANY-G2H uds-listen "${uds}_5003" --echo --conns 100 --timeout-ms 900000
+        listener FLOOD uds-listen "${uds}_5005" --recv --expect 16M --conns 4 --pause-ms 20000 \
+            --timeout-ms 900000
+        [ $tcp = no ] || listener TCP-G2H tcp-listen 5101 --recv --timeout-ms 900000
+        console_wait '^VSOCK-AT 5000' 300
+        peer H2G uds-connect "$uds" 5000 --send 64M --wait-ms 30000
+        console_wait '^VSOCK-AT 5002' 300
+        peer MANY-H2G uds-connect "$uds" 5002 --conns 100 --send 64K --recv --expect 64K \
+            --wait-ms 30000
+        console_wait '^VSOCK-AT 5004' 300
+        peer SLOW uds-connect "$uds" 5004 --recv --expect 16M --pause-ms 5000 --wait-ms 30000
+        console_wait '^VSOCK-FLOOD-NOW' 300
+        rss0=$(vsock_rss)
+        own0=$(vsock_own_rss)
+        sleep 15
+        rss1=$(vsock_rss)
+        own1=$(vsock_own_rss)
+        # The device's worker runs under its seccomp filter.
+        for task in /proc/"$vm"/task/*; do
+            if [ "$(cat "$task/comm" 2>/dev/null)" = ember-vsock ]; then
+                echo "THREAD ember-vsock seccomp $(sed -n 's/^Seccomp:[[:space:]]*//p' "$task/status")" >>"$work/host"
+            fi
+        done
+        console_wait '^VSOCK-AT 5006' 300
+        peer PING uds-connect "$uds" 5006 --ping 1000 --size 64 --wait-ms 30000
+        if [ $tcp = yes ]; then
+            console_wait '^VSOCK-AT 5100' 300
+            peer TCP-H2G tcp-connect "$vguest_ip:5100" --send 64M --wait-ms 30000
+            console_wait '^VSOCK-AT 5102' 300
+            peer TCP-PING tcp-connect "$vguest_ip:5102" --ping 1000 --size 64 --wait-ms 30000
+        fi
+        console_wait '^VSOCK-DONE' 300
+        api GET /metrics
+        grep -E '^ember_vsock_(conns_added|conns_killed|rx_bytes_count|tx_bytes_count) ' \
+            "$work/api.out" >>"$work/host"
+        api PUT /actions '{"action_type": "SendCtrlAltDel"}'
+        await "$vm" 120
+        listened
+        echo "FLOOD-RSS VmRSS ${rss0:-?} kB -> ${rss1:-?} kB, without guest RAM ${own0:-?} kB -> ${own1:-?} kB" >>"$work/host"
+        # 4 connections of at most 256 KiB each held for a host peer that does
+        # not read, and slack for the allocator: 8 MiB.
+        if [ -n "$own0" ] && [ -n "$own1" ] && [ $((own1 - own0)) -le 8192 ]; then
+            echo "FLOOD-RSS-BOUNDED" >>"$work/host"
+        fi
+        # same_sum GUEST HOST: the guest's line GUEST and this side's line HOST
+        # both succeeded and carry the same checksum.
+        same_sum() {
+            g=$(tr -d '\r' <"$work/out" | sed -n "s/^$1 status=0 conns=1 ok=1 .* sum=\([0-9a-f]*\) .*/\1/p")
+            h=$(sed -n "s/^$2 conns=1 ok=1 .* sum=\([0-9a-f]*\) .*/\1/p" "$work/host")
+            [ -n "$g" ] && [ "$g" = "$h" ] && echo "SUMS-MATCH $1 $g" >>"$work/host"
+        }
+        same_sum VSOCK-H2G H2G
+        same_sum VSOCK-G2H G2H
+        same_sum TCP-H2G TCP-H2G
+        same_sum TCP-G2H TCP-G2H
+    }
+    retry_crashed vsock vsock_run
+    # rate FILE NAME: the figures of the receiving side's line NAME in FILE: the
+    # guest's (the console) for host to guest, this side's for guest to host.
+    rate() { tr -d '\r' <"$1" | sed -n "s/^$2 .*ms=\([0-9]*\) mib_s=\([0-9.]*\).*/\2 MiB\/s (\1 ms)/p" | head -n 1; }
+    latency() { sed -n "s/^$1 .*rtt_us_min=\([0-9]*\) rtt_us_median=\([0-9]*\) rtt_us_p99=\([0-9]*\).*/min \1 us, median \2 us, p99 \3 us/p" "$work/host"; }
+    echo "E2E INFO vsock 64 MiB host to guest: $(rate "$work/out" VSOCK-H2G); over TAP/TCP: $(rate "$work/out" TCP-H2G)"
+    echo "E2E INFO vsock 64 MiB guest to host: $(rate "$work/host" G2H); over TAP/TCP: $(rate "$work/host" TCP-G2H)"
+    echo "E2E INFO vsock request/response round trip (64 B, 1000 rounds): $(latency PING); over TAP/TCP: $(latency TCP-PING)"
+    echo "E2E INFO vsock flood: $(sed -n 's/^FLOOD-RSS //p' "$work/host")"
+    expect vsock_carries_64_mib_from_the_host_to_the_guest_intact 0 \
+        '"vsock": ?\{"guest_cid": ?3' 'SUMS-MATCH VSOCK-H2G' '^H2G conns=1 ok=1 sent=67108864'
+    expect vsock_carries_64_mib_from_the_guest_to_the_host_intact 0 \
+        'SUMS-MATCH VSOCK-G2H' '^G2H conns=1 ok=1 sent=0 received=67108864'
+    expect vsock_serves_100_host_connections_at_once 0 \
+        '^MANY-H2G conns=100 ok=100 ' '^VSOCK-MANY-H2G status=0 conns=100 ok=100 '
+    expect vsock_serves_100_guest_connections_at_once 0 \
+        '^VSOCK-MANY-G2H status=0 conns=100 ok=100 ' '^MANY-G2H conns=100 ok=100 '
+    expect a_host_peer_that_stops_reading_for_5_s_loses_nothing 0 \
+        '^SLOW conns=1 ok=1 sent=0 received=16777216' '^VSOCK-SLOW status=0 '
+    expect a_flooding_guest_stays_within_the_memory_bound 0 'FLOOD-RSS-BOUNDED' \
+        '^FLOOD conns=4 ok=4 sent=0 received=67108864' '^VSOCK-FLOOD status=0 '
+    expect the_vsock_worker_runs_under_its_seccomp_filter 0 '^THREAD ember-vsock seccomp 2$'
+    expect an_agent_style_request_response_loop_runs_over_vsock 0 \
+        '^PING conns=1 ok=1 .* rounds=1000 rtt_us_min=' '^VSOCK-PING status=0 ' \
+        '^EMBER-CTRL-ALT-DEL$'
+    if [ $tcp = yes ]; then
+        expect the_same_transfers_over_the_tap_network_compare 0 \
+            'SUMS-MATCH TCP-H2G' 'SUMS-MATCH TCP-G2H' '^TCP-PING conns=1 ok=1 .* rounds=1000'
+        ip link del "$vtap" 2>/dev/null || tunctl -d "$vtap" >/dev/null 2>&1
+    else
+        fail the_same_transfers_over_the_tap_network_compare "cannot create the TAP $vtap here"
+    fi
 fi
 
 echo "$passed passed, $failed failed"

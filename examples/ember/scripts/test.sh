@@ -16,9 +16,11 @@ echo "==> fuzz corpus replay (cargo test in fuzz/)"
 cargo test --locked --manifest-path fuzz/Cargo.toml
 
 echo "==> end-to-end tests with the Linux guest"
-cargo build --release --locked -p ember
+cargo build --release --locked -p ember -p ember-vsock-probe
 ember=$root/target/x86_64-unknown-linux-gnu/release/ember
 jailer=$root/target/x86_64-unknown-linux-gnu/release/ember-jailer
+# Both ends of the vsock tests; e2e.sh finds it beside ember.
+probe=$root/target/x86_64-unknown-linux-gnu/release/ember-vsock-probe
 guest=$("$scripts/guest.sh" | tail -n 1)
 if "$scripts/rig.sh" needed; then
     # The rig gets one vCPU: with two, its kernel panicked in about half of the
@@ -34,6 +36,7 @@ if "$scripts/rig.sh" needed; then
         rc=0
         "$scripts/rig.sh" run --smp 1 --timeout 900 --add "$ember:/usr/local/bin/ember" \
             --add "$jailer:/usr/local/bin/ember-jailer" --add "$guest" \
+            --add "$probe:/usr/local/bin/ember-vsock-probe" \
             --add "$(command -v curl):/usr/bin/curl" --add "$(command -v ip):/usr/local/sbin/ip" \
             --add "$scripts/e2e.sh:/e2e.sh" \
             --add "$scripts/off-initramfs.sh:/off-initramfs.sh" \

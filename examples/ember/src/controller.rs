@@ -156,6 +156,7 @@ impl Controller {
             ApiRequest::PutBalloon(balloon) if !started => {
                 answer(self.resources.put_balloon(balloon))
             }
+            ApiRequest::PutVsock(vsock) if !started => answer(self.resources.put_vsock(vsock)),
             ApiRequest::GetBalloon => match self.resources.balloon() {
                 Some(balloon) => ApiResponse::ok_json(balloon),
                 None => ApiResponse::bad_request(model::ModelError::NoBalloon.to_string()),
@@ -198,6 +199,7 @@ impl Controller {
             | ApiRequest::PutEntropy(_)
             | ApiRequest::PutBalloon(_)
             | ApiRequest::PutMmdsConfig(_)
+            | ApiRequest::PutVsock(_)
             | ApiRequest::PutLogger(_)
             | ApiRequest::PutMetrics(_)
             | ApiRequest::Action(ActionType::InstanceStart) => {

@@ -83,6 +83,9 @@ fn run(
     // Before any thread exists, so that every thread inherits it.
     seccomp::set_no_new_privs().map_err(|e| error_chain(&e))?;
     let filters = seccomp_filters(cli).map_err(|e| error_chain(&e))?;
+    if filters.is_some() {
+        seccomp::prepare_runtime().map_err(|e| error_chain(&e))?;
+    }
     let mut resources = VmResources::from_cli(cli).map_err(|e| error_chain(&e))?;
     resources.seccomp = filters.clone();
     // Flags or a configuration file describe a microVM to boot at once; otherwise the API does.

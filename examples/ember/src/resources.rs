@@ -179,6 +179,12 @@ impl VmResources {
             )
             .map_err(|e| parse_error(e.to_string()))?;
         }
+        if let Some(vsock) = &mut config.vsock {
+            vsock
+                .check_uds_path_free()
+                .map_err(|e| parse_error(e.to_string()))?;
+            vsock.vsock_id = None;
+        }
         if config.boot_source.is_none() {
             return Err(parse_error("it has no boot-source".into()));
         }
@@ -375,6 +381,27 @@ impl VmResources {
     pub fn put_entropy(&mut self, entropy: model::EntropyDeviceConfig) -> Result<()> {
         entropy.validate()?;
         self.config.entropy = Some(entropy);
+        Ok(())
+    }
+
+    /// The vsock device, if there is one.
+    pub fn vsock(&self) -> Option<&model::VsockConfig> {
+        self.config.vsock.as_ref()
+    }
+
+    /// `PUT /vsock`: adds the vsock device, or replaces it (a microVM has at most one). Its
+    /// socket is created when the microVM starts; nothing may be at its path now.
+    ///
+    /// # Errors
+    ///
+    /// When the CID or the path is refused, or the path exists.
+    pub fn put_vsock(&mut self, vsock: model::VsockConfig) -> Result<()> {
+        vsock.validate()?;
+        vsock.check_uds_path_free()?;
+        self.config.vsock = Some(model::VsockConfig {
+            vsock_id: None,
+            ..vsock
+        });
         Ok(())
     }
 
@@ -855,6 +882,72 @@ mod tests {
             .unwrap_err();
         assert!(
             err.to_string().contains("MMDS size limit of 10 bytes"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_vsock_put_replaces_the_last_and_is_refused_where_its_path_exists() {
+        let dir = std::env::temp_dir().join(format!("ember-vsock-res-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let free = dir.join("v.sock").to_str().unwrap().to_string();
+        let taken = dir.join("taken").to_str().unwrap().to_string();
+        std::fs::write(&taken, b"").unwrap();
+        let mut resources = VmResources::new(&cli(&[]));
+        assert!(resources.vsock().is_none());
+        let mut first = model::VsockConfig::new(3, free.clone());
+        first.vsock_id = Some("vsock0".into());
+        resources.put_vsock(first).unwrap();
+        // The deprecated ID is dropped, as Firecracker drops it.
+        assert_eq!(
+            resources.vsock(),
+            Some(&model::VsockConfig::new(3, free.clone()))
+        );
+        resources
+            .put_vsock(model::VsockConfig::new(9, free.clone()))
+            .unwrap();
+        assert_eq!(resources.vsock().unwrap().guest_cid, 9);
+
+        let err = resources
+            .put_vsock(model::VsockConfig::new(3, taken.clone()))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Model(ModelError::UdsPathExists(_))),
+            "{err}"
+        );
+        let err = resources
+            .put_vsock(model::VsockConfig::new(1, free.clone()))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Model(ModelError::GuestCid(1))),
+            "{err}"
+        );
+        assert_eq!(resources.vsock(), Some(&model::VsockConfig::new(9, free)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_config_file_with_a_vsock_whose_path_exists_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ember-vsock-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("v.sock");
+        let path = dir.join("vm.json");
+        let text = serde_json::json!({
+            "boot-source": {"kernel_image_path": "vmlinux"},
+            "vsock": {"vsock_id": "v", "guest_cid": 3, "uds_path": uds},
+        });
+        std::fs::write(&path, text.to_string()).unwrap();
+        let load = || VmResources::from_cli(&cli(&["--config-file", path.to_str().unwrap()]));
+        let resources = load().unwrap();
+        assert_eq!(
+            resources.vsock(),
+            Some(&model::VsockConfig::new(3, uds.to_str().unwrap()))
+        );
+        std::fs::write(&uds, b"").unwrap();
+        let err = load().unwrap_err().to_string();
+        assert!(
+            err.contains("the uds_path") && err.contains("exists"),
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();

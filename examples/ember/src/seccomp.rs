@@ -130,6 +130,9 @@ pub enum Error {
     /// The `SIGSYS` handler could not be installed.
     #[error("Cannot install the SIGSYS handler")]
     SigsysHandler(#[source] io::Error),
+    /// The thread of [`prepare_runtime`] could not run.
+    #[error("Cannot prepare the C library's runtime for the seccomp filters")]
+    Prepare(#[source] io::Error),
 }
 
 /// Result type of this module.
@@ -155,11 +158,14 @@ pub enum ThreadKind {
     /// `balloon`: the worker of the virtio balloon (`ember-balloon`), which gives guest pages
     /// back with `madvise(MADV_DONTNEED)` and polls statistics on a timerfd.
     Balloon,
+    /// `vsock`: the worker of the virtio-vsock device (`ember-vsock`), which accepts host
+    /// connections on its Unix socket and connects to `<uds_path>_PORT` for the guest.
+    Vsock,
 }
 
 impl ThreadKind {
     /// Every kind; a filter file has a filter for each.
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -168,6 +174,7 @@ impl ThreadKind {
         ThreadKind::Rng,
         ThreadKind::Console,
         ThreadKind::Balloon,
+        ThreadKind::Vsock,
     ];
 
     /// The kind's name in a filter file.
@@ -181,6 +188,7 @@ impl ThreadKind {
             ThreadKind::Rng => "rng",
             ThreadKind::Console => "console",
             ThreadKind::Balloon => "balloon",
+            ThreadKind::Vsock => "vsock",
         }
     }
 
@@ -191,7 +199,7 @@ impl ThreadKind {
 
     /// The kind of the device worker thread named `thread`: `ember-blk...` is a block device's,
     /// `ember-net...` a network device's, `ember-rng...` an entropy device's, `ember-balloon`
-    /// the balloon's.
+    /// the balloon's, `ember-vsock` the vsock device's.
     pub fn of_worker(thread: &str) -> Option<ThreadKind> {
         if thread.starts_with("ember-blk") {
             Some(ThreadKind::Block)
@@ -201,6 +209,8 @@ impl ThreadKind {
             Some(ThreadKind::Rng)
         } else if thread.starts_with("ember-balloon") {
             Some(ThreadKind::Balloon)
+        } else if thread.starts_with("ember-vsock") {
+            Some(ThreadKind::Vsock)
         } else {
             None
         }
@@ -487,6 +497,39 @@ pub fn set_no_new_privs() -> Result<()> {
     Ok(())
 }
 
+/// Has the C library do now, before any filter is installed, what it does once per process
+/// the first time the heap of a thread other than the main one shrinks: glibc then reads
+/// `/proc/sys/vm/overcommit_memory` (`check_may_shrink_heap`) and keeps the answer. Without
+/// this, the first worker whose buffers grow and are freed (the vsock device's, under a flood)
+/// would open that file under a filter that refuses `openat`, and end the process.
+///
+/// A thread of its own allocates blocks over glibc's trim threshold (128 KiB) in all, each
+/// under its `mmap` threshold so that they come from the thread's heap, and frees them, last
+/// first: the heap's free top passes the threshold and glibc shrinks it.
+///
+/// # Errors
+///
+/// [`Error::Prepare`] when the thread cannot be started or panics.
+pub fn prepare_runtime() -> Result<()> {
+    /// One block: under glibc's default `mmap` threshold (128 KiB).
+    const BLOCK: usize = 96 << 10;
+    /// Blocks, so that what is freed is well over the trim threshold.
+    const BLOCKS: usize = 8;
+    let thread = std::thread::Builder::new()
+        .name("ember-prepare".into())
+        .spawn(|| {
+            let mut blocks: Vec<Vec<u8>> = (0..BLOCKS).map(|_| vec![1u8; BLOCK]).collect();
+            std::hint::black_box(&mut blocks);
+            while let Some(block) = blocks.pop() {
+                drop(std::hint::black_box(block));
+            }
+        })
+        .map_err(Error::Prepare)?;
+    thread
+        .join()
+        .map_err(|_| Error::Prepare(io::Error::other("the thread panicked")))
+}
+
 /// How many system calls a filter refused (`seccomp.num_faults`).
 pub fn num_faults() -> u64 {
     NUM_FAULTS.load(Ordering::Relaxed)
@@ -642,8 +685,8 @@ mod tests {
         bytes
     }
 
-    const ALL_NAMES: [&str; 8] = [
-        "vmm", "api", "vcpu", "block", "net", "rng", "console", "balloon",
+    const ALL_NAMES: [&str; 9] = [
+        "vmm", "api", "vcpu", "block", "net", "rng", "console", "balloon", "vsock",
     ];
 
     #[test]
@@ -777,6 +820,10 @@ mod tests {
         assert_eq!(
             ThreadKind::of_worker("ember-balloon"),
             Some(ThreadKind::Balloon)
+        );
+        assert_eq!(
+            ThreadKind::of_worker("ember-vsock"),
+            Some(ThreadKind::Vsock)
         );
         assert_eq!(
             ThreadKind::of_worker("ember-blk-rootfs"),

@@ -37,6 +37,7 @@ use ember_virtio::mmio::{MMIO_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, cmdline_
 use ember_virtio::net::{MacAddr, Net};
 use ember_virtio::rng::{Rng, RngMetrics};
 use ember_virtio::tap::{self, Tap};
+use ember_virtio::vsock::Vsock;
 use ember_virtio::{VirtioDevice, WorkerGate};
 use log::{debug, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -176,6 +177,10 @@ pub enum Error {
         #[source]
         source: ember_virtio::net::Error,
     },
+    /// The vsock device cannot be set up: its socket cannot be made at `uds_path` (a path
+    /// that exists is refused, as Firecracker refuses it).
+    #[error("Cannot create the vsock device")]
+    Vsock(#[source] ember_virtio::vsock::Error),
     /// The balloon refuses a change.
     #[error(transparent)]
     Balloon(ember_virtio::balloon::Error),
@@ -308,6 +313,9 @@ pub struct Vmm {
     /// The counters of the MMDS network stacks, if an interface has one.
     mmds: Option<Arc<StackMetrics>>,
     balloon: Option<Transport<Balloon>>,
+    /// The vsock device, if there is one: held here so that its socket is removed by this
+    /// thread when it stops, not by the last vCPU or the device's worker.
+    vsock: Option<Transport<Vsock>>,
     legacy: Legacy,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
     gate: WorkerGate,
@@ -388,6 +396,7 @@ impl Vmm {
             Some(config) => Some(attach_balloon(&mut virtio, config)?),
             None => None,
         };
+        let vsock = attach_vsock(&mut virtio, resources.vsock())?;
         let mut cmdline_extra = virtio.cmdline;
 
         // Kernel, initrd, command line, boot parameters.
@@ -430,6 +439,7 @@ impl Vmm {
             entropy,
             mmds,
             balloon,
+            vsock,
             legacy,
             boot_timer,
             gate,
@@ -671,6 +681,10 @@ impl Vmm {
             let values = lock(transport).device().metrics().values();
             snapshot.push(Group::counters("balloon", None, values));
         }
+        if let Some(transport) = &self.vsock {
+            let values = lock(transport).device().metrics().values();
+            snapshot.push(Group::counters("vsock", None, values));
+        }
     }
 
     /// Stops the vCPUs and the devices.
@@ -683,6 +697,11 @@ impl Vmm {
             if let Err(err) = vcpu.stop() {
                 warn!("{err}");
             }
+        }
+        // The vsock device's worker gives its backend back, which is dropped here, with the
+        // device, removing its socket.
+        if let Some(transport) = self.vsock.take() {
+            VirtioDevice::<Arc<GuestMemoryMmap>>::reset(lock(&transport).device_mut());
         }
         if let Some(console) = self.legacy.console.as_mut() {
             if !console.finish(CONSOLE_FLUSH_TIMEOUT) {
@@ -1038,6 +1057,19 @@ fn attach_balloon(
     ))
     .map_err(Error::Balloon)?;
     virtio.attach("balloon".to_string(), device)
+}
+
+/// The vsock device, if the description has one. Its socket is made at `uds_path` now, and
+/// removed with the device.
+fn attach_vsock(
+    virtio: &mut VirtioAttacher<'_>,
+    vsock: Option<&model::VsockConfig>,
+) -> Result<Option<Transport<Vsock>>> {
+    let Some(vsock) = vsock else {
+        return Ok(None);
+    };
+    let device = Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path).map_err(Error::Vsock)?;
+    virtio.attach("vsock device".to_string(), device).map(Some)
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File> {

@@ -1794,3 +1794,192 @@ fn metadata_fills_the_store_that_get_mmds_answers() {
         "i-1"
     );
 }
+
+#[test]
+fn put_vsock_before_boot_binds_its_socket_at_start_and_bad_bodies_change_nothing() {
+    use std::os::unix::fs::FileTypeExt;
+
+    let scratch = Scratch::new("vsock");
+    let ember = Ember::start(&scratch, &[]);
+    configure_waiting_guest(&ember, &scratch);
+    assert!(ember.get("/vm/config").json().get("vsock").is_none());
+    let uds = scratch.path("v.sock");
+    let taken = scratch.file("taken", b"");
+
+    let before = ember.get("/vm/config").body;
+    let long = "p".repeat(108);
+    for (body, expected) in [
+        (
+            r#"{"guest_cid": 3}"#.to_string(),
+            "missing field `uds_path`",
+        ),
+        (
+            r#"{"uds_path": "/v"}"#.to_string(),
+            "missing field `guest_cid`",
+        ),
+        (
+            r#"{"guest_cid": 3, "uds_path": "/v", "cid": 3}"#.to_string(),
+            "unknown field `cid`",
+        ),
+        (
+            r#"{"guest_cid": -1, "uds_path": "/v"}"#.to_string(),
+            "invalid value",
+        ),
+        (
+            r#"{"guest_cid": 2, "uds_path": "/v"}"#.to_string(),
+            "The guest_cid 2 is reserved",
+        ),
+        (
+            r#"{"guest_cid": 4294967295, "uds_path": "/v"}"#.to_string(),
+            "The guest_cid 4294967295 is reserved",
+        ),
+        (
+            r#"{"guest_cid": 3, "uds_path": ""}"#.to_string(),
+            "The uds_path must be the path of a Unix socket",
+        ),
+        (
+            format!(r#"{{"guest_cid": 3, "uds_path": "{long}"}}"#),
+            "The uds_path must be the path of a Unix socket",
+        ),
+        (
+            json!({"guest_cid": 3, "uds_path": taken}).to_string(),
+            "Cannot create backend for vsock device: the uds_path",
+        ),
+        (r#""x""#.to_string(), "invalid type"),
+    ] {
+        let response = ember.raw(&encode("PUT", "/vsock", Some(&body)));
+        assert_eq!(response.status, 400, "{body}: {}", response.body);
+        assert!(
+            response.fault().contains(expected),
+            "{body}: {:?} lacks {expected:?}",
+            response.fault()
+        );
+        assert_eq!(ember.get("/vm/config").body, before, "{body}");
+    }
+    let response = ember.raw(&encode("GET", "/vsock", None));
+    assert_eq!(response.status, 400);
+    assert_eq!(
+        response.fault(),
+        "Invalid request method and/or path: GET vsock."
+    );
+
+    // Firecracker's deprecated vsock_id is accepted and dropped; a second PUT replaces the
+    // first, as in Firecracker.
+    let response = ember.put(
+        "/vsock",
+        json!({"vsock_id": "vsock0", "guest_cid": 7, "uds_path": scratch.path("old.sock")}),
+    );
+    assert_eq!(response.status, 204, "{}", response.body);
+    let response = ember.put("/vsock", json!({"guest_cid": 3, "uds_path": uds}));
+    assert_eq!(response.status, 204, "{}", response.body);
+    assert_eq!(
+        ember.get("/vm/config").json()["vsock"],
+        json!({"guest_cid": 3, "uds_path": uds})
+    );
+    // Nothing is bound before the microVM starts.
+    assert!(!uds.exists() && !scratch.path("old.sock").exists());
+
+    let response = ember.put("/actions", json!({"action_type": "InstanceStart"}));
+    assert_eq!(response.status, 204, "{}", response.body);
+    let kind = fs::symlink_metadata(&uds).unwrap().file_type();
+    assert!(kind.is_socket(), "{kind:?}");
+    assert!(UnixStream::connect(&uds).is_ok());
+    let metrics = ember.get("/metrics").body;
+    assert_eq!(prometheus_value(&metrics, "ember_vsock_activate_fails"), 0);
+    assert_eq!(prometheus_value(&metrics, "ember_vsock_conns_added"), 0);
+
+    let response = ember.put("/vsock", json!({"guest_cid": 4, "uds_path": uds}));
+    assert_eq!(response.status, 400);
+    assert!(
+        response.fault().contains("after starting"),
+        "{}",
+        response.fault()
+    );
+    assert_eq!(ember.get("/vm/config").json()["vsock"]["guest_cid"], 3);
+}
+
+#[test]
+fn a_vsock_path_taken_before_the_start_fails_it_clearly_and_changes_nothing() {
+    let scratch = Scratch::new("vsock-taken");
+    let ember = Ember::start(&scratch, &[]);
+    configure_waiting_guest(&ember, &scratch);
+    let uds = scratch.path("v.sock");
+    let response = ember.put("/vsock", json!({"guest_cid": 3, "uds_path": uds}));
+    assert_eq!(response.status, 204, "{}", response.body);
+    fs::write(&uds, b"not a socket").unwrap();
+
+    let response = ember.put("/actions", json!({"action_type": "InstanceStart"}));
+    assert_eq!(response.status, 400, "{}", response.body);
+    let fault = response.fault();
+    assert!(
+        fault.starts_with("Cannot create the vsock device: Cannot bind the vsock Unix socket at")
+            && fault.contains(&*uds.to_string_lossy()),
+        "{fault}"
+    );
+    assert_eq!(ember.get("/").json()["state"], "Not started");
+    // What was in the way is left as it was.
+    assert_eq!(fs::read(&uds).unwrap(), b"not a socket");
+
+    // Once the path is free, the same description starts.
+    fs::remove_file(&uds).unwrap();
+    let response = ember.put("/actions", json!({"action_type": "InstanceStart"}));
+    assert_eq!(response.status, 204, "{}", response.body);
+    assert!(UnixStream::connect(&uds).is_ok());
+}
+
+#[test]
+fn a_config_file_with_a_vsock_device_boots_with_it() {
+    let scratch = Scratch::new("config-vsock");
+    let kernel = scratch.file("kernel", &tiny_elf(&WAIT_FOR_KEY_THEN_RESET));
+    let uds = scratch.path("v.sock");
+    let config = json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
+        "vsock": {"vsock_id": "vsock0", "guest_cid": 42, "uds_path": uds},
+    });
+    let config_path = scratch.file("vm.json", config.to_string().as_bytes());
+    let ember = Ember::start(&scratch, &["--config-file", config_path.to_str().unwrap()]);
+    assert_eq!(ember.get("/").json()["state"], "Running");
+    assert_eq!(
+        ember.get("/vm/config").json()["vsock"],
+        json!({"guest_cid": 42, "uds_path": uds})
+    );
+    assert!(UnixStream::connect(&uds).is_ok());
+    let metrics = ember.get("/metrics").body;
+    assert_eq!(prometheus_value(&metrics, "ember_vsock_rx_bytes_count"), 0);
+    assert_eq!(
+        ember
+            .put("/actions", json!({"action_type": "SendCtrlAltDel"}))
+            .status,
+        204
+    );
+    let (code, err) = ember.wait();
+    assert_eq!(code, Some(0), "{err}");
+    // The device removes its socket when it goes.
+    assert!(!uds.exists());
+}
+
+#[test]
+fn a_config_file_whose_vsock_path_exists_is_refused() {
+    let scratch = Scratch::new("config-vsock-taken");
+    let kernel = scratch.file("kernel", &tiny_elf(&WAIT_FOR_KEY_THEN_RESET));
+    let uds = scratch.file("v.sock", b"");
+    let config = json!({
+        "boot-source": {"kernel_image_path": kernel},
+        "vsock": {"guest_cid": 3, "uds_path": uds},
+    });
+    let config_path = scratch.file("vm.json", config.to_string().as_bytes());
+    let output = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .arg("--no-api")
+        .arg("--config-file")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("Cannot create backend for vsock device: the uds_path"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&uds).unwrap(), b"");
+}

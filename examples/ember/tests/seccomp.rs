@@ -32,6 +32,7 @@ fn thread_name(kind: ThreadKind) -> &'static str {
         ThreadKind::Rng => "ember-rng",
         ThreadKind::Console => "ember-console",
         ThreadKind::Balloon => "ember-balloon",
+        ThreadKind::Vsock => "ember-vsock",
     }
 }
 
@@ -129,6 +130,16 @@ fn the_calls_each_kind_needs_still_work_under_its_filter() {
 }
 
 #[test]
+fn a_thread_whose_heap_grows_and_shrinks_stays_within_its_filter() {
+    // glibc reads a /proc file the first time a thread's heap shrinks; ember has it do so
+    // before any filter (`prepare_runtime`), or a worker freeing its buffers under a flood
+    // would be stopped.
+    for kind in ThreadKind::ALL {
+        assert_succeeded(&child(kind, "heap_churn"), kind);
+    }
+}
+
+#[test]
 fn a_vcpu_starts_a_device_worker_that_installs_its_own_filter() {
     assert_succeeded(&child(ThreadKind::Vcpu, "start_worker"), ThreadKind::Vcpu);
 }
@@ -149,6 +160,11 @@ fn a_vcpu_activates_a_block_device_whose_worker_serves_a_read_and_resets() {
 #[test]
 fn a_vcpu_activates_a_network_device_whose_worker_sends_a_frame_and_resets() {
     assert_succeeded(&child(ThreadKind::Vcpu, "activate_net"), ThreadKind::Vcpu);
+}
+
+#[test]
+fn a_vcpu_activates_a_vsock_device_whose_worker_serves_both_sides_and_resets() {
+    assert_succeeded(&child(ThreadKind::Vcpu, "activate_vsock"), ThreadKind::Vcpu);
 }
 
 #[test]
@@ -324,6 +340,8 @@ fn seccomp_child() {
     let action = action.to_string();
     set_no_new_privs().unwrap();
     install_sigsys_handler().unwrap();
+    // As ember does before its threads start.
+    seccomp::prepare_runtime().unwrap();
     let filters = Arc::new(Filters::builtin());
     // Set up before the filter, as ember does: files the thread is handed.
     let scratch = std::env::temp_dir().join(format!("ember-seccomp-{}", std::process::id()));
@@ -344,6 +362,19 @@ fn seccomp_child() {
         let config = ember_virtio::balloon::BalloonConfig::new(0, true, 1);
         rig(ember_virtio::balloon::Balloon::new(config).unwrap(), 3)
     });
+    // The vsock device binds its socket, and this side's peers (the host's processes) run
+    // on a thread without a filter.
+    let vsock_dir =
+        std::env::temp_dir().join(format!("ember-seccomp-vsock-{}", std::process::id()));
+    let vsock = (action == "activate_vsock").then(|| {
+        std::fs::create_dir_all(&vsock_dir).unwrap();
+        let uds = vsock_dir.join("v.sock");
+        let device = ember_virtio::vsock::Vsock::new(3, &uds).unwrap();
+        let listener =
+            std::os::unix::net::UnixListener::bind(vsock_dir.join("v.sock_1234")).unwrap();
+        let host = std::thread::spawn(move || vsock_host_peers(&uds, &listener));
+        (rig(device, 3), host)
+    });
 
     let thread = std::thread::Builder::new()
         .name(thread_name(kind).to_string())
@@ -359,9 +390,16 @@ fn seccomp_child() {
             if let Some(rig) = balloon {
                 activate_balloon(rig);
             }
+            // The device goes back to the VMM thread, which removes its socket.
+            vsock.map(|(rig, host)| (activate_vsock(rig), host))
         })
         .unwrap();
-    thread.join().unwrap();
+    if let Some((rig, host)) = thread.join().unwrap() {
+        host.join().unwrap();
+        drop(rig);
+        assert!(!vsock_dir.join("v.sock").exists());
+        std::fs::remove_dir_all(&vsock_dir).unwrap();
+    }
     eprintln!("child done");
     std::io::stderr().flush().unwrap();
     // Nothing else of the harness runs in this process.
@@ -453,6 +491,14 @@ fn run(
             let ret = unsafe { libc::read(reader.as_raw_fd(), buf.as_mut_ptr().cast(), 16) };
             assert_eq!(ret, 5);
         }
+        "heap_churn" => {
+            // Blocks from the thread's own heap, over the trim threshold in all, freed.
+            let mut blocks: Vec<Vec<u8>> = (0..8).map(|_| vec![1u8; 96 << 10]).collect();
+            std::hint::black_box(&mut blocks);
+            while let Some(block) = blocks.pop() {
+                drop(std::hint::black_box(block));
+            }
+        }
         "entropy" => {
             // The entropy device's worker: random bytes without blocking.
             let mut buf = [0u8; 4096];
@@ -493,7 +539,7 @@ fn run(
             assert_eq!(read, 7);
             worker.stop().unwrap();
         }
-        "activate_block" | "activate_net" | "activate_balloon" => {}
+        "activate_block" | "activate_net" | "activate_balloon" | "activate_vsock" => {}
         other => panic!("unknown action {other}"),
     }
     let _ = seccomp::num_faults();
@@ -689,6 +735,186 @@ fn activate_balloon(mut rig: Rig<ember_virtio::balloon::Balloon>) {
     wait_used(mem, &rig.drivers[2], 1);
     rig.transport.write(regs::STATUS, &0u32.to_le_bytes());
     assert!(!rig.transport.is_activated());
+}
+
+/// The host's processes of [`activate_vsock`]: one connects through the device's socket to the
+/// guest's port 52, says hello and gets an answer, then sees the guest reset the connection;
+/// one listens on host port 1234, where the guest connects and writes.
+fn vsock_host_peers(uds: &std::path::Path, listener: &std::os::unix::net::UnixListener) {
+    use std::io::{BufRead, Read};
+    let timeout = Some(std::time::Duration::from_secs(20));
+    let mut stream = std::os::unix::net::UnixStream::connect(uds).unwrap();
+    stream.set_read_timeout(timeout).unwrap();
+    stream.write_all(b"CONNECT 52\n").unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "{line:?}");
+    stream.write_all(b"hello").unwrap();
+    let mut answer = [0u8; 5];
+    reader.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"world");
+    // The guest's RST closes the stream.
+    assert_eq!(reader.read(&mut answer).unwrap(), 0);
+
+    let (mut guest, _) = listener.accept().unwrap();
+    guest.set_read_timeout(timeout).unwrap();
+    let mut bytes = [0u8; 5];
+    guest.read_exact(&mut bytes).unwrap();
+    assert_eq!(&bytes, b"guest");
+}
+
+/// The guest's side of a vsock rig: the receive buffers handed over, and the used ones read.
+struct VsockGuest {
+    /// The receive queue's next used entry.
+    rx_next: u16,
+    /// Transmit chains given so far.
+    tx_count: u16,
+}
+
+impl VsockGuest {
+    const RX_BUFFERS: u64 = 14;
+    const RX_BASE: u64 = 0x8_0000;
+    const TX_BASE: u64 = 0x9_0000;
+
+    fn header(
+        src_port: u32,
+        dst_port: u32,
+        op: u16,
+        len: usize,
+    ) -> ember_virtio::vsock::PacketHeader {
+        ember_virtio::vsock::PacketHeader {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port,
+            dst_port,
+            len: len as u32,
+            type_: ember_virtio::vsock::TYPE_STREAM,
+            op,
+            flags: if op == ember_virtio::vsock::OP_SHUTDOWN {
+                3
+            } else {
+                0
+            },
+            buf_alloc: 64 << 10,
+            fwd_cnt: 0,
+        }
+    }
+
+    /// Transmits a packet and waits for the device to take it.
+    fn send(
+        &mut self,
+        rig: &mut Rig<ember_virtio::vsock::Vsock>,
+        header: ember_virtio::vsock::PacketHeader,
+        payload: &[u8],
+    ) {
+        use ember_virtio::mock::MockBuffer;
+        use vm_memory::{Bytes, GuestAddress};
+        let addr = Self::TX_BASE + u64::from(self.tx_count) * 0x1000;
+        let mem = &*rig.mem;
+        mem.write_slice(&header.to_bytes(), GuestAddress(addr))
+            .unwrap();
+        mem.write_slice(
+            payload,
+            GuestAddress(addr + ember_virtio::vsock::HDR_SIZE as u64),
+        )
+        .unwrap();
+        let len = (ember_virtio::vsock::HDR_SIZE + payload.len()) as u32;
+        rig.drivers[1]
+            .add_chain(mem, &[MockBuffer::readable(addr, len)])
+            .unwrap();
+        self.tx_count += 1;
+        rig.transport.queue_evts()[1].write(1).unwrap();
+        wait_used(mem, &rig.drivers[1], self.tx_count);
+    }
+
+    /// Waits for a packet to the guest's port `port` with operation `op`; skips others (credit
+    /// updates). Returns its payload.
+    fn receive(&mut self, rig: &Rig<ember_virtio::vsock::Vsock>, port: u32, op: u16) -> Vec<u8> {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = &*rig.mem;
+        loop {
+            assert!(
+                u64::from(self.rx_next) < Self::RX_BUFFERS,
+                "out of receive buffers"
+            );
+            wait_used(mem, &rig.drivers[0], self.rx_next + 1);
+            let (id, _) = rig.drivers[0].used_elem(mem, self.rx_next).unwrap();
+            self.rx_next += 1;
+            let addr = Self::RX_BASE + u64::from(id) * 0x1000;
+            let mut bytes = [0u8; ember_virtio::vsock::HDR_SIZE];
+            mem.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
+            let header = ember_virtio::vsock::PacketHeader::from_bytes(&bytes);
+            if header.dst_port != port || header.op != op {
+                continue;
+            }
+            let mut payload = vec![0u8; header.len as usize];
+            mem.read_slice(
+                &mut payload,
+                GuestAddress(addr + ember_virtio::vsock::HDR_SIZE as u64),
+            )
+            .unwrap();
+            return payload;
+        }
+    }
+}
+
+/// Activates the vsock device; its worker (under the vsock filter) accepts the host's
+/// connection to the guest's port 52, carries data both ways, connects the guest to host
+/// port 1234 (`<uds_path>_1234`), shuts that connection down, closes the first on the guest's
+/// RST, and stops when the driver resets the device.
+fn activate_vsock(mut rig: Rig<ember_virtio::vsock::Vsock>) -> Rig<ember_virtio::vsock::Vsock> {
+    use ember_virtio::mock::MockBuffer;
+    use ember_virtio::vsock::{OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN};
+    use vm_memory::{Bytes, GuestAddress};
+    activate(&mut rig.transport, &rig.drivers);
+    for k in 0..VsockGuest::RX_BUFFERS {
+        let addr = VsockGuest::RX_BASE + k * 0x1000;
+        rig.drivers[0]
+            .add_chain(&*rig.mem, &[MockBuffer::writable(addr, 0x1000)])
+            .unwrap();
+    }
+    rig.transport.queue_evts()[0].write(1).unwrap();
+    let mut guest = VsockGuest {
+        rx_next: 0,
+        tx_count: 0,
+    };
+    // The host's connection request, answered.
+    guest.receive(&rig, 52, OP_REQUEST);
+    let (id, _) = rig.drivers[0].used_elem(&*rig.mem, 0).unwrap();
+    let mut bytes = [0u8; ember_virtio::vsock::HDR_SIZE];
+    rig.mem
+        .read_slice(
+            &mut bytes,
+            GuestAddress(VsockGuest::RX_BASE + u64::from(id) * 0x1000),
+        )
+        .unwrap();
+    let host_port = ember_virtio::vsock::PacketHeader::from_bytes(&bytes).src_port;
+    guest.send(
+        &mut rig,
+        VsockGuest::header(52, host_port, OP_RESPONSE, 0),
+        &[],
+    );
+    assert_eq!(guest.receive(&rig, 52, OP_RW), b"hello");
+    guest.send(
+        &mut rig,
+        VsockGuest::header(52, host_port, OP_RW, 5),
+        b"world",
+    );
+    // The guest connects to host port 1234, writes, and shuts the connection down.
+    guest.send(&mut rig, VsockGuest::header(1000, 1234, OP_REQUEST, 0), &[]);
+    guest.receive(&rig, 1000, OP_RESPONSE);
+    guest.send(&mut rig, VsockGuest::header(1000, 1234, OP_RW, 5), b"guest");
+    guest.send(
+        &mut rig,
+        VsockGuest::header(1000, 1234, OP_SHUTDOWN, 0),
+        &[],
+    );
+    // The first connection ends with the guest's RST.
+    guest.send(&mut rig, VsockGuest::header(52, host_port, OP_RST, 0), &[]);
+    rig.transport.write(regs::STATUS, &0u32.to_le_bytes());
+    assert!(!rig.transport.is_activated());
+    rig
 }
 
 /// A device worker's handler that waits on nothing but its control eventfd.

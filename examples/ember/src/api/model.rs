@@ -35,6 +35,15 @@ pub const DEFAULT_MEM_SIZE_MIB: u64 = 128;
 /// The longest name of a host network interface (`IFNAMSIZ` less its NUL).
 pub const MAX_HOST_DEV_NAME_LEN: usize = 15;
 
+/// The lowest CID a guest may have: 0 is the hypervisor, 1 the loopback, 2 the host.
+pub const MIN_GUEST_CID: u32 = 3;
+
+/// The highest CID a guest may have: `u32::MAX` is `VMADDR_CID_ANY`.
+pub const MAX_GUEST_CID: u32 = u32::MAX - 1;
+
+/// The longest vsock `uds_path`: a Unix socket's `sun_path` holds 108 bytes with its NUL.
+pub const MAX_UDS_PATH_LEN: usize = 107;
+
 /// Nanoseconds in a millisecond: a token bucket's `refill_time` is in ms and must fit in a `u64`
 /// once turned into ns.
 const NS_PER_MS: u64 = 1_000_000;
@@ -154,6 +163,20 @@ pub enum ModelError {
     /// The MMDS address is not a usable IPv4 link-local address (Firecracker's message).
     #[error("The MMDS IPv4 address is not link local.")]
     MmdsAddressNotLinkLocal,
+    /// A vsock `guest_cid` is one of the reserved CIDs (0 to 2, and `u32::MAX`).
+    #[error(
+        "The guest_cid {0} is reserved: a guest's CID is between {MIN_GUEST_CID} and {MAX_GUEST_CID}."
+    )]
+    GuestCid(u32),
+    /// A vsock `uds_path` cannot name a Unix socket.
+    #[error(
+        "The uds_path must be the path of a Unix socket: 1 to {MAX_UDS_PATH_LEN} bytes, without NUL."
+    )]
+    UdsPath,
+    /// A vsock `uds_path` names a file that exists: ember creates the socket there, as
+    /// Firecracker does, and does not remove what is in the way.
+    #[error("Cannot create backend for vsock device: the uds_path {0} exists.")]
+    UdsPathExists(String),
 }
 
 /// The result of a check of this module.
@@ -690,6 +713,66 @@ impl EntropyDeviceConfig {
     }
 }
 
+/// `PUT /vsock` and the configuration's `vsock`: Firecracker's `Vsock`, a virtio-vsock device
+/// whose host side is Unix sockets.
+///
+/// A host process connects to `uds_path` and writes `CONNECT <port>\n` to reach the guest's
+/// listener on that port; a guest connecting to host port P reaches the Unix socket listening
+/// at `<uds_path>_P`. In a jail, `uds_path` is a path inside it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct VsockConfig {
+    /// Firecracker's deprecated device ID: accepted, and dropped as Firecracker drops it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    /// The guest's context ID, [`MIN_GUEST_CID`] or more.
+    pub guest_cid: u32,
+    /// Where ember listens for host-initiated connections.
+    pub uds_path: String,
+}
+
+impl VsockConfig {
+    /// A device for the guest `guest_cid`, listening at `uds_path`.
+    pub fn new(guest_cid: u32, uds_path: impl Into<String>) -> Self {
+        VsockConfig {
+            vsock_id: None,
+            guest_cid,
+            uds_path: uds_path.into(),
+        }
+    }
+
+    /// Checks the CID and that the path can name a Unix socket.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::GuestCid`], [`ModelError::UdsPath`].
+    pub fn validate(&self) -> Result<()> {
+        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&self.guest_cid) {
+            return Err(ModelError::GuestCid(self.guest_cid));
+        }
+        let path = self.uds_path.as_bytes();
+        if path.is_empty() || path.len() > MAX_UDS_PATH_LEN || path.contains(&0) {
+            return Err(ModelError::UdsPath);
+        }
+        Ok(())
+    }
+
+    /// Checks that nothing is at `uds_path` yet, where ember is to create the socket. It only
+    /// looks (`lstat`): a path that cannot be looked at passes, and creating the socket later
+    /// says why it fails.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::UdsPathExists`].
+    pub fn check_uds_path_free(&self) -> Result<()> {
+        match std::fs::symlink_metadata(&self.uds_path) {
+            Ok(_) => Err(ModelError::UdsPathExists(self.uds_path.clone())),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
 /// The body of `PUT /network-interfaces/{iface_id}`: a virtio network device on a TAP interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1139,7 +1222,7 @@ impl MmdsConfig {
 /// configuration file.
 ///
 /// Keys of Firecracker's configuration that ember does not implement (`cpu-config`,
-/// `memory-hotplug`, `pmem`, `vsock`) are accepted only when `null`
+/// `memory-hotplug`, `pmem`) are accepted only when `null`
 /// (or, for the list `pmem`, empty), so that a configuration written for Firecracker without them
 /// loads unchanged; they are never written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -1200,8 +1283,9 @@ pub struct FullVmConfiguration {
     pub mmds_config: Option<MmdsConfig>,
     #[serde(default, skip_serializing, deserialize_with = "reject_pmem")]
     pmem: Unsupported,
-    #[serde(default, skip_serializing, deserialize_with = "reject_vsock")]
-    vsock: Unsupported,
+    /// The vsock device, if there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 impl FullVmConfiguration {
@@ -1251,6 +1335,9 @@ impl FullVmConfiguration {
             mmds_config.validate()?;
             mmds_config.check_interfaces(&self.network_interfaces)?;
         }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
         Ok(())
     }
 }
@@ -1273,7 +1360,6 @@ macro_rules! reject_key {
 reject_key!(reject_cpu_config, "cpu-config");
 reject_key!(reject_memory_hotplug, "memory-hotplug");
 reject_key!(reject_pmem, "pmem");
-reject_key!(reject_vsock, "vsock");
 
 /// Accepts `null` and `[]`, and refuses any other value with a message that names the key.
 struct RejectVisitor(&'static str);
@@ -1907,7 +1993,6 @@ mod tests {
             r#"{"drives":[],"network-interfaces":[]}"#
         );
         for (key, value) in [
-            ("vsock", r#"{"guest_cid":3,"uds_path":"/v"}"#),
             ("pmem", r#"[{"id":"p","path_on_host":"/p"}]"#),
             ("cpu-config", r#""x""#),
         ] {
@@ -2197,5 +2282,88 @@ mod tests {
         .unwrap();
         assert!(bad.validate().is_err());
         assert!(error_of::<FullVmConfiguration>(r#"{"entropy": true}"#).contains("invalid type"));
+    }
+
+    #[test]
+    fn vsock_devices_round_trip_and_refuse_reserved_cids_and_bad_paths() {
+        let vsock: VsockConfig = round_trip(r#"{"guest_cid":3,"uds_path":"/v.sock"}"#);
+        assert_eq!(vsock, VsockConfig::new(3, "/v.sock"));
+        vsock.validate().unwrap();
+        let old: VsockConfig = round_trip(r#"{"vsock_id":"vsock0","guest_cid":4,"uds_path":"v"}"#);
+        assert_eq!(old.vsock_id.as_deref(), Some("vsock0"));
+        old.validate().unwrap();
+        VsockConfig::new(MAX_GUEST_CID, "v").validate().unwrap();
+
+        for cid in [0, 1, 2, u32::MAX] {
+            assert_eq!(
+                VsockConfig::new(cid, "v").validate(),
+                Err(ModelError::GuestCid(cid))
+            );
+        }
+        let longest = "p".repeat(MAX_UDS_PATH_LEN);
+        VsockConfig::new(3, longest.clone()).validate().unwrap();
+        for path in [String::new(), format!("{longest}p"), "a\0b".to_string()] {
+            assert_eq!(
+                VsockConfig::new(3, path).validate(),
+                Err(ModelError::UdsPath)
+            );
+        }
+        assert!(error_of::<VsockConfig>(r#"{"guest_cid":3}"#).contains("missing field `uds_path`"));
+        assert!(
+            error_of::<VsockConfig>(r#"{"uds_path":"v"}"#).contains("missing field `guest_cid`")
+        );
+        assert!(
+            error_of::<VsockConfig>(r#"{"guest_cid":-3,"uds_path":"v"}"#).contains("invalid value")
+        );
+        assert!(
+            error_of::<VsockConfig>(r#"{"guest_cid":4294967296,"uds_path":"v"}"#)
+                .contains("invalid value")
+        );
+        assert!(
+            error_of::<VsockConfig>(r#"{"guest_cid":3,"uds_path":"v","port":1}"#)
+                .contains("unknown field `port`")
+        );
+    }
+
+    #[test]
+    fn a_vsock_path_that_exists_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ember-model-vsock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock").to_str().unwrap().to_string();
+        let _ = std::fs::remove_file(&path);
+        VsockConfig::new(3, path.clone())
+            .check_uds_path_free()
+            .unwrap();
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(
+            VsockConfig::new(3, path.clone()).check_uds_path_free(),
+            Err(ModelError::UdsPathExists(path.clone()))
+        );
+        // A dangling symbolic link is in the way too.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(dir.join("nowhere"), &path).unwrap();
+        assert!(
+            VsockConfig::new(3, path.clone())
+                .check_uds_path_free()
+                .is_err()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn full_configurations_carry_the_vsock_device() {
+        let config: FullVmConfiguration =
+            serde_json::from_str(r#"{"vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"}}"#)
+                .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.vsock, Some(VsockConfig::new(3, "/tmp/v.sock")));
+        assert_eq!(
+            serde_json::to_string(&config).unwrap(),
+            r#"{"drives":[],"network-interfaces":[],"vsock":{"guest_cid":3,"uds_path":"/tmp/v.sock"}}"#
+        );
+        let bad: FullVmConfiguration =
+            serde_json::from_str(r#"{"vsock": {"guest_cid": 2, "uds_path": "v"}}"#).unwrap();
+        assert_eq!(bad.validate(), Err(ModelError::GuestCid(2)));
+        assert!(error_of::<FullVmConfiguration>(r#"{"vsock": 3}"#).contains("invalid type"));
     }
 }

@@ -18,6 +18,7 @@
 //! | PUT    | `/machine-config`            | [`ApiRequest::PutMachineConfig`]          |
 //! | PUT    | `/metrics`                   | [`ApiRequest::PutMetrics`]                |
 //! | PUT    | `/network-interfaces/{id}`   | [`ApiRequest::PutNetworkInterface`]       |
+//! | PUT    | `/vsock`                     | [`ApiRequest::PutVsock`]                  |
 //! | PATCH  | `/drives/{drive_id}`         | [`ApiRequest::PatchDrive`]                |
 //! | PATCH  | `/machine-config`            | [`ApiRequest::PatchMachineConfig`]        |
 //! | PATCH  | `/network-interfaces/{id}`   | [`ApiRequest::PatchNetworkInterface`]     |
@@ -99,6 +100,8 @@ pub enum ApiRequest {
     PutNetworkInterface(NetworkInterface),
     /// `PUT /entropy`.
     PutEntropy(EntropyDeviceConfig),
+    /// `PUT /vsock`.
+    PutVsock(super::model::VsockConfig),
     /// `PATCH /network-interfaces/{iface_id}`.
     PatchNetworkInterface(PartialNetworkInterface),
     /// `PUT /actions`.
@@ -256,6 +259,9 @@ fn route_put(
             |iface: &NetworkInterface| &iface.iface_id,
             NetworkInterface::validate,
         )?),
+        ("vsock", None) => {
+            ApiRequest::PutVsock(checked(body, super::model::VsockConfig::validate)?)
+        }
         _ => return Ok(None),
     };
     Ok(Some(request))
@@ -872,6 +878,54 @@ mod tests {
         assert_eq!(
             message(put("/entropy/x", "{}")),
             "Invalid request method and/or path: PUT entropy/x."
+        );
+    }
+
+    #[test]
+    fn put_vsock_routes_firecrackers_body_and_refuses_bad_ones() {
+        use super::super::model::VsockConfig;
+
+        assert_eq!(
+            put("/vsock", r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#).unwrap(),
+            ApiRequest::PutVsock(VsockConfig::new(3, "/v.sock"))
+        );
+        let Ok(ApiRequest::PutVsock(old)) = put(
+            "/vsock",
+            r#"{"vsock_id": "vsock0", "guest_cid": 7, "uds_path": "v"}"#,
+        ) else {
+            panic!("not a vsock device");
+        };
+        assert_eq!(old.vsock_id.as_deref(), Some("vsock0"));
+
+        assert!(message(put("/vsock", r#"{"guest_cid": 3}"#)).contains("missing field `uds_path`"));
+        assert!(
+            message(put(
+                "/vsock",
+                r#"{"guest_cid": 3, "uds_path": "v", "cid": 3}"#
+            ))
+            .contains("unknown field `cid`")
+        );
+        assert_eq!(
+            message(put("/vsock", r#"{"guest_cid": 2, "uds_path": "v"}"#)),
+            "The guest_cid 2 is reserved: a guest's CID is between 3 and 4294967294."
+        );
+        assert!(
+            message(put("/vsock", r#"{"guest_cid": 3, "uds_path": ""}"#))
+                .starts_with("The uds_path must be the path of a Unix socket")
+        );
+        assert_eq!(message(put("/vsock", "")), "Empty PUT request.");
+        // Firecracker serves only PUT, and only on /vsock itself.
+        assert_eq!(
+            message(get("/vsock")),
+            "Invalid request method and/or path: GET vsock."
+        );
+        assert_eq!(
+            message(patch("/vsock", "{}")),
+            "Invalid request method and/or path: PATCH vsock."
+        );
+        assert_eq!(
+            message(put("/vsock/x", "{}")),
+            "Invalid request method and/or path: PUT vsock/x."
         );
     }
 }
