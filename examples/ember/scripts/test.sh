@@ -15,6 +15,20 @@ cargo test --workspace --locked
 echo "==> fuzz corpus replay (cargo test in fuzz/)"
 cargo test --locked --manifest-path fuzz/Cargo.toml
 
+# watch_console PID FILE SECONDS: stops the rig that rig.sh PID runs (through its
+# `timeout`, which passes the signal on to QEMU; rig.sh then fails with 125) once
+# FILE, its console, has not grown for SECONDS.
+watch_console() {
+    while kill -0 "$1" 2>/dev/null; do
+        sleep 5
+        if [ $(($(date +%s) - $(stat -c %Y "$2"))) -ge "$3" ]; then
+            echo "test.sh: the rig's console has been silent for $3 s: stopping the rig"
+            pkill -TERM -P "$1" -x timeout || true
+            return
+        fi
+    done
+}
+
 echo "==> end-to-end tests with the Linux guest"
 cargo build --release --locked -p ember -p ember-vsock-probe
 ember=$root/target/x86_64-unknown-linux-gnu/release/ember
@@ -31,6 +45,14 @@ if "$scripts/rig.sh" needed; then
     # that is printed; failing tests are not retried. Transparent huge pages are off in the rig: its emulated SVM has
     # wedged with huge second-level pages under the guests' 2 MiB-aligned RAM,
     # and the tests check devices, not how RAM is backed.
+    # A rig whose console stays silent for $stall seconds is taken as wedged and
+    # stopped (the longest quiet stretch of a run that goes well is about two
+    # minutes; e2e.sh's own waits end within five): in the runs that wedged, the
+    # emulated machine's one vCPU halted for good right after a guest started,
+    # and QEMU sat idle until the rig's timeout.
+    stall=${EMBER_RIG_STALL:-360}
+    console=$(mktemp)
+    trap 'rm -f "$console"' EXIT
     for attempt in 1 2 3; do
         echo "test.sh: running the end-to-end tests inside the nested rig"
         rc=0
@@ -41,7 +63,13 @@ if "$scripts/rig.sh" needed; then
             --add "$scripts/e2e.sh:/e2e.sh" \
             --add "$scripts/off-initramfs.sh:/off-initramfs.sh" \
             -- echo never '>/sys/kernel/mm/transparent_hugepage/enabled;' \
-            sh /e2e.sh /usr/local/bin/ember "$guest" || rc=$?
+            sh /e2e.sh /usr/local/bin/ember "$guest" > >(tee "$console") 2>&1 &
+        rig=$!
+        watch_console "$rig" "$console" "$stall" &
+        watcher=$!
+        wait "$rig" || rc=$?
+        kill "$watcher" 2>/dev/null || true
+        wait "$watcher" 2>/dev/null || true
         case "$rc" in
         3 | 124 | 125) [ "$attempt" = 3 ] || echo "test.sh: the rig failed (status $rc), not a test: booting it again" ;;
         *) exit "$rc" ;;
