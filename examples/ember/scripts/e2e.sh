@@ -2,19 +2,24 @@
 # End-to-end tests of ember with the project's Linux guest. Runs with busybox sh
 # inside the nested rig, or with any POSIX sh on a host with VMX/SVM.
 #
-# usage: e2e.sh EMBER GUEST_DIR
+# usage: e2e.sh EMBER GUEST_DIR [SECTION...]
 #   EMBER      the ember binary (the jailer tests take ember-jailer from beside it,
 #              the vsock tests ember-vsock-probe, and off-initramfs.sh from beside
 #              this script)
 #   GUEST_DIR  the directory guest.sh built (vmlinux, bzImage, initramfs.cpio.gz)
+#   SECTION    the sections to run, of boot, blk, rng, api, net, mmds, jail,
+#              balloon and vsock (default: all, in that order); each stands alone
 #
-# Prints `E2E START <boot>` before each boot, `E2E PASS <name>` or `E2E FAIL <name>`
-# per test, then `N passed, N failed`; exits 1 when a test failed, 3 when the run
-# was aborted because ember could not be killed (see `await`).
+# Prints `E2E SECTION <name>` as each section begins, `E2E START <boot>` before
+# each boot, `E2E PASS <name>` or `E2E FAIL <name>` per test, then `N passed, N
+# failed`; exits 1 when a test failed, 3 when the run was aborted because ember
+# could not be killed (see `await`).
 set -u
 
 ember=$1
 guest=$2
+shift 2
+sections=$*
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 passed=0
@@ -159,6 +164,77 @@ expect() {
 # $work/host holds what a test observed on this side of the VM.
 fresh() { rm -f "$work/out" "$work/err" "$work/stdout" "$work/host"; }
 
+# script_disk FILE: stdin, then `exit`, as a raw disk image of whole sectors. The
+# guest's init runs it with `ember.run=/dev/vdX`; `exit` keeps sh from reading the
+# padding.
+script_disk() {
+    { cat; printf '\nexit\n'; } >"$1"
+    size=$(wc -c <"$1")
+    truncate -s $(((size + 511) / 512 * 512)) "$1"
+}
+
+# api_start NAME ARGS...: starts ember with an API socket at $sock (and ARGS) in the
+# background, as $vm, and waits for the socket.
+api_start() {
+    fresh
+    started "$1"
+    shift
+    sock=$work/api.sock
+    rm -f "$sock"
+    "$ember" --api-sock "$sock" --serial "file:$work/out" "$@" \
+        >"$work/stdout" 2>"$work/err" </dev/null &
+    socket_wait $!
+}
+
+# socket_wait PID: ember PID, started in the background, is $vm; waits (up to
+# 10 s) for its API socket at $sock. With $stale set (a stopped instance left its
+# socket file there, as Firecracker's does, and ember replaces it), waits until
+# the socket answers rather than until the file exists.
+socket_wait() {
+    vm=$1
+    echo "E2E PID $vm"
+    n=0
+    until { [ -S "$sock" ] && { [ -z "${stale:-}" ] ||
+        curl -s -m 2 --unix-socket "$sock" -o /dev/null http://localhost/version; }; } ||
+        ! alive "$vm" || [ $n -ge 100 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    stale=
+}
+
+# api METHOD PATH [BODY]: one request; the HTTP status in $code, the body in
+# $work/api.out, and a line of both in $work/host.
+api() {
+    code=$(curl -s -m 60 --unix-socket "$sock" -X "$1" "http://localhost$2" \
+        -H 'Accept: application/json' -H 'Content-Type: application/json' \
+        ${3:+-d "$3"} -o "$work/api.out" -w '%{http_code}')
+    echo "API $1 $2 $code $(cat "$work/api.out")" >>"$work/host"
+}
+
+# console_wait PATTERN [SECONDS]: waits for a console line matching PATTERN.
+console_wait() {
+    n=0
+    until tr -d '\r' 2>/dev/null <"$work/out" | grep -Eq "$1" || ! alive "$vm" ||
+        [ $n -ge $((${2:-120} * 5)) ]; do
+        sleep 0.2
+        n=$((n + 1))
+    done
+}
+
+# retry_crashed NAME FUNCTION: runs FUNCTION, and once more if its guest crashed
+# (the triple faults of the nested rig, as in boot).
+retry_crashed() {
+    "$2"
+    if crashed; then
+        echo "E2E RETRY $1: the guest crashed (KVM_EXIT_SHUTDOWN)"
+        "$2"
+    fi
+}
+
+# --- booting -----------------------------------------------------------------------
+
+e2e_boot() {
 # vmlinux carries the PVH note: ember enters it through PVH. The guest's init
 # prints its marker, writes the boot timer and reboots; ember exits 0.
 fresh
@@ -196,18 +272,11 @@ if [ "$status" = 0 ] && [ -n "$total" ] && [ "$total" -gt 250000 ] && [ "$total"
 else
     fail guest_sees_256_mib_of_ram "exit status $status, kernel counted '${total}' KiB"
 fi
+}
 
 # --- virtio-blk ------------------------------------------------------------------
 
-# script_disk FILE: stdin, then `exit`, as a raw disk image of whole sectors. The
-# guest's init runs it with `ember.run=/dev/vdX`; `exit` keeps sh from reading the
-# padding.
-script_disk() {
-    { cat; printf '\nexit\n'; } >"$1"
-    size=$(wc -c <"$1")
-    truncate -s $(((size + 511) / 512 * 512)) "$1"
-}
-
+e2e_blk() {
 # The root file system on virtio-blk, read-write: the guest writes a file, syncs
 # and reboots. A second boot of the same image finds the file, and sees its second
 # disk, a read-only one, refuse writes.
@@ -250,9 +319,11 @@ boot partition --kernel "$guest/vmlinux" --disk "$work/part.img" \
     --cmdline "$base root=/dev/vda1 rw ember.action=reboot"
 expect root_on_a_partition_boots 0 ' vda: vda1' '^EMBER-GUEST-UP' \
     'reset the VM through the i8042'
+}
 
 # --- virtio-rng --------------------------------------------------------------------
 
+e2e_rng() {
 # entropy_config FILE SCRIPT ENTROPY: a configuration file that boots the
 # initramfs, runs the script disk SCRIPT and has the entropy device ENTROPY (JSON).
 entropy_config() {
@@ -314,68 +385,11 @@ if [ -n "$rng_rate" ] && [ "$rng_rate" -ge $((8192 * 9 / 10)) ] &&
 fi
 expect hwrng_limited_to_8_kib_per_s_reads_at_that_rate 0 'HWRNG-RATE-OK' \
     '^EMBER-RUN-EXIT 0'
+}
 
 # --- the API -----------------------------------------------------------------------
 
-# api_start NAME ARGS...: starts ember with an API socket at $sock (and ARGS) in the
-# background, as $vm, and waits for the socket.
-api_start() {
-    fresh
-    started "$1"
-    shift
-    sock=$work/api.sock
-    rm -f "$sock"
-    "$ember" --api-sock "$sock" --serial "file:$work/out" "$@" \
-        >"$work/stdout" 2>"$work/err" </dev/null &
-    socket_wait $!
-}
-
-# socket_wait PID: ember PID, started in the background, is $vm; waits (up to
-# 10 s) for its API socket at $sock. With $stale set (a stopped instance left its
-# socket file there, as Firecracker's does, and ember replaces it), waits until
-# the socket answers rather than until the file exists.
-socket_wait() {
-    vm=$1
-    echo "E2E PID $vm"
-    n=0
-    until { [ -S "$sock" ] && { [ -z "${stale:-}" ] ||
-        curl -s -m 2 --unix-socket "$sock" -o /dev/null http://localhost/version; }; } ||
-        ! alive "$vm" || [ $n -ge 100 ]; do
-        sleep 0.1
-        n=$((n + 1))
-    done
-    stale=
-}
-
-# api METHOD PATH [BODY]: one request; the HTTP status in $code, the body in
-# $work/api.out, and a line of both in $work/host.
-api() {
-    code=$(curl -s -m 60 --unix-socket "$sock" -X "$1" "http://localhost$2" \
-        -H 'Accept: application/json' -H 'Content-Type: application/json' \
-        ${3:+-d "$3"} -o "$work/api.out" -w '%{http_code}')
-    echo "API $1 $2 $code $(cat "$work/api.out")" >>"$work/host"
-}
-
-# console_wait PATTERN [SECONDS]: waits for a console line matching PATTERN.
-console_wait() {
-    n=0
-    until tr -d '\r' 2>/dev/null <"$work/out" | grep -Eq "$1" || ! alive "$vm" ||
-        [ $n -ge $((${2:-120} * 5)) ]; do
-        sleep 0.2
-        n=$((n + 1))
-    done
-}
-
-# retry_crashed NAME FUNCTION: runs FUNCTION, and once more if its guest crashed
-# (the triple faults of the nested rig, as in boot).
-retry_crashed() {
-    "$2"
-    if crashed; then
-        echo "E2E RETRY $1: the guest crashed (KVM_EXIT_SHUTDOWN)"
-        "$2"
-    fi
-}
-
+e2e_api() {
 if ! command -v curl >/dev/null; then
     fail api "curl is not installed"
 else
@@ -604,8 +618,13 @@ SCRIPT
     expect the_log_goes_to_a_named_pipe_and_metrics_flush_on_request 0 \
         'API PUT /logger 204' 'LOG-FIFO-OK' 'API PUT /actions 204' 'METRICS-FLUSHED'
 fi
+}
 
 # --- virtio-net -------------------------------------------------------------------
+
+e2e_net() {
+# The network test guest's own root file system.
+cp "$guest/rootfs.ext4" "$work/net-root.ext4"
 
 # net_run: one boot of the network test guest, with the host side of the test
 # beside it; the guest's console in $work/out, what the host saw in $work/host.
@@ -617,7 +636,7 @@ net_run() {
     listener=$!
     started network
     "$ember" --serial "file:$work/out" --kernel "$guest/vmlinux" \
-        --disk "$work/root.ext4,root" --disk "$work/data,ro" --disk "$work/net.disk,ro" \
+        --disk "$work/net-root.ext4,root" --disk "$work/data,ro" --disk "$work/net.disk,ro" \
         --net "tap=$tap,mac=02:00:a9:fe:4d:02" \
         --cmdline "$base ember.run=/dev/vdc" >"$work/stdout" 2>"$work/err" </dev/null &
     vm=$!
@@ -677,9 +696,11 @@ SCRIPT
     expect tcp_transfer_to_the_guest_arrives_intact 0 "^RECEIVED $sum\$"
     ip link del "$tap" 2>/dev/null || tunctl -d "$tap" >/dev/null 2>&1
 fi
+}
 
 # --- MMDS ----------------------------------------------------------------------------
 
+e2e_mmds() {
 # The guest reaches the metadata service at 169.254.169.254 through its interface
 # eth0, whose TAP has no address on this side: ember answers ARP, TCP and HTTP
 # itself. Under V1 busybox wget reads a listing, a nested value and (as JSON) a
@@ -775,10 +796,11 @@ SCRIPT
         '"ami-id": ?"ami-patched"' '^V2-AFTER-PATCH ami-patched$' '^EMBER-RUN-EXIT 0'
     ip link del "$mtap" 2>/dev/null || tunctl -d "$mtap" >/dev/null 2>&1
 fi
-
+}
 
 # --- the jailer ---------------------------------------------------------------------
 
+e2e_jail() {
 # ember-jailer, beside ember, starts it as uid 123 in a chroot under $jails, in a
 # cgroup v2 with memory and pids limits, in a network namespace holding a TAP
 # owned by that uid. The guest boots from the rootfs placed in the jail through
@@ -966,9 +988,11 @@ SCRIPT
     for id in e2e-jail-1 e2e-jail-2; do rmdir "$cg2/ember/$id" 2>/dev/null; done
     rmdir "$cg2/ember" 2>/dev/null
 fi
+}
 
 # --- virtio-balloon -----------------------------------------------------------------
 
+e2e_balloon() {
 # A 256 MiB guest fills 200 MiB of tmpfs and frees it, so that ember's RSS holds
 # those pages; PATCH /balloon then inflates the balloon by half the guest's memory
 # (128 MiB) and ember's RSS falls by at least 80 % of that. Statistics, polled
@@ -1071,9 +1095,11 @@ JSON
     expect deflate_on_oom_lets_a_guest_allocation_succeed 0 '^OOM-FILL ok 160 MiB'
     expect patching_the_balloon_to_0_deflates_it 0 'DEFLATED-TO-0' '^EMBER-CTRL-ALT-DEL$'
 fi
+}
 
 # --- virtio-vsock -------------------------------------------------------------------
 
+e2e_vsock() {
 # ember's vsock device through Firecracker's hybrid host side. ember-vsock-probe
 # (beside ember) is both ends: here on ember's Unix sockets, in the guest on
 # AF_VSOCK, copied there from a raw disk of its own. One guest runs, in turn:
@@ -1283,6 +1309,14 @@ JSON
         fail the_same_transfers_over_the_tap_network_compare "cannot create the TAP $vtap here"
     fi
 fi
+}
+
+# The sections asked for, in their order: each prints `E2E SECTION <name>` as
+# it begins, so that a run cut short (a rig that wedged) can go on from there.
+for section in ${sections:-boot blk rng api net mmds jail balloon vsock}; do
+    echo "E2E SECTION $section"
+    "e2e_$section"
+done
 
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]
