@@ -221,7 +221,7 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
-    use crate::mock::{CountingTrigger, MockDriver, guest_memory};
+    use crate::mock::{CountingTrigger, MockBuffer, MockDriver, guest_memory};
     use crate::worker::WorkerGate;
 
     type Mem = Arc<GuestMemoryMmap<()>>;
@@ -275,5 +275,99 @@ mod tests {
         VirtioDevice::<Mem>::activate(&mut rng, params(1)).unwrap();
         VirtioDevice::<Mem>::reset(&mut rng);
         assert!(!rng.is_active());
+    }
+
+    #[test]
+    fn a_configuration_write_is_ignored_and_logged() {
+        crate::rng::tests::capture_logs();
+        let mut rng = Rng::new(RateLimiter::default());
+        VirtioDevice::<Mem>::write_config(&mut rng, 0x7c, &[1, 2, 3]);
+        let mut data = [0xffu8; 4];
+        VirtioDevice::<Mem>::read_config(&rng, 0x7c, &mut data);
+        assert_eq!(data, [0; 4]);
+        assert!(crate::rng::tests::logged(
+            log::Level::Debug,
+            "ignored a 3-byte configuration write at 0x7c"
+        ));
+    }
+
+    #[test]
+    fn the_debug_output_names_the_state_of_the_device() {
+        let mut rng = Rng::new(RateLimiter::default());
+        assert_eq!(format!("{rng:?}"), r#"Rng { state: "ready" }"#);
+        VirtioDevice::<Mem>::activate(&mut rng, params(1)).unwrap();
+        assert_eq!(format!("{rng:?}"), r#"Rng { state: "active" }"#);
+        VirtioDevice::<Mem>::reset(&mut rng);
+        assert_eq!(format!("{rng:?}"), r#"Rng { state: "ready" }"#);
+    }
+
+    #[test]
+    fn a_handler_that_cannot_start_leaves_the_device_ready_to_activate_again() {
+        let mut rng = Rng::new(RateLimiter::default());
+        let gate = WorkerGate::new();
+        gate.set_thread_hook(Some(Arc::new(|_: &str| {
+            Err(io::Error::other("no thread for you"))
+        })));
+        let mut refused = params(1);
+        refused.executor = gate.into();
+        let err = VirtioDevice::<Mem>::activate(&mut rng, refused).unwrap_err();
+        assert!(matches!(err, ActivateError::Worker(_)), "{err:?}");
+        assert!(!rng.is_active());
+        assert_eq!(rng.metrics().get("activate_fails"), Some(1));
+        // The source and the limiter came back with the handler.
+        VirtioDevice::<Mem>::activate(&mut rng, params(1)).unwrap();
+        assert!(rng.is_active());
+        VirtioDevice::<Mem>::reset(&mut rng);
+        assert_eq!(rng.metrics().get("activate_fails"), Some(1));
+    }
+
+    /// A source that panics when asked, after it says so.
+    struct Panicking(Arc<std::sync::atomic::AtomicBool>);
+
+    impl EntropySource for Panicking {
+        fn fill(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            panic!("the entropy source broke");
+        }
+    }
+
+    #[test]
+    fn a_handler_that_panicked_loses_the_source_and_the_device_stays_down() {
+        crate::rng::tests::capture_logs();
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut rng = Rng::with_source(Panicking(asked.clone()), RateLimiter::default());
+        let mem = Arc::new(guest_memory(0x10000).unwrap());
+        let mut driver = MockDriver::new(16, GuestAddress(0));
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let given = ActivateParams::new(
+            mem.clone(),
+            FEATURES,
+            vec![driver.queue()],
+            vec![kick.try_clone().unwrap()],
+            Arc::new(CountingTrigger::default()),
+            WorkerGate::new(),
+        );
+        VirtioDevice::<Mem>::activate(&mut rng, given).unwrap();
+        driver
+            .add_chain(&*mem, &[MockBuffer::writable(0x8000, 64)])
+            .unwrap();
+        kick.write(1).unwrap();
+        while !asked.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        VirtioDevice::<Mem>::reset(&mut rng);
+        assert!(!rng.is_active());
+        assert_eq!(format!("{rng:?}"), r#"Rng { state: "source lost" }"#);
+        assert!(crate::rng::tests::logged(
+            log::Level::Error,
+            "virtio-rng lost its source when its handler stopped"
+        ));
+        // Nothing to serve the queue with: activation is refused, and reset changes nothing.
+        let err = VirtioDevice::<Mem>::activate(&mut rng, params(1)).unwrap_err();
+        assert!(matches!(err, ActivateError::AlreadyActive), "{err:?}");
+        assert_eq!(rng.metrics().get("activate_fails"), Some(1));
+        VirtioDevice::<Mem>::reset(&mut rng);
+        assert_eq!(format!("{rng:?}"), r#"Rng { state: "source lost" }"#);
+        assert_eq!(driver.used_idx(&*mem).unwrap(), 0);
     }
 }

@@ -163,7 +163,50 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Mutex, Once, PoisonError};
+
     use super::*;
+
+    /// A logger that keeps every message, for the tests that check what the device logs.
+    struct Capture(Mutex<Vec<String>>);
+
+    static CAPTURE: Capture = Capture(Mutex::new(Vec::new()));
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+
+        fn log(&self, record: &log::Record<'_>) {
+            let line = format!("{}: {}", record.level(), record.args());
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(line);
+        }
+
+        fn flush(&self) {}
+    }
+
+    /// Keeps every message logged from now on, in the whole test binary.
+    pub(super) fn capture_logs() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            log::set_logger(&CAPTURE).expect("no other logger in the tests");
+            log::set_max_level(log::LevelFilter::Trace);
+        });
+    }
+
+    /// Whether a message that holds `text` was logged at `level` since [`capture_logs`].
+    pub(super) fn logged(level: log::Level, text: &str) -> bool {
+        let prefix = format!("{level}: ");
+        CAPTURE
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|line| line.starts_with(&prefix) && line.contains(text))
+    }
 
     #[test]
     fn the_host_source_fills_buffers_without_blocking() {
