@@ -368,10 +368,14 @@ mod tests {
 
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+    use std::sync::Mutex;
+
     use super::*;
     use crate::mock::{CountingTrigger, MockBuffer, MockDriver, bucket, guest_memory, wait_timer};
     use crate::queue;
     use crate::rng::HostRng;
+    use crate::rng::tests::{capture_logs, logged};
+    use crate::worker::{Worker, WorkerGate};
 
     type Mem = Arc<GuestMemoryMmap<()>>;
 
@@ -639,5 +643,265 @@ mod tests {
             matches!(err, Error::Queue(queue::Error::AvailIdxTooFar { .. })),
             "{err:?}"
         );
+    }
+
+    /// An interrupt that keeps what it is asked to raise, and fails each time when `fail`.
+    #[derive(Default)]
+    struct Recording {
+        raised: Mutex<Vec<VirtioInterruptType>>,
+        fail: bool,
+    }
+
+    impl Recording {
+        fn raised(&self) -> Vec<VirtioInterruptType> {
+            self.raised.lock().unwrap().clone()
+        }
+    }
+
+    impl VirtioInterrupt for Recording {
+        fn trigger(&self, kind: VirtioInterruptType) -> io::Result<()> {
+            self.raised.lock().unwrap().push(kind);
+            if self.fail {
+                return Err(io::Error::other("the interrupt line is gone"));
+            }
+            Ok(())
+        }
+    }
+
+    /// A handler of a queue laid out from `base` in `mem_size` bytes of guest memory, with
+    /// EVENT_IDX on when `event_idx`.
+    fn handler_at(mem_size: usize, base: u64, event_idx: bool) -> RngHandler<Mem, HostRng> {
+        let mem = Arc::new(guest_memory(mem_size).unwrap());
+        let mut queue = MockDriver::new(256, GuestAddress(base)).queue();
+        queue.set_event_idx(event_idx);
+        RngHandler::new(
+            HostRng,
+            RateLimiter::default(),
+            mem,
+            queue,
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            Arc::new(CountingTrigger::default()),
+        )
+    }
+
+    #[test]
+    fn the_debug_output_says_what_holds_the_handler_back() {
+        let limiter = RateLimiter::new(None, bucket(1, 1000)).unwrap();
+        let mut guest = guest_with(HostRng, limiter);
+        let idle = format!("{:?}", guest.handler);
+        assert!(
+            idle.starts_with("RngHandler { pending: false, throttled: false, broken: false"),
+            "{idle}"
+        );
+        assert!(idle.contains("rate_limiter: "), "{idle}");
+        for _ in 0..2 {
+            guest.add(&[MockBuffer::writable(DATA, 8)]);
+        }
+        assert_eq!(guest.handler.process_queue().unwrap(), 1);
+        let held = format!("{:?}", guest.handler);
+        assert!(
+            held.starts_with("RngHandler { pending: true, throttled: true, broken: false"),
+            "{held}"
+        );
+    }
+
+    #[test]
+    fn rings_outside_guest_memory_are_a_protocol_error() {
+        // Without EVENT_IDX, the first write is the used ring's flags.
+        let mut handler = handler_at(0x10000, 0x20000, false);
+        let err = handler.process_queue().unwrap_err();
+        assert!(
+            matches!(err, Error::Queue(queue::Error::GuestMemory(_))),
+            "{err:?}"
+        );
+        assert_eq!(handler.metrics().get("entropy_bytes"), Some(0));
+
+        // With it, the available ring is read, and empty, but the used ring's `avail_event`,
+        // past the end of memory, cannot be written when notifications go back on.
+        let used_ring = 16 * 256 + 6 + 2 * 256 + 2;
+        let base = (0x10000 - used_ring - 8) & !15;
+        let mut handler = handler_at(0x10000, base, true);
+        let err = handler.process_queue().unwrap_err();
+        assert!(
+            matches!(err, Error::Queue(queue::Error::GuestMemory(_))),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_full_batch_whose_wakeup_cannot_be_written_is_counted_and_logged() {
+        capture_logs();
+        let mut guest = guest();
+        // The eventfd's counter is at its highest: one more write would block.
+        guest.queue_evt.write(u64::MAX - 1).unwrap();
+        let len = u32::try_from(MAX_REQUEST_LEN).unwrap();
+        let per_batch = MAX_BATCH_BYTES / MAX_REQUEST_LEN;
+        for _ in 0..=per_batch {
+            guest.add(&[MockBuffer::writable(DATA, len)]);
+        }
+        assert_eq!(guest.handler.process_queue().unwrap(), per_batch);
+        assert_eq!(usize::from(guest.used_idx()), per_batch);
+        assert_eq!(guest.handler.metrics().get("entropy_event_fails"), Some(1));
+        assert!(!guest.handler.is_broken());
+        assert!(logged(
+            log::Level::Error,
+            "Cannot wake the virtio-rng handler for more requests"
+        ));
+        // The next notification serves the rest.
+        assert_eq!(guest.queue_evt.read().unwrap(), u64::MAX - 1);
+        assert_eq!(guest.handler.process_queue().unwrap(), 1);
+    }
+
+    #[test]
+    fn an_interrupt_that_cannot_be_raised_is_counted_and_the_chain_still_completes() {
+        capture_logs();
+        let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
+        let mut driver = MockDriver::new(256, GuestAddress(0));
+        let irq = Arc::new(Recording {
+            fail: true,
+            ..Recording::default()
+        });
+        let mut handler = RngHandler::new(
+            HostRng,
+            RateLimiter::default(),
+            mem.clone(),
+            driver.queue(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            irq.clone(),
+        );
+        let head = driver
+            .add_chain(&*mem, &[MockBuffer::writable(DATA, 32)])
+            .unwrap();
+        assert_eq!(handler.process_queue().unwrap(), 1);
+        assert_eq!(driver.used_elem(&*mem, 0).unwrap(), (u32::from(head), 32));
+        assert_eq!(irq.raised(), [QUEUE_INTERRUPT]);
+        assert_eq!(handler.metrics().get("entropy_event_fails"), Some(1));
+        assert_eq!(handler.metrics().get("entropy_bytes"), Some(32));
+        assert!(!handler.is_broken());
+        assert!(logged(
+            log::Level::Error,
+            "virtio-rng cannot raise its interrupt: the interrupt line is gone"
+        ));
+    }
+
+    #[test]
+    fn a_timer_event_before_the_timer_expired_serves_nothing() {
+        let limiter = RateLimiter::new(bucket(1000, 100), None).unwrap();
+        let mut guest = guest_with(HostRng, limiter);
+        guest.add(&[MockBuffer::writable(DATA, 8)]);
+        // Nothing armed the timer: the event is spurious.
+        assert_eq!(guest.handler.rate_limiter_event().unwrap(), 0);
+        assert_eq!(guest.used_idx(), 0);
+        assert!(!guest.handler.is_broken());
+        assert_eq!(
+            guest.handler.metrics().get("rate_limiter_event_count"),
+            Some(1)
+        );
+        // The queue is served as usual.
+        assert_eq!(guest.handler.process_queue().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_timer_event_with_no_request_held_back_serves_nothing() {
+        let limiter = RateLimiter::new(bucket(1000, 100), None).unwrap();
+        let mut guest = guest_with(HostRng, limiter);
+        // The limiter runs dry outside the queue, which arms its timer.
+        let limiter = &mut guest.handler.rate_limiter;
+        assert!(limiter.consume(600, TokenType::Bytes));
+        assert!(!limiter.consume(600, TokenType::Bytes));
+        wait_timer(guest.handler.rate_limiter());
+        guest.add(&[MockBuffer::writable(DATA, 8)]);
+        assert_eq!(guest.handler.rate_limiter_event().unwrap(), 0);
+        assert_eq!(guest.used_idx(), 0);
+        assert!(!guest.handler.is_throttled());
+        assert_eq!(
+            guest.handler.metrics().get("rate_limiter_event_count"),
+            Some(1)
+        );
+        // The timer was read: another event is spurious.
+        assert_eq!(guest.handler.rate_limiter_event().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_driver_that_breaks_the_protocol_stops_the_handler_until_reset() {
+        capture_logs();
+        let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
+        let mut driver = MockDriver::new(256, GuestAddress(0));
+        // Even where the interrupt cannot be raised, the handler stops.
+        let irq = Arc::new(Recording {
+            fail: true,
+            ..Recording::default()
+        });
+        let queue_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let handler = RngHandler::new(
+            HostRng,
+            RateLimiter::default(),
+            mem.clone(),
+            driver.queue(),
+            queue_evt.try_clone().unwrap(),
+            irq.clone(),
+        );
+        let worker = Worker::spawn("test-rng-broken".into(), handler, &WorkerGate::new()).unwrap();
+        driver.set_avail_idx(&*mem, 1000).unwrap();
+        let (broken, removed) = worker
+            .call(|h, ops| {
+                h.handle_event(ops, QUEUE_TOKEN, EventSet::IN);
+                // The handler left the loop's set: removing its descriptors again fails.
+                let removed = ops.remove(h.queue_evt.as_raw_fd()).is_err()
+                    && ops.remove(h.rate_limiter.as_raw_fd()).is_err();
+                (h.is_broken(), removed)
+            })
+            .unwrap();
+        assert!(broken);
+        assert!(removed, "the handler still waits on its descriptors");
+        assert_eq!(irq.raised(), [VirtioInterruptType::NeedsReset]);
+        assert!(logged(
+            log::Level::Warn,
+            "virtio-rng stops serving its queue until the driver resets it: The driver broke \
+             the protocol of the entropy device's queue"
+        ));
+
+        // Broken, it serves nothing: not a notification, not the timer.
+        queue_evt.write(1).unwrap();
+        let counters = worker
+            .call(|h, ops| {
+                h.handle_event(ops, QUEUE_TOKEN, EventSet::IN);
+                h.handle_event(ops, RATE_LIMITER_TOKEN, EventSet::IN);
+                (h.metrics().values(), h.process_queue().unwrap())
+            })
+            .unwrap();
+        let handler = worker.stop().unwrap();
+        assert_eq!(counters.1, 0);
+        let metrics = handler.metrics();
+        assert_eq!(metrics.values(), counters.0);
+        assert_eq!(metrics.get("entropy_event_count"), Some(1));
+        assert_eq!(metrics.get("entropy_event_fails"), Some(1));
+        assert_eq!(metrics.get("rate_limiter_event_count"), Some(0));
+        // The notification is still there: nobody read it.
+        assert_eq!(queue_evt.read().unwrap(), 1);
+        assert_eq!(irq.raised().len(), 1);
+    }
+
+    #[test]
+    fn an_unknown_token_is_ignored() {
+        let mut guest = guest();
+        guest.add(&[MockBuffer::writable(DATA, 8)]);
+        let Guest {
+            handler,
+            driver,
+            mem,
+            ..
+        } = guest;
+        let worker = Worker::spawn("test-rng-token".into(), handler, &WorkerGate::new()).unwrap();
+        let (broken, values) = worker
+            .call(|h, ops| {
+                h.handle_event(ops, RATE_LIMITER_TOKEN + 1, EventSet::IN);
+                (h.is_broken(), h.metrics().values())
+            })
+            .unwrap();
+        assert!(!broken);
+        assert!(values.iter().all(|&(_, value)| value == 0), "{values:?}");
+        assert_eq!(driver.used_idx(&*mem).unwrap(), 0);
+        worker.stop().unwrap();
     }
 }
