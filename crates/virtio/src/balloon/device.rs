@@ -322,16 +322,23 @@ mod tests {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{
+        Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+        GuestRegionMmap,
+    };
+    use vmm_sys_util::epoll::EventSet;
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
-    use crate::balloon::{BalloonHandler, PAGE_SIZE};
+    use crate::balloon::{BalloonHandler, INFLATE_QUEUE_TOKEN, PAGE_SIZE};
     use crate::mmio::MmioInterrupt;
     use crate::mock::{MockBuffer, MockDriver, guest_memory};
-    use crate::worker::WorkerGate;
+    use crate::worker::{EventHandler, Executor, Runner, WorkerGate};
 
     const MEM_SIZE: usize = 0x40_0000;
+    /// The size of the file-backed region some tests put after `MEM_SIZE`.
+    const FILE_LEN: usize = 0x1_0000;
     /// Where the tests' PFN arrays and statistics buffers live.
     const ARRAY: u64 = 0x3_0000;
     /// The first page the tests inflate.
@@ -350,9 +357,41 @@ mod tests {
 
     impl Guest {
         fn new(queues: usize) -> Self {
+            Self::with_memory(queues, guest_memory(MEM_SIZE).unwrap())
+        }
+
+        /// A guest whose memory is the usual anonymous region followed by `FILE_LEN` bytes of
+        /// a file of its own, mapped with `flags`; returns it with the file.
+        fn with_file_region(queues: usize, flags: i32) -> (Self, std::fs::File) {
+            let path = std::env::temp_dir().join(format!(
+                "ember-balloon-test-{}-{flags:#x}",
+                std::process::id()
+            ));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            std::fs::remove_file(&path).unwrap();
+            file.set_len(FILE_LEN as u64).unwrap();
+            let mapping = MmapRegionBuilder::new(FILE_LEN)
+                .with_file_offset(FileOffset::new(file.try_clone().unwrap(), 0))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags)
+                .build()
+                .unwrap();
+            let anon = GuestRegionMmap::from_range(GuestAddress(0), MEM_SIZE, None).unwrap();
+            let backed = GuestRegionMmap::new(mapping, GuestAddress(MEM_SIZE as u64)).unwrap();
+            let mem = GuestMemoryMmap::from_regions(vec![anon, backed]).unwrap();
+            (Self::with_memory(queues, mem), file)
+        }
+
+        fn with_memory(queues: usize, mem: GuestMemoryMmap<()>) -> Self {
             let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             Guest {
-                mem: Arc::new(guest_memory(MEM_SIZE).unwrap()),
+                mem: Arc::new(mem),
                 drivers: (0..queues)
                     .map(|i| MockDriver::new(QUEUE_SIZE, GuestAddress(0x8000 * i as u64)))
                     .collect(),
@@ -365,13 +404,21 @@ mod tests {
         }
 
         fn params(&self) -> ActivateParams<Mem> {
+            self.params_with(self.interrupt.clone(), WorkerGate::new())
+        }
+
+        fn params_with(
+            &self,
+            interrupt: Arc<dyn VirtioInterrupt>,
+            gate: WorkerGate,
+        ) -> ActivateParams<Mem> {
             ActivateParams::new(
                 self.mem.clone(),
                 BASE_FEATURES,
                 self.drivers.iter().map(MockDriver::queue).collect(),
                 self.kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
-                self.interrupt.clone(),
-                WorkerGate::new(),
+                interrupt,
+                gate,
             )
         }
 
@@ -730,5 +777,329 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
         );
+    }
+
+    /// An interrupt that can never be delivered.
+    struct RefusingInterrupt;
+
+    impl VirtioInterrupt for RefusingInterrupt {
+        fn trigger(&self, _kind: VirtioInterruptType) -> io::Result<()> {
+            Err(io::Error::other("the interrupt line is gone"))
+        }
+    }
+
+    fn load(counter: &std::sync::atomic::AtomicU64) -> u64 {
+        counter.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[test]
+    fn debug_output_shows_the_sizes_and_the_handler_state() {
+        let mut balloon = Balloon::new(BalloonConfig::new(1, false, 0)).unwrap();
+        VirtioDevice::<Mem>::write_config(&mut balloon, 4, &3u32.to_le_bytes());
+        let text = format!("{balloon:?}");
+        assert!(text.starts_with("Balloon {"), "{text}");
+        assert!(text.contains("features: 0x100000000"), "{text}");
+        assert!(text.contains("num_pages: 256"), "{text}");
+        assert!(text.contains("actual: 3"), "{text}");
+        assert!(text.contains("active: false"), "{text}");
+        let guest = Guest::new(3);
+        let (handler, _) = guest.handler(1);
+        let text = format!("{handler:?}");
+        assert!(text.contains("stats: true"), "{text}");
+        assert!(text.contains("stats_head: None"), "{text}");
+        assert!(text.contains("broken: false"), "{text}");
+    }
+
+    #[test]
+    fn a_handler_without_a_deflate_queue_is_refused() {
+        let guest = Guest::new(1);
+        let err = BalloonHandler::new(guest.params(), 0, None, Arc::default(), Arc::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("deflate"), "{err}");
+    }
+
+    #[test]
+    fn a_handler_without_statistics_ignores_the_interval_and_the_stats_queue() {
+        let guest = Guest::new(2);
+        let (mut handler, stats) = guest.handler(0);
+        handler.set_stats_interval(5).unwrap();
+        handler.process_stats().unwrap();
+        handler.poll_stats().unwrap();
+        assert_eq!(*stats.lock().unwrap(), GuestStats::default());
+        assert_eq!(guest.irq.read().ok(), None);
+        assert!(handler.into_timer().is_none());
+    }
+
+    #[test]
+    fn a_stats_queue_without_a_timer_refuses_an_interval_and_keeps_its_buffer() {
+        let mut guest = Guest::new(3);
+        // A statistics queue, but no polling interval: no timer is made.
+        let (mut handler, stats) = guest.handler(0);
+        stats_buffer(&mut guest, &[(4, 9)], 0);
+        handler.process_stats().unwrap();
+        assert_eq!(stats.lock().unwrap().free_memory, Some(9));
+        assert!(handler.set_stats_interval(1).is_err());
+        // The buffer is still held: nothing was handed back.
+        assert_eq!(guest.used_idx(2), 0);
+        assert!(!handler.is_broken());
+    }
+
+    #[test]
+    fn a_flood_of_deflate_chains_is_handled_a_budget_at_a_time() {
+        let mut guest = Guest::new(2);
+        let (mut handler, _) = guest.handler(0);
+        for _ in 0..QUEUE_SIZE {
+            guest.send_pfns(1, &[FIRST_PAGE as u32]);
+        }
+        handler.process_deflate().unwrap();
+        assert_eq!(guest.used_idx(1), QUEUE_SIZE);
+        assert_eq!(
+            load(&handler.metrics().deflate_count),
+            u64::from(QUEUE_SIZE)
+        );
+        // The handler asked to come back on the deflate queue, not the inflate one.
+        assert_eq!(guest.kicks[1].read().unwrap(), 1);
+        assert!(guest.kicks[0].read().is_err());
+        assert_eq!(guest.irq.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_full_queue_eventfd_is_counted_and_the_chains_are_still_used() {
+        let mut guest = Guest::new(2);
+        let (mut handler, _) = guest.handler(0);
+        // The eventfd cannot count any further: the handler's own notification fails.
+        guest.kicks[0].write(u64::MAX - 1).unwrap();
+        for _ in 0..QUEUE_SIZE {
+            guest.send_pfns(0, &[FIRST_PAGE as u32]);
+        }
+        handler.process_inflate().unwrap();
+        assert!(!handler.is_broken());
+        assert_eq!(guest.used_idx(0), QUEUE_SIZE);
+        assert_eq!(load(&handler.metrics().event_fails), 1);
+        assert_eq!(
+            load(&handler.metrics().inflate_count),
+            u64::from(QUEUE_SIZE)
+        );
+    }
+
+    #[test]
+    fn an_interrupt_that_cannot_be_raised_is_counted_and_the_buffers_still_go_back() {
+        let mut guest = Guest::new(2);
+        let mut handler = BalloonHandler::new(
+            guest.params_with(Arc::new(RefusingInterrupt), WorkerGate::new()),
+            0,
+            None,
+            Arc::default(),
+            Arc::default(),
+        )
+        .unwrap();
+        guest.send_pfns(1, &[FIRST_PAGE as u32]);
+        handler.process_deflate().unwrap();
+        guest.send_pfns(1, &[FIRST_PAGE as u32 + 1]);
+        handler.process_deflate().unwrap();
+        assert!(!handler.is_broken());
+        assert_eq!(guest.used_idx(1), 2);
+        assert_eq!(load(&handler.metrics().deflate_count), 2);
+        assert_eq!(load(&handler.metrics().event_fails), 2);
+    }
+
+    #[test]
+    fn a_target_the_driver_cannot_be_told_of_is_counted_and_kept() {
+        let guest = Guest::new(2);
+        let mut balloon = Balloon::new(BalloonConfig::new(1, false, 0)).unwrap();
+        VirtioDevice::<Mem>::activate(
+            &mut balloon,
+            guest.params_with(Arc::new(RefusingInterrupt), WorkerGate::new()),
+        )
+        .unwrap();
+        balloon.set_target_mib(2).unwrap();
+        assert_eq!(balloon.stats().target_pages, 512);
+        assert_eq!(balloon.config().amount_mib, 2);
+        assert_eq!(load(&balloon.metrics().event_fails), 1);
+        VirtioDevice::<Mem>::reset(&mut balloon);
+        assert!(!balloon.is_active());
+    }
+
+    #[test]
+    fn an_inactive_balloon_takes_a_new_interval_at_once() {
+        let mut balloon = Balloon::new(BalloonConfig::new(0, false, 1)).unwrap();
+        assert_eq!(
+            VirtioDevice::<Mem>::device_type(&balloon),
+            VIRTIO_ID_BALLOON
+        );
+        balloon.set_stats_interval(7).unwrap().wait().unwrap();
+        assert_eq!(balloon.config().stats_polling_interval_s, 7);
+        assert!(!balloon.is_active());
+    }
+
+    #[test]
+    fn a_second_activation_is_refused_and_counted() {
+        let guest = Guest::new(2);
+        let mut balloon = Balloon::new(BalloonConfig::new(0, false, 0)).unwrap();
+        VirtioDevice::<Mem>::activate(&mut balloon, guest.params()).unwrap();
+        assert!(matches!(
+            VirtioDevice::<Mem>::activate(&mut balloon, guest.params()),
+            Err(ActivateError::AlreadyActive)
+        ));
+        assert!(balloon.is_active());
+        assert_eq!(load(&balloon.metrics().activate_fails), 1);
+        VirtioDevice::<Mem>::reset(&mut balloon);
+    }
+
+    #[test]
+    fn a_worker_that_cannot_start_fails_the_activation_and_a_later_one_polls() {
+        let mut guest = Guest::new(3);
+        let mut balloon = Balloon::new(BalloonConfig::new(0, false, 1)).unwrap();
+        let gate = WorkerGate::new();
+        gate.set_thread_hook(Some(Arc::new(|_: &str| {
+            Err(io::Error::other("no worker here"))
+        })));
+        assert!(matches!(
+            VirtioDevice::<Mem>::activate(
+                &mut balloon,
+                guest.params_with(guest.interrupt.clone(), gate)
+            ),
+            Err(ActivateError::Worker(_))
+        ));
+        assert!(!balloon.is_active());
+        assert_eq!(load(&balloon.metrics().activate_fails), 1);
+        // The device is as before: the next activation serves statistics on its timer.
+        VirtioDevice::<Mem>::activate(&mut balloon, guest.params()).unwrap();
+        stats_buffer(&mut guest, &[(7, 11)], 0);
+        guest.kicks[2].write(1).unwrap();
+        wait_for("the statistics", || {
+            balloon.stats().guest.disk_caches == Some(11)
+        });
+        wait_for("the poll", || guest.used_idx(2) == 1);
+        VirtioDevice::<Mem>::reset(&mut balloon);
+        assert_eq!(load(&balloon.metrics().activate_fails), 1);
+    }
+
+    #[test]
+    fn a_broken_deflate_queue_stops_every_queue_until_reset() {
+        let mut guest = Guest::new(3);
+        let (handler, _) = guest.handler(1);
+        let metrics = handler_metrics(&handler);
+        let runner = Runner::start(
+            "balloon-test".into(),
+            handler,
+            &Executor::Thread(WorkerGate::new()),
+        )
+        .unwrap();
+        // An available index far past what the deflate ring holds.
+        let avail = guest.drivers[1].avail_ring();
+        guest
+            .mem
+            .write_obj(QUEUE_SIZE * 2, avail.unchecked_add(2))
+            .unwrap();
+        guest.kicks[1].write(1).unwrap();
+        wait_for("the handler to stop", || {
+            runner.call(|h, _| h.is_broken()).unwrap()
+        });
+        assert_eq!(load(&metrics.event_fails), 1);
+        // The driver is asked for a reset.
+        assert_eq!(guest.irq.read().unwrap(), 1);
+        // A valid inflate chain, kicked and even handed in as an event, is left alone.
+        guest.fill(FIRST_PAGE, 5);
+        guest.send_pfns(0, &[FIRST_PAGE as u32]);
+        guest.kicks[0].write(1).unwrap();
+        runner
+            .call(|h, ops| h.handle_event(ops, INFLATE_QUEUE_TOKEN, EventSet::IN))
+            .unwrap();
+        assert_eq!(guest.used_idx(0), 0);
+        assert!(!guest.page_is_zero(FIRST_PAGE));
+        assert_eq!(load(&metrics.inflate_count), 0);
+        assert_eq!(load(&metrics.event_fails), 1);
+        let handler = runner.stop().unwrap();
+        assert!(handler.is_broken());
+    }
+
+    #[test]
+    fn an_unknown_event_token_is_ignored() {
+        let mut guest = Guest::new(2);
+        let (handler, _) = guest.handler(0);
+        let metrics = handler_metrics(&handler);
+        let runner = Runner::start(
+            "balloon-test".into(),
+            handler,
+            &Executor::Thread(WorkerGate::new()),
+        )
+        .unwrap();
+        let broken = runner
+            .call(|h, ops| {
+                h.handle_event(ops, 99, EventSet::IN);
+                h.is_broken()
+            })
+            .unwrap();
+        assert!(!broken);
+        assert!(metrics.values().iter().all(|&(_, value)| value == 0));
+        // The handler goes on serving its queues.
+        guest.send_pfns(1, &[FIRST_PAGE as u32]);
+        guest.kicks[1].write(1).unwrap();
+        wait_for("the deflation", || guest.used_idx(1) == 1);
+        runner.stop().unwrap();
+    }
+
+    /// The byte at `offset` in `file`, as the file itself holds it.
+    fn file_byte(file: &std::fs::File, offset: u64) -> u8 {
+        use std::os::unix::fs::FileExt;
+        let mut byte = [0xffu8];
+        file.read_exact_at(&mut byte, offset).unwrap();
+        byte[0]
+    }
+
+    #[test]
+    fn pages_of_a_shared_file_are_removed_from_the_file_too() {
+        let (mut guest, file) = Guest::with_file_region(2, libc::MAP_SHARED);
+        let (mut handler, _) = guest.handler(0);
+        let metrics = handler_metrics(&handler);
+        let last_anon = MEM_SIZE as u64 / PAGE_SIZE - 1;
+        // The last anonymous page and the first three pages of the file, one range of PFNs
+        // across the two regions; the file's fourth page stays.
+        for page in last_anon..last_anon + 5 {
+            guest.fill(page, 0x5a);
+        }
+        assert_eq!(file_byte(&file, 0), 0x5a);
+        let first = u32::try_from(last_anon).unwrap();
+        guest.send_pfns(0, &[first + 2, first, first + 3, first + 1]);
+        handler.process_inflate().unwrap();
+        assert_eq!(guest.used_idx(0), 1);
+        for page in last_anon..last_anon + 4 {
+            assert!(guest.page_is_zero(page), "page {page:#x}");
+        }
+        assert!(!guest.page_is_zero(last_anon + 4));
+        // The file's pages are gone from the file, not only from the mapping.
+        for file_page in 0..3 {
+            assert_eq!(file_byte(&file, file_page * PAGE_SIZE), 0);
+        }
+        assert_eq!(file_byte(&file, 3 * PAGE_SIZE), 0x5a);
+        assert_eq!(load(&metrics.inflated_pages), 4);
+        assert_eq!(load(&metrics.event_fails), 0);
+    }
+
+    #[test]
+    fn pages_the_host_refuses_to_take_back_are_counted_and_the_chain_is_used() {
+        // A private mapping of a file: the kernel refuses to remove its pages.
+        let (mut guest, file) = Guest::with_file_region(2, libc::MAP_PRIVATE);
+        let (mut handler, _) = guest.handler(0);
+        let metrics = handler_metrics(&handler);
+        let first_file_page = MEM_SIZE as u64 / PAGE_SIZE;
+        guest.fill(first_file_page, 0x77);
+        guest.send_pfns(0, &[u32::try_from(first_file_page).unwrap()]);
+        handler.process_inflate().unwrap();
+        assert!(!handler.is_broken());
+        assert_eq!(guest.used_idx(0), 1);
+        assert_eq!(load(&metrics.event_fails), 1);
+        assert_eq!(load(&metrics.inflated_pages), 0);
+        // The guest's page is as it was, and the file was never written.
+        assert!(!guest.page_is_zero(first_file_page));
+        assert_eq!(file_byte(&file, 0), 0);
+        // The handler goes on: the next chain, of an anonymous page, is given back.
+        guest.fill(FIRST_PAGE, 0x77);
+        guest.send_pfns(0, &[FIRST_PAGE as u32]);
+        handler.process_inflate().unwrap();
+        assert_eq!(guest.used_idx(0), 2);
+        assert!(guest.page_is_zero(FIRST_PAGE));
+        assert_eq!(load(&metrics.inflated_pages), 1);
     }
 }

@@ -307,4 +307,37 @@ mod tests {
         assert_eq!(stats.total_memory, Some(105));
         assert_eq!(stats.hugetlb_failures, Some(109));
     }
+
+    #[test]
+    fn metrics_values_name_every_counter_in_a_fixed_order() {
+        let metrics = BalloonMetrics::default();
+        let counters = [
+            &metrics.activate_fails,
+            &metrics.inflate_count,
+            &metrics.deflate_count,
+            &metrics.stats_updates_count,
+            &metrics.stats_update_fails,
+            &metrics.event_fails,
+            &metrics.inflated_pages,
+            &metrics.invalid_pfns,
+        ];
+        // Each counter gets its own value, so that a name paired with the wrong counter shows.
+        for (counter, value) in counters.iter().zip(1u64..) {
+            add(counter, value * 10);
+        }
+        inc(&metrics.invalid_pfns);
+        assert_eq!(
+            metrics.values(),
+            [
+                ("activate_fails", 10),
+                ("inflate_count", 20),
+                ("deflate_count", 30),
+                ("stats_updates_count", 40),
+                ("stats_update_fails", 50),
+                ("event_fails", 60),
+                ("inflated_pages", 70),
+                ("invalid_pfns", 81),
+            ]
+        );
+    }
 }
