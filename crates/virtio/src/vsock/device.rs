@@ -264,9 +264,11 @@ where
 mod tests {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::epoll::EventSet;
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
@@ -291,7 +293,15 @@ mod tests {
         kicks: Vec<EventFd>,
     }
 
-    fn activate(vsock: &mut Vsock) -> Driver {
+    fn activate<B: VsockBackend>(vsock: &mut Vsock<B>) -> Driver {
+        let (result, driver) = try_activate(vsock);
+        result.unwrap();
+        driver
+    }
+
+    fn try_activate<B: VsockBackend>(
+        vsock: &mut Vsock<B>,
+    ) -> (std::result::Result<(), ActivateError>, Driver) {
         let mem = Arc::new(guest_memory(0x10_0000).unwrap());
         let drivers: Vec<_> = [0u64, 0x4000, 0x8000]
             .into_iter()
@@ -300,7 +310,7 @@ mod tests {
         let kicks: Vec<_> = (0..3)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
-        VirtioDevice::<Mem>::activate(
+        let result = VirtioDevice::<Mem>::activate(
             vsock,
             ActivateParams::new(
                 mem.clone(),
@@ -310,14 +320,14 @@ mod tests {
                 Arc::new(CountingTrigger::default()),
                 WorkerGate::new(),
             ),
-        )
-        .unwrap();
-        Driver {
+        );
+        let driver = Driver {
             mem,
             rx: drivers[0].clone(),
             ev: drivers[2].clone(),
             kicks,
-        }
+        };
+        (result, driver)
     }
 
     #[test]
@@ -453,5 +463,150 @@ mod tests {
         assert_eq!(vsock.metrics().get("conns_removed"), Some(2));
         drop(vsock);
         assert!(!path.exists(), "the listener's path goes with the device");
+    }
+
+    /// A backend to test the device's lifecycle with: its descriptor may be made invalid, it
+    /// counts its resets, and it panics when notified.
+    #[derive(Debug)]
+    struct Probe {
+        evt: EventFd,
+        bad_fd: Arc<AtomicBool>,
+        resets: Arc<AtomicUsize>,
+        notified: Arc<AtomicBool>,
+    }
+
+    impl Probe {
+        fn new() -> Self {
+            Probe {
+                evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                bad_fd: Arc::default(),
+                resets: Arc::default(),
+                notified: Arc::default(),
+            }
+        }
+    }
+
+    impl std::os::fd::AsRawFd for Probe {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            if self.bad_fd.load(Ordering::SeqCst) {
+                -1
+            } else {
+                self.evt.as_raw_fd()
+            }
+        }
+    }
+
+    impl VsockBackend for Probe {
+        fn send_pkt(&mut self, _header: &PacketHeader, _payload: &[u8]) {}
+        fn reject(&mut self, _header: &PacketHeader) {}
+        fn recv_pkt(&mut self, _header: &mut PacketHeader, _payload: &mut [u8]) -> Option<usize> {
+            None
+        }
+        fn has_pending_rx(&self) -> bool {
+            false
+        }
+        fn notify(&mut self, _events: EventSet) {
+            self.notified.store(true, Ordering::SeqCst);
+            panic!("the test backend breaks when notified");
+        }
+        fn reset(&mut self) {
+            self.resets.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_handler_that_cannot_start_leaves_the_device_ready_with_its_backend_reset() {
+        let probe = Probe::new();
+        let (bad_fd, resets) = (probe.bad_fd.clone(), probe.resets.clone());
+        bad_fd.store(true, Ordering::SeqCst);
+        let mut vsock = Vsock::with_backend(3, probe).unwrap();
+        assert_eq!(vsock.guest_cid(), 3);
+        assert!(matches!(
+            Vsock::with_backend(2, Probe::new()),
+            Err(Error::InvalidCid(2))
+        ));
+        // The backend's descriptor cannot be watched: the handler's init fails.
+        let (result, _driver) = try_activate(&mut vsock);
+        assert!(
+            matches!(result, Err(ActivateError::Worker(_))),
+            "{result:?}"
+        );
+        assert!(!vsock.is_active());
+        assert_eq!(
+            resets.load(Ordering::SeqCst),
+            1,
+            "the backend starts afresh"
+        );
+        assert_eq!(vsock.metrics().get("activate_fails"), Some(1));
+        assert_eq!(
+            format!("{vsock:?}"),
+            r#"Vsock { guest_cid: 3, state: "ready" }"#
+        );
+        // The backend came back: the device activates once the descriptor is good.
+        bad_fd.store(false, Ordering::SeqCst);
+        let _driver = activate(&mut vsock);
+        assert!(vsock.is_active());
+        assert_eq!(
+            format!("{vsock:?}"),
+            r#"Vsock { guest_cid: 3, state: "active" }"#
+        );
+        VirtioDevice::<Mem>::reset(&mut vsock);
+        assert_eq!(resets.load(Ordering::SeqCst), 2);
+        assert!(!vsock.is_active());
+    }
+
+    #[test]
+    fn activating_an_active_device_again_is_refused_and_it_keeps_serving() {
+        let path = socket_path("twice.sock");
+        let mut vsock = Vsock::new(3, &path).unwrap();
+        let _driver = activate(&mut vsock);
+        let (result, _again) = try_activate(&mut vsock);
+        assert!(
+            matches!(result, Err(ActivateError::AlreadyActive)),
+            "{result:?}"
+        );
+        assert!(vsock.is_active());
+        assert_eq!(vsock.metrics().get("activate_fails"), Some(1));
+        VirtioDevice::<Mem>::reset(&mut vsock);
+        assert!(!vsock.is_active());
+    }
+
+    #[test]
+    fn a_handler_that_panicked_loses_the_backend_and_the_device_cannot_activate_again() {
+        let probe = Probe::new();
+        let (resets, notified) = (probe.resets.clone(), probe.notified.clone());
+        let kick = probe.evt.try_clone().unwrap();
+        let mut vsock = Vsock::with_backend(3, probe).unwrap();
+        let _driver = activate(&mut vsock);
+        // The backend's descriptor is ready: the handler notifies it, and it panics.
+        kick.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !notified.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the backend was not notified");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Still active as far as the device knows; asking its handler for a reset is harmless.
+        vsock.send_transport_reset();
+        assert!(vsock.is_active());
+        // The reset cannot take the backend back from a thread that panicked.
+        VirtioDevice::<Mem>::reset(&mut vsock);
+        assert!(!vsock.is_active());
+        assert_eq!(resets.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            format!("{vsock:?}"),
+            r#"Vsock { guest_cid: 3, state: "backend lost" }"#
+        );
+        // Lost stays lost: a second reset changes nothing, activation is refused.
+        VirtioDevice::<Mem>::reset(&mut vsock);
+        let (result, _driver) = try_activate(&mut vsock);
+        assert!(
+            matches!(result, Err(ActivateError::AlreadyActive)),
+            "{result:?}"
+        );
+        assert!(!vsock.is_active());
+        assert_eq!(vsock.metrics().get("activate_fails"), Some(1));
+        // A transport reset is kept for an activation that never comes, without a panic.
+        vsock.send_transport_reset();
+        assert!(vsock.reset_pending);
     }
 }

@@ -1270,4 +1270,356 @@ mod tests {
         assert_eq!(guest.handler.backend().connections(), 0);
         let (_host, _) = guest.host_connect(53);
     }
+
+    /// An interrupt that records what it was asked to tell the driver, and fails when told to.
+    #[derive(Clone, Debug, Default)]
+    struct Recorder {
+        kinds: Arc<std::sync::Mutex<Vec<VirtioInterruptType>>>,
+        fail: bool,
+    }
+
+    impl Recorder {
+        fn kinds(&self) -> Vec<VirtioInterruptType> {
+            self.kinds.lock().unwrap().clone()
+        }
+    }
+
+    impl VirtioInterrupt for Recorder {
+        fn trigger(&self, kind: VirtioInterruptType) -> io::Result<()> {
+            self.kinds.lock().unwrap().push(kind);
+            if self.fail {
+                Err(io::Error::other("the interrupt is gone"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    type TestWorker = crate::worker::Worker<VsockHandler<Mem, VsockUnixBackend>>;
+
+    /// Runs the guest's handler on a worker thread, with `recorder` as its interrupt.
+    fn on_worker(
+        guest: &mut Guest,
+        recorder: &Recorder,
+    ) -> (TestWorker, crate::worker::WorkerGate) {
+        let placeholder = {
+            let backend = VsockUnixBackend::new(CID, guest._dir.0.join("spare.sock")).unwrap();
+            let q = || MockDriver::new(QSIZE, GuestAddress(0x3_0000)).queue();
+            let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            VsockHandler::new(
+                CID,
+                backend,
+                guest.mem.clone(),
+                [q(), q(), q()],
+                [evt(), evt(), evt()],
+                Arc::new(CountingTrigger::default()),
+            )
+        };
+        let mut handler = std::mem::replace(&mut guest.handler, placeholder);
+        handler.interrupt = Arc::new(recorder.clone());
+        let gate = crate::worker::WorkerGate::new();
+        let worker = crate::worker::Worker::spawn("test-vsock".into(), handler, &gate).unwrap();
+        (worker, gate)
+    }
+
+    /// Whether `ops` still watches `fd`: removing it again fails once it was removed.
+    fn still_watched(ops: &mut EventOps<'_>, fd: std::os::fd::RawFd) -> bool {
+        let watched = ops.remove(fd).is_ok();
+        if watched {
+            ops.add(fd, EventSet::IN, 99).unwrap();
+        }
+        watched
+    }
+
+    #[test]
+    fn a_tx_avail_index_past_the_ring_breaks_the_handler_until_reset() {
+        let mut guest = guest();
+        let metrics = guest.handler.metrics().clone();
+        let recorder = Recorder::default();
+        // The transmit ring holds 512: an avail index 513 ahead is a broken driver.
+        guest.tx.set_avail_idx(&*guest.mem, QSIZE * 2 + 1).unwrap();
+        let (worker, _gate) = on_worker(&mut guest, &recorder);
+        let broken = worker
+            .call(|h, ops| {
+                assert!(!h.is_broken());
+                h.handle_event(ops, TX_QUEUE_TOKEN, EventSet::IN);
+                let fds = [
+                    h.queue_evts[0].as_raw_fd(),
+                    h.queue_evts[1].as_raw_fd(),
+                    h.queue_evts[2].as_raw_fd(),
+                    h.backend.as_raw_fd(),
+                ];
+                let watched: Vec<bool> = fds.iter().map(|&fd| still_watched(ops, fd)).collect();
+                (h.is_broken(), watched)
+            })
+            .unwrap();
+        assert_eq!(
+            broken,
+            (true, vec![false; 4]),
+            "broken and watching nothing"
+        );
+        assert_eq!(metrics.get("tx_queue_event_count"), Some(1));
+        assert_eq!(metrics.get("tx_queue_event_fails"), Some(1));
+        assert_eq!(recorder.kinds(), [VirtioInterruptType::NeedsReset]);
+        // Broken, it serves nothing, whatever the driver does, until the device is reset.
+        let served = worker
+            .call(|h, ops| {
+                h.queue_transport_reset();
+                for token in [
+                    RX_QUEUE_TOKEN,
+                    TX_QUEUE_TOKEN,
+                    EV_QUEUE_TOKEN,
+                    BACKEND_TOKEN,
+                ] {
+                    h.handle_event(ops, token, EventSet::IN);
+                }
+                (
+                    h.process_tx().unwrap(),
+                    h.process_rx().unwrap(),
+                    h.process_event_queue().unwrap(),
+                )
+            })
+            .unwrap();
+        assert_eq!(served, (0, 0, 0));
+        assert_eq!(metrics.get("tx_queue_event_count"), Some(1));
+        assert_eq!(metrics.get("rx_queue_event_count"), Some(0));
+        assert_eq!(metrics.get("tx_queue_event_fails"), Some(1));
+        assert_eq!(recorder.kinds(), [VirtioInterruptType::NeedsReset]);
+        let handler = worker.stop().unwrap();
+        assert!(handler.is_broken());
+    }
+
+    #[test]
+    fn an_rx_avail_index_past_the_ring_breaks_the_handler_from_a_queue_or_backend_event() {
+        for token in [RX_QUEUE_TOKEN, BACKEND_TOKEN] {
+            let mut guest = guest();
+            let metrics = guest.handler.metrics().clone();
+            let recorder = Recorder::default();
+            // A packet for no connection: a reset waits for a receive buffer.
+            guest.send(header(OP_RW, 70, 71), &[]);
+            assert!(guest.handler.backend().has_pending_rx());
+            guest.rx.set_avail_idx(&*guest.mem, QSIZE + 1).unwrap();
+            let (worker, _gate) = on_worker(&mut guest, &recorder);
+            let broken = worker
+                .call(move |h, ops| {
+                    h.handle_event(ops, token, EventSet::IN);
+                    h.is_broken()
+                })
+                .unwrap();
+            assert!(broken, "token {token}");
+            assert_eq!(
+                metrics.get("rx_queue_event_fails"),
+                Some(1),
+                "token {token}"
+            );
+            assert_eq!(
+                metrics.get("tx_queue_event_fails"),
+                Some(0),
+                "token {token}"
+            );
+            let queue_events = u64::from(token == RX_QUEUE_TOKEN);
+            assert_eq!(metrics.get("rx_queue_event_count"), Some(queue_events));
+            assert_eq!(recorder.kinds(), [VirtioInterruptType::NeedsReset]);
+            assert_eq!(guest.rx.used_idx(&*guest.mem).unwrap(), 0);
+            worker.stop().unwrap();
+        }
+    }
+
+    #[test]
+    fn an_event_avail_index_past_the_ring_breaks_the_handler() {
+        let mut guest = guest();
+        let metrics = guest.handler.metrics().clone();
+        let recorder = Recorder::default();
+        guest.ev.set_avail_idx(&*guest.mem, QSIZE + 1).unwrap();
+        let (worker, _gate) = on_worker(&mut guest, &recorder);
+        let (before, after) = worker
+            .call(|h, ops| {
+                // Nothing to send: the ring is not read.
+                h.handle_event(ops, EV_QUEUE_TOKEN, EventSet::IN);
+                let before = h.is_broken();
+                h.queue_transport_reset();
+                h.handle_event(ops, EV_QUEUE_TOKEN, EventSet::IN);
+                (before, h.is_broken())
+            })
+            .unwrap();
+        assert_eq!((before, after), (false, true));
+        assert_eq!(metrics.get("ev_queue_event_fails"), Some(1));
+        assert_eq!(recorder.kinds(), [VirtioInterruptType::NeedsReset]);
+        worker.stop().unwrap();
+    }
+
+    #[test]
+    fn a_reset_queued_before_the_worker_starts_is_sent_or_breaks_the_handler_at_init() {
+        // A buffer is there: the event goes as the worker starts.
+        let mut guest = guest();
+        guest.handler.queue_transport_reset();
+        guest
+            .ev
+            .add_chain(&*guest.mem, &[MockBuffer::writable(0x3_1000, 8)])
+            .unwrap();
+        let recorder = Recorder::default();
+        let (worker, _gate) = on_worker(&mut guest, &recorder);
+        let state = worker
+            .call(|h, _| (h.is_reset_pending(), h.is_broken()))
+            .unwrap();
+        assert_eq!(state, (false, false));
+        assert_eq!(guest.ev.used_elem(&*guest.mem, 0).unwrap().1, 4);
+        assert_eq!(recorder.kinds(), [VirtioInterruptType::Queue(2)]);
+        worker.stop().unwrap();
+        // The event ring is broken: the handler stops serving and asks for a reset.
+        let mut guest = self::guest();
+        guest.handler.queue_transport_reset();
+        guest.ev.set_avail_idx(&*guest.mem, QSIZE + 1).unwrap();
+        let recorder = Recorder::default();
+        let (worker, _gate) = on_worker(&mut guest, &recorder);
+        let (broken, watched) = worker
+            .call(|h, ops| {
+                let fd = h.queue_evts[TX_QUEUE].as_raw_fd();
+                (h.is_broken(), still_watched(ops, fd))
+            })
+            .unwrap();
+        assert!(broken);
+        assert!(!watched, "a broken handler waits on nothing");
+        assert_eq!(recorder.kinds(), [VirtioInterruptType::NeedsReset]);
+        worker.stop().unwrap();
+    }
+
+    #[test]
+    fn queue_events_are_served_and_unknown_tokens_ignored() {
+        let mut guest = guest();
+        let metrics = guest.handler.metrics().clone();
+        guest.give_rx(4);
+        let hdr = header(OP_RW, 70, 71);
+        let addr = guest.write_tx(&hdr, &[]);
+        guest
+            .tx
+            .add_chain(&*guest.mem, &[MockBuffer::readable(addr, 44)])
+            .unwrap();
+        guest.evts[TX_QUEUE].write(1).unwrap();
+        let recorder = Recorder::default();
+        let (worker, _gate) = on_worker(&mut guest, &recorder);
+        // The worker reads the notification and takes the packet; its reset goes back.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while guest.rx.used_idx(&*guest.mem).unwrap() == 0 {
+            assert!(Instant::now() < deadline, "the notification was not served");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let broken = worker
+            .call(|h, ops| {
+                h.handle_event(ops, 99, EventSet::IN);
+                // Served with its eventfd clear: nothing more, nothing counted as failed.
+                h.handle_event(ops, RX_QUEUE_TOKEN, EventSet::IN);
+                h.handle_event(ops, EV_QUEUE_TOKEN, EventSet::IN);
+                h.is_broken()
+            })
+            .unwrap();
+        assert!(!broken);
+        assert_eq!(guest.tx.used_idx(&*guest.mem).unwrap(), 1);
+        assert_eq!(guest.recv_all()[0].0.op, OP_RST);
+        assert_eq!(metrics.get("tx_queue_event_count"), Some(1));
+        assert_eq!(metrics.get("rx_queue_event_count"), Some(1));
+        for name in [
+            "tx_queue_event_fails",
+            "rx_queue_event_fails",
+            "ev_queue_event_fails",
+        ] {
+            assert_eq!(metrics.get(name), Some(0), "{name}");
+        }
+        worker.stop().unwrap();
+    }
+
+    #[test]
+    fn an_interrupt_that_cannot_be_raised_is_counted_per_queue_and_serving_goes_on() {
+        let mut guest = guest();
+        let recorder = Recorder {
+            fail: true,
+            ..Recorder::default()
+        };
+        guest.handler.interrupt = Arc::new(recorder.clone());
+        guest.give_rx(4);
+        // The packet is taken, its reset handed back: each queue counts its lost interrupt.
+        guest.send(header(OP_RW, 70, 71), &[]);
+        assert_eq!(guest.tx.used_idx(&*guest.mem).unwrap(), 1);
+        assert_eq!(guest.recv_all()[0].0.op, OP_RST);
+        assert_eq!(guest.metric("tx_queue_event_fails"), 1);
+        assert_eq!(guest.metric("rx_queue_event_fails"), 1);
+        guest
+            .ev
+            .add_chain(&*guest.mem, &[MockBuffer::writable(0x3_1000, 8)])
+            .unwrap();
+        assert_eq!(guest.handler.send_transport_reset().unwrap(), 1);
+        assert!(!guest.handler.is_reset_pending());
+        assert_eq!(guest.metric("ev_queue_event_fails"), 1);
+        assert_eq!(
+            recorder.kinds(),
+            [
+                VirtioInterruptType::Queue(1),
+                VirtioInterruptType::Queue(0),
+                VirtioInterruptType::Queue(2)
+            ]
+        );
+        assert!(!guest.handler.is_broken());
+        // It goes on: the next packet is taken too.
+        guest.send(header(OP_RW, 72, 73), &[]);
+        assert_eq!(guest.tx.used_idx(&*guest.mem).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_full_tx_eventfd_is_counted_when_the_budget_runs_out() {
+        let mut guest = guest();
+        // The eventfd's counter at its most: one more does not fit.
+        guest.evts[TX_QUEUE].write(u64::MAX - 1).unwrap();
+        for i in 0..300u32 {
+            let hdr = header(OP_RW, 1000 + i, 2000);
+            let addr = guest.write_tx(&hdr, &[]);
+            guest
+                .tx
+                .add_chain(&*guest.mem, &[MockBuffer::readable(addr, 44)])
+                .unwrap();
+        }
+        assert_eq!(guest.handler.process_tx().unwrap(), TX_BUDGET);
+        assert_eq!(guest.metric("tx_queue_event_fails"), 1);
+        assert_eq!(guest.evts[TX_QUEUE].read().unwrap(), u64::MAX - 1);
+        // The rest waits for the next call.
+        assert_eq!(guest.handler.process_tx().unwrap(), 300 - TX_BUDGET);
+    }
+
+    #[test]
+    fn a_full_rx_eventfd_is_counted_when_the_budget_runs_out() {
+        let mem = Arc::new(guest_memory(MEM_SIZE).unwrap());
+        let mut rx = MockDriver::new(QSIZE * 2, GuestAddress(0));
+        let tx = MockDriver::new(QSIZE, GuestAddress(0x2_0000));
+        let ev = MockDriver::new(QSIZE, GuestAddress(0x3_0000));
+        let rx_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        rx_evt.write(u64::MAX - 1).unwrap();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut handler = VsockHandler::new(
+            CID,
+            Chatty(evt()),
+            mem.clone(),
+            [rx.queue(), tx.queue(), ev.queue()],
+            [rx_evt.try_clone().unwrap(), evt(), evt()],
+            Arc::new(CountingTrigger::default()),
+        );
+        for _ in 0..300 {
+            rx.add_chain(&*mem, &[MockBuffer::writable(RX_BUFS, 100)])
+                .unwrap();
+        }
+        assert_eq!(handler.process_rx().unwrap(), RX_BUDGET);
+        assert_eq!(handler.metrics().get("rx_queue_event_fails"), Some(1));
+        assert_eq!(rx.used_idx(&*mem).unwrap(), 256);
+        assert_eq!(handler.process_rx().unwrap(), 300 - RX_BUDGET);
+    }
+
+    #[test]
+    fn the_debug_form_names_the_cid_and_state() {
+        let mut guest = guest();
+        guest.handler.queue_transport_reset();
+        let text = format!("{:?}", guest.handler);
+        assert!(text.starts_with("VsockHandler"), "{text}");
+        assert!(text.contains("guest_cid: 3"), "{text}");
+        assert!(text.contains("reset_pending: true"), "{text}");
+        assert!(text.contains("broken: false"), "{text}");
+        assert!(!text.contains("buf"), "the packet buffer stays out: {text}");
+    }
 }

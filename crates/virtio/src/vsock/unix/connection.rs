@@ -598,3 +598,156 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+
+    const LOCAL: u32 = 1 << 30;
+
+    fn guest(op: u16) -> PacketHeader {
+        PacketHeader {
+            src_cid: 3,
+            dst_cid: VSOCK_HOST_CID,
+            src_port: 52,
+            dst_port: LOCAL,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: CONN_TX_BUF_SIZE,
+            ..PacketHeader::default()
+        }
+    }
+
+    /// The ops of every packet the connection has for the guest.
+    fn ops(conn: &mut Connection, m: &VsockMetrics) -> Vec<u16> {
+        let mut ops = Vec::new();
+        let mut header = PacketHeader::default();
+        let mut buf = [0u8; 256];
+        while conn.recv_pkt(&mut header, &mut buf, m).is_some() {
+            ops.push(header.op);
+        }
+        ops
+    }
+
+    /// A connection the host opened and the guest accepted, and the host's end of it, which
+    /// has read its `OK` line.
+    fn established(m: &VsockMetrics) -> (Connection, UnixStream) {
+        let (ours, mut host) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut conn = Connection::new_local(ours, 3, LOCAL, 52);
+        assert_eq!(ops(&mut conn, m), [OP_REQUEST]);
+        conn.send_pkt(&guest(OP_RESPONSE), &[], m);
+        let line = format!("OK {LOCAL}\n");
+        let mut got = vec![0u8; line.len()];
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(got, line.as_bytes());
+        host.set_nonblocking(true).unwrap();
+        (conn, host)
+    }
+
+    fn nothing_to_read(host: &mut UnixStream) -> bool {
+        let mut buf = [0u8; 16];
+        matches!(host.read(&mut buf), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    #[test]
+    fn a_credit_request_is_answered_with_a_credit_update() {
+        let m = VsockMetrics::default();
+        let (mut conn, _host) = established(&m);
+        let mut request = guest(OP_CREDIT_REQUEST);
+        request.buf_alloc = 1000;
+        conn.send_pkt(&request, &[], &m);
+        let mut header = PacketHeader::default();
+        let mut buf = [0u8; 16];
+        assert_eq!(conn.recv_pkt(&mut header, &mut buf, &m), Some(0));
+        assert_eq!(header.op, OP_CREDIT_UPDATE);
+        assert_eq!(header.buf_alloc, CONN_TX_BUF_SIZE);
+        assert_eq!((header.src_port, header.dst_port), (LOCAL, 52));
+        assert_eq!(conn.peer_buf_alloc, 1000, "the guest's own credit is taken");
+        assert_eq!(conn.recv_pkt(&mut header, &mut buf, &m), None);
+    }
+
+    #[test]
+    fn an_empty_data_packet_writes_nothing() {
+        let m = VsockMetrics::default();
+        let (mut conn, mut host) = established(&m);
+        conn.send_pkt(&guest(OP_RW), &[], &m);
+        assert!(nothing_to_read(&mut host));
+        assert_eq!(conn.fwd_cnt.0, 0);
+        assert!(ops(&mut conn, &m).is_empty());
+        assert_eq!(conn.state, State::Established);
+    }
+
+    #[test]
+    fn data_after_the_guest_shut_its_send_half_kills_the_connection_once() {
+        let m = VsockMetrics::default();
+        let (mut conn, mut host) = established(&m);
+        let mut shutdown = guest(OP_SHUTDOWN);
+        shutdown.flags = SHUTDOWN_SEND;
+        conn.send_pkt(&shutdown, &[], &m);
+        conn.send_pkt(&guest(OP_RW), b"late", &m);
+        assert_eq!(m.conn_event_fails.load(Ordering::SeqCst), 1);
+        assert_eq!(m.conns_killed.load(Ordering::SeqCst), 1);
+        // Killed: whatever else the guest sends is dropped, a second kill counts nothing.
+        conn.send_pkt(&guest(OP_RW), b"later", &m);
+        conn.kill(&m);
+        assert_eq!(m.conn_event_fails.load(Ordering::SeqCst), 1);
+        assert_eq!(m.conns_killed.load(Ordering::SeqCst), 1);
+        assert_eq!(ops(&mut conn, &m), [OP_RST]);
+        assert!(conn.is_done());
+        // The host saw the end of the stream and none of the late data.
+        let mut rest = Vec::new();
+        host.set_nonblocking(false).unwrap();
+        drop(conn);
+        host.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    #[test]
+    fn a_write_the_host_stream_refuses_resets_the_connection() {
+        let m = VsockMetrics::default();
+        let (mut conn, host) = established(&m);
+        // The host takes nothing more: the write fails (EPIPE), it does not block.
+        host.shutdown(Shutdown::Read).unwrap();
+        conn.send_pkt(&guest(OP_RW), b"data", &m);
+        assert_eq!(m.tx_write_fails.load(Ordering::SeqCst), 1);
+        assert_eq!(m.conns_killed.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            conn.buffered(),
+            0,
+            "nothing is held for a stream that refuses it"
+        );
+        assert_eq!(ops(&mut conn, &m), [OP_RST]);
+    }
+
+    #[test]
+    fn after_the_host_closed_guest_data_is_dropped_and_its_shutdown_answered_with_rst() {
+        let m = VsockMetrics::default();
+        let (mut conn, host) = established(&m);
+        drop(host);
+        conn.notify(EventSet::IN | EventSet::HANG_UP, &m);
+        let mut header = PacketHeader::default();
+        let mut buf = [0u8; 16];
+        assert_eq!(conn.recv_pkt(&mut header, &mut buf, &m), Some(0));
+        assert_eq!(header.op, OP_SHUTDOWN);
+        assert_eq!(header.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+        assert_eq!(conn.state, State::LocalClosing);
+        assert!(conn.deadline().is_some());
+        // Data still in flight from the guest has nowhere to go: dropped, not a violation.
+        conn.send_pkt(&guest(OP_RW), b"in flight", &m);
+        assert_eq!(conn.state, State::LocalClosing);
+        assert_eq!(m.conn_event_fails.load(Ordering::SeqCst), 0);
+        assert_eq!(m.tx_write_fails.load(Ordering::SeqCst), 0);
+        assert!(ops(&mut conn, &m).is_empty());
+        // The guest's own shutdown completes it: the RST it waits for, and no deadline.
+        let mut shutdown = guest(OP_SHUTDOWN);
+        shutdown.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        conn.send_pkt(&shutdown, &[], &m);
+        assert_eq!(conn.deadline(), None);
+        assert_eq!(ops(&mut conn, &m), [OP_RST]);
+        assert!(conn.is_done());
+        assert_eq!(m.conns_killed.load(Ordering::SeqCst), 0, "an orderly end");
+    }
+}

@@ -655,7 +655,325 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use std::os::unix::ffi::OsStringExt;
+
+    use super::super::super::{CONN_TX_BUF_SIZE, OP_RESPONSE, OP_RW, OP_SHUTDOWN};
     use super::*;
+
+    const CID: u64 = 3;
+
+    /// A fresh directory for a test's sockets, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let dir = std::env::temp_dir().join(format!("ember-mux-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn backend() -> (VsockUnixBackend, TempDir) {
+        let dir = TempDir::new();
+        let backend = VsockUnixBackend::new(CID, dir.0.join("v.sock")).unwrap();
+        (backend, dir)
+    }
+
+    fn guest_header(op: u16, src_port: u32, dst_port: u32) -> PacketHeader {
+        PacketHeader {
+            src_cid: CID,
+            dst_cid: VSOCK_HOST_CID,
+            src_port,
+            dst_port,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: CONN_TX_BUF_SIZE,
+            ..PacketHeader::default()
+        }
+    }
+
+    /// Lets the backend handle its host sockets' events, a few rounds.
+    fn pump(backend: &mut VsockUnixBackend) {
+        for _ in 0..4 {
+            backend.notify(EventSet::IN);
+        }
+    }
+
+    /// Every packet the backend has for the guest, headers only.
+    fn drain(backend: &mut VsockUnixBackend) -> Vec<PacketHeader> {
+        let mut packets = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        while backend.has_pending_rx() {
+            let mut header = PacketHeader::default();
+            match backend.recv_pkt(&mut header, &mut buf) {
+                Some(_) => packets.push(header),
+                None => break,
+            }
+        }
+        packets
+    }
+
+    /// A host process connects to the guest's `port`: its stream, once the backend queued
+    /// the request.
+    fn host_connect(backend: &mut VsockUnixBackend, port: u32) -> (UnixStream, PacketHeader) {
+        let mut host = UnixStream::connect(backend.uds_path()).unwrap();
+        host.write_all(format!("CONNECT {port}\n").as_bytes())
+            .unwrap();
+        pump(backend);
+        let request = drain(backend)
+            .into_iter()
+            .find(|h| h.op == OP_REQUEST && h.dst_port == port)
+            .expect("a connection request");
+        (host, request)
+    }
+
+    fn closed(stream: &mut UnixStream) -> bool {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        match stream.read(&mut buf) {
+            Ok(read) => read == 0,
+            Err(err) => err.kind() == io::ErrorKind::ConnectionReset,
+        }
+    }
+
+    /// Reads the `OK <port>` line the backend writes once the guest accepted.
+    fn read_ok_line(host: &mut UnixStream) -> Vec<u8> {
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8];
+        while byte[0] != b'\n' {
+            host.read_exact(&mut byte).unwrap();
+            line.push(byte[0]);
+        }
+        line
+    }
+
+    #[test]
+    fn a_host_stream_reset_with_data_unread_kills_the_connection() {
+        let (mut backend, _dir) = backend();
+        let (host, request) = host_connect(&mut backend, 52);
+        let local = request.src_port;
+        backend.send_pkt(&guest_header(OP_RESPONSE, 52, local), &[]);
+        // Closed with the OK line unread: the backend's read fails with a reset.
+        drop(host);
+        pump(&mut backend);
+        let packets = drain(&mut backend);
+        assert!(
+            packets
+                .iter()
+                .any(|h| h.op == OP_RST && h.src_port == local),
+            "{packets:?}"
+        );
+        assert!(backend.conns.is_empty());
+        assert_eq!(
+            backend
+                .metrics
+                .rx_read_fails
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        assert_eq!(
+            backend
+                .metrics
+                .conns_killed
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+    }
+
+    #[test]
+    fn the_backend_names_its_listener_path_and_guest_cid() {
+        let (backend, dir) = backend();
+        assert_eq!(backend.uds_path(), dir.0.join("v.sock"));
+        assert_eq!(backend.guest_cid(), CID);
+    }
+
+    #[test]
+    fn a_connect_line_split_across_writes_waits_for_its_end() {
+        let (mut backend, _dir) = backend();
+        let mut host = UnixStream::connect(backend.uds_path()).unwrap();
+        host.write_all(b"CONNECT 5").unwrap();
+        pump(&mut backend);
+        assert_eq!(backend.handshakes.len(), 1, "still reading its line");
+        assert!(backend.conns.is_empty());
+        assert!(!backend.has_pending_rx());
+        host.write_all(b"2\n").unwrap();
+        pump(&mut backend);
+        assert!(backend.handshakes.is_empty());
+        let packets = drain(&mut backend);
+        assert_eq!(packets.len(), 1);
+        assert_eq!((packets[0].op, packets[0].dst_port), (OP_REQUEST, 52));
+        assert_eq!(
+            backend
+                .metrics
+                .conns_added
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+    }
+
+    #[test]
+    fn a_reset_closes_host_connections_still_writing_their_connect_line() {
+        let (mut backend, _dir) = backend();
+        let mut host = UnixStream::connect(backend.uds_path()).unwrap();
+        host.write_all(b"CONN").unwrap();
+        pump(&mut backend);
+        assert_eq!(backend.connections(), 1);
+        backend.reset();
+        assert_eq!(backend.connections(), 0);
+        assert!(backend.targets.is_empty());
+        assert!(closed(&mut host), "the host stream is closed");
+        // The rest of its line reaches nothing.
+        let _ = host.write_all(b"ECT 52\n");
+        pump(&mut backend);
+        assert!(!backend.has_pending_rx());
+    }
+
+    #[test]
+    fn local_ports_wrap_around_before_u32_max() {
+        let (mut backend, _dir) = backend();
+        backend.next_local_port = u32::MAX - 1;
+        let (_a, first) = host_connect(&mut backend, 52);
+        let (_b, second) = host_connect(&mut backend, 52);
+        assert_eq!(first.src_port, u32::MAX - 1);
+        assert_eq!(
+            second.src_port, FIRST_LOCAL_PORT,
+            "u32::MAX itself is never used"
+        );
+        // A port in use for the same guest port is skipped.
+        backend.next_local_port = u32::MAX - 1;
+        let (_c, third) = host_connect(&mut backend, 52);
+        assert_eq!(third.src_port, FIRST_LOCAL_PORT + 1);
+    }
+
+    #[test]
+    fn a_rejected_packet_from_another_cid_is_ignored_and_one_for_no_connection_is_reset() {
+        let (mut backend, _dir) = backend();
+        let mut foreign = guest_header(OP_RW, 5000, 80);
+        foreign.src_cid = CID + 1;
+        backend.reject(&foreign);
+        assert!(!backend.has_pending_rx());
+        backend.reject(&guest_header(OP_RST, 5000, 80));
+        assert!(!backend.has_pending_rx(), "a RST is never answered");
+        backend.reject(&guest_header(OP_RW, 5000, 80));
+        let packets = drain(&mut backend);
+        assert_eq!(packets.len(), 1);
+        let rst = &packets[0];
+        assert_eq!((rst.op, rst.src_port, rst.dst_port), (OP_RST, 80, 5000));
+    }
+
+    #[test]
+    fn a_packet_of_another_type_on_a_live_connection_kills_it() {
+        let (mut backend, _dir) = backend();
+        let (mut host, request) = host_connect(&mut backend, 52);
+        let local = request.src_port;
+        backend.send_pkt(&guest_header(OP_RESPONSE, 52, local), &[]);
+        assert_eq!(backend.conns.len(), 1);
+        let mut dgram = guest_header(OP_RW, 52, local);
+        dgram.type_ = 2;
+        backend.send_pkt(&dgram, b"x");
+        let packets = drain(&mut backend);
+        assert!(
+            packets
+                .iter()
+                .any(|h| h.op == OP_RST && h.src_port == local),
+            "{packets:?}"
+        );
+        assert!(backend.conns.is_empty());
+        assert_eq!(
+            backend
+                .metrics
+                .conn_event_fails
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        let mut ok = [0u8; 32];
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let n = host.read(&mut ok).unwrap();
+        assert!(ok[..n].starts_with(b"OK "));
+        assert!(closed(&mut host));
+    }
+
+    #[test]
+    fn a_guest_connection_to_a_path_too_long_for_a_socket_is_reset() {
+        let dir = TempDir::new();
+        // The listener's path fits; with `_<port>` after it, it does not.
+        let base = dir.0.join("v").into_os_string().into_vec();
+        let pad = 104usize.saturating_sub(base.len());
+        let mut name = base;
+        name.extend(std::iter::repeat_n(b'x', pad));
+        let path = PathBuf::from(std::ffi::OsString::from_vec(name));
+        let mut backend = VsockUnixBackend::new(CID, &path).unwrap();
+        backend.send_pkt(&guest_header(OP_REQUEST, 5000, 1_000_000), &[]);
+        let packets = drain(&mut backend);
+        assert_eq!(packets.len(), 1);
+        assert_eq!((packets[0].op, packets[0].src_port), (OP_RST, 1_000_000));
+        assert_eq!(backend.connections(), 0);
+        assert!(
+            connect_nonblocking(Path::new("a\0b")).is_err(),
+            "a NUL in a path is refused"
+        );
+    }
+
+    #[test]
+    fn a_connection_the_guest_reset_before_reading_its_request_sends_nothing() {
+        let (mut backend, _dir) = backend();
+        let mut host = UnixStream::connect(backend.uds_path()).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        pump(&mut backend);
+        let local = backend.conns.keys().next().unwrap().0;
+        assert!(backend.has_pending_rx());
+        backend.send_pkt(&guest_header(OP_RST, 52, local), &[]);
+        assert!(backend.conns.is_empty());
+        let mut header = PacketHeader::default();
+        let mut buf = [0u8; 64];
+        assert_eq!(backend.recv_pkt(&mut header, &mut buf), None);
+        assert!(!backend.has_pending_rx());
+        assert!(closed(&mut host));
+    }
+
+    #[test]
+    fn a_deadline_of_a_connection_already_gone_is_forgotten() {
+        let (mut backend, _dir) = backend();
+        let (host, request) = host_connect(&mut backend, 52);
+        let local = request.src_port;
+        backend.send_pkt(&guest_header(OP_RESPONSE, 52, local), &[]);
+        // The host reads its OK line and closes: the guest is told, and the connection waits
+        // for its RST.
+        let mut host = host;
+        read_ok_line(&mut host);
+        drop(host);
+        pump(&mut backend);
+        assert!(drain(&mut backend).iter().any(|h| h.op == OP_SHUTDOWN));
+        assert_eq!(backend.killq.len(), 1);
+        assert!(backend.armed.is_some());
+        backend.send_pkt(&guest_header(OP_RST, 52, local), &[]);
+        assert!(backend.conns.is_empty());
+        backend.sweep_killq();
+        assert!(backend.killq.is_empty());
+        assert_eq!(backend.armed, None, "the timer is disarmed");
+        assert_eq!(
+            backend
+                .metrics
+                .conns_killed
+                .load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+    }
 
     #[test]
     fn connect_lines_are_parsed_strictly() {
