@@ -16,10 +16,16 @@
 //! | 4 | PM1 control (2 bytes) | SCI_EN set, the last SLP_TYP | SLP_EN with the soft-off SLP_TYP powers off |
 //!
 //! Accesses of one or two bytes inside a register work; others read as zero and are ignored.
+//!
+//! For a snapshot, [`AcpiPmDevice::save_state`] returns an [`AcpiPmState`] (the enable and control
+//! registers; the status register holds no event, so nothing) and [`AcpiPmDevice::restore_state`]
+//! puts one back. The soft-off sleep type is the machine's configuration, given again to
+//! [`AcpiPmDevice::new`].
 
 use std::io;
 
 use ember_bus::BusDeviceMut;
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 use crate::trigger::EventFdTrigger;
@@ -39,6 +45,31 @@ const SLP_TYP_SHIFT: u16 = 10;
 const SLP_TYP_MASK: u16 = 0x7 << SLP_TYP_SHIFT;
 /// PM1 control: sleep enable (write-only).
 const SLP_EN: u16 = 1 << 13;
+
+/// Errors of the ACPI PM registers.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A saved PM1 control register holds bits the register never holds.
+    #[error(
+        "The saved ACPI PM1 control register holds {0:#06x}: only SCI_EN (set) and SLP_TYP exist"
+    )]
+    StateControl(u16),
+}
+
+/// Result type of the ACPI PM registers.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The saved state of an [`AcpiPmDevice`]. The PM1 status register is not part of it: no event
+/// is ever pending.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiPmState {
+    /// The PM1 enable register, as the guest wrote it.
+    pub enable: u16,
+    /// The PM1 control register: SCI_EN (bit 0, always set) and the last sleep type written
+    /// (bits 12:10).
+    pub control: u16,
+}
 
 /// The PM1a event and control registers of an ACPI machine whose only sleep state is soft-off,
 /// with the power-off request on a vm-superio [`Trigger`] ([`EventFdTrigger`] by default).
@@ -60,6 +91,30 @@ impl<T: Trigger<E = io::Error>> AcpiPmDevice<T> {
             enable: 0,
             control: SCI_EN,
         }
+    }
+
+    /// The registers' state, for a snapshot.
+    pub fn save_state(&self) -> AcpiPmState {
+        AcpiPmState {
+            enable: self.enable,
+            control: self.control,
+        }
+    }
+
+    /// Puts the registers in `state`. Nothing is triggered: the guest enters a sleep state only
+    /// by writing to the control register.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StateControl`] when the control register has SCI_EN clear or bits other than
+    /// SCI_EN and SLP_TYP set; the device is unchanged then.
+    pub fn restore_state(&mut self, state: &AcpiPmState) -> Result<()> {
+        if state.control & SCI_EN == 0 || state.control & !(SCI_EN | SLP_TYP_MASK) != 0 {
+            return Err(Error::StateControl(state.control));
+        }
+        self.enable = state.enable;
+        self.control = state.control;
+        Ok(())
     }
 
     /// The 16-bit register at `offset` and the byte within it, if the access fits inside it.
@@ -223,5 +278,49 @@ mod tests {
         }
         dev.write(0x600, CONTROL_OFFSET, &[]);
         assert!(!fired(&trigger));
+    }
+
+    #[test]
+    fn enable_bits_and_sleep_type_survive_a_restore_and_power_off_still_works() {
+        let (mut old, _) = device();
+        dev_write16(&mut old, ENABLE_OFFSET, 0x0121);
+        dev_write16(&mut old, CONTROL_OFFSET, 3 << SLP_TYP_SHIFT);
+        let state = old.save_state();
+        assert_eq!(
+            state,
+            AcpiPmState {
+                enable: 0x0121,
+                control: SCI_EN | (3 << SLP_TYP_SHIFT)
+            }
+        );
+        let bytes = postcard::to_allocvec(&state).unwrap();
+        let restored: AcpiPmState = postcard::from_bytes(&bytes).unwrap();
+
+        let (mut new, trigger) = device();
+        new.restore_state(&restored).unwrap();
+        assert!(!fired(&trigger), "restoring does not power off");
+        for offset in [0, ENABLE_OFFSET, CONTROL_OFFSET] {
+            assert_eq!(read16(&mut new, offset), read16(&mut old, offset));
+        }
+        dev_write16(&mut new, CONTROL_OFFSET, (S5 << SLP_TYP_SHIFT) | SLP_EN);
+        assert!(fired(&trigger));
+    }
+
+    #[test]
+    fn a_control_register_with_bits_it_never_holds_is_refused() {
+        let (mut dev, _) = device();
+        dev_write16(&mut dev, ENABLE_OFFSET, 0x0020);
+        let before = dev.save_state();
+        for control in [0, 5 << SLP_TYP_SHIFT, SCI_EN | SLP_EN, SCI_EN | 0x8000] {
+            let err = dev
+                .restore_state(&AcpiPmState { enable: 0, control })
+                .unwrap_err();
+            assert!(matches!(err, Error::StateControl(c) if c == control));
+        }
+        assert_eq!(dev.save_state(), before);
+    }
+
+    fn dev_write16(dev: &mut AcpiPmDevice, offset: u64, value: u16) {
+        dev.write(0x600, offset, &value.to_le_bytes());
     }
 }

@@ -11,6 +11,14 @@
 //!
 //! Where a launcher (a jailer) started the process and then exec'd the VMM, the start it
 //! measures from is the launcher's: a [`ProcessStart`] carries it.
+//!
+//! # Snapshots
+//!
+//! The device has no state worth saving: what it measures belongs to the process that runs the
+//! VMM, not to the guest. A VMM restoring a snapshot creates a fresh [`BootTimer`] from its own
+//! start; the guest has booted already and does not signal again, and should it (a clone whose
+//! init signals once more), the time logged runs from the restoring process's start, the time
+//! its restore took to reach that point.
 
 use std::fmt;
 use std::io;

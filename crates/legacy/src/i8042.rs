@@ -17,11 +17,17 @@
 //! Other offsets and accesses longer than a byte read as `0xff` and ignore writes. The keyboard
 //! answers commands with an acknowledgement only, so Linux guests want `i8042.dumbkbd` (and
 //! `i8042.noaux i8042.nomux i8042.nopnp` to skip probing what is not there).
+//!
+//! For a snapshot, [`I8042Device::save_state`] returns an [`I8042State`] (the control register,
+//! the output port, a command waiting for its parameter and the bytes waiting in the output
+//! buffer; the status register derives from them) and [`I8042Device::restore_state`] puts one
+//! back.
 
 use std::collections::VecDeque;
 use std::io;
 
 use ember_bus::BusDeviceMut;
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 use crate::throttle::{Counter, worth_logging};
@@ -68,7 +74,8 @@ const KBD_ACK: u8 = 0xFA;
 const CTRL_ALT_DEL: [u8; 4] = [0x14, 0x11, 0xE0, 0x71];
 
 /// Capacity of the output buffer in bytes.
-const BUF_SIZE: usize = 16;
+pub const I8042_BUF_SIZE: usize = 16;
+const BUF_SIZE: usize = I8042_BUF_SIZE;
 
 /// What a read of an unhandled port or with an unsupported access length returns.
 const UNHANDLED_READ: u8 = 0xff;
@@ -83,6 +90,34 @@ pub enum Error {
     /// The keyboard interrupt could not be signalled.
     #[error("Cannot signal the keyboard interrupt")]
     KbdInterrupt(#[source] io::Error),
+    /// A saved state holds more output than the output buffer does.
+    #[error(
+        "The saved i8042 state holds {len} output bytes, more than the {I8042_BUF_SIZE}-byte \
+         output buffer"
+    )]
+    StateBufferTooLong {
+        /// Number of output bytes in the state.
+        len: usize,
+    },
+    /// A saved state waits for the parameter of a command that takes none.
+    #[error("The saved i8042 state waits for a parameter of command {0:#04x}, which takes none")]
+    StatePendingCommand(u8),
+}
+
+/// The saved state of an [`I8042Device`]. The status register is not part of it: it derives
+/// from the output buffer and the pending command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// The control register ("command byte"), read and written with commands `0x20` and `0x60`.
+    pub control: u8,
+    /// The output port, read and written with commands `0xD0` and `0xD1`.
+    pub output_port: u8,
+    /// A command written to the command port whose parameter the guest has not written yet:
+    /// `0x60` or `0xD1`.
+    pub pending_command: Option<u8>,
+    /// The bytes the guest has not read from the data port yet, oldest first; at most
+    /// [`I8042_BUF_SIZE`].
+    pub output_buffer: Vec<u8>,
 }
 
 /// Result type of the i8042 controller.
@@ -151,6 +186,46 @@ impl<T: Trigger<E = io::Error>> I8042Device<T> {
             return Err(Error::BufferFull);
         }
         self.buf.extend(CTRL_ALT_DEL);
+        self.raise_kbd_interrupt().map_err(Error::KbdInterrupt)
+    }
+
+    /// The controller's state, for a snapshot.
+    pub fn save_state(&self) -> I8042State {
+        I8042State {
+            control: self.control,
+            output_port: self.outp,
+            pending_command: self.pending_cmd,
+            output_buffer: self.buf.iter().copied().collect(),
+        }
+    }
+
+    /// Puts the controller in `state`, keeping its triggers. When the output buffer holds bytes
+    /// and the guest enabled the keyboard interrupt, the interrupt is raised again (its signal
+    /// was lost with the VMM that saved the state), so that the guest reads them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StateBufferTooLong`] when the state holds more than [`I8042_BUF_SIZE`] output
+    /// bytes, [`Error::StatePendingCommand`] when it waits for the parameter of a command other
+    /// than `0x60` or `0xD1`; the device is unchanged then. [`Error::KbdInterrupt`] when the
+    /// interrupt cannot be signalled (the state is restored).
+    pub fn restore_state(&mut self, state: &I8042State) -> Result<()> {
+        let len = state.output_buffer.len();
+        if len > BUF_SIZE {
+            return Err(Error::StateBufferTooLong { len });
+        }
+        match state.pending_command {
+            None | Some(CMD_WRITE_CTR | CMD_WRITE_OUTP) => {}
+            Some(cmd) => return Err(Error::StatePendingCommand(cmd)),
+        }
+        self.control = state.control;
+        self.outp = state.output_port;
+        self.pending_cmd = state.pending_command;
+        self.buf.clear();
+        self.buf.extend(state.output_buffer.iter().copied());
+        if self.buf.is_empty() {
+            return Ok(());
+        }
         self.raise_kbd_interrupt().map_err(Error::KbdInterrupt)
     }
 
@@ -387,6 +462,86 @@ mod tests {
         rig.dev.write(I8042_PORT, COMMAND_OFFSET, &[0xFE, 0xFE]);
         rig.outb(1, 0xFE);
         assert_eq!(fired(&rig.reset), 0);
+        assert_eq!(fired(&rig.kbd), 0);
+    }
+
+    fn round_trip(state: &I8042State) -> I8042State {
+        postcard::from_bytes(&postcard::to_allocvec(state).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_pending_key_survives_a_restore_and_raises_its_interrupt() {
+        let mut old = rig();
+        old.outb(COMMAND_OFFSET, CMD_WRITE_OUTP);
+        old.outb(DATA_OFFSET, 0x03);
+        // The guest is about to write the control register when the keys come; it reads one.
+        old.outb(COMMAND_OFFSET, CMD_WRITE_CTR);
+        old.dev.trigger_ctrl_alt_del().unwrap();
+        assert_eq!(old.inb(DATA_OFFSET), CTRL_ALT_DEL[0]);
+        let state = old.dev.save_state();
+        assert_eq!(state.output_buffer, &CTRL_ALT_DEL[1..]);
+        assert_eq!(state.pending_command, Some(CMD_WRITE_CTR));
+
+        let mut new = rig();
+        new.dev.restore_state(&round_trip(&state)).unwrap();
+        assert_eq!(new.dev.save_state(), state);
+        assert_eq!(fired(&new.kbd), 1, "the pending key is announced again");
+        assert_eq!(new.inb(COMMAND_OFFSET), old.inb(COMMAND_OFFSET));
+        new.outb(DATA_OFFSET, CB_KBD_INT | CB_POST_OK);
+        new.outb(COMMAND_OFFSET, CMD_READ_OUTP);
+        assert_eq!(new.inb(DATA_OFFSET), 0x03);
+
+        let mut fresh = rig();
+        fresh.dev.restore_state(&round_trip(&state)).unwrap();
+        fired(&fresh.kbd);
+        let mut keys = Vec::new();
+        while fresh.inb(COMMAND_OFFSET) & SB_OUT_DATA_AVAIL != 0 {
+            keys.push(fresh.inb(DATA_OFFSET));
+        }
+        assert_eq!(keys, &CTRL_ALT_DEL[1..]);
+        assert_eq!(fired(&fresh.kbd), 2, "one interrupt per further byte");
+        // The reset line still works.
+        fresh.outb(COMMAND_OFFSET, 0xFE);
+        assert_eq!(fired(&fresh.reset), 1);
+    }
+
+    #[test]
+    fn an_empty_buffer_or_a_disabled_interrupt_raises_nothing_on_restore() {
+        let mut old = rig();
+        old.outb(COMMAND_OFFSET, CMD_WRITE_CTR);
+        old.outb(DATA_OFFSET, CB_POST_OK);
+        let mut new = rig();
+        new.dev.restore_state(&old.dev.save_state()).unwrap();
+        assert_eq!(fired(&new.kbd), 0);
+        old.dev.trigger_ctrl_alt_del().unwrap();
+        new.dev.restore_state(&old.dev.save_state()).unwrap();
+        assert_eq!(fired(&new.kbd), 0);
+        assert_eq!(new.inb(DATA_OFFSET), CTRL_ALT_DEL[0]);
+    }
+
+    #[test]
+    fn impossible_states_are_refused_and_leave_the_device_unchanged() {
+        let mut rig = rig();
+        let before = rig.dev.save_state();
+        let long = I8042State {
+            output_buffer: vec![0; BUF_SIZE + 1],
+            ..before.clone()
+        };
+        let err = rig.dev.restore_state(&long).unwrap_err();
+        assert!(matches!(err, Error::StateBufferTooLong { len: 17 }));
+        assert_eq!(
+            err.to_string(),
+            "The saved i8042 state holds 17 output bytes, more than the 16-byte output buffer"
+        );
+        let pending = I8042State {
+            pending_command: Some(CMD_SELF_TEST),
+            ..before.clone()
+        };
+        assert!(matches!(
+            rig.dev.restore_state(&pending),
+            Err(Error::StatePendingCommand(CMD_SELF_TEST))
+        ));
+        assert_eq!(rig.dev.save_state(), before);
         assert_eq!(fired(&rig.kbd), 0);
     }
 }

@@ -116,3 +116,41 @@ fn the_soft_off_sleep_type_of_the_vmm_tables_powers_off() {
     ports.out(PM_PORT + 4, &((SOFT_OFF << 10) | slp_en).to_le_bytes());
     assert_eq!(power_off.fired(), 1);
 }
+
+/// The machine's device states as the VMM's snapshot carries them, in its own encoding.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Snapshot {
+    serial: ember_legacy::SerialState,
+    i8042: ember_legacy::I8042State,
+    pm: ember_legacy::AcpiPmState,
+}
+
+#[test]
+fn a_snapshot_moves_the_devices_to_a_new_machine_with_its_own_triggers() {
+    let (mut ports, ..) = machine();
+    // The guest enables the received-data interrupt; input and a key wait when it is paused.
+    ports.out(COM1_PORT + 1, &[0x01]);
+    assert_eq!(ports.serial.enqueue_input(b"in"), 2);
+    ports.i8042.trigger_ctrl_alt_del().unwrap();
+    ports.out(PM_PORT + 2, &0x0100u16.to_le_bytes());
+    let snapshot = Snapshot {
+        serial: ports.serial.save_state(),
+        i8042: ports.i8042.save_state(),
+        pm: ports.pm.save_state(),
+    };
+    let bytes = postcard::to_allocvec(&snapshot).unwrap();
+
+    let (mut restored, serial_irq, _, kbd_irq, power_off) = machine();
+    let snapshot: Snapshot = postcard::from_bytes(&bytes).unwrap();
+    restored.serial.restore_state(&snapshot.serial).unwrap();
+    restored.i8042.restore_state(&snapshot.i8042).unwrap();
+    restored.pm.restore_state(&snapshot.pm).unwrap();
+    // The pending interrupts reach the new machine's lines.
+    assert_eq!(serial_irq.fired(), 1);
+    assert_eq!(kbd_irq.fired(), 1);
+    assert_eq!(restored.inb(COM1_PORT), b'i');
+    assert_eq!(restored.inb(COM1_PORT), b'n');
+    assert_eq!(restored.inb(0x60), 0x14);
+    restored.out(PM_PORT + 4, &((SOFT_OFF << 10) | (1 << 13)).to_le_bytes());
+    assert_eq!(power_off.fired(), 1);
+}

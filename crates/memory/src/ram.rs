@@ -1,10 +1,15 @@
 //! Guest RAM: where it lives in the guest physical address space and how it is mapped on the host.
 
 use std::fmt;
+use std::fs::File;
 use std::io;
+use std::sync::Arc;
 
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap};
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder, MmapRegionError};
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionCollectionError, GuestRegionMmap};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionCollectionError, GuestRegionMmap,
+};
 
 use crate::layout;
 
@@ -71,6 +76,19 @@ pub enum Error {
     /// The RAM regions do not form a valid guest memory map.
     #[error("The guest RAM regions do not form a valid memory map")]
     Layout(#[source] GuestRegionCollectionError),
+    /// The memory file's size could not be read, or its descriptor duplicated.
+    #[error("Cannot use the guest memory file")]
+    File(#[source] io::Error),
+    /// The memory file is shorter than the guest memory mapped from it.
+    #[error(
+        "The guest memory file holds {len:#x} bytes, less than the {size:#x} bytes of guest memory"
+    )]
+    FileTooShort {
+        /// The file's length in bytes.
+        len: u64,
+        /// The guest memory size in bytes.
+        size: u64,
+    },
 }
 
 /// Result type of guest memory sizing and creation.
@@ -187,26 +205,145 @@ pub fn ram_regions(size: u64) -> Result<Vec<(GuestAddress, usize)>> {
 /// [`Error::AdviceUnsupported`] or [`Error::Madvise`] when an option cannot be applied. Regions
 /// already mapped are unmapped again on error.
 pub fn create_guest_memory(size: u64, options: MemoryOptions) -> Result<GuestMemoryMmap> {
+    create_anonymous(size, options, |_| ())
+}
+
+/// Guest memory whose regions can track the pages the VMM writes through vm-memory (a
+/// device's writes, not the guest's own): each region's bitmap is `Some` when dirty page
+/// tracking is on, `None` (no cost) when it is off.
+pub type TrackedGuestMemory = GuestMemoryMmap<Option<AtomicBitmap>>;
+
+/// [`create_guest_memory`] as [`TrackedGuestMemory`], tracking the pages written through
+/// vm-memory when `track_dirty_pages` is set (for a diff snapshot; KVM's dirty log tracks the
+/// guest's own writes).
+///
+/// # Errors
+///
+/// Those of [`create_guest_memory`].
+pub fn create_tracked_guest_memory(
+    size: u64,
+    options: MemoryOptions,
+    track_dirty_pages: bool,
+) -> Result<TrackedGuestMemory> {
+    create_anonymous(size, options, dirty_bitmap(track_dirty_pages))
+}
+
+/// Maps `size` bytes of guest RAM from a memory file, as a restore does: the regions of
+/// [`ram_regions`], region *i* from the file at the sum of the lengths of the regions before it
+/// (the layout [`write_memory`](crate::write_memory) writes).
+///
+/// Each region is a private file mapping (`MAP_PRIVATE | MAP_NORESERVE`): nothing is read until
+/// the guest touches a page, which the kernel then faults in from the page cache; a page the
+/// guest writes becomes a private copy, so the file is never written, and any number of VMs
+/// mapping the same file share its unmodified pages in the page cache. The file needs to be open
+/// for reading only, and must not change while it is mapped (a change may show through in pages
+/// the guest has not written yet).
+///
+/// The `options` apply as for [`create_guest_memory`], except
+/// [`MemoryOptions::hugepages`]: the pages of a file mapping come from the page cache, not from
+/// transparent huge pages, so it is ignored. KSM merges only the pages the guest wrote.
+///
+/// # Errors
+///
+/// The errors of [`ram_regions`] for a bad `size`; [`Error::File`] when the file's length cannot
+/// be read or its descriptor duplicated; [`Error::FileTooShort`] when the file is shorter than
+/// `size`; [`Error::Mmap`] when the host cannot map a region (a file that cannot be mapped, such
+/// as a pipe, included); [`Error::AdviceUnsupported`] or [`Error::Madvise`] as for
+/// [`create_guest_memory`].
+pub fn create_guest_memory_from_file(
+    file: &File,
+    size: u64,
+    options: MemoryOptions,
+) -> Result<GuestMemoryMmap> {
+    map_file(file, size, options, |_| ())
+}
+
+/// [`create_guest_memory_from_file`] as [`TrackedGuestMemory`], tracking the pages written
+/// through vm-memory when `track_dirty_pages` is set.
+///
+/// # Errors
+///
+/// Those of [`create_guest_memory_from_file`].
+pub fn create_tracked_guest_memory_from_file(
+    file: &File,
+    size: u64,
+    options: MemoryOptions,
+    track_dirty_pages: bool,
+) -> Result<TrackedGuestMemory> {
+    map_file(file, size, options, dirty_bitmap(track_dirty_pages))
+}
+
+/// A region's bitmap: one bit per 4 KiB page when `track` is set, none otherwise.
+fn dirty_bitmap(track: bool) -> impl Fn(usize) -> Option<AtomicBitmap> {
+    move |len| track.then(|| AtomicBitmap::with_len(len))
+}
+
+/// Creates anonymous guest RAM whose regions get the bitmaps `bitmap` makes for their lengths.
+fn create_anonymous<B: Bitmap>(
+    size: u64,
+    options: MemoryOptions,
+    bitmap: impl Fn(usize) -> B,
+) -> Result<GuestMemoryMmap<B>> {
     let regions = ram_regions(size)?
         .into_iter()
-        .map(|(base, len)| map_region(base, len, size, options))
+        .map(|(base, len)| {
+            let mapping = map_anonymous(len, &bitmap).map_err(|source| Error::Mmap {
+                base: base.0,
+                len,
+                source,
+            })?;
+            finish_region(mapping, base, size, options)
+        })
         .collect::<Result<Vec<_>>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(Error::Layout)
 }
 
-/// Maps one RAM region at guest address `base` and applies `options` to it; `size` is the
-/// guest's whole memory size, for errors.
-fn map_region(
-    base: GuestAddress,
-    len: usize,
+/// Maps guest RAM from `file` (see [`create_guest_memory_from_file`]) with the bitmaps `bitmap`
+/// makes.
+fn map_file<B: Bitmap>(
+    file: &File,
     size: u64,
     options: MemoryOptions,
-) -> Result<GuestRegionMmap> {
-    let mapping = map_anonymous(len).map_err(|source| Error::Mmap {
-        base: base.0,
-        len,
-        source,
-    })?;
+    bitmap: impl Fn(usize) -> B,
+) -> Result<GuestMemoryMmap<B>> {
+    let layout = ram_regions(size)?;
+    let len = file.metadata().map_err(Error::File)?.len();
+    if len < size {
+        return Err(Error::FileTooShort { len, size });
+    }
+    let file = Arc::new(file.try_clone().map_err(Error::File)?);
+    let options = MemoryOptions {
+        hugepages: false,
+        ..options
+    };
+    let mut regions = Vec::with_capacity(layout.len());
+    let mut offset = 0u64;
+    for (base, len) in layout {
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, bitmap(len))
+            .with_file_offset(FileOffset::from_arc(Arc::clone(&file), offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .build()
+            .map_err(|source| Error::Mmap {
+                base: base.0,
+                len,
+                source,
+            })?;
+        regions.push(finish_region(mapping, base, size, options)?);
+        // The lengths add up to `size`, a `u64`.
+        offset = offset.saturating_add(u64::try_from(len).unwrap_or(u64::MAX));
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(Error::Layout)
+}
+
+/// Applies `options` to the RAM region `mapping` at guest address `base`, and makes it a guest
+/// region; `size` is the guest's whole memory size, for errors.
+fn finish_region<B: Bitmap>(
+    mapping: MmapRegion<B>,
+    base: GuestAddress,
+    size: u64,
+    options: MemoryOptions,
+) -> Result<GuestRegionMmap<B>> {
     let advices = [
         (options.ksm, Advice::Mergeable),
         (options.hugepages, Advice::HugePage),
@@ -248,9 +385,12 @@ fn map_region(
 /// next time. Once one is aligned, the others and the pads are unmapped. When none is after
 /// [`ALIGN_ATTEMPTS`] (the process lays mappings out bottom-up, other threads map meanwhile),
 /// the last one is kept as it is, which costs speed, never correctness.
-fn map_anonymous(len: usize) -> std::result::Result<MmapRegion, MmapRegionError> {
+fn map_anonymous<B: Bitmap>(
+    len: usize,
+    bitmap: &impl Fn(usize) -> B,
+) -> std::result::Result<MmapRegion<B>, MmapRegionError> {
     let map = || {
-        MmapRegionBuilder::new(len)
+        MmapRegionBuilder::new_with_bitmap(len, bitmap(len))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
             .build()
@@ -704,5 +844,38 @@ mod tests {
             "Cannot enable transparent huge pages (MADV_HUGEPAGE) on the guest memory region at \
              0x100000000"
         );
+    }
+
+    #[test]
+    fn file_mappings_are_private_and_take_every_option_but_huge_pages() {
+        let file = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        file.as_file().set_len(4 << 20).unwrap();
+        let options = MemoryOptions {
+            hugepages: true,
+            ..MemoryOptions::default()
+        };
+        let mem = create_guest_memory_from_file(file.as_file(), 4 << 20, options).unwrap();
+        let flags = vm_flags(&mem, GuestAddress(0));
+        assert!(!has_flag(&flags, "sh"), "{flags:?}");
+        assert!(!has_flag(&flags, "hg"), "{flags:?}");
+        assert!(has_flag(&flags, "dd"), "{flags:?}");
+        let region = mem.iter().next().unwrap();
+        assert_eq!(region.file_offset().unwrap().start(), 0);
+    }
+
+    #[test]
+    fn tracked_memory_has_a_bitmap_only_when_tracking() {
+        let tracked = create_tracked_guest_memory(1 << 20, MemoryOptions::default(), true).unwrap();
+        let untracked =
+            create_tracked_guest_memory(1 << 20, MemoryOptions::default(), false).unwrap();
+        let bitmap = |mem: &TrackedGuestMemory| {
+            let region: &MmapRegion<Option<AtomicBitmap>> = mem.iter().next().unwrap();
+            region.bitmap().as_ref().map(AtomicBitmap::len)
+        };
+        assert_eq!(bitmap(&tracked), Some(256));
+        assert_eq!(bitmap(&untracked), None);
+        tracked.write_obj(1u8, GuestAddress(0x3000)).unwrap();
+        let region: &MmapRegion<Option<AtomicBitmap>> = tracked.iter().next().unwrap();
+        assert!(region.bitmap().as_ref().unwrap().is_bit_set(3));
     }
 }

@@ -42,3 +42,45 @@ fn the_allocator_serves_the_vmm_s_own_window_and_lines() {
     assert_eq!(allocator.allocate_irq(), Ok(33));
     assert_eq!(allocator.allocate_irq(), Err(Error::IrqExhausted));
 }
+
+#[test]
+fn a_vmm_s_own_memory_map_saves_to_a_file_and_maps_back() {
+    use std::fs::File;
+
+    use ember_memory::{GuestMemoryMmap, merge_diff, write_dirty_pages, write_memory};
+    use vmm_sys_util::tempfile::TempFile;
+
+    // The VMM's own map: RAM below 1 MiB and a window at 16 MiB; the file holds them back to back.
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        (GuestAddress(0), 0x10_0000),
+        (GuestAddress(0x100_0000), 0x8000),
+    ])
+    .unwrap();
+    mem.write_obj(0xabu8, GuestAddress(0x100_0000)).unwrap();
+    let file = TempFile::new().unwrap();
+    let mut full = File::options()
+        .read(true)
+        .write(true)
+        .open(file.as_path())
+        .unwrap();
+    write_memory(&mem, &mut full).unwrap();
+    let bytes = std::fs::read(file.as_path()).unwrap();
+    assert_eq!(bytes.len(), 0x10_8000);
+    assert_eq!(bytes[0x10_0000], 0xab);
+
+    // A diff of the second region's last page, merged.
+    mem.write_obj(0xcdu8, GuestAddress(0x100_7fff)).unwrap();
+    let dirty = vec![vec![0; 4], vec![1 << 7]];
+    let diff = TempFile::new().unwrap();
+    let mut diff_file = File::options()
+        .read(true)
+        .write(true)
+        .open(diff.as_path())
+        .unwrap();
+    assert_eq!(
+        write_dirty_pages(&mem, &mut diff_file, &dirty).unwrap(),
+        0x1000
+    );
+    assert_eq!(merge_diff(&full, &diff_file).unwrap(), 0x1000);
+    assert_eq!(std::fs::read(file.as_path()).unwrap()[0x10_7fff], 0xcd);
+}

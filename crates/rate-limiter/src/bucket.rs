@@ -30,6 +30,7 @@ use std::num::{NonZeroU64, NonZeroU128};
 use std::time::Duration;
 
 use crate::clock::{Clock, MonotonicClock};
+use crate::limiter::{Error, Result};
 
 /// Nanoseconds in a millisecond, the unit of the configured refill time.
 // `NonZero::new` of a non-zero constant is `Some`; the `expect` runs at compile time.
@@ -360,6 +361,88 @@ impl TokenBucket {
             whole_ms.saturating_sub(self.fraction.saturating_sub(rest) / size)
         };
         duration_from_ns(ns)
+    }
+}
+
+/// The saved state of a [`TokenBucket`], as Firecracker's snapshots keep it: the settings, the
+/// tokens left in the bucket and in the one-time burst, and, beyond Firecracker, the debt of
+/// an over-consumption and the refilled fraction of the next token, so that the refill stays
+/// exact across a snapshot.
+///
+/// The bucket is refilled up to the moment it is saved; the time a snapshot spends on disk
+/// refills nothing.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct TokenBucketState {
+    /// How many tokens the bucket holds, and refills per `refill_time`.
+    pub size: u64,
+    /// Milliseconds the bucket takes to refill `size` tokens.
+    pub refill_time: u64,
+    /// The one-time burst the bucket was configured with.
+    pub initial_one_time_burst: u64,
+    /// What is left of the one-time burst.
+    pub one_time_burst: u64,
+    /// Tokens in the bucket.
+    pub budget: u64,
+    /// Tokens owed by an over-consumption.
+    pub deficit: u64,
+    /// The refilled fraction of the next token, in 1/(`refill_time` * 10^6) tokens.
+    pub fraction: u128,
+}
+
+impl TokenBucket {
+    /// The bucket's state, refilled up to `now` (in nanoseconds of the bucket's clock), to
+    /// save.
+    pub fn state_at(&self, now: u64) -> TokenBucketState {
+        let mut bucket = self.clone();
+        bucket.refill_at(now);
+        TokenBucketState {
+            size: bucket.size.get(),
+            refill_time: bucket.refill_time_ms.get(),
+            initial_one_time_burst: bucket.initial_one_time_burst,
+            one_time_burst: bucket.one_time_burst,
+            budget: bucket.budget,
+            deficit: bucket.deficit,
+            fraction: bucket.fraction,
+        }
+    }
+
+    /// The bucket a saved `state` describes, refilling from `now` (in nanoseconds of the
+    /// clock of all its times) on, after checking that the state is one a bucket can be in.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] when it is not: a size or refill time of 0, more tokens than the
+    /// bucket holds, tokens and a debt at once, a debt larger than a request can leave, more
+    /// burst left than configured, or a fraction of a token that is a whole one.
+    pub fn from_state_at(state: &TokenBucketState, now: u64) -> Result<Self> {
+        let invalid = |why: &str| Err(Error::InvalidState(why.to_string()));
+        let Some(mut bucket) =
+            TokenBucket::new(state.size, state.initial_one_time_burst, state.refill_time)
+        else {
+            return invalid("a bucket of size or refill time 0 sets no limit");
+        };
+        if state.budget > state.size {
+            return invalid("the bucket holds more tokens than its size");
+        }
+        if state.deficit > 0 && state.budget > 0 {
+            return invalid("the bucket holds tokens and owes some at once");
+        }
+        if state.deficit > u64::MAX - state.size {
+            return invalid("the bucket owes more tokens than a request can leave it owing");
+        }
+        if state.one_time_burst > state.initial_one_time_burst {
+            return invalid("more of the one-time burst is left than was configured");
+        }
+        if state.fraction >= bucket.period_ns.get() {
+            return invalid("the refilled fraction of a token is a whole token or more");
+        }
+        bucket.one_time_burst = state.one_time_burst;
+        bucket.budget = state.budget;
+        bucket.deficit = state.deficit;
+        bucket.fraction = state.fraction;
+        bucket.last_update = now;
+        Ok(bucket)
     }
 }
 
@@ -793,5 +876,86 @@ mod tests {
         assert_eq!((b.deficit(), b.budget()), (0, max - 1));
         b.refill_at(max);
         assert_eq!((b.deficit(), b.budget()), (0, max - 1));
+    }
+
+    #[test]
+    fn a_restored_bucket_refills_exactly_where_the_saved_one_left_off() {
+        // 3 tokens per second: half a second refills a token and a half.
+        let mut saved = bucket(3, 0, 1000);
+        assert_eq!(saved.consume_at(3, 0), BucketReduction::Success);
+        let state = saved.state_at(500 * MS);
+        assert_eq!((state.budget, state.deficit), (1, 0));
+        assert_eq!(state.fraction, 500 * u128::from(MS));
+        // The new process's clock has another origin.
+        let later = 7 * SEC;
+        let mut restored = TokenBucket::from_state_at(&state, later).unwrap();
+        assert_eq!(restored.budget(), 1);
+        // The half token carried over: another half second fills the bucket.
+        assert_eq!(
+            restored.consume_at(3, later + 500 * MS - 1),
+            BucketReduction::Failure
+        );
+        assert_eq!(
+            restored.consume_at(3, later + 500 * MS),
+            BucketReduction::Success
+        );
+    }
+
+    #[test]
+    fn a_saved_debt_and_burst_carry_over() {
+        let mut saved = bucket(100, 50, 1000);
+        assert_eq!(saved.consume_at(20, 0), BucketReduction::Success);
+        let state = saved.state_at(0);
+        assert_eq!(
+            (state.one_time_burst, state.initial_one_time_burst),
+            (30, 50)
+        );
+        let restored = TokenBucket::from_state_at(&state, 0).unwrap();
+        assert_eq!(restored.one_time_burst(), 30);
+        assert_eq!(restored.initial_one_time_burst(), 50);
+
+        let mut saved = bucket(100, 0, 1000);
+        assert!(matches!(
+            saved.consume_at(250, 0),
+            BucketReduction::OverConsumption(_)
+        ));
+        let state = saved.state_at(SEC);
+        assert_eq!((state.budget, state.deficit), (0, 50));
+        let mut restored = TokenBucket::from_state_at(&state, 0).unwrap();
+        // The debt is paid first: half a second, then the tokens of the request.
+        assert_eq!(restored.retry_after_at(100, 0), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn states_no_bucket_can_be_in_are_refused() {
+        let good = bucket(100, 10, 1000).state_at(0);
+        type Edit = fn(&mut TokenBucketState);
+        let edits: [Edit; 7] = [
+            |s| s.size = 0,
+            |s| s.refill_time = 0,
+            |s| s.budget = 101,
+            |s| {
+                s.budget = 1;
+                s.deficit = 1;
+            },
+            |s| {
+                s.budget = 0;
+                s.deficit = u64::MAX;
+            },
+            |s| s.one_time_burst = 11,
+            |s| s.fraction = 1000 * u128::from(MS),
+        ];
+        for (i, edit) in edits.into_iter().enumerate() {
+            let mut state = good.clone();
+            edit(&mut state);
+            assert!(
+                matches!(
+                    TokenBucket::from_state_at(&state, 0),
+                    Err(Error::InvalidState(_))
+                ),
+                "edit {i}"
+            );
+        }
+        assert!(TokenBucket::from_state_at(&good, 0).is_ok());
     }
 }

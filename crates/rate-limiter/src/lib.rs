@@ -5,8 +5,8 @@ pub mod bucket;
 pub mod clock;
 pub mod limiter;
 
-pub use bucket::{BucketConfig, BucketReduction, TokenBucket};
+pub use bucket::{BucketConfig, BucketReduction, TokenBucket, TokenBucketState};
 #[cfg(any(test, feature = "test-utils"))]
 pub use clock::ManualClock;
 pub use clock::{Clock, MonotonicClock};
-pub use limiter::{BucketUpdate, Error, RateLimiter, Result, TokenType};
+pub use limiter::{BucketUpdate, Error, RateLimiter, RateLimiterState, Result, TokenType};

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::bucket::{BucketConfig, BucketReduction, TokenBucket};
+use crate::bucket::{BucketConfig, BucketReduction, TokenBucket, TokenBucketState};
 use crate::clock::{Clock, MonotonicClock};
 
 /// The longest the timer is armed for at once: about 136 years, well inside what
@@ -56,6 +56,9 @@ pub enum Error {
     /// The timerfd could not be read.
     #[error("Cannot read the rate limiter's timerfd")]
     ReadTimer(#[source] io::Error),
+    /// A saved bucket's state is not one a bucket can be in.
+    #[error("The saved state of a token bucket is invalid: {0}")]
+    InvalidState(String),
 }
 
 /// The result type of the rate limiter.
@@ -88,6 +91,16 @@ impl From<BucketConfig> for BucketUpdate {
             .bucket()
             .map_or(BucketUpdate::Disabled, BucketUpdate::Update)
     }
+}
+
+/// The saved state of a [`RateLimiter`]: each of its buckets, or `None` for no limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct RateLimiterState {
+    /// The bandwidth bucket, if bytes are limited.
+    pub bandwidth: Option<TokenBucketState>,
+    /// The operations bucket, if operations are limited.
+    pub ops: Option<TokenBucketState>,
 }
 
 /// When the timer was armed, on the limiter's clock, and for how long.
@@ -288,6 +301,47 @@ impl<C: Clock> RateLimiter<C> {
     /// The operations bucket, if operations are limited.
     pub fn ops(&self) -> Option<&TokenBucket> {
         self.ops.as_ref()
+    }
+
+    /// The state of the buckets, refilled up to now, to save ([`TokenBucket::state_at`]).
+    ///
+    /// A request the limiter holds back is not part of it: the device gives it back to its
+    /// queue, and the restored device asks for its tokens again.
+    pub fn state(&self) -> RateLimiterState {
+        let now = self.clock.now();
+        RateLimiterState {
+            bandwidth: self.bandwidth.as_ref().map(|b| b.state_at(now)),
+            ops: self.ops.as_ref().map(|b| b.state_at(now)),
+        }
+    }
+
+    /// Replaces the buckets with those `state` describes, refilling from now on. Nothing
+    /// changes unless both buckets are valid.
+    ///
+    /// It is meant for a limiter built afresh, which is not blocked. A blocked one is handled
+    /// as [`update_buckets`](Self::update_buckets) handles it: its timer is re-armed to expire
+    /// at once, so that the device retries its request under the restored buckets.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] when a bucket's state is not one a bucket can be in (see
+    /// [`TokenBucket::from_state_at`]).
+    pub fn restore(&mut self, state: &RateLimiterState) -> Result<()> {
+        let now = self.clock.now();
+        let bucket = |saved: &Option<TokenBucketState>| {
+            saved
+                .as_ref()
+                .map(|saved| TokenBucket::from_state_at(saved, now))
+                .transpose()
+        };
+        let bandwidth = bucket(&state.bandwidth)?;
+        let ops = bucket(&state.ops)?;
+        self.bandwidth = bandwidth;
+        self.ops = ops;
+        if self.armed.is_some() {
+            self.arm(now, MIN_TIMER_DELAY);
+        }
+        Ok(())
     }
 
     /// Whether the limiter has no bucket at all and lets everything through.
@@ -608,5 +662,65 @@ mod tests {
         let left = u128::from(l.bandwidth().unwrap().budget());
         assert_eq!(u128::from(sent) + left, 1_000_000 + refilled);
         assert!(left < 1500);
+    }
+
+    #[test]
+    fn a_restored_limiter_has_the_saved_buckets_and_is_not_blocked() {
+        let clock = ManualClock::new(0);
+        let mut limiter =
+            RateLimiter::with_clock(config(1000, 500, 1000), config(10, 0, 1000), clock.clone())
+                .unwrap();
+        assert!(limiter.consume(1200, TokenType::Bytes));
+        assert!(limiter.consume(10, TokenType::Ops));
+        clock.advance(Duration::from_millis(100));
+        // One operation refilled; two are refused, and the limiter blocks.
+        assert!(!limiter.consume(2, TokenType::Ops));
+        assert!(limiter.is_blocked());
+        let state = limiter.state();
+        let bytes = postcard::to_stdvec(&state).unwrap();
+        let state: RateLimiterState = postcard::from_bytes(&bytes).unwrap();
+        let bandwidth = state.bandwidth.as_ref().unwrap();
+        assert_eq!((bandwidth.budget, bandwidth.one_time_burst), (400, 0));
+        assert_eq!(state.ops.as_ref().unwrap().budget, 1);
+
+        // Another process, whose clock reads another time.
+        let other = ManualClock::new(42 * 1_000_000_000);
+        let mut restored = RateLimiter::with_clock(None, None, other.clone()).unwrap();
+        restored.restore(&state).unwrap();
+        assert!(!restored.is_blocked());
+        assert_eq!(restored.state(), state);
+        assert!(restored.consume(1, TokenType::Ops));
+        assert!(!restored.consume(500, TokenType::Bytes));
+        assert_eq!(restored.retry_after(), Some(Duration::from_millis(100)));
+
+        // A blocked limiter restored wakes its device at once.
+        limiter.restore(&state).unwrap();
+        assert!(limiter.is_blocked());
+        assert_eq!(limiter.retry_after(), Some(MIN_TIMER_DELAY));
+        sleep(Duration::from_millis(1));
+        limiter.event_handler().unwrap();
+        assert!(limiter.consume(400, TokenType::Bytes));
+    }
+
+    #[test]
+    fn an_invalid_state_leaves_the_limiter_as_it_was() {
+        let clock = ManualClock::new(0);
+        let mut limiter =
+            RateLimiter::with_clock(config(1000, 0, 1000), None, clock.clone()).unwrap();
+        let before = limiter.state();
+        let mut state = before.clone();
+        state.ops = RateLimiter::with_clock(None, config(10, 0, 100), clock)
+            .unwrap()
+            .state()
+            .ops;
+        state.ops.as_mut().unwrap().budget = 11;
+        assert!(matches!(
+            limiter.restore(&state),
+            Err(Error::InvalidState(_))
+        ));
+        assert_eq!(limiter.state(), before);
+        // A state without buckets lets everything through.
+        limiter.restore(&RateLimiterState::default()).unwrap();
+        assert!(limiter.is_unlimited());
     }
 }

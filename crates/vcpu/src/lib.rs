@@ -13,6 +13,16 @@
 //! feature, uses `bus::BusExitHandler` over ember's. The signal that kicks vCPU threads is
 //! `SIGRTMIN` unless chosen with [`set_kick_signal`].
 //!
+//! # Snapshots
+//!
+//! [`Vm::save_state`] and [`Vcpu::save_state`] read what KVM keeps of the VM and of each vCPU
+//! into [`VmState`] and [`vcpu::VcpuState`], serde data; [`Vm::restore_state`] and
+//! [`Vcpu::restore_state`] load them into a new VM, which goes on from where the saved one was.
+//! A running VMM saves a paused vCPU through its thread with [`VcpuHandle::save_state`], and
+//! starts restored vCPUs paused with [`runner::StartOptions`]. [`compat`] tells whether a saved
+//! vCPU can run on this host; [`VmOptions::track_dirty_pages`] and [`Vm::dirty_log`] give the
+//! pages the guest wrote, for diff snapshots. The README has an example.
+//!
 //! Boot-time register state comes from [`ember_boot::cpu::CpuState`], plain data that this crate
 //! loads into the vCPU with [`Vcpu::set_boot_state`].
 //!
@@ -90,9 +100,11 @@ pub struct ReadmeDoctests;
 
 #[cfg(feature = "bus")]
 pub mod bus;
+pub mod compat;
 mod cpuid;
 pub mod exit;
 pub mod metrics;
+mod msr;
 mod regs;
 pub mod runner;
 pub mod vcpu;
@@ -102,7 +114,8 @@ pub use exit::ExitHandler;
 pub use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch};
 pub use metrics::VcpuMetrics;
 pub use runner::{
-    ThreadHook, VcpuHandle, VcpuState, VmExit, VmExitNotifier, kick_signal, set_kick_signal,
+    RunState, StartOptions, ThreadHook, VcpuHandle, VmExit, VmExitNotifier, kick_signal,
+    set_kick_signal,
 };
 pub use vcpu::{SystemEvent, Vcpu, VcpuEvent};
-pub use vm::Vm;
+pub use vm::{Vm, VmOptions, VmState};

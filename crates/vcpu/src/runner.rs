@@ -2,7 +2,9 @@
 //!
 //! [`Vcpu::start`] moves a vCPU onto a thread named `ember_vcpu{index}` that calls
 //! [`Vcpu::run_once`] in a loop. The [`VcpuHandle`] it returns pauses, resumes, kicks and stops
-//! the thread. A vCPU that ends the VM (reset, shutdown, a failure of KVM) tells the VMM through
+//! the thread, and saves the state of a paused vCPU ([`VcpuHandle::save_state`]). A vCPU
+//! thread can start paused ([`StartOptions::paused`]), so that a VM restored from a snapshot
+//! runs only when resumed. A vCPU that ends the VM (reset, shutdown, a failure of KVM) tells the VMM through
 //! the [`VmExitNotifier`] shared by all vCPUs, which keeps the first reason and signals an
 //! [`EventFd`] the VMM's main loop can wait on.
 //!
@@ -31,7 +33,7 @@ use libc::{c_int, c_void, siginfo_t};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMAX, SIGRTMIN, register_signal_handler};
 
-use crate::vcpu::{ImmediateExit, SystemEvent, Vcpu, VcpuEvent};
+use crate::vcpu::{self, ImmediateExit, SystemEvent, Vcpu, VcpuEvent, VcpuState};
 
 /// Errors of vCPU threads, of the kick signal and of the VM exit notifier.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,23 @@ pub enum Error {
     /// The notifier's event file descriptor could not be created.
     #[error("Cannot create the VM exit event")]
     CreateEventFd(#[source] std::io::Error),
+    /// A vCPU's state can only be saved while its thread is paused.
+    #[error("vCPU {index} is {state:?}, not paused: its state cannot be saved")]
+    NotPaused {
+        /// The vCPU index.
+        index: u8,
+        /// What the thread was doing.
+        state: RunState,
+    },
+    /// The paused vCPU thread could not save the vCPU's state.
+    #[error("Cannot save the state of vCPU {index}")]
+    SaveState {
+        /// The vCPU index.
+        index: u8,
+        /// Why.
+        #[source]
+        source: vcpu::Error,
+    },
 }
 
 /// Result type of vCPU thread operations.
@@ -220,13 +239,78 @@ impl VmExitNotifier {
 /// What a vCPU thread is doing, as seen from its handle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum VcpuState {
+pub enum RunState {
     /// Running the guest, or about to.
     Running,
     /// Waiting for [`VcpuHandle::resume`], out of the guest.
     Paused,
     /// The thread's loop has ended: stopped, or the vCPU ended the VM.
     Exited,
+}
+
+/// How a vCPU thread starts: [`Vcpu::start_with`].
+///
+/// # Example
+///
+/// ```no_run
+/// # fn f(vcpu: ember_vcpu::Vcpu, notifier: ember_vcpu::VmExitNotifier)
+/// # -> Result<(), ember_vcpu::runner::Error> {
+/// use ember_vcpu::runner::StartOptions;
+///
+/// // A vCPU restored from a snapshot: its thread waits for `resume`.
+/// let handle = vcpu.start_with(notifier, StartOptions::new().paused(true))?;
+/// handle.resume();
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Default)]
+#[non_exhaustive]
+pub struct StartOptions {
+    /// Run first on the new thread, see [`ThreadHook`].
+    pub hook: Option<ThreadHook>,
+    /// Start paused: the thread (after the hook) waits for [`VcpuHandle::resume`] before it
+    /// runs the guest.
+    pub paused: bool,
+}
+
+impl StartOptions {
+    /// Start running, with no hook.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `hook` first on the new thread.
+    pub fn hook(mut self, hook: ThreadHook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// Starts paused, or not.
+    pub fn paused(mut self, paused: bool) -> Self {
+        self.paused = paused;
+        self
+    }
+}
+
+impl fmt::Debug for StartOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StartOptions")
+            .field("hook", &self.hook.is_some())
+            .field("paused", &self.paused)
+            .finish()
+    }
+}
+
+/// A save of the vCPU's state asked of its paused thread.
+#[derive(Debug, Default)]
+enum SaveSlot {
+    /// No save asked for.
+    #[default]
+    Idle,
+    /// A handle asked for one and waits.
+    Requested,
+    /// The thread saved; the handle takes the result.
+    Done(Box<vcpu::Result<VcpuState>>),
 }
 
 /// What the handle asks of the thread.
@@ -241,7 +325,9 @@ enum Request {
 #[derive(Debug)]
 struct Shared {
     request: Request,
-    state: VcpuState,
+    state: RunState,
+    /// A save asked of the paused thread, and its result.
+    save: SaveSlot,
     /// The vCPU's `immediate_exit` byte while the thread holds the vCPU; `None` before the
     /// thread starts and after it lets go of the vCPU. Only set or cleared under the lock, so a
     /// kick that finds it `Some` knows the vCPU, and the mapping, are alive while it holds the
@@ -260,23 +346,30 @@ impl Control {
         lock(&self.shared)
     }
 
-    /// Waits while a pause is requested; returns whether the thread should run the guest
-    /// (`false`: stop).
-    fn wait_runnable(&self) -> bool {
+    /// Waits while a pause is requested, saving `vcpu`'s state when a handle asks; returns
+    /// whether the thread should run the guest (`false`: stop).
+    ///
+    /// Entering the pause, it tells a guest with kvmclock that it is paused.
+    fn wait_runnable(&self, vcpu: &mut Vcpu) -> bool {
         let mut shared = self.lock();
         loop {
             match shared.request {
                 Request::Run => {
-                    if shared.state != VcpuState::Running {
-                        shared.state = VcpuState::Running;
+                    if shared.state != RunState::Running {
+                        shared.state = RunState::Running;
                         self.changed.notify_all();
                     }
                     return true;
                 }
                 Request::Stop => return false,
                 Request::Pause => {
-                    if shared.state != VcpuState::Paused {
-                        shared.state = VcpuState::Paused;
+                    if shared.state != RunState::Paused {
+                        vcpu.notify_guest_paused();
+                        shared.state = RunState::Paused;
+                        self.changed.notify_all();
+                    }
+                    if matches!(shared.save, SaveSlot::Requested) {
+                        shared.save = SaveSlot::Done(Box::new(vcpu.save_state()));
                         self.changed.notify_all();
                     }
                     shared = self
@@ -396,7 +489,7 @@ impl VcpuHandle {
     }
 
     /// What the vCPU thread is doing.
-    pub fn state(&self) -> VcpuState {
+    pub fn state(&self) -> RunState {
         self.control.lock().state
     }
 
@@ -411,6 +504,10 @@ impl VcpuHandle {
     }
 
     /// Takes the vCPU out of the guest and waits until its thread is paused, or has exited.
+    ///
+    /// Pausing, the thread tells a guest with kvmclock that it is paused
+    /// (`KVM_KVMCLOCK_CTRL`), so that the guest's soft-lockup watchdog does not take the pause
+    /// for a hang when it resumes.
     pub fn pause(&self) {
         let mut shared = self.control.lock();
         if shared.request == Request::Run {
@@ -421,9 +518,57 @@ impl VcpuHandle {
             .control
             .changed
             .wait_while(shared, |s| {
-                s.request == Request::Pause && s.state == VcpuState::Running
+                s.request == Request::Pause && s.state == RunState::Running
             })
             .unwrap_or_else(PoisonError::into_inner);
+    }
+
+    /// Saves the state of the paused vCPU: its thread, which owns the vCPU, reads the state and
+    /// hands it over. A pause on its way is waited for.
+    ///
+    /// For a state the guest can go on from, pause every vCPU of the VM before saving any.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotPaused`] at once when the vCPU runs or its thread has exited;
+    /// [`Error::SaveState`] when the save failed.
+    pub fn save_state(&self) -> Result<VcpuState> {
+        let changed = &self.control.changed;
+        let paused = |s: &Shared| s.request == Request::Pause && s.state == RunState::Paused;
+        let shared = self.control.lock();
+        // A pause on its way, or another save in progress: wait for it.
+        let mut shared = changed
+            .wait_while(shared, |s| {
+                (s.request == Request::Pause && s.state == RunState::Running)
+                    || (paused(s) && !matches!(s.save, SaveSlot::Idle))
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        if !paused(&shared) {
+            return Err(Error::NotPaused {
+                index: self.index,
+                state: shared.state,
+            });
+        }
+        shared.save = SaveSlot::Requested;
+        changed.notify_all();
+        let mut shared = changed
+            .wait_while(shared, |s| {
+                paused(s) && matches!(s.save, SaveSlot::Requested)
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        let slot = std::mem::take(&mut shared.save);
+        changed.notify_all();
+        match slot {
+            SaveSlot::Done(result) => (*result).map_err(|source| Error::SaveState {
+                index: self.index,
+                source,
+            }),
+            // Resumed, stopped or exited before the thread saw the request.
+            SaveSlot::Idle | SaveSlot::Requested => Err(Error::NotPaused {
+                index: self.index,
+                state: shared.state,
+            }),
+        }
     }
 
     /// Lets a paused vCPU run again.
@@ -513,12 +658,35 @@ impl Vcpu {
         notifier: VmExitNotifier,
         hook: Option<ThreadHook>,
     ) -> Result<VcpuHandle> {
+        self.start_with(
+            notifier,
+            StartOptions {
+                hook,
+                paused: false,
+            },
+        )
+    }
+
+    /// As [`start`](Self::start), with the hook and the initial pause of `options`. A vCPU
+    /// started paused is [`RunState::Paused`] from the start: its state can be saved, and it
+    /// runs the guest once [`VcpuHandle::resume`] is called.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_with(self, notifier: VmExitNotifier, options: StartOptions) -> Result<VcpuHandle> {
         register_kick_handler()?;
         let index = self.index();
+        let StartOptions { hook, paused } = options;
+        let (request, state) = match paused {
+            true => (Request::Pause, RunState::Paused),
+            false => (Request::Run, RunState::Running),
+        };
         let control = Arc::new(Control {
             shared: Mutex::new(Shared {
-                request: Request::Run,
-                state: VcpuState::Running,
+                request,
+                state,
+                save: SaveSlot::Idle,
                 immediate_exit: None,
             }),
             changed: Condvar::new(),
@@ -556,7 +724,7 @@ impl Drop for ExitGuard<'_> {
         }
         let mut shared = self.control.lock();
         shared.immediate_exit = None;
-        shared.state = VcpuState::Exited;
+        shared.state = RunState::Exited;
         self.control.changed.notify_all();
     }
 }
@@ -584,7 +752,7 @@ fn run_vcpu(
             return;
         }
     }
-    while control.wait_runnable() {
+    while control.wait_runnable(&mut vcpu) {
         let exit = match vcpu.run_once() {
             Ok(event) => event.vm_exit(),
             Err(err) => Some(VmExit::Error(error_chain(&err))),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ember_vcpu::runner::Error;
 use ember_vcpu::{
-    ExitHandler, Kvm, Vcpu, VcpuState, Vm, VmExitNotifier, kick_signal, set_kick_signal,
+    ExitHandler, Kvm, RunState, Vcpu, Vm, VmExitNotifier, kick_signal, set_kick_signal,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::SIGRTMIN;
@@ -92,7 +92,7 @@ fn a_chosen_kick_signal_pauses_and_stops_the_vcpus() {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!(pauser.join().unwrap(), VcpuState::Paused);
+    assert_eq!(pauser.join().unwrap(), RunState::Paused);
     let handle = Arc::into_inner(paused).unwrap().into_inner().unwrap();
     handle.resume();
     handle.stop().unwrap();

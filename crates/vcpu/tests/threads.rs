@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::{TestVm, enter_real_mode, wait_for};
 use ember_bus::{BusDevice, BusRange, MmioBus, PioBus};
 use ember_vcpu::bus::BusExitHandler;
-use ember_vcpu::{Vcpu, VcpuState, VmExit, VmExitNotifier};
+use ember_vcpu::{RunState, Vcpu, VmExit, VmExitNotifier};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Generous bound for things that take microseconds, so that a loaded machine does not fail the
@@ -89,7 +89,7 @@ fn a_failing_thread_start_hook_ends_the_vm_before_the_guest_runs() {
             "vCPU 0: The thread-start hook failed: no filter".to_string()
         ))
     );
-    assert!(wait_for(PATIENCE, || handle.state() == VcpuState::Exited));
+    assert!(wait_for(PATIENCE, || handle.state() == RunState::Exited));
     handle.stop().unwrap();
     assert!(guest.port_writes(0x80).is_empty());
 }
@@ -126,10 +126,10 @@ fn spinning_vcpu_is_paused_resumed_and_stopped() {
 
     handle.kick();
     assert!(wait_for(PATIENCE, || guest.port_writes(0x80).len() > 6));
-    assert_eq!(handle.state(), VcpuState::Running);
+    assert_eq!(handle.state(), RunState::Running);
 
     handle.pause();
-    assert_eq!(handle.state(), VcpuState::Paused);
+    assert_eq!(handle.state(), RunState::Paused);
     let paused_at = guest.port_writes(0x80).len();
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(
@@ -140,7 +140,7 @@ fn spinning_vcpu_is_paused_resumed_and_stopped() {
 
     handle.resume();
     assert!(wait_for(PATIENCE, || guest.port_writes(0x80).len() > paused_at));
-    assert_eq!(handle.state(), VcpuState::Running);
+    assert_eq!(handle.state(), RunState::Running);
 
     let start = Instant::now();
     handle.stop().unwrap();
@@ -163,10 +163,10 @@ fn repeated_pauses_never_miss_the_vcpu() {
     let handle = vcpu.start(VmExitNotifier::new().unwrap()).unwrap();
     for _ in 0..200 {
         handle.pause();
-        assert_eq!(handle.state(), VcpuState::Paused);
+        assert_eq!(handle.state(), RunState::Paused);
         handle.resume();
         // Pause next while the thread is on its way back into the guest, or inside it.
-        assert!(wait_for(PATIENCE, || handle.state() == VcpuState::Running));
+        assert!(wait_for(PATIENCE, || handle.state() == RunState::Running));
     }
     handle.stop().unwrap();
 }
@@ -180,7 +180,7 @@ fn triple_fault_on_a_vcpu_thread_notifies_a_reset() {
     let handle = vcpu.start(notifier.clone()).unwrap();
     assert_eq!(notifier.wait_timeout(PATIENCE), Some(VmExit::Reset));
     assert_eq!(notifier.event_fd().read().unwrap(), 1);
-    assert!(wait_for(PATIENCE, || handle.state() == VcpuState::Exited));
+    assert!(wait_for(PATIENCE, || handle.state() == RunState::Exited));
     // Pausing or kicking an exited vCPU returns at once.
     handle.pause();
     handle.kick();

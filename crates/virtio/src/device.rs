@@ -184,6 +184,54 @@ pub trait VirtioDevice<M: GuestAddressSpace>: Send {
 
     /// Stops serving the queues and returns to the state the device had before activation.
     fn reset(&mut self);
+
+    /// The queues of an active device as its handler holds them now, positions included:
+    /// what a snapshot of a paused VM records, and what [`activate`](Self::activate) takes
+    /// back on restore. A chain the handler has taken but not yet returned is given back to
+    /// the available ring (the queue's `next_avail` is before it), so that the restored
+    /// device takes it again.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Unsupported`] for a device that cannot be saved (the default);
+    /// [`StateError::NotActive`] when the device is not active; [`StateError::Handler`] when
+    /// its handler does not answer.
+    fn save_queues(&self) -> Result<Vec<Queue>, StateError> {
+        Err(StateError::Unsupported)
+    }
+}
+
+/// Why the state of a device cannot be saved or restored.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The device does not support snapshots.
+    #[error("The device does not support snapshots")]
+    Unsupported,
+    /// The device is not active: there are no running queues to save.
+    #[error("The device is not active")]
+    NotActive,
+    /// The device's handler cannot be reached.
+    #[error("The device's handler does not answer")]
+    Handler(#[source] io::Error),
+    /// The saved state does not fit this device.
+    #[error("The saved state does not fit the device: {0}")]
+    Invalid(String),
+    /// A saved queue is not one a driver could have set up.
+    #[error("The saved state of queue {index} is invalid")]
+    Queue {
+        /// The queue's index.
+        index: usize,
+        /// What is wrong with it.
+        #[source]
+        source: crate::queue::Error,
+    },
+    /// The device, active when saved, cannot be activated again.
+    #[error("Cannot activate the restored device")]
+    Activate(#[source] ActivateError),
+    /// A saved rate limiter's buckets are invalid.
+    #[error("Cannot restore the device's rate limiter")]
+    RateLimiter(#[source] ember_rate_limiter::Error),
 }
 
 /// Copies the part of `config` at `offset` into `data`, zero-filling whatever lies past its end:

@@ -15,7 +15,8 @@ pub mod vsock;
 pub mod worker;
 
 pub use device::{
-    ActivateError, ActivateParams, IrqTrigger, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    ActivateError, ActivateParams, IrqTrigger, StateError, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType,
 };
 pub use ember_rate_limiter as rate_limiter;
 pub use ember_virtqueue::{Descriptor, DescriptorChain, Error, Queue, Result, Ring};

@@ -19,6 +19,11 @@
 //! DEVICE_NEEDS_RESET status, and raises the line through an [`IrqTrigger`].
 //!
 //! The guest describes the device to Linux on its command line with [`cmdline_device`].
+//!
+//! A snapshot of a paused VM records the transport with [`MmioTransport::save_state`], the
+//! queues of an active device as its handler holds them; a new process restores it on a
+//! transport it built afresh for the same device with [`MmioTransport::restore_state`], which
+//! activates the device again on the saved queues.
 
 use std::fmt;
 use std::io;
@@ -37,9 +42,11 @@ use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{
-    ActivateParams, IrqTrigger, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    ActivateError, ActivateParams, IrqTrigger, StateError, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType,
 };
-use crate::queue::Queue;
+use crate::error::ErrorChain;
+use crate::queue::{Queue, QueueState};
 use crate::worker::Executor;
 
 /// Size of a device's MMIO register page.
@@ -157,6 +164,14 @@ impl MmioInterrupt {
     /// Whether the device is in DEVICE_NEEDS_RESET.
     pub fn needs_reset(&self) -> bool {
         self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// Puts back a saved interrupt status, configuration generation and DEVICE_NEEDS_RESET.
+    fn restore(&self, status: u32, config_generation: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::Release);
+        self.config_generation
+            .store(config_generation, Ordering::Release);
+        self.needs_reset.store(needs_reset, Ordering::Release);
     }
 
     /// Returns the state to that of a device in reset; the generation keeps counting.
@@ -541,20 +556,30 @@ impl<M: GuestAddressSpace, D: VirtioDevice<M> + ?Sized> MmioTransport<M, D> {
             ));
             return;
         }
+        let queues = self.queues.clone();
+        if let Err(err) = self.start_device(queues) {
+            self.activation_failed(format_args!(
+                "cannot activate the device: {}",
+                ErrorChain(&err)
+            ));
+        }
+    }
+
+    /// Activates the device on `queues`, with EVENT_IDX and indirect descriptors set on them as
+    /// the driver negotiated: what DRIVER_OK does, and a restore.
+    fn start_device(&mut self, mut queues: Vec<Queue>) -> Result<(), ActivateError> {
         let event_idx = self.driver_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let indirect = self.driver_features & (1u64 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
-        let mut queues = self.queues.clone();
         for queue in &mut queues {
             queue.set_event_idx(event_idx);
             queue.set_indirect(indirect);
         }
-        let queue_evts = match self.queue_evts.iter().map(EventFd::try_clone).collect() {
-            Ok(evts) => evts,
-            Err(err) => {
-                self.activation_failed(format_args!("cannot share the queue eventfds: {err}"));
-                return;
-            }
-        };
+        let queue_evts = self
+            .queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(ActivateError::Worker)?;
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
         let params = ActivateParams::new(
             self.mem.clone(),
@@ -564,12 +589,9 @@ impl<M: GuestAddressSpace, D: VirtioDevice<M> + ?Sized> MmioTransport<M, D> {
             interrupt,
             self.executor.clone(),
         );
-        match self.device.activate(params) {
-            Ok(()) => self.active = true,
-            Err(err) => {
-                self.activation_failed(format_args!("cannot activate the device: {err}"));
-            }
-        }
+        self.device.activate(params)?;
+        self.active = true;
+        Ok(())
     }
 
     /// Logs a failed activation, as a warning the first time only, and asks for a reset.
@@ -607,6 +629,218 @@ impl<M: GuestAddressSpace, D: VirtioDevice<M> + ?Sized> MmioTransport<M, D> {
         self.driver_features = 0;
         self.queue_sel = 0;
         self.shm_sel = 0;
+    }
+}
+
+/// The saved state of an [`MmioTransport`]: its registers, its interrupt, and its queues, as
+/// the handler of an active device holds them, positions included.
+///
+/// A state read back from a file is untrusted: [`MmioTransport::restore_state`] checks it
+/// against the device and guest memory before it changes anything.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct MmioState {
+    /// The virtio device ID of the device behind the transport.
+    pub device_type: u32,
+    /// The device status register, without DEVICE_NEEDS_RESET (`needs_reset`).
+    pub status: u32,
+    /// The device features page selected.
+    pub device_features_sel: u32,
+    /// The driver features page selected.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// The queue selected.
+    pub queue_sel: u32,
+    /// The shared memory region selected.
+    pub shm_sel: u32,
+    /// The queues, one per queue of the device: as the device's handler holds them when the
+    /// device is active, as the driver configured them otherwise.
+    pub queues: Vec<QueueState>,
+    /// The interrupt status register: [`INT_USED_RING`] and [`INT_CONFIG`] bits.
+    pub interrupt_status: u32,
+    /// The configuration generation.
+    pub config_generation: u32,
+    /// Whether the device is in DEVICE_NEEDS_RESET.
+    pub needs_reset: bool,
+    /// Whether the device was active: the driver set DRIVER_OK and the device started.
+    pub active: bool,
+}
+
+/// The device status values a driver can reach (FAILED aside): each row of [`TRANSITIONS`]
+/// leads to the next.
+const REACHABLE_STATUS: [u32; 5] = [
+    0,
+    ACKNOWLEDGE,
+    ACKNOWLEDGE | DRIVER,
+    ACKNOWLEDGE | DRIVER | FEATURES_OK,
+    ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+];
+
+impl<M: GuestAddressSpace, D: VirtioDevice<M> + ?Sized> MmioTransport<M, D> {
+    /// The transport's state, for a snapshot of a paused VM: the registers, the interrupt, and
+    /// the queues, those of an active device as its handler holds them
+    /// ([`VirtioDevice::save_queues`]).
+    ///
+    /// The VMM pauses the device first (its vCPUs stopped, then its [`WorkerGate`] closed), so
+    /// that nothing moves between this and the snapshot of guest memory; a paused worker still
+    /// answers the call that saves its queues. A device served by the VMM's own event loop
+    /// (`Executor::EventManager`) answers from that loop, which must then run on another
+    /// thread: the VMM makes sure it has no work left (vCPUs stopped, backends quiet) before it
+    /// saves the queues and guest memory.
+    ///
+    /// [`WorkerGate`]: crate::WorkerGate
+    ///
+    /// # Errors
+    ///
+    /// Those of [`VirtioDevice::save_queues`], for an active device.
+    pub fn save_state(&self) -> Result<MmioState, StateError> {
+        let queues = if self.active {
+            self.device.save_queues()?
+        } else {
+            self.queues.clone()
+        };
+        Ok(MmioState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            shm_sel: self.shm_sel,
+            queues: queues.iter().map(Queue::state).collect(),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+            needs_reset: self.interrupt.needs_reset(),
+            active: self.active,
+        })
+    }
+
+    /// Restores `state` on a transport built afresh (in reset) for the same kind of device
+    /// over the same guest memory: the registers and the interrupt as saved, and, when the
+    /// device was active, the device activated on the saved queues as DRIVER_OK activates it,
+    /// so that its handler goes on from the saved positions. Each queue's notification eventfd
+    /// is then signalled once, so that the handler looks at its rings for what the driver
+    /// made available before the snapshot (a notification the old process had not handled is
+    /// not in the snapshot). When an interrupt was pending, the line is raised once more, so
+    /// that it is not lost whatever the interrupt controller's saved state; a driver reads
+    /// the interrupt status and ignores one it has already seen.
+    ///
+    /// Nothing is changed unless the whole state fits: the device type, the number of queues
+    /// and their maximum sizes are the device's, the driver accepted only features the device
+    /// offers, the status is one a driver can reach, and each ready queue has a valid size and
+    /// rings inside guest memory.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Invalid`] when the state does not fit the device or the transport is not
+    /// fresh, [`StateError::Queue`] for a queue a driver could not have set up, and
+    /// [`StateError::Activate`] when the device cannot be activated again (the transport is
+    /// then in reset).
+    pub fn restore_state(&mut self, state: &MmioState) -> Result<(), StateError> {
+        let queues = self.check_state(state)?;
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.shm_sel = state.shm_sel;
+        self.interrupt.restore(
+            state.interrupt_status,
+            state.config_generation,
+            state.needs_reset,
+        );
+        self.queues = queues.clone();
+        if state.active {
+            if let Err(err) = self.start_device(queues) {
+                self.reset();
+                return Err(StateError::Activate(err));
+            }
+            for (index, evt) in self.queue_evts.iter().enumerate() {
+                if let Err(err) = evt.write(1) {
+                    warn!("virtio-mmio: cannot signal restored queue {index}: {err}");
+                }
+            }
+        }
+        if state.interrupt_status != 0 {
+            if let Err(err) = self.interrupt.line.trigger() {
+                warn!("virtio-mmio: cannot raise the restored interrupt: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks `state` against the device, guest memory and this transport, and returns its
+    /// queues.
+    fn check_state(&self, state: &MmioState) -> Result<Vec<Queue>, StateError> {
+        let invalid = |why: String| Err(StateError::Invalid(why));
+        if self.active || self.status != 0 {
+            return invalid("the transport is in use; restore on one built afresh".into());
+        }
+        let device_type = self.device.device_type();
+        if state.device_type != device_type {
+            return invalid(format!(
+                "it is of a device of type {}, and this device is of type {device_type}",
+                state.device_type
+            ));
+        }
+        let max_sizes = self.device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len() {
+            return invalid(format!(
+                "it has {} queues, and the device has {}",
+                state.queues.len(),
+                max_sizes.len()
+            ));
+        }
+        let unknown = state.driver_features & !self.device.features();
+        if unknown != 0 {
+            return invalid(format!(
+                "the driver accepted features {unknown:#x} that the device does not offer"
+            ));
+        }
+        if !REACHABLE_STATUS.contains(&(state.status & !FAILED)) {
+            return invalid(format!(
+                "the device status {:#x} is not one a driver can reach",
+                state.status
+            ));
+        }
+        if state.status & FEATURES_OK != 0
+            && state.driver_features & (1u64 << VIRTIO_F_VERSION_1) == 0
+        {
+            return invalid("the features were accepted without VIRTIO_F_VERSION_1".into());
+        }
+        if state.active && state.status & DRIVER_OK == 0 {
+            return invalid("the device was active without DRIVER_OK".into());
+        }
+        if state.interrupt_status & !(INT_USED_RING | INT_CONFIG) != 0 {
+            return invalid(format!(
+                "the interrupt status {:#x} has bits the transport never sets",
+                state.interrupt_status
+            ));
+        }
+        let mem = self.mem.memory();
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        for (index, (saved, &max_size)) in state.queues.iter().zip(max_sizes).enumerate() {
+            if saved.max_size != max_size {
+                return invalid(format!(
+                    "queue {index} has a maximum size of {}, and the device's is {max_size}",
+                    saved.max_size
+                ));
+            }
+            let queue =
+                Queue::from_state(saved).map_err(|source| StateError::Queue { index, source })?;
+            if queue.ready() {
+                queue
+                    .validate(&*mem)
+                    .map_err(|source| StateError::Queue { index, source })?;
+            } else if state.active {
+                return invalid(format!(
+                    "the device was active with queue {index} not ready"
+                ));
+            }
+            queues.push(queue);
+        }
+        Ok(queues)
     }
 }
 
@@ -1192,5 +1426,254 @@ mod tests {
             read(&s.transport, VIRTIO_MMIO_INTERRUPT_STATUS),
             INT_USED_RING
         );
+    }
+
+    /// A transport built afresh, as a new process builds it, for the same kind of device over
+    /// the same guest memory as `s`, with the counter of its interrupt line.
+    fn twin(s: &Setup) -> (Setup, CountingTrigger) {
+        let queues = VirtioDevice::<Mem>::queue_max_sizes(s.transport.device()).len();
+        let (device, seen) =
+            MockDevice::new(DEVICE_TYPE, &vec![QUEUE_MAX; queues], OFFERED, b"config!!");
+        let line = CountingTrigger::default();
+        let transport = MmioTransport::new(
+            s.transport.mem.clone(),
+            Box::new(device),
+            line.clone(),
+            WorkerGate::new(),
+        )
+        .unwrap();
+        let twin = Setup {
+            transport,
+            seen,
+            drivers: s.drivers.clone(),
+        };
+        (twin, line)
+    }
+
+    /// The state of `s`, through the encoding of a snapshot file.
+    fn saved(s: &Setup) -> MmioState {
+        let state = s.transport.save_state().unwrap();
+        let bytes = postcard::to_stdvec(&state).unwrap();
+        let decoded: MmioState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(decoded, state);
+        decoded
+    }
+
+    #[test]
+    fn a_transport_saved_during_setup_is_restored_register_for_register() {
+        let mut s = setup();
+        negotiate(&mut s.transport, OFFERED);
+        let driver = s.drivers[0].clone();
+        configure_queue(&mut s.transport, 0, &driver, u32::from(QUEUE_MAX));
+        // Queue 1 is half configured: a size the driver may still change.
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_SEL, 1);
+        write(&mut s.transport, VIRTIO_MMIO_QUEUE_NUM, 3);
+        write(&mut s.transport, VIRTIO_MMIO_SHM_SEL, 7);
+        let state = saved(&s);
+        assert!(!state.active);
+
+        let (mut t, line) = twin(&s);
+        t.transport.restore_state(&state).unwrap();
+        assert_eq!(t.transport.save_state().unwrap(), state);
+        assert_eq!(registers(&mut t.transport), registers(&mut s.transport));
+        assert!(t.seen.lock().unwrap().activations.is_empty());
+        assert_eq!(line.count(), 0);
+        // The driver goes on where it was.
+        let driver1 = t.drivers[1].clone();
+        configure_queue(&mut t.transport, 1, &driver1, u32::from(QUEUE_MAX));
+        write(
+            &mut t.transport,
+            VIRTIO_MMIO_STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(t.transport.is_activated());
+        assert_eq!(t.seen.lock().unwrap().activations[0].0, OFFERED);
+    }
+
+    #[test]
+    fn an_active_transport_is_restored_with_its_device_active_on_the_saved_queues() {
+        let mut s = setup();
+        start(&mut s, OFFERED);
+        {
+            // The device's handler has moved on in the rings.
+            let mut seen = s.seen.lock().unwrap();
+            let queue = &mut seen.activations[0].1[1];
+            queue.set_next_avail(5);
+            queue.set_next_used(4);
+        }
+        let interrupt = s.transport.interrupt();
+        interrupt.trigger(VirtioInterruptType::Queue(1)).unwrap();
+        interrupt.trigger(VirtioInterruptType::Config).unwrap();
+        write(&mut s.transport, VIRTIO_MMIO_INTERRUPT_ACK, INT_CONFIG);
+        let state = saved(&s);
+        assert!(state.active);
+        assert_eq!(
+            (state.queues[1].next_avail, state.queues[1].next_used),
+            (5, 4)
+        );
+
+        let (mut t, line) = twin(&s);
+        t.transport.restore_state(&state).unwrap();
+        assert!(t.transport.is_activated());
+        assert_eq!(registers(&mut t.transport), registers(&mut s.transport));
+        {
+            let seen = t.seen.lock().unwrap();
+            assert_eq!(seen.activations.len(), 1);
+            let (features, queues) = &seen.activations[0];
+            assert_eq!(*features, OFFERED);
+            assert_eq!((queues[1].next_avail(), queues[1].next_used()), (5, 4));
+            assert!(queues.iter().all(|q| q.event_idx_enabled() && q.ready()));
+        }
+        assert_eq!(t.transport.interrupt().status(), INT_USED_RING);
+        assert_eq!(t.transport.interrupt().config_generation(), 1);
+        // The pending interrupt is raised again, and each queue looked at once.
+        assert_eq!(line.count(), 1);
+        for evt in t.transport.queue_evts() {
+            assert_eq!(evt.read().unwrap(), 1);
+        }
+        // A restored device resets as any other.
+        write(&mut t.transport, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(t.seen.lock().unwrap().resets, 1);
+    }
+
+    #[test]
+    fn a_device_in_needs_reset_is_restored_so() {
+        let mut s = setup();
+        s.seen.lock().unwrap().fail_activation = true;
+        start(&mut s, OFFERED);
+        let state = saved(&s);
+        assert!(state.needs_reset && !state.active);
+        let (mut t, _) = twin(&s);
+        t.transport.restore_state(&state).unwrap();
+        assert!(!t.transport.is_activated());
+        assert_eq!(
+            read(&t.transport, VIRTIO_MMIO_STATUS),
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK | NEEDS_RESET
+        );
+        write(&mut t.transport, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(read(&t.transport, VIRTIO_MMIO_STATUS), 0);
+    }
+
+    #[test]
+    fn states_that_do_not_fit_the_device_are_refused_and_change_nothing() {
+        let mut s = setup();
+        start(&mut s, OFFERED);
+        let good = saved(&s);
+        type Edit = fn(&mut MmioState);
+        let edits: [(&str, Edit); 12] = [
+            ("another device type", |st| st.device_type += 1),
+            ("a queue less", |st| {
+                st.queues.pop();
+            }),
+            ("a queue more", |st| st.queues.push(st.queues[0].clone())),
+            ("another maximum size", |st| st.queues[0].max_size *= 2),
+            ("a size not a power of two", |st| st.queues[0].size = 6),
+            ("a size above the maximum", |st| {
+                st.queues[1].size = QUEUE_MAX * 2;
+            }),
+            ("rings outside guest memory", |st| {
+                st.queues[0].used_ring = u64::try_from(MEM_SIZE).unwrap();
+            }),
+            ("features the device lacks", |st| {
+                st.driver_features |= 1 << 40
+            }),
+            ("a status no driver reaches", |st| st.status = DRIVER),
+            ("active without DRIVER_OK", |st| {
+                st.status = ACKNOWLEDGE | DRIVER | FEATURES_OK;
+            }),
+            ("active with a queue not ready", |st| {
+                st.queues[0].ready = false;
+            }),
+            ("unknown interrupt bits", |st| st.interrupt_status = 4),
+        ];
+        for (what, edit) in edits {
+            let mut state = good.clone();
+            edit(&mut state);
+            let (mut t, line) = twin(&s);
+            let err = t.transport.restore_state(&state).unwrap_err();
+            assert!(
+                matches!(err, StateError::Invalid(_) | StateError::Queue { .. }),
+                "{what}: {err:?}"
+            );
+            assert_eq!(read(&t.transport, VIRTIO_MMIO_STATUS), 0, "{what}");
+            assert!(!t.transport.is_activated(), "{what}");
+            assert!(t.seen.lock().unwrap().activations.is_empty(), "{what}");
+            assert_eq!(line.count(), 0, "{what}");
+        }
+        let mut state = good.clone();
+        state.queues[0].size = 6;
+        let err = twin(&s).0.transport.restore_state(&state).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StateError::Queue {
+                    index: 0,
+                    source: crate::queue::Error::InvalidSize { size: 6, .. }
+                }
+            ),
+            "{err:?}"
+        );
+        // The state itself was fine.
+        twin(&s).0.transport.restore_state(&good).unwrap();
+    }
+
+    #[test]
+    fn a_transport_in_use_refuses_a_restore() {
+        let mut s = setup();
+        start(&mut s, OFFERED);
+        let state = saved(&s);
+        let err = s.transport.restore_state(&state).unwrap_err();
+        assert!(matches!(err, StateError::Invalid(_)), "{err:?}");
+        let (mut t, _) = twin(&s);
+        write(&mut t.transport, VIRTIO_MMIO_STATUS, ACKNOWLEDGE);
+        assert!(t.transport.restore_state(&state).is_err());
+    }
+
+    #[test]
+    fn a_device_that_cannot_start_again_fails_the_restore_and_stays_in_reset() {
+        let mut s = setup();
+        start(&mut s, OFFERED);
+        let state = saved(&s);
+        let (mut t, _) = twin(&s);
+        t.seen.lock().unwrap().fail_activation = true;
+        let err = t.transport.restore_state(&state).unwrap_err();
+        assert!(matches!(err, StateError::Activate(_)), "{err:?}");
+        assert!(!t.transport.is_activated());
+        assert_eq!(read(&t.transport, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(t.transport.driver_features(), 0);
+    }
+
+    #[test]
+    fn states_garbled_at_random_are_restored_or_refused_without_a_panic() {
+        let mut s = setup();
+        start(&mut s, OFFERED);
+        let good = postcard::to_stdvec(&saved(&s)).unwrap();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut restored = 0;
+        for _ in 0..2000 {
+            let mut bytes = good.clone();
+            for _ in 0..=next() % 4 {
+                let at = usize::try_from(next() % u64::try_from(bytes.len()).unwrap()).unwrap();
+                bytes[at] = u8::try_from(next() & 0xff).unwrap();
+            }
+            let Ok(state) = postcard::from_bytes::<MmioState>(&bytes) else {
+                continue;
+            };
+            let (mut t, _) = twin(&s);
+            if t.transport.restore_state(&state).is_ok() {
+                restored += 1;
+                // Whatever was accepted, the driver can reset and start the device again.
+                write(&mut t.transport, VIRTIO_MMIO_STATUS, 0);
+                start(&mut t, OFFERED);
+                assert!(t.transport.is_activated());
+            }
+        }
+        assert!(restored > 0);
     }
 }

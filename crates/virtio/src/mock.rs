@@ -16,8 +16,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{
-    ActivateError, ActivateParams, IrqTrigger, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
-    read_config_bytes,
+    ActivateError, ActivateParams, IrqTrigger, StateError, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType, read_config_bytes,
 };
 use crate::iov::GuestIoVecs;
 use crate::net::NetBackend;
@@ -37,10 +37,13 @@ pub struct MockDeviceLog {
     pub fail_activation: bool,
     /// What the device tells the driver through its interrupt when activated, if anything.
     pub raise_on_activation: Option<VirtioInterruptType>,
+    /// Whether the device is active: activated and not reset since.
+    pub active: bool,
 }
 
 /// A device that does nothing but record what its transport does to it in a shared
-/// [`MockDeviceLog`].
+/// [`MockDeviceLog`]. Its saved queues ([`VirtioDevice::save_queues`]) are those of its last
+/// activation.
 #[derive(Debug)]
 pub struct MockDevice {
     log: Arc<Mutex<MockDeviceLog>>,
@@ -114,11 +117,22 @@ impl<M: GuestAddressSpace> VirtioDevice<M> for MockDevice {
                 .map_err(ActivateError::Backend)?;
         }
         log.activations.push((params.features, params.queues));
+        log.active = true;
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.log().resets += 1;
+        let mut log = self.log();
+        log.resets += 1;
+        log.active = false;
+    }
+
+    fn save_queues(&self) -> std::result::Result<Vec<Queue>, StateError> {
+        let log = self.log();
+        match log.activations.last() {
+            Some((_, queues)) if log.active => Ok(queues.clone()),
+            _ => Err(StateError::NotActive),
+        }
     }
 }
 

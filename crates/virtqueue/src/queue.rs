@@ -1099,6 +1099,105 @@ impl Queue {
     }
 }
 
+/// The saved state of a [`Queue`]: what the transport configured and where the device is in
+/// the rings, as a snapshot of a paused VM records it ([`Queue::state`]) and a new process
+/// restores it ([`Queue::from_state`]).
+///
+/// A state read back from a file is untrusted: [`Queue::from_state`] checks it as the transport
+/// checks what a driver writes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct QueueState {
+    /// The largest size the device supports for this queue.
+    pub max_size: u16,
+    /// The size the driver configured.
+    pub size: u16,
+    /// Whether the driver set the queue ready.
+    pub ready: bool,
+    /// Guest physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest physical address of the available ring.
+    pub avail_ring: u64,
+    /// Guest physical address of the used ring.
+    pub used_ring: u64,
+    /// The next available ring entry the device will process.
+    pub next_avail: u16,
+    /// The next used ring entry the device will fill.
+    pub next_used: u16,
+    /// Whether VIRTIO_F_EVENT_IDX was negotiated.
+    pub event_idx: bool,
+    /// Whether VIRTIO_F_INDIRECT_DESC was negotiated.
+    pub indirect: bool,
+    /// With EVENT_IDX, the used index as of the last interrupt decision
+    /// ([`Queue::needs_notification`]); `None` before the first, which then interrupts.
+    pub signalled_used: Option<u16>,
+}
+
+impl Queue {
+    /// The queue's state, positions included, to save.
+    pub fn state(&self) -> QueueState {
+        QueueState {
+            max_size: self.max_size,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table.raw_value(),
+            avail_ring: self.avail_ring.raw_value(),
+            used_ring: self.used_ring.raw_value(),
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx: self.event_idx_enabled,
+            indirect: self.indirect_enabled,
+            signalled_used: self.signalled_used,
+        }
+    }
+
+    /// The queue a saved `state` describes, after checking it as the transport checks what a
+    /// driver writes: a ready queue has a size that is a power of two no larger than its
+    /// maximum, and rings aligned as the spec requires. A queue that is not ready keeps
+    /// whatever size and addresses the driver wrote, which [`Queue::validate`] checks when the
+    /// driver sets it ready.
+    ///
+    /// Whether the rings lie inside guest memory is for the caller to check with
+    /// [`Queue::validate`], as is whether `max_size` is the device's.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSize`] or [`Error::MisalignedRing`] for a ready queue that breaks those
+    /// rules.
+    pub fn from_state(state: &QueueState) -> Result<Queue> {
+        let queue = Queue {
+            max_size: state.max_size,
+            size: state.size,
+            ready: state.ready,
+            desc_table: GuestAddress(state.desc_table),
+            avail_ring: GuestAddress(state.avail_ring),
+            used_ring: GuestAddress(state.used_ring),
+            next_avail: state.next_avail,
+            next_used: state.next_used,
+            event_idx_enabled: state.event_idx,
+            indirect_enabled: state.indirect,
+            signalled_used: state.signalled_used,
+        };
+        if queue.ready {
+            queue.check_size()?;
+            for (ring, addr, align) in [
+                (Ring::DescriptorTable, queue.desc_table, DESC_TABLE_ALIGN),
+                (Ring::AvailRing, queue.avail_ring, AVAIL_RING_ALIGN),
+                (Ring::UsedRing, queue.used_ring, USED_RING_ALIGN),
+            ] {
+                if addr.raw_value() % align != 0 {
+                    return Err(Error::MisalignedRing {
+                        ring,
+                        addr: addr.raw_value(),
+                        align,
+                    });
+                }
+            }
+        }
+        Ok(queue)
+    }
+}
+
 /// The spec's `vring_need_event`: whether moving the used index from `old` to `new` passed
 /// `event`, in wrapping 16-bit arithmetic.
 fn need_event(event: u16, new: u16, old: u16) -> bool {
@@ -1902,5 +2001,85 @@ mod tests {
         assert_eq!(queue, Queue::new(QUEUE_SIZE));
         assert!(!queue.ready());
         assert_eq!(queue.next_avail(), 0);
+    }
+
+    #[test]
+    fn a_saved_queue_goes_on_where_it_stopped() {
+        let (mem, mut driver, mut queue) = setup();
+        queue.set_event_idx(true);
+        for n in 0..3 {
+            driver
+                .add_chain(&mem, &[MockBuffer::writable(data(&driver, n), 8)])
+                .unwrap();
+        }
+        for _ in 0..2 {
+            let chain = queue.pop(&mem).unwrap().unwrap();
+            queue.add_used(&mem, chain.head_index(), 8).unwrap();
+        }
+        assert!(queue.needs_notification(&mem).unwrap());
+
+        let state = queue.state();
+        assert_eq!((state.next_avail, state.next_used), (2, 2));
+        assert_eq!(state.signalled_used, Some(2));
+        let bytes = postcard::to_stdvec(&state).unwrap();
+        let state: QueueState = postcard::from_bytes(&bytes).unwrap();
+        let mut restored = Queue::from_state(&state).unwrap();
+        assert_eq!(restored, queue);
+        restored.validate(&mem).unwrap();
+        // The third chain is the next one served, into the third used entry.
+        let chain = restored.pop(&mem).unwrap().unwrap();
+        assert_eq!(chain.head_index(), 2);
+        restored.add_used(&mem, chain.head_index(), 8).unwrap();
+        assert_eq!(driver.used_idx(&mem).unwrap(), 3);
+        assert_eq!(driver.used_elem(&mem, 2).unwrap(), (2, 8));
+        assert!(restored.pop(&mem).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_queue_in_reset_round_trips_through_its_state() {
+        let queue = Queue::new(QUEUE_SIZE);
+        assert_eq!(Queue::from_state(&queue.state()).unwrap(), queue);
+    }
+
+    #[test]
+    fn a_ready_queue_state_with_a_bad_size_is_refused() {
+        let (_mem, _driver, queue) = setup();
+        for size in [0, 3, QUEUE_SIZE * 2, u16::MAX] {
+            let mut state = queue.state();
+            state.size = size;
+            assert!(
+                matches!(
+                    Queue::from_state(&state),
+                    Err(Error::InvalidSize { size: s, max: QUEUE_SIZE }) if s == size
+                ),
+                "size {size}"
+            );
+            // Not ready, it is only what the driver wrote so far.
+            state.ready = false;
+            assert_eq!(Queue::from_state(&state).unwrap().size(), size);
+        }
+    }
+
+    #[test]
+    fn a_ready_queue_state_with_misaligned_rings_is_refused() {
+        let (_mem, _driver, queue) = setup();
+        let mut state = queue.state();
+        state.avail_ring += 1;
+        assert!(matches!(
+            Queue::from_state(&state),
+            Err(Error::MisalignedRing {
+                ring: Ring::AvailRing,
+                ..
+            })
+        ));
+        let mut state = queue.state();
+        state.used_ring += 2;
+        assert!(matches!(
+            Queue::from_state(&state),
+            Err(Error::MisalignedRing {
+                ring: Ring::UsedRing,
+                ..
+            })
+        ));
     }
 }

@@ -8,7 +8,8 @@
 #              this script)
 #   GUEST_DIR  the directory guest.sh built (vmlinux, bzImage, initramfs.cpio.gz)
 #   SECTION    the sections to run, of boot, blk, rng, api, net, mmds, jail,
-#              balloon and vsock (default: all, in that order); each stands alone
+#              balloon, vsock, snapshot and clones (default: all, in that order);
+#              each stands alone
 #
 # Prints `E2E SECTION <name>` as each section begins, `E2E START <boot>` before
 # each boot, `E2E PASS <name>` or `E2E FAIL <name>` per test, then `N passed, N
@@ -1311,9 +1312,282 @@ JSON
 fi
 }
 
+e2e_snapshot() {
+# A guest that counts on its console, holds a file of its data disk open, keeps a
+# TCP connection from this side and listens on vsock is paused, snapshotted and
+# killed (SIGKILL); a new ember process restores it from the files. The restored
+# guest's count goes on from where it stopped (the console of both processes,
+# put together, counts 1, 2, 3... without a gap or a restart), it reads its file
+# back from the disk, the TCP connection still carries data, ping answers, and
+# a new vsock connection reaches its listener after the transport reset. The
+# snapshot is then restored once more with its memory served by
+# ember-uffd-handler (beside ember) through a userfaultfd.
+probe=$(dirname "$ember")/ember-vsock-probe
+uffd_handler=$(dirname "$ember")/ember-uffd-handler
+stap=ember-e2e2
+shost_ip=169.254.80.1
+sguest_ip=169.254.80.2
+if ! command -v curl >/dev/null; then
+    fail snapshot "curl is not installed"
+elif ! [ -c /dev/net/tun ] || ! { ip tuntap add dev "$stap" mode tap 2>/dev/null || tunctl -t "$stap" >/dev/null 2>&1; }; then
+    fail snapshot "cannot create the TAP $stap here"
+else
+    ip addr add "$shost_ip/24" dev "$stap"
+    ip link set "$stap" up
+    probe_size=$(wc -c <"$probe")
+    cp "$guest/rootfs.ext4" "$work/snap-data.ext4"
+    script_disk "$work/snap.disk" <<SCRIPT
+P=/tmp/probe
+dd if=/dev/vda of=\$P bs=1M skip=1 iflag=count_bytes count=$probe_size 2>/dev/null
+chmod +x \$P
+mkdir -p /data
+mount -t ext4 /dev/vdb /data
+echo "snapshot data 7f3a" >/data/hello
+sync
+# Held open across the snapshot.
+exec 3</data/hello
+ip addr add $sguest_ip/24 dev eth0
+ip link set eth0 up
+# stdin held open, so that nc never ends its side.
+sleep 100000 | nc -l -p 7000 >/tmp/tcp &
+\$P listen 5000 --echo --conns 1 >/tmp/vsock 2>&1 &
+echo SNAP-READY
+i=0
+while :; do
+    i=\$((i + 1))
+    echo "COUNT \$i TCP \$(wc -l </tmp/tcp)"
+    if [ \$((i % 10)) = 0 ]; then
+        echo "line \$i" >>/data/log
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+        echo "FILE \$(cat /data/hello) HELD \$(cat /proc/self/fd/3 2>/dev/null || head -c 18 <&3)"
+        echo "VSOCK \$(cat /tmp/vsock)"
+        echo "NET tx \$(cat /sys/class/net/eth0/statistics/tx_packets) rx \$(cat /sys/class/net/eth0/statistics/rx_packets) \$(grep -E 'virtio|rtc' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
+    fi
+    sleep 0.2
+done
+SCRIPT
+    # The probe goes on the script's disk, 1 MiB in.
+    truncate -s 1M "$work/snap.disk"
+    cat "$probe" >>"$work/snap.disk"
+    truncate -s $(((1048576 + probe_size + 511) / 512 * 512)) "$work/snap.disk"
+    uds=$work/snap-v.sock
+    cat >"$work/snap.json" <<JSON
+{
+  "boot-source": {"kernel_image_path": "$guest/vmlinux", "initrd_path": "$guest/initramfs.cpio.gz",
+                  "boot_args": "$base ember.run=/dev/vda"},
+  "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+  "drives": [
+    {"drive_id": "script", "path_on_host": "$work/snap.disk", "is_root_device": false, "is_read_only": true},
+    {"drive_id": "data", "path_on_host": "$work/snap-data.ext4", "is_root_device": false, "is_read_only": false}
+  ],
+  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "$stap", "guest_mac": "02:00:a9:fe:50:02"}],
+  "vsock": {"guest_cid": 3, "uds_path": "$uds"}
+}
+JSON
+    snapshot_run() {
+        rm -f "$uds" "$uds"_* "$work/snap.state" "$work/snap.mem"
+        api_start snapshot_source --config-file "$work/snap.json"
+        console_wait '^SNAP-READY' 300
+        # Lines into the guest's TCP listener, from before the snapshot to the end.
+        (n=0; while [ $n -lt 600 ]; do echo "tcp $n"; n=$((n + 1)); sleep 0.2; done) |
+            nc "$sguest_ip" 7000 >/dev/null 2>&1 &
+        tcp_pid=$!
+        console_wait '^COUNT 30 ' 120
+        if ping -c 3 -W 2 "$sguest_ip" >/dev/null; then echo "PING source ok" >>"$work/host"; fi
+        api GET /metrics
+        grep -E '^ember_net_(rx|tx)_packets_count' "$work/api.out" | sed 's/^/SOURCE /' >>"$work/host"
+        api PATCH /vm '{"state": "Paused"}'
+        echo "PAUSE $code" >>"$work/host"
+        t0=$(now_ms)
+        api PUT /snapshot/create "{\"snapshot_path\": \"$work/snap.state\", \"mem_file_path\": \"$work/snap.mem\"}"
+        echo "CREATE $code in $(($(now_ms) - t0)) ms" >>"$work/host"
+        kill -KILL "$vm"
+        await "$vm" 30
+        before=$(tr -d '\r' <"$work/out" | sed -n 's/^COUNT \([0-9]*\) TCP \([0-9]*\).*/\1 \2/p' | tail -n 1)
+        echo "BEFORE $before" >>"$work/host"
+        mv "$work/out" "$work/out-source"
+        echo "DESCRIBE $("$ember" --describe-snapshot "$work/snap.state" 2>&1)" >>"$work/host"
+        echo "STATE $(wc -c <"$work/snap.state") bytes, MEMORY $(wc -c <"$work/snap.mem") bytes ($(du -k "$work/snap.mem" | cut -f1) KiB on disk)" >>"$work/host"
+
+        rm -f "$uds"
+        sock=$work/api2.sock
+        rm -f "$sock"
+        started snapshot_restore
+        "$ember" --api-sock "$sock" --serial "file:$work/out" >"$work/stdout" 2>>"$work/err" </dev/null &
+        socket_wait $!
+        t0=$(now_ms)
+        api PUT /snapshot/load "{\"snapshot_path\": \"$work/snap.state\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"$work/snap.mem\"}, \"resume_vm\": true}"
+        echo "LOAD $code in $(($(now_ms) - t0)) ms" >>"$work/host"
+        last=${before%% *}
+        console_wait "^COUNT $((last + 40)) " 120
+        if ping -c 3 -W 2 "$sguest_ip" >/dev/null; then echo "PING restored ok" >>"$work/host"; fi
+        peer_out=$("$probe" uds-connect "$uds" 5000 --ping 10 --size 64 --wait-ms 20000 2>&1 | tr '\n' ' ')
+        echo "VSOCK-PEER $peer_out" >>"$work/host"
+        console_wait "^VSOCK conns=1" 60
+        after=$(tr -d '\r' <"$work/out" | sed -n 's/^COUNT \([0-9]*\) TCP \([0-9]*\).*/\1 \2/p' | tail -n 1)
+        echo "AFTER $after" >>"$work/host"
+        # The counts of both consoles, in order: 1, 2, 3... with no gap.
+        if cat "$work/out-source" "$work/out" | tr -d '\r' | sed -n 's/^COUNT \([0-9]*\) .*/\1/p' |
+            awk 'BEGIN { ok = 1 } $1 != NR { ok = 0 } END { exit !(ok && NR > 0) }'; then
+            echo "COUNT-CONTINUES" >>"$work/host"
+        fi
+        if [ "${after#* }" -gt "${before#* }" ] 2>/dev/null; then echo "TCP-CONTINUES" >>"$work/host"; fi
+        api GET /metrics
+        grep -E '^ember_snapshot_restore' "$work/api.out" >>"$work/host"
+        api PUT /actions '{"action_type": "SendCtrlAltDel"}'
+        await "$vm" 120
+        kill "$tcp_pid" 2>/dev/null
+        wait "$tcp_pid" 2>/dev/null
+        # What the tests below check is how the restored guest ended: by Ctrl+Alt+Del.
+        restored_status=$status
+
+        # The same snapshot once more, its memory served by the example page-fault
+        # handler through a userfaultfd.
+        mv "$work/out" "$work/out-file"
+        rm -f "$uds" "$work/uffd.sock"
+        "$uffd_handler" "$work/uffd.sock" "$work/snap.mem" >"$work/uffd.out" 2>&1 &
+        handler=$!
+        n=0
+        until [ -S "$work/uffd.sock" ] || [ $n -ge 50 ]; do sleep 0.1; n=$((n + 1)); done
+        sock=$work/api3.sock
+        rm -f "$sock"
+        started snapshot_restore_uffd
+        "$ember" --api-sock "$sock" --serial "file:$work/out" >"$work/stdout" 2>>"$work/err" </dev/null &
+        socket_wait $!
+        api PUT /snapshot/load "{\"snapshot_path\": \"$work/snap.state\", \"mem_backend\": {\"backend_type\": \"Uffd\", \"backend_path\": \"$work/uffd.sock\"}, \"resume_vm\": true}"
+        echo "UFFD-LOAD $code" >>"$work/host"
+        console_wait "^COUNT $((last + 20)) " 120
+        if tr -d '\r' <"$work/out" | grep -Eq "^COUNT $((last + 20)) "; then
+            echo "UFFD-COUNTS" >>"$work/host"
+        fi
+        kill -KILL "$vm"
+        await "$vm" 30
+        # The handler ends when the VMM's socket closes.
+        wait "$handler"
+        echo "UFFD-HANDLER status=$? $(cat "$work/uffd.out")" >>"$work/host"
+        mv "$work/out-file" "$work/out"
+        status=$restored_status
+    }
+    now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+    retry_crashed snapshot snapshot_run
+    echo "E2E INFO snapshot: $(grep -E '^(CREATE|LOAD|STATE|BEFORE|AFTER)' "$work/host" | tr '\n' ';')"
+    expect a_paused_vm_is_snapshotted_and_described 0 '^PAUSE 204' '^CREATE 204' '^DESCRIBE v1$'
+    expect a_restored_guest_counts_on_from_where_it_stopped 0 '^LOAD 204' 'COUNT-CONTINUES'
+    expect a_restored_guest_reads_its_held_file_back_from_disk 0 '^FILE snapshot data 7f3a HELD snapshot data 7f3a'
+    expect a_restored_guest_keeps_its_tcp_connection_and_answers_ping 0 'TCP-CONTINUES' '^PING restored ok'
+    expect a_restored_guest_takes_a_new_vsock_connection_after_the_reset 0 \
+        '^VSOCK-PEER conns=1 ok=1 .*rounds=10' '^VSOCK conns=1 ok=1 sent=640 received=640'
+    expect the_restore_timeline_is_in_the_metrics 0 '^ember_snapshot_restore_us [1-9]' \
+        '^ember_snapshot_restore_vcpus_us '
+    expect the_example_page_fault_handler_serves_a_restored_guest 0 '^UFFD-LOAD 204' \
+        'UFFD-COUNTS' '^UFFD-HANDLER status=0 faults=[1-9]'
+    ip link del "$stap" 2>/dev/null || tunctl -d "$stap" >/dev/null 2>&1
+fi
+}
+
+# 20 clones of one snapshot at once, each on a TAP of its own through
+# network_overrides and a vsock socket of its own through vsock_override: all
+# run, and the pages of the memory file that they have not written are shared
+# (the sum of their proportional set sizes is well below that of their RSS).
+e2e_clones() {
+if ! command -v curl >/dev/null; then
+    fail clones "curl is not installed"
+    return
+fi
+now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+script_disk "$work/clone.disk" <<'SCRIPT'
+ip link set eth0 up
+echo CLONE-READY
+i=0
+while :; do
+    i=$((i + 1))
+    echo "TICK $i"
+    sleep 5
+done
+SCRIPT
+    cat >"$work/clone.json" <<JSON
+{
+  "boot-source": {"kernel_image_path": "$guest/vmlinux", "initrd_path": "$guest/initramfs.cpio.gz",
+                  "boot_args": "$base ember.run=/dev/vda"},
+  "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+  "drives": [
+    {"drive_id": "script", "path_on_host": "$work/clone.disk", "is_root_device": false, "is_read_only": true}
+  ],
+  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "ember-cl0", "guest_mac": "02:00:a9:fe:51:02"}],
+  "vsock": {"guest_cid": 3, "uds_path": "$work/clone-v.sock"}
+}
+JSON
+    clones=20
+    c=0
+    while [ $c -lt $clones ]; do
+        ip tuntap add dev "ember-cl$c" mode tap 2>/dev/null || tunctl -t "ember-cl$c" >/dev/null 2>&1
+        c=$((c + 1))
+    done
+    fresh
+    rm -f "$work/clone-v.sock"
+    api_start clone_source --config-file "$work/clone.json"
+    console_wait '^TICK 2$' 300
+    api PATCH /vm '{"state": "Paused"}'
+    api PUT /snapshot/create "{\"snapshot_path\": \"$work/clone.state\", \"mem_file_path\": \"$work/clone.mem\"}"
+    echo "CLONE-CREATE $code" >>"$work/host"
+    kill -KILL "$vm"
+    await "$vm" 30
+    pids=
+    t0=$(now_ms)
+    # (socket_wait counts with $n: the clones are counted with $c.)
+    c=0
+    while [ $c -lt $clones ]; do
+        sock=$work/clone$c.sock
+        rm -f "$sock"
+        "$ember" --api-sock "$sock" --serial "file:$work/clone$c.out" --id "clone$c" \
+            >/dev/null 2>"$work/clone$c.err" </dev/null &
+        socket_wait $!
+        pids="$pids $vm"
+        api PUT /snapshot/load "{\"snapshot_path\": \"$work/clone.state\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"$work/clone.mem\"}, \"resume_vm\": true, \"network_overrides\": [{\"iface_id\": \"eth0\", \"host_dev_name\": \"ember-cl$c\"}], \"vsock_override\": {\"uds_path\": \"$work/clone$c-v.sock\"}}"
+        [ "$code" = 204 ] && echo "CLONE $c loaded" >>"$work/host"
+        echo "E2E CLONE $c loaded ($code) at $(cut -d" " -f1 /proc/uptime) s"
+        c=$((c + 1))
+    done
+    echo "CLONES-STARTED $clones in $(($(now_ms) - t0)) ms" >>"$work/host"
+    sleep 12
+    free | sed 's/^/FREE /' >>"$work/host"
+    running=0
+    rss=0
+    pss=0
+    c=0
+    for pid in $pids; do
+        # Each clone ticks on from the snapshot's count.
+        if tr -d '\r' <"$work/clone$c.out" | grep -Eq '^TICK ([3-9]|[1-9][0-9]+)$'; then
+            running=$((running + 1))
+        fi
+        if [ -r "/proc/$pid/smaps_rollup" ]; then
+            rss=$((rss + $(awk '/^Rss:/ { print $2 }' "/proc/$pid/smaps_rollup")))
+            pss=$((pss + $(awk '/^Pss:/ { print $2 }' "/proc/$pid/smaps_rollup")))
+        else
+            echo "CLONE $c ended: $(tail -n 5 "$work/clone$c.err" | tr '\n' ' ')" >>"$work/host"
+            echo "E2E INFO clone $c ended: $(tail -n 5 "$work/clone$c.err" | tr '\n' ' ')"
+        fi
+        c=$((c + 1))
+    done
+    echo "CLONES-RUNNING $running" >>"$work/host"
+    echo "E2E INFO snapshot clones: $clones started in $(sed -n 's/^CLONES-STARTED [0-9]* in //p' "$work/host"); per clone RSS $((rss / clones)) KiB, PSS $((pss / clones)) KiB; memory file $(du -k "$work/clone.mem" | cut -f1) KiB on disk"
+    if [ $((pss * 10)) -lt $((rss * 7)) ]; then echo "CLONES-SHARE" >>"$work/host"; fi
+    for pid in $pids; do kill -KILL "$pid" 2>/dev/null; done
+    for pid in $pids; do await "$pid" 30; done
+    status=0
+    c=0
+    while [ $c -lt $clones ]; do
+        ip link del "ember-cl$c" 2>/dev/null || tunctl -d "ember-cl$c" >/dev/null 2>&1
+        c=$((c + 1))
+    done
+    expect twenty_clones_of_one_snapshot_run_at_once 0 '^CLONE-CREATE 204' "^CLONES-RUNNING $clones\$"
+    expect clones_share_the_pages_they_have_not_written 0 'CLONES-SHARE'
+}
+
 # The sections asked for, in their order: each prints `E2E SECTION <name>` as
 # it begins, so that a run cut short (a rig that wedged) can go on from there.
-for section in ${sections:-boot blk rng api net mmds jail balloon vsock}; do
+for section in ${sections:-boot blk rng api net mmds jail balloon vsock snapshot clones}; do
     echo "E2E SECTION $section"
     "e2e_$section"
 done

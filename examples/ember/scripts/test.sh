@@ -30,40 +30,45 @@ watch_console() {
 }
 
 echo "==> end-to-end tests with the Linux guest"
-cargo build --release --locked -p ember -p ember-vsock-probe
+cargo build --release --locked -p ember -p ember-vsock-probe -p ember-uffd-handler
 ember=$root/target/x86_64-unknown-linux-gnu/release/ember
 jailer=$root/target/x86_64-unknown-linux-gnu/release/ember-jailer
 # Both ends of the vsock tests; e2e.sh finds it beside ember.
 probe=$root/target/x86_64-unknown-linux-gnu/release/ember-vsock-probe
+# The page-fault handler a snapshot's memory is restored through; beside ember too.
+uffd_handler=$root/target/x86_64-unknown-linux-gnu/release/ember-uffd-handler
 guest=$("$scripts/guest.sh" | tail -n 1)
-if "$scripts/rig.sh" needed; then
-    # The rig gets one vCPU: with two, its kernel panicked in about half of the
-    # runs (a stack overflow in error_entry on a vCPU thread, in emulated SVM),
-    # with one it has not in the runs since. Transparent huge pages are off in the
-    # rig: its emulated SVM has wedged with huge second-level pages under the
-    # guests' 2 MiB-aligned RAM, and the tests check devices, not how RAM is
-    # backed. It still wedges, in about one guest start in 30: the rig's timer
-    # interrupt is lost right after the guest's kernel starts, no timer of the
-    # rig's kernel is armed in QEMU again (its next deadline is the RTC's, at
-    # midnight) and nothing in the rig runs any more; idle=poll in the rig does
-    # not help. So a rig whose console stays silent for $stall seconds is
-    # stopped (the longest quiet stretch of a run that goes well is about two
-    # minutes). A rig that is stopped or hangs (124), dies without a status
-    # (125) or holds an ember that SIGKILL cannot end (3, a fault of the nested
-    # KVM) is booted again, up to five times in all, and that is printed: for
-    # the sections of e2e.sh from the one it stopped in, as what the sections
-    # before it found stands. Failing tests are not retried.
-    stall=${EMBER_RIG_STALL:-240}
-    console=$(mktemp)
-    trap 'rm -f "$console"' EXIT
-    sections="boot blk rng api net mmds jail balloon vsock"
-    earlier=0
+# in_rig SMP SECTIONS: runs the sections of e2e.sh in the nested rig with SMP
+# vCPUs; returns the number of tests that failed (0 when all passed), or the
+# rig's status when it failed five times.
+#
+# The rig gets one vCPU for most sections: with two, its kernel panicked in
+# about half of the full runs (a stack overflow in error_entry on a vCPU thread,
+# in emulated SVM), with one it has not in the runs since. Only the clones
+# section gets two: twenty guests restored at once leave one emulated vCPU so
+# little time that the rig stops making progress, while its 50 s with two have
+# not met the panic. Transparent huge pages are off in the rig: its emulated SVM
+# has wedged with huge second-level pages under the guests' 2 MiB-aligned RAM,
+# and the tests check devices, not how RAM is backed. It still wedges, in about
+# one guest start in 30: the rig's timer interrupt is lost right after the
+# guest's kernel starts, no timer of the rig's kernel is armed in QEMU again
+# (its next deadline is the RTC's, at midnight) and nothing in the rig runs any
+# more; idle=poll in the rig does not help. So a rig whose console stays silent
+# for $stall seconds is stopped (the longest quiet stretch of a run that goes
+# well is about two minutes). A rig that is stopped or hangs (124), dies
+# without a status (125) or holds an ember that SIGKILL cannot end (3, a fault
+# of the nested KVM) is booted again, up to five times in all, and that is
+# printed: for the sections of e2e.sh from the one it stopped in, as what the
+# sections before it found stands. Failing tests are not retried.
+in_rig() {
+    local smp=$1 sections=$2 earlier=0 attempt rc rig watcher last rest from section failures
     for attempt in 1 2 3 4 5; do
         echo "test.sh: running the end-to-end tests ($sections) inside the nested rig"
         rc=0
-        "$scripts/rig.sh" run --smp 1 --timeout 900 --add "$ember:/usr/local/bin/ember" \
+        "$scripts/rig.sh" run --smp "$smp" --timeout 900 --add "$ember:/usr/local/bin/ember" \
             --add "$jailer:/usr/local/bin/ember-jailer" --add "$guest" \
             --add "$probe:/usr/local/bin/ember-vsock-probe" \
+            --add "$uffd_handler:/usr/local/bin/ember-uffd-handler" \
             --add "$(command -v curl):/usr/bin/curl" --add "$(command -v ip):/usr/local/sbin/ip" \
             --add "$scripts/e2e.sh:/e2e.sh" \
             --add "$scripts/off-initramfs.sh:/off-initramfs.sh" \
@@ -92,16 +97,31 @@ if "$scripts/rig.sh" needed; then
             fi
             [ "$attempt" = 5 ] || echo "test.sh: the rig failed (status $rc), not a test: booting it again"
             ;;
+        0)
+            return "$earlier"
+            ;;
         *)
-            if [ "$earlier" -gt 0 ]; then
-                echo "test.sh: $earlier test(s) failed in sections run before the rig was booted again"
-                exit 1
-            fi
-            exit "$rc"
+            # e2e.sh exits 1 when a test failed; its failures are in the console
+            # (at least one, whatever the console says).
+            failures=$(tr -d '\r' <"$console" | grep -c '^E2E FAIL ' || true)
+            return $((earlier + (failures > 0 ? failures : 1)))
             ;;
         esac
     done
-    exit "$rc"
+    return "$rc"
+}
+
+if "$scripts/rig.sh" needed; then
+    stall=${EMBER_RIG_STALL:-240}
+    console=$(mktemp)
+    trap 'rm -f "$console"' EXIT
+    failed=0
+    in_rig 1 "boot blk rng api net mmds jail balloon vsock snapshot" || failed=$?
+    in_rig 2 "clones" || failed=$((failed + $?))
+    if [ "$failed" -gt 0 ]; then
+        echo "test.sh: $failed end-to-end test(s) failed, or the rig failed"
+        exit 1
+    fi
 else
     sh "$scripts/e2e.sh" "$ember" "$guest"
 fi

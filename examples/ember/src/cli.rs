@@ -223,6 +223,10 @@ pub struct Cli {
     /// `Firecracker vX.Y.Z`) and exit.
     #[arg(long)]
     pub version: bool,
+
+    /// Print the format version of the snapshot state file at PATH (`v1`) and exit.
+    #[arg(long, value_name = "PATH")]
+    pub describe_snapshot: Option<PathBuf>,
 }
 
 impl Cli {

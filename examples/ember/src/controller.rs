@@ -29,6 +29,11 @@ pub const AFTER_START: &str =
 pub const BEFORE_START: &str =
     "The requested operation is not supported before starting the microVM.";
 
+/// The message of a snapshot load on a process where the microVM was already configured
+/// (Firecracker's).
+pub const LOAD_AFTER_CONFIG: &str =
+    "Loading a microVM snapshot not allowed after configuring boot-specific resources.";
+
 /// The application name `GET /` reports.
 pub const APP_NAME: &str = "ember";
 
@@ -44,6 +49,8 @@ pub struct Controller {
     failed_requests: u64,
     /// Wall-clock and CPU time from the process's start to the API socket listening.
     startup: Option<(Duration, Duration)>,
+    /// How long the last snapshot took to create and to restore, step by step.
+    snapshots: crate::vmm::snapshot::SnapshotMetrics,
 }
 
 impl Controller {
@@ -58,6 +65,7 @@ impl Controller {
             requests: 0,
             failed_requests: 0,
             startup: None,
+            snapshots: crate::vmm::snapshot::SnapshotMetrics::default(),
         }
     }
 
@@ -174,6 +182,8 @@ impl Controller {
             ApiRequest::PutMmdsConfig(config) if !started => {
                 answer(self.resources.set_mmds_config(config))
             }
+            ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
+            ApiRequest::LoadSnapshot(params) if !started => self.load_snapshot(&params, start),
             ApiRequest::PutLogger(config) if !started => self.put_logger(config),
             ApiRequest::PutMetrics(config) if !started => self.put_metrics(config),
             ApiRequest::Action(ActionType::InstanceStart) if !started => {
@@ -202,6 +212,7 @@ impl Controller {
             | ApiRequest::PutVsock(_)
             | ApiRequest::PutLogger(_)
             | ApiRequest::PutMetrics(_)
+            | ApiRequest::LoadSnapshot(_)
             | ApiRequest::Action(ActionType::InstanceStart) => {
                 ApiResponse::bad_request(AFTER_START)
             }
@@ -248,6 +259,48 @@ impl Controller {
         };
         match f(vmm) {
             Ok(()) => ApiResponse::no_content(),
+            Err(err) => ApiResponse::bad_request(error_chain(&err)),
+        }
+    }
+
+    /// `PUT /snapshot/create`: the paused microVM's state and memory to files.
+    fn create_snapshot(&mut self, params: &model::SnapshotCreateParams) -> ApiResponse {
+        let Some(vmm) = self.vmm.as_mut() else {
+            return ApiResponse::bad_request(BEFORE_START);
+        };
+        match vmm.create_snapshot(params, &self.resources) {
+            Ok(report) => {
+                info!(
+                    "Snapshot {} created in {} us ({} bytes of memory written)",
+                    params.snapshot_path,
+                    report.duration.as_micros(),
+                    report.memory_bytes
+                );
+                self.snapshots.created(&report);
+                ApiResponse::no_content()
+            }
+            Err(err) => ApiResponse::bad_request(error_chain(&err)),
+        }
+    }
+
+    /// `PUT /snapshot/load`: a microVM restored from a snapshot, on a process where nothing
+    /// but the logger and metrics was configured.
+    fn load_snapshot(
+        &mut self,
+        params: &model::SnapshotLoadParams,
+        start: ProcessStart,
+    ) -> ApiResponse {
+        if !self.resources.is_pristine() {
+            return ApiResponse::bad_request(LOAD_AFTER_CONFIG);
+        }
+        match Vmm::restore(params, &self.resources, start) {
+            Ok((vmm, resources, timeline)) => {
+                info!("Snapshot {} restored: {timeline}", params.snapshot_path);
+                self.snapshots.restored(timeline);
+                self.resources = resources;
+                self.vmm = Some(vmm);
+                ApiResponse::no_content()
+            }
             Err(err) => ApiResponse::bad_request(error_chain(&err)),
         }
     }
@@ -365,6 +418,9 @@ impl Controller {
                 .push(("process_startup_time_cpu_us", Kind::Gauge, us(cpu)));
         }
         snapshot.push(api);
+        if let Some(group) = self.snapshots.group() {
+            snapshot.push(group);
+        }
         let log = logger::stats();
         let metrics = self
             .metrics

@@ -53,6 +53,22 @@ fn main() -> ExitCode {
         println!("{}", cli::VERSION_LINE);
         return ExitCode::SUCCESS;
     }
+    if let Some(path) = &cli.describe_snapshot {
+        return match vmm::snapshot::describe(path) {
+            Ok(version) => {
+                println!("{version}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!(
+                    "ember: Cannot describe the snapshot {}: {}",
+                    path.display(),
+                    error_chain(&err)
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = cli.with_defaults();
     let start = cli.process_start(now, monotonic);
     logger::init(start.wall, cli.log_filter());

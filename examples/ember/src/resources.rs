@@ -48,6 +48,10 @@ pub enum Error {
         /// What is wrong, as the JSON parser or the checks say it.
         message: String,
     },
+    /// A snapshot's description cannot be taken: it is not valid, or an override does not fit
+    /// it.
+    #[error("Invalid microVM description in the snapshot: {0}")]
+    Snapshot(String),
     /// `--metrics-path` and the configuration file's `metrics` both set the metrics; the
     /// message is Firecracker's.
     #[error("Reinitialization of metrics not allowed.")]
@@ -198,6 +202,90 @@ impl VmResources {
             self.set_mmds_config(mmds_config)?;
         }
         Ok(())
+    }
+
+    /// Whether nothing of the microVM was described yet, besides the logger and the metrics:
+    /// what a snapshot load requires, as in Firecracker.
+    pub fn is_pristine(&self) -> bool {
+        let config = &self.config;
+        config.boot_source.is_none()
+            && config.drives.is_empty()
+            && config.network_interfaces.is_empty()
+            && config.balloon.is_none()
+            && config.entropy.is_none()
+            && config.vsock.is_none()
+            && config.mmds_config.is_none()
+            && config
+                .machine_config
+                .as_ref()
+                .is_none_or(|m| *m == MachineConfiguration::default())
+    }
+
+    /// This process's settings (serial console, seccomp, logger, metrics, the MMDS store)
+    /// with the microVM `config` a snapshot describes, its interfaces moved to the TAPs of
+    /// `nets` and its vsock socket to `vsock_uds`, when given, tracking dirty pages when
+    /// `track_dirty_pages`.
+    ///
+    /// # Errors
+    ///
+    /// When `config` is not valid, an override names no interface of it, or there is
+    /// something at the vsock socket's path.
+    pub fn restored(
+        &self,
+        config: &str,
+        nets: &[model::NetworkOverride],
+        vsock_uds: Option<&str>,
+        track_dirty_pages: bool,
+    ) -> Result<VmResources> {
+        let invalid = |message: String| Error::Snapshot(message);
+        let mut config: FullVmConfiguration =
+            serde_json::from_str(config).map_err(|e| invalid(e.to_string()))?;
+        for over in nets {
+            let net = config
+                .network_interfaces
+                .iter_mut()
+                .find(|net| net.iface_id == over.iface_id)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "the network override names the interface {:?}, which the snapshot does not have",
+                        over.iface_id
+                    ))
+                })?;
+            net.host_dev_name.clone_from(&over.host_dev_name);
+        }
+        if let Some(path) = vsock_uds {
+            let vsock = config.vsock.as_mut().ok_or_else(|| {
+                invalid("the vsock override is for a snapshot without a vsock device".into())
+            })?;
+            vsock.uds_path = path.to_string();
+        }
+        config
+            .machine_config
+            .get_or_insert_with(MachineConfiguration::default)
+            .track_dirty_pages = track_dirty_pages;
+        config.validate().map_err(|e| invalid(e.to_string()))?;
+        for drive in &config.drives {
+            model::check_drive_file(
+                drive.path_on_host.as_deref().unwrap_or_default(),
+                drive.read_only(),
+            )
+            .map_err(|e| invalid(e.to_string()))?;
+        }
+        if let Some(vsock) = &config.vsock {
+            vsock
+                .check_uds_path_free()
+                .map_err(|e| invalid(e.to_string()))?;
+        }
+        // This process's logger and metrics, not the snapshotted one's.
+        config.logger.clone_from(&self.config.logger);
+        config.metrics.clone_from(&self.config.metrics);
+        let mmds_config = config.mmds_config.take();
+        let mut resources = self.clone();
+        resources.config = config;
+        if let Some(mmds_config) = mmds_config {
+            resources.set_mmds_config(mmds_config)?;
+        }
+        Ok(resources)
     }
 
     /// The whole description, as `GET /vm/config` returns it.

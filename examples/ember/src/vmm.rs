@@ -1,6 +1,9 @@
 //! Building and running one microVM: [`Vmm::boot`] goes, as a straight line, from its
 //! description to memory → VM → devices → kernel → boot params → vCPUs; [`run`] is the event
 //! loop that serves the API before and while the guest runs, and ends with the guest.
+//! [`snapshot`] saves a paused microVM and restores one in a new process.
+
+pub mod snapshot;
 
 use std::fmt;
 use std::fs::File;
@@ -25,12 +28,14 @@ use ember_memory::layout::{
     ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_PORT, ACPI_SCI_IRQ, FIRST_ADDR_PAST_32BITS, I8042_IRQ,
     IOAPIC_PINS, IOAPIC_START, IRQ_BASE, LAPIC_START, MMIO_DEVICES_END, MMIO32_START, SERIAL_IRQ,
 };
-use ember_memory::{GuestMemoryMmap, MemoryOptions, ResourceAllocator};
+use ember_memory::{MemoryOptions, ResourceAllocator, TrackedGuestMemory};
 use ember_mmds::ns::StackMetrics;
 use ember_mmds::{Mmds, MmdsHandler};
 use ember_rate_limiter::{BucketConfig, BucketUpdate, RateLimiter};
 use ember_vcpu::bus::BusExitHandler;
-use ember_vcpu::{IoEventAddress, Kvm, Vcpu, VcpuHandle, Vm, VmExit, VmExitNotifier};
+use ember_vcpu::runner::StartOptions;
+use ember_vcpu::vm::VmOptions;
+use ember_vcpu::{IoEventAddress, Kvm, Vcpu, VcpuHandle, VmExit, VmExitNotifier};
 use ember_virtio::balloon::{Balloon, BalloonConfig, BalloonStats};
 use ember_virtio::block::{self, Block};
 use ember_virtio::mmio::{MMIO_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, cmdline_device};
@@ -92,6 +97,15 @@ pub enum Error {
         /// Why.
         #[source]
         source: ember_vcpu::vcpu::Error,
+    },
+    /// A snapshot's vCPU state asks for CPU features this host's KVM does not give.
+    #[error("The state of vCPU {index} does not fit this host")]
+    IncompatibleVcpu {
+        /// The vCPU's index.
+        index: u8,
+        /// The features missing.
+        #[source]
+        source: ember_vcpu::compat::Error,
     },
     /// A vCPU thread cannot be started.
     #[error("Cannot start vCPU {index}")]
@@ -289,12 +303,20 @@ struct Legacy {
     /// The thread that drains the console's output, when it goes somewhere.
     console: Option<BoundedWriterThread>,
     i8042: Arc<Mutex<I8042Device>>,
+    acpi_pm: Arc<Mutex<AcpiPmDevice>>,
     reset_evt: EventFd,
     power_off_evt: EventFd,
 }
 
+/// Guest memory: the pages the VMM's devices write are tracked when the microVM tracks dirty
+/// pages (for diff snapshots; KVM's dirty log has the guest's own writes).
+pub type GuestMemory = TrackedGuestMemory;
+
+/// The VM, over [`GuestMemory`].
+type Vm = ember_vcpu::Vm<Option<ember_memory::AtomicBitmap>>;
+
 /// A virtio device's transport, shared with the MMIO bus.
-type Transport<D> = Arc<Mutex<MmioTransport<Arc<GuestMemoryMmap>, D>>>;
+type Transport<D> = Arc<Mutex<MmioTransport<Arc<GuestMemory>, D>>>;
 /// A drive's transport, kept to reach the running device.
 type BlockTransport = Transport<Block>;
 /// A network interface's transport, kept to reach the running device.
@@ -308,8 +330,8 @@ pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
     drives: Vec<(String, BlockTransport)>,
     nets: Vec<(String, NetTransport)>,
-    /// The counters of the entropy device, if there is one.
-    entropy: Option<Arc<RngMetrics>>,
+    /// The entropy device and its counters, if there is one.
+    entropy: Option<(Arc<RngMetrics>, Transport<Rng>)>,
     /// The counters of the MMDS network stacks, if an interface has one.
     mmds: Option<Arc<StackMetrics>>,
     balloon: Option<Transport<Balloon>>,
@@ -321,7 +343,13 @@ pub struct Vmm {
     gate: WorkerGate,
     exit: VmExitNotifier,
     paused: bool,
+    /// Where the virtio devices are, in the order they were attached.
+    slots: Vec<DeviceSlot>,
+    /// This host, as a snapshot records it.
+    host: snapshot::HostInfo,
     vm: Vm,
+    /// Dropped after the VM: see [`Machine`]'s.
+    _userfault: Option<ember_memory::uffd::Userfault>,
 }
 
 impl fmt::Debug for Vmm {
@@ -335,25 +363,60 @@ impl fmt::Debug for Vmm {
     }
 }
 
-impl Vmm {
-    /// Builds the VM `resources` describe and starts its vCPUs.
-    ///
-    /// # Errors
-    ///
-    /// When any part cannot be set up; nothing of it is left running.
-    pub fn boot(resources: &VmResources, start: ProcessStart) -> Result<Vmm> {
-        let Some(boot_source) = resources.boot_source() else {
-            return Err(Error::NoKernel);
-        };
+/// A VM with its memory and devices, before its vCPUs exist: what booting and restoring a
+/// snapshot share.
+struct Machine {
+    vm: Vm,
+    /// This host, as a snapshot records it.
+    host: snapshot::HostInfo,
+    pio: PioBus,
+    mmio: MmioBus,
+    legacy: Legacy,
+    boot_timer: Option<Arc<Mutex<BootTimer>>>,
+    gate: WorkerGate,
+    drives: Vec<(String, BlockTransport)>,
+    nets: Vec<(String, NetTransport)>,
+    entropy: Option<(Arc<RngMetrics>, Transport<Rng>)>,
+    mmds: Option<Arc<StackMetrics>>,
+    balloon: Option<Transport<Balloon>>,
+    vsock: Option<Transport<Vsock>>,
+    /// What the kernel command line tells the guest of the virtio devices.
+    cmdline: Vec<String>,
+    /// Where each virtio device is, in the order they were attached.
+    slots: Vec<DeviceSlot>,
+    /// The userfaultfd of memory restored through a page-fault handler: kept as long as the
+    /// memory, since dropping it tells the handler to stop.
+    userfault: Option<ember_memory::uffd::Userfault>,
+}
+
+/// Where a virtio device is on the MMIO bus and which interrupt line it raises.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceSlot {
+    /// The device, in words ("disk rootfs").
+    pub name: String,
+    /// The guest address of its register page.
+    pub addr: u64,
+    /// Its interrupt line.
+    pub irq: u32,
+}
+
+impl Machine {
+    /// Creates the VM over `memory` and attaches the devices `resources` describe, the boot
+    /// timer first when `boot_timer`, as booting and restoring both lay them out.
+    fn build(
+        resources: &VmResources,
+        memory: Arc<GuestMemory>,
+        start: ProcessStart,
+        boot_timer: bool,
+    ) -> Result<Machine> {
         let machine = resources.machine();
-        // Guest memory and the VM around it. Memory is registered before the irqchip exists,
-        // which `Vm::new` does in that order.
-        let memory = create_memory(resources)?;
+        // Memory is registered before the irqchip exists, which `Vm::new` does in that order.
         let kvm = Kvm::new().map_err(Error::Kvm)?;
-        let vm = Vm::new(&kvm, memory.clone()).map_err(Error::Vm)?;
+        let options = VmOptions::new().track_dirty_pages(machine.track_dirty_pages);
+        let vm = Vm::new_with(&kvm, memory, options).map_err(Error::Vm)?;
+        let host = snapshot::host_info(&kvm);
         check_vcpu_count(machine.vcpu_count, vm.max_vcpus())?;
 
-        // Devices.
         let mut pio = PioBus::new();
         let mut mmio = MmioBus::new();
         let mut allocator = ResourceAllocator::with_ranges(
@@ -367,7 +430,7 @@ impl Vmm {
             resources.serial_max_bytes,
             resources.seccomp.as_ref(),
         )?;
-        let boot_timer = if resources.boot_timer {
+        let boot_timer = if boot_timer {
             Some(attach_boot_timer(&mut mmio, &mut allocator, start)?)
         } else {
             None
@@ -382,6 +445,7 @@ impl Vmm {
             allocator: &mut allocator,
             gate: &gate,
             cmdline: Vec::new(),
+            slots: Vec::new(),
         };
         let drives = attach_drives(&mut virtio, resources.drives())?;
         let mmds = resources.mmds_config().map(|config| MmdsStacks {
@@ -397,10 +461,122 @@ impl Vmm {
             None => None,
         };
         let vsock = attach_vsock(&mut virtio, resources.vsock())?;
-        let mut cmdline_extra = virtio.cmdline;
+        let VirtioAttacher { cmdline, slots, .. } = virtio;
+        Ok(Machine {
+            vm,
+            host,
+            pio,
+            mmio,
+            legacy,
+            boot_timer,
+            gate,
+            drives,
+            nets,
+            entropy,
+            mmds,
+            balloon,
+            vsock,
+            cmdline,
+            slots,
+            userfault: None,
+        })
+    }
+
+    /// Creates `count` vCPUs, lets `setup` load each one's state, and starts them, paused
+    /// when `paused`. The caller installs the VMM thread's seccomp filter once it has set
+    /// everything up ([`Vmm::install_filter`]).
+    fn start(
+        self,
+        resources: &VmResources,
+        count: u8,
+        setup: &dyn Fn(&Vcpu) -> Result<()>,
+        paused: bool,
+    ) -> Result<Vmm> {
+        let exit = VmExitNotifier::new().map_err(|source| Error::StartVcpu { index: 0, source })?;
+        let seccomp = resources.seccomp.as_ref();
+        let vcpus = match start_vcpus(
+            &self.vm, count, setup, paused, self.pio, self.mmio, &exit, seccomp,
+        ) {
+            Ok(vcpus) => vcpus,
+            Err(err) => {
+                stop_devices(
+                    &self.gate,
+                    &self.drives,
+                    &self.nets,
+                    &self.entropy,
+                    &self.balloon,
+                    &self.vsock,
+                );
+                return Err(err);
+            }
+        };
+        if paused {
+            // Device workers that the restored devices started wait for the resume.
+            self.gate.pause().map_err(Error::Pause)?;
+        }
+        Ok(Vmm {
+            vcpus,
+            drives: self.drives,
+            nets: self.nets,
+            entropy: self.entropy,
+            mmds: self.mmds,
+            balloon: self.balloon,
+            vsock: self.vsock,
+            legacy: self.legacy,
+            boot_timer: self.boot_timer,
+            gate: self.gate,
+            exit,
+            paused,
+            slots: self.slots,
+            host: self.host,
+            vm: self.vm,
+            _userfault: self.userfault,
+        })
+    }
+}
+
+/// Resets every active device among these, with the gate open so that paused workers can end.
+fn stop_devices(
+    gate: &WorkerGate,
+    drives: &[(String, BlockTransport)],
+    nets: &[(String, NetTransport)],
+    entropy: &Option<(Arc<RngMetrics>, Transport<Rng>)>,
+    balloon: &Option<Transport<Balloon>>,
+    vsock: &Option<Transport<Vsock>>,
+) {
+    fn reset<D: VirtioDevice<Arc<GuestMemory>>>(transport: &Transport<D>) {
+        let mut transport = lock(transport);
+        if transport.is_activated() {
+            VirtioDevice::<Arc<GuestMemory>>::reset(transport.device_mut());
+        }
+    }
+    if let Err(err) = gate.resume() {
+        warn!("Cannot resume the device workers: {err}");
+    }
+    drives.iter().for_each(|(_, t)| reset(t));
+    nets.iter().for_each(|(_, t)| reset(t));
+    entropy.iter().for_each(|(_, t)| reset(t));
+    balloon.iter().for_each(reset);
+    vsock.iter().for_each(reset);
+}
+
+impl Vmm {
+    /// Builds the VM `resources` describe and starts its vCPUs.
+    ///
+    /// # Errors
+    ///
+    /// When any part cannot be set up; nothing of it is left running.
+    pub fn boot(resources: &VmResources, start: ProcessStart) -> Result<Vmm> {
+        let Some(boot_source) = resources.boot_source() else {
+            return Err(Error::NoKernel);
+        };
+        let machine = resources.machine();
+        let memory = create_memory(resources)?;
+        let built = Machine::build(resources, memory.clone(), start, resources.boot_timer)?;
 
         // Kernel, initrd, command line, boot parameters.
         let (cmdline, root) = resources.cmdline();
+        let mut cmdline_extra = built.cmdline.clone();
         cmdline_extra.extend(root);
         let boot_state = load_guest(
             boot_source,
@@ -409,44 +585,32 @@ impl Vmm {
             &cmdline_extra,
             machine.vcpu_count,
         )?;
-
-        // vCPUs.
-        let exit = VmExitNotifier::new().map_err(|source| Error::StartVcpu { index: 0, source })?;
-        let seccomp = resources.seccomp.as_ref();
-        let vcpus = start_vcpus(
-            &vm,
-            machine.vcpu_count,
-            &boot_state,
-            pio,
-            mmio,
-            &exit,
-            seccomp,
-        )?;
-        // The main thread's filter comes after the vCPU threads exist, so that they do not
-        // inherit it (filters stack); it is in place before the event loop serves anything
-        // the running guest or the API can reach.
-        if let Some(filters) = &resources.seccomp {
-            filters.install(ThreadKind::Vmm).map_err(Error::Seccomp)?;
-        }
+        // The bootstrap processor starts where the kernel is entered; the others wait for it.
+        let setup = |vcpu: &Vcpu| {
+            if vcpu.index() == 0 {
+                vcpu.set_boot_state(&boot_state)
+                    .map_err(|source| Error::Vcpu { index: 0, source })
+            } else {
+                Ok(())
+            }
+        };
+        let vmm = built.start(resources, machine.vcpu_count, &setup, false)?;
+        Vmm::install_filter(resources)?;
         info!(
             "Started {} vCPU(s) with {} MiB of memory",
             machine.vcpu_count, machine.mem_size_mib
         );
-        Ok(Vmm {
-            vcpus,
-            drives,
-            nets,
-            entropy,
-            mmds,
-            balloon,
-            vsock,
-            legacy,
-            boot_timer,
-            gate,
-            exit,
-            paused: false,
-            vm,
-        })
+        Ok(vmm)
+    }
+
+    /// Installs the VMM thread's seccomp filter. It comes after the vCPU threads exist, so that
+    /// they do not inherit it (filters stack), and after the VMM thread's last setup call; it is
+    /// in place before the event loop serves anything the running guest or the API can reach.
+    fn install_filter(resources: &VmResources) -> Result<()> {
+        match &resources.seccomp {
+            Some(filters) => filters.install(ThreadKind::Vmm).map_err(Error::Seccomp),
+            None => Ok(()),
+        }
     }
 
     /// Whether the vCPUs are paused.
@@ -671,7 +835,7 @@ impl Vmm {
             let values = lock(transport).device().metrics().values();
             snapshot.push(Group::counters("net", Some(id.clone()), values));
         }
-        if let Some(entropy) = &self.entropy {
+        if let Some((entropy, _)) = &self.entropy {
             snapshot.push(Group::counters("entropy", None, entropy.values()));
         }
         if let Some(mmds) = &self.mmds {
@@ -701,7 +865,7 @@ impl Vmm {
         // The vsock device's worker gives its backend back, which is dropped here, with the
         // device, removing its socket.
         if let Some(transport) = self.vsock.take() {
-            VirtioDevice::<Arc<GuestMemoryMmap>>::reset(lock(&transport).device_mut());
+            VirtioDevice::<Arc<GuestMemory>>::reset(lock(&transport).device_mut());
         }
         if let Some(console) = self.legacy.console.as_mut() {
             if !console.finish(CONSOLE_FLUSH_TIMEOUT) {
@@ -755,7 +919,7 @@ fn rate_limiter(limiter: Option<&model::RateLimiter>) -> Result<RateLimiter> {
     .map_err(Error::RateLimiter)
 }
 
-fn create_memory(resources: &VmResources) -> Result<Arc<GuestMemoryMmap>> {
+fn create_memory(resources: &VmResources) -> Result<Arc<GuestMemory>> {
     let machine = resources.machine();
     let memory_error = |source| Error::Memory {
         mib: machine.mem_size_mib,
@@ -766,7 +930,9 @@ fn create_memory(resources: &VmResources) -> Result<Arc<GuestMemoryMmap>> {
     options.ksm = resources.ksm;
     options.hugepages = machine.huge_pages == model::HugePages::Transparent;
     options.include_in_core_dumps = resources.dump_guest_memory;
-    let memory = ember_memory::create_guest_memory(size, options).map_err(memory_error)?;
+    let memory =
+        ember_memory::create_tracked_guest_memory(size, options, machine.track_dirty_pages)
+            .map_err(memory_error)?;
     Ok(Arc::new(memory))
 }
 
@@ -852,13 +1018,14 @@ fn attach_legacy_devices(
     let pm = Arc::new(Mutex::new(AcpiPmDevice::new(power_off, S5_SLEEP_TYPE)));
     let range = BusRange::new(u64::from(ACPI_PM1_EVT_PORT), ACPI_PM_LEN)
         .map_err(|e| Error::Bus("ACPI PM registers".into(), e))?;
-    pio.insert(range, pm)
+    pio.insert(range, pm.clone())
         .map_err(|e| Error::Bus("ACPI PM registers".into(), e))?;
 
     Ok(Legacy {
         serial,
         console,
         i8042,
+        acpi_pm: pm,
         reset_evt,
         power_off_evt,
     })
@@ -891,10 +1058,11 @@ struct VirtioAttacher<'a> {
     allocator: &'a mut ResourceAllocator,
     gate: &'a WorkerGate,
     cmdline: Vec<String>,
+    slots: Vec<DeviceSlot>,
 }
 
 impl VirtioAttacher<'_> {
-    fn attach<D: VirtioDevice<Arc<GuestMemoryMmap>> + 'static>(
+    fn attach<D: VirtioDevice<Arc<GuestMemory>> + 'static>(
         &mut self,
         name: String,
         device: D,
@@ -931,6 +1099,11 @@ impl VirtioAttacher<'_> {
             .map_err(|e| Error::Bus(name.clone(), e))?;
         debug!("{name} at {:#x}, IRQ {irq}", addr.0);
         self.cmdline.push(cmdline_device(addr, irq));
+        self.slots.push(DeviceSlot {
+            name,
+            addr: addr.0,
+            irq,
+        });
         Ok(transport)
     }
 }
@@ -1031,18 +1204,18 @@ fn attach_nets(
     Ok(attached)
 }
 
-/// The entropy device, if the description has one; returns its counters.
+/// The entropy device, if the description has one, with its counters.
 fn attach_entropy(
     virtio: &mut VirtioAttacher<'_>,
     entropy: Option<&model::EntropyDeviceConfig>,
-) -> Result<Option<Arc<RngMetrics>>> {
+) -> Result<Option<(Arc<RngMetrics>, Transport<Rng>)>> {
     let Some(entropy) = entropy else {
         return Ok(None);
     };
     let device = Rng::new(rate_limiter(entropy.rate_limiter.as_ref())?);
     let metrics = device.metrics().clone();
-    virtio.attach("entropy device".to_string(), device)?;
-    Ok(Some(metrics))
+    let transport = virtio.attach("entropy device".to_string(), device)?;
+    Ok(Some((metrics, transport)))
 }
 
 /// The balloon device.
@@ -1099,7 +1272,7 @@ pub fn boot_config(vcpus: u8) -> BootConfig {
 fn load_guest(
     boot_source: &model::BootSource,
     cmdline: &str,
-    memory: &GuestMemoryMmap,
+    memory: &GuestMemory,
     cmdline_extra: &[String],
     vcpus: u8,
 ) -> Result<CpuState> {
@@ -1131,10 +1304,13 @@ fn load_guest(
     configure_system(memory, &kernel, &cmdline, initrd, &config).map_err(Error::Boot)
 }
 
+/// Creates `count` vCPUs, each set up by `setup`, on threads that start paused when `paused`.
+#[allow(clippy::too_many_arguments)]
 fn start_vcpus(
     vm: &Vm,
     count: u8,
-    boot_state: &CpuState,
+    setup: &dyn Fn(&Vcpu) -> Result<()>,
+    paused: bool,
     pio: PioBus,
     mmio: MmioBus,
     exit: &VmExitNotifier,
@@ -1146,13 +1322,13 @@ fn start_vcpus(
     for index in 0..count {
         let vcpu = Vcpu::new(vm, index, count, handler.clone())
             .map_err(|source| Error::Vcpu { index, source })?;
-        if index == 0 {
-            vcpu.set_boot_state(boot_state)
-                .map_err(|source| Error::Vcpu { index, source })?;
+        setup(&vcpu)?;
+        let mut options = StartOptions::new().paused(paused);
+        if let Some(filters) = seccomp {
+            options = options.hook(filters.thread_hook(ThreadKind::Vcpu));
         }
-        let hook = seccomp.map(|filters| filters.thread_hook(ThreadKind::Vcpu));
         let handle = vcpu
-            .start_with_hook(exit.clone(), hook)
+            .start_with(exit.clone(), options)
             .map_err(|source| Error::StartVcpu { index, source })?;
         handles.push(handle);
     }

@@ -310,9 +310,9 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 fn vsock_socket() -> io::Result<OwnedFd> {
+    let kind = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
     // SAFETY: `socket` takes no pointer; a descriptor it returns is new and owned here.
-    let fd =
-        cvt(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = cvt(unsafe { libc::socket(libc::AF_VSOCK, kind, 0) })?;
     // SAFETY: `fd` was just returned by `socket` and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -12,6 +12,7 @@ use ember_boot::cpu::{CpuState, DescriptorTable, Segment};
 use ember_bus::{BusDeviceMut, BusRange, MmioBus, PioBus};
 use ember_memory::layout::MMIO32_START;
 use ember_vcpu::bus::BusExitHandler;
+use ember_vcpu::vm::VmOptions;
 use ember_vcpu::{Kvm, Vcpu, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -70,8 +71,18 @@ impl TestVm {
         let memory =
             Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap());
         memory.write_slice(code, GuestAddress(CODE_ADDR)).unwrap();
+        Self::with_memory(memory)
+    }
+
+    /// A VM on `memory`, as it is.
+    pub fn with_memory(memory: Arc<GuestMemoryMmap>) -> Self {
+        Self::with_options(memory, VmOptions::default())
+    }
+
+    /// A VM on `memory`, made with `options`.
+    pub fn with_options(memory: Arc<GuestMemoryMmap>, options: VmOptions) -> Self {
         let kvm = Kvm::new().unwrap();
-        let vm = Vm::new(&kvm, memory.clone()).unwrap();
+        let vm = Vm::new_with(&kvm, memory.clone(), options).unwrap();
         let ports = Arc::new(Mutex::new(Recorder::default()));
         let mmio = Arc::new(Mutex::new(Recorder::default()));
         let mut pio_bus = PioBus::new();

@@ -1,7 +1,8 @@
 //! The balloon as its transport sees it: [`Balloon`], its features and configuration space,
 //! its lifecycle ([`VirtioDevice`]), and the changes a VMM makes while it runs: the target
 //! size, which raises a configuration interrupt, and the statistics polling interval, handed
-//! to the handler's thread ([`PendingUpdate`]).
+//! to the handler's thread ([`PendingUpdate`]); and what a snapshot saves and restores of it
+//! ([`BalloonState`], [`VirtioDevice::save_queues`]).
 
 use std::fmt;
 use std::io;
@@ -13,14 +14,15 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::handler::{BalloonHandler, stats_timer};
 use super::{
-    ACTUAL_OFFSET, BASE_FEATURES, BalloonConfig, BalloonMetrics, BalloonStats, CONFIG_LEN, Error,
-    GuestStats, PAGES_PER_MIB, QUEUE_SIZE, Result, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
-    VIRTIO_BALLOON_F_STATS_VQ, inc, mib_to_pages,
+    ACTUAL_OFFSET, BASE_FEATURES, BalloonConfig, BalloonMetrics, BalloonState, BalloonStats,
+    CONFIG_LEN, Error, GuestStats, PAGES_PER_MIB, QUEUE_SIZE, Result,
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_STATS_VQ, inc, mib_to_pages,
 };
 use crate::device::{
-    ActivateError, ActivateParams, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    ActivateError, ActivateParams, StateError, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
     read_config_bytes,
 };
+use crate::queue::Queue;
 use crate::worker::{Reply, Runner};
 
 /// A handler serving the device, whatever its guest memory type and wherever it runs.
@@ -30,6 +32,9 @@ trait Running: Send {
 
     /// Changes the statistics polling interval on the handler's thread.
     fn set_stats_interval(&self, seconds: u16) -> io::Result<Reply<io::Result<()>>>;
+
+    /// The handler's queues, for a snapshot ([`BalloonHandler::save_queues`]).
+    fn save_queues(&self) -> io::Result<Vec<Queue>>;
 }
 
 impl<M> Running for Runner<BalloonHandler<M>>
@@ -42,6 +47,10 @@ where
 
     fn set_stats_interval(&self, seconds: u16) -> io::Result<Reply<io::Result<()>>> {
         self.post(move |handler, _| handler.set_stats_interval(seconds))
+    }
+
+    fn save_queues(&self) -> io::Result<Vec<Queue>> {
+        self.call(|handler, _| handler.save_queues())
     }
 }
 
@@ -65,6 +74,9 @@ pub struct Balloon {
     /// The statistics timer while the device is reset; the handler holds it while active.
     timer: Option<TimerFd>,
     active: Option<Active>,
+    /// A saved state was restored: the next activation serves at once what the driver made
+    /// available before the snapshot.
+    restored: bool,
 }
 
 impl fmt::Debug for Balloon {
@@ -112,7 +124,86 @@ impl Balloon {
             metrics: Arc::default(),
             timer,
             active: None,
+            restored: false,
         })
+    }
+
+    /// A balloon made as the one `state` was saved from, with that state restored
+    /// ([`Balloon::restore_state`]): the way back from a snapshot for a VMM that does not keep
+    /// the balloon's configuration elsewhere.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::State`] when `state` is not one a balloon can have, [`Error::Timer`] as
+    /// [`Balloon::new`].
+    pub fn from_state(state: &BalloonState) -> Result<Self> {
+        let config = BalloonConfig::new(
+            state.target_pages / PAGES_PER_MIB,
+            state.deflate_on_oom,
+            state.stats_polling_interval_s,
+        );
+        let mut balloon = Balloon::new(config)?;
+        balloon.restore_state(state).map_err(Error::State)?;
+        Ok(balloon)
+    }
+
+    /// What a snapshot records of the device: its configuration space, its polling interval
+    /// and the guest's latest statistics. Its queues come from
+    /// [`VirtioDevice::save_queues`].
+    pub fn save_state(&self) -> BalloonState {
+        BalloonState {
+            target_pages: self.num_pages,
+            actual_pages: self.actual,
+            stats_polling_interval_s: self.config.stats_polling_interval_s,
+            deflate_on_oom: self.config.deflate_on_oom,
+            guest_stats: *self.stats.lock().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+
+    /// Gives a new, not yet activated device the state `state` saved: its configuration space
+    /// and [`Balloon::stats`] read as the saved device's did, it polls at the saved interval,
+    /// and its next activation (with the saved queues) first serves what the driver made
+    /// available before the snapshot, the statistics buffer the saved device held included.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Invalid`] when the device is active, when `state` was saved from a balloon
+    /// made otherwise (with or without statistics, with or without DEFLATE_ON_OOM), or when
+    /// its target is not a whole number of MiB; nothing changes then.
+    pub fn restore_state(&mut self, state: &BalloonState) -> std::result::Result<(), StateError> {
+        if self.active.is_some() {
+            return Err(StateError::Invalid(
+                "the balloon is active; a state is restored before activation".into(),
+            ));
+        }
+        let saved_stats = state.stats_polling_interval_s > 0;
+        if saved_stats != self.stats_enabled() {
+            let has = |yes: bool| if yes { "has" } else { "has no" };
+            return Err(StateError::Invalid(format!(
+                "the saved balloon {} a statistics queue and this one {}",
+                has(saved_stats),
+                has(self.stats_enabled())
+            )));
+        }
+        if state.deflate_on_oom != self.config.deflate_on_oom {
+            return Err(StateError::Invalid(format!(
+                "the saved balloon has deflate_on_oom {} and this one {}",
+                state.deflate_on_oom, self.config.deflate_on_oom
+            )));
+        }
+        if state.target_pages % PAGES_PER_MIB != 0 {
+            return Err(StateError::Invalid(format!(
+                "the saved balloon's target of {} pages is not a whole number of MiB",
+                state.target_pages
+            )));
+        }
+        self.num_pages = state.target_pages;
+        self.config.amount_mib = state.target_pages / PAGES_PER_MIB;
+        self.actual = state.actual_pages;
+        self.config.stats_polling_interval_s = state.stats_polling_interval_s;
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = state.guest_stats;
+        self.restored = true;
+        Ok(())
     }
 
     /// The configuration as it stands: the target and polling interval as last changed.
@@ -265,6 +356,11 @@ where
         result
     }
 
+    fn save_queues(&self) -> std::result::Result<Vec<Queue>, StateError> {
+        let active = self.active.as_ref().ok_or(StateError::NotActive)?;
+        active.runner.save_queues().map_err(StateError::Handler)
+    }
+
     fn reset(&mut self) {
         if let Some(active) = self.active.take() {
             match active.runner.stop() {
@@ -294,7 +390,7 @@ impl Balloon {
         }
         let interrupt = params.interrupt.clone();
         let executor = params.executor.clone();
-        let handler = BalloonHandler::new(
+        let mut handler = BalloonHandler::new(
             params,
             self.config.stats_polling_interval_s,
             self.timer.take(),
@@ -302,6 +398,9 @@ impl Balloon {
             self.metrics.clone(),
         )
         .map_err(ActivateError::Backend)?;
+        if self.restored {
+            handler.serve_available_on_start();
+        }
         let runner = match Runner::start("ember-balloon".into(), handler, &executor) {
             Ok(runner) => runner,
             Err(err) => {
@@ -313,6 +412,7 @@ impl Balloon {
             runner: Box::new(runner),
             interrupt,
         });
+        self.restored = false;
         Ok(())
     }
 }
@@ -714,6 +814,38 @@ mod tests {
         handler.process_stats().unwrap();
         assert_eq!(guest.used_idx(2), 2);
         assert_eq!(stats.lock().unwrap().swap_out, Some(8));
+    }
+
+    #[test]
+    fn saved_queues_give_the_held_statistics_buffer_back_and_leave_the_handler_holding_it() {
+        let mut guest = Guest::new(3);
+        let (mut handler, _) = guest.handler(1);
+        // Nothing held: the queues are saved as they stand.
+        let saved = handler.save_queues();
+        assert_eq!(saved.len(), 3);
+        assert_eq!(saved[2].next_avail(), 0);
+        // Two buffers: the first goes back at once, the second is held.
+        stats_buffer(&mut guest, &[(0, 1)], 0);
+        stats_buffer(&mut guest, &[(1, 2)], 0);
+        guest.send_pfns(0, &[FIRST_PAGE as u32]);
+        handler.process_stats().unwrap();
+        handler.process_inflate().unwrap();
+        assert_eq!(guest.used_idx(2), 1);
+        let saved = handler.save_queues();
+        assert_eq!(saved[2].next_avail(), 1, "the held buffer is taken again");
+        assert_eq!(saved[2].next_used(), 1);
+        assert_eq!(saved[0].next_avail(), 1, "the inflate queue holds nothing");
+        assert_eq!(saved[0].next_used(), 1);
+        assert_eq!(saved[1].next_avail(), 0);
+        // The handler itself still holds it, and hands it back at its poll.
+        assert!(format!("{handler:?}").contains("stats_head: Some(1)"));
+        handler.poll_stats().unwrap();
+        assert_eq!(guest.used_idx(2), 2);
+        assert_eq!(handler.save_queues()[2].next_avail(), 2);
+        // Without a statistics queue, two queues are saved.
+        let guest = Guest::new(2);
+        let (handler, _) = guest.handler(0);
+        assert_eq!(handler.save_queues().len(), 2);
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! the statistics queue and the device keeps it; every polling interval the device hands it
 //! back (used), and the driver fills it in again and puts it back, which is when the device
 //! reads the statistics.
+//!
+//! Between two events the handler holds no chain of the inflate or deflate queue (each is used
+//! as soon as it is read), and at most the one statistics buffer, which
+//! [`BalloonHandler::save_queues`] gives back to the available ring of the queues it saves.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -60,6 +64,12 @@ pub struct BalloonHandler<M> {
     timer: Option<TimerFd>,
     /// The head of the statistics buffer the device holds, to hand back at the next poll.
     stats_head: Option<u16>,
+    /// Where that buffer was in the available ring: the statistics queue's `next_avail`
+    /// before it was taken, where a saved queue starts again.
+    stats_avail: u16,
+    /// Whether the handler serves its queues as it starts, without waiting for the driver to
+    /// notify them: what the driver made available before a snapshot was restored.
+    serve_on_start: bool,
     guest_stats: Arc<Mutex<GuestStats>>,
     interrupt: Arc<dyn VirtioInterrupt>,
     metrics: Arc<BalloonMetrics>,
@@ -139,6 +149,8 @@ impl<M: GuestAddressSpace> BalloonHandler<M> {
             stats,
             timer,
             stats_head: None,
+            stats_avail: 0,
+            serve_on_start: false,
             guest_stats,
             interrupt,
             metrics,
@@ -156,6 +168,32 @@ impl<M: GuestAddressSpace> BalloonHandler<M> {
     /// device is reset.
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// Makes the handler serve every queue as it starts ([`EventHandler::init`] notifies their
+    /// eventfds), as though the driver had just notified them: how a restored device takes
+    /// the chains the driver made available before the snapshot, the statistics buffer the
+    /// saved device held among them, since the notifications the driver sent then are gone.
+    pub fn serve_available_on_start(&mut self) {
+        self.serve_on_start = true;
+    }
+
+    /// The queues as the handler holds them now, for a snapshot: the statistics buffer the
+    /// handler keeps until its next poll is given back (the saved statistics queue's
+    /// `next_avail` is where that buffer is in the available ring), so that a device activated
+    /// with them takes it again. The inflate and deflate queues hold nothing between events.
+    /// The handler's own queues are not changed: it goes on holding the buffer if the VM runs
+    /// on.
+    pub fn save_queues(&self) -> Vec<Queue> {
+        let mut queues = vec![self.inflate.queue.clone(), self.deflate.queue.clone()];
+        if let Some(part) = &self.stats {
+            let mut queue = part.queue.clone();
+            if self.stats_head.is_some() {
+                queue.set_next_avail(self.stats_avail);
+            }
+            queues.push(queue);
+        }
+        queues
     }
 
     /// The statistics timer, for the next activation.
@@ -246,9 +284,11 @@ impl<M: GuestAddressSpace> BalloonHandler<M> {
         };
         let mut used = false;
         for _ in 0..CHAIN_BUDGET {
+            let avail = part.queue.next_avail();
             let Some(chain) = pop(part, &*mem)? else {
                 break;
             };
+            self.stats_avail = avail;
             if let Some(old) = self.stats_head.replace(chain.head_index()) {
                 part.queue
                     .add_used(&*mem, old, 0)
@@ -524,6 +564,22 @@ where
         }
         if let Some(timer) = &self.timer {
             ops.add(timer.as_raw_fd(), EventSet::IN, STATS_TIMER_TOKEN)?;
+        }
+        if std::mem::take(&mut self.serve_on_start) {
+            let parts = [
+                Some(&self.inflate),
+                Some(&self.deflate),
+                self.stats.as_ref(),
+            ];
+            for part in parts.into_iter().flatten() {
+                if let Err(err) = part.evt.write(1) {
+                    inc(&self.metrics.event_fails);
+                    log::error!(
+                        "virtio-balloon cannot serve its {} queue as it starts: {err}",
+                        part.name
+                    );
+                }
+            }
         }
         Ok(())
     }

@@ -31,6 +31,19 @@
 //! [`CHAIN_BUDGET`] chains and comes back for the rest after the events waiting behind. A queue
 //! whose protocol the driver breaks stops the device until it is reset (DEVICE_NEEDS_RESET).
 //!
+//! # Snapshots
+//!
+//! What a snapshot records of a balloon is its [`BalloonState`] ([`Balloon::save_state`]):
+//! the target and the size the driver last reported (the configuration space), the polling
+//! interval and the guest's latest statistics, so that a restored device reads the same to the
+//! driver and to the VMM's API. Its queues come from
+//! [`VirtioDevice::save_queues`](crate::VirtioDevice::save_queues): the inflate and deflate
+//! queues hold nothing between two events (each chain is used as soon as it is read), and the
+//! statistics buffer the device keeps until its next poll is given back to the available ring,
+//! so that the restored device takes it again. A new device, [`Balloon::restore_state`]d and
+//! activated with the saved queues, first serves whatever the driver had made available (the
+//! notifications it sent are not part of the snapshot), then polls statistics on its timer.
+//!
 //! The source is split as [`crate::net`]'s: `device.rs` is the device as its transport sees it
 //! ([`Balloon`]), `handler.rs` what serves the queues once it is active ([`BalloonHandler`]).
 //!
@@ -59,6 +72,7 @@ mod handler;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 pub use device::{Balloon, PendingUpdate};
@@ -130,6 +144,9 @@ pub enum Error {
     /// The thread serving the active device did not answer a change.
     #[error("Cannot reach the thread that serves the balloon")]
     Worker(#[source] io::Error),
+    /// A saved state does not fit the device.
+    #[error("Cannot restore the balloon's saved state")]
+    State(#[source] crate::StateError),
 }
 
 /// Result of the balloon's steps and changes.
@@ -162,7 +179,7 @@ impl BalloonConfig {
 
 /// The guest's memory statistics, as its driver last reported them (virtio 1.2, 5.5.6.3): each
 /// is `None` until the driver reports that tag. Memory amounts are in bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct GuestStats {
     /// VIRTIO_BALLOON_S_SWAP_IN: memory swapped in.
@@ -222,6 +239,27 @@ pub struct BalloonStats {
     pub actual_mib: u32,
     /// The guest's statistics.
     pub guest: GuestStats,
+}
+
+/// What a snapshot records of a balloon ([`Balloon::save_state`]), and what
+/// [`Balloon::restore_state`] gives a new one: the configuration space as the driver last saw
+/// it, the polling interval as last changed, and the guest's latest statistics.
+///
+/// Read from a snapshot file, it is the operator's input: [`Balloon::restore_state`] checks
+/// that it fits the device it is given to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonState {
+    /// `num_pages`: the size the balloon is asked to reach, in 4 KiB pages; a whole number of
+    /// MiB, as targets are set.
+    pub target_pages: u32,
+    /// `actual`: the size the driver last said the balloon has, in 4 KiB pages.
+    pub actual_pages: u32,
+    /// How often statistics are polled, in seconds; 0 when the device has no statistics queue.
+    pub stats_polling_interval_s: u16,
+    /// Whether the device offers VIRTIO_BALLOON_F_DEFLATE_ON_OOM.
+    pub deflate_on_oom: bool,
+    /// The guest's statistics as its driver last reported them.
+    pub guest_stats: GuestStats,
 }
 
 /// What a balloon counts while it runs, under the names of Firecracker's `balloon` metrics.

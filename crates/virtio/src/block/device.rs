@@ -9,7 +9,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ember_rate_limiter::{BucketUpdate, RateLimiter};
+use ember_rate_limiter::{BucketUpdate, RateLimiter, RateLimiterState};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_WRITE_ZEROES,
@@ -29,8 +29,9 @@ use super::{
     QUEUE_SIZE, RawFile, Result, SEG_MAX,
 };
 use crate::device::{
-    ActivateError, ActivateParams, VirtioDevice, VirtioInterruptType, read_config_bytes,
+    ActivateError, ActivateParams, StateError, VirtioDevice, VirtioInterruptType, read_config_bytes,
 };
+use crate::queue::Queue;
 use crate::worker::{Reply, Runner};
 
 /// What a block device is, beside its backend.
@@ -267,6 +268,102 @@ impl<B: BlockBackend> Block<B> {
     }
 }
 
+/// The saved state of a [`Block`] device, beside its transport's: what the disk must still be,
+/// and the rate limiter's buckets.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct BlockState {
+    /// The device's ID string.
+    pub id: String,
+    /// The disk's size in 512-byte sectors, which the driver read and relies on.
+    pub capacity: u64,
+    /// Whether the guest may only read the disk.
+    pub read_only: bool,
+    /// The rate limiter's buckets.
+    pub rate_limiter: RateLimiterState,
+}
+
+impl<B: BlockBackend> Block<B> {
+    /// The device's state, for a snapshot: the ID, capacity and read-only flag, which the
+    /// restored device must share, and the rate limiter's buckets, from the handler's thread
+    /// when the device is active. The queue is saved with the transport
+    /// ([`VirtioDevice::save_queues`]).
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Handler`] when the handler does not answer, or the device lost its rate
+    /// limiter with a handler that panicked.
+    pub fn save_state(&self) -> std::result::Result<BlockState, StateError> {
+        let rate_limiter = match &self.state {
+            State::Ready { rate_limiter, .. } => rate_limiter.state(),
+            State::Active { worker } => worker.rate_limiter_state().map_err(StateError::Handler)?,
+            State::Lost => return Err(lost_handler()),
+        };
+        Ok(BlockState {
+            id: self.id.clone(),
+            capacity: self.capacity(),
+            read_only: self.read_only,
+            rate_limiter,
+        })
+    }
+
+    /// Restores `state` on a device built afresh from the snapshot's configuration, before its
+    /// transport is restored (which activates it): the rate limiter's buckets are the saved
+    /// ones. The disk must be the one the snapshot was taken with: a disk of another size,
+    /// under another ID or with another read-only flag is refused, since the driver would
+    /// carry on with what it read of the old one.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Invalid`] when the disk does not match, [`StateError::RateLimiter`] when
+    /// the saved buckets are invalid (nothing changes then), [`StateError::Handler`] as in
+    /// [`Block::save_state`].
+    pub fn restore_state(&mut self, state: &BlockState) -> std::result::Result<(), StateError> {
+        if state.id != self.id {
+            return Err(StateError::Invalid(format!(
+                "the snapshot's block device is {:?}, and this one is {:?}",
+                state.id, self.id
+            )));
+        }
+        let capacity = self.capacity();
+        if state.capacity != capacity {
+            return Err(StateError::Invalid(format!(
+                "the disk of block device {:?} holds {capacity} sectors, and held {} when the \
+                 snapshot was taken: a restored disk must keep its size",
+                self.id, state.capacity
+            )));
+        }
+        if state.read_only != self.read_only {
+            return Err(StateError::Invalid(format!(
+                "block device {:?} is {}, and was {} when the snapshot was taken",
+                self.id,
+                access(self.read_only),
+                access(state.read_only)
+            )));
+        }
+        let restored = match &mut self.state {
+            State::Ready { rate_limiter, .. } => rate_limiter.restore(&state.rate_limiter),
+            State::Active { worker } => worker
+                .restore_rate_limiter(state.rate_limiter.clone())
+                .map_err(StateError::Handler)?,
+            State::Lost => return Err(lost_handler()),
+        };
+        restored.map_err(StateError::RateLimiter)
+    }
+}
+
+/// How a disk may be accessed, in words.
+fn access(read_only: bool) -> &'static str {
+    if read_only { "read-only" } else { "writable" }
+}
+
+/// The error of a device that lost its handler.
+fn lost_handler() -> StateError {
+    StateError::Handler(io::Error::other(
+        "the block device lost its handler when it panicked",
+    ))
+}
+
 impl<B> Block<B> {
     fn stop_worker(&mut self) {
         if !matches!(self.state, State::Active { .. }) {
@@ -330,6 +427,18 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> VirtioDevice<M> for
 
     fn reset(&mut self) {
         self.stop_worker();
+    }
+
+    /// The queue as the handler holds it, a request the rate limiter holds back given back.
+    fn save_queues(&self) -> std::result::Result<Vec<Queue>, StateError> {
+        match &self.state {
+            State::Active { worker } => worker
+                .save_queue()
+                .map(|queue| vec![queue])
+                .map_err(StateError::Handler),
+            State::Ready { .. } => Err(StateError::NotActive),
+            State::Lost => Err(lost_handler()),
+        }
     }
 }
 
@@ -527,6 +636,19 @@ trait Running<B>: Send {
     /// Stops the thread and gives the disk and the rate limiter back.
     fn stop(self: Box<Self>) -> io::Result<(Disk<B>, RateLimiter)>;
 
+    /// The queue as a snapshot records it ([`BlockWorker::saved_queue`]), from the handler's
+    /// thread.
+    fn save_queue(&self) -> io::Result<Queue>;
+
+    /// The rate limiter's state, from the handler's thread.
+    fn rate_limiter_state(&self) -> io::Result<RateLimiterState>;
+
+    /// Has the handler's thread restore the rate limiter's buckets.
+    fn restore_rate_limiter(
+        &self,
+        state: RateLimiterState,
+    ) -> io::Result<ember_rate_limiter::Result<()>>;
+
     /// Has the handler's thread change the rate limiter's buckets.
     fn update_rate_limiter(
         &self,
@@ -548,6 +670,21 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> Running<B>
 {
     fn stop(self: Box<Self>) -> io::Result<(Disk<B>, RateLimiter)> {
         Runner::stop(*self).map(|handler| handler.worker.into_parts())
+    }
+
+    fn save_queue(&self) -> io::Result<Queue> {
+        self.call(|handler, _| handler.worker.saved_queue())
+    }
+
+    fn rate_limiter_state(&self) -> io::Result<RateLimiterState> {
+        self.call(|handler, _| handler.worker.rate_limiter().state())
+    }
+
+    fn restore_rate_limiter(
+        &self,
+        state: RateLimiterState,
+    ) -> io::Result<ember_rate_limiter::Result<()>> {
+        self.call(move |handler, _| handler.worker.rate_limiter_mut().restore(&state))
     }
 
     fn update_rate_limiter(
@@ -1275,5 +1412,39 @@ mod tests {
         VirtioDevice::<Space>::reset(&mut block);
         let mut b = activate(&mut block);
         assert_eq!(read_sector_through_worker(&mut b, 2), pattern(2, 1));
+    }
+
+    #[test]
+    fn the_state_of_an_active_device_is_saved_and_restored_through_its_handler() {
+        let image = Image::on_tmpfs();
+        let limiter = RateLimiter::new(None, bucket(100, 1 << 40)).unwrap();
+        let mut block = Block::new(
+            image.backend(false).unwrap(),
+            image.config(false).with_rate_limiter(limiter),
+        )
+        .unwrap();
+        let ready = block.save_state().unwrap();
+        assert_eq!(ready.rate_limiter.ops.as_ref().unwrap().budget, 100);
+        assert!(matches!(
+            VirtioDevice::<Space>::save_queues(&block),
+            Err(StateError::NotActive)
+        ));
+        let mut a = activate(&mut block);
+        read_sector_through_worker(&mut a, 1);
+        let state = block.save_state().unwrap();
+        assert_eq!(state.capacity, SECTORS);
+        assert_eq!(state.rate_limiter.ops.as_ref().unwrap().budget, 99);
+        let queues = VirtioDevice::<Space>::save_queues(&block).unwrap();
+        assert_eq!(queues[0].next_used(), 1);
+        // Back to the bucket as it was before the read, on the handler's thread.
+        block.restore_state(&ready).unwrap();
+        assert_eq!(block.save_state().unwrap().rate_limiter, ready.rate_limiter);
+        let mut broken = ready.clone();
+        broken.rate_limiter.ops.as_mut().unwrap().budget = 101;
+        assert!(matches!(
+            block.restore_state(&broken),
+            Err(StateError::RateLimiter(_))
+        ));
+        read_sector_through_worker(&mut a, 2);
     }
 }

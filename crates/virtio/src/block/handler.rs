@@ -206,6 +206,18 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         &self.queue
     }
 
+    /// The queue as a snapshot records it: as [`BlockWorker::queue`], but with the chain the
+    /// rate limiter holds back, if any, given back to the available ring, so that a device
+    /// restored from the snapshot takes it again. That chain is always the last one taken:
+    /// nothing more is taken while it is held.
+    pub fn saved_queue(&self) -> Queue {
+        let mut queue = self.queue.clone();
+        if self.server.throttled.is_some() {
+            queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+        }
+        queue
+    }
+
     /// The disk requests are served from.
     pub fn disk(&self) -> &Disk<B> {
         &self.server.disk
@@ -1252,5 +1264,43 @@ mod tests {
         let metrics = g.worker.metrics();
         assert_eq!(metrics.get("flush_count"), Some(2));
         assert_eq!(metrics.get("invalid_reqs_count"), Some(1));
+    }
+
+    #[test]
+    fn the_saved_queue_gives_back_the_request_the_limiter_holds() {
+        let image = Image::on_tmpfs();
+        // One operation per 10 s.
+        let limiter = RateLimiter::new(None, bucket(1, 10_000)).unwrap();
+        let mut g = Guest::with_limiter(&image, limiter);
+        g.header(VIRTIO_BLK_T_FLUSH, 0);
+        for _ in 0..2 {
+            g.driver
+                .add_chain(
+                    &*g.mem,
+                    &[
+                        MockBuffer::readable(HDR, 16),
+                        MockBuffer::writable(STATUS, 1),
+                    ],
+                )
+                .unwrap();
+        }
+        assert_eq!(g.worker.saved_queue(), *g.worker.queue());
+        assert_eq!(g.worker.process_queue().unwrap(), 1);
+        assert!(g.worker.is_throttled());
+        // The second chain was taken and is held: the saved queue has it still available.
+        assert_eq!(g.worker.queue().next_avail(), 2);
+        let saved = g.worker.saved_queue();
+        assert_eq!((saved.next_avail(), saved.next_used()), (1, 1));
+        // A worker restored on it serves the held request, once.
+        let mut restored = BlockWorker::new(
+            image.disk(false),
+            saved,
+            g.mem.clone(),
+            Arc::new(CountingTrigger::default()),
+            RateLimiter::default(),
+        );
+        assert_eq!(restored.process_queue().unwrap(), 1);
+        assert_eq!(g.driver.used_idx(&*g.mem).unwrap(), 2);
+        assert_eq!(restored.process_queue().unwrap(), 0);
     }
 }

@@ -101,7 +101,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 pub use backend::{BlockBackend, copy_from_bufs, copy_to_bufs};
-pub use device::{Block, Config, PendingUpdate};
+pub use device::{Block, BlockState, Config, PendingUpdate};
 pub use disk::{Completion, Disk, ID_BYTES};
 pub use handler::BlockWorker;
 pub use metrics::BlockMetrics;

@@ -7,7 +7,7 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 
-use ember_rate_limiter::{BucketUpdate, RateLimiter};
+use ember_rate_limiter::{BucketUpdate, RateLimiter, RateLimiterState};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use vm_memory::GuestAddressSpace;
@@ -20,13 +20,28 @@ use super::{
     BASE_FEATURES, Error, NUM_QUEUES, NetRateLimiters, QUEUE_SIZES, Result, offload_flags,
 };
 
-use crate::device::{ActivateError, ActivateParams, VirtioDevice, read_config_bytes};
+use crate::device::{ActivateError, ActivateParams, StateError, VirtioDevice, read_config_bytes};
+use crate::queue::Queue;
 use crate::worker::{Reply, Runner};
 
 /// A handler serving a device, whatever its guest memory type and wherever it runs, that gives
 /// the backend back when stopped.
 trait Running<B>: Send {
     fn stop(self: Box<Self>) -> io::Result<(B, NetRateLimiters)>;
+
+    /// The queues as a snapshot records them ([`NetHandler::saved_queues`]), from the
+    /// handler's thread.
+    fn save_queues(&self) -> io::Result<Vec<Queue>>;
+
+    /// The receive and transmit rate limiters' states, from the handler's thread.
+    fn rate_limiter_states(&self) -> io::Result<[RateLimiterState; 2]>;
+
+    /// Has the handler's thread restore the receive and transmit rate limiters, both or
+    /// neither.
+    fn restore_rate_limiters(
+        &self,
+        states: [RateLimiterState; 2],
+    ) -> io::Result<ember_rate_limiter::Result<()>>;
 
     /// Changes the rate limiters on the handler's thread: receive bandwidth and operations, then
     /// transmit bandwidth and operations.
@@ -40,6 +55,21 @@ where
 {
     fn stop(self: Box<Self>) -> io::Result<(B, NetRateLimiters)> {
         Runner::stop(*self).map(NetHandler::into_parts)
+    }
+
+    fn save_queues(&self) -> io::Result<Vec<Queue>> {
+        self.call(|handler, _| handler.saved_queues())
+    }
+
+    fn rate_limiter_states(&self) -> io::Result<[RateLimiterState; 2]> {
+        self.call(|handler, _| handler.rate_limiters().states())
+    }
+
+    fn restore_rate_limiters(
+        &self,
+        states: [RateLimiterState; 2],
+    ) -> io::Result<ember_rate_limiter::Result<()>> {
+        self.call(move |handler, _| handler.rate_limiters_mut().restore(&states))
     }
 
     fn update_rate_limiters(&self, updates: [BucketUpdate; 4]) -> io::Result<Reply<()>> {
@@ -185,6 +215,82 @@ impl<B: NetBackend> Net<B> {
     }
 }
 
+/// The saved state of a [`Net`] device, beside its transport's: its MAC address and its rate
+/// limiters' buckets. The backend is not part of it: a restored device takes the TAP (or
+/// other backend) the new process gives it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct NetState {
+    /// The MAC address the device gave the driver, if any.
+    pub mac: Option<[u8; mac::MAC_LEN]>,
+    /// The buckets of the receive rate limiter.
+    pub rx_rate_limiter: RateLimiterState,
+    /// The buckets of the transmit rate limiter.
+    pub tx_rate_limiter: RateLimiterState,
+}
+
+impl<B: NetBackend> Net<B> {
+    /// The device's state, for a snapshot: the MAC address and the rate limiters' buckets,
+    /// from the handler's thread when the device is active. The queues are saved with the
+    /// transport ([`VirtioDevice::save_queues`]).
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Handler`] when the handler does not answer, or the device lost its rate
+    /// limiters.
+    pub fn save_state(&self) -> std::result::Result<NetState, StateError> {
+        let [rx, tx] = match &self.state {
+            State::Ready { rate_limiters, .. } => rate_limiters.states(),
+            State::Active(worker) => worker.rate_limiter_states().map_err(StateError::Handler)?,
+            State::Lost => return Err(lost_handler()),
+        };
+        Ok(NetState {
+            mac: self.mac.map(|mac| mac.bytes()),
+            rx_rate_limiter: rx,
+            tx_rate_limiter: tx,
+        })
+    }
+
+    /// Restores `state` on a device built afresh from the snapshot's configuration (on the
+    /// same or another backend), before its transport is restored (which activates it): the
+    /// rate limiters' buckets are the saved ones. The MAC address must be the saved one, which
+    /// the driver keeps using.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Invalid`] for another MAC address, [`StateError::RateLimiter`] when the
+    /// saved buckets are invalid (nothing changes then), [`StateError::Handler`] as in
+    /// [`Net::save_state`].
+    pub fn restore_state(&mut self, state: &NetState) -> std::result::Result<(), StateError> {
+        let mac = self.mac.map(|mac| mac.bytes());
+        if state.mac != mac {
+            let show = |mac: Option<[u8; mac::MAC_LEN]>| {
+                mac.and_then(|bytes| MacAddr::from_bytes(bytes).ok())
+                    .map_or_else(|| "none".to_string(), |mac| mac.to_string())
+            };
+            return Err(StateError::Invalid(format!(
+                "the network device's MAC address is {}, and was {} when the snapshot was taken",
+                show(mac),
+                show(state.mac)
+            )));
+        }
+        let states = [state.rx_rate_limiter.clone(), state.tx_rate_limiter.clone()];
+        let restored = match &mut self.state {
+            State::Ready { rate_limiters, .. } => rate_limiters.restore(&states),
+            State::Active(worker) => worker
+                .restore_rate_limiters(states)
+                .map_err(StateError::Handler)?,
+            State::Lost => return Err(lost_handler()),
+        };
+        restored.map_err(StateError::RateLimiter)
+    }
+}
+
+/// The error of a device that lost its handler.
+fn lost_handler() -> StateError {
+    StateError::Handler(io::Error::other("virtio-net lost its handler"))
+}
+
 /// A change handed to the thread that serves a network device ([`Net::update_rate_limiters`]), to
 /// wait for once the device's lock is released.
 #[derive(Debug)]
@@ -266,6 +372,15 @@ where
             },
             state => state,
         };
+    }
+
+    /// The queues as the handler holds them, a transmit chain held back given back.
+    fn save_queues(&self) -> std::result::Result<Vec<Queue>, StateError> {
+        match &self.state {
+            State::Active(worker) => worker.save_queues().map_err(StateError::Handler),
+            State::Ready { .. } => Err(StateError::NotActive),
+            State::Lost => Err(lost_handler()),
+        }
     }
 }
 
@@ -899,5 +1014,26 @@ mod tests {
         assert_eq!(&delivered[..2], [0, 0]);
         assert_eq!(&delivered[10..12], [1, 0]);
         VirtioDevice::<Arc<GuestMemoryMmap<()>>>::reset(&mut net);
+    }
+
+    #[test]
+    fn a_state_with_an_invalid_bucket_changes_neither_limiter() {
+        let (device, _peer) = socket_pair();
+        let limiter = || RateLimiter::new(None, crate::mock::bucket(100, 1 << 40)).unwrap();
+        let mut net = Net::new(device, Some(mac())).with_rate_limiters(limiter(), limiter());
+        let before = net.save_state().unwrap();
+        let mut state = before.clone();
+        state.rx_rate_limiter = RateLimiterState::default();
+        state.tx_rate_limiter.ops.as_mut().unwrap().budget = 101;
+        assert!(matches!(
+            net.restore_state(&state),
+            Err(StateError::RateLimiter(_))
+        ));
+        assert_eq!(net.save_state().unwrap(), before);
+        state.tx_rate_limiter.ops.as_mut().unwrap().budget = 7;
+        net.restore_state(&state).unwrap();
+        let after = net.save_state().unwrap();
+        assert_eq!(after.rx_rate_limiter, RateLimiterState::default());
+        assert_eq!(after.tx_rate_limiter.ops.unwrap().budget, 7);
     }
 }

@@ -295,6 +295,11 @@ where
         &self.rate_limiters
     }
 
+    /// The rate limiters frames go through, to restore them.
+    pub fn rate_limiters_mut(&mut self) -> &mut NetRateLimiters {
+        &mut self.rate_limiters
+    }
+
     /// Changes the rate limiters' buckets; a bucket given [`BucketUpdate::None`] keeps its
     /// state. A direction held back under the old limits is retried at once under the new
     /// ones: its limiter's timer fires right away.
@@ -352,6 +357,20 @@ where
     /// Whether the driver broke the protocol, so that the handler serves nothing until reset.
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// The receive and transmit queues as a snapshot records them: the transmit chain the
+    /// backend or the rate limiter holds back, if any, is given back to the available ring, so
+    /// that a device restored from the snapshot sends it again. That chain is always the last
+    /// one taken: nothing more is sent while it is held. No receive chain is held between
+    /// events (a frame that found no room left them available); a received frame the handler
+    /// holds is host data, not the guest's, and is not saved.
+    pub fn saved_queues(&self) -> Vec<Queue> {
+        let mut tx = self.tx.clone();
+        if self.tx_pending.is_some() {
+            tx.set_next_avail(tx.next_avail().wrapping_sub(1));
+        }
+        vec![self.rx.clone(), tx]
     }
 
     /// Sends what the driver put in the transmit queue: each chain's device-readable part, the

@@ -56,7 +56,7 @@ pub mod metrics;
 
 use std::io;
 
-use ember_rate_limiter::RateLimiter;
+use ember_rate_limiter::{RateLimiter, RateLimiterState};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
@@ -66,7 +66,7 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 pub use backend::NetBackend;
-pub use device::{Net, PendingUpdate};
+pub use device::{Net, NetState, PendingUpdate};
 pub use handler::{
     BACKEND_TOKEN, NetHandler, RX_BUDGET, RX_QUEUE_TOKEN, RX_RATE_LIMITER_TOKEN, TX_BUDGET,
     TX_QUEUE_TOKEN, TX_RATE_LIMITER_TOKEN,
@@ -154,6 +154,31 @@ pub struct NetRateLimiters {
     pub rx: RateLimiter,
     /// What the device hands the backend: frames the guest transmits.
     pub tx: RateLimiter,
+}
+
+impl NetRateLimiters {
+    /// The buckets of the receive and the transmit limiter, to save.
+    pub fn states(&self) -> [RateLimiterState; 2] {
+        [self.rx.state(), self.tx.state()]
+    }
+
+    /// Restores the buckets of the receive and the transmit limiter from `states`: both, or
+    /// neither when either is invalid.
+    ///
+    /// # Errors
+    ///
+    /// [`ember_rate_limiter::Error::InvalidState`] when a bucket is invalid.
+    pub fn restore(&mut self, states: &[RateLimiterState; 2]) -> ember_rate_limiter::Result<()> {
+        let [rx, tx] = states;
+        let before = self.rx.state();
+        self.rx.restore(rx)?;
+        if let Err(err) = self.tx.restore(tx) {
+            // Cannot fail: the buckets were just saved from this limiter.
+            let _ = self.rx.restore(&before);
+            return Err(err);
+        }
+        Ok(())
+    }
 }
 
 impl Error {

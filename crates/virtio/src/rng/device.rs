@@ -7,20 +7,34 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 
-use ember_rate_limiter::RateLimiter;
+use ember_rate_limiter::{RateLimiter, RateLimiterState};
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use vm_memory::GuestAddressSpace;
 
 use super::handler::RngHandler;
 use super::metrics::{self, RngMetrics};
 use super::{EntropySource, FEATURES, HostRng, NUM_QUEUES, QUEUE_SIZES};
-use crate::device::{ActivateError, ActivateParams, VirtioDevice};
+use crate::device::{ActivateError, ActivateParams, StateError, VirtioDevice};
+use crate::queue::Queue;
 use crate::worker::Runner;
 
 /// A handler serving a device, whatever its guest memory type and wherever it runs, that gives
 /// the source and the rate limiter back when stopped.
 trait Running<S>: Send {
     fn stop(self: Box<Self>) -> io::Result<(S, RateLimiter)>;
+
+    /// The queue as a snapshot records it ([`RngHandler::saved_queue`]), from the handler's
+    /// thread.
+    fn save_queue(&self) -> io::Result<Queue>;
+
+    /// The rate limiter's state, from the handler's thread.
+    fn rate_limiter_state(&self) -> io::Result<RateLimiterState>;
+
+    /// Has the handler's thread restore the rate limiter's buckets.
+    fn restore_rate_limiter(
+        &self,
+        state: RateLimiterState,
+    ) -> io::Result<ember_rate_limiter::Result<()>>;
 }
 
 impl<M, S> Running<S> for Runner<RngHandler<M, S>>
@@ -30,6 +44,21 @@ where
 {
     fn stop(self: Box<Self>) -> io::Result<(S, RateLimiter)> {
         Runner::stop(*self).map(RngHandler::into_parts)
+    }
+
+    fn save_queue(&self) -> io::Result<Queue> {
+        self.call(|handler, _| handler.saved_queue())
+    }
+
+    fn rate_limiter_state(&self) -> io::Result<RateLimiterState> {
+        self.call(|handler, _| handler.rate_limiter().state())
+    }
+
+    fn restore_rate_limiter(
+        &self,
+        state: RateLimiterState,
+    ) -> io::Result<ember_rate_limiter::Result<()>> {
+        self.call(move |handler, _| handler.restore_rate_limiter(&state))
     }
 }
 
@@ -158,6 +187,56 @@ impl<S: EntropySource> Rng<S> {
     }
 }
 
+/// The saved state of an [`Rng`] device, beside its transport's: its rate limiter's buckets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct RngState {
+    /// The rate limiter's buckets.
+    pub rate_limiter: RateLimiterState,
+}
+
+impl<S: EntropySource> Rng<S> {
+    /// The device's state, for a snapshot: the rate limiter's buckets, from the handler's
+    /// thread when the device is active. The queue is saved with the transport
+    /// ([`VirtioDevice::save_queues`]).
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Handler`] when the handler does not answer, or the device lost its rate
+    /// limiter.
+    pub fn save_state(&self) -> Result<RngState, StateError> {
+        let rate_limiter = match &self.state {
+            State::Ready { rate_limiter, .. } => rate_limiter.state(),
+            State::Active(handler) => handler.rate_limiter_state().map_err(StateError::Handler)?,
+            State::Lost => return Err(lost_handler()),
+        };
+        Ok(RngState { rate_limiter })
+    }
+
+    /// Restores `state` on a device built afresh, before its transport is restored (which
+    /// activates it): the rate limiter's buckets are the saved ones.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::RateLimiter`] when the saved buckets are invalid (nothing changes then),
+    /// [`StateError::Handler`] as in [`Rng::save_state`].
+    pub fn restore_state(&mut self, state: &RngState) -> Result<(), StateError> {
+        let restored = match &mut self.state {
+            State::Ready { rate_limiter, .. } => rate_limiter.restore(&state.rate_limiter),
+            State::Active(handler) => handler
+                .restore_rate_limiter(state.rate_limiter.clone())
+                .map_err(StateError::Handler)?,
+            State::Lost => return Err(lost_handler()),
+        };
+        restored.map_err(StateError::RateLimiter)
+    }
+}
+
+/// The error of a device that lost its handler.
+fn lost_handler() -> StateError {
+    StateError::Handler(io::Error::other("virtio-rng lost its handler"))
+}
+
 impl<M, S> VirtioDevice<M> for Rng<S>
 where
     M: GuestAddressSpace + Send + 'static,
@@ -212,6 +291,18 @@ where
             },
             state => state,
         };
+    }
+
+    /// The queue as the handler holds it, a request the rate limiter holds back given back.
+    fn save_queues(&self) -> Result<Vec<Queue>, StateError> {
+        match &self.state {
+            State::Active(handler) => handler
+                .save_queue()
+                .map(|queue| vec![queue])
+                .map_err(StateError::Handler),
+            State::Ready { .. } => Err(StateError::NotActive),
+            State::Lost => Err(lost_handler()),
+        }
     }
 }
 

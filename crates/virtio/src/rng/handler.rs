@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use ember_rate_limiter::{BucketUpdate, RateLimiter, TokenType};
+use ember_rate_limiter::{BucketUpdate, RateLimiter, RateLimiterState, TokenType};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -131,6 +131,18 @@ where
         self.rate_limiter.update_buckets(bandwidth, ops);
     }
 
+    /// Restores the rate limiter's buckets from a snapshot.
+    ///
+    /// # Errors
+    ///
+    /// [`ember_rate_limiter::Error::InvalidState`] when a bucket is invalid; nothing changes.
+    pub fn restore_rate_limiter(
+        &mut self,
+        state: &RateLimiterState,
+    ) -> ember_rate_limiter::Result<()> {
+        self.rate_limiter.restore(state)
+    }
+
     /// Whether the rate limiter holds a request back, so that nothing is served until its
     /// timer fires.
     pub fn is_throttled(&self) -> bool {
@@ -140,6 +152,17 @@ where
     /// Whether the driver broke the protocol, so that the handler serves nothing until reset.
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// The queue as a snapshot records it: the chain the rate limiter holds back, if any, is
+    /// given back to the available ring, so that a device restored from the snapshot serves
+    /// it. That chain is always the last one taken: nothing more is taken while it is held.
+    pub fn saved_queue(&self) -> Queue {
+        let mut queue = self.queue.clone();
+        if self.pending.is_some() {
+            queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+        }
+        queue
     }
 
     /// Serves the chains in the queue, and returns how many it handed back. Each chain's
@@ -549,6 +572,34 @@ mod tests {
         assert_eq!(guest.used(0), (u32::from(head), 0));
         assert_eq!(guest.handler.metrics().get("host_rng_fails"), Some(1));
         assert_eq!(guest.handler.metrics().get("entropy_bytes"), Some(0));
+    }
+
+    #[test]
+    fn the_saved_queue_gives_back_the_request_the_limiter_holds() {
+        // One request per 10 s.
+        let limiter = RateLimiter::new(None, bucket(1, 10_000)).unwrap();
+        let mut guest = guest_with(HostRng, limiter);
+        for i in 0..2 {
+            guest.add(&[MockBuffer::writable(DATA + i * 0x1000, 64)]);
+        }
+        assert_eq!(guest.handler.saved_queue(), guest.handler.queue);
+        assert_eq!(guest.handler.process_queue().unwrap(), 1);
+        assert!(guest.handler.is_throttled());
+        assert_eq!(guest.handler.queue.next_avail(), 2);
+        let saved = guest.handler.saved_queue();
+        assert_eq!((saved.next_avail(), saved.next_used()), (1, 1));
+        // A handler restored on it serves the held request, once.
+        let mut restored = RngHandler::new(
+            HostRng,
+            RateLimiter::default(),
+            guest.mem.clone(),
+            saved,
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            Arc::new(CountingTrigger::default()),
+        );
+        assert_eq!(restored.process_queue().unwrap(), 1);
+        assert_eq!(guest.used_idx(), 2);
+        assert_eq!(restored.process_queue().unwrap(), 0);
     }
 
     #[test]

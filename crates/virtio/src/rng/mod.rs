@@ -75,7 +75,7 @@ use std::io;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-pub use device::Rng;
+pub use device::{Rng, RngState};
 pub use handler::{QUEUE_TOKEN, RATE_LIMITER_TOKEN, RngHandler};
 pub use metrics::RngMetrics;
 
@@ -122,10 +122,10 @@ pub struct HostRng;
 impl EntropySource for HostRng {
     fn fill(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call, and
+            let (ptr, len) = (buf.as_mut_ptr().cast(), buf.len());
+            // SAFETY: `buf` is valid for writes of `len` bytes for the whole call, and
             // getrandom writes at most that many.
-            let got =
-                unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_NONBLOCK) };
+            let got = unsafe { libc::getrandom(ptr, len, libc::GRND_NONBLOCK) };
             match usize::try_from(got) {
                 Ok(count) => return Ok(count.min(buf.len())),
                 Err(_) => {

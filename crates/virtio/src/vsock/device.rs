@@ -1,7 +1,8 @@
 //! The vsock device as its transport sees it: [`Vsock`], its features and configuration space,
 //! its lifecycle ([`VirtioDevice`]: activation hands the queues and the backend to a
 //! [`VsockHandler`], reset takes the backend back and drops its connections), and the type
-//! erasure of the active handler over the guest memory type (`Running`).
+//! erasure of the active handler over the guest memory type (`Running`); and what a snapshot
+//! saves and restores of it ([`VsockState`]).
 
 use std::fmt;
 use std::io;
@@ -15,8 +16,9 @@ use super::backend::VsockBackend;
 use super::handler::VsockHandler;
 use super::metrics::{self, VsockMetrics};
 use super::unix::VsockUnixBackend;
-use super::{FEATURES, NUM_QUEUES, QUEUE_SIZES, Result, check_cid};
-use crate::device::{ActivateError, ActivateParams, VirtioDevice, read_config_bytes};
+use super::{Error, FEATURES, NUM_QUEUES, QUEUE_SIZES, Result, VsockState, check_cid};
+use crate::device::{ActivateError, ActivateParams, StateError, VirtioDevice, read_config_bytes};
+use crate::queue::Queue;
 use crate::worker::Runner;
 
 /// The name of the device's worker thread (under [`Executor::Thread`](crate::Executor::Thread)),
@@ -28,6 +30,7 @@ pub const THREAD_NAME: &str = "ember-vsock";
 trait Running<B>: Send {
     fn stop(self: Box<Self>) -> io::Result<B>;
     fn send_transport_reset(&self) -> io::Result<()>;
+    fn save_queues(&self) -> io::Result<Vec<Queue>>;
 }
 
 impl<M, B> Running<B> for Runner<VsockHandler<M, B>>
@@ -48,6 +51,10 @@ where
         })
         .map(drop)
     }
+
+    fn save_queues(&self) -> io::Result<Vec<Queue>> {
+        self.call(|handler, _ops| handler.save_queues())
+    }
 }
 
 enum State<B> {
@@ -65,6 +72,9 @@ pub struct Vsock<B: VsockBackend = VsockUnixBackend> {
     state: State<B>,
     /// A transport reset asked for while the device was not active, sent once it is.
     reset_pending: bool,
+    /// A saved state was restored: the next activation serves at once what the driver made
+    /// available before the snapshot.
+    restored: bool,
     metrics: Arc<VsockMetrics>,
 }
 
@@ -97,6 +107,20 @@ impl Vsock<VsockUnixBackend> {
         vsock.metrics = metrics;
         Ok(vsock)
     }
+
+    /// A device as the one `state` was saved from, its host side listening at `uds_path` (the
+    /// configured path, or the one a restore asks for instead), with `state` restored
+    /// ([`Vsock::restore_state`]): its first activation tells the guest its connections are
+    /// gone.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidCid`], [`Error::Bind`] or [`Error::Backend`] as [`Vsock::new`].
+    pub fn from_state(state: &VsockState, uds_path: impl Into<PathBuf>) -> Result<Self> {
+        let mut vsock = Vsock::new(state.guest_cid, uds_path)?;
+        vsock.restore_state(state).map_err(Error::State)?;
+        Ok(vsock)
+    }
 }
 
 impl<B: VsockBackend> Vsock<B> {
@@ -111,6 +135,7 @@ impl<B: VsockBackend> Vsock<B> {
             guest_cid: check_cid(guest_cid)?,
             state: State::Ready(backend),
             reset_pending: false,
+            restored: false,
             metrics: Arc::default(),
         })
     }
@@ -128,6 +153,55 @@ impl<B: VsockBackend> Vsock<B> {
     /// Whether the device is serving its queues.
     pub fn is_active(&self) -> bool {
         matches!(self.state, State::Active(_))
+    }
+
+    /// What a snapshot records of the device: the guest's context ID. Its queues come from
+    /// [`VirtioDevice::save_queues`]; its connections are not saved.
+    pub fn save_state(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.guest_cid,
+        }
+    }
+
+    /// Gives a new, not yet activated device the state `state` saved, and arms what a restored
+    /// device owes the guest: its next activation (with the saved queues) sends
+    /// [`EVENT_TRANSPORT_RESET`](super::EVENT_TRANSPORT_RESET) into the event queue's first
+    /// buffer at once, so that the guest drops the connections of the saved device, and serves
+    /// what the driver made available before the snapshot.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Invalid`] when the device is active or lost its backend, or when `state`
+    /// names another (or a reserved) context ID; nothing changes then.
+    pub fn restore_state(&mut self, state: &VsockState) -> std::result::Result<(), StateError> {
+        if check_cid(state.guest_cid).is_err() {
+            return Err(StateError::Invalid(format!(
+                "the saved vsock device's guest CID {} is reserved or too large",
+                state.guest_cid
+            )));
+        }
+        if state.guest_cid != self.guest_cid {
+            return Err(StateError::Invalid(format!(
+                "the saved vsock device has guest CID {} and this one {}",
+                state.guest_cid, self.guest_cid
+            )));
+        }
+        match self.state {
+            State::Ready(_) => {}
+            State::Active(_) => {
+                return Err(StateError::Invalid(
+                    "the vsock device is active; a state is restored before activation".into(),
+                ));
+            }
+            State::Lost => {
+                return Err(StateError::Invalid(
+                    "the vsock device lost its backend and cannot be activated".into(),
+                ));
+            }
+        }
+        self.reset_pending = true;
+        self.restored = true;
+        Ok(())
     }
 
     /// Queues [`EVENT_TRANSPORT_RESET`](super::EVENT_TRANSPORT_RESET) on the event queue:
@@ -185,12 +259,17 @@ impl<B: VsockBackend> Vsock<B> {
         let mut handler =
             VsockHandler::new(self.guest_cid, backend, mem, queues, queue_evts, interrupt)
                 .with_metrics(self.metrics.clone());
-        if std::mem::take(&mut self.reset_pending) {
+        if self.reset_pending {
             handler.queue_transport_reset();
+        }
+        if self.restored {
+            handler.serve_available_on_start();
         }
         match Runner::start(THREAD_NAME.into(), handler, &executor) {
             Ok(runner) => {
                 self.state = State::Active(Box::new(runner));
+                self.reset_pending = false;
+                self.restored = false;
                 Ok(())
             }
             Err(err) => {
@@ -238,6 +317,13 @@ where
             metrics::inc(&self.metrics.activate_fails);
         }
         result
+    }
+
+    fn save_queues(&self) -> std::result::Result<Vec<Queue>, StateError> {
+        match &self.state {
+            State::Active(running) => running.save_queues().map_err(StateError::Handler),
+            State::Ready(_) | State::Lost => Err(StateError::NotActive),
+        }
     }
 
     fn reset(&mut self) {
@@ -553,6 +639,52 @@ mod tests {
         VirtioDevice::<Mem>::reset(&mut vsock);
         assert_eq!(resets.load(Ordering::SeqCst), 2);
         assert!(!vsock.is_active());
+    }
+
+    #[test]
+    fn a_restored_state_survives_an_activation_that_fails_and_arms_the_next_one() {
+        let probe = Probe::new();
+        let bad_fd = probe.bad_fd.clone();
+        bad_fd.store(true, Ordering::SeqCst);
+        let mut vsock = Vsock::with_backend(3, probe).unwrap();
+        vsock.restore_state(&VsockState { guest_cid: 3 }).unwrap();
+        let (result, _driver) = try_activate(&mut vsock);
+        assert!(
+            matches!(result, Err(ActivateError::Worker(_))),
+            "{result:?}"
+        );
+        assert!(vsock.reset_pending && vsock.restored);
+        // The next activation sends the reset into the buffer already there.
+        bad_fd.store(false, Ordering::SeqCst);
+        let mem = Arc::new(guest_memory(0x10_0000).unwrap());
+        let mut ev = MockDriver::new(16, GuestAddress(0x8000));
+        ev.add_chain(&*mem, &[MockBuffer::writable(0x3_0000, 4)])
+            .unwrap();
+        let queues = [0u64, 0x4000]
+            .into_iter()
+            .map(|base| MockDriver::new(16, GuestAddress(base)).queue())
+            .chain([ev.queue()])
+            .collect();
+        VirtioDevice::<Mem>::activate(
+            &mut vsock,
+            ActivateParams::new(
+                mem.clone(),
+                FEATURES,
+                queues,
+                (0..3)
+                    .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+                    .collect(),
+                Arc::new(CountingTrigger::default()),
+                WorkerGate::new(),
+            ),
+        )
+        .unwrap();
+        assert_eq!(ev.used_idx(&*mem).unwrap(), 1);
+        assert!(!vsock.reset_pending && !vsock.restored);
+        let saved = VirtioDevice::<Mem>::save_queues(&vsock).unwrap();
+        assert_eq!(saved[2].next_avail(), 1);
+        assert_eq!(saved[2].next_used(), 1);
+        VirtioDevice::<Mem>::reset(&mut vsock);
     }
 
     #[test]

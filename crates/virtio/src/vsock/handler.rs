@@ -9,6 +9,12 @@
 //! it comes back after the events waiting behind.
 //!
 //! Packets are copied through one buffer of [`MAX_PKT_BUF_SIZE`] bytes, allocated once.
+//!
+//! Between two events the handler holds no chain: a transmitted packet's chain is used as soon
+//! as the backend took the packet, a receive buffer popped when the backend had nothing after
+//! all goes back to the available ring at once, and the event queue's buffers stay in the
+//! available ring until there is an event to write. [`VsockHandler::save_queues`] needs to give
+//! nothing back.
 
 use std::fmt;
 use std::io;
@@ -56,6 +62,9 @@ pub struct VsockHandler<M, B> {
     reset_pending: bool,
     /// Whether the driver broke the protocol; the handler serves nothing until reset.
     broken: bool,
+    /// Whether the handler serves its queues as it starts, without waiting for the driver to
+    /// notify them: what the driver made available before a snapshot was restored.
+    serve_on_start: bool,
     metrics: Arc<VsockMetrics>,
 }
 
@@ -100,6 +109,7 @@ where
             buf: vec![0; MAX_PKT_BUF_SIZE],
             reset_pending: false,
             broken: false,
+            serve_on_start: false,
             metrics: Arc::default(),
         }
     }
@@ -139,6 +149,20 @@ where
     /// Whether a transport reset event waits for a buffer of the event queue.
     pub fn is_reset_pending(&self) -> bool {
         self.reset_pending
+    }
+
+    /// Makes the handler serve every queue as it starts ([`EventHandler::init`] notifies their
+    /// eventfds), as though the driver had just notified them: how a restored device takes
+    /// the packets the driver made available before the snapshot, since the notifications
+    /// the driver sent then are gone.
+    pub fn serve_available_on_start(&mut self) {
+        self.serve_on_start = true;
+    }
+
+    /// The queues as the handler holds them now, for a snapshot. The handler holds no chain
+    /// between events, so they are its own queues as they stand.
+    pub fn save_queues(&self) -> Vec<Queue> {
+        self.queues.to_vec()
     }
 
     /// Queues [`EVENT_TRANSPORT_RESET`] for the guest, to be sent when the handler starts
@@ -431,6 +455,20 @@ where
         if self.reset_pending {
             if let Err(err) = self.process_event_queue() {
                 self.fail(ops, &err);
+                return Ok(());
+            }
+        }
+        if std::mem::take(&mut self.serve_on_start) {
+            for (index, evt) in self.queue_evts.iter().enumerate() {
+                if let Err(err) = evt.write(1) {
+                    let counter = match index {
+                        RX_QUEUE => &self.metrics.rx_queue_event_fails,
+                        TX_QUEUE => &self.metrics.tx_queue_event_fails,
+                        _ => &self.metrics.ev_queue_event_fails,
+                    };
+                    inc(counter);
+                    log::error!("virtio-vsock cannot serve its queues as it starts: {err}");
+                }
             }
         }
         Ok(())

@@ -64,6 +64,22 @@
 //! [`CONN_SHUTDOWN_TIMEOUT`] to answer with RST. Likewise a guest's SHUTDOWN with
 //! [`SHUTDOWN_SEND`] shuts the host stream's writing half once the guest's data is written.
 //!
+//! # Snapshots
+//!
+//! Connections are not saved. A snapshot records the device's [`VsockState`]
+//! ([`Vsock::save_state`]: the guest's context ID) and its queues
+//! ([`VirtioDevice::save_queues`](crate::VirtioDevice::save_queues); the handler holds no chain
+//! between two events, so they are saved as they stand). Its host side is the new process's:
+//! it makes a new device ([`Vsock::from_state`] binds the Unix socket at the path it is given,
+//! the configured one or another), and [`Vsock::restore_state`] arms a transport reset, as
+//! Firecracker does: the restored device's first activation, with the saved queues, writes
+//! [`EVENT_TRANSPORT_RESET`] into the event queue's first buffer at once, and the guest's
+//! driver drops every socket it had (its peers see them reset) and reads its context ID again.
+//! The host processes that were connected see their streams closed with the old process. New
+//! connections, either way, work as before. The packets the guest had made available before
+//! the snapshot are taken then too, and answered with resets, since their connections are
+//! gone.
+//!
 //! # Example
 //!
 //! A host process connects through the device's Unix socket, serving the device without a
@@ -128,6 +144,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 
@@ -237,6 +254,21 @@ pub enum Error {
     /// answer.
     #[error("Cannot reach the thread that serves the vsock device")]
     Worker(#[source] io::Error),
+    /// A saved state does not fit the device.
+    #[error("Cannot restore the vsock device's saved state")]
+    State(#[source] crate::StateError),
+}
+
+/// What a snapshot records of a vsock device ([`Vsock::save_state`]), and what
+/// [`Vsock::restore_state`] checks a new one against. Connections are not part of it: a
+/// restored device tells the guest they are gone with a transport reset.
+///
+/// Read from a snapshot file, it is the operator's input: [`Vsock::restore_state`] checks that
+/// it fits the device it is given to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    /// The guest's context ID, which its configuration space holds.
+    pub guest_cid: u64,
 }
 
 /// Result of the device's steps.

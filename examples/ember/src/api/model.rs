@@ -7,7 +7,7 @@
 //!
 //! Deserializing checks the shape; each type's `validate` checks the values, and refuses with a
 //! [`ModelError`] what ember cannot do rather than silently ignoring it: SMT, CPU templates,
-//! hugetlbfs pages, dirty page tracking, the `Async` I/O engine, vhost-user drives and a guest
+//! hugetlbfs pages, the `Async` I/O engine, vhost-user drives and a guest
 //! MTU. The same checks serve a configuration file ([`FullVmConfiguration`]).
 
 use std::collections::HashSet;
@@ -80,9 +80,6 @@ pub enum ModelError {
         "Huge pages \"2M\" (hugetlbfs) are not supported by ember: use \"Transparent\" or \"None\"."
     )]
     HugetlbfsPages,
-    /// `track_dirty_pages` is true.
-    #[error("Dirty page tracking (track_dirty_pages) is not supported by ember.")]
-    DirtyPageTracking,
     /// A path field is the empty string.
     #[error("The {0} cannot be empty.")]
     EmptyPath(&'static str),
@@ -177,6 +174,21 @@ pub enum ModelError {
     /// Firecracker does, and does not remove what is in the way.
     #[error("Cannot create backend for vsock device: the uds_path {0} exists.")]
     UdsPathExists(String),
+    /// A snapshot load gives both `mem_backend` and `mem_file_path` (Firecracker's message).
+    #[error("Too many fields: `mem_backend` and `mem_file_path` are mutually exclusive.")]
+    MemorySourceTwice,
+    /// A snapshot load gives neither `mem_backend` nor `mem_file_path` (Firecracker's
+    /// message).
+    #[error("Missing mandatory field: `mem_backend` or `mem_file_path`.")]
+    MemorySourceMissing,
+    /// A snapshot load asks for `clock_realtime`.
+    #[error("clock_realtime is not supported by ember: kvmclock resumes where it was saved.")]
+    ClockRealtime,
+    /// A snapshot load asks for huge pages other than "None".
+    #[error(
+        "Huge pages {0:?} are not supported on snapshot restore by ember: the memory file is mapped with ordinary pages."
+    )]
+    SnapshotHugePages(String),
 }
 
 /// The result of a check of this module.
@@ -395,12 +407,7 @@ impl MachineConfiguration {
     pub fn validate(&self) -> Result<()> {
         validate_vcpus(self.vcpu_count)?;
         validate_memory(self.mem_size_mib)?;
-        validate_machine_options(
-            self.smt,
-            self.cpu_template,
-            self.track_dirty_pages,
-            self.huge_pages,
-        )
+        validate_machine_options(self.smt, self.cpu_template, self.huge_pages)
     }
 
     /// This configuration with the fields that `update` gives replaced, checked.
@@ -443,7 +450,6 @@ fn validate_memory(mem_size_mib: u64) -> Result<()> {
 fn validate_machine_options(
     smt: bool,
     cpu_template: Option<CpuTemplate>,
-    track_dirty_pages: bool,
     huge_pages: HugePages,
 ) -> Result<()> {
     if smt {
@@ -452,9 +458,6 @@ fn validate_machine_options(
     match cpu_template {
         None | Some(CpuTemplate::None) => {}
         Some(template) => return Err(ModelError::CpuTemplate(template)),
-    }
-    if track_dirty_pages {
-        return Err(ModelError::DirtyPageTracking);
     }
     if huge_pages == HugePages::Hugetlbfs2M {
         return Err(ModelError::HugetlbfsPages);
@@ -507,7 +510,6 @@ impl MachineConfigurationUpdate {
         validate_machine_options(
             self.smt.unwrap_or(false),
             self.cpu_template,
-            self.track_dirty_pages.unwrap_or(false),
             self.huge_pages.unwrap_or_default(),
         )
     }
@@ -803,13 +805,7 @@ impl NetworkInterface {
     /// The [`ModelError`] of the first field refused.
     pub fn validate(&self) -> Result<()> {
         validate_id(&self.iface_id)?;
-        let name = self.host_dev_name.as_bytes();
-        if name.is_empty()
-            || name.len() > MAX_HOST_DEV_NAME_LEN
-            || name.iter().any(|&b| b == b'/' || b == 0)
-        {
-            return Err(ModelError::HostDevName);
-        }
+        validate_host_dev_name(&self.host_dev_name)?;
         if let Some(mac) = self.guest_mac.as_ref().filter(|mac| !is_mac_address(mac)) {
             return Err(ModelError::GuestMac(mac.clone()));
         }
@@ -819,6 +815,18 @@ impl NetworkInterface {
         validate_rate_limiter(self.rx_rate_limiter.as_ref())?;
         validate_rate_limiter(self.tx_rate_limiter.as_ref())
     }
+}
+
+/// Checks that `name` can name a host network interface.
+fn validate_host_dev_name(name: &str) -> Result<()> {
+    let name = name.as_bytes();
+    if name.is_empty()
+        || name.len() > MAX_HOST_DEV_NAME_LEN
+        || name.iter().any(|&b| b == b'/' || b == 0)
+    {
+        return Err(ModelError::HostDevName);
+    }
+    Ok(())
 }
 
 /// Whether `text` is six octets of two hexadecimal digits separated by `:`.
@@ -1426,6 +1434,169 @@ impl<'de> Visitor<'de> for RejectVisitor {
     }
 }
 
+/// The kind of snapshot `PUT /snapshot/create` makes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    /// The whole guest memory goes to the memory file.
+    #[default]
+    Full,
+    /// Only the pages written since the last snapshot go to the memory file, at their
+    /// offsets; the rest of the file is holes (`track_dirty_pages` must be on).
+    Diff,
+}
+
+/// The body of `PUT /snapshot/create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Full (the default) or Diff.
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    /// Where the microVM's state goes.
+    pub snapshot_path: String,
+    /// Where the guest memory goes.
+    pub mem_file_path: String,
+}
+
+impl SnapshotCreateParams {
+    /// Checks that both paths are given.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::EmptyPath`].
+    pub fn validate(&self) -> Result<()> {
+        validate_path("snapshot_path", Some(&self.snapshot_path))?;
+        validate_path("mem_file_path", Some(&self.mem_file_path))
+    }
+}
+
+/// Where a restored microVM's memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryBackendType {
+    /// The memory file, mapped private: pages are read when the guest first touches them.
+    File,
+    /// A page-fault handler process, reached through a Unix socket, which is given the
+    /// userfaultfd of the guest memory and serves its faults.
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    /// File or Uffd.
+    pub backend_type: MemoryBackendType,
+    /// The memory file, or the Unix socket of the page-fault handler.
+    pub backend_path: String,
+}
+
+/// One of `network_overrides` of `PUT /snapshot/load`: a restored interface on another TAP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface, as the snapshot names it.
+    pub iface_id: String,
+    /// The TAP it is to use.
+    pub host_dev_name: String,
+}
+
+/// `vsock_override` of `PUT /snapshot/load`: the restored vsock device listens elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// Where ember listens for host-initiated connections.
+    pub uds_path: String,
+}
+
+/// The body of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The microVM's state.
+    pub snapshot_path: String,
+    /// Firecracker's deprecated way to name the memory file; `mem_backend` is the other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<String>,
+    /// Where the guest memory comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemoryBackend>,
+    /// Tracks the pages the restored guest writes, for diff snapshots.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// The deprecated name of `track_dirty_pages`.
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    /// Resumes the microVM once it is loaded; otherwise it stays paused.
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// Interfaces restored on other TAPs.
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// The vsock device's socket elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+    /// Advances kvmclock by the wall-clock time since the snapshot; ember accepts only
+    /// `false`.
+    #[serde(default)]
+    pub clock_realtime: bool,
+    /// Huge pages of the restored memory: ember accepts only "None" (a file mapping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl SnapshotLoadParams {
+    /// The memory file or socket, and the backend: `mem_backend`, or the deprecated
+    /// `mem_file_path`.
+    pub fn memory_backend(&self) -> MemoryBackend {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(backend), _) => backend.clone(),
+            (None, path) => MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: path.clone().unwrap_or_default(),
+            },
+        }
+    }
+
+    /// Whether the restored VM tracks dirty pages (either name of the field).
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.track_dirty_pages || self.enable_diff_snapshots
+    }
+
+    /// Checks that exactly one memory source is given, the paths, the overrides, and refuses
+    /// what ember cannot do.
+    ///
+    /// # Errors
+    ///
+    /// The [`ModelError`] naming the problem.
+    pub fn validate(&self) -> Result<()> {
+        validate_path("snapshot_path", Some(&self.snapshot_path))?;
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(_), Some(_)) => return Err(ModelError::MemorySourceTwice),
+            (None, None) => return Err(ModelError::MemorySourceMissing),
+            (Some(backend), None) => validate_path("backend_path", Some(&backend.backend_path))?,
+            (None, Some(path)) => validate_path("mem_file_path", Some(path))?,
+        }
+        let mut ids = HashSet::new();
+        for net in &self.network_overrides {
+            validate_id(&net.iface_id)?;
+            validate_host_dev_name(&net.host_dev_name)?;
+            if !ids.insert(net.iface_id.as_str()) {
+                return Err(ModelError::DuplicateInterface(net.iface_id.clone()));
+            }
+        }
+        if let Some(vsock) = &self.vsock_override {
+            VsockConfig::new(MIN_GUEST_CID, vsock.uds_path.clone()).validate()?;
+        }
+        if self.clock_realtime {
+            return Err(ModelError::ClockRealtime);
+        }
+        match self.huge_pages.as_deref() {
+            None | Some("None" | "Snapshot") => Ok(()),
+            Some(other) => Err(ModelError::SnapshotHugePages(other.to_string())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde::de::DeserializeOwned;
@@ -1597,13 +1768,6 @@ mod tests {
                     ..base.clone()
                 },
                 ModelError::CpuTemplate(CpuTemplate::T2),
-            ),
-            (
-                MachineConfiguration {
-                    track_dirty_pages: true,
-                    ..base.clone()
-                },
-                ModelError::DirtyPageTracking,
             ),
             (
                 MachineConfiguration {

@@ -18,6 +18,8 @@
 //! | PUT    | `/machine-config`            | [`ApiRequest::PutMachineConfig`]          |
 //! | PUT    | `/metrics`                   | [`ApiRequest::PutMetrics`]                |
 //! | PUT    | `/network-interfaces/{id}`   | [`ApiRequest::PutNetworkInterface`]       |
+//! | PUT    | `/snapshot/create`           | [`ApiRequest::CreateSnapshot`]            |
+//! | PUT    | `/snapshot/load`             | [`ApiRequest::LoadSnapshot`]              |
 //! | PUT    | `/vsock`                     | [`ApiRequest::PutVsock`]                  |
 //! | PATCH  | `/drives/{drive_id}`         | [`ApiRequest::PatchDrive`]                |
 //! | PATCH  | `/machine-config`            | [`ApiRequest::PatchMachineConfig`]        |
@@ -67,8 +69,8 @@ use super::http::{self, Method, StatusCode};
 use super::model::{
     ActionType, Balloon, BalloonUpdate, BootSource, Drive, EntropyDeviceConfig, FaultMessage,
     InstanceActionInfo, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics,
-    MmdsConfig, ModelError, NetworkInterface, PartialDrive, PartialNetworkInterface, Vm,
-    validate_id,
+    MmdsConfig, ModelError, NetworkInterface, PartialDrive, PartialNetworkInterface,
+    SnapshotCreateParams, SnapshotLoadParams, Vm, validate_id,
 };
 
 /// The `Content-Type` of JSON bodies.
@@ -136,6 +138,10 @@ pub enum ApiRequest {
     PatchMmds(serde_json::Value),
     /// `PUT /mmds/config`.
     PutMmdsConfig(MmdsConfig),
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// Why a request does not route to an [`ApiRequest`]; answered with 400 by the API thread.
@@ -261,6 +267,12 @@ fn route_put(
         )?),
         ("vsock", None) => {
             ApiRequest::PutVsock(checked(body, super::model::VsockConfig::validate)?)
+        }
+        ("snapshot", Some("create")) => {
+            ApiRequest::CreateSnapshot(checked(body, SnapshotCreateParams::validate)?)
+        }
+        ("snapshot", Some("load")) => {
+            ApiRequest::LoadSnapshot(checked(body, SnapshotLoadParams::validate)?)
         }
         _ => return Ok(None),
     };

@@ -1015,3 +1015,25 @@ fn log_limiter_lets_one_through_per_interval_and_counts_the_rest() {
     limiter.last = Instant::now().checked_sub(LOG_INTERVAL);
     assert_eq!(limiter.allow(), Some(2));
 }
+
+#[test]
+fn the_saved_queues_give_back_the_tx_chain_the_backend_holds() {
+    let mut rig = rig(VERSION_1);
+    rig.offer_rx(2048);
+    let first = frame(100, 1);
+    rig.offer_tx(&first, &[]);
+    rig.handler.process_tx().unwrap();
+    assert_eq!(rig.network_recv().unwrap(), first);
+    let [rx, tx] = <[Queue; 2]>::try_from(rig.handler.saved_queues()).unwrap();
+    assert_eq!(tx.next_avail(), 1);
+    // No receive chain is taken before a frame arrives.
+    assert_eq!((rx.next_avail(), rx.next_used()), (0, 0));
+
+    rig.fill_backend();
+    rig.offer_tx(&frame(1500, 2), &[]);
+    rig.handler.process_tx().unwrap();
+    assert!(rig.handler.backend_interest().contains(EventSet::OUT));
+    let [_, tx] = <[Queue; 2]>::try_from(rig.handler.saved_queues()).unwrap();
+    // The held chain is still available in the saved queue; the one sent is used.
+    assert_eq!((tx.next_avail(), tx.next_used()), (1, 1));
+}

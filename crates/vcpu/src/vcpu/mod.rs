@@ -6,6 +6,14 @@
 //! [`Vcpu::run_once`] enters the guest until the next exit and dispatches port and MMIO accesses
 //! to the VMM's [`ExitHandler`]; [`Vcpu::start`](crate::Vcpu::start) runs it on a thread of its
 //! own.
+//!
+//! [`Vcpu::save_state`] reads everything KVM keeps of a vCPU into a [`VcpuState`] (registers,
+//! FPU and XSAVE state, local APIC, MSRs, CPUID, pending events, TSC frequency), and
+//! [`Vcpu::restore_state`] loads one into a vCPU made by [`Vcpu::new`], in the order KVM needs.
+
+mod state;
+
+pub use state::{FloatingPointState, FpuState, VcpuState};
 
 use std::fmt;
 use std::ptr::NonNull;
@@ -26,7 +34,7 @@ use crate::cpuid::vcpu_cpuid;
 use crate::exit::ExitHandler;
 use crate::metrics::VcpuMetrics;
 use crate::regs;
-use crate::vm::{MemoryKeepalive, Vm};
+use crate::vm::{MemoryKeepalive, SnapshotCaps, Vm};
 
 /// Errors of vCPU setup and of entering the guest.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +107,87 @@ pub enum Error {
     /// `KVM_SET_MP_STATE` failed.
     #[error("Cannot make the vCPU runnable")]
     SetMpState(#[source] kvm_ioctls::Error),
+    /// A `KVM_GET_*` request for a part of the vCPU's state failed.
+    #[error("Cannot read the vCPU's {what}")]
+    GetState {
+        /// The part of the state, as KVM names it (`KVM_GET_...`).
+        what: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A `KVM_SET_*` request refused a part of a saved vCPU state.
+    #[error("Cannot restore the vCPU's {what}")]
+    SetState {
+        /// The part of the state, as KVM names it (`KVM_SET_...`).
+        what: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A saved state has no CPUID leaf, or more than KVM takes.
+    #[error("The saved vCPU state has {count} CPUID leaves; KVM takes 1 to {max}")]
+    CpuidCount {
+        /// Leaves in the saved state.
+        count: usize,
+        /// KVM's limit.
+        max: usize,
+    },
+    /// A saved state has more MSRs than a snapshot holds.
+    #[error("The saved vCPU state has {count} MSRs; a snapshot holds at most {max}")]
+    MsrCount {
+        /// MSRs in the saved state.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A saved state holds an MSR that snapshots do not save.
+    #[error("The saved vCPU state holds MSR {index:#x}, which snapshots do not restore")]
+    MsrNotRestorable {
+        /// The MSR.
+        index: u32,
+    },
+    /// `KVM_SET_MSRS` stopped at an MSR of a saved state.
+    #[error("KVM does not accept the saved value of MSR {index:#x}")]
+    SavedMsrRejected {
+        /// The MSR that was not set.
+        index: u32,
+    },
+    /// A saved XSAVE area is not of a size this host's KVM takes.
+    #[error("The saved XSAVE area has {len} bytes; this host's KVM takes {min} to {max}")]
+    XsaveSize {
+        /// Bytes in the saved state.
+        len: usize,
+        /// The size of `struct kvm_xsave`.
+        min: usize,
+        /// The size of KVM's XSAVE area on this host.
+        max: usize,
+    },
+    /// A saved state holds XSAVE state or extended control registers but this host's KVM
+    /// takes neither.
+    #[error("The saved vCPU state has XSAVE state, which this host's KVM does not take")]
+    XsaveUnsupported,
+    /// The XSAVE buffer could not be allocated.
+    #[error("Cannot allocate the XSAVE buffer")]
+    XsaveBuffer(#[source] vmm_sys_util::fam::Error),
+    /// The saved CPUID gives the vCPU another APIC id than its index.
+    #[error("The saved vCPU state is of the vCPU with APIC id {saved}, not {index}")]
+    ApicIdMismatch {
+        /// The APIC id in the saved CPUID.
+        saved: u32,
+        /// The index of the vCPU restored into.
+        index: u8,
+    },
+    /// The saved TSC frequency is not this host's and KVM cannot scale the guest's TSC.
+    #[error(
+        "The saved vCPU ran its TSC at {saved} kHz; this host runs it at {host} kHz and KVM cannot scale it"
+    )]
+    TscFrequency {
+        /// The saved frequency in kHz.
+        saved: u32,
+        /// This host's frequency in kHz, or 0 when KVM could not tell it.
+        host: u32,
+    },
     /// `KVM_RUN` failed other than by being interrupted.
     #[error("Cannot run the vCPU {}", at_rip(*.rip))]
     Run {
@@ -332,6 +421,8 @@ pub struct Vcpu {
     handler: Arc<dyn ExitHandler>,
     /// The VM's exit counters, shared by its vCPUs.
     metrics: Arc<VcpuMetrics>,
+    /// What KVM offers for saving and restoring the vCPU.
+    caps: Arc<SnapshotCaps>,
     /// Keeps the guest memory mapped while `fd`, which holds the VM and its memory slots alive
     /// in the kernel, is open.
     _memory: MemoryKeepalive,
@@ -394,6 +485,7 @@ impl Vcpu {
             index,
             handler,
             metrics: vm.vcpu_metrics().clone(),
+            caps: vm.snapshot_caps().clone(),
             _memory: memory,
         })
     }
