@@ -22,6 +22,7 @@
 //! - [`api`]: the bytes a client sends on the API socket, and a configuration file.
 //! - [`seccomp`]: a compiled seccomp filter file, as `--seccomp-filter` reads it.
 //! - [`mmds_http`]: the bytes a guest sends to the metadata service on one connection.
+//! - [`snapshot`]: a snapshot's state file, and the devices' states in it restored.
 //!
 //! # Example
 //!
@@ -45,6 +46,7 @@ pub mod mmds;
 pub mod mmds_http;
 pub mod seccomp;
 pub mod serial;
+pub mod snapshot;
 pub mod virtio;
 pub mod vsock;
 

@@ -348,6 +348,9 @@ pub struct Vmm {
     /// This host, as a snapshot records it.
     host: snapshot::HostInfo,
     vm: Vm,
+    /// Pages dirtied before a snapshot whose files were not written: the next snapshot's
+    /// diff holds them too.
+    unsaved_dirty: Option<Vec<Vec<u64>>>,
     /// Dropped after the VM: see [`Machine`]'s.
     _userfault: Option<ember_memory::uffd::Userfault>,
 }
@@ -530,6 +533,7 @@ impl Machine {
             slots: self.slots,
             host: self.host,
             vm: self.vm,
+            unsaved_dirty: None,
             _userfault: self.userfault,
         })
     }

@@ -428,26 +428,62 @@ impl Vmm {
         let state = self.save_state(resources)?;
         let saved = began.elapsed();
 
+        // What the guest (KVM's log) and the devices (the memory's bitmap) wrote since the
+        // last snapshot written; reading both starts the next diff from here, so pages read
+        // for a snapshot whose files are not written are kept for the next one.
+        let dirty: Option<Vec<Vec<u64>>> = if tracking {
+            let mut dirty = self.vm.dirty_log().map_err(Error::DirtyLog)?;
+            if let Some(unsaved) = self.unsaved_dirty.take() {
+                for (pages, more) in dirty.iter_mut().zip(&unsaved) {
+                    for (word, more) in pages.iter_mut().zip(more) {
+                        *word |= more;
+                    }
+                }
+            }
+            if let Err(source) = ember_memory::take_bitmap_dirty_pages(self.vm.memory(), &mut dirty)
+            {
+                self.unsaved_dirty = Some(dirty);
+                return Err(Error::WriteMemory {
+                    path: PathBuf::from(&params.mem_file_path),
+                    source,
+                });
+            }
+            Some(dirty)
+        } else {
+            None
+        };
+        let written = self.write_files(params, &state, dirty.as_deref());
+        if written.is_err() {
+            self.unsaved_dirty = dirty;
+        }
+        let (memory, memory_bytes, state_bytes) = written?;
+        Ok(CreateReport {
+            duration: began.elapsed(),
+            state: saved,
+            memory,
+            memory_bytes,
+            state_bytes,
+        })
+    }
+
+    /// Writes the memory file, whole or the `dirty` pages for a diff, then the state file;
+    /// returns the time the memory took and the bytes of each file.
+    fn write_files(
+        &self,
+        params: &SnapshotCreateParams,
+        state: &MicrovmState,
+        dirty: Option<&[Vec<u64>]>,
+    ) -> Result<(Duration, u64, u64)> {
         let memory_began = Instant::now();
         let mem_path = &params.mem_file_path;
         let write_error = |source| Error::WriteMemory {
             path: PathBuf::from(mem_path),
             source,
         };
-        // What the guest (KVM's log) and the devices (the memory's bitmap) wrote since the
-        // last snapshot; reading both starts the next diff from here.
-        let dirty: Option<Vec<Vec<u64>>> = if tracking {
-            let mut dirty = self.vm.dirty_log().map_err(Error::DirtyLog)?;
-            ember_memory::take_bitmap_dirty_pages(self.vm.memory(), &mut dirty)
-                .map_err(write_error)?;
-            Some(dirty)
-        } else {
-            None
-        };
         let mut file = File::create(mem_path).map_err(open_error(mem_path))?;
         let memory_bytes = match (params.snapshot_type, dirty) {
             (SnapshotType::Diff, Some(dirty)) => {
-                ember_memory::write_dirty_pages(self.vm.memory(), &mut file, &dirty)
+                ember_memory::write_dirty_pages(self.vm.memory(), &mut file, dirty)
                     .map_err(write_error)?
             }
             _ => {
@@ -459,18 +495,12 @@ impl Vmm {
 
         let path = &params.snapshot_path;
         let file = File::create(path).map_err(open_error(path))?;
-        let state_bytes = ember_snapshot::save(&mut BufWriter::new(file), FORMAT_VERSION, &state)
+        let state_bytes = ember_snapshot::save(&mut BufWriter::new(file), FORMAT_VERSION, state)
             .map_err(|source| Error::StateFile {
-            path: PathBuf::from(path),
-            source,
-        })?;
-        Ok(CreateReport {
-            duration: began.elapsed(),
-            state: saved,
-            memory,
-            memory_bytes,
-            state_bytes,
-        })
+                path: PathBuf::from(path),
+                source,
+            })?;
+        Ok((memory, memory_bytes, state_bytes))
     }
 
     /// The state of the paused VM and of its devices.
