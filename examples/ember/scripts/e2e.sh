@@ -162,6 +162,10 @@ expect() {
     pass "$name"
 }
 
+# The rig's uptime, in seconds with two decimals, and in whole milliseconds.
+now() { cut -d' ' -f1 /proc/uptime; }
+now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+
 # $work/host holds what a test observed on this side of the VM.
 fresh() { rm -f "$work/out" "$work/err" "$work/stdout" "$work/host"; }
 
@@ -341,7 +345,6 @@ JSON
 # The guest's /dev/hwrng is ember's entropy device: 1 MiB reads back whole, and
 # random (a 4 KiB block is not all zeros, nor two blocks the same).
 script_disk "$work/rng.disk" <<'SCRIPT'
-now() { cut -d' ' -f1 /proc/uptime; }
 echo "HWRNG $(cat /sys/class/misc/hw_random/rng_current)"
 t0=$(now)
 echo "HWRNG-MIB $(dd if=/dev/hwrng bs=4096 count=256 2>/dev/null | wc -c)"
@@ -366,7 +369,6 @@ expect the_guest_reads_1_mib_of_random_bytes_from_hwrng 0 '^HWRNG virtio_rng' \
 # the bucket's first fill is spent and a first stretch has taken up what refilled
 # meanwhile, over a second stretch of 32 KiB (4 s) only.
 script_disk "$work/rng-rate.disk" <<'SCRIPT'
-now() { cut -d' ' -f1 /proc/uptime; }
 dd if=/dev/hwrng of=/dev/null bs=4096 count=2 2>/dev/null
 dd if=/dev/hwrng of=/dev/null bs=4096 count=2 2>/dev/null
 t0=$(now)
@@ -456,7 +458,6 @@ else
     dd if=/dev/urandom of="$work/limited" bs=1M count=20 2>/dev/null
     dd if=/dev/zero of="$work/signal" bs=512 count=1 2>/dev/null
     script_disk "$work/rate.disk" <<'SCRIPT'
-now() { cut -d' ' -f1 /proc/uptime; }
 read64k() { dd if=/dev/vdb of=/dev/null bs=64k count=$1 skip=$2 iflag=direct 2>/dev/null; }
 # rate DRAIN FIRST SECOND AT: reads DRAIN, FIRST, then SECOND blocks of 64 KiB
 # from block AT on, and prints the bytes per second of the SECOND stretch.
@@ -813,7 +814,6 @@ jailer=$(dirname "$ember")/ember-jailer
 # Where / is the initramfs (in the rig), the jailer runs from a tmpfs root.
 off_initramfs=$(dirname "$0")/off-initramfs.sh
 jails=$work/jails
-now() { cut -d' ' -f1 /proc/uptime; }
 juid=123
 jgid=100
 jtap=ember-jail0
@@ -1314,16 +1314,21 @@ fi
 
 e2e_snapshot() {
 # A guest that counts on its console, holds a file of its data disk open, keeps a
-# TCP connection from this side and listens on vsock is paused, snapshotted and
-# killed (SIGKILL); a new ember process restores it from the files. The restored
-# guest's count goes on from where it stopped (the console of both processes,
-# put together, counts 1, 2, 3... without a gap or a restart), it reads its file
-# back from the disk, the TCP connection still carries data, ping answers, and
-# a new vsock connection reaches its listener after the transport reset. The
-# snapshot is then restored once more with its memory served by
-# ember-uffd-handler (beside ember) through a userfaultfd.
+# TCP connection from this side and listens on vsock is paused and snapshotted
+# (a full snapshot), resumed, paused for a diff snapshot, and again for a second
+# one, and killed (SIGKILL). Both diffs are merged onto the full snapshot's memory
+# file with ember-snapshot-editor, and a new ember process restores the guest
+# from the second diff's state and the merged memory. The restored guest's count
+# goes on from where it stopped (the console of both processes, put together,
+# counts 1, 2, 3... without a gap or a restart), it reads its file back from the
+# disk, the TCP connection still carries data, ping answers, and a new vsock
+# connection reaches its listener after the transport reset. The full snapshot
+# is then restored on its own with its memory served by ember-uffd-handler
+# through a userfaultfd, and counts on from its own count. The tools are
+# beside ember.
 probe=$(dirname "$ember")/ember-vsock-probe
 uffd_handler=$(dirname "$ember")/ember-uffd-handler
+editor=$(dirname "$ember")/ember-snapshot-editor
 stap=ember-e2e2
 shost_ip=169.254.80.1
 sguest_ip=169.254.80.2
@@ -1376,7 +1381,7 @@ SCRIPT
 {
   "boot-source": {"kernel_image_path": "$guest/vmlinux", "initrd_path": "$guest/initramfs.cpio.gz",
                   "boot_args": "$base ember.run=/dev/vda"},
-  "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+  "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true},
   "drives": [
     {"drive_id": "script", "path_on_host": "$work/snap.disk", "is_root_device": false, "is_read_only": true},
     {"drive_id": "data", "path_on_host": "$work/snap-data.ext4", "is_root_device": false, "is_read_only": false}
@@ -1386,7 +1391,7 @@ SCRIPT
 }
 JSON
     snapshot_run() {
-        rm -f "$uds" "$uds"_* "$work/snap.state" "$work/snap.mem"
+        rm -f "$uds" "$uds"_* "$work"/snap.state "$work"/snap.mem "$work"/diff* "$work/merged.mem"
         api_start snapshot_source --config-file "$work/snap.json"
         console_wait '^SNAP-READY' 300
         # Lines into the guest's TCP listener, from before the snapshot to the end.
@@ -1402,6 +1407,17 @@ JSON
         t0=$(now_ms)
         api PUT /snapshot/create "{\"snapshot_path\": \"$work/snap.state\", \"mem_file_path\": \"$work/snap.mem\"}"
         echo "CREATE $code in $(($(now_ms) - t0)) ms" >>"$work/host"
+        full=$(tr -d '\r' <"$work/out" | sed -n 's/^COUNT \([0-9]*\) .*/\1/p' | tail -n 1)
+        # Two diffs, ten counts apart.
+        mark=$full
+        for d in 1 2; do
+            api PATCH /vm '{"state": "Resumed"}'
+            mark=$((mark + 10))
+            console_wait "^COUNT $mark " 60
+            api PATCH /vm '{"state": "Paused"}'
+            api PUT /snapshot/create "{\"snapshot_type\": \"Diff\", \"snapshot_path\": \"$work/diff$d.state\", \"mem_file_path\": \"$work/diff$d.mem\"}"
+            echo "DIFF$d $code $(du -k "$work/diff$d.mem" | cut -f1) KiB on disk" >>"$work/host"
+        done
         kill -KILL "$vm"
         await "$vm" 30
         before=$(tr -d '\r' <"$work/out" | sed -n 's/^COUNT \([0-9]*\) TCP \([0-9]*\).*/\1 \2/p' | tail -n 1)
@@ -1409,6 +1425,11 @@ JSON
         mv "$work/out" "$work/out-source"
         echo "DESCRIBE $("$ember" --describe-snapshot "$work/snap.state" 2>&1)" >>"$work/host"
         echo "STATE $(wc -c <"$work/snap.state") bytes, MEMORY $(wc -c <"$work/snap.mem") bytes ($(du -k "$work/snap.mem" | cut -f1) KiB on disk)" >>"$work/host"
+        cp --sparse=always "$work/snap.mem" "$work/merged.mem"
+        if "$editor" edit-memory rebase --memory-path "$work/merged.mem" --diff-path "$work/diff1.mem" &&
+            "$editor" edit-memory rebase --memory-path "$work/merged.mem" --diff-path "$work/diff2.mem"; then
+            echo "MERGED" >>"$work/host"
+        fi
 
         rm -f "$uds"
         sock=$work/api2.sock
@@ -1417,7 +1438,7 @@ JSON
         "$ember" --api-sock "$sock" --serial "file:$work/out" >"$work/stdout" 2>>"$work/err" </dev/null &
         socket_wait $!
         t0=$(now_ms)
-        api PUT /snapshot/load "{\"snapshot_path\": \"$work/snap.state\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"$work/snap.mem\"}, \"resume_vm\": true}"
+        api PUT /snapshot/load "{\"snapshot_path\": \"$work/diff2.state\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"$work/merged.mem\"}, \"resume_vm\": true}"
         echo "LOAD $code in $(($(now_ms) - t0)) ms" >>"$work/host"
         last=${before%% *}
         console_wait "^COUNT $((last + 40)) " 120
@@ -1457,8 +1478,12 @@ JSON
         socket_wait $!
         api PUT /snapshot/load "{\"snapshot_path\": \"$work/snap.state\", \"mem_backend\": {\"backend_type\": \"Uffd\", \"backend_path\": \"$work/uffd.sock\"}, \"resume_vm\": true}"
         echo "UFFD-LOAD $code" >>"$work/host"
-        console_wait "^COUNT $((last + 20)) " 120
-        if tr -d '\r' <"$work/out" | grep -Eq "^COUNT $((last + 20)) "; then
+        # From the full snapshot's count: the first count after it (or the one after
+        # that, when the snapshot cut the console's last line), then ten more.
+        console_wait "^COUNT $((full + 10)) " 120
+        if tr -d '\r' <"$work/out" | sed -n 's/^COUNT \([0-9]*\) .*/\1/p' |
+            awk -v full="$full" 'NR == 1 { first = $1 }
+                END { exit !((first == full + 1 || first == full + 2) && $1 >= full + 10) }'; then
             echo "UFFD-COUNTS" >>"$work/host"
         fi
         kill -KILL "$vm"
@@ -1469,10 +1494,11 @@ JSON
         mv "$work/out-file" "$work/out"
         status=$restored_status
     }
-    now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
     retry_crashed snapshot snapshot_run
-    echo "E2E INFO snapshot: $(grep -E '^(CREATE|LOAD|STATE|BEFORE|AFTER)' "$work/host" | tr '\n' ';')"
+    echo "E2E INFO snapshot: $(grep -E '^(CREATE|DIFF|LOAD|STATE|BEFORE|AFTER)' "$work/host" | tr '\n' ';')"
     expect a_paused_vm_is_snapshotted_and_described 0 '^PAUSE 204' '^CREATE 204' '^DESCRIBE v1$'
+    expect two_diffs_merged_onto_a_full_snapshot_restore_the_latest_state 0 '^DIFF1 204' \
+        '^DIFF2 204' '^MERGED' '^LOAD 204' 'COUNT-CONTINUES'
     expect a_restored_guest_counts_on_from_where_it_stopped 0 '^LOAD 204' 'COUNT-CONTINUES'
     expect a_restored_guest_reads_its_held_file_back_from_disk 0 '^FILE snapshot data 7f3a HELD snapshot data 7f3a'
     expect a_restored_guest_keeps_its_tcp_connection_and_answers_ping 0 'TCP-CONTINUES' '^PING restored ok'
@@ -1495,7 +1521,6 @@ if ! command -v curl >/dev/null; then
     fail clones "curl is not installed"
     return
 fi
-now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
 script_disk "$work/clone.disk" <<'SCRIPT'
 ip link set eth0 up
 echo CLONE-READY

@@ -37,6 +37,8 @@ jailer=$root/target/x86_64-unknown-linux-gnu/release/ember-jailer
 probe=$root/target/x86_64-unknown-linux-gnu/release/ember-vsock-probe
 # The page-fault handler a snapshot's memory is restored through; beside ember too.
 uffd_handler=$root/target/x86_64-unknown-linux-gnu/release/ember-uffd-handler
+# Merges diff snapshots onto a full one; beside ember too.
+editor=$root/target/x86_64-unknown-linux-gnu/release/ember-snapshot-editor
 guest=$("$scripts/guest.sh" | tail -n 1)
 # in_rig SMP SECTIONS: runs the sections of e2e.sh in the nested rig with SMP
 # vCPUs; returns the number of tests that failed (0 when all passed), or the
@@ -69,6 +71,7 @@ in_rig() {
             --add "$jailer:/usr/local/bin/ember-jailer" --add "$guest" \
             --add "$probe:/usr/local/bin/ember-vsock-probe" \
             --add "$uffd_handler:/usr/local/bin/ember-uffd-handler" \
+            --add "$editor:/usr/local/bin/ember-snapshot-editor" \
             --add "$(command -v curl):/usr/bin/curl" --add "$(command -v ip):/usr/local/sbin/ip" \
             --add "$scripts/e2e.sh:/e2e.sh" \
             --add "$scripts/off-initramfs.sh:/off-initramfs.sh" \
