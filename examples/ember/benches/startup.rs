@@ -26,14 +26,22 @@
 //!   `MemAvailable`, in which pages KSM merged count once), their summed RSS (in which they count
 //!   in every process) and, with KSM, the pages `ksmd` shared.
 //!
-//! Run with `cargo bench -p ember --bench startup` (`EMBER_BENCH_QUICK=1` for the first two
+//! - **Restore**: a microVM of [`MEMORY_MIB`] MiB and 1 vCPU with a drive, an entropy device, a
+//!   balloon and a vsock device, its guest halted, is snapshotted; `EMBER_BENCH_RUNS` new
+//!   processes each restore it with `resume_vm` (`PUT /snapshot/load`). Prints the medians of
+//!   ember's `restore_us` (VMM time from the request to the vCPUs resumed) and its steps, and of
+//!   the request as the client sees it, beside the start to first instruction of the same
+//!   microVM booted.
+//!
+//! Run with `cargo bench -p ember --bench startup` (`EMBER_BENCH_QUICK=1` for the first three
 //! only).
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ember_boot::test_utils::tiny_elf;
 
@@ -412,6 +420,154 @@ fn density(dir: &Path, ksm: bool) {
     }
 }
 
+/// `ember --api-sock SOCKET`, its console off; waits for the socket.
+fn ember_api(socket: &Path) -> Child {
+    let _ = fs::remove_file(socket);
+    let child = Command::new(EMBER)
+        .arg("--api-sock")
+        .arg(socket)
+        .args(["--serial", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot run ember");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "the API socket never accepted");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    child
+}
+
+/// One request on a connection of its own; the status and the body.
+fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = UnixStream::connect(socket).expect("cannot connect to the API");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("request sent");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("response read");
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok());
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status.unwrap_or(0), body.to_string())
+}
+
+fn put(socket: &Path, method: &str, path: &str, body: &str) {
+    let (status, answer) = http(socket, method, path, body);
+    assert_eq!(status, 204, "{method} {path}: {answer}");
+}
+
+/// The restore steps of ember's metrics, as `restore_us` and its parts name them.
+const RESTORE_STEPS: [&str; 6] = [
+    "restore_us",
+    "restore_load_us",
+    "restore_memory_us",
+    "restore_vcpus_us",
+    "restore_devices_us",
+    "restore_resume_us",
+];
+
+fn restore(dir: &Path, runs: usize) {
+    let kernel = dir.join("halt.elf");
+    let code = [BOOT_TIMER_WRITE.to_vec(), HALT_FOREVER.to_vec()].concat();
+    fs::write(&kernel, tiny_elf(&code)).expect("cannot write the guest");
+    let disk = dir.join("disk");
+    fs::File::create(&disk)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("cannot create the disk");
+    let (socket, state, mem) = (dir.join("source.sock"), dir.join("state"), dir.join("mem"));
+    let mut source = ember_api(&socket);
+    for (path, body) in [
+        (
+            "/boot-source",
+            format!("{{\"kernel_image_path\": {kernel:?}}}"),
+        ),
+        (
+            "/machine-config",
+            format!("{{\"vcpu_count\": 1, \"mem_size_mib\": {MEMORY_MIB}}}"),
+        ),
+        (
+            "/drives/data",
+            format!(
+                "{{\"drive_id\": \"data\", \"path_on_host\": {disk:?}, \
+                 \"is_root_device\": false, \"is_read_only\": false}}"
+            ),
+        ),
+        ("/entropy", "{}".to_string()),
+        (
+            "/balloon",
+            "{\"amount_mib\": 0, \"deflate_on_oom\": false}".to_string(),
+        ),
+        (
+            "/vsock",
+            format!(
+                "{{\"guest_cid\": 3, \"uds_path\": {:?}}}",
+                dir.join("source.vsock")
+            ),
+        ),
+        (
+            "/actions",
+            "{\"action_type\": \"InstanceStart\"}".to_string(),
+        ),
+    ] {
+        put(&socket, "PUT", path, &body);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    put(&socket, "PATCH", "/vm", "{\"state\": \"Paused\"}");
+    put(
+        &socket,
+        "PUT",
+        "/snapshot/create",
+        &format!("{{\"snapshot_path\": {state:?}, \"mem_file_path\": {mem:?}}}"),
+    );
+    let _ = source.kill();
+    let _ = source.wait();
+
+    let mut steps = vec![Vec::with_capacity(runs); RESTORE_STEPS.len()];
+    let mut client = Vec::with_capacity(runs);
+    for run in 0..runs {
+        let socket = dir.join("restore.sock");
+        let vsock = dir.join(format!("restore{run}.vsock"));
+        let mut child = ember_api(&socket);
+        let body = format!(
+            "{{\"snapshot_path\": {state:?}, \
+             \"mem_backend\": {{\"backend_type\": \"File\", \"backend_path\": {mem:?}}}, \
+             \"vsock_override\": {{\"uds_path\": {vsock:?}}}, \"resume_vm\": true}}"
+        );
+        let began = Instant::now();
+        put(&socket, "PUT", "/snapshot/load", &body);
+        client.push(u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX));
+        let (_, metrics) = http(&socket, "GET", "/metrics", "");
+        for (step, values) in RESTORE_STEPS.iter().zip(&mut steps) {
+            let value = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("ember_snapshot_{step} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no ember_snapshot_{step} in the metrics"));
+            values.push(value);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = fs::remove_file(vsock);
+    }
+    let parts: Vec<String> = RESTORE_STEPS[1..]
+        .iter()
+        .zip(&mut steps[1..])
+        .map(|(step, values)| format!("{} {} us", &step[8..step.len() - 3], median(values)))
+        .collect();
+    println!(
+        "restore with resume_vm ({runs} runs, {MEMORY_MIB} MiB, 4 virtio devices): VMM time \
+         (restore_us) median {} us ({}); as the client sees it, median {} us",
+        median(&mut steps[0]),
+        parts.join(", "),
+        median(&mut client)
+    );
+}
+
 fn main() {
     // `cargo bench -- FILTER` passes arguments; `cargo test --benches` passes `--bench`-less
     // ones too. Only run when asked to bench.
@@ -429,6 +585,7 @@ fn main() {
     let dir = scratch();
     start_to_first_instruction(&dir, runs);
     memory_overhead(&dir);
+    restore(&dir, runs);
     // `EMBER_BENCH_QUICK=1`: only the two measurements above, which take seconds.
     if std::env::var_os("EMBER_BENCH_QUICK").is_some() {
         let _ = fs::remove_dir_all(&dir);

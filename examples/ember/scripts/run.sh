@@ -16,7 +16,7 @@ echo "run.sh: building ember" >&2
 ember=$root/target/x86_64-unknown-linux-gnu/release/ember
 guest=$("$scripts/guest.sh" | tail -n 1)
 args=(--kernel "$guest/vmlinux" --initrd "$guest/initramfs.cpio.gz" --boot-timer
-    --cmdline "console=ttyS0 reboot=k panic=1 pci=off ember.action=shell" "$@")
+    --cmdline "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd ember.action=shell" "$@")
 
 if "$scripts/rig.sh" needed >&2; then
     echo "run.sh: this host's KVM has no VMX/SVM: running ember inside the nested rig" >&2
