@@ -5,7 +5,7 @@
 //! Linux guest driven with `curl` is in `scripts/e2e.sh`.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use ember_boot::test_utils::tiny_elf;
 use serde_json::{Value, json};
+
+mod common;
+use common::{Response, Scratch, encode, read_response, request, send};
 
 /// `mov dx, 0x3f8; mov al, 'U'; out dx, al`, then wait for a key on the i8042 (status bit 0),
 /// then reset through it: the guest runs until `SendCtrlAltDel`, exiting to the VMM on every
@@ -22,33 +25,6 @@ const WAIT_FOR_KEY_THEN_RESET: [u8; 20] = [
     0xe4, 0x64, 0xa8, 0x01, 0x74, 0xfa, // in al, 0x64; test al, 1; jz back
     0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd, // reset through the i8042
 ];
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ember-api-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
-        let path = self.path(name);
-        fs::write(&path, contents).unwrap();
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A running `ember --api-sock`, killed when dropped.
 struct Ember {
@@ -111,16 +87,11 @@ impl Ember {
 
     /// Sends raw bytes on a new connection and reads one response.
     fn raw(&self, request: &[u8]) -> Response {
-        let mut stream = UnixStream::connect(&self.socket).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        stream.write_all(request).unwrap();
-        read_response(&mut BufReader::new(stream))
+        send(&self.socket, request)
     }
 
     fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
-        self.raw(&encode(method, path, body.map(Value::to_string).as_deref()))
+        request(&self.socket, method, path, body)
     }
 
     fn get(&self, path: &str) -> Response {
@@ -156,80 +127,6 @@ impl Drop for Ember {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn encode(method: &str, path: &str, body: Option<&str>) -> Vec<u8> {
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
-    if let Some(body) = body {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ));
-    } else {
-        request.push_str("\r\n");
-    }
-    request.into_bytes()
-}
-
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Response {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
-    }
-
-    fn fault(&self) -> String {
-        self.json()["fault_message"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no fault_message in {:?}", self.body))
-            .to_string()
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Reads one response; bytes after it stay in `stream` for the next one.
-fn read_response(stream: &mut impl BufRead) -> Response {
-    let mut read_line = || {
-        let mut line = String::new();
-        let n = stream.read_line(&mut line).expect("a response");
-        assert!(n > 0, "connection closed inside a response head");
-        line.trim_end_matches(['\r', '\n']).to_string()
-    };
-    let status_line = read_line();
-    let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
-    let mut headers = Vec::new();
-    loop {
-        let header = read_line();
-        if header.is_empty() {
-            break;
-        }
-        let (n, v) = header.split_once(':').unwrap();
-        headers.push((n.trim().to_string(), v.trim().to_string()));
-    }
-    let length: usize = headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        .map_or(0, |(_, v)| v.parse().unwrap());
-    let mut body = vec![0; length];
-    stream
-        .read_exact(&mut body)
-        .expect("the whole body of a response");
-    Response {
-        status,
-        headers,
-        body: String::from_utf8(body).unwrap(),
     }
 }
 

@@ -12,7 +12,7 @@
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 use ember_boot::test_utils::tiny_elf;
 use ember_vmm::jailer::monotonic_us;
 use serde_json::{Value, json};
+
+mod common;
+use common::{Response, Scratch, request};
 
 /// The jail's user and group: numbers no account on the host is likely to have.
 const JAIL_UID: u32 = 64_123;
@@ -60,33 +63,6 @@ fn print_capacity(page: u32) -> Vec<u8> {
     code.extend_from_slice(&SET_DX_COM1);
     code.push(0xee); // out dx, al
     code
-}
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ember-jail-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
-        let path = self.path(name);
-        fs::write(&path, contents).unwrap();
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 /// An image of `sectors` 512-byte sectors at `path`, opened read-write (close-on-exec, as
@@ -157,23 +133,7 @@ impl Ember {
     }
 
     fn request(&self, method: &str, path: &str, body: Option<Value>) -> Response {
-        let mut stream = UnixStream::connect(&self.socket).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
-        match body {
-            Some(body) => {
-                let body = body.to_string();
-                request.push_str(&format!(
-                    "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                ));
-            }
-            None => request.push_str("\r\n"),
-        }
-        stream.write_all(request.as_bytes()).unwrap();
-        read_response(&mut BufReader::new(stream))
+        request(&self.socket, method, path, body.as_ref())
     }
 
     fn get(&self, path: &str) -> Response {
@@ -213,52 +173,6 @@ impl Drop for Ember {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    body: String,
-}
-
-impl Response {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
-    }
-
-    fn fault(&self) -> String {
-        self.json()["fault_message"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no fault_message in {:?}", self.body))
-            .to_string()
-    }
-}
-
-fn read_response(stream: &mut impl BufRead) -> Response {
-    let mut read_line = || {
-        let mut line = String::new();
-        let n = stream.read_line(&mut line).expect("a response");
-        assert!(n > 0, "connection closed inside a response head");
-        line.trim_end_matches(['\r', '\n']).to_string()
-    };
-    let status: u16 = read_line().split(' ').nth(1).unwrap().parse().unwrap();
-    let mut length = 0;
-    loop {
-        let header = read_line();
-        if header.is_empty() {
-            break;
-        }
-        let (name, value) = header.split_once(':').unwrap();
-        if name.trim().eq_ignore_ascii_case("content-length") {
-            length = value.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0; length];
-    stream.read_exact(&mut body).unwrap();
-    Response {
-        status,
-        body: String::from_utf8(body).unwrap(),
     }
 }
 

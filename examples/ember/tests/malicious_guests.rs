@@ -33,6 +33,9 @@ use std::time::{Duration, Instant};
 use ember_boot::test_utils::{TINY_LOAD_ADDR, tiny_elf};
 use serde_json::{Value, json};
 
+mod common;
+use common::Scratch;
+
 /// Guest RAM of every attack, in MiB: room for the code, the rings and a 1 MiB indirect table.
 const MEM_MIB: u64 = 16;
 
@@ -504,28 +507,6 @@ fn console_flood() -> Attack {
     Attack {
         console_to_stalled_stdout: true,
         ..Attack::new("5 console flood, stdout unread", console_flood_guest())
-    }
-}
-
-/// A scratch directory, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ember-attack-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 

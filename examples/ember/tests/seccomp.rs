@@ -19,6 +19,9 @@ use ember_vmm::seccomp::{
 };
 use vmm_sys_util::epoll::EventSet;
 
+mod common;
+use common::Scratch;
+
 const CHILD_ENV: &str = "EMBER_SECCOMP_CHILD";
 
 /// The name a thread of `kind` has in ember.
@@ -190,37 +193,17 @@ fn a_worker_under_its_own_filter_cannot_do_what_its_vcpu_may() {
 /// `mov al, 0xfe; out 0x64, al; hlt; jmp .-1`: reset through the i8042.
 const I8042_RESET: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
 
-/// A scratch directory with a tiny guest that resets at once.
-struct Scratch(std::path::PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("ember-seccomp-test-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("reset.elf"),
-            ember_boot::test_utils::tiny_elf(&I8042_RESET),
-        )
-        .unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A scratch directory with a tiny guest that resets at once, `reset.elf`.
+fn scratch(name: &str) -> Scratch {
+    let scratch = Scratch::new(name);
+    scratch.file("reset.elf", &ember_boot::test_utils::tiny_elf(&I8042_RESET));
+    scratch
 }
 
 /// Runs the `ember` binary on the scratch guest with `args`.
 fn ember(scratch: &Scratch, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(["--kernel", &scratch.path("reset.elf"), "--memory", "32"])
+        .args(["--kernel", &scratch.arg("reset.elf"), "--memory", "32"])
         .args(["--serial", "none"])
         .args(args)
         .stdin(std::process::Stdio::null())
@@ -249,7 +232,7 @@ fn filters_swapping(kind: ThreadKind, from: ThreadKind) -> Vec<u8> {
 
 #[test]
 fn the_ember_binary_runs_a_guest_with_its_filters_and_without() {
-    let scratch = Scratch::new("on-off");
+    let scratch = scratch("on-off");
     for args in [&[][..], &["--no-seccomp"]] {
         let output = ember(&scratch, args);
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -260,7 +243,7 @@ fn the_ember_binary_runs_a_guest_with_its_filters_and_without() {
             "{stderr}"
         );
     }
-    let builtin = scratch.path("builtin.bpf");
+    let builtin = scratch.arg("builtin.bpf");
     std::fs::write(&builtin, Filters::builtin().to_bytes()).unwrap();
     let output = ember(&scratch, &["--seccomp-filter", &builtin]);
     assert_eq!(
@@ -273,9 +256,9 @@ fn the_ember_binary_runs_a_guest_with_its_filters_and_without() {
 
 #[test]
 fn a_vcpu_whose_filter_refuses_kvm_run_ends_the_ember_binary_with_148_and_a_line() {
-    let scratch = Scratch::new("refused");
+    let scratch = scratch("refused");
     // The vCPUs get the API thread's filter, which has no KVM_RUN.
-    let file = scratch.path("no-kvm-run.bpf");
+    let file = scratch.arg("no-kvm-run.bpf");
     std::fs::write(&file, filters_swapping(ThreadKind::Vcpu, ThreadKind::Api)).unwrap();
     let output = ember(&scratch, &["--seccomp-filter", &file]);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -294,8 +277,8 @@ fn a_vcpu_whose_filter_refuses_kvm_run_ends_the_ember_binary_with_148_and_a_line
 
 #[test]
 fn a_bad_filter_file_is_a_clear_error_before_anything_starts() {
-    let scratch = Scratch::new("bad-file");
-    let missing = scratch.path("missing.bpf");
+    let scratch = scratch("bad-file");
+    let missing = scratch.arg("missing.bpf");
     let output = ember(&scratch, &["--seccomp-filter", &missing]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
@@ -305,7 +288,7 @@ fn a_bad_filter_file_is_a_clear_error_before_anything_starts() {
     );
 
     // Firecracker's three kinds only.
-    let three = scratch.path("three.bpf");
+    let three = scratch.arg("three.bpf");
     let parsed = Filters::builtin();
     let mut bytes = 3u64.to_le_bytes().to_vec();
     for kind in [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu] {

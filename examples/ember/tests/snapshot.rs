@@ -9,7 +9,6 @@
 //! `inc` and its read.
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -20,6 +19,9 @@ use ember_boot::test_utils::tiny_elf;
 use ember_vmm::vmm::snapshot::{FORMAT_VERSION, MicrovmState};
 use serde_json::{Value, json};
 
+mod common;
+use common::{Scratch, request};
+
 /// Where the guest counts: 48 MiB, identity-mapped by ember's page tables.
 const COUNTER: u64 = 0x300_0000;
 
@@ -29,27 +31,6 @@ const COUNT_UNTIL_KEY_THEN_RESET: [u8; 21] = [
     0xe4, 0x64, 0xa8, 0x01, 0x74, 0xf2, // in al, 0x64; test al, 1; jz back to the inc
     0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd, // reset through the i8042
 ];
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ember-snap-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A running `ember --api-sock`, killed when dropped.
 struct Ember {
@@ -80,43 +61,8 @@ impl Ember {
 
     /// One request; the status and the body.
     fn request(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-        let mut stream = UnixStream::connect(&self.socket).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
-        match body {
-            Some(body) => {
-                let body = body.to_string();
-                request.push_str(&format!(
-                    "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                ));
-            }
-            None => request.push_str("\r\n"),
-        }
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        let status = line.split(' ').nth(1).unwrap().parse().unwrap();
-        let mut length = 0;
-        loop {
-            line.clear();
-            reader.read_line(&mut line).unwrap();
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse().unwrap();
-                }
-            }
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).unwrap();
-        (status, String::from_utf8(body).unwrap())
+        let response = request(&self.socket, method, path, body);
+        (response.status, response.body)
     }
 
     fn put(&self, path: &str, body: Value) -> (u16, String) {

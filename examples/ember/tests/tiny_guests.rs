@@ -6,10 +6,13 @@
 
 use std::fs;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Output, Stdio};
 
 use ember_boot::test_utils::{tiny_bzimage, tiny_elf};
+
+mod common;
+use common::Scratch;
 
 /// `mov dx, 0x3f8`.
 const SET_DX_COM1: [u8; 4] = [0x66, 0xba, 0xf8, 0x03];
@@ -35,28 +38,6 @@ fn print(text: &str) -> Vec<u8> {
         code.extend_from_slice(&[0xb0, byte, 0xee]);
     }
     code
-}
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ember-test-{}-{name}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
-        let path = self.0.join(name);
-        fs::write(&path, contents).unwrap();
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 fn ember(args: &[&str]) -> Output {
@@ -180,7 +161,7 @@ fn serial_output_goes_to_a_file_when_asked() {
     let dir = Scratch::new("serial-file");
     let code = [print("to a file\n"), I8042_RESET.to_vec()].concat();
     let kernel = dir.file("hello.elf", &tiny_elf(&code));
-    let console = dir.0.join("console.log");
+    let console = dir.path("console.log");
     let serial = format!("file:{}", console.display());
     let output = ember_with_kernel(&kernel, &["--memory", "32", "--serial", &serial]);
     assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
@@ -222,7 +203,7 @@ fn a_guest_printing_to_a_stdout_nobody_reads_still_reboots() {
     let total: u32 = 256 * 1024;
     let code = [print_many(total), I8042_RESET.to_vec()].concat();
     let kernel = dir.file("chatty.elf", &tiny_elf(&code));
-    let log = dir.0.join("stderr.log");
+    let log = dir.path("stderr.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
         .args(["--kernel", kernel.to_str().unwrap(), "--memory", "32"])
         .stdin(Stdio::null())
@@ -378,7 +359,7 @@ fn missing_kernel_is_an_error() {
 fn unreadable_kernel_is_an_error() {
     let dir = Scratch::new("unreadable");
     // A directory opens but cannot be read.
-    let output = ember_with_kernel(&dir.0, &[]);
+    let output = ember_with_kernel(dir.dir(), &[]);
     assert_fails_with(&output, "Cannot load the kernel image");
 }
 
@@ -445,7 +426,7 @@ fn command_line_too_long_is_an_error() {
 fn initrd_that_does_not_fit_is_an_error() {
     let dir = Scratch::new("initrd");
     let kernel = dir.file("k.elf", &tiny_elf(&I8042_RESET));
-    let initrd = dir.0.join("big.img");
+    let initrd = dir.path("big.img");
     let file = fs::File::create(&initrd).unwrap();
     file.set_len(64 << 20).unwrap();
     assert_fails_with(
