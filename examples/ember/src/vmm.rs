@@ -328,16 +328,9 @@ type NetTransport = Transport<Net<MmdsBackend<Tap>>>;
 /// their workers, then the VM.
 pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
-    drives: Vec<(String, BlockTransport)>,
-    nets: Vec<(String, NetTransport)>,
-    /// The entropy device and its counters, if there is one.
-    entropy: Option<(Arc<RngMetrics>, Transport<Rng>)>,
+    devices: VirtioDevices,
     /// The counters of the MMDS network stacks, if an interface has one.
     mmds: Option<Arc<StackMetrics>>,
-    balloon: Option<Transport<Balloon>>,
-    /// The vsock device, if there is one: held here so that its socket is removed by this
-    /// thread when it stops, not by the last vCPU or the device's worker.
-    vsock: Option<Transport<Vsock>>,
     legacy: Legacy,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
     gate: WorkerGate,
@@ -359,10 +352,42 @@ impl fmt::Debug for Vmm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vmm")
             .field("vcpus", &self.vcpus.len())
-            .field("drives", &self.drives.len())
-            .field("nets", &self.nets.len())
+            .field("drives", &self.devices.drives.len())
+            .field("nets", &self.devices.nets.len())
             .field("paused", &self.paused)
             .finish_non_exhaustive()
+    }
+}
+
+/// The virtio devices of a microVM, each kind in the order attached.
+struct VirtioDevices {
+    drives: Vec<(String, BlockTransport)>,
+    nets: Vec<(String, NetTransport)>,
+    /// The entropy device and its counters, if there is one.
+    entropy: Option<(Arc<RngMetrics>, Transport<Rng>)>,
+    balloon: Option<Transport<Balloon>>,
+    /// The vsock device, if there is one: held here so that its socket is removed by the VMM
+    /// thread when it stops, not by the last vCPU or the device's worker.
+    vsock: Option<Transport<Vsock>>,
+}
+
+impl VirtioDevices {
+    /// Resets every active device, with `gate` open so that paused workers can end.
+    fn stop(&self, gate: &WorkerGate) {
+        fn reset<D: VirtioDevice<Arc<GuestMemory>>>(transport: &Transport<D>) {
+            let mut transport = lock(transport);
+            if transport.is_activated() {
+                VirtioDevice::<Arc<GuestMemory>>::reset(transport.device_mut());
+            }
+        }
+        if let Err(err) = gate.resume() {
+            warn!("Cannot resume the device workers: {err}");
+        }
+        self.drives.iter().for_each(|(_, t)| reset(t));
+        self.nets.iter().for_each(|(_, t)| reset(t));
+        self.entropy.iter().for_each(|(_, t)| reset(t));
+        self.balloon.iter().for_each(reset);
+        self.vsock.iter().for_each(reset);
     }
 }
 
@@ -377,12 +402,8 @@ struct Machine {
     legacy: Legacy,
     boot_timer: Option<Arc<Mutex<BootTimer>>>,
     gate: WorkerGate,
-    drives: Vec<(String, BlockTransport)>,
-    nets: Vec<(String, NetTransport)>,
-    entropy: Option<(Arc<RngMetrics>, Transport<Rng>)>,
+    devices: VirtioDevices,
     mmds: Option<Arc<StackMetrics>>,
-    balloon: Option<Transport<Balloon>>,
-    vsock: Option<Transport<Vsock>>,
     /// What the kernel command line tells the guest of the virtio devices.
     cmdline: Vec<String>,
     /// Where each virtio device is, in the order they were attached.
@@ -473,12 +494,14 @@ impl Machine {
             legacy,
             boot_timer,
             gate,
-            drives,
-            nets,
-            entropy,
+            devices: VirtioDevices {
+                drives,
+                nets,
+                entropy,
+                balloon,
+                vsock,
+            },
             mmds,
-            balloon,
-            vsock,
             cmdline,
             slots,
             userfault: None,
@@ -502,14 +525,7 @@ impl Machine {
         ) {
             Ok(vcpus) => vcpus,
             Err(err) => {
-                stop_devices(
-                    &self.gate,
-                    &self.drives,
-                    &self.nets,
-                    &self.entropy,
-                    &self.balloon,
-                    &self.vsock,
-                );
+                self.devices.stop(&self.gate);
                 return Err(err);
             }
         };
@@ -519,12 +535,8 @@ impl Machine {
         }
         Ok(Vmm {
             vcpus,
-            drives: self.drives,
-            nets: self.nets,
-            entropy: self.entropy,
+            devices: self.devices,
             mmds: self.mmds,
-            balloon: self.balloon,
-            vsock: self.vsock,
             legacy: self.legacy,
             boot_timer: self.boot_timer,
             gate: self.gate,
@@ -537,31 +549,6 @@ impl Machine {
             _userfault: self.userfault,
         })
     }
-}
-
-/// Resets every active device among these, with the gate open so that paused workers can end.
-fn stop_devices(
-    gate: &WorkerGate,
-    drives: &[(String, BlockTransport)],
-    nets: &[(String, NetTransport)],
-    entropy: &Option<(Arc<RngMetrics>, Transport<Rng>)>,
-    balloon: &Option<Transport<Balloon>>,
-    vsock: &Option<Transport<Vsock>>,
-) {
-    fn reset<D: VirtioDevice<Arc<GuestMemory>>>(transport: &Transport<D>) {
-        let mut transport = lock(transport);
-        if transport.is_activated() {
-            VirtioDevice::<Arc<GuestMemory>>::reset(transport.device_mut());
-        }
-    }
-    if let Err(err) = gate.resume() {
-        warn!("Cannot resume the device workers: {err}");
-    }
-    drives.iter().for_each(|(_, t)| reset(t));
-    nets.iter().for_each(|(_, t)| reset(t));
-    entropy.iter().for_each(|(_, t)| reset(t));
-    balloon.iter().for_each(reset);
-    vsock.iter().for_each(reset);
 }
 
 impl Vmm {
@@ -693,7 +680,7 @@ impl Vmm {
     ///
     /// When there is no such drive, or the device refuses the change (its state is unchanged).
     pub fn update_drive(&self, update: &model::PartialDrive) -> Result<()> {
-        let transport = find(&self.drives, "drive", &update.drive_id)?;
+        let transport = find(&self.devices.drives, "drive", &update.drive_id)?;
         let disk_error = |source| Error::Disk {
             id: update.drive_id.clone(),
             source,
@@ -724,7 +711,7 @@ impl Vmm {
     ///
     /// When there is no such interface, or the device refuses the change.
     pub fn update_net(&self, update: &model::PartialNetworkInterface) -> Result<()> {
-        let transport = find(&self.nets, "network interface", &update.iface_id)?;
+        let transport = find(&self.devices.nets, "network interface", &update.iface_id)?;
         let none = model::RateLimiter::default();
         let (rx_bandwidth, rx_ops) =
             bucket_updates(update.rx_rate_limiter.as_ref().unwrap_or(&none));
@@ -752,7 +739,7 @@ impl Vmm {
     ///
     /// When there is no balloon, or it refuses the target.
     pub fn update_balloon(&self, amount_mib: u32) -> Result<()> {
-        let transport = self.balloon.as_ref().ok_or(Error::NoBalloon)?;
+        let transport = self.devices.balloon.as_ref().ok_or(Error::NoBalloon)?;
         lock(transport)
             .device_mut()
             .set_target_mib(amount_mib)
@@ -766,7 +753,7 @@ impl Vmm {
     ///
     /// When there is no balloon, or it refuses the interval.
     pub fn update_balloon_stats(&self, seconds: u16) -> Result<()> {
-        let transport = self.balloon.as_ref().ok_or(Error::NoBalloon)?;
+        let transport = self.devices.balloon.as_ref().ok_or(Error::NoBalloon)?;
         // Handed to the worker under the transport's lock, waited for without it.
         let pending = lock(transport).device_mut().set_stats_interval(seconds);
         pending
@@ -780,7 +767,7 @@ impl Vmm {
     ///
     /// When there is no balloon, or it polls no statistics.
     pub fn balloon_stats(&self) -> Result<BalloonStats> {
-        let transport = self.balloon.as_ref().ok_or(Error::NoBalloon)?;
+        let transport = self.devices.balloon.as_ref().ok_or(Error::NoBalloon)?;
         let transport = lock(transport);
         let balloon = transport.device();
         if !balloon.stats_enabled() {
@@ -831,25 +818,25 @@ impl Vmm {
                 ),
             ],
         ));
-        for (id, transport) in &self.drives {
+        for (id, transport) in &self.devices.drives {
             let values = lock(transport).device().metrics().values();
             snapshot.push(Group::counters("block", Some(id.clone()), values));
         }
-        for (id, transport) in &self.nets {
+        for (id, transport) in &self.devices.nets {
             let values = lock(transport).device().metrics().values();
             snapshot.push(Group::counters("net", Some(id.clone()), values));
         }
-        if let Some((entropy, _)) = &self.entropy {
+        if let Some((entropy, _)) = &self.devices.entropy {
             snapshot.push(Group::counters("entropy", None, entropy.values()));
         }
         if let Some(mmds) = &self.mmds {
             snapshot.push(Group::counters("mmds", None, mmds.values()));
         }
-        if let Some(transport) = &self.balloon {
+        if let Some(transport) = &self.devices.balloon {
             let values = lock(transport).device().metrics().values();
             snapshot.push(Group::counters("balloon", None, values));
         }
-        if let Some(transport) = &self.vsock {
+        if let Some(transport) = &self.devices.vsock {
             let values = lock(transport).device().metrics().values();
             snapshot.push(Group::counters("vsock", None, values));
         }
@@ -868,7 +855,7 @@ impl Vmm {
         }
         // The vsock device's worker gives its backend back, which is dropped here, with the
         // device, removing its socket.
-        if let Some(transport) = self.vsock.take() {
+        if let Some(transport) = self.devices.vsock.take() {
             VirtioDevice::<Arc<GuestMemory>>::reset(lock(&transport).device_mut());
         }
         if let Some(console) = self.legacy.console.as_mut() {

@@ -396,14 +396,7 @@ impl Vmm {
                 log::warn!("{err}");
             }
         }
-        super::stop_devices(
-            &self.gate,
-            &self.drives,
-            &self.nets,
-            &self.entropy,
-            &self.balloon,
-            &self.vsock,
-        );
+        self.devices.stop(&self.gate);
     }
 
     /// `PUT /snapshot/create`: writes the paused microVM's memory to `mem_file_path`, then its
@@ -519,26 +512,31 @@ impl Vmm {
         let config = serde_json::to_string(resources.vm_config())
             .map_err(|e| Error::Inconsistent(e.to_string()))?;
         let drives = self
+            .devices
             .drives
             .iter()
             .map(|(id, t)| save_transport(id, t, Block::save_state))
             .collect::<Result<Vec<_>>>()?;
         let nets = self
+            .devices
             .nets
             .iter()
             .map(|(id, t)| save_transport(id, t, Net::save_state))
             .collect::<Result<Vec<_>>>()?;
         let entropy = self
+            .devices
             .entropy
             .as_ref()
             .map(|(_, t)| save_transport("entropy", t, Rng::save_state))
             .transpose()?;
         let balloon = self
+            .devices
             .balloon
             .as_ref()
             .map(|t| save_transport("balloon", t, |b: &Balloon| Ok(b.save_state())))
             .transpose()?;
         let vsock = self
+            .devices
             .vsock
             .as_ref()
             .map(|t| save_transport("vsock", t, |v: &Vsock| Ok(v.save_state())))
@@ -752,41 +750,41 @@ fn restore_devices(machine: &Vmm, state: &MicrovmState) -> Result<()> {
     let count_mismatch = |kind: &str, saved: usize, built: usize| {
         Error::Inconsistent(format!("it has {saved} {kind} states for {built} {kind}s"))
     };
-    if state.drives.len() != machine.drives.len() {
+    if state.drives.len() != machine.devices.drives.len() {
         return Err(count_mismatch(
             "drive",
             state.drives.len(),
-            machine.drives.len(),
+            machine.devices.drives.len(),
         ));
     }
-    for ((_, transport), saved) in machine.drives.iter().zip(&state.drives) {
+    for ((_, transport), saved) in machine.devices.drives.iter().zip(&state.drives) {
         restore_transport(transport, saved, Block::restore_state)?;
     }
-    if state.nets.len() != machine.nets.len() {
+    if state.nets.len() != machine.devices.nets.len() {
         return Err(count_mismatch(
             "interface",
             state.nets.len(),
-            machine.nets.len(),
+            machine.devices.nets.len(),
         ));
     }
-    for ((_, transport), saved) in machine.nets.iter().zip(&state.nets) {
+    for ((_, transport), saved) in machine.devices.nets.iter().zip(&state.nets) {
         restore_transport(transport, saved, Net::restore_state)?;
     }
-    match (&machine.entropy, &state.entropy) {
+    match (&machine.devices.entropy, &state.entropy) {
         (Some((_, transport)), Some(saved)) => {
             restore_transport(transport, saved, Rng::restore_state)?;
         }
         (None, None) => {}
         _ => return Err(count_mismatch("entropy device", 1, 0)),
     }
-    match (&machine.balloon, &state.balloon) {
+    match (&machine.devices.balloon, &state.balloon) {
         (Some(transport), Some(saved)) => {
             restore_transport(transport, saved, |b, s| b.restore_state(s))?;
         }
         (None, None) => {}
         _ => return Err(count_mismatch("balloon", 1, 0)),
     }
-    match (&machine.vsock, &state.vsock) {
+    match (&machine.devices.vsock, &state.vsock) {
         (Some(transport), Some(saved)) => {
             restore_transport(transport, saved, |v, s| v.restore_state(s))?;
         }
