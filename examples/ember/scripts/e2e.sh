@@ -1425,7 +1425,7 @@ JSON
         mv "$work/out" "$work/out-source"
         echo "DESCRIBE $("$ember" --describe-snapshot "$work/snap.state" 2>&1)" >>"$work/host"
         echo "STATE $(wc -c <"$work/snap.state") bytes, MEMORY $(wc -c <"$work/snap.mem") bytes ($(du -k "$work/snap.mem" | cut -f1) KiB on disk)" >>"$work/host"
-        cp --sparse=always "$work/snap.mem" "$work/merged.mem"
+        cp "$work/snap.mem" "$work/merged.mem"
         if "$editor" edit-memory rebase --memory-path "$work/merged.mem" --diff-path "$work/diff1.mem" &&
             "$editor" edit-memory rebase --memory-path "$work/merged.mem" --diff-path "$work/diff2.mem"; then
             echo "MERGED" >>"$work/host"
@@ -1549,15 +1549,17 @@ JSON
         ip tuntap add dev "ember-cl$c" mode tap 2>/dev/null || tunctl -t "ember-cl$c" >/dev/null 2>&1
         c=$((c + 1))
     done
-    fresh
-    rm -f "$work/clone-v.sock"
-    api_start clone_source --config-file "$work/clone.json"
-    console_wait '^TICK 2$' 300
-    api PATCH /vm '{"state": "Paused"}'
-    api PUT /snapshot/create "{\"snapshot_path\": \"$work/clone.state\", \"mem_file_path\": \"$work/clone.mem\"}"
-    echo "CLONE-CREATE $code" >>"$work/host"
-    kill -KILL "$vm"
-    await "$vm" 30
+    clone_source() {
+        rm -f "$work/clone-v.sock"
+        api_start clone_source --config-file "$work/clone.json"
+        console_wait '^TICK 2$' 300
+        api PATCH /vm '{"state": "Paused"}'
+        api PUT /snapshot/create "{\"snapshot_path\": \"$work/clone.state\", \"mem_file_path\": \"$work/clone.mem\"}"
+        echo "CLONE-CREATE $code" >>"$work/host"
+        kill -KILL "$vm"
+        await "$vm" 30
+    }
+    retry_crashed clones clone_source
     pids=
     t0=$(now_ms)
     # (socket_wait counts with $n: the clones are counted with $c.)
