@@ -345,6 +345,7 @@ JSON
 # The guest's /dev/hwrng is ember's entropy device: 1 MiB reads back whole, and
 # random (a 4 KiB block is not all zeros, nor two blocks the same).
 script_disk "$work/rng.disk" <<'SCRIPT'
+now() { cut -d' ' -f1 /proc/uptime; }
 echo "HWRNG $(cat /sys/class/misc/hw_random/rng_current)"
 t0=$(now)
 echo "HWRNG-MIB $(dd if=/dev/hwrng bs=4096 count=256 2>/dev/null | wc -c)"
@@ -369,6 +370,7 @@ expect the_guest_reads_1_mib_of_random_bytes_from_hwrng 0 '^HWRNG virtio_rng' \
 # the bucket's first fill is spent and a first stretch has taken up what refilled
 # meanwhile, over a second stretch of 32 KiB (4 s) only.
 script_disk "$work/rng-rate.disk" <<'SCRIPT'
+now() { cut -d' ' -f1 /proc/uptime; }
 dd if=/dev/hwrng of=/dev/null bs=4096 count=2 2>/dev/null
 dd if=/dev/hwrng of=/dev/null bs=4096 count=2 2>/dev/null
 t0=$(now)
@@ -458,6 +460,7 @@ else
     dd if=/dev/urandom of="$work/limited" bs=1M count=20 2>/dev/null
     dd if=/dev/zero of="$work/signal" bs=512 count=1 2>/dev/null
     script_disk "$work/rate.disk" <<'SCRIPT'
+now() { cut -d' ' -f1 /proc/uptime; }
 read64k() { dd if=/dev/vdb of=/dev/null bs=64k count=$1 skip=$2 iflag=direct 2>/dev/null; }
 # rate DRAIN FIRST SECOND AT: reads DRAIN, FIRST, then SECOND blocks of 64 KiB
 # from block AT on, and prints the bytes per second of the SECOND stretch.
@@ -1356,6 +1359,8 @@ ip link set eth0 up
 # stdin held open, so that nc never ends its side.
 sleep 100000 | nc -l -p 7000 >/tmp/tcp &
 \$P listen 5000 --echo --conns 1 >/tmp/vsock 2>&1 &
+# Ready once nc listens on port 7000 (0x1B58).
+until grep -q ':1B58 00000000:0000 0A' /proc/net/tcp; do sleep 0.1; done
 echo SNAP-READY
 i=0
 while :; do
@@ -1394,6 +1399,9 @@ JSON
         rm -f "$uds" "$uds"_* "$work"/snap.state "$work"/snap.mem "$work"/diff* "$work/merged.mem"
         api_start snapshot_source --config-file "$work/snap.json"
         console_wait '^SNAP-READY' 300
+        # The guest answers (its address resolved) before the connection is made.
+        n=0
+        until ping -c 1 -W 1 "$sguest_ip" >/dev/null 2>&1 || [ $n -ge 20 ]; do n=$((n + 1)); done
         # Lines into the guest's TCP listener, from before the snapshot to the end.
         (n=0; while [ $n -lt 600 ]; do echo "tcp $n"; n=$((n + 1)); sleep 0.2; done) |
             nc "$sguest_ip" 7000 >/dev/null 2>&1 &
