@@ -114,42 +114,48 @@ fn refusal(err: &Error) -> &'static str {
     }
 }
 
-/// Restores the legacy devices' states on fresh devices; a state restored must save back
-/// unchanged, one refused must leave the device as it was.
+/// Restores the legacy devices' states on fresh devices.
 fn restore_legacy(state: &MicrovmState) {
     let trigger = || EventFdTrigger::new().expect("eventfds are available");
-
     let mut serial = SerialDevice::new(trigger(), Vec::new()).expect("eventfds are available");
-    let fresh = serial.save_state();
-    match serial.restore_state(&state.serial) {
-        Ok(()) => assert_eq!(serial.save_state(), state.serial, "serial state"),
-        Err(_) => assert_eq!(
-            serial.save_state(),
-            fresh,
-            "a refused serial state changed it"
-        ),
-    }
-
+    restore_on(
+        "serial",
+        &mut serial,
+        &state.serial,
+        SerialDevice::save_state,
+        SerialDevice::restore_state,
+    );
     let mut i8042 = I8042Device::new(trigger(), trigger());
-    let fresh = i8042.save_state();
-    match i8042.restore_state(&state.i8042) {
-        Ok(()) => assert_eq!(i8042.save_state(), state.i8042, "i8042 state"),
-        Err(_) => assert_eq!(
-            i8042.save_state(),
-            fresh,
-            "a refused i8042 state changed it"
-        ),
-    }
-
+    restore_on(
+        "i8042",
+        &mut i8042,
+        &state.i8042,
+        I8042Device::save_state,
+        I8042Device::restore_state,
+    );
     let mut acpi_pm = AcpiPmDevice::new(trigger(), 5);
-    let fresh = acpi_pm.save_state();
-    match acpi_pm.restore_state(&state.acpi_pm) {
-        Ok(()) => assert_eq!(acpi_pm.save_state(), state.acpi_pm, "ACPI PM state"),
-        Err(_) => assert_eq!(
-            acpi_pm.save_state(),
-            fresh,
-            "a refused ACPI PM state changed it"
-        ),
+    restore_on(
+        "ACPI PM",
+        &mut acpi_pm,
+        &state.acpi_pm,
+        AcpiPmDevice::save_state,
+        AcpiPmDevice::restore_state,
+    );
+}
+
+/// Restores `state` on `device`: a state restored must save back unchanged, one refused must
+/// leave the device as it was.
+fn restore_on<D, S: PartialEq + std::fmt::Debug, E>(
+    name: &str,
+    device: &mut D,
+    state: &S,
+    save: fn(&D) -> S,
+    restore: fn(&mut D, &S) -> Result<(), E>,
+) {
+    let fresh = save(device);
+    match restore(device, state) {
+        Ok(()) => assert_eq!(&save(device), state, "{name} state"),
+        Err(_) => assert_eq!(save(device), fresh, "a refused {name} state changed it"),
     }
 }
 
