@@ -17,12 +17,20 @@ cargo test --locked --manifest-path fuzz/Cargo.toml
 
 # watch_console PID FILE SECONDS: stops the rig that rig.sh PID runs (through its
 # `timeout`, which passes the signal on to QEMU; rig.sh then fails with 125) once
-# FILE, its console, has not grown for SECONDS.
+# FILE, its console, has not grown for SECONDS, or once the rig's kernel reports
+# a CPU stuck for a minute or more: a soft lockup, in which the emulated SVM no
+# longer gives the rig's kernel that CPU back from a guest, and the console
+# grows with the kernel's reports of it alone.
 watch_console() {
     while kill -0 "$1" 2>/dev/null; do
         sleep 5
         if [ $(($(date +%s) - $(stat -c %Y "$2"))) -ge "$3" ]; then
             echo "test.sh: the rig's console has been silent for $3 s: stopping the rig"
+            pkill -TERM -P "$1" -x timeout || true
+            return
+        fi
+        if grep -Eq 'soft lockup - CPU#[0-9]+ stuck for ([6-9][0-9]|[0-9]{3,})s' "$2"; then
+            echo "test.sh: a CPU of the rig has been stuck for a minute: stopping the rig"
             pkill -TERM -P "$1" -x timeout || true
             return
         fi
@@ -57,7 +65,8 @@ guest=$("$scripts/guest.sh" | tail -n 1)
 # (its next deadline is the RTC's, at midnight) and nothing in the rig runs any
 # more; idle=poll in the rig does not help. So a rig whose console stays silent
 # for $stall seconds is stopped (the longest quiet stretch of a run that goes
-# well is about two minutes). A rig that is stopped or hangs (124), dies
+# well is about two minutes), as is one whose kernel reports a CPU stuck for a
+# minute (seen once with the clones' twenty guests on two vCPUs). A rig that is stopped or hangs (124), dies
 # without a status (125) or holds an ember that SIGKILL cannot end (3, a fault
 # of the nested KVM) is booted again, up to five times in all, and that is
 # printed: for the sections of e2e.sh from the one it stopped in, as what the
