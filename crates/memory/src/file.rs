@@ -481,26 +481,9 @@ mod tests {
 
     /// The resident size, in bytes, of the host mapping holding `host` (from `/proc/self/smaps`).
     fn rss_of_mapping(host: usize) -> u64 {
-        let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
-        for line in smaps.lines() {
-            let range = line
-                .split_once(' ')
-                .and_then(|(range, _)| range.split_once('-'))
-                .and_then(|(start, end)| {
-                    Some((
-                        usize::from_str_radix(start, 16).ok()?,
-                        usize::from_str_radix(end, 16).ok()?,
-                    ))
-                });
-            if let Some((start, end)) = range {
-                inside = (start..end).contains(&host);
-            } else if let Some(rss) = line.strip_prefix("Rss:").filter(|_| inside) {
-                let kib: u64 = rss.trim().trim_end_matches("kB").trim().parse().unwrap();
-                return kib * 1024;
-            }
-        }
-        panic!("no mapping holds host address {host:#x}");
+        let rss = crate::smaps::mapping_field(host, "Rss:");
+        let kib: u64 = rss.trim_end_matches("kB").trim().parse().unwrap();
+        kib * 1024
     }
 
     #[test]

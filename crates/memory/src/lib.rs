@@ -7,6 +7,9 @@ pub mod layout;
 mod ram;
 pub mod uffd;
 
+#[cfg(test)]
+mod smaps;
+
 pub use allocator::ResourceAllocator;
 pub use file::{
     clean_dirty_bitmap, merge_diff, take_bitmap_dirty_pages, write_dirty_pages, write_memory,

@@ -503,25 +503,10 @@ mod tests {
     /// The `VmFlags` of the host mapping (from `/proc/self/smaps`) holding guest address `addr`.
     fn vm_flags(mem: &GuestMemoryMmap, addr: GuestAddress) -> Vec<String> {
         let host = mem.get_host_address(addr).unwrap() as usize;
-        let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
-        for line in smaps.lines() {
-            let range = line
-                .split_once(' ')
-                .and_then(|(range, _)| range.split_once('-'))
-                .and_then(|(start, end)| {
-                    Some((
-                        usize::from_str_radix(start, 16).ok()?,
-                        usize::from_str_radix(end, 16).ok()?,
-                    ))
-                });
-            if let Some((start, end)) = range {
-                inside = (start..end).contains(&host);
-            } else if let Some(flags) = line.strip_prefix("VmFlags:").filter(|_| inside) {
-                return flags.split_whitespace().map(String::from).collect();
-            }
-        }
-        panic!("no mapping holds host address {host:#x}");
+        crate::smaps::mapping_field(host, "VmFlags:")
+            .split_whitespace()
+            .map(String::from)
+            .collect()
     }
 
     fn has_flag(flags: &[String], flag: &str) -> bool {
