@@ -408,18 +408,13 @@ fn map_anonymous<B: Bitmap>(
             break;
         }
         // Where the next mapping would start, below this one, is this far past a boundary.
+        // A pad that cannot be placed (something is mapped right below) is left out: the next
+        // mapping then goes to another free range, where the next try goes on from.
         let pad_len = start.wrapping_sub(len) % HUGE_PAGE;
-        let pad = if pad_len == 0 {
-            None
-        } else {
-            let Some(pad) = start
-                .checked_sub(pad_len)
-                .and_then(|at| Pad::map(at, pad_len))
-            else {
-                break;
-            };
-            Some(pad)
-        };
+        let pad = (pad_len != 0)
+            .then(|| start.checked_sub(pad_len))
+            .flatten()
+            .and_then(|at| Pad::map(at, pad_len));
         let Ok(next) = map() else {
             break;
         };
