@@ -15,7 +15,7 @@ use ember_boot::test_utils::tiny_elf;
 use serde_json::{Value, json};
 
 mod common;
-use common::{Response, Scratch, encode, read_response, request, send};
+use common::{Response, Scratch, encode, read_response, request, send, wait_for_api};
 
 /// `mov dx, 0x3f8; mov al, 'U'; out dx, al`, then wait for a key on the i8042 (status bit 0),
 /// then reset through it: the guest runs until `SendCtrlAltDel`, exiting to the VMM on every
@@ -66,7 +66,7 @@ impl Ember {
 
     fn spawn(scratch: &Scratch, serial: &str, extra: &[&str], mut command: Command) -> Self {
         let socket = scratch.path("api.sock");
-        let child = command
+        let mut child = command
             .arg("--api-sock")
             .arg(&socket)
             .arg("--serial")
@@ -77,11 +77,7 @@ impl Ember {
             .stderr(Stdio::piped())
             .spawn()
             .expect("ember starts");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the API socket never accepted");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_api(&mut child, &socket);
         Ember { child, socket }
     }
 

@@ -7,12 +7,12 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 mod common;
-use common::Scratch;
+use common::{Scratch, wait_for_api};
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
 
@@ -39,14 +39,7 @@ impl Ember {
             child: Some(child),
             socket,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&ember.socket).is_err() {
-            if let Some(status) = ember.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("ember exited before serving: {status}: {}", ember.stop().1);
-            }
-            assert!(Instant::now() < deadline, "the API socket never came up");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_api(ember.child.as_mut().unwrap(), &ember.socket);
         ember
     }
 

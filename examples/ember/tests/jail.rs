@@ -15,7 +15,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,7 +25,7 @@ use ember_vmm::jailer::monotonic_us;
 use serde_json::{Value, json};
 
 mod common;
-use common::{Response, Scratch, request};
+use common::{Response, Scratch, request, wait_for_api};
 
 /// The jail's user and group: numbers no account on the host is likely to have.
 const JAIL_UID: u32 = 64_123;
@@ -114,21 +113,7 @@ impl Ember {
             .stderr(Stdio::piped())
             .spawn()
             .expect("ember starts");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&socket).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("ember exited ({status}) before serving its API: {err}");
-            }
-            assert!(Instant::now() < deadline, "the API socket never accepted");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_api(&mut child, &socket);
         Ember { child, socket }
     }
 

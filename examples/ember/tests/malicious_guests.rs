@@ -34,7 +34,7 @@ use ember_boot::test_utils::{TINY_LOAD_ADDR, tiny_elf};
 use serde_json::{Value, json};
 
 mod common;
-use common::Scratch;
+use common::{Scratch, wait_for_api};
 
 /// Guest RAM of every attack, in MiB: room for the code, the rings and a 1 MiB indirect table.
 const MEM_MIB: u64 = 16;
@@ -781,11 +781,7 @@ fn run(bin: &Path, attack: &Attack, warmup: Duration, window: Duration) -> Outco
         _stdout: stdout,
     };
     let pid = ember.child.id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "the API socket never accepted");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_api(&mut ember.child, &socket);
 
     setup(
         &socket,

@@ -10,7 +10,7 @@
 
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use ember_vmm::vmm::snapshot::{FORMAT_VERSION, MicrovmState};
 use serde_json::{Value, json};
 
 mod common;
-use common::{Scratch, request};
+use common::{Scratch, request, wait_for_api};
 
 /// Where the guest counts: 48 MiB, identity-mapped by ember's page tables.
 const COUNTER: u64 = 0x300_0000;
@@ -41,7 +41,7 @@ struct Ember {
 impl Ember {
     fn start(scratch: &Scratch, name: &str) -> Self {
         let socket = scratch.path(&format!("{name}.sock"));
-        let child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
             .arg("--api-sock")
             .arg(&socket)
             .arg("--serial")
@@ -51,11 +51,7 @@ impl Ember {
             .stderr(Stdio::piped())
             .spawn()
             .expect("ember starts");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the API socket never accepted");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_api(&mut child, &socket);
         Ember { child, socket }
     }
 

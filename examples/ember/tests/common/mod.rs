@@ -5,16 +5,37 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::Child;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 /// How long a client waits for an answer: generous, since two cores run the tests, the guests'
 /// vCPUs and `ember`'s threads.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits up to 10 s for the API socket of `child`, an `ember` just started, to accept.
+///
+/// # Panics
+///
+/// When `child` exits first (with its standard error, if it is piped), or the time runs out.
+pub fn wait_for_api(child: &mut Child, socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(socket).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                let _ = stderr.read_to_string(&mut err);
+            }
+            panic!("ember exited ({status}) before serving its API: {err}");
+        }
+        assert!(Instant::now() < deadline, "the API socket never accepted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
 
 /// A directory of its own for one test, removed when dropped. Its name holds the test binary's
 /// name and the process ID, so tests of different binaries and runs never share one.
@@ -127,7 +148,9 @@ pub fn read_response(stream: &mut impl BufRead) -> Response {
         .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
         .map_or(0, |(_, v)| v.parse().unwrap());
     let mut body = vec![0; length];
-    std::io::Read::read_exact(stream, &mut body).expect("the whole body of a response");
+    stream
+        .read_exact(&mut body)
+        .expect("the whole body of a response");
     Response {
         status,
         headers,
