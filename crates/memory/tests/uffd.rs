@@ -72,19 +72,30 @@ fn spawn_handler(socket: &Path, mem_file: &Path) -> JoinHandle<FaultStats> {
     })
 }
 
+/// Hands `userfault` to a handler thread serving the memory file `memory_file(code)` makes;
+/// returns the file's directory, to keep while the handler serves, and the handler.
+fn served(
+    userfault: &mut Userfault,
+    code: Option<(&[u8], &[u8])>,
+) -> (TempDir, JoinHandle<FaultStats>) {
+    let (dir, mem_path) = memory_file(code);
+    let socket = dir.as_path().join("uffd.sock");
+    let handler = spawn_handler(&socket, &mem_path);
+    let regions = userfault.regions().to_vec();
+    userfault.send_to_handler(&socket, &regions).unwrap();
+    (dir, handler)
+}
+
 #[test]
 fn first_accesses_are_served_from_the_file_one_page_each() {
     let Some((mem, mut userfault)) = uffd_memory() else {
         return;
     };
-    let (dir, mem_path) = memory_file(None);
-    let socket = dir.as_path().join("uffd.sock");
-    let handler = spawn_handler(&socket, &mem_path);
-    let regions = userfault.regions().to_vec();
+    let (_dir, handler) = served(&mut userfault, None);
+    let regions = userfault.regions();
     assert_eq!(regions.len(), 1);
     assert_eq!(regions[0].size, MEM_SIZE as u64);
     assert_eq!(regions[0].offset, 0);
-    userfault.send_to_handler(&socket, &regions).unwrap();
 
     // Reads from three pages: each is the file's.
     for page in [0usize, 5, 200] {
@@ -126,11 +137,7 @@ fn pages_the_vmm_removes_fault_back_in_as_zeroes() {
     let Some((mem, mut userfault)) = uffd_memory() else {
         return;
     };
-    let (dir, mem_path) = memory_file(None);
-    let socket = dir.as_path().join("uffd.sock");
-    let handler = spawn_handler(&socket, &mem_path);
-    let regions = userfault.regions().to_vec();
-    userfault.send_to_handler(&socket, &regions).unwrap();
+    let (_dir, handler) = served(&mut userfault, None);
 
     let addr = GuestAddress(3 * PAGE as u64 + 9);
     assert_eq!(mem.read_obj::<u8>(addr).unwrap(), file_byte(3 * PAGE + 9));
@@ -170,11 +177,7 @@ fn kvm_faults_guest_pages_in_through_the_handler() {
     };
     // Real mode at 0x1000: mov al, [0x2000]; out 0x80, al; hlt. The byte at 0x2000 is 0x5a.
     let code = [0xa0, 0x00, 0x20, 0xe6, 0x80, 0xf4];
-    let (dir, mem_path) = memory_file(Some((&code, &[0x5a])));
-    let socket = dir.as_path().join("uffd.sock");
-    let handler = spawn_handler(&socket, &mem_path);
-    let regions = userfault.regions().to_vec();
-    userfault.send_to_handler(&socket, &regions).unwrap();
+    let (_dir, handler) = served(&mut userfault, Some((&code, &[0x5a])));
 
     let vm = kvm.create_vm().unwrap();
     for (slot, region) in mem.iter().enumerate() {
