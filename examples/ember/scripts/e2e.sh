@@ -1568,32 +1568,56 @@ JSON
         await "$vm" 30
     }
     retry_crashed clones clone_source
-    pids=
+    # load_clone C: a new ember for clone C, which loads the snapshot and resumes
+    # it, as $vm. (socket_wait counts with $n: the clones are counted with $c.)
+    load_clone() {
+        sock=$work/clone$1.sock
+        rm -f "$sock" "$work/clone$1-v.sock"
+        "$ember" --api-sock "$sock" --serial "file:$work/clone$1.out" --id "clone$1" \
+            >/dev/null 2>"$work/clone$1.err" </dev/null &
+        socket_wait $!
+        eval "pid$1=\$vm"
+        api PUT /snapshot/load "{\"snapshot_path\": \"$work/clone.state\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"$work/clone.mem\"}, \"resume_vm\": true, \"network_overrides\": [{\"iface_id\": \"eth0\", \"host_dev_name\": \"ember-cl$1\"}], \"vsock_override\": {\"uds_path\": \"$work/clone$1-v.sock\"}}"
+        [ "$code" = 204 ] && echo "CLONE $1 loaded" >>"$work/host"
+        echo "E2E CLONE $1 loaded ($code) at $(cut -d" " -f1 /proc/uptime) s"
+    }
+    # ticking C: clone C's guest ticks on from the snapshot's count.
+    ticking() {
+        tr -d '\r' <"$work/clone$1.out" | grep -Eq '^TICK ([3-9]|[1-9][0-9]+)$'
+    }
     t0=$(now_ms)
-    # (socket_wait counts with $n: the clones are counted with $c.)
     c=0
     while [ $c -lt $clones ]; do
-        sock=$work/clone$c.sock
-        rm -f "$sock"
-        "$ember" --api-sock "$sock" --serial "file:$work/clone$c.out" --id "clone$c" \
-            >/dev/null 2>"$work/clone$c.err" </dev/null &
-        socket_wait $!
-        pids="$pids $vm"
-        api PUT /snapshot/load "{\"snapshot_path\": \"$work/clone.state\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"$work/clone.mem\"}, \"resume_vm\": true, \"network_overrides\": [{\"iface_id\": \"eth0\", \"host_dev_name\": \"ember-cl$c\"}], \"vsock_override\": {\"uds_path\": \"$work/clone$c-v.sock\"}}"
-        [ "$code" = 204 ] && echo "CLONE $c loaded" >>"$work/host"
-        echo "E2E CLONE $c loaded ($code) at $(cut -d" " -f1 /proc/uptime) s"
+        load_clone $c
         c=$((c + 1))
     done
     echo "CLONES-STARTED $clones in $(($(now_ms) - t0)) ms" >>"$work/host"
     sleep 12
+    # The nested rig's emulated SVM makes some of twenty guests on its two vCPUs
+    # triple-fault, restored or not: twenty guests booted cold at once there lost
+    # 5 in one run, and the rig's own kernel found its stack corrupted in another.
+    # A clone whose guest did so before it ticked is loaded once more, as
+    # retry_crashed does for one guest; any other ending fails the test.
+    retried=
+    c=0
+    while [ $c -lt $clones ]; do
+        eval "pid=\$pid$c"
+        if ! alive "$pid" && ! ticking $c && grep -q 'The guest reset its CPUs$' "$work/clone$c.err"; then
+            echo "E2E RETRY clone $c: the guest crashed (KVM_EXIT_SHUTDOWN) after $(tr -d '\r' <"$work/clone$c.out" | grep -c '^TICK') ticks"
+            load_clone $c
+            retried=1
+        fi
+        c=$((c + 1))
+    done
+    [ -z "$retried" ] || sleep 12
     free | sed 's/^/FREE /' >>"$work/host"
     running=0
     rss=0
     pss=0
     c=0
-    for pid in $pids; do
-        # Each clone ticks on from the snapshot's count.
-        if tr -d '\r' <"$work/clone$c.out" | grep -Eq '^TICK ([3-9]|[1-9][0-9]+)$'; then
+    while [ $c -lt $clones ]; do
+        eval "pid=\$pid$c"
+        if ticking $c; then
             running=$((running + 1))
         fi
         if [ -r "/proc/$pid/smaps_rollup" ]; then
@@ -1602,14 +1626,23 @@ JSON
         else
             echo "CLONE $c ended: $(tail -n 5 "$work/clone$c.err" | tr '\n' ' ')" >>"$work/host"
             echo "E2E INFO clone $c ended: $(tail -n 5 "$work/clone$c.err" | tr '\n' ' ')"
+            tr -d '\r' <"$work/clone$c.out" | tail -n 40 | sed "s/^/E2E INFO clone $c console: /"
         fi
         c=$((c + 1))
     done
     echo "CLONES-RUNNING $running" >>"$work/host"
     echo "E2E INFO snapshot clones: $clones started in $(sed -n 's/^CLONES-STARTED [0-9]* in //p' "$work/host"); per clone RSS $((rss / clones)) KiB, PSS $((pss / clones)) KiB; memory file $(du -k "$work/clone.mem" | cut -f1) KiB on disk"
     if [ $((pss * 10)) -lt $((rss * 7)) ]; then echo "CLONES-SHARE" >>"$work/host"; fi
-    for pid in $pids; do kill -KILL "$pid" 2>/dev/null; done
-    for pid in $pids; do await "$pid" 30; done
+    c=0
+    while [ $c -lt $clones ]; do
+        eval "kill -KILL \$pid$c 2>/dev/null"
+        c=$((c + 1))
+    done
+    c=0
+    while [ $c -lt $clones ]; do
+        eval "await \$pid$c 30"
+        c=$((c + 1))
+    done
     status=0
     c=0
     while [ $c -lt $clones ]; do
