@@ -12,6 +12,7 @@
 //! [`RawFile`]: super::RawFile
 
 use std::io;
+use std::os::fd::BorrowedFd;
 
 use vm_memory::GuestMemory;
 use vm_memory::volatile_memory::VolatileSlice;
@@ -35,13 +36,14 @@ use crate::iov::GuestIoVecs;
 /// # Asynchronous backends
 ///
 /// The methods are synchronous: each returns once its I/O is done, and the `iovec`s it is given
-/// are valid only for the call. A backend on io_uring or Linux AIO can implement them today by
-/// submitting and waiting. Requests in flight together need more than this trait: a second
-/// trait (as Cloud Hypervisor's `AsyncIo`) whose submissions carry a token, with a completion
-/// eventfd the device's event loop waits on and a call that reaps completed tokens, while the
-/// device keeps each request's chain, and the guest memory mapped, until its completion. The
-/// device-side checks stay where they are, in front of either trait; this one remains what a
-/// synchronous backend implements.
+/// are valid only for the call. Requests in flight together are the device's asynchronous
+/// engine ([`IoEngine::Async`](super::IoEngine::Async), [`AsyncIo`](super::AsyncIo)): a backend
+/// whose bytes are those of a file at the same offsets says so with [`async_fd`], and the
+/// device then submits reads, writes and flushes of that file to an io_uring, each with a
+/// token, waits on the ring's completion eventfd in its event loop and reaps the completed
+/// tokens, keeping each request's chain, and the guest memory mapped, until its completion.
+/// Discards and write zeroes still go through this trait. The device-side checks stay where
+/// they are, in front of either engine.
 ///
 /// # Example
 ///
@@ -105,6 +107,7 @@ use crate::iov::GuestIoVecs;
 /// [`supports_discard`]: BlockBackend::supports_discard
 /// [`supports_write_zeroes`]: BlockBackend::supports_write_zeroes
 /// [`read_only`]: BlockBackend::read_only
+/// [`async_fd`]: BlockBackend::async_fd
 pub trait BlockBackend: Send + 'static {
     /// The size of the store in bytes: a multiple of 512, which the device checks when it
     /// takes the backend. The device reads it then and keeps it; a store that grows or shrinks
@@ -144,6 +147,16 @@ pub trait BlockBackend: Send + 'static {
         offset: u64,
         bufs: &GuestIoVecs<'_, M>,
     ) -> io::Result<()>;
+
+    /// The file the store's bytes are, at the same offsets, for the asynchronous engine
+    /// ([`IoEngine::Async`](super::IoEngine::Async)) to read, write and `fdatasync` through
+    /// io_uring in place of [`read_vectored`](BlockBackend::read_vectored),
+    /// [`write_vectored`](BlockBackend::write_vectored) and [`flush`](BlockBackend::flush).
+    /// `None` (the default) for a store that is not such a file: it backs only devices with the
+    /// synchronous engine.
+    fn async_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 
     /// Makes every write completed so far durable.
     ///

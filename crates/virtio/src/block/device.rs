@@ -22,11 +22,11 @@ use vm_memory::GuestAddressSpace;
 use super::handler::{BlockHandler, BlockWorker};
 use super::metrics::inc;
 use super::{
-    BlockBackend, BlockMetrics, CONFIG_CAPACITY, CONFIG_DISCARD_SECTOR_ALIGNMENT, CONFIG_LEN,
-    CONFIG_MAX_DISCARD_SECTORS, CONFIG_MAX_DISCARD_SEG, CONFIG_MAX_WRITE_ZEROES_SECTORS,
-    CONFIG_MAX_WRITE_ZEROES_SEG, CONFIG_SEG_MAX, CONFIG_WRITE_ZEROES_MAY_UNMAP, Disk, Error,
-    MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
-    QUEUE_SIZE, RawFile, Result, SEG_MAX,
+    AsyncIo, BlockBackend, BlockMetrics, CONFIG_CAPACITY, CONFIG_DISCARD_SECTOR_ALIGNMENT,
+    CONFIG_LEN, CONFIG_MAX_DISCARD_SECTORS, CONFIG_MAX_DISCARD_SEG,
+    CONFIG_MAX_WRITE_ZEROES_SECTORS, CONFIG_MAX_WRITE_ZEROES_SEG, CONFIG_SEG_MAX,
+    CONFIG_WRITE_ZEROES_MAY_UNMAP, Disk, Error, IoEngine, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
+    MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, RawFile, Result, SEG_MAX,
 };
 use crate::device::{
     ActivateError, ActivateParams, StateError, VirtioDevice, VirtioInterruptType, read_config_bytes,
@@ -60,6 +60,9 @@ pub struct Config {
     /// discard or a write zeroes the bytes it covers on the disk. The default lets everything
     /// through.
     pub rate_limiter: RateLimiter,
+    /// What carries out reads, writes and flushes: the synchronous engine (the default), or
+    /// io_uring ([`IoEngine::Async`], whose ring [`Block::new`] sets up).
+    pub io_engine: IoEngine,
 }
 
 impl Config {
@@ -84,12 +87,20 @@ impl Config {
         self.rate_limiter = rate_limiter;
         self
     }
+
+    /// With reads, writes and flushes carried out by `io_engine`.
+    #[must_use]
+    pub fn with_io_engine(mut self, io_engine: IoEngine) -> Self {
+        self.io_engine = io_engine;
+        self
+    }
 }
 
 /// A virtio block device on the backend `B`.
 pub struct Block<B = RawFile> {
     id: String,
     read_only: bool,
+    io_engine: IoEngine,
     features: u64,
     /// The configuration space, but for the capacity, which `capacity` holds.
     config_space: [u8; CONFIG_LEN],
@@ -109,6 +120,8 @@ enum State<B> {
     Ready {
         disk: Disk<B>,
         rate_limiter: RateLimiter,
+        /// The ring of the asynchronous engine, kept from one activation to the next.
+        io: Option<AsyncIo>,
     },
     Active {
         worker: Box<dyn Running<B>>,
@@ -127,6 +140,7 @@ impl<B> fmt::Debug for Block<B> {
         f.debug_struct("Block")
             .field("id", &self.id)
             .field("read_only", &self.read_only)
+            .field("io_engine", &self.io_engine)
             .field("features", &format_args!("{:#x}", self.features))
             .field("state", &state)
             .finish()
@@ -141,20 +155,34 @@ impl<B: BlockBackend> Block<B> {
     /// them ([`BlockBackend::supports_write_zeroes`], [`BlockBackend::supports_discard`]: a
     /// [`RawFile`] always zeroes, and discards where its file system can punch holes).
     ///
+    /// With [`IoEngine::Async`], it sets up the io_uring the device's requests go through
+    /// here, so that the thread that will serve the queue only submits and reaps.
+    ///
     /// # Errors
     ///
-    /// As [`Disk::new`].
+    /// As [`Disk::new`]; with [`IoEngine::Async`], [`Error::NoAsyncFile`] for a backend without
+    /// a file and [`Error::IoUring`] when the host has no io_uring to give (no fallback on the
+    /// synchronous engine is made).
     pub fn new(backend: B, config: Config) -> Result<Self> {
         let disk = Disk::new(backend, config.read_only, &config.id)?;
+        let io = match config.io_engine {
+            IoEngine::Sync => None,
+            IoEngine::Async => {
+                check_engine(IoEngine::Async, disk.backend())?;
+                Some(AsyncIo::new(QUEUE_SIZE)?)
+            }
+        };
         Ok(Block {
             id: config.id,
             read_only: config.read_only,
+            io_engine: config.io_engine,
             features: features(&disk),
             config_space: config_space(&disk),
             capacity: Arc::new(AtomicU64::new(disk.capacity())),
             state: State::Ready {
                 disk,
                 rate_limiter: config.rate_limiter,
+                io,
             },
             metrics: Arc::default(),
         })
@@ -178,6 +206,11 @@ impl<B: BlockBackend> Block<B> {
     /// Whether the guest may only read the disk.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// What carries out reads, writes and flushes.
+    pub fn io_engine(&self) -> IoEngine {
+        self.io_engine
     }
 
     /// The disk's size in 512-byte sectors, as the driver reads it in the configuration space.
@@ -240,11 +273,13 @@ impl<B: BlockBackend> Block<B> {
     ///
     /// Those of [`Disk::new`] when the new backend cannot back the device
     /// ([`Error::ReadOnlyBackend`] for a read-only one on a writable device; the old backend
-    /// stays); [`Error::Worker`] when the worker thread is gone, [`Error::Lost`] when the
+    /// stays), [`Error::NoAsyncFile`] for a backend without a file under the asynchronous
+    /// engine; [`Error::Worker`] when the worker thread is gone, [`Error::Lost`] when the
     /// device lost its disk with a worker that panicked.
     pub fn update_disk(&mut self, backend: B) -> Result<PendingUpdate> {
-        let pending =
-            Disk::new(backend, self.read_only, &self.id).and_then(|disk| self.replace_disk(disk));
+        let pending = check_engine(self.io_engine, &backend)
+            .and_then(|()| Disk::new(backend, self.read_only, &self.id))
+            .and_then(|disk| self.replace_disk(disk));
         if pending.is_err() {
             inc(&self.metrics.update_fails);
         }
@@ -352,6 +387,14 @@ impl<B: BlockBackend> Block<B> {
     }
 }
 
+/// Checks that `backend` can serve under `io_engine`: the asynchronous engine needs its file.
+fn check_engine<B: BlockBackend>(io_engine: IoEngine, backend: &B) -> Result<()> {
+    if io_engine == IoEngine::Async && backend.async_fd().is_none() {
+        return Err(Error::NoAsyncFile);
+    }
+    Ok(())
+}
+
 /// How a disk may be accessed, in words.
 fn access(read_only: bool) -> &'static str {
     if read_only { "read-only" } else { "writable" }
@@ -373,7 +416,13 @@ impl<B> Block<B> {
             return;
         };
         match worker.stop() {
-            Ok((disk, rate_limiter)) => self.state = State::Ready { disk, rate_limiter },
+            Ok((disk, rate_limiter, io)) => {
+                self.state = State::Ready {
+                    disk,
+                    rate_limiter,
+                    io,
+                }
+            }
             Err(err) => log::error!("The block device {} lost its disk: {err}", self.id),
         }
     }
@@ -473,13 +522,21 @@ impl<B: BlockBackend> Block<B> {
         if !matches!(self.state, State::Ready { .. }) {
             return Err(ActivateError::AlreadyActive);
         }
-        let State::Ready { disk, rate_limiter } = std::mem::replace(&mut self.state, State::Lost)
+        let State::Ready {
+            disk,
+            rate_limiter,
+            io,
+        } = std::mem::replace(&mut self.state, State::Lost)
         else {
             return Err(ActivateError::AlreadyActive);
         };
+        let mut worker = BlockWorker::new(disk, queue, mem, interrupt, rate_limiter)
+            .with_metrics(self.metrics.clone());
+        if let Some(io) = io {
+            worker = worker.with_async_io(io);
+        }
         let handler = BlockHandler {
-            worker: BlockWorker::new(disk, queue, mem, interrupt, rate_limiter)
-                .with_metrics(self.metrics.clone()),
+            worker,
             queue_evt,
             id: self.id.clone(),
             broken: false,
@@ -497,8 +554,12 @@ impl<B: BlockBackend> Block<B> {
                 Ok(())
             }
             Err(err) => {
-                let (disk, rate_limiter) = err.handler.worker.into_parts();
-                self.state = State::Ready { disk, rate_limiter };
+                let (disk, rate_limiter, io) = err.handler.worker.into_parts();
+                self.state = State::Ready {
+                    disk,
+                    rate_limiter,
+                    io,
+                };
                 Err(ActivateError::Worker(err.error))
             }
         }
@@ -631,13 +692,17 @@ impl fmt::Debug for Retired {
     }
 }
 
+/// What a stopped handler gives back: the disk, the rate limiter and the asynchronous engine.
+type Parts<B> = (Disk<B>, RateLimiter, Option<AsyncIo>);
+
 /// A running handler, whatever guest memory type it serves and wherever it runs.
 trait Running<B>: Send {
-    /// Stops the thread and gives the disk and the rate limiter back.
-    fn stop(self: Box<Self>) -> io::Result<(Disk<B>, RateLimiter)>;
+    /// Stops the thread and gives the disk, the rate limiter and the asynchronous engine back,
+    /// once no request is in flight ([`BlockWorker::into_parts`]).
+    fn stop(self: Box<Self>) -> io::Result<Parts<B>>;
 
-    /// The queue as a snapshot records it ([`BlockWorker::saved_queue`]), from the handler's
-    /// thread.
+    /// The queue as a snapshot records it ([`BlockWorker::saved_queue`], once no request is
+    /// in flight), from the handler's thread.
     fn save_queue(&self) -> io::Result<Queue>;
 
     /// The rate limiter's state, from the handler's thread.
@@ -668,7 +733,7 @@ trait Running<B>: Send {
 impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> Running<B>
     for Runner<BlockHandler<M, B>>
 {
-    fn stop(self: Box<Self>) -> io::Result<(Disk<B>, RateLimiter)> {
+    fn stop(self: Box<Self>) -> io::Result<Parts<B>> {
         Runner::stop(*self).map(|handler| handler.worker.into_parts())
     }
 
@@ -933,6 +998,37 @@ mod tests {
         let mut data = vec![0u8; 512];
         a.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
         data
+    }
+
+    #[test]
+    fn an_async_device_serves_through_its_worker_keeps_its_ring_and_drains_on_save() {
+        let image = Image::on_tmpfs();
+        let config = image.config(false).with_io_engine(IoEngine::Async);
+        let mut block = Block::new(image.backend(false).unwrap(), config).unwrap();
+        assert_eq!(block.io_engine(), IoEngine::Async);
+        for _ in 0..2 {
+            let mut a = activate(&mut block);
+            assert_eq!(read_sector_through_worker(&mut a, 7), pattern(7, 1));
+            a.mem.write_slice(&[0x77; 512], GuestAddress(DATA)).unwrap();
+            let data = [MockBuffer::readable(DATA, 512)];
+            submit_through_worker(&mut a, VIRTIO_BLK_T_OUT, 9, &data);
+            assert_eq!(finish_through_worker(&mut a), STATUS_OK);
+            assert_eq!(&image.contents()[9 * 512..10 * 512], &[0x77; 512][..]);
+            let saved = VirtioDevice::<Space>::save_queues(&block).unwrap();
+            assert_eq!(saved[0].next_used(), saved[0].next_avail());
+            // A new backend on the same file, through the running worker.
+            block
+                .update_disk(image.backend(false).unwrap())
+                .unwrap()
+                .wait()
+                .unwrap();
+            // The configuration change interrupt.
+            wait_irq(&a.irq);
+            assert_eq!(read_sector_through_worker(&mut a, 3), pattern(3, 1));
+            // Reset gives the ring back for the next activation.
+            VirtioDevice::<Space>::reset(&mut block);
+            assert!(matches!(block.state, State::Ready { io: Some(_), .. }));
+        }
     }
 
     /// Waits until `done` holds, for at most 5 seconds.
@@ -1209,7 +1305,9 @@ mod tests {
         let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
         let irqs = CountingTrigger::default();
         let interrupt = Arc::new(MmioInterrupt::new(irqs.clone()));
-        let State::Ready { disk, rate_limiter } = std::mem::replace(&mut block.state, State::Lost)
+        let State::Ready {
+            disk, rate_limiter, ..
+        } = std::mem::replace(&mut block.state, State::Lost)
         else {
             panic!("a new device holds its disk");
         };

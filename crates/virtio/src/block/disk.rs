@@ -238,7 +238,7 @@ impl<B: BlockBackend> Disk<B> {
         }
     }
 
-    fn finish(&mut self, result: io::Result<()>, what: &str) -> Completion {
+    pub(super) fn finish(&mut self, result: io::Result<()>, what: &str) -> Completion {
         match result {
             Ok(()) => Completion::status(STATUS_OK),
             Err(err) => self.failed(&err, what),
@@ -257,7 +257,7 @@ impl<B: BlockBackend> Disk<B> {
 
     /// An I/O error: IOERR for the driver, and a log line the first time only, since the guest
     /// can repeat the request as often as it likes.
-    fn failed(&mut self, err: &io::Error, what: &str) -> Completion {
+    pub(super) fn failed(&mut self, err: &io::Error, what: &str) -> Completion {
         if self.io_error_logged {
             log::debug!("A block {what} request failed: {err}");
         } else {

@@ -5,7 +5,7 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use ember_rate_limiter::{Clock, MonotonicClock, RateLimiter, TokenType};
@@ -15,9 +15,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::metrics::inc;
 use super::request::{self, Request};
+use super::uring::{AsyncIo, Done, Submitted};
 use super::{
-    BlockBackend, BlockMetrics, Disk, MAX_BATCH, MAX_BATCH_BYTES, QUEUE_TOKEN, RATE_LIMITER_TOKEN,
-    RawFile, SECTOR_SIZE, disk,
+    BlockBackend, BlockMetrics, COMPLETION_TOKEN, Disk, MAX_BATCH, MAX_BATCH_BYTES, QUEUE_TOKEN,
+    RATE_LIMITER_TOKEN, RawFile, SECTOR_SIZE, disk,
 };
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
 use crate::error::ErrorChain;
@@ -39,6 +40,16 @@ use crate::worker::{EventHandler, EventOps};
 /// monotonic clock unless a test gives it another.
 ///
 /// The disk's backend `B` is called directly, without dynamic dispatch, on every request.
+///
+/// With the asynchronous engine ([`BlockWorker::with_async_io`]), reads, writes and flushes
+/// go in flight instead of completing in [`BlockWorker::process_queue`]: at most one per entry
+/// of the queue, after which the worker takes no more chains until some complete. When the
+/// engine's eventfd ([`BlockWorker::completion_fd`]) fires,
+/// [`BlockWorker::process_completions`] hands every completed chain back in one update of the
+/// used ring, with at most one interrupt. The worker holds its guest memory handle `M`, and so
+/// the memory mapped, while requests are in flight; whatever saves its queue, changes its disk
+/// or takes its parts back waits for them first, so that a saved queue never has a request in
+/// flight.
 pub struct BlockWorker<M, B = RawFile, C: Clock = MonotonicClock> {
     server: Server<B, C>,
     queue: Queue,
@@ -47,6 +58,9 @@ pub struct BlockWorker<M, B = RawFile, C: Clock = MonotonicClock> {
     irq_error_logged: bool,
     /// Whether the last call stopped on its budget, with chains maybe left.
     budget_spent: bool,
+    /// Whether the last call stopped because every request slot of the asynchronous engine
+    /// was taken: completions resume the queue.
+    waiting_for_room: bool,
 }
 
 /// What carries out the requests of a queue: the disk, the rate limiter in front of it, and
@@ -57,6 +71,11 @@ struct Server<B, C: Clock> {
     /// The chain the rate limiter held back, served before any other.
     throttled: Option<DescriptorChain>,
     metrics: Arc<BlockMetrics>,
+    /// The asynchronous engine and its requests in flight; `None` for the synchronous one.
+    io: Option<AsyncIo>,
+    /// Chains the asynchronous engine completed, to hand back in one update of the used ring:
+    /// at most one per request slot.
+    completed: Vec<(u16, u32)>,
 }
 
 impl<M, B, C: Clock + fmt::Debug> fmt::Debug for BlockWorker<M, B, C> {
@@ -66,6 +85,7 @@ impl<M, B, C: Clock + fmt::Debug> fmt::Debug for BlockWorker<M, B, C> {
             .field("queue", &self.queue)
             .field("rate_limiter", &self.server.rate_limiter)
             .field("throttled", &self.server.throttled.is_some())
+            .field("io", &self.server.io)
             .finish_non_exhaustive()
     }
 }
@@ -89,13 +109,104 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
                 rate_limiter,
                 throttled: None,
                 metrics: Arc::default(),
+                io: None,
+                completed: Vec::new(),
             },
             queue,
             mem,
             interrupt,
             irq_error_logged: false,
             budget_spent: false,
+            waiting_for_room: false,
         }
+    }
+
+    /// Carries out reads, writes and flushes on `io`, the asynchronous engine, from now on
+    /// (the disk's backend must have a file, [`BlockBackend::async_fd`], or they fail with
+    /// IOERR). The event loop must then wait on [`BlockWorker::completion_fd`] too.
+    pub fn with_async_io(mut self, io: AsyncIo) -> Self {
+        self.server.completed = Vec::with_capacity(io.slots());
+        self.server.io = Some(io);
+        self
+    }
+
+    /// The eventfd the asynchronous engine signals when requests complete, for the event loop
+    /// to call [`BlockWorker::process_completions`] on; `None` for the synchronous engine.
+    pub fn completion_fd(&self) -> Option<RawFd> {
+        self.server.io.as_ref().map(AsyncIo::completion_fd)
+    }
+
+    /// How many requests the asynchronous engine has in flight.
+    pub fn in_flight(&self) -> usize {
+        self.server.io.as_ref().map_or(0, AsyncIo::in_flight)
+    }
+
+    /// How many completions the asynchronous engine's ring holds, not yet reaped.
+    #[cfg(test)]
+    pub(super) fn completions_ready(&mut self) -> usize {
+        self.server
+            .io
+            .as_mut()
+            .map_or(0, AsyncIo::completions_ready)
+    }
+
+    /// Whether the last [`BlockWorker::process_queue`] stopped because as many requests as the
+    /// queue holds were in flight: [`BlockWorker::process_completions`] frees their slots,
+    /// and the caller serves the queue again.
+    pub fn waiting_for_room(&self) -> bool {
+        self.waiting_for_room
+    }
+
+    /// Hands back the chains whose requests the asynchronous engine completed, with their
+    /// status bytes, in one update of the used ring, and raises the interrupt if the driver
+    /// wants one. Returns how many. Nothing for the synchronous engine.
+    ///
+    /// # Errors
+    ///
+    /// As [`BlockWorker::process_queue`], when the used ring cannot be written.
+    pub fn process_completions(&mut self) -> std::result::Result<usize, queue::Error> {
+        if let Some(io) = &self.server.io {
+            if let Err(err) = io.clear_event() {
+                inc(&self.server.metrics.event_fails);
+                log::debug!("A block device cannot read its completion eventfd: {err}");
+            }
+        }
+        self.complete_in_flight(false)
+    }
+
+    /// Waits until no request is in flight, and hands the completed chains back as
+    /// [`BlockWorker::process_completions`] does.
+    ///
+    /// # Errors
+    ///
+    /// As [`BlockWorker::process_completions`].
+    pub fn wait_in_flight(&mut self) -> std::result::Result<usize, queue::Error> {
+        self.complete_in_flight(true)
+    }
+
+    /// Reaps the completions of the asynchronous engine (waiting for all with `wait`), writes
+    /// their status bytes, and publishes them.
+    fn complete_in_flight(&mut self, wait: bool) -> std::result::Result<usize, queue::Error> {
+        let BlockWorker {
+            server,
+            queue,
+            mem,
+            interrupt,
+            irq_error_logged,
+            ..
+        } = self;
+        let mem = mem.memory();
+        let mem = &*mem;
+        server.reap(mem, wait);
+        let count = server.completed.len();
+        if count == 0 {
+            return Ok(0);
+        }
+        let published = queue.add_used_batch(mem, &server.completed);
+        server.completed.clear();
+        published?;
+        signal(queue, mem, &**interrupt, &server.metrics, irq_error_logged)?;
+        Ok(count)
     }
 
     /// Counts into `metrics`, a device's counters, from now on.
@@ -138,11 +249,13 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
             interrupt,
             irq_error_logged,
             budget_spent,
+            waiting_for_room,
         } = self;
         let mem = mem.memory();
         let mem = &*mem;
         let mut budget = Budget::default();
         *budget_spent = false;
+        *waiting_for_room = false;
         let mut passes = 0usize;
         let result = loop {
             if let Err(err) = queue.disable_notification(mem) {
@@ -156,6 +269,11 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
                     break Ok(());
                 }
                 Ok(Drained::Throttled) => break Ok(()),
+                // Notifications stay off: completions free slots and resume the queue.
+                Ok(Drained::Busy) => {
+                    *waiting_for_room = true;
+                    break Ok(());
+                }
                 Err(err) => break Err(err),
             }
             match queue.enable_notification(mem) {
@@ -165,17 +283,16 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
                 Err(err) => break Err(err),
             }
         };
-        let served = budget.chains;
-        if served > 0 && queue.needs_notification(mem)? {
-            if let Err(err) = interrupt.trigger(VirtioInterruptType::Queue(0)) {
-                inc(&server.metrics.event_fails);
-                if !*irq_error_logged {
-                    *irq_error_logged = true;
-                    log::error!("A block device cannot raise its interrupt: {err}");
-                }
-            }
+        if let Err(err) = server.submit_pending() {
+            // What the kernel did not take stays queued: come back to hand it over again.
+            inc(&server.metrics.event_fails);
+            log::debug!("A block device cannot submit its requests to io_uring: {err}");
+            *budget_spent = true;
         }
-        result.map(|()| served)
+        if budget.used > 0 {
+            signal(queue, mem, &**interrupt, &server.metrics, irq_error_logged)?;
+        }
+        result.map(|()| budget.chains)
     }
 
     /// Whether the last [`BlockWorker::process_queue`] stopped on its budget of chains or
@@ -206,11 +323,19 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         &self.queue
     }
 
-    /// The queue as a snapshot records it: as [`BlockWorker::queue`], but with the chain the
-    /// rate limiter holds back, if any, given back to the available ring, so that a device
-    /// restored from the snapshot takes it again. That chain is always the last one taken:
-    /// nothing more is taken while it is held.
-    pub fn saved_queue(&self) -> Queue {
+    /// The queue as a snapshot records it: as [`BlockWorker::queue`] once no request is in
+    /// flight (it waits for those first, and hands them back: [`BlockWorker::wait_in_flight`]),
+    /// but with the chain the rate limiter holds back, if any, given back to the available
+    /// ring, so that a device restored from the snapshot takes it again. That chain is always
+    /// the last one taken: nothing more is taken while it is held.
+    pub fn saved_queue(&mut self) -> Queue {
+        if let Err(err) = self.wait_in_flight() {
+            // The driver broke the queue: the device needs a reset, saved or not.
+            log::warn!(
+                "A block device cannot hand back its requests in flight: {}",
+                ErrorChain(&err)
+            );
+        }
         let mut queue = self.queue.clone();
         if self.server.throttled.is_some() {
             queue.set_next_avail(queue.next_avail().wrapping_sub(1));
@@ -224,26 +349,77 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
     }
 
     /// Serves the requests from `disk` from now on, and gives back the disk they were served
-    /// from. A request the rate limiter holds back is checked against the new disk when it goes.
+    /// from, once the requests in flight on it completed and were handed back
+    /// ([`BlockWorker::wait_in_flight`]). A request the rate limiter holds back is checked
+    /// against the new disk when it goes.
     pub fn replace_disk(&mut self, disk: Disk<B>) -> Disk<B> {
+        if let Err(err) = self.wait_in_flight() {
+            log::warn!(
+                "A block device cannot hand back its requests in flight: {}",
+                ErrorChain(&err)
+            );
+        }
         std::mem::replace(&mut self.server.disk, disk)
     }
 
-    /// Gives the disk back.
+    /// Gives the disk back, as [`BlockWorker::into_parts`].
     pub fn into_disk(self) -> Disk<B> {
-        self.server.disk
+        self.into_parts().0
     }
 
-    /// Gives the disk and the rate limiter back.
-    pub fn into_parts(self) -> (Disk<B>, RateLimiter<C>) {
-        (self.server.disk, self.server.rate_limiter)
+    /// Gives the disk, the rate limiter and the asynchronous engine, if any, back, once no
+    /// request is in flight: it waits for those, and drops them without handing them back,
+    /// since the worker is stopped when the driver resets the device, after which the device
+    /// must not write into the rings.
+    pub fn into_parts(mut self) -> (Disk<B>, RateLimiter<C>, Option<AsyncIo>) {
+        let Server {
+            disk, io, metrics, ..
+        } = &mut self.server;
+        if let Some(io) = io {
+            let mem = self.mem.memory();
+            io.wait_all(disk, &*mem, |done: Done| {
+                metrics.completed(done.request_type, done.completion);
+            });
+        }
+        let Server {
+            disk,
+            rate_limiter,
+            io,
+            ..
+        } = self.server;
+        (disk, rate_limiter, io)
     }
+}
+
+/// Raises the interrupt of a queue the device just used, if the driver wants one (a failure
+/// is counted, and logged once).
+fn signal<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    interrupt: &dyn VirtioInterrupt,
+    metrics: &BlockMetrics,
+    irq_error_logged: &mut bool,
+) -> std::result::Result<(), queue::Error> {
+    if !queue.needs_notification(mem)? {
+        return Ok(());
+    }
+    if let Err(err) = interrupt.trigger(VirtioInterruptType::Queue(0)) {
+        inc(&metrics.event_fails);
+        if !*irq_error_logged {
+            *irq_error_logged = true;
+            log::error!("A block device cannot raise its interrupt: {err}");
+        }
+    }
+    Ok(())
 }
 
 /// What one [`BlockWorker::process_queue`] call served so far.
 #[derive(Debug, Default)]
 struct Budget {
+    /// Chains taken: handed back, or in flight.
     chains: usize,
+    /// Chains handed back.
+    used: usize,
     bytes: u64,
 }
 
@@ -261,12 +437,16 @@ enum Drained {
     Full,
     /// The rate limiter held a request back.
     Throttled,
+    /// Every request slot of the asynchronous engine is taken.
+    Busy,
 }
 
 /// What became of one chain.
 enum Served {
     /// Handed back with this used length, after moving this many bytes on the disk.
     Used(u32, u64),
+    /// In flight on the asynchronous engine, to move this many bytes.
+    InFlight(u64),
     /// Held back by the rate limiter.
     Throttled,
 }
@@ -281,6 +461,9 @@ impl<B: BlockBackend, C: Clock> Server<B, C> {
         budget: &mut Budget,
     ) -> std::result::Result<Drained, queue::Error> {
         while !budget.spent() {
+            if self.io.as_ref().is_some_and(|io| !io.has_room()) {
+                return Ok(Drained::Busy);
+            }
             let chain = match self.throttled.take() {
                 Some(chain) => chain,
                 None => match queue.pop(mem)? {
@@ -291,6 +474,11 @@ impl<B: BlockBackend, C: Clock> Server<B, C> {
             match self.serve(mem, &chain) {
                 Served::Used(used, bytes) => {
                     queue.add_used(mem, chain.head_index(), used)?;
+                    budget.chains += 1;
+                    budget.used += 1;
+                    budget.bytes = budget.bytes.saturating_add(bytes);
+                }
+                Served::InFlight(bytes) => {
                     budget.chains += 1;
                     budget.bytes = budget.bytes.saturating_add(bytes);
                 }
@@ -323,7 +511,15 @@ impl<B: BlockBackend, C: Clock> Server<B, C> {
         }
         let used = match parsed {
             Ok(request) => {
-                let completion = self.disk.execute(mem, &request);
+                let completion = match &mut self.io {
+                    None => self.disk.execute(mem, &request),
+                    Some(io) => {
+                        match io.submit(&mut self.disk, mem, &request, chain.head_index()) {
+                            Submitted::InFlight => return Served::InFlight(bytes),
+                            Submitted::Done(completion) => completion,
+                        }
+                    }
+                };
                 self.metrics.completed(request.request_type(), completion);
                 disk::complete(mem, request.status_addr(), completion)
             }
@@ -333,6 +529,36 @@ impl<B: BlockBackend, C: Clock> Server<B, C> {
             }
         };
         Served::Used(used, bytes)
+    }
+
+    /// Hands the asynchronous engine's new submissions to the kernel.
+    fn submit_pending(&mut self) -> io::Result<()> {
+        self.io.as_mut().map_or(Ok(()), AsyncIo::submit_pending)
+    }
+
+    /// Takes the asynchronous engine's completions (waiting for every request in flight with
+    /// `wait`) into `completed`, with their status bytes written and counted.
+    fn reap<M: GuestMemory>(&mut self, mem: &M, wait: bool) {
+        let Server {
+            disk: store,
+            io,
+            metrics,
+            completed,
+            ..
+        } = self;
+        let Some(io) = io else {
+            return;
+        };
+        let done = |done: Done| {
+            metrics.completed(done.request_type, done.completion);
+            let used = disk::complete(mem, done.status_addr, done.completion);
+            completed.push((done.head, used));
+        };
+        if wait {
+            io.wait_all(store, mem, done);
+        } else {
+            io.reap(store, mem, done);
+        }
     }
 
     /// Takes an operation and `bytes` bytes from the rate limiter, or nothing if it refuses
@@ -391,7 +617,11 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> EventHandler for Bl
             self.worker.rate_limiter().as_raw_fd(),
             EventSet::IN,
             RATE_LIMITER_TOKEN,
-        )
+        )?;
+        if let Some(fd) = self.worker.completion_fd() {
+            ops.add(fd, EventSet::IN, COMPLETION_TOKEN)?;
+        }
+        Ok(())
     }
 
     fn handle_event(&mut self, ops: &mut EventOps<'_>, token: u64, _events: EventSet) {
@@ -401,6 +631,7 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> EventHandler for Bl
         match token {
             QUEUE_TOKEN => self.queue_event(ops),
             RATE_LIMITER_TOKEN => self.rate_limiter_event(ops),
+            COMPLETION_TOKEN => self.completion_event(ops),
             _ => {}
         }
     }
@@ -450,6 +681,17 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> 
         }
     }
 
+    fn completion_event(&mut self, ops: &mut EventOps<'_>) {
+        if let Err(err) = self.worker.process_completions() {
+            self.queue_failed(ops, &err);
+            return;
+        }
+        // Slots were freed: the chains that waited for one go now.
+        if self.worker.waiting_for_room() && !self.worker.is_throttled() {
+            self.serve(ops, false);
+        }
+    }
+
     /// Serves the queue; with `count_empty`, finding nothing to serve counts as
     /// `no_avail_buffer`.
     fn serve(&mut self, ops: &mut EventOps<'_>, count_empty: bool) {
@@ -469,17 +711,20 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> 
                 inc(&metrics.no_avail_buffer);
             }
             Ok(_) => {}
-            Err(err) => {
-                // The guest can do this at every activation: counted, and a warning only.
-                inc(&metrics.queue_fails);
-                log::warn!(
-                    "The block device {} stops serving its queue until the driver resets it: {}",
-                    self.id,
-                    ErrorChain(&err)
-                );
-                self.fail(ops);
-            }
+            Err(err) => self.queue_failed(ops, &err),
         }
+    }
+
+    /// The driver broke the queue protocol: stops serving it.
+    fn queue_failed(&mut self, ops: &mut EventOps<'_>, err: &queue::Error) {
+        // The guest can do this at every activation: counted, and a warning only.
+        inc(&self.worker.metrics().queue_fails);
+        log::warn!(
+            "The block device {} stops serving its queue until the driver resets it: {}",
+            self.id,
+            ErrorChain(err)
+        );
+        self.fail(ops);
     }
 
     /// Stops serving the queue and asks the driver for a reset. The handler's descriptors no
@@ -488,10 +733,11 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> 
         let metrics = self.worker.metrics().clone();
         self.broken = true;
         let fds = [
-            self.queue_evt.as_raw_fd(),
-            self.worker.rate_limiter().as_raw_fd(),
+            Some(self.queue_evt.as_raw_fd()),
+            Some(self.worker.rate_limiter().as_raw_fd()),
+            self.worker.completion_fd(),
         ];
-        for fd in fds {
+        for fd in fds.into_iter().flatten() {
             if let Err(err) = ops.remove(fd) {
                 inc(&metrics.event_fails);
                 log::error!(

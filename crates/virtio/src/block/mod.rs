@@ -95,6 +95,7 @@ mod handler;
 pub mod metrics;
 mod raw_file;
 pub mod request;
+mod uring;
 
 use std::io;
 use std::os::fd::RawFd;
@@ -107,6 +108,7 @@ pub use handler::BlockWorker;
 pub use metrics::BlockMetrics;
 pub use raw_file::{INHERITED_FD_PREFIX, RawFile, check_inherited_fd, inherited_fd};
 pub use request::{STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
+pub use uring::{AsyncIo, IoEngine};
 
 /// Size in bytes of a sector, the unit of the protocol's sector numbers and of the capacity.
 pub const SECTOR_SIZE: u64 = 512;
@@ -152,6 +154,8 @@ const CONFIG_WRITE_ZEROES_MAY_UNMAP: usize = 56;
 const QUEUE_TOKEN: u64 = 0;
 /// The epoll token of the rate limiter's timerfd.
 const RATE_LIMITER_TOKEN: u64 = 1;
+/// The epoll token of the asynchronous engine's completion eventfd.
+const COMPLETION_TOKEN: u64 = 2;
 
 /// Errors of setting up or changing a block device.
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +237,20 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The host cannot give the asynchronous engine ([`IoEngine::Async`]) an io_uring: the
+    /// kernel has none (ENOSYS), or refuses it (EPERM: disabled by `kernel.io_uring_disabled`,
+    /// or a seccomp filter), or is out of memory for it.
+    #[error("Cannot {what} an io_uring for the asynchronous block engine")]
+    IoUring {
+        /// What could not be done.
+        what: &'static str,
+        /// Why, with the errno.
+        #[source]
+        source: io::Error,
+    },
+    /// The asynchronous engine needs a backend on a file ([`BlockBackend::async_fd`]).
+    #[error("The disk backend has no file for the asynchronous block engine")]
+    NoAsyncFile,
     /// An inherited descriptor named as the disk was not opened for what the drive needs.
     #[error("The inherited descriptor {fd} is not open for {needed}")]
     FdAccess {
