@@ -645,7 +645,7 @@ fn drives_from_flags(disks: &[DiskSpec]) -> Result<Vec<Drive>> {
             is_read_only: Some(disk.read_only),
             path_on_host: Some(path_string(&disk.path)),
             rate_limiter: None,
-            io_engine: None,
+            io_engine: model::IoEngine::Sync,
             socket: None,
         });
     }
@@ -687,7 +687,7 @@ mod tests {
             // A file that is there: a drive's file must be.
             path_on_host: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml").into()),
             rate_limiter: None,
-            io_engine: None,
+            io_engine: model::IoEngine::Sync,
             socket: None,
         }
     }

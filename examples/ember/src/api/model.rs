@@ -91,9 +91,6 @@ pub enum ModelError {
     /// A drive has no `path_on_host`.
     #[error("The drive has no path_on_host.")]
     MissingDrivePath,
-    /// A drive asks for the `Async` I/O engine.
-    #[error("The io_engine \"Async\" is not supported by ember: use \"Sync\".")]
-    AsyncIoEngine,
     /// `host_dev_name` is not a possible interface name.
     #[error(
         "The host_dev_name must be the name of a TAP interface: 1 to {MAX_HOST_DEV_NAME_LEN} bytes, without '/' or NUL."
@@ -597,7 +594,8 @@ pub enum IoEngine {
     /// Blocking reads and writes on the device's own thread.
     #[default]
     Sync,
-    /// `io_uring`; ember refuses it.
+    /// Reads, writes and flushes in flight on an `io_uring`, many at once, from the drive's
+    /// one thread. A host without io_uring fails the boot with an error that says so.
     Async,
 }
 
@@ -626,9 +624,9 @@ pub struct Drive {
     /// Limits on the drive's I/O.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiter>,
-    /// The I/O engine; ember accepts only `"Sync"`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub io_engine: Option<IoEngine>,
+    /// The I/O engine: `"Sync"` when absent, and always written out, as Firecracker does.
+    #[serde(default)]
+    pub io_engine: IoEngine,
     /// The socket of a vhost-user block backend; ember refuses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
@@ -653,9 +651,6 @@ impl Drive {
         match self.path_on_host.as_deref() {
             None => return Err(ModelError::MissingDrivePath),
             path => validate_path("path_on_host", path)?,
-        }
-        if self.io_engine == Some(IoEngine::Async) {
-            return Err(ModelError::AsyncIoEngine);
         }
         validate_rate_limiter(self.rate_limiter.as_ref())
     }
@@ -1885,7 +1880,7 @@ mod tests {
         // Serialized, the default cache type is written out.
         assert_eq!(
             serde_json::to_string(&drive).unwrap(),
-            r#"{"drive_id":"data","is_root_device":false,"cache_type":"Unsafe","path_on_host":"/d"}"#
+            r#"{"drive_id":"data","is_root_device":false,"cache_type":"Unsafe","path_on_host":"/d","io_engine":"Sync"}"#
         );
     }
 
@@ -1910,9 +1905,14 @@ mod tests {
             drive(r#","path_on_host":"""#).validate(),
             Err(ModelError::EmptyPath("path_on_host"))
         );
-        assert_eq!(
-            drive(r#","path_on_host":"/d","io_engine":"Async""#).validate(),
-            Err(ModelError::AsyncIoEngine)
+        // The Async engine is accepted, and written out.
+        let async_drive = drive(r#","path_on_host":"/d","io_engine":"Async""#);
+        assert_eq!(async_drive.validate(), Ok(()));
+        assert_eq!(async_drive.io_engine, IoEngine::Async);
+        assert!(
+            serde_json::to_string(&async_drive)
+                .unwrap()
+                .contains(r#""io_engine":"Async""#)
         );
         let mut bad_id = drive(r#","path_on_host":"/d""#);
         bad_id.drive_id = "../etc".into();
@@ -2127,7 +2127,7 @@ mod tests {
             r#"{
                 "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
                 "drives": [{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true,
-                            "cache_type": "Unsafe"}],
+                            "cache_type": "Unsafe", "io_engine": "Async"}],
                 "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false,
                                    "track_dirty_pages": false, "huge_pages": "None"},
                 "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
@@ -2281,7 +2281,7 @@ mod tests {
             is_read_only: None,
             path_on_host: Some("/d".into()),
             rate_limiter: None,
-            io_engine: None,
+            io_engine: IoEngine::Sync,
             socket: None,
         };
         let mut config = FullVmConfiguration {
