@@ -1708,6 +1708,13 @@ mod tests {
     }
 
     #[test]
+    fn a_drive_s_io_engine_chooses_the_block_device_s_engine() {
+        assert_eq!(io_engine(model::IoEngine::Sync), block::IoEngine::Sync);
+        assert_eq!(io_engine(model::IoEngine::Async), block::IoEngine::Async);
+        assert_eq!(io_engine(Default::default()), block::IoEngine::Sync);
+    }
+
+    #[test]
     fn a_drive_id_is_its_serial_when_it_fits() {
         assert_eq!(serial_of("rootfs"), "rootfs");
         assert_eq!(serial_of(&"a".repeat(20)), "a".repeat(20));
