@@ -27,6 +27,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
+use io_uring::register::Restriction;
 use io_uring::{IoUring, opcode, types};
 use smallvec::SmallVec;
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
@@ -122,8 +123,12 @@ pub(super) enum Submitted {
 ///
 /// It is set up when the device is built ([`AsyncIo::new`], `io_uring_setup` and
 /// `io_uring_register`), so that the thread that serves the queue only submits and reaps
-/// (`io_uring_enter`). Dropping it waits for every request in flight: the kernel writes into
-/// guest memory, and reads the `iovec`s it holds, until then.
+/// (`io_uring_enter`). The ring is restricted (`IORING_REGISTER_RESTRICTIONS`) before it is
+/// enabled: it takes only `READV`, `WRITEV` and `FSYNC` submissions, without flags, and no
+/// further `io_uring_register`, so that a thread allowed `io_uring_enter` by its seccomp filter
+/// can do no more through the ring than `preadv`, `pwritev` and `fdatasync` let it (seccomp does
+/// not see what a ring does). Dropping it waits for every request in flight: the kernel writes
+/// into guest memory, and reads the `iovec`s it holds, until then.
 pub struct AsyncIo {
     ring: IoUring,
     completion_evt: EventFd,
@@ -146,19 +151,23 @@ impl fmt::Debug for AsyncIo {
 
 impl AsyncIo {
     /// An io_uring for at most `queue_size` requests in flight (at least 1), with a completion
-    /// eventfd registered with it.
+    /// eventfd registered with it, restricted to reads, writes and flushes.
     ///
     /// # Errors
     ///
     /// [`Error::IoUring`] when the host cannot set up an io_uring (`io_uring_setup` fails with
     /// ENOSYS on a kernel without it, EPERM where it is disabled or a seccomp filter refuses
-    /// it, ENOMEM past the locked memory limit) or cannot register the eventfd.
+    /// it, ENOMEM past the locked memory limit), cannot register the eventfd, or cannot
+    /// restrict the ring (a kernel older than 5.10).
     pub fn new(queue_size: u16) -> Result<Self> {
         let entries = queue_size.max(1);
-        let ring = IoUring::new(u32::from(entries)).map_err(|source| Error::IoUring {
-            what: "set up",
-            source,
-        })?;
+        let ring = IoUring::builder()
+            .setup_r_disabled()
+            .build(u32::from(entries))
+            .map_err(|source| Error::IoUring {
+                what: "set up",
+                source,
+            })?;
         let completion_evt =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
                 Error::IoUring {
@@ -170,6 +179,25 @@ impl AsyncIo {
             .register_eventfd(completion_evt.as_raw_fd())
             .map_err(|source| Error::IoUring {
                 what: "register the completion eventfd with",
+                source,
+            })?;
+        // No register operation is allowed from now on, nor any submission flag.
+        let mut restrictions = [
+            Restriction::sqe_op(opcode::Readv::CODE),
+            Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_op(opcode::Fsync::CODE),
+            Restriction::sqe_flags_allowed(0),
+        ];
+        ring.submitter()
+            .register_restrictions(&mut restrictions)
+            .map_err(|source| Error::IoUring {
+                what: "restrict",
+                source,
+            })?;
+        ring.submitter()
+            .register_enable_rings()
+            .map_err(|source| Error::IoUring {
+                what: "enable",
                 source,
             })?;
         let mut slots = Vec::with_capacity(usize::from(entries));
@@ -427,6 +455,8 @@ impl Drop for AsyncIo {
         while left > 0 {
             if let Err(err) = self.wait_one() {
                 log::error!("A block device cannot wait for its requests in flight: {err}");
+                // The kernel may still read the slots' `iovec`s: leave them where they are.
+                std::mem::forget(std::mem::take(&mut self.slots));
                 return;
             }
             let reaped = self.ring.completion().count();
@@ -792,6 +822,25 @@ mod tests {
         assert_eq!(g.worker.in_flight(), 0);
         assert_eq!(g.status(0), STATUS_OK);
         assert_eq!(&g.read(DATA, 5), b"disk0");
+    }
+
+    #[test]
+    fn the_ring_takes_no_other_operation_than_reads_writes_and_flushes() {
+        let mut io = AsyncIo::new(4).unwrap();
+        let nop = opcode::Nop::new().build().user_data(7);
+        // SAFETY: a NOP points at nothing.
+        unsafe { io.ring.submission().push(&nop) }.unwrap();
+        io.ring.submit_and_wait(1).unwrap();
+        let entry = io.ring.completion().next().unwrap();
+        assert_eq!(entry.user_data(), 7);
+        assert_eq!(entry.result(), -libc::EACCES);
+        // Nor another registration.
+        let err = io
+            .ring
+            .submitter()
+            .register_eventfd(io.completion_fd())
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
     }
 
     #[test]
