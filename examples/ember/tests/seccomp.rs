@@ -161,6 +161,14 @@ fn a_vcpu_activates_a_block_device_whose_worker_serves_a_read_and_resets() {
 }
 
 #[test]
+fn a_vcpu_activates_an_async_block_device_whose_worker_reads_through_io_uring_and_resets() {
+    assert_succeeded(
+        &child(ThreadKind::Vcpu, "activate_async_block"),
+        ThreadKind::Vcpu,
+    );
+}
+
+#[test]
 fn a_vcpu_activates_a_network_device_whose_worker_sends_a_frame_and_resets() {
     assert_succeeded(&child(ThreadKind::Vcpu, "activate_net"), ThreadKind::Vcpu);
 }
@@ -339,7 +347,12 @@ fn seccomp_child() {
     std::fs::remove_file(&scratch).unwrap();
     let (reader, writer) = std::os::unix::net::UnixDatagram::pair().unwrap();
     // Devices are built by the VMM thread before the vCPUs start.
-    let block = (action == "activate_block").then(|| block_rig(&file));
+    // An Async drive's io_uring is set up then too.
+    let block = match action.as_str() {
+        "activate_block" => Some(block_rig(&file, ember_virtio::block::IoEngine::Sync)),
+        "activate_async_block" => Some(block_rig(&file, ember_virtio::block::IoEngine::Async)),
+        _ => None,
+    };
     let net = (action == "activate_net").then(|| net_rig(writer.try_clone().unwrap()));
     let balloon = (action == "activate_balloon").then(|| {
         let config = ember_virtio::balloon::BalloonConfig::new(0, true, 1);
@@ -522,7 +535,11 @@ fn run(
             assert_eq!(read, 7);
             worker.stop().unwrap();
         }
-        "activate_block" | "activate_net" | "activate_balloon" | "activate_vsock" => {}
+        "activate_block"
+        | "activate_async_block"
+        | "activate_net"
+        | "activate_balloon"
+        | "activate_vsock" => {}
         other => panic!("unknown action {other}"),
     }
     let _ = seccomp::num_faults();
@@ -618,11 +635,15 @@ fn rig<D: ember_virtio::VirtioDevice<Arc<Mem>>>(device: D, queues: u64) -> Rig<D
     }
 }
 
-fn block_rig(file: &std::fs::File) -> Rig<ember_virtio::block::Block> {
+fn block_rig(
+    file: &std::fs::File,
+    io_engine: ember_virtio::block::IoEngine,
+) -> Rig<ember_virtio::block::Block> {
     use ember_virtio::block::{self, Block};
     let path = format!("/proc/self/fd/{}", file.as_raw_fd());
     let backend = block::RawFile::open(std::path::Path::new(&path), false).unwrap();
-    let block = Block::new(backend, block::Config::new("rootfs")).unwrap();
+    let config = block::Config::new("rootfs").with_io_engine(io_engine);
+    let block = Block::new(backend, config).unwrap();
     rig(block, 1)
 }
 
