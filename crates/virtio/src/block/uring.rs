@@ -675,7 +675,7 @@ mod tests {
     }
 
     #[test]
-    fn many_requests_in_flight_complete_in_one_used_ring_update_and_one_interrupt() {
+    fn many_requests_in_flight_are_handed_back_in_two_used_ring_updates_at_most() {
         let image = Image::on_tmpfs();
         let mut g = Guest::new(&image, IoEngine::Async);
         let mut heads = Vec::new();
@@ -683,13 +683,17 @@ mod tests {
             heads.push(g.add(i, VIRTIO_BLK_T_IN, i, &[(DATA + 0x1000 * i, 4096)]));
         }
         assert_eq!(g.worker.process_queue().unwrap(), 32);
-        // All in flight: nothing handed back, no interrupt yet.
-        assert_eq!(g.worker.in_flight(), 32);
-        assert_eq!(g.driver.used_idx(&*g.mem).unwrap(), 0);
-        assert_eq!(g.irqs.count(), 0);
+        // Those the kernel completed while it took them are handed back at once, in one
+        // update with one interrupt; the others, in flight, in one more on their completions.
+        let early = g.driver.used_idx(&*g.mem).unwrap();
+        assert_eq!(g.worker.in_flight() + usize::from(early), 32);
+        assert_eq!(g.irqs.count(), usize::from(early > 0));
         g.settle();
         assert_eq!(g.driver.used_idx(&*g.mem).unwrap(), 32);
-        assert_eq!(g.irqs.count(), 1);
+        assert_eq!(
+            g.irqs.count(),
+            usize::from(early > 0) + usize::from(early < 32)
+        );
         let mut handed_back: Vec<u32> = (0..32u16)
             .map(|i| {
                 let (head, len) = g.driver.used_elem(&*g.mem, i).unwrap();
@@ -717,12 +721,18 @@ mod tests {
         for i in 0..10u64 {
             g.add(i, VIRTIO_BLK_T_IN, i, &[(DATA + 0x1000 * i, 512)]);
         }
+        // As many are taken as there are slots; those the kernel completed while it took
+        // them are handed back at once, the others stay in flight.
         assert_eq!(g.worker.process_queue().unwrap(), 4);
         assert!(g.worker.waiting_for_room());
-        assert_eq!(g.worker.in_flight(), 4);
-        // Full: nothing more is taken until completions free slots.
-        assert_eq!(g.worker.process_queue().unwrap(), 0);
         assert_eq!(g.worker.queue().next_avail(), 4);
+        let used = usize::from(g.driver.used_idx(&*g.mem).unwrap());
+        assert_eq!(g.worker.in_flight() + used, 4);
+        if used == 0 {
+            // Full: nothing more is taken until completions free slots.
+            assert_eq!(g.worker.process_queue().unwrap(), 0);
+            assert_eq!(g.worker.queue().next_avail(), 4);
+        }
         let mut served = 4;
         while served < 10 {
             g.settle();
@@ -787,21 +797,27 @@ mod tests {
             g.add(i, VIRTIO_BLK_T_IN, i, &[(DATA + 0x1000 * i, 4096)]);
         }
         assert_eq!(g.worker.process_queue().unwrap(), 8);
-        assert_eq!(g.worker.in_flight(), 8);
+        let early = g.driver.used_idx(&*g.mem).unwrap();
+        assert_eq!(g.worker.in_flight() + usize::from(early), 8);
         let saved = g.worker.saved_queue();
         assert_eq!(g.worker.in_flight(), 0);
         assert_eq!((saved.next_avail(), saved.next_used()), (8, 8));
         assert_eq!(g.driver.used_idx(&*g.mem).unwrap(), 8);
-        assert_eq!(g.irqs.count(), 1);
+        assert_eq!(
+            g.irqs.count(),
+            usize::from(early > 0) + usize::from(early < 8)
+        );
         for i in 0..8u64 {
             assert_eq!(g.status(i), STATUS_OK);
         }
         // Stopping waits too, and hands back nothing more.
         g.add(8, VIRTIO_BLK_T_IN, 0, &[(DATA, 512)]);
         assert_eq!(g.worker.process_queue().unwrap(), 1);
+        let used = g.driver.used_idx(&*g.mem).unwrap();
+        assert_eq!(g.worker.in_flight() + usize::from(used - 8), 1);
         let (_, _, io) = g.worker.into_parts();
         assert_eq!(io.unwrap().in_flight(), 0);
-        assert_eq!(g.driver.used_idx(&*g.mem).unwrap(), 8);
+        assert_eq!(g.driver.used_idx(&*g.mem).unwrap(), used);
     }
 
     #[test]
