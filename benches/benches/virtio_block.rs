@@ -1,6 +1,7 @@
 //! The virtio block device's request path: a 4 KiB read and a 4 KiB write, each a chain of
 //! header, data and status that the mock driver publishes, served by
-//! [`BlockWorker::process_queue`] from a disk image on tmpfs (`/dev/shm`): pop, parse, one
+//! [`BlockWorker::process_queue`] from a disk image on tmpfs (`/dev/shm`, or the directory
+//! `EMBER_BENCH_BLK_DIR` names): pop, parse, one
 //! `preadv`/`pwritev` straight between the file and guest memory, the status byte, the used
 //! element, notification suppression and the interrupt decision.
 //!
@@ -52,8 +53,9 @@ struct Image(PathBuf);
 
 impl Image {
     fn new() -> Self {
-        let path = PathBuf::from(format!("/dev/shm/ember-bench-blk-{}", std::process::id()));
-        std::fs::write(&path, vec![0x5a; IMAGE_LEN]).expect("cannot write the image on /dev/shm");
+        let dir = std::env::var_os("EMBER_BENCH_BLK_DIR").unwrap_or_else(|| "/dev/shm".into());
+        let path = PathBuf::from(dir).join(format!("ember-bench-blk-{}", std::process::id()));
+        std::fs::write(&path, vec![0x5a; IMAGE_LEN]).expect("cannot write the disk image");
         Image(path)
     }
 
@@ -116,7 +118,7 @@ impl Guest {
 
     /// Times `iters` batches of `depth` requests of `type_`, each batch published untimed and
     /// served on its own: handed back by `process_queue`, or, on the asynchronous engine,
-    /// once the completion eventfd says all of them are done.
+    /// once the completion eventfd says the rest are done.
     fn time(&mut self, type_: u32, depth: u64, iters: u64) -> Duration {
         let chains: Vec<_> = (0..depth)
             .map(|i| {
@@ -154,22 +156,23 @@ impl Guest {
             }
             let start = Instant::now();
             let served = self.worker.process_queue().expect("the queue is valid");
-            let completed = self.complete(depth);
+            let completed = self.complete();
             elapsed += start.elapsed();
             black_box((served, completed));
         }
         elapsed
     }
 
-    /// Waits for the asynchronous engine to complete the `depth` requests in flight, and
-    /// hands them back; nothing on the synchronous engine.
-    fn complete(&mut self, depth: u64) -> usize {
+    /// Waits for the asynchronous engine to complete the requests still in flight (those the
+    /// kernel completed while it took them were handed back by `process_queue`), and hands
+    /// them back; nothing on the synchronous engine.
+    fn complete(&mut self) -> usize {
         let Some(epoll) = &self.completions else {
             return 0;
         };
         let mut events = [EpollEvent::default()];
         let mut done = 0;
-        while (done as u64) < depth {
+        while self.worker.in_flight() > 0 {
             match epoll.wait(-1, &mut events) {
                 Ok(_) => {}
                 // The ring's task work interrupts the wait, as it does any event loop's.
