@@ -8,7 +8,9 @@
 //! - **Memory overhead**: a guest that writes the boot timer, touches `TOUCH_PAGES` pages and
 //!   halts with interrupts off. Once it has, the resident set of `ember` minus the resident pages
 //!   of the guest memory mapping is what the VMM itself costs. Prints the median of 5 runs, and
-//!   the guest pages seen resident as a check that the guest's touches are counted on its side.
+//!   the guest pages seen resident as a check that the guest's touches are counted on its side,
+//!   and where the last run's pages were, by kind of mapping: most are the binary's file pages,
+//!   which every `ember` on a host shares.
 //!
 //! Both run side by side with seccomp on (the default) and off (`--no-seccomp`), alternating run
 //! by run so that the machine's load falls on both alike; `EMBER_BENCH_BASELINE=PATH` adds
@@ -204,6 +206,63 @@ fn resident_kib(pid: u32) -> (u64, u64) {
     (total, guest)
 }
 
+/// Where a process's resident pages are, by kind of mapping: resident KiB of each, and of them
+/// the dirty private KiB (`Private_Dirty`): pages this process wrote, which no other process
+/// shares. The rest are file pages, which every `ember` on the host shares; the binary's own
+/// pages count as dirty too while the file is not yet written back after a build.
+#[derive(Default)]
+struct Footprint(std::collections::BTreeMap<&'static str, (u64, u64)>);
+
+impl Footprint {
+    /// Reads `/proc/PID/smaps`, leaving the guest memory mapping out.
+    fn of(pid: u32) -> Self {
+        let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).expect("cannot read smaps");
+        let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        let exe = exe.to_string_lossy();
+        let mut footprint = Footprint::default();
+        let mut kind = "";
+        for line in smaps.lines() {
+            let mut fields = line.split_whitespace();
+            let (Some(first), Some(second)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            if first.contains('-') && !first.ends_with(':') {
+                // A mapping's header: range, permissions, offset, device, inode, path.
+                let path = fields.nth(3).unwrap_or("");
+                kind = match (path, second) {
+                    (p, "r-xp") if p == exe => "binary text",
+                    (p, "r--p") if p == exe => "binary read-only data and relocations",
+                    (p, _) if p == exe => "binary data and bss",
+                    ("[heap]", _) => "heap (brk)",
+                    ("[stack]", _) => "main thread stack",
+                    ("[vdso]" | "[vvar]" | "[vvar_vclock]", _) => "vdso",
+                    (p, _) if p.starts_with("anon_inode:kvm") => "KVM (vCPU run pages)",
+                    ("", "---p") => "guard pages",
+                    ("", _) => "anonymous (thread stacks, malloc arenas)",
+                    _ => "other files",
+                };
+                continue;
+            }
+            let kib: u64 = second.parse().unwrap_or(0);
+            match first {
+                "Size:" if kib == MEMORY_MIB * 1024 => kind = "guest memory",
+                "Rss:" => footprint.0.entry(kind).or_default().0 += kib,
+                "Private_Dirty:" => footprint.0.entry(kind).or_default().1 += kib,
+                _ => {}
+            }
+        }
+        footprint.0.remove("guest memory");
+        footprint
+    }
+
+    fn print(&self, name: &str) {
+        println!("where the pages go, {name} (resident KiB, of which private and dirty):");
+        for (kind, (rss, dirty)) in &self.0 {
+            println!("  {kind}: {rss} KiB, {dirty} dirty");
+        }
+    }
+}
+
 fn wait_for_boot(child: &mut Child) {
     let stderr = child.stderr.take().expect("stderr is piped");
     let mut lines = BufReader::new(stderr).lines();
@@ -225,6 +284,7 @@ fn memory_overhead(dir: &Path) {
     let variants = variants();
     let mut overheads = vec![Vec::new(); variants.len()];
     let mut guest_pages = vec![Vec::new(); variants.len()];
+    let mut footprints: Vec<Footprint> = variants.iter().map(|_| Footprint::default()).collect();
     for _ in 0..5 {
         for (i, variant) in variants.iter().enumerate() {
             let mut child = ember(variant, &kernel)
@@ -235,6 +295,7 @@ fn memory_overhead(dir: &Path) {
             // The touches follow the boot-timer write; give them a moment to land.
             std::thread::sleep(Duration::from_millis(200));
             let (total, guest) = resident_kib(child.id());
+            footprints[i] = Footprint::of(child.id());
             let _ = child.kill();
             let _ = child.wait();
             overheads[i].push(total - guest);
@@ -248,6 +309,7 @@ fn memory_overhead(dir: &Path) {
             median(&mut overheads[i]),
             median(&mut guest_pages[i])
         );
+        footprints[i].print(name);
     }
 }
 
