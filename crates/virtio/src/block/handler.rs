@@ -198,14 +198,10 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         let mem = mem.memory();
         let mem = &*mem;
         server.reap(mem, wait);
-        let count = server.completed.len();
-        if count == 0 {
-            return Ok(0);
+        let count = server.publish(queue, mem)?;
+        if count > 0 {
+            signal(queue, mem, &**interrupt, &server.metrics, irq_error_logged)?;
         }
-        let published = queue.add_used_batch(mem, &server.completed);
-        server.completed.clear();
-        published?;
-        signal(queue, mem, &**interrupt, &server.metrics, irq_error_logged)?;
         Ok(count)
     }
 
@@ -293,12 +289,7 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         // the page cache holds): those are handed back now, with the chains served
         // synchronously, rather than after a round trip through the completion eventfd.
         server.reap(mem, false);
-        if !server.completed.is_empty() {
-            let published = queue.add_used_batch(mem, &server.completed);
-            budget.used += server.completed.len();
-            server.completed.clear();
-            published?;
-        }
+        budget.used += server.publish(queue, mem)?;
         if budget.used > 0 {
             signal(queue, mem, &**interrupt, &server.metrics, irq_error_logged)?;
         }
@@ -569,6 +560,22 @@ impl<B: BlockBackend, C: Clock> Server<B, C> {
         } else {
             io.reap(store, mem, done);
         }
+    }
+
+    /// Hands the chains in `completed` back to the driver in one update of the used ring, and
+    /// returns how many.
+    fn publish<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> std::result::Result<usize, queue::Error> {
+        let count = self.completed.len();
+        if count == 0 {
+            return Ok(0);
+        }
+        let published = queue.add_used_batch(mem, &self.completed);
+        self.completed.clear();
+        published.map(|()| count)
     }
 
     /// Takes an operation and `bytes` bytes from the rate limiter, or nothing if it refuses
