@@ -888,4 +888,153 @@ mod tests {
         g.settle();
         assert_eq!(g.status(0), STATUS_OK);
     }
+
+    /// A disk whose file is the read end of a pipe: a read stays in flight until bytes are
+    /// written into the pipe, and a write fails (the end is not open for writing).
+    struct PipeDisk(std::os::fd::OwnedFd);
+
+    impl BlockBackend for PipeDisk {
+        fn capacity(&self) -> u64 {
+            SECTORS * SECTOR_SIZE
+        }
+
+        fn read_vectored<M: GuestMemory + ?Sized>(
+            &mut self,
+            _offset: u64,
+            _bufs: &GuestIoVecs<'_, M>,
+        ) -> io::Result<()> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+
+        fn write_vectored<M: GuestMemory + ?Sized>(
+            &mut self,
+            _offset: u64,
+            _bufs: &GuestIoVecs<'_, M>,
+        ) -> io::Result<()> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+
+        fn async_fd(&self) -> Option<BorrowedFd<'_>> {
+            use std::os::fd::AsFd;
+            Some(self.0.as_fd())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A worker on the asynchronous engine over a [`PipeDisk`], its guest memory and driver,
+    /// and the pipe's write end.
+    fn on_a_pipe() -> (
+        BlockWorker<Space, PipeDisk>,
+        Arc<Mem>,
+        MockDriver,
+        std::fs::File,
+    ) {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: pipe2 just opened both, and nothing else owns them.
+        let (read, write) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        let mem = Arc::new(guest_memory(0x100000).unwrap());
+        let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        let interrupt = Arc::new(MmioInterrupt::new(CountingTrigger::default()));
+        let disk = Disk::new(PipeDisk(read), false, "pipe").unwrap();
+        let worker = BlockWorker::new(
+            disk,
+            driver.queue(),
+            mem.clone(),
+            interrupt,
+            RateLimiter::default(),
+        )
+        .with_async_io(AsyncIo::new(4).unwrap());
+        (worker, mem, driver, write)
+    }
+
+    /// Makes a request of `type_` for the 512 bytes at `DATA + 0x1000 * i` available, with
+    /// its status byte at `STATUS + i`.
+    fn add_512(mem: &Mem, driver: &mut MockDriver, i: u64, type_: u32) {
+        write_header(mem, HDR + 16 * i, type_, 0);
+        let data = if type_ == VIRTIO_BLK_T_IN {
+            MockBuffer::writable(DATA + 0x1000 * i, 512)
+        } else {
+            MockBuffer::readable(DATA + 0x1000 * i, 512)
+        };
+        let chain = [
+            MockBuffer::readable(HDR + 16 * i, 16),
+            data,
+            MockBuffer::writable(STATUS + i, 1),
+        ];
+        driver.add_chain(mem, &chain).unwrap();
+    }
+
+    #[test]
+    fn reads_stay_in_flight_until_the_file_answers_and_saving_waits_for_them() {
+        use std::io::Write;
+        let (mut worker, mem, mut driver, mut write) = on_a_pipe();
+        assert!(format!("{:?}", worker).contains("AsyncIo"));
+        add_512(&mem, &mut driver, 0, VIRTIO_BLK_T_IN);
+        add_512(&mem, &mut driver, 1, VIRTIO_BLK_T_IN);
+        // A write on the pipe's read end fails at once: EBADF, an IOERR.
+        add_512(&mem, &mut driver, 2, VIRTIO_BLK_T_OUT);
+        assert_eq!(worker.process_queue().unwrap(), 3);
+        assert_eq!(worker.in_flight(), 2);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(STATUS + 2)).unwrap(),
+            STATUS_IOERR
+        );
+        // The bytes come later, from another thread; saving the queue waits for them.
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            write.write_all(&[0xa5; 1024]).unwrap();
+        });
+        let saved = worker.saved_queue();
+        writer.join().unwrap();
+        assert_eq!(worker.in_flight(), 0);
+        assert_eq!((saved.next_avail(), saved.next_used()), (3, 3));
+        for i in 0..2u64 {
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+                STATUS_OK
+            );
+            let mut data = [0u8; 512];
+            mem.read_slice(&mut data, GuestAddress(DATA + 0x1000 * i))
+                .unwrap();
+            assert_eq!(data, [0xa5; 512]);
+        }
+    }
+
+    #[test]
+    fn dropping_the_worker_waits_for_the_reads_in_flight() {
+        use std::io::Write;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (mut worker, mem, mut driver, mut write) = on_a_pipe();
+        add_512(&mem, &mut driver, 0, VIRTIO_BLK_T_IN);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        assert_eq!(worker.in_flight(), 1);
+        let written = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let written = written.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                written.store(true, Ordering::SeqCst);
+                write.write_all(&[0x5a; 512]).unwrap();
+            })
+        };
+        // The kernel writes into guest memory until the read completes: the engine's drop
+        // returns only after it did, which only the writer's bytes allow.
+        drop(worker);
+        assert!(written.load(Ordering::SeqCst));
+        writer.join().unwrap();
+        let mut data = [0u8; 512];
+        mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert_eq!(data, [0x5a; 512]);
+    }
 }
