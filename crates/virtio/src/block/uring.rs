@@ -976,7 +976,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_stay_in_flight_until_the_file_answers_and_saving_waits_for_them() {
+    fn reads_stay_in_flight_until_the_file_answers_and_saving_and_stopping_wait_for_them() {
         use std::io::Write;
         let (mut worker, mem, mut driver, mut write) = on_a_pipe();
         assert!(format!("{:?}", worker).contains("AsyncIo"));
@@ -991,6 +991,7 @@ mod tests {
             STATUS_IOERR
         );
         // The bytes come later, from another thread; saving the queue waits for them.
+        let writer_end = write.try_clone().unwrap();
         let writer = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(50));
             write.write_all(&[0xa5; 1024]).unwrap();
@@ -1009,6 +1010,20 @@ mod tests {
                 .unwrap();
             assert_eq!(data, [0xa5; 512]);
         }
+        // Stopping (a reset) waits for a read in flight too, and hands back nothing more.
+        add_512(&mem, &mut driver, 3, VIRTIO_BLK_T_IN);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        assert_eq!(worker.in_flight(), 1);
+        let metrics = worker.metrics().clone();
+        let mut write = writer_end;
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            write.write_all(&[0xa5; 512]).unwrap();
+        });
+        let _disk = worker.into_disk();
+        writer.join().unwrap();
+        assert_eq!(driver.used_idx(&*mem).unwrap(), 3);
+        assert_eq!(metrics.get("read_count"), Some(3));
     }
 
     #[test]
