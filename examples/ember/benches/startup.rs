@@ -457,11 +457,17 @@ fn density(dir: &Path, ksm: bool) {
         };
         let stderr = child.stderr.take().expect("stderr is piped");
         let mut lines = BufReader::new(stderr).lines();
-        let booted = lines.any(|line| line.map(|l| boot_time_us(&l).is_some()).unwrap_or(false));
+        let mut last = String::new();
+        let booted = lines.any(|line| {
+            let line = line.unwrap_or_default();
+            let booted = boot_time_us(&line).is_some();
+            last = line;
+            booted
+        });
         if !booted {
             let _ = child.kill();
-            let status = child.wait();
-            break format!("a microVM that did not boot ({status:?})");
+            let _ = child.wait();
+            break format!("a microVM that did not boot: {last}");
         }
         stderrs.push(lines);
         running.push(child);
