@@ -365,6 +365,9 @@ boot partition --kernel "$guest/vmlinux" --disk "$work/part.img" \
     --cmdline "$base root=/dev/vda1 rw ember.action=reboot"
 expect root_on_a_partition_boots 0 ' vda: vda1' '^EMBER-GUEST-UP' \
     'reset the VM through the i8042'
+# The rig's files live in its RAM, which the later sections' guests and
+# snapshots need: the disk images of this section go.
+rm -f "$work/root.ext4" "$work/async-root.ext4" "$work/async.img" "$work/part.img"
 }
 
 # --- virtio-rng --------------------------------------------------------------------
