@@ -1,5 +1,6 @@
 //! The virtqueue's device side: taking a chain the driver made available ([`Queue::pop`]) and
-//! handing it back ([`Queue::add_used`]), for chains of one and of three descriptors.
+//! handing it back ([`Queue::add_used`]), for chains of one and of three descriptors, with the
+//! rings looked up on each access or once per batch ([`Queue::rings`], `_rings`).
 //!
 //! The mock driver fills the ring outside the timed part, so the numbers are the device's work
 //! alone: reading the available index and ring entry, walking and validating the descriptors,
@@ -52,8 +53,10 @@ impl Ring {
     }
 
     /// Publishes as many `chain`s as the descriptor table holds, untimed, then times popping
-    /// and handing back each of them; repeats until `iters` chains are done.
-    fn time(&mut self, chain: &[MockBuffer], iters: u64) -> Duration {
+    /// and handing back each of them; repeats until `iters` chains are done. With `batch`, the
+    /// rings are looked up once for each fill ([`Queue::rings`], as a device does for each
+    /// pass over its queue); without, on each access ([`Queue::pop`], [`Queue::add_used`]).
+    fn time(&mut self, chain: &[MockBuffer], batch: bool, iters: u64) -> Duration {
         let per_fill = u64::from(QUEUE_SIZE) / u64::try_from(chain.len()).expect("short chain");
         let mut elapsed = Duration::ZERO;
         let mut left = iters;
@@ -65,15 +68,28 @@ impl Ring {
                     .expect("the ring is in guest memory");
             }
             let start = Instant::now();
-            for _ in 0..count {
-                let chain = self
-                    .queue
-                    .pop(&self.mem)
-                    .expect("the chain is valid")
-                    .expect("a chain is available");
-                self.queue
-                    .add_used(&self.mem, black_box(chain.head_index()), 0)
-                    .expect("the used ring is in guest memory");
+            if batch {
+                let mut rings = self.queue.rings(&self.mem);
+                for _ in 0..count {
+                    let chain = rings
+                        .pop()
+                        .expect("the chain is valid")
+                        .expect("a chain is available");
+                    rings
+                        .add_used(black_box(chain.head_index()), 0)
+                        .expect("the used ring is in guest memory");
+                }
+            } else {
+                for _ in 0..count {
+                    let chain = self
+                        .queue
+                        .pop(&self.mem)
+                        .expect("the chain is valid")
+                        .expect("a chain is available");
+                    self.queue
+                        .add_used(&self.mem, black_box(chain.head_index()), 0)
+                        .expect("the used ring is in guest memory");
+                }
             }
             elapsed += start.elapsed();
             left -= count;
@@ -86,15 +102,24 @@ fn bench_pop_add_used(c: &mut Criterion) {
     let mut group = c.benchmark_group("virtqueue/pop_add_used");
     let one = [MockBuffer::readable(0x10000, 64)];
     for (name, chain) in [("1_descriptor", &one[..]), ("3_descriptors", &THREE[..])] {
-        let mut ring = Ring::new();
-        // What is measured below hands every chain back.
-        ring.time(chain, 1000);
-        let used = ring
-            .driver
-            .used_idx(&ring.mem)
-            .expect("the used ring is readable");
-        assert_eq!(used, 1000);
-        group.bench_function(name, |b| b.iter_custom(|iters| ring.time(chain, iters)));
+        for batch in [false, true] {
+            let mut ring = Ring::new();
+            // What is measured below hands every chain back.
+            ring.time(chain, batch, 1000);
+            let used = ring
+                .driver
+                .used_idx(&ring.mem)
+                .expect("the used ring is readable");
+            assert_eq!(used, 1000);
+            let name = if batch {
+                format!("{name}_rings")
+            } else {
+                name.to_owned()
+            };
+            group.bench_function(name, |b| {
+                b.iter_custom(|iters| ring.time(chain, batch, iters))
+            });
+        }
     }
     group.finish();
 }

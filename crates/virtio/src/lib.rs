@@ -19,7 +19,7 @@ pub use device::{
     VirtioInterruptType,
 };
 pub use ember_rate_limiter as rate_limiter;
-pub use ember_virtqueue::{Descriptor, DescriptorChain, Error, Queue, Result, Ring};
+pub use ember_virtqueue::{Descriptor, DescriptorChain, Error, Queue, Result, Ring, Rings};
 pub use ember_virtqueue::{guest, iov, queue};
 pub use mmio::MmioInterrupt;
 pub use worker::{EventHandler, EventOps, Executor, Runner, Worker, WorkerGate, WorkerHook};

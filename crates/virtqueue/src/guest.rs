@@ -21,13 +21,16 @@ type Result<T> = std::result::Result<T, GuestMemoryError>;
 type RegionBitmap<M> =
     <<<M as GuestMemory>::PhysicalMemory as GuestMemoryBackend>::R as GuestMemoryRegion>::B;
 
+/// Bytes of one region of `M`'s physical memory, with their dirty bitmap.
+pub(crate) type Slice<'a, M> = VolatileSlice<'a, BS<'a, RegionBitmap<M>>>;
+
 /// The volatile slice of the `len` bytes at `addr`, when one region of plain physical memory
 /// holds them all.
 pub(crate) fn region_slice<M: GuestMemory + ?Sized>(
     mem: &M,
     addr: GuestAddress,
     len: usize,
-) -> Option<VolatileSlice<'_, BS<'_, RegionBitmap<M>>>> {
+) -> Option<Slice<'_, M>> {
     let region = mem.physical_memory()?.find_region(addr)?;
     let offset = region.to_region_addr(addr)?;
     region.get_slice(offset, len).ok()

@@ -8,4 +8,4 @@ pub mod mock;
 pub mod queue;
 
 pub use iov::GuestIoVecs;
-pub use queue::{Descriptor, DescriptorChain, Error, Queue, QueueState, Result, Ring};
+pub use queue::{Descriptor, DescriptorChain, Error, Queue, QueueState, Result, Ring, Rings};

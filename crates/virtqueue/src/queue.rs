@@ -22,7 +22,10 @@ use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
 };
-use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
+use vm_memory::{
+    Address, AtomicAccess, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryError,
+    Permissions,
+};
 
 use smallvec::SmallVec;
 
@@ -267,37 +270,114 @@ impl RawDescriptor {
 }
 
 /// A descriptor table being walked: the guest-supplied table and how many entries it holds.
-#[derive(Clone, Copy, Debug)]
-struct Table {
-    addr: GuestAddress,
+struct Table<'m, M: GuestMemory + ?Sized> {
+    area: Area<'m, M>,
     len: u32,
 }
 
-impl Table {
+impl<M: GuestMemory + ?Sized> Table<'_, M> {
     /// Reads entry `index` once, after checking it lies inside the table.
-    fn read<M: GuestMemory + ?Sized>(&self, mem: &M, index: u16) -> Result<RawDescriptor> {
+    fn read(&self, mem: &M, index: u16) -> Result<RawDescriptor> {
         if u32::from(index) >= self.len {
             return Err(Error::NextIndexOutOfRange {
                 index,
                 table_len: self.len,
             });
         }
-        let addr = offset(self.addr, u64::from(index), DESCRIPTOR_SIZE).ok_or(
-            Error::NextIndexOutOfRange {
-                index,
-                table_len: self.len,
-            },
-        )?;
-        let bytes: [u8; 16] = guest::read_obj(mem, addr)?;
+        let bytes: [u8; 16] = self.area.read(mem, u64::from(index) * DESCRIPTOR_SIZE)?;
         Ok(RawDescriptor::from_le_bytes(bytes))
     }
 }
 
-/// Returns `base + index * stride`, or `None` if it does not fit in 64 bits.
-fn offset(base: GuestAddress, index: u64, stride: u64) -> Option<GuestAddress> {
-    index
-        .checked_mul(stride)
-        .and_then(|off| base.checked_add(off))
+/// One area of guest memory the queue reads or writes over and over (a ring, a descriptor
+/// table): its guest address, and, when one region of plain physical memory holds it whole,
+/// its bytes in host memory, looked up once for a run of accesses rather than on each.
+///
+/// An access goes through the slice when there is one, and otherwise through guest memory's
+/// general accessors ([`guest`]), as it would without it: both give the same result.
+struct Area<'m, M: GuestMemory + ?Sized> {
+    ring: Ring,
+    addr: GuestAddress,
+    slice: Option<guest::Slice<'m, M>>,
+}
+
+impl<M: GuestMemory + ?Sized> Clone for Area<'_, M> {
+    fn clone(&self) -> Self {
+        Area {
+            ring: self.ring,
+            addr: self.addr,
+            slice: self.slice.clone(),
+        }
+    }
+}
+
+impl<'m, M: GuestMemory + ?Sized> Area<'m, M> {
+    /// The `len` bytes at `addr`, looked up now when `resolve`.
+    fn new(mem: &'m M, ring: Ring, addr: GuestAddress, len: usize, resolve: bool) -> Self {
+        let slice = if resolve {
+            guest::region_slice(mem, addr, len)
+        } else {
+            None
+        };
+        Area { ring, addr, slice }
+    }
+
+    /// The guest address `off` bytes in.
+    fn at(&self, off: u64) -> Result<GuestAddress> {
+        self.addr.checked_add(off).ok_or(Error::RingOutsideMemory {
+            ring: self.ring,
+            addr: self.addr.raw_value(),
+        })
+    }
+
+    /// The slice and the offset in it of the `len` bytes `off` bytes in, when it holds them.
+    fn slice_at(&self, off: u64, len: usize) -> Option<(&guest::Slice<'m, M>, usize)> {
+        let slice = self.slice.as_ref()?;
+        let off = usize::try_from(off).ok()?;
+        (off.checked_add(len)? <= slice.len()).then_some((slice, off))
+    }
+
+    /// Reads a `T` `off` bytes in.
+    fn read<T: ByteValued>(&self, mem: &M, off: u64) -> Result<T> {
+        if let Some(value) = self
+            .slice_at(off, size_of::<T>())
+            .and_then(|(slice, at)| slice.read_obj(at).ok())
+        {
+            return Ok(value);
+        }
+        Ok(guest::read_obj(mem, self.at(off)?)?)
+    }
+
+    /// Writes `value` `off` bytes in.
+    fn write<T: ByteValued>(&self, mem: &M, off: u64, value: T) -> Result<()> {
+        if let Some((slice, at)) = self.slice_at(off, size_of::<T>()) {
+            if slice.write_obj(value, at).is_ok() {
+                return Ok(());
+            }
+        }
+        Ok(guest::write_obj(mem, value, self.at(off)?)?)
+    }
+
+    /// Loads a `T` `off` bytes in with `order`.
+    fn load<T: AtomicAccess>(&self, mem: &M, off: u64, order: Ordering) -> Result<T> {
+        if let Some(value) = self
+            .slice_at(off, size_of::<T>())
+            .and_then(|(slice, at)| slice.load(at, order).ok())
+        {
+            return Ok(value);
+        }
+        Ok(guest::load(mem, self.at(off)?, order)?)
+    }
+
+    /// Stores `value` `off` bytes in with `order`.
+    fn store<T: AtomicAccess>(&self, mem: &M, off: u64, value: T, order: Ordering) -> Result<()> {
+        if let Some((slice, at)) = self.slice_at(off, size_of::<T>()) {
+            if slice.store(value, at, order).is_ok() {
+                return Ok(());
+            }
+        }
+        Ok(guest::store(mem, value, self.at(off)?, order)?)
+    }
 }
 
 /// A descriptor chain taken from the available ring, with every descriptor validated.
@@ -313,22 +393,22 @@ pub struct DescriptorChain {
 }
 
 impl DescriptorChain {
-    /// Walks the chain that starts at `head_index` in the descriptor table at `desc_table` of
-    /// `size` entries, reading each descriptor once and validating it. INDIRECT descriptors are
-    /// accepted only with `indirect`.
+    /// Walks the chain that starts at `head_index` in the queue's descriptor table `desc_table`
+    /// of `size` entries, reading each descriptor once and validating it. INDIRECT descriptors
+    /// are accepted only with `indirect`.
     ///
     /// The chain's buffers, direct and indirect, share one budget of `size`: a longer chain, or
     /// one that loops, is an error after at most `size + 1` descriptor reads (the `+ 1` is the
     /// INDIRECT descriptor, which is not a buffer).
-    fn read<M: GuestMemory + ?Sized>(
-        mem: &M,
-        desc_table: GuestAddress,
+    fn read<'m, M: GuestMemory + ?Sized>(
+        mem: &'m M,
+        desc_table: &Area<'m, M>,
         size: u16,
         head_index: u16,
         indirect: bool,
     ) -> Result<Self> {
         let mut table = Table {
-            addr: desc_table,
+            area: desc_table.clone(),
             len: u32::from(size),
         };
         let mut in_indirect = false;
@@ -399,11 +479,11 @@ impl DescriptorChain {
 
     /// Validates the indirect table an INDIRECT descriptor points at, in a queue of `size`
     /// entries: a table holds at most `size` descriptors.
-    fn indirect_table<M: GuestMemory + ?Sized>(
-        mem: &M,
+    fn indirect_table<'m, M: GuestMemory + ?Sized>(
+        mem: &'m M,
         desc: &RawDescriptor,
         size: u16,
-    ) -> Result<Table> {
+    ) -> Result<Table<'m, M>> {
         let invalid_len = Error::InvalidIndirectTableLength {
             len: desc.len,
             max: size,
@@ -424,12 +504,14 @@ impl DescriptorChain {
         let Ok(count) = usize::try_from(desc.len) else {
             return Err(outside);
         };
-        if addr.checked_add(len_bytes).is_none()
-            || !guest::check_range(mem, addr, count, Permissions::Read)
-        {
+        if addr.checked_add(len_bytes).is_none() {
             return Err(outside);
         }
-        Ok(Table { addr, len: entries })
+        let area = Area::new(mem, Ring::DescriptorTable, addr, count, true);
+        if area.slice.is_none() && !guest::check_range(mem, addr, count, Permissions::Read) {
+            return Err(outside);
+        }
+        Ok(Table { area, len: entries })
     }
 
     /// Checks that a buffer lies inside guest memory and returns its address.
@@ -854,26 +936,49 @@ impl Queue {
         u64::from(idx & self.size.wrapping_sub(1))
     }
 
-    /// Address of the event field that follows a ring's entries: `used_event` in the available
-    /// ring, `avail_event` in the used ring.
-    fn event_field(&self, kind: Ring) -> Result<GuestAddress> {
-        let (ring, entry_size) = match kind {
-            Ring::UsedRing => (self.used_ring, USED_ELEMENT_SIZE),
-            Ring::AvailRing | Ring::DescriptorTable => (self.avail_ring, AVAIL_ENTRY_SIZE),
-        };
-        offset(ring, u64::from(self.size), entry_size)
-            .and_then(|a| a.checked_add(RING_ENTRIES_OFFSET))
-            .ok_or(Error::RingOutsideMemory {
-                ring: kind,
-                addr: ring.raw_value(),
-            })
+    /// The offset in its ring of the event field that follows a ring's entries: `used_event`
+    /// in the available ring, `avail_event` in the used ring.
+    fn event_offset(&self, entry_size: u64) -> u64 {
+        u64::from(self.size) * entry_size + RING_ENTRIES_OFFSET
     }
 
-    fn ring_field(ring: GuestAddress, kind: Ring, off: u64) -> Result<GuestAddress> {
-        ring.checked_add(off).ok_or(Error::RingOutsideMemory {
-            ring: kind,
-            addr: ring.raw_value(),
-        })
+    /// The queue's areas in `mem`, each looked up once now when `resolve`, for the accesses
+    /// of one call or of a batch ([`Queue::rings`]). Nothing is looked up for a queue whose
+    /// size is invalid, which every access checks first.
+    fn view<'m, M: GuestMemory + ?Sized>(&self, mem: &'m M, resolve: bool) -> View<'m, M> {
+        let resolve = resolve && self.check_size().is_ok();
+        // Cannot overflow: the size is at most 32768. The event field ends each ring.
+        let len = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
+        let size = u64::from(self.size);
+        let area = |ring, addr, bytes| Area::new(mem, ring, addr, len(bytes), resolve);
+        View {
+            mem,
+            desc_table: area(
+                Ring::DescriptorTable,
+                self.desc_table,
+                size * DESCRIPTOR_SIZE,
+            ),
+            avail_ring: area(
+                Ring::AvailRing,
+                self.avail_ring,
+                self.event_offset(AVAIL_ENTRY_SIZE) + 2,
+            ),
+            used_ring: area(
+                Ring::UsedRing,
+                self.used_ring,
+                self.event_offset(USED_ELEMENT_SIZE) + 2,
+            ),
+        }
+    }
+
+    /// Takes the queue's rings in `mem` for a batch of work: they are looked up in guest
+    /// memory once, here, rather than on each access, as [`Queue::pop`] and the other methods
+    /// that take `mem` do. [`Rings`] has those methods.
+    pub fn rings<'q, 'm, M: GuestMemory + ?Sized>(&'q mut self, mem: &'m M) -> Rings<'q, 'm, M> {
+        Rings {
+            view: self.view(mem, true),
+            queue: self,
+        }
     }
 
     /// Reads the driver's available index with Acquire ordering, so that the ring entries and
@@ -883,10 +988,7 @@ impl Queue {
     ///
     /// [`Error::GuestMemory`] or [`Error::RingOutsideMemory`] if the ring cannot be read.
     pub fn avail_idx<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<u16> {
-        let addr = Self::ring_field(self.avail_ring, Ring::AvailRing, RING_IDX_OFFSET)?;
-        let idx = u16::from_le(guest::load::<u16, _>(mem, addr, Ordering::Relaxed)?);
-        fence(Ordering::Acquire);
-        Ok(idx)
+        self.avail_idx_in(&self.view(mem, false))
     }
 
     /// Takes the next descriptor chain the driver made available, or `None` if there is none.
@@ -901,47 +1003,8 @@ impl Queue {
     /// [`Error::HeadIndexOutOfRange`] and the chain errors if the chain is invalid, and
     /// [`Error::GuestMemory`] if the rings cannot be read.
     pub fn pop<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<DescriptorChain>> {
-        self.check_usable()?;
-        let avail_idx = self.avail_idx(mem)?;
-        let pending = avail_idx.wrapping_sub(self.next_avail);
-        if pending > self.size {
-            return Err(Error::AvailIdxTooFar {
-                avail_idx,
-                next_avail: self.next_avail,
-                size: self.size,
-            });
-        }
-        if pending == 0 {
-            return Ok(None);
-        }
-
-        let entry = offset(
-            self.avail_ring,
-            self.ring_slot(self.next_avail),
-            AVAIL_ENTRY_SIZE,
-        )
-        .and_then(|a| a.checked_add(RING_ENTRIES_OFFSET))
-        .ok_or(Error::RingOutsideMemory {
-            ring: Ring::AvailRing,
-            addr: self.avail_ring.raw_value(),
-        })?;
-        let head_index = u16::from_le(guest::read_obj::<u16, _>(mem, entry)?);
-        self.next_avail = self.next_avail.wrapping_add(1);
-
-        if head_index >= self.size {
-            return Err(Error::HeadIndexOutOfRange {
-                index: head_index,
-                size: self.size,
-            });
-        }
-        DescriptorChain::read(
-            mem,
-            self.desc_table,
-            self.size,
-            head_index,
-            self.indirect_enabled,
-        )
-        .map(Some)
+        let view = self.view(mem, false);
+        self.pop_in(&view)
     }
 
     /// Hands the chain with head `head_index` back to the driver, saying the device wrote `len`
@@ -976,36 +1039,8 @@ impl Queue {
         mem: &M,
         used: &[(u16, u32)],
     ) -> Result<()> {
-        self.check_usable()?;
-        if let Some(&(index, _)) = used.iter().find(|&&(head, _)| head >= self.size) {
-            return Err(Error::HeadIndexOutOfRange {
-                index,
-                size: self.size,
-            });
-        }
-        let outside = || Error::RingOutsideMemory {
-            ring: Ring::UsedRing,
-            addr: self.used_ring.raw_value(),
-        };
-        let mut next_used = self.next_used;
-        for &(head_index, len) in used {
-            let elem = offset(self.used_ring, self.ring_slot(next_used), USED_ELEMENT_SIZE)
-                .and_then(|a| a.checked_add(RING_ENTRIES_OFFSET))
-                .ok_or_else(outside)?;
-            let mut bytes = [0u8; 8];
-            let (id, length) = bytes.split_at_mut(4);
-            id.copy_from_slice(&u32::from(head_index).to_le_bytes());
-            length.copy_from_slice(&len.to_le_bytes());
-            guest::write_obj(mem, bytes, elem)?;
-            next_used = next_used.wrapping_add(1);
-        }
-
-        let idx_addr = Self::ring_field(self.used_ring, Ring::UsedRing, RING_IDX_OFFSET)?;
-        // The elements must be visible to the driver before the index that publishes them.
-        fence(Ordering::Release);
-        guest::store(mem, next_used.to_le(), idx_addr, Ordering::Release)?;
-        self.next_used = next_used;
-        Ok(())
+        let view = self.view(mem, false);
+        self.add_used_batch_in(&view, used)
     }
 
     /// Says whether the driver wants an interrupt for the used elements added so far.
@@ -1019,23 +1054,8 @@ impl Queue {
     /// [`Error::NotReady`] or [`Error::InvalidSize`] if the queue is not usable, and
     /// [`Error::GuestMemory`] if the available ring cannot be read.
     pub fn needs_notification<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<bool> {
-        self.check_usable()?;
-        // The used index the device published must be ordered before the driver's flags or
-        // event index are read, else both sides can sleep waiting for each other.
-        fence(Ordering::SeqCst);
-        let used_idx = self.next_used;
-
-        if !self.event_idx_enabled {
-            let flags = u16::from_le(guest::read_obj::<u16, _>(mem, self.avail_ring)?);
-            return Ok(flags & AVAIL_F_NO_INTERRUPT == 0);
-        }
-
-        let used_event_addr = self.event_field(Ring::AvailRing)?;
-        let used_event = u16::from_le(guest::read_obj::<u16, _>(mem, used_event_addr)?);
-        let Some(old) = self.signalled_used.replace(used_idx) else {
-            return Ok(true);
-        };
-        Ok(need_event(used_event, used_idx, old))
+        let view = self.view(mem, false);
+        self.needs_notification_in(&view)
     }
 
     /// Writes `avail_event` (after the used ring's entries): the driver need not notify the
@@ -1050,10 +1070,7 @@ impl Queue {
         mem: &M,
         avail_event: u16,
     ) -> Result<()> {
-        self.check_size()?;
-        let addr = self.event_field(Ring::UsedRing)?;
-        guest::write_obj(mem, avail_event.to_le(), addr)?;
-        Ok(())
+        self.set_avail_event_in(&self.view(mem, false), avail_event)
     }
 
     /// Asks the driver to notify the device of new available entries.
@@ -1067,10 +1084,7 @@ impl Queue {
     ///
     /// As [`Queue::set_avail_event`] and [`Queue::avail_idx`].
     pub fn enable_notification<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<bool> {
-        self.set_notification(mem, true)?;
-        // The request must be visible before the available index is read again.
-        fence(Ordering::SeqCst);
-        Ok(self.avail_idx(mem)? != self.next_avail)
+        self.enable_notification_in(&self.view(mem, false))
     }
 
     /// Tells the driver it need not notify the device, while the device is polling the queue.
@@ -1082,20 +1096,250 @@ impl Queue {
     ///
     /// As [`Queue::set_avail_event`].
     pub fn disable_notification<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<()> {
-        self.set_notification(mem, false)
+        self.set_notification_in(&self.view(mem, false), false)
     }
 
-    fn set_notification<M: GuestMemory + ?Sized>(&self, mem: &M, enable: bool) -> Result<()> {
+    fn avail_idx_in<M: GuestMemory + ?Sized>(&self, view: &View<'_, M>) -> Result<u16> {
+        let idx = view
+            .avail_ring
+            .load::<u16>(view.mem, RING_IDX_OFFSET, Ordering::Relaxed)?;
+        fence(Ordering::Acquire);
+        Ok(u16::from_le(idx))
+    }
+
+    fn pop_in<M: GuestMemory + ?Sized>(
+        &mut self,
+        view: &View<'_, M>,
+    ) -> Result<Option<DescriptorChain>> {
+        self.check_usable()?;
+        let avail_idx = self.avail_idx_in(view)?;
+        let pending = avail_idx.wrapping_sub(self.next_avail);
+        if pending > self.size {
+            return Err(Error::AvailIdxTooFar {
+                avail_idx,
+                next_avail: self.next_avail,
+                size: self.size,
+            });
+        }
+        if pending == 0 {
+            return Ok(None);
+        }
+
+        // Cannot overflow: the slot is below the size, at most 32768.
+        let entry = self.ring_slot(self.next_avail) * AVAIL_ENTRY_SIZE + RING_ENTRIES_OFFSET;
+        let head_index = u16::from_le(view.avail_ring.read::<u16>(view.mem, entry)?);
+        self.next_avail = self.next_avail.wrapping_add(1);
+
+        if head_index >= self.size {
+            return Err(Error::HeadIndexOutOfRange {
+                index: head_index,
+                size: self.size,
+            });
+        }
+        DescriptorChain::read(
+            view.mem,
+            &view.desc_table,
+            self.size,
+            head_index,
+            self.indirect_enabled,
+        )
+        .map(Some)
+    }
+
+    fn add_used_batch_in<M: GuestMemory + ?Sized>(
+        &mut self,
+        view: &View<'_, M>,
+        used: &[(u16, u32)],
+    ) -> Result<()> {
+        self.check_usable()?;
+        if let Some(&(index, _)) = used.iter().find(|&&(head, _)| head >= self.size) {
+            return Err(Error::HeadIndexOutOfRange {
+                index,
+                size: self.size,
+            });
+        }
+        let mut next_used = self.next_used;
+        for &(head_index, len) in used {
+            // Cannot overflow: the slot is below the size, at most 32768.
+            let elem = self.ring_slot(next_used) * USED_ELEMENT_SIZE + RING_ENTRIES_OFFSET;
+            let mut bytes = [0u8; 8];
+            let (id, length) = bytes.split_at_mut(4);
+            id.copy_from_slice(&u32::from(head_index).to_le_bytes());
+            length.copy_from_slice(&len.to_le_bytes());
+            view.used_ring.write(view.mem, elem, bytes)?;
+            next_used = next_used.wrapping_add(1);
+        }
+
+        // The elements must be visible to the driver before the index that publishes them.
+        fence(Ordering::Release);
+        view.used_ring.store(
+            view.mem,
+            RING_IDX_OFFSET,
+            next_used.to_le(),
+            Ordering::Release,
+        )?;
+        self.next_used = next_used;
+        Ok(())
+    }
+
+    fn needs_notification_in<M: GuestMemory + ?Sized>(
+        &mut self,
+        view: &View<'_, M>,
+    ) -> Result<bool> {
+        self.check_usable()?;
+        // The used index the device published must be ordered before the driver's flags or
+        // event index are read, else both sides can sleep waiting for each other.
+        fence(Ordering::SeqCst);
+        let used_idx = self.next_used;
+
+        if !self.event_idx_enabled {
+            let flags = u16::from_le(view.avail_ring.read::<u16>(view.mem, 0)?);
+            return Ok(flags & AVAIL_F_NO_INTERRUPT == 0);
+        }
+
+        let used_event = view
+            .avail_ring
+            .read::<u16>(view.mem, self.event_offset(AVAIL_ENTRY_SIZE))?;
+        let used_event = u16::from_le(used_event);
+        let Some(old) = self.signalled_used.replace(used_idx) else {
+            return Ok(true);
+        };
+        Ok(need_event(used_event, used_idx, old))
+    }
+
+    fn set_avail_event_in<M: GuestMemory + ?Sized>(
+        &self,
+        view: &View<'_, M>,
+        avail_event: u16,
+    ) -> Result<()> {
+        self.check_size()?;
+        let offset = self.event_offset(USED_ELEMENT_SIZE);
+        view.used_ring.write(view.mem, offset, avail_event.to_le())
+    }
+
+    fn enable_notification_in<M: GuestMemory + ?Sized>(&self, view: &View<'_, M>) -> Result<bool> {
+        self.set_notification_in(view, true)?;
+        // The request must be visible before the available index is read again.
+        fence(Ordering::SeqCst);
+        Ok(self.avail_idx_in(view)? != self.next_avail)
+    }
+
+    fn set_notification_in<M: GuestMemory + ?Sized>(
+        &self,
+        view: &View<'_, M>,
+        enable: bool,
+    ) -> Result<()> {
         self.check_size()?;
         if self.event_idx_enabled {
             if enable {
-                self.set_avail_event(mem, self.next_avail)?;
+                self.set_avail_event_in(view, self.next_avail)?;
             }
             return Ok(());
         }
         let flags = if enable { 0 } else { USED_F_NO_NOTIFY };
-        guest::write_obj(mem, flags.to_le(), self.used_ring)?;
-        Ok(())
+        view.used_ring.write(view.mem, 0, flags.to_le())
+    }
+}
+
+/// The queue's three areas in guest memory, for the accesses of one call, or of a batch.
+struct View<'m, M: GuestMemory + ?Sized> {
+    mem: &'m M,
+    desc_table: Area<'m, M>,
+    avail_ring: Area<'m, M>,
+    used_ring: Area<'m, M>,
+}
+
+/// A [`Queue`] with its rings looked up in guest memory once, for a batch of work: taken with
+/// [`Queue::rings`], it has the queue's methods that access the rings, without their `mem`
+/// argument, and each access goes straight to the ring's bytes in host memory.
+///
+/// A device takes it for one pass over its queue (one notification, say) and drops it before
+/// guest memory can change: it borrows the memory, so the rings it resolved stay mapped. A
+/// ring that no one region of plain physical memory holds whole is accessed as [`Queue`]'s
+/// methods do, with the same results.
+pub struct Rings<'q, 'm, M: GuestMemory + ?Sized> {
+    queue: &'q mut Queue,
+    view: View<'m, M>,
+}
+
+impl<M: GuestMemory + ?Sized> std::fmt::Debug for Rings<'_, '_, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rings").field("queue", &self.queue).finish()
+    }
+}
+
+impl<'m, M: GuestMemory + ?Sized> Rings<'_, 'm, M> {
+    /// The queue.
+    pub fn queue(&self) -> &Queue {
+        self.queue
+    }
+
+    /// The guest memory the rings are in.
+    pub fn mem(&self) -> &'m M {
+        self.view.mem
+    }
+
+    /// As [`Queue::avail_idx`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::avail_idx`].
+    pub fn avail_idx(&self) -> Result<u16> {
+        self.queue.avail_idx_in(&self.view)
+    }
+
+    /// As [`Queue::pop`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::pop`].
+    pub fn pop(&mut self) -> Result<Option<DescriptorChain>> {
+        self.queue.pop_in(&self.view)
+    }
+
+    /// As [`Queue::add_used`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::add_used`].
+    pub fn add_used(&mut self, head_index: u16, len: u32) -> Result<()> {
+        self.add_used_batch(&[(head_index, len)])
+    }
+
+    /// As [`Queue::add_used_batch`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::add_used_batch`].
+    pub fn add_used_batch(&mut self, used: &[(u16, u32)]) -> Result<()> {
+        self.queue.add_used_batch_in(&self.view, used)
+    }
+
+    /// As [`Queue::needs_notification`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::needs_notification`].
+    pub fn needs_notification(&mut self) -> Result<bool> {
+        self.queue.needs_notification_in(&self.view)
+    }
+
+    /// As [`Queue::enable_notification`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::enable_notification`].
+    pub fn enable_notification(&self) -> Result<bool> {
+        self.queue.enable_notification_in(&self.view)
+    }
+
+    /// As [`Queue::disable_notification`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::disable_notification`].
+    pub fn disable_notification(&self) -> Result<()> {
+        self.queue.set_notification_in(&self.view, false)
     }
 }
 
@@ -1880,6 +2124,57 @@ mod tests {
                 (u32::from(*head), len)
             );
         }
+    }
+
+    /// Serves three chains through [`Queue::rings`] with the queue laid out from `base` in two
+    /// regions, `[0, 0x1000)` and `[0x1000, 0x10000)`, and checks what the driver sees.
+    fn serve_through_rings(base: u64) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0xf000),
+        ])
+        .unwrap();
+        let mut driver = MockDriver::new(QUEUE_SIZE, GuestAddress(base));
+        let mut queue = driver.queue();
+        queue.set_event_idx(true);
+        queue.validate(&mem).unwrap();
+        let buffers = [
+            MockBuffer::readable(0x4000, 16),
+            MockBuffer::writable(0x5000, 512),
+            MockBuffer::writable(0x6000, 1),
+        ];
+        for _ in 0..3 {
+            driver.add_chain(&mem, &buffers).unwrap();
+        }
+        let mut rings = queue.rings(&mem);
+        rings.disable_notification().unwrap();
+        let mut heads = Vec::new();
+        while let Some(chain) = rings.pop().unwrap() {
+            assert_eq!(chain.readable_len(), 16);
+            assert_eq!(chain.writable_len(), 513);
+            heads.push(chain.head_index());
+            rings.add_used(chain.head_index(), 513).unwrap();
+        }
+        assert_eq!(heads, [0, 3, 6]);
+        assert!(rings.needs_notification().unwrap());
+        assert!(!rings.enable_notification().unwrap());
+        assert_eq!(rings.avail_idx().unwrap(), 3);
+        assert_eq!(rings.queue().next_used(), 3);
+        assert_eq!(driver.used_idx(&mem).unwrap(), 3);
+        assert_eq!(driver.used_elem(&mem, 2).unwrap(), (6, 513));
+        assert_eq!(driver.avail_event(&mem).unwrap(), 3);
+    }
+
+    #[test]
+    fn rings_taken_for_a_batch_serve_it_inside_one_region() {
+        serve_through_rings(0x2000);
+    }
+
+    #[test]
+    fn rings_that_straddle_two_regions_are_served_all_the_same() {
+        // The descriptor table across the boundary, then the available ring.
+        serve_through_rings(0xf80);
+        serve_through_rings(0xef0);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
 use crate::error::ErrorChain;
-use crate::queue::{self, DescriptorChain, Queue};
+use crate::queue::{self, DescriptorChain, Queue, Rings};
 use crate::worker::{EventHandler, EventOps};
 
 /// Serves a block device's queue: the request path, without the thread around it.
@@ -198,9 +198,10 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         let mem = mem.memory();
         let mem = &*mem;
         server.reap(mem, wait);
-        let count = server.publish(queue, mem)?;
+        let mut rings = queue.rings(mem);
+        let count = server.publish(&mut rings)?;
         if count > 0 {
-            signal(queue, mem, &**interrupt, &server.metrics, irq_error_logged)?;
+            signal(&mut rings, &**interrupt, &server.metrics, irq_error_logged)?;
         }
         Ok(count)
     }
@@ -249,15 +250,17 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         } = self;
         let mem = mem.memory();
         let mem = &*mem;
+        // The rings are looked up in guest memory once for the whole pass.
+        let mut rings = queue.rings(mem);
         let mut budget = Budget::default();
         *budget_spent = false;
         *waiting_for_room = false;
         let mut passes = 0usize;
         let result = loop {
-            if let Err(err) = queue.disable_notification(mem) {
+            if let Err(err) = rings.disable_notification() {
                 break Err(err);
             }
-            match server.drain(queue, mem, &mut budget) {
+            match server.drain(&mut rings, &mut budget) {
                 Ok(Drained::Empty) => {}
                 // Notifications stay off: the caller comes back, or the limiter's timer does.
                 Ok(Drained::Full) => {
@@ -272,7 +275,7 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
                 }
                 Err(err) => break Err(err),
             }
-            match queue.enable_notification(mem) {
+            match rings.enable_notification() {
                 // With notifications on, a driver that makes more chains available notifies.
                 Ok(true) if passes < MAX_BATCH => passes += 1,
                 Ok(_) => break Ok(()),
@@ -289,9 +292,9 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         // the page cache holds): those are handed back now, with the chains served
         // synchronously, rather than after a round trip through the completion eventfd.
         server.reap(mem, false);
-        budget.used += server.publish(queue, mem)?;
+        budget.used += server.publish(&mut rings)?;
         if budget.used > 0 {
-            signal(queue, mem, &**interrupt, &server.metrics, irq_error_logged)?;
+            signal(&mut rings, &**interrupt, &server.metrics, irq_error_logged)?;
         }
         result.map(|()| budget.chains)
     }
@@ -395,13 +398,12 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
 /// Raises the interrupt of a queue the device just used, if the driver wants one (a failure
 /// is counted, and logged once).
 fn signal<M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &M,
+    rings: &mut Rings<'_, '_, M>,
     interrupt: &dyn VirtioInterrupt,
     metrics: &BlockMetrics,
     irq_error_logged: &mut bool,
 ) -> std::result::Result<(), queue::Error> {
-    if !queue.needs_notification(mem)? {
+    if !rings.needs_notification()? {
         return Ok(());
     }
     if let Err(err) = interrupt.trigger(VirtioInterruptType::Queue(0)) {
@@ -457,24 +459,24 @@ impl<B: BlockBackend, C: Clock> Server<B, C> {
     /// is spent, or the rate limiter holds one back.
     fn drain<M: GuestMemory>(
         &mut self,
-        queue: &mut Queue,
-        mem: &M,
+        rings: &mut Rings<'_, '_, M>,
         budget: &mut Budget,
     ) -> std::result::Result<Drained, queue::Error> {
+        let mem = rings.mem();
         while !budget.spent() {
             if self.io.as_ref().is_some_and(|io| !io.has_room()) {
                 return Ok(Drained::Busy);
             }
             let chain = match self.throttled.take() {
                 Some(chain) => chain,
-                None => match queue.pop(mem)? {
+                None => match rings.pop()? {
                     Some(chain) => chain,
                     None => return Ok(Drained::Empty),
                 },
             };
             match self.serve(mem, &chain) {
                 Served::Used(used, bytes) => {
-                    queue.add_used(mem, chain.head_index(), used)?;
+                    rings.add_used(chain.head_index(), used)?;
                     budget.chains += 1;
                     budget.used += 1;
                     budget.bytes = budget.bytes.saturating_add(bytes);
@@ -566,14 +568,13 @@ impl<B: BlockBackend, C: Clock> Server<B, C> {
     /// returns how many.
     fn publish<M: GuestMemory>(
         &mut self,
-        queue: &mut Queue,
-        mem: &M,
+        rings: &mut Rings<'_, '_, M>,
     ) -> std::result::Result<usize, queue::Error> {
         let count = self.completed.len();
         if count == 0 {
             return Ok(0);
         }
-        let published = queue.add_used_batch(mem, &self.completed);
+        let published = rings.add_used_batch(&self.completed);
         self.completed.clear();
         published.map(|()| count)
     }
