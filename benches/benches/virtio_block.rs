@@ -9,12 +9,12 @@
 //! physical limit, which the request path is measured against. Each request of the device is
 //! timed on its own, between two clock reads, since the driver publishes the next one untimed;
 //! so is each `pread`/`pwrite`, so that both sides pay the same clock reads (about 25-50 ns
-//! here, which criterion's batched timing would otherwise spare the syscall alone). Then the
-//! same reads and writes
-//! through the asynchronous engine ([`IoEngine::Async`], io_uring): one request per
-//! notification, and 32 in flight per notification (`_qd32`, one iteration being the 32
-//! requests, counted as 32 elements), from publishing to the one used-ring update of their
-//! completions.
+//! here, which criterion's batched timing would otherwise spare the syscall alone). `_null`
+//! is the device's own work: the same requests on a backend that moves no bytes. Then the
+//! same reads and writes through the asynchronous engine ([`IoEngine::Async`], io_uring): one
+//! request per notification, and 32 in flight per notification (`_qd32`, one iteration being
+//! the 32 requests, counted as 32 elements), from publishing to the one used-ring update of
+//! their completions.
 //!
 //! Each request is served on its own (a batch of one), so every request pays the whole
 //! per-batch cost, and the driver asks for an interrupt for each (EVENT_IDX, as Linux negotiates
@@ -23,6 +23,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::hint::black_box;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,9 +31,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ember_virtio::MmioInterrupt;
-use ember_virtio::block::{AsyncIo, BlockWorker, Disk, IoEngine, RawFile, STATUS_OK};
+use ember_virtio::block::{AsyncIo, BlockBackend, BlockWorker, Disk, IoEngine, RawFile, STATUS_OK};
+use ember_virtio::iov::GuestIoVecs;
 use ember_virtio::mock::{CountingTrigger, MockBuffer, MockDriver, guest_memory};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 const IMAGE_LEN: usize = 1 << 20;
@@ -78,19 +80,57 @@ impl Drop for Image {
     }
 }
 
-/// A guest with a block device on the image.
-struct Guest {
+/// A backend that moves no bytes: what the device costs on its own.
+struct Null;
+
+impl BlockBackend for Null {
+    fn capacity(&self) -> u64 {
+        IMAGE_LEN as u64
+    }
+
+    fn read_vectored<M: GuestMemory + ?Sized>(
+        &mut self,
+        _offset: u64,
+        bufs: &GuestIoVecs<'_, M>,
+    ) -> io::Result<()> {
+        black_box(bufs.iovecs());
+        Ok(())
+    }
+
+    fn write_vectored<M: GuestMemory + ?Sized>(
+        &mut self,
+        _offset: u64,
+        bufs: &GuestIoVecs<'_, M>,
+    ) -> io::Result<()> {
+        black_box(bufs.iovecs());
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A guest with a block device on `B`.
+struct Guest<B: BlockBackend = RawFile> {
     mem: Arc<GuestMemoryMmap<()>>,
     driver: MockDriver,
-    worker: BlockWorker<Arc<GuestMemoryMmap<()>>>,
+    worker: BlockWorker<Arc<GuestMemoryMmap<()>>, B>,
     irqs: CountingTrigger,
     /// Waits on the asynchronous engine's completion eventfd.
     completions: Option<Epoll>,
 }
 
 impl Guest {
+    /// A guest with a block device on the image, on `engine`.
     fn new(image: &Image, engine: IoEngine) -> Self {
         let backend = RawFile::open(&image.0, false).expect("cannot open the disk");
+        Self::on(backend, engine)
+    }
+}
+
+impl<B: BlockBackend> Guest<B> {
+    fn on(backend: B, engine: IoEngine) -> Self {
         let disk = Disk::new(backend, false, "bench").expect("cannot open the disk");
         let mem = Arc::new(guest_memory(0x100000).expect("cannot map guest memory"));
         let driver = MockDriver::new(256, GuestAddress(0));
@@ -272,6 +312,14 @@ fn bench_4k(c: &mut Criterion) {
     });
     group.bench_function("ember_write", |b| {
         b.iter_custom(|iters| guest.time(VIRTIO_BLK_T_OUT, 1, iters))
+    });
+    // The device alone: the same requests on a backend that moves no bytes.
+    let mut null = Guest::on(Null, IoEngine::Sync);
+    group.bench_function("ember_read_null", |b| {
+        b.iter_custom(|iters| null.time(VIRTIO_BLK_T_IN, 1, iters))
+    });
+    group.bench_function("ember_write_null", |b| {
+        b.iter_custom(|iters| null.time(VIRTIO_BLK_T_OUT, 1, iters))
     });
     group.bench_function("ember_async_read", |b| {
         b.iter_custom(|iters| uring.time(VIRTIO_BLK_T_IN, 1, iters))

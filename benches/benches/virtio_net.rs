@@ -10,6 +10,10 @@
 //! no-op here, where a VMM writes an irqfd). The mock driver publishes the chains outside the
 //! timed part; `device_1` gets one chain per notification, `device_burst64` 64.
 //!
+//! Each device case has its reference timed the same way, so that both pay the same clock
+//! reads: `raw_write_1` times each `write` between two clock reads, as `device_1` times each
+//! notification, and `raw_write_burst64` 64 writes at a time.
+//!
 //! The bench needs a TAP, so root and `/dev/net/tun`; it brings the TAP up with `ip link`,
 //! since a TAP that is down refuses writes with EIO. Without one it says why and measures
 //! nothing.
@@ -20,7 +24,8 @@
 //! rate limiter's check, one `recv` into the device's buffer, the copy into the guest's
 //! writable chain, the used element, the interrupt decision), beside a plain `recv` of the
 //! same datagrams. The peer sends the frames, and the mock driver offers the chains, outside
-//! the timed part; `device_burst64` takes 64 frames per notification.
+//! the timed part; `device_burst64` takes 64 frames per notification. `raw_recv_1` and
+//! `raw_recv_burst64` time the `recv`s one and 64 at a time.
 
 use std::hint::black_box;
 use std::io;
@@ -151,15 +156,45 @@ fn bench_tx(c: &mut Criterion) {
     );
 
     let tap = transmitter.handler.into_backend();
-    group.bench_function("raw_write", |b| {
-        b.iter(|| {
-            let written = tap
-                .write(black_box(&bytes))
-                .expect("the TAP takes the frame");
-            assert_eq!(written, CHAIN_LEN);
-        })
-    });
+    for burst in [1, 64] {
+        group.bench_function(format!("raw_write_{}", burst_name(burst)), |b| {
+            b.iter_custom(|iters| {
+                time_bursts(iters, burst, |count| {
+                    for _ in 0..count {
+                        let written = tap
+                            .write(black_box(&bytes))
+                            .expect("the TAP takes the frame");
+                        assert_eq!(written, CHAIN_LEN);
+                    }
+                })
+            })
+        });
+    }
     group.finish();
+}
+
+/// `1` or `burst64`, as the device cases are named.
+fn burst_name(burst: u64) -> String {
+    if burst == 1 {
+        "1".to_owned()
+    } else {
+        format!("burst{burst}")
+    }
+}
+
+/// Times `iters` operations, `burst` at a time between two clock reads, as the device cases
+/// time each notification: `run(count)` does `count` of them.
+fn time_bursts(iters: u64, burst: u64, mut run: impl FnMut(u64)) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let count = left.min(burst);
+        let start = Instant::now();
+        run(count);
+        total += start.elapsed();
+        left -= count;
+    }
+    total
 }
 
 /// Bytes of each writable chain the receive bench offers: a frame of [`CHAIN_LEN`] fits.
@@ -263,26 +298,28 @@ fn bench_rx(c: &mut Criterion) {
     let (reader, writer) = UnixDatagram::pair().expect("cannot create a socket pair");
     let frame = chain_bytes();
     let mut buf = vec![0u8; RX_BUFFER_LEN as usize];
-    group.bench_function("raw_recv", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                let count = left.min(64);
-                for _ in 0..count {
-                    writer.send(&frame).expect("the socket takes the frame");
+    for burst in [1, 64] {
+        group.bench_function(format!("raw_recv_{}", burst_name(burst)), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let count = left.min(burst);
+                    for _ in 0..count {
+                        writer.send(&frame).expect("the socket takes the frame");
+                    }
+                    total += time_bursts(count, count, |count| {
+                        for _ in 0..count {
+                            let read = reader.recv(black_box(&mut buf)).expect("a frame waits");
+                            assert_eq!(read, CHAIN_LEN);
+                        }
+                    });
+                    left -= count;
                 }
-                let start = Instant::now();
-                for _ in 0..count {
-                    let read = reader.recv(black_box(&mut buf)).expect("a frame waits");
-                    assert_eq!(read, CHAIN_LEN);
-                }
-                total += start.elapsed();
-                left -= count;
-            }
-            total
-        })
-    });
+                total
+            })
+        });
+    }
     group.finish();
 }
 
