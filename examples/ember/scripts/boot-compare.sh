@@ -18,6 +18,15 @@
 # `BOOT-COMPARE ember median=<s> ember-hugepages median=<s> qemu median=<s>
 # ratio=<ember/qemu> ratio-hugepages=<ember-hugepages/qemu>`. Times come from
 # /proc/uptime (10 ms steps).
+#
+# Each boot's line also gives its timeline (boot-time.sh): `before-kernel`, the
+# seconds before the guest kernel's clock started (what the VMM adds: its
+# start-up and loading the guest, and the kernel's entry), `kernel`, from then
+# until the kernel started init, and `init`, from then to the marker. For ember,
+# `vmm` is the part of `before-kernel` until ember started the vCPUs (its log's
+# `Started ... us after the process started`): the rest is the guest kernel's
+# entry. The medians of each part follow, one line per configuration:
+# `BOOT-COMPARE timeline <name> total=<s> before-kernel=<s> kernel=<s> init=<s> vmm=<s>`.
 # The kernel logs at `quiet` level so that console speed, which differs between
 # the two VMMs' UARTs, does not decide the result. The i8042 options are those of
 # ember's default command line (as of Firecracker's): they keep Linux from probing
@@ -40,27 +49,56 @@ tag=BOOT-COMPARE
 ember_times=
 thp_times=
 qemu_times=
+# The timelines, one `name total before-kernel kernel init vmm` line per boot.
+: >"$work/timelines"
+
+# boot NAME COMMAND...: times one boot into `t` (the total, or "fail"), prints
+# its line and keeps its timeline.
+boot() {
+    name=$1
+    t=$(time_boot "$@")
+    if [ "$t" = fail ]; then
+        echo "BOOT-COMPARE run $i $name fail"
+        return
+    fi
+    read -r total before kernel init_part <"$work/timeline"
+    vmm=$(sed -n 's/.*Started .*, \([0-9]*\) us after the process started.*/\1/p' "$work/stderr" |
+        awk 'NR == 1 { printf "%.2f\n", $1 / 1000000 }')
+    echo "BOOT-COMPARE run $i $name $t before-kernel=$before kernel=$kernel init=$init_part" \
+        "vmm=${vmm:-?}"
+    echo "$name $total $before $kernel $init_part ${vmm:-?}" >>"$work/timelines"
+}
+
 i=1
 while [ "$i" -le "$runs" ]; do
-    t=$(time_boot ember "$ember" --kernel "$guest/vmlinux" --initrd "$guest/initramfs.cpio.gz" \
-        --memory "$mem" --cmdline "$cmdline reboot=k")
-    echo "BOOT-COMPARE run $i ember $t"
+    boot ember "$ember" --kernel "$guest/vmlinux" --initrd "$guest/initramfs.cpio.gz" \
+        --memory "$mem" --cmdline "$cmdline reboot=k"
     [ "$t" = fail ] || ember_times="$ember_times $t"
-    t=$(time_boot ember-hugepages "$ember" --kernel "$guest/vmlinux" \
+    boot ember-hugepages "$ember" --kernel "$guest/vmlinux" \
         --initrd "$guest/initramfs.cpio.gz" --memory "$mem" --hugepages \
-        --cmdline "$cmdline reboot=k")
-    echo "BOOT-COMPARE run $i ember-hugepages $t"
+        --cmdline "$cmdline reboot=k"
     [ "$t" = fail ] || thp_times="$thp_times $t"
     # microvm without option ROMs, with COM1 and without the RTC, which ember
     # does not have either; the guest resets with a triple fault (reboot=t) and
     # -no-reboot turns that into QEMU's exit.
-    t=$(time_boot qemu qemu-system-x86_64 -M microvm,x-option-roms=off,isa-serial=on,rtc=off \
+    boot qemu qemu-system-x86_64 -M microvm,x-option-roms=off,isa-serial=on,rtc=off \
         -accel kvm -cpu host -m "$mem" -smp 1 -nodefaults -no-user-config -nographic \
         -serial stdio -no-reboot -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio.gz" \
-        -append "$cmdline reboot=t")
-    echo "BOOT-COMPARE run $i qemu $t"
+        -append "$cmdline reboot=t"
     [ "$t" = fail ] || qemu_times="$qemu_times $t"
     i=$((i + 1))
+done
+
+# The median of each part of the timeline, per configuration.
+for name in ember ember-hugepages qemu; do
+    line="BOOT-COMPARE timeline $name"
+    field=2
+    for part in total before-kernel kernel init vmm; do
+        m=$(awk -v n="$name" -v f="$field" '$1 == n { print $f }' "$work/timelines" | grep -v '?' | median)
+        line="$line $part=$m"
+        field=$((field + 1))
+    done
+    echo "$line"
 done
 
 e=$(echo "$ember_times" | median)

@@ -10,6 +10,13 @@ now() { cut -d' ' -f1 /proc/uptime; }
 # time_boot NAME COMMAND...: seconds from starting COMMAND to the marker
 # `EMBER-GUEST-UP` on its stdout, or "fail"; the command must end by itself.
 # Times come from /proc/uptime (10 ms steps).
+#
+# It also writes the boot's timeline to $work/timeline, as
+# `total before-kernel kernel init`: the seconds before the guest kernel's clock
+# started (the VMM's start-up, loading the kernel and initramfs, the kernel's
+# entry up to its timekeeping), from then until the kernel started init, and
+# from then to the marker. The guest's marker line gives the kernel's uptime at
+# those two points (`init=` and `up=`, /proc/uptime in the guest).
 time_boot() {
     name=$1
     shift
@@ -17,9 +24,10 @@ time_boot() {
     "$@" >"$work/console" 2>"$work/stderr" </dev/null &
     pid=$!
     up=
+    marker=
     while IFS= read -r line; do
         case "$line" in
-        *EMBER-GUEST-UP*) [ -n "$up" ] || up=$(now) ;;
+        *EMBER-GUEST-UP*) [ -n "$up" ] || { up=$(now); marker=$line; } ;;
         esac
     done <"$work/console"
     wait "$pid"
@@ -31,6 +39,16 @@ time_boot() {
         return
     fi
     awk -v a="$start" -v b="$up" 'BEGIN { printf "%.2f\n", b - a }'
+    echo "$marker" | tr -d '\r' | awk -v a="$start" -v b="$up" '{
+        init = ""; up = ""
+        for (i = 1; i <= NF; i++) {
+            if ($i ~ /^init=[0-9.]+$/) init = substr($i, 6)
+            if ($i ~ /^up=[0-9.]+$/) up = substr($i, 4)
+        }
+        total = b - a
+        if (init == "" || up == "") print total, "? ? ?"
+        else printf "%.2f %.2f %.2f %.2f\n", total, total - up, init, up - init
+    }' >"$work/timeline"
 }
 
 # median: the median of the times on stdin (space or newline separated), or
