@@ -9,7 +9,9 @@
 #      the project's Linux guest (boot-compare.sh), inside the nested rig where
 #      /dev/kvm has no VMX/SVM;
 #   3. the API: start to socket accepting, and request latency (cargo bench -p
-#      ember --bench api).
+#      ember --bench api);
+#   4. guest-visible disk and TCP throughput for ember and for QEMU's microvm
+#      machine (io-compare.sh), in the rig likewise.
 #
 # usage: bench.sh [RUNS]   RUNS: boots of each VMM in step 2 (default 5)
 #
@@ -32,8 +34,9 @@ echo "==> cargo bench -p ember --bench api"
 cargo bench --locked -p ember --bench api | tee -a "$log"
 
 echo "==> boot to userspace: ember and QEMU microvm, $runs boots each"
-cargo build --release --locked -p ember
-ember=$root/target/x86_64-unknown-linux-gnu/release/ember
+cargo build --release --locked -p ember -p ember-io-probe -p ember-vsock-probe
+release=$root/target/x86_64-unknown-linux-gnu/release
+ember=$release/ember
 guest=$("$scripts/guest.sh" | tail -n 1)
 where="on this host"
 if "$scripts/rig.sh" needed; then
@@ -45,6 +48,17 @@ if "$scripts/rig.sh" needed; then
         sh /boot-compare.sh /usr/local/bin/ember "$guest" "$runs" | tee -a "$log"
 else
     sh "$scripts/boot-compare.sh" "$ember" "$guest" "$runs" | tee -a "$log"
+fi
+
+echo "==> guest disk and TCP throughput: ember and QEMU microvm"
+if "$scripts/rig.sh" needed; then
+    "$scripts/rig.sh" run --qemu --add "$ember:/usr/local/bin/ember" \
+        --add "$release/ember-io-probe:/usr/local/bin/ember-io-probe" \
+        --add "$release/ember-vsock-probe:/usr/local/bin/ember-vsock-probe" --add "$guest" \
+        --add "$scripts/io-compare.sh:/io-compare.sh" -- \
+        sh /io-compare.sh /usr/local/bin/ember "$guest" | tee -a "$log"
+else
+    sh "$scripts/io-compare.sh" "$ember" "$guest" | tee -a "$log"
 fi
 
 # The report: each row's value is cut from the lines above.
@@ -81,3 +95,7 @@ cat <<TABLE
 | GET /machine-config (1000 requests) | median ${api_get:-?} | |
 | PATCH /vm, guest running (1000 requests) | median ${api_patch:-?} | |
 TABLE
+
+echo
+echo "Guest I/O, $where (ember Sync and Async engines beside QEMU; ratios to QEMU):"
+tr -d '\r' <"$log" | grep -a '^IO-COMPARE [a-z]' | grep -v '^IO-COMPARE run ' | sed 's/^IO-COMPARE /- /'
