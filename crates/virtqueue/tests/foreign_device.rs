@@ -188,14 +188,16 @@ fn chain_buffers_become_host_iovecs_and_writes_are_marked_dirty() {
             &[
                 MockBuffer::writable(0x4000, 16),
                 MockBuffer::writable(RINGS + 0x9000, 16),
+                // Across the two regions: two iovecs.
+                MockBuffer::writable(RINGS - 8, 16),
             ],
         )
         .unwrap();
     let chain = adder.queue.pop(&mem).unwrap().expect("a chain");
     let iovecs = GuestIoVecs::new(&mem, chain.writable().copied(), Permissions::Write).unwrap();
-    assert_eq!(iovecs.iovecs().len(), 2);
-    assert_eq!(iovecs.len(), 32);
-    iovecs.mark_written(32);
+    assert_eq!(iovecs.iovecs().len(), 4);
+    assert_eq!(iovecs.len(), 48);
+    iovecs.mark_written(48);
     let dirty = |addr: u64| {
         use vm_memory::bitmap::Bitmap;
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -205,5 +207,6 @@ fn chain_buffers_become_host_iovecs_and_writes_are_marked_dirty() {
     };
     assert!(dirty(0x4000));
     assert!(dirty(RINGS + 0x9000));
+    assert!(dirty(RINGS - 8));
     assert!(!dirty(0x5000));
 }
