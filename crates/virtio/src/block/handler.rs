@@ -198,11 +198,12 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         let mem = mem.memory();
         let mem = &*mem;
         server.reap(mem, wait);
+        if server.completed.is_empty() {
+            return Ok(0);
+        }
         let mut rings = queue.rings(mem);
         let count = server.publish(&mut rings)?;
-        if count > 0 {
-            signal(&mut rings, &**interrupt, &server.metrics, irq_error_logged)?;
-        }
+        signal(&mut rings, &**interrupt, &server.metrics, irq_error_logged)?;
         Ok(count)
     }
 
