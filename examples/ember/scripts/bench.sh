@@ -55,7 +55,8 @@ if "$scripts/rig.sh" needed; then
     "$scripts/rig.sh" run --qemu --add "$ember:/usr/local/bin/ember" \
         --add "$release/ember-io-probe:/usr/local/bin/ember-io-probe" \
         --add "$release/ember-vsock-probe:/usr/local/bin/ember-vsock-probe" --add "$guest" \
-        --add "$scripts/io-compare.sh:/io-compare.sh" -- \
+        --add "$scripts/io-compare.sh:/io-compare.sh" \
+        --add "$scripts/boot-time.sh:/boot-time.sh" -- \
         sh /io-compare.sh /usr/local/bin/ember "$guest" | tee -a "$log"
 else
     sh "$scripts/io-compare.sh" "$ember" "$guest" | tee -a "$log"

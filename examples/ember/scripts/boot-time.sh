@@ -1,6 +1,7 @@
 # Shared by the boot comparisons (boot-compare.sh, jail-compare.sh,
-# ember-compare.sh), which source it: timing one boot to the guest's userspace
-# marker, and the median of a list of times. POSIX sh, busybox included.
+# ember-compare.sh) and io-compare.sh, which source it: timing one boot to the
+# guest's userspace marker, the median of a list of values, and a ratio. POSIX
+# sh, busybox included.
 #
 # The sourcing script sets `work` (a scratch directory holding the FIFO
 # `$work/console`) and `tag` (the prefix of its output lines) first.
@@ -57,5 +58,9 @@ median() {
     tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "none"; else print v[int((NR + 1) / 2)] }'
 }
 
-# ratio A B: A / B with two decimals.
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f\n", a / b }'; }
+# ratio A B: A / B with two decimals, or "none" when either is "none" or B is 0.
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        if (a == "none" || b == "none" || b + 0 == 0) print "none"; else printf "%.2f\n", a / b
+    }'
+}

@@ -2,7 +2,8 @@
 # Guest-visible disk and network throughput of ember beside QEMU's microvm
 # machine: the same guest, the same disk image and a TAP each, in one run.
 # Runs with busybox sh inside the nested rig (rig.sh --qemu), or with any POSIX
-# sh on a host with VMX/SVM; needs root, /dev/net/tun and `ip`.
+# sh on a host with VMX/SVM; needs root, /dev/net/tun and `ip`, and boot-time.sh
+# beside it.
 #
 # usage: io-compare.sh EMBER GUEST_DIR [ROUNDS] [SECONDS]
 #   EMBER      the ember binary; ember-io-probe and ember-vsock-probe beside it
@@ -33,6 +34,7 @@ rounds=${3:-2}
 seconds=${4:-3}
 bin=$(dirname "$ember")
 work=$(mktemp -d)
+. "$(dirname "$0")/boot-time.sh"
 tap=ember-io0
 host_ip=169.254.80.1
 guest_ip=169.254.80.2
@@ -152,21 +154,19 @@ while [ "$round" -le "$rounds" ]; do
     round=$((round + 1))
 done
 
-median() {
-    grep -v '^[?-]*$' | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "none"; else print v[int((NR + 1) / 2)] }'
+# The medians of each test, per configuration, and their ratios to QEMU's.
+median_of() {
+    awk -v n="$1" -v t="$2" -v f="$3" '$1 == n && $2 == t { print $f }' "$work/results" |
+        grep -v '^[?-]*$' | median
 }
 for test in seq-read seq-write rand-read-qd1 rand-read-qd32 tcp-g2h tcp-h2g; do
     case "$test" in
     rand-*) field=4 ;;
     *) field=3 ;;
     esac
-    line="IO-COMPARE $test"
-    for name in ember ember-async qemu; do
-        m=$(awk -v n="$name" -v t="$test" -v f="$field" '$1 == n && $2 == t { print $f }' "$work/results" | median)
-        eval "m_$(echo "$name" | tr - _)=\$m"
-        line="$line $name=$m"
-    done
-    ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "none" || b == "none" || b == 0) print "none"; else printf "%.2f\n", a / b }'; }
-    # shellcheck disable=SC2154
-    echo "$line ratio=$(ratio "$m_ember" "$m_qemu") ratio-async=$(ratio "$m_ember_async" "$m_qemu")"
+    e=$(median_of ember "$test" "$field")
+    a=$(median_of ember-async "$test" "$field")
+    q=$(median_of qemu "$test" "$field")
+    echo "IO-COMPARE $test ember=$e ember-async=$a qemu=$q ratio=$(ratio "$e" "$q")" \
+        "ratio-async=$(ratio "$a" "$q")"
 done
