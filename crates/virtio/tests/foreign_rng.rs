@@ -111,11 +111,16 @@ impl Guest {
 
     /// Waits until the device handed back `count` chains in all.
     fn wait_used(&self, count: u16) {
-        let deadline = Instant::now() + TIMEOUT;
-        while self.driver.used_idx(&*self.mem.memory()).unwrap() < count {
-            assert!(Instant::now() < deadline, "the device did not answer");
-            thread::sleep(Duration::from_millis(1));
-        }
+        wait_for("the used chains", || {
+            self.driver.used_idx(&*self.mem.memory()).unwrap() >= count
+        });
+    }
+
+    /// Waits until the device interrupted the driver at least once. The device publishes the
+    /// used ring before it interrupts, so a driver that saw the chains may not have the
+    /// interrupt yet.
+    fn wait_interrupt(&self) {
+        wait_for("an interrupt", || self.irq.count() >= 1);
     }
 
     fn read(&self, addr: u64, len: usize) -> Vec<u8> {
@@ -125,6 +130,18 @@ impl Guest {
             .read_slice(&mut data, GuestAddress(addr))
             .unwrap();
         data
+    }
+}
+
+/// Polls `done` until it holds, failing the test after [`TIMEOUT`].
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "the device did not hand back {what}"
+        );
+        thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -138,7 +155,7 @@ fn reads_random_bytes(executor: Executor) {
         let (_, len) = guest.driver.used_elem(&*guest.mem.memory(), 0).unwrap();
         assert_eq!(len, 4096);
         assert!(guest.read(DATA, 4096).iter().any(|&b| b != 0));
-        assert!(guest.irq.count() >= 1);
+        guest.wait_interrupt();
         VirtioDevice::<Mem>::reset(&mut rng);
         assert!(!rng.is_active(), "round {round}");
     }
