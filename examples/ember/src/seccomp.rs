@@ -505,7 +505,8 @@ pub fn set_no_new_privs() -> Result<()> {
 ///
 /// A thread of its own allocates blocks over glibc's trim threshold (128 KiB) in all, each
 /// under its `mmap` threshold so that they come from the thread's heap, and frees them, last
-/// first: the heap's free top passes the threshold and glibc shrinks it.
+/// first: the heap's free top passes the threshold and glibc shrinks it. The blocks are never
+/// written, so that the part of the heap glibc keeps (its top pad, 128 KiB) is not resident.
 ///
 /// # Errors
 ///
@@ -518,7 +519,7 @@ pub fn prepare_runtime() -> Result<()> {
     let thread = std::thread::Builder::new()
         .name("ember-prepare".into())
         .spawn(|| {
-            let mut blocks: Vec<Vec<u8>> = (0..BLOCKS).map(|_| vec![1u8; BLOCK]).collect();
+            let mut blocks: Vec<Vec<u8>> = (0..BLOCKS).map(|_| Vec::with_capacity(BLOCK)).collect();
             std::hint::black_box(&mut blocks);
             while let Some(block) = blocks.pop() {
                 drop(std::hint::black_box(block));
