@@ -291,16 +291,35 @@ fn memory_overhead(dir: &Path) {
             eprintln!("cannot write {} back: {err}", variant.binary.display());
         }
     }
-    let mut overheads = vec![Vec::new(); variants.len()];
-    let mut guest_pages = vec![Vec::new(); variants.len()];
-    let mut footprints: Vec<Footprint> = variants.iter().map(|_| Footprint::default()).collect();
+    // Each variant started from flags, and the first and any baseline also through the API
+    // socket, as orchestrators start it.
+    let socket = dir.join("memory.sock");
+    let mut starts: Vec<(String, Box<dyn Fn() -> Child>)> = Vec::new();
+    for variant in &variants {
+        starts.push((
+            variant.name.clone(),
+            Box::new(|| {
+                let mut child = ember(variant, &kernel)
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("cannot run ember");
+                wait_for_boot(&mut child);
+                child
+            }),
+        ));
+    }
+    for variant in variants.iter().filter(|v| v.flags.is_empty()) {
+        starts.push((
+            format!("{}, started through the API", variant.name),
+            Box::new(|| ember_through_api(&variant.binary, &kernel, &socket)),
+        ));
+    }
+    let mut overheads = vec![Vec::new(); starts.len()];
+    let mut guest_pages = vec![Vec::new(); starts.len()];
+    let mut footprints: Vec<Footprint> = starts.iter().map(|_| Footprint::default()).collect();
     for _ in 0..5 {
-        for (i, variant) in variants.iter().enumerate() {
-            let mut child = ember(variant, &kernel)
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("cannot run ember");
-            wait_for_boot(&mut child);
+        for (i, (_, start)) in starts.iter().enumerate() {
+            let mut child = start();
             // The touches follow the boot-timer write; give them a moment to land.
             std::thread::sleep(Duration::from_millis(200));
             let (total, guest) = resident_kib(child.id());
@@ -311,7 +330,7 @@ fn memory_overhead(dir: &Path) {
             guest_pages[i].push(guest / 4);
         }
     }
-    for (i, Variant { name, .. }) in variants.iter().enumerate() {
+    for (i, (name, _)) in starts.iter().enumerate() {
         println!(
             "memory overhead, {name} (RSS minus resident guest memory, 5 runs): median {} KiB; \
              guest pages resident: median {} (the guest touched {TOUCH_PAGES} pages plus its own code)",
@@ -500,6 +519,51 @@ fn density(dir: &Path, ksm: bool) {
     }
 }
 
+/// `binary` configured and started with `kernel` through its API socket, as orchestrators
+/// start it; returns once the guest wrote the boot timer.
+fn ember_through_api(binary: &Path, kernel: &Path, socket: &Path) -> Child {
+    let _ = fs::remove_file(socket);
+    let mut child = Command::new(binary)
+        .arg("--api-sock")
+        .arg(socket)
+        .args(["--boot-timer", "--serial", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run ember");
+    wait_for_socket(socket);
+    let kernel = kernel.to_str().expect("a UTF-8 scratch path");
+    put(
+        socket,
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path":"{kernel}"}}"#),
+    );
+    put(
+        socket,
+        "PUT",
+        "/machine-config",
+        &format!(r#"{{"vcpu_count":1,"mem_size_mib":{MEMORY_MIB}}}"#),
+    );
+    put(
+        socket,
+        "PUT",
+        "/actions",
+        r#"{"action_type":"InstanceStart"}"#,
+    );
+    wait_for_boot(&mut child);
+    child
+}
+
+fn wait_for_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "the API socket never accepted");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// `ember --api-sock SOCKET`, its console off; waits for the socket.
 fn ember_api(socket: &Path) -> Child {
     let _ = fs::remove_file(socket);
@@ -512,11 +576,7 @@ fn ember_api(socket: &Path) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("cannot run ember");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "the API socket never accepted");
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    wait_for_socket(socket);
     child
 }
 
