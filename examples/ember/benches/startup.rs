@@ -24,9 +24,11 @@
 //!   [`DENSITY_TOUCH_PAGES`] pages and halts with interrupts off) started one after the other
 //!   until one fails to start, the host's available memory falls under [`DENSITY_MEM_FLOOR_MIB`]
 //!   or [`DENSITY_CAP`] run at once; once without and once with KSM (`--ksm`, with `ksmd`
-//!   running meanwhile). Prints how many ran, the host memory they used (the fall in
-//!   `MemAvailable`, in which pages KSM merged count once), their summed RSS (in which they count
-//!   in every process) and, with KSM, the pages `ksmd` shared.
+//!   running meanwhile at [`KSM_PAGES_TO_SCAN`] pages every [`KSM_SLEEP_MS`] ms, and given two
+//!   full passes after the last start). Prints how many ran, the host memory they used (the fall
+//!   in `MemAvailable`, in which pages KSM merged count once), their summed RSS (in which they
+//!   count in every process) and, with KSM, the pages `ksmd` shared. Identical idle guests are
+//!   KSM's best case: every guest's touched pages hold the same bytes.
 //!
 //! - **Restore**: a microVM of [`MEMORY_MIB`] MiB and 1 vCPU with a drive, an entropy device, a
 //!   balloon and a vsock device, its guest halted, is snapshotted; `EMBER_BENCH_RUNS` new
@@ -36,7 +38,8 @@
 //!   microVM booted.
 //!
 //! Run with `cargo bench -p ember --bench startup` (`EMBER_BENCH_QUICK=1` for the first three
-//! only).
+//! only; `-- NAME` for those whose name holds NAME: `first-instruction`, `memory`, `restore`,
+//! `creation`, `density`).
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -422,24 +425,59 @@ fn ksm_value(name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Turns `ksmd` on for the duration, and back to what it was when dropped.
-struct KsmRunning(Option<String>);
+/// ksmd's pace during the KSM density run: `KSM_PAGES_TO_SCAN` pages every `KSM_SLEEP_MS` ms,
+/// up to 500,000 pages a second. Its default of 100 pages every 20 ms (5,000 a second) would
+/// fall ever further behind microVMs started about 200 a second with 257 pages each, and the
+/// run would measure ksmd's backlog rather than what KSM saves.
+const KSM_PAGES_TO_SCAN: &str = "5000";
+const KSM_SLEEP_MS: &str = "10";
+/// How long the KSM density run waits, after the last start, for ksmd to finish two passes
+/// over every mergeable page (a page merges on the pass after the one that first saw it).
+const KSM_SETTLE: Duration = Duration::from_secs(300);
+
+/// ksmd running at the density run's pace for the duration; its settings back to what they
+/// were when dropped.
+struct KsmRunning(Vec<(&'static str, String)>);
 
 impl KsmRunning {
     fn start() -> Self {
-        let path = "/sys/kernel/mm/ksm/run";
-        let before = fs::read_to_string(path).ok();
-        if fs::write(path, "1").is_err() {
-            println!("(cannot start ksmd: pages are marked mergeable but not merged)");
+        let mut before = Vec::new();
+        for (name, value) in [
+            ("pages_to_scan", KSM_PAGES_TO_SCAN),
+            ("sleep_millisecs", KSM_SLEEP_MS),
+            ("run", "1"),
+        ] {
+            let path = format!("/sys/kernel/mm/ksm/{name}");
+            let Ok(old) = fs::read_to_string(&path) else {
+                println!("(cannot read {path}: the host's KSM is left as it is)");
+                break;
+            };
+            if fs::write(&path, value).is_err() {
+                println!("(cannot set {path}: the host's KSM is left as it is)");
+                break;
+            }
+            before.push((name, old.trim().to_owned()));
         }
         KsmRunning(before)
+    }
+
+    /// Waits until ksmd has made two full passes from now, or `KSM_SETTLE` has passed;
+    /// returns how long it waited.
+    fn settle(&self) -> Duration {
+        let start = Instant::now();
+        let target = ksm_value("full_scans") + 2;
+        while ksm_value("full_scans") < target && start.elapsed() < KSM_SETTLE {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        start.elapsed()
     }
 }
 
 impl Drop for KsmRunning {
     fn drop(&mut self) {
-        if let Some(before) = &self.0 {
-            let _ = fs::write("/sys/kernel/mm/ksm/run", before.trim());
+        // `run` first: ksmd stops before its pace goes back.
+        for (name, old) in self.0.iter().rev() {
+            let _ = fs::write(format!("/sys/kernel/mm/ksm/{name}"), old);
         }
     }
 }
@@ -453,7 +491,7 @@ fn density(dir: &Path, ksm: bool) {
     ]
     .concat();
     fs::write(&kernel, tiny_elf(&code)).expect("cannot write the guest");
-    let _ksmd = ksm.then(KsmRunning::start);
+    let ksmd = ksm.then(KsmRunning::start);
     let available_before = mem_available_mib();
     let mut running: Vec<Child> = Vec::new();
     // The read ends of their standard errors, kept open without a thread each: an idle
@@ -475,9 +513,9 @@ fn density(dir: &Path, ksm: bool) {
             Err(err) => break format!("a start that failed: {err}"),
         };
         let stderr = child.stderr.take().expect("stderr is piped");
-        let mut lines = BufReader::new(stderr).lines();
+        let mut reader = BufReader::new(stderr);
         let mut last = String::new();
-        let booted = lines.any(|line| {
+        let booted = reader.by_ref().lines().any(|line| {
             let line = line.unwrap_or_default();
             let booted = boot_time_us(&line).is_some();
             last = line;
@@ -488,23 +526,25 @@ fn density(dir: &Path, ksm: bool) {
             let _ = child.wait();
             break format!("a microVM that did not boot: {last}");
         }
-        stderrs.push(lines);
+        // The pipe alone: the reader's buffer is the bench's memory, not the microVM's.
+        stderrs.push(reader.into_inner());
         running.push(child);
     };
-    // Let the guests' touches land and, with KSM, give ksmd a few passes.
-    std::thread::sleep(Duration::from_secs(if ksm { 10 } else { 1 }));
+    // Let the guests' touches land and, with KSM, ksmd merge what it can.
+    std::thread::sleep(Duration::from_secs(1));
+    let settled = ksmd.as_ref().map(KsmRunning::settle);
     let total_kib: u64 = running.iter().map(|c| rss_kib(c.id())).sum();
     let host_used = available_before.saturating_sub(mem_available_mib());
     let count = running.len().max(1) as u64;
-    let shared = if ksm {
+    let shared = settled.map_or_else(String::new, |settled| {
         format!(
-            ", ksmd sharing {} pages for {} mappings",
+            ", ksmd ({KSM_PAGES_TO_SCAN} pages every {KSM_SLEEP_MS} ms) sharing {} pages for {} \
+             mappings, {:.0} s after the last start",
             ksm_value("pages_shared"),
-            ksm_value("pages_sharing")
+            ksm_value("pages_sharing"),
+            settled.as_secs_f64() + 1.0
         )
-    } else {
-        String::new()
-    };
+    });
     println!(
         "density ({SMALL_MIB} MiB idle microVMs, KSM {}): {} running at once, stopped by {stop}; \
          host memory used {host_used} MiB ({} KiB per microVM), summed RSS {} MiB{shared}",
@@ -722,17 +762,28 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
+    // `cargo bench -p ember --bench startup -- NAME`: only the measurements whose name holds
+    // NAME (`first-instruction`, `memory`, `restore`, `creation`, `density`).
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
+    // `EMBER_BENCH_QUICK=1`: only the first three, which take seconds.
+    let quick = std::env::var_os("EMBER_BENCH_QUICK").is_some();
     let dir = scratch();
-    start_to_first_instruction(&dir, runs);
-    memory_overhead(&dir);
-    restore(&dir, runs);
-    // `EMBER_BENCH_QUICK=1`: only the two measurements above, which take seconds.
-    if std::env::var_os("EMBER_BENCH_QUICK").is_some() {
-        let _ = fs::remove_dir_all(&dir);
-        return;
+    if wanted("first-instruction") {
+        start_to_first_instruction(&dir, runs);
     }
-    creation_rate(&dir, seconds);
-    density(&dir, false);
-    density(&dir, true);
+    if wanted("memory") {
+        memory_overhead(&dir);
+    }
+    if wanted("restore") {
+        restore(&dir, runs);
+    }
+    if !quick && wanted("creation") {
+        creation_rate(&dir, seconds);
+    }
+    if !quick && wanted("density") {
+        density(&dir, false);
+        density(&dir, true);
+    }
     let _ = fs::remove_dir_all(&dir);
 }
