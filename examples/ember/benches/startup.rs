@@ -461,15 +461,17 @@ impl KsmRunning {
         KsmRunning(before)
     }
 
-    /// Waits until ksmd has made two full passes from now, or `KSM_SETTLE` has passed;
-    /// returns how long it waited.
-    fn settle(&self) -> Duration {
+    /// Waits until ksmd has made two full passes from now, or `KSM_SETTLE` has passed; at
+    /// once when it could not be started, since its passes would never come.
+    fn settle(&self) {
+        if !self.0.iter().any(|(name, _)| *name == "run") {
+            return;
+        }
         let start = Instant::now();
         let target = ksm_value("full_scans") + 2;
         while ksm_value("full_scans") < target && start.elapsed() < KSM_SETTLE {
             std::thread::sleep(Duration::from_millis(100));
         }
-        start.elapsed()
     }
 }
 
@@ -531,20 +533,26 @@ fn density(dir: &Path, ksm: bool) {
         running.push(child);
     };
     // Let the guests' touches land and, with KSM, ksmd merge what it can.
+    let last_start = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
-    let settled = ksmd.as_ref().map(KsmRunning::settle);
+    if let Some(ksmd) = &ksmd {
+        ksmd.settle();
+    }
+    let settled = last_start.elapsed();
     let total_kib: u64 = running.iter().map(|c| rss_kib(c.id())).sum();
     let host_used = available_before.saturating_sub(mem_available_mib());
     let count = running.len().max(1) as u64;
-    let shared = settled.map_or_else(String::new, |settled| {
+    let shared = if ksm {
         format!(
             ", ksmd ({KSM_PAGES_TO_SCAN} pages every {KSM_SLEEP_MS} ms) sharing {} pages for {} \
              mappings, {:.0} s after the last start",
             ksm_value("pages_shared"),
             ksm_value("pages_sharing"),
-            settled.as_secs_f64() + 1.0
+            settled.as_secs_f64()
         )
-    });
+    } else {
+        String::new()
+    };
     println!(
         "density ({SMALL_MIB} MiB idle microVMs, KSM {}): {} running at once, stopped by {stop}; \
          host memory used {host_used} MiB ({} KiB per microVM), summed RSS {} MiB{shared}",
