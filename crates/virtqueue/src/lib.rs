@@ -8,4 +8,6 @@ pub mod mock;
 pub mod queue;
 
 pub use iov::GuestIoVecs;
-pub use queue::{Descriptor, DescriptorChain, Error, Queue, QueueState, Result, Ring, Rings};
+pub use queue::{
+    Descriptor, DescriptorChain, Error, Pieces, Queue, QueueState, Result, Ring, Rings,
+};

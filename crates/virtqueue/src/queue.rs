@@ -237,27 +237,12 @@ struct RawDescriptor {
 }
 
 impl RawDescriptor {
-    fn from_le_bytes(bytes: [u8; 16]) -> Self {
-        let [
-            a0,
-            a1,
-            a2,
-            a3,
-            a4,
-            a5,
-            a6,
-            a7,
-            l0,
-            l1,
-            l2,
-            l3,
-            f0,
-            f1,
-            n0,
-            n1,
-        ] = bytes;
+    /// The descriptor in its two little-endian words, as the table holds it: the address,
+    /// then the length, the flags and the next index.
+    fn from_le_words([addr, rest]: [u64; 2]) -> Self {
+        let [l0, l1, l2, l3, f0, f1, n0, n1] = u64::from_le(rest).to_le_bytes();
         RawDescriptor {
-            addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+            addr: u64::from_le(addr),
             len: u32::from_le_bytes([l0, l1, l2, l3]),
             flags: u16::from_le_bytes([f0, f1]),
             next: u16::from_le_bytes([n0, n1]),
@@ -284,8 +269,9 @@ impl<M: GuestMemory + ?Sized> Table<'_, M> {
                 table_len: self.len,
             });
         }
-        let bytes: [u8; 16] = self.area.read(mem, u64::from(index) * DESCRIPTOR_SIZE)?;
-        Ok(RawDescriptor::from_le_bytes(bytes))
+        // Read as two words, a load each.
+        let words: [u64; 2] = self.area.read(mem, u64::from(index) * DESCRIPTOR_SIZE)?;
+        Ok(RawDescriptor::from_le_words(words))
     }
 }
 
@@ -341,7 +327,7 @@ impl<'m, M: GuestMemory + ?Sized> Area<'m, M> {
     fn read<T: ByteValued>(&self, mem: &M, off: u64) -> Result<T> {
         if let Some(value) = self
             .slice_at(off, size_of::<T>())
-            .and_then(|(slice, at)| slice.read_obj(at).ok())
+            .and_then(|(slice, at)| guest::slice_load(slice, at))
         {
             return Ok(value);
         }
@@ -351,7 +337,7 @@ impl<'m, M: GuestMemory + ?Sized> Area<'m, M> {
     /// Writes `value` `off` bytes in.
     fn write<T: ByteValued>(&self, mem: &M, off: u64, value: T) -> Result<()> {
         if let Some((slice, at)) = self.slice_at(off, size_of::<T>()) {
-            if slice.write_obj(value, at).is_ok() {
+            if guest::slice_store(slice, at, value) {
                 return Ok(());
             }
         }
@@ -412,6 +398,7 @@ impl DescriptorChain {
             len: u32::from(size),
         };
         let mut in_indirect = false;
+        let mut hint = guest::RegionHint::new();
         // The number of buffers the chain may still hold, whatever table they are in.
         let mut ttl = u32::from(size);
         let mut index = head_index;
@@ -451,7 +438,7 @@ impl DescriptorChain {
             if !writable && chain.has_writable() {
                 return Err(Error::ReadableAfterWritable);
             }
-            let addr = Self::check_buffer(mem, &desc, writable)?;
+            let addr = Self::check_buffer(mem, &mut hint, &desc, writable)?;
             chain
                 .readable_len
                 .checked_add(chain.writable_len)
@@ -514,9 +501,11 @@ impl DescriptorChain {
         Ok(Table { area, len: entries })
     }
 
-    /// Checks that a buffer lies inside guest memory and returns its address.
-    fn check_buffer<M: GuestMemory + ?Sized>(
-        mem: &M,
+    /// Checks that a buffer lies inside guest memory, `hint` saying where the last one was, and
+    /// returns its address.
+    fn check_buffer<'m, M: GuestMemory + ?Sized>(
+        mem: &'m M,
+        hint: &mut guest::RegionHint<'m, M>,
         desc: &RawDescriptor,
         writable: bool,
     ) -> Result<GuestAddress> {
@@ -540,7 +529,7 @@ impl DescriptorChain {
             return Err(outside);
         };
         // A zero-length buffer is never accessed, so only its address is checked.
-        if !guest::check_range(mem, addr, count.max(1), access) {
+        if !hint.check_range(mem, addr, count.max(1), access) {
             return Err(outside);
         }
         Ok(addr)
@@ -589,14 +578,28 @@ impl DescriptorChain {
 
     /// The bytes `[offset, offset + len)` of the device-readable part of the chain, as the
     /// pieces of its buffers that hold them, in order. A range past the end is cut short.
-    pub fn readable_range(&self, offset: u32, len: u32) -> impl Iterator<Item = Descriptor> + '_ {
-        sub_range(self.readable(), offset, len)
+    pub fn readable_range(&self, offset: u32, len: u32) -> Pieces<'_> {
+        self.range(false, offset, len)
     }
 
     /// The bytes `[offset, offset + len)` of the device-writable part of the chain, as in
     /// [`DescriptorChain::readable_range`].
-    pub fn writable_range(&self, offset: u32, len: u32) -> impl Iterator<Item = Descriptor> + '_ {
-        sub_range(self.writable(), offset, len)
+    pub fn writable_range(&self, offset: u32, len: u32) -> Pieces<'_> {
+        self.range(true, offset, len)
+    }
+
+    /// [`DescriptorChain::writable_range`] when `writable`, else
+    /// [`DescriptorChain::readable_range`].
+    fn range(&self, writable: bool, offset: u32, len: u32) -> Pieces<'_> {
+        let (readable, rest) = self
+            .descriptors
+            .split_at_checked(self.readable_count)
+            .unwrap_or((&self.descriptors, &[]));
+        Pieces {
+            descriptors: if writable { rest } else { readable }.iter(),
+            skip: offset,
+            left: len,
+        }
     }
 
     /// Copies the device-readable part of the chain, in order, into `buf`.
@@ -670,33 +673,40 @@ impl DescriptorChain {
     }
 }
 
-/// The pieces of `descs` that hold their bytes `[offset, offset + len)`, taken as one sequence.
-fn sub_range<'a>(
-    descs: impl Iterator<Item = &'a Descriptor>,
-    offset: u32,
-    len: u32,
-) -> impl Iterator<Item = Descriptor> {
-    let mut skip = offset;
-    let mut left = len;
-    descs.filter_map(move |desc| {
-        if left == 0 {
-            return None;
+/// The pieces of a chain's buffers that hold a range of its bytes, in order
+/// ([`DescriptorChain::readable_range`], [`DescriptorChain::writable_range`]).
+#[derive(Clone, Debug)]
+pub struct Pieces<'a> {
+    descriptors: std::slice::Iter<'a, Descriptor>,
+    /// Bytes still to pass over before the range starts.
+    skip: u32,
+    /// Bytes of the range not yet handed out.
+    left: u32,
+}
+
+impl Iterator for Pieces<'_> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        while self.left > 0 {
+            let desc = self.descriptors.next()?;
+            if self.skip >= desc.len {
+                self.skip -= desc.len;
+                continue;
+            }
+            let start = std::mem::take(&mut self.skip);
+            let count = (desc.len - start).min(self.left);
+            self.left -= count;
+            // Cannot fail: `start` < `desc.len`, and `addr + len` was checked to fit.
+            let addr = desc.addr.checked_add(u64::from(start))?;
+            return Some(Descriptor {
+                addr,
+                len: count,
+                writable: desc.writable,
+            });
         }
-        if skip >= desc.len {
-            skip -= desc.len;
-            return None;
-        }
-        let start = std::mem::take(&mut skip);
-        let count = (desc.len - start).min(left);
-        left -= count;
-        // Cannot fail: `start` < `desc.len`, and `addr + len` was checked to fit.
-        let addr = desc.addr.checked_add(u64::from(start))?;
-        Some(Descriptor {
-            addr,
-            len: count,
-            writable: desc.writable,
-        })
-    })
+        None
+    }
 }
 
 /// A buffer length as `u32`, saturating: chains never hold more than `u32::MAX` bytes.
@@ -1277,6 +1287,12 @@ impl<'m, M: GuestMemory + ?Sized> Rings<'_, 'm, M> {
     /// The guest memory the rings are in.
     pub fn mem(&self) -> &'m M {
         self.view.mem
+    }
+
+    /// As [`Queue::set_next_avail`]: winds the queue back to an entry it took, so that the
+    /// chains from there on are taken again.
+    pub fn set_next_avail(&mut self, next_avail: u16) {
+        self.queue.set_next_avail(next_avail);
     }
 
     /// As [`Queue::avail_idx`].

@@ -278,7 +278,7 @@ pub(super) fn complete<M: GuestMemory + ?Sized>(
     status_addr: GuestAddress,
     completion: Completion,
 ) -> u32 {
-    if let Err(err) = guest::write_slice(mem, &[completion.status], status_addr) {
+    if let Err(err) = guest::write_obj(mem, completion.status, status_addr) {
         log::debug!("Cannot write a block request's status byte: {err}");
         return completion.data_written;
     }

@@ -36,7 +36,7 @@ use super::{
     MAX_WRITE_ZEROES_SEG, SECTOR_SIZE, SEG_MAX,
 };
 use crate::guest;
-use crate::queue::{self, Descriptor, DescriptorChain};
+use crate::queue::{self, DescriptorChain, Pieces};
 
 /// Length in bytes of the request header: type, reserved, sector.
 pub const HEADER_LEN: u32 = 16;
@@ -382,24 +382,16 @@ impl<'a> Request<'a> {
     /// The buffers that hold the request's data, in order: the writable ones before the status
     /// of a read or a GET_ID, the readable ones after the header of a write; none for other
     /// types.
-    pub fn data(&self) -> impl Iterator<Item = Descriptor> + 'a {
-        let (writable, len) = match self.request_type {
-            RequestType::In { len, .. } | RequestType::GetId { len } => (true, len),
-            RequestType::Out { len, .. } => (false, len),
-            RequestType::Flush | RequestType::Discard(_) | RequestType::WriteZeroes(_) => {
-                (false, 0)
+    pub fn data(&self) -> Pieces<'a> {
+        match self.request_type {
+            RequestType::In { len, .. } | RequestType::GetId { len } => {
+                self.chain.writable_range(0, len)
             }
-        };
-        let chain = self.chain;
-        let (readable, writable) = if writable {
-            (None, Some(chain.writable_range(0, len)))
-        } else {
-            (Some(chain.readable_range(HEADER_LEN, len)), None)
-        };
-        readable
-            .into_iter()
-            .flatten()
-            .chain(writable.into_iter().flatten())
+            RequestType::Out { len, .. } => self.chain.readable_range(HEADER_LEN, len),
+            RequestType::Flush | RequestType::Discard(_) | RequestType::WriteZeroes(_) => {
+                self.chain.readable_range(HEADER_LEN, 0)
+            }
+        }
     }
 }
 
@@ -411,8 +403,14 @@ fn read_header<M: GuestMemory + ?Sized>(
 ) -> Result<[u8; HEADER_LEN as usize], RequestError> {
     let mut header = [0u8; HEADER_LEN as usize];
     if let Some(first) = chain.readable().next() {
-        if first.len >= HEADER_LEN && guest::read_slice(mem, &mut header, first.addr).is_ok() {
-            return Ok(header);
+        // Two loads: the header is two little-endian words (type and reserved, then sector).
+        if first.len >= HEADER_LEN {
+            if let Ok([head, sector]) = guest::read_obj::<[u64; 2], _>(mem, first.addr) {
+                let (type_, sector_bytes) = header.split_at_mut(8);
+                type_.copy_from_slice(&head.to_ne_bytes());
+                sector_bytes.copy_from_slice(&sector.to_ne_bytes());
+                return Ok(header);
+            }
         }
     }
     let read = chain
@@ -440,6 +438,7 @@ mod tests {
 
     use super::*;
     use crate::mock::{MockBuffer, MockDriver, guest_memory};
+    use crate::queue::Descriptor;
 
     const CAPACITY: u64 = 64;
     const HDR: u64 = 0x10000;
