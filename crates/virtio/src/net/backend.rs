@@ -30,8 +30,8 @@ pub trait NetBackend: AsRawFd + Send + 'static {
     /// backend cannot be read from.
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
 
-    /// Writes the frame, header included, that `frame` holds in guest memory, with one
-    /// `writev`, and returns the length written.
+    /// Writes the frame, header included, that `frame` holds in guest memory, in one write
+    /// straight from it (`write` or `writev`), and returns the length written.
     ///
     /// # Errors
     ///
@@ -72,7 +72,7 @@ impl NetBackend for Tap {
         &mut self,
         frame: &GuestIoVecs<'_, M>,
     ) -> io::Result<usize> {
-        writev(self.as_fd(), frame)
+        write_gathered(self.as_fd(), frame)
     }
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
@@ -103,7 +103,7 @@ impl NetBackend for UnixDatagram {
         &mut self,
         frame: &GuestIoVecs<'_, M>,
     ) -> io::Result<usize> {
-        writev(self.as_fd(), frame)
+        write_gathered(self.as_fd(), frame)
     }
 
     fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
@@ -111,17 +111,25 @@ impl NetBackend for UnixDatagram {
     }
 }
 
-/// Writes the guest buffers `frame` maps to `fd` with one `writev`.
-fn writev<M: GuestMemory + ?Sized>(
+/// Writes the guest buffers `frame` maps to `fd` in one call: `write` when they are one piece
+/// (a driver puts a small frame and its header in one buffer), which the kernel takes without
+/// copying in an iovec array, and `writev` otherwise.
+fn write_gathered<M: GuestMemory + ?Sized>(
     fd: BorrowedFd<'_>,
     frame: &GuestIoVecs<'_, M>,
 ) -> io::Result<usize> {
-    let iovecs = frame.iovecs();
-    let count = libc::c_int::try_from(iovecs.len())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EMSGSIZE))?;
-    // SAFETY: each iovec names guest memory that `frame` keeps mapped while it lives, which is
-    // the whole call; writev only reads through them.
-    let ret = unsafe { libc::writev(fd.as_raw_fd(), iovecs.as_ptr(), count) };
+    let ret = match frame.iovecs() {
+        // SAFETY: the iovec names guest memory that `frame` keeps mapped while it lives, which
+        // is the whole call; write only reads through it.
+        [iovec] => unsafe { libc::write(fd.as_raw_fd(), iovec.iov_base, iovec.iov_len) },
+        iovecs => {
+            let count = libc::c_int::try_from(iovecs.len())
+                .map_err(|_| io::Error::from_raw_os_error(libc::EMSGSIZE))?;
+            // SAFETY: each iovec names guest memory that `frame` keeps mapped while it lives,
+            // which is the whole call; writev only reads through them.
+            unsafe { libc::writev(fd.as_raw_fd(), iovecs.as_ptr(), count) }
+        }
+    };
     usize::try_from(ret).map_err(|_| io::Error::last_os_error())
 }
 
@@ -158,6 +166,13 @@ mod tests {
         let mut buf = [0u8; 32];
         assert_eq!(peer.recv(&mut buf).unwrap(), 12);
         assert_eq!(&buf[..12], b"header+frame");
+
+        // One piece goes with a plain write, whole.
+        let frame = GuestIoVecs::new(&mem, pieces.get(1).copied(), Permissions::Read).unwrap();
+        assert_eq!(frame.iovecs().len(), 1);
+        assert_eq!(device.write_frame(&frame).unwrap(), 6);
+        assert_eq!(peer.recv(&mut buf).unwrap(), 6);
+        assert_eq!(&buf[..6], b"+frame");
 
         peer.send(&[7u8; 40]).unwrap();
         let mut small = [0u8; 16];

@@ -24,7 +24,7 @@ use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
 use ember_rate_limiter::{BucketUpdate, RateLimiter, TokenType};
-use vm_memory::{GuestAddressSpace, Permissions};
+use vm_memory::{GuestAddressSpace, GuestMemory, Permissions};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -374,7 +374,7 @@ where
     }
 
     /// Sends what the driver put in the transmit queue: each chain's device-readable part, the
-    /// virtio-net header and the frame, goes to the backend with one `writev` straight from
+    /// virtio-net header and the frame, goes to the backend in one write straight from
     /// guest memory, and the chain goes back with a used length of 0. Chains shorter than the
     /// header, longer than [`MAX_BUFFER_LEN`] or of more than [`IOV_MAX`] pieces are dropped
     /// and counted. When the backend is full, the chain waits until the next call
@@ -414,15 +414,17 @@ where
         Ok(())
     }
 
-    /// Drains the transmit queue, with notifications off while it does (virtio 1.2, 2.7.10).
+    /// Drains the transmit queue, with notifications off while it does (virtio 1.2, 2.7.10),
+    /// with its rings looked up once for the pass.
     ///
     /// It looks at the ring again after turning notifications back on at most [`TX_BUDGET`]
     /// times, so that a driver that moves its available index back and forth cannot keep it
     /// there; it then returns with notifications on, and the driver notifies for more.
     fn send_frames(&mut self, mem: &M::M, used: &mut bool) -> Result<()> {
+        let mut tx = self.tx.rings(mem);
         let mut sent = 0usize;
         for _ in 0..TX_BUDGET {
-            self.tx.disable_notification(mem).map_err(Error::tx)?;
+            tx.disable_notification().map_err(Error::tx)?;
             loop {
                 if sent >= TX_BUDGET {
                     // Come back after the other events; notifications stay off meanwhile. No
@@ -437,19 +439,27 @@ where
                 }
                 let (chain, paid) = match self.tx_pending.take() {
                     Some(chain) => (chain, std::mem::take(&mut self.tx_paid)),
-                    None => match self.tx.pop(mem).map_err(Error::tx)? {
+                    None => match tx.pop().map_err(Error::tx)? {
                         Some(chain) => (chain, false),
                         None => break,
                     },
                 };
-                if !paid && !self.pay_tx(&chain) {
+                if !paid && !pay_tx(&mut self.rate_limiters.tx, &chain) {
                     // Notifications stay off: the transmit limiter's timer resumes.
                     self.tx_pending = Some(chain);
                     self.tx_throttled = true;
                     inc(&self.metrics.tx_rate_limiter_throttled);
                     return Ok(());
                 }
-                match self.send_chain(mem, &chain) {
+                let outcome = send_chain(
+                    &mut self.backend,
+                    self.backend_failed,
+                    &self.metrics,
+                    &mut self.tx_log,
+                    mem,
+                    &chain,
+                );
+                match outcome {
                     TxOutcome::Blocked => {
                         // Notifications stay off: the backend becoming writable resumes.
                         self.tx_pending = Some(chain);
@@ -467,91 +477,16 @@ where
                     TxOutcome::Dropped => self.tx_dropped = self.tx_dropped.saturating_add(1),
                 }
                 sent = sent.saturating_add(1);
-                self.tx
-                    .add_used(mem, chain.head_index(), 0)
-                    .map_err(Error::tx)?;
+                tx.add_used(chain.head_index(), 0).map_err(Error::tx)?;
                 *used = true;
             }
             // The driver may have added chains after the last pop and before it saw
             // notifications back on.
-            if !self.tx.enable_notification(mem).map_err(Error::tx)? {
+            if !tx.enable_notification().map_err(Error::tx)? {
                 return Ok(());
             }
         }
         Ok(())
-    }
-
-    /// Takes the transmit limiter's tokens for `chain`: an operation, and the frame's length in
-    /// bytes unless it is malformed (it is then dropped without being read).
-    fn pay_tx(&mut self, chain: &DescriptorChain) -> bool {
-        let len = chain.readable_len();
-        let frame =
-            usize::try_from(len).is_ok_and(|len| (VNET_HDR_LEN..=MAX_BUFFER_LEN).contains(&len));
-        let bytes = if frame { u64::from(len) } else { 0 };
-        admit(&mut self.rate_limiters.tx, bytes)
-    }
-
-    /// Hands one chain's frame to the backend.
-    fn send_chain(&mut self, mem: &M::M, chain: &DescriptorChain) -> TxOutcome {
-        let len = usize::try_from(chain.readable_len()).unwrap_or(usize::MAX);
-        if !(VNET_HDR_LEN..=MAX_BUFFER_LEN).contains(&len) {
-            inc(&self.metrics.tx_malformed_frames);
-            return dropped_tx(
-                &mut self.tx_log,
-                format_args!(
-                    "the chain holds {len} bytes, not the {VNET_HDR_LEN}-byte header and a \
-                     frame of at most {} bytes",
-                    MAX_BUFFER_LEN - VNET_HDR_LEN
-                ),
-            );
-        }
-        let pieces = chain.readable().count();
-        if pieces > IOV_MAX {
-            inc(&self.metrics.tx_malformed_frames);
-            return dropped_tx(
-                &mut self.tx_log,
-                format_args!(
-                    "the chain has {pieces} buffers, more than the {IOV_MAX} one write takes"
-                ),
-            );
-        }
-        let frame = match GuestIoVecs::new(mem, chain.readable().copied(), Permissions::Read) {
-            Ok(frame) if frame.iovecs().len() <= IOV_MAX => frame,
-            Ok(frame) => {
-                inc(&self.metrics.tx_malformed_frames);
-                let pieces = frame.iovecs().len();
-                return dropped_tx(
-                    &mut self.tx_log,
-                    format_args!(
-                        "the chain spans {pieces} pieces of guest memory, more than the \
-                         {IOV_MAX} one write takes"
-                    ),
-                );
-            }
-            Err(err) => {
-                inc(&self.metrics.tx_malformed_frames);
-                return dropped_tx(
-                    &mut self.tx_log,
-                    format_args!("its buffers cannot be mapped: {err}"),
-                );
-            }
-        };
-        loop {
-            match self.backend.write_frame(&frame) {
-                Ok(written) => return TxOutcome::Sent(written),
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock && !self.backend_failed => {
-                    return TxOutcome::Blocked;
-                }
-                Err(err) => {
-                    inc(&self.metrics.tx_fails);
-                    return dropped_tx(
-                        &mut self.tx_log,
-                        format_args!("the backend refused it: {err}"),
-                    );
-                }
-            }
-        }
     }
 
     /// Delivers frames from the backend to the receive queue, each in one chain, or with
@@ -730,9 +665,10 @@ where
     /// descriptors, and holds no more than a queue size of them in `rx_chains`, whatever the
     /// driver put in the ring.
     fn deliver(&mut self, mem: &M::M, len: usize) -> queue::Result<RxOutcome> {
-        let start = self.rx.next_avail();
-        let max_chains = usize::from(self.rx.size());
-        let max_descriptors = usize::from(self.rx.size());
+        let mut rx = self.rx.rings(mem);
+        let start = rx.queue().next_avail();
+        let max_chains = usize::from(rx.queue().size());
+        let max_descriptors = max_chains;
         self.rx_chains.clear();
         let mut room = 0usize;
         let mut descriptors = 0usize;
@@ -740,19 +676,19 @@ where
             if self.rx_chains.len() >= max_chains || (!self.mrg_rxbuf && !self.rx_chains.is_empty())
             {
                 self.rx_chains.clear();
-                self.rx.set_next_avail(start);
+                rx.set_next_avail(start);
                 return Ok(RxOutcome::TooBig);
             }
-            let Some(chain) = self.rx.pop(mem)? else {
-                let seen = self.rx.next_avail();
+            let Some(chain) = rx.pop()? else {
+                let seen = rx.queue().next_avail();
                 self.rx_chains.clear();
-                self.rx.set_next_avail(start);
+                rx.set_next_avail(start);
                 return Ok(RxOutcome::NoBuffers { seen });
             };
             descriptors = descriptors.saturating_add(chain.descriptors().len());
             if descriptors > max_descriptors {
                 self.rx_chains.clear();
-                self.rx.set_next_avail(start);
+                rx.set_next_avail(start);
                 return Ok(RxOutcome::TooBig);
             }
             let chain_room = usize::try_from(chain.writable_len()).unwrap_or(usize::MAX);
@@ -782,7 +718,7 @@ where
             ));
         }
         self.rx_chains.clear();
-        self.rx.add_used_batch(mem, &self.rx_used)?;
+        rx.add_used_batch(&self.rx_used)?;
         Ok(RxOutcome::Delivered)
     }
 
@@ -1020,6 +956,79 @@ fn clear(evt: &EventFd, metrics: &NetMetrics) {
     if let Err(err) = evt.read() {
         if err.kind() != io::ErrorKind::WouldBlock {
             inc(&metrics.event_fails);
+        }
+    }
+}
+
+/// Takes the transmit `limiter`'s tokens for `chain`: an operation, and the frame's length in
+/// bytes unless it is malformed (it is then dropped without being read).
+fn pay_tx(limiter: &mut RateLimiter, chain: &DescriptorChain) -> bool {
+    let len = chain.readable_len();
+    let frame =
+        usize::try_from(len).is_ok_and(|len| (VNET_HDR_LEN..=MAX_BUFFER_LEN).contains(&len));
+    let bytes = if frame { u64::from(len) } else { 0 };
+    admit(limiter, bytes)
+}
+
+/// Hands one chain's frame, in `mem`, to `backend`. A backend that `failed` for good and has
+/// no room drops the frame rather than holding it.
+fn send_chain<B: NetBackend, G: GuestMemory + ?Sized>(
+    backend: &mut B,
+    failed: bool,
+    metrics: &NetMetrics,
+    log: &mut LogLimiter,
+    mem: &G,
+    chain: &DescriptorChain,
+) -> TxOutcome {
+    let len = usize::try_from(chain.readable_len()).unwrap_or(usize::MAX);
+    if !(VNET_HDR_LEN..=MAX_BUFFER_LEN).contains(&len) {
+        inc(&metrics.tx_malformed_frames);
+        return dropped_tx(
+            log,
+            format_args!(
+                "the chain holds {len} bytes, not the {VNET_HDR_LEN}-byte header and a frame of \
+                 at most {} bytes",
+                MAX_BUFFER_LEN - VNET_HDR_LEN
+            ),
+        );
+    }
+    let pieces = chain.readable().count();
+    if pieces > IOV_MAX {
+        inc(&metrics.tx_malformed_frames);
+        return dropped_tx(
+            log,
+            format_args!("the chain has {pieces} buffers, more than the {IOV_MAX} one write takes"),
+        );
+    }
+    let frame = match GuestIoVecs::new(mem, chain.readable().copied(), Permissions::Read) {
+        Ok(frame) if frame.iovecs().len() <= IOV_MAX => frame,
+        Ok(frame) => {
+            inc(&metrics.tx_malformed_frames);
+            let pieces = frame.iovecs().len();
+            return dropped_tx(
+                log,
+                format_args!(
+                    "the chain spans {pieces} pieces of guest memory, more than the {IOV_MAX} \
+                     one write takes"
+                ),
+            );
+        }
+        Err(err) => {
+            inc(&metrics.tx_malformed_frames);
+            return dropped_tx(log, format_args!("its buffers cannot be mapped: {err}"));
+        }
+    };
+    loop {
+        match backend.write_frame(&frame) {
+            Ok(written) => return TxOutcome::Sent(written),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock && !failed => {
+                return TxOutcome::Blocked;
+            }
+            Err(err) => {
+                inc(&metrics.tx_fails);
+                return dropped_tx(log, format_args!("the backend refused it: {err}"));
+            }
         }
     }
 }
