@@ -933,12 +933,20 @@ impl Queue {
         Ok(())
     }
 
-    /// Checks the queue can be used: ready, with a valid size.
-    fn check_usable(&self) -> Result<()> {
+    /// As [`Queue::check_size`], with the answer `view` was taken with.
+    fn check_size_in<M: GuestMemory + ?Sized>(&self, view: &View<'_, M>) -> Result<()> {
+        if view.size_ok {
+            return Ok(());
+        }
+        self.check_size()
+    }
+
+    /// Checks the queue can be used: ready, with a valid size (as `view` found it).
+    fn check_usable_in<M: GuestMemory + ?Sized>(&self, view: &View<'_, M>) -> Result<()> {
         if !self.ready {
             return Err(Error::NotReady);
         }
-        self.check_size()
+        self.check_size_in(view)
     }
 
     /// Position in a ring of the free-running index `idx`; the size is a non-zero power of two.
@@ -956,13 +964,15 @@ impl Queue {
     /// of one call or of a batch ([`Queue::rings`]). Nothing is looked up for a queue whose
     /// size is invalid, which every access checks first.
     fn view<'m, M: GuestMemory + ?Sized>(&self, mem: &'m M, resolve: bool) -> View<'m, M> {
-        let resolve = resolve && self.check_size().is_ok();
+        let size_ok = self.check_size().is_ok();
+        let resolve = resolve && size_ok;
         // Cannot overflow: the size is at most 32768. The event field ends each ring.
         let len = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
         let size = u64::from(self.size);
         let area = |ring, addr, bytes| Area::new(mem, ring, addr, len(bytes), resolve);
         View {
             mem,
+            size_ok,
             desc_table: area(
                 Ring::DescriptorTable,
                 self.desc_table,
@@ -1121,7 +1131,7 @@ impl Queue {
         &mut self,
         view: &View<'_, M>,
     ) -> Result<Option<DescriptorChain>> {
-        self.check_usable()?;
+        self.check_usable_in(view)?;
         let avail_idx = self.avail_idx_in(view)?;
         let pending = avail_idx.wrapping_sub(self.next_avail);
         if pending > self.size {
@@ -1161,7 +1171,7 @@ impl Queue {
         view: &View<'_, M>,
         used: &[(u16, u32)],
     ) -> Result<()> {
-        self.check_usable()?;
+        self.check_usable_in(view)?;
         if let Some(&(index, _)) = used.iter().find(|&&(head, _)| head >= self.size) {
             return Err(Error::HeadIndexOutOfRange {
                 index,
@@ -1196,7 +1206,7 @@ impl Queue {
         &mut self,
         view: &View<'_, M>,
     ) -> Result<bool> {
-        self.check_usable()?;
+        self.check_usable_in(view)?;
         // The used index the device published must be ordered before the driver's flags or
         // event index are read, else both sides can sleep waiting for each other.
         fence(Ordering::SeqCst);
@@ -1222,7 +1232,7 @@ impl Queue {
         view: &View<'_, M>,
         avail_event: u16,
     ) -> Result<()> {
-        self.check_size()?;
+        self.check_size_in(view)?;
         let offset = self.event_offset(USED_ELEMENT_SIZE);
         view.used_ring.write(view.mem, offset, avail_event.to_le())
     }
@@ -1239,7 +1249,7 @@ impl Queue {
         view: &View<'_, M>,
         enable: bool,
     ) -> Result<()> {
-        self.check_size()?;
+        self.check_size_in(view)?;
         if self.event_idx_enabled {
             if enable {
                 self.set_avail_event_in(view, self.next_avail)?;
@@ -1254,6 +1264,10 @@ impl Queue {
 /// The queue's three areas in guest memory, for the accesses of one call, or of a batch.
 struct View<'m, M: GuestMemory + ?Sized> {
     mem: &'m M,
+    /// Whether the queue's size was valid when the view was taken: it cannot change while the
+    /// view is in use, since the view is taken for one call or lives in [`Rings`], which holds
+    /// the queue.
+    size_ok: bool,
     desc_table: Area<'m, M>,
     avail_ring: Area<'m, M>,
     used_ring: Area<'m, M>,

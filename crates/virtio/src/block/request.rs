@@ -230,10 +230,7 @@ impl<'a> Request<'a> {
         // Cannot underflow: a status byte was found.
         let writable_data = chain.writable_len().saturating_sub(1);
 
-        let header = read_header(chain, mem)?;
-        let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
-        let type_ = u32::from_le_bytes([t0, t1, t2, t3]);
-        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        let (type_, sector) = read_header(chain, mem)?;
 
         let request_type = match type_ {
             VIRTIO_BLK_T_IN => RequestType::In {
@@ -395,24 +392,23 @@ impl<'a> Request<'a> {
     }
 }
 
-/// Reads the request header: straight from the first descriptor where it holds the whole
-/// header, as drivers lay it out, else piece by piece from the chain.
+/// Reads the request header's type and sector: straight from the first descriptor where it
+/// holds the whole header, as drivers lay it out, else piece by piece from the chain.
 fn read_header<M: GuestMemory + ?Sized>(
     chain: &DescriptorChain,
     mem: &M,
-) -> Result<[u8; HEADER_LEN as usize], RequestError> {
-    let mut header = [0u8; HEADER_LEN as usize];
+) -> Result<(u32, u64), RequestError> {
     if let Some(first) = chain.readable().next() {
-        // Two loads: the header is two little-endian words (type and reserved, then sector).
+        // Two loads: the header is two little-endian words, the type (and a reserved field)
+        // then the sector.
         if first.len >= HEADER_LEN {
             if let Ok([head, sector]) = guest::read_obj::<[u64; 2], _>(mem, first.addr) {
-                let (type_, sector_bytes) = header.split_at_mut(8);
-                type_.copy_from_slice(&head.to_ne_bytes());
-                sector_bytes.copy_from_slice(&sector.to_ne_bytes());
-                return Ok(header);
+                let [t0, t1, t2, t3, ..] = u64::from_le(head).to_le_bytes();
+                return Ok((u32::from_le_bytes([t0, t1, t2, t3]), u64::from_le(sector)));
             }
         }
     }
+    let mut header = [0u8; HEADER_LEN as usize];
     let read = chain
         .read_at(mem, 0, &mut header)
         .map_err(RequestError::GuestMemory)?;
@@ -421,7 +417,11 @@ fn read_header<M: GuestMemory + ?Sized>(
             len: chain.readable_len(),
         });
     }
-    Ok(header)
+    let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
+    Ok((
+        u32::from_le_bytes([t0, t1, t2, t3]),
+        u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+    ))
 }
 
 /// Checks that `sectors` sectors from `sector` lie on a disk of `capacity` sectors.
