@@ -1371,6 +1371,15 @@ impl<'m, M: GuestMemory + ?Sized> Rings<'_, 'm, M> {
     pub fn disable_notification(&self) -> Result<()> {
         self.queue.set_notification_in(&self.view, false)
     }
+
+    /// As [`Queue::set_avail_event`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::set_avail_event`].
+    pub fn set_avail_event(&self, avail_event: u16) -> Result<()> {
+        self.queue.set_avail_event_in(&self.view, avail_event)
+    }
 }
 
 /// The saved state of a [`Queue`]: what the transport configured and where the device is in

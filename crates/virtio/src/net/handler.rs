@@ -36,7 +36,7 @@ use super::{
 use crate::device::{ActivateError, ActivateParams, VirtioInterrupt, VirtioInterruptType};
 use crate::error::ErrorChain;
 use crate::iov::{GuestIoVecs, IOV_MAX};
-use crate::queue::{self, DescriptorChain, Queue};
+use crate::queue::{self, DescriptorChain, Queue, Rings};
 use crate::worker::{EventHandler, EventOps};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 
@@ -511,17 +511,28 @@ where
         if self.broken || self.rx_throttled {
             return Ok(());
         }
+        // The receive queue leaves the handler for the pass, so that its rings are looked up in
+        // guest memory once for all the frames of the pass and used beside the handler's other
+        // fields. Nothing in the pass reads `self.rx`.
+        let mut queue = std::mem::replace(&mut self.rx, Queue::new(0));
+        let result = self.receive_in(&mut queue.rings(mem));
+        self.rx = queue;
+        result
+    }
+
+    /// [`NetHandler::receive`] with the receive queue's rings.
+    fn receive_in(&mut self, rx: &mut Rings<'_, '_, M::M>) -> Result<()> {
         // The handler reads the backend for as long as the guest has room, so the driver's
         // notifications are only wanted once it runs out.
         if self.rx_notify {
-            self.rx.disable_notification(mem).map_err(Error::rx)?;
+            rx.disable_notification().map_err(Error::rx)?;
             self.rx_notify = false;
         }
         self.rx_starved = false;
         let mut used = false;
-        let result = self.receive_frames(mem, &mut used);
+        let result = self.receive_frames(rx, &mut used);
         if used {
-            let notify = self.rx.needs_notification(mem).map_err(Error::rx)?;
+            let notify = rx.needs_notification().map_err(Error::rx)?;
             if notify {
                 self.signal_used(RX_INTERRUPT);
             }
@@ -529,8 +540,8 @@ where
         result
     }
 
-    fn receive_frames(&mut self, mem: &M::M, used: &mut bool) -> Result<()> {
-        self.receive_budget(mem, used)?;
+    fn receive_frames(&mut self, rx: &mut Rings<'_, '_, M::M>, used: &mut bool) -> Result<()> {
+        self.receive_budget(rx, used)?;
         if self.backend.has_pending_frames()
             && !self.rx_starved
             && !self.rx_throttled
@@ -547,7 +558,7 @@ where
     }
 
     /// Delivers at most [`RX_BUDGET`] frames.
-    fn receive_budget(&mut self, mem: &M::M, used: &mut bool) -> Result<()> {
+    fn receive_budget(&mut self, rx: &mut Rings<'_, '_, M::M>, used: &mut bool) -> Result<()> {
         for _ in 0..RX_BUDGET {
             let len = match self.rx_pending {
                 Some(len) => len,
@@ -567,7 +578,7 @@ where
                 }
                 self.rx_paid = true;
             }
-            match self.deliver(mem, len).map_err(Error::rx)? {
+            match self.deliver(rx, len).map_err(Error::rx)? {
                 RxOutcome::Delivered => {
                     self.rx_pending = None;
                     self.rx_paid = false;
@@ -592,7 +603,7 @@ where
                     self.drop_rx(format_args!("{len} bytes do not fit in {mrg}"));
                 }
                 RxOutcome::NoBuffers { seen } => {
-                    if self.wait_for_rx_buffers(mem, seen).map_err(Error::rx)? {
+                    if self.wait_for_rx_buffers(rx, seen).map_err(Error::rx)? {
                         // The driver added buffers before it saw the request: try again.
                         continue;
                     }
@@ -664,8 +675,8 @@ where
     /// more is [`RxOutcome::TooBig`]. So one frame reads at most a few queue sizes of
     /// descriptors, and holds no more than a queue size of them in `rx_chains`, whatever the
     /// driver put in the ring.
-    fn deliver(&mut self, mem: &M::M, len: usize) -> queue::Result<RxOutcome> {
-        let mut rx = self.rx.rings(mem);
+    fn deliver(&mut self, rx: &mut Rings<'_, '_, M::M>, len: usize) -> queue::Result<RxOutcome> {
+        let mem = rx.mem();
         let start = rx.queue().next_avail();
         let max_chains = usize::from(rx.queue().size());
         let max_descriptors = max_chains;
@@ -725,18 +736,18 @@ where
     /// Asks the driver to notify the receive queue once it makes entries past `seen` available,
     /// and returns whether it already did (the handler must then look again, since the driver
     /// may have added them before it saw the request).
-    fn wait_for_rx_buffers(&mut self, mem: &M::M, seen: u16) -> queue::Result<bool> {
-        if self.rx.event_idx_enabled() {
+    fn wait_for_rx_buffers(&mut self, rx: &Rings<'_, '_, M::M>, seen: u16) -> queue::Result<bool> {
+        if rx.queue().event_idx_enabled() {
             // Not `next_avail`, which may lag behind with MRG_RXBUF: the driver must notify at
             // the next entry it adds, whatever the handler already looked at.
-            self.rx.set_avail_event(mem, seen)?;
+            rx.set_avail_event(seen)?;
         } else {
-            self.rx.enable_notification(mem)?;
+            rx.enable_notification()?;
         }
         self.rx_notify = true;
         // The request must be visible before the available index is read again.
         fence(Ordering::SeqCst);
-        Ok(self.rx.avail_idx(mem)? != seen)
+        Ok(rx.avail_idx()? != seen)
     }
 
     /// Tells the driver the queue of `kind` was used.
