@@ -21,7 +21,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddressSpace, GuestMemory};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -31,7 +31,7 @@ use super::packet::{self, MAX_PKT_BUF_SIZE, PacketHeader};
 use super::{EV_QUEUE, EVENT_TRANSPORT_RESET, Error, NUM_QUEUES, RX_QUEUE, Result, TX_QUEUE};
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
 use crate::error::ErrorChain;
-use crate::queue::Queue;
+use crate::queue::{Queue, Rings};
 use crate::worker::{EventHandler, EventOps};
 
 /// The handler's token for the receive queue's notification eventfd.
@@ -76,6 +76,28 @@ impl<M, B> fmt::Debug for VsockHandler<M, B> {
             .field("broken", &self.broken)
             .finish_non_exhaustive()
     }
+}
+
+/// Raises the interrupt of queue `index`, which the device just used, if the driver wants one
+/// (a failure is counted and logged).
+fn signal_used<M: GuestMemory + ?Sized>(
+    rings: &mut Rings<'_, '_, M>,
+    interrupt: &dyn VirtioInterrupt,
+    index: usize,
+    metrics: &VsockMetrics,
+) -> Result<()> {
+    if rings.needs_notification().map_err(Error::Queue)? {
+        if let Err(err) = interrupt.trigger(queue_interrupt(index)) {
+            let counter = match index {
+                RX_QUEUE => &metrics.rx_queue_event_fails,
+                TX_QUEUE => &metrics.tx_queue_event_fails,
+                _ => &metrics.ev_queue_event_fails,
+            };
+            inc(counter);
+            log::error!("virtio-vsock cannot raise its interrupt: {err}");
+        }
+    }
+    Ok(())
 }
 
 /// Which queue an error or interrupt concerns.
@@ -196,6 +218,8 @@ where
         let mem = &*mem;
         let mut served = 0usize;
         let [_, tx, _] = &mut self.queues;
+        // The rings are looked up in guest memory once for the pass.
+        let mut tx = tx.rings(mem);
         let result = loop {
             if served >= TX_BUDGET {
                 if let Err(err) = self.queue_evts[TX_QUEUE].write(1) {
@@ -204,7 +228,7 @@ where
                 }
                 break Ok(());
             }
-            let chain = match tx.pop(mem) {
+            let chain = match tx.pop() {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break Ok(()),
                 Err(err) => break Err(Error::Queue(err)),
@@ -230,13 +254,13 @@ where
                     }
                 }
             }
-            if let Err(err) = tx.add_used(mem, chain.head_index(), 0) {
+            if let Err(err) = tx.add_used(chain.head_index(), 0) {
                 break Err(Error::Queue(err));
             }
             served = served.saturating_add(1);
         };
         if served > 0 {
-            self.signal_used(TX_QUEUE, mem)?;
+            signal_used(&mut tx, &*self.interrupt, TX_QUEUE, &self.metrics)?;
         }
         result?;
         if self.backend.has_pending_rx() {
@@ -259,6 +283,8 @@ where
         let mem = &*mem;
         let mut served = 0usize;
         let [rx, _, _] = &mut self.queues;
+        // The rings are looked up in guest memory once for the pass.
+        let mut rx = rx.rings(mem);
         let result = loop {
             if !self.backend.has_pending_rx() {
                 break Ok(());
@@ -270,7 +296,7 @@ where
                 }
                 break Ok(());
             }
-            let chain = match rx.pop(mem) {
+            let chain = match rx.pop() {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break Ok(()),
                 Err(err) => break Err(Error::Queue(err)),
@@ -281,7 +307,8 @@ where
                     let mut header = PacketHeader::default();
                     let Some(len) = self.backend.recv_pkt(&mut header, buf) else {
                         // Nothing after all: the chain goes back for the next packet.
-                        rx.set_next_avail(rx.next_avail().wrapping_sub(1));
+                        let next_avail = rx.queue().next_avail().wrapping_sub(1);
+                        rx.set_next_avail(next_avail);
                         break Ok(());
                     };
                     let payload = buf.get(..len).unwrap_or_default();
@@ -314,13 +341,13 @@ where
                 }
             };
             let used = u32::try_from(written).unwrap_or(0);
-            if let Err(err) = rx.add_used(mem, chain.head_index(), used) {
+            if let Err(err) = rx.add_used(chain.head_index(), used) {
                 break Err(Error::Queue(err));
             }
             served = served.saturating_add(1);
         };
         if served > 0 {
-            self.signal_used(RX_QUEUE, mem)?;
+            signal_used(&mut rx, &*self.interrupt, RX_QUEUE, &self.metrics)?;
         }
         result.map(|()| served)
     }
@@ -339,12 +366,13 @@ where
         let mem = &*mem;
         let mut served = 0usize;
         let [_, _, ev] = &mut self.queues;
+        let mut ev = ev.rings(mem);
         let event = EVENT_TRANSPORT_RESET.to_le_bytes();
         let result = loop {
-            if !self.reset_pending || served >= usize::from(ev.size()) {
+            if !self.reset_pending || served >= usize::from(ev.queue().size()) {
                 break Ok(());
             }
-            let chain = match ev.pop(mem) {
+            let chain = match ev.pop() {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break Ok(()),
                 Err(err) => break Err(Error::Queue(err)),
@@ -361,13 +389,13 @@ where
                 }
             };
             let used = u32::try_from(written).unwrap_or(0);
-            if let Err(err) = ev.add_used(mem, chain.head_index(), used) {
+            if let Err(err) = ev.add_used(chain.head_index(), used) {
                 break Err(Error::Queue(err));
             }
             served = served.saturating_add(1);
         };
         if served > 0 {
-            self.signal_used(EV_QUEUE, mem)?;
+            signal_used(&mut ev, &*self.interrupt, EV_QUEUE, &self.metrics)?;
         }
         result.map(|()| served)
     }
@@ -381,24 +409,6 @@ where
     pub fn backend_event(&mut self, events: EventSet) -> Result<usize> {
         self.backend.notify(events);
         self.process_rx()
-    }
-
-    fn signal_used(&mut self, index: usize, mem: &M::M) -> Result<()> {
-        let Some(queue) = self.queues.get_mut(index) else {
-            return Ok(());
-        };
-        if queue.needs_notification(mem).map_err(Error::Queue)? {
-            if let Err(err) = self.interrupt.trigger(queue_interrupt(index)) {
-                let counter = match index {
-                    RX_QUEUE => &self.metrics.rx_queue_event_fails,
-                    TX_QUEUE => &self.metrics.tx_queue_event_fails,
-                    _ => &self.metrics.ev_queue_event_fails,
-                };
-                inc(counter);
-                log::error!("virtio-vsock cannot raise its interrupt: {err}");
-            }
-        }
-        Ok(())
     }
 
     /// Stops serving after the driver broke the protocol: the device asks for a reset and the
