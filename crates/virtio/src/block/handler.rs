@@ -658,7 +658,7 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> EventHandler for Bl
 
 impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> {
     fn queue_event(&mut self, ops: &mut EventOps<'_>) {
-        let metrics = self.worker.metrics().clone();
+        let metrics = self.worker.metrics();
         inc(&metrics.queue_event_count);
         // Clears the notification; the queue itself says what there is to do.
         if let Err(err) = self.queue_evt.read() {
@@ -714,12 +714,11 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> 
     /// Serves the queue; with `count_empty`, finding nothing to serve counts as
     /// `no_avail_buffer`.
     fn serve(&mut self, ops: &mut EventOps<'_>, count_empty: bool) {
-        let metrics = self.worker.metrics().clone();
         match self.worker.process_queue() {
             // Chains may be left: come back to them after the other events.
             Ok(_) if self.worker.budget_spent() => {
                 if let Err(err) = self.queue_evt.write(1) {
-                    inc(&metrics.event_fails);
+                    inc(&self.worker.metrics().event_fails);
                     log::error!(
                         "The block device {} cannot requeue its work: {err}",
                         self.id
@@ -727,7 +726,7 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> 
                 }
             }
             Ok(0) if count_empty && !self.worker.is_throttled() => {
-                inc(&metrics.no_avail_buffer);
+                inc(&self.worker.metrics().no_avail_buffer);
             }
             Ok(_) => {}
             Err(err) => self.queue_failed(ops, &err),
