@@ -1663,6 +1663,14 @@ JSON
         eval "pid=\$pid$c"
         if ticking $c; then
             running=$((running + 1))
+        elif alive "$pid"; then
+            # What a clone that runs but does not tick is doing, for the failure's report.
+            echo "E2E INFO clone $c runs but does not tick: $(tail -n 5 "$work/clone$c.err" | tr '\n' ' ')"
+            for task in /proc/$pid/task/*; do
+                echo "E2E INFO clone $c thread $(cat "$task/comm" 2>/dev/null):" \
+                    "$(sed 's/^.*) //' "$task/stat" 2>/dev/null | cut -c1) $(cat "$task/wchan" 2>/dev/null)"
+            done
+            tr -d '\r' <"$work/clone$c.out" | tail -n 10 | sed "s/^/E2E INFO clone $c console: /"
         fi
         if [ -r "/proc/$pid/smaps_rollup" ]; then
             rss=$((rss + $(awk '/^Rss:/ { print $2 }' "/proc/$pid/smaps_rollup")))
