@@ -23,9 +23,13 @@
 # the receiving end: tcp-g2h (the host receives), tcp-h2g (the guest receives).
 #
 # Prints one line per test and boot, `IO-COMPARE run <round> <config> <test>
-# mib_s=<x> iops=<y>`, then, per test, the medians and the ratios to QEMU:
+# mib_s=<x> iops=<y> irqs_per_req=<i>`, then, per test, the medians and the
+# ratios to QEMU:
 # `IO-COMPARE <test> ember=<x> ember-async=<y> qemu=<z> ratio=<x/z> ratio-async=<y/z>`
-# (MiB/s for sequential and TCP tests, requests per second for random reads).
+# (MiB/s for sequential and TCP tests, requests per second for random reads),
+# and for the disk tests the guest's virtio interrupts per request, each of
+# which costs the guest two MMIO exits to the VMM (the transport's interrupt
+# status and acknowledgement): `IO-COMPARE <test> irqs-per-request ember=<i> ...`.
 set -u
 
 ember=$1
@@ -70,7 +74,13 @@ tar -xf "\$(disk tools)" -C /tmp/tools
 data=\$(disk data)
 ip addr add $guest_ip/24 dev eth0
 ip link set eth0 up
-probe() { name=\$1; shift; echo "IO-RESULT \$name \$(/tmp/tools/ember-io-probe "\$data" --seconds $seconds "\$@" 2>&1)"; }
+# The guest's virtio interrupts so far (only the data disk is busy during a probe).
+irqs() { awk '/virtio/ { for (i = 2; i <= NF && \$i ~ /^[0-9]+\$/; i++) n += \$i } END { print n + 0 }' /proc/interrupts; }
+probe() {
+    name=\$1; shift; before=\$(irqs)
+    result=\$(/tmp/tools/ember-io-probe "\$data" --seconds $seconds "\$@" 2>&1)
+    echo "IO-RESULT \$name \$result irqs=\$((\$(irqs) - \$before))"
+}
 probe seq-read --read --block 1M
 probe seq-write --write --block 1M
 probe rand-read-qd1 --read --random --block 4K
@@ -128,8 +138,11 @@ run() {
     echo "$results" | while read -r _ test line; do
         mib=$(echo "$line" | sed -n 's/.*mib_s=\([0-9.]*\).*/\1/p')
         iops=$(echo "$line" | sed -n 's/.*iops=\([0-9.]*\).*/\1/p')
-        echo "IO-COMPARE run $round $name $test mib_s=${mib:-?} iops=${iops:--} ($line)"
-        echo "$name $test ${mib:-?} ${iops:--}" >>"$work/results"
+        requests=$(echo "$line" | sed -n 's/.*requests=\([0-9]*\).*/\1/p')
+        irqs=$(echo "$line" | sed -n 's/.*irqs=\([0-9]*\).*/\1/p')
+        per_req=$(ratio "${irqs:-none}" "${requests:-none}")
+        echo "IO-COMPARE run $round $name $test mib_s=${mib:-?} iops=${iops:--} irqs_per_req=$per_req ($line)"
+        echo "$name $test ${mib:-?} ${iops:--} $per_req" >>"$work/results"
     done
 }
 
@@ -157,7 +170,7 @@ done
 # The medians of each test, per configuration, and their ratios to QEMU's.
 median_of() {
     awk -v n="$1" -v t="$2" -v f="$3" '$1 == n && $2 == t { print $f }' "$work/results" |
-        grep -v '^[?-]*$' | median
+        grep -Ev '^([?-]*|none)$' | median
 }
 for test in seq-read seq-write rand-read-qd1 rand-read-qd32 tcp-g2h tcp-h2g; do
     case "$test" in
@@ -169,4 +182,11 @@ for test in seq-read seq-write rand-read-qd1 rand-read-qd32 tcp-g2h tcp-h2g; do
     q=$(median_of qemu "$test" "$field")
     echo "IO-COMPARE $test ember=$e ember-async=$a qemu=$q ratio=$(ratio "$e" "$q")" \
         "ratio-async=$(ratio "$a" "$q")"
+    case "$test" in
+    tcp-*) ;;
+    *)
+        echo "IO-COMPARE $test irqs-per-request ember=$(median_of ember "$test" 5)" \
+            "ember-async=$(median_of ember-async "$test" 5) qemu=$(median_of qemu "$test" 5)"
+        ;;
+    esac
 done
