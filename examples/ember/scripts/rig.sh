@@ -379,9 +379,13 @@ cmd_run() {
     } >"$tmp/initrd.cpio"
     rm -rf "$root"
 
+    # The rig's kernel ticks periodically (nohz=off highres=off): its local APIC timer then
+    # re-arms itself in QEMU, where in one-shot mode the kernel re-arms it at each interrupt,
+    # and an interrupt lost under many guests left no timer armed and the rig wedged. With the
+    # periodic tick the clones' twenty guests also start three to four times faster.
     local qemu=(qemu-system-x86_64 -nodefaults -no-user-config -accel tcg -cpu EPYC
         -smp "$smp" -m "$mem" -display none -kernel "$rig_dir/vmlinuz" -initrd "$tmp/initrd.cpio"
-        -append "console=ttyS0 panic=-1 quiet loglevel=4" -no-reboot)
+        -append "console=ttyS0 panic=-1 quiet loglevel=4 nohz=off highres=off" -no-reboot)
     local limit=()
     [ -z "$timeout" ] || limit=(timeout --foreground -k 10 "$timeout")
     local log=$tmp/console.log rc=0 started=$SECONDS

@@ -59,11 +59,12 @@ guest=$("$scripts/guest.sh" | tail -n 1)
 # the runs since; the clones section takes about twice as long there.
 # Transparent huge pages are off in the rig: its emulated SVM has wedged with
 # huge second-level pages under the guests' 2 MiB-aligned RAM, and the tests
-# check devices, not how RAM is backed. It still wedges, in about one guest
-# start in 30: the rig's timer interrupt is lost right after the guest's kernel
-# starts, no timer of the rig's kernel is armed in QEMU again (its next deadline
-# is the RTC's, at midnight) and nothing in the rig runs any more; idle=poll in
-# the rig does not help. So a rig whose console stays silent for $stall seconds
+# check devices, not how RAM is backed. It wedged, in about one guest start in
+# 30 and in most runs of the clones section: the rig's timer interrupt was lost,
+# no timer of the rig's kernel was armed in QEMU again (its next deadline the
+# RTC's, at midnight) and nothing in the rig ran any more; idle=poll in the rig
+# did not help. The rig's kernel now ticks periodically (rig.sh), so that its
+# timer re-arms itself. Should it wedge still, a rig whose console stays silent for $stall seconds
 # is stopped (the longest quiet stretch of a run that goes well is about two
 # minutes), as is one whose kernel reports a CPU stuck for a minute (seen once
 # with the clones' twenty guests on two vCPUs). A rig that is stopped or hangs
@@ -120,7 +121,8 @@ in_rig() {
             ;;
         esac
     done
-    return "$rc"
+    echo "test.sh: the rig failed five times (last status $rc)"
+    return $((earlier + 1))
 }
 
 if "$scripts/rig.sh" needed; then
