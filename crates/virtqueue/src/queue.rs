@@ -2202,6 +2202,9 @@ mod tests {
         assert_eq!(driver.used_idx(&mem).unwrap(), 3);
         assert_eq!(driver.used_elem(&mem, 2).unwrap(), (6, 513));
         assert_eq!(driver.avail_event(&mem).unwrap(), 3);
+        let rings = queue.rings(&mem);
+        rings.set_avail_event(5).unwrap();
+        assert_eq!(driver.avail_event(&mem).unwrap(), 5);
     }
 
     #[test]

@@ -64,10 +64,10 @@ guest=$("$scripts/guest.sh" | tail -n 1)
 # no timer of the rig's kernel was armed in QEMU again (its next deadline the
 # RTC's, at midnight) and nothing in the rig ran any more; idle=poll in the rig
 # did not help. The rig's kernel now ticks periodically (rig.sh), so that its
-# timer re-arms itself. Should it wedge still, a rig whose console stays silent for $stall seconds
-# is stopped (the longest quiet stretch of a run that goes well is about two
-# minutes), as is one whose kernel reports a CPU stuck for a minute (seen once
-# with the clones' twenty guests on two vCPUs). A rig that is stopped or hangs
+# timer re-arms itself. Should it wedge still, a rig whose console stays silent
+# for $stall seconds is stopped (the longest quiet stretch of a run that goes
+# well is about two minutes), as is one whose kernel reports a CPU stuck for a
+# minute (seen once with the clones' twenty guests on two vCPUs). A rig that is stopped or hangs
 # (124), dies without a status (125) or holds an ember that SIGKILL cannot end
 # (3, a fault of the nested KVM) is booted again, up to five times in all, and
 # that is printed: for the sections of e2e.sh from the one it stopped in, as
