@@ -242,6 +242,12 @@ impl<C: Clock> RateLimiter<C> {
         }
     }
 
+    /// The clock the limiter reads the time from, for a device that times its own work on the
+    /// same clock.
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+
     /// Whether the limiter is blocked: a consume failed and the timer has not been handled.
     pub fn is_blocked(&self) -> bool {
         self.armed.is_some()

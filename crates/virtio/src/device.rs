@@ -69,6 +69,17 @@ pub trait VirtioInterrupt: Send + Sync {
     ///
     /// When the interrupt cannot be delivered.
     fn trigger(&self, kind: VirtioInterruptType) -> io::Result<()>;
+
+    /// Whether the driver has yet to take a queue interrupt the device raised, where the
+    /// transport can tell: virtio-mmio's interrupt status, until the driver acknowledges it.
+    /// `None` (the default) where it cannot, as with an MSI-X vector, which has no status.
+    ///
+    /// A device takes it as a hint of how the driver works: a driver that makes a request
+    /// available before it has taken the last interrupt did not wait for that interrupt, so it
+    /// keeps several requests in flight.
+    fn queue_interrupt_pending(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// What the transport hands a device when the driver sets DRIVER_OK.

@@ -209,6 +209,11 @@ impl VirtioInterrupt for MmioInterrupt {
             }
         }
     }
+
+    /// Whether [`INT_USED_RING`] is set: the driver has not acknowledged it yet.
+    fn queue_interrupt_pending(&self) -> Option<bool> {
+        Some(self.status() & INT_USED_RING != 0)
+    }
 }
 
 /// A virtio device behind its MMIO register page.

@@ -7,12 +7,14 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ember_rate_limiter::{Clock, MonotonicClock, RateLimiter, TokenType};
 use vm_memory::{GuestAddressSpace, GuestMemory};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::hold::{Hold, MAX_INTERRUPT_HOLD, wait_for_chain};
 use super::metrics::inc;
 use super::request::{self, Request};
 use super::uring::{AsyncIo, Done, Submitted};
@@ -61,6 +63,8 @@ pub struct BlockWorker<M, B = RawFile, C: Clock = MonotonicClock> {
     /// Whether the last call stopped because every request slot of the asynchronous engine
     /// was taken: completions resume the queue.
     waiting_for_room: bool,
+    /// When to hold the interrupt for the driver's next request.
+    hold: Hold,
 }
 
 /// What carries out the requests of a queue: the disk, the rate limiter in front of it, and
@@ -118,7 +122,17 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
             irq_error_logged: false,
             budget_spent: false,
             waiting_for_room: false,
+            hold: Hold::new(MAX_INTERRUPT_HOLD),
         }
+    }
+
+    /// Holds the interrupt at most `max` after handing chains back, for the driver's next
+    /// request, from now on (the default is [`MAX_INTERRUPT_HOLD`]; zero never holds). The
+    /// worker holds only while the driver has several requests in flight, spinning, with the
+    /// hold's time read from the rate limiter's clock; see the [`hold`](super::hold) module.
+    pub fn with_interrupt_hold(mut self, max: Duration) -> Self {
+        self.hold = Hold::new(max);
+        self
     }
 
     /// Carries out reads, writes and flushes on `io`, the asynchronous engine, from now on
@@ -222,15 +236,18 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
     ///
     /// Notifications stay off while the queue is drained, and are turned back on before it
     /// stops; chains made available in between are served too, so none waits for a
-    /// notification that will not come. When done, it raises the interrupt if the driver wants
-    /// one (VIRTQ_AVAIL_F_NO_INTERRUPT, or `used_event` with EVENT_IDX).
+    /// notification that will not come. While the driver has several requests in flight, it
+    /// waits a moment after handing chains back, with notifications still off, for the
+    /// driver's next request, and serves it too ([`BlockWorker::with_interrupt_hold`]). When
+    /// done, it raises the interrupt if the driver wants one (VIRTQ_AVAIL_F_NO_INTERRUPT, or
+    /// `used_event` with EVENT_IDX).
     ///
     /// It serves at most [`MAX_BATCH`] chains, and stops after the request that takes the
     /// chains served past [`MAX_BATCH_BYTES`] on the disk: then chains may be left, and
     /// notifications may still be off ([`BlockWorker::budget_spent`]); call it again. It
-    /// looks at the ring again after turning notifications back on at most [`MAX_BATCH`]
-    /// times, so that a driver that moves its available index back and forth cannot keep it
-    /// there either; it then returns with notifications on. When the rate limiter refuses a
+    /// looks at the ring again after turning notifications back on or after a hold at most
+    /// [`MAX_BATCH`] times, so that a driver that moves its available index back and forth
+    /// cannot keep it there either; it then returns with notifications on. When the rate limiter refuses a
     /// request, it stops there with notifications off and the chain kept
     /// ([`BlockWorker::is_throttled`]): call it again once the limiter's timer has fired.
     ///
@@ -248,6 +265,7 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
             irq_error_logged,
             budget_spent,
             waiting_for_room,
+            hold,
         } = self;
         let mem = mem.memory();
         let mem = &*mem;
@@ -257,11 +275,30 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         *budget_spent = false;
         *waiting_for_room = false;
         let mut passes = 0usize;
+        // Read before this call raises an interrupt of its own.
+        let pending = interrupt.queue_interrupt_pending().unwrap_or(false);
+        // The chains handed back when the last hold began, and the longest wait that caught one.
+        let mut held_at = 0;
+        let mut held = false;
+        let mut caught = None;
         let result = loop {
             if let Err(err) = rings.disable_notification() {
                 break Err(err);
             }
-            match server.drain(&mut rings, &mut budget) {
+            let drained = server.drain(&mut rings, &mut budget);
+            let submitted = server.submit_pending();
+            // The kernel completes a request while it takes it when it needs no waiting (a read
+            // the page cache holds): those are handed back now, with the chains served
+            // synchronously, rather than after a round trip through the completion eventfd.
+            server.reap(mem, false);
+            budget.used += server.publish(&mut rings)?;
+            if let Err(err) = submitted {
+                // What the kernel did not take stays queued: come back to hand it over again.
+                inc(&server.metrics.event_fails);
+                log::debug!("A block device cannot submit its requests to io_uring: {err}");
+                *budget_spent = true;
+            }
+            match drained {
                 Ok(Drained::Empty) => {}
                 // Notifications stay off: the caller comes back, or the limiter's timer does.
                 Ok(Drained::Full) => {
@@ -276,6 +313,25 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
                 }
                 Err(err) => break Err(err),
             }
+            if *budget_spent {
+                break Ok(());
+            }
+            // Only chains handed back since the last hold are worth holding the interrupt for.
+            if budget.used > held_at && passes < MAX_BATCH {
+                if let Some(limit) = hold.limit(pending) {
+                    held_at = budget.used;
+                    held = true;
+                    match wait_for_chain(&rings, server.rate_limiter.clock(), limit) {
+                        Ok(Some(waited)) => {
+                            caught = caught.max(Some(waited));
+                            passes += 1;
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(err) => break Err(err),
+                    }
+                }
+            }
             match rings.enable_notification() {
                 // With notifications on, a driver that makes more chains available notifies.
                 Ok(true) if passes < MAX_BATCH => passes += 1,
@@ -283,17 +339,9 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
                 Err(err) => break Err(err),
             }
         };
-        if let Err(err) = server.submit_pending() {
-            // What the kernel did not take stays queued: come back to hand it over again.
-            inc(&server.metrics.event_fails);
-            log::debug!("A block device cannot submit its requests to io_uring: {err}");
-            *budget_spent = true;
+        if held {
+            hold.record(caught);
         }
-        // The kernel completes a request while it takes it when it needs no waiting (a read
-        // the page cache holds): those are handed back now, with the chains served
-        // synchronously, rather than after a round trip through the completion eventfd.
-        server.reap(mem, false);
-        budget.used += server.publish(&mut rings)?;
         if budget.used > 0 {
             signal(&mut rings, &**interrupt, &server.metrics, irq_error_logged)?;
         }
@@ -793,8 +841,9 @@ mod tests {
 
     use super::*;
     use crate::block::fixtures::*;
+    use crate::block::hold;
     use crate::block::*;
-    use crate::mmio::MmioInterrupt;
+    use crate::mmio::{INT_USED_RING, MmioInterrupt};
     use crate::mock::{
         CountingTrigger, MockBuffer, MockDriver, bucket, counters_moved, guest_memory, wait_timer,
     };
@@ -1566,5 +1615,210 @@ mod tests {
         assert_eq!(restored.process_queue().unwrap(), 1);
         assert_eq!(g.driver.used_idx(&*g.mem).unwrap(), 2);
         assert_eq!(restored.process_queue().unwrap(), 0);
+    }
+
+    /// A clock that plays the driver in the hold's tests: every reading moves it on by one
+    /// microsecond, and runs `play` with the new time in microseconds. Nothing else in these
+    /// workers reads it (their rate limiter has no buckets), so it moves only while a worker
+    /// holds.
+    #[derive(Clone)]
+    struct PlayingClock {
+        us: Arc<std::sync::atomic::AtomicU64>,
+        play: Arc<std::sync::Mutex<dyn FnMut(u64) + Send>>,
+    }
+
+    impl PlayingClock {
+        fn us(&self) -> u64 {
+            self.us.load(Ordering::Relaxed)
+        }
+    }
+
+    impl ember_rate_limiter::Clock for PlayingClock {
+        fn now(&self) -> u64 {
+            let us = self.us.fetch_add(1, Ordering::Relaxed) + 1;
+            (self.play.lock().unwrap())(us);
+            us * 1000
+        }
+    }
+
+    /// A driver that makes GET_ID requests available, from the test or from the clock's play.
+    #[derive(Clone)]
+    struct Requests {
+        mem: Space,
+        driver: Arc<std::sync::Mutex<MockDriver>>,
+    }
+
+    impl Requests {
+        fn add(&self, count: usize) {
+            let mut driver = self.driver.lock().unwrap();
+            for _ in 0..count {
+                driver
+                    .add_chain(
+                        &*self.mem,
+                        &[hdr(), MockBuffer::writable(DATA, 20), status()],
+                    )
+                    .unwrap();
+            }
+        }
+
+        fn used(&self) -> u16 {
+            self.driver.lock().unwrap().used_idx(&*self.mem).unwrap()
+        }
+    }
+
+    /// A worker whose clock runs `play` with the time in microseconds and the driver.
+    fn holding_worker(
+        image: &Image,
+        mut play: impl FnMut(u64, &Requests) + Send + 'static,
+    ) -> (
+        BlockWorker<Space, RawFile, PlayingClock>,
+        Requests,
+        PlayingClock,
+        CountingTrigger,
+        Arc<MmioInterrupt>,
+    ) {
+        let mem = Arc::new(guest_memory(0x100000).unwrap());
+        write_header(&mem, HDR, VIRTIO_BLK_T_GET_ID, 0);
+        let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
+        let queue = driver.queue();
+        queue.validate(&*mem).unwrap();
+        let requests = Requests {
+            mem: mem.clone(),
+            driver: Arc::new(std::sync::Mutex::new(driver)),
+        };
+        let played = requests.clone();
+        let clock = PlayingClock {
+            us: Arc::default(),
+            play: Arc::new(std::sync::Mutex::new(move |us| play(us, &played))),
+        };
+        let limiter = RateLimiter::with_clock(None, None, clock.clone()).unwrap();
+        let irqs = CountingTrigger::default();
+        let interrupt = Arc::new(MmioInterrupt::new(irqs.clone()));
+        let worker = BlockWorker::new(image.disk(false), queue, mem, interrupt.clone(), limiter);
+        (worker, requests, clock, irqs, interrupt)
+    }
+
+    #[test]
+    fn a_request_made_while_the_worker_holds_shares_its_interrupt() {
+        let image = Image::on_tmpfs();
+        let mut played = false;
+        let (mut worker, requests, clock, irqs, interrupt) =
+            holding_worker(&image, move |us, requests| {
+                if us >= 50 && !played {
+                    played = true;
+                    requests.add(1);
+                }
+            });
+        requests.add(1);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        assert_eq!(
+            clock.us(),
+            0,
+            "nothing shows another request in flight: not held"
+        );
+        // The driver makes two requests before it takes the interrupt: the worker holds, and
+        // a third, 50 us later, joins them.
+        requests.add(2);
+        assert_eq!(worker.process_queue().unwrap(), 3);
+        assert_eq!(requests.used(), 4);
+        assert_eq!(irqs.count(), 2, "one interrupt for the three");
+        // The first hold ended when the request came, 50 us in; the one after it, with
+        // nothing more coming, ran its 200 us out.
+        let mut at = clock.us();
+        assert!((250..260).contains(&at), "held {at} us");
+
+        // The hold paid, so lone requests are held too, even once the driver takes each
+        // interrupt before its next request, for CREDIT calls whose holds catch nothing. The
+        // first lasts twice the wait that paid, or 175 us, since the limit falls by at most an
+        // eighth of 200 us per call.
+        for _ in 0..hold::CREDIT {
+            interrupt.ack(INT_USED_RING);
+            requests.add(1);
+            assert_eq!(worker.process_queue().unwrap(), 1);
+            let held = clock.us() - at;
+            assert!((175..185).contains(&held), "held {held} us");
+            at = clock.us();
+        }
+        interrupt.ack(INT_USED_RING);
+        requests.add(1);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        assert_eq!(clock.us(), at, "not held any more");
+        assert_eq!(irqs.count(), 3 + hold::CREDIT as usize);
+    }
+
+    #[test]
+    fn a_driver_that_waits_for_each_interrupt_is_never_held() {
+        let image = Image::on_tmpfs();
+        let (mut worker, requests, clock, irqs, interrupt) = holding_worker(&image, |_, _| {});
+        // One request at a time, then batches made available at once and waited for.
+        for (round, batch) in [1, 1, 1, 8, 8, 32].into_iter().enumerate() {
+            requests.add(batch);
+            assert_eq!(worker.process_queue().unwrap(), batch);
+            assert_eq!(irqs.count(), round + 1);
+            // The driver takes the interrupt before it makes its next request.
+            interrupt.ack(INT_USED_RING);
+        }
+        assert_eq!(clock.us(), 0, "the clock was never read: no hold");
+    }
+
+    #[test]
+    fn a_request_made_before_the_driver_took_the_last_interrupt_is_held() {
+        let image = Image::on_tmpfs();
+        let (mut worker, requests, clock, irqs, _) = holding_worker(&image, |_, _| {});
+        requests.add(1);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        assert_eq!(clock.us(), 0, "nothing shows a second request in flight");
+        // The interrupt is still pending: this request did not wait for it.
+        requests.add(1);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        assert_eq!(
+            clock.us(),
+            201,
+            "held the longest hold, one reading past it"
+        );
+        assert_eq!(irqs.count(), 2);
+    }
+
+    #[test]
+    fn a_driver_trickling_requests_holds_the_worker_at_most_the_limit_for_each() {
+        let image = Image::on_tmpfs();
+        // A request every 199 us, just inside the longest hold, for as long as the worker
+        // waits for one.
+        let (mut worker, requests, clock, irqs, _) = holding_worker(&image, |us, requests| {
+            if us % 199 == 0 {
+                requests.add(1);
+            }
+        });
+        requests.add(1);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        // Made before the driver took the interrupt: held.
+        requests.add(1);
+        // The call stops at its budget of chains, with one interrupt for all of them...
+        assert_eq!(worker.process_queue().unwrap(), MAX_BATCH);
+        assert!(worker.budget_spent());
+        assert_eq!(irqs.count(), 2);
+        // ... after holding at most the longest hold for each.
+        let held = clock.us();
+        let most = u64::try_from(MAX_INTERRUPT_HOLD.as_micros() * (MAX_BATCH as u128)).unwrap();
+        assert!(held <= most, "held {held} us for {MAX_BATCH} chains");
+        assert!(
+            held >= 199 * 250,
+            "the holds caught the requests: {held} us"
+        );
+    }
+
+    #[test]
+    fn a_worker_without_holds_raises_its_interrupt_at_once() {
+        let image = Image::on_tmpfs();
+        let (worker, requests, clock, irqs, _) = holding_worker(&image, |_, requests| {
+            requests.add(1);
+        });
+        let mut worker = worker.with_interrupt_hold(Duration::ZERO);
+        requests.add(1);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        // The interrupt is pending, yet the worker does not hold.
+        requests.add(2);
+        assert_eq!(worker.process_queue().unwrap(), 2);
+        assert_eq!((clock.us(), irqs.count()), (0, 2));
     }
 }

@@ -19,7 +19,8 @@
 //! device as its transport sees it ([`Block`], its [`Config`] and [`PendingUpdate`], and
 //! `Running`, the active handler whatever its guest memory type), `handler.rs` what serves the
 //! queue once the device is active ([`BlockWorker`], the `Server` that carries out requests, and
-//! the `BlockHandler` glue to [`EventHandler`](crate::EventHandler)), `backend.rs` the
+//! the `BlockHandler` glue to [`EventHandler`](crate::EventHandler)), `hold.rs` when the
+//! worker holds its interrupt back for the driver's next request ([`hold`]), `backend.rs` the
 //! [`BlockBackend`] a VMM implements, `metrics.rs` the counters ([`BlockMetrics`]);
 //! `request.rs` parses requests, `disk.rs` and `raw_file.rs` are the disk and its default backend.
 //!
@@ -92,6 +93,7 @@ mod disk;
 #[cfg(test)]
 mod fixtures;
 mod handler;
+pub mod hold;
 pub mod metrics;
 mod raw_file;
 pub mod request;
@@ -105,6 +107,7 @@ pub use backend::{BlockBackend, copy_from_bufs, copy_to_bufs};
 pub use device::{Block, BlockState, Config, PendingUpdate};
 pub use disk::{Completion, Disk, ID_BYTES};
 pub use handler::BlockWorker;
+pub use hold::MAX_INTERRUPT_HOLD;
 pub use metrics::BlockMetrics;
 pub use raw_file::{INHERITED_FD_PREFIX, RawFile, check_inherited_fd, inherited_fd};
 pub use request::{STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};

@@ -1,0 +1,239 @@
+//! Interrupt moderation: a worker that has handed chains back waits a moment, with the queue's
+//! notifications off, for the driver's next request, and serves it before raising one
+//! interrupt for all of them.
+//!
+//! Each interrupt costs a virtio-mmio guest two exits to the VMM (it reads the interrupt status
+//! and acknowledges it) besides its injection. Linux's driver asks for an interrupt at the next
+//! completion every time it has handled one, so a device that completes each request as it
+//! comes settles into one interrupt per request, however many the guest keeps in flight. A
+//! short hold lets the requests the guest is still making join the same interrupt.
+//!
+//! A hold costs latency when nothing comes, so the worker holds only where the driver shows
+//! that it keeps making requests while others are in flight:
+//! - the call began while the driver had yet to take the last interrupt (where the transport
+//!   can tell, [`VirtioInterrupt::queue_interrupt_pending`]): the driver made a request
+//!   without waiting for it;
+//! - or holds have caught requests lately: after a call whose holds caught one, the next
+//!   [`CREDIT`] calls whose holds all run out still hold.
+//!
+//! A driver with one request in flight, or one that makes a batch of requests available and
+//! then waits for all of them, takes each interrupt before its next request: its requests are
+//! never held.
+//!
+//! A hold spins: the gaps it waits for are microseconds, shorter than a timer's slack. It lasts
+//! at most twice the longest wait that caught a request lately, and never more than the
+//! worker's most ([`MAX_INTERRUPT_HOLD`] unless set with
+//! [`BlockWorker::with_interrupt_hold`](super::BlockWorker::with_interrupt_hold)). A hold
+//! follows only a pass that handed chains back, so a driver cannot make the worker spin more
+//! than that most per request it makes, and a call serves at most
+//! [`MAX_BATCH`](super::MAX_BATCH) chains. Nothing is held between calls: a call returns with
+//! its interrupt raised, so pausing, saving or resetting the device has nothing to flush.
+
+use std::time::Duration;
+
+use ember_rate_limiter::Clock;
+use vm_memory::GuestMemory;
+
+#[cfg(doc)]
+use crate::VirtioInterrupt;
+use crate::queue::{self, Rings};
+
+/// The longest a block worker holds its interrupt by default: 200 µs.
+pub const MAX_INTERRUPT_HOLD: Duration = Duration::from_micros(200);
+
+/// The shortest a hold lasts once holding pays, in nanoseconds: a driver's requests a few
+/// hundred nanoseconds apart still get a margin.
+const MIN_HOLD_NS: u64 = 10_000;
+
+/// How many calls whose holds all ran out a worker still holds in, after a call whose holds
+/// caught a request: a guest that keeps requests in flight sometimes takes longer than a hold
+/// between two of them, and one such gap should not end its holds.
+pub const CREDIT: u32 = 4;
+
+/// When a worker holds its interrupt, and for how long.
+#[derive(Debug)]
+pub(super) struct Hold {
+    /// The most any hold lasts, in nanoseconds; 0 when the worker never holds.
+    max: u64,
+    /// The most the next hold lasts, in nanoseconds: twice the longest wait that caught a
+    /// request in the last call that held, within `MIN_HOLD_NS` and `max`; it falls by at most
+    /// an eighth per call, since a hold cut short costs an interrupt.
+    limit: u64,
+    /// How many more calls whose holds all run out still hold without other signs: [`CREDIT`]
+    /// after a call whose holds caught a request, one less after each that caught none.
+    credit: u32,
+}
+
+impl Hold {
+    /// Holds of at most `max` (none for zero).
+    pub(super) fn new(max: Duration) -> Self {
+        let max = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+        Hold {
+            max,
+            limit: max,
+            credit: 0,
+        }
+    }
+
+    /// How long to hold at most, in nanoseconds, after a pass that handed chains back, when the
+    /// call began with the driver's last interrupt `pending`; `None` when the worker should
+    /// raise its interrupt now.
+    pub(super) fn limit(&self, pending: bool) -> Option<u64> {
+        (self.max > 0 && (pending || self.credit > 0)).then_some(self.limit)
+    }
+
+    /// Records what a call's holds came to: the longest wait that caught a request, or `None`
+    /// when every hold ran out.
+    pub(super) fn record(&mut self, caught: Option<u64>) {
+        let Some(waited) = caught else {
+            self.credit = self.credit.saturating_sub(1);
+            return;
+        };
+        self.credit = CREDIT;
+        let floor = MIN_HOLD_NS.min(self.max);
+        self.limit = waited
+            .saturating_mul(2)
+            .max(self.limit - self.limit / 8)
+            .clamp(floor, self.max);
+    }
+}
+
+/// Waits until the driver makes a chain available in `rings` or `limit` nanoseconds on `clock`
+/// have passed, spinning; returns how long it waited for a chain, or `None` if none came.
+///
+/// # Errors
+///
+/// As [`Rings::avail_idx`].
+pub(super) fn wait_for_chain<M: GuestMemory, C: Clock>(
+    rings: &Rings<'_, '_, M>,
+    clock: &C,
+    limit: u64,
+) -> Result<Option<u64>, queue::Error> {
+    let next = rings.queue().next_avail();
+    let start = clock.now();
+    let mut waited = 0;
+    loop {
+        if rings.avail_idx()? != next {
+            return Ok(Some(waited));
+        }
+        if waited >= limit {
+            return Ok(None);
+        }
+        std::hint::spin_loop();
+        waited = clock.now().saturating_sub(start);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: u64 = 200_000;
+
+    fn hold() -> Hold {
+        Hold::new(Duration::from_nanos(MAX))
+    }
+
+    /// The limit of a hold in a call that began with no interrupt pending.
+    fn unsignalled(hold: &Hold) -> Option<u64> {
+        hold.limit(false)
+    }
+
+    #[test]
+    fn a_driver_that_waits_for_each_interrupt_is_never_held() {
+        let mut hold = hold();
+        assert_eq!(unsignalled(&hold), None);
+        // Even after holds that ran out.
+        hold.record(None);
+        assert_eq!(unsignalled(&hold), None);
+    }
+
+    #[test]
+    fn a_request_made_before_the_last_interrupt_was_taken_is_held_up_to_the_most() {
+        let mut hold = hold();
+        assert_eq!(hold.limit(true), Some(MAX));
+        hold.record(None);
+        assert_eq!(
+            hold.limit(true),
+            Some(MAX),
+            "whatever the holds before came to"
+        );
+    }
+
+    #[test]
+    fn holds_go_on_for_a_few_calls_after_one_caught_a_request() {
+        let mut hold = hold();
+        hold.record(Some(150_000));
+        for _ in 0..CREDIT {
+            assert_eq!(
+                unsignalled(&hold),
+                Some(MAX),
+                "twice 150 us, within the most"
+            );
+            hold.record(None);
+        }
+        assert_eq!(
+            unsignalled(&hold),
+            None,
+            "calls whose holds ran out end them"
+        );
+        hold.record(Some(150_000));
+        assert_eq!(
+            unsignalled(&hold),
+            Some(MAX),
+            "until one catches a request again"
+        );
+    }
+
+    #[test]
+    fn the_limit_follows_the_longest_wait_that_caught_a_request() {
+        let mut hold = hold();
+        hold.record(Some(30_000));
+        assert_eq!(
+            unsignalled(&hold),
+            Some(175_000),
+            "it falls by an eighth at most"
+        );
+        hold.record(Some(30_000));
+        assert_eq!(unsignalled(&hold), Some(153_125));
+        for _ in 0..30 {
+            hold.record(Some(30_000));
+        }
+        assert_eq!(unsignalled(&hold), Some(60_000), "twice the wait that paid");
+        for _ in 0..30 {
+            hold.record(Some(0));
+        }
+        assert_eq!(
+            unsignalled(&hold),
+            Some(MIN_HOLD_NS),
+            "never below the floor"
+        );
+        hold.record(None);
+        assert_eq!(
+            unsignalled(&hold),
+            Some(MIN_HOLD_NS),
+            "holds that ran out keep it"
+        );
+        hold.record(Some(80_000));
+        assert_eq!(unsignalled(&hold), Some(160_000), "it grows back at once");
+        hold.record(Some(u64::MAX));
+        assert_eq!(unsignalled(&hold), Some(MAX), "never above the most");
+    }
+
+    #[test]
+    fn a_zero_most_never_holds() {
+        let mut hold = Hold::new(Duration::ZERO);
+        assert_eq!(hold.limit(true), None);
+        hold.record(Some(5));
+        assert_eq!(hold.limit(true), None);
+    }
+
+    #[test]
+    fn a_most_below_the_floor_bounds_every_hold() {
+        let mut hold = Hold::new(Duration::from_nanos(2_000));
+        for _ in 0..30 {
+            hold.record(Some(0));
+        }
+        assert_eq!(unsignalled(&hold), Some(2_000));
+    }
+}
