@@ -175,6 +175,10 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
     /// status bytes, in one update of the used ring, and raises the interrupt if the driver
     /// wants one. Returns how many. Nothing for the synchronous engine.
     ///
+    /// It may hold the interrupt for the driver's next request, as
+    /// [`BlockWorker::process_queue`] does; if one comes, it serves the queue before raising
+    /// the interrupt, and the chains it serves are not counted here.
+    ///
     /// # Errors
     ///
     /// As [`BlockWorker::process_queue`], when the used ring cannot be written.
@@ -200,24 +204,48 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
 
     /// Reaps the completions of the asynchronous engine (waiting for all with `wait`), writes
     /// their status bytes, and publishes them.
+    ///
+    /// Unless it waits, or the rate limiter holds a request back, it holds the interrupt as
+    /// [`BlockWorker::process_queue`] does after a pass; when the driver's next request comes,
+    /// it serves the queue and raises one interrupt for all.
     fn complete_in_flight(&mut self, wait: bool) -> std::result::Result<usize, queue::Error> {
-        let BlockWorker {
-            server,
-            queue,
-            mem,
-            interrupt,
-            irq_error_logged,
-            ..
-        } = self;
-        let mem = mem.memory();
-        let mem = &*mem;
-        server.reap(mem, wait);
-        if server.completed.is_empty() {
-            return Ok(0);
+        let (count, caught) = {
+            let BlockWorker {
+                server,
+                queue,
+                mem,
+                interrupt,
+                irq_error_logged,
+                hold,
+                ..
+            } = self;
+            let pending = interrupt.queue_interrupt_pending().unwrap_or(false);
+            let mem = mem.memory();
+            let mem = &*mem;
+            server.reap(mem, wait);
+            if server.completed.is_empty() {
+                return Ok(0);
+            }
+            let mut rings = queue.rings(mem);
+            let count = server.publish(&mut rings)?;
+            let limit = hold
+                .limit(pending)
+                .filter(|_| !wait && server.throttled.is_none());
+            let caught = match limit {
+                Some(limit) => wait_for_chain(&rings, server.rate_limiter.clock(), limit)?,
+                None => None,
+            };
+            if limit.is_some() && caught.is_none() {
+                hold.record(None);
+            }
+            if caught.is_none() {
+                signal(&mut rings, &**interrupt, &server.metrics, irq_error_logged)?;
+            }
+            (count, caught)
+        };
+        if let Some(waited) = caught {
+            self.serve_queue(Some(waited))?;
         }
-        let mut rings = queue.rings(mem);
-        let count = server.publish(&mut rings)?;
-        signal(&mut rings, &**interrupt, &server.metrics, irq_error_logged)?;
         Ok(count)
     }
 
@@ -257,6 +285,13 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
     /// reached): the device should then be put in DEVICE_NEEDS_RESET. The chains served before
     /// the error have been handed back.
     pub fn process_queue(&mut self) -> std::result::Result<usize, queue::Error> {
+        self.serve_queue(None)
+    }
+
+    /// [`BlockWorker::process_queue`]; `held_for` says that a hold began before it, after
+    /// completions were handed back without their interrupt, and caught a request after that
+    /// many nanoseconds: the call then owes the interrupt.
+    fn serve_queue(&mut self, held_for: Option<u64>) -> std::result::Result<usize, queue::Error> {
         let BlockWorker {
             server,
             queue,
@@ -279,8 +314,9 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         let pending = interrupt.queue_interrupt_pending().unwrap_or(false);
         // The chains handed back when the last hold began, and the longest wait that caught one.
         let mut held_at = 0;
-        let mut held = false;
-        let mut caught = None;
+        let owed = held_for.is_some();
+        let mut held = owed;
+        let mut caught = held_for;
         let result = loop {
             if let Err(err) = rings.disable_notification() {
                 break Err(err);
@@ -342,7 +378,7 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         if held {
             hold.record(caught);
         }
-        if budget.used > 0 {
+        if owed || budget.used > 0 {
             signal(&mut rings, &**interrupt, &server.metrics, irq_error_logged)?;
         }
         result.map(|()| budget.chains)

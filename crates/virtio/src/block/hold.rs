@@ -99,7 +99,9 @@ impl Hold {
 }
 
 /// Waits until the driver makes a chain available in `rings` or `limit` nanoseconds on `clock`
-/// have passed, spinning; returns how long it waited for a chain, or `None` if none came.
+/// have passed, spinning; returns how long it waited for a chain, or `None` if none came. It
+/// also stops after `limit` looks at the ring, each of which takes longer than a nanosecond,
+/// so that a clock that stands still (a test's) cannot keep it spinning.
 ///
 /// # Errors
 ///
@@ -112,11 +114,13 @@ pub(super) fn wait_for_chain<M: GuestMemory, C: Clock>(
     let next = rings.queue().next_avail();
     let start = clock.now();
     let mut waited = 0;
+    let mut looks = 0u64;
     loop {
         if rings.avail_idx()? != next {
             return Ok(Some(waited));
         }
-        if waited >= limit {
+        looks += 1;
+        if waited >= limit || looks > limit {
             return Ok(None);
         }
         std::hint::spin_loop();
@@ -218,6 +222,17 @@ mod tests {
         assert_eq!(unsignalled(&hold), Some(160_000), "it grows back at once");
         hold.record(Some(u64::MAX));
         assert_eq!(unsignalled(&hold), Some(MAX), "never above the most");
+    }
+
+    #[test]
+    fn a_hold_ends_even_on_a_clock_that_stands_still() {
+        let mem = crate::mock::guest_memory(0x10000).unwrap();
+        let driver = crate::mock::MockDriver::new(16, vm_memory::GuestAddress(0));
+        let mut queue = driver.queue();
+        queue.validate(&mem).unwrap();
+        let rings = queue.rings(&mem);
+        let clock = ember_rate_limiter::ManualClock::new(0);
+        assert_eq!(wait_for_chain(&rings, &clock, 1000).unwrap(), None);
     }
 
     #[test]

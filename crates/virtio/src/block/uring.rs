@@ -733,10 +733,11 @@ mod tests {
             assert_eq!(g.worker.process_queue().unwrap(), 0);
             assert_eq!(g.worker.queue().next_avail(), 4);
         }
-        let mut served = 4;
-        while served < 10 {
+        // Completions free slots; the chains left go in them, taken when completions are
+        // handed back (the driver has more requests available) or by the next pass.
+        while g.worker.queue().next_avail() < 10 {
             g.settle();
-            served += g.worker.process_queue().unwrap();
+            g.worker.process_queue().unwrap();
         }
         g.settle();
         assert!(!g.worker.waiting_for_room());
@@ -931,6 +932,7 @@ mod tests {
         Arc<Mem>,
         MockDriver,
         std::fs::File,
+        CountingTrigger,
     ) {
         use std::os::fd::FromRawFd;
         let mut fds = [0; 2];
@@ -945,7 +947,8 @@ mod tests {
         };
         let mem = Arc::new(guest_memory(0x100000).unwrap());
         let driver = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
-        let interrupt = Arc::new(MmioInterrupt::new(CountingTrigger::default()));
+        let irqs = CountingTrigger::default();
+        let interrupt = Arc::new(MmioInterrupt::new(irqs.clone()));
         let disk = Disk::new(PipeDisk(read), false, "pipe").unwrap();
         let worker = BlockWorker::new(
             disk,
@@ -955,7 +958,7 @@ mod tests {
             RateLimiter::default(),
         )
         .with_async_io(AsyncIo::new(4).unwrap());
-        (worker, mem, driver, write)
+        (worker, mem, driver, write, irqs)
     }
 
     /// Makes a request of `type_` for the 512 bytes at `DATA + 0x1000 * i` available, with
@@ -978,7 +981,7 @@ mod tests {
     #[test]
     fn reads_stay_in_flight_until_the_file_answers_and_saving_and_stopping_wait_for_them() {
         use std::io::Write;
-        let (mut worker, mem, mut driver, mut write) = on_a_pipe();
+        let (mut worker, mem, mut driver, mut write, _) = on_a_pipe();
         assert!(format!("{:?}", worker).contains("AsyncIo"));
         add_512(&mem, &mut driver, 0, VIRTIO_BLK_T_IN);
         add_512(&mem, &mut driver, 1, VIRTIO_BLK_T_IN);
@@ -1030,7 +1033,7 @@ mod tests {
     fn dropping_the_worker_waits_for_the_reads_in_flight() {
         use std::io::Write;
         use std::sync::atomic::{AtomicBool, Ordering};
-        let (mut worker, mem, mut driver, mut write) = on_a_pipe();
+        let (mut worker, mem, mut driver, mut write, _) = on_a_pipe();
         add_512(&mem, &mut driver, 0, VIRTIO_BLK_T_IN);
         assert_eq!(worker.process_queue().unwrap(), 1);
         assert_eq!(worker.in_flight(), 1);
@@ -1051,5 +1054,37 @@ mod tests {
         let mut data = [0u8; 512];
         mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
         assert_eq!(data, [0x5a; 512]);
+    }
+
+    #[test]
+    fn a_request_made_before_completions_are_handed_back_shares_their_interrupt() {
+        use std::io::Write;
+        let (mut worker, mem, mut driver, mut write, irqs) = on_a_pipe();
+        add_512(&mem, &mut driver, 0, VIRTIO_BLK_T_IN);
+        // A write on the pipe's read end fails at once, and is handed back with an interrupt
+        // the driver does not take.
+        add_512(&mem, &mut driver, 1, VIRTIO_BLK_T_OUT);
+        assert_eq!(worker.process_queue().unwrap(), 2);
+        assert_eq!((worker.in_flight(), irqs.count()), (1, 1));
+        write.write_all(&[0xa5; 512]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while worker.completions_ready() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the read never completed"
+            );
+            std::thread::yield_now();
+        }
+        // The driver made another request before it took the interrupt: handing the read
+        // back, the worker holds, takes the new request (in flight on the empty pipe), and
+        // raises one interrupt.
+        add_512(&mem, &mut driver, 2, VIRTIO_BLK_T_IN);
+        assert_eq!(worker.process_completions().unwrap(), 1);
+        assert_eq!(worker.queue().next_avail(), 3);
+        assert_eq!((worker.in_flight(), irqs.count()), (1, 2));
+        assert_eq!(driver.used_idx(&*mem).unwrap(), 2);
+        write.write_all(&[0x5a; 512]).unwrap();
+        assert_eq!(worker.wait_in_flight().unwrap(), 1);
+        assert_eq!(driver.used_idx(&*mem).unwrap(), 3);
     }
 }
