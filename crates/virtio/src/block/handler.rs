@@ -275,8 +275,8 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
     /// notifications may still be off ([`BlockWorker::budget_spent`]); call it again. It
     /// looks at the ring again after turning notifications back on or after a hold at most
     /// [`MAX_BATCH`] times, so that a driver that moves its available index back and forth
-    /// cannot keep it there either; it then returns with notifications on. When the rate limiter refuses a
-    /// request, it stops there with notifications off and the chain kept
+    /// cannot keep it there either; it then returns with notifications on. When the rate
+    /// limiter refuses a request, it stops there with notifications off and the chain kept
     /// ([`BlockWorker::is_throttled`]): call it again once the limiter's timer has fired.
     ///
     /// # Errors
