@@ -24,9 +24,9 @@
 //! at most twice the longest wait that caught a request lately, and never more than the
 //! worker's most ([`MAX_INTERRUPT_HOLD`] unless set with
 //! [`BlockWorker::with_interrupt_hold`](super::BlockWorker::with_interrupt_hold)). A hold
-//! follows only a pass that handed chains back, so a driver cannot make the worker spin more
-//! than that most per request it makes, and a call serves at most
-//! [`MAX_BATCH`](super::MAX_BATCH) chains. Nothing is held between calls: a call returns with
+//! follows only a pass, or a batch of completions, that handed chains back since the last
+//! hold, so a driver cannot make the worker spin more than that most per request it makes,
+//! and a call serves at most [`MAX_BATCH`](super::MAX_BATCH) chains. Nothing is held between calls: a call returns with
 //! its interrupt raised, so pausing, saving or resetting the device has nothing to flush.
 
 use std::time::Duration;
