@@ -128,8 +128,9 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
 
     /// Holds the interrupt at most `max` after handing chains back, for the driver's next
     /// request, from now on (the default is [`MAX_INTERRUPT_HOLD`]; zero never holds). The
-    /// worker holds only while the driver has several requests in flight, spinning, with the
-    /// hold's time read from the rate limiter's clock; see the [`hold`](super::hold) module.
+    /// worker holds while the driver shows several requests in flight, and probes for them now
+    /// and then, spinning, with the hold's time read from the rate limiter's clock; see the
+    /// [`hold`](super::hold) module.
     pub fn with_interrupt_hold(mut self, max: Duration) -> Self {
         self.hold = Hold::new(max);
         self
@@ -228,9 +229,11 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
             }
             let mut rings = queue.rings(mem);
             let count = server.publish(&mut rings)?;
-            let limit = hold
-                .limit(pending)
-                .filter(|_| !wait && server.throttled.is_none());
+            let limit = if wait || server.throttled.is_some() {
+                None
+            } else {
+                hold.limit(pending, server.rate_limiter.clock())
+            };
             let caught = match limit {
                 Some(limit) => wait_for_chain(&rings, server.rate_limiter.clock(), limit)?,
                 None => None,
@@ -264,11 +267,11 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
     ///
     /// Notifications stay off while the queue is drained, and are turned back on before it
     /// stops; chains made available in between are served too, so none waits for a
-    /// notification that will not come. While the driver has several requests in flight, it
-    /// waits a moment after handing chains back, with notifications still off, for the
-    /// driver's next request, and serves it too ([`BlockWorker::with_interrupt_hold`]). When
-    /// done, it raises the interrupt if the driver wants one (VIRTQ_AVAIL_F_NO_INTERRUPT, or
-    /// `used_event` with EVENT_IDX).
+    /// notification that will not come. While the driver shows several requests in flight,
+    /// and now and then to find out whether it does, it waits a moment after handing chains
+    /// back, with notifications still off, for the driver's next request, and serves it too
+    /// ([`BlockWorker::with_interrupt_hold`]). When done, it raises the interrupt if the
+    /// driver wants one (VIRTQ_AVAIL_F_NO_INTERRUPT, or `used_event` with EVENT_IDX).
     ///
     /// It serves at most [`MAX_BATCH`] chains, and stops after the request that takes the
     /// chains served past [`MAX_BATCH_BYTES`] on the disk: then chains may be left, and
@@ -317,6 +320,8 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         let owed = held_for.is_some();
         let mut held = owed;
         let mut caught = held_for;
+        // How long this call's holds last, asked after the first pass that hands chains back.
+        let mut limit = None;
         let result = loop {
             if let Err(err) = rings.disable_notification() {
                 break Err(err);
@@ -354,7 +359,9 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
             }
             // Only chains handed back since the last hold are worth holding the interrupt for.
             if budget.used > held_at && passes < MAX_BATCH {
-                if let Some(limit) = hold.limit(pending) {
+                let limit =
+                    *limit.get_or_insert_with(|| hold.limit(pending, server.rate_limiter.clock()));
+                if let Some(limit) = limit {
                     held_at = budget.used;
                     held = true;
                     match wait_for_chain(&rings, server.rate_limiter.clock(), limit) {
@@ -1783,18 +1790,37 @@ mod tests {
     }
 
     #[test]
-    fn a_driver_that_waits_for_each_interrupt_is_never_held() {
+    fn a_driver_that_waits_for_each_interrupt_is_held_only_by_probes() {
         let image = Image::on_tmpfs();
         let (mut worker, requests, clock, irqs, interrupt) = holding_worker(&image, |_, _| {});
-        // One request at a time, then batches made available at once and waited for.
-        for (round, batch) in [1, 1, 1, 8, 8, 32].into_iter().enumerate() {
+        let mut call = |batch: usize| {
             requests.add(batch);
             assert_eq!(worker.process_queue().unwrap(), batch);
-            assert_eq!(irqs.count(), round + 1);
             // The driver takes the interrupt before it makes its next request.
             interrupt.ack(INT_USED_RING);
+        };
+        // One request at a time, then batches made available at once and waited for.
+        let batches = [1, 1, 1, 8, 8, 32];
+        for batch in batches {
+            call(batch);
+        }
+        for _ in batches.len()..usize::try_from(hold::PROBE_CALLS).unwrap() - 1 {
+            call(1);
         }
         assert_eq!(clock.us(), 0, "the clock was never read: no hold");
+        // The call that makes PROBE_CALLS probes: one hold, which runs out.
+        call(1);
+        let probed = clock.us();
+        assert!((200..205).contains(&probed), "held {probed} us");
+        // The next look for a probe is within the interval: no hold.
+        for _ in 0..hold::PROBE_CALLS {
+            call(1);
+        }
+        assert_eq!(clock.us(), probed + 1, "one reading, no hold");
+        assert_eq!(
+            irqs.count(),
+            2 * usize::try_from(hold::PROBE_CALLS).unwrap()
+        );
     }
 
     #[test]

@@ -16,9 +16,15 @@
 //! - or holds have caught requests lately: after a call whose holds caught one, the next
 //!   [`CREDIT`] calls whose holds all run out still hold.
 //!
+//! Neither shows a guest whose threads each keep one request in flight but run only after it
+//! took the last interrupt: from the device, it looks like a driver with one request in flight.
+//! So a worker without either sign still holds once in a while, to find out: a probe, at most
+//! once every [`PROBE_INTERVAL`], looked for once every [`PROBE_CALLS`] calls. A probe that
+//! catches a request starts the holds as any hold does.
+//!
 //! A driver with one request in flight, or one that makes a batch of requests available and
 //! then waits for all of them, takes each interrupt before its next request: its requests are
-//! never held.
+//! held only by the probes, at most one hold per [`PROBE_INTERVAL`].
 //!
 //! A hold spins: the gaps it waits for are microseconds, shorter than a timer's slack. It lasts
 //! at most twice the longest wait that caught a request lately, and never more than the
@@ -26,8 +32,9 @@
 //! [`BlockWorker::with_interrupt_hold`](super::BlockWorker::with_interrupt_hold)). A hold
 //! follows only a pass, or a batch of completions, that handed chains back since the last
 //! hold, so a driver cannot make the worker spin more than that most per request it makes,
-//! and a call serves at most [`MAX_BATCH`](super::MAX_BATCH) chains. Nothing is held between calls: a call returns with
-//! its interrupt raised, so pausing, saving or resetting the device has nothing to flush.
+//! and a call serves at most [`MAX_BATCH`](super::MAX_BATCH) chains. Nothing is held between
+//! calls: a call returns with its interrupt raised, so pausing, saving or resetting the device
+//! has nothing to flush.
 
 use std::time::Duration;
 
@@ -50,6 +57,15 @@ const MIN_HOLD_NS: u64 = 10_000;
 /// between two of them, and one such gap should not end its holds.
 pub const CREDIT: u32 = 4;
 
+/// The least time between two probes: holds made without a sign that the driver has several
+/// requests in flight, to find one that does. A driver that never has cost at most one hold
+/// per interval: 1% of the time at the default most.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How many calls without a sign of several requests in flight a worker makes between two
+/// looks at the clock for a probe: a call that cannot probe costs no clock reading.
+pub const PROBE_CALLS: u32 = 64;
+
 /// When a worker holds its interrupt, and for how long.
 #[derive(Debug)]
 pub(super) struct Hold {
@@ -62,6 +78,12 @@ pub(super) struct Hold {
     /// How many more calls whose holds all run out still hold without other signs: [`CREDIT`]
     /// after a call whose holds caught a request, one less after each that caught none.
     credit: u32,
+    /// Calls that had no sign of several requests in flight since the clock was last looked
+    /// at for a probe.
+    without_sign: u32,
+    /// When the last probe began, in nanoseconds on the worker's clock; `None` before the
+    /// first.
+    probed_at: Option<u64>,
 }
 
 impl Hold {
@@ -72,14 +94,37 @@ impl Hold {
             max,
             limit: max,
             credit: 0,
+            without_sign: 0,
+            probed_at: None,
         }
     }
 
-    /// How long to hold at most, in nanoseconds, after a pass that handed chains back, when the
-    /// call began with the driver's last interrupt `pending`; `None` when the worker should
-    /// raise its interrupt now.
-    pub(super) fn limit(&self, pending: bool) -> Option<u64> {
-        (self.max > 0 && (pending || self.credit > 0)).then_some(self.limit)
+    /// How long a call's holds last at most, in nanoseconds, when the call began with the
+    /// driver's last interrupt `pending`; `None` when the call raises its interrupt at once.
+    /// A call asks once, after its first pass that handed chains back; without a sign of
+    /// several requests in flight, it probes when one is due on `clock`.
+    pub(super) fn limit<C: Clock>(&mut self, pending: bool, clock: &C) -> Option<u64> {
+        if self.max == 0 {
+            return None;
+        }
+        if pending || self.credit > 0 {
+            return Some(self.limit);
+        }
+        self.without_sign += 1;
+        if self.without_sign < PROBE_CALLS {
+            return None;
+        }
+        self.without_sign = 0;
+        let now = clock.now();
+        let interval = u64::try_from(PROBE_INTERVAL.as_nanos()).unwrap_or(u64::MAX);
+        if self
+            .probed_at
+            .is_some_and(|at| now.saturating_sub(at) < interval)
+        {
+            return None;
+        }
+        self.probed_at = Some(now);
+        Some(self.limit)
     }
 
     /// Records what a call's holds came to: the longest wait that caught a request, or `None`
@@ -130,6 +175,8 @@ pub(super) fn wait_for_chain<M: GuestMemory, C: Clock>(
 
 #[cfg(test)]
 mod tests {
+    use ember_rate_limiter::ManualClock;
+
     use super::*;
 
     const MAX: u64 = 200_000;
@@ -138,27 +185,86 @@ mod tests {
         Hold::new(Duration::from_nanos(MAX))
     }
 
-    /// The limit of a hold in a call that began with no interrupt pending.
-    fn unsignalled(hold: &Hold) -> Option<u64> {
-        hold.limit(false)
+    /// The limit of a hold in a call that began with no interrupt pending, on a clock that
+    /// stands still.
+    fn unsignalled(hold: &mut Hold) -> Option<u64> {
+        hold.limit(false, &ManualClock::new(0))
     }
 
     #[test]
-    fn a_driver_that_waits_for_each_interrupt_is_never_held() {
+    fn a_driver_that_waits_for_each_interrupt_is_held_only_by_probes() {
         let mut hold = hold();
-        assert_eq!(unsignalled(&hold), None);
+        assert_eq!(unsignalled(&mut hold), None);
         // Even after holds that ran out.
         hold.record(None);
-        assert_eq!(unsignalled(&hold), None);
+        assert_eq!(unsignalled(&mut hold), None);
+        for _ in 3..PROBE_CALLS {
+            assert_eq!(unsignalled(&mut hold), None);
+        }
+        assert_eq!(unsignalled(&mut hold), Some(MAX), "the first probe");
+        hold.record(None);
+        for _ in 0..10 * PROBE_CALLS {
+            assert_eq!(unsignalled(&mut hold), None, "no other before the interval");
+        }
+    }
+
+    #[test]
+    fn probes_come_at_most_once_per_interval_and_every_probe_calls() {
+        let mut hold = hold();
+        let clock = ManualClock::new(0);
+        let interval = u64::try_from(PROBE_INTERVAL.as_nanos()).unwrap();
+        // Calls 1 us apart for 100 intervals, each probe catching nothing.
+        let calls = 100 * interval / 1000;
+        let mut probes = Vec::new();
+        for call in 0..calls {
+            clock.set(call * 1000);
+            if hold.limit(false, &clock).is_some() {
+                probes.push(call);
+                hold.record(None);
+            }
+        }
+        assert_eq!(probes.len(), 100, "one per interval");
+        for pair in probes.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap * 1000 >= interval && gap * 1000 < interval + u64::from(PROBE_CALLS) * 1000,
+                "{gap} calls apart"
+            );
+        }
+        // Calls an interval apart probe once every PROBE_CALLS calls.
+        let mut probes = 0;
+        for call in 0..10 * u64::from(PROBE_CALLS) {
+            clock.set(calls * 1000 + call * interval);
+            if hold.limit(false, &clock).is_some() {
+                probes += 1;
+                hold.record(None);
+            }
+        }
+        assert_eq!(probes, 10);
+    }
+
+    #[test]
+    fn a_probe_that_catches_a_request_starts_the_holds() {
+        let mut hold = hold();
+        for _ in 1..PROBE_CALLS {
+            assert_eq!(unsignalled(&mut hold), None);
+        }
+        assert_eq!(unsignalled(&mut hold), Some(MAX));
+        hold.record(Some(100_000));
+        for _ in 0..CREDIT {
+            assert_eq!(unsignalled(&mut hold), Some(MAX));
+            hold.record(None);
+        }
+        assert_eq!(unsignalled(&mut hold), None);
     }
 
     #[test]
     fn a_request_made_before_the_last_interrupt_was_taken_is_held_up_to_the_most() {
         let mut hold = hold();
-        assert_eq!(hold.limit(true), Some(MAX));
+        assert_eq!(hold.limit(true, &ManualClock::new(0)), Some(MAX));
         hold.record(None);
         assert_eq!(
-            hold.limit(true),
+            hold.limit(true, &ManualClock::new(0)),
             Some(MAX),
             "whatever the holds before came to"
         );
@@ -170,20 +276,20 @@ mod tests {
         hold.record(Some(150_000));
         for _ in 0..CREDIT {
             assert_eq!(
-                unsignalled(&hold),
+                unsignalled(&mut hold),
                 Some(MAX),
                 "twice 150 us, within the most"
             );
             hold.record(None);
         }
         assert_eq!(
-            unsignalled(&hold),
+            unsignalled(&mut hold),
             None,
             "calls whose holds ran out end them"
         );
         hold.record(Some(150_000));
         assert_eq!(
-            unsignalled(&hold),
+            unsignalled(&mut hold),
             Some(MAX),
             "until one catches a request again"
         );
@@ -194,34 +300,42 @@ mod tests {
         let mut hold = hold();
         hold.record(Some(30_000));
         assert_eq!(
-            unsignalled(&hold),
+            unsignalled(&mut hold),
             Some(175_000),
             "it falls by an eighth at most"
         );
         hold.record(Some(30_000));
-        assert_eq!(unsignalled(&hold), Some(153_125));
+        assert_eq!(unsignalled(&mut hold), Some(153_125));
         for _ in 0..30 {
             hold.record(Some(30_000));
         }
-        assert_eq!(unsignalled(&hold), Some(60_000), "twice the wait that paid");
+        assert_eq!(
+            unsignalled(&mut hold),
+            Some(60_000),
+            "twice the wait that paid"
+        );
         for _ in 0..30 {
             hold.record(Some(0));
         }
         assert_eq!(
-            unsignalled(&hold),
+            unsignalled(&mut hold),
             Some(MIN_HOLD_NS),
             "never below the floor"
         );
         hold.record(None);
         assert_eq!(
-            unsignalled(&hold),
+            unsignalled(&mut hold),
             Some(MIN_HOLD_NS),
             "holds that ran out keep it"
         );
         hold.record(Some(80_000));
-        assert_eq!(unsignalled(&hold), Some(160_000), "it grows back at once");
+        assert_eq!(
+            unsignalled(&mut hold),
+            Some(160_000),
+            "it grows back at once"
+        );
         hold.record(Some(u64::MAX));
-        assert_eq!(unsignalled(&hold), Some(MAX), "never above the most");
+        assert_eq!(unsignalled(&mut hold), Some(MAX), "never above the most");
     }
 
     #[test]
@@ -231,16 +345,16 @@ mod tests {
         let mut queue = driver.queue();
         queue.validate(&mem).unwrap();
         let rings = queue.rings(&mem);
-        let clock = ember_rate_limiter::ManualClock::new(0);
+        let clock = ManualClock::new(0);
         assert_eq!(wait_for_chain(&rings, &clock, 1000).unwrap(), None);
     }
 
     #[test]
     fn a_zero_most_never_holds() {
         let mut hold = Hold::new(Duration::ZERO);
-        assert_eq!(hold.limit(true), None);
+        assert_eq!(hold.limit(true, &ManualClock::new(0)), None);
         hold.record(Some(5));
-        assert_eq!(hold.limit(true), None);
+        assert_eq!(hold.limit(true, &ManualClock::new(0)), None);
     }
 
     #[test]
@@ -249,6 +363,6 @@ mod tests {
         for _ in 0..30 {
             hold.record(Some(0));
         }
-        assert_eq!(unsignalled(&hold), Some(2_000));
+        assert_eq!(unsignalled(&mut hold), Some(2_000));
     }
 }
