@@ -211,38 +211,35 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
     /// it serves the queue and raises one interrupt for all.
     fn complete_in_flight(&mut self, wait: bool) -> std::result::Result<usize, queue::Error> {
         let (count, caught) = {
-            let BlockWorker {
-                server,
-                queue,
-                mem,
-                interrupt,
-                irq_error_logged,
-                hold,
-                ..
-            } = self;
-            let pending = interrupt.queue_interrupt_pending().unwrap_or(false);
-            let mem = mem.memory();
+            let pending = self.interrupt.queue_interrupt_pending().unwrap_or(false);
+            let mem = self.mem.memory();
             let mem = &*mem;
+            let server = &mut self.server;
             server.reap(mem, wait);
             if server.completed.is_empty() {
                 return Ok(0);
             }
-            let mut rings = queue.rings(mem);
+            let mut rings = self.queue.rings(mem);
             let count = server.publish(&mut rings)?;
             let limit = if wait || server.throttled.is_some() {
                 None
             } else {
-                hold.limit(pending, server.rate_limiter.clock())
+                self.hold.limit(pending, server.rate_limiter.clock())
             };
             let caught = match limit {
                 Some(limit) => wait_for_chain(&rings, server.rate_limiter.clock(), limit)?,
                 None => None,
             };
             if limit.is_some() && caught.is_none() {
-                hold.record(None);
+                self.hold.record(None);
             }
             if caught.is_none() {
-                signal(&mut rings, &**interrupt, &server.metrics, irq_error_logged)?;
+                signal(
+                    &mut rings,
+                    &*self.interrupt,
+                    &server.metrics,
+                    &mut self.irq_error_logged,
+                )?;
             }
             (count, caught)
         };
