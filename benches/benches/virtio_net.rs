@@ -22,10 +22,12 @@
 //! backend ember's tests use, since frames for a TAP's reader come from the host's network
 //! stack and cannot be produced as evenly: per frame, what [`NetHandler::process_rx`] does (the
 //! rate limiter's check, one `recv` into the device's buffer, the copy into the guest's
-//! writable chain, the used element, the interrupt decision), beside a plain `recv` of the
+//! writable chains, the used elements, the interrupt decision), beside a plain `recv` of the
 //! same datagrams. The peer sends the frames, and the mock driver offers the chains, outside
 //! the timed part; `device_burst64` takes 64 frames per notification. `raw_recv_1` and
-//! `raw_recv_burst64` time the `recv`s one and 64 at a time.
+//! `raw_recv_burst64` time the `recv`s one and 64 at a time. `virtio_net/rx_64k` does the same
+//! with what host-to-guest TCP brings with segmentation offload: 64 KiB segments, over 17
+//! merged receive buffers of a page each, one frame per notification.
 
 use std::hint::black_box;
 use std::io;
@@ -39,6 +41,7 @@ use ember_virtio::net::{NetHandler, NetRateLimiters, QUEUE_SIZE, VNET_HDR_LEN};
 use ember_virtio::tap::Tap;
 use ember_virtio::{ActivateParams, IrqTrigger, MmioInterrupt, WorkerGate};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -197,8 +200,31 @@ fn time_bursts(iters: u64, burst: u64, mut run: impl FnMut(u64)) -> Duration {
     total
 }
 
-/// Bytes of each writable chain the receive bench offers: a frame of [`CHAIN_LEN`] fits.
-const RX_BUFFER_LEN: u32 = 1526;
+/// What the receive bench moves: frames of `frame_len` bytes, header included, each into
+/// `chains` chains of `buffer_len` writable bytes, with the features the driver negotiated.
+struct RxShape {
+    features: u64,
+    frame_len: usize,
+    buffer_len: u32,
+    chains: u64,
+}
+
+/// One 1500-byte frame into one chain of 1526 bytes, without merged buffers.
+const RX_1500: RxShape = RxShape {
+    features: 1 << VIRTIO_F_VERSION_1,
+    frame_len: CHAIN_LEN,
+    buffer_len: 1526,
+    chains: 1,
+};
+
+/// A 64 KiB TCP segment (host-to-guest TCP with segmentation offload) over 17 merged buffers
+/// of a page each, as Linux's driver offers them for such traffic.
+const RX_64K: RxShape = RxShape {
+    features: (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF),
+    frame_len: VNET_HDR_LEN + 65536,
+    buffer_len: 4096,
+    chains: 17,
+};
 
 /// The receive side of a device over a datagram socket, with the mock driver on its queues
 /// and the socket's peer sending the frames.
@@ -208,11 +234,12 @@ struct Receiver {
     handler: NetHandler<Arc<GuestMemoryMmap<()>>, UnixDatagram>,
     peer: UnixDatagram,
     frame: Vec<u8>,
+    shape: &'static RxShape,
 }
 
 impl Receiver {
-    fn new() -> Self {
-        let mem = Arc::new(guest_memory(0x2_0000).expect("cannot map guest memory"));
+    fn new(shape: &'static RxShape) -> Self {
+        let mem = Arc::new(guest_memory(0x4_0000).expect("cannot map guest memory"));
         let rx = MockDriver::new(QUEUE_SIZE, GuestAddress(0));
         let tx = MockDriver::new(QUEUE_SIZE, GuestAddress(0x4000));
         let (device, peer) = UnixDatagram::pair().expect("cannot create a socket pair");
@@ -229,7 +256,7 @@ impl Receiver {
             .expect("the rings are in guest memory");
         let params = ActivateParams::new(
             mem.clone(),
-            1 << VIRTIO_F_VERSION_1,
+            shape.features,
             vec![rx_queue, tx_queue],
             vec![eventfd(), eventfd()],
             Arc::new(MmioInterrupt::new(NoIrq)),
@@ -237,22 +264,30 @@ impl Receiver {
         );
         let handler = NetHandler::new(device, NetRateLimiters::default(), params)
             .expect("two queues and two eventfds");
+        let mut frame = chain_bytes();
+        frame.resize(shape.frame_len, 0x5a);
         Receiver {
             mem,
             rx,
             handler,
             peer,
-            frame: chain_bytes(),
+            frame,
+            shape,
         }
     }
 
-    /// Offers `count` chains and sends `count` frames.
+    /// Offers the chains of `count` frames and sends the frames.
     fn prepare(&mut self, count: u64) {
-        let chain = [MockBuffer::writable(FRAME_ADDR, RX_BUFFER_LEN)];
         for _ in 0..count {
-            self.rx
-                .add_chain(&*self.mem, &chain)
-                .expect("the ring is in guest memory");
+            for i in 0..self.shape.chains {
+                let addr = FRAME_ADDR + i * u64::from(self.shape.buffer_len);
+                self.rx
+                    .add_chain(
+                        &*self.mem,
+                        &[MockBuffer::writable(addr, self.shape.buffer_len)],
+                    )
+                    .expect("the ring is in guest memory");
+            }
             self.peer
                 .send(&self.frame)
                 .expect("the socket takes the frame");
@@ -278,49 +313,54 @@ impl Receiver {
 }
 
 fn bench_rx(c: &mut Criterion) {
-    let mut group = c.benchmark_group("virtio_net/rx_1500");
-    group.throughput(Throughput::Bytes(CHAIN_LEN as u64));
-    let mut receiver = Receiver::new();
-    receiver.run(4, 1);
-    assert_eq!(
-        receiver.handler.rx_dropped(),
-        0,
-        "the chains take the frames"
-    );
-    group.bench_function("device_1", |b| {
-        b.iter_custom(|iters| receiver.run(iters, 1))
-    });
-    group.bench_function("device_burst64", |b| {
-        b.iter_custom(|iters| receiver.run(iters, 64))
-    });
-    assert_eq!(receiver.handler.rx_dropped(), 0, "every frame was received");
+    // 64 frames of 64 KiB would not fit in the socket's buffer.
+    for (name, shape, bursts) in [
+        ("rx_1500", &RX_1500, &[1, 64][..]),
+        ("rx_64k", &RX_64K, &[1]),
+    ] {
+        let mut group = c.benchmark_group(format!("virtio_net/{name}"));
+        group.throughput(Throughput::Bytes(shape.frame_len as u64));
+        let mut receiver = Receiver::new(shape);
+        receiver.run(4, 1);
+        assert_eq!(
+            receiver.handler.rx_dropped(),
+            0,
+            "the chains take the frames"
+        );
+        for &burst in bursts {
+            group.bench_function(format!("device_{}", burst_name(burst)), |b| {
+                b.iter_custom(|iters| receiver.run(iters, burst))
+            });
+        }
+        assert_eq!(receiver.handler.rx_dropped(), 0, "every frame was received");
 
-    let (reader, writer) = UnixDatagram::pair().expect("cannot create a socket pair");
-    let frame = chain_bytes();
-    let mut buf = vec![0u8; RX_BUFFER_LEN as usize];
-    for burst in [1, 64] {
-        group.bench_function(format!("raw_recv_{}", burst_name(burst)), |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                let mut left = iters;
-                while left > 0 {
-                    let count = left.min(burst);
-                    for _ in 0..count {
-                        writer.send(&frame).expect("the socket takes the frame");
-                    }
-                    total += time_bursts(count, count, |count| {
+        let (reader, writer) = UnixDatagram::pair().expect("cannot create a socket pair");
+        let frame = receiver.frame.clone();
+        let mut buf = vec![0u8; shape.frame_len + VNET_HDR_LEN];
+        for &burst in bursts {
+            group.bench_function(format!("raw_recv_{}", burst_name(burst)), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    let mut left = iters;
+                    while left > 0 {
+                        let count = left.min(burst);
                         for _ in 0..count {
-                            let read = reader.recv(black_box(&mut buf)).expect("a frame waits");
-                            assert_eq!(read, CHAIN_LEN);
+                            writer.send(&frame).expect("the socket takes the frame");
                         }
-                    });
-                    left -= count;
-                }
-                total
-            })
-        });
+                        total += time_bursts(count, count, |count| {
+                            for _ in 0..count {
+                                let read = reader.recv(black_box(&mut buf)).expect("a frame waits");
+                                assert_eq!(read, frame.len());
+                            }
+                        });
+                        left -= count;
+                    }
+                    total
+                })
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 criterion_group!(benches, bench_tx, bench_rx);
