@@ -5,11 +5,13 @@
 # sh on a host with VMX/SVM; needs root, /dev/net/tun and `ip`, and boot-time.sh
 # beside it.
 #
-# usage: io-compare.sh EMBER GUEST_DIR [ROUNDS] [SECONDS]
+# usage: io-compare.sh EMBER GUEST_DIR [ROUNDS] [SECONDS] [BEFORE]
 #   EMBER      the ember binary; ember-io-probe and ember-vsock-probe beside it
 #   GUEST_DIR  the directory guest.sh built (vmlinux, initramfs.cpio.gz)
-#   ROUNDS     rounds of the three configurations, alternating (default 2)
+#   ROUNDS     rounds of the configurations, alternating (default 2)
 #   SECONDS    length of each disk test (default 3)
+#   BEFORE     another ember build (an earlier one), run as a fourth
+#              configuration each round, `ember-before`, with the `Sync` engine
 #
 # Three configurations boot in turn each round: ember with its disk on the
 # synchronous engine (`Sync`, the default), ember on io_uring (`Async`), and
@@ -36,6 +38,7 @@ ember=$1
 guest=$2
 rounds=${3:-2}
 seconds=${4:-3}
+before=${5:-}
 bin=$(dirname "$ember")
 work=$(mktemp -d)
 . "$(dirname "$0")/boot-time.sh"
@@ -149,8 +152,12 @@ run() {
 : >"$work/results"
 round=1
 while [ "$round" -le "$rounds" ]; do
-    run "$round" ember "$ember" --no-api --config-file "$work/sync.json"
-    run "$round" ember-async "$ember" --no-api --config-file "$work/async.json"
+    # At info level ember says how the guest left, for a run that stops early.
+    run "$round" ember "$ember" --no-api --level Info --config-file "$work/sync.json"
+    run "$round" ember-async "$ember" --no-api --level Info --config-file "$work/async.json"
+    if [ -n "$before" ]; then
+        run "$round" ember-before "$before" --no-api --level Info --config-file "$work/sync.json"
+    fi
     # The disks in the order ember gives them; the guest finds them by serial.
     run "$round" qemu qemu-system-x86_64 -M microvm,x-option-roms=off,isa-serial=on,rtc=off \
         -accel kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config -nographic \
@@ -182,6 +189,10 @@ for test in seq-read seq-write rand-read-qd1 rand-read-qd32 tcp-g2h tcp-h2g; do
     q=$(median_of qemu "$test" "$field")
     echo "IO-COMPARE $test ember=$e ember-async=$a qemu=$q ratio=$(ratio "$e" "$q")" \
         "ratio-async=$(ratio "$a" "$q")"
+    if [ -n "$before" ]; then
+        b=$(median_of ember-before "$test" "$field")
+        echo "IO-COMPARE $test ember=$e ember-before=$b ratio-before=$(ratio "$e" "$b")"
+    fi
     case "$test" in
     tcp-*) ;;
     *)
