@@ -152,11 +152,10 @@ run() {
 : >"$work/results"
 round=1
 while [ "$round" -le "$rounds" ]; do
-    # At info level ember says how the guest left, for a run that stops early.
-    run "$round" ember "$ember" --no-api --level Info --config-file "$work/sync.json"
-    run "$round" ember-async "$ember" --no-api --level Info --config-file "$work/async.json"
+    run "$round" ember "$ember" --no-api --config-file "$work/sync.json"
+    run "$round" ember-async "$ember" --no-api --config-file "$work/async.json"
     if [ -n "$before" ]; then
-        run "$round" ember-before "$before" --no-api --level Info --config-file "$work/sync.json"
+        run "$round" ember-before "$before" --no-api --config-file "$work/sync.json"
     fi
     # The disks in the order ember gives them; the guest finds them by serial.
     run "$round" qemu qemu-system-x86_64 -M microvm,x-option-roms=off,isa-serial=on,rtc=off \
