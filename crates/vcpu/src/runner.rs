@@ -754,6 +754,12 @@ fn run_vcpu(
     }
     while control.wait_runnable(&mut vcpu) {
         let exit = match vcpu.run_once() {
+            Ok(VcpuEvent::Shutdown) => {
+                // A triple fault leaves no trace in the guest: where it stood is logged here,
+                // once, as the thread ends.
+                log::warn!("vCPU {index} triple-faulted: {}", vcpu.fault_report());
+                VcpuEvent::Shutdown.vm_exit()
+            }
             Ok(event) => event.vm_exit(),
             Err(err) => Some(VmExit::Error(error_chain(&err))),
         };

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Output, Stdio};
 
-use ember_boot::test_utils::{tiny_bzimage, tiny_elf};
+use ember_boot::test_utils::{TINY_LOAD_ADDR, tiny_bzimage, tiny_elf};
 
 mod common;
 use common::Scratch;
@@ -116,15 +116,19 @@ fn acpi_power_off_exits_0() {
 fn a_triple_fault_resets_the_guest_and_exits_0() {
     let dir = Scratch::new("triple-fault");
     // ud2 with no IDT: #UD, then #DF, then a triple fault, as Linux's `reboot=t` does.
-    let code = [print("faulting\n"), vec![0x0f, 0x0b]].concat();
+    let printing = print("faulting\n");
+    let ud2 = TINY_LOAD_ADDR + printing.len() as u64;
+    let code = [printing, vec![0x0f, 0x0b]].concat();
     let kernel = dir.file("fault.elf", &tiny_elf(&code));
     let output = ember_with_kernel(&kernel, &["--memory", "32"]);
     assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
     assert_eq!(stdout(&output), "faulting\n");
+    let log = stderr(&output);
+    assert!(log.contains("The guest reset its CPUs"), "{log}");
+    // Where the guest stood is logged: the faulting instruction.
     assert!(
-        stderr(&output).contains("The guest reset its CPUs"),
-        "{}",
-        stderr(&output)
+        log.contains(&format!("vCPU 0 triple-faulted: rip={ud2:#x} ")),
+        "{log}"
     );
 }
 

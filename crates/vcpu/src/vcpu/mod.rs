@@ -648,6 +648,58 @@ impl Vcpu {
     fn rip(&self) -> Option<u64> {
         self.fd.get_regs().ok().map(|regs| regs.rip)
     }
+
+    /// Where the vCPU stands, on one line for a log: the instruction and stack pointers, the
+    /// control registers (CR2 is the address of the last page fault), the descriptor tables and
+    /// the event KVM was delivering. After a triple fault ([`VcpuEvent::Shutdown`]) this is
+    /// what tells where the guest was when its exception handling failed, on Intel hosts. On
+    /// AMD hosts KVM puts the vCPU through INIT at a shutdown (the VMCB is undefined after
+    /// one), so the registers read are the reset state (`rip=0xfff0`) and only the vectors of
+    /// the last exception and interrupt KVM delivered are left of the fault. A register KVM
+    /// cannot read is left out and the line says so.
+    pub fn fault_report(&self) -> String {
+        let mut line = String::new();
+        match self.fd.get_regs() {
+            Ok(r) => line.push_str(&format!(
+                "rip={:#x} rsp={:#x} rbp={:#x} rflags={:#x} rax={:#x} rdi={:#x}",
+                r.rip, r.rsp, r.rbp, r.rflags, r.rax, r.rdi
+            )),
+            Err(err) => line.push_str(&format!("registers unreadable ({err})")),
+        }
+        match self.fd.get_sregs() {
+            Ok(s) => line.push_str(&format!(
+                " cs={:#x} ss={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
+                 gdt={:#x}/{:#x} idt={:#x}/{:#x} tr={:#x}@{:#x}",
+                s.cs.selector,
+                s.ss.selector,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.gdt.base,
+                s.gdt.limit,
+                s.idt.base,
+                s.idt.limit,
+                s.tr.selector,
+                s.tr.base
+            )),
+            Err(err) => line.push_str(&format!(" special registers unreadable ({err})")),
+        }
+        match self.fd.get_vcpu_events() {
+            Ok(e) => line.push_str(&format!(
+                " exception={}:{}:{:#x} interrupt={}:{} nmi={}",
+                e.exception.injected,
+                e.exception.nr,
+                e.exception.error_code,
+                e.interrupt.injected,
+                e.interrupt.nr,
+                e.nmi.injected
+            )),
+            Err(err) => line.push_str(&format!(" events unreadable ({err})")),
+        }
+        line
+    }
 }
 
 /// Checks a VM's vCPU count against KVM's limit.
