@@ -52,12 +52,17 @@ fi
 
 echo "==> guest disk and TCP throughput: ember and QEMU microvm"
 if "$scripts/rig.sh" needed; then
-    "$scripts/rig.sh" run --qemu --add "$ember:/usr/local/bin/ember" \
+    # The data disk's image on ext4, as a host keeps it (io-compare.sh).
+    mkfs=$(PATH=$PATH:/usr/sbin:/sbin command -v mkfs.ext4)
+    losetup=$(PATH=$PATH:/usr/sbin:/sbin command -v losetup)
+    "$scripts/rig.sh" run --qemu --module ext4 --module loop --module crc32c_generic \
+        --add "$mkfs" --add "$losetup:/usr/local/bin/losetup" \
+        --add "$ember:/usr/local/bin/ember" \
         --add "$release/ember-io-probe:/usr/local/bin/ember-io-probe" \
         --add "$release/ember-vsock-probe:/usr/local/bin/ember-vsock-probe" --add "$guest" \
         --add "$scripts/io-compare.sh:/io-compare.sh" \
         --add "$scripts/boot-time.sh:/boot-time.sh" -- \
-        sh /io-compare.sh /usr/local/bin/ember "$guest" | tee -a "$log"
+        DATA_FS=ext4 sh /io-compare.sh /usr/local/bin/ember "$guest" | tee -a "$log"
 else
     sh "$scripts/io-compare.sh" "$ember" "$guest" | tee -a "$log"
 fi

@@ -13,6 +13,14 @@
 #   BEFORE     another ember build (an earlier one), run as a fourth
 #              configuration each round, `ember-before`, with the `Sync` engine
 #
+# With DATA_FS=ext4 in the environment the data disk's image lives on a fresh
+# ext4 file system (a loop device; needs mkfs.ext4, util-linux's losetup, in
+# the rig at /usr/local/bin, and the ext4 and loop modules), as a host keeps disk images on one; otherwise beside
+# the script's other files (in the rig, a tmpfs). The engines see the
+# difference: io_uring completes a read the page cache holds while it takes it
+# only from a file system that can be asked not to block (ext4, xfs), and
+# hands every request to its worker threads on a tmpfs of the rig's kernel.
+#
 # Three configurations boot in turn each round: ember with its disk on the
 # synchronous engine (`Sync`, the default), ember on io_uring (`Async`), and
 # QEMU (virtio-blk-device on a raw file, its defaults: the host's page cache
@@ -46,8 +54,13 @@ tap=ember-io0
 host_ip=169.254.80.1
 guest_ip=169.254.80.2
 mac=02:00:a9:fe:50:02
+data=$work
 cleanup() {
     ip link del "$tap" 2>/dev/null
+    if [ "$data" != "$work" ]; then
+        umount "$data"
+        "$losetup" -d "$loop"
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -65,9 +78,23 @@ ip link set "$tap" up
 # The guest's tools, as a tar archive on a raw disk of their own.
 (cd "$bin" && tar -cf "$work/tools.disk" ember-io-probe ember-vsock-probe)
 truncate -s 64M "$work/tools.disk"
-truncate -s 256M "$work/data.img"
+if [ "${DATA_FS:-}" = ext4 ]; then
+    truncate -s 320M "$work/fs.img"
+    mkfs.ext4 -q -F "$work/fs.img" || exit 1
+    # util-linux's losetup, by its path: busybox's sh runs its own applet first,
+    # and that one cannot set up a loop device on the rig's kernel.
+    for losetup in /usr/local/bin/losetup /usr/sbin/losetup /sbin/losetup; do
+        [ -x "$losetup" ] && break
+    done
+    loop=$("$losetup" -f --show "$work/fs.img") || exit 1
+    mkdir "$work/fs"
+    mount -t ext4 "$loop" "$work/fs" || exit 1
+    data=$work/fs
+fi
+truncate -s 256M "$data/data.img"
 # Filled once, so that reads find the data on the host rather than holes.
-dd if=/dev/zero of="$work/data.img" bs=1M count=256 conv=notrunc 2>/dev/null
+dd if=/dev/zero of="$data/data.img" bs=1M count=256 conv=notrunc 2>/dev/null
+echo "IO-COMPARE data image: $(df -T "$data" | awk 'NR == 2 { print $2 }'), $(du -k "$data/data.img" | cut -f1) KiB allocated"
 
 # The guest finds its disks by serial: script, tools, data.
 cat >"$work/script.disk" <<SCRIPT
@@ -106,7 +133,7 @@ ember_config() {
   "drives": [
     {"drive_id": "script", "path_on_host": "$work/script.disk", "is_root_device": false, "is_read_only": true},
     {"drive_id": "tools", "path_on_host": "$work/tools.disk", "is_root_device": false, "is_read_only": true},
-    {"drive_id": "data", "path_on_host": "$work/data.img", "is_root_device": false, "is_read_only": false,
+    {"drive_id": "data", "path_on_host": "$data/data.img", "is_root_device": false, "is_read_only": false,
      "io_engine": "$1"}
   ],
   "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "$tap", "guest_mac": "$mac"}]
@@ -166,7 +193,7 @@ while [ "$round" -le "$rounds" ]; do
         -device virtio-blk-device,drive=script,serial=script \
         -drive "id=tools,file=$work/tools.disk,format=raw,if=none,readonly=on" \
         -device virtio-blk-device,drive=tools,serial=tools \
-        -drive "id=data,file=$work/data.img,format=raw,if=none" \
+        -drive "id=data,file=$data/data.img,format=raw,if=none" \
         -device virtio-blk-device,drive=data,serial=data \
         -netdev "tap,id=net0,ifname=$tap,script=no,downscript=no" \
         -device "virtio-net-device,netdev=net0,mac=$mac"
