@@ -163,6 +163,16 @@ fn triple_fault_shuts_the_vcpu_down() {
     let mut vcpu = guest.vcpu(0, 1);
     vcpu.set_boot_state(&guest.long_mode_state()).unwrap();
     assert_eq!(vcpu.run_once().unwrap(), VcpuEvent::Shutdown);
+    // Where it stood: the ud2 on Intel, which keeps the state of the fault; the reset vector
+    // on AMD, where KVM puts the vCPU through INIT at a shutdown.
+    let report = vcpu.fault_report();
+    assert!(
+        report.starts_with(&format!("rip={CODE_ADDR:#x} ")) || report.starts_with("rip=0xfff0 "),
+        "{report}"
+    );
+    for field in [" cr2=", " cr3=", " idt=", " tr=", " exception=", " nmi="] {
+        assert!(report.contains(field), "{field} missing: {report}");
+    }
 }
 
 #[test]

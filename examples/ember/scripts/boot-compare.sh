@@ -78,13 +78,7 @@ while [ "$i" -le "$runs" ]; do
         --initrd "$guest/initramfs.cpio.gz" --memory "$mem" --hugepages \
         --cmdline "$cmdline reboot=k"
     [ "$t" = fail ] || thp_times="$thp_times $t"
-    # microvm without option ROMs, with COM1 and without the RTC, which ember
-    # does not have either; the guest resets with a triple fault (reboot=t) and
-    # -no-reboot turns that into QEMU's exit.
-    boot qemu qemu-system-x86_64 -M microvm,x-option-roms=off,isa-serial=on,rtc=off \
-        -accel kvm -cpu host -m "$mem" -smp 1 -nodefaults -no-user-config -nographic \
-        -serial stdio -no-reboot -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio.gz" \
-        -append "$cmdline reboot=t"
+    boot qemu qemu_microvm "$mem" "$cmdline reboot=t"
     [ "$t" = fail ] || qemu_times="$qemu_times $t"
     i=$((i + 1))
 done

@@ -1,7 +1,7 @@
 # Shared by the boot comparisons (boot-compare.sh, jail-compare.sh,
-# ember-compare.sh) and io-compare.sh, which source it: timing one boot to the
-# guest's userspace marker, the median of a list of values, and a ratio. POSIX
-# sh, busybox included.
+# ember-compare.sh), io-compare.sh and h2g-stress.sh, which source it: timing
+# one boot to the guest's userspace marker, QEMU's microvm machine as they run
+# it, the median of a list of values, and a ratio. POSIX sh, busybox included.
 #
 # The sourcing script sets `work` (a scratch directory holding the FIFO
 # `$work/console`) and `tag` (the prefix of its output lines) first.
@@ -50,6 +50,21 @@ time_boot() {
         if (init == "" || up == "") print total, "? ? ?"
         else printf "%.2f %.2f %.2f %.2f\n", total, total - up, init, up - init
     }' >"$work/timeline"
+}
+
+# qemu_microvm MiB CMDLINE ARGS...: QEMU's microvm machine with one vCPU and
+# MiB of memory, booting the guest of $guest (vmlinux, initramfs.cpio.gz) with
+# CMDLINE, and ARGS (disks, network) after. No option ROMs, COM1 and no RTC,
+# as ember has; the guest resets with a triple fault (reboot=t) and -no-reboot
+# turns that into QEMU's exit.
+qemu_microvm() {
+    qemu_mib=$1
+    qemu_append=$2
+    shift 2
+    qemu-system-x86_64 -M microvm,x-option-roms=off,isa-serial=on,rtc=off \
+        -accel kvm -cpu host -m "$qemu_mib" -smp 1 -nodefaults -no-user-config -nographic \
+        -serial stdio -no-reboot -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio.gz" \
+        -append "$qemu_append" "$@"
 }
 
 # median: the median of the times on stdin (space or newline separated), or

@@ -2,7 +2,8 @@
 # Host-to-guest TCP, many transfers per boot, ember beside QEMU's microvm
 # machine: the test that finds how often a guest stops during the transfer.
 # Runs with busybox sh inside the nested rig (rig.sh --qemu), or with any POSIX
-# sh on a host with VMX/SVM; needs root, /dev/net/tun and `ip`.
+# sh on a host with VMX/SVM; needs root, /dev/net/tun and `ip`, and boot-time.sh
+# beside it.
 #
 # usage: h2g-stress.sh EMBER GUEST_DIR [TRANSFERS] [BOOTS]
 #   EMBER      the ember binary; ember-io-probe and ember-vsock-probe beside it
@@ -27,6 +28,7 @@ transfers=${3:-30}
 boots=${4:-3}
 bin=$(dirname "$ember")
 work=$(mktemp -d)
+. "$(dirname "$0")/boot-time.sh"
 tap=ember-h2g0
 host_ip=169.254.81.1
 guest_ip=169.254.81.2
@@ -114,10 +116,7 @@ run() {
 b=1
 while [ $b -le "$boots" ]; do
     run ember "$ember" --no-api --config-file "$work/ember.json"
-    run qemu qemu-system-x86_64 -M microvm,x-option-roms=off,isa-serial=on,rtc=off \
-        -accel kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config -nographic \
-        -serial stdio -no-reboot -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio.gz" \
-        -append "$cmdline reboot=t" \
+    run qemu qemu_microvm 256 "$cmdline reboot=t" \
         -drive "id=script,file=$work/script.disk,format=raw,if=none,readonly=on" \
         -device virtio-blk-device,drive=script,serial=script \
         -drive "id=tools,file=$work/tools.disk,format=raw,if=none,readonly=on" \

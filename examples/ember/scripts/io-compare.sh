@@ -185,10 +185,7 @@ while [ "$round" -le "$rounds" ]; do
         run "$round" ember-before "$before" --no-api --config-file "$work/sync.json"
     fi
     # The disks in the order ember gives them; the guest finds them by serial.
-    run "$round" qemu qemu-system-x86_64 -M microvm,x-option-roms=off,isa-serial=on,rtc=off \
-        -accel kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config -nographic \
-        -serial stdio -no-reboot -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio.gz" \
-        -append "$cmdline reboot=t" \
+    run "$round" qemu qemu_microvm 256 "$cmdline reboot=t" \
         -drive "id=script,file=$work/script.disk,format=raw,if=none,readonly=on" \
         -device virtio-blk-device,drive=script,serial=script \
         -drive "id=tools,file=$work/tools.disk,format=raw,if=none,readonly=on" \
