@@ -85,11 +85,17 @@ fi
 run() {
     name=$1
     shift
+    # The sender in flight goes with the loop, so that none outlives its guest and
+    # connects to the next one.
     (
+        probe=
+        trap '[ -z "$probe" ] || kill "$probe" 2>/dev/null; exit' TERM
         i=1
         while [ $i -le "$transfers" ]; do
             "$bin/ember-vsock-probe" tcp-connect "$guest_ip:5202" --send 64M --wait-ms 30000 \
-                --timeout-ms 30000 >/dev/null 2>&1
+                --timeout-ms 30000 >/dev/null 2>&1 &
+            probe=$!
+            wait "$probe"
             i=$((i + 1))
         done
     ) &

@@ -15,11 +15,11 @@
 #
 # With DATA_FS=ext4 in the environment the data disk's image lives on a fresh
 # ext4 file system (a loop device; needs mkfs.ext4, util-linux's losetup, in
-# the rig at /usr/local/bin, and the ext4 and loop modules), as a host keeps disk images on one; otherwise beside
-# the script's other files (in the rig, a tmpfs). The engines see the
-# difference: io_uring completes a read the page cache holds while it takes it
-# only from a file system that can be asked not to block (ext4, xfs), and
-# hands every request to its worker threads on a tmpfs of the rig's kernel.
+# the rig at /usr/local/bin, and the ext4 and loop modules), as a host keeps
+# disk images on one; otherwise beside the script's other files (in the rig, a
+# tmpfs). The engines see the difference: io_uring completes a read the page
+# cache holds while it takes it only from a file system that can be asked not
+# to block (ext4, xfs), and hands every request on a tmpfs to its worker threads.
 #
 # Three configurations boot in turn each round: ember with its disk on the
 # synchronous engine (`Sync`, the default), ember on io_uring (`Async`), and
@@ -55,12 +55,11 @@ host_ip=169.254.80.1
 guest_ip=169.254.80.2
 mac=02:00:a9:fe:50:02
 data=$work
+loop=
 cleanup() {
     ip link del "$tap" 2>/dev/null
-    if [ "$data" != "$work" ]; then
-        umount "$data"
-        "$losetup" -d "$loop"
-    fi
+    [ "$data" = "$work" ] || umount "$data"
+    [ -z "$loop" ] || "$losetup" -d "$loop"
     rm -rf "$work"
 }
 trap cleanup EXIT
