@@ -47,11 +47,11 @@ use crate::worker::{EventHandler, EventOps};
 /// go in flight instead of completing in [`BlockWorker::process_queue`]: at most one per entry
 /// of the queue, after which the worker takes no more chains until some complete. When the
 /// engine's eventfd ([`BlockWorker::completion_fd`]) fires,
-/// [`BlockWorker::process_completions`] hands every completed chain back in one update of the
-/// used ring, with at most one interrupt. The worker holds its guest memory handle `M`, and so
-/// the memory mapped, while requests are in flight; whatever saves its queue, changes its disk
-/// or takes its parts back waits for them first, so that a saved queue never has a request in
-/// flight.
+/// [`BlockWorker::process_completions`] hands every completed chain back in a pass over the
+/// queue: one update of the used ring, with at most one interrupt. The worker holds its guest
+/// memory handle `M`, and so the memory mapped, while requests are in flight; whatever saves
+/// its queue, changes its disk or takes its parts back waits for them first, so that a saved
+/// queue never has a request in flight.
 pub struct BlockWorker<M, B = RawFile, C: Clock = MonotonicClock> {
     server: Server<B, C>,
     queue: Queue,
@@ -167,18 +167,20 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
 
     /// Whether the last [`BlockWorker::process_queue`] stopped because as many requests as the
     /// queue holds were in flight: [`BlockWorker::process_completions`] frees their slots,
-    /// and the caller serves the queue again.
+    /// and serves the queue again.
     pub fn waiting_for_room(&self) -> bool {
         self.waiting_for_room
     }
 
     /// Hands back the chains whose requests the asynchronous engine completed, with their
-    /// status bytes, in one update of the used ring, and raises the interrupt if the driver
-    /// wants one. Returns how many. Nothing for the synchronous engine.
+    /// status bytes, and raises the interrupt if the driver wants one. Returns how many chains
+    /// it handed back. Nothing for the synchronous engine.
     ///
-    /// It may hold the interrupt for the driver's next request, as
-    /// [`BlockWorker::process_queue`] does; if one comes, it serves the queue before raising
-    /// the interrupt, and the chains it serves are not counted here.
+    /// Completions are handed back in a pass over the queue, as
+    /// [`BlockWorker::process_queue`] makes: with the chains the driver made available since,
+    /// in one update of the used ring and with at most one interrupt, which the pass may hold
+    /// for the driver's next request. While the rate limiter holds a request back, the queue
+    /// waits for the limiter's timer, and completions are handed back alone.
     ///
     /// # Errors
     ///
@@ -190,62 +192,46 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
                 log::debug!("A block device cannot read its completion eventfd: {err}");
             }
         }
-        self.complete_in_flight(false)
+        self.server.reap(&*self.mem.memory(), false);
+        // Nothing completed since the last pass, which may have stopped for want of a slot
+        // after it reaped the completions that freed one.
+        if self.server.completed.is_empty() && !self.waiting_for_room {
+            return Ok(0);
+        }
+        if self.server.throttled.is_some() {
+            return self.hand_back(false);
+        }
+        self.serve_queue().map(|budget| budget.used)
     }
 
-    /// Waits until no request is in flight, and hands the completed chains back as
-    /// [`BlockWorker::process_completions`] does.
+    /// Waits until no request is in flight, and hands the completed chains back, without
+    /// taking any more from the queue.
     ///
     /// # Errors
     ///
     /// As [`BlockWorker::process_completions`].
     pub fn wait_in_flight(&mut self) -> std::result::Result<usize, queue::Error> {
-        self.complete_in_flight(true)
+        self.hand_back(true)
     }
 
-    /// Reaps the completions of the asynchronous engine (waiting for all with `wait`), writes
-    /// their status bytes, and publishes them.
-    ///
-    /// Unless it waits, or the rate limiter holds a request back, it holds the interrupt as
-    /// [`BlockWorker::process_queue`] does after a pass; when the driver's next request comes,
-    /// it serves the queue and raises one interrupt for all.
-    fn complete_in_flight(&mut self, wait: bool) -> std::result::Result<usize, queue::Error> {
-        let (count, caught) = {
-            let pending = self.interrupt.queue_interrupt_pending().unwrap_or(false);
-            let mem = self.mem.memory();
-            let mem = &*mem;
-            let server = &mut self.server;
-            server.reap(mem, wait);
-            if server.completed.is_empty() {
-                return Ok(0);
-            }
-            let mut rings = self.queue.rings(mem);
-            let count = server.publish(&mut rings)?;
-            let limit = if wait || server.throttled.is_some() {
-                None
-            } else {
-                self.hold.limit(pending, server.rate_limiter.clock())
-            };
-            let caught = match limit {
-                Some(limit) => wait_for_chain(&rings, server.rate_limiter.clock(), limit)?,
-                None => None,
-            };
-            if limit.is_some() && caught.is_none() {
-                self.hold.record(None);
-            }
-            if caught.is_none() {
-                signal(
-                    &mut rings,
-                    &*self.interrupt,
-                    &server.metrics,
-                    &mut self.irq_error_logged,
-                )?;
-            }
-            (count, caught)
-        };
-        if let Some(waited) = caught {
-            self.serve_queue(Some(waited))?;
+    /// Reaps the completions of the asynchronous engine (waiting for all with `wait`), and
+    /// hands them back in one update of the used ring, with the interrupt if the driver wants
+    /// one.
+    fn hand_back(&mut self, wait: bool) -> std::result::Result<usize, queue::Error> {
+        let mem = self.mem.memory();
+        let mem = &*mem;
+        self.server.reap(mem, wait);
+        if self.server.completed.is_empty() {
+            return Ok(0);
         }
+        let mut rings = self.queue.rings(mem);
+        let count = self.server.publish(&mut rings)?;
+        signal(
+            &mut rings,
+            &*self.interrupt,
+            &self.server.metrics,
+            &mut self.irq_error_logged,
+        )?;
         Ok(count)
     }
 
@@ -285,13 +271,12 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
     /// reached): the device should then be put in DEVICE_NEEDS_RESET. The chains served before
     /// the error have been handed back.
     pub fn process_queue(&mut self) -> std::result::Result<usize, queue::Error> {
-        self.serve_queue(None)
+        self.serve_queue().map(|budget| budget.chains)
     }
 
-    /// [`BlockWorker::process_queue`]; `held_for` says that a hold began before it, after
-    /// completions were handed back without their interrupt, and caught a request after that
-    /// many nanoseconds: the call then owes the interrupt.
-    fn serve_queue(&mut self, held_for: Option<u64>) -> std::result::Result<usize, queue::Error> {
+    /// A pass over the queue, as [`BlockWorker::process_queue`] describes; it hands back the
+    /// completions of the asynchronous engine reaped before it too.
+    fn serve_queue(&mut self) -> std::result::Result<Budget, queue::Error> {
         let BlockWorker {
             server,
             queue,
@@ -314,9 +299,8 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         let pending = interrupt.queue_interrupt_pending().unwrap_or(false);
         // The chains handed back when the last hold began, and the longest wait that caught one.
         let mut held_at = 0;
-        let owed = held_for.is_some();
-        let mut held = owed;
-        let mut caught = held_for;
+        let mut held = false;
+        let mut caught = None;
         // How long this call's holds last, asked after the first pass that hands chains back.
         let mut limit = None;
         let result = loop {
@@ -382,10 +366,10 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
         if held {
             hold.record(caught);
         }
-        if owed || budget.used > 0 {
+        if budget.used > 0 {
             signal(&mut rings, &**interrupt, &server.metrics, irq_error_logged)?;
         }
-        result.map(|()| budget.chains)
+        result.map(|()| budget)
     }
 
     /// Whether the last [`BlockWorker::process_queue`] stopped on its budget of chains or
@@ -789,21 +773,28 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> 
     }
 
     fn completion_event(&mut self, ops: &mut EventOps<'_>) {
-        if let Err(err) = self.worker.process_completions() {
-            self.queue_failed(ops, &err);
-            return;
-        }
-        // Slots were freed: the chains that waited for one go now.
-        if self.worker.waiting_for_room() && !self.worker.is_throttled() {
-            self.serve(ops, false);
-        }
+        let handed_back = self.worker.process_completions();
+        self.after_pass(ops, handed_back);
     }
 
     /// Serves the queue; with `count_empty`, finding nothing to serve counts as
     /// `no_avail_buffer`.
     fn serve(&mut self, ops: &mut EventOps<'_>, count_empty: bool) {
-        match self.worker.process_queue() {
-            // Chains may be left: come back to them after the other events.
+        let served = self.worker.process_queue();
+        if matches!(served, Ok(0)) && count_empty && !self.worker.is_throttled() {
+            inc(&self.worker.metrics().no_avail_buffer);
+        }
+        self.after_pass(ops, served);
+    }
+
+    /// Comes back to the chains a pass over the queue left when it spent its budget, or stops
+    /// serving the queue when the driver broke it.
+    fn after_pass(
+        &mut self,
+        ops: &mut EventOps<'_>,
+        pass: std::result::Result<usize, queue::Error>,
+    ) {
+        match pass {
             Ok(_) if self.worker.budget_spent() => {
                 if let Err(err) = self.queue_evt.write(1) {
                     inc(&self.worker.metrics().event_fails);
@@ -812,9 +803,6 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> 
                         self.id
                     );
                 }
-            }
-            Ok(0) if count_empty && !self.worker.is_throttled() => {
-                inc(&self.worker.metrics().no_avail_buffer);
             }
             Ok(_) => {}
             Err(err) => self.queue_failed(ops, &err),
