@@ -10,7 +10,10 @@
 //! timed on its own, between two clock reads, since the driver publishes the next one untimed;
 //! so is each `pread`/`pwrite`, so that both sides pay the same clock reads (about 25-50 ns
 //! here, which criterion's batched timing would otherwise spare the syscall alone). `_null`
-//! is the device's own work: the same requests on a backend that moves no bytes. Then the
+//! is the device's own work: the same requests on a backend that moves no bytes;
+//! `ember_read_null_syscall` the same with one cheap system call (`getppid`) per request in the
+//! backend's place, beside `raw_syscall`, that call alone: what a system call costs the
+//! device's own work after it (caches, TLB and branch predictors the kernel used). Then the
 //! same reads and writes through the asynchronous engine ([`IoEngine::Async`], io_uring): one
 //! request per notification, and 32 in flight per notification (`_qd32`, one iteration being
 //! the 32 requests, counted as 32 elements), from publishing to the one used-ring update of
@@ -81,8 +84,12 @@ impl Drop for Image {
     }
 }
 
-/// A backend that moves no bytes: what the device costs on its own.
-struct Null;
+/// A backend that moves no bytes: what the device costs on its own. With `syscall`, it makes
+/// one cheap system call per request instead (`getppid`): what the device's own work costs
+/// after a system call, against that call alone.
+struct Null {
+    syscall: bool,
+}
 
 impl BlockBackend for Null {
     fn capacity(&self) -> u64 {
@@ -95,6 +102,9 @@ impl BlockBackend for Null {
         bufs: &GuestIoVecs<'_, M>,
     ) -> io::Result<()> {
         black_box(bufs.iovecs());
+        if self.syscall {
+            black_box(std::os::unix::process::parent_id());
+        }
         Ok(())
     }
 
@@ -327,12 +337,25 @@ fn bench_4k(c: &mut Criterion) {
         b.iter_custom(|iters| guest.time(VIRTIO_BLK_T_OUT, 1, iters))
     });
     // The device alone: the same requests on a backend that moves no bytes.
-    let mut null = Guest::on(Null, IoEngine::Sync);
+    let mut null = Guest::on(Null { syscall: false }, IoEngine::Sync);
     group.bench_function("ember_read_null", |b| {
         b.iter_custom(|iters| null.time(VIRTIO_BLK_T_IN, 1, iters))
     });
     group.bench_function("ember_write_null", |b| {
         b.iter_custom(|iters| null.time(VIRTIO_BLK_T_OUT, 1, iters))
+    });
+    // The device alone with a system call in the backend's place, beside the call alone: how
+    // much more the device's own work costs once a system call ran before it.
+    group.bench_function("raw_syscall", |b| {
+        b.iter_custom(|iters| {
+            time_each(iters, || {
+                black_box(std::os::unix::process::parent_id());
+            })
+        })
+    });
+    let mut null_syscall = Guest::on(Null { syscall: true }, IoEngine::Sync);
+    group.bench_function("ember_read_null_syscall", |b| {
+        b.iter_custom(|iters| null_syscall.time(VIRTIO_BLK_T_IN, 1, iters))
     });
     group.bench_function("ember_async_read", |b| {
         b.iter_custom(|iters| uring.time(VIRTIO_BLK_T_IN, 1, iters))
