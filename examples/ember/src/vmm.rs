@@ -1486,6 +1486,19 @@ fn watch(epoll: &Epoll, fd: i32, token: u64) -> io::Result<()> {
     )
 }
 
+/// Standard input, read straight from its descriptor. The standard library's `Stdin` reads
+/// ahead into a buffer of its own (8 KiB), where epoll does not see the bytes the serial console
+/// had no room for: they would wait there for the next input.
+struct StdinFd;
+
+impl io::Read for StdinFd {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of its length for the duration of the call.
+        let read = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        usize::try_from(read).map_err(|_| io::Error::last_os_error())
+    }
+}
+
 /// The part of the event loop that exists once the VM has started: what it needs of the VM to
 /// answer the guest's events, and the state of stdin.
 struct GuestEvents {
@@ -1493,7 +1506,6 @@ struct GuestEvents {
     exit: VmExitNotifier,
     /// Signalled when the serial receive FIFO has room again.
     serial_ready: EventFd,
-    stdin_fd: i32,
     /// Whether stdin is in the epoll set.
     stdin_watched: bool,
     /// Whether stdin may still give input: it is the console's and has not ended.
@@ -1524,14 +1536,12 @@ impl GuestEvents {
         } else {
             None
         };
-        let stdin_fd = io::stdin().as_raw_fd();
         // Regular files and /dev/null cannot be watched with epoll; such a stdin gives no input.
-        let stdin_watched = stdio && watch(epoll, stdin_fd, TOKEN_STDIN).is_ok();
+        let stdin_watched = stdio && watch(epoll, libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
         let mut guest = GuestEvents {
             serial: legacy.serial.clone(),
             exit: vmm.exit.clone(),
             serial_ready,
-            stdin_fd,
             stdin_watched,
             stdin_open: stdin_watched,
             _raw: raw,
@@ -1545,7 +1555,7 @@ impl GuestEvents {
     /// Watches stdin again, if it is still open and not watched.
     fn rewatch_stdin(&mut self, epoll: &Epoll) {
         if self.stdin_open && !self.stdin_watched {
-            self.stdin_watched = watch(epoll, self.stdin_fd, TOKEN_STDIN).is_ok();
+            self.stdin_watched = watch(epoll, libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
         }
     }
 
@@ -1555,7 +1565,7 @@ impl GuestEvents {
             epoll
                 .ctl(
                     ControlOperation::Delete,
-                    self.stdin_fd,
+                    libc::STDIN_FILENO,
                     EpollEvent::default(),
                 )
                 .map_err(Error::EventLoop)?;
@@ -1567,7 +1577,7 @@ impl GuestEvents {
     /// Feeds what stdin holds to the serial console; stops watching stdin when it ends, fails,
     /// or the receive FIFO is full.
     fn feed_stdin(&mut self, epoll: &Epoll) -> Result<()> {
-        let outcome = lock(&self.serial).feed_from(&mut io::stdin().lock());
+        let outcome = lock(&self.serial).feed_from(&mut StdinFd);
         let stop_watching = match outcome {
             Ok(outcome) if outcome.eof => {
                 self.stdin_open = false;

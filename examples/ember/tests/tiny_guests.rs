@@ -253,6 +253,19 @@ fn echo_until_q() -> Vec<u8> {
 
 #[test]
 fn stdin_reaches_the_guest_through_the_serial_console_with_flow_control() {
+    echo_stdin(false);
+}
+
+/// As a terminal's: input that came at once, more than the receive FIFO holds, reaches the guest
+/// while stdin stays open, with nothing more coming to wake ember.
+#[test]
+fn stdin_held_open_reaches_the_guest_whole() {
+    echo_stdin(true);
+}
+
+/// Feeds the echo guest many times what the receive FIFO holds, then `q`, on a pipe that is
+/// closed after, or with `hold_open`, kept open until ember exits.
+fn echo_stdin(hold_open: bool) {
     let dir = Scratch::new("echo");
     let kernel = dir.file("echo.elf", &tiny_elf(&echo_until_q()));
     // Many times what the receive FIFO holds, so that stdin leaves the loop and comes back.
@@ -266,12 +279,14 @@ fn stdin_reaches_the_guest_through_the_serial_console_with_flow_control() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
     {
         use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(&input).unwrap();
     }
-    let status = wait_at_most(&mut child, std::time::Duration::from_secs(120));
+    let held = hold_open.then_some(stdin);
+    let status = wait_at_most(&mut child, std::time::Duration::from_secs(60));
+    drop(held);
     let mut err = String::new();
     child
         .stderr
