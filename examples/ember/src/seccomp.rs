@@ -29,6 +29,7 @@
 //! and the system call's number, counts the fault, and ends the process with the status
 //! [`EXIT_CODE_BAD_SYSCALL`] (148, as Firecracker).
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -51,8 +52,10 @@ pub const MAX_FILTER_FILE_LEN: u64 = 256 * 1024;
 /// The most instructions the kernel accepts in one filter (`BPF_MAXINSNS`).
 pub const MAX_PROGRAM_LEN: usize = 4096;
 
-/// The filters built into the binary, in the file format.
-static BUILTIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_filters.bin"));
+/// The filters built into the binary: each thread kind's name and program, in its read-only
+/// data, which every ember process on a host shares.
+static BUILTIN: &[(&str, &[SockFilter])] =
+    include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
 
 /// How many system calls the filters refused; the process ends at the first, so this is read
 /// only in tests and by a handler that would let the process go on.
@@ -247,7 +250,8 @@ struct SockFprog {
 /// A compiled filter for each [`ThreadKind`].
 #[derive(Clone, PartialEq, Eq)]
 pub struct Filters {
-    programs: BTreeMap<ThreadKind, Arc<[SockFilter]>>,
+    /// The built-in programs are borrowed from the binary; a file's are its own.
+    programs: BTreeMap<ThreadKind, Cow<'static, [SockFilter]>>,
 }
 
 impl fmt::Debug for Filters {
@@ -299,10 +303,17 @@ impl<'a> Reader<'a> {
 }
 
 impl Filters {
-    /// The filters built into the binary from `seccomp/x86_64.json`.
+    /// The filters built into the binary from `seccomp/x86_64.json`, borrowed from its
+    /// read-only data rather than copied into the heap. The build compiled one for every kind
+    /// (the tests check them as [`parse`](Self::parse) checks a file's).
     pub fn builtin() -> Filters {
-        // The build wrote them in this format, and the tests parse them.
-        Filters::parse(BUILTIN).expect("the built-in seccomp filters parse")
+        let programs = BUILTIN
+            .iter()
+            .filter_map(|&(name, program)| {
+                Some((ThreadKind::from_name(name)?, Cow::Borrowed(program)))
+            })
+            .collect();
+        Filters { programs }
     }
 
     /// Reads a compiled filter file (the format of the [module documentation](self)).
@@ -368,7 +379,7 @@ impl Filters {
                     k: u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]),
                 });
             }
-            if programs.insert(kind, Arc::from(program)).is_some() {
+            if programs.insert(kind, Cow::Owned(program)).is_some() {
                 return Err(Error::DuplicateThread(kind));
             }
         }
@@ -697,8 +708,9 @@ mod tests {
             let len = filters.program(kind).len();
             assert!(len > 10 && len <= MAX_PROGRAM_LEN, "{kind}: {len}");
         }
-        assert_eq!(filters.to_bytes(), BUILTIN);
+        // Through the file format and its checks: the same programs, each kind once.
         assert_eq!(Filters::parse(&filters.to_bytes()).unwrap(), filters);
+        assert_eq!(BUILTIN.len(), ThreadKind::ALL.len());
     }
 
     #[test]
