@@ -969,6 +969,18 @@ mod tests {
         (worker, mem, driver, write, irqs)
     }
 
+    /// Waits until the ring holds a completion of `worker`'s, for at most 10 s.
+    fn wait_for_a_completion(worker: &mut BlockWorker<Space, PipeDisk>) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while worker.completions_ready() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the read never completed"
+            );
+            std::thread::yield_now();
+        }
+    }
+
     /// Makes a request of `type_` for the 512 bytes at `DATA + 0x1000 * i` available, with
     /// its status byte at `STATUS + i`.
     fn add_512(mem: &Mem, driver: &mut MockDriver, i: u64, type_: u32) {
@@ -1076,14 +1088,7 @@ mod tests {
         assert!(worker.is_throttled());
         assert_eq!((worker.in_flight(), irqs.count()), (1, 0));
         write.write_all(&[0xa5; 512]).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while worker.completions_ready() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the read never completed"
-            );
-            std::thread::yield_now();
-        }
+        wait_for_a_completion(&mut worker);
         // The read is handed back with its interrupt; the request held back is not asked
         // for again, nor any other taken.
         assert_eq!(worker.process_completions().unwrap(), 1);
@@ -1108,14 +1113,7 @@ mod tests {
         assert_eq!(worker.process_queue().unwrap(), 2);
         assert_eq!((worker.in_flight(), irqs.count()), (1, 1));
         write.write_all(&[0xa5; 512]).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while worker.completions_ready() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the read never completed"
-            );
-            std::thread::yield_now();
-        }
+        wait_for_a_completion(&mut worker);
         // The driver made another request before it took the interrupt: handing the read
         // back, the worker holds, takes the new request (in flight on the empty pipe), and
         // raises one interrupt.
