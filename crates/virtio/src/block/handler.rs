@@ -781,7 +781,8 @@ impl<M: GuestAddressSpace + Send + 'static, B: BlockBackend> BlockHandler<M, B> 
     /// `no_avail_buffer`.
     fn serve(&mut self, ops: &mut EventOps<'_>, count_empty: bool) {
         let served = self.worker.process_queue();
-        if matches!(served, Ok(0)) && count_empty && !self.worker.is_throttled() {
+        let idle = !self.worker.is_throttled() && !self.worker.budget_spent();
+        if matches!(served, Ok(0)) && count_empty && idle {
             inc(&self.worker.metrics().no_avail_buffer);
         }
         self.after_pass(ops, served);
