@@ -192,14 +192,14 @@ impl<M: GuestAddressSpace, B: BlockBackend, C: Clock> BlockWorker<M, B, C> {
                 log::debug!("A block device cannot read its completion eventfd: {err}");
             }
         }
+        if self.server.throttled.is_some() {
+            return self.hand_back(false);
+        }
         self.server.reap(&*self.mem.memory(), false);
         // Nothing completed since the last pass, which may have stopped for want of a slot
         // after it reaped the completions that freed one.
         if self.server.completed.is_empty() && !self.waiting_for_room {
             return Ok(0);
-        }
-        if self.server.throttled.is_some() {
-            return self.hand_back(false);
         }
         self.serve_queue().map(|budget| budget.used)
     }
