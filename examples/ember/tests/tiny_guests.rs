@@ -285,7 +285,7 @@ fn echo_stdin(hold_open: bool) {
         stdin.write_all(&input).unwrap();
     }
     let held = hold_open.then_some(stdin);
-    let status = wait_at_most(&mut child, std::time::Duration::from_secs(60));
+    let status = wait_at_most(&mut child, std::time::Duration::from_secs(120));
     drop(held);
     let mut err = String::new();
     child
